@@ -1,0 +1,87 @@
+"""Batches for the trainer: shuffled training rows and full-ranking evaluation chunks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from lightning_unlearn.data.interactions import Interactions
+
+__all__ = ["EpochBatchSampler", "RankingBatches", "TrainRows"]
+
+
+class TrainRows(Dataset):
+    """Training rows with their fixed negatives, indexed by a whole batch of row indices at once."""
+
+    def __init__(self, users: Tensor, items: Tensor, negatives: Tensor):
+        self.users, self.items, self.negatives = users, items, negatives
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, rows: Tensor) -> dict[str, Tensor]:
+        return {"users": self.users[rows], "items": self.items[rows], "negatives": self.negatives[rows]}
+
+
+class EpochBatchSampler(Sampler):
+    """Yields index batches of a fresh permutation each epoch, seeded by ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so a run restarted at epoch ``e``
+    sees exactly the batches an uninterrupted run saw.
+
+    Example:
+        >>> sampler = EpochBatchSampler(5, batch_size=2, seed=0)
+        >>> [len(b) for b in sampler]
+        [2, 2, 1]
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.num_rows, self.batch_size, self.seed, self.shuffle, self.epoch = num_rows, batch_size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_rows // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_rows, generator=g)
+        else:
+            order = torch.arange(self.num_rows)
+        return iter(order.split(self.batch_size))
+
+
+class RankingBatches(Dataset):
+    """Chunks of users for full-ranking evaluation.
+
+    Each item is a dict with ``users`` (B,), and the coordinates ``(row in batch, item)`` of
+    the ``target`` items and of the items to ``exclude`` from ranking (seen in training).
+
+    Args:
+        targets: the held-out rows; only users that have some are evaluated.
+        exclude: tables whose items are masked for their users (e.g. train, or train + val).
+        batch_size: users per chunk.
+    """
+
+    def __init__(self, targets: Interactions, exclude: list[Interactions], batch_size: int):
+        self.targets, self.exclude = targets, exclude
+        users = torch.nonzero(targets.by_user.lengths() > 0).flatten()
+        self.chunks = users.split(batch_size) if len(users) else ()
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> dict[str, Tensor]:
+        users = self.chunks[k]
+        t_rows, t_pos = self.targets.by_user.gather(users)
+        parts = [(table.by_user.gather(users), table.by_user.cols) for table in self.exclude]
+        return {
+            "users": users,
+            "target_rows": t_rows,
+            "target_items": self.targets.by_user.cols[t_pos],
+            "exclude_rows": torch.cat([seg for (seg, _), _ in parts]),
+            "exclude_items": torch.cat([cols[pos] for (_, pos), cols in parts]),
+        }

@@ -1,0 +1,142 @@
+"""The :class:`RecDataModule`: splits, fixed negatives and batches for the trainer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_unlearn.data.batches import EpochBatchSampler, RankingBatches, TrainRows
+from lightning_unlearn.data.interactions import Interactions
+from lightning_unlearn.data.negatives import sample_negatives
+from lightning_unlearn.data.sources import DataSource
+from lightning_unlearn.data.splits import k_core as k_core_filter
+from lightning_unlearn.data.splits import leave_last_out, random_holdout
+
+__all__ = ["RecDataModule"]
+
+_SPLITS = ("random", "leave_last_out", "given")
+
+
+class RecDataModule(pl.LightningDataModule):
+    """Train/validation/test interactions, with negatives fixed per positive row.
+
+    The training objective is the finite sum over :attr:`train` rows, each row a positive
+    ``(user, item)`` with ``num_negatives`` negatives fixed by ``seed`` (see
+    :func:`~lightning_unlearn.data.negatives.sample_negatives`); batches are shuffled with a
+    seed per epoch, so a fit is reproducible.
+
+    Args:
+        source: where the data comes from (a :class:`~lightning_unlearn.data.sources.DataSource`).
+        split: ``"random"`` (per-user random holdout), ``"leave_last_out"`` (each user's latest
+            row by timestamp), or ``"given"`` (the source's own train/test pair).
+        test_fraction: share of each user's rows held out for test (``split="random"``).
+        val_fraction: share of each user's training rows carved out for validation (0 for none).
+        k_core: drop users and items with fewer rows, iteratively, before splitting.
+        num_negatives: negatives per positive row.
+        batch_size: training rows per batch.
+        eval_batch_size: users per full-ranking evaluation batch.
+        seed: seeds the splits, the negatives and the shuffling.
+
+    Raises:
+        ValueError: on an unknown ``split``, a fraction outside ``[0, 1)``, a size below 1, or a
+            source whose own test split conflicts with ``split``.
+
+    Example:
+        >>> from lightning_unlearn.data.sources import Synthetic
+        >>> dm = RecDataModule(Synthetic(num_users=30, num_items=20), batch_size=16)
+        >>> dm.num_users, dm.num_items
+        (30, 20)
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> sorted(batch), batch["negatives"].shape
+        (['items', 'negatives', 'users'], torch.Size([16, 1]))
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        split: Literal["random", "leave_last_out", "given"] = "random",
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.1,
+        k_core: int = 0,
+        num_negatives: int = 1,
+        batch_size: int = 2048,
+        eval_batch_size: int = 1024,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if split not in _SPLITS:
+            raise ValueError(f"RecDataModule(split=...) must be one of {_SPLITS}, got {split!r}.")
+        for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"RecDataModule({name}=...) must be in [0, 1), got {value}.")
+        for name, value in (("num_negatives", num_negatives), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"RecDataModule({name}=...) must be >= 1, got {value}.")
+        if k_core < 0:
+            raise ValueError(f"RecDataModule(k_core=...) must be >= 0, got {k_core}.")
+        self.save_hyperparameters(ignore=["source"])
+        self.source = source
+        self.train: Interactions | None = None
+        self.val: Interactions | None = None
+        self.test: Interactions | None = None
+        self.train_negatives: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ loading
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        hp = self.hparams
+        data, given_test = self.source.load()
+        if given_test is not None and hp.split != "given":
+            raise ValueError(f"{type(self.source).__name__} provides its own test split; use split='given' (got {hp.split!r}).")
+        if hp.split == "given":
+            if given_test is None:
+                raise ValueError(f"split='given' needs a source with its own test split; {type(self.source).__name__} has none.")
+            if hp.k_core:
+                raise ValueError("k_core filtering would renumber a given train/test pair; set k_core=0 with split='given'.")
+            train, test = data, given_test
+        else:
+            data = k_core_filter(data, hp.k_core) if hp.k_core else data
+            train, test = random_holdout(data, hp.test_fraction, hp.seed) if hp.split == "random" else leave_last_out(data)
+        if hp.val_fraction > 0:
+            train, val = random_holdout(train, hp.val_fraction, hp.seed + 1)
+        else:
+            val = train.select(torch.zeros(len(train), dtype=torch.bool))
+        self.train, self.val, self.test = train, val, test
+        self.train_negatives = sample_negatives(train.users, train.items, train, hp.num_negatives, hp.seed)
+
+    @property
+    def num_users(self) -> int:
+        """Number of users (loads the data on first use, for ``link_arguments``)."""
+        self.setup()
+        return self.train.num_users
+
+    @property
+    def num_items(self) -> int:
+        """Number of items (loads the data on first use, for ``link_arguments``)."""
+        self.setup()
+        return self.train.num_items
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rows = TrainRows(self.train.users, self.train.items, self.train_negatives)
+        sampler = EpochBatchSampler(len(rows), self.hparams.batch_size, self.hparams.seed)
+        return DataLoader(rows, sampler=sampler, batch_size=None)
+
+    def _ranking(self, targets: Interactions, exclude: list[Interactions]) -> DataLoader:
+        return DataLoader(RankingBatches(targets, exclude, self.hparams.eval_batch_size), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._ranking(self.val, [self.train])
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._ranking(self.test, [self.train, self.val])

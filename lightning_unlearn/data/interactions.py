@@ -1,0 +1,215 @@
+"""The immutable table of user-item interactions that every other layer reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["CSR", "Interactions"]
+
+
+class CSR(NamedTuple):
+    """Compressed rows of an :class:`Interactions` table, grouped by user or by item.
+
+    ``rows[indptr[k]:indptr[k + 1]]`` are the row indices of the table that belong to
+    user (or item) ``k``, and ``cols`` holds the other side of those rows.
+    """
+
+    indptr: Tensor
+    rows: Tensor
+    cols: Tensor
+
+    def lengths(self) -> Tensor:
+        """Number of rows per user (or item)."""
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def gather(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Vectorised gather of the segments of ``keys``.
+
+        Returns:
+            ``(segment, position)``: for every row of the selected segments, which entry of
+            ``keys`` it belongs to and its index into ``rows``/``cols``.
+        """
+        starts = self.indptr[keys]
+        counts = self.indptr[keys + 1] - starts
+        segment = torch.repeat_interleave(torch.arange(len(keys)), counts)
+        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return segment, starts[segment] + offsets
+
+
+def _csr(keys: Tensor, other: Tensor, size: int) -> CSR:
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=size)
+    indptr = torch.zeros(size + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=indptr[1:])
+    return CSR(indptr, order, other[order])
+
+
+@dataclass(frozen=True, eq=False)
+class Interactions:
+    """An immutable table of ``(user, item[, rating][, timestamp])`` rows.
+
+    Users and items are contiguous indices ``0..num_users-1`` and ``0..num_items-1``;
+    ``user_ids[k]`` / ``item_ids[k]`` are the raw ids the source files used. Splits of one
+    data set share the same maps, so an index means the same user in train and test.
+
+    Args:
+        users: ``(n,)`` long tensor of user indices.
+        items: ``(n,)`` long tensor of item indices.
+        user_ids: raw user id of each index (a numpy array, length ``num_users``).
+        item_ids: raw item id of each index (a numpy array, length ``num_items``).
+        ratings: optional ``(n,)`` float tensor (explicit ratings or labels).
+        timestamps: optional ``(n,)`` long tensor.
+
+    Raises:
+        ValueError: if the columns differ in length, or an index is outside the maps.
+
+    Example:
+        >>> data = Interactions.from_raw(["a", "a", "b"], [10, 20, 10])
+        >>> data.num_users, data.num_items, len(data)
+        (2, 2, 3)
+        >>> data.user_index(["b"]).tolist()
+        [1]
+        >>> kept, removed = data.without(torch.tensor([0]))
+        >>> len(kept), len(removed)
+        (2, 1)
+    """
+
+    users: Tensor
+    items: Tensor
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    ratings: Tensor | None = None
+    timestamps: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.users)
+        for name in ("items", "ratings", "timestamps"):
+            col = getattr(self, name)
+            if col is not None and len(col) != n:
+                raise ValueError(f"Interactions column `{name}` has {len(col)} rows, expected {n} like `users`.")
+        for name, idx, size in (("users", self.users, self.num_users), ("items", self.items, self.num_items)):
+            if idx.dtype != torch.long:
+                raise ValueError(f"Interactions `{name}` must be a torch.long tensor, got {idx.dtype}.")
+            if n and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                raise ValueError(f"Interactions `{name}` has indices outside [0, {size}).")
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_raw(
+        cls,
+        users: Sequence | np.ndarray,
+        items: Sequence | np.ndarray,
+        ratings: Sequence | np.ndarray | None = None,
+        timestamps: Sequence | np.ndarray | None = None,
+    ) -> Interactions:
+        """Build a table from raw ids; indices follow the sorted order of the raw ids."""
+        user_ids, u = np.unique(np.asarray(users), return_inverse=True)
+        item_ids, i = np.unique(np.asarray(items), return_inverse=True)
+        return cls(
+            users=torch.as_tensor(u.reshape(-1), dtype=torch.long),
+            items=torch.as_tensor(i.reshape(-1), dtype=torch.long),
+            user_ids=user_ids,
+            item_ids=item_ids,
+            ratings=None if ratings is None else torch.as_tensor(np.asarray(ratings), dtype=torch.float32),
+            timestamps=None if timestamps is None else torch.as_tensor(np.asarray(timestamps), dtype=torch.long),
+        )
+
+    # ----------------------------------------------------------------- shape
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __repr__(self) -> str:
+        return f"Interactions(rows={len(self)}, users={self.num_users}, items={self.num_items})"
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def keys(self) -> Tensor:
+        """``user * num_items + item``: one integer per row, for fast membership tests."""
+        return self.users * self.num_items + self.items
+
+    # ----------------------------------------------------------------- views (built once)
+    @cached_property
+    def by_user(self) -> CSR:
+        """CSR view grouping rows by user (``cols`` are items)."""
+        return _csr(self.users, self.items, self.num_users)
+
+    @cached_property
+    def by_item(self) -> CSR:
+        """CSR view grouping rows by item (``cols`` are users)."""
+        return _csr(self.items, self.users, self.num_items)
+
+    @cached_property
+    def sorted_keys(self) -> Tensor:
+        """Sorted :attr:`keys`, for ``torch.searchsorted`` membership tests."""
+        return torch.sort(self.keys).values
+
+    def contains(self, users: Tensor, items: Tensor) -> Tensor:
+        """Boolean mask: is each ``(user, item)`` pair a row of this table?"""
+        keys = users * self.num_items + items
+        sk = self.sorted_keys
+        if len(sk) == 0:
+            return torch.zeros_like(keys, dtype=torch.bool)
+        pos = torch.searchsorted(sk, keys).clamp_max(len(sk) - 1)
+        return sk[pos] == keys
+
+    # ----------------------------------------------------------------- raw id maps
+    def user_index(self, raw: Sequence | np.ndarray) -> Tensor:
+        """Indices of raw user ids; ``-1`` where an id is unknown."""
+        return _lookup(self.user_ids, raw)
+
+    def item_index(self, raw: Sequence | np.ndarray) -> Tensor:
+        """Indices of raw item ids; ``-1`` where an id is unknown."""
+        return _lookup(self.item_ids, raw)
+
+    # ----------------------------------------------------------------- subsets
+    def select(self, rows: Tensor) -> Interactions:
+        """The rows at ``rows`` (indices or a boolean mask), with the same id maps."""
+        return Interactions(
+            users=self.users[rows],
+            items=self.items[rows],
+            user_ids=self.user_ids,
+            item_ids=self.item_ids,
+            ratings=None if self.ratings is None else self.ratings[rows],
+            timestamps=None if self.timestamps is None else self.timestamps[rows],
+        )
+
+    def without(self, rows: Tensor) -> tuple[Interactions, Interactions]:
+        """Split off ``rows`` (indices or a boolean mask).
+
+        Returns:
+            ``(retained, removed)``, both with the same id maps as this table.
+        """
+        mask = torch.zeros(len(self), dtype=torch.bool)
+        mask[rows] = True
+        return self.select(~mask), self.select(mask)
+
+    def binarize(self, threshold: float) -> Interactions:
+        """Keep rows whose rating is at least ``threshold`` (implicit positives)."""
+        if self.ratings is None:
+            raise ValueError("binarize(threshold) needs ratings, but this table has none.")
+        return self.select(self.ratings >= threshold)
+
+
+def _lookup(ids: np.ndarray, raw: Sequence | np.ndarray) -> Tensor:
+    raw = np.asarray(raw, dtype=ids.dtype if ids.dtype.kind in "iuf" else None).reshape(-1)
+    if len(ids) == 0:
+        return torch.full((len(raw),), -1, dtype=torch.long)
+    try:
+        pos = np.searchsorted(ids, raw).clip(max=len(ids) - 1)
+        found = ids[pos] == raw
+    except (TypeError, np.exceptions.DTypePromotionError):  # e.g. strings looked up among integers
+        return torch.full((len(raw),), -1, dtype=torch.long)
+    return torch.as_tensor(np.where(found, pos, -1), dtype=torch.long)

@@ -1,0 +1,158 @@
+"""Readers for the interaction files recommenders are trained on.
+
+Every reader returns :class:`Interactions` whose raw ids are the ids of the file.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from lightning_unlearn.data.interactions import Interactions
+from lightning_unlearn.data.splits import compact
+
+__all__ = ["read_adjacency", "read_csv", "read_movielens_100k", "read_movielens_1m"]
+
+
+def _numeric_table(path: Path, sep: str | None, columns: int) -> np.ndarray:
+    text = Path(path).read_text(encoding="latin-1")
+    if sep:
+        text = text.replace(sep, " ")
+    values = np.array(text.split(), dtype=np.int64)
+    if len(values) % columns:
+        raise ValueError(f"{path}: expected {columns} whitespace/'{sep}'-separated integers per line.")
+    return values.reshape(-1, columns)
+
+
+def read_movielens_100k(path: str | Path) -> Interactions:
+    """Read MovieLens-100K ``u.data`` (``user<TAB>item<TAB>rating<TAB>timestamp``).
+
+    Example:
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "u.data")
+        >>> _ = open(f, "w").write("196\\t242\\t3\\t881250949\\n186\\t302\\t3\\t891717742\\n")
+        >>> read_movielens_100k(f)
+        Interactions(rows=2, users=2, items=2)
+    """
+    t = _numeric_table(Path(path), None, 4)
+    return Interactions.from_raw(t[:, 0], t[:, 1], ratings=t[:, 2], timestamps=t[:, 3])
+
+
+def read_movielens_1m(path: str | Path) -> Interactions:
+    """Read MovieLens-1M ``ratings.dat`` (``user::item::rating::timestamp``)."""
+    t = _numeric_table(Path(path), "::", 4)
+    return Interactions.from_raw(t[:, 0], t[:, 1], ratings=t[:, 2], timestamps=t[:, 3])
+
+
+def _adjacency_pairs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    users, items = [], []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            ids = np.array(fields, dtype=np.int64)
+        except ValueError as err:
+            raise ValueError(f"{path}, line {number}: expected integers `user item item ...`: {err}") from None
+        users.append(np.full(len(ids) - 1, ids[0]))
+        items.append(ids[1:])
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return cat(users), cat(items)
+
+
+def read_adjacency(train: str | Path, test: str | Path | None = None) -> tuple[Interactions, Interactions | None]:
+    """Read the ``user item item ...`` adjacency lists used by LightGCN-family code.
+
+    Args:
+        train: the training file.
+        test: an optional test file; both tables then share one id map.
+
+    Returns:
+        ``(train, test)``; ``test`` is ``None`` when no test file is given.
+
+    Raises:
+        ValueError: on a line that is not a list of integers (names the line).
+    """
+    tu, ti = _adjacency_pairs(Path(train))
+    if test is None:
+        return Interactions.from_raw(tu, ti), None
+    su, si = _adjacency_pairs(Path(test))
+    both = Interactions.from_raw(np.concatenate([tu, su]), np.concatenate([ti, si]))
+    is_train = torch.arange(len(both)) < len(tu)
+    return both.select(is_train), both.select(~is_train)
+
+
+def read_csv(
+    path: str | Path,
+    columns: Mapping[str, str | int] | None = None,
+    sep: str = ",",
+    header: bool = True,
+    threshold: float | None = None,
+) -> Interactions:
+    """Read interactions from any CSV/TSV file.
+
+    Args:
+        path: the file.
+        columns: where each field is: a mapping from ``user``, ``item`` and optionally
+            ``rating`` and ``timestamp`` to a column name (with ``header=True``) or a
+            0-based position. Default: ``{"user": 0, "item": 1}`` plus ``rating`` at 2 and
+            ``timestamp`` at 3 when the file has those columns.
+        sep: the field separator (``","``, ``"\\t"``, ...).
+        header: whether the first line names the columns.
+        threshold: if given, keep only rows whose rating is at least this (implicit positives).
+
+    Raises:
+        ValueError: if a named column is missing or a field cannot be parsed (names the line).
+
+    Example:
+        >>> import tempfile, os
+        >>> f = os.path.join(tempfile.mkdtemp(), "x.csv")
+        >>> _ = open(f, "w").write("uid,iid,stars\\nu1,a,5\\nu1,b,2\\nu2,a,4\\n")
+        >>> read_csv(f, {"user": "uid", "item": "iid", "rating": "stars"}, threshold=4)
+        Interactions(rows=2, users=2, items=1)
+    """
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh, delimiter=sep))
+    names = rows.pop(0) if header and rows else None
+    width = len(rows[0]) if rows else 0
+    if columns is None:
+        columns = {"user": 0, "item": 1, **({"rating": 2} if width > 2 else {}), **({"timestamp": 3} if width > 3 else {})}
+    unknown = set(columns) - {"user", "item", "rating", "timestamp"}
+    if unknown or not {"user", "item"} <= set(columns):
+        raise ValueError(f"read_csv columns must map 'user', 'item' and optionally 'rating', 'timestamp'; got {dict(columns)}.")
+    index = {}
+    for field, col in columns.items():
+        if isinstance(col, str):
+            if names is None or col not in names:
+                raise ValueError(f"{path}: column {col!r} for {field!r} not found; header is {names}.")
+            col = names.index(col)
+        index[field] = col
+    data: dict[str, list] = {field: [] for field in index}
+    for number, row in enumerate(rows, start=2 if names else 1):
+        if not row:
+            continue
+        try:
+            for field, col in index.items():
+                data[field].append(row[col])
+        except IndexError:
+            raise ValueError(f"{path}, line {number}: expected at least {max(index.values()) + 1} fields, got {len(row)}.") from None
+    users, items = (np.array(data[k]) for k in ("user", "item"))
+    users, items = _as_int_if_possible(users), _as_int_if_possible(items)
+    try:
+        ratings = np.array(data["rating"], dtype=np.float64) if "rating" in data else None
+        stamps = np.array(data["timestamp"], dtype=np.float64).astype(np.int64) if "timestamp" in data else None
+    except ValueError as err:
+        raise ValueError(f"{path}: rating/timestamp columns must be numbers: {err}") from None
+    table = Interactions.from_raw(users, items, ratings, stamps)
+    return table if threshold is None else compact(table.binarize(threshold))
+
+
+def _as_int_if_possible(values: np.ndarray) -> np.ndarray:
+    try:
+        return values.astype(np.int64)
+    except ValueError:
+        return values

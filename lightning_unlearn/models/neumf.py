@@ -1,0 +1,92 @@
+"""NeuMF: generalised MF and an MLP over concatenated embeddings, fused by a linear layer."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_unlearn.models.base import Recommender
+
+__all__ = ["NeuMF"]
+
+
+class NeuMF(Recommender):
+    """Neural matrix factorisation (He et al., WWW 2017), without dropout so the objective is fixed.
+
+    A user's vector is its GMF row and its MLP row concatenated (likewise for items). The dense
+    weights (MLP and output layer) are regularised by ``dense_l2/2 * ||W||^2`` once per objective.
+
+    Args:
+        num_users: number of users.
+        num_items: number of items.
+        gmf_dim: size of the GMF embeddings.
+        mlp_dim: size of the MLP embeddings.
+        mlp_layers: widths of the hidden MLP layers.
+        init_std: standard deviation of the embeddings' normal initialisation.
+        dense_l2: L2 weight on dense weights (default: the model's ``l2``).
+        **kwargs: :class:`~lightning_unlearn.models.base.Recommender` options.
+
+    Example:
+        >>> model = NeuMF(num_users=3, num_items=5, gmf_dim=4, mlp_dim=4, mlp_layers=(8, 4))
+        >>> model.full_scores(torch.tensor([0, 1])).shape
+        torch.Size([2, 5])
+        >>> sorted(model.parameter_groups())
+        ['dense', 'item_embedding', 'user_embedding']
+    """
+
+    max_pairs_per_chunk = 1 << 21
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        gmf_dim: int = 32,
+        mlp_dim: int = 32,
+        mlp_layers: Sequence[int] = (64, 32, 16),
+        init_std: float = 0.1,
+        dense_l2: float | None = None,
+        **kwargs,
+    ):
+        super().__init__(num_users, num_items, **kwargs)
+        self.gmf_dim, self.dense_l2 = gmf_dim, self.l2 if dense_l2 is None else dense_l2
+        self.gmf_user, self.gmf_item = nn.Embedding(num_users, gmf_dim), nn.Embedding(num_items, gmf_dim)
+        self.mlp_user, self.mlp_item = nn.Embedding(num_users, mlp_dim), nn.Embedding(num_items, mlp_dim)
+        for table in (self.gmf_user, self.gmf_item, self.mlp_user, self.mlp_item):
+            nn.init.normal_(table.weight, std=init_std)
+        widths = [2 * mlp_dim, *mlp_layers]
+        self.mlp = nn.Sequential(*(m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())))
+        self.predict = nn.Linear(gmf_dim + widths[-1], 1)
+
+    def representations(self) -> tuple[Tensor, Tensor]:
+        users = torch.cat([self.gmf_user.weight, self.mlp_user.weight], dim=1)
+        items = torch.cat([self.gmf_item.weight, self.mlp_item.weight], dim=1)
+        return users, items
+
+    def interact(self, user_vectors: Tensor, item_vectors: Tensor) -> Tensor:
+        shape = torch.broadcast_shapes(user_vectors.shape, item_vectors.shape)
+        u, i = user_vectors.expand(shape), item_vectors.expand(shape)
+        g = self.gmf_dim
+        hidden = self.mlp(torch.cat([u[..., g:], i[..., g:]], dim=-1))
+        return self.predict(torch.cat([u[..., :g] * i[..., :g], hidden], dim=-1)).squeeze(-1)
+
+    def full_scores(self, users: Tensor, representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        rows_per_chunk = max(1, self.max_pairs_per_chunk // self.num_items)
+        return torch.cat([super(NeuMF, self).full_scores(chunk, representations) for chunk in users.split(rows_per_chunk)])
+
+    def embedding_penalty(self, users: Tensor, items: Tensor) -> Tensor:
+        user_sq = self.gmf_user.weight[users].square().sum(-1) + self.mlp_user.weight[users].square().sum(-1)
+        item_sq = self.gmf_item.weight[items].square().sum(-1) + self.mlp_item.weight[items].square().sum(-1)
+        return user_sq + item_sq.sum(-1)
+
+    def dense_penalty(self) -> Tensor:
+        weights = [m.weight for m in self.modules() if isinstance(m, nn.Linear)]
+        return 0.5 * self.dense_l2 * sum(w.square().sum() for w in weights)
+
+    def parameter_groups(self) -> dict[str, list[Tensor]]:
+        return {
+            "user_embedding": [self.gmf_user.weight, self.mlp_user.weight],
+            "item_embedding": [self.gmf_item.weight, self.mlp_item.weight],
+            "dense": [*self.mlp.parameters(), *self.predict.parameters()],
+        }
