@@ -1,0 +1,83 @@
+"""The lightning-unlearn CLI: every recipe runs, unknown keys are errors, sizes are linked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_unlearn.cli import main
+from tests.conftest import REPO
+
+RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+
+
+def test_all_foundation_recipes_exist():
+    names = {f"{p.parent.name}/{p.stem}" for p in RECIPES}
+    assert {"ml100k/mf", "ml100k/lightgcn", "ml100k/neumf", "ml1m/mf", "ml1m/lightgcn"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_recipe_fast_dev_run(recipe, data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIGHTNING_UNLEARN_DATA", str(data_dir))
+    main(["fit", "-c", str(recipe), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
+    out = capsys.readouterr().out
+    assert "test/recall@20" in out and "test/ndcg@20" in out  # fit ends with a test of the model
+
+
+def test_recipes_use_offline_wandb_checkpoint_and_early_stopping():
+    for recipe in RECIPES:
+        config = yaml.safe_load(recipe.read_text())["trainer"]
+        assert config["logger"]["class_path"].endswith("WandbLogger") and config["logger"]["init_args"]["offline"]
+        callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in config["callbacks"]}
+        assert callbacks["ModelCheckpoint"]["monitor"] == callbacks["EarlyStopping"]["monitor"] == "val/ndcg@20"
+
+
+def write_synthetic_recipe(path: Path, extra: str = "") -> Path:
+    path.write_text(
+        "trainer: {max_epochs: 2, logger: false, enable_checkpointing: false, enable_progress_bar: false}\n"
+        "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 8}}\n"
+        "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 30, num_items: 20}}, batch_size: 64}\n"
+        + extra
+    )
+    return path
+
+
+def test_sizes_are_linked_from_the_datamodule(tmp_path, capsys):
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    main(["fit", "-c", str(recipe)])
+    assert "test/recall@20" in capsys.readouterr().out
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-unlearn"])
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [("--model.init_args.bogus=1", "bogus"), ("--data.bogus=1", "bogus"), ("--data.split=temporal", "temporal")],
+)
+def test_unknown_or_invalid_keys_are_errors(bad, named, tmp_path, capsys):
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(recipe), bad])
+    assert exit_info.value.code != 0
+    assert named in capsys.readouterr().err
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path, capsys):
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml", extra="extra_section: {a: 1}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(recipe)])
+    assert "extra_section" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    result = subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", "--help"], capture_output=True, text=True, check=True)
+    for sub in ("fit", "validate", "test"):
+        assert sub in result.stdout

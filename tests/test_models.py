@@ -1,0 +1,137 @@
+"""The Recommender contract, checked against direct computations for MF, LightGCN and NeuMF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_unlearn.data import Interactions, planted_low_rank
+from lightning_unlearn.models import MF, LightGCN, NeuMF, Recommender, normalized_adjacency
+
+N_USERS, N_ITEMS = 7, 9
+
+
+def graph() -> Interactions:
+    return planted_low_rank(N_USERS, N_ITEMS, rank=2, density=0.3, seed=1)
+
+
+def make(cls, loss="bpr", **kwargs) -> Recommender:
+    torch.manual_seed(0)
+    kwargs = {"l2": 0.1, **kwargs}
+    if cls is NeuMF:
+        model = NeuMF(N_USERS, N_ITEMS, gmf_dim=3, mlp_dim=4, mlp_layers=(6, 3), loss=loss, **kwargs)
+    else:
+        model = cls(N_USERS, N_ITEMS, embedding_dim=4, loss=loss, **kwargs)
+    model.set_graph(graph())
+    return model.double()
+
+
+def batch(seed=0, size=6, k=3):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "users": torch.randint(N_USERS, (size,), generator=g),
+        "items": torch.randint(N_ITEMS, (size,), generator=g),
+        "negatives": torch.randint(N_ITEMS, (size, k), generator=g),
+    }
+
+
+MODELS = [MF, LightGCN, NeuMF]
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_full_scores_equal_pairwise_scores(cls):
+    model = make(cls)
+    users = torch.tensor([0, 3, 6])
+    full = model.full_scores(users)
+    pairs = model.score(users.unsqueeze(1).expand(-1, N_ITEMS), torch.arange(N_ITEMS).expand(3, -1))
+    torch.testing.assert_close(full, pairs)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_loss_is_the_documented_finite_sum(cls, loss):
+    model = make(cls, loss=loss)
+    b = batch()
+    users, items, negs = b["users"], b["items"], b["negatives"]
+    pos = model.score(users, items)
+    neg = model.score(users.unsqueeze(1).expand_as(negs), negs)
+    if loss == "bpr":
+        data = -F.logsigmoid(pos.unsqueeze(1) - neg).sum(1)
+    else:
+        data = -F.logsigmoid(pos) - F.logsigmoid(-neg).sum(1)
+    user_tables = model.parameter_groups()["user_embedding"]
+    item_tables = model.parameter_groups()["item_embedding"]
+    sq = sum(t[users].square().sum(1) for t in user_tables)
+    sq = sq + sum(t[items].square().sum(1) + t[negs].square().sum((1, 2)) for t in item_tables)
+    expected = data + 0.5 * model.l2 * sq
+    torch.testing.assert_close(model.loss(b, reduction="none"), expected)
+    torch.testing.assert_close(model.loss(b, reduction="sum"), expected.sum())
+    torch.testing.assert_close(model.loss(b), expected.mean())
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_parameter_groups_cover_every_parameter_once(cls):
+    model = make(cls)
+    groups = model.parameter_groups()
+    assert set(groups) == {"user_embedding", "item_embedding", "dense"}
+    listed = [id(p) for ps in groups.values() for p in ps]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters())
+    for name in ("user_embedding", "item_embedding"):
+        rows = N_USERS if name == "user_embedding" else N_ITEMS
+        assert all(p.shape[0] == rows for p in groups[name])
+
+
+def test_row_loss_touches_only_its_rows_in_mf():
+    model = make(MF)
+    b = {k: v[:1] for k, v in batch().items()}
+    model.loss(b, reduction="sum").backward()
+    touched_users = model.user_embedding.weight.grad.abs().sum(1) > 0
+    touched_items = model.item_embedding.weight.grad.abs().sum(1) > 0
+    assert touched_users.nonzero().flatten().tolist() == b["users"].tolist()
+    assert set(touched_items.nonzero().flatten().tolist()) == set(b["items"].tolist() + b["negatives"][0].tolist())
+
+
+def test_normalized_adjacency_matches_dense_formula():
+    data = graph()
+    a = torch.zeros(N_USERS + N_ITEMS, N_USERS + N_ITEMS)
+    a[data.users, N_USERS + data.items] = 1
+    a[N_USERS + data.items, data.users] = 1
+    d = a.sum(1).clamp_min(1).rsqrt()
+    torch.testing.assert_close(normalized_adjacency(data).to_dense(), d[:, None] * a * d[None, :])
+
+
+def test_lightgcn_representations_match_dense_propagation():
+    model = make(LightGCN, num_layers=2)
+    a = model.adjacency.to_dense()
+    e0 = torch.cat([model.user_embedding.weight, model.item_embedding.weight])
+    final = (e0 + a @ e0 + a @ a @ e0) / 3
+    users, items = model.representations()
+    torch.testing.assert_close(torch.cat([users, items]), final)
+
+
+def test_lightgcn_without_graph_and_wrong_graph():
+    model = LightGCN(N_USERS, N_ITEMS, embedding_dim=2)
+    with pytest.raises(RuntimeError, match="set_graph"):
+        model.full_scores(torch.tensor([0]))
+    with pytest.raises(ValueError, match="users x"):
+        model.set_graph(Interactions.from_raw([0], [0]))
+
+
+def test_neumf_dense_penalty_and_chunked_scores():
+    model = make(NeuMF, dense_l2=0.5)
+    weights = [model.mlp[0].weight, model.mlp[2].weight, model.predict.weight]
+    torch.testing.assert_close(model.dense_penalty(), 0.25 * sum(w.square().sum() for w in weights))
+    full = model.full_scores(torch.arange(N_USERS))
+    model.max_pairs_per_chunk = N_ITEMS  # one user per chunk
+    torch.testing.assert_close(model.full_scores(torch.arange(N_USERS)), full)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"loss": "hinge"}, "loss"), ({"optimizer": "lbfgs"}, "optimizer"), ({"l2": -1.0}, "l2"), ({"num_users": 0}, "num_users")],
+)
+def test_bad_arguments(kwargs, match):
+    args = {"num_users": 3, "num_items": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        MF(**args)
