@@ -14,8 +14,9 @@ class LightningUnlearnCLI(LightningCLI):
     """LightningCLI for recommenders: dataset sizes are linked into the model, and ``fit``
     ends with a test of the best checkpoint so one command reports held-out quality.
 
-    Example:
-        >>> cli = LightningUnlearnCLI(args=["fit", "--help"])  # doctest: +SKIP
+    Example (shell)::
+
+        lightning-unlearn fit -c recipes/ml100k/mf.yaml --trainer.max_epochs=5
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

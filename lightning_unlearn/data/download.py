@@ -112,9 +112,11 @@ def download_archive(archive: Archive, root: Path, progress: bool = True) -> Non
                 raise OSError(f"checksum mismatch for {archive.url}: md5 {digest.hexdigest()}, expected {archive.md5}")
             with zipfile.ZipFile(tmp.name) as zf, tempfile.TemporaryDirectory(dir=root) as unpack:
                 zf.extractall(unpack)
-                for entry in Path(unpack).iterdir():
+                for entry in Path(unpack).iterdir():  # merge: a partial earlier copy is completed
                     target = root / entry.name
-                    if not target.exists():
+                    if entry.is_dir():
+                        shutil.copytree(entry, target, dirs_exist_ok=True)
+                    elif not target.exists():
                         shutil.move(str(entry), target)
         finally:
             Path(tmp.name).unlink(missing_ok=True)

@@ -204,12 +204,29 @@ class Interactions:
 
 
 def _lookup(ids: np.ndarray, raw: Sequence | np.ndarray) -> Tensor:
-    raw = np.asarray(raw, dtype=ids.dtype if ids.dtype.kind in "iuf" else None).reshape(-1)
-    if len(ids) == 0:
+    raw = np.asarray(raw).reshape(-1)
+    if ids.dtype.kind in "iu":
+        raw, exact = _as_integers(raw)
+    else:
+        raw, exact = raw.astype(str), np.ones(len(raw), dtype=bool)
+    if len(ids) == 0 or len(raw) == 0:
         return torch.full((len(raw),), -1, dtype=torch.long)
-    try:
-        pos = np.searchsorted(ids, raw).clip(max=len(ids) - 1)
-        found = ids[pos] == raw
-    except (TypeError, np.exceptions.DTypePromotionError):  # e.g. strings looked up among integers
-        return torch.full((len(raw),), -1, dtype=torch.long)
+    pos = np.searchsorted(ids, raw).clip(max=len(ids) - 1)
+    found = exact & (ids[pos] == raw)
     return torch.as_tensor(np.where(found, pos, -1), dtype=torch.long)
+
+
+def _as_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``raw`` as int64 and a mask of the entries that are exactly integers (``"7"``, ``7.0``)."""
+    if raw.dtype.kind in "iu":
+        return raw.astype(np.int64), np.ones(len(raw), dtype=bool)
+    if raw.dtype.kind in "US":
+        raw = np.char.strip(raw.astype(str))
+        exact = np.char.isdigit(np.char.lstrip(raw, "-")) & (np.char.str_len(raw) > 0)
+        return np.where(exact, raw, "0").astype(np.int64), exact
+    try:
+        as_float = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        return np.zeros(len(raw), dtype=np.int64), np.zeros(len(raw), dtype=bool)
+    exact = np.isfinite(as_float) & (np.floor(as_float) == as_float)
+    return np.where(exact, as_float, 0).astype(np.int64), exact

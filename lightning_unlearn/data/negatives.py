@@ -55,7 +55,7 @@ def sample_negatives(users: Tensor, items: Tensor, positives: Interactions, num_
     n = len(users)
     if n == 0:
         return torch.zeros(0, num_negatives, dtype=torch.long)
-    base = _mix(_mix(_mix(np.full(n, seed, dtype=np.uint64)) ^ users.numpy().astype(np.uint64)) ^ items.numpy().astype(np.uint64))
+    base = _mix(_mix(_mix(np.full(n, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)) ^ users.numpy().astype(np.uint64)) ^ items.numpy().astype(np.uint64))
     slots = np.arange(num_negatives, dtype=np.uint64)
     out = np.empty((n, num_negatives), dtype=np.int64)
     todo = np.ones((n, num_negatives), dtype=bool)

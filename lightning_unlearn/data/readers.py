@@ -152,7 +152,9 @@ def read_csv(
 
 
 def _as_int_if_possible(values: np.ndarray) -> np.ndarray:
+    """Integer ids when every id is written as a plain integer (``"7"``, not ``"007"``)."""
     try:
-        return values.astype(np.int64)
+        ints = values.astype(np.int64)
     except ValueError:
         return values
+    return ints if np.array_equal(ints.astype(str), values) else values

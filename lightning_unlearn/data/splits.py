@@ -37,7 +37,7 @@ def k_core(data: Interactions, k: int) -> Interactions:
 
     Args:
         data: the table to filter.
-        k: minimum number of rows per user and per item (``k <= 1`` returns ``data``).
+        k: minimum number of rows per user and per item (``k <= 1`` only drops ids with no rows).
 
     Raises:
         ValueError: if ``k`` is negative.
@@ -97,7 +97,7 @@ def random_holdout(data: Interactions, fraction: float, seed: int = 0) -> tuple[
         return data, data
     g = torch.Generator().manual_seed(seed)
     rank, n = _rank_within_user(data.users, torch.rand(len(data), generator=g))
-    n_out = torch.minimum(torch.round(n * fraction).long(), n - 1)
+    n_out = torch.minimum(torch.round(n.double() * fraction).long(), n - 1)
     held = rank < n_out
     return data.select(~held), data.select(held)
 

@@ -2,7 +2,7 @@
 
 The functional :func:`ranking_metrics` scores a batch of users against all items at once:
 training items are masked with ``-inf``, one ``topk`` for the largest K serves every K, and
-AUC comes from one sort. :class:`FullRankingMetrics` is the thin ``torchmetrics.Metric``
+AUC from a binary search of each item among the user's few relevant scores. :class:`FullRankingMetrics` is the thin ``torchmetrics.Metric``
 over it, so state, reset and multi-device sync come from torchmetrics.
 """
 
@@ -70,15 +70,25 @@ def ranking_metrics(
 
 
 def _auc(scores: Tensor, target: Tensor, exclude: Tensor | None) -> Tensor:
-    """Per-user AUC of relevant vs. non-relevant candidate items (one sort per batch)."""
-    order = torch.argsort(scores, dim=1)
-    pos = target.gather(1, order)
-    neg = ~pos if exclude is None else ~pos & ~exclude.gather(1, order)
-    negatives_below = neg.cumsum(1, dtype=torch.float32)
-    n_pos = pos.sum(1).float()
-    n_neg = neg.sum(1).float()
-    wins = (negatives_below * pos).sum(1)
-    return torch.where((n_pos > 0) & (n_neg > 0), wins / (n_pos * n_neg).clamp_min(1), torch.zeros_like(wins))
+    """Per-user AUC of relevant vs. non-relevant candidate items, without sorting all items.
+
+    Only each user's few relevant scores are sorted (padded with ``+inf``); every candidate
+    then finds by binary search how many relevant items score strictly above it. Exact for
+    distinct scores (ties count as losses, not halves).
+    """
+    rows, cols = torch.nonzero(target, as_tuple=True)
+    n_pos = target.sum(1)
+    starts = torch.cumsum(n_pos, 0) - n_pos
+    width = max(int(n_pos.max()) if len(n_pos) else 0, 1)
+    relevant = scores.new_full((len(scores), width), float("inf"))
+    relevant[rows, torch.arange(len(rows), device=scores.device) - starts[rows]] = scores[rows, cols]
+    relevant = torch.sort(relevant, dim=1).values
+    not_below = torch.searchsorted(relevant, scores.contiguous(), right=True, out_int32=True)  # relevant <= candidate
+    negative = ~target if exclude is None else ~target & ~exclude
+    above = (n_pos.unsqueeze(1).int() - not_below).masked_fill(~negative, 0)
+    n_neg = negative.sum(1)
+    pairs = (n_pos * n_neg).float()
+    return torch.where(pairs > 0, above.sum(1).float() / pairs.clamp_min(1), torch.zeros_like(pairs))
 
 
 class FullRankingMetrics(Metric):

@@ -1,0 +1,175 @@
+"""Tests of the file readers (lightning_unlearn/data/readers.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_unlearn.data.interactions import Interactions
+from lightning_unlearn.data.readers import read_adjacency, read_csv, read_movielens_1m, read_movielens_100k
+
+# (user, item, rating, timestamp) rows shared by the MovieLens reader tests.
+ML_ROWS = [(196, 242, 3, 881250949), (186, 302, 3, 891717742), (22, 377, 1, 878887116), (196, 51, 2, 880606923)]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def raw_rows(data: Interactions) -> list[tuple]:
+    """The table as ``(raw user, raw item[, rating][, timestamp])`` tuples, in row order."""
+    cols = [data.user_ids[data.users.numpy()].tolist(), data.item_ids[data.items.numpy()].tolist()]
+    cols += [c.tolist() for c in (data.ratings, data.timestamps) if c is not None]
+    return list(zip(*cols))
+
+
+def check_movielens(data: Interactions) -> None:
+    assert raw_rows(data) == [(u, i, float(r), t) for u, i, r, t in ML_ROWS]
+    assert data.user_ids.tolist() == [22, 186, 196]
+    assert data.item_ids.tolist() == [51, 242, 302, 377]
+    assert data.users.tolist() == [2, 1, 0, 2]
+    assert data.items.tolist() == [1, 2, 3, 0]
+
+
+# --------------------------------------------------------------------------- MovieLens
+
+
+def test_read_movielens_100k(tmp_path):
+    path = write(tmp_path / "u.data", "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ML_ROWS))
+    check_movielens(read_movielens_100k(path))
+    check_movielens(read_movielens_100k(str(path)))
+
+
+def test_read_movielens_1m(tmp_path):
+    path = write(tmp_path / "ratings.dat", "".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ML_ROWS))
+    check_movielens(read_movielens_1m(path))
+
+
+@pytest.mark.parametrize(
+    "reader, text",
+    [(read_movielens_100k, "1\t2\t3\t4\n5\t6\t7\n"), (read_movielens_1m, "1::2::3::4\n5::6::7\n")],
+    ids=["100k", "1m"],
+)
+def test_movielens_wrong_field_count_raises(tmp_path, reader, text):
+    with pytest.raises(ValueError, match="expected 4"):
+        reader(write(tmp_path / "ratings", text))
+
+
+def test_read_real_movielens_100k(data_dir):
+    """The real file, found by conftest's ``data_dir`` ($LIGHTNING_UNLEARN_DATA, else ../shared/data); skipped if absent."""
+    data = read_movielens_100k(data_dir / "ml-100k" / "u.data")
+    assert (len(data), data.num_users, data.num_items) == (100000, 943, 1682)
+    assert data.user_ids.tolist() == list(range(1, 944))
+    assert data.item_ids.tolist() == list(range(1, 1683))
+    assert sorted(set(data.ratings.tolist())) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert raw_rows(data.select(torch.tensor([0])))[0] == (196, 242, 3.0, 881250949)
+
+
+# --------------------------------------------------------------------------- adjacency lists
+
+
+def test_read_adjacency_train_only(tmp_path):
+    train = write(tmp_path / "train.txt", "0 5 3\n\n2 3\n1\n")
+    data, test = read_adjacency(train)
+    assert test is None
+    assert raw_rows(data) == [(0, 5), (0, 3), (2, 3)]
+    assert data.user_ids.tolist() == [0, 2]  # a user without items has no rows, so no index
+    assert data.item_ids.tolist() == [3, 5]
+
+
+def test_read_adjacency_train_and_test_share_one_id_map(tmp_path):
+    train = write(tmp_path / "train.txt", "10 1 2\n20 2\n")
+    test = write(tmp_path / "test.txt", "10 3\n30 1 4\n")  # user 30 and items 3, 4 only in test
+    tr, te = read_adjacency(train, test)
+    for table in (tr, te):
+        assert table.user_ids.tolist() == [10, 20, 30]
+        assert table.item_ids.tolist() == [1, 2, 3, 4]
+    assert raw_rows(tr) == [(10, 1), (10, 2), (20, 2)]
+    assert raw_rows(te) == [(10, 3), (30, 1), (30, 4)]
+    assert tr.users.tolist() == [0, 0, 1] and te.users.tolist() == [0, 2, 2]
+    assert tr.items.tolist() == [0, 1, 1] and te.items.tolist() == [2, 0, 3]
+
+
+@pytest.mark.parametrize("bad_line", ["3 x 4", "3 4.5", "u 1"])
+def test_read_adjacency_malformed_line_names_the_line(tmp_path, bad_line):
+    train = write(tmp_path / "train.txt", "0 1\n")
+    test = write(tmp_path / "test.txt", f"0 2\n\n{bad_line}\n1 1\n")
+    with pytest.raises(ValueError, match=r"test\.txt, line 3: expected integers"):
+        read_adjacency(train, test)
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def test_read_csv_header_with_named_columns(tmp_path):
+    path = write(tmp_path / "x.csv", "ts,iid,junk,uid,stars\n100,a,?,u2,4.5\n200,b,?,u1,2\n300,a,?,u1,3\n")
+    data = read_csv(path, {"user": "uid", "item": "iid", "rating": "stars", "timestamp": "ts"})
+    assert raw_rows(data) == [("u2", "a", 4.5, 100), ("u1", "b", 2.0, 200), ("u1", "a", 3.0, 300)]
+    assert data.user_ids.tolist() == ["u1", "u2"]
+    assert data.users.tolist() == [1, 0, 0]
+
+
+def test_read_csv_default_columns_with_header(tmp_path):
+    path = write(tmp_path / "x.csv", "user,item,rating,time\n7,9,5,11\n3,9,1,12\n")
+    data = read_csv(path)
+    assert raw_rows(data) == [(7, 9, 5.0, 11), (3, 9, 1.0, 12)]
+    assert data.user_ids.dtype.kind == "i"  # numeric ids are read as integers
+
+
+def test_read_csv_default_columns_two_fields_have_no_ratings(tmp_path):
+    data = read_csv(write(tmp_path / "x.csv", "1,2\n3,4\n"), header=False)
+    assert data.ratings is None and data.timestamps is None
+    assert raw_rows(data) == [(1, 2), (3, 4)]
+
+
+def test_read_csv_no_header_positional_columns_tsv(tmp_path):
+    path = write(tmp_path / "x.tsv", "x\t5\tu1\t3\nx\t6\tu2\t1\n")
+    data = read_csv(path, {"user": 2, "item": 1, "rating": 3}, sep="\t", header=False)
+    assert raw_rows(data) == [("u1", 5, 3.0), ("u2", 6, 1.0)]
+    assert data.timestamps is None
+
+
+def test_read_csv_threshold_keeps_positives_and_compacts(tmp_path):
+    path = write(tmp_path / "x.csv", "uid,iid,stars\nu1,a,5\nu1,b,2\nu2,a,4\nu3,c,3.9\n")
+    data = read_csv(path, {"user": "uid", "item": "iid", "rating": "stars"}, threshold=4)
+    assert raw_rows(data) == [("u1", "a", 5.0), ("u2", "a", 4.0)]
+    assert data.user_ids.tolist() == ["u1", "u2"]  # u3 and items b, c have no positives left
+    assert data.item_ids.tolist() == ["a"]
+
+
+def test_read_csv_missing_named_column(tmp_path):
+    path = write(tmp_path / "x.csv", "uid,iid\n1,2\n")
+    with pytest.raises(ValueError, match=r"column 'stars' for 'rating' not found"):
+        read_csv(path, {"user": "uid", "item": "iid", "rating": "stars"})
+
+
+def test_read_csv_named_column_without_header(tmp_path):
+    with pytest.raises(ValueError, match=r"column 'uid' for 'user' not found"):
+        read_csv(write(tmp_path / "x.csv", "1,2\n"), {"user": "uid", "item": 1}, header=False)
+
+
+@pytest.mark.parametrize("columns", [{"user": 0}, {"user": 0, "item": 1, "weight": 2}])
+def test_read_csv_bad_column_mapping(tmp_path, columns):
+    with pytest.raises(ValueError, match="must map 'user', 'item'"):
+        read_csv(write(tmp_path / "x.csv", "1,2,3\n"), columns, header=False)
+
+
+@pytest.mark.parametrize("header, line", [(True, 4), (False, 3)])
+def test_read_csv_short_line_names_the_line(tmp_path, header, line):
+    text = ("u,i,r\n" if header else "") + "1,2,3\n4,5,6\n7,8\n9,9,9\n"
+    with pytest.raises(ValueError, match=rf"x\.csv, line {line}: expected at least 3 fields, got 2"):
+        read_csv(write(tmp_path / "x.csv", text), {"user": 0, "item": 1, "rating": 2}, header=header)
+
+
+def test_read_csv_non_numeric_rating(tmp_path):
+    with pytest.raises(ValueError, match="rating/timestamp columns must be numbers"):
+        read_csv(write(tmp_path / "x.csv", "u,i,r\n1,2,five\n"))
+
+
+def test_read_csv_keeps_ids_that_are_not_plain_integers_distinct(tmp_path):
+    path = tmp_path / "zero_padded.csv"
+    path.write_text("u,i\n007,a\n7,b\n")
+    assert sorted(read_csv(path).user_ids.tolist()) == ["007", "7"]
