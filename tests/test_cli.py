@@ -21,8 +21,7 @@ def test_all_foundation_recipes_exist():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_recipe_fast_dev_run(recipe, data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_recipe_fast_dev_run(recipe, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("LIGHTNING_UNLEARN_DATA", str(data_dir))
     main(["fit", "-c", str(recipe), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
     out = capsys.readouterr().out
@@ -54,8 +53,10 @@ def test_sizes_are_linked_from_the_datamodule(tmp_path, capsys):
 
 
 @pytest.fixture(autouse=True)
-def _argv(monkeypatch):
+def _argv_and_cwd(monkeypatch, tmp_path):
+    """Run as the console script would, in a scratch folder (the CLI writes config.yaml and runs/)."""
     monkeypatch.setattr(sys, "argv", ["lightning-unlearn"])
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize(
