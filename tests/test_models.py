@@ -135,3 +135,15 @@ def test_bad_arguments(kwargs, match):
     args = {"num_users": 3, "num_items": 3, **kwargs}
     with pytest.raises(ValueError, match=match):
         MF(**args)
+
+
+@pytest.mark.parametrize("cls", MODELS)
+def test_deepcopy_gives_an_independent_model(cls):
+    import copy
+
+    model = make(cls)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone.full_scores(torch.arange(N_USERS)), model.full_scores(torch.arange(N_USERS)))
+    with torch.no_grad():
+        next(clone.parameters()).add_(1.0)
+    assert not torch.equal(next(clone.parameters()), next(model.parameters()))

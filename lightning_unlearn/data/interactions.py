@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple, Sequence
@@ -37,8 +38,8 @@ class CSR(NamedTuple):
         """
         starts = self.indptr[keys]
         counts = self.indptr[keys + 1] - starts
-        segment = torch.repeat_interleave(torch.arange(len(keys)), counts)
-        offsets = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        segment = torch.repeat_interleave(torch.arange(len(keys), device=keys.device), counts)
+        offsets = torch.arange(int(counts.sum()), device=keys.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         return segment, starts[segment] + offsets
 
 
@@ -93,6 +94,12 @@ class Interactions:
             col = getattr(self, name)
             if col is not None and len(col) != n:
                 raise ValueError(f"Interactions column `{name}` has {len(col)} rows, expected {n} like `users`.")
+        for name in ("user_ids", "item_ids"):
+            ids = getattr(self, name)
+            if ids.dtype.kind not in "iuUSO":
+                raise ValueError(f"Interactions `{name}` must hold integer or string ids, got dtype {ids.dtype}.")
+            if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):
+                raise ValueError(f"Interactions `{name}` must be sorted and unique (as from_raw builds them).")
         for name, idx, size in (("users", self.users, self.num_users), ("items", self.items, self.num_items)):
             if idx.dtype != torch.long:
                 raise ValueError(f"Interactions `{name}` must be a torch.long tensor, got {idx.dtype}.")
@@ -135,7 +142,7 @@ class Interactions:
     def num_items(self) -> int:
         return len(self.item_ids)
 
-    @property
+    @cached_property
     def keys(self) -> Tensor:
         """``user * num_items + item``: one integer per row, for fast membership tests."""
         return self.users * self.num_items + self.items
@@ -216,14 +223,22 @@ def _lookup(ids: np.ndarray, raw: Sequence | np.ndarray) -> Tensor:
     return torch.as_tensor(np.where(found, pos, -1), dtype=torch.long)
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def _as_integers(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``raw`` as int64 and a mask of the entries that are exactly integers (``"7"``, ``7.0``)."""
-    if raw.dtype.kind in "iu":
+    if raw.dtype.kind == "b":
+        return np.zeros(len(raw), dtype=np.int64), np.zeros(len(raw), dtype=bool)
+    if raw.dtype.kind == "i":
         return raw.astype(np.int64), np.ones(len(raw), dtype=bool)
-    if raw.dtype.kind in "US":
-        raw = np.char.strip(raw.astype(str))
-        exact = np.char.isdigit(np.char.lstrip(raw, "-")) & (np.char.str_len(raw) > 0)
-        return np.where(exact, raw, "0").astype(np.int64), exact
+    if raw.dtype.kind == "u":
+        exact = raw <= np.iinfo(np.int64).max
+        return np.where(exact, raw, 0).astype(np.int64), exact
+    if raw.dtype.kind in "US":  # parsing request-sized input: a loop over the ids asked about
+        text = [s.strip() for s in raw.astype(str).tolist()]
+        exact = np.array([_INTEGER.fullmatch(s) is not None for s in text], dtype=bool)
+        return np.array([int(s) if ok else 0 for s, ok in zip(text, exact)], dtype=np.int64), exact
     try:
         as_float = raw.astype(np.float64)
     except (TypeError, ValueError):

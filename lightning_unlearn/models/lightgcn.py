@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -64,6 +65,16 @@ class LightGCN(MF):
         super().__init__(num_users, num_items, embedding_dim=embedding_dim, init_std=init_std, **kwargs)
         self.num_layers = num_layers
         self.register_buffer("adjacency", None, persistent=False)
+
+    def __deepcopy__(self, memo: dict) -> LightGCN:
+        # The graph is replaced, never modified in place, so copies share it (and sparse CSR
+        # tensors cannot be deep-copied anyway).
+        if self.adjacency is not None:
+            memo[id(self.adjacency)] = self.adjacency
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def set_graph(self, interactions: Interactions) -> None:
         if (interactions.num_users, interactions.num_items) != (self.num_users, self.num_items):
