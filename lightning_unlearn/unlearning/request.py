@@ -1,0 +1,603 @@
+"""Deletion requests: what to forget, in the raw ids of the source files.
+
+A :class:`DeletionRequest` lists interactions ``(user, item)``, whole users and whole items
+by their *raw* ids. :meth:`DeletionRequest.resolve` validates it against one
+:class:`~lightning_unlearn.data.Interactions` table and returns a :class:`ResolvedDeletion`:
+the row indices to remove, the whole-user and whole-item indices, and a stable SHA-256
+digest for audit logs. Bad input raises :class:`InvalidDeletionRequest` before anything
+changes.
+
+Privacy: the raw ids of deleted data never appear in ``repr()``/``str()`` or in
+:meth:`~DeletionRequest.summary` -- only counts and the digest. Error messages *do* name
+the offending ids (that is their purpose), so do not forward them to shared logs verbatim.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_unlearn.data.interactions import CSR, Interactions
+
+__all__ = ["DeletionRequest", "InvalidDeletionRequest", "ResolvedDeletion"]
+
+RawId = Union[int, str]
+"""A raw id as stored in a request: a Python ``int`` or a non-empty ``str``."""
+
+MISSING_MODES = ("error", "ignore")
+SHOWN = 5
+"""How many offending ids an error message names."""
+
+_ACCEPTED = (
+    "A deletion request accepts interaction pairs (user, item) that are rows of the table, "
+    "whole users and whole items, each given by the raw ids of the source files "
+    "(integers or non-empty strings)."
+)
+_FILE_FORMS = (
+    "Requests files are CSV (.csv) with the header `user,item` (pairs), `user` (whole users) "
+    'or `item` (whole items), or JSON lines (.jsonl/.json) with one object per line: '
+    '{"user": u, "item": i}, {"user": u} or {"item": i}.'
+)
+_DIGEST_TAG = b"lightning_unlearn/deletion/v1\x00"
+_INTEGER = re.compile(r"-?[0-9]+")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+class InvalidDeletionRequest(ValueError):
+    """A deletion request that cannot be applied; nothing was changed.
+
+    The message names the offending ids (the first few and how many there are) or, for
+    a requests file, the path and line number, and says what is accepted.
+    """
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _show(values: Sequence[Any]) -> str:
+    """``"a, b, c (and 4 more)"``: the first :data:`SHOWN` values of a list, for messages."""
+    shown = (f"({v[0]!r}, {v[1]!r})" if isinstance(v, tuple) and len(v) == 2 else repr(v) for v in values[:SHOWN])
+    head = ", ".join(shown)
+    rest = len(values) - SHOWN
+    return head + (f" (and {rest} more)" if rest > 0 else "")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
+
+
+def _is_not(n: int, thing: str) -> str:
+    """``"is not a row"`` / ``"are not rows"``."""
+    return f"is not {thing}" if n == 1 else f"are not {thing.removeprefix('a ')}s"
+
+
+def _canonical(value: Any) -> RawId | None:
+    """``value`` as a raw id (``int`` or non-empty ``str``), or ``None`` if it cannot be one."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return int(value) if math.isfinite(value) and float(value).is_integer() else None
+    if isinstance(value, (str, np.str_)):
+        return str(value) if str(value).strip() else None
+    return None
+
+
+def _as_list(values: Any, what: str) -> list:
+    """A request column as a plain list; refuses scalars and strings (which would split into characters)."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InvalidDeletionRequest(
+            f"Deletion request `{what}` must be a sequence of ids, got a {type(values).__name__}. {_ACCEPTED}"
+        )
+    return list(values)
+
+
+def _ids(values: Any, what: str) -> tuple[RawId, ...]:
+    """Canonical, duplicate-free ids (first occurrence order) of one request column."""
+    values = _as_list(values, what)
+    ids = [_canonical(v) for v in values]
+    bad = [v for v, c in zip(values, ids) if c is None]
+    if bad:
+        raise InvalidDeletionRequest(
+            f"Deletion request `{what}` has {_plural(len(bad), 'invalid id')}: {_show(bad)}. {_ACCEPTED}"
+        )
+    return tuple(dict.fromkeys(ids))
+
+
+def _pairs(values: Any) -> tuple[tuple[RawId, RawId], ...]:
+    """Canonical, duplicate-free ``(user, item)`` pairs."""
+    values = _as_list(values, "pairs")
+    bad_shape = [p for p in values if isinstance(p, (str, bytes)) or not isinstance(p, Iterable) or len(tuple(p)) != 2]
+    if bad_shape:
+        raise InvalidDeletionRequest(
+            f"Deletion request `pairs` has {_plural(len(bad_shape), 'entry')} that "
+            f"{_is_not(len(bad_shape), 'a (user, item) pair')}: {_show(bad_shape)}. {_ACCEPTED}"
+        )
+    pairs = [tuple(p) for p in values]
+    canon = [(_canonical(u), _canonical(i)) for u, i in pairs]
+    bad = [p for p, c in zip(pairs, canon) if c[0] is None or c[1] is None]
+    if bad:
+        raise InvalidDeletionRequest(
+            f"Deletion request `pairs` has {_plural(len(bad), 'pair')} with invalid ids: {_show(bad)}. {_ACCEPTED}"
+        )
+    return tuple(dict.fromkeys(canon))  # type: ignore[arg-type]
+
+
+def _lookup(raw_map: np.ndarray, index: Callable[[Any], Tensor], raw: Sequence[RawId]) -> Tensor:
+    """Indices of canonical raw ids in one id map, ``-1`` where unknown.
+
+    Integer maps: strings are parsed as integers here (``" 7"`` matches ``7``), so that ids
+    outside ``int64`` or strings that are not integers are simply unknown.
+    """
+    if not raw:
+        return torch.zeros(0, dtype=torch.long)
+    if raw_map.dtype.kind in "iu":
+        as_int = []
+        for r in raw:
+            if isinstance(r, str):
+                r = r.strip()
+                r = int(r) if _INTEGER.fullmatch(r) else None
+            as_int.append(r if r is not None and _INT64[0] <= r <= _INT64[1] else None)
+        valid = torch.tensor([r is not None for r in as_int], dtype=torch.bool)
+        found = index(np.array([0 if r is None else r for r in as_int], dtype=np.int64))
+        return torch.where(valid, found, torch.full_like(found, -1))
+    return index(np.array([str(r) for r in raw]))
+
+
+def _segments(csr: CSR, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(segment, rows, cols)`` of every table row in the CSR segments of ``keys``."""
+    segment, position = csr.gather(keys)
+    return segment, csr.rows[position], csr.cols[position]
+
+
+def _digest(num_users: int, num_items: int, row_keys: Tensor, users: Tensor, items: Tensor) -> str:
+    """SHA-256 over a fixed layout: tag, the two map sizes, then each section as count + int64 LE values."""
+    h = hashlib.sha256(_DIGEST_TAG)
+    h.update(struct.pack("<qq", num_users, num_items))
+    for section in (row_keys, users, items):
+        h.update(struct.pack("<q", len(section)))
+        h.update(section.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def _kind(pairs: int, users: int, items: int) -> str:
+    present = [name for name, n in (("interactions", pairs), ("users", users), ("items", items)) if n]
+    return present[0] if len(present) == 1 else ("mixed" if present else "empty")
+
+
+# --------------------------------------------------------------------------- the resolved result
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ResolvedDeletion:
+    """A deletion request checked against one table: which rows go, and an audit digest.
+
+    Attributes:
+        rows: sorted unique ``long`` row indices into the table to remove (the listed
+            pairs' rows, all occurrences, plus every row of the whole users and items).
+        users: sorted unique user indices deleted as a whole (they may have no rows here).
+        items: sorted unique item indices deleted as a whole.
+        kind: ``"interactions"``, ``"users"``, ``"items"`` or ``"mixed"``.
+        num_pairs: distinct ``(user, item)`` pairs that were found in the table.
+        num_ignored: distinct pairs dropped because they are not rows (``missing="ignore"``).
+        digest: SHA-256 hex digest of the resolved content, independent of input order
+            and duplicates. Layout: ``b"lightning_unlearn/deletion/v1\\0"``, the table's
+            ``num_users`` and ``num_items``, then for the sorted keys
+            ``user * num_items + item`` of the removed rows, the sorted whole-user indices
+            and the sorted whole-item indices in turn: the length and the values, all as
+            little-endian int64. It depends on the id maps (not on the table's rows order).
+
+    Example:
+        >>> data = Interactions.from_raw([1, 1, 2], [10, 20, 10])
+        >>> done = DeletionRequest(users=[1]).resolve(data)
+        >>> done.rows.tolist(), done.users.tolist(), done.kind
+        ([0, 1], [0], 'users')
+        >>> done  # doctest: +ELLIPSIS
+        ResolvedDeletion(kind='users', rows=2, pairs=0, users=1, items=0, ignored=0, digest='...')
+    """
+
+    rows: Tensor
+    users: Tensor
+    items: Tensor
+    kind: str
+    num_pairs: int
+    num_ignored: int
+    digest: str
+
+    @property
+    def num_rows(self) -> int:
+        """Number of table rows removed."""
+        return len(self.rows)
+
+    @property
+    def num_users(self) -> int:
+        """Number of users deleted as a whole (not the size of the user map)."""
+        return len(self.users)
+
+    @property
+    def num_items(self) -> int:
+        """Number of items deleted as a whole (not the size of the item map)."""
+        return len(self.items)
+
+    def summary(self) -> dict[str, int | str]:
+        """Plain values that are safe to log: kind, counts and digest, never an id.
+
+        Returns:
+            ``{"kind", "num_rows", "num_pairs", "num_users", "num_items", "num_ignored", "digest"}``.
+
+        Example:
+            >>> data = Interactions.from_raw([1, 2], [10, 10])
+            >>> s = DeletionRequest(pairs=[(1, 10)]).resolve(data).summary()
+            >>> s["kind"], s["num_rows"], len(s["digest"])
+            ('interactions', 1, 64)
+        """
+        return {
+            "kind": self.kind,
+            "num_rows": self.num_rows,
+            "num_pairs": self.num_pairs,
+            "num_users": self.num_users,
+            "num_items": self.num_items,
+            "num_ignored": self.num_ignored,
+            "digest": self.digest,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ResolvedDeletion(kind={self.kind!r}, rows={self.num_rows}, pairs={self.num_pairs}, "
+            f"users={self.num_users}, items={self.num_items}, ignored={self.num_ignored}, digest={self.digest!r})"
+        )
+
+    __str__ = __repr__
+
+
+# --------------------------------------------------------------------------- the request
+
+
+@dataclass(frozen=True, init=False, repr=False)
+class DeletionRequest:
+    """What to forget: interaction pairs, whole users and whole items, in raw ids.
+
+    Ids are Python/numpy integers, integral floats or non-empty strings; they are matched
+    against the table's raw ids when the request is resolved (``"7"`` matches the integer
+    id ``7``). Duplicates are folded. ``repr()`` shows only counts.
+
+    Args:
+        pairs: ``(user, item)`` pairs: an iterable of 2-tuples, or an ``(n, 2)`` array or
+            tensor. For two parallel sequences use :meth:`from_columns`.
+        users: users to delete as a whole (every row of each user).
+        items: items to delete as a whole (every row of each item).
+
+    Raises:
+        InvalidDeletionRequest: if the request is empty, a pair is not a 2-tuple, or an id
+            is not an integer or a non-empty string (``None``, ``bool``, ``2.5``, ``""``).
+
+    Example:
+        >>> data = Interactions.from_raw([196, 196, 186, 5], [242, 302, 242, 302])
+        >>> request = DeletionRequest(pairs=[(196, 242)], users=[5])
+        >>> request
+        DeletionRequest(kind='mixed', pairs=1, users=1, items=0)
+        >>> request.resolve(data).rows.tolist()
+        [0, 3]
+    """
+
+    pairs: tuple[tuple[RawId, RawId], ...]
+    users: tuple[RawId, ...]
+    items: tuple[RawId, ...]
+
+    def __init__(self, pairs: Any = (), users: Any = (), items: Any = ()) -> None:
+        object.__setattr__(self, "pairs", _pairs(pairs))
+        object.__setattr__(self, "users", _ids(users, "users"))
+        object.__setattr__(self, "items", _ids(items, "items"))
+        if not (self.pairs or self.users or self.items):
+            raise InvalidDeletionRequest(f"Deletion request is empty: nothing to delete. {_ACCEPTED}")
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_columns(
+        cls, pair_users: Sequence | np.ndarray | Tensor, pair_items: Sequence | np.ndarray | Tensor,
+        users: Any = (), items: Any = (),
+    ) -> DeletionRequest:
+        """A request whose pairs are given as two parallel sequences.
+
+        Args:
+            pair_users: raw user id of each pair.
+            pair_items: raw item id of each pair (same length as ``pair_users``).
+            users: users to delete as a whole.
+            items: items to delete as a whole.
+
+        Returns:
+            The request.
+
+        Raises:
+            InvalidDeletionRequest: if the two sequences differ in length, or as the constructor.
+
+        Example:
+            >>> DeletionRequest.from_columns([1, 2, 1], [10, 10, 10])
+            DeletionRequest(kind='interactions', pairs=2, users=0, items=0)
+        """
+        pu, pi = _as_list(pair_users, "pair_users"), _as_list(pair_items, "pair_items")
+        if len(pu) != len(pi):
+            raise InvalidDeletionRequest(
+                f"Deletion request columns differ in length: {len(pu)} pair users, {len(pi)} pair items. {_ACCEPTED}"
+            )
+        return cls(pairs=list(zip(pu, pi)), users=users, items=items)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DeletionRequest:
+        """Read a requests file: CSV (``.csv``) or JSON lines (``.jsonl``/``.json``).
+
+        CSV needs a header, ``user,item`` (pairs, in either order), ``user`` (whole users) or
+        ``item`` (whole items); fields are stripped, blank lines skipped. JSON lines hold
+        one object per line, ``{"user": u, "item": i}``, ``{"user": u}`` or ``{"item": i}``,
+        and lines may mix the three kinds.
+
+        Args:
+            path: the requests file.
+
+        Returns:
+            The request.
+
+        Raises:
+            InvalidDeletionRequest: for an unknown extension, a missing or unknown header
+                column, a line with the wrong number of fields, invalid JSON, a line that is
+                not an object or has unknown keys, an empty or invalid id, or a file with no
+                requests; the message names the path and the line number.
+            OSError: if the file cannot be read.
+
+        Example:
+            >>> import os, tempfile
+            >>> f = os.path.join(tempfile.mkdtemp(), "forget.jsonl")
+            >>> _ = open(f, "w").write('{"user": 196, "item": 242}\\n{"user": 5}\\n')
+            >>> DeletionRequest.from_file(f)
+            DeletionRequest(kind='mixed', pairs=1, users=1, items=0)
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            pairs, users, items = _read_csv(path)
+        elif suffix in (".jsonl", ".json"):
+            pairs, users, items = _read_jsonl(path)
+        else:
+            raise InvalidDeletionRequest(f"{path}: unknown requests file extension {path.suffix!r}. {_FILE_FORMS}")
+        if not (pairs or users or items):
+            raise InvalidDeletionRequest(f"{path}: the file holds no requests. {_FILE_FORMS}")
+        return cls(pairs=pairs, users=users, items=items)
+
+    # ----------------------------------------------------------------- shape
+    @property
+    def kind(self) -> str:
+        """``"interactions"``, ``"users"``, ``"items"`` or ``"mixed"`` (as listed, before resolution)."""
+        return _kind(len(self.pairs), len(self.users), len(self.items))
+
+    def summary(self) -> dict[str, int | str]:
+        """Plain values that are safe to log: kind and counts, never an id.
+
+        Returns:
+            ``{"kind", "num_pairs", "num_users", "num_items"}``.
+
+        Example:
+            >>> DeletionRequest(items=["x", "y", "x"]).summary()
+            {'kind': 'items', 'num_pairs': 0, 'num_users': 0, 'num_items': 2}
+        """
+        counts = {"num_pairs": len(self.pairs), "num_users": len(self.users), "num_items": len(self.items)}
+        return {"kind": self.kind, **counts}
+
+    def __repr__(self) -> str:
+        return (
+            f"DeletionRequest(kind={self.kind!r}, pairs={len(self.pairs)}, users={len(self.users)}, "
+            f"items={len(self.items)})"
+        )
+
+    __str__ = __repr__
+
+    # ----------------------------------------------------------------- resolution
+    def resolve(self, interactions: Interactions, missing: str = "error") -> ResolvedDeletion:
+        """Check the request against ``interactions`` and find the rows it removes.
+
+        Whole users and items that are in the id maps but have no rows in this table are
+        accepted (they may have rows in another split); only unknown ids are errors.
+        Nothing is changed: apply the result with ``interactions.without(resolved.rows)``.
+
+        Args:
+            interactions: the table (e.g. the training split) whose rows to find.
+            missing: ``"error"`` (default) to refuse pairs that are not rows of the table,
+                ``"ignore"`` to drop them (counted in ``num_ignored``).
+
+        Returns:
+            The :class:`ResolvedDeletion`.
+
+        Raises:
+            InvalidDeletionRequest: for an invalid ``missing``, unknown user or item ids
+                (whatever ``missing`` says), pairs that are not rows (with
+                ``missing="error"``), or nothing left to delete after dropping them.
+
+        Example:
+            >>> data = Interactions.from_raw([1, 1, 2], [10, 20, 10])
+            >>> DeletionRequest(pairs=[(2, 20)]).resolve(data)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+              ...
+            lightning_unlearn.unlearning.request.InvalidDeletionRequest: Deletion request has 1 pair that is not a row of this table: (2, 20). ...
+            >>> done = DeletionRequest(pairs=[(2, 20), (1, 20)]).resolve(data, missing="ignore")
+            >>> done.rows.tolist(), done.num_ignored
+            ([1], 1)
+        """
+        if missing not in MISSING_MODES:
+            raise InvalidDeletionRequest(f"missing must be 'error' or 'ignore', got {missing!r}.")
+        data = interactions
+        pair_users = [u for u, _ in self.pairs]
+        pair_items = [i for _, i in self.pairs]
+        user_raw = list(self.users) + pair_users
+        item_raw = list(self.items) + pair_items
+        user_idx = _lookup(data.user_ids, data.user_index, user_raw)
+        item_idx = _lookup(data.item_ids, data.item_index, item_raw)
+        self._refuse_unknown(user_raw, user_idx, item_raw, item_idx)
+
+        users = torch.unique(user_idx[: len(self.users)])
+        items = torch.unique(item_idx[: len(self.items)])
+        pu, pi = user_idx[len(self.users):], item_idx[len(self.items):]
+
+        # Pairs: look only at the rows of the users named in pairs (CSR segments, no table scan).
+        wanted = torch.unique(pu * data.num_items + pi)
+        pair_rows = torch.zeros(0, dtype=torch.long)
+        found = torch.zeros(0, dtype=torch.bool)
+        if len(wanted):
+            owners = torch.unique(pu)
+            segment, rows, cols = _segments(data.by_user, owners)
+            keys = owners[segment] * data.num_items + cols
+            slot = torch.searchsorted(wanted, keys).clamp_max(len(wanted) - 1)  # `wanted` is sorted
+            hit = wanted[slot] == keys
+            pair_rows = rows[hit]
+            found = torch.zeros(len(wanted), dtype=torch.bool)
+            found[slot[hit]] = True
+        num_missing = int((~found).sum())
+        if num_missing and missing == "error":
+            absent = set(wanted[~found].tolist())
+            named: dict[int, tuple[RawId, RawId]] = {}
+            for pair, key in zip(self.pairs, (pu * data.num_items + pi).tolist()):
+                if key in absent:
+                    named.setdefault(key, pair)
+            shown = list(named.values())
+            raise InvalidDeletionRequest(
+                f"Deletion request has {_plural(num_missing, 'pair')} that {_is_not(num_missing, 'a row')} "
+                f"of this table: {_show(shown)}. "
+                f"Pass missing='ignore' to drop such pairs. {_ACCEPTED}"
+            )
+        num_pairs = len(wanted) - num_missing
+        if not (num_pairs or len(users) or len(items)):
+            raise InvalidDeletionRequest(
+                f"Deletion request is empty after dropping {_plural(num_missing, 'pair')} that "
+                f"{_is_not(num_missing, 'a row')} of this table (missing='ignore'). {_ACCEPTED}"
+            )
+
+        user_rows = _segments(data.by_user, users)[1]
+        item_rows = _segments(data.by_item, items)[1]
+        removed = torch.unique(torch.cat([pair_rows, user_rows, item_rows]))
+        row_keys = torch.sort(data.users[removed] * data.num_items + data.items[removed]).values
+        return ResolvedDeletion(
+            rows=removed,
+            users=users,
+            items=items,
+            kind=_kind(num_pairs, len(users), len(items)),
+            num_pairs=num_pairs,
+            num_ignored=num_missing,
+            digest=_digest(data.num_users, data.num_items, row_keys, users, items),
+        )
+
+    @staticmethod
+    def _refuse_unknown(user_raw: list, user_idx: Tensor, item_raw: list, item_idx: Tensor) -> None:
+        """Raise one error naming the unknown user ids and the unknown item ids, if any."""
+        problems = []
+        for what, raw, idx in (("user", user_raw, user_idx), ("item", item_raw, item_idx)):
+            unknown = list(dict.fromkeys(r for r, k in zip(raw, idx.tolist()) if k < 0))
+            if unknown:
+                problems.append(f"{_plural(len(unknown), f'unknown {what} id')}: {_show(unknown)}")
+        if problems:
+            raise InvalidDeletionRequest(
+                f"Deletion request names {'; '.join(problems)}. Ids must be raw ids of the data set's "
+                f"id maps. {_ACCEPTED}"
+            )
+
+
+# --------------------------------------------------------------------------- requests files
+
+_Parsed = tuple[list[tuple[RawId, RawId]], list[RawId], list[RawId]]
+
+
+def _file_error(path: Path, line: int | None, problem: str) -> InvalidDeletionRequest:
+    where = f"{path}, line {line}" if line is not None else str(path)
+    return InvalidDeletionRequest(f"{where}: {problem}. {_FILE_FORMS}")
+
+
+def _file_id(path: Path, line: int, column: str, value: Any) -> RawId:
+    """One id of a requests file as a raw id, or an error naming the path and line."""
+    if isinstance(value, str) and not value.strip():
+        raise _file_error(path, line, f"empty `{column}` id")
+    canon = _canonical(value)
+    if canon is None:
+        raise _file_error(path, line, f"`{column}` must be an integer or a non-empty string, got {value!r}")
+    return canon
+
+
+def _collect(record: dict[str, RawId], parsed: _Parsed) -> None:
+    pairs, users, items = parsed
+    if "user" in record and "item" in record:
+        pairs.append((record["user"], record["item"]))
+    elif "user" in record:
+        users.append(record["user"])
+    else:
+        items.append(record["item"])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _file_error(path, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _csv_header(path: Path, line: int, fields: list[str]) -> list[str]:
+    columns = [f.lower() for f in fields]
+    unknown = [f for f, c in zip(fields, columns) if c not in ("user", "item")]
+    if unknown:
+        raise _file_error(path, line, f"unknown header column(s) {', '.join(map(repr, unknown))}")
+    if len(set(columns)) != len(columns):
+        raise _file_error(path, line, f"repeated header column(s) in {','.join(fields)!r}")
+    return columns
+
+
+def _read_csv(path: Path) -> _Parsed:
+    parsed: _Parsed = ([], [], [])
+    header: list[str] | None = None
+    reader = csv.reader(_read_text(path).split("\n"))
+    try:
+        for fields in reader:
+            line = reader.line_num
+            fields = [f.strip() for f in fields]
+            if not any(fields):
+                continue
+            if header is None:
+                header = _csv_header(path, line, fields)
+                continue
+            if len(fields) != len(header):
+                expected = f"expected {len(header)} as in the header `{','.join(header)}`"
+                raise _file_error(path, line, f"{_plural(len(fields), 'field')}, {expected}")
+            _collect({c: _file_id(path, line, c, v) for c, v in zip(header, fields)}, parsed)
+    except csv.Error as err:
+        raise _file_error(path, reader.line_num, f"malformed CSV ({err})") from None
+    if header is None:
+        raise _file_error(path, None, "no header line")
+    return parsed
+
+
+def _read_jsonl(path: Path) -> _Parsed:
+    parsed: _Parsed = ([], [], [])
+    for line, text in enumerate(_read_text(path).split("\n"), start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise _file_error(path, line, f"invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise _file_error(path, line, f"expected a JSON object, got {type(record).__name__}")
+        unknown = [k for k in record if k not in ("user", "item")]
+        if unknown:
+            raise _file_error(path, line, f"unknown key(s) {', '.join(map(repr, unknown))}")
+        if not record:
+            raise _file_error(path, line, "empty object")
+        _collect({k: _file_id(path, line, k, v) for k, v in record.items()}, parsed)
+    return parsed
