@@ -12,7 +12,16 @@ __all__ = ["EpochBatchSampler", "RankingBatches", "TrainRows"]
 
 
 class TrainRows(Dataset):
-    """Training rows with their fixed negatives, indexed by a whole batch of row indices at once."""
+    """Training rows with their fixed negatives: the terms of the training objective.
+
+    Indexed by a whole batch at once (an index tensor, a mask or a slice), giving the batch
+    dict that :meth:`Recommender.loss <lightning_unlearn.models.Recommender.loss>` takes.
+
+    Example:
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([[4], [5]]))
+        >>> rows[:]["items"].tolist(), len(rows.select(torch.tensor([1])))
+        ([2, 3], 1)
+    """
 
     def __init__(self, users: Tensor, items: Tensor, negatives: Tensor):
         self.users, self.items, self.negatives = users, items, negatives
@@ -20,8 +29,16 @@ class TrainRows(Dataset):
     def __len__(self) -> int:
         return len(self.users)
 
-    def __getitem__(self, rows: Tensor) -> dict[str, Tensor]:
+    def __getitem__(self, rows: Tensor | slice) -> dict[str, Tensor]:
         return {"users": self.users[rows], "items": self.items[rows], "negatives": self.negatives[rows]}
+
+    def select(self, rows: Tensor) -> TrainRows:
+        """The rows at ``rows`` (indices or a boolean mask)."""
+        return TrainRows(self.users[rows], self.items[rows], self.negatives[rows])
+
+    def to(self, device: torch.device | str) -> TrainRows:
+        """The same rows on ``device``."""
+        return TrainRows(self.users.to(device), self.items.to(device), self.negatives.to(device))
 
 
 class EpochBatchSampler(Sampler):

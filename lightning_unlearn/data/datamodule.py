@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -83,6 +85,8 @@ class RecDataModule(pl.LightningDataModule):
         self.val: Interactions | None = None
         self.test: Interactions | None = None
         self.train_negatives: torch.Tensor | None = None
+        self._removed = _Removed.empty()
+        self._restored: dict | None = None
 
     # ------------------------------------------------------------------ loading
     def prepare_data(self) -> None:
@@ -110,6 +114,93 @@ class RecDataModule(pl.LightningDataModule):
             val = train.select(torch.zeros(len(train), dtype=torch.bool))
         self.train, self.val, self.test = train, val, test
         self.train_negatives = sample_negatives(train.users, train.items, train, hp.num_negatives, hp.seed)
+        self._removed = _Removed.empty()
+        if self._restored is not None:
+            restored, self._restored = self._restored, None
+            self.load_state_dict(restored)
+
+    # ------------------------------------------------------------------ deletions
+    def train_rows(self) -> TrainRows:
+        """The current training rows with their fixed negatives."""
+        self.setup()
+        return TrainRows(self.train.users, self.train.items, self.train_negatives)
+
+    def remove(self, rows: torch.Tensor, users: torch.Tensor | None = None, items: torch.Tensor | None = None) -> TrainRows:
+        """Remove training rows (and, for whole users/items, their rows in every split).
+
+        The change is computed first and assigned at once, so a failure leaves the data as it
+        was. Removed rows take their fixed negatives with them; every other row keeps its own.
+
+        Args:
+            rows: indices into :attr:`train` of the rows to remove.
+            users: whole users to remove from every split (indices).
+            items: whole items to remove from every split (indices).
+
+        Returns:
+            The removed training rows with their negatives.
+
+        Raises:
+            IndexError: if a row index is outside the training split.
+        """
+        self.setup()
+        empty = torch.zeros(0, dtype=torch.long)
+        users = empty if users is None else users.long()
+        items = empty if items is None else items.long()
+        rows = rows.long()
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(self.train)):
+            raise IndexError(f"row indices must be in [0, {len(self.train)}) of the training split.")
+        gone = torch.zeros(len(self.train), dtype=torch.bool)
+        gone[rows] = True
+        gone |= _touches(self.train, users, items)
+        removed = TrainRows(self.train.users[gone], self.train.items[gone], self.train_negatives[gone])
+        train, val, test = self.train.select(~gone), *(t.select(~_touches(t, users, items)) for t in (self.val, self.test))
+        record = self._removed.add(self.train.keys[gone], users, items)
+        self.train, self.val, self.test = train, val, test
+        self.train_negatives = self.train_negatives[~gone]
+        self._removed = record
+        return removed
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Undo every :meth:`remove` made inside the block if the block raises.
+
+        Example:
+            >>> from lightning_unlearn.data.sources import Synthetic
+            >>> dm = RecDataModule(Synthetic())
+            >>> dm.setup()
+            >>> before = len(dm.train)
+            >>> try:
+            ...     with dm.transaction():
+            ...         _ = dm.remove(torch.tensor([0]))
+            ...         raise RuntimeError("method failed")
+            ... except RuntimeError:
+            ...     pass
+            >>> len(dm.train) == before
+            True
+        """
+        self.setup()
+        saved = (self.train, self.val, self.test, self.train_negatives, self._removed)
+        try:
+            yield
+        except BaseException:
+            self.train, self.val, self.test, self.train_negatives, self._removed = saved
+            raise
+
+    def state_dict(self) -> dict:
+        """What was removed (as index keys, never raw ids), so a restored run removes it again."""
+        return self._removed.as_dict() if self.train is not None else (self._restored or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        """Re-apply the removals recorded by :meth:`state_dict` to freshly loaded data."""
+        if not state:
+            return
+        if self.train is None:
+            self._restored = state
+            return
+        keys = state["train_keys"]
+        already = self._removed.train_keys
+        keys = keys[~torch.isin(keys, already)]
+        self.remove(torch.nonzero(torch.isin(self.train.keys, keys)).flatten(), state["users"], state["items"])
 
     @property
     def num_users(self) -> int:
@@ -125,8 +216,7 @@ class RecDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        self.setup()
-        rows = TrainRows(self.train.users, self.train.items, self.train_negatives)
+        rows = self.train_rows()
         sampler = EpochBatchSampler(len(rows), self.hparams.batch_size, self.hparams.seed)
         return DataLoader(rows, sampler=sampler, batch_size=None)
 
@@ -140,3 +230,28 @@ class RecDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         return self._ranking(self.test, [self.train, self.val])
+
+
+def _touches(table: Interactions, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` whose user is in ``users`` or whose item is in ``items``."""
+    return torch.isin(table.users, users) | torch.isin(table.items, items)
+
+
+@dataclass(frozen=True)
+class _Removed:
+    """Everything removed so far: keys ``user * num_items + item`` of training rows, whole users and items."""
+
+    train_keys: torch.Tensor
+    users: torch.Tensor
+    items: torch.Tensor
+
+    @classmethod
+    def empty(cls) -> _Removed:
+        return cls(*(torch.zeros(0, dtype=torch.long) for _ in range(3)))
+
+    def add(self, keys: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> _Removed:
+        cat = lambda a, b: torch.unique(torch.cat([a, b]))  # noqa: E731
+        return _Removed(cat(self.train_keys, keys), cat(self.users, users), cat(self.items, items))
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"train_keys": self.train_keys, "users": self.users, "items": self.items}

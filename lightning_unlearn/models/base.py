@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Literal, Sequence
+from typing import Iterable, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -131,6 +131,19 @@ class Recommender(pl.LightningModule):
             return per_row
         return per_row.sum() if reduction == "sum" else per_row.mean()
 
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable[dict[str, Tensor]], prefix: str = "test") -> dict[str, float]:
+        """Full-ranking metrics over ranking batches (e.g. ``datamodule.test_dataloader()``), outside a Trainer.
+
+        Returns:
+            ``{"<prefix>/recall@K": ..., ...}`` as floats.
+        """
+        metric = FullRankingMetrics(self.top_k, auc=self.hparams.eval_auc).to(self.device)
+        representations = self.representations()
+        for batch in loader:
+            self._ranking_update({k: v.to(self.device) for k, v in batch.items()}, metric, representations)
+        return {f"{prefix}/{k}": v.item() for k, v in metric.compute().items()}
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -147,10 +160,12 @@ class Recommender(pl.LightningModule):
         return _OPTIMIZERS[self.hparams.optimizer](self.parameters(), lr=self.hparams.lr)
 
     def _ranking_step(self, batch: dict[str, Tensor], metric: FullRankingMetrics) -> None:
-        users = batch["users"]
         if self._eval_repr is None:
             self._eval_repr = self.representations()
-        scores = self.full_scores(users, self._eval_repr)
+        self._ranking_update(batch, metric, self._eval_repr)
+
+    def _ranking_update(self, batch: dict[str, Tensor], metric: FullRankingMetrics, representations: tuple[Tensor, Tensor]) -> None:
+        scores = self.full_scores(batch["users"], representations)
         target = torch.zeros_like(scores, dtype=torch.bool)
         target[batch["target_rows"], batch["target_items"]] = True
         exclude = torch.zeros_like(target)

@@ -1,0 +1,13 @@
+"""Unlearning: deletion requests, methods, the callback, and the comparison harness."""
+
+from lightning_unlearn.unlearning.callback import UnlearningCallback
+from lightning_unlearn.unlearning.deletion import DeletionSpec
+from lightning_unlearn.unlearning.journal import Journal
+from lightning_unlearn.unlearning.methods import FineTune, Retrain, UnlearningContext, UnlearningError, UnlearningReport, Unlearner
+from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest, ResolvedDeletion
+
+__all__ = [
+    "DeletionRequest", "DeletionSpec", "FineTune", "FitRecipe", "InvalidDeletionRequest", "Journal", "ResolvedDeletion",
+    "Retrain", "UnlearningCallback", "UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner",
+]

@@ -1,0 +1,304 @@
+"""``UnlearningCallback``: the Lightning glue from a deletion request to a forgotten model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+from typing_extensions import override
+
+from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.journal import Journal
+from lightning_unlearn.unlearning.methods.base import UnlearningContext, UnlearningError, UnlearningReport, Unlearner
+from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.request import DeletionRequest
+
+__all__ = ["UnlearningCallback", "save_checkpoint"]
+
+_WHEN = ("train_end", "epoch_end")
+_MISSING = ("error", "ignore")
+
+
+class UnlearningCallback(pl.Callback):
+    """Apply deletion requests to the datamodule and make the model forget them.
+
+    For each request, in order: resolve it against the training split (bad input is refused
+    here, before anything changes), journal it as ``pending``, remove its rows from the
+    datamodule (graph models get the new graph), run the method on the trainer's root device,
+    evaluate utility on validation and test, log counts, digest, timings, diagnostics and
+    utility through ``trainer.loggers`` (never raw ids), save a checkpoint with the unlearned
+    weights (temp file, then rename), and journal ``applied``. If the method fails, model and
+    datamodule are restored, the journal says ``failed`` with the reason, and the error
+    propagates.
+
+    Args:
+        method: the :class:`~lightning_unlearn.unlearning.methods.Unlearner` to run.
+        requests: requests to apply, given up front.
+        requests_file: a requests file (CSV or JSON lines) read in ``setup``.
+        when: ``"train_end"`` (default; the model is still on the trainer's device) or
+            ``"epoch_end"`` (after every training epoch, for requests arriving during training).
+        dirpath: folder for the journal and the unlearned checkpoints (default:
+            ``<trainer.default_root_dir>/unlearning``).
+        missing: ``"error"`` refuses pairs that are not training rows; ``"ignore"`` drops them.
+        evaluate: evaluate utility on validation and test after each request.
+        seed: the original model's seed, for ``Retrain`` (default: the seed of
+            ``seed_everything``, else 0).
+
+    Raises:
+        ValueError: on an unknown ``when`` or ``missing``.
+        TypeError: if ``method`` is not an ``Unlearner``.
+
+    Example:
+        >>> from lightning_unlearn.unlearning.methods import FineTune
+        >>> callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[3])])
+        >>> callback.pending
+        1
+    """
+
+    def __init__(
+        self,
+        method: Unlearner,
+        requests: Sequence[DeletionRequest] = (),
+        requests_file: str | os.PathLike | None = None,
+        when: Literal["train_end", "epoch_end"] = "train_end",
+        dirpath: str | os.PathLike | None = None,
+        missing: Literal["error", "ignore"] = "error",
+        evaluate: bool = True,
+        seed: int | None = None,
+    ):
+        if not isinstance(method, Unlearner):
+            raise TypeError(f"UnlearningCallback(method=...) must be an Unlearner, got {type(method).__name__}.")
+        if when not in _WHEN:
+            raise ValueError(f"UnlearningCallback(when=...) must be one of {_WHEN}, got {when!r}.")
+        if missing not in _MISSING:
+            raise ValueError(f"UnlearningCallback(missing=...) must be one of {_MISSING}, got {missing!r}.")
+        self.method, self.when, self.missing, self.evaluate = method, when, missing, evaluate
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self.requests_file = requests_file
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self._queue: list[DeletionRequest] = list(requests)
+        self._applied: list[str] = []
+        self.reports: list[UnlearningReport] = []
+
+    # ------------------------------------------------------------------ queueing
+    @property
+    def pending(self) -> int:
+        """Number of requests waiting to be applied."""
+        return len(self._queue)
+
+    def request(self, request: DeletionRequest) -> None:
+        """Queue a request; it is applied at the next ``when`` point."""
+        if not isinstance(request, DeletionRequest):
+            raise TypeError(f"request(...) takes a DeletionRequest, got {type(request).__name__}.")
+        self._queue.append(request)
+
+    @property
+    def journal(self) -> Journal:
+        if self.dirpath is None:
+            raise RuntimeError("UnlearningCallback has no folder yet: pass dirpath=... or attach it to a Trainer.")
+        return Journal(self.dirpath / "journal.jsonl")
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_environment(trainer, pl_module, getattr(trainer, "datamodule", None))
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "unlearning"
+        if self.requests_file is not None:
+            self._queue.append(DeletionRequest.from_file(self.requests_file))
+            self.requests_file = None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "train_end":
+            self.run(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "epoch_end":
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, model: Recommender) -> list[UnlearningReport]:
+        """Apply every queued request now (what the hooks call)."""
+        return self.apply_pending(
+            model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
+            recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
+        )
+
+    # ------------------------------------------------------------------ the work
+    def apply_pending(
+        self,
+        model: Recommender,
+        datamodule: RecDataModule,
+        loggers: Sequence[Logger] = (),
+        device: torch.device | None = None,
+        recipe: FitRecipe | None = None,
+        seed: int = 0,
+        is_global_zero: bool = True,
+    ) -> list[UnlearningReport]:
+        """Apply queued requests one by one, outside or inside a Trainer.
+
+        Args:
+            model: the trained recommender (changed in place).
+            datamodule: its datamodule (its splits lose the deleted rows).
+            loggers: where to log per-request metrics (step = request index).
+            device: where the method runs (default: the model's device).
+            recipe: how to refit, for ``Retrain`` (default: :class:`FitRecipe` defaults).
+            seed: the original model's seed.
+            is_global_zero: only rank zero writes the journal, checkpoints and logs.
+
+        Returns:
+            The reports of the requests applied.
+
+        Raises:
+            InvalidDeletionRequest: a request is invalid (nothing was changed for it).
+            UnlearningError: a method failed (model and data were restored; journal says failed).
+        """
+        check_environment(None, model, datamodule)
+        device = device or model.device
+        recipe = recipe or FitRecipe()
+        context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
+        done = []
+        while self._queue:
+            report = self._apply_next(model, datamodule, context, loggers, is_global_zero)
+            if report is not None:
+                done.append(report)
+        return done
+
+    def _apply_next(self, model, datamodule, context, loggers, is_global_zero) -> UnlearningReport | None:
+        """Apply the head of the queue; it leaves the queue only once applied (or a repeat)."""
+        request = self._queue[0]
+        fingerprint = request_fingerprint(request)
+        if fingerprint in self._applied:
+            self._queue.pop(0)
+            return None
+        resolved = request.resolve(datamodule.train, missing=self.missing)
+        index = len(self._applied)
+        summary = {**resolved.summary(), "method": self.method.name, "request": index}
+        journal = self.journal if is_global_zero else None
+        if journal:
+            journal.append(status="pending", **summary)
+        start = time.perf_counter()
+        try:
+            with datamodule.transaction():  # a failure restores the data; unlearn() restores the model
+                deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
+                model.set_graph(datamodule.train)
+                report = self.method.unlearn(model, datamodule.train_rows(), deleted, context)
+        except Exception as err:
+            model.set_graph(datamodule.train)
+            if journal:
+                journal.append(status="failed", reason=str(err), seconds=time.perf_counter() - start, **summary)
+            raise
+        self._applied.append(fingerprint)
+        self._queue.pop(0)
+        utility = self._utility(model, datamodule) if self.evaluate else {}
+        checkpoint = None
+        if is_global_zero:
+            checkpoint = self.dirpath / f"unlearned-{index:04d}-{resolved.digest[:12]}.ckpt"
+            save_checkpoint(checkpoint, model, datamodule, self)
+            metrics = {"unlearn/request": index, "unlearn/seconds": report.seconds, "unlearn/rows_removed": report.rows_removed,
+                       **{f"unlearn/{k}": v for k, v in utility.items()}, **_scalars(report.diagnostics, "unlearn/diag/")}
+            for logger in loggers:
+                logger.log_metrics(metrics, step=index)
+            journal.append(status="applied", seconds=report.seconds, checkpoint=str(checkpoint),
+                           total_seconds=time.perf_counter() - start, **summary)
+        self.reports.append(report)
+        return report
+
+    def _utility(self, model: Recommender, datamodule: RecDataModule) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            return {**model.evaluate(datamodule.val_dataloader(), "val"), **model.evaluate(datamodule.test_dataloader(), "test")}
+        finally:
+            model.train(was_training)
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "applied": list(self._applied),
+            "pending": [{"pairs": [list(p) for p in r.pairs], "users": list(r.users), "items": list(r.items)} for r in self._queue],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._applied = list(state_dict.get("applied", []))
+        restored = [DeletionRequest(**spec) for spec in state_dict.get("pending", [])]
+        self._queue = restored + [r for r in self._queue if r not in restored]
+
+
+def check_environment(trainer: pl.Trainer | None, model: Any, datamodule: Any) -> None:
+    """Refuse set-ups the callback cannot serve, with a message that says what is needed.
+
+    Raises:
+        TypeError: the model is not a ``Recommender`` or the datamodule not a ``RecDataModule``.
+        RuntimeError: the strategy shards parameters (FSDP, DeepSpeed).
+    """
+    if not isinstance(model, Recommender):
+        raise TypeError(f"UnlearningCallback needs a lightning_unlearn Recommender model, got {type(model).__name__}.")
+    if not isinstance(datamodule, RecDataModule):
+        raise TypeError(
+            f"UnlearningCallback needs a RecDataModule (fit with `datamodule=`), got {type(datamodule).__name__}."
+        )
+    if trainer is not None and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise RuntimeError(
+            f"UnlearningCallback cannot run with {type(trainer.strategy).__name__}: unlearning updates whole embedding "
+            "rows, which sharded-parameter strategies split across devices. Use a single device or DDP."
+        )
+
+
+def request_fingerprint(request: DeletionRequest) -> str:
+    """SHA-256 of a request's canonical content: identifies a request across restarts.
+
+    Unlike the digest of the resolved rows, it does not depend on what was already removed, so
+    a request seen again after a restart is recognised. Kept in the callback's state only.
+    """
+    canonical = {
+        "pairs": sorted([str(u), str(i)] for u, i in request.pairs),
+        "users": sorted(str(u) for u in request.users),
+        "items": sorted(str(i) for i in request.items),
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:
+    """Write an unlearned checkpoint atomically (temp file in the same folder, fsync, rename).
+
+    The file loads with ``ModelClass.load_from_checkpoint(path)`` and holds the datamodule's
+    removals and the callback's state, so a restart neither forgets nor repeats a request.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "pytorch-lightning_version": pl.__version__,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "hyper_parameters": dict(model.hparams),
+        "datamodule_state": datamodule.state_dict(),
+        "unlearning": callback.state_dict(),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {prefix + k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,111 @@
+"""The :class:`Unlearner` contract: change a trained model so it forgets deleted rows, safely."""
+
+from __future__ import annotations
+
+import copy
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.models.base import Recommender
+
+__all__ = ["UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner"]
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+@dataclass
+class UnlearningContext:
+    """What a method may use besides the model and the rows (methods never see a Trainer).
+
+    Args:
+        device: where to compute (the trainer's root device).
+        seed: the original model's seed (initialisation); ``Retrain`` starts from it.
+        reduce: sums a tensor over devices (identity on one device).
+        fit: fits a freshly initialised model on the current (retained) data with the original
+            recipe; provided by the callback and by ``compare``, used by ``Retrain``.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    reduce: Callable[[Tensor], Tensor] = _identity
+    fit: Callable[[Recommender], None] | None = None
+
+
+@dataclass
+class UnlearningReport:
+    """The outcome of one unlearning step: timings and the method's own diagnostics."""
+
+    method: str
+    seconds: float
+    rows_removed: int
+    precompute_seconds: float = 0.0
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class UnlearningError(RuntimeError):
+    """A method failed or produced non-finite parameters; the model was restored."""
+
+
+class Unlearner(ABC):
+    """Base class of unlearning methods.
+
+    Subclasses implement :meth:`update`, which changes ``model`` in place so that it forgets
+    ``deleted`` and fits ``retained``, and returns diagnostics. :meth:`unlearn` wraps it: it
+    times the update, checks every parameter is finite, and restores the model's parameters if
+    anything fails, so a failed request never leaves a half-changed model.
+    """
+
+    #: What to try when the method fails (appended to the error message).
+    hint = "check the method's options"
+
+    @property
+    def name(self) -> str:
+        """A short label for tables and logs."""
+        return type(self).__name__
+
+    @abstractmethod
+    def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        """Change ``model`` in place; return diagnostics (plain values)."""
+
+    def unlearn(
+        self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext | None = None
+    ) -> UnlearningReport:
+        """Run :meth:`update` safely.
+
+        Args:
+            model: the trained recommender, changed in place.
+            retained: the training rows that remain (with their fixed negatives).
+            deleted: the training rows to forget.
+            context: device, seed, reduce and fit (default: CPU, seed 0, one device).
+
+        Returns:
+            The report: seconds, rows removed and the method's diagnostics.
+
+        Raises:
+            UnlearningError: the method raised or left a non-finite parameter; ``model`` holds
+                its parameters from before the call again.
+        """
+        context = context or UnlearningContext()
+        before = copy.deepcopy(model.state_dict())
+        start = time.perf_counter()
+        try:
+            with torch.enable_grad():
+                diagnostics = self.update(model, retained.to(context.device), deleted.to(context.device), context)
+            bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise UnlearningError(f"non-finite parameters after {self.name}: {', '.join(bad)}")
+        except Exception as err:
+            model.load_state_dict(before)
+            raise UnlearningError(f"{self.name} failed and the model was restored: {err}. Try: {self.hint}.") from err
+        return UnlearningReport(self.name, time.perf_counter() - start, len(deleted), diagnostics=diagnostics)

@@ -1,0 +1,51 @@
+"""``Retrain``: the exact answer every other method is judged against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
+
+__all__ = ["Retrain"]
+
+
+class Retrain(Unlearner):
+    """Re-initialise from a seed and fit on the retained rows with the original recipe.
+
+    With ``seed=None`` it uses the original's seed (``context.seed``): the same
+    initialisation and the same negatives for the rows that remain, so it is the reference.
+    Another seed gives the seed noise that every completeness figure is read against.
+
+    Args:
+        seed: initialisation seed; ``None`` means the original's.
+
+    Raises:
+        ValueError: (from :meth:`unlearn`) when the context has no ``fit`` recipe.
+
+    Example:
+        >>> Retrain().name, Retrain(seed=1).name
+        ('Retrain', 'Retrain(seed=1)')
+    """
+
+    hint = "check that the original recipe (trainer settings) can fit the retained data"
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+
+    @property
+    def name(self) -> str:
+        return "Retrain" if self.seed is None else f"Retrain(seed={self.seed})"
+
+    def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        if context.fit is None:
+            raise ValueError("Retrain needs context.fit, a function that fits a model with the original recipe")
+        seed = context.seed if self.seed is None else self.seed
+        pl.seed_everything(seed, verbose=False)
+        fresh = type(model)(**model.hparams)
+        context.fit(fresh)
+        model.load_state_dict(fresh.state_dict())
+        return {"seed": seed}

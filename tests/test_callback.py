@@ -1,0 +1,241 @@
+"""UnlearningCallback inside Trainer.fit: applies requests, journals, restores on failure, resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.models import MF, LightGCN
+from lightning_unlearn.unlearning.callback import UnlearningCallback
+from lightning_unlearn.unlearning.methods import FineTune, Retrain, UnlearningError, Unlearner
+from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
+
+EPOCHS = 3
+
+
+def datamodule() -> RecDataModule:
+    return RecDataModule(Synthetic(num_users=40, num_items=30, density=0.25, seed=1), batch_size=64, num_negatives=2, seed=0)
+
+
+def trained(cls=MF, callbacks=()):
+    """A model fitted with a plain Trainer, the callback(s) attached."""
+    pl.seed_everything(0, verbose=False)
+    dm = datamodule()
+    model = cls(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, deterministic=True, callbacks=list(callbacks),
+    )
+    trainer.fit(model, dm)
+    return model, dm, trainer
+
+
+def first_pair(dm: RecDataModule) -> tuple[int, int]:
+    """Raw ids of the first training row."""
+    return int(dm.train.user_ids[dm.train.users[0]]), int(dm.train.item_ids[dm.train.items[0]])
+
+
+def journal(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "journal.jsonl").read_text().splitlines()]
+
+
+class Explodes(Unlearner):
+    """A method that corrupts the model and then fails, to test the restore path."""
+
+    hint = "nothing, this is a test"
+
+    def update(self, model, retained, deleted, context):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        return {}
+
+
+def test_applies_requests_at_train_end(tmp_path):
+    dm = datamodule()
+    dm.setup()
+    request = DeletionRequest(pairs=[first_pair(dm)], users=[5])
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[request], dirpath=tmp_path)
+    model, dm, _ = trained(callbacks=[callback])
+    assert callback.pending == 0 and len(callback.reports) == 1
+    removed = callback.reports[0].rows_removed
+    assert removed == 1 + int((datamodule_after_setup().train.users == 5).sum())
+    assert not (dm.train.users == 5).any() and not (dm.test.users == 5).any() and not (dm.val.users == 5).any()
+    entries = journal(tmp_path)
+    assert [e["status"] for e in entries] == ["pending", "applied"]
+    assert entries[1]["num_rows"] == removed and entries[1]["method"] == "FineTune(epochs=1)"
+    checkpoint = torch.load(entries[1]["checkpoint"], weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(checkpoint["state_dict"][name], value)
+    reloaded = MF.load_from_checkpoint(entries[1]["checkpoint"])
+    assert torch.equal(reloaded.user_embedding.weight, model.user_embedding.weight)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def datamodule_after_setup() -> RecDataModule:
+    dm = datamodule()
+    dm.setup()
+    return dm
+
+
+def test_graph_models_get_the_new_graph(tmp_path):
+    dm = datamodule_after_setup()
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[2])], dirpath=tmp_path)
+    model, dm, _ = trained(LightGCN, callbacks=[callback])
+    user_block = model.adjacency.to_dense()[2]
+    assert not user_block.any()  # user 2 has no edges left
+
+
+def test_bad_request_changes_nothing(tmp_path):
+    dm = datamodule_after_setup()
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=["no-such-user"])], dirpath=tmp_path)
+    with pytest.raises(InvalidDeletionRequest, match="no-such-user"):
+        trained(callbacks=[callback])
+    assert not (tmp_path / "journal.jsonl").exists()
+
+
+def test_failure_restores_model_and_data_and_journals(tmp_path):
+    model, dm, _ = trained()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows_before = len(dm.train)
+    callback = UnlearningCallback(Explodes(), requests=[DeletionRequest(users=[5])], dirpath=tmp_path)
+    with pytest.raises(UnlearningError, match="restored: non-finite.*Try: nothing, this is a test"):
+        callback.apply_pending(model, dm)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert len(dm.train) == rows_before and (dm.train.users == 5).any()
+    assert [e["status"] for e in journal(tmp_path)] == ["pending", "failed"]
+    assert "non-finite" in journal(tmp_path)[1]["reason"]
+
+
+def test_requests_queued_during_training_are_applied_between_epochs(tmp_path):
+    callback = UnlearningCallback(FineTune(epochs=1), when="epoch_end", dirpath=tmp_path)
+
+    class QueueAtEpoch1(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                callback.request(DeletionRequest(users=[7]))
+
+    _, dm, _ = trained(callbacks=[QueueAtEpoch1(), callback])
+    assert len(callback.reports) == 1 and not (dm.train.users == 7).any()
+
+
+def test_no_request_is_applied_twice(tmp_path):
+    dm = datamodule_after_setup()
+    same = DeletionRequest(users=[4])
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[same, DeletionRequest(users=[4])], dirpath=tmp_path)
+    trained(callbacks=[callback])
+    assert len(callback.reports) == 1
+
+
+def test_resume_after_crash_between_pending_and_applied(tmp_path):
+    """A crash mid-request (journal says pending) is retried from the last checkpoint exactly once."""
+    model, dm, _ = trained()
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[6]), DeletionRequest(users=[8])], dirpath=tmp_path)
+    callback.apply_pending(model, dm)  # request 0 and 1 applied, checkpoints written
+    first_ckpt = journal(tmp_path)[1]["checkpoint"]
+
+    # A second session restores from the checkpoint written after request 0, with request 1
+    # still pending in its state; it crashes mid-way through request 1, then restarts again.
+    state = torch.load(first_ckpt, weights_only=True)
+    assert state["unlearning"]["pending"] == [{"pairs": [], "users": [8], "items": []}]
+
+    def restore():
+        fresh_dm = datamodule()
+        fresh_dm.load_state_dict(state["datamodule_state"])
+        fresh_dm.setup()
+        fresh_model = MF.load_from_checkpoint(first_ckpt)
+        resumed = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "second")
+        resumed.load_state_dict(state["unlearning"])
+        return fresh_model, fresh_dm, resumed
+
+    fresh_model, fresh_dm, resumed = restore()
+    assert (fresh_dm.train.users == 8).any() and not (fresh_dm.train.users == 6).any()
+
+    class Crash(Exception):
+        pass
+
+    original_update = FineTune.update
+
+    def crash(*args, **kwargs):
+        raise Crash("killed")
+
+    FineTune.update = crash
+    try:
+        with pytest.raises(UnlearningError):
+            resumed.apply_pending(fresh_model, fresh_dm)
+    finally:
+        FineTune.update = original_update
+    assert resumed.pending == 1  # still queued after the crash
+
+    fresh_model, fresh_dm, resumed = restore()
+    reports = resumed.apply_pending(fresh_model, fresh_dm)
+    assert len(reports) == 1 and resumed.pending == 0
+    assert not (fresh_dm.train.users == 8).any()
+    statuses = [e["status"] for e in journal(tmp_path / "second")]
+    assert statuses == ["pending", "failed", "pending", "applied"]
+    # The final state matches the first session's after both requests.
+    assert torch.equal(fresh_dm.train.keys, dm.train.keys)
+
+
+def test_retrain_equals_a_fresh_fit_on_the_retained_rows(tmp_path):
+    """Retrain = same seed, same initialisation, same negatives, same recipe: bit for bit on CPU."""
+    recipe = FitRecipe(max_epochs=EPOCHS, monitor=None)
+    model, dm, _ = trained()
+    callback = UnlearningCallback(Retrain(), requests=[DeletionRequest(users=[3])], dirpath=tmp_path, seed=0)
+    callback.apply_pending(model, dm, recipe=recipe, seed=0)
+
+    expected_dm = datamodule()
+    expected_dm.setup()
+    expected_dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([3]))
+    pl.seed_everything(0, verbose=False)
+    expected = MF(expected_dm.num_users, expected_dm.num_items, embedding_dim=8, lr=0.05)
+    pl.Trainer(max_epochs=EPOCHS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, deterministic=True).fit(expected, expected_dm)
+    for name, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_state_dict_round_trip_keeps_pending_requests():
+    callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(pairs=[(1, "a")], users=[2], items=["b"])])
+    state = json.loads(json.dumps(callback.state_dict()))  # plain values only
+    other = UnlearningCallback(FineTune())
+    other.load_state_dict(state)
+    assert other.pending == 1 and other.state_dict() == callback.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "FineTune"}, TypeError, "Unlearner"),
+        ({"when": "validation_end"}, ValueError, "when"),
+        ({"missing": "skip"}, ValueError, "missing"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        UnlearningCallback(**{"method": FineTune(), **kwargs})
+
+
+def test_refuses_models_and_datamodules_outside_the_contract(tmp_path):
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[UnlearningCallback(FineTune(), dirpath=tmp_path)])
+    with pytest.raises(TypeError, match="Recommender"):
+        trainer.fit(Plain(), loader)
