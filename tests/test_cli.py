@@ -13,6 +13,8 @@ from lightning_unlearn.cli import main
 from tests.conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
+FIT_RECIPES = [p for p in RECIPES if not p.stem.startswith("compare_")]
+COMPARE_RECIPES = [p for p in RECIPES if p.stem.startswith("compare_")]
 
 
 def test_all_foundation_recipes_exist():
@@ -20,12 +22,28 @@ def test_all_foundation_recipes_exist():
     assert {"ml100k/mf", "ml100k/lightgcn", "ml100k/neumf", "ml1m/mf", "ml1m/lightgcn"} <= names
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize("recipe", FIT_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_fast_dev_run(recipe, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("LIGHTNING_UNLEARN_DATA", str(data_dir))
     main(["fit", "-c", str(recipe), "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false"])
     out = capsys.readouterr().out
     assert "test/recall@20" in out and "test/ndcg@20" in out  # fit ends with a test of the model
+
+
+@pytest.mark.parametrize("recipe", COMPARE_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_compare_recipe_runs_briefly(recipe, data_dir, monkeypatch, capsys):
+    """MovieLens-100K comparisons run with two batches per epoch; MovieLens-1M ones are parsed and checked."""
+    monkeypatch.setenv("LIGHTNING_UNLEARN_DATA", str(data_dir))
+    if recipe.parent.name == "ml1m":
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", "-c", str(recipe), "--print_config"])
+        assert exit_info.value.code in (0, None)
+        assert "deletion:" in capsys.readouterr().out
+        return
+    brief = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--out", "out"]
+    main(["compare", "-c", str(recipe), *brief])
+    assert "Retrain(seed=1)" in capsys.readouterr().out
 
 
 def test_recipes_use_offline_wandb_checkpoint_and_early_stopping():

@@ -98,6 +98,10 @@ class Recommender(pl.LightningModule):
     def set_graph(self, interactions: Interactions) -> None:
         """Give a graph model the training graph; a no-op for models without one."""
 
+    def fresh(self) -> Recommender:
+        """A new model with the same hyper-parameters, initialised from the current RNG state."""
+        return type(self)(**{k: v for k, v in self.hparams.items() if not k.startswith("_")})  # e.g. the CLI's _class_path
+
     # ------------------------------------------------------------------ scoring
     def score(self, users: Tensor, items: Tensor) -> Tensor:
         """Scores of ``(user, item)`` pairs (broadcastable index tensors)."""

@@ -114,6 +114,10 @@ class UnlearningCallback(pl.Callback):
         check_environment(trainer, pl_module, getattr(trainer, "datamodule", None))
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "unlearning"
+        self.read_requests_file()
+
+    def read_requests_file(self) -> None:
+        """Queue the request of ``requests_file`` (once; ``setup`` calls this)."""
         if self.requests_file is not None:
             self._queue.append(DeletionRequest.from_file(self.requests_file))
             self.requests_file = None

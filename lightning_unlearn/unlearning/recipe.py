@@ -31,6 +31,8 @@ class FitRecipe:
         accelerator: Lightning accelerator.
         devices: Lightning devices.
         deterministic: Lightning's ``deterministic`` flag.
+        limit_train_batches: Lightning's ``limit_train_batches`` (a share or a count per epoch).
+        limit_val_batches: Lightning's ``limit_val_batches``.
 
     Example:
         >>> FitRecipe(max_epochs=3, monitor=None).max_epochs
@@ -45,6 +47,8 @@ class FitRecipe:
     accelerator: str = "cpu"
     devices: int | str = 1
     deterministic: bool = True
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
 
     @classmethod
     def from_trainer(cls, trainer: pl.Trainer) -> FitRecipe:
@@ -62,6 +66,8 @@ class FitRecipe:
             accelerator="gpu" if trainer.strategy.root_device.type == "cuda" else "cpu",
             devices=1,
             deterministic=True,
+            limit_train_batches=trainer.limit_train_batches,
+            limit_val_batches=trainer.limit_val_batches,
         )
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
@@ -75,7 +81,8 @@ class FitRecipe:
                 callbacks = [best, stop]
             trainer = pl.Trainer(
                 max_epochs=self.max_epochs, accelerator=self.accelerator, devices=self.devices,
-                deterministic=self.deterministic, logger=False, enable_checkpointing=best is not None,
+                deterministic=self.deterministic, limit_train_batches=self.limit_train_batches,
+                limit_val_batches=self.limit_val_batches, logger=False, enable_checkpointing=best is not None,
                 enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
             )
             trainer.fit(model, datamodule)

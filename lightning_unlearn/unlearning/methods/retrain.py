@@ -45,7 +45,7 @@ class Retrain(Unlearner):
             raise ValueError("Retrain needs context.fit, a function that fits a model with the original recipe")
         seed = context.seed if self.seed is None else self.seed
         pl.seed_everything(seed, verbose=False)
-        fresh = type(model)(**model.hparams)
+        fresh = model.fresh()
         context.fit(fresh)
         model.load_state_dict(fresh.state_dict())
         return {"seed": seed}

@@ -1,0 +1,206 @@
+"""The comparison harness: every method from the same trained model, judged against ``Retrain``."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import platform
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.deletion import DeletionSpec
+from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
+from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
+from lightning_unlearn.unlearning.methods.retrain import Retrain
+from lightning_unlearn.unlearning.recipe import FitRecipe
+
+__all__ = ["compare", "format_table"]
+
+UTILITY = ("recall@20", "ndcg@20", "hit@20", "auc")
+
+
+def compare(
+    model: Recommender,
+    datamodule: RecDataModule,
+    methods: Sequence[Unlearner],
+    deletion: DeletionSpec,
+    recipe: FitRecipe,
+    seed: int = 0,
+    fit_seconds: float = float("nan"),
+    device: torch.device | None = None,
+    k: int = 20,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Delete once, then run every method on a copy of the same trained model.
+
+    ``Retrain()`` from the original's seed is the reference and runs first (it is added when
+    ``methods`` lacks it); a ``Retrain(seed=...)`` with another seed gives the seed noise.
+    The datamodule keeps the deletion afterwards.
+
+    Args:
+        model: the trained original (left unchanged).
+        datamodule: its datamodule, set up.
+        methods: the methods to compare.
+        deletion: what to delete.
+        recipe: how the original was fitted (``Retrain`` refits with it).
+        seed: the original's seed.
+        fit_seconds: how long fitting the original took (reported).
+        device: where methods run (default: the model's device).
+        k: top-K cut-off of the completeness figures.
+        progress: called with one line per step.
+
+    Returns:
+        The ``compare.json`` document (see the ``compare`` command).
+    """
+    device = device or model.device
+    datamodule.setup()
+    original = copy.deepcopy(model).eval()
+    request = deletion.build(datamodule.train)
+    resolved = request.resolve(datamodule.train)
+    deleted_table = datamodule.train.select(resolved.rows)
+    nonmembers = datamodule.test
+    original_utility = _utility(original, datamodule)
+    deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
+    retained = datamodule.train_rows()
+    original.set_graph(datamodule.train)
+    grad_norm = objective_gradient_norm(original, retained)
+    whole_users = resolved.kind == "users"
+
+    ordered = _with_reference_first(methods)
+    context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
+    models: dict[str, Recommender] = {}
+    entries = []
+    for method in ordered:
+        progress(f"[compare] {method.name}: unlearning {resolved.num_rows} rows ...")
+        unlearned = copy.deepcopy(original).train()
+        report = method.unlearn(unlearned, retained, deleted, context)
+        unlearned.eval()
+        models[method.name] = unlearned
+        entries.append({"name": method.name, "report": report, "utility": _utility(unlearned, datamodule)})
+        progress(f"[compare] {method.name}: {report.seconds:.2f} s")
+
+    reference = models["Retrain"]
+    noise = next((models[m.name] for m in ordered if isinstance(m, Retrain) and m.seed is not None and m.seed != seed), None)
+    cache: dict = {}
+    retained_table = datamodule.train
+    results = []
+    for entry in entries:
+        figures = completeness_report(
+            original, models[entry["name"]], reference, deleted_table, retained_table, nonmembers, k=k,
+            noise=noise, seed=seed, whole_users=whole_users, cache=cache,
+        )
+        report = entry["report"]
+        results.append({
+            "name": entry["name"],
+            "seconds": report.seconds,
+            "precompute_seconds": report.precompute_seconds,
+            "speedup_vs_retrain": entries[0]["report"].seconds / max(report.seconds, 1e-12),
+            "utility": entry["utility"],
+            "deleted": figures["deleted"],
+            "completeness": figures["completeness"],
+            "noise": figures.get("noise", {}),
+            "diagnostics": report.diagnostics,
+        })
+    original_deleted = deleted_row_statistics(original, deleted_table, retained_table, nonmembers, k=k, seed=seed)
+    return {
+        "dataset": type(datamodule.source).__name__,
+        "model": type(model).__name__,
+        "loss": model.loss_name,
+        "hardware": _hardware(device),
+        "deletion": {**resolved.summary(), "rows": resolved.num_rows, "users": resolved.num_users, "items": resolved.num_items},
+        "original": {"fit_seconds": fit_seconds, "grad_norm": grad_norm, "utility": original_utility, "deleted": original_deleted},
+        "methods": results,
+    }
+
+
+def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:
+    reference = [m for m in methods if isinstance(m, Retrain) and m.seed is None]
+    others = [m for m in methods if m not in reference]
+    names = [m.name for m in others]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare needs distinct methods; got {names}.")
+    return [reference[0] if reference else Retrain(), *others]
+
+
+def _utility(model: Recommender, datamodule: RecDataModule) -> dict[str, float]:
+    metrics = model.evaluate(datamodule.test_dataloader(), prefix="test")
+    return {name: metrics[f"test/{name}"] for name in UTILITY if f"test/{name}" in metrics}
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu or platform.machine(), "threads": torch.get_num_threads(), "device": str(device)}
+
+
+# ---------------------------------------------------------------------- output
+COLUMNS = [
+    ("method", lambda m: m["name"]),
+    ("seconds", lambda m: m["seconds"]),
+    ("speedup", lambda m: m["speedup_vs_retrain"]),
+    ("recall@20", lambda m: m["utility"].get("recall@20")),
+    ("ndcg@20", lambda m: m["utility"].get("ndcg@20")),
+    ("gap_rank", lambda m: m["completeness"]["gap_closed_rank"]),
+    ("gap_score", lambda m: m["completeness"]["gap_closed_score"]),
+    ("gap_top20", lambda m: m["completeness"]["gap_closed_top20"]),
+    ("gap_mia", lambda m: m["completeness"]["gap_closed_mia"]),
+    ("overlap@20", lambda m: m["completeness"]["overlap@20"]),
+    ("overlap_aff", lambda m: m["completeness"]["overlap@20_affected"]),
+    ("score_dist", lambda m: m["completeness"]["score_distance_rel"]),
+    ("param_dist", lambda m: m["completeness"]["param_distance_rel"]),
+]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The comparison as a fixed-width text table (one row per method, plus the original)."""
+    header = "".join(f"{name:>12}" if i else f"{name:<18}" for i, (name, _) in enumerate(COLUMNS))
+    lines = [header]
+    for method in result["methods"]:
+        cells = [fn(method) for _, fn in COLUMNS]
+        lines.append(f"{cells[0]:<18}" + "".join(_cell(c) for c in cells[1:]))
+    o = result["original"]
+    lines.append(f"{'(original)':<18}{_cell(o['fit_seconds'])}{'':>12}{_cell(o['utility'].get('recall@20'))}{_cell(o['utility'].get('ndcg@20'))}")
+    d = result["deletion"]
+    lines.append(
+        f"deletion: {d['kind']}, {d['rows']} rows, {d['users']} whole users, {d['items']} whole items, digest {d['digest'][:16]}; "
+        f"original grad norm {o['grad_norm']:.3g}; {result['hardware']['threads']} threads on {result['hardware']['device']}"
+    )
+    noise = next((m["noise"] for m in result["methods"] if m["noise"]), None)
+    if noise:
+        lines.append("seed noise (Retrain with another seed): " + ", ".join(f"{k} {v:.3f}" for k, v in noise.items()))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return f"{'':>12}"
+    return f"{value:>12.4f}" if isinstance(value, float) else f"{value!s:>12}"
+
+
+def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """Write ``compare.json`` and ``compare.csv`` (one row per method) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "compare.json", out / "compare.csv"
+    json_path.write_text(json.dumps(result, indent=2, default=_plain))
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([name for name, _ in COLUMNS])
+        for method in result["methods"]:
+            writer.writerow([fn(method) for _, fn in COLUMNS])
+    return json_path, csv_path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
