@@ -239,3 +239,59 @@ def test_refuses_models_and_datamodules_outside_the_contract(tmp_path):
                          callbacks=[UnlearningCallback(FineTune(), dirpath=tmp_path)])
     with pytest.raises(TypeError, match="Recommender"):
         trainer.fit(Plain(), loader)
+
+
+class RecordingLogger(pl.loggers.Logger):
+    """Keeps what it is given, to check what leaves the callback."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[dict, int]] = []
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((dict(metrics), step))
+
+
+def test_logs_counts_timings_and_utility_never_raw_ids(tmp_path):
+    model, dm, _ = trained()
+    # Distinctive raw ids: the synthetic users are 0..39, so delete by user 37 and pairs of user 29.
+    pairs = [(29, int(dm.train.item_ids[i])) for i in dm.train.items[dm.train.users == 29][:2]]
+    logger = RecordingLogger()
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[37]), DeletionRequest(pairs=pairs)],
+                                  dirpath=tmp_path)
+    callback.apply_pending(model, dm, loggers=[logger])
+    assert [step for _, step in logger.records] == [0, 1]
+    metrics = logger.records[1][0]
+    assert metrics["unlearn/rows_removed"] == 2 and metrics["unlearn/seconds"] > 0
+    assert {"unlearn/val/recall@20", "unlearn/test/ndcg@20", "unlearn/diag/epochs"} <= set(metrics)
+    for record, _ in logger.records:
+        assert all(isinstance(v, (int, float)) for v in record.values())
+        assert not any(str(raw) in key for key in record for raw in (29, 37))
+    allowed = {"time", "digest", "status", "kind", "method", "request", "num_rows", "num_pairs", "num_users", "num_items",
+               "num_ignored", "seconds", "total_seconds", "checkpoint"}
+    for entry in journal(tmp_path):
+        assert set(entry) <= allowed, set(entry) - allowed
+
+
+def test_refuses_sharded_strategies():
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from lightning_unlearn.unlearning.callback import check_environment
+
+    dm = datamodule()
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(RuntimeError, match="FSDPStrategy.*single device or DDP"):
+        check_environment(fake_trainer, MF(dm.num_users, dm.num_items), dm)
