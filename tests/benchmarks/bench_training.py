@@ -24,7 +24,6 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_unlearn.data import AdjacencyLists, RecDataModule
-from lightning_unlearn.metrics import FullRankingMetrics
 from lightning_unlearn.models import MF
 
 
@@ -59,21 +58,11 @@ def lightning_epoch(model: MF, dm: RecDataModule) -> float:
     return timer.seconds
 
 
-@torch.no_grad()
 def evaluate(model: MF, dm: RecDataModule, auc: bool) -> tuple[float, dict]:
-    metric = FullRankingMetrics((10, 20), auc=auc)
-    loader = dm.test_dataloader()
+    model.hparams.eval_auc = auc
     start = time.perf_counter()
-    representations = model.representations()
-    for batch in loader:
-        scores = model.full_scores(batch["users"], representations)
-        target = torch.zeros_like(scores, dtype=torch.bool)
-        target[batch["target_rows"], batch["target_items"]] = True
-        exclude = torch.zeros_like(target)
-        exclude[batch["exclude_rows"], batch["exclude_items"]] = True
-        metric.update(scores, target, exclude)
-    values = metric.compute()
-    return time.perf_counter() - start, {k: round(v.item(), 4) for k, v in values.items()} | {"users": int(metric.users)}
+    metrics = model.evaluate(dm.test_dataloader())
+    return time.perf_counter() - start, {k: round(v, 4) for k, v in metrics.items()}
 
 
 def main() -> None:
@@ -102,7 +91,7 @@ def main() -> None:
     result = {
         "hardware": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "device": "cpu"},
         "torch": torch.__version__, "pytorch_lightning": pl.__version__,
-        "data": {"train_rows": len(dm.train), "negatives_per_row": 4, "batch_size": args.batch_size, "test_users": eval_all[0][1]["users"]},
+        "data": {"train_rows": len(dm.train), "negatives_per_row": 4, "batch_size": args.batch_size, "test_users": int((dm.test.by_user.lengths() > 0).sum())},
         "epoch_seconds": {"plain_median": statistics.median(plain), "lightning_median": statistics.median(lightning),
                           "plain": plain, "lightning": lightning},
         "lightning_over_plain": statistics.median(lightning) / statistics.median(plain),
