@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -72,20 +75,35 @@ class FitRecipe:
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
         """Fit ``model`` on ``datamodule`` in place (ending with the best monitored epoch)."""
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, _quiet_lightning():
             callbacks: list[pl.Callback] = []
             best = None
             if self.monitor:
                 best = ModelCheckpoint(dirpath=folder, monitor=self.monitor, mode=self.mode, save_weights_only=True)
                 stop = EarlyStopping(monitor=self.monitor, mode=self.mode, patience=self.patience, min_delta=self.min_delta)
                 callbacks = [best, stop]
+            limits = {k: v for k, v in (("limit_train_batches", self.limit_train_batches),
+                                         ("limit_val_batches", self.limit_val_batches)) if v != 1.0}
             trainer = pl.Trainer(
                 max_epochs=self.max_epochs, accelerator=self.accelerator, devices=self.devices,
-                deterministic=self.deterministic, limit_train_batches=self.limit_train_batches,
-                limit_val_batches=self.limit_val_batches, logger=False, enable_checkpointing=best is not None,
+                deterministic=self.deterministic, logger=False, **limits, enable_checkpointing=best is not None,
                 enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
             )
             trainer.fit(model, datamodule)
             if best is not None and best.best_model_path:
                 state = torch.load(best.best_model_path, map_location=model.device, weights_only=True)["state_dict"]
                 model.load_state_dict(state)
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's informational lines (devices, tips) during a nested fit."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
