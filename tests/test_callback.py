@@ -271,7 +271,7 @@ def test_logs_counts_timings_and_utility_never_raw_ids(tmp_path):
     callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[37]), DeletionRequest(pairs=pairs)],
                                   dirpath=tmp_path)
     callback.apply_pending(model, dm, loggers=[logger])
-    assert [step for _, step in logger.records] == [0, 1]
+    assert [record["unlearn/request"] for record, _ in logger.records] == [0, 1]
     metrics = logger.records[1][0]
     assert metrics["unlearn/rows_removed"] == 2 and metrics["unlearn/seconds"] > 0
     assert {"unlearn/val/recall@20", "unlearn/test/ndcg@20", "unlearn/diag/epochs"} <= set(metrics)

@@ -147,7 +147,7 @@ class UnlearningCallback(pl.Callback):
         loggers: Sequence[Logger] = (),
         device: torch.device | None = None,
         recipe: FitRecipe | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         is_global_zero: bool = True,
     ) -> list[UnlearningReport]:
         """Apply queued requests one by one, outside or inside a Trainer.
@@ -155,10 +155,10 @@ class UnlearningCallback(pl.Callback):
         Args:
             model: the trained recommender (changed in place).
             datamodule: its datamodule (its splits lose the deleted rows).
-            loggers: where to log per-request metrics (step = request index).
+            loggers: where to log per-request metrics (`unlearn/request` holds the request index).
             device: where the method runs (default: the model's device).
             recipe: how to refit, for ``Retrain`` (default: :class:`FitRecipe` defaults).
-            seed: the original model's seed.
+            seed: the original model's seed (default: the callback's ``seed``).
             is_global_zero: only rank zero writes the journal, checkpoints and logs.
 
         Returns:
@@ -171,6 +171,7 @@ class UnlearningCallback(pl.Callback):
         check_environment(None, model, datamodule)
         device = device or model.device
         recipe = recipe or FitRecipe()
+        seed = self.seed if seed is None else seed
         context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
         done = []
         while self._queue:
@@ -212,8 +213,8 @@ class UnlearningCallback(pl.Callback):
             save_checkpoint(checkpoint, model, datamodule, self)
             metrics = {"unlearn/request": index, "unlearn/seconds": report.seconds, "unlearn/rows_removed": report.rows_removed,
                        **{f"unlearn/{k}": v for k, v in utility.items()}, **_scalars(report.diagnostics, "unlearn/diag/")}
-            for logger in loggers:
-                logger.log_metrics(metrics, step=index)
+            for logger in loggers:  # no explicit step: training may already have logged past `index`
+                logger.log_metrics(metrics)
             journal.append(status="applied", seconds=report.seconds, checkpoint=str(checkpoint),
                            total_seconds=time.perf_counter() - start, **summary)
         self.reports.append(report)
