@@ -1,0 +1,497 @@
+"""linalg against exact answers: dense Hessians (torch.func.hessian), direct solves, explicit loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_unlearn.linalg import (
+    BlockPreconditioner,
+    CGResult,
+    conjugate_gradient,
+    flatten,
+    gauss_newton_matvec,
+    gauss_newton_vp,
+    hessian_matvec,
+    hvp,
+    hvp_forward_over_reverse,
+    scatter_outer,
+    solve_blocks,
+    unflatten,
+)
+
+F64 = torch.float64
+HVPS = pytest.mark.parametrize("product", [hvp, hvp_forward_over_reverse], ids=["double_backward", "fwd_over_rev"])
+
+
+def dense_hessian(f, params) -> torch.Tensor:
+    """The full Hessian of ``f(params_tuple)`` as an ``(N, N)`` matrix in the :func:`flatten` layout."""
+    blocks = torch.func.hessian(f)(tuple(params))
+    sizes = [p.numel() for p in params]
+    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(sizes))], 1)
+                      for i in range(len(sizes))])
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_params(g, shapes=((3, 4), (3,), (2, 2))):
+    return [torch.randn(*s, generator=g, dtype=F64) for s in shapes]
+
+
+def coupled_loss(ps):
+    """A non-convex function of three tensors with every pair coupled."""
+    w, b, c = ps
+    x = torch.linspace(-1, 1, 8, dtype=F64).reshape(2, 4)
+    return (F.softplus(x @ w.T + b) * torch.tanh(c.sum(0)).unsqueeze(1)).sum() + (w ** 3).sum() * c.prod() + (b @ b).sin()
+
+
+def spd(g, n: int, eigenvalues: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return q @ torch.diag(eigenvalues.to(F64)) @ q.T
+
+
+# --- flat vectors -------------------------------------------------------------------------
+
+def test_flatten_unflatten_round_trip_and_layout():
+    g = gen(0)
+    tensors = random_params(g)
+    flat = flatten(tensors)
+    assert flat.shape == (12 + 3 + 4,)
+    assert torch.equal(flat[:4], tensors[0][0]) and torch.equal(flat[12:15], tensors[1])  # row-major, in order
+    back = unflatten(flat, [t.shape for t in tensors])
+    assert all(torch.equal(a, b) for a, b in zip(back, tensors))
+    with pytest.raises(ValueError, match="19"):
+        unflatten(flat[:-1], [t.shape for t in tensors])
+    with pytest.raises(ValueError, match="at least one"):
+        flatten([])
+
+
+# --- Hessian-vector products --------------------------------------------------------------
+
+@HVPS
+@pytest.mark.parametrize("seed", range(3))
+def test_hvp_equals_dense_hessian_times_v(product, seed):
+    g = gen(seed)
+    params, vectors = random_params(g), random_params(g)
+    expected = dense_hessian(coupled_loss, params) @ flatten(vectors)
+    out = product(coupled_loss, params, vectors)
+    assert [o.shape for o in out] == [p.shape for p in params]
+    torch.testing.assert_close(flatten(out), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_forward_over_reverse_hvp_vmaps_over_many_vectors():
+    g = gen(4)
+    params = random_params(g)
+    stacked = [torch.randn(5, *p.shape, generator=g, dtype=F64) for p in params]
+    out = torch.func.vmap(lambda *vs: flatten(hvp_forward_over_reverse(coupled_loss, params, vs)))(*stacked)
+    expected = torch.cat([v.reshape(5, -1) for v in stacked], 1) @ dense_hessian(coupled_loss, params).T
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["double_backward", "forward_over_reverse"])
+def test_hessian_matvec_is_reusable_and_exact(mode):
+    g = gen(1)
+    params = random_params(g)
+    matvec = hessian_matvec(coupled_loss, params, mode=mode)
+    hessian = dense_hessian(coupled_loss, params)
+    for _ in range(3):  # the cached graph serves several products
+        v = torch.randn(hessian.shape[0], generator=g, dtype=F64)
+        torch.testing.assert_close(matvec(v), hessian @ v, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        hessian_matvec(coupled_loss, params, mode="nope")
+
+
+def test_hvp_unused_parameter_and_bad_arguments():
+    a, unused = torch.tensor([1.0, 2.0], dtype=F64), torch.ones(3, dtype=F64)
+    f = lambda ps: (ps[0] ** 2).sum()  # noqa: E731
+    for product in (hvp, hvp_forward_over_reverse):
+        out = product(f, (a, unused), (torch.ones(2, dtype=F64), torch.ones(3, dtype=F64)))
+        assert torch.equal(out[0], torch.full((2,), 2.0, dtype=F64)) and torch.equal(out[1], torch.zeros(3, dtype=F64))
+        with pytest.raises(ValueError, match="match params"):
+            product(f, (a,), (torch.ones(3, dtype=F64),))
+    with pytest.raises(ValueError, match="scalar"):
+        hvp(lambda ps: ps[0] * 2, (a,), (a,))
+
+
+def test_hvp_does_not_touch_grads_or_params():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=F64))
+    before = p.detach().clone()
+    out = hvp(lambda ps: (ps[0] ** 4).sum(), [p], [torch.ones(2, dtype=F64)])
+    assert p.grad is None and torch.equal(p.detach(), before)
+    torch.testing.assert_close(out[0], 12 * before ** 2)
+
+
+def mf_case():
+    """An MF-like BCE loss on a few (user, item) rows of two tables, with an L2 term on the rows used."""
+    g = gen(7)
+    users_table, items_table = torch.randn(6, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
+    users, items = torch.tensor([4, 1, 4, 2]), torch.tensor([0, 3, 3, 1])
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64)
+
+    def loss_on(u_rows, i_rows):
+        logits = (u_rows * i_rows).sum(1)
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") + 0.1 * (u_rows ** 2).sum()
+
+    return users_table, items_table, users, items, loss_on, g
+
+
+@HVPS
+def test_hvp_on_full_tables_is_zero_outside_touched_rows(product):
+    users_table, items_table, users, items, loss_on, g = mf_case()
+    full = lambda ps: loss_on(ps[0][users], ps[1][items])  # noqa: E731
+    v = [torch.randn_like(users_table), torch.randn_like(items_table)]
+    out = product(full, (users_table, items_table), v)
+    expected = dense_hessian(full, (users_table, items_table)) @ flatten(v)
+    torch.testing.assert_close(flatten(out), expected, rtol=1e-6, atol=1e-6)
+    assert out[0][[0, 3, 5]].abs().max() == 0 and out[1][[2, 4]].abs().max() == 0
+    assert out[0][[1, 2, 4]].abs().min() > 0 and out[1][[0, 1, 3]].abs().min() > 0
+
+
+@HVPS
+def test_hvp_on_gathered_rows_equals_those_rows_of_the_full_product(product):
+    users_table, items_table, users, items, loss_on, g = mf_case()
+    touched_u, local_u = torch.unique(users, return_inverse=True)
+    touched_i, local_i = torch.unique(items, return_inverse=True)
+    gathered = lambda ps: loss_on(ps[0][local_u], ps[1][local_i])  # noqa: E731
+    v_rows = [torch.randn(len(touched_u), 3, generator=g, dtype=F64), torch.randn(len(touched_i), 3, generator=g, dtype=F64)]
+    out = product(gathered, (users_table[touched_u], items_table[touched_i]), v_rows)
+
+    full = lambda ps: loss_on(ps[0][users], ps[1][items])  # noqa: E731
+    v_full = [torch.zeros_like(users_table).index_copy(0, touched_u, v_rows[0]),
+              torch.zeros_like(items_table).index_copy(0, touched_i, v_rows[1])]
+    hv_full = unflatten(dense_hessian(full, (users_table, items_table)) @ flatten(v_full), [(6, 3), (5, 3)])
+    torch.testing.assert_close(out[0], hv_full[0][touched_u], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1], hv_full[1][touched_i], rtol=1e-6, atol=1e-6)
+
+
+@HVPS
+def test_hvp_on_a_pruned_subset_of_rows_is_the_sub_block_of_the_hessian(product):
+    users_table, items_table, users, items, loss_on, g = mf_case()
+    keep = torch.tensor([4, 1])  # only these user rows move; other rows and the items stay fixed
+    pruned = lambda ps: loss_on(users_table.index_copy(0, keep, ps[0])[users], items_table[items])  # noqa: E731
+    v = torch.randn(2, 3, generator=g, dtype=F64)
+    (out,) = product(pruned, (users_table[keep],), (v,))
+
+    hessian = dense_hessian(lambda ps: loss_on(ps[0][users], items_table[items]), (users_table,))
+    coords = (keep.unsqueeze(1) * 3 + torch.arange(3)).reshape(-1)
+    torch.testing.assert_close(out.reshape(-1), hessian[coords][:, coords] @ v.reshape(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_gauss_newton_product_equals_jt_h_j():
+    g = gen(3)
+    params, vectors = random_params(g, ((4, 3), (4,))), random_params(g, ((4, 3), (4,)))
+    x = torch.randn(5, 3, generator=g, dtype=F64)
+    labels = (torch.rand(5, generator=g) > 0.5).to(F64)
+    output_fn = lambda ps: torch.tanh(x @ ps[0].T + ps[1]).sum(1)  # noqa: E731  five logits
+    loss_fn = lambda z: F.binary_cross_entropy_with_logits(z, labels, reduction="sum")  # noqa: E731
+    jac = torch.cat([j.reshape(5, -1) for j in torch.func.jacrev(output_fn)(tuple(params))], 1)
+    h_z = torch.diag(torch.sigmoid(output_fn(params)) * torch.sigmoid(-output_fn(params)))  # sigmoid'(z)
+    expected = jac.T @ h_z @ jac @ flatten(vectors)
+    torch.testing.assert_close(flatten(gauss_newton_vp(output_fn, loss_fn, params, vectors)), expected, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gauss_newton_matvec(output_fn, loss_fn, params)(flatten(vectors)), expected, rtol=1e-6, atol=1e-8)
+    # ... and it differs from the (indefinite) Hessian, which keeps the network's own curvature
+    hessian = dense_hessian(lambda ps: loss_fn(output_fn(ps)), params)
+    assert not torch.allclose(hessian @ flatten(vectors), expected, rtol=1e-3)
+
+
+# --- conjugate gradient -------------------------------------------------------------------
+
+@pytest.mark.parametrize("eigenvalues", [torch.linspace(1, 10, 30), torch.logspace(-4, 0, 30)], ids=["well", "ill"])
+@pytest.mark.parametrize("damping", [1e-6, 0.1])
+def test_cg_equals_direct_solve(eigenvalues, damping):
+    g = gen(11)
+    a = spd(g, 30, eigenvalues)
+    b = torch.randn(30, generator=g, dtype=F64)
+    x, res = conjugate_gradient(lambda v: a @ v, b, damping=damping, tol=1e-11, max_iter=500)
+    exact = torch.linalg.solve(a + damping * torch.eye(30, dtype=F64), b)
+    assert res.converged and res.stop_reason == "converged" and not res.negative_curvature
+    assert torch.linalg.vector_norm(x - exact) <= 1e-8 * torch.linalg.vector_norm(exact)
+    true_residual = torch.linalg.vector_norm(b - a @ x - damping * x) / torch.linalg.vector_norm(b)
+    assert res.relative_residual == pytest.approx(float(true_residual), rel=1e-2, abs=1e-15) and res.relative_residual <= 1e-11
+
+
+def block_dominant_system(g, n_blocks=12, d=3, n_other=4, coupling=1e-3):
+    """Blocks of widely different scales, weakly coupled, plus a few 'other' coordinates."""
+    scales = torch.logspace(-2, 2, n_blocks, dtype=F64)
+    blocks = torch.stack([spd(g, d, torch.rand(d, generator=g) + 0.5) * s for s in scales])
+    other = torch.logspace(-1, 1, n_other, dtype=F64)
+    n = n_blocks * d + n_other
+    noise = torch.randn(n, n, generator=g, dtype=F64)
+    a = torch.block_diag(*blocks, torch.diag(other)) + coupling * (noise @ noise.T) / n
+    return a, blocks, other
+
+
+def test_block_preconditioner_is_the_exact_block_diagonal_inverse():
+    g = gen(5)
+    a, blocks, other = block_dominant_system(g)
+    damping = 0.01
+    m = BlockPreconditioner(blocks, damping, num_other=len(other), other_diagonal=other)
+    dense = torch.block_diag(*blocks, torch.diag(other)) + damping * torch.eye(len(a), dtype=F64)
+    v = torch.randn(len(a), generator=g, dtype=F64)
+    torch.testing.assert_close(m(v), torch.linalg.solve(dense, v), rtol=1e-10, atol=1e-12)
+    assert m.result.failed_blocks == 0 and m.size == len(a)
+    with pytest.raises(ValueError, match="flat vector"):
+        m(v[:-1])
+    with pytest.raises(ValueError, match="damping"):
+        BlockPreconditioner(blocks, 0.0)
+
+
+def test_block_preconditioner_cuts_iterations_and_keeps_the_answer():
+    g = gen(6)
+    a, blocks, other = block_dominant_system(g)
+    b = torch.randn(len(a), generator=g, dtype=F64)
+    damping = 1e-3
+    exact = torch.linalg.solve(a + damping * torch.eye(len(a), dtype=F64), b)
+    m = BlockPreconditioner(blocks, damping, num_other=len(other), other_diagonal=other)
+    x_plain, plain = conjugate_gradient(lambda v: a @ v, b, damping=damping, tol=1e-12, max_iter=1000)
+    x_pre, pre = conjugate_gradient(lambda v: a @ v, b, damping=damping, tol=1e-12, max_iter=1000, preconditioner=m)
+    for x, res in ((x_plain, plain), (x_pre, pre)):
+        assert res.converged
+        assert torch.linalg.vector_norm(x - exact) <= 1e-8 * torch.linalg.vector_norm(exact)
+    assert pre.iterations * 3 <= plain.iterations, (pre.iterations, plain.iterations)
+
+
+def test_cg_max_iter_reports_the_true_residual():
+    g = gen(12)
+    a = spd(g, 30, torch.logspace(-2, 1, 30))
+    b = torch.randn(30, generator=g, dtype=F64)
+    x, res = conjugate_gradient(lambda v: a @ v, b, damping=1e-3, tol=1e-10, max_iter=3)
+    true_residual = float(torch.linalg.vector_norm(b - a @ x - 1e-3 * x) / torch.linalg.vector_norm(b))
+    assert (res.iterations, res.converged, res.stop_reason) == (3, False, "max_iter")
+    assert res.relative_residual == pytest.approx(true_residual, rel=1e-12) and true_residual > 1e-3
+    assert res.as_dict() == {"iterations": 3, "relative_residual": res.relative_residual, "converged": False,
+                             "negative_curvature": False, "nonfinite": False, "stop_reason": "max_iter"}
+
+
+def test_cg_never_claims_a_tolerance_below_attainable_accuracy():
+    """CG's recursive residual keeps falling past what rounding allows; the true one does not."""
+    g = gen(11)
+    a = spd(g, 30, torch.logspace(-4, 0, 30))
+    b = torch.randn(30, generator=g, dtype=F64)
+    x, res = conjugate_gradient(lambda v: a @ v, b, damping=1e-6, tol=1e-15, max_iter=500)
+    true_residual = float(torch.linalg.vector_norm(b - a @ x - 1e-6 * x) / torch.linalg.vector_norm(b))
+    assert not res.converged and res.stop_reason == "residual_drift" and res.iterations < 500
+    assert res.relative_residual > 1e-15 and res.relative_residual == pytest.approx(true_residual, rel=1e-2)
+
+
+def test_cg_stops_at_negative_curvature_without_stepping_into_it():
+    g = gen(13)
+    a = spd(g, 20, torch.linspace(-1, 1, 20))  # indefinite, as the joint user-item Hessian of MF
+    b = torch.randn(20, generator=g, dtype=F64)
+    x, res = conjugate_gradient(lambda v: a @ v, b, damping=1e-3, tol=1e-10, max_iter=200)
+    assert res.negative_curvature and res.stop_reason == "negative_curvature" and not res.converged
+    assert torch.isfinite(x).all() and math.isfinite(res.relative_residual)
+    true_residual = float(torch.linalg.vector_norm(b - a @ x - 1e-3 * x) / torch.linalg.vector_norm(b))
+    assert res.relative_residual == pytest.approx(true_residual, rel=1e-12)
+    # the very first direction is a negative eigenvector: CG returns the start point untouched
+    eigenvalues, vectors = torch.linalg.eigh(a)
+    x, res = conjugate_gradient(lambda v: a @ v, vectors[:, 0], damping=1e-3)
+    assert eigenvalues[0] < -0.5 and res.negative_curvature and res.iterations == 0
+    assert torch.equal(x, torch.zeros(20, dtype=F64)) and res.relative_residual == 1.0
+
+
+@pytest.mark.parametrize("damping", [0.0, -1e-3, float("nan"), float("inf")])
+def test_cg_requires_positive_damping(damping):
+    with pytest.raises(ValueError, match="damping must be a finite number > 0.*over-correct"):
+        conjugate_gradient(lambda v: v, torch.ones(3), damping=damping)
+
+
+def test_cg_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="1-D"):
+        conjugate_gradient(lambda v: v, torch.ones(2, 2), damping=1.0)
+    with pytest.raises(ValueError, match="x0"):
+        conjugate_gradient(lambda v: v, torch.ones(3), damping=1.0, x0=torch.ones(2))
+    with pytest.raises(ValueError, match="max_iter"):
+        conjugate_gradient(lambda v: v, torch.ones(3), damping=1.0, max_iter=-1)
+
+
+def test_cg_zero_rhs_returns_zero():
+    calls = []
+    x, res = conjugate_gradient(lambda v: calls.append(1) or v, torch.zeros(4, dtype=F64), damping=0.1,
+                                x0=torch.ones(4, dtype=F64))
+    assert torch.equal(x, torch.zeros(4, dtype=F64)) and not calls
+    assert res == CGResult(iterations=0, relative_residual=0.0, converged=True, stop_reason="zero_rhs")
+
+
+def test_cg_warm_start_at_the_solution_takes_no_iteration():
+    g = gen(14)
+    a = spd(g, 10, torch.linspace(1, 3, 10))
+    b = torch.randn(10, generator=g, dtype=F64)
+    exact = torch.linalg.solve(a + 0.5 * torch.eye(10, dtype=F64), b)
+    x, res = conjugate_gradient(lambda v: a @ v, b, damping=0.5, tol=1e-10, x0=exact)
+    assert res.converged and res.iterations == 0
+    torch.testing.assert_close(x, exact)
+
+
+def test_cg_non_finite_rhs_is_reported_not_raised():
+    b = torch.tensor([1.0, float("nan"), 2.0], dtype=F64)
+    x, res = conjugate_gradient(lambda v: v, b, damping=1.0)
+    assert torch.equal(x, torch.zeros(3, dtype=F64))
+    assert res.nonfinite and not res.converged and res.stop_reason == "nonfinite" and math.isnan(res.relative_residual)
+
+
+def test_cg_non_finite_product_stops_with_the_last_finite_iterate():
+    g = gen(15)
+    a = spd(g, 12, torch.linspace(1, 100, 12))
+    b = torch.randn(12, generator=g, dtype=F64)
+    calls, iterates = [], []
+
+    def matvec(v):
+        calls.append(1)
+        return a @ v if len(calls) <= 2 else torch.full_like(v, float("nan"))
+
+    x, res = conjugate_gradient(matvec, b, damping=0.1, tol=1e-12)
+    assert res.nonfinite and res.stop_reason == "nonfinite" and not res.converged and res.iterations == 2
+    assert torch.isfinite(x).all()
+    x2, _ = conjugate_gradient(lambda v: a @ v, b, damping=0.1, tol=1e-12, max_iter=2)
+    torch.testing.assert_close(x, x2)  # exactly the iterate CG had before the NaN
+
+
+def test_cg_indefinite_preconditioner_stops():
+    x, res = conjugate_gradient(lambda v: v, torch.ones(3, dtype=F64), damping=1.0, preconditioner=lambda v: -v)
+    assert res.stop_reason == "indefinite_preconditioner" and not res.converged and torch.equal(x, torch.zeros(3, dtype=F64))
+
+
+def test_cg_composes_with_hessian_matvec():
+    """An influence-style solve ``(H + lambda I) x = g`` on a convex loss, end to end."""
+    g = gen(16)
+    params = random_params(g, ((4, 3), (4,)))
+    x = torch.randn(6, 3, generator=g, dtype=F64)
+    labels = (torch.rand(6, 4, generator=g) > 0.5).to(F64)
+    loss = lambda ps: F.binary_cross_entropy_with_logits(x @ ps[0].T + ps[1], labels, reduction="sum")  # noqa: E731
+    rhs = torch.randn(16, generator=g, dtype=F64)
+    sol, res = conjugate_gradient(hessian_matvec(loss, params), rhs, damping=0.05, tol=1e-12)
+    exact = torch.linalg.solve(dense_hessian(loss, params) + 0.05 * torch.eye(16, dtype=F64), rhs)
+    assert res.converged
+    torch.testing.assert_close(sol, exact, rtol=1e-8, atol=1e-10)
+
+
+# --- curvature blocks ---------------------------------------------------------------------
+
+def loop_scatter_outer(jac, weights, index, num_blocks):
+    out = torch.zeros(num_blocks, jac.shape[-1], jac.shape[-1], dtype=jac.dtype)
+    for r in range(len(jac)):
+        rows_j = jac[r].reshape(-1, jac.shape[-1])
+        for k, w in enumerate(weights[r].reshape(-1)):
+            out[index[r]] += w * torch.outer(rows_j[k], rows_j[k])
+    return out
+
+
+@pytest.mark.parametrize("outputs", [None, 3], ids=["one_output", "three_outputs"])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_scatter_outer_equals_loop(outputs, chunk_size):
+    g = gen(20)
+    shape = (40, 4) if outputs is None else (40, outputs, 4)
+    jac = torch.randn(*shape, generator=g, dtype=F64)
+    weights = torch.rand(*shape[:-1], generator=g, dtype=F64)
+    index = torch.randint(0, 6, (40,), generator=g)
+    index[index == 3] = 2  # block 3 stays empty
+    out = scatter_outer(jac, weights, index, 6, chunk_size=chunk_size)
+    torch.testing.assert_close(out, loop_scatter_outer(jac, weights, index, 6), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[3], torch.zeros(4, 4, dtype=F64))
+
+
+def test_scatter_outer_defaults_downdates_and_validates():
+    g = gen(21)
+    jac = torch.randn(10, 3, generator=g, dtype=F64)
+    index = torch.randint(0, 4, (10,), generator=g)
+    blocks = scatter_outer(jac, None, index, 4)
+    torch.testing.assert_close(blocks, loop_scatter_outer(jac, torch.ones(10, dtype=F64), index, 4))
+    cached = blocks.clone()
+    scatter_outer(jac[:4], -torch.ones(4, dtype=F64), index[:4], 4, out=cached)  # downdate: forget rows 0..3
+    torch.testing.assert_close(cached, scatter_outer(jac[4:], None, index[4:], 4))
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        scatter_outer(jac, None, index + 1, 4)
+    with pytest.raises(ValueError, match="weights"):
+        scatter_outer(jac, torch.ones(9, dtype=F64), index, 4)
+
+
+def random_spd_blocks(g, n=6, d=4):
+    return torch.stack([spd(g, d, torch.rand(d, generator=g) + 0.1) for _ in range(n)])
+
+
+def per_block_solve(blocks, rhs, damping):
+    eye = torch.eye(blocks.shape[1], dtype=blocks.dtype)
+    return torch.stack([torch.linalg.solve(b + lam * eye, r) for b, r, lam in zip(blocks, rhs, damping)])
+
+
+@pytest.mark.parametrize("k", [None, 3], ids=["vector_rhs", "k_columns"])
+def test_solve_blocks_equals_per_block_solve(k):
+    g = gen(22)
+    blocks = random_spd_blocks(g)
+    rhs = torch.randn(6, 4, generator=g, dtype=F64) if k is None else torch.randn(6, 4, k, generator=g, dtype=F64)
+    x, res = solve_blocks(blocks, rhs, damping=0.01)
+    torch.testing.assert_close(x, per_block_solve(blocks, rhs, [0.01] * 6), rtol=1e-10, atol=1e-12)
+    assert res.as_dict() == {"num_blocks": 6, "damped_blocks": 0, "failed_blocks": 0, "max_damping": 0.01}
+
+
+def test_solve_blocks_escalates_damping_only_for_non_pd_blocks():
+    g = gen(23)
+    blocks = random_spd_blocks(g)
+    blocks[2] = spd(g, 4, torch.tensor([-0.5, 0.2, 1.0, 2.0]))  # indefinite
+    rhs = torch.randn(6, 4, generator=g, dtype=F64)
+    x, res = solve_blocks(blocks, rhs, damping=1e-3)
+    used = [1e-3] * 6
+    used[2] = 1.0  # 1e-3 -> 1e-2 -> 1e-1 -> 1: the first that makes the block positive definite
+    torch.testing.assert_close(res.block_damping, torch.tensor(used, dtype=F64))
+    torch.testing.assert_close(x, per_block_solve(blocks, rhs, used), rtol=1e-10, atol=1e-12)
+    assert (res.damped_blocks, res.failed_blocks, res.max_damping) == (1, 0, pytest.approx(1.0))
+
+
+def test_solve_blocks_with_zero_damping_rescues_singular_blocks():
+    g = gen(24)
+    blocks = random_spd_blocks(g)
+    u = torch.randn(4, 1, generator=g, dtype=F64)
+    blocks[0] = u @ u.T  # rank one: singular
+    blocks[1] = 0.0  # a user with no rows
+    rhs = torch.randn(6, 4, generator=g, dtype=F64)
+    x, res = solve_blocks(blocks, rhs, damping=0.0)
+    assert res.damped_blocks == 2 and res.failed_blocks == 0 and torch.isfinite(x).all()
+    assert (res.block_damping[:2] > 0).all() and (res.block_damping[2:] == 0).all()
+    torch.testing.assert_close(x, per_block_solve(blocks, rhs, res.block_damping.tolist()), rtol=1e-6, atol=1e-6)
+
+
+def test_solve_blocks_fails_non_finite_and_hopeless_blocks_without_nan():
+    g = gen(25)
+    blocks = random_spd_blocks(g)
+    blocks[3, 1, 2] = float("nan")
+    blocks[4] = -1e6 * torch.eye(4, dtype=F64)  # not rescued within 3 tries
+    rhs = torch.randn(6, 4, generator=g, dtype=F64)
+    rhs[5, 0] = float("inf")
+    x, res = solve_blocks(blocks, rhs, damping=1e-3, max_tries=3)
+    assert torch.isfinite(x).all() and (x[3:] == 0).all()
+    assert res.failed_mask.tolist() == [False, False, False, True, True, True] and res.failed_blocks == 3
+    torch.testing.assert_close(x[:3], per_block_solve(blocks[:3], rhs[:3], [1e-3] * 3), rtol=1e-10, atol=1e-12)
+    assert res.max_damping == pytest.approx(1e-3)
+
+
+def test_solve_blocks_per_block_damping_and_validation():
+    g = gen(26)
+    blocks = random_spd_blocks(g, n=3)
+    rhs = torch.randn(3, 4, generator=g, dtype=F64)
+    damping = torch.tensor([0.0, 0.1, 2.0], dtype=F64)
+    x, _ = solve_blocks(blocks, rhs, damping=damping)
+    torch.testing.assert_close(x, per_block_solve(blocks, rhs, damping.tolist()), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="damping"):
+        solve_blocks(blocks, rhs, damping=-1.0)
+    with pytest.raises(ValueError, match="rhs"):
+        solve_blocks(blocks, rhs[:2], damping=0.1)
+    with pytest.raises(ValueError, match="growth"):
+        solve_blocks(blocks, rhs, damping=0.1, growth=1.0)
+
+
+def test_block_preconditioner_falls_back_to_scaled_identity_for_failed_blocks():
+    g = gen(27)
+    blocks = random_spd_blocks(g, n=3)
+    blocks[1, 0, 0] = float("nan")
+    m = BlockPreconditioner(blocks, 0.5)
+    v = torch.randn(12, generator=g, dtype=F64)
+    out = m(v)
+    torch.testing.assert_close(out[4:8], v[4:8] / 0.5)
+    torch.testing.assert_close(out[:4], torch.linalg.solve(blocks[0] + 0.5 * torch.eye(4, dtype=F64), v[:4]))
+    assert m.result.failed_blocks == 1
