@@ -121,8 +121,16 @@ def test_requests_queued_during_training_are_applied_between_epochs(tmp_path):
             if trainer.current_epoch == 1:
                 callback.request(DeletionRequest(users=[7]))
 
-    _, dm, _ = trained(callbacks=[QueueAtEpoch1(), callback])
+    class RecordBatches(pl.Callback):
+        users_per_epoch: dict[int, set] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.users_per_epoch.setdefault(trainer.current_epoch, set()).update(batch["users"].tolist())
+
+    record = RecordBatches()
+    _, dm, _ = trained(callbacks=[QueueAtEpoch1(), callback, record])
     assert len(callback.reports) == 1 and not (dm.train.users == 7).any()
+    assert 7 in record.users_per_epoch[1] and 7 not in record.users_per_epoch[2]  # the loader serves the retained rows
 
 
 def test_no_request_is_applied_twice(tmp_path):

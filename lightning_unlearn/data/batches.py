@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable, Sized
+
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from lightning_unlearn.data.interactions import Interactions
 
-__all__ = ["EpochBatchSampler", "RankingBatches", "TrainRows"]
+__all__ = ["CurrentTrainRows", "EpochBatchSampler", "RankingBatches", "TrainRows"]
 
 
 class TrainRows(Dataset):
@@ -41,33 +43,57 @@ class TrainRows(Dataset):
         return TrainRows(self.users.to(device), self.items.to(device), self.negatives.to(device))
 
 
+class CurrentTrainRows(Dataset):
+    """The training rows a datamodule holds *now*: deletions between epochs take effect at once.
+
+    Args:
+        rows: a callable returning the current :class:`TrainRows`.
+    """
+
+    def __init__(self, rows: Callable[[], TrainRows]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows())
+
+    def __getitem__(self, index: Tensor) -> dict[str, Tensor]:
+        return self.rows()[index]
+
+
 class EpochBatchSampler(Sampler):
     """Yields index batches of a fresh permutation each epoch, seeded by ``(seed, epoch)``.
 
     Lightning calls :meth:`set_epoch` before every epoch, so a run restarted at epoch ``e``
-    sees exactly the batches an uninterrupted run saw.
+    sees exactly the batches an uninterrupted run saw. The number of rows is read from
+    ``rows`` at every epoch, so rows deleted between epochs are never served again.
+
+    Args:
+        rows: the dataset (anything with ``len``) whose indices are shuffled.
+        batch_size: indices per batch.
+        seed: seeds the permutation of each epoch.
+        shuffle: ``False`` keeps the order.
 
     Example:
-        >>> sampler = EpochBatchSampler(5, batch_size=2, seed=0)
+        >>> sampler = EpochBatchSampler(range(5), batch_size=2, seed=0)
         >>> [len(b) for b in sampler]
         [2, 2, 1]
     """
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.num_rows, self.batch_size, self.seed, self.shuffle, self.epoch = num_rows, batch_size, seed, shuffle, 0
+    def __init__(self, rows: Sized, batch_size: int, seed: int, shuffle: bool = True):
+        self.rows, self.batch_size, self.seed, self.shuffle, self.epoch = rows, batch_size, seed, shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return -(-self.num_rows // self.batch_size)
+        return -(-len(self.rows) // self.batch_size)
 
     def __iter__(self):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_rows, generator=g)
+            order = torch.randperm(len(self.rows), generator=g)
         else:
-            order = torch.arange(self.num_rows)
+            order = torch.arange(len(self.rows))
         return iter(order.split(self.batch_size))
 
 

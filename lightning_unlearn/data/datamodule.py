@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_unlearn.data.batches import EpochBatchSampler, RankingBatches, TrainRows
+from lightning_unlearn.data.batches import CurrentTrainRows, EpochBatchSampler, RankingBatches, TrainRows
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.negatives import sample_negatives
 from lightning_unlearn.data.sources import DataSource
@@ -216,8 +216,9 @@ class RecDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        rows = self.train_rows()
-        sampler = EpochBatchSampler(len(rows), self.hparams.batch_size, self.hparams.seed)
+        self.setup()
+        rows = CurrentTrainRows(self.train_rows)
+        sampler = EpochBatchSampler(rows, self.hparams.batch_size, self.hparams.seed)
         return DataLoader(rows, sampler=sampler, batch_size=None)
 
     def _ranking(self, targets: Interactions, exclude: list[Interactions]) -> DataLoader:

@@ -47,7 +47,7 @@ class FineTune(Unlearner):
 
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
         optimizer = _OPTIMIZERS[self.optimizer](model.parameters(), lr=self.lr)
-        sampler = EpochBatchSampler(len(retained), self.batch_size, seed=context.seed)
+        sampler = EpochBatchSampler(retained, self.batch_size, seed=context.seed)
         losses = []
         for epoch in range(self.epochs):
             sampler.set_epoch(epoch)
