@@ -194,6 +194,8 @@ def test_gauss_newton_product_equals_jt_h_j():
     expected = jac.T @ h_z @ jac @ flatten(vectors)
     torch.testing.assert_close(flatten(gauss_newton_vp(output_fn, loss_fn, params, vectors)), expected, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(gauss_newton_matvec(output_fn, loss_fn, params)(flatten(vectors)), expected, rtol=1e-6, atol=1e-8)
+    reverse = gauss_newton_matvec(output_fn, loss_fn, params, mode="reverse")  # J v without forward mode
+    torch.testing.assert_close(reverse(flatten(vectors)), expected, rtol=1e-6, atol=1e-8)
     # ... and it differs from the (indefinite) Hessian, which keeps the network's own curvature
     hessian = dense_hessian(lambda ps: loss_fn(output_fn(ps)), params)
     assert not torch.allclose(hessian @ flatten(vectors), expected, rtol=1e-3)

@@ -176,16 +176,21 @@ def gauss_newton_vp(
     return unflatten(product, [p.shape for p in params])
 
 
-def gauss_newton_matvec(output_fn: LossFn, loss_fn: Callable[[Tensor], Tensor], params: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
+def gauss_newton_matvec(
+    output_fn: LossFn, loss_fn: Callable[[Tensor], Tensor], params: Sequence[Tensor], *, mode: Literal["forward", "reverse"] = "forward"
+) -> Callable[[Tensor], Tensor]:
     """The Gauss–Newton matrix at ``params`` as a matvec on flat vectors, for CG.
 
     The reverse pass of ``output_fn`` is recorded once and reused; each product costs one
-    forward-mode pass (``J v``), one on the loss (``H_z J v``) and one reverse pass (``J^T``).
+    ``J v`` (forward mode, or with ``mode="reverse"`` a second reverse pass through the linear
+    map ``w -> J^T w``, for operations without forward-mode support such as sparse matmul),
+    one product on the loss (``H_z J v``) and one reverse pass (``J^T``).
 
     Args:
         output_fn: ``output_fn(params_tuple) -> z``.
         loss_fn: ``loss_fn(z) -> scalar``.
         params: the point ``theta``.
+        mode: how ``J v`` is computed (``"forward"`` or ``"reverse"``).
 
     Returns:
         ``matvec(v_flat) -> (J^T H_z J v)_flat``.
@@ -197,6 +202,10 @@ def gauss_newton_matvec(output_fn: LossFn, loss_fn: Callable[[Tensor], Tensor], 
     """
     primals = tuple(p.detach() for p in params)
     shapes = [p.shape for p in primals]
+    if mode == "reverse":
+        return _gauss_newton_matvec_reverse(output_fn, loss_fn, primals, shapes)
+    if mode != "forward":
+        raise ValueError(f"gauss_newton_matvec(mode=...) must be 'forward' or 'reverse', got {mode!r}.")
     z, pullback = torch.func.vjp(output_fn, primals)
     z = z.detach()
     loss_grad = torch.func.grad(loss_fn)
@@ -209,6 +218,33 @@ def gauss_newton_matvec(output_fn: LossFn, loss_fn: Callable[[Tensor], Tensor], 
         return flatten(out)
 
     return matvec
+
+
+def _gauss_newton_matvec_reverse(output_fn, loss_fn, primals, shapes) -> Callable[[Tensor], Tensor]:
+    """``J^T H_z J v`` with autograd only (no torch.func transforms, which refuse sparse CSR tensors).
+
+    ``J v`` is the vector-Jacobian product of the linear map ``w -> J^T w`` with cotangent ``v``.
+    """
+    leaves = tuple(p.clone().requires_grad_(True) for p in primals)
+    with torch.enable_grad():
+        z = output_fn(leaves)
+        w = torch.zeros_like(z, requires_grad=True)
+        jt_w = _or_zeros(torch.autograd.grad(z, leaves, grad_outputs=w, create_graph=True, allow_unused=True), leaves)
+        z_point = z.detach().requires_grad_(True)
+        (loss_grad,) = torch.autograd.grad(loss_fn(z_point), z_point, create_graph=True)
+
+    def matvec(v: Tensor) -> Tensor:
+        tangents = [t.to(p.dtype) for p, t in zip(primals, unflatten(v.detach(), shapes))]
+        (jv,) = torch.autograd.grad(jt_w, w, grad_outputs=tangents, retain_graph=True)
+        (hjv,) = torch.autograd.grad(loss_grad, z_point, grad_outputs=jv, retain_graph=True)
+        out = torch.autograd.grad(z, leaves, grad_outputs=hjv, retain_graph=True, allow_unused=True)
+        return flatten(_or_zeros(out, leaves))
+
+    return matvec
+
+
+def _or_zeros(grads, leaves) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
 
 
 def _grad_dot_grad(grads, leaves, vectors, retain_graph: bool = False) -> list[Tensor]:

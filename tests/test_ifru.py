@@ -1,0 +1,196 @@
+"""IFRU against exact answers: the retrained optimum of a tiny convex problem, and the solvers against each other."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.models import MF, LightGCN, NeuMF
+from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext, UnlearningError
+
+
+def optimise_users(model: MF, rows) -> float:
+    """Minimise the objective over the user embeddings (items frozen) to a tight optimum."""
+    opt = torch.optim.LBFGS([model.user_embedding.weight], lr=1, max_iter=500, tolerance_grad=1e-14,
+                            tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = model.loss(rows[:])
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return torch.autograd.grad(model.loss(rows[:]), model.user_embedding.weight)[0].norm().item()
+
+
+@pytest.fixture(scope="module")
+def convex():
+    """MF with the item side fixed and strong L2: each user's problem is strictly convex."""
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=8, num_items=20, density=0.5, seed=2), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=1.0, init_std=0.5).double()
+    model.item_embedding.weight.requires_grad_(False)
+    assert optimise_users(model, dm.train_rows()) < 1e-8
+    first_rows = dm.train.by_user.rows[dm.train.by_user.indptr[:3]]  # one row of each of users 0, 1, 2
+    deleted = dm.remove(first_rows)
+    retained = dm.train_rows()
+    reference = copy.deepcopy(model)
+    assert optimise_users(reference, retained) < 1e-8
+    return model, retained, deleted, reference
+
+
+def relative_error(model, reference) -> float:
+    diff = model.user_embedding.weight - reference.user_embedding.weight
+    return (diff.norm() / reference.user_embedding.weight.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"solver": "direct", "curvature": "hessian"},
+        {"solver": "direct", "curvature": "gauss_newton"},
+        {"solver": "cg", "curvature": "gauss_newton", "tol": 1e-12},
+        {"solver": "cg", "curvature": "hessian", "tol": 1e-12},
+        {"solver": "direct", "gradient": "retained"},
+    ],
+    ids=["direct-hessian", "direct-gn", "cg-gn", "cg-hessian", "retained"],
+)
+def test_lands_on_the_retrained_optimum(convex, options):
+    model, retained, deleted, reference = convex
+    unlearned = copy.deepcopy(model)
+    report = IFRU(damping=1e-10, **options).unlearn(unlearned, retained, deleted)
+    assert relative_error(model, reference) > 0.05  # deleting changed the optimum a lot ...
+    assert relative_error(unlearned, reference) < 1e-3  # ... and one Newton correction lands on it
+    assert report.diagnostics["kept_users"] == 3 and report.diagnostics["solver/converged"]
+    untouched = torch.arange(3, 8)
+    assert torch.equal(unlearned.user_embedding.weight[untouched], model.user_embedding.weight[untouched])
+
+
+def test_cg_reports_non_convergence(convex):
+    model, retained, deleted, _ = convex
+    coupled = copy.deepcopy(model)
+    coupled.item_embedding.weight.requires_grad_(True)  # user-item coupling: the block preconditioner is not exact
+    report = IFRU(damping=1e-10, solver="cg", tol=1e-14, max_iter=1).unlearn(coupled, retained, deleted)
+    assert report.diagnostics["solver/iterations"] == 1 and not report.diagnostics["solver/converged"]
+    assert report.diagnostics["solver/relative_residual"] > 1e-14
+
+
+def test_nan_gradient_raises_and_leaves_the_model_unchanged(convex):
+    model, retained, deleted, _ = convex
+    broken = copy.deepcopy(model)
+    loss = broken.loss
+    broken.loss = lambda batch, reduction="mean": loss(batch, reduction) * float("nan")  # every gradient is NaN
+    before = broken.user_embedding.weight.clone()
+    with pytest.raises(UnlearningError, match="not finite.*Try: more damping"):
+        IFRU().unlearn(broken, retained, deleted)
+    assert torch.equal(broken.user_embedding.weight, before)
+
+
+def test_users_left_without_rows_are_reset_to_their_initialisation():
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=10, num_items=12, density=0.3, seed=1), val_fraction=0.0)
+    dm.setup()
+    torch.manual_seed(5)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4)
+    init = model.user_embedding.weight[4].clone()
+    with torch.no_grad():
+        model.user_embedding.weight.add_(1.0)  # "training" moved every user
+    deleted = dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([4]))
+    report = IFRU().unlearn(model, dm.train_rows(), deleted, UnlearningContext(seed=5))
+    assert report.diagnostics["reset_users"] == 1
+    torch.testing.assert_close(model.user_embedding.weight[4], init)
+
+
+@pytest.mark.parametrize("cls", [MF, NeuMF, LightGCN])
+def test_runs_on_every_model_and_moves_only_kept_rows(cls):
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=20, num_items=15, density=0.3, seed=1), val_fraction=0.0)
+    dm.setup()
+    kwargs = {"gmf_dim": 4, "mlp_dim": 4, "mlp_layers": (8,)} if cls is NeuMF else {"embedding_dim": 4}
+    model = cls(dm.num_users, dm.num_items, **kwargs)
+    deleted = dm.remove(torch.tensor([0, 1]))
+    model.set_graph(dm.train)
+    before = copy.deepcopy(model.state_dict())
+    report = IFRU(damping=1e-2, k_hop=1 if cls is MF else 0).unlearn(model, dm.train_rows(), deleted)
+    assert report.diagnostics["solver/converged"] or report.diagnostics["solver/iterations"] == 100
+    moved = (model.user_embedding.weight if cls is not NeuMF else model.gmf_user.weight) != (
+        before["user_embedding.weight"] if cls is not NeuMF else before["gmf_user.weight"])
+    moved_users = torch.nonzero(moved.any(1)).flatten()
+    assert 0 < len(moved_users) <= report.diagnostics["kept_users"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"damping": 0.0}, "damping"), ({"solver": "lbfgs"}, "solver"), ({"curvature": "fisher"}, "curvature"),
+     ({"gradient": "all"}, "gradient"), ({"k_hop": -1}, "k_hop"), ({"keep_fraction": 0.0}, "keep_fraction")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IFRU(**kwargs)
+
+
+def test_block_solver_is_exact_when_the_curvature_is_block_diagonal(convex):
+    """Items fixed: the user blocks are the whole (Gauss-Newton = exact) curvature."""
+    model, retained, deleted, reference = convex
+    unlearned = copy.deepcopy(model)
+    method = IFRU(damping=1e-10, solver="block")
+    report = method.unlearn(unlearned, retained, deleted)
+    assert relative_error(unlearned, reference) < 1e-3
+    assert report.precompute_seconds > 0 and report.diagnostics["solver/failed_blocks"] == 0
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_curvature_blocks_equal_the_hessian_blocks_of_mf(loss):
+    """For MF a score is linear in the user vector (items fixed) and vice versa, so the
+    Gauss-Newton blocks are the exact Hessian's diagonal blocks."""
+    from lightning_unlearn.unlearning.methods.curvature import curvature_blocks
+
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=5, num_items=6, density=0.4, seed=3), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.3, loss=loss, init_std=0.7).double()
+    rows = dm.train_rows()
+    blocks = curvature_blocks(model, rows)
+
+    def objective(users, items):
+        return _loss_with(model, users, items, rows)
+
+    h_uu, h_ii = (torch.func.hessian(objective, argnums=a)(model.user_embedding.weight, model.item_embedding.weight) for a in (0, 1))
+    for u in range(dm.num_users):
+        torch.testing.assert_close(blocks.users[u], h_uu[u, :, u, :])
+    for i in range(dm.num_items):
+        torch.testing.assert_close(blocks.items[i], h_ii[i, :, i, :])
+
+
+def _loss_with(model, users, items, rows):
+    from lightning_unlearn.unlearning.methods.functional import call_with
+
+    return call_with(model, {"user_embedding.weight": users, "item_embedding.weight": items}, lambda: model.loss(rows[:], "sum"))
+
+
+def test_cg_preconditioner_and_block_solver_agree_with_direct_on_mf():
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.4, seed=4), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.5, init_std=0.5).double()
+    deleted = dm.remove(torch.tensor([0, 7]))
+    retained = dm.train_rows()
+    steps = {}
+    for solver in ("direct", "cg"):
+        copy_ = copy.deepcopy(model)
+        report = IFRU(damping=1e-6, solver=solver, tol=1e-12, max_iter=500).unlearn(copy_, retained, deleted)
+        steps[solver] = torch.cat([copy_.user_embedding.weight - model.user_embedding.weight,
+                                   copy_.item_embedding.weight - model.item_embedding.weight])
+    torch.testing.assert_close(steps["cg"], steps["direct"], rtol=1e-6, atol=1e-9)
+    block = copy.deepcopy(model)
+    IFRU(damping=1e-6, solver="block").unlearn(block, retained, deleted)
+    block_step = torch.cat([block.user_embedding.weight - model.user_embedding.weight, block.item_embedding.weight - model.item_embedding.weight])
+    # The block-diagonal approximation drops the user-item coupling: close to, not equal to, the full solve.
+    cosine = torch.nn.functional.cosine_similarity(block_step.reshape(-1), steps["direct"].reshape(-1), dim=0)
+    assert 0.5 < cosine < 1.0 - 1e-6
