@@ -158,3 +158,12 @@ def test_second_retrain_seed_closes_the_rank_gap_on_movielens_100k(data_dir, mon
     assert by_name["FineTune(epochs=2)"]["completeness"]["gap_closed_rank"] < 0.5
     assert result["deletion"]["rows"] == round(0.01 * 71981)
     assert result["original"]["utility"]["recall@20"] > 0.29
+    # IFRU moves the model closer to Retrain than the original is, on every completeness figure.
+    original = result["original"]["completeness"]
+    for name in ("IFRU(k_hop=0)", "IFRU(k_hop=1)"):
+        figures = by_name[name]["completeness"]
+        for gap in ("gap_closed_rank", "gap_closed_score", "gap_closed_top20", "gap_closed_mia"):
+            assert 0.7 < figures[gap] < 1.3, (name, gap, figures[gap])
+        assert figures["overlap@20"] > original["overlap@20"] and figures["overlap@20_affected"] > original["overlap@20_affected"]
+        assert figures["score_distance_rel"] < 1 and figures["param_distance_rel"] < 1
+        assert by_name[name]["diagnostics"]["solver"] == "block" and by_name[name]["precompute_seconds"] > 0

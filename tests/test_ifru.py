@@ -118,7 +118,7 @@ def test_runs_on_every_model_and_moves_only_kept_rows(cls):
     model.set_graph(dm.train)
     before = copy.deepcopy(model.state_dict())
     report = IFRU(damping=1e-2, k_hop=1 if cls is MF else 0).unlearn(model, dm.train_rows(), deleted)
-    assert report.diagnostics["solver/converged"] or report.diagnostics["solver/iterations"] == 100
+    assert report.diagnostics["solver"] == ("cg" if cls is LightGCN else "block")  # "auto": block unless a graph couples rows
     moved = (model.user_embedding.weight if cls is not NeuMF else model.gmf_user.weight) != (
         before["user_embedding.weight"] if cls is not NeuMF else before["gmf_user.weight"])
     moved_users = torch.nonzero(moved.any(1)).flatten()
@@ -194,3 +194,13 @@ def test_cg_preconditioner_and_block_solver_agree_with_direct_on_mf():
     # The block-diagonal approximation drops the user-item coupling: close to, not equal to, the full solve.
     cosine = torch.nn.functional.cosine_similarity(block_step.reshape(-1), steps["direct"].reshape(-1), dim=0)
     assert 0.5 < cosine < 1.0 - 1e-6
+
+
+def test_block_solver_refuses_graph_models():
+    dm = RecDataModule(Synthetic(num_users=10, num_items=8, density=0.3, seed=1), val_fraction=0.0)
+    dm.setup()
+    model = LightGCN(dm.num_users, dm.num_items, embedding_dim=4)
+    deleted = dm.remove(torch.tensor([0]))
+    model.set_graph(dm.train)
+    with pytest.raises(UnlearningError, match="use solver='cg'"):
+        IFRU(solver="block").unlearn(model, dm.train_rows(), deleted)

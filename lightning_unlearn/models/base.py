@@ -91,6 +91,20 @@ class Recommender(pl.LightningModule):
     def parameter_groups(self) -> dict[str, list[Tensor]]:
         """Named parameters: ``user_embedding``, ``item_embedding`` (rows indexed by id), ``dense``."""
 
+    def interact_jacobians(self, user_vectors: Tensor, item_vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """Gradients of each score w.r.t. its own user vector and item vector.
+
+        Args:
+            user_vectors: ``(P, Du)`` aligned pairs.
+            item_vectors: ``(P, Di)``.
+
+        Returns:
+            ``(P, Du)`` and ``(P, Di)``. The default uses ``torch.func``; models with a closed
+            form (a dot product) override it.
+        """
+        grads = torch.func.vmap(torch.func.grad(lambda u, v: self.interact(u, v), argnums=(0, 1)))
+        return grads(user_vectors, item_vectors)
+
     def dense_penalty(self) -> Tensor:
         """Regularisation of the dense (non-embedding) weights; a constant per objective."""
         return torch.zeros((), device=self.device)

@@ -46,6 +46,9 @@ class MF(Recommender):
         user_vectors, item_vectors = representations or self.representations()
         return user_vectors[users] @ item_vectors.T
 
+    def interact_jacobians(self, user_vectors: Tensor, item_vectors: Tensor) -> tuple[Tensor, Tensor]:
+        return item_vectors, user_vectors  # d(u . v)/du = v, d(u . v)/dv = u
+
     def embedding_penalty(self, users: Tensor, items: Tensor) -> Tensor:
         return self.user_embedding.weight[users].square().sum(-1) + self.item_embedding.weight[items].square().sum((-1, -2))
 

@@ -3,11 +3,11 @@
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.journal import Journal
-from lightning_unlearn.unlearning.methods import FineTune, Retrain, UnlearningContext, UnlearningError, UnlearningReport, Unlearner
+from lightning_unlearn.unlearning.methods import IFRU, FineTune, Retrain, UnlearningContext, UnlearningError, UnlearningReport, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest, ResolvedDeletion
 
 __all__ = [
-    "DeletionRequest", "DeletionSpec", "FineTune", "FitRecipe", "InvalidDeletionRequest", "Journal", "ResolvedDeletion",
+    "IFRU", "DeletionRequest", "DeletionSpec", "FineTune", "FitRecipe", "InvalidDeletionRequest", "Journal", "ResolvedDeletion",
     "Retrain", "UnlearningCallback", "UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner",
 ]

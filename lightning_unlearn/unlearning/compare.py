@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics
+from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics, topk_overlap
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
@@ -108,13 +108,19 @@ def compare(
             "diagnostics": report.diagnostics,
         })
     original_deleted = deleted_row_statistics(original, deleted_table, retained_table, nonmembers, k=k, seed=seed)
+    everyone, affected = torch.arange(model.num_users), torch.unique(deleted_table.users)
+    original_overlap = {  # how close doing nothing already is: the baseline for the methods' overlaps
+        f"overlap@{k}": topk_overlap(original, reference, everyone, retained_table, k),
+        f"overlap@{k}_affected": topk_overlap(original, reference, affected, retained_table, k),
+    }
     return {
         "dataset": type(datamodule.source).__name__,
         "model": type(model).__name__,
         "loss": model.loss_name,
         "hardware": _hardware(device),
         "deletion": {**resolved.summary(), "rows": resolved.num_rows, "users": resolved.num_users, "items": resolved.num_items},
-        "original": {"fit_seconds": fit_seconds, "grad_norm": grad_norm, "utility": original_utility, "deleted": original_deleted},
+        "original": {"fit_seconds": fit_seconds, "grad_norm": grad_norm, "utility": original_utility, "deleted": original_deleted,
+                     "completeness": original_overlap},
         "methods": results,
     }
 

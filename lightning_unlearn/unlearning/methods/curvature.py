@@ -17,7 +17,6 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import scatter_outer
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.methods.functional import call_with
 
 __all__ = ["CurvatureBlocks", "curvature_blocks"]
 
@@ -33,12 +32,13 @@ class CurvatureBlocks:
         return CurvatureBlocks(self.users - other.users, self.items - other.items)
 
 
-def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 32768) -> CurvatureBlocks:
+def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 16384) -> CurvatureBlocks:
     """Gauss-Newton blocks of ``sum_r loss_r`` w.r.t. each user's and each item's vector.
 
     The vectors are those of ``model.representations()`` (for NeuMF the GMF and MLP rows
     concatenated); for graph models they are the propagated vectors, so the blocks ignore the
-    coupling through the graph.
+    coupling through the graph. Per-pair score gradients come from
+    :meth:`Recommender.interact_jacobians` (closed form for dot-product models).
 
     Args:
         model: the recommender.
@@ -56,31 +56,29 @@ def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 3276
         torch.Size([2, 2, 2])
     """
     with torch.no_grad():
-        user_vectors, item_vectors = (t.detach().double() for t in model.representations())
-    du, di = user_vectors.shape[1], item_vectors.shape[1]
-    users_out = torch.zeros(model.num_users, du, du, dtype=torch.float64, device=user_vectors.device)
-    items_out = torch.zeros(model.num_items, di, di, dtype=torch.float64, device=item_vectors.device)
-    interact = _double_interact(model)
-    jacobian = torch.func.vmap(torch.func.jacrev(lambda u, v: interact(u.unsqueeze(0), v), argnums=(0, 1)))
-    for start in range(0, len(rows), chunk_size):
-        batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
-        users = batch["users"]
-        slots = torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)  # (R, 1+k)
-        u, v = user_vectors[users], item_vectors[slots]
-        with torch.no_grad():
-            z = interact(u.unsqueeze(1), v)
-        ju, jv = jacobian(u, v)  # (R, 1+k, Du), (R, 1+k, 1+k, Di)
-        jv = torch.diagonal(jv, dim1=1, dim2=2).transpose(1, 2)  # score s depends only on item slot s
-        if model.loss_name == "bpr":
-            y = z[:, 1:] - z[:, :1]
-            w = torch.sigmoid(y) * torch.sigmoid(-y)  # (R, k)
-            scatter_outer(ju[:, 1:] - ju[:, :1], w, users, model.num_users, out=users_out)
-            item_weights = torch.cat([w.sum(1, keepdim=True), w], dim=1)
-        else:
-            item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
-            scatter_outer(ju, item_weights, users, model.num_users, out=users_out)
-        scatter_outer(jv.reshape(-1, di), item_weights.reshape(-1), slots.reshape(-1), model.num_items, out=items_out)
-    eye_u, eye_i = torch.eye(du, dtype=torch.float64, device=users_out.device), torch.eye(di, dtype=torch.float64, device=items_out.device)
+        user_vectors, item_vectors = (t.detach() for t in model.representations())
+        du, di = user_vectors.shape[1], item_vectors.shape[1]
+        users_out = torch.zeros(model.num_users, du, du, dtype=torch.float64, device=user_vectors.device)
+        items_out = torch.zeros(model.num_items, di, di, dtype=torch.float64, device=item_vectors.device)
+        for start in range(0, len(rows), chunk_size):
+            batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
+            users = batch["users"]
+            slots = torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)  # (R, 1+k)
+            u, v = user_vectors[users].unsqueeze(1).expand(-1, slots.shape[1], -1), item_vectors[slots]
+            z = model.interact(u, v)
+            ju, jv = model.interact_jacobians(u.reshape(-1, du), v.reshape(-1, di))
+            ju, jv = ju.reshape(*slots.shape, du), jv.reshape(*slots.shape, di)
+            if model.loss_name == "bpr":
+                y = z[:, 1:] - z[:, :1]
+                w = torch.sigmoid(y) * torch.sigmoid(-y)  # (R, k)
+                _accumulate(users_out, ju[:, 1:] - ju[:, :1], w, users)
+                item_weights = torch.cat([w.sum(1, keepdim=True), w], dim=1)
+            else:
+                item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
+                _accumulate(users_out, ju, item_weights, users)
+            _accumulate(items_out, jv.reshape(-1, di), item_weights.reshape(-1), slots.reshape(-1))
+    eye_u = torch.eye(du, dtype=torch.float64, device=users_out.device)
+    eye_i = torch.eye(di, dtype=torch.float64, device=items_out.device)
     user_count = torch.bincount(rows.users, minlength=model.num_users).to(users_out)
     item_count = torch.bincount(torch.cat([rows.items, rows.negatives.reshape(-1)]), minlength=model.num_items).to(items_out)
     users_out += model.l2 * user_count[:, None, None] * eye_u
@@ -88,8 +86,6 @@ def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 3276
     return CurvatureBlocks(users_out, items_out)
 
 
-def _double_interact(model: Recommender):
-    """``model.interact`` evaluated in float64 (dense weights cast once), for accurate blocks."""
-    dense = {id(p) for p in model.parameter_groups()["dense"]}
-    params = {name: p.detach().double() for name, p in model.named_parameters() if id(p) in dense}
-    return lambda u, v: call_with(model, params, lambda: model.interact(u, v))
+def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) -> None:
+    """``out[b] += sum w J J^T`` computed in the model's precision, accumulated in float64."""
+    out += scatter_outer(jacobians, weights, index, out.shape[0]).double()

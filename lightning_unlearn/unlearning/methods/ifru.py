@@ -39,7 +39,7 @@ from lightning_unlearn.unlearning.methods.functional import call_with
 
 __all__ = ["IFRU"]
 
-_SOLVERS = ("cg", "block", "direct")
+_SOLVERS = ("auto", "cg", "block", "direct")
 _CURVATURES = ("gauss_newton", "hessian")
 _GRADIENTS = ("influence", "retained")
 
@@ -48,8 +48,12 @@ class IFRU(Unlearner):
     """Influence-function unlearning with importance-based pruning.
 
     Args:
-        damping: added to the curvature's diagonal (> 0); larger is more conservative.
-        solver: ``"cg"`` (damped CG on curvature-vector products, block-Jacobi preconditioned),
+        damping: added to the curvature's diagonal (> 0); larger is more conservative. The
+            objective is a mean over rows, so a user's curvature block is of the order of its
+            share of the rows (1e-4 for a typical MovieLens-100K user): 1e-4 halved the step and
+            closed 0.57 of the rank gap on MovieLens-100K, 1e-6 closed 0.94 (seed noise 1.00).
+        solver: ``"auto"`` (``"block"``, or ``"cg"`` for graph models, whose rows are coupled
+            through the graph), ``"cg"`` (damped CG on curvature-vector products, block-Jacobi preconditioned),
             ``"block"`` (the block-diagonal approximation: per-user and per-item ``d x d``
             Gauss-Newton blocks, cached once per trained model and downdated by the deleted
             rows, solved in one batched Cholesky; the fastest; embeddings only) or ``"direct"``
@@ -79,8 +83,8 @@ class IFRU(Unlearner):
 
     def __init__(
         self,
-        damping: float = 1e-4,
-        solver: Literal["cg", "block", "direct"] = "cg",
+        damping: float = 1e-6,
+        solver: Literal["auto", "cg", "block", "direct"] = "auto",
         curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
         gradient: Literal["influence", "retained"] = "influence",
         k_hop: int = 0,
@@ -104,10 +108,15 @@ class IFRU(Unlearner):
 
     @property
     def name(self) -> str:
-        return f"IFRU(k_hop={self.k_hop})"
+        options = [f"k_hop={self.k_hop}"] + ([f"solver={self.solver}"] if self.solver != "auto" else [])
+        options += [f"gradient={self.gradient}"] if self.gradient != "influence" else []
+        return f"IFRU({', '.join(options)})"
 
     # ------------------------------------------------------------------ the update
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        solver = ("cg" if _is_graph(model) else "block") if self.solver == "auto" else self.solver
+        if solver == "block" and _is_graph(model):
+            raise ValueError("solver='block' ignores the graph that couples LightGCN's rows; use solver='cg'")
         users, items = _touched(deleted)
         users, items = self._prune(users, items, retained, deleted, model)
         users, items = _expand(users, items, retained, self.k_hop)
@@ -116,11 +125,15 @@ class IFRU(Unlearner):
         _reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
 
         restricted = _Restricted(model, users, items, self.include_dense)
-        rows = retained.select(_rows_touching(retained, users, items)) if not _is_graph(model) else retained
+        if solver == "block" or _is_graph(model):
+            rows = retained  # the block solver needs no rows here; a graph couples every row
+        else:
+            rows = retained.select(_rows_touching(retained, users, items))
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {
             "kept_users": len(users), "kept_items": len(items), "reset_users": len(orphan_users),
             "reset_items": len(orphan_items), "rows_used": len(rows), "coordinates": restricted.numel, "damping": self.damping,
+            "solver": solver,
         }
         if restricted.numel == 0:
             return diagnostics
@@ -132,12 +145,12 @@ class IFRU(Unlearner):
         if not torch.isfinite(rhs).all():
             raise FloatingPointError("the right-hand side (gradient) is not finite")
         precompute = 0.0
-        if self.solver in ("block", "cg") and not _is_graph(model):
+        if solver in ("block", "cg") and not _is_graph(model):
             blocks, precompute = self._retained_blocks(model, retained, deleted)
-        if self.solver == "block":
+        if solver == "block":
             delta, result = _block_step(restricted, rhs, blocks, users, items, n, self.damping)
             solve = result.as_dict()
-        elif self.solver == "direct":
+        elif solver == "direct":
             delta, solve = _direct_solve(self._matvec(model, restricted, rows, n, theta), rhs, self.damping, self.direct_max)
         else:
             preconditioner = None if _is_graph(model) else restricted.block_preconditioner(blocks, users, items, n, self.damping)
@@ -146,8 +159,8 @@ class IFRU(Unlearner):
                                                preconditioner=preconditioner)
             solve = result.as_dict()
         restricted.add_(delta)
-        if self._blocks is not None:
-            self._refresh_blocks(model, retained, users, items)
+        if self._blocks is not None:  # the step is small: later requests reuse these blocks as they are
+            self._blocks = (_fingerprint(model), self._blocks[1])
         return {**diagnostics, "precompute_seconds": precompute, **{f"solver/{k}": v for k, v in solve.items()}}
 
     # ------------------------------------------------------------------ cached curvature
@@ -163,16 +176,6 @@ class IFRU(Unlearner):
         blocks = self._blocks[1] - curvature_blocks(model, deleted)
         self._blocks = (self._blocks[0], blocks)
         return blocks, precompute
-
-    def _refresh_blocks(self, model: Recommender, retained: TrainRows, users: Tensor, items: Tensor) -> None:
-        """After a step, recompute the blocks of the rows that moved, so the cache serves the next request."""
-        blocks = self._blocks[1]
-        if len(users):
-            blocks.users[users] = curvature_blocks(model, retained.select(torch.isin(retained.users, users))).users[users]
-        if len(items):
-            touching = torch.isin(retained.items, items) | torch.isin(retained.negatives, items).any(1)
-            blocks.items[items] = curvature_blocks(model, retained.select(touching)).items[items]
-        self._blocks = (_fingerprint(model), blocks)
 
     def _prune(self, users: Tensor, items: Tensor, retained: TrainRows, deleted: TrainRows, model: Recommender) -> tuple[Tensor, Tensor]:
         if self.keep_fraction >= 1.0:
