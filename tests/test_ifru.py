@@ -204,3 +204,30 @@ def test_block_solver_refuses_graph_models():
     model.set_graph(dm.train)
     with pytest.raises(UnlearningError, match="use solver='cg'"):
         IFRU(solver="block").unlearn(model, dm.train_rows(), deleted)
+
+
+def test_spillover_is_the_loss_change_of_affected_rows_through_the_new_graph():
+    """For LightGCN the influence right-hand side adds, to the deleted rows' gradient under the old
+    graph, the gradient of the affected retained rows' loss under the old minus the new graph."""
+    from lightning_unlearn.unlearning.methods import ifru
+
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.3, seed=1), val_fraction=0.0)
+    dm.setup()
+    model = LightGCN(dm.num_users, dm.num_items, embedding_dim=4, num_layers=2).double()
+    model.set_graph(dm.train)
+    old = copy.deepcopy(model)
+    deleted = dm.remove(torch.tensor([0, 3]))
+    retained = dm.train_rows()
+    model.set_graph(dm.train)
+    users, items = ifru._touched(deleted)
+    restricted = ifru._Restricted(model, users, items, include_dense=True)
+    rhs = ifru._influence_with_spillover(model, restricted, retained, deleted, len(retained))
+
+    affected = retained.select(torch.isin(retained.users, torch.unique(deleted.users)) | torch.isin(retained.items, torch.unique(deleted.items)))
+    old_restricted = ifru._Restricted(old, users, items, include_dense=True)
+    expected = old_restricted.gradient(lambda: (old.loss(deleted[:], "sum") + old.loss(affected[:], "sum")) / len(retained))
+    expected = expected - restricted.gradient(lambda: model.loss(affected[:], "sum") / len(retained))
+    torch.testing.assert_close(rhs, expected)
+    direct_only = restricted.gradient(lambda: model.loss(deleted[:], "sum") / len(retained))
+    assert not torch.allclose(rhs, direct_only)  # the graph change matters

@@ -82,7 +82,7 @@ class LightGCN(MF):
                 f"LightGCN has {self.num_users} users x {self.num_items} items, but the graph has "
                 f"{interactions.num_users} x {interactions.num_items}."
             )
-        self.adjacency = normalized_adjacency(interactions).to(self.device)
+        self.adjacency = normalized_adjacency(interactions).to(device=self.device, dtype=self.user_embedding.weight.dtype)
 
     def representations(self) -> tuple[Tensor, Tensor]:
         if self.adjacency is None:

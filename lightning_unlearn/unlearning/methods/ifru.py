@@ -17,11 +17,13 @@ import time
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.linalg import (
     BlockPreconditioner,
     BlockSolveResult,
@@ -33,6 +35,7 @@ from lightning_unlearn.linalg import (
     unflatten,
 )
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.lightgcn import normalized_adjacency
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
 from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, curvature_blocks
 from lightning_unlearn.unlearning.methods.functional import call_with
@@ -138,7 +141,9 @@ class IFRU(Unlearner):
         if restricted.numel == 0:
             return diagnostics
         theta = restricted.values()
-        if self.gradient == "influence":
+        if self.gradient == "influence" and _is_graph(model):
+            rhs = _influence_with_spillover(model, restricted, retained, deleted, n)
+        elif self.gradient == "influence":
             rhs = restricted.gradient(lambda: model.loss(deleted[:], "sum") / n)
         else:
             rhs = -restricted.gradient(lambda: model.loss(rows[:], "sum") / n + model.dense_penalty())
@@ -231,6 +236,29 @@ def _rows_touching(rows: TrainRows, users: Tensor, items: Tensor) -> Tensor:
     return torch.isin(rows.users, users) | torch.isin(rows.items, items) | torch.isin(rows.negatives, items).any(1)
 
 
+def _influence_with_spillover(model: Recommender, restricted: _Restricted, retained: TrainRows, deleted: TrainRows, n: int) -> Tensor:
+    """Direct influence of the deleted rows plus the spillover through the graph (the paper's eq. for graph models).
+
+    Deleting edges renormalises the graph, which changes the loss of rows that remain. With the
+    old graph ``A`` and the new one ``A'``, the right-hand side is the gradient of
+    ``[sum_{deleted} loss(A) + sum_{affected} (loss(A) - loss(A'))] / n`` where the affected rows
+    are the retained rows of users and items whose degree changed.
+    """
+    every = TrainRows(*(torch.cat([a, b]) for a, b in zip((retained.users, retained.items, retained.negatives),
+                                                              (deleted.users, deleted.items, deleted.negatives))))
+    old_graph = normalized_adjacency(_as_table(every, model)).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
+    changed_users, changed_items = torch.unique(deleted.users), torch.unique(deleted.items)
+    affected = retained.select(torch.isin(retained.users, changed_users) | torch.isin(retained.items, changed_items))
+    old = restricted.gradient(lambda: (model.loss(deleted[:], "sum") + model.loss(affected[:], "sum")) / n, {"adjacency": old_graph})
+    new = restricted.gradient(lambda: model.loss(affected[:], "sum") / n)
+    return old - new
+
+
+def _as_table(rows: TrainRows, model: Recommender) -> Interactions:
+    ids = lambda size: np.arange(size)  # noqa: E731  graph building needs only the indices
+    return Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
+
+
 def _is_graph(model: Recommender) -> bool:
     return getattr(model, "adjacency", None) is not None
 
@@ -273,15 +301,16 @@ class _Restricted:
     def values(self) -> list[Tensor]:
         return [(p if rows is None else p[rows]).detach() for _, p, rows in self.parts]
 
-    def call(self, values, closure):
-        """``closure()`` evaluated with the kept rows replaced by ``values`` (differentiable in them)."""
+    def call(self, values, closure, buffers: dict[str, Tensor] | None = None):
+        """``closure()`` evaluated with the kept rows replaced by ``values`` (differentiable in them)
+        and, optionally, some buffers replaced (e.g. LightGCN's ``adjacency``)."""
         replaced = {name: (v if rows is None else p.detach().index_copy(0, rows, v)) for (name, p, rows), v in zip(self.parts, values)}
-        return call_with(self.model, replaced, closure)
+        return call_with(self.model, {**replaced, **(buffers or {})}, closure)
 
-    def gradient(self, closure) -> Tensor:
+    def gradient(self, closure, buffers: dict[str, Tensor] | None = None) -> Tensor:
         leaves = [v.clone().requires_grad_(True) for v in self.values()]
         with torch.enable_grad():
-            value = self.call(leaves, closure)
+            value = self.call(leaves, closure, buffers)
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
         return flatten([torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)])
 
