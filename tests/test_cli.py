@@ -13,7 +13,8 @@ from lightning_unlearn.cli import main
 from tests.conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
-FIT_RECIPES = [p for p in RECIPES if not p.stem.startswith("compare_")]
+FIT_RECIPES = [p for p in RECIPES if not p.stem.startswith("compare_") and not p.stem.endswith("_ifru")]
+UNLEARN_RECIPES = [p for p in RECIPES if p.stem.endswith("_ifru")]
 COMPARE_RECIPES = [p for p in RECIPES if p.stem.startswith("compare_")]
 
 
@@ -44,6 +45,16 @@ def test_compare_recipe_runs_briefly(recipe, data_dir, monkeypatch, capsys):
              "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--out", "out"]
     main(["compare", "-c", str(recipe), *brief])
     assert "Retrain(seed=1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", UNLEARN_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_train_then_unlearn_recipes_parse(recipe, data_dir, monkeypatch, capsys):
+    """They train for real on MovieLens-1M before unlearning: here they are parsed and checked."""
+    monkeypatch.setenv("LIGHTNING_UNLEARN_DATA", str(data_dir))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "UnlearningCallback" in capsys.readouterr().out
 
 
 def test_recipes_use_offline_wandb_checkpoint_and_early_stopping():

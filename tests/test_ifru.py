@@ -231,3 +231,17 @@ def test_spillover_is_the_loss_change_of_affected_rows_through_the_new_graph():
     torch.testing.assert_close(rhs, expected)
     direct_only = restricted.gradient(lambda: model.loss(deleted[:], "sum") / len(retained))
     assert not torch.allclose(rhs, direct_only)  # the graph change matters
+
+
+def test_curvature_blocks_of_a_subset_equal_those_rows_of_all_blocks():
+    from lightning_unlearn.unlearning.methods.curvature import curvature_blocks
+
+    dm = RecDataModule(Synthetic(num_users=9, num_items=7, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    torch.manual_seed(1)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3)
+    every = curvature_blocks(model, dm.train_rows())
+    users, items = torch.tensor([7, 2]), torch.tensor([0, 5, 6])
+    some = curvature_blocks(model, dm.train_rows(), users=users, items=items, chunk_size=5)
+    torch.testing.assert_close(some.users, every.users[users])
+    torch.testing.assert_close(some.items, every.items[items])

@@ -28,11 +28,10 @@ class CurvatureBlocks:
     users: Tensor
     items: Tensor
 
-    def __sub__(self, other: CurvatureBlocks) -> CurvatureBlocks:
-        return CurvatureBlocks(self.users - other.users, self.items - other.items)
 
-
-def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 16384) -> CurvatureBlocks:
+def curvature_blocks(
+    model: Recommender, rows: TrainRows, users: Tensor | None = None, items: Tensor | None = None, chunk_size: int = 16384
+) -> CurvatureBlocks:
     """Gauss-Newton blocks of ``sum_r loss_r`` w.r.t. each user's and each item's vector.
 
     The vectors are those of ``model.representations()`` (for NeuMF the GMF and MLP rows
@@ -43,10 +42,12 @@ def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 1638
     Args:
         model: the recommender.
         rows: the training rows whose terms are summed.
+        users: compute only these users' blocks (in this order); default: every user.
+        items: compute only these items' blocks (in this order); default: every item.
         chunk_size: rows per vectorised pass.
 
     Returns:
-        The summed blocks (float64).
+        The summed blocks (float64), one per user and item asked for.
 
     Example:
         >>> from lightning_unlearn.models import MF
@@ -58,8 +59,10 @@ def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 1638
     with torch.no_grad():
         user_vectors, item_vectors = (t.detach() for t in model.representations())
         du, di = user_vectors.shape[1], item_vectors.shape[1]
-        users_out = torch.zeros(model.num_users, du, du, dtype=torch.float64, device=user_vectors.device)
-        items_out = torch.zeros(model.num_items, di, di, dtype=torch.float64, device=item_vectors.device)
+        user_slot, user_ids = _slots(users, model.num_users, user_vectors.device)
+        item_slot, item_ids = _slots(items, model.num_items, item_vectors.device)
+        users_out = torch.zeros(len(user_ids), du, du, dtype=torch.float64, device=user_vectors.device)
+        items_out = torch.zeros(len(item_ids), di, di, dtype=torch.float64, device=item_vectors.device)
         for start in range(0, len(rows), chunk_size):
             batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
             users = batch["users"]
@@ -71,21 +74,31 @@ def curvature_blocks(model: Recommender, rows: TrainRows, chunk_size: int = 1638
             if model.loss_name == "bpr":
                 y = z[:, 1:] - z[:, :1]
                 w = torch.sigmoid(y) * torch.sigmoid(-y)  # (R, k)
-                _accumulate(users_out, ju[:, 1:] - ju[:, :1], w, users)
+                _accumulate(users_out, ju[:, 1:] - ju[:, :1], w, user_slot[users])
                 item_weights = torch.cat([w.sum(1, keepdim=True), w], dim=1)
             else:
                 item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
-                _accumulate(users_out, ju, item_weights, users)
-            _accumulate(items_out, jv.reshape(-1, di), item_weights.reshape(-1), slots.reshape(-1))
+                _accumulate(users_out, ju, item_weights, user_slot[users])
+            _accumulate(items_out, jv.reshape(-1, di), item_weights.reshape(-1), item_slot[slots.reshape(-1)])
     eye_u = torch.eye(du, dtype=torch.float64, device=users_out.device)
     eye_i = torch.eye(di, dtype=torch.float64, device=items_out.device)
-    user_count = torch.bincount(rows.users, minlength=model.num_users).to(users_out)
-    item_count = torch.bincount(torch.cat([rows.items, rows.negatives.reshape(-1)]), minlength=model.num_items).to(items_out)
+    user_count = torch.bincount(rows.users, minlength=model.num_users)[user_ids].to(users_out)
+    item_count = torch.bincount(torch.cat([rows.items, rows.negatives.reshape(-1)]), minlength=model.num_items)[item_ids].to(items_out)
     users_out += model.l2 * user_count[:, None, None] * eye_u
     items_out += model.l2 * item_count[:, None, None] * eye_i
     return CurvatureBlocks(users_out, items_out)
 
 
+def _slots(ids: Tensor | None, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Position of every id among ``ids`` (``-1`` if absent), and ``ids`` (default: all)."""
+    ids = torch.arange(size, device=device) if ids is None else ids.to(device)
+    slot = torch.full((size,), -1, dtype=torch.long, device=device)
+    slot[ids] = torch.arange(len(ids), device=device)
+    return slot, ids
+
+
 def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) -> None:
-    """``out[b] += sum w J J^T`` computed in the model's precision, accumulated in float64."""
-    out += scatter_outer(jacobians, weights, index, out.shape[0]).double()
+    """``out[b] += sum w J J^T`` over the rows whose block is asked for (``index >= 0``), in float64."""
+    keep = index >= 0
+    if keep.any():
+        out += scatter_outer(jacobians[keep], weights[keep], index[keep], out.shape[0]).double()

@@ -178,8 +178,12 @@ class IFRU(Unlearner):
                                                                       (deleted.users, deleted.items, deleted.negatives))))
             self._blocks = (_fingerprint(model), curvature_blocks(model, every))
             precompute = time.perf_counter() - start
-        blocks = self._blocks[1] - curvature_blocks(model, deleted)
-        self._blocks = (self._blocks[0], blocks)
+        # Downdate in place: the cache becomes the blocks of the retained rows, as the data now is.
+        blocks = self._blocks[1]
+        users, items = torch.unique(deleted.users), torch.unique(_all_items(deleted))
+        removed = curvature_blocks(model, deleted, users=users, items=items)
+        blocks.users[users] -= removed.users
+        blocks.items[items] -= removed.items
         return blocks, precompute
 
     def _prune(self, users: Tensor, items: Tensor, retained: TrainRows, deleted: TrainRows, model: Recommender) -> tuple[Tensor, Tensor]:
