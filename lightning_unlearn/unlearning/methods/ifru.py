@@ -399,7 +399,9 @@ def _block_step(restricted: _Restricted, rhs: Tensor, blocks: CurvatureBlocks, u
         rhs_group = torch.cat([parts[i].double() for i in index], dim=1)
         if rhs_group.shape[1] != table.shape[-1]:
             raise ValueError("solver='block' needs every embedding table of a group trainable (or every one frozen).")
-        x, solved = solve_blocks(table[ids.to(table.device)] / n, rhs_group, damping=damping)
+        # (B / n + damping I) x = g  <=>  (B + n damping I) x = n g: no scaled copy of the blocks
+        # (the damping in the block diagnostics is therefore n times the method's damping)
+        x, solved = solve_blocks(table[ids.to(table.device)], rhs_group * n, damping=damping * n)
         for i, piece in zip(index, x.split([parts[i].shape[1] for i in index], dim=1)):
             steps[i] = piece.to(parts[i].dtype)
         result = solved if result is None else _merge(result, solved)
