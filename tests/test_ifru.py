@@ -245,3 +245,23 @@ def test_curvature_blocks_of_a_subset_equal_those_rows_of_all_blocks():
     some = curvature_blocks(model, dm.train_rows(), users=users, items=items, chunk_size=5)
     torch.testing.assert_close(some.users, every.users[users])
     torch.testing.assert_close(some.items, every.items[items])
+
+
+def test_a_failed_request_does_not_leave_a_downdated_cache(convex, monkeypatch):
+    """A failure after the cached curvature was downdated rolls model and data back; the cache must not
+    keep the downdate, or retrying the same request would subtract the deleted rows twice."""
+    from lightning_unlearn.unlearning.methods import ifru
+
+    model, retained, deleted, reference = convex
+    method = IFRU(damping=1e-10, solver="block")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("solver crashed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ifru, "_block_step", boom)
+        with pytest.raises(UnlearningError, match="solver crashed"):
+            method.unlearn(copy.deepcopy(model), retained, deleted)
+    retried = copy.deepcopy(model)
+    method.unlearn(retried, retained, deleted)
+    assert relative_error(retried, reference) < 1e-3

@@ -119,6 +119,13 @@ class IFRU(Unlearner):
 
     # ------------------------------------------------------------------ the update
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        try:
+            return self._update(model, retained, deleted, context)
+        except Exception:
+            self._blocks = None  # a failed request is rolled back: the cache may hold its downdate
+            raise
+
+    def _update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
         solver = ("cg" if _is_graph(model) else "block") if self.solver == "auto" else self.solver
         if solver == "block" and _is_graph(model):
             raise ValueError("solver='block' ignores the graph that couples LightGCN's rows; use solver='cg'")
