@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,13 @@ def _offline_wandb(tmp_path, monkeypatch):
 
     if wandb.run is not None:
         wandb.finish()
+
+
+@pytest.fixture
+def cli_run(monkeypatch, tmp_path):
+    """Run the CLI as the console script would, in a scratch folder (it writes config.yaml and runs/)."""
+    monkeypatch.setattr(sys, "argv", ["lightning-unlearn"])
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(autouse=True, scope="session")

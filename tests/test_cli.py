@@ -12,6 +12,8 @@ import yaml
 from lightning_unlearn.cli import main
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.usefixtures("cli_run")
+
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
 FIT_RECIPES = [p for p in RECIPES if not p.stem.startswith("compare_") and not p.stem.endswith("_ifru")]
 UNLEARN_RECIPES = [p for p in RECIPES if p.stem.endswith("_ifru")]
@@ -79,13 +81,6 @@ def test_sizes_are_linked_from_the_datamodule(tmp_path, capsys):
     recipe = write_synthetic_recipe(tmp_path / "r.yaml")
     main(["fit", "-c", str(recipe)])
     assert "test/recall@20" in capsys.readouterr().out
-
-
-@pytest.fixture(autouse=True)
-def _argv_and_cwd(monkeypatch, tmp_path):
-    """Run as the console script would, in a scratch folder (the CLI writes config.yaml and runs/)."""
-    monkeypatch.setattr(sys, "argv", ["lightning-unlearn"])
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.mark.parametrize(

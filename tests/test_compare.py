@@ -14,6 +14,8 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.data import Interactions
 from lightning_unlearn.unlearning import DeletionSpec
 
+pytestmark = pytest.mark.usefixtures("cli_run")
+
 SCHEMA = {
     "top": {"dataset": str, "model": str, "loss": str, "hardware": dict, "deletion": dict, "original": dict, "methods": list},
     "hardware": {"cpu": str, "threads": int, "device": str},
@@ -26,12 +28,6 @@ SCHEMA = {
     "completeness": ["gap_closed_rank", "gap_closed_score", "gap_closed_top20", "gap_closed_mia", "overlap@20",
                      "overlap@20_affected", "score_distance_rel", "param_distance_rel"],
 }
-
-
-@pytest.fixture(autouse=True)
-def _argv_and_cwd(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys, "argv", ["lightning-unlearn"])
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

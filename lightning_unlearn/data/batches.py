@@ -38,6 +38,15 @@ class TrainRows(Dataset):
         """The rows at ``rows`` (indices or a boolean mask)."""
         return TrainRows(self.users[rows], self.items[rows], self.negatives[rows])
 
+    def all_items(self) -> Tensor:
+        """Every item the rows' losses touch: positives, then negatives (flattened)."""
+        return torch.cat([self.items, self.negatives.reshape(-1)])
+
+    def concat(self, other: TrainRows) -> TrainRows:
+        """These rows followed by ``other``'s."""
+        return TrainRows(*(torch.cat([a, b]) for a, b in zip((self.users, self.items, self.negatives),
+                                                               (other.users, other.items, other.negatives))))
+
     def to(self, device: torch.device | str) -> TrainRows:
         """The same rows on ``device``."""
         return TrainRows(self.users.to(device), self.items.to(device), self.negatives.to(device))

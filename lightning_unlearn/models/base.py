@@ -13,10 +13,10 @@ from torch import Tensor
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.metrics.ranking import FullRankingMetrics
 
-__all__ = ["LOSSES", "Recommender"]
+__all__ = ["LOSSES", "OPTIMIZERS", "Recommender"]
 
 LOSSES = ("bpr", "bce")
-_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 class Recommender(pl.LightningModule):
@@ -61,8 +61,8 @@ class Recommender(pl.LightningModule):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"{type(self).__name__}(loss=...) must be one of {LOSSES}, got {loss!r}.")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"{type(self).__name__}(optimizer=...) must be one of {tuple(_OPTIMIZERS)}, got {optimizer!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"{type(self).__name__}(optimizer=...) must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}.")
         if num_users < 1 or num_items < 1:
             raise ValueError(f"{type(self).__name__} needs num_users >= 1 and num_items >= 1, got {num_users}, {num_items}.")
         if l2 < 0 or lr <= 0:
@@ -175,7 +175,7 @@ class Recommender(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return _OPTIMIZERS[self.hparams.optimizer](self.parameters(), lr=self.hparams.lr)
+        return OPTIMIZERS[self.hparams.optimizer](self.parameters(), lr=self.hparams.lr)
 
     def _ranking_step(self, batch: dict[str, Tensor], metric: FullRankingMetrics) -> None:
         if self._eval_repr is None:

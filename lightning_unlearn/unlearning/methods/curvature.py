@@ -83,7 +83,7 @@ def curvature_blocks(
     eye_u = torch.eye(du, dtype=torch.float64, device=users_out.device)
     eye_i = torch.eye(di, dtype=torch.float64, device=items_out.device)
     user_count = torch.bincount(rows.users, minlength=model.num_users)[user_ids].to(users_out)
-    item_count = torch.bincount(torch.cat([rows.items, rows.negatives.reshape(-1)]), minlength=model.num_items)[item_ids].to(items_out)
+    item_count = torch.bincount(rows.all_items(), minlength=model.num_items)[item_ids].to(items_out)
     users_out += model.l2 * user_count[:, None, None] * eye_u
     items_out += model.l2 * item_count[:, None, None] * eye_i
     return CurvatureBlocks(users_out, items_out)

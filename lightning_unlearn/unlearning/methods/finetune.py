@@ -7,12 +7,10 @@ from typing import Any, Literal
 import torch
 
 from lightning_unlearn.data.batches import EpochBatchSampler, TrainRows
-from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.base import OPTIMIZERS, Recommender
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
 
 __all__ = ["FineTune"]
-
-_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 class FineTune(Unlearner):
@@ -37,8 +35,8 @@ class FineTune(Unlearner):
     def __init__(self, epochs: int = 1, lr: float = 1e-3, optimizer: Literal["adamw", "adam", "sgd"] = "adamw", batch_size: int = 2048):
         if epochs < 1 or lr <= 0 or batch_size < 1:
             raise ValueError(f"FineTune needs epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}.")
-        if optimizer not in _OPTIMIZERS:
-            raise ValueError(f"FineTune(optimizer=...) must be one of {tuple(_OPTIMIZERS)}, got {optimizer!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"FineTune(optimizer=...) must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}.")
         self.epochs, self.lr, self.optimizer, self.batch_size = epochs, lr, optimizer, batch_size
 
     @property
@@ -46,7 +44,7 @@ class FineTune(Unlearner):
         return f"FineTune(epochs={self.epochs})"
 
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
-        optimizer = _OPTIMIZERS[self.optimizer](model.parameters(), lr=self.lr)
+        optimizer = OPTIMIZERS[self.optimizer](model.parameters(), lr=self.lr)
         sampler = EpochBatchSampler(retained, self.batch_size, seed=context.seed)
         losses = []
         for epoch in range(self.epochs):

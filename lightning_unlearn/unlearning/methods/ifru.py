@@ -132,7 +132,7 @@ class IFRU(Unlearner):
         users, items = _touched(deleted)
         users, items = self._prune(users, items, retained, deleted, model)
         users, items = _expand(users, items, retained, self.k_hop)
-        orphan_users, orphan_items = _orphans(users, retained.users), _orphans(items, _all_items(retained))
+        orphan_users, orphan_items = _orphans(users, retained.users), _orphans(items, retained.all_items())
         users, items = users[~torch.isin(users, orphan_users)], items[~torch.isin(items, orphan_items)]
         _reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
 
@@ -183,13 +183,11 @@ class IFRU(Unlearner):
         precompute = 0.0
         if self._blocks is None or not torch.equal(self._blocks[0], _fingerprint(model)):
             start = time.perf_counter()
-            every = TrainRows(*(torch.cat([a, b]) for a, b in zip((retained.users, retained.items, retained.negatives),
-                                                                      (deleted.users, deleted.items, deleted.negatives))))
-            self._blocks = (_fingerprint(model), curvature_blocks(model, every))
+            self._blocks = (_fingerprint(model), curvature_blocks(model, retained.concat(deleted)))
             precompute = time.perf_counter() - start
         # Downdate in place: the cache becomes the blocks of the retained rows, as the data now is.
         blocks = self._blocks[1]
-        users, items = torch.unique(deleted.users), torch.unique(_all_items(deleted))
+        users, items = torch.unique(deleted.users), torch.unique(deleted.all_items())
         removed = curvature_blocks(model, deleted, users=users, items=items)
         blocks.users[users] -= removed.users
         blocks.items[items] -= removed.items
@@ -222,13 +220,9 @@ class IFRU(Unlearner):
 
 
 # ---------------------------------------------------------------------- which rows move
-def _all_items(rows: TrainRows) -> Tensor:
-    return torch.cat([rows.items, rows.negatives.reshape(-1)])
-
-
 def _touched(deleted: TrainRows) -> tuple[Tensor, Tensor]:
     """Users and items whose embedding rows appear in the deleted rows' losses."""
-    return torch.unique(deleted.users), torch.unique(_all_items(deleted))
+    return torch.unique(deleted.users), torch.unique(deleted.all_items())
 
 
 def _expand(users: Tensor, items: Tensor, retained: TrainRows, hops: int) -> tuple[Tensor, Tensor]:
@@ -257,9 +251,7 @@ def _influence_with_spillover(model: Recommender, restricted: _Restricted, retai
     ``[sum_{deleted} loss(A) + sum_{affected} (loss(A) - loss(A'))] / n`` where the affected rows
     are the retained rows of users and items whose degree changed.
     """
-    every = TrainRows(*(torch.cat([a, b]) for a, b in zip((retained.users, retained.items, retained.negatives),
-                                                              (deleted.users, deleted.items, deleted.negatives))))
-    old_graph = normalized_adjacency(_as_table(every, model)).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
+    old_graph = normalized_adjacency(_as_table(retained.concat(deleted), model)).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
     changed_users, changed_items = torch.unique(deleted.users), torch.unique(deleted.items)
     affected = retained.select(torch.isin(retained.users, changed_users) | torch.isin(retained.items, changed_items))
     old = restricted.gradient(lambda: (model.loss(deleted[:], "sum") + model.loss(affected[:], "sum")) / n, {"adjacency": old_graph})
