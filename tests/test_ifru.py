@@ -10,6 +10,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning.methods.scope import touched
 
 
 def optimise_users(model: MF, rows) -> float:
@@ -220,7 +221,7 @@ def test_spillover_is_the_loss_change_of_affected_rows_through_the_new_graph():
     deleted = dm.remove(torch.tensor([0, 3]))
     retained = dm.train_rows()
     model.set_graph(dm.train)
-    users, items = ifru._touched(deleted)
+    users, items = touched(deleted)
     restricted = ifru._Restricted(model, users, items, include_dense=True)
     rhs = ifru._influence_with_spillover(model, restricted, retained, deleted, len(retained))
 

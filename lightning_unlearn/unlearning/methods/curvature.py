@@ -9,6 +9,7 @@ plus ``l2`` per occurrence of the row in the L2 term. Blocks are sums over rows 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import scatter_outer
 from lightning_unlearn.models.base import Recommender
 
-__all__ = ["CurvatureBlocks", "curvature_blocks"]
+__all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks"]
 
 
 @dataclass
@@ -102,3 +103,60 @@ def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) 
     keep = index >= 0
     if keep.any():
         out += scatter_outer(jacobians[keep], weights[keep], index[keep], out.shape[0]).double()
+
+
+class CachedCurvature:
+    """Curvature blocks of the retained rows, computed once per trained model and downdated per request.
+
+    The first request pays for the blocks over every training row (reported as precomputation);
+    each request subtracts its deleted rows' contribution in place, so the cache always holds
+    the blocks of the data as it now is. A method whose step is small calls :meth:`adopt` to
+    keep the blocks for the updated model; any other change of the parameters invalidates them.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model, cache = MF(2, 3, embedding_dim=2), CachedCurvature()
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([[2], [0]]))
+        >>> kept, gone = rows.select(torch.tensor([True, False])), rows.select(torch.tensor([False, True]))
+        >>> blocks, seconds = cache.retained(model, kept, gone)
+        >>> torch.allclose(blocks.users, curvature_blocks(model, kept).users)
+        True
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[Tensor, CurvatureBlocks] | None = None  # (fingerprint of the model, blocks)
+
+    def retained(self, model: Recommender, retained: TrainRows, deleted: TrainRows) -> tuple[CurvatureBlocks, float]:
+        """The blocks over ``retained``, and the seconds spent building the cache (0 when it was warm).
+
+        Args:
+            model: the model the blocks are taken at.
+            retained: the rows that remain.
+            deleted: the rows this request removes (subtracted from the cache).
+        """
+        precompute = 0.0
+        if self._entry is None or not torch.equal(self._entry[0], _fingerprint(model)):
+            start = time.perf_counter()
+            self._entry = (_fingerprint(model), curvature_blocks(model, retained.concat(deleted)))
+            precompute = time.perf_counter() - start
+        blocks = self._entry[1]
+        users, items = torch.unique(deleted.users), torch.unique(deleted.all_items())
+        removed = curvature_blocks(model, deleted, users=users, items=items)
+        blocks.users[users] -= removed.users
+        blocks.items[items] -= removed.items
+        return blocks, precompute
+
+    def adopt(self, model: Recommender) -> None:
+        """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
+        if self._entry is not None:
+            self._entry = (_fingerprint(model), self._entry[1])
+
+    def clear(self) -> None:
+        """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
+        self._entry = None
+
+
+def _fingerprint(model: Recommender) -> Tensor:
+    """A cheap checksum of every parameter: the cached blocks belong to this exact model."""
+    with torch.no_grad():
+        return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,16 @@ from lightning_unlearn.linalg import (
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.lightgcn import normalized_adjacency
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, curvature_blocks
+from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks
 from lightning_unlearn.unlearning.methods.functional import call_with
+from lightning_unlearn.unlearning.methods.scope import (
+    expand,
+    is_graph,
+    orphans,
+    reset_to_initialisation,
+    rows_touching,
+    touched,
+)
 
 __all__ = ["IFRU"]
 
@@ -109,7 +116,7 @@ class IFRU(Unlearner):
         self.damping, self.solver, self.curvature, self.gradient = damping, solver, curvature, gradient
         self.k_hop, self.keep_fraction, self.include_dense = k_hop, keep_fraction, include_dense
         self.tol, self.max_iter, self.direct_max = tol, max_iter, direct_max
-        self._blocks: tuple[Tensor, CurvatureBlocks] | None = None  # (fingerprint of the model, blocks over its rows)
+        self._curvature = CachedCurvature()
 
     @property
     def name(self) -> str:
@@ -122,25 +129,25 @@ class IFRU(Unlearner):
         try:
             return self._update(model, retained, deleted, context)
         except Exception:
-            self._blocks = None  # a failed request is rolled back: the cache may hold its downdate
+            self._curvature.clear()  # a failed request is rolled back: the cache may hold its downdate
             raise
 
     def _update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
-        solver = ("cg" if _is_graph(model) else "block") if self.solver == "auto" else self.solver
-        if solver == "block" and _is_graph(model):
+        solver = ("cg" if is_graph(model) else "block") if self.solver == "auto" else self.solver
+        if solver == "block" and is_graph(model):
             raise ValueError("solver='block' ignores the graph that couples LightGCN's rows; use solver='cg'")
-        users, items = _touched(deleted)
+        users, items = touched(deleted)
         users, items = self._prune(users, items, retained, deleted, model)
-        users, items = _expand(users, items, retained, self.k_hop)
-        orphan_users, orphan_items = _orphans(users, retained.users), _orphans(items, retained.all_items())
+        users, items = expand(users, items, retained, self.k_hop)
+        orphan_users, orphan_items = orphans(users, retained.users), orphans(items, retained.all_items())
         users, items = users[~torch.isin(users, orphan_users)], items[~torch.isin(items, orphan_items)]
-        _reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
+        reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
 
         restricted = _Restricted(model, users, items, self.include_dense)
-        if solver == "block" or _is_graph(model):
+        if solver == "block" or is_graph(model):
             rows = retained  # the block solver needs no rows here; a graph couples every row
         else:
-            rows = retained.select(_rows_touching(retained, users, items))
+            rows = retained.select(rows_touching(retained, users, items))
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {
             "kept_users": len(users), "kept_items": len(items), "reset_users": len(orphan_users),
@@ -150,7 +157,7 @@ class IFRU(Unlearner):
         if restricted.numel == 0:
             return diagnostics
         theta = restricted.values()
-        if self.gradient == "influence" and _is_graph(model):
+        if self.gradient == "influence" and is_graph(model):
             rhs = _influence_with_spillover(model, restricted, retained, deleted, n)
         elif self.gradient == "influence":
             rhs = restricted.gradient(lambda: model.loss(deleted[:], "sum") / n)
@@ -159,39 +166,23 @@ class IFRU(Unlearner):
         if not torch.isfinite(rhs).all():
             raise FloatingPointError("the right-hand side (gradient) is not finite")
         precompute = 0.0
-        if solver in ("block", "cg") and not _is_graph(model):
-            blocks, precompute = self._retained_blocks(model, retained, deleted)
+        if solver in ("block", "cg") and not is_graph(model):
+            blocks, precompute = self._curvature.retained(model, retained, deleted)
         if solver == "block":
             delta, result = _block_step(restricted, rhs, blocks, users, items, n, self.damping)
             solve = result.as_dict()
         elif solver == "direct":
             delta, solve = _direct_solve(self._matvec(model, restricted, rows, n, theta), rhs, self.damping, self.direct_max)
         else:
-            preconditioner = None if _is_graph(model) else restricted.block_preconditioner(blocks, users, items, n, self.damping)
+            preconditioner = None if is_graph(model) else restricted.block_preconditioner(blocks, users, items, n, self.damping)
             matvec = self._matvec(model, restricted, rows, n, theta)
             delta, result = conjugate_gradient(matvec, rhs, damping=self.damping, tol=self.tol, max_iter=self.max_iter,
                                                preconditioner=preconditioner)
             solve = result.as_dict()
         restricted.add_(delta)
-        if self._blocks is not None:  # the step is small: later requests reuse these blocks as they are
-            self._blocks = (_fingerprint(model), self._blocks[1])
+        self._curvature.adopt(model)  # the step is small: later requests reuse these blocks as they are
         return {**diagnostics, "precompute_seconds": precompute, **{f"solver/{k}": v for k, v in solve.items()}}
 
-    # ------------------------------------------------------------------ cached curvature
-    def _retained_blocks(self, model: Recommender, retained: TrainRows, deleted: TrainRows) -> tuple[CurvatureBlocks, float]:
-        """Blocks over the retained rows: cached over all rows once per trained model, minus the deleted rows."""
-        precompute = 0.0
-        if self._blocks is None or not torch.equal(self._blocks[0], _fingerprint(model)):
-            start = time.perf_counter()
-            self._blocks = (_fingerprint(model), curvature_blocks(model, retained.concat(deleted)))
-            precompute = time.perf_counter() - start
-        # Downdate in place: the cache becomes the blocks of the retained rows, as the data now is.
-        blocks = self._blocks[1]
-        users, items = torch.unique(deleted.users), torch.unique(deleted.all_items())
-        removed = curvature_blocks(model, deleted, users=users, items=items)
-        blocks.users[users] -= removed.users
-        blocks.items[items] -= removed.items
-        return blocks, precompute
 
     def _prune(self, users: Tensor, items: Tensor, retained: TrainRows, deleted: TrainRows, model: Recommender) -> tuple[Tensor, Tensor]:
         if self.keep_fraction >= 1.0:
@@ -220,27 +211,12 @@ class IFRU(Unlearner):
 
 
 # ---------------------------------------------------------------------- which rows move
-def _touched(deleted: TrainRows) -> tuple[Tensor, Tensor]:
-    """Users and items whose embedding rows appear in the deleted rows' losses."""
-    return torch.unique(deleted.users), torch.unique(deleted.all_items())
 
 
-def _expand(users: Tensor, items: Tensor, retained: TrainRows, hops: int) -> tuple[Tensor, Tensor]:
-    """Add neighbours through retained positives, ``hops`` times (vectorised)."""
-    for _ in range(hops):
-        new_items = retained.items[torch.isin(retained.users, users)]
-        new_users = retained.users[torch.isin(retained.items, items)]
-        users, items = torch.unique(torch.cat([users, new_users])), torch.unique(torch.cat([items, new_items]))
-    return users, items
 
 
-def _orphans(ids: Tensor, remaining: Tensor) -> Tensor:
-    """The ids with no retained row left: retraining leaves them at their initialisation."""
-    return ids[~torch.isin(ids, remaining)]
 
 
-def _rows_touching(rows: TrainRows, users: Tensor, items: Tensor) -> Tensor:
-    return torch.isin(rows.users, users) | torch.isin(rows.items, items) | torch.isin(rows.negatives, items).any(1)
 
 
 def _influence_with_spillover(model: Recommender, restricted: _Restricted, retained: TrainRows, deleted: TrainRows, n: int) -> Tensor:
@@ -264,22 +240,8 @@ def _as_table(rows: TrainRows, model: Recommender) -> Interactions:
     return Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
 
 
-def _is_graph(model: Recommender) -> bool:
-    return getattr(model, "adjacency", None) is not None
 
 
-def _reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
-    if not len(users) and not len(items):
-        return
-    state = torch.random.get_rng_state()
-    pl.seed_everything(seed, verbose=False)
-    fresh = model.fresh().to(model.device)
-    torch.random.set_rng_state(state)
-    groups, fresh_groups = model.parameter_groups(), fresh.parameter_groups()
-    with torch.no_grad():
-        for name, ids in (("user_embedding", users), ("item_embedding", items)):
-            for table, init in zip(groups[name], fresh_groups[name]):
-                table[ids.to(table.device)] = init[ids.to(init.device)]
 
 
 # ---------------------------------------------------------------------- restricted parameters
@@ -380,10 +342,6 @@ def _direct_solve(matvec, rhs: Tensor, damping: float, limit: int) -> tuple[Tens
 
 
 
-def _fingerprint(model: Recommender) -> Tensor:
-    """A cheap checksum of every parameter: the cached blocks belong to this exact model."""
-    with torch.no_grad():
-        return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()
 
 
 def _block_step(restricted: _Restricted, rhs: Tensor, blocks: CurvatureBlocks, users: Tensor, items: Tensor, n: int, damping: float):

@@ -1,0 +1,82 @@
+"""Which embedding rows an unlearning step moves, shared by the second-order methods.
+
+A deletion touches the users and items that appear in the deleted rows' losses (their
+positives and fixed negatives); a scope may grow by ``k`` hops through retained
+interactions. Users or items left with no retained row are *orphans*: retraining leaves them
+at their initialisation, so the methods reset them there instead of solving for them.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.models.base import Recommender
+
+__all__ = ["expand", "is_graph", "orphans", "reset_to_initialisation", "rows_touching", "touched"]
+
+
+def touched(deleted: TrainRows) -> tuple[Tensor, Tensor]:
+    """Users and items whose embedding rows appear in the deleted rows' losses (sorted, unique).
+
+    Example:
+        >>> rows = TrainRows(torch.tensor([2, 0]), torch.tensor([1, 1]), torch.tensor([[3], [4]]))
+        >>> [t.tolist() for t in touched(rows)]
+        [[0, 2], [1, 3, 4]]
+    """
+    return torch.unique(deleted.users), torch.unique(deleted.all_items())
+
+
+def expand(users: Tensor, items: Tensor, retained: TrainRows, hops: int) -> tuple[Tensor, Tensor]:
+    """Add neighbours through retained positives, ``hops`` times (vectorised).
+
+    Example:
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([5, 5]), torch.tensor([[6], [6]]))
+        >>> [t.tolist() for t in expand(torch.tensor([0]), torch.tensor([], dtype=torch.long), rows, 1)]
+        [[0], [5]]
+    """
+    for _ in range(hops):
+        new_items = retained.items[torch.isin(retained.users, users)]
+        new_users = retained.users[torch.isin(retained.items, items)]
+        users, items = torch.unique(torch.cat([users, new_users])), torch.unique(torch.cat([items, new_items]))
+    return users, items
+
+
+def orphans(ids: Tensor, remaining: Tensor) -> Tensor:
+    """The ``ids`` absent from ``remaining``: retraining leaves them at their initialisation.
+
+    Example:
+        >>> orphans(torch.tensor([1, 2, 3]), torch.tensor([2, 2])).tolist()
+        [1, 3]
+    """
+    return ids[~torch.isin(ids, remaining)]
+
+
+def rows_touching(rows: TrainRows, users: Tensor, items: Tensor) -> Tensor:
+    """Boolean mask of the rows whose loss involves one of ``users`` or ``items`` (negatives included)."""
+    return torch.isin(rows.users, users) | torch.isin(rows.items, items) | torch.isin(rows.negatives, items).any(1)
+
+
+def is_graph(model: Recommender) -> bool:
+    """Whether the model propagates over an interaction graph (its rows are coupled)."""
+    return getattr(model, "adjacency", None) is not None
+
+
+def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
+    """Set the embedding rows of ``users`` and ``items`` to what a fresh model from ``seed`` has.
+
+    The global RNG state is left as it was.
+    """
+    if not len(users) and not len(items):
+        return
+    state = torch.random.get_rng_state()
+    pl.seed_everything(seed, verbose=False)
+    fresh = model.fresh().to(model.device)
+    torch.random.set_rng_state(state)
+    groups, fresh_groups = model.parameter_groups(), fresh.parameter_groups()
+    with torch.no_grad():
+        for name, ids in (("user_embedding", users), ("item_embedding", items)):
+            for table, init in zip(groups[name], fresh_groups[name]):
+                table[ids.to(table.device)] = init[ids.to(init.device)]
