@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_unlearn.data.batches import CurrentTrainRows, EpochBatchSampler, RankingBatches, TrainRows
@@ -17,9 +22,14 @@ from lightning_unlearn.data.sources import DataSource
 from lightning_unlearn.data.splits import k_core as k_core_filter
 from lightning_unlearn.data.splits import leave_last_out, random_holdout
 
-__all__ = ["RecDataModule"]
+__all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint"]
 
 _SPLITS = ("random", "leave_last_out", "given")
+_FINGERPRINT_TAG = b"lightning_unlearn/data/v1\x00"
+
+
+class DataFingerprintMismatch(ValueError):
+    """Saved datamodule state (a checkpoint's removals) was recorded on other data; nothing was changed."""
 
 
 class RecDataModule(pl.LightningDataModule):
@@ -87,6 +97,7 @@ class RecDataModule(pl.LightningDataModule):
         self.train_negatives: torch.Tensor | None = None
         self._removed = _Removed.empty()
         self._restored: dict | None = None
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ loading
     def prepare_data(self) -> None:
@@ -112,12 +123,26 @@ class RecDataModule(pl.LightningDataModule):
             train, val = random_holdout(train, hp.val_fraction, hp.seed + 1)
         else:
             val = train.select(torch.zeros(len(train), dtype=torch.bool))
-        self.train, self.val, self.test = train, val, test
-        self.train_negatives = sample_negatives(train.users, train.items, train, hp.num_negatives, hp.seed)
+        negatives = sample_negatives(train.users, train.items, train, hp.num_negatives, hp.seed)
+        fingerprint = data_fingerprint(train, val, test, negatives)
+        if self._restored is not None:  # state loaded before the data: check it before taking anything
+            self._check_fingerprint(self._restored, fingerprint)
+        self.train, self.val, self.test, self.train_negatives = train, val, test, negatives
+        self._fingerprint = fingerprint
         self._removed = _Removed.empty()
         if self._restored is not None:
             restored, self._restored = self._restored, None
             self.load_state_dict(restored)
+
+    @property
+    def data_fingerprint(self) -> str:
+        """SHA-256 of the data as loaded, before any removal: id maps, splits and fixed negatives.
+
+        Saved with the removals in :meth:`state_dict`, so removals (and the model trained with
+        them) are never applied to other data. See :func:`data_fingerprint`.
+        """
+        self.setup()
+        return self._fingerprint
 
     # ------------------------------------------------------------------ deletions
     def train_rows(self) -> TrainRows:
@@ -140,17 +165,20 @@ class RecDataModule(pl.LightningDataModule):
             The removed training rows with their negatives.
 
         Raises:
-            IndexError: if a row index is outside the training split.
+            IndexError: if a row index is outside ``[0, len(train))`` (negative indices are
+                refused), a boolean mask is not of the training split's length, or a user or
+                item index is outside ``[0, num_users)`` / ``[0, num_items)``.
+            TypeError: if ``rows`` is neither integer nor boolean, or ``users``/``items`` are not integers.
         """
         self.setup()
-        empty = torch.zeros(0, dtype=torch.long)
-        users = empty if users is None else users.long()
-        items = empty if items is None else items.long()
-        rows = rows.long()
-        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(self.train)):
-            raise IndexError(f"row indices must be in [0, {len(self.train)}) of the training split.")
-        gone = torch.zeros(len(self.train), dtype=torch.bool)
-        gone[rows] = True
+        rows = self.train.check_rows(rows)
+        users = _indices(users, self.train.num_users, "users")
+        items = _indices(items, self.train.num_items, "items")
+        if rows.dtype == torch.bool:
+            gone = rows.clone()
+        else:
+            gone = torch.zeros(len(self.train), dtype=torch.bool)
+            gone[rows] = True
         gone |= _touches(self.train, users, items)
         removed = TrainRows(self.train.users[gone], self.train.items[gone], self.train_negatives[gone])
         train, val, test = self.train.select(~gone), *(t.select(~_touches(t, users, items)) for t in (self.val, self.test))
@@ -187,20 +215,70 @@ class RecDataModule(pl.LightningDataModule):
             raise
 
     def state_dict(self) -> dict:
-        """What was removed (as index keys, never raw ids), so a restored run removes it again."""
-        return self._removed.as_dict() if self.train is not None else (self._restored or {})
+        """What was removed (as index keys, never raw ids) and the data's fingerprint, so a restored
+        run removes it again from the same data; plain values and tensors (``weights_only`` loads it)."""
+        if self.train is None:
+            return self._restored or {}
+        return {"fingerprint": self._fingerprint, **self._removed.as_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Re-apply the removals recorded by :meth:`state_dict` to freshly loaded data."""
+        """Re-apply the removals recorded by :meth:`state_dict` to freshly loaded data.
+
+        Args:
+            state: what :meth:`state_dict` returned (e.g. from a checkpoint).
+
+        Raises:
+            DataFingerprintMismatch: the state was recorded on other data (another file, split,
+                seed or negatives); nothing was changed. Before :meth:`setup`, the check runs
+                when the data is loaded.
+        """
         if not state:
             return
         if self.train is None:
             self._restored = state
             return
+        self._check_fingerprint(state, self._fingerprint)
         keys = state["train_keys"]
         already = self._removed.train_keys
         keys = keys[~torch.isin(keys, already)]
         self.remove(torch.nonzero(torch.isin(self.train.keys, keys)).flatten(), state["users"], state["items"])
+
+    def check_state_dict(self, state: dict | None) -> None:
+        """Raise :class:`DataFingerprintMismatch` if ``state`` was recorded on other data (loads the data).
+
+        Call it before changing anything else (e.g. the model's weights) that depends on the state.
+
+        Example:
+            >>> from lightning_unlearn.data.sources import Synthetic
+            >>> dm = RecDataModule(Synthetic(seed=0))
+            >>> other = RecDataModule(Synthetic(seed=1))
+            >>> other.check_state_dict({"fingerprint": dm.data_fingerprint})  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+              ...
+            lightning_unlearn.data.datamodule.DataFingerprintMismatch: ...
+        """
+        if state:
+            self._check_fingerprint(state, self.data_fingerprint)
+
+    def _check_fingerprint(self, state: dict, mine: str) -> None:
+        saved = state.get("fingerprint")
+        if saved is None:
+            rank_zero_warn(
+                "The saved RecDataModule state has no data fingerprint (written by an older version of "
+                "lightning_unlearn): its removals cannot be checked against the data loaded now."
+            )
+            return
+        if saved != mine:
+            hp = self.hparams
+            settings = ", ".join(f"{k}={hp[k]!r}" for k in ("split", "test_fraction", "val_fraction", "k_core", "num_negatives", "seed"))
+            raise DataFingerprintMismatch(
+                f"The saved datamodule state (e.g. a checkpoint's) was recorded on other data: its data fingerprint is "
+                f"{saved}, but this RecDataModule ({type(self.source).__name__}, {settings}) loads data with fingerprint "
+                f"{mine}. Its removals are row keys of that data and would remove the wrong rows here, and a model "
+                f"trained on it does not fit this data. Load it with the same data and datamodule settings it was saved "
+                f"with (same source files, split, fractions, k_core, num_negatives and seed), or use a checkpoint "
+                f"trained on this data."
+            )
 
     @property
     def num_users(self) -> int:
@@ -231,6 +309,47 @@ class RecDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         return self._ranking(self.test, [self.train, self.val])
+
+
+def data_fingerprint(train: Interactions, val: Interactions, test: Interactions, negatives: torch.Tensor) -> str:
+    """SHA-256 of a datamodule's data: the id maps, the rows of each split in order, and the negatives.
+
+    Layout: ``b"lightning_unlearn/data/v1\\0"``; each id map as its kind (``b"i"`` for integers,
+    then little-endian int64 values; ``b"s"`` for strings, then their UTF-8 JSON list), prefixed
+    by its length; then for train, validation and test the keys ``user * num_items + item`` and
+    then the negatives, each as a length and little-endian int64 values. Raw ids enter only the
+    hash, which is what the checkpoint stores.
+
+    Example:
+        >>> t = Interactions.from_raw([1, 2], [5, 5])
+        >>> len(data_fingerprint(t, t.select(torch.tensor([], dtype=torch.long)), t, torch.zeros(2, 1, dtype=torch.long)))
+        64
+    """
+    h = hashlib.sha256(_FINGERPRINT_TAG)
+    for ids in (train.user_ids, train.item_ids):
+        if ids.dtype.kind in "iu":
+            h.update(b"i" + struct.pack("<q", len(ids)) + np.asarray(ids).astype("<i8").tobytes())
+        else:
+            text = json.dumps([str(v) for v in ids.tolist()], ensure_ascii=False).encode("utf-8", "surrogatepass")
+            h.update(b"s" + struct.pack("<qq", len(ids), len(text)) + text)
+    for section in (train.keys, val.keys, test.keys, negatives.reshape(-1)):
+        h.update(struct.pack("<q", section.numel()) + section.cpu().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def _indices(values: Any, size: int, what: str) -> torch.Tensor:
+    """``users``/``items`` of :meth:`RecDataModule.remove` as long indices in ``[0, size)``, or an error."""
+    if values is None:
+        return torch.zeros(0, dtype=torch.long)
+    values = torch.as_tensor(values)
+    if values.numel() == 0:
+        return values.reshape(-1).long()
+    if values.dtype == torch.bool or values.dtype.is_floating_point or values.dtype.is_complex:
+        raise TypeError(f"remove({what}=...) takes integer indices, got a {values.dtype} tensor.")
+    values = values.reshape(-1).long()
+    if int(values.min()) < 0 or int(values.max()) >= size:
+        raise IndexError(f"remove({what}=...) indices must be in [0, {size}), got {values[(values < 0) | (values >= size)][:5].tolist()}.")
+    return values
 
 
 def _touches(table: Interactions, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

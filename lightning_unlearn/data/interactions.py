@@ -183,7 +183,18 @@ class Interactions:
 
     # ----------------------------------------------------------------- subsets
     def select(self, rows: Tensor) -> Interactions:
-        """The rows at ``rows`` (indices or a boolean mask), with the same id maps."""
+        """The rows at ``rows`` (indices or a boolean mask), with the same id maps.
+
+        Args:
+            rows: a 1-D integer tensor of row indices in ``[0, len(self))`` (repeats allowed,
+                order kept) or a boolean mask of length ``len(self)``.
+
+        Raises:
+            IndexError: if an index is outside ``[0, len(self))`` (negative indices are refused,
+                never read from the end), or a mask has the wrong length, or ``rows`` is not 1-D.
+            TypeError: if ``rows`` is neither integer nor boolean.
+        """
+        rows = self.check_rows(rows)
         return Interactions(
             users=self.users[rows],
             items=self.items[rows],
@@ -194,14 +205,57 @@ class Interactions:
         )
 
     def without(self, rows: Tensor) -> tuple[Interactions, Interactions]:
-        """Split off ``rows`` (indices or a boolean mask).
+        """Split off ``rows`` (indices or a boolean mask); this table is not changed.
+
+        Args:
+            rows: row indices in ``[0, len(self))`` (repeats are folded) or a boolean mask of
+                length ``len(self)``.
 
         Returns:
-            ``(retained, removed)``, both with the same id maps as this table.
+            ``(retained, removed)``, both in this table's row order and with its id maps.
+
+        Raises:
+            IndexError: if an index is outside ``[0, len(self))`` (a negative index never means
+                "from the end": ``-1`` is what lookups return for unknown ids), a mask has the
+                wrong length, or ``rows`` is not 1-D.
+            TypeError: if ``rows`` is neither integer nor boolean.
         """
-        mask = torch.zeros(len(self), dtype=torch.bool)
-        mask[rows] = True
+        rows = self.check_rows(rows)
+        if rows.dtype == torch.bool:
+            mask = rows
+        else:
+            mask = torch.zeros(len(self), dtype=torch.bool, device=rows.device)
+            mask[rows] = True
         return self.select(~mask), self.select(mask)
+
+    def check_rows(self, rows: Tensor | Sequence[int]) -> Tensor:
+        """``rows`` as a tensor of valid row indices or a valid boolean mask, or an error.
+
+        Raises:
+            IndexError: an index outside ``[0, len(self))``, a mask not of length ``len(self)``,
+                or not 1-D.
+            TypeError: neither integer nor boolean.
+        """
+        rows = torch.as_tensor(rows)
+        if rows.numel() == 0 and rows.dtype != torch.bool:
+            rows = rows.long()  # `[]` arrives as a float tensor
+        n = len(self)
+        if rows.dtype == torch.bool:
+            if rows.shape != (n,):
+                raise IndexError(f"a boolean row mask must be 1-D of length {n} (the table's rows), got shape {tuple(rows.shape)}.")
+            return rows
+        if rows.dtype.is_floating_point or rows.dtype.is_complex:
+            raise TypeError(f"rows must be integer indices or a boolean mask, got a {rows.dtype} tensor.")
+        if rows.dim() != 1:
+            raise IndexError(f"row indices must be a 1-D tensor, got shape {tuple(rows.shape)}.")
+        rows = rows.long()
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            bad = rows[(rows < 0) | (rows >= n)]
+            raise IndexError(
+                f"row indices must be in [0, {n}) (the table's rows; negative indices are not accepted), "
+                f"got {len(bad)} outside: {bad[:5].tolist()}."
+            )
+        return rows
 
     def binarize(self, threshold: float) -> Interactions:
         """Keep rows whose rating is at least ``threshold`` (implicit positives)."""

@@ -517,12 +517,12 @@ class DeletionRequest:
 _Parsed = tuple[list[tuple[RawId, RawId]], list[RawId], list[RawId]]
 
 
-def _file_error(path: Path, line: int | None, problem: str) -> InvalidDeletionRequest:
+def _file_error(path: Path, line: int | str | None, problem: str) -> InvalidDeletionRequest:
     where = f"{path}, line {line}" if line is not None else str(path)
     return InvalidDeletionRequest(f"{where}: {problem}. {_FILE_FORMS}")
 
 
-def _file_id(path: Path, line: int, column: str, value: Any) -> RawId:
+def _file_id(path: Path, line: int | str, column: str, value: Any) -> RawId:
     """One id of a requests file as a raw id, or an error naming the path and line."""
     if isinstance(value, str) and not value.strip():
         raise _file_error(path, line, f"empty `{column}` id")
@@ -549,7 +549,7 @@ def _read_text(path: Path) -> str:
         raise _file_error(path, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _csv_header(path: Path, line: int, fields: list[str]) -> list[str]:
+def _csv_header(path: Path, line: int | str, fields: list[str]) -> list[str]:
     columns = [f.lower() for f in fields]
     unknown = [f for f, c in zip(fields, columns) if c not in ("user", "item")]
     if unknown:
@@ -563,9 +563,12 @@ def _read_csv(path: Path) -> _Parsed:
     parsed: _Parsed = ([], [], [])
     header: list[str] | None = None
     reader = csv.reader(_read_text(path).split("\n"))
+    end = 0
     try:
         for fields in reader:
-            line = reader.line_num
+            # A record starts on the line after the previous one ended; a quoted field may run on.
+            start, end = end + 1, reader.line_num
+            line: int | str = start if end == start else f"{start} (a quoted field runs on to line {end}: is a quote left open?)"
             fields = [f.strip() for f in fields]
             if not any(fields):
                 continue
@@ -577,7 +580,7 @@ def _read_csv(path: Path) -> _Parsed:
                 raise _file_error(path, line, f"{_plural(len(fields), 'field')}, {expected}")
             _collect({c: _file_id(path, line, c, v) for c, v in zip(header, fields)}, parsed)
     except csv.Error as err:
-        raise _file_error(path, reader.line_num, f"malformed CSV ({err})") from None
+        raise _file_error(path, end + 1, f"malformed CSV ({err})") from None
     if header is None:
         raise _file_error(path, None, "no header line")
     return parsed
