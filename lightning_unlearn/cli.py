@@ -122,10 +122,14 @@ def _load_checkpoint(path: str, model: Recommender, datamodule: RecDataModule) -
     """Load weights into ``model`` and re-apply recorded removals to ``datamodule``.
 
     Reads Lightning checkpoints and the callback's unlearned checkpoints alike (``weights_only``).
+    A checkpoint recorded on other data than ``datamodule`` loads raises
+    :class:`~lightning_unlearn.data.datamodule.DataFingerprintMismatch` before the model or the
+    data change.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["state_dict"])
     removals = state.get("datamodule_state") or state.get(type(datamodule).__qualname__)
+    datamodule.check_state_dict(removals)
+    model.load_state_dict(state["state_dict"])
     if removals:
         datamodule.load_state_dict(removals)
     datamodule.setup()

@@ -18,12 +18,12 @@ from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import Journal
+from lightning_unlearn.unlearning.journal import Journal, fsync_directory
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, UnlearningError, UnlearningReport, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest
 
-__all__ = ["UnlearningCallback", "save_checkpoint"]
+__all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
 
 _WHEN = ("train_end", "epoch_end")
 _MISSING = ("error", "ignore")
@@ -37,9 +37,16 @@ class UnlearningCallback(pl.Callback):
     datamodule (graph models get the new graph), run the method on the trainer's root device,
     evaluate utility on validation and test, log counts, digest, timings, diagnostics and
     utility through ``trainer.loggers`` (never raw ids), save a checkpoint with the unlearned
-    weights (temp file, then rename), and journal ``applied``. If the method fails, model and
-    datamodule are restored, the journal says ``failed`` with the reason, and the error
-    propagates.
+    weights (temp file, fsync, rename), and journal ``applied``. If anything fails before the
+    checkpoint is on disk (the method, the evaluation, the write, an interrupt), model,
+    datamodule and queue are restored, the journal says ``failed`` with the reason, and the
+    error propagates.
+
+    Exactly once: a request is recognised by its content (:func:`request_fingerprint`), and
+    the fingerprints of the applied requests travel in every checkpoint with the model and the
+    datamodule's removals, so a run resumed from a checkpoint skips what that checkpoint holds
+    and applies the rest. After a crash, :func:`recover` tidies the folder (partial files,
+    interrupted journal entries) and names the checkpoint to resume from.
 
     Args:
         method: the :class:`~lightning_unlearn.unlearning.methods.Unlearner` to run.
@@ -173,6 +180,8 @@ class UnlearningCallback(pl.Callback):
         recipe = recipe or FitRecipe()
         seed = self.seed if seed is None else seed
         context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
+        if self._queue and is_global_zero and self.dirpath is not None:
+            recover(self.dirpath)  # a previous process may have died mid-request
         done = []
         while self._queue:
             report = self._apply_next(model, datamodule, context, loggers, is_global_zero)
@@ -181,7 +190,14 @@ class UnlearningCallback(pl.Callback):
         return done
 
     def _apply_next(self, model, datamodule, context, loggers, is_global_zero) -> UnlearningReport | None:
-        """Apply the head of the queue; it leaves the queue only once applied (or a repeat)."""
+        """Apply the head of the queue as one transaction.
+
+        The request counts as applied once the checkpoint holding its effect is on disk (rank
+        zero) or the method has run (other ranks). Anything that fails before that -- the method,
+        the evaluation, writing the checkpoint, an interrupt -- restores the model, the datamodule
+        and the queue, and journals ``failed``; a process killed before that leaves the journal at
+        ``pending`` and the previous checkpoint as the state to resume from (see :func:`recover`).
+        """
         request = self._queue[0]
         fingerprint = request_fingerprint(request)
         if fingerprint in self._applied:
@@ -189,35 +205,45 @@ class UnlearningCallback(pl.Callback):
             return None
         resolved = request.resolve(datamodule.train, missing=self.missing)
         index = len(self._applied)
+        checkpoint = self.dirpath / f"unlearned-{index:04d}-{resolved.digest[:12]}.ckpt" if is_global_zero else None
         summary = {**resolved.summary(), "method": self.method.name, "request": index}
         journal = self.journal if is_global_zero else None
         if journal:
-            journal.append(status="pending", **summary)
+            journal.append(status="pending", checkpoint=str(checkpoint), **summary)
         start = time.perf_counter()
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         try:
-            with datamodule.transaction():  # a failure restores the data; unlearn() restores the model
+            with datamodule.transaction():  # a failure restores the data
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
                 model.set_graph(datamodule.train)
                 report = self.method.unlearn(model, datamodule.train_rows(), deleted, context)
-        except Exception as err:
+                utility = self._utility(model, datamodule) if self.evaluate else {}
+                self._applied.append(fingerprint)
+                self._queue.pop(0)
+                try:
+                    if checkpoint is not None:  # it holds the callback's state *after* this request
+                        save_checkpoint(checkpoint, model, datamodule, self)
+                except BaseException:
+                    self._applied.pop()
+                    self._queue.insert(0, request)
+                    raise
+        except BaseException as err:
+            with torch.no_grad():
+                model.load_state_dict(before)
             model.set_graph(datamodule.train)
             if journal:
-                journal.append(status="failed", reason=str(err), seconds=time.perf_counter() - start, **summary)
+                reason = str(err) or type(err).__name__
+                journal.append(status="failed", reason=reason, seconds=time.perf_counter() - start, **summary)
             raise
-        self._applied.append(fingerprint)
-        self._queue.pop(0)
-        utility = self._utility(model, datamodule) if self.evaluate else {}
-        checkpoint = None
+        self.reports.append(report)
+        if journal:
+            journal.append(status="applied", seconds=report.seconds, checkpoint=str(checkpoint),
+                           total_seconds=time.perf_counter() - start, **summary)
         if is_global_zero:
-            checkpoint = self.dirpath / f"unlearned-{index:04d}-{resolved.digest[:12]}.ckpt"
-            save_checkpoint(checkpoint, model, datamodule, self)
             metrics = {"unlearn/request": index, "unlearn/seconds": report.seconds, "unlearn/rows_removed": report.rows_removed,
                        **{f"unlearn/{k}": v for k, v in utility.items()}, **_scalars(report.diagnostics, "unlearn/diag/")}
             for logger in loggers:  # no explicit step: training may already have logged past `index`
                 logger.log_metrics(metrics)
-            journal.append(status="applied", seconds=report.seconds, checkpoint=str(checkpoint),
-                           total_seconds=time.perf_counter() - start, **summary)
-        self.reports.append(report)
         return report
 
     def _utility(self, model: Recommender, datamodule: RecDataModule) -> dict[str, float]:
@@ -238,9 +264,22 @@ class UnlearningCallback(pl.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the applied fingerprints and the pending requests (a checkpoint's ``unlearning`` entry).
+
+        The queue becomes the state's pending requests, then the ones queued here that are
+        neither among them nor already applied (same content, :func:`request_fingerprint`), so
+        the requests given again on a restart are not listed twice.
+        """
         self._applied = list(state_dict.get("applied", []))
         restored = [DeletionRequest(**spec) for spec in state_dict.get("pending", [])]
-        self._queue = restored + [r for r in self._queue if r not in restored]
+        seen = set(self._applied)
+        queue = []
+        for request in restored + self._queue:
+            fingerprint = request_fingerprint(request)
+            if fingerprint not in seen:
+                seen.add(fingerprint)
+                queue.append(request)
+        self._queue = queue
 
 
 def check_environment(trainer: pl.Trainer | None, model: Any, datamodule: Any) -> None:
@@ -277,11 +316,66 @@ def request_fingerprint(request: DeletionRequest) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:
-    """Write an unlearned checkpoint atomically (temp file in the same folder, fsync, rename).
+def recover(dirpath: str | os.PathLike) -> Path | None:
+    """Tidy an unlearning folder after a crash and name the checkpoint to resume from.
 
-    The file loads with ``ModelClass.load_from_checkpoint(path)`` and holds the datamodule's
-    removals and the callback's state, so a restart neither forgets nor repeats a request.
+    Removes the partial checkpoints (``.unlearned-*.tmp``) a killed process left, and closes
+    every request the journal still shows ``pending``: as ``applied`` (``recovered: true``)
+    when its checkpoint was completely written (the rename is atomic), else as ``failed`` with
+    the reason ``interrupted``, so it is applied again when queued. Safe to call any time no
+    other process is applying requests into this folder (the callback calls it first).
+
+    Args:
+        dirpath: the callback's folder (journal and checkpoints).
+
+    Returns:
+        The checkpoint of the last applied request (:meth:`Journal.last_checkpoint`), or
+        ``None`` when nothing was applied yet (resume from the trained model then).
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = Journal(f"{folder}/journal.jsonl").append(digest="ab12", status="pending", checkpoint=f"{folder}/gone.ckpt")
+        >>> recover(folder) is None, Journal(f"{folder}/journal.jsonl").status()
+        (True, {'ab12': 'failed'})
+    """
+    dirpath = Path(dirpath)
+    for partial in dirpath.glob(".unlearned-*.tmp"):
+        partial.unlink(missing_ok=True)
+    journal = Journal(dirpath / "journal.jsonl")
+    for entry in journal.interrupted():
+        fields = {k: v for k, v in entry.items() if k not in ("time", "digest", "status", "reason", "recovered")}
+        checkpoint = entry.get("checkpoint")
+        if checkpoint and Path(checkpoint).is_file():
+            journal.append(entry["digest"], "applied", recovered=True, **fields)
+        else:
+            fields.pop("checkpoint", None)
+            journal.append(entry["digest"], "failed", recovered=True, **fields,
+                           reason="interrupted: the process stopped before the checkpoint holding this request was "
+                                  "written; the request is applied again when it is queued")
+    return journal.last_checkpoint()
+
+
+def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:
+    """Write an unlearned checkpoint atomically (temp file in the same folder, fsync, rename, fsync the folder).
+
+    The file loads with ``ModelClass.load_from_checkpoint(path)`` and with
+    ``torch.load(path, weights_only=True)`` (plain values and tensors only), and holds the
+    datamodule's removals with the data fingerprint and the callback's state, so a restart
+    neither forgets nor repeats a request. A killed process leaves at most a hidden
+    ``.unlearned-*.tmp`` file, which :func:`recover` removes; never a partial ``.ckpt``.
+
+    Args:
+        path: where to write the checkpoint.
+        model: the recommender.
+        datamodule: its datamodule (set up).
+        callback: the callback whose state goes into the checkpoint.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: the file could not be written (no partial file is left).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +396,7 @@ def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: Rec
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
     return path
 
 
