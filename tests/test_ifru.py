@@ -10,6 +10,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning.methods.curvature import CachedCurvature
 from lightning_unlearn.unlearning.methods.scope import touched
 
 
@@ -266,3 +267,52 @@ def test_a_failed_request_does_not_leave_a_downdated_cache(convex, monkeypatch):
     retried = copy.deepcopy(model)
     method.unlearn(retried, retained, deleted)
     assert relative_error(retried, reference) < 1e-3
+
+
+def test_cached_factors_are_reused_while_fresh_and_exact_at_zero_tolerance():
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.6, seed=4), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.5, init_std=0.5).double()
+    rows = dm.train_rows()
+    cache, ids, eye = CachedCurvature(), torch.arange(dm.num_users), torch.eye(3, dtype=torch.float64)
+    blocks, _ = cache.retained(model, rows, rows.select(torch.zeros(len(rows), dtype=torch.bool)))
+    first, result, refactored = cache.factors("users", ids, 0.1, tolerance=0.5)
+    assert refactored == len(ids) and result.failed_blocks == 0
+    torch.testing.assert_close(first @ first.mT, blocks.users + 0.1 * eye)
+    # delete one row of user u: only u's block changes, by a known fraction of its trace
+    u = int(rows.users[0])
+    trace_before = torch.diagonal(blocks.users[u]).sum()
+    keep = torch.ones(len(rows), dtype=torch.bool)
+    keep[0] = False
+    cache.retained(model, rows.select(keep), rows.select(~keep))
+    drift = float(1 - torch.diagonal(blocks.users[u]).sum() / trace_before)
+    assert 0.01 < drift < 0.5
+    reused, _, refactored = cache.factors("users", ids, 0.1, tolerance=2 * drift)
+    assert refactored == 0 and torch.equal(reused, first)  # stale by less than the tolerance: reused
+    refreshed, _, refactored = cache.factors("users", ids, 0.1, tolerance=drift / 2)
+    assert refactored == 1 and not torch.equal(refreshed[u], first[u])  # only u drifted past it
+    exact, _, refactored = cache.factors("users", ids, 0.1, tolerance=0.0)
+    assert refactored == len(ids)
+    torch.testing.assert_close(exact @ exact.mT, blocks.users + 0.1 * eye)
+    _, _, refactored = cache.factors("users", ids, 0.3, tolerance=0.5)
+    assert refactored == len(ids)  # a new damping invalidates every factor
+
+
+def test_stale_factors_change_a_later_step_by_about_the_tolerance():
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+    steps, reports = {}, {}
+    for tolerance in (0.0, 0.05):
+        data, unlearned, method = copy.deepcopy(dm), copy.deepcopy(model), IFRU(damping=1e-6, solver="block", refactor_tolerance=tolerance)
+        for rows in (torch.tensor([0, 40]), torch.tensor([3, 77])):  # a second request reuses the first's factors
+            before = torch.cat([unlearned.user_embedding.weight, unlearned.item_embedding.weight]).detach().clone()
+            deleted = data.remove(rows)
+            reports[tolerance] = method.unlearn(unlearned, data.train_rows(), deleted).diagnostics
+        steps[tolerance] = torch.cat([unlearned.user_embedding.weight, unlearned.item_embedding.weight]).detach() - before
+    assert reports[0.0]["solver/refactored_blocks"] == reports[0.0]["solver/num_blocks"]
+    assert reports[0.05]["solver/refactored_blocks"] < reports[0.05]["solver/num_blocks"]
+    error = (steps[0.05] - steps[0.0]).norm() / steps[0.0].norm()
+    assert 0 < error < 0.05  # 0.016 here; at tolerance 0.2 it is 0.26: a heuristic, measured, not a bound

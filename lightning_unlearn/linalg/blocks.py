@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["BlockPreconditioner", "BlockSolveResult", "scatter_outer", "solve_blocks"]
+__all__ = ["BlockPreconditioner", "BlockSolveResult", "factor_blocks", "scatter_outer", "solve_blocks", "solve_factored"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (rows, d, d) intermediate of scatter_outer (64 MiB in float32)
 
@@ -140,6 +140,21 @@ class BlockSolveResult:
     block_damping: Tensor = field(repr=False)
     failed_mask: Tensor = field(repr=False)
 
+    @classmethod
+    def from_damping(cls, block_damping: Tensor, failed_mask: Tensor, requested: float | Tensor) -> BlockSolveResult:
+        """The result of blocks factored with ``block_damping`` where ``requested`` was asked for."""
+        lam, failed = block_damping, failed_mask
+        requested = torch.as_tensor(requested, dtype=lam.dtype, device=lam.device).expand_as(lam)
+        ok = ~failed
+        return cls(
+            num_blocks=len(lam),
+            damped_blocks=int((ok & (lam > requested)).sum()),
+            failed_blocks=int(failed.sum()),
+            max_damping=float(lam[ok].max()) if ok.any() else float(requested.max()) if len(lam) else 0.0,
+            block_damping=lam,
+            failed_mask=failed,
+        )
+
     def as_dict(self) -> dict[str, int | float]:
         """The plain counts (no tensors), for logs and reports."""
         return {"num_blocks": self.num_blocks, "damped_blocks": self.damped_blocks,
@@ -188,11 +203,65 @@ def solve_blocks(
         raise ValueError(f"rhs must be (n, d) or (n, d, k) with (n, d) = {tuple(blocks.shape[:2])}, got {tuple(rhs.shape)}.")
     dtype = torch.promote_types(blocks.dtype, rhs.dtype)
     factors, lam, failed = _factor(blocks.to(dtype), damping, max_tries, growth)
-    x = torch.cholesky_solve((rhs.unsqueeze(-1) if rhs.dim() == 2 else rhs).to(dtype), factors)
+    x, failed = solve_factored(factors, rhs.to(dtype), failed)
+    return x, BlockSolveResult.from_damping(lam, failed, damping)
+
+
+def factor_blocks(
+    blocks: Tensor, *, damping: float | Tensor, max_tries: int = 8, growth: float = 10.0
+) -> tuple[Tensor, BlockSolveResult]:
+    """Cholesky factors of ``B_i + damping_i I`` for all blocks, with :func:`solve_blocks`' escalation.
+
+    For solving many right-hand sides, or caching: ``torch.cholesky_solve(rhs, factors)``
+    then applies ``(B_i + damping_i I)^-1``. Failed blocks get an identity factor and are
+    marked in ``result.failed_mask`` (callers zero their solutions).
+
+    Args:
+        blocks: ``(n, d, d)`` symmetric blocks (only the lower triangle is factored).
+        damping: ``>= 0``, a number or an ``(n,)`` tensor.
+        max_tries: factorisation attempts per block, ``>= 1``.
+        growth: factor applied to a failed block's damping, ``> 1``.
+
+    Returns:
+        ``(factors, result)``: lower-triangular ``(n, d, d)`` factors and what they needed.
+
+    Raises:
+        ValueError: as :func:`solve_blocks`.
+
+    Example:
+        >>> factors, result = factor_blocks(torch.eye(2).repeat(3, 1, 1) * 3.0, damping=1.0)
+        >>> torch.cholesky_solve(torch.ones(3, 2, 1), factors).squeeze(-1)[0]
+        tensor([0.2500, 0.2500])
+    """
+    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+        raise ValueError(f"blocks must be (n, d, d), got shape {tuple(blocks.shape)}.")
+    factors, lam, failed = _factor(blocks, damping, max_tries, growth)
+    return factors, BlockSolveResult.from_damping(lam, failed, damping)
+
+
+def solve_factored(factors: Tensor, rhs: Tensor, failed: Tensor) -> tuple[Tensor, Tensor]:
+    """Apply factored block inverses (from :func:`factor_blocks`) to ``(n, d)`` or ``(n, d, k)`` right-hand sides.
+
+    Blocks marked in ``failed``, or whose solution is not finite, get 0 (never NaN).
+
+    Args:
+        factors: ``(n, d, d)`` lower-triangular Cholesky factors.
+        rhs: right-hand sides, in the factors' dtype.
+        failed: ``(n,)`` bool, blocks without a usable factor.
+
+    Returns:
+        ``(x, failed)``: the solutions and the updated failed mask.
+
+    Example:
+        >>> factors, result = factor_blocks(torch.eye(2).repeat(2, 1, 1), damping=1.0)
+        >>> solve_factored(factors, torch.ones(2, 2), result.failed_mask)[0]
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    x = torch.cholesky_solve(rhs.unsqueeze(-1) if rhs.dim() == 2 else rhs, factors)
     x = x.squeeze(-1) if rhs.dim() == 2 else x
     failed = failed | ~torch.isfinite(x).flatten(1).all(1)
-    x = x.masked_fill(failed.view(-1, *([1] * (x.dim() - 1))), 0.0)
-    return x, _result(lam, failed, damping)
+    return x.masked_fill(failed.view(-1, *([1] * (x.dim() - 1))), 0.0), failed
 
 
 class BlockPreconditioner:
@@ -242,7 +311,7 @@ class BlockPreconditioner:
         factors, lam, failed = _factor(blocks, damping, max_tries, growth)
         fallback = torch.eye(blocks.shape[1], dtype=factors.dtype, device=factors.device) * math.sqrt(damping)
         self.factors = torch.where(failed.view(-1, 1, 1), fallback, factors)
-        self.result = _result(lam, failed, damping)
+        self.result = BlockSolveResult.from_damping(lam, failed, damping)
         if other_diagonal is None:
             diag = torch.diagonal(blocks, dim1=1, dim2=2)[~failed]
             other_diagonal = float(diag.mean()) if diag.numel() else 0.0
@@ -298,15 +367,3 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
     failed[pending] = True
     return factors, lam, failed
 
-
-def _result(lam: Tensor, failed: Tensor, requested: float | Tensor) -> BlockSolveResult:
-    requested = torch.as_tensor(requested, dtype=lam.dtype, device=lam.device).expand_as(lam)
-    ok = ~failed
-    return BlockSolveResult(
-        num_blocks=len(lam),
-        damped_blocks=int((ok & (lam > requested)).sum()),
-        failed_blocks=int(failed.sum()),
-        max_damping=float(lam[ok].max()) if ok.any() else float(requested.max()) if len(lam) else 0.0,
-        block_damping=lam,
-        failed_mask=failed,
-    )

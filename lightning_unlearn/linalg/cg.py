@@ -6,9 +6,13 @@ vectors (a Hessian or Gauss–Newton product). The rules:
 - ``damping > 0`` always: a Newton correction on a model that is not at a stationary point
   of a convex objective (early stopping, an indefinite Hessian) over-corrects without it.
 - Numerical trouble never raises and never returns a wrecked iterate: on negative curvature
-  (``p^T (A + damping I) p <= 0``), on a non-finite value (in ``b``, in a product, in the
-  preconditioner) or on an indefinite preconditioner, CG stops, returns the last finite
-  iterate and says why in :class:`CGResult`. Only invalid arguments raise.
+  (``p^T (A + damping I) p < 0``), on curvature lost in rounding (``|p^T (A + damping I) p|``
+  within the dtype's precision of the curvature scale: the damping is too small for the
+  dtype), on a non-finite value (in ``b``, in a product, in the preconditioner) or on an
+  indefinite preconditioner, CG stops and says why in :class:`CGResult`. A solve that stops
+  without converging returns the iterate with the smallest residual CG saw, and never one
+  whose true residual is larger than the starting point's (it returns the start then, ``0``
+  by default). Only invalid arguments raise.
 - The reported ``relative_residual`` is the true ``||b - (A + damping I) x|| / ||b||`` of the
   returned ``x`` (one extra product at the end), not CG's recursively updated estimate,
   and ``converged`` means that true residual is within ``tol``.
@@ -38,13 +42,16 @@ class CGResult:
         relative_residual: ``||b - (A + damping I) x|| / ||b||`` of the returned ``x``
             (0 for ``b = 0``; ``nan`` when it cannot be computed, e.g. ``b`` is not finite).
         converged: the relative residual is ``<= tol``.
-        negative_curvature: a direction with ``p^T (A + damping I) p <= 0`` was met; CG
-            stopped before stepping along it.
+        negative_curvature: a direction with ``p^T (A + damping I) p < 0`` (beyond rounding)
+            was met; CG stopped before stepping along it.
         nonfinite: a non-finite value was met in ``b``, a product or the preconditioner.
         stop_reason: ``"converged"``, ``"zero_rhs"``, ``"max_iter"``, ``"negative_curvature"``,
-            ``"nonfinite"``, ``"indefinite_preconditioner"`` or ``"residual_drift"`` (the
-            recursive residual met ``tol`` but the true one does not: rounding in a very
-            ill-conditioned system; more damping helps).
+            ``"lost_precision"`` (the damped curvature along a search direction is zero to the
+            dtype's precision, relative to the largest curvature seen: the damping is too
+            small for this dtype; more damping or float64 helps), ``"nonfinite"``,
+            ``"indefinite_preconditioner"`` or ``"residual_drift"`` (the recursive residual met
+            ``tol`` but the true one does not: rounding in a very ill-conditioned system; more
+            damping helps).
     """
 
     iterations: int
@@ -83,7 +90,9 @@ def conjugate_gradient(
         x0: starting point (zeros by default; one extra product to form its residual).
 
     Returns:
-        ``(x, result)``: ``x`` always finite (``0`` for ``b = 0``, with ``converged=True``).
+        ``(x, result)``: ``x`` always finite (``0`` for ``b = 0``, with ``converged=True``);
+        when CG did not converge, the iterate with the smallest residual, and never one with
+        a larger true residual than the start.
 
     Raises:
         ValueError: if ``damping <= 0`` (or not finite), ``tol < 0``, ``max_iter < 0``, ``b``
@@ -126,8 +135,15 @@ def conjugate_gradient(
     rz = float(torch.dot(r, z))
     p = z.clone()
     reason, iterations = "max_iter", 0
+    eps = torch.finfo(b.dtype).eps if b.dtype.is_floating_point else torch.finfo(torch.float32).eps
+    scale = 0.0  # largest Rayleigh quotient p^T op p / p^T p seen: what rounding is relative to
+    start_residual = float(torch.linalg.vector_norm(r)) / b_norm  # true: r was formed from x directly
+    best_x, best_residual = x, math.inf
     while True:
-        if float(torch.linalg.vector_norm(r)) <= tol * b_norm:
+        r_norm = float(torch.linalg.vector_norm(r))
+        if r_norm < best_residual:
+            best_x, best_residual = x, r_norm
+        if r_norm <= tol * b_norm:
             reason = "converged"
             break
         if not math.isfinite(rz):
@@ -140,11 +156,17 @@ def conjugate_gradient(
             break
         ap = op(p)
         pap = float(torch.dot(p, ap))
-        if not math.isfinite(pap):
+        pp = float(torch.dot(p, p))
+        if not (math.isfinite(pap) and math.isfinite(pp)):
             reason = "nonfinite"
             break
-        if pap <= 0.0:
+        scale = max(scale, abs(pap) / pp) if pp > 0 else scale
+        noise = 16 * eps * scale * pp  # rounding in p^T op p, relative to the curvature seen so far
+        if pap < -noise or (pap <= 0.0 and noise == 0.0):
             reason = "negative_curvature"
+            break
+        if pap <= noise:
+            reason = "lost_precision"
             break
         alpha = rz / pap
         x_next = x + alpha * p
@@ -159,13 +181,18 @@ def conjugate_gradient(
         if math.isfinite(rz_next) and rz_next > 0.0:
             p = z + (rz_next / rz) * p
         rz = rz_next
-    return _finish(x, b, b_norm, op, tol, iterations, reason)
+    if reason != "converged":
+        x = best_x  # the smallest (recursive) residual seen; the last iterate unless CG went astray
+    return _finish(x, b, b_norm, op, tol, iterations, reason, start, start_residual)
 
 
-def _finish(x: Tensor, b: Tensor, b_norm: float, op: Matvec, tol: float, iterations: int, reason: str) -> tuple[Tensor, CGResult]:
-    """The true residual of the returned iterate, and the result record."""
+def _finish(x: Tensor, b: Tensor, b_norm: float, op: Matvec, tol: float, iterations: int, reason: str,
+            start: Tensor | None = None, start_residual: float = math.inf) -> tuple[Tensor, CGResult]:
+    """The true residual of the returned iterate (the start if that is better), and the result record."""
     residual = b if not x.any() else b - op(x)
     relative = float(torch.linalg.vector_norm(residual)) / b_norm
+    if start is not None and math.isfinite(relative) and relative > start_residual:
+        x, relative = start, start_residual  # rounding wrecked the iterates: doing nothing is better
     converged = math.isfinite(relative) and relative <= tol
     if reason == "converged" and not converged:
         reason = "residual_drift"  # CG's recursive residual fell below tol, the true one did not

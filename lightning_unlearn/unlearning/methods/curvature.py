@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.linalg import scatter_outer
+from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, scatter_outer
 from lightning_unlearn.models.base import Recommender
 
 __all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks"]
@@ -58,36 +58,50 @@ def curvature_blocks(
         torch.Size([2, 2, 2])
     """
     with torch.no_grad():
-        user_vectors, item_vectors = (t.detach() for t in model.representations())
-        du, di = user_vectors.shape[1], item_vectors.shape[1]
-        user_slot, user_ids = _slots(users, model.num_users, user_vectors.device)
-        item_slot, item_ids = _slots(items, model.num_items, item_vectors.device)
-        users_out = torch.zeros(len(user_ids), du, du, dtype=torch.float64, device=user_vectors.device)
-        items_out = torch.zeros(len(item_ids), di, di, dtype=torch.float64, device=item_vectors.device)
-        for start in range(0, len(rows), chunk_size):
-            batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
-            users = batch["users"]
-            slots = torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)  # (R, 1+k)
-            u, v = user_vectors[users].unsqueeze(1).expand(-1, slots.shape[1], -1), item_vectors[slots]
-            z = model.interact(u, v)
-            ju, jv = model.interact_jacobians(u.reshape(-1, du), v.reshape(-1, di))
-            ju, jv = ju.reshape(*slots.shape, du), jv.reshape(*slots.shape, di)
-            if model.loss_name == "bpr":
-                y = z[:, 1:] - z[:, :1]
-                w = torch.sigmoid(y) * torch.sigmoid(-y)  # (R, k)
-                _accumulate(users_out, ju[:, 1:] - ju[:, :1], w, user_slot[users])
-                item_weights = torch.cat([w.sum(1, keepdim=True), w], dim=1)
-            else:
-                item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
-                _accumulate(users_out, ju, item_weights, user_slot[users])
-            _accumulate(items_out, jv.reshape(-1, di), item_weights.reshape(-1), item_slot[slots.reshape(-1)])
-    eye_u = torch.eye(du, dtype=torch.float64, device=users_out.device)
-    eye_i = torch.eye(di, dtype=torch.float64, device=items_out.device)
-    user_count = torch.bincount(rows.users, minlength=model.num_users)[user_ids].to(users_out)
-    item_count = torch.bincount(rows.all_items(), minlength=model.num_items)[item_ids].to(items_out)
-    users_out += model.l2 * user_count[:, None, None] * eye_u
-    items_out += model.l2 * item_count[:, None, None] * eye_i
-    return CurvatureBlocks(users_out, items_out)
+        vectors = tuple(t.detach() for t in model.representations())
+    user_slot, user_ids = _slots(users, model.num_users, vectors[0].device)
+    item_slot, item_ids = _slots(items, model.num_items, vectors[1].device)
+    zeros = lambda n, d: torch.zeros(n, d, d, dtype=torch.float64, device=vectors[0].device)  # noqa: E731
+    out = CurvatureBlocks(zeros(len(user_ids), vectors[0].shape[1]), zeros(len(item_ids), vectors[1].shape[1]))
+    _add_curvature(model, vectors, rows, out, user_slot, item_slot, sign=1.0, chunk_size=chunk_size)
+    return out
+
+
+@torch.no_grad()
+def _add_curvature(model: Recommender, vectors: tuple[Tensor, Tensor], rows: TrainRows, out: CurvatureBlocks,
+                   user_slot: Tensor, item_slot: Tensor, sign: float, chunk_size: int = 16384) -> None:
+    """``out += sign * blocks of rows`` in place, for the blocks whose slot is ``>= 0`` (float64).
+
+    ``vectors`` are the model's (detached) user and item representations.
+    """
+    user_vectors, item_vectors = vectors
+    du, di = user_vectors.shape[1], item_vectors.shape[1]
+    for start in range(0, len(rows), chunk_size):
+        batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
+        users = batch["users"]
+        slots = torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)  # (R, 1+k)
+        u, v = user_vectors[users].unsqueeze(1).expand(-1, slots.shape[1], -1), item_vectors[slots]
+        z = model.interact(u, v)
+        ju, jv = model.interact_jacobians(u.reshape(-1, du), v.reshape(-1, di))
+        ju, jv = ju.reshape(*slots.shape, du), jv.reshape(*slots.shape, di)
+        if model.loss_name == "bpr":
+            y = z[:, 1:] - z[:, :1]
+            w = torch.sigmoid(y) * torch.sigmoid(-y)  # (R, k)
+            _accumulate(out.users, ju[:, 1:] - ju[:, :1], sign * w, user_slot[users])
+            item_weights = torch.cat([w.sum(1, keepdim=True), w], dim=1)
+        else:
+            item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
+            _accumulate(out.users, ju, sign * item_weights, user_slot[users])
+        _accumulate(out.items, jv.reshape(-1, di), sign * item_weights.reshape(-1), item_slot[slots.reshape(-1)])
+        # the L2 term: l2 I per occurrence of the user (item) in a row
+        _add_diagonal(out.users, user_slot[users], sign * model.l2)
+        _add_diagonal(out.items, item_slot[slots.reshape(-1)], sign * model.l2)
+
+
+def _add_diagonal(out: Tensor, index: Tensor, value: float) -> None:
+    keep = index >= 0
+    diagonal = torch.diagonal(out, dim1=1, dim2=2)  # a view: index_add_ writes through
+    diagonal.index_add_(0, index[keep], torch.full((int(keep.sum()), out.shape[-1]), value, dtype=out.dtype, device=out.device))
 
 
 def _slots(ids: Tensor | None, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -99,10 +113,10 @@ def _slots(ids: Tensor | None, size: int, device: torch.device) -> tuple[Tensor,
 
 
 def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) -> None:
-    """``out[b] += sum w J J^T`` over the rows whose block is asked for (``index >= 0``), in float64."""
+    """``out[b] += sum w J J^T`` over the rows whose block is asked for (``index >= 0``), in float64, in place."""
     keep = index >= 0
     if keep.any():
-        out += scatter_outer(jacobians[keep], weights[keep], index[keep], out.shape[0]).double()
+        scatter_outer(jacobians[keep].double(), weights[keep].double(), index[keep], out.shape[0], out=out)
 
 
 class CachedCurvature:
@@ -125,6 +139,7 @@ class CachedCurvature:
 
     def __init__(self) -> None:
         self._entry: tuple[Tensor, CurvatureBlocks] | None = None  # (fingerprint of the model, blocks)
+        self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
 
     def retained(self, model: Recommender, retained: TrainRows, deleted: TrainRows) -> tuple[CurvatureBlocks, float]:
         """The blocks over ``retained``, and the seconds spent building the cache (0 when it was warm).
@@ -138,13 +153,51 @@ class CachedCurvature:
         if self._entry is None or not torch.equal(self._entry[0], _fingerprint(model)):
             start = time.perf_counter()
             self._entry = (_fingerprint(model), curvature_blocks(model, retained.concat(deleted)))
+            self._factored = {}
             precompute = time.perf_counter() - start
         blocks = self._entry[1]
-        users, items = torch.unique(deleted.users), torch.unique(deleted.all_items())
-        removed = curvature_blocks(model, deleted, users=users, items=items)
-        blocks.users[users] -= removed.users
-        blocks.items[items] -= removed.items
+        everyone = lambda n: torch.arange(n, device=blocks.users.device)  # noqa: E731  slot of id i is i
+        with torch.no_grad():
+            vectors = tuple(t.detach() for t in model.representations())
+        _add_curvature(model, vectors, deleted, blocks, everyone(model.num_users), everyone(model.num_items), sign=-1.0)
         return blocks, precompute
+
+    def factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
+        """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` of ``side`` (``"users"``/``"items"``).
+
+        A factor is reused while its block's trace and the shift have moved by at most
+        ``tolerance`` (relative) since it was computed; the others are refactored (batched, with
+        :func:`~lightning_unlearn.linalg.factor_blocks`' escalation). Deleting a few of a block's
+        rows changes it by a few percent, so most blocks of a request reuse their factors; the
+        step then solves with a slightly stale curvature (relative error about ``tolerance``).
+        ``tolerance=0`` refactors every block asked for (exact).
+
+        Args:
+            side: ``"users"`` or ``"items"``.
+            ids: the blocks wanted.
+            shift: the damping added to the diagonal.
+            tolerance: ``>= 0``, the relative drift a reused factor may have.
+
+        Returns:
+            ``(factors, result, refactored)``: the ``(len(ids), d, d)`` factors, their damping
+            and failures, and how many blocks were factored now.
+        """
+        blocks = getattr(self._entry[1], side)
+        store = self._factored.get(side)
+        if store is None:
+            store = self._factored[side] = _Factored.empty(blocks)
+        trace = torch.diagonal(blocks, dim1=1, dim2=2)[ids].sum(1)
+        if tolerance > 0:
+            fresh = ((trace - store.trace[ids]).abs() <= tolerance * store.trace[ids]) & ~store.failed[ids]
+            fresh &= (store.shift[ids] - shift).abs() <= tolerance * shift
+        else:
+            fresh = torch.zeros_like(trace, dtype=torch.bool)
+        stale = ids[~fresh]
+        if len(stale):
+            factors, result = factor_blocks(blocks[stale], damping=shift)
+            store.factors[stale], store.damping[stale], store.failed[stale] = factors, result.block_damping, result.failed_mask
+            store.trace[stale], store.shift[stale] = trace[~fresh], shift
+        return store.factors[ids], BlockSolveResult.from_damping(store.damping[ids], store.failed[ids], shift), len(stale)
 
     def adopt(self, model: Recommender) -> None:
         """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
@@ -154,6 +207,24 @@ class CachedCurvature:
     def clear(self) -> None:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
         self._entry = None
+        self._factored = {}
+
+
+@dataclass
+class _Factored:
+    """Cached factors of one side's damped blocks and what they were computed from."""
+
+    factors: Tensor  # (n, d, d) lower Cholesky factors of blocks + damping I
+    trace: Tensor  # (n,) trace of each block when factored (nan: never)
+    shift: Tensor  # (n,) shift asked for
+    damping: Tensor  # (n,) damping used (>= shift where escalated)
+    failed: Tensor  # (n,) bool
+
+    @classmethod
+    def empty(cls, blocks: Tensor) -> _Factored:
+        n = blocks.shape[0]
+        nan = torch.full((n,), float("nan"), dtype=blocks.dtype, device=blocks.device)
+        return cls(torch.zeros_like(blocks), nan, nan.clone(), nan.clone(), torch.zeros(n, dtype=torch.bool, device=blocks.device))
 
 
 def _fingerprint(model: Recommender) -> Tensor:
