@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -16,14 +17,20 @@ __all__ = ["FineTune"]
 class FineTune(Unlearner):
     """Continue training the trained model on the retained rows only.
 
+    A learning rate too large for the model makes the loss diverge or overflow: when an epoch's
+    mean loss is not finite, or above ``100 x`` the first batch's loss ``+ 1`` (far worse than
+    where fine-tuning started), the update stops with an error that names the epoch, the losses
+    and the learning rate, and :meth:`unlearn` restores the model (it never keeps NaN parameters).
+
     Args:
-        epochs: passes over the retained rows (at least 1).
-        lr: learning rate.
+        epochs: passes over the retained rows (an integer, at least 1).
+        lr: learning rate (finite, > 0).
         optimizer: ``"adamw"`` (default), ``"adam"`` or ``"sgd"``.
-        batch_size: rows per step.
+        batch_size: rows per step (an integer, at least 1).
 
     Raises:
-        ValueError: on ``epochs < 1``, ``lr <= 0``, ``batch_size < 1`` or an unknown optimizer.
+        ValueError: on ``epochs < 1``, ``lr`` not finite and positive, ``batch_size < 1``, a
+            non-integer ``epochs``/``batch_size`` or an unknown optimizer.
 
     Example:
         >>> FineTune(epochs=2).name
@@ -33,8 +40,13 @@ class FineTune(Unlearner):
     hint = "a smaller learning rate"
 
     def __init__(self, epochs: int = 1, lr: float = 1e-3, optimizer: Literal["adamw", "adam", "sgd"] = "adamw", batch_size: int = 2048):
-        if epochs < 1 or lr <= 0 or batch_size < 1:
-            raise ValueError(f"FineTune needs epochs >= 1, lr > 0, batch_size >= 1; got {epochs}, {lr}, {batch_size}.")
+        integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (epochs, batch_size))
+        finite_lr = isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
+        if not (integers and finite_lr) or epochs < 1 or lr <= 0 or batch_size < 1:
+            raise ValueError(
+                f"FineTune needs integers epochs >= 1 and batch_size >= 1 and a finite lr > 0; "
+                f"got epochs={epochs!r}, lr={lr!r}, batch_size={batch_size!r}."
+            )
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"FineTune(optimizer=...) must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}.")
         self.epochs, self.lr, self.optimizer, self.batch_size = epochs, lr, optimizer, batch_size
@@ -44,9 +56,13 @@ class FineTune(Unlearner):
         return f"FineTune(epochs={self.epochs})"
 
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        dtype = next(model.parameters()).dtype
+        if self.lr > torch.finfo(dtype).max:
+            raise ValueError(f"lr={self.lr} does not fit the model's {dtype} (largest {torch.finfo(dtype).max:.3g})")
         optimizer = OPTIMIZERS[self.optimizer](model.parameters(), lr=self.lr)
         sampler = EpochBatchSampler(retained, self.batch_size, seed=context.seed)
-        losses = []
+        losses: list[float] = []
+        first: torch.Tensor | None = None  # the first batch's loss, before any step: where we started
         for epoch in range(self.epochs):
             sampler.set_epoch(epoch)
             total = torch.zeros((), device=context.device)
@@ -55,6 +71,19 @@ class FineTune(Unlearner):
                 loss = model.loss(retained[rows.to(context.device)]) + model.dense_penalty()
                 loss.backward()
                 optimizer.step()
+                first = loss.detach() if first is None else first
                 total += loss.detach() * len(rows)
-            losses.append((total / max(len(retained), 1)).item())
+            losses.append((total / max(len(retained), 1)).item())  # one sync per epoch, not per step
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(
+                    f"the retained loss became {losses[-1]} in epoch {epoch} with lr={self.lr} "
+                    f"({self.optimizer}): the learning rate is too large for this model"
+                )
+            start = float(first) if first is not None else 0.0
+            if losses[-1] > 100 * start + 1.0:
+                raise FloatingPointError(
+                    f"fine-tuning diverged: the retained loss rose from {start:.4g} (first batch) to "
+                    f"{losses[-1]:.4g} (mean of epoch {epoch}) with lr={self.lr} ({self.optimizer}): "
+                    "the learning rate is too large for this model"
+                )
         return {"epochs": self.epochs, "steps": self.epochs * len(sampler), "loss_per_epoch": losses}
