@@ -10,7 +10,7 @@ export LIGHTNING_UNLEARN_DATA := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test benchmark docs clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: $(BIN)/.installed
 
 benchmark: $(BIN)/.installed
 	$(BIN)/python tests/benchmarks/bench_training.py
+
+# The docs: Sphinx (pinned in constraints.txt) from the `docs` extra; every warning is an error.
+$(BIN)/.docs-installed: $(BIN)/.installed setup.cfg constraints.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[docs]'
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) runs
