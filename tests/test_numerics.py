@@ -177,10 +177,11 @@ def test_solve_blocks_with_huge_damping_returns_rhs_over_damping(dtype):
 
 
 @pytest.mark.xfail(strict=True, reason="solve_blocks accepts a Cholesky factor of a numerically singular block whose "
-                                       "solve is inaccurate; the residual check proposed to the lead fixes it")
+                                       "solve is inaccurate; the conditioning check in blocks._factor proposed to the "
+                                       "lead fixes it (then drop this mark)")
 def test_a_block_reported_as_solved_solves_its_damped_system():
-    """A float32 singular block with 1e-12 damping is 'solved' with damping 1e-11 and a residual
-    of about 100% of the right-hand side (the factorisation succeeds; the solve is inaccurate)."""
+    """A float32 singular block with 1e-12 damping is 'solved' with a residual of about 100% of
+    the right-hand side: the factorisation succeeds, the solve is inaccurate."""
     dtype = F32
     blocks, rhs = blocks_and_rhs(dtype)
     x, res = solve_blocks(blocks, rhs, damping=1e-12)
