@@ -64,11 +64,8 @@ def main() -> None:
         resolved = spec.build(dm.train).resolve(dm.train)
         deleted = dm.remove(resolved.rows, resolved.users, resolved.items)
         retained = dm.train_rows()
-        for name, prototype in methods().items():
-            warm = copy.deepcopy(prototype)
-            start = time.perf_counter()
-            warm._curvature.retained(model, retained.concat(deleted), deleted.select(torch.zeros(len(deleted), dtype=torch.bool)))
-            precompute = time.perf_counter() - start
+        for name, warm in methods().items():
+            precompute = warm.prepare(model, retained.concat(deleted))
             seconds = []
             for repeat in range(args.repeats):
                 method, unlearned = copy.deepcopy(warm), copy.deepcopy(model).train()

@@ -150,7 +150,7 @@ class CachedCurvature:
             deleted: the rows this request removes (subtracted from the cache).
         """
         precompute = 0.0
-        if self._entry is None or not torch.equal(self._entry[0], _fingerprint(model)):
+        if not self.holds(model):
             start = time.perf_counter()
             self._entry = (_fingerprint(model), curvature_blocks(model, retained.concat(deleted)))
             self._factored = {}
@@ -161,6 +161,10 @@ class CachedCurvature:
             vectors = tuple(t.detach() for t in model.representations())
         _add_curvature(model, vectors, deleted, blocks, everyone(model.num_users), everyone(model.num_items), sign=-1.0)
         return blocks, precompute
+
+    def holds(self, model: Recommender) -> bool:
+        """Whether the cache was built (or adopted) for ``model``'s current parameters."""
+        return self._entry is not None and torch.equal(self._entry[0], _fingerprint(model))
 
     def factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
         """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` of ``side`` (``"users"``/``"items"``).

@@ -131,6 +131,30 @@ class IFRU(Unlearner):
         options += [f"gradient={self.gradient}"] if self.gradient != "influence" else []
         return f"IFRU({', '.join(options)})"
 
+    def prepare(self, model: Recommender, rows: TrainRows) -> float:
+        """Build the curvature cache (and the block solver's factors) for ``model`` trained on ``rows``.
+
+        Paid once per trained model; the first request does it when it was not called. Call it
+        right after training (e.g. from a callback's ``on_train_end``) to keep it off the first
+        request's latency.
+
+        Args:
+            model: the trained model.
+            rows: every training row it was trained on.
+
+        Returns:
+            The seconds it took.
+        """
+        start = time.perf_counter()
+        if not is_graph(model):
+            nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
+            self._curvature.retained(model, rows, nothing)
+            if self.refactor_tolerance > 0 and self.solver in ("auto", "block"):
+                for side, size in (("users", model.num_users), ("items", model.num_items)):
+                    ids = torch.arange(size, device=next(model.parameters()).device)
+                    self._curvature.factors(side, ids, self.damping * len(rows), self.refactor_tolerance)
+        return time.perf_counter() - start
+
     # ------------------------------------------------------------------ the update
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
         try:
@@ -175,12 +199,9 @@ class IFRU(Unlearner):
             raise FloatingPointError("the right-hand side (gradient) is not finite")
         precompute = 0.0
         if solver in ("block", "cg") and not is_graph(model):
-            blocks, precompute = self._curvature.retained(model, retained, deleted)
-            if precompute and solver == "block" and self.refactor_tolerance > 0:  # factor every block once, with the cache
-                start = time.perf_counter()
-                for side, size in (("users", model.num_users), ("items", model.num_items)):
-                    self._curvature.factors(side, torch.arange(size, device=rhs.device), self.damping * n, self.refactor_tolerance)
-                precompute += time.perf_counter() - start
+            if not self._curvature.holds(model):
+                precompute = self.prepare(model, retained.concat(deleted))
+            blocks, _ = self._curvature.retained(model, retained, deleted)
         if solver == "block":
             delta, solve = _block_step(restricted, rhs, self._curvature, users, items, n, self.damping, self.refactor_tolerance)
         elif solver == "direct":
