@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import WandbLogger
 
 from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.reporting import (
+    check_artifact_logging,
+    log_comparison,
+    log_config,
+    log_unlearning_artifacts,
+    wandb_run_lines,
+)
+from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["LightningUnlearnCLI", "UnlearningTrainer", "main"]
 
@@ -34,8 +46,13 @@ class UnlearningTrainer(pl.Trainer):
         method: Unlearner,
         out: str | None = None,
         missing: Literal["error", "ignore"] = "error",
+        log_artifacts: bool = False,
     ) -> list[dict[str, Any]]:
         """Load a trained checkpoint, apply the requests with a method, evaluate, log, save.
+
+        The request's counts and digest (never its ids) go into the loggers' hyperparameters
+        (``wandb.config``) as ``deletion_applied`` before the method runs; per-request metrics
+        are logged with the request index as their W&B x-axis.
 
         Args:
             model: the recommender (weights come from ``ckpt_path``).
@@ -45,15 +62,24 @@ class UnlearningTrainer(pl.Trainer):
             method: the unlearning method, e.g. ``FineTune`` or ``Retrain``.
             out: folder for the unlearned checkpoints and the journal (default: ``<run dir>/unlearning``).
             missing: ``"error"`` refuses pairs that are not training rows, ``"ignore"`` drops them.
+            log_artifacts: also log the unlearned checkpoints (W&B artifact type ``unlearned-model``)
+                and the journal (``unlearning-journal``); needs a ``WandbLogger`` (offline runs
+                upload them at ``wandb sync``).
 
         Returns:
             One report per request applied (as plain dicts).
+
+        Raises:
+            ValueError: ``log_artifacts`` without a W&B logger, or with W&B disabled.
         """
+        if log_artifacts:
+            check_artifact_logging(self.loggers)  # before any work: a refused option changes nothing
         state = _load_checkpoint(ckpt_path, model, datamodule)
         callback = UnlearningCallback(method, requests_file=requests, dirpath=out or Path(self._run_dir()) / "unlearning", missing=missing)
         if state.get("unlearning"):
             callback.load_state_dict(state["unlearning"])
         callback.read_requests_file()
+        log_config(self.loggers, {"deletion_applied": _deletion_summary(requests, datamodule, missing)})
         device = self.strategy.root_device
         model.to(device)
         reports = callback.apply_pending(
@@ -62,6 +88,11 @@ class UnlearningTrainer(pl.Trainer):
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
         print(f"[unlearn] journal: {callback.journal.path}")
+        if log_artifacts and reports:
+            applied = [e for e in callback.journal if e["status"] == "applied"][-len(reports):]
+            metadata = {"requests": [{k: v for k, v in e.items() if k != "checkpoint"} for e in applied]}
+            names = log_unlearning_artifacts(self.loggers, [e["checkpoint"] for e in applied], callback.journal.path, metadata)
+            print(f"[unlearn] W&B artifacts: {', '.join(names)}")
         return [r.as_dict() for r in reports]
 
     def compare(
@@ -86,6 +117,11 @@ class UnlearningTrainer(pl.Trainer):
             out: folder for ``compare.json`` and ``compare.csv`` (default: the run directory).
             k: top-K cut-off of the completeness figures.
 
+        Every method's figures are logged as ``compare/<method>/<metric>``; a ``WandbLogger``
+        also gets the comparison as a ``wandb.Table`` with native charts (utility and
+        completeness against seconds, bars per method), see
+        :func:`~lightning_unlearn.unlearning.reporting.log_comparison`.
+
         Returns:
             The ``compare.json`` document.
         """
@@ -103,19 +139,27 @@ class UnlearningTrainer(pl.Trainer):
         methods = methods if methods is not None else [Retrain(), Retrain(seed=seed + 1), FineTune()]
         model.to(self.strategy.root_device)
         result = compare(model, datamodule, methods, deletion, FitRecipe.from_trainer(self), seed=seed,
-                         fit_seconds=fit_seconds, device=self.strategy.root_device, k=k)
+                         fit_seconds=fit_seconds, device=self.strategy.root_device, k=k, loggers=self.loggers)
         json_path, _ = write_outputs(result, out or self._run_dir())
         print(format_table(result))
         print(f"[compare] wrote {json_path} and compare.csv")
-        for method in result["methods"]:
-            metrics = {"seconds": method["seconds"], "speedup_vs_retrain": method["speedup_vs_retrain"],
-                       **method["utility"], **method["completeness"]}
-            for logger in self.loggers:
-                logger.log_metrics({f"compare/{method['name']}/{k}": float(v) for k, v in metrics.items()})
+        log_comparison(self.loggers, result)
         return result
 
     def _run_dir(self) -> str:
         return self.log_dir or self.default_root_dir
+
+
+def _deletion_summary(requests: str, datamodule: RecDataModule, missing: str) -> dict[str, Any]:
+    """Counts and digest of a requests file against the current training split (never its ids).
+
+    A request that no longer resolves (e.g. already applied) is summarised by its counts alone.
+    """
+    request = DeletionRequest.from_file(requests)
+    try:
+        return request.resolve(datamodule.train, missing=missing).summary()
+    except InvalidDeletionRequest:
+        return {**request.summary(), "digest": None}
 
 
 def _load_checkpoint(path: str, model: Recommender, datamodule: RecDataModule) -> dict[str, Any]:
@@ -144,6 +188,12 @@ class LightningUnlearnCLI(LightningCLI):
     """LightningCLI for recommenders: dataset sizes are linked into the model, ``fit`` ends with
     a test of the best checkpoint, and ``unlearn``/``compare`` come from :class:`UnlearningTrainer`.
 
+    Every command records the fully resolved configuration in its loggers' hyperparameters
+    (``wandb.config``) before it starts working, so an offline W&B run holds it even if the
+    command crashes. A ``WandbLogger`` without ``group`` is grouped by recipe (``ml100k/compare_mf``
+    for ``recipes/ml100k/compare_mf.yaml``) and gets the command as its ``job_type``; when the
+    command ends, the run is finished and its folder and ``wandb sync`` command are printed.
+
     Example (shell)::
 
         lightning-unlearn fit -c recipes/ml100k/mf.yaml --trainer.max_epochs=5
@@ -158,28 +208,108 @@ class LightningUnlearnCLI(LightningCLI):
         parser.link_arguments("data.num_users", "model.init_args.num_users", apply_on="instantiate")
         parser.link_arguments("data.num_items", "model.init_args.num_items", apply_on="instantiate")
 
-    def after_fit(self) -> None:
-        if self.trainer.interrupted:
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        for logger in _wandb_logger_configs(config):
+            args = logger.init_args
+            if args.get("offline") and args.get("log_model"):
+                self.parser.error(
+                    f"trainer.logger.init_args.log_model={args.log_model!r} cannot work with "
+                    "trainer.logger.init_args.offline=true: WandbLogger logs checkpoints only from online runs. "
+                    "Set `--trainer.logger.init_args.log_model=false` (to keep unlearned "
+                    "checkpoints and the journal in an offline run, use `unlearn --log_artifacts=true`; `wandb sync` "
+                    "uploads them) or `--trainer.logger.init_args.offline=false`."
+                )
+            if args.get("group") is None:
+                args.group = _recipe_name(config)
+            if args.get("job_type") is None and self.subcommand:
+                args.job_type = self.subcommand
+
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is None:
             return
-        checkpoint = self.trainer.checkpoint_callback
-        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        try:
+            dumped = self.parser.dump(self.config, skip_unset=False, skip_link_targets=False)
+        except TypeError:  # jsonargparse < 4.49 calls it skip_none
+            dumped = self.parser.dump(self.config, skip_none=False, skip_link_targets=False)
+        config = yaml.safe_load(dumped)[self.subcommand]
+        init_args = (config.get("model") or {}).get("init_args")
+        if isinstance(init_args, dict):  # linked on instantiation: known only now
+            init_args.update(num_users=self.datamodule.num_users, num_items=self.datamodule.num_items)
+        log_config(self.trainer.loggers, config)
+
+    def after_fit(self) -> None:
+        if not self.trainer.interrupted:
+            checkpoint = self.trainer.checkpoint_callback
+            best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        self._finish_wandb()
+
+    def after_validate(self) -> None:
+        self._finish_wandb()
+
+    def after_test(self) -> None:
+        self._finish_wandb()
+
+    def after_unlearn(self) -> None:
+        self._finish_wandb()
+
+    def after_compare(self) -> None:
+        self._finish_wandb()
+
+    def _finish_wandb(self) -> None:
+        """Say where each W&B run was written (and how to upload an offline one), then finish it."""
+        if not self.trainer.is_global_zero:
+            return
+        for line in wandb_run_lines(self.trainer.loggers):
+            print(line)
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()
+
+
+def _wandb_logger_configs(config: Any) -> list[Any]:
+    """The ``trainer.logger`` entries of a parsed config that are ``WandbLogger``s."""
+    trainer = config.get("trainer") if config is not None else None
+    loggers = trainer.get("logger") if trainer is not None else None
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [entry for entry in loggers
+            if hasattr(entry, "get") and str(entry.get("class_path", "")).endswith("WandbLogger") and entry.get("init_args")]
+
+
+def _recipe_name(config: Any) -> str | None:
+    """``<folder>/<stem>`` of the last recipe file given with ``-c`` (``None`` without one)."""
+    files = config.get("config") or []
+    if not files:
+        return None
+    path = Path(str(files[-1]))
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-unlearn`` console script.
 
+    A missing data set ends the command with the error's message (where it looked, how to point
+    the library at data) and exit status 2, instead of a traceback.
+
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: on invalid arguments, or (status 2) when the data set is not found.
     """
-    LightningUnlearnCLI(
-        Recommender,
-        RecDataModule,
-        trainer_class=UnlearningTrainer,
-        subclass_mode_model=True,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        LightningUnlearnCLI(
+            Recommender,
+            RecDataModule,
+            trainer_class=UnlearningTrainer,
+            subclass_mode_model=True,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+        )
+    except DataNotFoundError as err:
+        print(f"lightning-unlearn: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.journal import Journal, fsync_directory
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, UnlearningError, UnlearningReport, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.reporting import define_request_axis
 from lightning_unlearn.unlearning.request import DeletionRequest
 
 __all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
@@ -182,6 +183,8 @@ class UnlearningCallback(pl.Callback):
         context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
         if self._queue and is_global_zero and self.dirpath is not None:
             recover(self.dirpath)  # a previous process may have died mid-request
+        if self._queue and is_global_zero:
+            define_request_axis(loggers)  # W&B plots unlearn/* against the request index: drift over a stream
         done = []
         while self._queue:
             report = self._apply_next(model, datamodule, context, loggers, is_global_zero)

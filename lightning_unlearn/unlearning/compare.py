@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from pytorch_lightning.loggers import Logger
 
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics, topk_overlap
@@ -19,8 +20,9 @@ from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearn
 from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.reporting import log_config, log_method_result
 
-__all__ = ["compare", "format_table"]
+__all__ = ["compare", "format_table", "progress_detail"]
 
 UTILITY = ("recall@20", "ndcg@20", "hit@20", "auc")
 
@@ -36,12 +38,17 @@ def compare(
     device: torch.device | None = None,
     k: int = 20,
     progress: Callable[[str], None] = print,
+    loggers: Sequence[Logger] = (),
 ) -> dict[str, Any]:
     """Delete once, then run every method on a copy of the same trained model.
 
     ``Retrain()`` from the original's seed is the reference and runs first (it is added when
     ``methods`` lacks it); a ``Retrain(seed=...)`` with another seed gives the seed noise.
     The datamodule keeps the deletion afterwards.
+
+    As soon as the deletion is resolved its counts and digest (never its ids) are added to the
+    loggers' hyperparameters as ``deletion_applied``; each method's seconds and utility are
+    logged as ``compare/<method>/<metric>`` when it finishes, so a crash keeps what was done.
 
     Args:
         model: the trained original (left unchanged).
@@ -53,16 +60,22 @@ def compare(
         fit_seconds: how long fitting the original took (reported).
         device: where methods run (default: the model's device).
         k: top-K cut-off of the completeness figures.
-        progress: called with one line per step.
+        progress: called with one line per step (method, rows, seconds, solver iterations).
+        loggers: Lightning loggers that receive the deletion summary and per-method results.
 
     Returns:
         The ``compare.json`` document (see the ``compare`` command).
+
+    Raises:
+        ValueError: two methods share a name.
+        InvalidDeletionRequest: the deletion selects nothing that is in the training split.
     """
     device = device or model.device
     datamodule.setup()
     original = copy.deepcopy(model).eval()
     request = deletion.build(datamodule.train)
     resolved = request.resolve(datamodule.train)
+    log_config(loggers, {"deletion_applied": resolved.summary()})
     deleted_table = datamodule.train.select(resolved.rows)
     nonmembers = datamodule.test
     original_utility = _utility(original, datamodule)
@@ -76,14 +89,19 @@ def compare(
     context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
     models: dict[str, Recommender] = {}
     entries = []
-    for method in ordered:
-        progress(f"[compare] {method.name}: unlearning {resolved.num_rows} rows ...")
+    for index, method in enumerate(ordered, start=1):
+        step = f"[compare] {index}/{len(ordered)} {method.name}"
+        progress(f"{step}: unlearning {resolved.num_rows} rows ({resolved.kind}) ...")
         unlearned = copy.deepcopy(original).train()
         report = method.unlearn(unlearned, retained, deleted, context)
         unlearned.eval()
         models[method.name] = unlearned
         entries.append({"name": method.name, "report": report, "utility": _utility(unlearned, datamodule)})
-        progress(f"[compare] {method.name}: {report.seconds:.2f} s")
+        detail = progress_detail(report.diagnostics)
+        progress(f"{step}: done in {report.seconds:.2f} s{f' ({detail})' if detail else ''}, "
+                 f"recall@20 {entries[-1]['utility'].get('recall@20', float('nan')):.4f}")
+        log_method_result(loggers, {"name": method.name, "seconds": report.seconds,
+                                    "precompute_seconds": report.precompute_seconds, "utility": entries[-1]["utility"]})
 
     reference = models["Retrain"]
     noise = next((models[m.name] for m in ordered if isinstance(m, Retrain) and m.seed is not None and m.seed != seed), None)
@@ -123,6 +141,40 @@ def compare(
                      "completeness": original_overlap},
         "methods": results,
     }
+
+
+_ITERATION_KEYS = ("iterations", "rounds", "epochs", "steps", "num_blocks")
+
+
+def progress_detail(diagnostics: dict[str, Any]) -> str:
+    """A short account of a method's work from its diagnostics: solver, iteration counts, convergence.
+
+    Picks the entries whose last name part is ``iterations``, ``rounds``, ``epochs``, ``steps`` or
+    ``num_blocks`` (e.g. IFRU's ``solver/iterations`` with CG, ``solver/num_blocks`` with the block
+    solver), plus ``solver``, ``converged``, ``relative_residual`` and any ``failed_blocks``.
+
+    Example:
+        >>> progress_detail({"solver": "cg", "solver/iterations": 12, "solver/converged": True, "seed": 0})
+        'solver=cg, iterations=12, converged'
+        >>> progress_detail({"seed": 1})
+        ''
+    """
+    parts = []
+    if isinstance(diagnostics.get("solver"), str):
+        parts.append(f"solver={diagnostics['solver']}")
+    for key, value in diagnostics.items():
+        name = key.rsplit("/", 1)[-1]
+        if name in _ITERATION_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            parts.append(f"{name.removeprefix('num_')}={value}")
+        if name == "failed_blocks" and isinstance(value, int) and value > 0:
+            parts.append(f"FAILED blocks={value}")
+    converged = next((v for k, v in diagnostics.items() if k.rsplit("/", 1)[-1] == "converged" and isinstance(v, bool)), None)
+    if converged is not None:
+        parts.append("converged" if converged else "NOT converged")
+    residual = next((v for k, v in diagnostics.items() if k.rsplit("/", 1)[-1] == "relative_residual"), None)
+    if isinstance(residual, float):
+        parts.append(f"relative_residual={residual:.2g}")
+    return ", ".join(parts)
 
 
 def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:
@@ -168,13 +220,17 @@ COLUMNS = [
 
 def format_table(result: dict[str, Any]) -> str:
     """The comparison as a fixed-width text table (one row per method, plus the original)."""
-    header = "".join(f"{name:>12}" if i else f"{name:<18}" for i, (name, _) in enumerate(COLUMNS))
+    columns = COLUMNS
+    if result["deletion"]["kind"] == "users":  # the figure to read for whole users (DESIGN.md)
+        columns = [*COLUMNS[:5], ("gap_item", lambda m: m["completeness"].get("gap_closed_item_rank")), *COLUMNS[5:]]
+    width = max([18, *(len(m["name"]) + 2 for m in result["methods"])])
+    header = "".join(f"{name:>12}" if i else f"{name:<{width}}" for i, (name, _) in enumerate(columns))
     lines = [header]
     for method in result["methods"]:
-        cells = [fn(method) for _, fn in COLUMNS]
-        lines.append(f"{cells[0]:<18}" + "".join(_cell(c) for c in cells[1:]))
+        cells = [fn(method) for _, fn in columns]
+        lines.append(f"{cells[0]:<{width}}" + "".join(_cell(c) for c in cells[1:]))
     o = result["original"]
-    lines.append(f"{'(original)':<18}{_cell(o['fit_seconds'])}{'':>12}{_cell(o['utility'].get('recall@20'))}{_cell(o['utility'].get('ndcg@20'))}")
+    lines.append(f"{'(original)':<{width}}{_cell(o['fit_seconds'])}{'':>12}{_cell(o['utility'].get('recall@20'))}{_cell(o['utility'].get('ndcg@20'))}")
     d = result["deletion"]
     lines.append(
         f"deletion: {d['kind']}, {d['rows']} rows, {d['users']} whole users, {d['items']} whole items, digest {d['digest'][:16]}; "
@@ -183,6 +239,9 @@ def format_table(result: dict[str, Any]) -> str:
     noise = next((m["noise"] for m in result["methods"] if m["noise"]), None)
     if noise:
         lines.append("seed noise (Retrain with another seed): " + ", ".join(f"{k} {v:.3f}" for k, v in noise.items()))
+    if d["kind"] == "users":
+        lines.append("whole users: read gap_item (the rank gap their data left on their items, closed); "
+                     "the other gaps are on the deleted users' own scores, which retraining leaves at seed noise")
     return "\n".join(lines)
 
 

@@ -1,0 +1,396 @@
+"""W&B reporting, read back from the files of offline runs: config at init, the comparison table and
+charts, summary metrics, the per-request time series, artifacts, and no raw id of deleted data.
+
+wandb 0.31 writes an offline run as ``offline-run-*/run-<id>.wandb`` (a LevelDB-style log of
+protobuf records: run, config, metric, history, summary, artifact, ...) plus ``files/`` (tables
+under ``files/media/table``, ``output.log``); there is no ``wandb-summary.json`` or
+``config.yaml`` until ``wandb sync``. :func:`read_records` decodes the log.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytorch_lightning.loggers import CSVLogger
+from wandb.proto import wandb_internal_pb2
+
+from lightning_unlearn.cli import main
+from lightning_unlearn.unlearning.reporting import COMPARISON_COLUMNS, comparison_rows, log_comparison
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("cli_run")
+
+DELETED_USERS = (7, 42)  # MovieLens-100K users whose every row the tests delete
+
+
+# ---------------------------------------------------------------------- reading an offline run
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    """Every record of a ``.wandb`` transaction log (LevelDB log format: 32 KiB blocks of
+    ``crc32c(4) length(2) type(1) data`` chunks; type 1 = full, 2/3/4 = first/middle/last)."""
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(raw):
+        room = block - position % block
+        if room < 7:  # a block's tail too short for a chunk header is zero padding
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position:position + 7])
+        if kind == 0:
+            position += room
+            continue
+        data, position = raw[position + 7:position + 7 + length], position + 7 + length
+        if kind in (1, 2):
+            pending = data
+        else:
+            pending += data
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def _apply(target: dict, updates: Any) -> dict:
+    """Apply ``key``/``nested_key`` + ``value_json`` updates (config, summary, history items) to a nested dict."""
+    for update in updates:
+        *parents, leaf = [update.key] if update.key else list(update.nested_key)
+        node = target
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = json.loads(update.value_json)
+    return target
+
+
+def run_config(records: list) -> dict:
+    """The run's config: the run record's, then every config update in order."""
+    config: dict = {}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        _apply(config, record.run.config.update if kind == "run" else record.config.update if kind == "config" else ())
+    return config
+
+
+def run_summary(records: list) -> dict:
+    summary: dict = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "summary":
+            _apply(summary, record.summary.update)
+    return summary
+
+
+def run_history(records: list) -> list[dict]:
+    return [_apply({}, r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def first_index(records: list, kind: str, predicate=lambda r: True) -> int:
+    return next(i for i, r in enumerate(records) if r.WhichOneof("record_type") == kind and predicate(r))
+
+
+def offline_runs(save_dir: Path) -> dict[str, Path]:
+    """``job_type -> run folder`` of the offline runs under a WandbLogger's ``save_dir``."""
+    runs = {}
+    for folder in sorted((save_dir / "wandb").glob("offline-run-*")):
+        records = read_records(next(folder.glob("run-*.wandb")))
+        runs[records[first_index(records, "run")].run.job_type] = folder
+    return runs
+
+
+def files_containing(folders: list[Path], needles: list[str]) -> dict[str, list[str]]:
+    """``needle -> files`` for every needle found in any file under ``folders`` (bytes, as written)."""
+    found: dict[str, list[str]] = {}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                for needle in needles:
+                    if needle.encode() in data:
+                        found.setdefault(needle, []).append(str(path))
+    return found
+
+
+# ---------------------------------------------------------------------- data with distinctive ids
+def member(user: int) -> str:
+    return f"member-{user:04d}-qx7z"
+
+
+def title(item: int) -> str:
+    return f"title-{item:04d}-vk3w"
+
+
+@pytest.fixture
+def distinctive_slice(data_dir, tmp_path) -> tuple[Path, list[str]]:
+    """The first 120 users of MovieLens-100K with ids rewritten to strings that cannot occur by
+    chance (``member-0007-qx7z``, ``title-0242-vk3w``), and the raw ids of the deleted rows:
+    the users in :data:`DELETED_USERS` and every item they rated."""
+    lines, deleted = [], set()
+    for line in (data_dir / "ml-100k" / "u.data").read_text().splitlines():
+        user, item, rating, stamp = (int(v) for v in line.split("\t"))
+        if user <= 120:
+            lines.append(f"{member(user)}\t{title(item)}\t{rating}\t{stamp}")
+            if user in DELETED_USERS:
+                deleted |= {member(user), title(item)}
+    path = tmp_path / "slice.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path, sorted(deleted)
+
+
+def write_recipe(path: Path, data_file: Path, save_dir: Path, body: str = "", logger_args: str = "") -> Path:
+    path.write_text(
+        "seed_everything: 0\n"
+        "trainer:\n"
+        "  max_epochs: 3\n  enable_progress_bar: false\n  enable_model_summary: false\n  deterministic: true\n"
+        "  logger: {class_path: pytorch_lightning.loggers.WandbLogger,\n"
+        f"           init_args: {{project: lightning-unlearn-tests, offline: true, save_dir: {save_dir}{logger_args}}}}}\n"
+        "  callbacks: [{class_path: pytorch_lightning.callbacks.ModelCheckpoint,\n"
+        "               init_args: {monitor: val/ndcg@20, mode: max, dirpath: ckpt, filename: best}}]\n"
+        "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 16, l2: 0.05, lr: 0.01}}\n"
+        f"data: {{source: {{class_path: lightning_unlearn.data.CSVSource, init_args: {{path: {data_file}, sep: \"\\t\", header: false}}}},"
+        " num_negatives: 4, batch_size: 256}\n" + body
+    )
+    return path
+
+
+@pytest.fixture
+def staging(tmp_path, monkeypatch) -> Path:
+    """W&B stages artifact files under WANDB_DATA_DIR: keep them in the test's folder, to scan them."""
+    folder = tmp_path / "wandb-data"
+    monkeypatch.setenv("WANDB_DATA_DIR", str(folder))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    return folder
+
+
+# ---------------------------------------------------------------------- compare
+def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_deleted_id(distinctive_slice, tmp_path, staging):
+    """Runs the command as a user does (a separate process), so W&B also captures its console output."""
+    data_file, deleted_ids = distinctive_slice
+    (tmp_path / "forget.csv").write_text("user\n" + "\n".join(member(u) for u in DELETED_USERS) + "\n")
+    body = (
+        "methods: [{class_path: lightning_unlearn.unlearning.Retrain},\n"
+        "          {class_path: lightning_unlearn.unlearning.Retrain, init_args: {seed: 1}},\n"
+        "          {class_path: lightning_unlearn.unlearning.FineTune, init_args: {epochs: 1}},\n"
+        "          {class_path: lightning_unlearn.unlearning.IFRU, init_args: {solver: cg, k_hop: 0}}]\n"
+        "deletion: {kind: users, requests_file: forget.csv}\n"
+        "out: out\n"
+    )
+    recipe = write_recipe(tmp_path / "compare_demo.yaml", data_file, tmp_path / "runs", body)
+    command = [sys.executable, "-m", "lightning_unlearn.cli", "compare", "-c", str(recipe)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    names = [m["name"] for m in result["methods"]]
+    assert names == ["Retrain", "Retrain(seed=1)", "FineTune(epochs=1)", "IFRU(k_hop=0, solver=cg)"]
+
+    # Progress: one line per method before and after, with the CG iteration count of IFRU.
+    assert "[compare] 1/4 Retrain: unlearning" in out and "[compare] 4/4 IFRU(k_hop=0, solver=cg): done in" in out
+    ifru_line = next(line for line in out.splitlines() if line.startswith("[compare] 4/4 IFRU(k_hop=0, solver=cg): done"))
+    iterations = result["methods"][3]["diagnostics"]["solver/iterations"]
+    assert iterations > 0 and f"iterations={iterations}" in ifru_line
+
+    runs = offline_runs(tmp_path / "runs")
+    assert list(runs) == ["compare"]  # one run per comparison; Retrain's refits log nowhere
+    folder = runs["compare"]
+    assert f"wandb sync {folder.relative_to(tmp_path)}" in out  # where it is and how to upload it
+    records = read_records(next(folder.glob("run-*.wandb")))
+    run = records[first_index(records, "run")].run
+    assert run.run_group == f"{tmp_path.name}/compare_demo" and run.job_type == "compare"
+
+    # The fully resolved config, recorded before anything was trained or logged.
+    config = run_config(records)
+    assert config["model"]["init_args"]["embedding_dim"] == 16 and config["model"]["init_args"]["num_users"] == 120
+    assert config["deletion"]["requests_file"] == "forget.csv"
+    assert [m["class_path"].rsplit(".", 1)[1] for m in config["methods"]] == ["Retrain", "Retrain", "FineTune", "IFRU"]
+    assert config["trainer"]["max_epochs"] == 3 and config["seed_everything"] == 0
+    applied = config["deletion_applied"]
+    assert applied == {"kind": "users", "num_rows": result["deletion"]["rows"], "num_pairs": 0, "num_users": 2,
+                       "num_items": 0, "num_ignored": 0, "digest": result["deletion"]["digest"]}
+    config_at = first_index(records, "config", lambda r: any(u.key == "trainer" for u in r.config.update))
+    assert config_at < first_index(records, "history")
+
+    # Summary metrics per method, equal to compare.json.
+    summary = run_summary(records)
+    for method in result["methods"]:
+        assert summary[f"compare/{method['name']}/seconds"] == pytest.approx(method["seconds"])
+        assert summary[f"compare/{method['name']}/recall@20"] == pytest.approx(method["utility"]["recall@20"])
+        assert summary[f"compare/{method['name']}/gap_closed_item_rank"] == pytest.approx(
+            method["completeness"]["gap_closed_item_rank"])
+    assert summary["compare/Retrain/gap_closed_item_rank"] == pytest.approx(1.0)
+    assert summary["compare/headline_completeness"] == "gap_closed_item_rank"
+    assert summary["compare/table"]["_type"] == "table-file" and summary["compare/table"]["nrows"] == 4
+
+    # The table, one row per method, and native charts built from it.
+    table = json.loads(next((folder / "files" / "media" / "table" / "compare").glob("table_*.table.json")).read_text())
+    assert table["columns"] == list(COMPARISON_COLUMNS)
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert list(rows) == names
+    for method in result["methods"]:
+        assert rows[method["name"]]["seconds"] == pytest.approx(method["seconds"])
+        assert rows[method["name"]]["completeness"] == pytest.approx(method["completeness"]["gap_closed_item_rank"])
+    charts = {key: value["panel_config"] for key, value in config["_wandb"]["visualize"].items()}
+    assert charts["compare/chart/recall_vs_seconds"]["panelDefId"] == "wandb/scatter/v0"
+    assert charts["compare/chart/recall_vs_seconds"]["fieldSettings"] == {"x": "seconds", "y": "recall@20"}
+    assert charts["compare/chart/completeness_vs_seconds"]["fieldSettings"] == {"x": "seconds", "y": "completeness"}
+    for bar in ("seconds", "recall", "completeness"):
+        assert charts[f"compare/chart/{bar}"]["panelDefId"] == "wandb/bar/v0"
+        assert charts[f"compare/chart/{bar}"]["fieldSettings"]["label"] == "method"
+
+    # No raw id of a deleted row anywhere in the run; the scan does see what is written in the
+    # clear (the digest in the transaction log, a method name in the table).
+    seen = files_containing([folder, staging], [*deleted_ids, result["deletion"]["digest"], "IFRU(k_hop=0, solver=cg)"])
+    assert not {needle: paths for needle, paths in seen.items() if needle in deleted_ids}
+    assert any(p.endswith(".wandb") for p in seen[result["deletion"]["digest"]])
+    assert any(p.endswith(".table.json") for p in seen["IFRU(k_hop=0, solver=cg)"])
+    assert any(p.endswith("output.log") for p in seen["IFRU(k_hop=0, solver=cg)"])  # console output is scanned too
+
+
+# ---------------------------------------------------------------------- unlearn
+def test_unlearn_logs_a_request_time_series_and_artifacts_without_deleted_ids(distinctive_slice, tmp_path, staging, capsys):
+    data_file, deleted_ids = distinctive_slice
+    recipe = write_recipe(tmp_path / "forget.yaml", data_file, tmp_path / "runs")
+    main(["fit", "-c", str(recipe)])
+    checkpoint = next((tmp_path / "ckpt").glob("best*.ckpt"))
+    (tmp_path / "requests.csv").write_text("user\n" + "\n".join(member(u) for u in DELETED_USERS) + "\n")
+    main(["unlearn", "-c", str(recipe), "--ckpt_path", str(checkpoint), "--requests", "requests.csv",
+          "--method", "FineTune", "--method.epochs", "1", "--out", "unlearned", "--log_artifacts", "true"])
+    out = capsys.readouterr().out
+    assert "[unlearn] W&B artifacts: unlearned-model-" in out
+    journal = [json.loads(line) for line in (tmp_path / "unlearned" / "journal.jsonl").read_text().splitlines()]
+    applied = journal[-1]
+    assert applied["status"] == "applied"
+
+    runs = offline_runs(tmp_path / "runs")
+    assert set(runs) == {"fit", "unlearn"}
+    records = read_records(next(runs["unlearn"].glob("run-*.wandb")))
+
+    # Per-request metrics are plotted against the request index.
+    axes = {r.metric.glob_name or r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert axes["unlearn/*"] == "unlearn/request" and "unlearn/request" in axes
+    rows = [row for row in run_history(records) if "unlearn/request" in row]
+    assert [row["unlearn/request"] for row in rows] == [0] and rows[0]["unlearn/rows_removed"] == applied["num_rows"]
+    assert rows[0]["unlearn/seconds"] > 0 and "unlearn/test/recall@20" in rows[0]
+
+    config = run_config(records)
+    assert config["deletion_applied"]["digest"] == applied["digest"] and config["deletion_applied"]["num_users"] == 2
+    assert config["requests"] == "requests.csv" and config["method"]["class_path"].endswith("FineTune")
+
+    # The unlearned checkpoint and the journal, as artifacts (staged copies, uploaded by `wandb sync`).
+    artifacts = {r.artifact.type: r.artifact for r in records if r.WhichOneof("record_type") == "artifact"}
+    model, record = artifacts["unlearned-model"], artifacts["unlearning-journal"]
+    assert [c.path for c in model.manifest.contents] == [Path(applied["checkpoint"]).name]
+    assert [c.path for c in record.manifest.contents] == ["journal.jsonl"]
+    assert json.loads(model.metadata)["requests"][0]["digest"] == applied["digest"]
+    staged = [Path(c.local_path) for a in (model, record) for c in a.manifest.contents]
+    assert all(p.is_file() and p.is_relative_to(staging) for p in staged)
+
+    seen = files_containing([runs["unlearn"], runs["fit"], staging], [*deleted_ids, applied["digest"]])
+    assert not {needle: paths for needle, paths in seen.items() if needle in deleted_ids}
+    assert seen[applied["digest"]]  # the scan reads what is there: the digest is, in the clear
+
+
+def test_artifacts_need_a_wandb_logger(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "trainer: {logger: false, enable_progress_bar: false}\n"
+        "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
+        "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 10, num_items: 8}}}\n"
+    )
+    with pytest.raises(ValueError, match=r"log_artifacts=true.*trainer\.logger.*WandbLogger.*got no logger"):
+        main(["unlearn", "-c", str(recipe), "--ckpt_path", "missing.ckpt", "--requests", "r.csv", "--method", "FineTune",
+              "--log_artifacts", "true"])
+
+
+def test_artifacts_refused_when_wandb_is_disabled(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "trainer: {enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.WandbLogger,\n"
+        f"  init_args: {{mode: disabled, save_dir: {tmp_path}}}}}}}\n"
+        "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
+        "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 10, num_items: 8}}}\n"
+    )
+    with pytest.raises(ValueError, match=r"log_artifacts=true.*disabled.*offline.*log_artifacts=false"):
+        main(["unlearn", "-c", str(recipe), "--ckpt_path", "missing.ckpt", "--requests", "r.csv", "--method", "FineTune",
+              "--log_artifacts", "true"])
+
+
+def test_log_model_on_an_offline_run_is_refused_naming_both_options(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "trainer: {enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.WandbLogger,\n"
+        f"  init_args: {{offline: true, log_model: true, save_dir: {tmp_path}}}}}}}\n"
+        "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
+        "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 10, num_items: 8}}}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(recipe)])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "trainer.logger.init_args.log_model=True" in err and "trainer.logger.init_args.offline=true" in err
+    assert "--log_artifacts=true" in err and "wandb sync" in err
+    assert not (tmp_path / "wandb").exists()  # refused before a run was started
+
+
+# ---------------------------------------------------------------------- reporting, unit level
+def fake_result(kind: str = "interactions") -> dict:
+    def method(name, seconds, recall, gap):
+        return {"name": name, "seconds": seconds, "precompute_seconds": 0.0, "speedup_vs_retrain": 2.0 / seconds,
+                "utility": {"recall@20": recall, "ndcg@20": recall / 2, "auc": 0.9},
+                "completeness": {"gap_closed_rank": gap, "gap_closed_item_rank": gap / 2, "overlap@20": float("nan")}}
+    return {"deletion": {"kind": kind, "rows": 12, "digest": "ab" * 32},
+            "original": {"fit_seconds": 3.0, "grad_norm": 0.1, "utility": {"recall@20": 0.3}},
+            "methods": [method("Retrain", 2.0, 0.30, 1.0), method("IFRU(k_hop=0)", 0.1, 0.29, 0.98)]}
+
+
+def test_comparison_rows_follow_the_columns_and_drop_non_finite_values():
+    rows = comparison_rows(fake_result())
+    assert [r[0] for r in rows] == ["Retrain", "IFRU(k_hop=0)"]
+    ifru = dict(zip(COMPARISON_COLUMNS, rows[1]))
+    assert ifru["seconds"] == 0.1 and ifru["speedup_vs_retrain"] == 20.0 and ifru["completeness"] == 0.98
+    assert ifru["overlap@20"] is None and ifru["gap_closed_mia"] is None  # NaN and missing alike
+    # Whole users: the headline is what their data did to the items.
+    assert dict(zip(COMPARISON_COLUMNS, comparison_rows(fake_result("users"))[1]))["completeness"] == 0.49
+
+
+def test_every_logger_gets_the_per_method_metrics(tmp_path):
+    logger = CSVLogger(tmp_path)
+    log_comparison([logger], fake_result())
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    values = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None) and k != "step"}
+    assert values["compare/IFRU(k_hop=0)/seconds"] == 0.1 and values["compare/Retrain/recall@20"] == 0.30
+    assert "compare/IFRU(k_hop=0)/overlap@20" not in values  # non-finite figures are left out, not logged as NaN
+
+
+def test_the_package_does_not_import_wandb():
+    code = "import sys, lightning_unlearn, lightning_unlearn.cli, lightning_unlearn.unlearning.reporting; print('wandb' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------- the demo without data
+def test_demo_without_data_or_network_says_how_to_point_it_at_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LIGHTNING_UNLEARN_DATA", str(tmp_path / "empty"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("lightning_unlearn.data.download.urllib.request.urlopen", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "-c", str(REPO / "recipes" / "ml100k" / "demo_interactions.yaml")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    expected = tmp_path / "empty" / "ml-100k" / "u.data"
+    assert f"Data file not found: {expected}" in err
+    assert "data.source.init_args.root" in err and "LIGHTNING_UNLEARN_DATA" in err
+    assert "Downloading https://files.grouplens.org/datasets/movielens/ml-100k.zip failed" in err and "no network" in err
+    assert "Traceback" not in err
