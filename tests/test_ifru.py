@@ -224,7 +224,7 @@ def test_spillover_is_the_loss_change_of_affected_rows_through_the_new_graph():
     model.set_graph(dm.train)
     users, items = touched(deleted)
     restricted = ifru._Restricted(model, users, items, include_dense=True)
-    rhs = ifru._influence_with_spillover(model, restricted, retained, deleted, len(retained))
+    rhs = ifru._influence_with_spillover(model, restricted, retained, deleted, len(retained), UnlearningContext())
 
     affected = retained.select(torch.isin(retained.users, torch.unique(deleted.users)) | torch.isin(retained.items, torch.unique(deleted.items)))
     old_restricted = ifru._Restricted(old, users, items, include_dense=True)

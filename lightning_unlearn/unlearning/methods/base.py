@@ -31,12 +31,31 @@ class UnlearningContext:
         reduce: sums a tensor over devices (identity on one device).
         fit: fits a freshly initialised model on the current (retained) data with the original
             recipe; provided by the callback and by ``compare``, used by ``Retrain``.
+        rank: this process's index among ``world_size`` (each handles :meth:`shard` of the rows).
+        world_size: number of processes; their partial sums are combined with ``reduce``.
+
+    Example:
+        >>> rows = TrainRows(torch.arange(5), torch.arange(5), torch.zeros(5, 1, dtype=torch.long))
+        >>> UnlearningContext(rank=1, world_size=2).shard(rows).users.tolist()
+        [1, 3]
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     reduce: Callable[[Tensor], Tensor] = _identity
     fit: Callable[[Recommender], None] | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, rows: TrainRows) -> TrainRows:
+        """This rank's share of ``rows`` (every ``world_size``-th row); all of them on one process."""
+        if self.world_size == 1:
+            return rows
+        return rows.select(torch.arange(len(rows), device=rows.users.device) % self.world_size == self.rank)
+
+    def sum(self, value: Callable[[TrainRows], Tensor], rows: TrainRows) -> Tensor:
+        """``sum over ranks of value(this rank's shard of rows)``: a sum over ``rows`` on every rank."""
+        return self.reduce(value(self.shard(rows)))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, scatter_outer
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.methods.base import UnlearningContext
 
 __all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks"]
 
@@ -141,25 +142,37 @@ class CachedCurvature:
         self._entry: tuple[Tensor, CurvatureBlocks] | None = None  # (fingerprint of the model, blocks)
         self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
 
-    def retained(self, model: Recommender, retained: TrainRows, deleted: TrainRows) -> tuple[CurvatureBlocks, float]:
+    def retained(
+        self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext | None = None
+    ) -> tuple[CurvatureBlocks, float]:
         """The blocks over ``retained``, and the seconds spent building the cache (0 when it was warm).
 
         Args:
             model: the model the blocks are taken at.
             retained: the rows that remain.
             deleted: the rows this request removes (subtracted from the cache).
+            context: on several processes, each computes its shard of the rows and the blocks
+                are summed over processes, so every process holds the same cache.
         """
+        context = context or UnlearningContext()
         precompute = 0.0
         if not self.holds(model):
             start = time.perf_counter()
-            self._entry = (_fingerprint(model), curvature_blocks(model, retained.concat(deleted)))
+            blocks = curvature_blocks(model, context.shard(retained.concat(deleted)))
+            self._entry = (_fingerprint(model), CurvatureBlocks(context.reduce(blocks.users), context.reduce(blocks.items)))
             self._factored = {}
             precompute = time.perf_counter() - start
         blocks = self._entry[1]
-        everyone = lambda n: torch.arange(n, device=blocks.users.device)  # noqa: E731  slot of id i is i
-        with torch.no_grad():
-            vectors = tuple(t.detach() for t in model.representations())
-        _add_curvature(model, vectors, deleted, blocks, everyone(model.num_users), everyone(model.num_items), sign=-1.0)
+        if context.world_size == 1:  # subtract in place, no copies
+            everyone = lambda n: torch.arange(n, device=blocks.users.device)  # noqa: E731  slot of id i is i
+            with torch.no_grad():
+                vectors = tuple(t.detach() for t in model.representations())
+            _add_curvature(model, vectors, deleted, blocks, everyone(model.num_users), everyone(model.num_items), sign=-1.0)
+        else:
+            users, items = torch.unique(deleted.users), torch.unique(deleted.all_items())
+            removed = curvature_blocks(model, context.shard(deleted), users=users, items=items)
+            blocks.users[users] -= context.reduce(removed.users)
+            blocks.items[items] -= context.reduce(removed.items)
         return blocks, precompute
 
     def holds(self, model: Recommender) -> bool:

@@ -131,7 +131,7 @@ class IFRU(Unlearner):
         options += [f"gradient={self.gradient}"] if self.gradient != "influence" else []
         return f"IFRU({', '.join(options)})"
 
-    def prepare(self, model: Recommender, rows: TrainRows) -> float:
+    def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
         """Build the curvature cache (and the block solver's factors) for ``model`` trained on ``rows``.
 
         Paid once per trained model; the first request does it when it was not called. Call it
@@ -141,6 +141,7 @@ class IFRU(Unlearner):
         Args:
             model: the trained model.
             rows: every training row it was trained on.
+            context: on several processes, each sums the curvature of its shard of the rows.
 
         Returns:
             The seconds it took.
@@ -148,7 +149,7 @@ class IFRU(Unlearner):
         start = time.perf_counter()
         if not is_graph(model):
             nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
-            self._curvature.retained(model, rows, nothing)
+            self._curvature.retained(model, rows, nothing, context)
             if self.refactor_tolerance > 0 and self.solver in ("auto", "block"):
                 for side, size in (("users", model.num_users), ("items", model.num_items)):
                     ids = torch.arange(size, device=next(model.parameters()).device)
@@ -190,25 +191,26 @@ class IFRU(Unlearner):
             return diagnostics
         theta = restricted.values()
         if self.gradient == "influence" and is_graph(model):
-            rhs = _influence_with_spillover(model, restricted, retained, deleted, n)
+            rhs = _influence_with_spillover(model, restricted, retained, deleted, n, context)
         elif self.gradient == "influence":
-            rhs = restricted.gradient(lambda: model.loss(deleted[:], "sum") / n)
+            rhs = context.sum(lambda shard: restricted.gradient(lambda: model.loss(shard[:], "sum") / n), deleted)
         else:
-            rhs = -restricted.gradient(lambda: model.loss(rows[:], "sum") / n + model.dense_penalty())
+            data = context.sum(lambda shard: restricted.gradient(lambda: model.loss(shard[:], "sum") / n), rows)
+            rhs = -(data + restricted.gradient(model.dense_penalty))
         if not torch.isfinite(rhs).all():
             raise FloatingPointError("the right-hand side (gradient) is not finite")
         precompute = 0.0
         if solver in ("block", "cg") and not is_graph(model):
             if not self._curvature.holds(model):
-                precompute = self.prepare(model, retained.concat(deleted))
-            blocks, _ = self._curvature.retained(model, retained, deleted)
+                precompute = self.prepare(model, retained.concat(deleted), context)
+            blocks, _ = self._curvature.retained(model, retained, deleted, context)
         if solver == "block":
             delta, solve = _block_step(restricted, rhs, self._curvature, users, items, n, self.damping, self.refactor_tolerance)
         elif solver == "direct":
-            delta, solve = _direct_solve(self._matvec(model, restricted, rows, n, theta), rhs, self.damping, self.direct_max)
+            delta, solve = _direct_solve(self._matvec(model, restricted, rows, n, theta, context), rhs, self.damping, self.direct_max)
         else:
             preconditioner = None if is_graph(model) else restricted.block_preconditioner(blocks, users, items, n, self.damping)
-            matvec = self._matvec(model, restricted, rows, n, theta)
+            matvec = self._matvec(model, restricted, rows, n, theta, context)
             delta, result = conjugate_gradient(matvec, rhs, damping=self.damping, tol=self.tol, max_iter=self.max_iter,
                                                preconditioner=preconditioner)
             solve = result.as_dict()
@@ -232,15 +234,23 @@ class IFRU(Unlearner):
             kept.append(ids[torch.argsort(importance, descending=True, stable=True)[:count]].sort().values)
         return kept[0], kept[1]
 
-    def _matvec(self, model: Recommender, restricted: _Restricted, rows: TrainRows, n: int, theta: list[Tensor]):
-        batch = rows[:]
+    def _matvec(self, model: Recommender, restricted: _Restricted, rows: TrainRows, n: int, theta: list[Tensor],
+                context: UnlearningContext):
+        """Curvature-vector products of the restricted objective: this rank's rows, summed over ranks."""
+        batch = context.shard(rows)[:]
+        if "dense" in restricted.groups:  # the dense weights' own penalty, counted once (not per rank)
+            dense = hessian_matvec(lambda ps: restricted.call(ps, model.dense_penalty), theta)
+        else:
+            dense = torch.zeros_like
         if self.curvature == "hessian":
-            return hessian_matvec(lambda ps: restricted.call(ps, lambda: model.loss(batch, "sum") / n + model.dense_penalty()), theta)
-        data = _data_loss(model.loss_name)
-        outputs = lambda ps: restricted.call(ps, lambda: _row_scores(model, batch))  # noqa: E731
-        gauss_newton = gauss_newton_matvec(outputs, lambda z: data(z) / n, theta, mode="reverse")
-        regulariser = hessian_matvec(lambda ps: restricted.call(ps, lambda: _penalty(model, batch) / n + model.dense_penalty()), theta)
-        return lambda v: gauss_newton(v) + regulariser(v)
+            data = hessian_matvec(lambda ps: restricted.call(ps, lambda: model.loss(batch, "sum") / n), theta)
+        else:
+            loss = _data_loss(model.loss_name)
+            outputs = lambda ps: restricted.call(ps, lambda: _row_scores(model, batch))  # noqa: E731
+            gauss_newton = gauss_newton_matvec(outputs, lambda z: loss(z) / n, theta, mode="reverse")
+            penalty = hessian_matvec(lambda ps: restricted.call(ps, lambda: _penalty(model, batch) / n), theta)
+            data = lambda v: gauss_newton(v) + penalty(v)  # noqa: E731
+        return lambda v: context.reduce(data(v)) + dense(v)
 
 
 # ---------------------------------------------------------------------- which rows move
@@ -252,7 +262,8 @@ class IFRU(Unlearner):
 
 
 
-def _influence_with_spillover(model: Recommender, restricted: _Restricted, retained: TrainRows, deleted: TrainRows, n: int) -> Tensor:
+def _influence_with_spillover(model: Recommender, restricted: _Restricted, retained: TrainRows, deleted: TrainRows, n: int,
+                              context: UnlearningContext) -> Tensor:
     """Direct influence of the deleted rows plus the spillover through the graph (the paper's eq. for graph models).
 
     Deleting edges renormalises the graph, which changes the loss of rows that remain. With the
@@ -263,8 +274,9 @@ def _influence_with_spillover(model: Recommender, restricted: _Restricted, retai
     old_graph = normalized_adjacency(_as_table(retained.concat(deleted), model)).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
     changed_users, changed_items = torch.unique(deleted.users), torch.unique(deleted.items)
     affected = retained.select(torch.isin(retained.users, changed_users) | torch.isin(retained.items, changed_items))
-    old = restricted.gradient(lambda: (model.loss(deleted[:], "sum") + model.loss(affected[:], "sum")) / n, {"adjacency": old_graph})
-    new = restricted.gradient(lambda: model.loss(affected[:], "sum") / n)
+    old = context.sum(lambda rows: restricted.gradient(lambda: model.loss(rows[:], "sum") / n, {"adjacency": old_graph}),
+                      deleted.concat(affected))
+    new = context.sum(lambda rows: restricted.gradient(lambda: model.loss(rows[:], "sum") / n), affected)
     return old - new
 
 
@@ -311,6 +323,8 @@ class _Restricted:
         leaves = [v.clone().requires_grad_(True) for v in self.values()]
         with torch.enable_grad():
             value = self.call(leaves, closure, buffers)
+            if not value.requires_grad:  # e.g. MF's dense penalty: a constant
+                return flatten([torch.zeros_like(v) for v in leaves])
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
         return flatten([torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)])
 

@@ -1,0 +1,77 @@
+"""Unlearning on several processes (gloo, CPU) gives the parameters one process gives.
+
+Each rank sums its shard of the rows and the partial sums are all-reduced, so every rank
+applies the identical update. The processes are real (``torch.multiprocessing`` with a gloo
+process group); the Lightning-level run with ``Trainer(strategy="ddp")`` is in
+``test_callback_under_ddp_equals_one_device``.
+"""
+
+from __future__ import annotations
+
+import copy
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.models import MF, LightGCN
+from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext
+
+CASES = {
+    "mf-block": (MF, {"solver": "block"}),
+    "mf-cg": (MF, {"solver": "cg", "tol": 1e-10, "max_iter": 300}),
+    "mf-retained": (MF, {"solver": "direct", "gradient": "retained"}),
+    "lightgcn-cg": (LightGCN, {"solver": "cg", "tol": 1e-10, "max_iter": 300}),
+}
+
+
+def setting(case: str):
+    cls, options = CASES[case]
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=20, num_items=16, density=0.4, seed=3), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = cls(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+    model.set_graph(dm.train)
+    deleted = dm.remove(torch.arange(0, 60, 7))
+    model.set_graph(dm.train)
+    return model, dm.train_rows(), deleted, IFRU(damping=1e-4, **options)
+
+
+def _rank(rank: int, world_size: int, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+
+        def reduce(tensor):
+            tensor = tensor.clone()
+            dist.all_reduce(tensor)
+            return tensor
+
+        context = UnlearningContext(seed=0, reduce=reduce, rank=rank, world_size=world_size)
+        for case in CASES:
+            model, retained, deleted, method = setting(case)
+            method.unlearn(model, retained, deleted, context)
+            torch.save(model.state_dict(), f"{folder}/{case}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Every case unlearned by two gloo processes (one spawn for all cases: start-up dominates)."""
+    folder = tmp_path_factory.mktemp("gloo")
+    mp.start_processes(_rank, args=(2, str(folder)), nprocs=2, join=True, start_method="spawn")
+    return folder
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ifru_on_two_gloo_processes_equals_one_process(case, two_processes):
+    model, retained, deleted, method = setting(case)
+    before = copy.deepcopy(model.state_dict())
+    method.unlearn(model, retained, deleted)
+    ranks = [torch.load(two_processes / f"{case}-rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, value in model.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-8, msg=f"{name}: 2 processes vs 1")
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the update did something
