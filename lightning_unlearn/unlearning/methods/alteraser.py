@@ -1,0 +1,781 @@
+"""AltEraser: warm-started alternating block-Newton unlearning (Liu et al., arXiv 2208.06875).
+
+Starting from the trained model, minimise the training objective on the retained rows,
+
+    L(theta) = 1/n * sum_{r in retained} loss_r(theta) + dense_penalty(theta),
+
+by alternating small second-order sub-problems. With the item vectors and the dense weights
+fixed, ``L`` separates by user (every row has one user): each user in scope takes one damped
+Newton step on its embedding row (all its tables concatenated, e.g. NeuMF's GMF and MLP rows)
+with its ``d x d`` curvature block and its exact gradient over its retained rows. Then the same
+for the items, then the dense weights. All users (items) of a step are one batched operation:
+per-row gradients scattered into ``(n, d)``, blocks from :func:`curvature_blocks` (or cached and
+downdated by :class:`CachedCurvature`), one batched :func:`~lightning_unlearn.linalg.solve_blocks`
+(blocks that are not positive definite get more damping, counted), and a per-block backtracking
+line search on each sub-problem's own loss. No Python loop runs over users or items.
+
+Separable exactly for non-graph models (MF, NeuMF). With BPR, one row holds a positive and
+negative items, so the item objective is not separable: each item's step is judged on its own
+terms with the other items held where they were (block-Jacobi); BCE items separate exactly.
+For graph models (LightGCN) the base embeddings are coupled through the propagation; the
+gradient is exact (through the propagation, over every retained row), the blocks are the
+propagated vectors' blocks scaled by the square of each node's self-weight in the propagation
+(the path from a base row to its own propagated vector; paths through neighbours are dropped),
+and the line search is one step length per side on the whole objective.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.linalg import BlockSolveResult, conjugate_gradient, flatten, gauss_newton_matvec, hessian_matvec, solve_blocks, unflatten
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
+from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks, curvature_blocks
+from lightning_unlearn.unlearning.methods.functional import call_with
+from lightning_unlearn.unlearning.methods.scope import expand, is_graph, orphans, reset_to_initialisation, rows_touching, touched
+
+__all__ = ["AltEraser", "exact_hessian_blocks", "row_losses"]
+
+_SCOPES = ("affected", "affected+k-hop", "all")
+_CURVATURES = ("gauss_newton", "hessian")
+_BLOCKS = ("cached", "fresh")
+_SIDES = ("user_embedding", "item_embedding")
+_ARMIJO = 1e-4  # sufficient-decrease constant of the line search
+_MAX_TRIES = 16  # factorisations per block: damping may grow 10^15-fold before a block counts as failed
+
+
+class AltEraser(Unlearner):
+    """Alternating per-user / per-item block-Newton steps on the retained objective, from the trained model.
+
+    Args:
+        rounds: at most this many rounds (users, then items, then dense weights), ``>= 1``.
+        tol: stop after a round whose relative decrease of the objective,
+            ``(L_before - L_after) / |L_after|``, is below ``tol`` (with ``0``, only once a round
+            no longer decreases it).
+        scope: which embedding rows move: ``"affected"`` (the users and items of the deleted
+            rows, negatives included), ``"affected+k-hop"`` (plus their neighbours through
+            retained interactions, ``k_hop`` hops out) or ``"all"``.
+        k_hop: hops for ``scope="affected+k-hop"`` (``>= 1``).
+        curvature: ``"gauss_newton"`` (positive semi-definite blocks; exact for MF, whose
+            scores are linear in each side) or ``"hessian"`` (exact per-row Hessian blocks from
+            ``torch.func``; memory grows as ``rows x d^2``, meant for small problems).
+        blocks: ``"cached"`` (Gauss-Newton blocks of every user and item computed once per
+            trained model, reported as precomputation, and downdated by each request's deleted
+            rows; later rounds reuse them, so the step is a damped chord-Newton step whose fixed
+            point is still the exact stationary point because the gradient is exact) or
+            ``"fresh"`` (rebuilt at the current parameters for every step: the paper's Newton).
+        damping: added to each block of the mean objective (``> 0``), i.e. ``n * damping`` to the
+            summed blocks; blocks that are not positive definite get more, and are counted.
+        line_search: backtrack each sub-problem's step (halving) until its own loss decreases
+            enough (Armijo); blocks that never do keep their row (counted as ``rejected``).
+        max_backtracks: halvings tried before a block's step is rejected.
+        dense_steps: damped Gauss-Newton-CG steps on the dense weights per round (NeuMF's MLP);
+            ``0`` keeps them fixed. The gradient is exact over every retained row; the
+            curvature products use ``dense_sample`` rows.
+        dense_cg_iters: CG iterations per dense step.
+        dense_sample: rows (drawn once with the context's seed) for the dense curvature.
+        chunk_size: rows per vectorised pass.
+
+    Raises:
+        ValueError: on an argument outside the accepted values (the message names it).
+
+    Example:
+        >>> AltEraser(rounds=2).name
+        'AltEraser(rounds=2)'
+        >>> AltEraser(scope="everything")
+        Traceback (most recent call last):
+        ...
+        ValueError: AltEraser(scope=...) must be one of ('affected', 'affected+k-hop', 'all'), got 'everything'.
+    """
+
+    hint = "more damping (e.g. 10x), fewer rounds, or blocks='fresh'"
+
+    def __init__(
+        self,
+        rounds: int = 1,
+        tol: float = 1e-4,
+        scope: Literal["affected", "affected+k-hop", "all"] = "affected",
+        k_hop: int = 1,
+        curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
+        blocks: Literal["cached", "fresh"] = "cached",
+        damping: float = 1e-7,
+        line_search: bool = True,
+        max_backtracks: int = 10,
+        dense_steps: int = 1,
+        dense_cg_iters: int = 10,
+        dense_sample: int = 65536,
+        chunk_size: int = 32768,
+    ):
+        for name, value, allowed in (("scope", scope, _SCOPES), ("curvature", curvature, _CURVATURES), ("blocks", blocks, _BLOCKS)):
+            if value not in allowed:
+                raise ValueError(f"AltEraser({name}=...) must be one of {allowed}, got {value!r}.")
+        for name, value, low in (("rounds", rounds, 1), ("k_hop", k_hop, 1), ("max_backtracks", max_backtracks, 0),
+                                 ("dense_steps", dense_steps, 0), ("dense_cg_iters", dense_cg_iters, 1),
+                                 ("dense_sample", dense_sample, 1), ("chunk_size", chunk_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"AltEraser({name}=...) must be an integer >= {low}, got {value!r}.")
+        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+            raise ValueError(f"AltEraser(damping=...) must be a finite number > 0, got {damping!r}.")
+        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"AltEraser(tol=...) must be a finite number >= 0, got {tol!r}.")
+        if blocks == "cached" and curvature != "gauss_newton":
+            raise ValueError(f"AltEraser(blocks='cached') caches Gauss-Newton blocks; with curvature={curvature!r} use blocks='fresh'.")
+        self.rounds, self.tol, self.scope, self.k_hop = rounds, float(tol), scope, k_hop
+        self.curvature, self.blocks, self.damping = curvature, blocks, float(damping)
+        self.line_search, self.max_backtracks = line_search, max_backtracks
+        self.dense_steps, self.dense_cg_iters, self.dense_sample = dense_steps, dense_cg_iters, dense_sample
+        self.chunk_size = chunk_size
+        self._cache = CachedCurvature()
+        self._anchor: _Anchor | None = None
+
+    @property
+    def name(self) -> str:
+        options = [f"rounds={self.rounds}"]
+        options += [f"scope={self.scope}" if self.scope != "affected+k-hop" else f"scope=affected+{self.k_hop}-hop"] if self.scope != "affected" else []
+        options += [f"blocks={self.blocks}"] if self.blocks != "cached" else []
+        options += [f"curvature={self.curvature}"] if self.curvature != "gauss_newton" else []
+        return f"AltEraser({', '.join(options)})"
+
+    def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
+        """Cache the curvature blocks, and the gradient over every row, of ``model`` trained on ``rows``.
+
+        Paid once per trained model (the first request does it when this was not called; its
+        seconds are then reported as ``precompute_seconds``). The cached gradient makes the first
+        request's first steps free of passes over the retained rows (non-graph models).
+
+        Args:
+            model: the trained model.
+            rows: every training row it was trained on.
+            context: device, reduce and sharding (default: one process).
+
+        Returns:
+            The seconds it took.
+        """
+        context = context or UnlearningContext()
+        start = time.perf_counter()
+        if self.blocks == "cached":
+            nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
+            self._cache.retained(model, rows, nothing, context)
+            sides = [side for side in (_Side(model, name) for name in _SIDES) if side.trainable]
+            if sides and not is_graph(model):
+                engine = _Engine(model, rows, len(rows), context, self.chunk_size, graph=False)
+                self._anchor = engine.anchor(sides, engine.local)
+        return time.perf_counter() - start
+
+    # ------------------------------------------------------------------ the update
+    def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        try:
+            return self._update(model, retained, deleted, context)
+        except Exception:
+            self._cache.clear()  # the request is rolled back: the cache may hold its downdate
+            self._anchor = None
+            raise
+
+    def _update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        graph = is_graph(model)
+        sides = {name: _Side(model, name) for name in _SIDES}
+        n = max(len(retained), 1)
+        engine = _Engine(model, retained, n, context, self.chunk_size, graph)
+        precompute, cached, anchor = 0.0, None, None
+        if self.blocks == "cached" and any(side.trainable for side in sides.values()):
+            if not self._cache.holds(model):
+                precompute = self.prepare(model, retained.concat(deleted), context)
+            cached, _ = self._cache.retained(model, retained, deleted, context)  # downdated, at the trained model
+            anchor, self._anchor = self._anchor, None  # valid for this model's first request only
+        users, items = self._scope(model, retained, deleted)
+        orphan_users, orphan_items = orphans(users, retained.users), orphans(items, retained.all_items())
+        users, items = users[~torch.isin(users, orphan_users)], items[~torch.isin(items, orphan_items)]
+        ids = {"user_embedding": users if sides["user_embedding"].trainable else users[:0],
+               "item_embedding": items if sides["item_embedding"].trainable else items[:0]}
+        if anchor is not None:  # the retained gradient and value at the trained model: every row's minus the deleted rows'
+            anchor.subtract(engine, context.shard(deleted), {name: ids[name] for name in _SIDES if len(ids[name])}, sides)
+        reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
+        local = engine.local  # this process's share of the retained rows; every sum over rows is reduced
+        rows = local if graph or self.scope == "all" else local.select(rows_touching(local, ids["user_embedding"], ids["item_embedding"]))
+        dense = [p for p in model.parameter_groups()["dense"] if p.requires_grad] if self.dense_steps else []
+        engine.value = anchor.value if anchor is not None else engine.sum_losses(local)
+        history = [engine.objective()]
+        if not math.isfinite(history[0]):
+            raise FloatingPointError("the retained objective is not finite at the trained model")
+        totals = _Totals()
+        stopped = "rounds"
+        for round_ in range(self.rounds):
+            moved: set[str] = set()
+            for name in _SIDES:
+                if len(ids[name]):
+                    # the cached gradient holds until a step moves rows that share terms with this side's
+                    fresh = anchor.gradient(name, ids[name]) if anchor is not None and round_ == 0 and not moved else None
+                    if self._side_step(engine, sides[name], ids[name], rows, cached, totals, fresh):
+                        moved.add(name)
+            for _ in range(self.dense_steps if dense else 0):
+                self._dense_step(engine, dense, totals)
+            history.append(engine.objective())
+            if not math.isfinite(history[-1]):
+                raise FloatingPointError(f"the objective became {history[-1]} after round {len(history) - 1}")
+            if (history[-2] - history[-1]) < self.tol * abs(history[-1]):
+                stopped = "tol"
+                break
+        if cached is not None:
+            self._cache.adopt(model)  # exact gradients drive the steps: stale blocks only slow later requests down
+            self._anchor = None  # the cached gradient, though, belonged to the trained model
+        return {
+            "precompute_seconds": precompute, "rounds": len(history) - 1, "stopped": stopped, "objective": history,
+            "kept_users": len(ids["user_embedding"]), "kept_items": len(ids["item_embedding"]),
+            "reset_users": len(orphan_users), "reset_items": len(orphan_items), "rows_used": len(rows),
+            "blocks": self.blocks, "curvature": self.curvature, "damping": self.damping, **totals.as_dict(),
+        }
+
+    def _scope(self, model: Recommender, retained: TrainRows, deleted: TrainRows) -> tuple[Tensor, Tensor]:
+        if self.scope == "all":
+            device = retained.users.device
+            return torch.arange(model.num_users, device=device), torch.arange(model.num_items, device=device)
+        users, items = touched(deleted)
+        return expand(users, items, retained, self.k_hop) if self.scope == "affected+k-hop" else (users, items)
+
+    # ------------------------------------------------------------------ one side: users or items
+    def _side_step(self, engine: _Engine, side: _Side, ids: Tensor, rows: TrainRows, cached, totals: _Totals, grad: Tensor | None) -> bool:
+        """One batched damped Newton step for every block of a side; whether any row moved.
+
+        ``grad`` is the exact gradient when known already (from the cached one); else it is computed.
+        """
+        if not engine.graph:
+            rows = rows.select(side.rows_of(rows, ids))
+        values = side.gather(ids)
+        scores = None
+        if grad is None:
+            grad, scores = engine.gradient(side, ids, rows)
+        if not torch.isfinite(grad).all():
+            raise FloatingPointError(f"the {side.label} gradient is not finite")
+        blocks = self._blocks(engine, side, ids, rows, cached)
+        step, solved = solve_blocks(blocks, -grad, damping=engine.n * self.damping, max_tries=_MAX_TRIES)
+        totals.add_solve(solved)
+        if solved.failed_blocks:
+            raise FloatingPointError(f"{solved.failed_blocks} {side.label} curvature blocks could not be factored (non-finite, or not "
+                                     f"positive definite even with damping {solved.max_damping:.3g})")
+        slope = (grad * step).sum(1)  # directional derivative of each sub-problem (< 0: a descent direction)
+        if engine.graph:
+            alpha = self._global_search(engine, side, ids, values, step, slope)
+        else:
+            alpha = self._block_search(engine, side, ids, rows, values, step, slope, scores)
+        totals.backtracked += int(((alpha > 0) & (alpha < 1)).sum())
+        totals.rejected += int((alpha == 0).sum())
+        side.set_(ids, values + alpha.unsqueeze(1) * step)
+        return bool((alpha > 0).any())
+
+    def _blocks(self, engine: _Engine, side: _Side, ids: Tensor, rows: TrainRows, cached) -> Tensor:
+        """The ``(len(ids), d, d)`` summed curvature blocks of this side's sub-problems."""
+        model = engine.model
+        if cached is not None:
+            table = cached.users if side.name == "user_embedding" else cached.items
+            blocks = table[ids.to(table.device)]
+        else:
+            if self.curvature == "hessian":
+                fresh = exact_hessian_blocks(model, rows, **{side.key: ids}, chunk_size=max(1, self.chunk_size // 64))
+            else:
+                fresh = curvature_blocks(model, rows, **{side.key: ids, side.other_key: ids[:0]}, chunk_size=self.chunk_size)
+            blocks = engine.context.reduce(fresh.users if side.name == "user_embedding" else fresh.items)
+        if not engine.graph:
+            return blocks
+        # Graph: the blocks are the propagated vectors'. A base row reaches its own propagated vector with
+        # weight c, so its data curvature is about c^2 times theirs; the L2 term sits on the base row itself.
+        penalty = model.l2 * engine.counts(side, ids, engine.local).view(-1, 1, 1) * torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+        return side.self_weight(ids).square().view(-1, 1, 1) * (blocks - penalty) + penalty
+
+    def _block_search(self, engine, side, ids, rows, values, step, slope, scores) -> Tensor:
+        """Per-block backtracking: halve each block's step until its own loss decreases enough (batched over blocks).
+
+        Every evaluation also gives the scores of the rows it touched at the trial point, so the
+        exact change of the objective at the accepted steps is known without another pass.
+        """
+        alpha = torch.ones(len(ids), dtype=step.dtype, device=step.device)
+        pending = torch.ones(len(ids), dtype=torch.bool, device=step.device)
+        final = None
+        for attempt in range(self.max_backtracks + 1):
+            new = values + alpha.unsqueeze(1) * step
+            change, scores, trial, involved = engine.block_change(side, ids, rows, values, new, pending, scores)
+            ok = (change <= _ARMIJO * alpha * slope) | (not self.line_search)
+            accepted = pending & ok
+            final = scores.clone() if final is None else final
+            engine.keep_scores(side, ids, rows, final, trial, involved, accepted)
+            pending &= ~ok
+            if not pending.any():
+                break
+            alpha = torch.where(pending, alpha * 0.5, alpha)
+        alpha = torch.where(pending, torch.zeros_like(alpha), alpha)
+        engine.value += engine.exact_change(side, ids, rows, values, values + alpha.unsqueeze(1) * step, scores, final)
+        return alpha
+
+    def _global_search(self, engine, side, ids, values, step, slope) -> Tensor:
+        """One step length for every block of a side (graph models: the blocks are coupled), on the whole objective."""
+        before, expected = engine.value, float(slope.sum())
+        alpha = 1.0
+        for _ in range(self.max_backtracks + 1 if self.line_search else 1):
+            side.set_(ids, values + alpha * step)
+            value = engine.sum_losses(engine.local)
+            if not self.line_search or value - before <= _ARMIJO * alpha * expected:
+                engine.value = value
+                return torch.full((len(ids),), alpha, dtype=step.dtype, device=step.device)
+            alpha *= 0.5
+        side.set_(ids, values)
+        return torch.zeros(len(ids), dtype=step.dtype, device=step.device)
+
+    # ------------------------------------------------------------------ the dense weights
+    def _dense_step(self, engine: _Engine, params: list[Tensor], totals: _Totals) -> None:
+        model, n = engine.model, engine.n
+        theta = [p.detach().clone() for p in params]
+        grad = engine.dense_gradient(params)
+        if not torch.isfinite(grad).all():
+            raise FloatingPointError("the dense gradient is not finite")
+        sample = engine.sample(self.dense_sample)
+        names = {id(p): name for name, p in model.named_parameters()}
+        keys = [names[id(p)] for p in params]
+        batch = sample[:]
+        data = lambda z: _data_loss(z, model.loss_name).sum() / len(sample)  # noqa: E731  the sample stands for all rows
+        scores = lambda ps: call_with(model, dict(zip(keys, ps)), lambda: _scores(model, batch))  # noqa: E731
+        gauss_newton = gauss_newton_matvec(scores, data, theta, mode="reverse")
+        penalty = hessian_matvec(lambda ps: call_with(model, dict(zip(keys, ps)), model.dense_penalty), theta)
+        matvec = lambda v: gauss_newton(v) + penalty(v)  # noqa: E731
+        step, result = conjugate_gradient(matvec, -grad, damping=self.damping, max_iter=self.dense_cg_iters, tol=1e-6)
+        totals.dense_cg_iterations += result.iterations
+        slope = float(grad @ step)
+        before = engine.objective()
+        alpha = 1.0
+        for _ in range(self.max_backtracks + 1 if self.line_search else 1):
+            _assign(params, [t + alpha * s for t, s in zip(theta, unflatten(step.to(theta[0].dtype), [t.shape for t in theta]))])
+            value = engine.sum_losses(engine.local)
+            if not self.line_search or value / n + float(model.dense_penalty().detach()) - before <= _ARMIJO * alpha * slope:
+                engine.value = value
+                return
+            alpha *= 0.5
+        _assign(params, theta)
+        totals.rejected += 1
+
+
+# ---------------------------------------------------------------------- model-facing pieces
+class _Side:
+    """The trainable embedding tables of one side, seen as one concatenated ``(rows, d)`` table."""
+
+    def __init__(self, model: Recommender, name: str):
+        self.model, self.name = model, name
+        self.label, self.index = ("user", 0) if name == "user_embedding" else ("item", 1)
+        self.key, self.other_key = ("users", "items") if name == "user_embedding" else ("items", "users")
+        self.tables = model.parameter_groups()[name]
+        trainable = [t.requires_grad for t in self.tables]
+        if any(trainable) and not all(trainable):
+            raise ValueError(f"AltEraser needs every {self.label} embedding table trainable, or every one frozen "
+                             "(the curvature blocks cover the tables concatenated).")
+        self.trainable = bool(self.tables) and all(trainable)
+        self.widths = [t.shape[1] for t in self.tables]
+        self._weight: Tensor | None = None
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """``(len(ids), d)`` float64 rows, the tables concatenated."""
+        return torch.cat([t.detach()[ids] for t in self.tables], dim=1).double()
+
+    @torch.no_grad()
+    def set_(self, ids: Tensor, values: Tensor) -> None:
+        for table, piece in zip(self.tables, values.split(self.widths, dim=1)):
+            table[ids] = piece.to(table.dtype)
+
+    def rows_of(self, rows: TrainRows, ids: Tensor) -> Tensor:
+        """Mask of the rows whose loss involves one of ``ids`` (this side)."""
+        if self.name == "user_embedding":
+            return torch.isin(rows.users, ids)
+        return torch.isin(rows.items, ids) | torch.isin(rows.negatives, ids).any(1)
+
+    def self_weight(self, ids: Tensor) -> Tensor:
+        """How much a base row moves its own propagated vector (graph models); see :func:`_self_weights`."""
+        if self._weight is None:
+            self._weight = _self_weights(self.model)
+        offset = 0 if self.name == "user_embedding" else self.model.num_users
+        return self._weight[ids.to(self._weight.device) + offset].to(ids.device)
+
+
+def _self_weights(model: Recommender) -> Tensor:
+    """LightGCN's ``diag(sum_l A^l) / (L + 1)``: the weight of a node's base row in its own propagated vector.
+
+    The graph is bipartite, so odd powers have a zero diagonal; ``diag(A^2)`` is the row sums
+    of the squared entries. Even powers beyond 2 (four or more layers) are left out.
+    """
+    adjacency = model.adjacency
+    layers = int(getattr(model, "num_layers", 0))
+    size = adjacency.shape[0]
+    weight = torch.ones(size, dtype=torch.float64, device=adjacency.device)
+    if layers >= 2:
+        coo = adjacency.to_sparse_coo().coalesce()
+        weight = weight.index_add(0, coo.indices()[0], coo.values().double().square())
+    return weight / (layers + 1)
+
+
+class _Engine:
+    """Losses, gradients and per-block loss changes of the retained objective on row subsets (chunked).
+
+    ``value`` tracks ``sum_{retained} loss_r`` at the current parameters: steps add their exact change.
+    """
+
+    def __init__(self, model: Recommender, retained: TrainRows, n: int, context: UnlearningContext, chunk_size: int, graph: bool):
+        self.model, self.retained, self.n, self.context, self.chunk_size, self.graph = model, retained, n, context, chunk_size, graph
+        self.local = context.shard(retained)
+        self.value = float("nan")
+
+    def chunks(self, rows: TrainRows):
+        for start in range(0, len(rows), self.chunk_size):
+            index = torch.arange(start, min(start + self.chunk_size, len(rows)), device=rows.users.device)
+            yield index, rows[index]
+
+    @torch.no_grad()
+    def sum_losses(self, rows: TrainRows) -> float:
+        """``sum_r loss_r`` over ``rows`` (this process's share), summed over processes."""
+        model = self.model
+        user_vectors, item_vectors = model.representations()
+        total = torch.zeros((), dtype=torch.float64, device=user_vectors.device)
+        for _, batch in self.chunks(rows):
+            total += row_losses(model, batch, (user_vectors, item_vectors)).double().sum()
+        return float(self.context.reduce(total))
+
+    def objective(self) -> float:
+        """The mean objective ``value / n + dense_penalty`` at the current parameters."""
+        with torch.no_grad():
+            return self.value / self.n + float(self.model.dense_penalty())
+
+    def gradient(self, side: _Side, ids: Tensor, rows: TrainRows) -> tuple[Tensor, Tensor]:
+        """Exact ``d/d side[ids] sum_{rows} loss_r`` as ``(len(ids), d)`` float64, and the rows' scores ``(R, 1 + k)``."""
+        grads, scores = self.gradients([side], [ids], rows)
+        return grads[0], scores
+
+    def gradients(self, sides: list[_Side], ids: list[Tensor], rows: TrainRows) -> tuple[list[Tensor], Tensor]:
+        """:meth:`gradient` for several sides from one pass over ``rows``.
+
+        The data term is differentiated w.r.t. the representations, chunk by chunk, and the
+        result pulled back to the tables once (through the propagation for graph models); the
+        L2 term is ``l2 * count * row`` (one count per occurrence in a row).
+        """
+        model = self.model
+        with torch.enable_grad():
+            representations = model.representations()
+            # the representations the sides' tables reach: their own, or both through a graph
+            needed = [i for i in (0, 1) if (self.graph or i in {s.index for s in sides}) and representations[i].requires_grad]
+            leaves = [v.detach().requires_grad_(i in needed) for i, v in enumerate(representations)]
+            scores = []
+            for _, batch in self.chunks(rows):
+                z = model.interact(leaves[0][batch["users"]].unsqueeze(1), leaves[1][_slots(batch)])
+                if needed:
+                    _data_loss(z, model.loss_name).sum().backward()
+                scores.append(z.detach())
+            cotangents = [leaves[i].grad if leaves[i].grad is not None else torch.zeros_like(leaves[i]) for i in needed]
+            tables = [t for side in sides for t in side.tables]
+            grads = torch.autograd.grad([representations[i] for i in needed], tables, cotangents, allow_unused=True) if needed else [None] * len(tables)
+        out, offset = [], 0
+        for side, chosen in zip(sides, ids):
+            mine = grads[offset:offset + len(side.tables)]
+            offset += len(side.tables)
+            data = torch.cat([(torch.zeros_like(t) if g is None else g)[chosen] for g, t in zip(mine, side.tables)], dim=1).double()
+            out.append(self.context.reduce(data + model.l2 * self.counts(side, chosen, rows).unsqueeze(1) * side.gather(chosen)))
+        z = torch.cat(scores) if scores else torch.zeros(0, 1 + rows.negatives.shape[1], device=rows.users.device)
+        return out, z
+
+    def counts(self, side: _Side, ids: Tensor, rows: TrainRows) -> Tensor:
+        size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
+        occurrences = rows.users if side.name == "user_embedding" else rows.all_items()
+        return self.context.reduce(torch.bincount(occurrences, minlength=size)[ids].double())
+
+    def anchor(self, sides: list[_Side], rows: TrainRows) -> _Anchor:
+        """The gradient (every row of every side) and the value of ``sum_{rows} loss_r`` at the current parameters."""
+        everyone = [torch.arange(self.model.num_users if s.name == "user_embedding" else self.model.num_items, device=rows.users.device)
+                    for s in sides]
+        grads, scores = self.gradients(sides, everyone, rows)
+        return _Anchor({s.name: g for s, g in zip(sides, grads)}, self._value_from_scores(sides, rows, scores))
+
+    def _value_from_scores(self, sides: list[_Side], rows: TrainRows, scores: Tensor) -> float:
+        with torch.no_grad():
+            total = _data_loss(scores, self.model.loss_name).double().sum()
+            penalty = self.model.embedding_penalty(rows.users, _slots(rows[:])).double().sum() if len(rows) else 0.0
+        return float(self.context.reduce(total + 0.5 * self.model.l2 * penalty))
+
+    def _positions(self, side: _Side, ids: Tensor, mask: Tensor) -> Tensor:
+        size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
+        position = torch.full((size,), -1, dtype=torch.long, device=ids.device)
+        position[ids[mask]] = torch.nonzero(mask).flatten()
+        return position
+
+    @torch.no_grad()
+    def block_change(self, side: _Side, ids: Tensor, rows: TrainRows, old: Tensor, new: Tensor, pending: Tensor,
+                     scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For each block, its sub-problem's loss at ``new`` minus at ``old`` (summed, other blocks held at ``old``).
+
+        Only the ``pending`` blocks are evaluated (the others get 0), on the rows that involve them.
+        For items, each (row, slot) is evaluated with only that slot's item moved, so a BPR row's
+        positive and negatives are judged separately (block-Jacobi; exact for BCE, whose terms
+        hold one score each).
+
+        Returns:
+            ``(change, scores, trial, involved)``: the per-block change, the scores of every row at
+            ``old`` (``scores`` itself, or computed in the same pass when ``None``), and the scores at
+            the trial point of the rows ``involved`` (an index into ``rows``).
+        """
+        model = self.model
+        position = self._positions(side, ids, pending)
+        change = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
+        user_vectors, item_vectors = (v.detach() for v in model.representations())
+        trial_values = new.to(user_vectors.dtype)
+        if scores is None:
+            involved = torch.arange(len(rows), device=ids.device)
+            old_scores = torch.empty(len(rows), 1 + rows.negatives.shape[1], dtype=user_vectors.dtype, device=ids.device)
+        else:
+            slots_all = _slots(rows[:]) if side.name == "item_embedding" else None
+            mask = (position[rows.users] >= 0) if side.name == "user_embedding" else (position[slots_all] >= 0).any(1)
+            involved, old_scores = torch.nonzero(mask).flatten(), scores
+        trials = []
+        for start in range(0, len(involved), self.chunk_size):
+            at = involved[start:start + self.chunk_size]
+            batch = rows[at]
+            slots = _slots(batch)
+            vectors = item_vectors[slots]
+            if side.name == "user_embedding":
+                where = position[batch["users"]]
+                z_new = model.interact(trial_values[where].unsqueeze(1), vectors)
+                if scores is None:
+                    old_scores[at] = model.interact(user_vectors[batch["users"]].unsqueeze(1), vectors)
+                z_old = old_scores[at]
+                delta = _data_loss(z_new, model.loss_name) - _data_loss(z_old, model.loss_name)
+                keep = where >= 0
+                change.index_add_(0, where[keep], delta[keep].double())
+            else:
+                u = user_vectors[batch["users"]].unsqueeze(1)
+                if scores is None:
+                    old_scores[at] = model.interact(u, vectors)
+                z_old = old_scores[at]
+                where = position[slots]  # (R, 1 + k), -1 where the slot's item is not pending
+                moved = where >= 0
+                vectors[moved] = trial_values[where[moved]]
+                z_new = model.interact(u, vectors)
+                m = z_old.shape[1]
+                one_moved = z_old.unsqueeze(1).repeat(1, m, 1)  # [r, s, :] = old scores with slot s at its new value
+                one_moved.diagonal(dim1=1, dim2=2).copy_(z_new)
+                delta = _data_loss(one_moved, model.loss_name) - _data_loss(z_old, model.loss_name).unsqueeze(1)
+                change.index_add_(0, where[moved], delta[moved].double())
+            trials.append(z_new)
+        counts = self.counts(side, ids, rows)
+        change += 0.5 * model.l2 * counts * (new.square().sum(1) - old.square().sum(1))
+        trial = torch.cat(trials) if trials else old_scores[:0]
+        return self.context.reduce(torch.where(pending, change, torch.zeros_like(change))), old_scores, trial, involved
+
+    @torch.no_grad()
+    def keep_scores(self, side: _Side, ids: Tensor, rows: TrainRows, final: Tensor, trial: Tensor, involved: Tensor, accepted: Tensor) -> None:
+        """Copy into ``final`` the trial scores of the ``accepted`` blocks (a score depends on one user and one item)."""
+        if not accepted.any() or not len(involved):
+            return
+        position = self._positions(side, ids, accepted)
+        if side.name == "user_embedding":
+            take = position[rows.users[involved]] >= 0
+            final[involved[take]] = trial[take]
+        else:
+            take = position[_slots(rows[involved])] >= 0  # (R, 1 + k)
+            block = final[involved]
+            block[take] = trial[take]
+            final[involved] = block
+
+    @torch.no_grad()
+    def exact_change(self, side: _Side, ids: Tensor, rows: TrainRows, old: Tensor, new: Tensor, scores: Tensor, final: Tensor) -> float:
+        """``sum_r loss_r(new) - loss_r(old)`` from the rows' scores before and after (exact: no Jacobi split)."""
+        data = (_data_loss(final, self.model.loss_name).double() - _data_loss(scores, self.model.loss_name).double()).sum()
+        penalty = 0.5 * self.model.l2 * (self.counts(side, ids, rows) * (new.square().sum(1) - old.square().sum(1))).sum()
+        return float(self.context.reduce(data) + penalty)
+
+    def dense_gradient(self, params: list[Tensor]) -> Tensor:
+        """Exact gradient of the mean objective w.r.t. the dense weights, over every retained row (flat)."""
+        model = self.model
+        total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        with torch.enable_grad():
+            user_vectors, item_vectors = (v.detach() for v in model.representations())
+            for _, batch in self.chunks(self.local):
+                z = model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[_slots(batch)])
+                for acc, g in zip(total, torch.autograd.grad(_data_loss(z, model.loss_name).sum(), params, allow_unused=True)):
+                    if g is not None:
+                        acc += g.double()
+            penalty = torch.autograd.grad(model.dense_penalty(), params, allow_unused=True)
+        summed = [self.context.reduce(t) / self.n + (0 if g is None else g.double()) for t, g in zip(total, penalty)]
+        return flatten(summed)
+
+    def sample(self, size: int) -> TrainRows:
+        """A fixed random subset of the retained rows (seeded by the context)."""
+        if size >= len(self.retained):
+            return self.retained
+        g = torch.Generator().manual_seed(self.context.seed)
+        return self.retained.select(torch.randperm(len(self.retained), generator=g)[:size].to(self.retained.users.device))
+
+
+def _assign(params: list[Tensor], values: list[Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def _slots(batch: dict[str, Tensor]) -> Tensor:
+    """``(R, 1 + k)`` item of each slot: the positive, then the negatives."""
+    return torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)
+
+
+def _scores(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
+    user_vectors, item_vectors = model.representations()
+    return model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[_slots(batch)])
+
+
+def _data_loss(z: Tensor, loss: str) -> Tensor:
+    """The data term of :meth:`Recommender.loss` from the scores ``(..., 1 + k)`` (positive first) -> ``(...)``."""
+    if loss == "bpr":
+        return F.softplus(z[..., 1:] - z[..., :1]).sum(-1)
+    return F.softplus(-z[..., 0]) + F.softplus(z[..., 1:]).sum(-1)
+
+
+def row_losses(model: Recommender, batch: dict[str, Tensor], representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``Recommender.loss(batch, "none")`` from given representations (computed once for many batches).
+
+    Args:
+        model: the recommender.
+        batch: ``users``, ``items`` and ``negatives``.
+        representations: ``model.representations()`` (default: computed here).
+
+    Returns:
+        ``(B,)`` per-row losses: the data term plus ``l2/2`` times the embedding penalty.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model = MF(3, 4, embedding_dim=2)
+        >>> batch = {"users": torch.tensor([0, 2]), "items": torch.tensor([1, 3]), "negatives": torch.tensor([[2], [0]])}
+        >>> torch.allclose(row_losses(model, batch), model.loss(batch, "none"))
+        True
+    """
+    user_vectors, item_vectors = representations or model.representations()
+    slots = _slots(batch)
+    z = model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[slots])
+    return _data_loss(z, model.loss_name) + 0.5 * model.l2 * model.embedding_penalty(batch["users"], slots)
+
+
+def exact_hessian_blocks(
+    model: Recommender, rows: TrainRows, users: Tensor | None = None, items: Tensor | None = None, chunk_size: int = 512
+):
+    """Exact Hessian blocks of ``sum_r loss_r`` w.r.t. each user's and each item's vector (``torch.func``).
+
+    Like :func:`~lightning_unlearn.unlearning.methods.curvature.curvature_blocks`, but with the
+    second derivatives of the scores kept (they vanish for MF, where both agree). A row's block
+    for an item is the Hessian w.r.t. that slot's vector with the row's other slots fixed.
+    Vectors are those of ``model.representations()``; costs ``rows x (1 + k)^2 x d^2`` memory
+    per chunk, so it suits small problems and tests.
+
+    Args:
+        model: the recommender.
+        rows: the rows whose terms are summed.
+        users: the users whose blocks are wanted (default: none).
+        items: the items whose blocks are wanted (default: none).
+        chunk_size: rows per vectorised pass.
+
+    Returns:
+        :class:`~lightning_unlearn.unlearning.methods.curvature.CurvatureBlocks` (float64).
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model = MF(2, 3, embedding_dim=2)
+        >>> rows = TrainRows(torch.tensor([0]), torch.tensor([1]), torch.tensor([[2]]))
+        >>> blocks = exact_hessian_blocks(model, rows, users=torch.tensor([0, 1]), items=torch.tensor([2]))
+        >>> torch.allclose(blocks.users, curvature_blocks(model, rows, items=torch.tensor([2])).users)
+        True
+    """
+    with torch.no_grad():
+        user_vectors, item_vectors = (v.detach() for v in model.representations())
+    device = user_vectors.device
+    users = torch.zeros(0, dtype=torch.long, device=device) if users is None else users.to(device)
+    items = torch.zeros(0, dtype=torch.long, device=device) if items is None else items.to(device)
+    du, di = user_vectors.shape[1], item_vectors.shape[1]
+    out_users = torch.zeros(len(users), du, du, dtype=torch.float64, device=device)
+    out_items = torch.zeros(len(items), di, di, dtype=torch.float64, device=device)
+    user_pos = torch.full((model.num_users,), -1, dtype=torch.long, device=device)
+    user_pos[users] = torch.arange(len(users), device=device)
+    item_pos = torch.full((model.num_items,), -1, dtype=torch.long, device=device)
+    item_pos[items] = torch.arange(len(items), device=device)
+
+    def row_data(u: Tensor, v: Tensor) -> Tensor:  # one row: u (d,), v (1 + k, d)
+        return _data_loss(model.interact(u.unsqueeze(0), v), model.loss_name)
+
+    by_user = torch.func.vmap(torch.func.hessian(row_data, argnums=0))
+    by_items = torch.func.vmap(torch.func.hessian(row_data, argnums=1))
+    for start in range(0, len(rows), chunk_size):
+        batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
+        slots = _slots(batch)
+        u, v = user_vectors[batch["users"]], item_vectors[slots]
+        where = user_pos[batch["users"]]
+        if (where >= 0).any():
+            keep = where >= 0
+            out_users.index_add_(0, where[keep], by_user(u[keep], v[keep]).double())
+        where = item_pos[slots]
+        if (where >= 0).any():
+            keep = (where >= 0).any(1)
+            h = by_items(u[keep], v[keep])  # (R, 1 + k, d, 1 + k, d)
+            diagonal = torch.diagonal(h, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (R, 1 + k, d, d)
+            moved = where[keep] >= 0
+            out_items.index_add_(0, where[keep][moved], diagonal[moved].double())
+    eye_u, eye_i = torch.eye(du, dtype=torch.float64, device=device), torch.eye(di, dtype=torch.float64, device=device)
+    out_users += model.l2 * torch.bincount(rows.users, minlength=model.num_users)[users].double().view(-1, 1, 1) * eye_u
+    out_items += model.l2 * torch.bincount(rows.all_items(), minlength=model.num_items)[items].double().view(-1, 1, 1) * eye_i
+    return CurvatureBlocks(out_users, out_items)
+
+
+@dataclass
+class _Anchor:
+    """The exact gradient and value of ``sum_r loss_r`` over every training row at the trained model.
+
+    Paid once with the cached curvature; :meth:`subtract` turns it into the retained objective's
+    (by the deleted rows' own gradient and value), so a request's first steps need no pass over
+    the retained rows to know their gradient.
+    """
+
+    grads: dict[str, Tensor]
+    value: float
+    ids: dict[str, Tensor] = field(default_factory=dict)  # the rows whose retained gradient ``grads`` holds, once subtracted
+
+    def subtract(self, engine: _Engine, deleted: TrainRows, ids: dict[str, Tensor], sides: dict[str, _Side]) -> None:
+        names = [name for name in ids if name in self.grads]
+        if names:
+            grads, scores = engine.gradients([sides[name] for name in names], [ids[name] for name in names], deleted)
+            for name, g in zip(names, grads):
+                self.grads[name] = self.grads[name][ids[name]] - g
+        else:
+            scores = engine.gradients([], [], deleted)[1]
+        self.value -= engine._value_from_scores([], deleted, scores)
+        self.ids = ids
+
+    def gradient(self, name: str, ids: Tensor) -> Tensor | None:
+        """The retained gradient of the rows ``ids`` (as subtracted), or ``None`` if not cached."""
+        known = self.ids.get(name)
+        return self.grads[name] if known is not None and torch.equal(known, ids) else None
+
+
+@dataclass
+class _Totals:
+    """What the steps needed, summed over rounds and sides."""
+
+    num_blocks: int = 0
+    damped_blocks: int = 0
+    max_damping: float = 0.0
+    backtracked: int = 0
+    rejected: int = 0
+    dense_cg_iterations: int = 0
+
+    def add_solve(self, result: BlockSolveResult) -> None:
+        self.num_blocks += result.num_blocks
+        self.damped_blocks += result.damped_blocks
+        self.max_damping = max(self.max_damping, result.max_damping)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"solved_blocks": self.num_blocks, "damped_blocks": self.damped_blocks, "max_damping": self.max_damping,
+                "backtracked_blocks": self.backtracked, "rejected_blocks": self.rejected,
+                "dense_cg_iterations": self.dense_cg_iterations}

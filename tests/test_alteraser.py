@@ -1,0 +1,418 @@
+"""AltEraser against exact answers: Newton steps from torch.func, Hessian blocks, and the retrained optimum."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.models import MF, LightGCN, NeuMF
+from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning.methods import alteraser
+from lightning_unlearn.unlearning.methods.alteraser import exact_hessian_blocks, row_losses
+from lightning_unlearn.unlearning.methods.curvature import curvature_blocks
+from lightning_unlearn.unlearning.methods.functional import call_with
+
+
+def lbfgs(params, objective, rounds: int = 8) -> None:
+    """Minimise ``objective()`` over ``params`` to a tight optimum (full batch, double precision)."""
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=500, tolerance_grad=1e-13, tolerance_change=1e-16, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    for _ in range(rounds):
+        opt.step(closure)
+
+
+def mean_objective(model, rows) -> torch.Tensor:
+    return model.loss(rows[:], "sum") / len(rows) + model.dense_penalty()
+
+
+def tiny(num_users=8, num_items=20, density=0.5, seed=2, negatives=2) -> RecDataModule:
+    dm = RecDataModule(Synthetic(num_users=num_users, num_items=num_items, density=density, seed=seed), val_fraction=0.0,
+                       num_negatives=negatives)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def users_only():
+    """MF with the item side frozen and strong L2: each user's sub-problem is strictly convex, and
+    the deletion moves its optimum a lot."""
+    torch.manual_seed(0)
+    dm = tiny()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=1.0, init_std=0.5).double()
+    model.item_embedding.weight.requires_grad_(False)
+    lbfgs([model.user_embedding.weight], lambda: mean_objective(model, dm.train_rows()))
+    deleted = dm.remove(dm.train.by_user.rows[dm.train.by_user.indptr[:3]])  # one row of each of users 0, 1, 2
+    retained = dm.train_rows()
+    reference = copy.deepcopy(model)
+    lbfgs([reference.user_embedding.weight], lambda: mean_objective(reference, retained))
+    return model, retained, deleted, reference
+
+
+def relative_error(model, reference) -> float:
+    diff = model.user_embedding.weight - reference.user_embedding.weight
+    return (diff.norm() / reference.user_embedding.weight.norm()).item()
+
+
+def test_one_user_step_is_the_newton_step_of_each_users_subproblem(users_only):
+    """With items fixed, one round is, for every affected user, u - H_u^-1 g_u with H_u and g_u from torch.func
+    on that user's own objective; one Newton step is not the minimiser, iterating it converges to it."""
+    model, retained, deleted, reference = users_only
+    stepped = copy.deepcopy(model)
+    report = AltEraser(rounds=1, blocks="fresh", damping=1e-14, line_search=False).unlearn(stepped, retained, deleted)
+    assert report.diagnostics["kept_users"] == 3 and report.diagnostics["kept_items"] == 0
+
+    def user_objective(u, user):
+        table = model.user_embedding.weight.detach().index_copy(0, torch.tensor([user]), u.unsqueeze(0))
+        mine = retained.select(retained.users == user)
+        return call_with(model, {"user_embedding.weight": table}, lambda: model.loss(mine[:], "sum"))
+
+    for user in range(3):
+        u = model.user_embedding.weight[user].detach()
+        g, h = torch.func.grad(user_objective)(u, user), torch.func.hessian(user_objective)(u, user)
+        torch.testing.assert_close(stepped.user_embedding.weight[user], u - torch.linalg.solve(h, g), rtol=1e-10, atol=1e-12)
+    untouched = torch.arange(3, 8)
+    assert torch.equal(stepped.user_embedding.weight[untouched], model.user_embedding.weight[untouched])
+    one_step = relative_error(stepped, reference)
+    assert relative_error(model, reference) > 0.05 and one_step > 1e-5  # far from the optimum, and one step does not land on it
+
+    converged = copy.deepcopy(model)
+    report = AltEraser(rounds=6, tol=0.0, blocks="fresh", damping=1e-14).unlearn(converged, retained, deleted)
+    assert relative_error(converged, reference) < 1e-5 < one_step
+    assert report.diagnostics["rounds"] > 1
+
+
+def test_cached_blocks_converge_to_the_same_minimiser(users_only):
+    """Cached blocks (taken at the trained model, downdated) make later steps chord-Newton steps:
+    the first equals the fresh Newton step, and the iteration still reaches the exact minimiser."""
+    model, retained, deleted, reference = users_only
+    fresh, cached = copy.deepcopy(model), copy.deepcopy(model)
+    AltEraser(rounds=1, blocks="fresh", damping=1e-14).unlearn(fresh, retained, deleted)
+    report = AltEraser(rounds=1, blocks="cached", damping=1e-14).unlearn(cached, retained, deleted)
+    torch.testing.assert_close(cached.user_embedding.weight, fresh.user_embedding.weight, rtol=1e-10, atol=1e-12)
+    assert report.precompute_seconds > 0
+    many = copy.deepcopy(model)
+    AltEraser(rounds=25, tol=0.0, blocks="cached", damping=1e-14).unlearn(many, retained, deleted)
+    assert relative_error(many, reference) < 1e-5
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_gauss_newton_blocks_of_mf_are_the_exact_hessian_blocks(loss):
+    """MF scores are linear in each side, so Gauss-Newton and exact blocks agree with torch.func.hessian."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=5, num_items=6, density=0.4, seed=3)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.3, loss=loss, init_std=0.7).double()
+    rows = dm.train_rows()
+    users, items = torch.arange(dm.num_users), torch.arange(dm.num_items)
+    exact, gauss_newton = exact_hessian_blocks(model, rows, users, items, chunk_size=3), curvature_blocks(model, rows)
+
+    def objective(u, v):
+        return call_with(model, {"user_embedding.weight": u, "item_embedding.weight": v}, lambda: model.loss(rows[:], "sum"))
+
+    h_uu = torch.func.hessian(objective, argnums=0)(model.user_embedding.weight, model.item_embedding.weight)
+    h_ii = torch.func.hessian(objective, argnums=1)(model.user_embedding.weight, model.item_embedding.weight)
+    torch.testing.assert_close(exact.users, torch.stack([h_uu[u, :, u, :] for u in users]))
+    torch.testing.assert_close(exact.items, torch.stack([h_ii[i, :, i, :] for i in items]))
+    torch.testing.assert_close(gauss_newton.users, exact.users)
+    torch.testing.assert_close(gauss_newton.items, exact.items)
+
+
+def test_exact_blocks_of_neumf_are_hessian_blocks_over_both_tables():
+    """NeuMF: a user's vector is its GMF and MLP rows concatenated; the exact blocks are the diagonal blocks
+    of torch.func.hessian over both tables. With ReLU the score is piecewise linear in each side, so
+    Gauss-Newton is exact too; with a smooth activation (tanh) the two differ."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=5, num_items=6, density=0.4, seed=3)
+    model = NeuMF(dm.num_users, dm.num_items, gmf_dim=2, mlp_dim=2, mlp_layers=(4,), l2=0.3, init_std=0.7).double()
+    rows = dm.train_rows()
+    users, items = torch.arange(dm.num_users), torch.arange(dm.num_items)
+
+    def objective(u, v):
+        tables = {"gmf_user.weight": u[:, :2], "mlp_user.weight": u[:, 2:], "gmf_item.weight": v[:, :2], "mlp_item.weight": v[:, 2:]}
+        return call_with(model, tables, lambda: model.loss(rows[:], "sum"))
+
+    for activation in (torch.nn.ReLU(), torch.nn.Tanh()):
+        model.mlp[1] = activation
+        exact = exact_hessian_blocks(model, rows, users, items)
+        u, v = (t.detach() for t in model.representations())
+        h_uu, h_ii = (torch.func.hessian(objective, argnums=a)(u, v) for a in (0, 1))
+        torch.testing.assert_close(exact.users, torch.stack([h_uu[i, :, i, :] for i in users]))
+        torch.testing.assert_close(exact.items, torch.stack([h_ii[i, :, i, :] for i in items]))
+        gap = (curvature_blocks(model, rows).users - exact.users).abs().max()
+        assert gap < 1e-12 if isinstance(activation, torch.nn.ReLU) else gap > 1e-3
+
+
+def test_rounds_reach_the_objective_of_a_tightly_trained_retrain():
+    """Alternating rounds over every user and item land on the retained objective's minimum, the value a
+    Retrain (same seed, L-BFGS to a tight optimum) reaches."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.4, seed=4)
+    torch.manual_seed(7)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.2, init_std=0.5).double()
+
+    def fit(fresh):
+        fresh.double()
+        lbfgs(list(fresh.parameters()), lambda: mean_objective(fresh, dm.train_rows()))
+
+    fit(model)
+    deleted = dm.remove(torch.tensor([0, 5, 9, 20]))
+    retained = dm.train_rows()
+    original_value = mean_objective(model, retained).item()
+    retrained = copy.deepcopy(model)
+    Retrain().unlearn(retrained, retained, deleted, UnlearningContext(seed=7, fit=fit))
+    target = mean_objective(retrained, retained).item()
+    unlearned = copy.deepcopy(model)
+    report = AltEraser(rounds=60, tol=1e-12, scope="all", blocks="fresh").unlearn(unlearned, retained, deleted)
+    value = mean_objective(unlearned, retained).item()
+    assert abs(original_value - target) / target > 1e-2  # the deletion moved the optimum ...
+    assert abs(value - target) / target < 1e-3  # ... and the rounds reach it
+    history = report.diagnostics["objective"]
+    assert history[0] == pytest.approx(original_value) and history[-1] == pytest.approx(value)
+    assert all(b <= a + 1e-12 for a, b in zip(history, history[1:]))  # the line search never lets it rise
+
+
+def test_blocks_that_are_not_positive_definite_get_more_damping_and_are_reported(users_only, monkeypatch):
+    model, retained, deleted, _ = users_only
+
+    def indefinite(*args, **kwargs):
+        blocks = curvature_blocks(*args, **kwargs)
+        blocks.users -= 1e3 * torch.eye(blocks.users.shape[-1], dtype=blocks.users.dtype)
+        return blocks
+
+    monkeypatch.setattr(alteraser, "curvature_blocks", indefinite)
+    unlearned = copy.deepcopy(model)
+    report = AltEraser(rounds=1, blocks="fresh").unlearn(unlearned, retained, deleted)
+    diagnostics = report.diagnostics
+    assert diagnostics["damped_blocks"] == diagnostics["solved_blocks"] == 3 and diagnostics["max_damping"] > 1e3
+    assert diagnostics["objective"][1] < diagnostics["objective"][0]  # the damped steps still descend
+
+
+def test_a_nan_block_fails_the_request_and_restores_the_model(users_only, monkeypatch):
+    model, retained, deleted, reference = users_only
+
+    def broken(*args, **kwargs):
+        blocks = curvature_blocks(*args, **kwargs)
+        blocks.users[1, 0, 0] = float("nan")
+        return blocks
+
+    monkeypatch.setattr(alteraser, "curvature_blocks", broken)
+    unlearned = copy.deepcopy(model)
+    with pytest.raises(UnlearningError, match="1 user curvature blocks could not be factored.*Try: more damping"):
+        AltEraser(rounds=1, blocks="fresh").unlearn(unlearned, retained, deleted)
+    assert torch.equal(unlearned.user_embedding.weight, model.user_embedding.weight)
+
+
+def test_non_finite_parameters_from_a_step_are_rolled_back(users_only, monkeypatch):
+    model, retained, deleted, _ = users_only
+    solve = alteraser.solve_blocks
+
+    def exploding(blocks, rhs, **kwargs):
+        step, result = solve(blocks, rhs, **kwargs)
+        return torch.full_like(step, float("inf")), result
+
+    monkeypatch.setattr(alteraser, "solve_blocks", exploding)
+    unlearned = copy.deepcopy(model)
+    with pytest.raises(UnlearningError, match="non-finite parameters|became nan"):
+        AltEraser(line_search=False).unlearn(unlearned, retained, deleted)
+    assert torch.equal(unlearned.user_embedding.weight, model.user_embedding.weight)
+
+
+def test_a_nan_parameter_is_refused_and_left_as_it_was(users_only):
+    model, retained, deleted, _ = users_only
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.item_embedding.weight[0, 0] = float("nan")
+    before = copy.deepcopy(broken.state_dict())
+    with pytest.raises(UnlearningError, match="not finite"):
+        AltEraser().unlearn(broken, retained, deleted)
+    for key, value in broken.state_dict().items():
+        torch.testing.assert_close(value, before[key], equal_nan=True, rtol=0, atol=0)
+
+
+def test_a_failed_request_does_not_leave_a_downdated_cache(users_only, monkeypatch):
+    model, retained, deleted, reference = users_only
+    method = AltEraser(rounds=25, tol=0.0, damping=1e-14)
+    with monkeypatch.context() as patch:
+        patch.setattr(alteraser, "solve_blocks", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("solver crashed")))
+        with pytest.raises(UnlearningError, match="solver crashed"):
+            method.unlearn(copy.deepcopy(model), retained, deleted)
+    retried = copy.deepcopy(model)
+    method.unlearn(retried, retained, deleted)
+    assert relative_error(retried, reference) < 1e-5
+
+
+def test_the_line_search_backtracks_each_users_own_loss(users_only, monkeypatch):
+    """Blocks that understate the curvature 100-fold overshoot; each user's step is halved until that
+    user's own loss decreases, so every sub-problem improves (and without the search the objective rises)."""
+    model, retained, deleted, _ = users_only
+
+    def weak(*args, **kwargs):
+        blocks = curvature_blocks(*args, **kwargs)
+        blocks.users /= 100
+        return blocks
+
+    monkeypatch.setattr(alteraser, "curvature_blocks", weak)
+    searched, blind = copy.deepcopy(model), copy.deepcopy(model)
+    report = AltEraser(blocks="fresh", damping=1e-14).unlearn(searched, retained, deleted)
+    assert report.diagnostics["backtracked_blocks"] == 3 and report.diagnostics["rejected_blocks"] == 0
+    for user in range(3):
+        mine = retained.select(retained.users == user)
+        assert searched.loss(mine[:], "sum") < model.loss(mine[:], "sum")
+    report = AltEraser(blocks="fresh", damping=1e-14, line_search=False).unlearn(blind, retained, deleted)
+    assert report.diagnostics["objective"][1] > report.diagnostics["objective"][0]
+
+
+def test_users_left_without_rows_are_reset_to_their_initialisation():
+    torch.manual_seed(0)
+    dm = tiny(num_users=10, num_items=12, density=0.3, seed=1, negatives=1)
+    torch.manual_seed(5)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4)
+    init = model.user_embedding.weight[4].clone()
+    with torch.no_grad():
+        model.user_embedding.weight.add_(1.0)  # "training" moved every user
+    deleted = dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([4]))
+    report = AltEraser().unlearn(model, dm.train_rows(), deleted, UnlearningContext(seed=5))
+    assert report.diagnostics["reset_users"] == 1 and report.diagnostics["kept_users"] == 0
+    assert report.diagnostics["kept_items"] > 0  # the items the user touched still take a step
+    torch.testing.assert_close(model.user_embedding.weight[4], init)
+
+
+@pytest.mark.parametrize("cls", [MF, NeuMF, LightGCN])
+def test_every_model_descends_and_only_the_scope_moves(cls):
+    torch.manual_seed(0)
+    dm = tiny(num_users=20, num_items=15, density=0.3, seed=1)
+    kwargs = {"gmf_dim": 4, "mlp_dim": 4, "mlp_layers": (8,)} if cls is NeuMF else {"embedding_dim": 4}
+    model = cls(dm.num_users, dm.num_items, l2=0.05, **kwargs).double()
+    model.set_graph(dm.train)
+    lbfgs(list(model.parameters()), lambda: mean_objective(model, dm.train_rows()), rounds=1)
+    deleted = dm.remove(torch.tensor([0, 4, 8]))  # one row of each of three users
+    model.set_graph(dm.train)
+    retained = dm.train_rows()
+    before = copy.deepcopy(model)
+    report = AltEraser(rounds=3, tol=0.0).unlearn(model, retained, deleted)
+    assert report.diagnostics["reset_users"] == report.diagnostics["reset_items"] == 0
+    history = report.diagnostics["objective"]
+    assert len(history) == 4 and history[-1] < history[0] and all(b <= a + 1e-12 for a, b in zip(history, history[1:]))
+    assert history[-1] == pytest.approx(mean_objective(model, retained).item(), rel=1e-9)
+    users = before.parameter_groups()["user_embedding"][0]
+    moved = torch.nonzero((model.parameter_groups()["user_embedding"][0] != users).any(1)).flatten()
+    assert set(moved.tolist()) <= set(deleted.users.tolist()) and len(moved) > 0
+    if cls is NeuMF:  # the dense step moved the shared weights
+        assert not torch.equal(model.predict.weight, before.predict.weight) and report.diagnostics["dense_cg_iterations"] > 0
+
+
+def test_frozen_dense_weights_stay_and_a_partly_frozen_side_is_refused():
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.3, seed=1)
+    model = NeuMF(dm.num_users, dm.num_items, gmf_dim=2, mlp_dim=2, mlp_layers=(4,))
+    deleted = dm.remove(torch.tensor([0, 1]))
+    before = copy.deepcopy(model)
+    report = AltEraser(dense_steps=0).unlearn(model, dm.train_rows(), deleted)
+    assert torch.equal(model.predict.weight, before.predict.weight) and report.diagnostics["dense_cg_iterations"] == 0
+    model.gmf_user.weight.requires_grad_(False)
+    with pytest.raises(UnlearningError, match="every user embedding table trainable"):
+        AltEraser().unlearn(model, dm.train_rows(), deleted)
+
+
+def test_scopes_grow_from_affected_to_all():
+    torch.manual_seed(0)
+    dm = tiny(num_users=30, num_items=25, density=0.15, seed=1, negatives=1)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3)
+    deleted = dm.remove(torch.tensor([0]))
+    kept = {}
+    for scope in ("affected", "affected+k-hop", "all"):
+        report = AltEraser(scope=scope).unlearn(copy.deepcopy(model), dm.train_rows(), deleted)
+        kept[scope] = (report.diagnostics["kept_users"], report.diagnostics["kept_items"])
+    assert kept["affected"] == (1, 2)  # the row's user, its positive and its negative
+    assert kept["affected"] < kept["affected+k-hop"] < kept["all"] == (dm.num_users, dm.num_items)
+
+
+def test_stops_when_a_round_no_longer_decreases_the_objective_enough(users_only):
+    model, retained, deleted, _ = users_only
+    report = AltEraser(rounds=50, tol=1e-6).unlearn(copy.deepcopy(model), retained, deleted)
+    diagnostics = report.diagnostics
+    assert diagnostics["stopped"] == "tol" and 1 < diagnostics["rounds"] < 50
+    history = diagnostics["objective"]
+    assert (history[-2] - history[-1]) < 1e-6 * abs(history[-1]) <= (history[-3] - history[-2])
+
+
+def test_row_losses_equal_the_models_loss_on_every_model():
+    torch.manual_seed(0)
+    dm = tiny(num_users=10, num_items=12, density=0.3, seed=1)
+    rows = dm.train_rows()
+    for model in (MF(10, 12, embedding_dim=3, loss="bce"), NeuMF(10, 12, gmf_dim=2, mlp_dim=2, mlp_layers=(4,)), LightGCN(10, 12, embedding_dim=3)):
+        model.set_graph(dm.train)
+        torch.testing.assert_close(row_losses(model, rows[:]), model.loss(rows[:], "none"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"rounds": 0}, "rounds"), ({"tol": -1.0}, "tol"), ({"scope": "touched"}, "scope"), ({"k_hop": 0}, "k_hop"),
+     ({"curvature": "fisher"}, "curvature"), ({"blocks": "stale"}, "blocks"), ({"damping": 0.0}, "damping"),
+     ({"curvature": "hessian"}, "blocks='fresh'"), ({"max_backtracks": -1}, "max_backtracks"), ({"dense_steps": 1.5}, "dense_steps"),
+     ({"chunk_size": 0}, "chunk_size")],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AltEraser(**kwargs)
+
+
+def test_compare_reports_the_rounds_and_objectives(tmp_path):
+    """AltEraser's diagnostics (rounds, objective per round, damped blocks) reach the comparison document."""
+    from lightning_unlearn.unlearning.compare import compare
+    from lightning_unlearn.unlearning.deletion import DeletionSpec
+    from lightning_unlearn.unlearning.recipe import FitRecipe
+
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=40, num_items=30, density=0.2, seed=1), num_negatives=2, batch_size=64)
+    dm.setup()
+    recipe = FitRecipe(max_epochs=2, monitor=None)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
+    recipe(model, dm)
+    result = compare(model, dm, [Retrain(), AltEraser(rounds=2, tol=0.0)], DeletionSpec(fraction=0.05), recipe, progress=lambda _: None)
+    entry = next(m for m in result["methods"] if m["name"].startswith("AltEraser"))
+    diagnostics = entry["diagnostics"]
+    assert diagnostics["rounds"] == 2 and len(diagnostics["objective"]) == 3 and "damped_blocks" in diagnostics
+    assert entry["precompute_seconds"] > 0 and entry["completeness"]["gap_closed_rank"] == entry["completeness"]["gap_closed_rank"]
+
+
+def test_the_cached_gradient_gives_the_same_first_steps_as_a_pass_over_the_rows():
+    """The gradient cached with the blocks (every row's, minus the deleted rows') is the retained gradient:
+    with the users fixed the item step starts from the trained model, and the cached path (no pass over
+    the retained rows for the gradient) equals the fresh one."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.4, seed=4)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.2, init_std=0.5).double()
+    lbfgs(list(model.parameters()), lambda: mean_objective(model, dm.train_rows()), rounds=1)
+    model.user_embedding.weight.requires_grad_(False)
+    deleted = dm.remove(torch.tensor([0, 5, 9]))
+    retained = dm.train_rows()
+    fresh, cached = copy.deepcopy(model), copy.deepcopy(model)
+    AltEraser(blocks="fresh").unlearn(fresh, retained, deleted)
+    method = AltEraser(blocks="cached")
+    assert method.prepare(model, retained.concat(deleted)) > 0
+    report = method.unlearn(cached, retained, deleted)
+    assert report.precompute_seconds == 0 and report.diagnostics["reset_items"] == 0  # prepared ahead: nothing left to pay
+    torch.testing.assert_close(cached.item_embedding.weight, fresh.item_embedding.weight, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(cached.item_embedding.weight, model.item_embedding.weight)
+    assert report.diagnostics["objective"] == pytest.approx([mean_objective(m, retained).item() for m in (model, cached)], rel=1e-12)
+
+
+def test_requests_one_after_another_reach_the_optimum_of_what_remains(users_only):
+    """The callback's flow: a second request reuses the (adopted, downdated) blocks and computes its gradients."""
+    model, retained, deleted, reference = users_only
+    first, second = deleted.select(torch.tensor([True, False, False])), deleted.select(torch.tensor([False, True, True]))
+    method = AltEraser(rounds=25, tol=0.0, damping=1e-14)
+    unlearned = copy.deepcopy(model)
+    reports = [method.unlearn(unlearned, retained.concat(second), first), method.unlearn(unlearned, retained, second)]
+    assert reports[0].precompute_seconds > 0 and reports[1].precompute_seconds == 0
+    assert relative_error(unlearned, reference) < 1e-5
