@@ -176,9 +176,6 @@ def test_solve_blocks_with_huge_damping_returns_rhs_over_damping(dtype):
     torch.testing.assert_close(x, rhs[keep] / 1e6, rtol=1e-5, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="solve_blocks accepts a Cholesky factor of a numerically singular block whose "
-                                       "solve is inaccurate; the conditioning check in blocks._factor proposed to the "
-                                       "lead fixes it (then drop this mark)")
 def test_a_block_reported_as_solved_solves_its_damped_system():
     """A float32 singular block with 1e-12 damping is 'solved' with a residual of about 100% of
     the right-hand side: the factorisation succeeds, the solve is inaccurate."""

@@ -166,7 +166,8 @@ def solve_blocks(
 ) -> tuple[Tensor, BlockSolveResult]:
     """Solve ``(B_i + damping_i I) x_i = rhs_i`` for all blocks at once, escalating damping where needed.
 
-    Blocks whose Cholesky factorisation fails are retried (only those, together) with their
+    Blocks whose Cholesky factorisation fails, or whose factor shows a condition number past
+    ``1 / sqrt(eps)``, are retried (only those, together) with their
     damping multiplied by ``growth``, up to ``max_tries`` factorisations in all. ``damping = 0``
     is allowed because of this: a singular or indefinite block starts its escalation at
     ``sqrt(eps) * mean |diag B_i|`` (or ``sqrt(eps)`` for a zero diagonal). Blocks that are not
@@ -348,7 +349,7 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
     valid = torch.isfinite(blocks).flatten(1).all(1)
     if bool(valid.all()):  # fast path: one factorisation of everything, no copies if all succeed
         chol, info = torch.linalg.cholesky_ex(blocks + lam.view(-1, 1, 1) * eye)
-        if not bool(info.any()):
+        if bool(_usable(chol, info).all()):
             return chol, lam, torch.zeros(n, dtype=torch.bool, device=blocks.device)
     factors = eye.expand(n, d, d).clone()
     scale = torch.diagonal(blocks, dim1=1, dim2=2).abs().mean(1).nan_to_num(1.0, 1.0, 1.0)
@@ -360,10 +361,22 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
         if attempt:
             lam[pending] = torch.where(lam[pending] > 0, lam[pending] * growth, start[pending])
         chol, info = torch.linalg.cholesky_ex(blocks[pending] + lam[pending].view(-1, 1, 1) * eye)
-        ok = info == 0
+        ok = _usable(chol, info)
         factors[pending[ok]] = chol[ok]
         pending = pending[~ok]
     failed = ~valid
     failed[pending] = True
     return factors, lam, failed
 
+
+def _usable(chol: Tensor, info: Tensor) -> Tensor:
+    """Factors that exist and whose solves are accurate to about ``sqrt(eps)``.
+
+    ``cond(B) >= (max L_ii / min L_ii)^2``; a factor past ``1 / sqrt(eps)`` by that bound is
+    treated like a failed one, so its block gets more damping instead of an inaccurate solve.
+    """
+    diagonal = torch.diagonal(chol, dim1=-2, dim2=-1)
+    if not diagonal.shape[-1]:
+        return info == 0
+    ratio = diagonal.min(-1).values / diagonal.max(-1).values
+    return (info == 0) & torch.isfinite(diagonal).all(-1) & (ratio.square() >= math.sqrt(torch.finfo(chol.dtype).eps))
