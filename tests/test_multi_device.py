@@ -9,6 +9,10 @@ process group); the Lightning-level run with ``Trainer(strategy="ddp")`` is in
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
@@ -75,3 +79,35 @@ def test_ifru_on_two_gloo_processes_equals_one_process(case, two_processes):
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-8, msg=f"{name}: 2 processes vs 1")
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the update did something
+
+
+SCRIPT = Path(__file__).with_name("ddp_unlearn.py")
+
+
+@pytest.mark.parametrize("method,model", [("ifru-block", "mf"), ("ifru", "lightgcn")])
+def test_callback_under_ddp_equals_one_device(method, model, tmp_path):
+    """``Trainer(strategy="ddp", accelerator="cpu", devices=2)``: both ranks end with the parameters one device gives."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from ddp_unlearn import setting as ddp_setting
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(1)
+    initial, _, _ = ddp_setting(model)
+    with torch.no_grad():  # a model that is not at its initialisation, the same for every run
+        for p in initial.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = tmp_path / "state.pt"
+    torch.save({k: v for k, v in initial.state_dict().items() if "adjacency" not in k}, state)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    for devices in (1, 2):
+        done = subprocess.run([sys.executable, str(SCRIPT), str(devices), method, model, str(state), str(tmp_path)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = torch.load(tmp_path / f"{method}-{model}-devices1-rank0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"{method}-{model}-devices2-rank{r}.pt", weights_only=True) for r in range(2)]
+    before = torch.load(state, weights_only=True)
+    assert any(not torch.equal(before[k], one[k]) for k in one)  # unlearning changed the model
+    for name, value in one.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=f"{name}: ddp x2 vs one device")

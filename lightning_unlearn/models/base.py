@@ -153,10 +153,13 @@ class Recommender(pl.LightningModule):
     def evaluate(self, loader: Iterable[dict[str, Tensor]], prefix: str = "test") -> dict[str, float]:
         """Full-ranking metrics over ranking batches (e.g. ``datamodule.test_dataloader()``), outside a Trainer.
 
+        The loader covers every user it is given, so the metric is not synchronised across
+        processes (one process may evaluate while the others wait, e.g. rank zero under DDP).
+
         Returns:
             ``{"<prefix>/recall@K": ..., ...}`` as floats.
         """
-        metric = FullRankingMetrics(self.top_k, auc=self.hparams.eval_auc).to(self.device)
+        metric = FullRankingMetrics(self.top_k, auc=self.hparams.eval_auc, sync_on_compute=False).to(self.device)
         representations = self.representations()
         for batch in loader:
             self._ranking_update({k: v.to(self.device) for k, v in batch.items()}, metric, representations)

@@ -65,6 +65,9 @@ class LightGCN(MF):
         super().__init__(num_users, num_items, embedding_dim=embedding_dim, init_std=init_std, **kwargs)
         self.num_layers = num_layers
         self.register_buffer("adjacency", None, persistent=False)
+        # Every process builds the graph from its own datamodule, and DDP cannot broadcast a
+        # sparse CSR tensor: tell DistributedDataParallel to leave this buffer alone.
+        self._ddp_params_and_buffers_to_ignore = ["adjacency"]
 
     def __deepcopy__(self, memo: dict) -> LightGCN:
         # The graph is replaced, never modified in place, so copies share it (and sparse CSR

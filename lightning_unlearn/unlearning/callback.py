@@ -13,7 +13,7 @@ from typing import Any, Literal, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
@@ -145,6 +145,7 @@ class UnlearningCallback(pl.Callback):
         return self.apply_pending(
             model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
             recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
+            strategy=trainer.strategy,
         )
 
     # ------------------------------------------------------------------ the work
@@ -157,6 +158,7 @@ class UnlearningCallback(pl.Callback):
         recipe: FitRecipe | None = None,
         seed: int | None = None,
         is_global_zero: bool = True,
+        strategy: Strategy | None = None,
     ) -> list[UnlearningReport]:
         """Apply queued requests one by one, outside or inside a Trainer.
 
@@ -167,7 +169,10 @@ class UnlearningCallback(pl.Callback):
             device: where the method runs (default: the model's device).
             recipe: how to refit, for ``Retrain`` (default: :class:`FitRecipe` defaults).
             seed: the original model's seed (default: the callback's ``seed``).
-            is_global_zero: only rank zero writes the journal, checkpoints and logs.
+            is_global_zero: only rank zero evaluates, writes the journal, checkpoints and logs.
+            strategy: on several processes (e.g. DDP), the trainer's strategy: each rank handles
+                a shard of the rows and the strategy's sum-reduce combines them, so every rank
+                applies the identical update.
 
         Returns:
             The reports of the requests applied.
@@ -181,6 +186,9 @@ class UnlearningCallback(pl.Callback):
         recipe = recipe or FitRecipe()
         seed = self.seed if seed is None else seed
         context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
+        if strategy is not None and strategy.world_size > 1:
+            context.reduce = lambda tensor: strategy.reduce(tensor.clone(), reduce_op="sum")
+            context.rank, context.world_size = strategy.global_rank, strategy.world_size
         if self._queue and is_global_zero and self.dirpath is not None:
             recover(self.dirpath)  # a previous process may have died mid-request
         if self._queue and is_global_zero:
@@ -220,7 +228,7 @@ class UnlearningCallback(pl.Callback):
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
                 model.set_graph(datamodule.train)
                 report = self.method.unlearn(model, datamodule.train_rows(), deleted, context)
-                utility = self._utility(model, datamodule) if self.evaluate else {}
+                utility = self._utility(model, datamodule) if self.evaluate and is_global_zero else {}
                 self._applied.append(fingerprint)
                 self._queue.pop(0)
                 try:
