@@ -18,7 +18,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.linalg import conjugate_gradient, solve_blocks
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning.methods import IFRU, FineTune, UnlearningError
+from lightning_unlearn.unlearning.methods import IFRU, AltEraser, FineTune, UnlearningError
 
 F32, F64 = torch.float32, torch.float64
 DAMPINGS = [1e-12, 1e-6, 1.0, 1e6]
@@ -273,6 +273,53 @@ def test_ifru_with_a_nan_gradient_fails_clearly_and_restores_the_model():
     with pytest.raises(UnlearningError, match="failed and the model was restored: the right-hand side .* is not finite"):
         IFRU(damping=1e-7).unlearn(model, retained, deleted)
     for k, v in before.items():  # bit for bit, NaN where it was
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------- AltEraser
+
+
+@pytest.mark.parametrize("damping", [0.0, -1e-7, math.nan, math.inf])
+def test_alteraser_refuses_damping_that_is_not_finite_and_positive(damping):
+    with pytest.raises(ValueError, match=r"AltEraser\(damping=...\) must be a finite number > 0"):
+        AltEraser(damping=damping)
+
+
+def retained_objective(model, rows) -> float:
+    with torch.no_grad():
+        return float(model.loss(rows[:], "sum") / len(rows) + model.dense_penalty())
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("blocks", ["cached", "fresh"])
+@pytest.mark.parametrize(("l2", "dim"), [(1.0, 3), (0.0, 8)], ids=["regularised", "singular"])
+@pytest.mark.parametrize("damping", [1e-12, 1e6])
+def test_alteraser_at_extreme_damping_never_raises_the_objective_or_makes_nan(damping, l2, dim, blocks, dtype):
+    """Singular blocks (no L2, more dimensions than a user's rows) get more damping or a rejected
+    step; the retained objective never goes up and every parameter stays finite."""
+    model, retained, deleted = unlearning_problem(l2=l2, dim=dim, dtype=dtype)
+    model.item_embedding.weight.requires_grad_(True)
+    tuned, report = run(AltEraser(rounds=2, damping=damping, blocks=blocks), model, retained, deleted)
+    assert all(torch.isfinite(p).all() for p in tuned.parameters())
+    before, after = retained_objective(model, retained), retained_objective(tuned, retained)
+    assert after <= before + 10 * torch.finfo(dtype).eps * abs(before)
+    change = max(float((tuned.state_dict()[k] - v).abs().max()) for k, v in model.state_dict().items())
+    if damping == 1e6:  # the step is the gradient over the damping: almost nothing moves
+        assert change < 1e-5
+    else:
+        assert after < before and change > 0
+    assert report.diagnostics["rejected_blocks"] >= 0 and report.diagnostics["damped_blocks"] >= 0
+
+
+def test_alteraser_with_a_nan_parameter_fails_clearly_and_restores_the_model():
+    model, retained, deleted = unlearning_problem(l2=1.0, dim=3, dtype=F32)
+    model.item_embedding.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.item_embedding.weight[int(deleted.items[0]), 0] = math.nan
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnlearningError, match=r"AltEraser\(rounds=1\) failed and the model was restored: .*Try: more damping"):
+        AltEraser().unlearn(model, retained, deleted)
+    for k, v in before.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, equal_nan=True)
 
 
