@@ -179,7 +179,8 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
         "methods: [{class_path: lightning_unlearn.unlearning.Retrain},\n"
         "          {class_path: lightning_unlearn.unlearning.Retrain, init_args: {seed: 1}},\n"
         "          {class_path: lightning_unlearn.unlearning.FineTune, init_args: {epochs: 1}},\n"
-        "          {class_path: lightning_unlearn.unlearning.IFRU, init_args: {solver: cg, k_hop: 0}}]\n"
+        "          {class_path: lightning_unlearn.unlearning.IFRU, init_args: {solver: cg, k_hop: 0}},\n"
+        "          {class_path: lightning_unlearn.unlearning.methods.AltEraser, init_args: {rounds: 2}}]\n"
         "deletion: {kind: users, requests_file: forget.csv}\n"
         "out: out\n"
     )
@@ -190,13 +191,15 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
     out = done.stdout
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
     names = [m["name"] for m in result["methods"]]
-    assert names == ["Retrain", "Retrain(seed=1)", "FineTune(epochs=1)", "IFRU(k_hop=0, solver=cg)"]
+    assert names == ["Retrain", "Retrain(seed=1)", "FineTune(epochs=1)", "IFRU(k_hop=0, solver=cg)", "AltEraser(rounds=2)"]
 
-    # Progress: one line per method before and after, with the CG iteration count of IFRU.
-    assert "[compare] 1/4 Retrain: unlearning" in out and "[compare] 4/4 IFRU(k_hop=0, solver=cg): done in" in out
-    ifru_line = next(line for line in out.splitlines() if line.startswith("[compare] 4/4 IFRU(k_hop=0, solver=cg): done"))
-    iterations = result["methods"][3]["diagnostics"]["solver/iterations"]
-    assert iterations > 0 and f"iterations={iterations}" in ifru_line
+    # Progress: one line per method before and after, with the solver's iterations from the diagnostics.
+    done = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("[compare] ") and ": done in " in line}
+    assert list(done) == [f"[compare] {i}/5 {name}" for i, name in enumerate(names, start=1)]
+    assert "[compare] 1/5 Retrain: unlearning" in out
+    ifru, alteraser = result["methods"][3]["diagnostics"], result["methods"][4]["diagnostics"]
+    assert ifru["solver/iterations"] > 0 and f"iterations={ifru['solver/iterations']}" in done["[compare] 4/5 IFRU(k_hop=0, solver=cg)"]
+    assert f"rounds={alteraser['rounds']}, solved_blocks={alteraser['solved_blocks']}" in done["[compare] 5/5 AltEraser(rounds=2)"]
 
     runs = offline_runs(tmp_path / "runs")
     assert list(runs) == ["compare"]  # one run per comparison; Retrain's refits log nowhere
@@ -210,7 +213,7 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
     config = run_config(records)
     assert config["model"]["init_args"]["embedding_dim"] == 16 and config["model"]["init_args"]["num_users"] == 120
     assert config["deletion"]["requests_file"] == "forget.csv"
-    assert [m["class_path"].rsplit(".", 1)[1] for m in config["methods"]] == ["Retrain", "Retrain", "FineTune", "IFRU"]
+    assert [m["class_path"].rsplit(".", 1)[1] for m in config["methods"]] == ["Retrain", "Retrain", "FineTune", "IFRU", "AltEraser"]
     assert config["trainer"]["max_epochs"] == 3 and config["seed_everything"] == 0
     applied = config["deletion_applied"]
     assert applied == {"kind": "users", "num_rows": result["deletion"]["rows"], "num_pairs": 0, "num_users": 2,
@@ -227,7 +230,7 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
             method["completeness"]["gap_closed_item_rank"])
     assert summary["compare/Retrain/gap_closed_item_rank"] == pytest.approx(1.0)
     assert summary["compare/headline_completeness"] == "gap_closed_item_rank"
-    assert summary["compare/table"]["_type"] == "table-file" and summary["compare/table"]["nrows"] == 4
+    assert summary["compare/table"]["_type"] == "table-file" and summary["compare/table"]["nrows"] == 5
 
     # The table, one row per method, and native charts built from it.
     table = json.loads(next((folder / "files" / "media" / "table" / "compare").glob("table_*.table.json")).read_text())

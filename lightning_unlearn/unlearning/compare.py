@@ -143,19 +143,25 @@ def compare(
     }
 
 
-_ITERATION_KEYS = ("iterations", "rounds", "epochs", "steps", "num_blocks")
+_COUNTS = ("iterations", "rounds", "epochs", "steps")  # also as a suffix: dense_cg_iterations
+_BLOCKS = ("num_blocks", "solved_blocks")
+_FAILURES = ("failed_blocks", "rejected_blocks")  # shown only when non-zero
 
 
 def progress_detail(diagnostics: dict[str, Any]) -> str:
     """A short account of a method's work from its diagnostics: solver, iteration counts, convergence.
 
-    Picks the entries whose last name part is ``iterations``, ``rounds``, ``epochs``, ``steps`` or
-    ``num_blocks`` (e.g. IFRU's ``solver/iterations`` with CG, ``solver/num_blocks`` with the block
-    solver), plus ``solver``, ``converged``, ``relative_residual`` and any ``failed_blocks``.
+    Picks the integer entries whose last name part is or ends in ``iterations``, ``rounds``,
+    ``epochs`` or ``steps``, or is ``num_blocks``/``solved_blocks`` (IFRU's ``solver/iterations``
+    with CG or ``solver/num_blocks`` with the block solver; AltEraser's ``rounds``,
+    ``solved_blocks`` and ``dense_cg_iterations``), plus ``solver``, ``converged``,
+    ``relative_residual``, and ``failed_blocks``/``rejected_blocks`` when not zero.
 
     Example:
         >>> progress_detail({"solver": "cg", "solver/iterations": 12, "solver/converged": True, "seed": 0})
         'solver=cg, iterations=12, converged'
+        >>> progress_detail({"rounds": 2, "solved_blocks": 90, "rejected_blocks": 0, "dense_cg_iterations": 0})
+        'rounds=2, solved_blocks=90, dense_cg_iterations=0'
         >>> progress_detail({"seed": 1})
         ''
     """
@@ -164,10 +170,12 @@ def progress_detail(diagnostics: dict[str, Any]) -> str:
         parts.append(f"solver={diagnostics['solver']}")
     for key, value in diagnostics.items():
         name = key.rsplit("/", 1)[-1]
-        if name in _ITERATION_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if name in _BLOCKS or any(name == c or name.endswith("_" + c) for c in _COUNTS):
             parts.append(f"{name.removeprefix('num_')}={value}")
-        if name == "failed_blocks" and isinstance(value, int) and value > 0:
-            parts.append(f"FAILED blocks={value}")
+        elif name in _FAILURES and value > 0:
+            parts.append(f"{name.upper()}={value}")
     converged = next((v for k, v in diagnostics.items() if k.rsplit("/", 1)[-1] == "converged" and isinstance(v, bool)), None)
     if converged is not None:
         parts.append("converged" if converged else "NOT converged")
