@@ -18,8 +18,19 @@ $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
+# The demo: MF on MovieLens-100K, then two comparisons of every unlearning method from that model
+# (1% of interactions, then 1% of users). W&B logs offline unless `make demo WANDB_OFFLINE=false`.
+WANDB_OFFLINE ?= true
+DEMO_WANDB := --trainer.logger.init_args.offline=$(WANDB_OFFLINE)
 demo: $(BIN)/.installed
-	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/lightning-unlearn fit -c recipes/ml100k/mf.yaml
+	$(BIN)/lightning-unlearn compare -c recipes/ml100k/demo_interactions.yaml $(DEMO_WANDB)
+	$(BIN)/lightning-unlearn compare -c recipes/ml100k/demo_users.yaml $(DEMO_WANDB) \
+	    --ckpt_path runs/ml100k_demo_interactions/checkpoints/best.ckpt
+	@echo "Demo done: the tables above are also in runs/ml100k_demo_interactions/ and runs/ml100k_demo_users/ (compare.json, compare.csv)."
+	@if [ "$(WANDB_OFFLINE)" = true ]; then \
+	    runs=$$(for kind in interactions users; do readlink -f runs/ml100k_demo_$$kind/wandb/latest-run; done | tr '\n' ' '); \
+	    echo "W&B offline runs: $$runs"; \
+	    echo "Upload them with: $(BIN)/wandb login && $(BIN)/wandb sync $$runs"; fi
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

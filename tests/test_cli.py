@@ -15,9 +15,10 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.usefixtures("cli_run")
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml"))
-FIT_RECIPES = [p for p in RECIPES if not p.stem.startswith("compare_") and not p.stem.endswith("_ifru")]
-UNLEARN_RECIPES = [p for p in RECIPES if p.stem.endswith("_ifru")]
-COMPARE_RECIPES = [p for p in RECIPES if p.stem.startswith("compare_")]
+COMPARE_RECIPES = [p for p in RECIPES if "deletion" in yaml.safe_load(p.read_text())]  # compare_*, demo_*
+UNLEARN_RECIPES = [p for p in RECIPES if p not in COMPARE_RECIPES and "UnlearningCallback" in p.read_text()]
+FIT_RECIPES = [p for p in RECIPES if p not in COMPARE_RECIPES and p not in UNLEARN_RECIPES]
+DEMO_RECIPES = [REPO / "recipes" / "ml100k" / f"demo_{kind}.yaml" for kind in ("interactions", "users")]
 
 
 def test_all_foundation_recipes_exist():
@@ -106,3 +107,31 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", "--help"], capture_output=True, text=True, check=True)
     for sub in ("fit", "validate", "test"):
         assert sub in result.stdout
+
+
+def test_demo_recipes_differ_only_in_the_deletion_and_the_run_folder():
+    """`make demo` runs part 2 from the model part 1 trained: sound only if they train the same way."""
+    interactions, users = (yaml.safe_load(p.read_text()) for p in DEMO_RECIPES)
+    for section in ("seed_everything", "model", "data", "methods"):
+        assert interactions[section] == users[section], section
+    assert interactions["trainer"]["max_epochs"] == users["trainer"]["max_epochs"]
+    stopping = [next(c["init_args"] for c in r["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping"))
+                for r in (interactions, users)]
+    assert stopping[0] == stopping[1]  # Retrain refits with the trainer's early stopping
+    assert interactions["deletion"] == {"kind": "interactions", "fraction": 0.01, "seed": 0}
+    assert users["deletion"] == {"kind": "users", "fraction": 0.01, "selection": "random", "seed": 0}
+    assert interactions["data"]["source"] == {"class_path": "lightning_unlearn.data.MovieLens100K", "init_args": {"download": True}}
+    methods = [(m["class_path"].rsplit(".", 1)[1], m.get("init_args", {})) for m in interactions["methods"]]
+    assert ("Retrain", {}) in methods and ("Retrain", {"seed": 1}) in methods and ("FineTune", {"epochs": 2, "lr": 1.0e-3}) in methods
+    assert ("IFRU", {"k_hop": 0}) in methods and ("IFRU", {"k_hop": 1}) in methods and ("AltEraser", {"rounds": 1}) in methods
+
+
+def test_make_demo_runs_both_demo_recipes_from_one_trained_model():
+    plan = subprocess.run(["make", "-n", "demo", "-o", ".venv/bin/.installed"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    commands = [line for line in plan.replace("\\\n", " ").splitlines() if "lightning-unlearn compare" in line]
+    assert [c.split("-c ")[1].split()[0] for c in commands] == [str(p.relative_to(REPO)) for p in DEMO_RECIPES]
+    first = yaml.safe_load(DEMO_RECIPES[0].read_text())["trainer"]["callbacks"]
+    checkpoint = next(c["init_args"] for c in first if c["class_path"].endswith("ModelCheckpoint"))
+    assert f"--ckpt_path {checkpoint['dirpath']}/{checkpoint['filename']}.ckpt" in commands[1]
+    assert all("--trainer.logger.init_args.offline=true" in c for c in commands)
+    assert "wandb sync" in plan
