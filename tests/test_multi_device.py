@@ -20,18 +20,20 @@ import torch.multiprocessing as mp
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN
-from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext
+from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningContext
 
 CASES = {
-    "mf-block": (MF, {"solver": "block"}),
-    "mf-cg": (MF, {"solver": "cg", "tol": 1e-10, "max_iter": 300}),
-    "mf-retained": (MF, {"solver": "direct", "gradient": "retained"}),
-    "lightgcn-cg": (LightGCN, {"solver": "cg", "tol": 1e-10, "max_iter": 300}),
+    "ifru-mf-block": (MF, lambda: IFRU(damping=1e-4, solver="block")),
+    "ifru-mf-cg": (MF, lambda: IFRU(damping=1e-4, solver="cg", tol=1e-10, max_iter=300)),
+    "ifru-mf-retained": (MF, lambda: IFRU(damping=1e-4, solver="direct", gradient="retained")),
+    "ifru-lightgcn-cg": (LightGCN, lambda: IFRU(damping=1e-4, solver="cg", tol=1e-10, max_iter=300)),
+    "alteraser-mf": (MF, lambda: AltEraser(rounds=3)),
+    "alteraser-lightgcn": (LightGCN, lambda: AltEraser(rounds=2)),
 }
 
 
 def setting(case: str):
-    cls, options = CASES[case]
+    cls, method = CASES[case]
     torch.manual_seed(0)
     dm = RecDataModule(Synthetic(num_users=20, num_items=16, density=0.4, seed=3), val_fraction=0.0, num_negatives=2)
     dm.setup()
@@ -39,7 +41,7 @@ def setting(case: str):
     model.set_graph(dm.train)
     deleted = dm.remove(torch.arange(0, 60, 7))
     model.set_graph(dm.train)
-    return model, dm.train_rows(), deleted, IFRU(damping=1e-4, **options)
+    return model, dm.train_rows(), deleted, method()
 
 
 def _rank(rank: int, world_size: int, folder: str) -> None:
@@ -70,7 +72,7 @@ def two_processes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_ifru_on_two_gloo_processes_equals_one_process(case, two_processes):
+def test_two_gloo_processes_equal_one_process(case, two_processes):
     model, retained, deleted, method = setting(case)
     before = copy.deepcopy(model.state_dict())
     method.unlearn(model, retained, deleted)
@@ -84,7 +86,7 @@ def test_ifru_on_two_gloo_processes_equals_one_process(case, two_processes):
 SCRIPT = Path(__file__).with_name("ddp_unlearn.py")
 
 
-@pytest.mark.parametrize("method,model", [("ifru-block", "mf"), ("ifru", "lightgcn")])
+@pytest.mark.parametrize("method,model", [("ifru-block", "mf"), ("ifru", "lightgcn"), ("alteraser", "mf")])
 def test_callback_under_ddp_equals_one_device(method, model, tmp_path):
     """``Trainer(strategy="ddp", accelerator="cpu", devices=2)``: both ranks end with the parameters one device gives."""
     sys.path.insert(0, str(SCRIPT.parent))

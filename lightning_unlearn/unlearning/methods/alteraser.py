@@ -479,7 +479,8 @@ class _Engine:
             mine = grads[offset:offset + len(side.tables)]
             offset += len(side.tables)
             data = torch.cat([(torch.zeros_like(t) if g is None else g)[chosen] for g, t in zip(mine, side.tables)], dim=1).double()
-            out.append(self.context.reduce(data + model.l2 * self.counts(side, chosen, rows).unsqueeze(1) * side.gather(chosen)))
+            # counts() is already summed over processes: only the data term is reduced here
+            out.append(self.context.reduce(data) + model.l2 * self.counts(side, chosen, rows).unsqueeze(1) * side.gather(chosen))
         z = torch.cat(scores) if scores else torch.zeros(0, 1 + rows.negatives.shape[1], device=rows.users.device)
         return out, z
 
@@ -564,10 +565,10 @@ class _Engine:
                 delta = _data_loss(one_moved, model.loss_name) - _data_loss(z_old, model.loss_name).unsqueeze(1)
                 change.index_add_(0, where[moved], delta[moved].double())
             trials.append(z_new)
-        counts = self.counts(side, ids, rows)
-        change += 0.5 * model.l2 * counts * (new.square().sum(1) - old.square().sum(1))
+        change = self.context.reduce(change)  # the data term over every process's rows; counts() is summed already
+        change += 0.5 * model.l2 * self.counts(side, ids, rows) * (new.square().sum(1) - old.square().sum(1))
         trial = torch.cat(trials) if trials else old_scores[:0]
-        return self.context.reduce(torch.where(pending, change, torch.zeros_like(change))), old_scores, trial, involved
+        return torch.where(pending, change, torch.zeros_like(change)), old_scores, trial, involved
 
     @torch.no_grad()
     def keep_scores(self, side: _Side, ids: Tensor, rows: TrainRows, final: Tensor, trial: Tensor, involved: Tensor, accepted: Tensor) -> None:
