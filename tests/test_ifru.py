@@ -305,7 +305,7 @@ def test_stale_factors_change_a_later_step_by_about_the_tolerance():
     dm.setup()
     model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
     steps, reports = {}, {}
-    for tolerance in (0.0, 0.05):
+    for tolerance in (0.0, 0.05):  # 0 is the default
         data, unlearned, method = copy.deepcopy(dm), copy.deepcopy(model), IFRU(damping=1e-6, solver="block", refactor_tolerance=tolerance)
         for rows in (torch.tensor([0, 40]), torch.tensor([3, 77])):  # a second request reuses the first's factors
             before = torch.cat([unlearned.user_embedding.weight, unlearned.item_embedding.weight]).detach().clone()

@@ -210,9 +210,9 @@ def run(method, model, retained, deleted):
     return model, report
 
 
-@pytest.mark.parametrize("damping", [0.0, -1e-7, math.nan])
+@pytest.mark.parametrize("damping", [0.0, -1e-7, math.nan, math.inf])
 def test_ifru_refuses_damping_that_is_not_positive(damping):
-    with pytest.raises(ValueError, match=r"IFRU\(damping=...\) must be > 0"):
+    with pytest.raises(ValueError, match=r"IFRU\(damping=...\) must be a finite number > 0"):
         IFRU(damping=damping)
 
 

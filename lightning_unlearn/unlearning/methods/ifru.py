@@ -13,6 +13,7 @@ retained row are reset to the initialisation a retrain from the original's seed 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -81,11 +82,13 @@ class IFRU(Unlearner):
         tol: CG relative-residual tolerance.
         max_iter: CG iteration cap.
         direct_max: largest restricted problem the direct solver accepts.
-        refactor_tolerance: the block solver keeps each block's Cholesky factor (computed
-            once, with the cached curvature) and refactors it only when its trace or the
-            damping has drifted by more than this fraction since (``0`` refactors every touched
-            block: the exact block solve). A 1% deletion changes a block by about 1%, so the
-            default reuses almost every factor; the step's relative error is of this order.
+        refactor_tolerance: with ``> 0`` the block solver keeps each block's Cholesky factor
+            (computed once, with the cached curvature) and refactors it only when its trace or
+            the damping has drifted by more than this fraction. Default ``0``: every touched
+            block is refactored (the exact block solve). Measured: reusing factors at 0.05
+            dropped the rank gap closed on MovieLens-100K (1% random, MF) from 0.91 to 0.64,
+            because a deleted row's own curvature lies along the very direction of its
+            gradient: a small change of the trace is a large change where the step goes.
 
     Raises:
         ValueError: on a non-positive damping, a negative ``refactor_tolerance`` or an unknown option.
@@ -109,10 +112,11 @@ class IFRU(Unlearner):
         tol: float = 1e-6,
         max_iter: int = 100,
         direct_max: int = 4096,
-        refactor_tolerance: float = 0.05,
+        refactor_tolerance: float = 0.0,
     ):
-        if not damping > 0:
-            raise ValueError(f"IFRU(damping=...) must be > 0, got {damping}: an undamped Newton step over-corrects.")
+        if not (math.isfinite(damping) and damping > 0):
+            raise ValueError(f"IFRU(damping=...) must be a finite number > 0, got {damping}: an undamped Newton step "
+                             "over-corrects and an infinite one does nothing.")
         for name, value, allowed in (("solver", solver, _SOLVERS), ("curvature", curvature, _CURVATURES), ("gradient", gradient, _GRADIENTS)):
             if value not in allowed:
                 raise ValueError(f"IFRU({name}=...) must be one of {allowed}, got {value!r}.")
@@ -214,6 +218,8 @@ class IFRU(Unlearner):
             delta, result = conjugate_gradient(matvec, rhs, damping=self.damping, tol=self.tol, max_iter=self.max_iter,
                                                preconditioner=preconditioner)
             solve = result.as_dict()
+        diagnostics["step_norm"] = float(torch.linalg.vector_norm(delta))
+        diagnostics["parameter_norm"] = float(torch.linalg.vector_norm(flatten(theta)))
         restricted.add_(delta)
         self._curvature.adopt(model)  # the step is small: later requests reuse these blocks as they are
         return {**diagnostics, "precompute_seconds": precompute, **{f"solver/{k}": v for k, v in solve.items()}}
@@ -385,7 +391,8 @@ def _direct_solve(matvec, rhs: Tensor, damping: float, limit: int) -> tuple[Tens
     matrix = 0.5 * (matrix + matrix.T) + damping * eye
     delta = torch.linalg.solve(matrix, rhs)
     residual = torch.linalg.vector_norm(matrix @ delta - rhs) / torch.linalg.vector_norm(rhs).clamp_min(1e-30)
-    return delta, {"iterations": 1, "relative_residual": float(residual), "converged": True}
+    converged = bool(residual <= math.sqrt(torch.finfo(rhs.dtype).eps))
+    return delta, {"iterations": 1, "relative_residual": float(residual), "converged": converged}
 
 
 
