@@ -186,6 +186,28 @@ def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
+def measurement_table(result: dict) -> str:
+    """The rounded table a page shows for a ``compare.json`` (``docs/measurements/<name>.csv``)."""
+    lines = ["method,seconds per request,precompute s,rank gap,score gap,top-20 gap,MIA gap,Recall@20,NDCG@20,overlap@20"]
+    for m in result["methods"]:
+        c, u = m["completeness"], m["utility"]
+        cells = [m["name"], f"{m['seconds']:.2f}", f"{m['precompute_seconds']:.1f}" if m["precompute_seconds"] else "",
+                 *(f"{c[f'gap_closed_{k}']:.3f}" for k in ("rank", "score", "top20", "mia")),
+                 f"{u['recall@20']:.4f}", f"{u['ndcg@20']:.4f}", f"{c['overlap@20']:.3f}"]
+        lines.append(",".join(f'"{cell}"' if "," in cell else cell for cell in cells))
+    o = result["original"]
+    lines.append(f"(original: doing nothing),,,0,0,0,0,{o['utility']['recall@20']:.4f},{o['utility']['ndcg@20']:.4f},"
+                 f"{o['completeness']['overlap@20']:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("table", sorted((DOCS / "measurements").glob("*.csv")), ids=lambda p: p.name)
+def test_measured_tables_are_the_compare_json_they_quote(table):
+    """Numbers on the pages come from the compare.json kept beside them, not by hand."""
+    result = json.loads(table.with_suffix(".json").read_text())
+    assert table.read_text() == measurement_table(result), f"regenerate {table.name} from {table.with_suffix('.json').name}"
+
+
 def test_short_forms():
     """How documented commands are shortened (the rule above, checked once)."""
     assert cli_arguments("lightning-unlearn fit -c recipes/ml100k/mf.yaml") == ["fit", "-c", "recipes/ml100k/mf.yaml", *BRIEF]
