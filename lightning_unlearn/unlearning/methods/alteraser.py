@@ -36,7 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.linalg import BlockSolveResult, conjugate_gradient, flatten, gauss_newton_matvec, hessian_matvec, solve_blocks, unflatten
+from lightning_unlearn.linalg import (
+    BlockSolveResult,
+    conjugate_gradient,
+    flatten,
+    gauss_newton_matvec,
+    hessian_matvec,
+    solve_blocks,
+    solve_factored,
+    unflatten,
+)
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
 from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks, curvature_blocks
@@ -75,6 +84,10 @@ class AltEraser(Unlearner):
             ``"fresh"`` (rebuilt at the current parameters for every step: the paper's Newton).
         damping: added to each block of the mean objective (``> 0``), i.e. ``n * damping`` to the
             summed blocks; blocks that are not positive definite get more, and are counted.
+        refactor_tolerance: with cached blocks, each block's Cholesky factor (computed once per
+            trained model) is reused while the block's trace has moved by at most this share
+            since; the others are refactored. The gradient stays exact, so a reused factor only
+            changes how fast the rounds converge, not where. ``0`` refactors every block.
         line_search: backtrack each sub-problem's step (halving) until its own loss decreases
             enough (Armijo); blocks that never do keep their row (counted as ``rejected``).
         max_backtracks: halvings tried before a block's step is rejected.
@@ -83,7 +96,8 @@ class AltEraser(Unlearner):
             curvature products use ``dense_sample`` rows.
         dense_cg_iters: CG iterations per dense step.
         dense_sample: rows (drawn once with the context's seed) for the dense curvature.
-        chunk_size: rows per vectorised pass.
+        chunk_size: rows per vectorised pass (8192 keeps each pass's temporaries small enough
+            to be reused by the allocator; 4x faster per row than 32768 on a 2-core machine).
 
     Raises:
         ValueError: on an argument outside the accepted values (the message names it).
@@ -108,12 +122,13 @@ class AltEraser(Unlearner):
         curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
         blocks: Literal["cached", "fresh"] = "cached",
         damping: float = 1e-7,
+        refactor_tolerance: float = 0.05,
         line_search: bool = True,
         max_backtracks: int = 10,
         dense_steps: int = 1,
         dense_cg_iters: int = 10,
         dense_sample: int = 65536,
-        chunk_size: int = 32768,
+        chunk_size: int = 8192,
     ):
         for name, value, allowed in (("scope", scope, _SCOPES), ("curvature", curvature, _CURVATURES), ("blocks", blocks, _BLOCKS)):
             if value not in allowed:
@@ -125,12 +140,14 @@ class AltEraser(Unlearner):
                 raise ValueError(f"AltEraser({name}=...) must be an integer >= {low}, got {value!r}.")
         if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
             raise ValueError(f"AltEraser(damping=...) must be a finite number > 0, got {damping!r}.")
+        if not (isinstance(refactor_tolerance, (int, float)) and 0 <= refactor_tolerance < 1):
+            raise ValueError(f"AltEraser(refactor_tolerance=...) must be a number in [0, 1), got {refactor_tolerance!r}.")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise ValueError(f"AltEraser(tol=...) must be a finite number >= 0, got {tol!r}.")
         if blocks == "cached" and curvature != "gauss_newton":
             raise ValueError(f"AltEraser(blocks='cached') caches Gauss-Newton blocks; with curvature={curvature!r} use blocks='fresh'.")
         self.rounds, self.tol, self.scope, self.k_hop = rounds, float(tol), scope, k_hop
-        self.curvature, self.blocks, self.damping = curvature, blocks, float(damping)
+        self.curvature, self.blocks, self.damping, self.refactor_tolerance = curvature, blocks, float(damping), float(refactor_tolerance)
         self.line_search, self.max_backtracks = line_search, max_backtracks
         self.dense_steps, self.dense_cg_iters, self.dense_sample = dense_steps, dense_cg_iters, dense_sample
         self.chunk_size = chunk_size
@@ -166,6 +183,10 @@ class AltEraser(Unlearner):
             nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
             self._cache.retained(model, rows, nothing, context)
             sides = [side for side in (_Side(model, name) for name in _SIDES) if side.trainable]
+            if self.refactor_tolerance > 0 and not is_graph(model):  # factor every block once; requests refactor few
+                for side in sides:
+                    self._cache.factors(side.key, torch.arange(side.size, device=rows.users.device), self.damping * len(rows),
+                                        self.refactor_tolerance)
             if sides and not is_graph(model):
                 engine = _Engine(model, rows, len(rows), context, self.chunk_size, graph=False)
                 self._anchor = engine.anchor(sides, engine.local)
@@ -255,11 +276,18 @@ class AltEraser(Unlearner):
             grad, scores = engine.gradient(side, ids, rows)
         if not torch.isfinite(grad).all():
             raise FloatingPointError(f"the {side.label} gradient is not finite")
-        blocks = self._blocks(engine, side, ids, rows, cached)
-        step, solved = solve_blocks(blocks, -grad, damping=engine.n * self.damping, max_tries=_MAX_TRIES)
+        if cached is not None and not engine.graph:  # cached factors, refactored where the block moved
+            factors, solved, refactored = self._cache.factors(side.key, ids, engine.n * self.damping, self.refactor_tolerance)
+            step, failed = solve_factored(factors, -grad, solved.failed_mask)
+            totals.refactored += refactored
+        else:
+            blocks = self._blocks(engine, side, ids, rows, cached)
+            step, solved = solve_blocks(blocks, -grad, damping=engine.n * self.damping, max_tries=_MAX_TRIES)
+            failed = solved.failed_mask
+            totals.refactored += len(ids)
         totals.add_solve(solved)
-        if solved.failed_blocks:
-            raise FloatingPointError(f"{solved.failed_blocks} {side.label} curvature blocks could not be factored (non-finite, or not "
+        if failed.any():
+            raise FloatingPointError(f"{int(failed.sum())} {side.label} curvature blocks could not be factored (non-finite, or not "
                                      f"positive definite even with damping {solved.max_damping:.3g})")
         slope = (grad * step).sum(1)  # directional derivative of each sub-problem (< 0: a descent direction)
         if engine.graph:
@@ -368,6 +396,7 @@ class _Side:
         self.model, self.name = model, name
         self.label, self.index = ("user", 0) if name == "user_embedding" else ("item", 1)
         self.key, self.other_key = ("users", "items") if name == "user_embedding" else ("items", "users")
+        self.size = model.num_users if name == "user_embedding" else model.num_items
         self.tables = model.parameter_groups()[name]
         trainable = [t.requires_grad for t in self.tables]
         if any(trainable) and not all(trainable):
@@ -540,25 +569,26 @@ class _Engine:
             at = involved[start:start + self.chunk_size]
             batch = rows[at]
             slots = _slots(batch)
-            vectors = item_vectors[slots]
             if side.name == "user_embedding":
+                vectors = item_vectors[slots]
                 where = position[batch["users"]]
-                z_new = model.interact(trial_values[where].unsqueeze(1), vectors)
+                keep = where >= 0
+                z_new = model.interact(trial_values[where.clamp_min(0)].unsqueeze(1), vectors)
                 if scores is None:
                     old_scores[at] = model.interact(user_vectors[batch["users"]].unsqueeze(1), vectors)
                 z_old = old_scores[at]
                 delta = _data_loss(z_new, model.loss_name) - _data_loss(z_old, model.loss_name)
-                keep = where >= 0
                 change.index_add_(0, where[keep], delta[keep].double())
             else:
-                u = user_vectors[batch["users"]].unsqueeze(1)
+                u = user_vectors[batch["users"]]
                 if scores is None:
-                    old_scores[at] = model.interact(u, vectors)
+                    old_scores[at] = model.interact(u.unsqueeze(1), item_vectors[slots])
                 z_old = old_scores[at]
                 where = position[slots]  # (R, 1 + k), -1 where the slot's item is not pending
                 moved = where >= 0
-                vectors[moved] = trial_values[where[moved]]
-                z_new = model.interact(u, vectors)
+                row, slot = torch.nonzero(moved, as_tuple=True)
+                z_new = z_old.clone()  # only the moved slots' scores change: score them pair by pair
+                z_new[row, slot] = model.interact(u[row], trial_values[where[row, slot]])
                 m = z_old.shape[1]
                 one_moved = z_old.unsqueeze(1).repeat(1, m, 1)  # [r, s, :] = old scores with slot s at its new value
                 one_moved.diagonal(dim1=1, dim2=2).copy_(z_new)
@@ -769,6 +799,7 @@ class _Totals:
     max_damping: float = 0.0
     backtracked: int = 0
     rejected: int = 0
+    refactored: int = 0
     dense_cg_iterations: int = 0
 
     def add_solve(self, result: BlockSolveResult) -> None:
@@ -777,6 +808,7 @@ class _Totals:
         self.max_damping = max(self.max_damping, result.max_damping)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"solved_blocks": self.num_blocks, "damped_blocks": self.damped_blocks, "max_damping": self.max_damping,
+        return {"solved_blocks": self.num_blocks, "refactored_blocks": self.refactored, "damped_blocks": self.damped_blocks,
+                "max_damping": self.max_damping,
                 "backtracked_blocks": self.backtracked, "rejected_blocks": self.rejected,
                 "dense_cg_iterations": self.dense_cg_iterations}
