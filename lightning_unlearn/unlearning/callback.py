@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.journal import Journal, fsync_directory
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, UnlearningError, UnlearningReport, Unlearner
+from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.reporting import define_request_axis
 from lightning_unlearn.unlearning.request import DeletionRequest
@@ -28,6 +30,7 @@ __all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
 
 _WHEN = ("train_end", "epoch_end")
 _MISSING = ("error", "ignore")
+MAX_DELETED_FRACTION: float | None = None  # the default of UnlearningCallback(max_deleted_fraction=...)
 
 
 class UnlearningCallback(pl.Callback):
@@ -49,6 +52,18 @@ class UnlearningCallback(pl.Callback):
     and applies the rest. After a crash, :func:`recover` tidies the folder (partial files,
     interrupted journal entries) and names the checkpoint to resume from.
 
+    Retrain policy: a fast method's error adds up over a stream of requests, so every so often
+    a request is served by :class:`~lightning_unlearn.unlearning.methods.Retrain` (with the
+    original's seed and fitting recipe) instead, which brings the model back to the exact answer.
+    That happens for the ``retrain_every``-th request since the model was last fitted, or for a
+    request after which the drift estimate :attr:`drift` -- the training rows deleted since the
+    model was last fitted, as a share of the rows it was fitted on -- would exceed
+    ``max_deleted_fraction``. The journal's ``method`` says which one ran, its ``policy`` why
+    (absent when the method ran), and ``drift`` the estimate after the request; a retrain resets
+    it to 0. The retrained model is a new set of parameters, so the curvature that IFRU and
+    AltEraser cache per trained model no longer matches it, and their next request builds it
+    afresh for the retrained model (reported as its ``precompute_seconds``).
+
     Args:
         method: the :class:`~lightning_unlearn.unlearning.methods.Unlearner` to run.
         requests: requests to apply, given up front.
@@ -61,9 +76,15 @@ class UnlearningCallback(pl.Callback):
         evaluate: evaluate utility on validation and test after each request.
         seed: the original model's seed, for ``Retrain`` (default: the seed of
             ``seed_everything``, else 0).
+        retrain_every: serve every ``retrain_every``-th request since the last fit with
+            ``Retrain`` (an integer ``>= 1``; ``None``: never for this reason).
+        max_deleted_fraction: serve a request with ``Retrain`` when, after it, more than this
+            share of the rows the model was last fitted on would be deleted (in ``(0, 1]``;
+            ``None``: never for this reason).
 
     Raises:
-        ValueError: on an unknown ``when`` or ``missing``.
+        ValueError: on an unknown ``when`` or ``missing``, or a ``retrain_every`` or
+            ``max_deleted_fraction`` outside the accepted values.
         TypeError: if ``method`` is not an ``Unlearner``.
 
     Example:
@@ -83,6 +104,8 @@ class UnlearningCallback(pl.Callback):
         missing: Literal["error", "ignore"] = "error",
         evaluate: bool = True,
         seed: int | None = None,
+        retrain_every: int | None = None,
+        max_deleted_fraction: float | None = MAX_DELETED_FRACTION,
     ):
         if not isinstance(method, Unlearner):
             raise TypeError(f"UnlearningCallback(method=...) must be an Unlearner, got {type(method).__name__}.")
@@ -90,6 +113,21 @@ class UnlearningCallback(pl.Callback):
             raise ValueError(f"UnlearningCallback(when=...) must be one of {_WHEN}, got {when!r}.")
         if missing not in _MISSING:
             raise ValueError(f"UnlearningCallback(missing=...) must be one of {_MISSING}, got {missing!r}.")
+        if retrain_every is not None and (not isinstance(retrain_every, int) or isinstance(retrain_every, bool) or retrain_every < 1):
+            raise ValueError(f"UnlearningCallback(retrain_every=...) must be None or an integer >= 1, got {retrain_every!r}.")
+        if max_deleted_fraction is not None and (
+            not isinstance(max_deleted_fraction, (int, float)) or isinstance(max_deleted_fraction, bool)
+            or not math.isfinite(max_deleted_fraction) or not 0 < max_deleted_fraction <= 1
+        ):
+            raise ValueError(
+                f"UnlearningCallback(max_deleted_fraction=...) must be None or a number in (0, 1], got {max_deleted_fraction!r}."
+            )
+        self.retrain_every, self.max_deleted_fraction = retrain_every, max_deleted_fraction
+        self._retrain = Retrain()
+        # the drift counter: rows the model was last fitted on (known at the first request), and
+        # the requests and rows deleted since
+        self._fitted_rows: int | None = None
+        self._since_fit = {"requests": 0, "rows": 0}
         self.method, self.when, self.missing, self.evaluate = method, when, missing, evaluate
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.requests_file = requests_file
@@ -103,6 +141,23 @@ class UnlearningCallback(pl.Callback):
     def pending(self) -> int:
         """Number of requests waiting to be applied."""
         return len(self._queue)
+
+    @property
+    def drift(self) -> float:
+        """The drift estimate: training rows deleted since the model was last fitted, as a share of the rows it was fitted on.
+
+        0 before the first request and after a retrain; what ``max_deleted_fraction`` bounds.
+        """
+        return self._since_fit["rows"] / self._fitted_rows if self._fitted_rows else 0.0
+
+    def _policy(self, num_rows: int) -> str | None:
+        """Why the next request (of ``num_rows`` rows) is served by ``Retrain``, or ``None`` when the method serves it."""
+        if self.retrain_every is not None and self._since_fit["requests"] + 1 >= self.retrain_every:
+            return "retrain_every"
+        after = (self._since_fit["rows"] + num_rows) / max(self._fitted_rows or 0, 1)
+        if self.max_deleted_fraction is not None and after > self.max_deleted_fraction:
+            return "max_deleted_fraction"
+        return None
 
     def request(self, request: DeletionRequest) -> None:
         """Queue a request; it is applied at the next ``when`` point."""
@@ -217,20 +272,29 @@ class UnlearningCallback(pl.Callback):
         resolved = request.resolve(datamodule.train, missing=self.missing)
         index = len(self._applied)
         checkpoint = self.dirpath / f"unlearned-{index:04d}-{resolved.digest[:12]}.ckpt" if is_global_zero else None
-        summary = {**resolved.summary(), "method": self.method.name, "request": index}
+        if self._fitted_rows is None:  # the first request: the model was fitted on the rows there are now
+            self._fitted_rows = len(datamodule.train)
+        policy = self._policy(resolved.num_rows)
+        method = self.method if policy is None else self._retrain
+        summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy} if policy else {})}
         journal = self.journal if is_global_zero else None
         if journal:
             journal.append(status="pending", checkpoint=str(checkpoint), **summary)
         start = time.perf_counter()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        drift_before = (self._fitted_rows, dict(self._since_fit))
         try:
             with datamodule.transaction():  # a failure restores the data
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
                 model.set_graph(datamodule.train)
-                report = self.method.unlearn(model, datamodule.train_rows(), deleted, context)
+                report = method.unlearn(model, datamodule.train_rows(), deleted, context)
                 utility = self._utility(model, datamodule) if self.evaluate and is_global_zero else {}
                 self._applied.append(fingerprint)
                 self._queue.pop(0)
+                if policy is None:
+                    self._since_fit = {"requests": self._since_fit["requests"] + 1, "rows": self._since_fit["rows"] + len(deleted)}
+                else:  # the model is now fitted on the rows that remain
+                    self._fitted_rows, self._since_fit = len(datamodule.train), {"requests": 0, "rows": 0}
                 try:
                     if checkpoint is not None:  # it holds the callback's state *after* this request
                         save_checkpoint(checkpoint, model, datamodule, self)
@@ -242,6 +306,7 @@ class UnlearningCallback(pl.Callback):
             with torch.no_grad():
                 model.load_state_dict(before)
             model.set_graph(datamodule.train)
+            self._fitted_rows, self._since_fit = drift_before
             if journal:
                 reason = str(err) or type(err).__name__
                 journal.append(status="failed", reason=reason, seconds=time.perf_counter() - start, **summary)
@@ -249,9 +314,10 @@ class UnlearningCallback(pl.Callback):
         self.reports.append(report)
         if journal:
             journal.append(status="applied", seconds=report.seconds, checkpoint=str(checkpoint),
-                           total_seconds=time.perf_counter() - start, **summary)
+                           total_seconds=time.perf_counter() - start, drift=self.drift, **summary)
         if is_global_zero:
             metrics = {"unlearn/request": index, "unlearn/seconds": report.seconds, "unlearn/rows_removed": report.rows_removed,
+                       "unlearn/drift": self.drift, "unlearn/retrained": int(policy is not None),
                        **{f"unlearn/{k}": v for k, v in utility.items()}, **_scalars(report.diagnostics, "unlearn/diag/")}
             for logger in loggers:  # no explicit step: training may already have logged past `index`
                 logger.log_metrics(metrics)
@@ -271,17 +337,21 @@ class UnlearningCallback(pl.Callback):
         return {
             "applied": list(self._applied),
             "pending": [{"pairs": [list(p) for p in r.pairs], "users": list(r.users), "items": list(r.items)} for r in self._queue],
+            "drift": {"fitted_rows": self._fitted_rows, **self._since_fit},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the applied fingerprints and the pending requests (a checkpoint's ``unlearning`` entry).
+        """Restore the applied fingerprints, the pending requests and the drift counter (a checkpoint's ``unlearning`` entry).
 
         The queue becomes the state's pending requests, then the ones queued here that are
         neither among them nor already applied (same content, :func:`request_fingerprint`), so
         the requests given again on a restart are not listed twice.
         """
         self._applied = list(state_dict.get("applied", []))
+        if "drift" in state_dict:  # a state written before the retrain policy has none: the counter starts afresh
+            drift = state_dict["drift"]
+            self._fitted_rows, self._since_fit = drift["fitted_rows"], {"requests": drift["requests"], "rows": drift["rows"]}
         restored = [DeletionRequest(**spec) for spec in state_dict.get("pending", [])]
         seen = set(self._applied)
         queue = []
