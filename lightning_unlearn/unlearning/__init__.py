@@ -3,11 +3,20 @@
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.journal import Journal
-from lightning_unlearn.unlearning.methods import IFRU, FineTune, Retrain, UnlearningContext, UnlearningError, UnlearningReport, Unlearner
+from lightning_unlearn.unlearning.methods import (
+    IFRU,
+    AltEraser,
+    FineTune,
+    Retrain,
+    UnlearningContext,
+    UnlearningError,
+    UnlearningReport,
+    Unlearner,
+)
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest, ResolvedDeletion
 
 __all__ = [
-    "IFRU", "DeletionRequest", "DeletionSpec", "FineTune", "FitRecipe", "InvalidDeletionRequest", "Journal", "ResolvedDeletion",
+    "IFRU", "AltEraser", "DeletionRequest", "DeletionSpec", "FineTune", "FitRecipe", "InvalidDeletionRequest", "Journal", "ResolvedDeletion",
     "Retrain", "UnlearningCallback", "UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner",
 ]

@@ -262,12 +262,6 @@ class IFRU(Unlearner):
 # ---------------------------------------------------------------------- which rows move
 
 
-
-
-
-
-
-
 def _influence_with_spillover(model: Recommender, restricted: _Restricted, retained: TrainRows, deleted: TrainRows, n: int,
                               context: UnlearningContext) -> Tensor:
     """Direct influence of the deleted rows plus the spillover through the graph (the paper's eq. for graph models).
@@ -289,10 +283,6 @@ def _influence_with_spillover(model: Recommender, restricted: _Restricted, retai
 def _as_table(rows: TrainRows, model: Recommender) -> Interactions:
     ids = lambda size: np.arange(size)  # noqa: E731  graph building needs only the indices
     return Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
-
-
-
-
 
 
 # ---------------------------------------------------------------------- restricted parameters
@@ -393,9 +383,6 @@ def _direct_solve(matvec, rhs: Tensor, damping: float, limit: int) -> tuple[Tens
     residual = torch.linalg.vector_norm(matrix @ delta - rhs) / torch.linalg.vector_norm(rhs).clamp_min(1e-30)
     converged = bool(residual <= math.sqrt(torch.finfo(rhs.dtype).eps))
     return delta, {"iterations": 1, "relative_residual": float(residual), "converged": converged}
-
-
-
 
 
 def _block_step(restricted: _Restricted, rhs: Tensor, cache: CachedCurvature, users: Tensor, items: Tensor, n: int,
