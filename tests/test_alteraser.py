@@ -428,3 +428,60 @@ def test_reused_factors_change_the_path_not_the_destination(users_only):
     report = method.unlearn(unlearned, retained, deleted)
     assert report.diagnostics["refactored_blocks"] < report.diagnostics["solved_blocks"]  # some factors were reused
     assert relative_error(unlearned, reference) < 1e-5
+
+
+def test_the_anchored_first_step_is_the_influence_function_step(users_only):
+    """objective="anchored" counts the trained model as stationary: with the item side fixed its first
+    step is IFRU's block step on the deleted rows' gradient (the influence function)."""
+    from lightning_unlearn.unlearning.methods import IFRU
+
+    model, retained, deleted, _ = users_only
+    anchored, influence = copy.deepcopy(model), copy.deepcopy(model)
+    AltEraser(objective="anchored", damping=1e-10, refactor_tolerance=0.0, line_search=False).unlearn(anchored, retained, deleted)
+    IFRU(damping=1e-10, solver="block", refactor_tolerance=0.0).unlearn(influence, retained, deleted)
+    torch.testing.assert_close(anchored.user_embedding.weight, influence.user_embedding.weight, rtol=1e-9, atol=1e-12)
+
+
+def test_anchored_rounds_keep_the_trained_models_residual_instead_of_training_on():
+    """From a model stopped early, retained rounds converge to a stationary point of the retained objective
+    (they go on training); anchored rounds to the point where the retained gradient equals the trained
+    model's own gradient over every row (its stationarity residual): only the deletion's effect is removed."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.4, seed=4)
+    torch.manual_seed(3)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.2, init_std=0.5).double()
+    every = dm.train_rows()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(20):  # stopped early: far from stationary
+        opt.zero_grad()
+        mean_objective(model, every).backward()
+        opt.step()
+    residual = torch.cat([r.flatten() for r in torch.autograd.grad(model.loss(every[:], "sum"), list(model.parameters()))])
+    assert residual.norm() > 1e-2
+    deleted = dm.remove(torch.tensor([0, 5, 9, 20]))
+    retained = dm.train_rows()
+    anchored, trained_on = copy.deepcopy(model), copy.deepcopy(model)
+    report = AltEraser(objective="anchored", rounds=60, tol=1e-13, scope="all", blocks="fresh").unlearn(anchored, retained, deleted)
+    AltEraser(rounds=60, tol=1e-13, scope="all", blocks="fresh").unlearn(trained_on, retained, deleted)
+
+    def retained_gradient(m):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(m.loss(retained[:], "sum"), list(m.parameters()))])
+
+    assert (retained_gradient(anchored) - residual).norm() < 1e-6 * residual.norm()
+    assert retained_gradient(trained_on).norm() < 1e-6 * residual.norm()
+    assert report.diagnostics["objective_kind"] == "anchored"
+
+
+def test_anchored_equals_retained_at_a_stationary_point():
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.4, seed=4)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.2, init_std=0.5).double()
+    lbfgs(list(model.parameters()), lambda: mean_objective(model, dm.train_rows()))
+    deleted = dm.remove(torch.tensor([0, 5, 9, 20]))
+    retained = dm.train_rows()
+    results = {}
+    for objective in ("retained", "anchored"):
+        unlearned = copy.deepcopy(model)
+        AltEraser(objective=objective, rounds=3, tol=0.0).unlearn(unlearned, retained, deleted)
+        results[objective] = torch.cat([unlearned.user_embedding.weight, unlearned.item_embedding.weight])
+    torch.testing.assert_close(results["anchored"], results["retained"], rtol=1e-5, atol=1e-7)
