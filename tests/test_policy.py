@@ -12,8 +12,9 @@ import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning import IFRU, FineTune, UnlearningCallback, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning import IFRU, FineTune, UnlearningCallback, UnlearningContext, UnlearningError, Unlearner
 from lightning_unlearn.unlearning.methods.alteraser import AltEraser
+from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest
 
@@ -80,32 +81,48 @@ def test_retrain_every_serves_every_nth_request_with_a_real_retrain(tmp_path):
     assert [e["drift"] > 0 for e in entries] == [True, True, False] * 2 + [True]
 
 
-def test_max_deleted_fraction_fires_when_the_drift_estimate_would_pass_it(tmp_path):
+def test_max_deleted_fraction_fires_once_the_drift_estimate_has_passed_it(tmp_path):
     dm = datamodule()
     model = fitted(dm)
     n = len(dm.train)
     callback = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path, evaluate=False, seed=0, max_deleted_fraction=4.5 / n)
     assert callback.drift == 0.0
-    reports = apply(callback, model, dm, 2, rows_each=2)  # 2, then 4 rows of n: under 4.5
-    assert [r.method for r in reports] == ["FineTune(epochs=1)"] * 2 and callback.drift == pytest.approx(4 / n)
-    reports = apply(callback, model, dm, 1, rows_each=2)  # 6 rows would pass 4.5: Retrain serves it
+    reports = apply(callback, model, dm, 3, rows_each=2)  # the drift before each: 0, 2/n, 4/n: not past 4.5/n
+    assert [r.method for r in reports] == ["FineTune(epochs=1)"] * 3 and callback.drift == pytest.approx(6 / n)
+    reports = apply(callback, model, dm, 1, rows_each=2)  # 6/n has passed 4.5/n: Retrain serves the next request
     assert [r.method for r in reports] == ["Retrain"] and callback.drift == 0.0
     expected_dm = datamodule()
     expected_dm.load_state_dict(dm.state_dict())
-    assert same_parameters(model, fitted(expected_dm))
+    assert len(dm.train) == n - 8 and same_parameters(model, fitted(expected_dm))
     # the estimate restarts from the rows the retrained model was fitted on
     reports = apply(callback, model, dm, 2, rows_each=2)
-    assert [r.method for r in reports] == ["FineTune(epochs=1)"] * 2 and callback.drift == pytest.approx(4 / (n - 6))
+    assert [r.method for r in reports] == ["FineTune(epochs=1)"] * 2 and callback.drift == pytest.approx(4 / (n - 8))
     entries = applied(tmp_path)
-    assert [e.get("policy") for e in entries] == [None, None, "max_deleted_fraction", None, None]
-    assert [e["drift"] for e in entries] == pytest.approx([2 / n, 4 / n, 0.0, 2 / (n - 6), 4 / (n - 6)])
+    assert [e.get("policy") for e in entries] == [None, None, None, "max_deleted_fraction", None, None]
+    assert [e["drift"] for e in entries] == pytest.approx([2 / n, 4 / n, 6 / n, 0.0, 2 / (n - 8), 4 / (n - 8)])
 
 
-def test_a_request_larger_than_the_bound_is_retrained_at_once(tmp_path):
+def test_the_first_request_after_a_fit_is_the_methods_however_large(tmp_path):
+    """One deletion is what ``compare`` judges a method on; the bound is on what adds up after it."""
     dm = datamodule()
     model = fitted(dm)
     callback = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path, evaluate=False, seed=0, max_deleted_fraction=1 / len(dm.train))
-    assert [r.method for r in apply(callback, model, dm, 1, rows_each=2)] == ["Retrain"]
+    reports = apply(callback, model, dm, 2, rows_each=3)
+    assert [r.method for r in reports] == ["FineTune(epochs=1)", "Retrain"]
+
+
+def test_auto_bounds_the_methods_whose_drift_was_measured():
+    from lightning_unlearn.unlearning import Retrain
+    from lightning_unlearn.unlearning.callback import MAX_DELETED_FRACTION
+
+    assert MAX_DELETED_FRACTION == 0.03
+    for method in (IFRU(), IFRU(k_hop=1), AltEraser(rounds=2)):
+        assert UnlearningCallback(method).max_deleted_fraction == MAX_DELETED_FRACTION
+        assert UnlearningCallback(method, max_deleted_fraction="auto").max_deleted_fraction == MAX_DELETED_FRACTION
+    for method in (FineTune(), Retrain()):
+        assert UnlearningCallback(method).max_deleted_fraction is None
+    assert UnlearningCallback(FineTune(), max_deleted_fraction=0.2).max_deleted_fraction == 0.2
+    assert UnlearningCallback(IFRU(), max_deleted_fraction=None).max_deleted_fraction is None
 
 
 @pytest.mark.parametrize("method", [IFRU(), AltEraser()], ids=["IFRU", "AltEraser"])
@@ -136,7 +153,7 @@ def test_the_drift_counter_survives_a_checkpoint(tmp_path):
     callback = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path, evaluate=False, seed=0, retrain_every=2, max_deleted_fraction=None)
     apply(callback, model, dm, 1)
     state = json.loads(json.dumps(callback.state_dict()))  # plain values only
-    assert state["drift"] == {"fitted_rows": len(dm.train) + 1, "requests": 1, "rows": 1}
+    assert state["drift"] == {"fitted_rows": len(dm.train) + 1, "fitted_grad_norm": None, "requests": 1, "rows": 1}
     checkpoint = torch.load(applied(tmp_path)[0]["checkpoint"], weights_only=True)
     assert checkpoint["unlearning"]["drift"] == state["drift"]
 
@@ -188,6 +205,49 @@ def test_logs_the_drift_and_whether_a_retrain_ran(tmp_path):
     assert records[0]["unlearn/drift"] > 0 and records[1]["unlearn/drift"] == 0
 
 
+class GoesAstray(Unlearner):
+    """A method that leaves the model far from a stationary point (as a stale curvature block can)."""
+
+    def update(self, model, retained, deleted, context):
+        with torch.no_grad():
+            model.user_embedding.weight.mul_(30.0)
+        return {}
+
+
+def test_max_grad_ratio_replaces_a_method_that_went_astray_by_a_retrain(tmp_path):
+    dm = datamodule()
+    model = fitted(dm)
+    fitted_norm = objective_gradient_norm(model, dm.train_rows())
+    callback = UnlearningCallback(GoesAstray(), dirpath=tmp_path, evaluate=False, seed=0, max_deleted_fraction=None,
+                                  max_grad_ratio=2.0)
+    (report,) = apply(callback, model, dm, 1)
+    assert report.method == "Retrain"
+    expected_dm = datamodule()
+    expected_dm.load_state_dict(dm.state_dict())
+    assert same_parameters(model, fitted(expected_dm))
+    (entry,) = applied(tmp_path)
+    assert entry["policy"] == "max_grad_ratio" and entry["replaced"] == "GoesAstray" and entry["method"] == "Retrain"
+    assert not 0.5 <= entry["grad_ratio"] <= 2.0
+    # the reference is now the retrained model's own gradient norm on the rows that remain
+    state = callback.state_dict()["drift"]
+    assert state["fitted_grad_norm"] == pytest.approx(objective_gradient_norm(model, dm.train_rows()))
+    assert state["fitted_grad_norm"] != pytest.approx(fitted_norm) and state["fitted_rows"] == len(dm.train)
+
+
+def test_max_grad_ratio_keeps_a_method_that_stays_near_the_fit(tmp_path):
+    dm = datamodule()
+    model = fitted(dm)
+    fitted_norm = objective_gradient_norm(model, dm.train_rows())
+    callback = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path, evaluate=False, seed=0, max_deleted_fraction=None,
+                                  max_grad_ratio=10.0)
+    reports = apply(callback, model, dm, 2)
+    assert [r.method for r in reports] == ["FineTune(epochs=1)"] * 2
+    entries = applied(tmp_path)
+    assert "policy" not in entries[1]
+    assert entries[1]["grad_ratio"] == pytest.approx(objective_gradient_norm(model, dm.train_rows()) / fitted_norm)
+    assert callback.state_dict()["drift"]["fitted_grad_norm"] == pytest.approx(fitted_norm)  # measured once, at the first request
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -196,11 +256,17 @@ def test_logs_the_drift_and_whether_a_retrain_ran(tmp_path):
         ({"retrain_every": 2.5}, r"retrain_every.*got 2\.5"),
         ({"retrain_every": True}, r"retrain_every.*got True"),
         ({"retrain_every": "10"}, r"retrain_every.*got '10'"),
-        ({"max_deleted_fraction": 0}, r"max_deleted_fraction=\.\.\.\) must be None or a number in \(0, 1\], got 0"),
+        ({"max_deleted_fraction": 0}, r"max_deleted_fraction=\.\.\.\) must be None, 'auto' or a number in \(0, 1\], got 0"),
+        ({"max_deleted_fraction": "Auto"}, r"max_deleted_fraction.*got 'Auto'"),
         ({"max_deleted_fraction": 1.5}, r"max_deleted_fraction.*got 1\.5"),
         ({"max_deleted_fraction": -0.1}, r"max_deleted_fraction.*got -0\.1"),
         ({"max_deleted_fraction": math.nan}, r"max_deleted_fraction.*got nan"),
         ({"max_deleted_fraction": "0.05"}, r"max_deleted_fraction.*got '0\.05'"),
+        ({"max_grad_ratio": 1.0}, r"max_grad_ratio=\.\.\.\) must be None or a finite number > 1, got 1\.0"),
+        ({"max_grad_ratio": 0.5}, r"max_grad_ratio.*got 0\.5"),
+        ({"max_grad_ratio": math.inf}, r"max_grad_ratio.*got inf"),
+        ({"max_grad_ratio": True}, r"max_grad_ratio.*got True"),
+        ({"max_grad_ratio": "2"}, r"max_grad_ratio.*got '2'"),
     ],
 )
 def test_bad_policy_arguments(kwargs, match):
