@@ -121,6 +121,11 @@ def test_demo_recipes_differ_only_in_the_deletion_and_the_run_folder():
     assert interactions["deletion"] == {"kind": "interactions", "fraction": 0.01, "seed": 0}
     assert users["deletion"] == {"kind": "users", "fraction": 0.01, "selection": "random", "seed": 0}
     assert interactions["data"]["source"] == {"class_path": "lightning_unlearn.data.MovieLens100K", "init_args": {"download": True}}
+    # ... and like recipes/ml100k/mf.yaml, so the README's quality figures for it hold for the demo's model.
+    base = yaml.safe_load((REPO / "recipes" / "ml100k" / "mf.yaml").read_text())
+    assert interactions["model"] == base["model"] and stopping[0] == next(
+        c["init_args"] for c in base["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping"))
+    assert {k: v for k, v in interactions["data"].items() if k != "source"} == {k: v for k, v in base["data"].items() if k != "source"}
     methods = [(m["class_path"].rsplit(".", 1)[1], m.get("init_args", {})) for m in interactions["methods"]]
     assert ("Retrain", {}) in methods and ("Retrain", {"seed": 1}) in methods and ("FineTune", {"epochs": 2, "lr": 1.0e-3}) in methods
     assert ("IFRU", {"k_hop": 0}) in methods and ("IFRU", {"k_hop": 1}) in methods and ("AltEraser", {"rounds": 1}) in methods

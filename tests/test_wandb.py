@@ -180,7 +180,7 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
         "          {class_path: lightning_unlearn.unlearning.Retrain, init_args: {seed: 1}},\n"
         "          {class_path: lightning_unlearn.unlearning.FineTune, init_args: {epochs: 1}},\n"
         "          {class_path: lightning_unlearn.unlearning.IFRU, init_args: {solver: cg, k_hop: 0}},\n"
-        "          {class_path: lightning_unlearn.unlearning.methods.AltEraser, init_args: {rounds: 2}}]\n"
+        "          {class_path: lightning_unlearn.unlearning.AltEraser, init_args: {rounds: 2}}]\n"
         "deletion: {kind: users, requests_file: forget.csv}\n"
         "out: out\n"
     )
@@ -205,6 +205,9 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
     assert list(runs) == ["compare"]  # one run per comparison; Retrain's refits log nowhere
     folder = runs["compare"]
     assert f"wandb sync {folder.relative_to(tmp_path)}" in out  # where it is and how to upload it
+    sync = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", str(folder.relative_to(tmp_path))],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert "Would sync 1 run(s)" in sync.stdout + sync.stderr  # the printed command takes that folder
     records = read_records(next(folder.glob("run-*.wandb")))
     run = records[first_index(records, "run")].run
     assert run.run_group == f"{tmp_path.name}/compare_demo" and run.job_type == "compare"
