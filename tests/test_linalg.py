@@ -18,6 +18,7 @@ from lightning_unlearn.linalg import (
     hessian_matvec,
     hvp,
     hvp_forward_over_reverse,
+    pcg_blocks,
     scatter_outer,
     solve_blocks,
     unflatten,
@@ -497,3 +498,32 @@ def test_block_preconditioner_falls_back_to_scaled_identity_for_failed_blocks():
     torch.testing.assert_close(out[4:8], v[4:8] / 0.5)
     torch.testing.assert_close(out[:4], torch.linalg.solve(blocks[0] + 0.5 * torch.eye(4, dtype=F64), v[:4]))
     assert m.result.failed_blocks == 1
+
+
+def test_pcg_blocks_from_stale_inverses_equals_a_direct_solve_and_flags_indefinite_blocks():
+    torch.manual_seed(0)
+    n, d = 50, 6
+    a = torch.randn(n, 3 * d, d, dtype=F64)
+    old = a.mT @ a + 0.1 * torch.eye(d, dtype=F64)
+    new = old - a[:, :2].mT @ a[:, :2]  # lost two of its rank-one terms, as a block after a deletion
+    rhs = torch.randn(n, d, dtype=F64)
+    x, converged, iterations = pcg_blocks(new, torch.linalg.inv(old), rhs, max_iter=d + 2)
+    assert bool(converged.all()) and iterations <= d + 2
+    torch.testing.assert_close(x, torch.linalg.solve(new, rhs), rtol=1e-7, atol=1e-10)
+    low, converged, _ = pcg_blocks(new, torch.linalg.inv(old).float(), rhs, tol=1e-10, max_iter=d + 4)
+    assert bool(converged.all())  # a float32 preconditioner steers; the float64 residual decides
+    torch.testing.assert_close(low, torch.linalg.solve(new, rhs), rtol=1e-7, atol=1e-10)
+    exact, converged, iterations = pcg_blocks(new, torch.linalg.inv(new), rhs, max_iter=3)
+    assert bool(converged.all()) and iterations == 1  # the exact inverse: one step
+    indefinite = new.clone()
+    indefinite[0] = -torch.eye(d, dtype=F64)
+    _, converged, _ = pcg_blocks(indefinite, torch.linalg.inv(old), rhs, max_iter=d + 2)
+    assert not converged[0] and bool(converged[1:].all())  # left for a direct solve, the others unharmed
+    zero = rhs.clone()
+    zero[1] = 0.0
+    x, converged, _ = pcg_blocks(new, torch.linalg.inv(old), zero)
+    assert converged[1] and bool((x[1] == 0).all())
+    with pytest.raises(ValueError, match="max_iter"):
+        pcg_blocks(new, old, rhs, max_iter=0)
+    with pytest.raises(ValueError, match=r"\(n, d, d\)"):
+        pcg_blocks(new, old[:1], rhs)

@@ -9,7 +9,7 @@ losses, matvecs on flat vectors) and tensors.
 - :mod:`~lightning_unlearn.linalg.blocks`: ``d × d`` blocks per row, batched damped solves, block-Jacobi.
 """
 
-from lightning_unlearn.linalg.blocks import BlockPreconditioner, BlockSolveResult, factor_blocks, scatter_outer, solve_blocks, solve_factored
+from lightning_unlearn.linalg.blocks import BlockPreconditioner, BlockSolveResult, factor_blocks, pcg_blocks, scatter_outer, solve_blocks, solve_factored
 from lightning_unlearn.linalg.cg import CGResult, conjugate_gradient
 from lightning_unlearn.linalg.flat import flatten, unflatten
 from lightning_unlearn.linalg.hvp import (
@@ -22,5 +22,5 @@ from lightning_unlearn.linalg.hvp import (
 
 __all__ = [
     "BlockPreconditioner", "BlockSolveResult", "CGResult", "conjugate_gradient", "factor_blocks", "flatten", "gauss_newton_matvec",
-    "gauss_newton_vp", "hessian_matvec", "hvp", "hvp_forward_over_reverse", "scatter_outer", "solve_blocks", "solve_factored", "unflatten",
+    "gauss_newton_vp", "hessian_matvec", "hvp", "hvp_forward_over_reverse", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored", "unflatten",
 ]

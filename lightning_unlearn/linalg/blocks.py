@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["BlockPreconditioner", "BlockSolveResult", "factor_blocks", "scatter_outer", "solve_blocks", "solve_factored"]
+__all__ = ["BlockPreconditioner", "BlockSolveResult", "factor_blocks", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (rows, d, d) intermediate of scatter_outer (64 MiB in float32)
 
@@ -263,6 +263,80 @@ def solve_factored(factors: Tensor, rhs: Tensor, failed: Tensor) -> tuple[Tensor
     x = x.squeeze(-1) if rhs.dim() == 2 else x
     failed = failed | ~torch.isfinite(x).flatten(1).all(1)
     return x.masked_fill(failed.view(-1, *([1] * (x.dim() - 1))), 0.0), failed
+
+
+def pcg_blocks(
+    blocks: Tensor, inverses: Tensor, rhs: Tensor, *, tol: float | None = None, max_iter: int = 10
+) -> tuple[Tensor, Tensor, int]:
+    """Solve ``B_i x_i = b_i`` for every block at once by CG preconditioned with ``M_i ~ B_i^-1``.
+
+    Each block runs its own CG (its own step sizes), all of them in the same batched products;
+    a block stops moving once its residual is below ``tol``. With ``M_i`` the inverse of a
+    block that has since changed by a few rank-one terms (a cached factorisation, before some
+    rows were deleted), a handful of iterations reach the exact solution: two batched
+    matrix-vector products each, instead of a fresh ``O(d^3)`` factorisation per block.
+
+    Args:
+        blocks: ``(n, d, d)`` symmetric positive definite blocks (damping included).
+        inverses: ``(n, d, d)`` symmetric positive definite preconditioners, possibly in a lower
+            precision (float32 copies halve the memory they cost to read): they only steer the
+            iteration, the residual in ``rhs``'s dtype decides when a block is solved.
+        rhs: ``(n, d)`` right-hand sides.
+        tol: relative residual ``||b - B x|| / ||b||`` a block must reach (default
+            ``sqrt(eps)`` of the dtype), checked on the true residual at the end.
+        max_iter: ``>= 1``, iterations at most.
+
+    Returns:
+        ``(x, converged, iterations)``: the solutions, a ``(n,)`` bool mask of the blocks that
+        reached ``tol`` (the others, e.g. blocks that are not positive definite, need a direct
+        solve), and the iterations run.
+
+    Raises:
+        ValueError: on mismatched shapes or ``max_iter < 1``.
+
+    Example:
+        >>> B = torch.tensor([[[4.0, 1.0], [1.0, 3.0]]], dtype=torch.float64)
+        >>> x, converged, _ = pcg_blocks(B, torch.eye(2, dtype=torch.float64)[None] / 4, torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+        >>> bool(converged[0]), torch.allclose(B[0] @ x[0], torch.tensor([1.0, 2.0], dtype=torch.float64))
+        (True, True)
+    """
+    if blocks.dim() != 3 or blocks.shape != inverses.shape or rhs.shape != blocks.shape[:2]:
+        raise ValueError(f"blocks and inverses must be (n, d, d) and rhs (n, d), got {tuple(blocks.shape)}, "
+                         f"{tuple(inverses.shape)}, {tuple(rhs.shape)}.")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
+    tol = math.sqrt(torch.finfo(rhs.dtype).eps) if tol is None else tol
+    apply = lambda m, v: torch.bmm(m, v.unsqueeze(-1).to(m.dtype)).squeeze(-1).to(v.dtype)  # noqa: E731
+    x = torch.zeros_like(rhs)
+    # the working set: blocks still iterating (dropped from the batch once a quarter of it is done)
+    active = torch.arange(len(rhs), device=rhs.device)
+    a, m, b, r = blocks, inverses, rhs, rhs.clone()
+    scale = torch.linalg.vector_norm(b, dim=1) * tol
+    z = apply(m, r)
+    p, rz, xa = z.clone(), (r * z).sum(1), torch.zeros_like(r)
+    done = torch.linalg.vector_norm(r, dim=1) <= scale
+    iterations = 0
+    while iterations < max_iter and len(active) and not bool(done.all()):
+        if int(done.sum()) * 4 >= len(active):
+            x[active[done]] = xa[done]
+            keep = ~done
+            active, a, m, b, r, scale, p, rz, xa = (t[keep] for t in (active, a, m, b, r, scale, p, rz, xa))
+            done = done[keep]
+        iterations += 1
+        q = apply(a, p)
+        pq = (p * q).sum(1)
+        alpha = torch.where(done | (pq <= 0), torch.zeros_like(pq), rz / torch.where(pq > 0, pq, torch.ones_like(pq)))
+        xa.addcmul_(alpha.unsqueeze(1), p)
+        r.addcmul_(alpha.unsqueeze(1), q, value=-1.0)
+        done = done | (torch.linalg.vector_norm(r, dim=1) <= scale)
+        z = apply(m, r)
+        rz_new = (r * z).sum(1)
+        beta = torch.where(done | (rz == 0), torch.zeros_like(rz), rz_new / torch.where(rz == 0, torch.ones_like(rz), rz))
+        p, rz = z + beta.unsqueeze(1) * p, rz_new
+    x[active] = xa
+    true_residual = torch.linalg.vector_norm(rhs - apply(blocks, x), dim=1)  # the recursion may drift; trust this
+    converged = (true_residual <= 2 * torch.linalg.vector_norm(rhs, dim=1) * tol) & torch.isfinite(x).all(1)
+    return x, converged, iterations
 
 
 class BlockPreconditioner:

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, scatter_outer
+from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, pcg_blocks, scatter_outer, solve_factored
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
+from lightning_unlearn.unlearning.methods.scope import orphans
 
 __all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks"]
 
@@ -141,6 +142,7 @@ class CachedCurvature:
     def __init__(self) -> None:
         self._entry: tuple[Tensor, CurvatureBlocks] | None = None  # (fingerprint of the model, blocks)
         self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
+        self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
 
     def retained(
         self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext | None = None
@@ -160,20 +162,30 @@ class CachedCurvature:
             start = time.perf_counter()
             blocks = curvature_blocks(model, context.shard(retained.concat(deleted)))
             self._entry = (_fingerprint(model), CurvatureBlocks(context.reduce(blocks.users), context.reduce(blocks.items)))
-            self._factored = {}
+            self._factored, self._inverses = {}, {}
             precompute = time.perf_counter() - start
         blocks = self._entry[1]
         if context.world_size == 1:  # subtract in place, no copies
-            everyone = lambda n: torch.arange(n, device=blocks.users.device)  # noqa: E731  slot of id i is i
+            user_slot = torch.arange(model.num_users, device=blocks.users.device)  # the slot of user i is i
+            # users left without rows (a deleted user) have an empty block: zero it rather than subtract every row
+            gone = orphans(torch.unique(deleted.users), retained.users, model.num_users)
+            blocks.users[gone], user_slot[gone] = 0.0, -1
             with torch.no_grad():
                 vectors = tuple(t.detach() for t in model.representations())
-            _add_curvature(model, vectors, deleted, blocks, everyone(model.num_users), everyone(model.num_items), sign=-1.0)
+            _add_curvature(model, vectors, deleted, blocks, user_slot, torch.arange(model.num_items, device=user_slot.device), sign=-1.0)
         else:
             users, items = torch.unique(deleted.users), torch.unique(deleted.all_items())
             removed = curvature_blocks(model, context.shard(deleted), users=users, items=items)
             blocks.users[users] -= context.reduce(removed.users)
             blocks.items[items] -= context.reduce(removed.items)
         return blocks, precompute
+
+    @property
+    def blocks(self) -> CurvatureBlocks:
+        """The cached blocks (of the rows retained so far); build them with :meth:`retained` first."""
+        if self._entry is None:
+            raise RuntimeError("the curvature cache is empty: call retained(model, retained, deleted) first.")
+        return self._entry[1]
 
     def holds(self, model: Recommender) -> bool:
         """Whether the cache was built (or adopted) for ``model``'s current parameters."""
@@ -216,6 +228,60 @@ class CachedCurvature:
             store.trace[stale], store.shift[stale] = trace[~fresh], shift
         return store.factors[ids], BlockSolveResult.from_damping(store.damping[ids], store.failed[ids], shift), len(stale)
 
+    def solve(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None = None,
+              max_iter: int = 10) -> tuple[Tensor, BlockSolveResult, int, int]:
+        """Solve ``(B_i + shift I) x_i = rhs_i`` for the blocks ``ids`` of ``side``, exactly, reusing old work.
+
+        Each block's inverse is kept from the last time it was factorised (see
+        :meth:`precondition`); since then the block lost a few rows' rank-one terms, so CG
+        preconditioned with the old inverse (:func:`~lightning_unlearn.linalg.pcg_blocks`)
+        reaches the current block's solution in a few batched matrix-vector products. Blocks
+        without a kept inverse, or whose CG does not converge, are factorised afresh (with
+        :func:`~lightning_unlearn.linalg.factor_blocks`' escalation) and their inverses renewed.
+        Unlike :meth:`factors` with a tolerance, nothing stale enters the solution.
+
+        Args:
+            side: ``"users"`` or ``"items"``.
+            ids: the blocks to solve.
+            rhs: ``(len(ids), d)`` right-hand sides, in the blocks' dtype.
+            shift: ``>= 0``, the damping added to the diagonal.
+            tol: the relative residual each block's CG must reach (default ``sqrt(eps)``).
+            max_iter: CG iterations before a block is factorised afresh.
+
+        Returns:
+            ``(x, result, refactored, iterations)``: the solutions (0 for failed blocks), the
+            damping each block needed, how many blocks were factorised now, and the CG iterations run.
+        """
+        blocks = getattr(self._entry[1], side)
+        store = self._inverses.get(side)
+        if store is None:
+            store = self._inverses[side] = _Inverses.empty(blocks)
+        x = torch.zeros_like(rhs)
+        damping = torch.full((len(ids),), float(shift), dtype=blocks.dtype, device=blocks.device)
+        failed = torch.zeros(len(ids), dtype=torch.bool, device=blocks.device)
+        kept = store.valid[ids]
+        cached, redo = torch.nonzero(kept).squeeze(1), torch.nonzero(~kept).squeeze(1)
+        iterations = 0
+        if len(cached):
+            current = blocks[ids[cached]]
+            current.diagonal(dim1=1, dim2=2).add_(shift)
+            solved, converged, iterations = pcg_blocks(current, store.inverse[ids[cached]], rhs[cached], tol=tol, max_iter=max_iter)
+            x[cached[converged]] = solved[converged]
+            redo = torch.cat([redo, cached[~converged]])
+        if len(redo):
+            factors, result = factor_blocks(blocks[ids[redo]], damping=shift)
+            x[redo], failed[redo] = solve_factored(factors, rhs[redo], result.failed_mask)
+            damping[redo] = result.block_damping
+            store.keep(ids[redo], factors, failed[redo])
+        return x, BlockSolveResult.from_damping(damping, failed, shift), len(redo), iterations
+
+    def precondition(self, side: str, shift: float) -> None:
+        """Factorise every block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from."""
+        blocks = getattr(self._entry[1], side)
+        store = self._inverses[side] = _Inverses.empty(blocks)
+        factors, result = factor_blocks(blocks, damping=shift)
+        store.keep(torch.arange(blocks.shape[0], device=blocks.device), factors, result.failed_mask)
+
     def adopt(self, model: Recommender) -> None:
         """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
         if self._entry is not None:
@@ -224,7 +290,7 @@ class CachedCurvature:
     def clear(self) -> None:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
         self._entry = None
-        self._factored = {}
+        self._factored, self._inverses = {}, {}
 
 
 @dataclass
@@ -242,6 +308,24 @@ class _Factored:
         n = blocks.shape[0]
         nan = torch.full((n,), float("nan"), dtype=blocks.dtype, device=blocks.device)
         return cls(torch.zeros_like(blocks), nan, nan.clone(), nan.clone(), torch.zeros(n, dtype=torch.bool, device=blocks.device))
+
+
+@dataclass
+class _Inverses:
+    """Kept inverses of one side's damped blocks (as they were when factorised) and which are usable."""
+
+    inverse: Tensor  # (n, d, d) float32: a preconditioner needs no more, and reading it costs half
+    valid: Tensor  # (n,) bool
+
+    @classmethod
+    def empty(cls, blocks: Tensor) -> _Inverses:
+        return cls(torch.empty_like(blocks, dtype=torch.float32), torch.zeros(blocks.shape[0], dtype=torch.bool, device=blocks.device))
+
+    def keep(self, ids: Tensor, factors: Tensor, failed: Tensor) -> None:
+        """Store the inverses of the factored blocks ``ids`` (lower Cholesky ``factors``), except failed ones."""
+        ok = ~failed
+        self.inverse[ids[ok]] = torch.cholesky_inverse(factors[ok]).to(self.inverse.dtype)
+        self.valid[ids] = ok
 
 
 def _fingerprint(model: Recommender) -> Tensor:

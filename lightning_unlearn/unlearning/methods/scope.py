@@ -85,4 +85,4 @@ def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, se
     with torch.no_grad():
         for name, ids in (("user_embedding", users), ("item_embedding", items)):
             for table, init in zip(groups[name], fresh_groups[name]):
-                table[ids.to(table.device)] = init[ids.to(init.device)]
+                table[ids.to(table.device)] = init[ids.to(init.device)].to(table)
