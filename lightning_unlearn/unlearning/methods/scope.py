@@ -73,16 +73,27 @@ def is_graph(model: Recommender) -> bool:
 def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
     """Set the embedding rows of ``users`` and ``items`` to what a fresh model from ``seed`` has.
 
-    The global RNG state is left as it was.
+    The global RNG state is left as it was. The fresh model is kept for the next call with the
+    same hyper-parameters and seed (a stream of user deletions would otherwise build one per request).
     """
     if not len(users) and not len(items):
         return
-    state = torch.random.get_rng_state()
-    pl.seed_everything(seed, verbose=False)
-    fresh = model.fresh().to(model.device)
-    torch.random.set_rng_state(state)
-    groups, fresh_groups = model.parameter_groups(), fresh.parameter_groups()
+    groups, fresh_groups = model.parameter_groups(), _initialisation(model, seed).parameter_groups()
     with torch.no_grad():
         for name, ids in (("user_embedding", users), ("item_embedding", items)):
             for table, init in zip(groups[name], fresh_groups[name]):
                 table[ids.to(table.device)] = init[ids.to(init.device)].to(table)
+
+
+_LAST_INITIALISATION: dict[str, object] = {}  # {"key": (class, hyper-parameters, seed, device), "model": fresh model}
+
+
+def _initialisation(model: Recommender, seed: int) -> Recommender:
+    key = (type(model), repr(sorted(model.hparams.items())), seed, str(model.device))
+    if _LAST_INITIALISATION.get("key") != key:
+        state = torch.random.get_rng_state()
+        pl.seed_everything(seed, verbose=False)
+        fresh = model.fresh().to(model.device)
+        torch.random.set_rng_state(state)
+        _LAST_INITIALISATION.update(key=key, model=fresh)
+    return _LAST_INITIALISATION["model"]
