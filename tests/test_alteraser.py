@@ -68,7 +68,7 @@ def test_one_user_step_is_the_newton_step_of_each_users_subproblem(users_only):
     on that user's own objective; one Newton step is not the minimiser, iterating it converges to it."""
     model, retained, deleted, reference = users_only
     stepped = copy.deepcopy(model)
-    report = AltEraser(rounds=1, blocks="fresh", damping=1e-14, line_search=False).unlearn(stepped, retained, deleted)
+    report = AltEraser(objective="retained", rounds=1, blocks="fresh", damping=1e-14, line_search=False).unlearn(stepped, retained, deleted)
     assert report.diagnostics["kept_users"] == 3 and report.diagnostics["kept_items"] == 0
 
     def user_objective(u, user):
@@ -86,7 +86,7 @@ def test_one_user_step_is_the_newton_step_of_each_users_subproblem(users_only):
     assert relative_error(model, reference) > 0.05 and one_step > 1e-5  # far from the optimum, and one step does not land on it
 
     converged = copy.deepcopy(model)
-    report = AltEraser(rounds=6, tol=0.0, blocks="fresh", damping=1e-14).unlearn(converged, retained, deleted)
+    report = AltEraser(objective="retained", rounds=6, tol=0.0, blocks="fresh", damping=1e-14).unlearn(converged, retained, deleted)
     assert relative_error(converged, reference) < 1e-5 < one_step
     assert report.diagnostics["rounds"] > 1
 
@@ -298,7 +298,7 @@ def test_every_model_descends_and_only_the_scope_moves(cls):
     model.set_graph(dm.train)
     retained = dm.train_rows()
     before = copy.deepcopy(model)
-    report = AltEraser(rounds=3, tol=0.0).unlearn(model, retained, deleted)
+    report = AltEraser(objective="retained", rounds=3, tol=0.0).unlearn(model, retained, deleted)
     assert report.diagnostics["reset_users"] == report.diagnostics["reset_items"] == 0
     history = report.diagnostics["objective"]
     assert len(history) == 4 and history[-1] < history[0] and all(b <= a + 1e-12 for a, b in zip(history, history[1:]))
@@ -397,8 +397,8 @@ def test_the_cached_gradient_gives_the_same_first_steps_as_a_pass_over_the_rows(
     deleted = dm.remove(torch.tensor([0, 5, 9]))
     retained = dm.train_rows()
     fresh, cached = copy.deepcopy(model), copy.deepcopy(model)
-    AltEraser(blocks="fresh").unlearn(fresh, retained, deleted)
-    method = AltEraser(blocks="cached", refactor_tolerance=0.0)
+    AltEraser(objective="retained", blocks="fresh").unlearn(fresh, retained, deleted)
+    method = AltEraser(objective="retained", blocks="cached", refactor_tolerance=0.0)
     assert method.prepare(model, retained.concat(deleted)) > 0
     report = method.unlearn(cached, retained, deleted)
     assert report.precompute_seconds == 0 and report.diagnostics["reset_items"] == 0  # prepared ahead: nothing left to pay
@@ -462,7 +462,7 @@ def test_anchored_rounds_keep_the_trained_models_residual_instead_of_training_on
     retained = dm.train_rows()
     anchored, trained_on = copy.deepcopy(model), copy.deepcopy(model)
     report = AltEraser(objective="anchored", rounds=60, tol=1e-13, scope="all", blocks="fresh").unlearn(anchored, retained, deleted)
-    AltEraser(rounds=60, tol=1e-13, scope="all", blocks="fresh").unlearn(trained_on, retained, deleted)
+    AltEraser(objective="retained", rounds=60, tol=1e-13, scope="all", blocks="fresh").unlearn(trained_on, retained, deleted)
 
     def retained_gradient(m):
         return torch.cat([g.flatten() for g in torch.autograd.grad(m.loss(retained[:], "sum"), list(m.parameters()))])

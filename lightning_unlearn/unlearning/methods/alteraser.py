@@ -70,13 +70,20 @@ class AltEraser(Unlearner):
     """Alternating per-user / per-item block-Newton steps on the retained objective, from the trained model.
 
     Args:
-        objective: ``"retained"`` (the paper: minimise ``L`` on the retained rows) or
-            ``"anchored"`` (minimise ``L(theta) - <g_0, theta>``, ``g_0`` the trained model's
-            gradient over every row it was trained on, cached once: the trained model counts as a
-            stationary point, so the rounds remove the deleted rows' effect and do not go on
-            training a model that was stopped early; its first step is the influence-function
-            step). Identical for a model trained to a stationary point.
+        objective: ``"anchored"`` (the default: minimise ``L(theta) - <g_0, theta>``, ``g_0``
+            the trained model's gradient over every row it was trained on, cached once: the
+            trained model counts as a stationary point, so the rounds remove the deleted rows'
+            effect and do not go on training a model that was stopped early; its first step is
+            the influence-function step) or ``"retained"`` (the paper: minimise ``L`` on the
+            retained rows). Identical for a model trained to a stationary point. Measured on
+            MovieLens-1M MF, early-stopped, 1% random interactions
+            (``recipes/ml1m/compare_alteraser_rounds.yaml``; rank gap closed, Recall@20 against
+            Retrain's, speed-up): anchored 1 round 0.84, +0.2%, 77x; retained 1 / 2 / 4 / 8
+            rounds 0.52 / 0.71 / 0.82 / 0.87, -1.0% / -0.8% / -0.5% / -0.3%, 66x / 36x / 22x / 10x,
+            its scores drifting away from Retrain's as it goes on training.
         rounds: at most this many rounds (users, then items, then dense weights), ``>= 1``.
+            Default 1: anchored rounds past the first over-forget (4 rounds closed 1.63 of
+            the gap in the study above).
         tol: stop after a round whose relative decrease of the objective,
             ``(L_before - L_after) / |L_after|``, is below ``tol`` (with ``0``, only once a round
             no longer decreases it).
@@ -125,7 +132,7 @@ class AltEraser(Unlearner):
 
     def __init__(
         self,
-        objective: Literal["retained", "anchored"] = "retained",
+        objective: Literal["retained", "anchored"] = "anchored",
         rounds: int = 1,
         tol: float = 1e-4,
         scope: Literal["affected", "affected+k-hop", "all"] = "affected",
@@ -167,7 +174,8 @@ class AltEraser(Unlearner):
 
     @property
     def name(self) -> str:
-        options = ([f"objective={self.objective}"] if self.objective != "retained" else []) + [f"rounds={self.rounds}"]
+        options = ([f"objective={self.objective}"] if self.objective != "anchored" else []) + [f"rounds={self.rounds}"]
+        options += [f"tol={self.tol:g}"] if self.rounds > 1 and self.tol != 1e-4 else []  # with one round tol is moot
         options += [f"scope={self.scope}" if self.scope != "affected+k-hop" else f"scope=affected+{self.k_hop}-hop"] if self.scope != "affected" else []
         options += [f"blocks={self.blocks}"] if self.blocks != "cached" else []
         options += [f"curvature={self.curvature}"] if self.curvature != "gauss_newton" else []
