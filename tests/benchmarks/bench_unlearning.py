@@ -7,7 +7,7 @@ curvature cache already built (the cache is paid once per trained model and repo
 Prints medians and writes JSON. Retraining is not timed here: ``compare`` measures it next to
 the methods, in one process; this script is for the per-request cost and where it goes.
 
-    python tests/benchmarks/bench_unlearning.py --ckpt runs/ml1m_mf/checkpoints/best.ckpt --threads 2
+    python tests/benchmarks/bench_unlearning.py --ckpt runs/ml1m_mf/checkpoints/best.ckpt --threads 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from lightning_unlearn.data import AdjacencyLists, RecDataModule
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning import IFRU
+from lightning_unlearn.unlearning import IFRU, AltEraser
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods import UnlearningContext
 
@@ -41,7 +41,7 @@ DELETIONS = {
 
 
 def methods() -> dict[str, object]:
-    return {"IFRU(k_hop=0)": IFRU(), "IFRU(k_hop=1)": IFRU(k_hop=1)}
+    return {"IFRU": IFRU(), "AltEraser(rounds=1)": AltEraser(rounds=1)}
 
 
 def main() -> None:
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=Path("runs/ml1m_mf/checkpoints/best.ckpt"))
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly: the machine is shared)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--methods", nargs="*", help="only these (names as printed); default: all")
     parser.add_argument("--profile", action="store_true", help="print the top functions of one run per case")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/unlearning.json"))
     args = parser.parse_args()
@@ -65,6 +66,8 @@ def main() -> None:
         deleted = dm.remove(resolved.rows, resolved.users, resolved.items)
         retained = dm.train_rows()
         for name, warm in methods().items():
+            if args.methods and name not in args.methods:
+                continue
             precompute = warm.prepare(model, retained.concat(deleted))
             seconds = []
             for repeat in range(args.repeats):
@@ -83,7 +86,7 @@ def main() -> None:
                    "seconds": seconds, "precompute_seconds": precompute,
                    "diagnostics": {k: v for k, v in report.diagnostics.items() if isinstance(v, (int, float, str, bool))}}
             results.append(row)
-            print(f"{label:>18} | {name:<14} | {len(deleted):>6} rows | median {row['median_seconds']:.3f} s "
+            print(f"{label:>18} | {name:<19} | {len(deleted):>6} rows | median {row['median_seconds']:.3f} s "
                   f"(of {args.repeats}) | cache {precompute:.1f} s | blocks {row['diagnostics'].get('solver/num_blocks')}")
     meta = {"threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "processor": platform.processor(), "checkpoint": str(args.ckpt)}
