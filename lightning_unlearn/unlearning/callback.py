@@ -155,18 +155,12 @@ class UnlearningCallback(pl.Callback):
             raise ValueError(f"UnlearningCallback(retrain_every=...) must be None or an integer >= 1, got {retrain_every!r}.")
         if max_deleted_fraction == "auto":  # measured for these two (tests/benchmarks/bench_drift.py); others: not measured
             max_deleted_fraction = MAX_DELETED_FRACTION if isinstance(method, (IFRU, AltEraser)) else None
-        if max_deleted_fraction is not None and (
-            not isinstance(max_deleted_fraction, (int, float)) or isinstance(max_deleted_fraction, bool)
-            or not math.isfinite(max_deleted_fraction) or not 0 < max_deleted_fraction <= 1
-        ):
+        if max_deleted_fraction is not None and not (_finite_number(max_deleted_fraction) and 0 < max_deleted_fraction <= 1):
             raise ValueError(
                 f"UnlearningCallback(max_deleted_fraction=...) must be None, 'auto' or a number in (0, 1], "
                 f"got {max_deleted_fraction!r}."
             )
-        if max_grad_ratio is not None and (
-            not isinstance(max_grad_ratio, (int, float)) or isinstance(max_grad_ratio, bool)
-            or not math.isfinite(max_grad_ratio) or not max_grad_ratio > 1
-        ):
+        if max_grad_ratio is not None and not (_finite_number(max_grad_ratio) and max_grad_ratio > 1):
             raise ValueError(f"UnlearningCallback(max_grad_ratio=...) must be None or a finite number > 1, got {max_grad_ratio!r}.")
         self.retrain_every, self.max_deleted_fraction, self.max_grad_ratio = retrain_every, max_deleted_fraction, max_grad_ratio
         self._retrain = Retrain()
@@ -420,6 +414,11 @@ class UnlearningCallback(pl.Callback):
                 seen.add(fingerprint)
                 queue.append(request)
         self._queue = queue
+
+
+def _finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fresh_drift(fitted_rows: int | None = None) -> dict[str, Any]:

@@ -172,7 +172,7 @@ class IFRU(Unlearner):
         if solver == "block" or is_graph(model):
             rows = retained  # the block solver needs no rows here; a graph couples every row
         else:
-            rows = retained.select(rows_touching(retained, users, items))
+            rows = retained.select(rows_touching(retained, users, items, model.num_users, model.num_items))
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {
             "kept_users": len(users), "kept_items": len(items), "reset_users": len(orphan_users),

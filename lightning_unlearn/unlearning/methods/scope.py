@@ -15,7 +15,7 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
 
-__all__ = ["expand", "is_graph", "orphans", "reset_to_initialisation", "rows_touching", "touched"]
+__all__ = ["expand", "is_graph", "orphans", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
 
 
 def touched(deleted: TrainRows) -> tuple[Tensor, Tensor]:
@@ -60,9 +60,26 @@ def orphans(ids: Tensor, remaining: Tensor, size: int | None = None) -> Tensor:
     return ids[torch.bincount(remaining, minlength=size)[ids] == 0]
 
 
-def rows_touching(rows: TrainRows, users: Tensor, items: Tensor) -> Tensor:
+def rows_of_users(rows: TrainRows, users: Tensor, num_users: int) -> Tensor:
+    """Boolean mask of the rows of ``users`` (a table lookup: ``isin`` sorts every row)."""
+    return _member(users, num_users, rows.users.device)[rows.users]
+
+
+def rows_of_items(rows: TrainRows, items: Tensor, num_items: int) -> Tensor:
+    """Boolean mask of the rows whose loss involves one of ``items``, as positive or negative."""
+    member = _member(items, num_items, rows.users.device)
+    return member[rows.items] | member[rows.negatives].any(1)
+
+
+def rows_touching(rows: TrainRows, users: Tensor, items: Tensor, num_users: int, num_items: int) -> Tensor:
     """Boolean mask of the rows whose loss involves one of ``users`` or ``items`` (negatives included)."""
-    return torch.isin(rows.users, users) | torch.isin(rows.items, items) | torch.isin(rows.negatives, items).any(1)
+    return rows_of_users(rows, users, num_users) | rows_of_items(rows, items, num_items)
+
+
+def _member(ids: Tensor, size: int, device: torch.device) -> Tensor:
+    member = torch.zeros(size, dtype=torch.bool, device=device)
+    member[ids.to(device)] = True
+    return member
 
 
 def is_graph(model: Recommender) -> bool:
@@ -73,27 +90,16 @@ def is_graph(model: Recommender) -> bool:
 def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
     """Set the embedding rows of ``users`` and ``items`` to what a fresh model from ``seed`` has.
 
-    The global RNG state is left as it was. The fresh model is kept for the next call with the
-    same hyper-parameters and seed (a stream of user deletions would otherwise build one per request).
+    The global RNG state is left as it was.
     """
     if not len(users) and not len(items):
         return
-    groups, fresh_groups = model.parameter_groups(), _initialisation(model, seed).parameter_groups()
+    state = torch.random.get_rng_state()
+    pl.seed_everything(seed, verbose=False)
+    fresh = model.fresh().to(model.device)
+    torch.random.set_rng_state(state)
+    groups, fresh_groups = model.parameter_groups(), fresh.parameter_groups()
     with torch.no_grad():
         for name, ids in (("user_embedding", users), ("item_embedding", items)):
             for table, init in zip(groups[name], fresh_groups[name]):
                 table[ids.to(table.device)] = init[ids.to(init.device)].to(table)
-
-
-_LAST_INITIALISATION: dict[str, object] = {}  # {"key": (class, hyper-parameters, seed, device), "model": fresh model}
-
-
-def _initialisation(model: Recommender, seed: int) -> Recommender:
-    key = (type(model), repr(sorted(model.hparams.items())), seed, str(model.device))
-    if _LAST_INITIALISATION.get("key") != key:
-        state = torch.random.get_rng_state()
-        pl.seed_everything(seed, verbose=False)
-        fresh = model.fresh().to(model.device)
-        torch.random.set_rng_state(state)
-        _LAST_INITIALISATION.update(key=key, model=fresh)
-    return _LAST_INITIALISATION["model"]
