@@ -60,25 +60,31 @@ def orphans(ids: Tensor, remaining: Tensor, size: int | None = None) -> Tensor:
     return ids[torch.bincount(remaining, minlength=size)[ids] == 0]
 
 
-def rows_of_users(rows: TrainRows, users: Tensor, num_users: int) -> Tensor:
+def rows_of_users(rows: TrainRows, users: Tensor, num_users: int | None = None) -> Tensor:
     """Boolean mask of the rows of ``users`` (a table lookup: ``isin`` sorts every row)."""
-    return _member(users, num_users, rows.users.device)[rows.users]
+    return _member(users, rows.users, num_users)[rows.users]
 
 
-def rows_of_items(rows: TrainRows, items: Tensor, num_items: int) -> Tensor:
+def rows_of_items(rows: TrainRows, items: Tensor, num_items: int | None = None) -> Tensor:
     """Boolean mask of the rows whose loss involves one of ``items``, as positive or negative."""
-    member = _member(items, num_items, rows.users.device)
+    member = _member(items, torch.cat([rows.items, rows.negatives.reshape(-1)]), num_items)
     return member[rows.items] | member[rows.negatives].any(1)
 
 
-def rows_touching(rows: TrainRows, users: Tensor, items: Tensor, num_users: int, num_items: int) -> Tensor:
-    """Boolean mask of the rows whose loss involves one of ``users`` or ``items`` (negatives included)."""
+def rows_touching(rows: TrainRows, users: Tensor, items: Tensor, num_users: int | None = None,
+                  num_items: int | None = None) -> Tensor:
+    """Boolean mask of the rows whose loss involves one of ``users`` or ``items`` (negatives included).
+
+    ``num_users``/``num_items`` size the lookup tables (default: the largest id seen, plus one).
+    """
     return rows_of_users(rows, users, num_users) | rows_of_items(rows, items, num_items)
 
 
-def _member(ids: Tensor, size: int, device: torch.device) -> Tensor:
-    member = torch.zeros(size, dtype=torch.bool, device=device)
-    member[ids.to(device)] = True
+def _member(ids: Tensor, present: Tensor, size: int | None) -> Tensor:
+    if size is None:
+        size = 1 + max(int(ids.max()) if len(ids) else -1, int(present.max()) if len(present) else -1)
+    member = torch.zeros(size, dtype=torch.bool, device=present.device)
+    member[ids.to(present.device)] = True
     return member
 
 
