@@ -299,6 +299,26 @@ def test_cached_factors_are_reused_while_fresh_and_exact_at_zero_tolerance():
     assert refactored == len(ids)  # a new damping invalidates every factor
 
 
+@pytest.mark.parametrize("count", [2, 9, 10])  # a few blocks (gathered) and most of them (read in place)
+def test_cached_solve_is_exact_for_few_and_for_most_blocks(count):
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.6, seed=4), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.5, init_std=0.5).double()
+    rows, cache = dm.train_rows(), CachedCurvature()
+    keep = torch.arange(len(rows)) >= 5
+    cache.retained(model, rows, rows.select(torch.zeros(len(rows), dtype=torch.bool)))
+    cache.precondition("items", 0.1)
+    blocks, _ = cache.retained(model, rows.select(keep), rows.select(~keep))  # the kept inverses are now stale
+    before = blocks.items.clone()
+    ids = torch.randperm(dm.num_items)[:count]
+    rhs = torch.randn(count, 3, dtype=torch.float64)
+    x, result, refactored, iterations = cache.solve("items", ids, rhs, 0.1, tol=1e-12)
+    assert refactored == 0 and result.failed_blocks == 0 and iterations >= 1
+    torch.testing.assert_close(x, torch.linalg.solve(before[ids] + 0.1 * torch.eye(3, dtype=torch.float64), rhs), rtol=1e-9, atol=1e-12)
+    assert torch.equal(blocks.items, before)  # the cache is read, not damped in place
+
+
 def test_later_requests_reuse_kept_inverses_and_still_solve_exactly():
     """A second request solves from the inverses kept at the first: a few CG iterations, no factorisation, exact steps."""
     torch.manual_seed(0)

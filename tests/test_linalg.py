@@ -525,5 +525,19 @@ def test_pcg_blocks_from_stale_inverses_equals_a_direct_solve_and_flags_indefini
     assert converged[1] and bool((x[1] == 0).all())
     with pytest.raises(ValueError, match="max_iter"):
         pcg_blocks(new, old, rhs, max_iter=0)
+    with pytest.raises(ValueError, match="shift"):
+        pcg_blocks(new, old, rhs, shift=-1.0)
     with pytest.raises(ValueError, match=r"\(n, d, d\)"):
         pcg_blocks(new, old[:1], rhs)
+
+
+def test_pcg_blocks_shift_solves_the_damped_blocks_without_touching_them():
+    torch.manual_seed(1)
+    n, d = 20, 5
+    a = torch.randn(n, 2 * d, d, dtype=F64)
+    blocks = a.mT @ a
+    original, eye = blocks.clone(), torch.eye(d, dtype=F64)
+    rhs = torch.randn(n, d, dtype=F64)
+    x, converged, _ = pcg_blocks(blocks, torch.linalg.inv(blocks + 0.7 * eye), rhs, shift=0.3, tol=1e-12, max_iter=d + 4)
+    assert bool(converged.all()) and torch.equal(blocks, original)
+    torch.testing.assert_close(x, torch.linalg.solve(blocks + 0.3 * eye, rhs), rtol=1e-8, atol=1e-12)

@@ -114,7 +114,7 @@ def scatter_outer(
             padded[local[block[member]], position[member]] = x[member]
             weighted = x.new_zeros(len(chunk), width, d)
             weighted[local[block[member]], position[member]] = x[member] * ww[member].unsqueeze(1)
-            out[chunk] += torch.bmm(weighted.transpose(1, 2), padded).to(out.dtype)
+            out.index_add_(0, chunk, torch.bmm(weighted.transpose(1, 2), padded).to(out.dtype))  # in place: no copy of out[chunk]
             local[chunk] = -1
     return out
 
@@ -266,9 +266,9 @@ def solve_factored(factors: Tensor, rhs: Tensor, failed: Tensor) -> tuple[Tensor
 
 
 def pcg_blocks(
-    blocks: Tensor, inverses: Tensor, rhs: Tensor, *, tol: float | None = None, max_iter: int = 10
+    blocks: Tensor, inverses: Tensor, rhs: Tensor, *, shift: float = 0.0, tol: float | None = None, max_iter: int = 10
 ) -> tuple[Tensor, Tensor, int]:
-    """Solve ``B_i x_i = b_i`` for every block at once by CG preconditioned with ``M_i ~ B_i^-1``.
+    """Solve ``(B_i + shift I) x_i = b_i`` for every block at once by CG preconditioned with ``M_i ~ (B_i + shift I)^-1``.
 
     Each block runs its own CG (its own step sizes), all of them in the same batched products;
     a block stops moving once its residual is below ``tol``. With ``M_i`` the inverse of a
@@ -277,11 +277,13 @@ def pcg_blocks(
     matrix-vector products each, instead of a fresh ``O(d^3)`` factorisation per block.
 
     Args:
-        blocks: ``(n, d, d)`` symmetric positive definite blocks (damping included).
+        blocks: ``(n, d, d)`` symmetric blocks, positive definite once shifted. They are only
+            read, so a cache's own tensor can be passed without a damped copy.
         inverses: ``(n, d, d)`` symmetric positive definite preconditioners, possibly in a lower
             precision (float32 copies halve the memory they cost to read): they only steer the
             iteration, the residual in ``rhs``'s dtype decides when a block is solved.
-        rhs: ``(n, d)`` right-hand sides.
+        rhs: ``(n, d)`` right-hand sides (a zero right-hand side is solved by 0 at once).
+        shift: ``>= 0``, the damping added to every block's diagonal.
         tol: relative residual ``||b - B x|| / ||b||`` a block must reach (default
             ``sqrt(eps)`` of the dtype).
         max_iter: ``>= 1``, iterations at most.
@@ -292,7 +294,7 @@ def pcg_blocks(
         solve), and the iterations run.
 
     Raises:
-        ValueError: on mismatched shapes or ``max_iter < 1``.
+        ValueError: on mismatched shapes, a negative ``shift`` or ``max_iter < 1``.
 
     Example:
         >>> B = torch.tensor([[[4.0, 1.0], [1.0, 3.0]]], dtype=torch.float64)
@@ -305,6 +307,8 @@ def pcg_blocks(
                          f"{tuple(inverses.shape)}, {tuple(rhs.shape)}.")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
+    if not shift >= 0:
+        raise ValueError(f"shift must be >= 0, got {shift}.")
     tol = math.sqrt(torch.finfo(rhs.dtype).eps) if tol is None else tol
     apply = lambda m, v: torch.bmm(m, v.unsqueeze(-1).to(m.dtype)).squeeze(-1).to(v.dtype)  # noqa: E731
     x = torch.zeros_like(rhs)
@@ -323,7 +327,7 @@ def pcg_blocks(
             active, a, m, b, r, scale, p, rz, xa = (t[keep] for t in (active, a, m, b, r, scale, p, rz, xa))
             done = done[keep]
         iterations += 1
-        q = apply(a, p)
+        q = apply(a, p).add_(p, alpha=shift)
         pq = (p * q).sum(1)
         alpha = torch.where(done | (pq <= 0), torch.zeros_like(pq), rz / torch.where(pq > 0, pq, torch.ones_like(pq)))
         xa.addcmul_(alpha.unsqueeze(1), p)
