@@ -691,10 +691,7 @@ class _Engine:
                 where = position[_slots(batch)]  # (R, 1 + k), -1 where the slot's item is not pending
                 moved = where >= 0
                 z_new = torch.where(moved, z_new, z_old)
-                m = z_old.shape[1]
-                one_moved = z_old.unsqueeze(1).repeat(1, m, 1)  # [r, s, :] = old scores with slot s at its new value
-                one_moved.diagonal(dim1=1, dim2=2).copy_(z_new)
-                delta = _data_loss(one_moved, model.loss_name) - _data_loss(z_old, model.loss_name).unsqueeze(1)
+                delta = _slot_changes(z_old, z_new, model.loss_name)
                 change.index_add_(0, where[moved], delta[moved].double())
             trials.append(z_new)
         change = self.context.reduce(change)  # the data term over every process's rows; counts() is summed already
@@ -711,13 +708,10 @@ class _Engine:
             return
         position = self._positions(side, ids, accepted)
         if side.name == "user_embedding":
-            take = position[rows.users[involved]] >= 0
-            final[involved[take]] = trial[take]
+            take = (position[rows.users[involved]] >= 0).unsqueeze(1)
         else:
-            take = position[_slots(rows[involved])] >= 0  # (R, 1 + k)
-            block = final[involved]
-            block[take] = trial[take]
-            final[involved] = block
+            take = torch.cat([position[rows.items[involved]].unsqueeze(1), position[rows.negatives[involved]]], dim=1) >= 0
+        final.index_copy_(0, involved, torch.where(take, trial, final[involved]))
 
     @torch.no_grad()
     def exact_change(self, side: _Side, ids: Tensor, rows: TrainRows, old: Tensor, new: Tensor, scores: Tensor, final: Tensor) -> float:
@@ -783,6 +777,22 @@ def _data_loss(z: Tensor, loss: str) -> Tensor:
     if loss == "bpr":
         return F.softplus(z[..., 1:] - z[..., :1]).sum(-1)
     return F.softplus(-z[..., 0]) + F.softplus(z[..., 1:]).sum(-1)
+
+
+def _slot_changes(z_old: Tensor, z_new: Tensor, loss: str) -> Tensor:
+    """``(R, 1 + k)``: how each row's data term changes when only slot ``s`` moves from ``z_old`` to ``z_new``.
+
+    Equals ``_data_loss`` with that one score replaced, minus ``_data_loss(z_old)``, without forming
+    the ``(R, 1 + k, 1 + k)`` tensor of one-slot-moved scores (and without the cancellation of
+    the terms that did not move).
+    """
+    if loss == "bpr":  # sum_k softplus(n_k - p): the positive enters every term, a negative one
+        positive = (F.softplus(z_old[:, 1:] - z_new[:, :1]) - F.softplus(z_old[:, 1:] - z_old[:, :1])).sum(1, keepdim=True)
+        negatives = F.softplus(z_new[:, 1:] - z_old[:, :1]) - F.softplus(z_old[:, 1:] - z_old[:, :1])
+        return torch.cat([positive, negatives], dim=1)
+    sign = torch.ones_like(z_old[:1])  # softplus(-p) + sum_k softplus(n_k): one term per slot
+    sign[:, 0] = -1.0
+    return F.softplus(sign * z_new) - F.softplus(sign * z_old)
 
 
 def row_losses(model: Recommender, batch: dict[str, Tensor], representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
