@@ -485,3 +485,14 @@ def test_anchored_equals_retained_at_a_stationary_point():
         AltEraser(objective=objective, rounds=3, tol=0.0).unlearn(unlearned, retained, deleted)
         results[objective] = torch.cat([unlearned.user_embedding.weight, unlearned.item_embedding.weight])
     torch.testing.assert_close(results["anchored"], results["retained"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_slot_changes_equal_the_loss_with_one_score_moved(loss):
+    """The line search's per-slot change: the row's data term with only slot s moved, minus as it was."""
+    torch.manual_seed(0)
+    old, new = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    one_moved = old.unsqueeze(1).repeat(1, 4, 1)  # [r, s, :] = old scores with slot s at its new value
+    one_moved.diagonal(dim1=1, dim2=2).copy_(new)
+    expected = alteraser._data_loss(one_moved, loss) - alteraser._data_loss(old, loss).unsqueeze(1)
+    torch.testing.assert_close(alteraser._slot_changes(old, new, loss), expected, rtol=1e-12, atol=1e-14)
