@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = ["BlockPreconditioner", "BlockSolveResult", "factor_blocks", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (rows, d, d) intermediate of scatter_outer (64 MiB in float32)
+_OUT_ELEMENTS = 1 << 20  # blocks formed per batched product: the (blocks, d, d) product is added while it is still in cache
 
 
 def scatter_outer(
@@ -107,7 +108,7 @@ def scatter_outer(
     for size in torch.unique(size_class).tolist():  # a loop over a few size classes, not over blocks
         blocks = present[size_class == size]
         width = 1 << size
-        for chunk in blocks.split(max(1, budget // (width * d))):
+        for chunk in blocks.split(max(1, min(budget // (width * d), _OUT_ELEMENTS // (d * d)))):
             local[chunk] = torch.arange(len(chunk), device=block.device)
             member = local[block] >= 0
             padded = x.new_zeros(len(chunk), width, d)

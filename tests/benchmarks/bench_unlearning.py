@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly: the machine is shared)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="*", help="only these (names as printed); default: all")
+    parser.add_argument("--deletions", nargs="*", choices=list(DELETIONS), help="only these deletion kinds; default: all")
     parser.add_argument("--profile", action="store_true", help="print the top functions of one run per case")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/unlearning.json"))
     args = parser.parse_args()
@@ -60,6 +61,8 @@ def main() -> None:
     model = MF.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
     results = []
     for label, spec in DELETIONS.items():
+        if args.deletions and label not in args.deletions:
+            continue
         dm = RecDataModule(AdjacencyLists(), split="given", val_fraction=0.1, num_negatives=4, seed=0)
         dm.setup()
         resolved = spec.build(dm.train).resolve(dm.train)
