@@ -547,3 +547,22 @@ def test_removals_recorded_on_other_data_are_refused_naming_both_fingerprints(se
     assert state["fingerprint"] in message and other.data_fingerprint in message
     assert "same data" in message
     assert_same_splits(splits(other), before)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), sized=st.booleans())
+def test_rows_touching_is_the_isin_mask(seed, sized):
+    """The lookup-table masks equal the plain isin ones, with the table sizes given or inferred."""
+    from lightning_unlearn.data.batches import TrainRows
+    from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users, rows_touching
+
+    g = torch.Generator().manual_seed(seed)
+    rows = TrainRows(torch.randint(0, 9, (40,), generator=g), torch.randint(0, 7, (40,), generator=g),
+                     torch.randint(0, 7, (40, 2), generator=g))
+    users, items = torch.randperm(9, generator=g)[:3], torch.randperm(7, generator=g)[:2]
+    sizes = (9, 7) if sized else (None, None)
+    by_user = torch.isin(rows.users, users)
+    by_item = torch.isin(rows.items, items) | torch.isin(rows.negatives, items).any(1)
+    assert torch.equal(rows_of_users(rows, users, sizes[0]), by_user)
+    assert torch.equal(rows_of_items(rows, items, sizes[1]), by_item)
+    assert torch.equal(rows_touching(rows, users, items, *sizes), by_user | by_item)

@@ -272,7 +272,7 @@ class AltEraser(Unlearner):
         if graph or self.scope == "all":
             rows = local
         else:
-            rows = local.select(rows_touching(local, ids["user_embedding"], ids["item_embedding"], model.num_users, model.num_items))
+            rows = _subset(local, rows_touching(local, ids["user_embedding"], ids["item_embedding"], model.num_users, model.num_items))
         dense = self._dense(model)
         if not first:
             engine.value = engine.sum_losses(local)
@@ -324,7 +324,7 @@ class AltEraser(Unlearner):
         ``grad`` is the exact gradient when known already (from the cached one); else it is computed.
         """
         if not engine.graph:
-            rows = rows.select(side.rows_of(rows, ids))
+            rows = _subset(rows, side.rows_of(rows, ids))
         values = side.gather(ids)
         scores = None
         if grad is None:
@@ -760,6 +760,11 @@ def _assign(params: list[Tensor], values: list[Tensor]) -> None:
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
+
+
+def _subset(rows: TrainRows, mask: Tensor) -> TrainRows:
+    """``rows.select(mask)``, or ``rows`` itself when the mask keeps them all (deleting users touches nearly every row)."""
+    return rows if bool(mask.all()) else rows.select(mask)
 
 
 def _slots(batch: dict[str, Tensor]) -> Tensor:

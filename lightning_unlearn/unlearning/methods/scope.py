@@ -8,6 +8,8 @@ at their initialisation, so the methods reset them there instead of solving for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -62,12 +64,12 @@ def orphans(ids: Tensor, remaining: Tensor, size: int | None = None) -> Tensor:
 
 def rows_of_users(rows: TrainRows, users: Tensor, num_users: int | None = None) -> Tensor:
     """Boolean mask of the rows of ``users`` (a table lookup: ``isin`` sorts every row)."""
-    return _member(users, rows.users, num_users)[rows.users]
+    return _member(users, num_users, rows.users.device, lambda: rows.users)[rows.users]
 
 
 def rows_of_items(rows: TrainRows, items: Tensor, num_items: int | None = None) -> Tensor:
     """Boolean mask of the rows whose loss involves one of ``items``, as positive or negative."""
-    member = _member(items, torch.cat([rows.items, rows.negatives.reshape(-1)]), num_items)
+    member = _member(items, num_items, rows.items.device, rows.all_items)
     return member[rows.items] | member[rows.negatives].any(1)
 
 
@@ -80,11 +82,13 @@ def rows_touching(rows: TrainRows, users: Tensor, items: Tensor, num_users: int 
     return rows_of_users(rows, users, num_users) | rows_of_items(rows, items, num_items)
 
 
-def _member(ids: Tensor, present: Tensor, size: int | None) -> Tensor:
+def _member(ids: Tensor, size: int | None, device: torch.device, present: Callable[[], Tensor]) -> Tensor:
+    """Lookup table on ``device``: ``True`` at ``ids``; sized ``size``, or past the largest of ``ids`` and ``present()``."""
     if size is None:
-        size = 1 + max(int(ids.max()) if len(ids) else -1, int(present.max()) if len(present) else -1)
-    member = torch.zeros(size, dtype=torch.bool, device=present.device)
-    member[ids.to(present.device)] = True
+        seen = present()
+        size = 1 + max(int(ids.max()) if len(ids) else -1, int(seen.max()) if len(seen) else -1)
+    member = torch.zeros(size, dtype=torch.bool, device=device)
+    member[ids.to(device)] = True
     return member
 
 
