@@ -285,7 +285,7 @@ def pcg_blocks(
             iteration, the residual in ``rhs``'s dtype decides when a block is solved.
         rhs: ``(n, d)`` right-hand sides (a zero right-hand side is solved by 0 at once).
         shift: ``>= 0``, the damping added to every block's diagonal.
-        tol: relative residual ``||b - B x|| / ||b||`` a block must reach (default
+        tol: relative residual ``||b - (B + shift I) x|| / ||b||`` a block must reach (default
             ``sqrt(eps)`` of the dtype).
         max_iter: ``>= 1``, iterations at most.
 
