@@ -58,6 +58,7 @@ from lightning_unlearn.unlearning.methods.scope import (
     is_graph,
     orphans,
     reset_to_initialisation,
+    restrict,
     rows_of_items,
     rows_of_users,
     rows_touching,
@@ -272,7 +273,7 @@ class AltEraser(Unlearner):
         if graph or self.scope == "all":
             rows = local
         else:
-            rows = _subset(local, rows_touching(local, ids["user_embedding"], ids["item_embedding"], model.num_users, model.num_items))
+            rows = restrict(local, rows_touching(local, ids["user_embedding"], ids["item_embedding"], model.num_users, model.num_items))
         dense = self._dense(model)
         if not first:
             engine.value = engine.sum_losses(local)
@@ -324,7 +325,7 @@ class AltEraser(Unlearner):
         ``grad`` is the exact gradient when known already (from the cached one); else it is computed.
         """
         if not engine.graph:
-            rows = _subset(rows, side.rows_of(rows, ids))
+            rows = restrict(rows, side.rows_of(rows, ids))
         values = side.gather(ids)
         scores = None
         if grad is None:
@@ -760,11 +761,6 @@ def _assign(params: list[Tensor], values: list[Tensor]) -> None:
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
-
-
-def _subset(rows: TrainRows, mask: Tensor) -> TrainRows:
-    """``rows.select(mask)``, or ``rows`` itself when the mask keeps them all (deleting users touches nearly every row)."""
-    return rows if bool(mask.all()) else rows.select(mask)
 
 
 def _slots(batch: dict[str, Tensor]) -> Tensor:

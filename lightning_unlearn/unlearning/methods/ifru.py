@@ -42,6 +42,7 @@ from lightning_unlearn.unlearning.methods.scope import (
     is_graph,
     orphans,
     reset_to_initialisation,
+    restrict,
     rows_touching,
     touched,
 )
@@ -172,7 +173,7 @@ class IFRU(Unlearner):
         if solver == "block" or is_graph(model):
             rows = retained  # the block solver needs no rows here; a graph couples every row
         else:
-            rows = retained.select(rows_touching(retained, users, items, model.num_users, model.num_items))
+            rows = restrict(retained, rows_touching(retained, users, items, model.num_users, model.num_items))
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {
             "kept_users": len(users), "kept_items": len(items), "reset_users": len(orphan_users),

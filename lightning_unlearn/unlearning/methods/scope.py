@@ -82,6 +82,19 @@ def rows_touching(rows: TrainRows, users: Tensor, items: Tensor, num_users: int 
     return rows_of_users(rows, users, num_users) | rows_of_items(rows, items, num_items)
 
 
+def restrict(rows: TrainRows, mask: Tensor) -> TrainRows:
+    """``rows.select(mask)``, or ``rows`` itself when the mask keeps every row (no copy).
+
+    Deleting users touches nearly every item, so a scope's mask often keeps every row.
+
+    Example:
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([[4], [5]]))
+        >>> restrict(rows, torch.tensor([True, True])) is rows, len(restrict(rows, torch.tensor([True, False])))
+        (True, 1)
+    """
+    return rows if bool(mask.all()) else rows.select(mask)
+
+
 def _member(ids: Tensor, size: int | None, device: torch.device, present: Callable[[], Tensor]) -> Tensor:
     """Lookup table on ``device``: ``True`` at ``ids``; sized ``size``, or past the largest of ``ids`` and ``present()``."""
     if size is None:
