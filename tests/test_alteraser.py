@@ -11,8 +11,9 @@ from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods import alteraser
-from lightning_unlearn.unlearning.methods.alteraser import exact_hessian_blocks, row_losses
-from lightning_unlearn.unlearning.methods.curvature import curvature_blocks
+from lightning_unlearn.models.losses import data_loss, row_losses
+from lightning_unlearn.unlearning.methods.curvature import curvature_blocks, exact_hessian_blocks
+from lightning_unlearn.unlearning.methods._subproblems import slot_changes
 from lightning_unlearn.unlearning.methods.functional import call_with
 
 
@@ -494,5 +495,5 @@ def test_slot_changes_equal_the_loss_with_one_score_moved(loss):
     old, new = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
     one_moved = old.unsqueeze(1).repeat(1, 4, 1)  # [r, s, :] = old scores with slot s at its new value
     one_moved.diagonal(dim1=1, dim2=2).copy_(new)
-    expected = alteraser._data_loss(one_moved, loss) - alteraser._data_loss(old, loss).unsqueeze(1)
-    torch.testing.assert_close(alteraser._slot_changes(old, new, loss), expected, rtol=1e-12, atol=1e-14)
+    expected = data_loss(one_moved, loss) - data_loss(old, loss).unsqueeze(1)
+    torch.testing.assert_close(slot_changes(old, new, loss), expected, rtol=1e-12, atol=1e-14)

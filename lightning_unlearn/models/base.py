@@ -7,11 +7,11 @@ from typing import Iterable, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.metrics.ranking import FullRankingMetrics
+from lightning_unlearn.models.losses import data_loss, item_slots
 
 __all__ = ["LOSSES", "OPTIMIZERS", "Recommender"]
 
@@ -139,12 +139,8 @@ class Recommender(pl.LightningModule):
         u = user_vectors[users]
         pos = self.interact(u, item_vectors[items])
         neg = self.interact(u.unsqueeze(1), item_vectors[negatives])
-        if self.loss_name == "bpr":
-            data = F.softplus(neg - pos.unsqueeze(1)).sum(1)
-        else:
-            data = F.softplus(-pos) + F.softplus(neg).sum(1)
-        penalty = self.embedding_penalty(users, torch.cat([items.unsqueeze(1), negatives], dim=1))
-        per_row = data + 0.5 * self.l2 * penalty
+        data = data_loss(torch.cat([pos.unsqueeze(1), neg], dim=1), self.loss_name)
+        per_row = data + 0.5 * self.l2 * self.embedding_penalty(users, item_slots(batch))
         if reduction == "none":
             return per_row
         return per_row.sum() if reduction == "sum" else per_row.mean()

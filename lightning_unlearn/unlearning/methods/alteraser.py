@@ -28,20 +28,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.linalg import (
     BlockSolveResult,
     conjugate_gradient,
-    flatten,
     gauss_newton_matvec,
     hessian_matvec,
     solve_blocks,
@@ -49,9 +45,10 @@ from lightning_unlearn.linalg import (
     unflatten,
 )
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.lightgcn import normalized_adjacency
+from lightning_unlearn.models.losses import data_loss, row_scores
+from lightning_unlearn.unlearning.methods._subproblems import SIDES, Anchor, Engine, Side, graph_of
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
-from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks, curvature_blocks
+from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, curvature_blocks, exact_hessian_blocks
 from lightning_unlearn.unlearning.methods.functional import call_with
 from lightning_unlearn.unlearning.methods.scope import (
     expand,
@@ -59,19 +56,16 @@ from lightning_unlearn.unlearning.methods.scope import (
     orphans,
     reset_to_initialisation,
     restrict,
-    rows_of_items,
-    rows_of_users,
     rows_touching,
     touched,
 )
 
-__all__ = ["AltEraser", "exact_hessian_blocks", "row_losses"]
+__all__ = ["AltEraser"]
 
 _OBJECTIVES = ("retained", "anchored")
 _SCOPES = ("affected", "affected+k-hop", "all")
 _CURVATURES = ("gauss_newton", "hessian")
 _BLOCKS = ("cached", "fresh")
-_SIDES = ("user_embedding", "item_embedding")
 _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 _MAX_TRIES = 16  # factorisations per block: damping may grow 10^15-fold before a block counts as failed
 
@@ -180,7 +174,7 @@ class AltEraser(Unlearner):
         self.dense_steps, self.dense_cg_iters, self.dense_sample = dense_steps, dense_cg_iters, dense_sample
         self.chunk_size = chunk_size
         self._cache = CachedCurvature()
-        self._anchor: _Anchor | None = None
+        self._anchor: Anchor | None = None
 
     @property
     def name(self) -> str:
@@ -212,7 +206,7 @@ class AltEraser(Unlearner):
     def _prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext, graph: Tensor | None) -> float:
         """Build what is missing for ``model``; the seconds spent (0 when everything was cached)."""
         start, built = time.perf_counter(), False
-        sides = [side for side in (_Side(model, name) for name in _SIDES) if side.trainable]
+        sides = [side for side in (Side(model, name) for name in SIDES) if side.trainable]
         fresh_cache = self.blocks == "cached" and sides and not self._cache.holds(model)
         if fresh_cache:
             built = True
@@ -227,7 +221,7 @@ class AltEraser(Unlearner):
         if wanted and not (self._anchor is not None and self._anchor.matches(model)):
             built = True
             dense = self._dense(model)
-            engine = _Engine(model, rows, len(rows), context, self.chunk_size, is_graph(model))
+            engine = Engine(model, rows, len(rows), context, self.chunk_size, is_graph(model))
             self._anchor = engine.anchor(sides, engine.local, dense if self.objective == "anchored" else [], graph)
         return time.perf_counter() - start if built else 0.0
 
@@ -245,11 +239,11 @@ class AltEraser(Unlearner):
 
     def _update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
         graph = is_graph(model)
-        sides = {name: _Side(model, name) for name in _SIDES}
+        sides = {name: Side(model, name) for name in SIDES}
         n = max(len(retained), 1)
-        engine = _Engine(model, retained, n, context, self.chunk_size, graph)
+        engine = Engine(model, retained, n, context, self.chunk_size, graph)
         # Paid once per trained model. A graph model holds the new graph already: the anchor needs the old one.
-        old_graph = _graph_of(model, retained.concat(deleted)) if graph and self.objective == "anchored" else None
+        old_graph = graph_of(model, retained.concat(deleted)) if graph and self.objective == "anchored" else None
         precompute = self._prepare(model, retained.concat(deleted), context, old_graph)
         cached = self._cache.retained(model, retained, deleted, context)[0] if self._cache.holds(model) else None
         anchor = self._anchor if self._anchor is not None and self._anchor.matches(model) else None
@@ -284,7 +278,7 @@ class AltEraser(Unlearner):
         stopped = "rounds"
         for round_ in range(self.rounds):
             moved: set[str] = set()
-            for name in _SIDES:
+            for name in SIDES:
                 if len(ids[name]):
                     # the cached gradient holds until a step moves rows that share terms with this side's
                     known = start_grads.get(name) if round_ == 0 and not moved else None
@@ -319,7 +313,7 @@ class AltEraser(Unlearner):
         return expand(users, items, retained, self.k_hop) if self.scope == "affected+k-hop" else (users, items)
 
     # ------------------------------------------------------------------ one side: users or items
-    def _side_step(self, engine: _Engine, side: _Side, ids: Tensor, rows: TrainRows, cached, totals: _Totals, grad: Tensor | None) -> bool:
+    def _side_step(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cached, totals: _Totals, grad: Tensor | None) -> bool:
         """One batched damped Newton step for every block of a side; whether any row moved.
 
         ``grad`` is the exact gradient when known already (from the cached one); else it is computed.
@@ -363,7 +357,7 @@ class AltEraser(Unlearner):
         engine.offset += engine.linear_change(side, ids, alpha.unsqueeze(1) * step)
         return bool((alpha > 0).any())
 
-    def _blocks(self, engine: _Engine, side: _Side, ids: Tensor, rows: TrainRows, cached) -> Tensor:
+    def _blocks(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cached) -> Tensor:
         """The ``(len(ids), d, d)`` summed curvature blocks of this side's sub-problems."""
         model = engine.model
         if cached is not None:
@@ -421,7 +415,7 @@ class AltEraser(Unlearner):
         return torch.zeros(len(ids), dtype=step.dtype, device=step.device)
 
     # ------------------------------------------------------------------ the dense weights
-    def _dense_step(self, engine: _Engine, params: list[Tensor], totals: _Totals, anchor: _Anchor | None) -> None:
+    def _dense_step(self, engine: Engine, params: list[Tensor], totals: _Totals, anchor: Anchor | None) -> None:
         model, n = engine.model, engine.n
         theta = [p.detach().clone() for p in params]
         data, penalty_grad = engine.dense_parts(params, engine.local)
@@ -436,8 +430,8 @@ class AltEraser(Unlearner):
         names = {id(p): name for name, p in model.named_parameters()}
         keys = [names[id(p)] for p in params]
         batch = sample[:]
-        data = lambda z: _data_loss(z, model.loss_name).sum() / len(sample)  # noqa: E731  the sample stands for all rows
-        scores = lambda ps: call_with(model, dict(zip(keys, ps)), lambda: _scores(model, batch))  # noqa: E731
+        data = lambda z: data_loss(z, model.loss_name).sum() / len(sample)  # noqa: E731  the sample stands for all rows
+        scores = lambda ps: call_with(model, dict(zip(keys, ps)), lambda: row_scores(model, batch))  # noqa: E731
         gauss_newton = gauss_newton_matvec(scores, data, theta, mode="reverse")
         penalty = hessian_matvec(lambda ps: call_with(model, dict(zip(keys, ps)), model.dense_penalty), theta)
         matvec = lambda v: gauss_newton(v) + penalty(v)  # noqa: E731
@@ -458,469 +452,10 @@ class AltEraser(Unlearner):
         totals.rejected += 1
 
 
-# ---------------------------------------------------------------------- model-facing pieces
-class _Side:
-    """The trainable embedding tables of one side, seen as one concatenated ``(rows, d)`` table."""
-
-    def __init__(self, model: Recommender, name: str):
-        self.model, self.name = model, name
-        self.label, self.index = ("user", 0) if name == "user_embedding" else ("item", 1)
-        self.key, self.other_key = ("users", "items") if name == "user_embedding" else ("items", "users")
-        self.size = model.num_users if name == "user_embedding" else model.num_items
-        self.tables = model.parameter_groups()[name]
-        trainable = [t.requires_grad for t in self.tables]
-        if any(trainable) and not all(trainable):
-            raise ValueError(f"AltEraser needs every {self.label} embedding table trainable, or every one frozen "
-                             "(the curvature blocks cover the tables concatenated).")
-        self.trainable = bool(self.tables) and all(trainable)
-        self.widths = [t.shape[1] for t in self.tables]
-        self._weight: Tensor | None = None
-
-    def gather(self, ids: Tensor) -> Tensor:
-        """``(len(ids), d)`` float64 rows, the tables concatenated."""
-        return torch.cat([t.detach()[ids] for t in self.tables], dim=1).double()
-
-    @torch.no_grad()
-    def set_(self, ids: Tensor, values: Tensor) -> None:
-        for table, piece in zip(self.tables, values.split(self.widths, dim=1)):
-            table[ids] = piece.to(table.dtype)
-
-    def rows_of(self, rows: TrainRows, ids: Tensor) -> Tensor:
-        """Mask of the rows whose loss involves one of ``ids`` (this side)."""
-        return (rows_of_users if self.name == "user_embedding" else rows_of_items)(rows, ids, self.size)
-
-    def self_weight(self, ids: Tensor) -> Tensor:
-        """How much a base row moves its own propagated vector (graph models); see :func:`_self_weights`."""
-        if self._weight is None:
-            self._weight = _self_weights(self.model)
-        offset = 0 if self.name == "user_embedding" else self.model.num_users
-        return self._weight[ids.to(self._weight.device) + offset].to(ids.device)
-
-
-def _self_weights(model: Recommender) -> Tensor:
-    """LightGCN's ``diag(sum_l A^l) / (L + 1)``: the weight of a node's base row in its own propagated vector.
-
-    The graph is bipartite, so odd powers have a zero diagonal; ``diag(A^2)`` is the row sums
-    of the squared entries. Even powers beyond 2 (four or more layers) are left out.
-    """
-    adjacency = model.adjacency
-    layers = int(getattr(model, "num_layers", 0))
-    size = adjacency.shape[0]
-    weight = torch.ones(size, dtype=torch.float64, device=adjacency.device)
-    if layers >= 2:
-        coo = adjacency.to_sparse_coo().coalesce()
-        weight = weight.index_add(0, coo.indices()[0], coo.values().double().square())
-    return weight / (layers + 1)
-
-
-class _Engine:
-    """Losses, gradients and per-block loss changes of the retained objective on row subsets (chunked).
-
-    ``value`` tracks ``sum_{retained} loss_r`` at the current parameters: steps add their exact change.
-    """
-
-    def __init__(self, model: Recommender, retained: TrainRows, n: int, context: UnlearningContext, chunk_size: int, graph: bool):
-        self.model, self.retained, self.n, self.context, self.chunk_size, self.graph = model, retained, n, context, chunk_size, graph
-        self.dot = _scores_are_dot_products(model)
-        local = context.shard(retained)
-        if self.dot and len(local) and not bool((local.users[1:] >= local.users[:-1]).all()):
-            local = local.select(torch.argsort(local.users, stable=True))  # by user: each chunk scores few users
-        self.local = local
-        self.value = float("nan")  # sum_r loss_r at the current parameters, minus the anchored linear term
-        self.linear: dict[str, Tensor] = {}  # objective="anchored": the trained model's gradient tables (sum-scale)
-        self.offset = 0.0  # <linear, theta - theta_start>, summed over every step so far
-
-    def score(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """``(R, 1 + k)`` scores of a batch's positives and negatives from the given vector tables.
-
-        For dot-product models (MF, LightGCN) the chunk's users are scored against every item
-        with one matrix product and the rows' scores picked from it: with rows sorted by user a
-        chunk holds few users, and this is several times cheaper than gathering ``R x (1 + k)``
-        item vectors. Other models score the gathered pairs with ``interact``.
-        """
-        slots = _slots(batch)
-        if not self.dot:
-            return self.model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[slots])
-        users, inverse = torch.unique_consecutive(batch["users"], return_inverse=True)
-        return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), slots]
-
-    def chunks(self, rows: TrainRows):
-        for start in range(0, len(rows), self.chunk_size):
-            index = torch.arange(start, min(start + self.chunk_size, len(rows)), device=rows.users.device)
-            yield index, rows[index]
-
-    @torch.no_grad()
-    def sum_losses(self, rows: TrainRows) -> float:
-        """``sum_r loss_r`` over ``rows`` (this process's share), summed over processes."""
-        model = self.model
-        user_vectors, item_vectors = model.representations()
-        total = torch.zeros((), dtype=torch.float64, device=user_vectors.device)
-        for _, batch in self.chunks(rows):
-            z = self.score(user_vectors, item_vectors, batch)
-            total += _data_loss(z, model.loss_name).double().sum()
-            total += 0.5 * model.l2 * model.embedding_penalty(batch["users"], _slots(batch)).double().sum()
-        return float(self.context.reduce(total))
-
-    def objective(self) -> float:
-        """The mean objective ``value / n + dense_penalty`` at the current parameters."""
-        with torch.no_grad():
-            return self.value / self.n + float(self.model.dense_penalty())
-
-    def gradient(self, side: _Side, ids: Tensor, rows: TrainRows) -> tuple[Tensor, Tensor]:
-        """Exact ``d/d side[ids] sum_{rows} loss_r`` as ``(len(ids), d)`` float64, and the rows' scores ``(R, 1 + k)``."""
-        grads, scores = self.gradients([side], [ids], rows)
-        return grads[0], scores
-
-    def gradients(self, sides: list[_Side], ids: list[Tensor], rows: TrainRows) -> tuple[list[Tensor], Tensor]:
-        """:meth:`gradient` for several sides from one pass over ``rows``.
-
-        The data term is differentiated w.r.t. the representations, chunk by chunk, and the
-        result pulled back to the tables once (through the propagation for graph models); the
-        L2 term is ``l2 * count * row`` (one count per occurrence in a row).
-        """
-        model = self.model
-        with torch.enable_grad():
-            representations = model.representations()
-            # the representations the sides' tables reach: their own, or both through a graph
-            needed = [i for i in (0, 1) if (self.graph or i in {s.index for s in sides}) and representations[i].requires_grad]
-            leaves = [v.detach().requires_grad_(i in needed) for i, v in enumerate(representations)]
-            scores = []
-            for _, batch in self.chunks(rows):
-                z = self.score(leaves[0], leaves[1], batch)
-                if needed:
-                    _data_loss(z, model.loss_name).sum().backward()
-                scores.append(z.detach())
-            cotangents = [leaves[i].grad if leaves[i].grad is not None else torch.zeros_like(leaves[i]) for i in needed]
-            tables = [t for side in sides for t in side.tables]
-            grads = torch.autograd.grad([representations[i] for i in needed], tables, cotangents, allow_unused=True) if needed else [None] * len(tables)
-        out, offset = [], 0
-        for side, chosen in zip(sides, ids):
-            mine = grads[offset:offset + len(side.tables)]
-            offset += len(side.tables)
-            data = torch.cat([(torch.zeros_like(t) if g is None else g)[chosen] for g, t in zip(mine, side.tables)], dim=1).double()
-            # counts() is already summed over processes: only the data term is reduced here
-            out.append(self.context.reduce(data) + model.l2 * self.counts(side, chosen, rows).unsqueeze(1) * side.gather(chosen))
-        z = torch.cat(scores) if scores else torch.zeros(0, 1 + rows.negatives.shape[1], device=rows.users.device)
-        return out, z
-
-    def counts(self, side: _Side, ids: Tensor, rows: TrainRows) -> Tensor:
-        size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
-        occurrences = rows.users if side.name == "user_embedding" else rows.all_items()
-        return self.context.reduce(torch.bincount(occurrences, minlength=size)[ids].double())
-
-    def anchor(self, sides: list[_Side], rows: TrainRows, dense: list[Tensor], graph: Tensor | None) -> _Anchor:
-        """The gradient (every row of every side, and the dense weights) and value of ``sum_{rows} loss_r`` now.
-
-        ``graph`` replaces a graph model's adjacency (the graph before a deletion).
-        """
-        model = self.model
-
-        def compute():
-            everyone = [torch.arange(s.size, device=rows.users.device) for s in sides]
-            grads, scores = self.gradients(sides, everyone, rows)
-            dense_parts = self.dense_parts(dense, rows) if dense else None
-            return grads, self._value_from_scores(sides, rows, scores), dense_parts
-
-        grads, value, dense_parts = call_with(model, {"adjacency": graph}, compute) if graph is not None else compute()
-        return _Anchor({s.name: g for s, g in zip(sides, grads)}, value, dense_parts, _fingerprint(model))
-
-    def deleted_part(self, deleted: TrainRows, ids: dict[str, Tensor], sides: dict[str, _Side]) -> tuple[dict[str, Tensor], float]:
-        """The deleted rows' gradient w.r.t. the rows ``ids`` of each trainable side, and their summed loss."""
-        names = [name for name in _SIDES if len(ids[name]) and sides[name].trainable]
-        grads, scores = self.gradients([sides[name] for name in names], [ids[name] for name in names], deleted)
-        return dict(zip(names, grads)), self._value_from_scores([], deleted, scores)
-
-    def linear_change(self, side: _Side, ids: Tensor, delta: Tensor) -> float:
-        """``<linear, delta>`` for a move ``delta`` of the rows ``ids`` (0 unless anchored)."""
-        if side.name not in self.linear:
-            return 0.0
-        return float((self.linear[side.name][ids] * delta).sum())
-
-    def _value_from_scores(self, sides: list[_Side], rows: TrainRows, scores: Tensor) -> float:
-        with torch.no_grad():
-            total = _data_loss(scores, self.model.loss_name).double().sum()
-            penalty = self.model.embedding_penalty(rows.users, _slots(rows[:])).double().sum() if len(rows) else 0.0
-        return float(self.context.reduce(total + 0.5 * self.model.l2 * penalty))
-
-    def _positions(self, side: _Side, ids: Tensor, mask: Tensor) -> Tensor:
-        size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
-        position = torch.full((size,), -1, dtype=torch.long, device=ids.device)
-        position[ids[mask]] = torch.nonzero(mask).flatten()
-        return position
-
-    @torch.no_grad()
-    def block_change(self, side: _Side, ids: Tensor, rows: TrainRows, old: Tensor, new: Tensor, pending: Tensor,
-                     scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """For each block, its sub-problem's loss at ``new`` minus at ``old`` (summed, other blocks held at ``old``).
-
-        Only the ``pending`` blocks are evaluated (the others get 0), on the rows that involve them.
-        For items, each (row, slot) is evaluated with only that slot's item moved, so a BPR row's
-        positive and negatives are judged separately (block-Jacobi; exact for BCE, whose terms
-        hold one score each).
-
-        Returns:
-            ``(change, scores, trial, involved)``: the per-block change, the scores of every row at
-            ``old`` (``scores`` itself, or computed in the same pass when ``None``), and the scores at
-            the trial point of the rows ``involved`` (an index into ``rows``).
-        """
-        model = self.model
-        position = self._positions(side, ids, pending)
-        change = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
-        user_vectors, item_vectors = (v.detach() for v in model.representations())
-        trial_table = (user_vectors if side.name == "user_embedding" else item_vectors).clone()  # pending rows at ``new``
-        trial_table[ids[pending]] = new[pending].to(trial_table.dtype)
-        trial_vectors = (trial_table, item_vectors) if side.name == "user_embedding" else (user_vectors, trial_table)
-        if scores is None:
-            involved = torch.arange(len(rows), device=ids.device)
-            old_scores = torch.empty(len(rows), 1 + rows.negatives.shape[1], dtype=user_vectors.dtype, device=ids.device)
-        else:
-            where = position[rows.users] if side.name == "user_embedding" else position[_slots(rows[:])]
-            involved, old_scores = torch.nonzero(where.view(len(rows), -1).ge(0).any(1)).flatten(), scores
-        trials = []
-        for start in range(0, len(involved), self.chunk_size):
-            at = involved[start:start + self.chunk_size]
-            batch = rows[at]
-            if scores is None:
-                old_scores[at] = self.score(user_vectors, item_vectors, batch)
-            z_old, z_new = old_scores[at], self.score(*trial_vectors, batch)
-            if side.name == "user_embedding":
-                where = position[batch["users"]]
-                keep = where >= 0
-                delta = _data_loss(z_new, model.loss_name) - _data_loss(z_old, model.loss_name)
-                change.index_add_(0, where[keep], delta[keep].double())
-            else:
-                where = position[_slots(batch)]  # (R, 1 + k), -1 where the slot's item is not pending
-                moved = where >= 0
-                z_new = torch.where(moved, z_new, z_old)
-                delta = _slot_changes(z_old, z_new, model.loss_name)
-                change.index_add_(0, where[moved], delta[moved].double())
-            trials.append(z_new)
-        change = self.context.reduce(change)  # the data term over every process's rows; counts() is summed already
-        change += 0.5 * model.l2 * self.counts(side, ids, rows) * (new.square().sum(1) - old.square().sum(1))
-        if side.name in self.linear:
-            change -= (self.linear[side.name][ids] * (new - old)).sum(1)
-        trial = torch.cat(trials) if trials else old_scores[:0]
-        return torch.where(pending, change, torch.zeros_like(change)), old_scores, trial, involved
-
-    @torch.no_grad()
-    def keep_scores(self, side: _Side, ids: Tensor, rows: TrainRows, final: Tensor, trial: Tensor, involved: Tensor, accepted: Tensor) -> None:
-        """Copy into ``final`` the trial scores of the ``accepted`` blocks (a score depends on one user and one item)."""
-        if not accepted.any() or not len(involved):
-            return
-        position = self._positions(side, ids, accepted)
-        if side.name == "user_embedding":
-            take = (position[rows.users[involved]] >= 0).unsqueeze(1)
-        else:
-            take = torch.cat([position[rows.items[involved]].unsqueeze(1), position[rows.negatives[involved]]], dim=1) >= 0
-        final.index_copy_(0, involved, torch.where(take, trial, final[involved]))
-
-    @torch.no_grad()
-    def exact_change(self, side: _Side, ids: Tensor, rows: TrainRows, old: Tensor, new: Tensor, scores: Tensor, final: Tensor) -> float:
-        """``sum_r loss_r(new) - loss_r(old)`` from the rows' scores before and after (exact: no Jacobi split)."""
-        data = (_data_loss(final, self.model.loss_name).double() - _data_loss(scores, self.model.loss_name).double()).sum()
-        penalty = 0.5 * self.model.l2 * (self.counts(side, ids, rows) * (new.square().sum(1) - old.square().sum(1))).sum()
-        return float(self.context.reduce(data) + penalty) - self.linear_change(side, ids, new - old)
-
-    def dense_parts(self, params: list[Tensor], rows: TrainRows) -> tuple[Tensor, Tensor]:
-        """The dense weights' gradient of ``sum_{rows}`` data terms (summed over processes) and of ``dense_penalty`` (flat)."""
-        model = self.model
-        total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-        with torch.enable_grad():
-            user_vectors, item_vectors = (v.detach() for v in model.representations())
-            for _, batch in self.chunks(rows):
-                z = model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[_slots(batch)])
-                for acc, g in zip(total, torch.autograd.grad(_data_loss(z, model.loss_name).sum(), params, allow_unused=True)):
-                    if g is not None:
-                        acc += g.double()
-            penalty = torch.autograd.grad(model.dense_penalty(), params, allow_unused=True)
-        data = flatten([self.context.reduce(t) for t in total])
-        return data, flatten([torch.zeros_like(t) if g is None else g.double() for t, g in zip(total, penalty)])
-
-    def sample(self, size: int) -> TrainRows:
-        """A fixed random subset of the retained rows (seeded by the context)."""
-        if size >= len(self.retained):
-            return self.retained
-        g = torch.Generator().manual_seed(self.context.seed)
-        return self.retained.select(torch.randperm(len(self.retained), generator=g)[:size].to(self.retained.users.device))
-
-
-def _scores_are_dot_products(model: Recommender) -> bool:
-    """Whether ``model.interact`` is the dot product of the two vectors (checked on random probes)."""
-    with torch.no_grad():
-        user_vectors, item_vectors = model.representations()
-        if user_vectors.shape[1] != item_vectors.shape[1]:
-            return False
-        g = torch.Generator(device="cpu").manual_seed(0)
-        u = torch.randn(4, user_vectors.shape[1], generator=g).to(user_vectors)
-        v = torch.randn(4, 3, item_vectors.shape[1], generator=g).to(item_vectors)
-        expected = (u.unsqueeze(1) * v).sum(-1)
-        return bool(torch.allclose(model.interact(u.unsqueeze(1), v), expected, rtol=1e-5, atol=1e-6))
-
-
 def _assign(params: list[Tensor], values: list[Tensor]) -> None:
     with torch.no_grad():
         for p, v in zip(params, values):
             p.copy_(v)
-
-
-def _slots(batch: dict[str, Tensor]) -> Tensor:
-    """``(R, 1 + k)`` item of each slot: the positive, then the negatives."""
-    return torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)
-
-
-def _scores(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
-    user_vectors, item_vectors = model.representations()
-    return model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[_slots(batch)])
-
-
-def _data_loss(z: Tensor, loss: str) -> Tensor:
-    """The data term of :meth:`Recommender.loss` from the scores ``(..., 1 + k)`` (positive first) -> ``(...)``."""
-    if loss == "bpr":
-        return F.softplus(z[..., 1:] - z[..., :1]).sum(-1)
-    return F.softplus(-z[..., 0]) + F.softplus(z[..., 1:]).sum(-1)
-
-
-def _slot_changes(z_old: Tensor, z_new: Tensor, loss: str) -> Tensor:
-    """``(R, 1 + k)``: how each row's data term changes when only slot ``s`` moves from ``z_old`` to ``z_new``.
-
-    Equals ``_data_loss`` with that one score replaced, minus ``_data_loss(z_old)``, without forming
-    the ``(R, 1 + k, 1 + k)`` tensor of one-slot-moved scores (and without the cancellation of
-    the terms that did not move).
-    """
-    if loss == "bpr":  # sum_k softplus(n_k - p): the positive enters every term, a negative one
-        positive = (F.softplus(z_old[:, 1:] - z_new[:, :1]) - F.softplus(z_old[:, 1:] - z_old[:, :1])).sum(1, keepdim=True)
-        negatives = F.softplus(z_new[:, 1:] - z_old[:, :1]) - F.softplus(z_old[:, 1:] - z_old[:, :1])
-        return torch.cat([positive, negatives], dim=1)
-    sign = torch.ones_like(z_old[:1])  # softplus(-p) + sum_k softplus(n_k): one term per slot
-    sign[:, 0] = -1.0
-    return F.softplus(sign * z_new) - F.softplus(sign * z_old)
-
-
-def row_losses(model: Recommender, batch: dict[str, Tensor], representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """``Recommender.loss(batch, "none")`` from given representations (computed once for many batches).
-
-    Args:
-        model: the recommender.
-        batch: ``users``, ``items`` and ``negatives``.
-        representations: ``model.representations()`` (default: computed here).
-
-    Returns:
-        ``(B,)`` per-row losses: the data term plus ``l2/2`` times the embedding penalty.
-
-    Example:
-        >>> from lightning_unlearn.models import MF
-        >>> model = MF(3, 4, embedding_dim=2)
-        >>> batch = {"users": torch.tensor([0, 2]), "items": torch.tensor([1, 3]), "negatives": torch.tensor([[2], [0]])}
-        >>> torch.allclose(row_losses(model, batch), model.loss(batch, "none"))
-        True
-    """
-    user_vectors, item_vectors = representations or model.representations()
-    slots = _slots(batch)
-    z = model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[slots])
-    return _data_loss(z, model.loss_name) + 0.5 * model.l2 * model.embedding_penalty(batch["users"], slots)
-
-
-def exact_hessian_blocks(
-    model: Recommender, rows: TrainRows, users: Tensor | None = None, items: Tensor | None = None, chunk_size: int = 512
-):
-    """Exact Hessian blocks of ``sum_r loss_r`` w.r.t. each user's and each item's vector (``torch.func``).
-
-    Like :func:`~lightning_unlearn.unlearning.methods.curvature.curvature_blocks`, but with the
-    second derivatives of the scores kept (they vanish for MF, where both agree). A row's block
-    for an item is the Hessian w.r.t. that slot's vector with the row's other slots fixed.
-    Vectors are those of ``model.representations()``; costs ``rows x (1 + k)^2 x d^2`` memory
-    per chunk, so it suits small problems and tests.
-
-    Args:
-        model: the recommender.
-        rows: the rows whose terms are summed.
-        users: the users whose blocks are wanted (default: none).
-        items: the items whose blocks are wanted (default: none).
-        chunk_size: rows per vectorised pass.
-
-    Returns:
-        :class:`~lightning_unlearn.unlearning.methods.curvature.CurvatureBlocks` (float64).
-
-    Example:
-        >>> from lightning_unlearn.models import MF
-        >>> model = MF(2, 3, embedding_dim=2)
-        >>> rows = TrainRows(torch.tensor([0]), torch.tensor([1]), torch.tensor([[2]]))
-        >>> blocks = exact_hessian_blocks(model, rows, users=torch.tensor([0, 1]), items=torch.tensor([2]))
-        >>> torch.allclose(blocks.users, curvature_blocks(model, rows, items=torch.tensor([2])).users)
-        True
-    """
-    with torch.no_grad():
-        user_vectors, item_vectors = (v.detach() for v in model.representations())
-    device = user_vectors.device
-    users = torch.zeros(0, dtype=torch.long, device=device) if users is None else users.to(device)
-    items = torch.zeros(0, dtype=torch.long, device=device) if items is None else items.to(device)
-    du, di = user_vectors.shape[1], item_vectors.shape[1]
-    out_users = torch.zeros(len(users), du, du, dtype=torch.float64, device=device)
-    out_items = torch.zeros(len(items), di, di, dtype=torch.float64, device=device)
-    user_pos = torch.full((model.num_users,), -1, dtype=torch.long, device=device)
-    user_pos[users] = torch.arange(len(users), device=device)
-    item_pos = torch.full((model.num_items,), -1, dtype=torch.long, device=device)
-    item_pos[items] = torch.arange(len(items), device=device)
-
-    def row_data(u: Tensor, v: Tensor) -> Tensor:  # one row: u (d,), v (1 + k, d)
-        return _data_loss(model.interact(u.unsqueeze(0), v), model.loss_name)
-
-    by_user = torch.func.vmap(torch.func.hessian(row_data, argnums=0))
-    by_items = torch.func.vmap(torch.func.hessian(row_data, argnums=1))
-    for start in range(0, len(rows), chunk_size):
-        batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
-        slots = _slots(batch)
-        u, v = user_vectors[batch["users"]], item_vectors[slots]
-        where = user_pos[batch["users"]]
-        if (where >= 0).any():
-            keep = where >= 0
-            out_users.index_add_(0, where[keep], by_user(u[keep], v[keep]).double())
-        where = item_pos[slots]
-        if (where >= 0).any():
-            keep = (where >= 0).any(1)
-            h = by_items(u[keep], v[keep])  # (R, 1 + k, d, 1 + k, d)
-            diagonal = torch.diagonal(h, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (R, 1 + k, d, d)
-            moved = where[keep] >= 0
-            out_items.index_add_(0, where[keep][moved], diagonal[moved].double())
-    eye_u, eye_i = torch.eye(du, dtype=torch.float64, device=device), torch.eye(di, dtype=torch.float64, device=device)
-    out_users += model.l2 * torch.bincount(rows.users, minlength=model.num_users)[users].double().view(-1, 1, 1) * eye_u
-    out_items += model.l2 * torch.bincount(rows.all_items(), minlength=model.num_items)[items].double().view(-1, 1, 1) * eye_i
-    return CurvatureBlocks(out_users, out_items)
-
-
-@dataclass
-class _Anchor:
-    """The exact gradient and value of ``sum_r loss_r`` over every training row at the trained model.
-
-    Paid once, with the cached curvature. Minus the deleted rows' part it is the retained
-    gradient at the trained model (a request's first steps need no pass over the retained
-    rows); with ``objective="anchored"`` it is the linear term, kept across requests.
-    """
-
-    grads: dict[str, Tensor]  # side -> (rows of the side, d) float64
-    value: float
-    dense: tuple[Tensor, Tensor] | None  # (data-term gradient summed over rows, dense_penalty gradient), flat
-    fingerprint: Tensor
-    fresh: bool = True  # no request has used it yet: the model is still the one it was taken at
-
-    def matches(self, model: Recommender) -> bool:
-        return torch.equal(self.fingerprint, _fingerprint(model))
-
-    def adopt(self, model: Recommender) -> None:
-        self.fingerprint = _fingerprint(model)
-
-
-def _fingerprint(model: Recommender) -> Tensor:
-    """A cheap checksum of every parameter (which model a cached gradient belongs to)."""
-    with torch.no_grad():
-        return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()
-
-
-def _graph_of(model: Recommender, rows: TrainRows) -> Tensor:
-    """The normalised adjacency of the graph ``rows`` make (LightGCN's normalisation), like the model's own."""
-    ids = lambda size: np.arange(size)  # noqa: E731  graph building needs only the indices
-    table = Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
-    return normalized_adjacency(table).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
 
 
 @dataclass

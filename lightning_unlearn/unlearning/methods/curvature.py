@@ -18,10 +18,11 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, pcg_blocks, scatter_outer, solve_factored
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.losses import data_loss, item_slots
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import orphans
 
-__all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks"]
+__all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks", "exact_hessian_blocks", "fingerprint"]
 
 
 @dataclass
@@ -81,7 +82,7 @@ def _add_curvature(model: Recommender, vectors: tuple[Tensor, Tensor], rows: Tra
     for start in range(0, len(rows), chunk_size):
         batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
         users = batch["users"]
-        slots = torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)  # (R, 1+k)
+        slots = item_slots(batch)  # (R, 1+k)
         u, v = user_vectors[users].unsqueeze(1).expand(-1, slots.shape[1], -1), item_vectors[slots]
         z = model.interact(u, v)
         ju, jv = model.interact_jacobians(u.reshape(-1, du), v.reshape(-1, di))
@@ -161,7 +162,7 @@ class CachedCurvature:
         if not self.holds(model):
             start = time.perf_counter()
             blocks = curvature_blocks(model, context.shard(retained.concat(deleted)))
-            self._entry = (_fingerprint(model), CurvatureBlocks(context.reduce(blocks.users), context.reduce(blocks.items)))
+            self._entry = (fingerprint(model), CurvatureBlocks(context.reduce(blocks.users), context.reduce(blocks.items)))
             self._factored, self._inverses = {}, {}
             precompute = time.perf_counter() - start
         blocks = self._entry[1]
@@ -189,7 +190,7 @@ class CachedCurvature:
 
     def holds(self, model: Recommender) -> bool:
         """Whether the cache was built (or adopted) for ``model``'s current parameters."""
-        return self._entry is not None and torch.equal(self._entry[0], _fingerprint(model))
+        return self._entry is not None and torch.equal(self._entry[0], fingerprint(model))
 
     def factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
         """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` of ``side`` (``"users"``/``"items"``).
@@ -283,7 +284,7 @@ class CachedCurvature:
     def adopt(self, model: Recommender) -> None:
         """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
         if self._entry is not None:
-            self._entry = (_fingerprint(model), self._entry[1])
+            self._entry = (fingerprint(model), self._entry[1])
 
     def clear(self) -> None:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
@@ -342,7 +343,85 @@ class _Inverses:
         self.valid[ids] = ok
 
 
-def _fingerprint(model: Recommender) -> Tensor:
-    """A cheap checksum of every parameter: the cached blocks belong to this exact model."""
+def fingerprint(model: Recommender) -> Tensor:
+    """A cheap checksum of every parameter: which model cached blocks or a cached gradient belong to.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model = MF(2, 3, embedding_dim=2)
+        >>> before = fingerprint(model)
+        >>> with torch.no_grad():
+        ...     model.user_embedding.weight[0, 0] += 1.0
+        >>> torch.equal(before, fingerprint(model))
+        False
+    """
     with torch.no_grad():
         return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()
+
+
+def exact_hessian_blocks(
+    model: Recommender, rows: TrainRows, users: Tensor | None = None, items: Tensor | None = None, chunk_size: int = 512
+):
+    """Exact Hessian blocks of ``sum_r loss_r`` w.r.t. each user's and each item's vector (``torch.func``).
+
+    Like :func:`~lightning_unlearn.unlearning.methods.curvature.curvature_blocks`, but with the
+    second derivatives of the scores kept (they vanish for MF, where both agree). A row's block
+    for an item is the Hessian w.r.t. that slot's vector with the row's other slots fixed.
+    Vectors are those of ``model.representations()``; costs ``rows x (1 + k)^2 x d^2`` memory
+    per chunk, so it suits small problems and tests.
+
+    Args:
+        model: the recommender.
+        rows: the rows whose terms are summed.
+        users: the users whose blocks are wanted (default: none).
+        items: the items whose blocks are wanted (default: none).
+        chunk_size: rows per vectorised pass.
+
+    Returns:
+        :class:`~lightning_unlearn.unlearning.methods.curvature.CurvatureBlocks` (float64).
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model = MF(2, 3, embedding_dim=2)
+        >>> rows = TrainRows(torch.tensor([0]), torch.tensor([1]), torch.tensor([[2]]))
+        >>> blocks = exact_hessian_blocks(model, rows, users=torch.tensor([0, 1]), items=torch.tensor([2]))
+        >>> torch.allclose(blocks.users, curvature_blocks(model, rows, items=torch.tensor([2])).users)
+        True
+    """
+    with torch.no_grad():
+        user_vectors, item_vectors = (v.detach() for v in model.representations())
+    device = user_vectors.device
+    users = torch.zeros(0, dtype=torch.long, device=device) if users is None else users.to(device)
+    items = torch.zeros(0, dtype=torch.long, device=device) if items is None else items.to(device)
+    du, di = user_vectors.shape[1], item_vectors.shape[1]
+    out_users = torch.zeros(len(users), du, du, dtype=torch.float64, device=device)
+    out_items = torch.zeros(len(items), di, di, dtype=torch.float64, device=device)
+    user_pos = torch.full((model.num_users,), -1, dtype=torch.long, device=device)
+    user_pos[users] = torch.arange(len(users), device=device)
+    item_pos = torch.full((model.num_items,), -1, dtype=torch.long, device=device)
+    item_pos[items] = torch.arange(len(items), device=device)
+
+    def row_data(u: Tensor, v: Tensor) -> Tensor:  # one row: u (d,), v (1 + k, d)
+        return data_loss(model.interact(u.unsqueeze(0), v), model.loss_name)
+
+    by_user = torch.func.vmap(torch.func.hessian(row_data, argnums=0))
+    by_items = torch.func.vmap(torch.func.hessian(row_data, argnums=1))
+    for start in range(0, len(rows), chunk_size):
+        batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
+        slots = item_slots(batch)
+        u, v = user_vectors[batch["users"]], item_vectors[slots]
+        where = user_pos[batch["users"]]
+        if (where >= 0).any():
+            keep = where >= 0
+            out_users.index_add_(0, where[keep], by_user(u[keep], v[keep]).double())
+        where = item_pos[slots]
+        if (where >= 0).any():
+            keep = (where >= 0).any(1)
+            h = by_items(u[keep], v[keep])  # (R, 1 + k, d, 1 + k, d)
+            diagonal = torch.diagonal(h, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (R, 1 + k, d, d)
+            moved = where[keep] >= 0
+            out_items.index_add_(0, where[keep][moved], diagonal[moved].double())
+    eye_u, eye_i = torch.eye(du, dtype=torch.float64, device=device), torch.eye(di, dtype=torch.float64, device=device)
+    out_users += model.l2 * torch.bincount(rows.users, minlength=model.num_users)[users].double().view(-1, 1, 1) * eye_u
+    out_items += model.l2 * torch.bincount(rows.all_items(), minlength=model.num_items)[items].double().view(-1, 1, 1) * eye_i
+    return CurvatureBlocks(out_users, out_items)

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
@@ -34,6 +33,7 @@ from lightning_unlearn.linalg import (
 )
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.lightgcn import normalized_adjacency
+from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
 from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks
 from lightning_unlearn.unlearning.methods.functional import call_with
@@ -246,9 +246,8 @@ class IFRU(Unlearner):
         if self.curvature == "hessian":
             data = hessian_matvec(lambda ps: restricted.call(ps, lambda: model.loss(batch, "sum") / n), theta)
         else:
-            loss = _data_loss(model.loss_name)
-            outputs = lambda ps: restricted.call(ps, lambda: _row_scores(model, batch))  # noqa: E731
-            gauss_newton = gauss_newton_matvec(outputs, lambda z: loss(z) / n, theta, mode="reverse")
+            outputs = lambda ps: restricted.call(ps, lambda: row_scores(model, batch))  # noqa: E731
+            gauss_newton = gauss_newton_matvec(outputs, lambda z: data_loss(z, model.loss_name).sum() / n, theta, mode="reverse")
             penalty = hessian_matvec(lambda ps: restricted.call(ps, lambda: _penalty(model, batch) / n), theta)
             data = lambda v: gauss_newton(v) + penalty(v)  # noqa: E731
         return lambda v: context.reduce(data(v)) + dense(v)
@@ -348,24 +347,8 @@ class _Restricted:
 
 
 # ---------------------------------------------------------------------- pieces of the loss
-def _row_scores(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
-    """``(rows, 1 + k)`` scores of each row's positive and negatives."""
-    user_vectors, item_vectors = model.representations()
-    u = user_vectors[batch["users"]].unsqueeze(1)
-    items = torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)
-    return model.interact(u, item_vectors[items])
-
-
-def _data_loss(loss: str):
-    """The data term of ``Recommender.loss`` (summed over rows) as a function of the row scores."""
-    if loss == "bpr":
-        return lambda z: F.softplus(z[:, 1:] - z[:, :1]).sum()
-    return lambda z: F.softplus(-z[:, 0]).sum() + F.softplus(z[:, 1:]).sum()
-
-
 def _penalty(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
-    items = torch.cat([batch["items"].unsqueeze(1), batch["negatives"]], dim=1)
-    return 0.5 * model.l2 * model.embedding_penalty(batch["users"], items).sum()
+    return 0.5 * model.l2 * model.embedding_penalty(batch["users"], item_slots(batch)).sum()
 
 
 def _direct_solve(matvec, rhs: Tensor, damping: float, limit: int) -> tuple[Tensor, dict[str, Any]]:

@@ -1,0 +1,382 @@
+"""AltEraser's sub-problems: the retained objective seen one block of rows at a time.
+
+A :class:`Side` is one side's embedding tables seen as one concatenated table; the
+:class:`Engine` evaluates, on subsets of the retained rows (in chunks), the objective, exact
+gradients w.r.t. chosen rows of a side (through the propagation for graph models), and the
+change of each block's own loss when its rows move (the line search), keeping the scores of
+accepted moves so that the next step needs no fresh pass. :class:`Anchor` holds the gradient
+and value at the trained model, paid once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.data.interactions import Interactions
+from lightning_unlearn.linalg import flatten
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.lightgcn import normalized_adjacency
+from lightning_unlearn.models.losses import data_loss, item_slots
+from lightning_unlearn.unlearning.methods.base import UnlearningContext
+from lightning_unlearn.unlearning.methods.curvature import fingerprint
+from lightning_unlearn.unlearning.methods.functional import call_with
+from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users
+
+__all__ = ["SIDES", "Anchor", "Engine", "Side", "graph_of", "slot_changes"]
+
+SIDES = ("user_embedding", "item_embedding")
+
+
+class Side:
+    """The trainable embedding tables of one side, seen as one concatenated ``(rows, d)`` table."""
+
+    def __init__(self, model: Recommender, name: str):
+        self.model, self.name = model, name
+        self.label, self.index = ("user", 0) if name == "user_embedding" else ("item", 1)
+        self.key, self.other_key = ("users", "items") if name == "user_embedding" else ("items", "users")
+        self.size = model.num_users if name == "user_embedding" else model.num_items
+        self.tables = model.parameter_groups()[name]
+        trainable = [t.requires_grad for t in self.tables]
+        if any(trainable) and not all(trainable):
+            raise ValueError(f"AltEraser needs every {self.label} embedding table trainable, or every one frozen "
+                             "(the curvature blocks cover the tables concatenated).")
+        self.trainable = bool(self.tables) and all(trainable)
+        self.widths = [t.shape[1] for t in self.tables]
+        self._weight: Tensor | None = None
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """``(len(ids), d)`` float64 rows, the tables concatenated."""
+        return torch.cat([t.detach()[ids] for t in self.tables], dim=1).double()
+
+    @torch.no_grad()
+    def set_(self, ids: Tensor, values: Tensor) -> None:
+        for table, piece in zip(self.tables, values.split(self.widths, dim=1)):
+            table[ids] = piece.to(table.dtype)
+
+    def rows_of(self, rows: TrainRows, ids: Tensor) -> Tensor:
+        """Mask of the rows whose loss involves one of ``ids`` (this side)."""
+        return (rows_of_users if self.name == "user_embedding" else rows_of_items)(rows, ids, self.size)
+
+    def self_weight(self, ids: Tensor) -> Tensor:
+        """How much a base row moves its own propagated vector (graph models); see :func:`_self_weights`."""
+        if self._weight is None:
+            self._weight = _self_weights(self.model)
+        offset = 0 if self.name == "user_embedding" else self.model.num_users
+        return self._weight[ids.to(self._weight.device) + offset].to(ids.device)
+
+
+def _self_weights(model: Recommender) -> Tensor:
+    """LightGCN's ``diag(sum_l A^l) / (L + 1)``: the weight of a node's base row in its own propagated vector.
+
+    The graph is bipartite, so odd powers have a zero diagonal; ``diag(A^2)`` is the row sums
+    of the squared entries. Even powers beyond 2 (four or more layers) are left out.
+    """
+    adjacency = model.adjacency
+    layers = int(getattr(model, "num_layers", 0))
+    size = adjacency.shape[0]
+    weight = torch.ones(size, dtype=torch.float64, device=adjacency.device)
+    if layers >= 2:
+        coo = adjacency.to_sparse_coo().coalesce()
+        weight = weight.index_add(0, coo.indices()[0], coo.values().double().square())
+    return weight / (layers + 1)
+
+
+class Engine:
+    """Losses, gradients and per-block loss changes of the retained objective on row subsets (chunked).
+
+    ``value`` tracks ``sum_{retained} loss_r`` at the current parameters: steps add their exact change.
+    """
+
+    def __init__(self, model: Recommender, retained: TrainRows, n: int, context: UnlearningContext, chunk_size: int, graph: bool):
+        self.model, self.retained, self.n, self.context, self.chunk_size, self.graph = model, retained, n, context, chunk_size, graph
+        self.dot = _scores_are_dot_products(model)
+        local = context.shard(retained)
+        if self.dot and len(local) and not bool((local.users[1:] >= local.users[:-1]).all()):
+            local = local.select(torch.argsort(local.users, stable=True))  # by user: each chunk scores few users
+        self.local = local
+        self.value = float("nan")  # sum_r loss_r at the current parameters, minus the anchored linear term
+        self.linear: dict[str, Tensor] = {}  # objective="anchored": the trained model's gradient tables (sum-scale)
+        self.offset = 0.0  # <linear, theta - theta_start>, summed over every step so far
+
+    def score(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """``(R, 1 + k)`` scores of a batch's positives and negatives from the given vector tables.
+
+        For dot-product models (MF, LightGCN) the chunk's users are scored against every item
+        with one matrix product and the rows' scores picked from it: with rows sorted by user a
+        chunk holds few users, and this is several times cheaper than gathering ``R x (1 + k)``
+        item vectors. Other models score the gathered pairs with ``interact``.
+        """
+        slots = item_slots(batch)
+        if not self.dot:
+            return self.model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[slots])
+        users, inverse = torch.unique_consecutive(batch["users"], return_inverse=True)
+        return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), slots]
+
+    def chunks(self, rows: TrainRows):
+        for start in range(0, len(rows), self.chunk_size):
+            index = torch.arange(start, min(start + self.chunk_size, len(rows)), device=rows.users.device)
+            yield index, rows[index]
+
+    @torch.no_grad()
+    def sum_losses(self, rows: TrainRows) -> float:
+        """``sum_r loss_r`` over ``rows`` (this process's share), summed over processes."""
+        model = self.model
+        user_vectors, item_vectors = model.representations()
+        total = torch.zeros((), dtype=torch.float64, device=user_vectors.device)
+        for _, batch in self.chunks(rows):
+            z = self.score(user_vectors, item_vectors, batch)
+            total += data_loss(z, model.loss_name).double().sum()
+            total += 0.5 * model.l2 * model.embedding_penalty(batch["users"], item_slots(batch)).double().sum()
+        return float(self.context.reduce(total))
+
+    def objective(self) -> float:
+        """The mean objective ``value / n + dense_penalty`` at the current parameters."""
+        with torch.no_grad():
+            return self.value / self.n + float(self.model.dense_penalty())
+
+    def gradient(self, side: Side, ids: Tensor, rows: TrainRows) -> tuple[Tensor, Tensor]:
+        """Exact ``d/d side[ids] sum_{rows} loss_r`` as ``(len(ids), d)`` float64, and the rows' scores ``(R, 1 + k)``."""
+        grads, scores = self.gradients([side], [ids], rows)
+        return grads[0], scores
+
+    def gradients(self, sides: list[Side], ids: list[Tensor], rows: TrainRows) -> tuple[list[Tensor], Tensor]:
+        """:meth:`gradient` for several sides from one pass over ``rows``.
+
+        The data term is differentiated w.r.t. the representations, chunk by chunk, and the
+        result pulled back to the tables once (through the propagation for graph models); the
+        L2 term is ``l2 * count * row`` (one count per occurrence in a row).
+        """
+        model = self.model
+        with torch.enable_grad():
+            representations = model.representations()
+            # the representations the sides' tables reach: their own, or both through a graph
+            needed = [i for i in (0, 1) if (self.graph or i in {s.index for s in sides}) and representations[i].requires_grad]
+            leaves = [v.detach().requires_grad_(i in needed) for i, v in enumerate(representations)]
+            scores = []
+            for _, batch in self.chunks(rows):
+                z = self.score(leaves[0], leaves[1], batch)
+                if needed:
+                    data_loss(z, model.loss_name).sum().backward()
+                scores.append(z.detach())
+            cotangents = [leaves[i].grad if leaves[i].grad is not None else torch.zeros_like(leaves[i]) for i in needed]
+            tables = [t for side in sides for t in side.tables]
+            grads = torch.autograd.grad([representations[i] for i in needed], tables, cotangents, allow_unused=True) if needed else [None] * len(tables)
+        out, offset = [], 0
+        for side, chosen in zip(sides, ids):
+            mine = grads[offset:offset + len(side.tables)]
+            offset += len(side.tables)
+            data = torch.cat([(torch.zeros_like(t) if g is None else g)[chosen] for g, t in zip(mine, side.tables)], dim=1).double()
+            # counts() is already summed over processes: only the data term is reduced here
+            out.append(self.context.reduce(data) + model.l2 * self.counts(side, chosen, rows).unsqueeze(1) * side.gather(chosen))
+        z = torch.cat(scores) if scores else torch.zeros(0, 1 + rows.negatives.shape[1], device=rows.users.device)
+        return out, z
+
+    def counts(self, side: Side, ids: Tensor, rows: TrainRows) -> Tensor:
+        size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
+        occurrences = rows.users if side.name == "user_embedding" else rows.all_items()
+        return self.context.reduce(torch.bincount(occurrences, minlength=size)[ids].double())
+
+    def anchor(self, sides: list[Side], rows: TrainRows, dense: list[Tensor], graph: Tensor | None) -> Anchor:
+        """The gradient (every row of every side, and the dense weights) and value of ``sum_{rows} loss_r`` now.
+
+        ``graph`` replaces a graph model's adjacency (the graph before a deletion).
+        """
+        model = self.model
+
+        def compute():
+            everyone = [torch.arange(s.size, device=rows.users.device) for s in sides]
+            grads, scores = self.gradients(sides, everyone, rows)
+            dense_parts = self.dense_parts(dense, rows) if dense else None
+            return grads, self._value_from_scores(sides, rows, scores), dense_parts
+
+        grads, value, dense_parts = call_with(model, {"adjacency": graph}, compute) if graph is not None else compute()
+        return Anchor({s.name: g for s, g in zip(sides, grads)}, value, dense_parts, fingerprint(model))
+
+    def deleted_part(self, deleted: TrainRows, ids: dict[str, Tensor], sides: dict[str, Side]) -> tuple[dict[str, Tensor], float]:
+        """The deleted rows' gradient w.r.t. the rows ``ids`` of each trainable side, and their summed loss."""
+        names = [name for name in SIDES if len(ids[name]) and sides[name].trainable]
+        grads, scores = self.gradients([sides[name] for name in names], [ids[name] for name in names], deleted)
+        return dict(zip(names, grads)), self._value_from_scores([], deleted, scores)
+
+    def linear_change(self, side: Side, ids: Tensor, delta: Tensor) -> float:
+        """``<linear, delta>`` for a move ``delta`` of the rows ``ids`` (0 unless anchored)."""
+        if side.name not in self.linear:
+            return 0.0
+        return float((self.linear[side.name][ids] * delta).sum())
+
+    def _value_from_scores(self, sides: list[Side], rows: TrainRows, scores: Tensor) -> float:
+        with torch.no_grad():
+            total = data_loss(scores, self.model.loss_name).double().sum()
+            penalty = self.model.embedding_penalty(rows.users, item_slots(rows[:])).double().sum() if len(rows) else 0.0
+        return float(self.context.reduce(total + 0.5 * self.model.l2 * penalty))
+
+    def _positions(self, side: Side, ids: Tensor, mask: Tensor) -> Tensor:
+        size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
+        position = torch.full((size,), -1, dtype=torch.long, device=ids.device)
+        position[ids[mask]] = torch.nonzero(mask).flatten()
+        return position
+
+    @torch.no_grad()
+    def block_change(self, side: Side, ids: Tensor, rows: TrainRows, old: Tensor, new: Tensor, pending: Tensor,
+                     scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For each block, its sub-problem's loss at ``new`` minus at ``old`` (summed, other blocks held at ``old``).
+
+        Only the ``pending`` blocks are evaluated (the others get 0), on the rows that involve them.
+        For items, each (row, slot) is evaluated with only that slot's item moved, so a BPR row's
+        positive and negatives are judged separately (block-Jacobi; exact for BCE, whose terms
+        hold one score each).
+
+        Returns:
+            ``(change, scores, trial, involved)``: the per-block change, the scores of every row at
+            ``old`` (``scores`` itself, or computed in the same pass when ``None``), and the scores at
+            the trial point of the rows ``involved`` (an index into ``rows``).
+        """
+        model = self.model
+        position = self._positions(side, ids, pending)
+        change = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
+        user_vectors, item_vectors = (v.detach() for v in model.representations())
+        trial_table = (user_vectors if side.name == "user_embedding" else item_vectors).clone()  # pending rows at ``new``
+        trial_table[ids[pending]] = new[pending].to(trial_table.dtype)
+        trial_vectors = (trial_table, item_vectors) if side.name == "user_embedding" else (user_vectors, trial_table)
+        if scores is None:
+            involved = torch.arange(len(rows), device=ids.device)
+            old_scores = torch.empty(len(rows), 1 + rows.negatives.shape[1], dtype=user_vectors.dtype, device=ids.device)
+        else:
+            where = position[rows.users] if side.name == "user_embedding" else position[item_slots(rows[:])]
+            involved, old_scores = torch.nonzero(where.view(len(rows), -1).ge(0).any(1)).flatten(), scores
+        trials = []
+        for start in range(0, len(involved), self.chunk_size):
+            at = involved[start:start + self.chunk_size]
+            batch = rows[at]
+            if scores is None:
+                old_scores[at] = self.score(user_vectors, item_vectors, batch)
+            z_old, z_new = old_scores[at], self.score(*trial_vectors, batch)
+            if side.name == "user_embedding":
+                where = position[batch["users"]]
+                keep = where >= 0
+                delta = data_loss(z_new, model.loss_name) - data_loss(z_old, model.loss_name)
+                change.index_add_(0, where[keep], delta[keep].double())
+            else:
+                where = position[item_slots(batch)]  # (R, 1 + k), -1 where the slot's item is not pending
+                moved = where >= 0
+                z_new = torch.where(moved, z_new, z_old)
+                delta = slot_changes(z_old, z_new, model.loss_name)
+                change.index_add_(0, where[moved], delta[moved].double())
+            trials.append(z_new)
+        change = self.context.reduce(change)  # the data term over every process's rows; counts() is summed already
+        change += 0.5 * model.l2 * self.counts(side, ids, rows) * (new.square().sum(1) - old.square().sum(1))
+        if side.name in self.linear:
+            change -= (self.linear[side.name][ids] * (new - old)).sum(1)
+        trial = torch.cat(trials) if trials else old_scores[:0]
+        return torch.where(pending, change, torch.zeros_like(change)), old_scores, trial, involved
+
+    @torch.no_grad()
+    def keep_scores(self, side: Side, ids: Tensor, rows: TrainRows, final: Tensor, trial: Tensor, involved: Tensor, accepted: Tensor) -> None:
+        """Copy into ``final`` the trial scores of the ``accepted`` blocks (a score depends on one user and one item)."""
+        if not accepted.any() or not len(involved):
+            return
+        position = self._positions(side, ids, accepted)
+        if side.name == "user_embedding":
+            take = (position[rows.users[involved]] >= 0).unsqueeze(1)
+        else:
+            take = torch.cat([position[rows.items[involved]].unsqueeze(1), position[rows.negatives[involved]]], dim=1) >= 0
+        final.index_copy_(0, involved, torch.where(take, trial, final[involved]))
+
+    @torch.no_grad()
+    def exact_change(self, side: Side, ids: Tensor, rows: TrainRows, old: Tensor, new: Tensor, scores: Tensor, final: Tensor) -> float:
+        """``sum_r loss_r(new) - loss_r(old)`` from the rows' scores before and after (exact: no Jacobi split)."""
+        data = (data_loss(final, self.model.loss_name).double() - data_loss(scores, self.model.loss_name).double()).sum()
+        penalty = 0.5 * self.model.l2 * (self.counts(side, ids, rows) * (new.square().sum(1) - old.square().sum(1))).sum()
+        return float(self.context.reduce(data) + penalty) - self.linear_change(side, ids, new - old)
+
+    def dense_parts(self, params: list[Tensor], rows: TrainRows) -> tuple[Tensor, Tensor]:
+        """The dense weights' gradient of ``sum_{rows}`` data terms (summed over processes) and of ``dense_penalty`` (flat)."""
+        model = self.model
+        total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        with torch.enable_grad():
+            user_vectors, item_vectors = (v.detach() for v in model.representations())
+            for _, batch in self.chunks(rows):
+                z = model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[item_slots(batch)])
+                for acc, g in zip(total, torch.autograd.grad(data_loss(z, model.loss_name).sum(), params, allow_unused=True)):
+                    if g is not None:
+                        acc += g.double()
+            penalty = torch.autograd.grad(model.dense_penalty(), params, allow_unused=True)
+        data = flatten([self.context.reduce(t) for t in total])
+        return data, flatten([torch.zeros_like(t) if g is None else g.double() for t, g in zip(total, penalty)])
+
+    def sample(self, size: int) -> TrainRows:
+        """A fixed random subset of the retained rows (seeded by the context)."""
+        if size >= len(self.retained):
+            return self.retained
+        g = torch.Generator().manual_seed(self.context.seed)
+        return self.retained.select(torch.randperm(len(self.retained), generator=g)[:size].to(self.retained.users.device))
+
+
+def _scores_are_dot_products(model: Recommender) -> bool:
+    """Whether ``model.interact`` is the dot product of the two vectors (checked on random probes)."""
+    with torch.no_grad():
+        user_vectors, item_vectors = model.representations()
+        if user_vectors.shape[1] != item_vectors.shape[1]:
+            return False
+        g = torch.Generator(device="cpu").manual_seed(0)
+        u = torch.randn(4, user_vectors.shape[1], generator=g).to(user_vectors)
+        v = torch.randn(4, 3, item_vectors.shape[1], generator=g).to(item_vectors)
+        expected = (u.unsqueeze(1) * v).sum(-1)
+        return bool(torch.allclose(model.interact(u.unsqueeze(1), v), expected, rtol=1e-5, atol=1e-6))
+
+
+def slot_changes(z_old: Tensor, z_new: Tensor, loss: str) -> Tensor:
+    """``(R, 1 + k)``: how each row's data term changes when only slot ``s`` moves from ``z_old`` to ``z_new``.
+
+    Equals :func:`~lightning_unlearn.models.losses.data_loss` with that one score replaced, minus ``data_loss(z_old)``, without forming
+    the ``(R, 1 + k, 1 + k)`` tensor of one-slot-moved scores (and without the cancellation of
+    the terms that did not move).
+    """
+    if loss == "bpr":  # sum_k softplus(n_k - p): the positive enters every term, a negative one
+        positive = (F.softplus(z_old[:, 1:] - z_new[:, :1]) - F.softplus(z_old[:, 1:] - z_old[:, :1])).sum(1, keepdim=True)
+        negatives = F.softplus(z_new[:, 1:] - z_old[:, :1]) - F.softplus(z_old[:, 1:] - z_old[:, :1])
+        return torch.cat([positive, negatives], dim=1)
+    sign = torch.ones_like(z_old[:1])  # softplus(-p) + sum_k softplus(n_k): one term per slot
+    sign[:, 0] = -1.0
+    return F.softplus(sign * z_new) - F.softplus(sign * z_old)
+
+
+@dataclass
+class Anchor:
+    """The exact gradient and value of ``sum_r loss_r`` over every training row at the trained model.
+
+    Paid once, with the cached curvature. Minus the deleted rows' part it is the retained
+    gradient at the trained model (a request's first steps need no pass over the retained
+    rows); with ``objective="anchored"`` it is the linear term, kept across requests.
+    """
+
+    grads: dict[str, Tensor]  # side -> (rows of the side, d) float64
+    value: float
+    dense: tuple[Tensor, Tensor] | None  # (data-term gradient summed over rows, dense_penalty gradient), flat
+    fingerprint: Tensor
+    fresh: bool = True  # no request has used it yet: the model is still the one it was taken at
+
+    def matches(self, model: Recommender) -> bool:
+        return torch.equal(self.fingerprint, fingerprint(model))
+
+    def adopt(self, model: Recommender) -> None:
+        self.fingerprint = fingerprint(model)
+
+
+def fingerprint(model: Recommender) -> Tensor:
+    """A cheap checksum of every parameter (which model a cached gradient belongs to)."""
+    with torch.no_grad():
+        return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()
+
+
+def graph_of(model: Recommender, rows: TrainRows) -> Tensor:
+    """The normalised adjacency of the graph ``rows`` make (LightGCN's normalisation), like the model's own."""
+    ids = lambda size: np.arange(size)  # noqa: E731  graph building needs only the indices
+    table = Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
+    return normalized_adjacency(table).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
