@@ -292,12 +292,18 @@ def main(args: list[str] | None = None) -> None:
     A missing data set ends the command with the error's message (where it looked, how to point
     the library at data) and exit status 2, instead of a traceback.
 
+    The command flushes denormal floats to zero (``torch.set_flush_denormal``): weights that an L2
+    term drives towards zero (e.g. a NeuMF branch the data stops using) reach the denormal range,
+    where CPU arithmetic is many times slower; on MovieLens-1M one NeuMF validation pass took
+    530 s instead of 31 s.
+
     Args:
         args: command-line arguments (default: ``sys.argv[1:]``).
 
     Raises:
         SystemExit: on invalid arguments, or (status 2) when the data set is not found.
     """
+    torch.set_flush_denormal(True)
     try:
         LightningUnlearnCLI(
             Recommender,

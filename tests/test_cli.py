@@ -103,6 +103,15 @@ def test_unknown_key_in_yaml_is_an_error(tmp_path, capsys):
     assert "extra_section" in capsys.readouterr().err
 
 
+def test_the_command_flushes_denormals(monkeypatch):
+    """Denormal weights (an L2-decayed NeuMF branch) made a MovieLens-1M validation pass 17x slower."""
+    calls = []
+    monkeypatch.setattr("torch.set_flush_denormal", lambda mode: calls.append(mode) or True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and calls == [True]
+
+
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", "--help"], capture_output=True, text=True, check=True)
     for sub in ("fit", "validate", "test"):
