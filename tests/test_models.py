@@ -118,6 +118,19 @@ def test_lightgcn_without_graph_and_wrong_graph():
         model.set_graph(Interactions.from_raw([0], [0]))
 
 
+@pytest.mark.parametrize("layers", [(), (5,), (6, 3)])
+def test_neumf_full_scores_split_the_first_layer_exactly(layers):
+    """full_scores computes each side's half of the first MLP layer once; it must equal interact on every pair."""
+    torch.manual_seed(0)
+    model = NeuMF(N_USERS, N_ITEMS, gmf_dim=3, mlp_dim=4, mlp_layers=layers).double()
+    for p in model.parameters():
+        torch.nn.init.normal_(p)  # non-zero biases and large weights: every term counts
+    users = torch.arange(N_USERS)
+    user_vectors, item_vectors = (2.0 * v for v in model.representations())  # scores from given vectors too
+    pairs = model.interact(user_vectors[users].unsqueeze(1), item_vectors.unsqueeze(0))
+    torch.testing.assert_close(model.full_scores(users, (user_vectors, item_vectors)), pairs, rtol=1e-12, atol=1e-12)
+
+
 def test_neumf_dense_penalty_and_chunked_scores():
     model = make(NeuMF, dense_l2=0.5)
     weights = [model.mlp[0].weight, model.mlp[2].weight, model.predict.weight]

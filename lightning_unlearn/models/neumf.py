@@ -72,8 +72,28 @@ class NeuMF(Recommender):
         return self.predict(torch.cat([u[..., :g] * i[..., :g], hidden], dim=-1)).squeeze(-1)
 
     def full_scores(self, users: Tensor, representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``(len(users), num_items)`` scores, with each user's and item's part computed once.
+
+        The first MLP layer acts on ``[u_mlp, i_mlp]``, so its output is ``A u_mlp + B i_mlp + b``:
+        both halves are computed per user and per item, and only their sum goes through the rest
+        of the MLP for every pair. The GMF half of the output layer, ``w . (u_gmf * i_gmf)``, is
+        one matrix product. Equals :meth:`interact` on every pair (to rounding), at about a third
+        of its cost per pair.
+        """
+        user_vectors, item_vectors = representations or self.representations()
         rows_per_chunk = max(1, self.max_pairs_per_chunk // self.num_items)
-        return torch.cat([super(NeuMF, self).full_scores(chunk, representations) for chunk in users.split(rows_per_chunk)])
+        if not len(self.mlp):  # no hidden layer: the output layer reads the embeddings themselves
+            return torch.cat([super(NeuMF, self).full_scores(chunk, (user_vectors, item_vectors)) for chunk in users.split(rows_per_chunk)])
+        g, first, w = self.gmf_dim, self.mlp[0], self.predict.weight[0]
+        user_part, item_part = first.weight.split([user_vectors.shape[1] - g, item_vectors.shape[1] - g], dim=1)
+        items_first = item_vectors[:, g:] @ item_part.T + first.bias  # (items, width)
+        items_gmf = item_vectors[:, :g].T  # (g, items)
+        scores = []
+        for chunk in users.split(rows_per_chunk):
+            u = user_vectors[chunk]
+            hidden = self.mlp[1:](torch.relu_((u[:, g:] @ user_part.T).unsqueeze(1) + items_first))  # (chunk, items, width)
+            scores.append(torch.addmm(self.predict.bias, u[:, :g] * w[:g], items_gmf) + hidden @ w[g:])
+        return torch.cat(scores)
 
     def embedding_penalty(self, users: Tensor, items: Tensor) -> Tensor:
         user_sq = self.gmf_user.weight[users].square().sum(-1) + self.mlp_user.weight[users].square().sum(-1)
