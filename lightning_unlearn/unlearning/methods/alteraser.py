@@ -26,6 +26,7 @@ and the line search is one step length per side on the whole objective.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ _OBJECTIVES = ("retained", "anchored")
 _SCOPES = ("affected", "affected+k-hop", "all")
 _CURVATURES = ("gauss_newton", "hessian")
 _BLOCKS = ("cached", "fresh")
+_TUNING = ("damping", "refactor_tolerance", "line_search", "max_backtracks", "dense_steps", "dense_cg_iters", "dense_sample", "chunk_size")
 _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 _MAX_TRIES = 16  # factorisations per block: damping may grow 10^15-fold before a block counts as failed
 
@@ -126,6 +128,8 @@ class AltEraser(Unlearner):
     Example:
         >>> AltEraser(rounds=2).name
         'AltEraser(rounds=2)'
+        >>> AltEraser(dense_steps=0).name  # every option that differs from its default is named
+        'AltEraser(rounds=1, dense_steps=0)'
         >>> AltEraser(scope="everything")
         Traceback (most recent call last):
         ...
@@ -183,6 +187,8 @@ class AltEraser(Unlearner):
         options += [f"scope={self.scope}" if self.scope != "affected+k-hop" else f"scope=affected+{self.k_hop}-hop"] if self.scope != "affected" else []
         options += [f"blocks={self.blocks}"] if self.blocks != "cached" else []
         options += [f"curvature={self.curvature}"] if self.curvature != "gauss_newton" else []
+        defaults = inspect.signature(AltEraser.__init__).parameters
+        options += [f"{key}={getattr(self, key)!r}" for key in _TUNING if getattr(self, key) != defaults[key].default]
         return f"AltEraser({', '.join(options)})"
 
     def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
