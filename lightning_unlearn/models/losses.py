@@ -52,12 +52,13 @@ def data_loss(z: Tensor, loss: str) -> Tensor:
     return F.softplus(-z[..., 0]) + F.softplus(z[..., 1:]).sum(-1)
 
 
-def row_scores(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
+def row_scores(model: Recommender, batch: dict[str, Tensor], representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``(R, 1 + k)`` scores of each row's positive and negatives (the input of :func:`data_loss`).
 
     Args:
         model: the recommender.
         batch: ``users``, ``items`` and ``negatives``.
+        representations: ``model.representations()`` (default: computed here).
 
     Example:
         >>> from lightning_unlearn.models import MF
@@ -66,7 +67,7 @@ def row_scores(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
         >>> torch.allclose(row_scores(model, batch)[:, 0], model.score(batch["users"], batch["items"]))
         True
     """
-    user_vectors, item_vectors = model.representations()
+    user_vectors, item_vectors = representations or model.representations()
     return model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[item_slots(batch)])
 
 
@@ -88,7 +89,5 @@ def row_losses(model: Recommender, batch: dict[str, Tensor], representations: tu
         >>> torch.allclose(row_losses(model, batch), model.loss(batch, "none"))
         True
     """
-    user_vectors, item_vectors = representations or model.representations()
-    slots = item_slots(batch)
-    z = model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[slots])
-    return data_loss(z, model.loss_name) + 0.5 * model.l2 * model.embedding_penalty(batch["users"], slots)
+    z = row_scores(model, batch, representations)
+    return data_loss(z, model.loss_name) + 0.5 * model.l2 * model.embedding_penalty(batch["users"], item_slots(batch))

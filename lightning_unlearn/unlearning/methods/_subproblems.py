@@ -12,23 +12,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.linalg import flatten
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.lightgcn import normalized_adjacency
-from lightning_unlearn.models.losses import data_loss, item_slots
+from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import fingerprint
 from lightning_unlearn.unlearning.methods.functional import call_with
 from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users
 
-__all__ = ["SIDES", "Anchor", "Engine", "Side", "graph_of", "slot_changes"]
+__all__ = ["SIDES", "Anchor", "Engine", "Side", "slot_changes"]
 
 SIDES = ("user_embedding", "item_embedding")
 
@@ -112,11 +109,10 @@ class Engine:
         chunk holds few users, and this is several times cheaper than gathering ``R x (1 + k)``
         item vectors. Other models score the gathered pairs with ``interact``.
         """
-        slots = item_slots(batch)
         if not self.dot:
-            return self.model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[slots])
+            return row_scores(self.model, batch, (user_vectors, item_vectors))
         users, inverse = torch.unique_consecutive(batch["users"], return_inverse=True)
-        return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), slots]
+        return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), item_slots(batch)]
 
     def chunks(self, rows: TrainRows):
         for start in range(0, len(rows), self.chunk_size):
@@ -302,7 +298,7 @@ class Engine:
         with torch.enable_grad():
             user_vectors, item_vectors = (v.detach() for v in model.representations())
             for _, batch in self.chunks(rows):
-                z = model.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[item_slots(batch)])
+                z = row_scores(model, batch, (user_vectors, item_vectors))
                 for acc, g in zip(total, torch.autograd.grad(data_loss(z, model.loss_name).sum(), params, allow_unused=True)):
                     if g is not None:
                         acc += g.double()
@@ -373,10 +369,3 @@ def fingerprint(model: Recommender) -> Tensor:
     """A cheap checksum of every parameter (which model a cached gradient belongs to)."""
     with torch.no_grad():
         return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()
-
-
-def graph_of(model: Recommender, rows: TrainRows) -> Tensor:
-    """The normalised adjacency of the graph ``rows`` make (LightGCN's normalisation), like the model's own."""
-    ids = lambda size: np.arange(size)  # noqa: E731  graph building needs only the indices
-    table = Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
-    return normalized_adjacency(table).to(device=model.adjacency.device, dtype=model.adjacency.dtype)

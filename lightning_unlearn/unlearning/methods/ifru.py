@@ -17,12 +17,10 @@ import math
 import time
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.linalg import (
     BlockPreconditioner,
     conjugate_gradient,
@@ -32,13 +30,13 @@ from lightning_unlearn.linalg import (
     unflatten,
 )
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.lightgcn import normalized_adjacency
 from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
 from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks
 from lightning_unlearn.unlearning.methods.functional import call_with
 from lightning_unlearn.unlearning.methods.scope import (
     expand,
+    graph_of,
     is_graph,
     orphans,
     reset_to_initialisation,
@@ -265,18 +263,13 @@ def _influence_with_spillover(model: Recommender, restricted: _Restricted, retai
     ``[sum_{deleted} loss(A) + sum_{affected} (loss(A) - loss(A'))] / n`` where the affected rows
     are the retained rows of users and items whose degree changed.
     """
-    old_graph = normalized_adjacency(_as_table(retained.concat(deleted), model)).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
+    old_graph = graph_of(model, retained.concat(deleted))
     changed_users, changed_items = torch.unique(deleted.users), torch.unique(deleted.items)
     affected = retained.select(torch.isin(retained.users, changed_users) | torch.isin(retained.items, changed_items))
     old = context.sum(lambda rows: restricted.gradient(lambda: model.loss(rows[:], "sum") / n, {"adjacency": old_graph}),
                       deleted.concat(affected))
     new = context.sum(lambda rows: restricted.gradient(lambda: model.loss(rows[:], "sum") / n), affected)
     return old - new
-
-
-def _as_table(rows: TrainRows, model: Recommender) -> Interactions:
-    ids = lambda size: np.arange(size)  # noqa: E731  graph building needs only the indices
-    return Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
 
 
 # ---------------------------------------------------------------------- restricted parameters

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.lightgcn import normalized_adjacency
 
-__all__ = ["expand", "is_graph", "orphans", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
+__all__ = ["expand", "graph_of", "is_graph", "orphans", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
 
 
 def touched(deleted: TrainRows) -> tuple[Tensor, Tensor]:
@@ -108,6 +111,26 @@ def _member(ids: Tensor, size: int | None, device: torch.device, present: Callab
 def is_graph(model: Recommender) -> bool:
     """Whether the model propagates over an interaction graph (its rows are coupled)."""
     return getattr(model, "adjacency", None) is not None
+
+
+def graph_of(model: Recommender, rows: TrainRows) -> Tensor:
+    """The normalised adjacency of the graph ``rows`` make (LightGCN's normalisation), like the model's own.
+
+    Args:
+        model: a graph model (its ``adjacency`` gives the device and dtype).
+        rows: the training rows whose (user, positive item) pairs are the edges.
+
+    Example:
+        >>> from lightning_unlearn.models import LightGCN
+        >>> model = LightGCN(2, 2, embedding_dim=2)
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([[0], [1]]))
+        >>> model.set_graph(Interactions.from_raw([0, 1], [1, 0]))
+        >>> torch.equal(graph_of(model, rows).to_dense(), model.adjacency.to_dense())
+        True
+    """
+    ids = lambda size: np.arange(size)  # noqa: E731  graph building needs only the indices
+    table = Interactions(rows.users.cpu(), rows.items.cpu(), user_ids=ids(model.num_users), item_ids=ids(model.num_items))
+    return normalized_adjacency(table).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
 
 
 def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
