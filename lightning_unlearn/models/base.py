@@ -2,21 +2,72 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
-from typing import Iterable, Literal, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.metrics.ranking import FullRankingMetrics
 from lightning_unlearn.models.losses import data_loss, item_slots
 
-__all__ = ["LOSSES", "OPTIMIZERS", "Recommender"]
+__all__ = ["CONTRACT_RULES", "GROUPS", "LOSSES", "OPTIMIZERS", "ContractError", "Recommender"]
 
 LOSSES = ("bpr", "bce")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+#: The groups :meth:`Recommender.parameter_groups` returns, every parameter in exactly one.
+GROUPS = ("user_embedding", "item_embedding", "dense")
+
+#: The rules of the contract, by the name an error cites: the section title in
+#: ``docs/own_model.rst`` (whose label is ``contract-<name>``).
+CONTRACT_RULES = {
+    "methods": "The four methods",
+    "rebuild": "Rebuildable from its hyper-parameters",
+    "groups": "Every parameter in one group",
+    "penalty": "The embedding penalty",
+    "representations": "Vectors from the embedding tables",
+}
+_RECOMMENDER_ARGS = ("num_users", "num_items", "loss", "l2", "lr", "optimizer", "top_k", "eval_auc")
+
+
+class ContractError(TypeError):
+    """A :class:`Recommender` subclass breaks a rule of the contract in ``docs/own_model.rst``.
+
+    The message names the class, the rule (its section in the guide) and what to change.
+    """
+
+
+def _broken(cls: type, rule: str, problem: str) -> ContractError:
+    return ContractError(
+        f'{cls.__name__} breaks rule "{CONTRACT_RULES[rule]}" of the Recommender contract '
+        f"(docs/own_model.rst#contract-{rule}): {problem}"
+    )
+
+
+def _abstract_names(cls: type) -> frozenset[str]:
+    """The abstract methods ``cls`` still leaves unimplemented (what ``ABCMeta`` computes)."""
+    names = {name for name, value in vars(cls).items() if getattr(value, "__isabstractmethod__", False)}
+    for base in cls.__bases__:
+        names.update(getattr(base, "_abstract_methods", ()))
+    return frozenset(name for name in names if getattr(getattr(cls, name, None), "__isabstractmethod__", False))
+
+
+class _Closure(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, closure: Callable[[], Any]) -> Any:
+        return closure()
+
+
+def _call_with(model: nn.Module, replaced: dict[str, Tensor], closure: Callable[[], Any]) -> Any:
+    """``closure()`` evaluated while ``model``'s named tensors are replaced (the model itself is left as it was)."""
+    return torch.func.functional_call(_Closure(model), {f"model.{k}": v for k, v in replaced.items()}, (closure,), strict=False)
 
 
 class Recommender(pl.LightningModule):
@@ -33,6 +84,10 @@ class Recommender(pl.LightningModule):
     it may override :meth:`full_scores` and :meth:`dense_penalty`, and graph models
     :meth:`set_graph`.
 
+    A subclass that leaves one of the four unimplemented fails at construction; the other
+    rules of ``docs/own_model.rst`` are checked by :meth:`check_contract`, which ``setup``
+    runs before fitting (and validating, testing, predicting).
+
     Args:
         num_users: number of users (linked from the datamodule in the CLI).
         num_items: number of items.
@@ -44,8 +99,15 @@ class Recommender(pl.LightningModule):
         eval_auc: also log per-user AUC.
 
     Raises:
+        ContractError: (a ``TypeError``) when the subclass leaves a method of the contract unimplemented.
         ValueError: on an unknown loss or optimizer, non-positive sizes or negative ``l2``.
     """
+
+    _abstract_methods: frozenset[str]  # set by __init_subclass__ (and for Recommender below the class)
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls._abstract_methods = _abstract_names(cls)
 
     def __init__(
         self,
@@ -58,6 +120,12 @@ class Recommender(pl.LightningModule):
         top_k: Sequence[int] = (10, 20),
         eval_auc: bool = True,
     ):
+        if type(self)._abstract_methods:
+            missing = sorted(type(self)._abstract_methods)
+            raise _broken(type(self), "methods", (
+                f"it does not implement {', '.join(missing)}, so it cannot be instantiated. Define "
+                f"{'it' if len(missing) == 1 else 'them'} in {type(self).__name__} (see the WeightedMF example in the guide)."
+            ))
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"{type(self).__name__}(loss=...) must be one of {LOSSES}, got {loss!r}.")
@@ -114,7 +182,222 @@ class Recommender(pl.LightningModule):
 
     def fresh(self) -> Recommender:
         """A new model with the same hyper-parameters, initialised from the current RNG state."""
-        return type(self)(**{k: v for k, v in self.hparams.items() if not k.startswith("_")})  # e.g. the CLI's _class_path
+        return type(self)(**self._rebuild_kwargs())
+
+    def _rebuild_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.hparams.items() if not k.startswith("_")}  # e.g. the CLI's _class_path
+
+    # ------------------------------------------------------------------ the contract check
+    def check_contract(self) -> None:
+        """Check the rules of ``docs/own_model.rst`` that a subclass could break; ``setup`` runs it.
+
+        In order: the model can be rebuilt from its hyper-parameters (on the ``meta`` device:
+        nothing is allocated), :meth:`parameter_groups` lists every parameter once, in the three
+        groups, with tables of ``num_users`` and ``num_items`` rows, :meth:`embedding_penalty`
+        is the squared norm of the touched rows (on two hand-picked rows), and the vectors of
+        :meth:`representations` depend on those tables and, for a model without ``adjacency``,
+        are their rows. That costs milliseconds, plus one forward and one backward pass of
+        :meth:`representations` (for a graph model about one training step). It leaves the
+        parameters, their gradients and the random number generators as they were. A graph
+        model needs its graph (:meth:`set_graph`) first; ``setup`` gives it before checking.
+
+        Raises:
+            ContractError: (a ``TypeError``) naming the class, the first rule it breaks (its
+                section in ``docs/own_model.rst``) and what to change.
+
+        Example:
+            >>> from lightning_unlearn.models import MF
+            >>> MF(num_users=3, num_items=4, embedding_dim=2).check_contract()
+        """
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self._check_rebuild()
+            tables = self._check_groups()
+            self._check_computations(tables)
+
+    def _check_rebuild(self) -> None:
+        cls, kwargs = type(self), self._rebuild_kwargs()
+        missing = [k for k in _RECOMMENDER_ARGS if k not in kwargs]
+        if missing:
+            raise _broken(cls, "rebuild", (
+                f"its hyper-parameters lack {', '.join(missing)}, which Recommender.__init__ saves. Do not "
+                "replace them afterwards (self.save_hyperparameters(...) in the subclass, or ignore=[...])."
+            ))
+        used = {"num_users": self.num_users, "num_items": self.num_items, "loss": self.loss_name, "l2": self.l2, "top_k": self.top_k}
+        for key, value in used.items():
+            saved = kwargs[key]
+            if (tuple(saved) if key == "top_k" and isinstance(saved, Iterable) else saved) != value:
+                raise _broken(cls, "rebuild", (
+                    f"{cls.__name__}.__init__ was given {key}={saved!r}, but Recommender.__init__ got {key}={value!r}. "
+                    "Pass **kwargs on to it unchanged: super().__init__(num_users, num_items, **kwargs)."
+                ))
+        try:
+            rebuilt = self._build(kwargs)
+        except Exception as exc:
+            raise _broken(cls, "rebuild", (
+                f"{cls.__name__}(**model.hparams) fails ({type(exc).__name__}: {exc}), so fresh() and Retrain cannot "
+                "rebuild it. Accept **kwargs in __init__ and pass them on to Recommender.__init__, which saves every "
+                "argument as a hyper-parameter."
+            )) from exc
+        own, new = ({n: tuple(p.shape) for n, p in m.named_parameters()} for m in (self, rebuilt))
+        differ = sorted(set(own) ^ set(new)) or [n for n in own if own[n] != new[n]]
+        if differ:
+            name = differ[0]
+            raise _broken(cls, "rebuild", (
+                f"{cls.__name__}(**model.hparams) builds a different model (parameter {name!r}: "
+                f"{new.get(name, 'absent')} instead of {own.get(name, 'absent')}). Every constructor argument must "
+                "stay a hyper-parameter as given: no save_hyperparameters(ignore=[...]), no changing an argument "
+                "before super().__init__."
+            ))
+
+    def _build(self, kwargs: dict[str, Any]) -> Recommender:
+        """``type(self)(**kwargs)``, on the ``meta`` device when the constructor allows it, with its warnings muted."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with torch.device("meta"):
+                    return type(self)(**kwargs)
+            except Exception:  # noqa: BLE001  a constructor that needs real tensors; the caller restores the RNG
+                return type(self)(**kwargs)
+
+    def _check_groups(self) -> dict[str, list[tuple[str, Tensor]]]:
+        """The named tables of the two embedding groups, after checking every group."""
+        cls = type(self)
+        try:
+            groups = self.parameter_groups()
+        except Exception as exc:
+            raise _broken(cls, "groups", f"parameter_groups() raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(groups, Mapping):
+            raise _broken(cls, "groups", f"parameter_groups() returned a {type(groups).__name__}, not a dict of the groups {GROUPS}.")
+        missing, unknown = [g for g in GROUPS if g not in groups], [g for g in groups if g not in GROUPS]
+        if missing or unknown:
+            raise _broken(cls, "groups", (
+                f"parameter_groups() has the groups {sorted(groups)}, not {list(GROUPS)}"
+                + (f" (missing: {', '.join(missing)})" if missing else "")
+                + (f" (unknown: {', '.join(map(str, unknown))}: put those tensors in 'dense')" if unknown else "")
+                + ". Return all three, each a list of parameters (an empty list if there are none)."
+            ))
+        for group in GROUPS:
+            if isinstance(groups[group], Tensor) or not isinstance(groups[group], Iterable):
+                raise _broken(cls, "groups", f"parameter_groups()[{group!r}] is a {type(groups[group]).__name__}, not a list of parameters.")
+        groups = {group: list(groups[group]) for group in GROUPS}
+        names = {id(p): n for n, p in self.named_parameters()}
+        seen: dict[int, str] = {}
+        for group, tensors in groups.items():
+            for tensor in tensors:
+                if id(tensor) not in names:
+                    shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+                    raise _broken(cls, "groups", (
+                        f"parameter_groups()[{group!r}] holds {shape}, which is not a parameter of the model. List "
+                        "the parameters themselves (e.g. self.user_embedding.weight), not copies, slices or detached tensors."
+                    ))
+                if id(tensor) in seen:
+                    raise _broken(cls, "groups", f"parameter {names[id(tensor)]!r} is listed in {seen[id(tensor)]!r} and in {group!r}; list it once.")
+                seen[id(tensor)] = group
+        uncovered = [n for i, n in names.items() if i not in seen]
+        if uncovered:
+            raise _broken(cls, "groups", (
+                f"the parameters {', '.join(map(repr, uncovered))} are in no group: tables indexed by user or item id "
+                "go in 'user_embedding' or 'item_embedding', everything else in 'dense'."
+            ))
+        tables = {}
+        for group, rows, label in (("user_embedding", self.num_users, "num_users"), ("item_embedding", self.num_items, "num_items")):
+            if not groups[group]:
+                raise _broken(cls, "groups", f"parameter_groups()[{group!r}] is empty: list the embedding tables of that side.")
+            for tensor in groups[group]:
+                if tensor.dim() != 2 or tensor.shape[0] != rows:
+                    raise _broken(cls, "groups", (
+                        f"parameter {names[id(tensor)]!r} in {group!r} has shape {tuple(tensor.shape)}: a table of that "
+                        f"group is ({label}={rows}, width), one row per id."
+                    ))
+            tables[group] = [(names[id(t)], t) for t in groups[group]]
+        return tables
+
+    def _check_computations(self, tables: dict[str, list[tuple[str, Tensor]]]) -> None:
+        """The penalty and representations rules, on copies of the tables (leaves that take gradients).
+
+        In ``setup`` the model is still where it was built while ``self.device`` already names the
+        trainer's device (and so does the graph a graph model was given there): tensors elsewhere
+        are evaluated as copies on ``self.device``.
+        """
+        device = self.device
+        leaves = {name: t.detach().to(device).requires_grad_() for side in tables.values() for name, t in side}
+        replaced = dict(leaves)
+        for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+            if name not in leaves and tensor.device != device:
+                replaced[name] = tensor.detach().to(device)
+        user_tables = [leaves[name] for name, _ in tables["user_embedding"]]
+        item_tables = [leaves[name] for name, _ in tables["item_embedding"]]
+
+        def check() -> None:
+            self._check_penalty(user_tables, item_tables)
+            self._check_representations(tables, user_tables, item_tables)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            _call_with(self, replaced, check)
+
+    def _check_penalty(self, user_tables: list[Tensor], item_tables: list[Tensor]) -> None:
+        cls, device = type(self), user_tables[0].device
+        users = torch.tensor([0, self.num_users - 1], device=device)
+        items = torch.tensor([[0, self.num_items - 1], [self.num_items // 2, 0]], device=device)
+        with torch.no_grad():
+            try:
+                value = self.embedding_penalty(users, items)
+            except Exception as exc:
+                raise _broken(cls, "penalty", (
+                    f"embedding_penalty(users, items) raised {type(exc).__name__}: {exc} (users of shape (2,), items of "
+                    "shape (2, 2): each row's positive and negatives)."
+                )) from exc
+            if not isinstance(value, Tensor) or value.shape != (2,):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise _broken(cls, "penalty", (
+                    f"embedding_penalty(users (2,), items (2, 2)) returned {shape}, not (2,): one value per row, its "
+                    "items' squared norms summed over their slots."
+                ))
+            expected = sum(t[users].square().sum(-1) for t in user_tables) + sum(t[items].square().sum((-1, -2)) for t in item_tables)
+            if not torch.allclose(value.double(), expected.double(), rtol=1e-3, atol=1e-8):
+                raise _broken(cls, "penalty", (
+                    f"embedding_penalty gives {[round(v, 6) for v in value.tolist()]} for users {users.tolist()} with items "
+                    f"{items.tolist()}, but the squared norms of those rows of the user_embedding and item_embedding tables "
+                    f"sum to {[round(v, 6) for v in expected.tolist()]}. Return ||user row||^2 + the sum over the row's "
+                    "items of ||item row||^2 (every table of the group), which the methods' curvature assumes."
+                ))
+
+    def _check_representations(self, tables: dict[str, list[tuple[str, Tensor]]], user_tables: list[Tensor], item_tables: list[Tensor]) -> None:
+        cls = type(self)
+        try:
+            vectors = self.representations()
+        except Exception as exc:
+            raise _broken(cls, "representations", f"representations() raised {type(exc).__name__}: {exc}") from exc
+        if not (isinstance(vectors, (tuple, list)) and len(vectors) == 2 and all(isinstance(v, Tensor) for v in vectors)):
+            raise _broken(cls, "representations", "representations() must return a (user_vectors, item_vectors) pair of tensors.")
+        sides = (("user", "user_embedding", self.num_users), ("item", "item_embedding", self.num_items))
+        for (label, _, rows), side_vectors in zip(sides, vectors):
+            if side_vectors.dim() != 2 or side_vectors.shape[0] != rows:
+                raise _broken(cls, "representations", f"its {label} vectors have shape {tuple(side_vectors.shape)}, not ({rows}, D).")
+        # One backward pass: every table must receive a gradient from the vectors.
+        leaves = [*user_tables, *item_tables]
+        total = sum(v.sum() for v in vectors if v.requires_grad)
+        grads = torch.autograd.grad(total, leaves, allow_unused=True) if isinstance(total, Tensor) else [None] * len(leaves)
+        for (name, _), grad in zip([*tables["user_embedding"], *tables["item_embedding"]], grads):
+            if grad is None or not bool(grad.any()):
+                group = "user_embedding" if any(name == n for n, _ in tables["user_embedding"]) else "item_embedding"
+                raise _broken(cls, "representations", (
+                    f"its vectors do not depend on {name!r} (parameter_groups()[{group!r}]), so training and "
+                    "unlearning cannot move them. Compute them from the tables inside representations(): no "
+                    "detach(), torch.no_grad() or cached copies."
+                ))
+        if getattr(self, "adjacency", None) is not None:
+            return  # a graph model: the vectors are propagated rows
+        for (label, group, _), side_vectors, side_tables in zip(sides, vectors, (user_tables, item_tables)):
+            rows_of_tables = torch.cat(side_tables, dim=1)
+            if side_vectors.shape != rows_of_tables.shape or not torch.equal(side_vectors.detach(), rows_of_tables.detach()):
+                names = ", ".join(name for name, _ in tables[group])
+                raise _broken(cls, "representations", (
+                    f"its {label} vectors are not the rows of parameter_groups()[{group!r}] ({names}) concatenated in "
+                    "that order, which the methods' curvature blocks rely on. Return the tables (torch.cat of them) "
+                    "or, for a model that computes the vectors through a graph, set self.adjacency."
+                ))
 
     # ------------------------------------------------------------------ scoring
     def score(self, users: Tensor, items: Tensor) -> Tensor:
@@ -167,6 +450,7 @@ class Recommender(pl.LightningModule):
         train = getattr(datamodule, "train", None)
         if isinstance(train, Interactions):
             self.set_graph(train)
+        self.check_contract()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch) + self.dense_penalty()
@@ -211,3 +495,6 @@ class Recommender(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_ranking("test", self.test_metrics)
+
+
+Recommender._abstract_methods = _abstract_names(Recommender)
