@@ -303,6 +303,9 @@ def main(args: list[str] | None = None) -> None:
     Raises:
         SystemExit: on invalid arguments, or (status 2) when the data set is not found.
     """
+    from lightning_unlearn.recipes_cli import console_args
+
+    args = console_args(args)  # `recipes list|copy` ends here; `-c ml100k/mf` becomes the shipped recipe's path
     torch.set_flush_denormal(True)
     try:
         LightningUnlearnCLI(
