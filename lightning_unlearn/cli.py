@@ -22,6 +22,7 @@ from lightning_unlearn.unlearning.compare import compare, format_table, write_ou
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.record import adopt_key, restore_checkpoint
 from lightning_unlearn.unlearning.reporting import (
     check_artifact_logging,
     log_comparison,
@@ -29,7 +30,6 @@ from lightning_unlearn.unlearning.reporting import (
     log_unlearning_artifacts,
     wandb_run_lines,
 )
-from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["LightningUnlearnCLI", "UnlearningTrainer", "main"]
 
@@ -46,6 +46,7 @@ class UnlearningTrainer(pl.Trainer):
         method: Unlearner,
         out: str | None = None,
         missing: Literal["error", "ignore"] = "error",
+        branch: bool = False,
         log_artifacts: bool = False,
     ) -> list[dict[str, Any]]:
         """Load a trained checkpoint, apply the requests with a method, evaluate, log, save.
@@ -62,6 +63,9 @@ class UnlearningTrainer(pl.Trainer):
             method: the unlearning method, e.g. ``FineTune`` or ``Retrain``.
             out: folder for the unlearned checkpoints and the journal (default: ``<run dir>/unlearning``).
             missing: ``"error"`` refuses pairs that are not training rows, ``"ignore"`` drops them.
+            branch: ``ckpt_path`` is a checkpoint of another unlearning folder and ``out`` (a new,
+                empty folder) starts a new branch from it; that folder's key is copied along, so
+                the requests it applied are still recognised.
             log_artifacts: also log the unlearned checkpoints (W&B artifact type ``unlearned-model``)
                 and the journal (``unlearning-journal``); needs a ``WandbLogger`` (offline runs
                 upload them at ``wandb sync``).
@@ -69,17 +73,27 @@ class UnlearningTrainer(pl.Trainer):
         Returns:
             One report per request applied (as plain dicts).
 
+        Every check that can refuse the command -- the checkpoint, the requests file, the
+        request against the data, the folder's latest state -- runs before any logger starts a
+        run, so a refusal (whose message may name ids) never reaches the loggers' files.
+
         Raises:
             ValueError: ``log_artifacts`` without a W&B logger, or with W&B disabled.
+            InvalidDeletionRequest: the request is invalid for this data (nothing changed).
+            StaleCheckpoint: ``ckpt_path`` is not the latest state of ``out`` (see ``docs/journal.rst``).
         """
         if log_artifacts:
             check_artifact_logging(self.loggers)  # before any work: a refused option changes nothing
-        state = _load_checkpoint(ckpt_path, model, datamodule)
-        callback = UnlearningCallback(method, requests_file=requests, dirpath=out or Path(self._run_dir()) / "unlearning", missing=missing)
+        dirpath = Path(out) if out else Path(self._run_dir()) / "unlearning"
+        if branch:
+            adopt_key(Path(ckpt_path).parent, dirpath)
+        state = restore_checkpoint(ckpt_path, model, datamodule)
+        callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
         if state.get("unlearning"):
             callback.load_state_dict(state["unlearning"])
         callback.read_requests_file()
-        log_config(self.loggers, {"deletion_applied": _deletion_summary(requests, datamodule, missing)})
+        summaries = callback.check(datamodule)
+        log_config(self.loggers, {"deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
         device = self.strategy.root_device
         model.to(device)
         reports = callback.apply_pending(
@@ -89,9 +103,10 @@ class UnlearningTrainer(pl.Trainer):
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
         print(f"[unlearn] journal: {callback.journal.path}")
         if log_artifacts and reports:
-            applied = [e for e in callback.journal if e["status"] == "applied"][-len(reports):]
+            journal = callback.journal
+            applied = [e for e in journal if e["status"] == "applied"][-len(reports):]
             metadata = {"requests": [{k: v for k, v in e.items() if k != "checkpoint"} for e in applied]}
-            names = log_unlearning_artifacts(self.loggers, [e["checkpoint"] for e in applied], callback.journal.path, metadata)
+            names = log_unlearning_artifacts(self.loggers, [journal.checkpoint(e) for e in applied], journal.path, metadata)
             print(f"[unlearn] W&B artifacts: {', '.join(names)}")
         return [r.as_dict() for r in reports]
 
@@ -128,7 +143,7 @@ class UnlearningTrainer(pl.Trainer):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         fit_seconds = float("nan")
         if ckpt_path:
-            _load_checkpoint(ckpt_path, model, datamodule)
+            restore_checkpoint(ckpt_path, model, datamodule)
         else:
             start = time.perf_counter()
             self.fit(model, datamodule)
@@ -150,47 +165,15 @@ class UnlearningTrainer(pl.Trainer):
         return self.log_dir or self.default_root_dir
 
 
-def _deletion_summary(requests: str, datamodule: RecDataModule, missing: str) -> dict[str, Any]:
-    """Counts and digest of a requests file against the current training split (never its ids).
-
-    A request that no longer resolves (e.g. already applied) is summarised by its counts alone.
-    """
-    request = DeletionRequest.from_file(requests)
-    try:
-        return request.resolve(datamodule.train, missing=missing).summary()
-    except InvalidDeletionRequest:
-        return {**request.summary(), "digest": None}
-
-
-def _load_checkpoint(path: str, model: Recommender, datamodule: RecDataModule) -> dict[str, Any]:
-    """Load weights into ``model`` and re-apply recorded removals to ``datamodule``.
-
-    Reads Lightning checkpoints and the callback's unlearned checkpoints alike (``weights_only``).
-    A checkpoint recorded on other data than ``datamodule`` loads raises
-    :class:`~lightning_unlearn.data.datamodule.DataFingerprintMismatch` before the model or the
-    data change.
-    """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    removals = state.get("datamodule_state") or state.get(type(datamodule).__qualname__)
-    datamodule.check_state_dict(removals)
-    model.load_state_dict(state["state_dict"])
-    if removals:
-        datamodule.load_state_dict(removals)
-    datamodule.setup()
-    model.set_graph(datamodule.train)
-    if "unlearning" not in state:
-        callbacks = state.get("callbacks", {})
-        state["unlearning"] = next((v for k, v in callbacks.items() if k.startswith("UnlearningCallback")), None)
-    return state
-
-
 class LightningUnlearnCLI(LightningCLI):
     """LightningCLI for recommenders: dataset sizes are linked into the model, ``fit`` ends with
     a test of the best checkpoint, and ``unlearn``/``compare`` come from :class:`UnlearningTrainer`.
 
     Every command records the fully resolved configuration in its loggers' hyperparameters
     (``wandb.config``) before it starts working, so an offline W&B run holds it even if the
-    command crashes. A ``WandbLogger`` without ``group`` is grouped by recipe (``ml100k/compare_mf``
+    command crashes. W&B does not capture the console (``WANDB_CONSOLE=off`` unless set): an
+    error about a deletion request names its ids, and they must not reach the run's files. A
+    ``WandbLogger`` without ``group`` is grouped by recipe (``ml100k/compare_mf``
     for ``recipes/ml100k/compare_mf.yaml``) and gets the command as its ``job_type``; when the
     command ends, the run is finished and its folder and ``wandb sync`` command are printed.
 
@@ -210,6 +193,10 @@ class LightningUnlearnCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if _wandb_logger_configs(config):
+            # W&B would copy the console into the run's files (output.log, the .wandb log), and an
+            # error about a deletion request names its ids: keep the console out (WANDB_CONSOLE=wrap opts in).
+            os.environ.setdefault("WANDB_CONSOLE", "off")
         for logger in _wandb_logger_configs(config):
             args = logger.init_args
             if args.get("offline") and args.get("log_model"):

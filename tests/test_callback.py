@@ -11,7 +11,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN
 from lightning_unlearn.unlearning.callback import UnlearningCallback
-from lightning_unlearn.unlearning.methods import FineTune, Retrain, UnlearningError, Unlearner
+from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
@@ -69,10 +69,10 @@ def test_applies_requests_at_train_end(tmp_path):
     entries = journal(tmp_path)
     assert [e["status"] for e in entries] == ["pending", "applied"]
     assert entries[1]["num_rows"] == removed and entries[1]["method"] == "FineTune(epochs=1)"
-    checkpoint = torch.load(entries[1]["checkpoint"], weights_only=True)
+    checkpoint = torch.load(tmp_path / entries[1]["checkpoint"], weights_only=True)
     for name, value in model.state_dict().items():
         assert torch.equal(checkpoint["state_dict"][name], value)
-    reloaded = MF.load_from_checkpoint(entries[1]["checkpoint"])
+    reloaded = MF.load_from_checkpoint(tmp_path / entries[1]["checkpoint"])
     assert torch.equal(reloaded.user_embedding.weight, model.user_embedding.weight)
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -146,19 +146,20 @@ def test_resume_after_crash_between_pending_and_applied(tmp_path):
     model, dm, _ = trained()
     callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[6]), DeletionRequest(users=[8])], dirpath=tmp_path)
     callback.apply_pending(model, dm)  # request 0 and 1 applied, checkpoints written
-    first_ckpt = journal(tmp_path)[1]["checkpoint"]
+    first_ckpt = tmp_path / journal(tmp_path)[1]["checkpoint"]
 
     # A second session restores from the checkpoint written after request 0, with request 1
     # still pending in its state; it crashes mid-way through request 1, then restarts again.
     state = torch.load(first_ckpt, weights_only=True)
-    assert state["unlearning"]["pending"] == [{"pairs": [], "users": [8], "items": []}]
+    [pending] = state["unlearning"]["pending"]  # stored as indices into the id maps, never raw ids
+    assert pending["pairs"].shape == (0, 2) and pending["users"].tolist() == [8] and pending["items"].tolist() == []
 
     def restore():
         fresh_dm = datamodule()
         fresh_dm.load_state_dict(state["datamodule_state"])
         fresh_dm.setup()
         fresh_model = MF.load_from_checkpoint(first_ckpt)
-        resumed = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "second")
+        resumed = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "second", branch=True)
         resumed.load_state_dict(state["unlearning"])
         return fresh_model, fresh_dm, resumed
 
@@ -209,12 +210,20 @@ def test_retrain_equals_a_fresh_fit_on_the_retained_rows(tmp_path):
         assert torch.equal(model.state_dict()[name], value), name
 
 
-def test_state_dict_round_trip_keeps_pending_requests():
-    callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(pairs=[(1, "a")], users=[2], items=["b"])])
-    state = json.loads(json.dumps(callback.state_dict()))  # plain values only
+def test_state_dict_round_trip_keeps_pending_requests_as_indices(tmp_path):
+    dm = datamodule_after_setup()
+    user, item = first_pair(dm)
+    callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(pairs=[(user, item)], users=[2], items=["7"])])
+    assert callback.state_dict()["pending"] == [] and callback.state_dict()["unstored_pending"] == 1  # no data yet
+    callback.check(dm)
+    torch.save(callback.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain values and tensors only
+    [pending] = state["pending"]
+    assert pending["pairs"].tolist() == [[user, item]] and pending["users"].tolist() == [2] and pending["items"].tolist() == [7]
     other = UnlearningCallback(FineTune())
     other.load_state_dict(state)
-    assert other.pending == 1 and other.state_dict() == callback.state_dict()
+    other.check(dm)
+    assert other.pending == 1 and other._queue[0].canonical(dm.train) == callback._queue[0].canonical(dm.train)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +296,7 @@ def test_logs_counts_timings_and_utility_never_raw_ids(tmp_path):
         assert all(isinstance(v, (int, float)) for v in record.values())
         assert not any(str(raw) in key for key in record for raw in (29, 37))
     allowed = {"time", "digest", "status", "kind", "method", "request", "num_rows", "num_pairs", "num_users", "num_items",
-               "num_ignored", "seconds", "total_seconds", "checkpoint", "drift", "policy"}
+               "num_ignored", "seconds", "total_seconds", "checkpoint", "drift", "policy", "seq", "prev", "hash", "pending_seq"}
     for entry in journal(tmp_path):
         assert set(entry) <= allowed, set(entry) - allowed
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("cli_run")
 SCHEMA = {
     "top": {"dataset": str, "model": str, "loss": str, "hardware": dict, "deletion": dict, "original": dict, "methods": list},
     "hardware": {"cpu": str, "threads": int, "device": str},
-    "deletion": {"kind": str, "rows": int, "users": int, "items": int, "digest": str},
+    "deletion": {"kind": str, "rows": int, "users": int, "items": int},
     "original": {"fit_seconds": float, "grad_norm": float, "utility": dict, "deleted": dict},
     "method": {"name": str, "seconds": float, "precompute_seconds": float, "speedup_vs_retrain": float,
                "utility": dict, "deleted": dict, "completeness": dict, "diagnostics": dict},
@@ -97,16 +97,20 @@ def test_unlearn_command_applies_a_requests_file(ml100k_slice, tmp_path, capsys)
     assert "[unlearn] FineTune(epochs=1):" in capsys.readouterr().out
     entries = [json.loads(line) for line in (tmp_path / "unlearned" / "journal.jsonl").read_text().splitlines()]
     assert [e["status"] for e in entries] == ["pending", "applied"] and entries[1]["num_users"] == 1
-    unlearned = torch.load(entries[1]["checkpoint"], weights_only=True)
+    unlearned_path = str(tmp_path / "unlearned" / entries[1]["checkpoint"])
+    unlearned = torch.load(unlearned_path, weights_only=True)
     original = torch.load(checkpoint, weights_only=True)
     assert not torch.equal(unlearned["state_dict"]["user_embedding.weight"], original["state_dict"]["user_embedding.weight"])
     assert len(unlearned["datamodule_state"]["users"]) == 1
 
-    # Running it again from the unlearned checkpoint does not apply the request a second time.
-    main(["unlearn", "-c", str(fit_recipe), "--ckpt_path", entries[1]["checkpoint"], "--requests", "requests.csv",
-          "--method", "FineTune", "--out", "again"])
-    assert "rows removed" not in capsys.readouterr().out
+    # Running it again from the unlearned checkpoint does not apply the request a second time,
+    # neither in its own folder nor in a new branch (which carries the folder's key along).
+    for out in (["--out", "unlearned"], ["--out", "again", "--branch", "true"]):
+        main(["unlearn", "-c", str(fit_recipe), "--ckpt_path", unlearned_path, "--requests", "requests.csv",
+              "--method", "FineTune", *out])
+        assert "rows removed" not in capsys.readouterr().out
     assert not (tmp_path / "again" / "journal.jsonl").exists()
+    assert len((tmp_path / "unlearned" / "journal.jsonl").read_text().splitlines()) == 2
 
 
 def test_unlearn_command_help_lists_its_arguments(capsys):

@@ -24,14 +24,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_unlearn.cli import _load_checkpoint
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.data.datamodule import DataFingerprintMismatch
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning import callback as callback_module
-from lightning_unlearn.unlearning.callback import UnlearningCallback, recover, save_checkpoint
+from lightning_unlearn.unlearning import record as record_module
+from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
+from lightning_unlearn.unlearning.record import recover, restore_checkpoint, save_checkpoint
 from lightning_unlearn.unlearning.request import DeletionRequest
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork a child process")
@@ -71,7 +71,7 @@ def session(checkpoint: Path, out: Path):
     torch.set_num_threads(1)
     dm = datamodule()
     model = new_model(dm)
-    state = _load_checkpoint(str(checkpoint), model, dm)
+    state = restore_checkpoint(str(checkpoint), model, dm)
     callback = UnlearningCallback(FineTune(epochs=1, batch_size=16), requests=requests(datamodule()), dirpath=out, seed=0)
     if state.get("unlearning"):
         callback.load_state_dict(state["unlearning"])
@@ -131,18 +131,10 @@ def on_call(target, name: str, how: str, at: int, mp: pytest.MonkeyPatch, before
     mp.setattr(target, name, patched)
 
 
-def torn_write(fh_arg_index: int = 1):
-    """``torch.save(payload, fh)`` that writes half of the bytes, then stops."""
-
-    def before(payload, fh, *args, **kwargs):
-        import io
-
-        buffer = io.BytesIO()
-        torch.serialization.save(payload, buffer)
-        fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        fh.flush()
-
-    return before
+def torn_write(fh, data):
+    """The checkpoint write that gets half of the bytes on disk, then stops."""
+    fh.write(data[: len(data) // 2])
+    fh.flush()
 
 
 def torn_journal_line(wanted: str, how: str, request: int, mp: pytest.MonkeyPatch):
@@ -151,7 +143,7 @@ def torn_journal_line(wanted: str, how: str, request: int, mp: pytest.MonkeyPatc
 
     def patched(self, digest, status, **fields):
         if status == wanted and fields.get("request") == request:
-            line = json.dumps({"digest": digest, "status": status, **fields}, sort_keys=True) + "\n"
+            line = json.dumps({"seq": len(self.entries()), "digest": digest, "status": status, **fields}, sort_keys=True) + "\n"
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(line[: len(line) // 2])
                 fh.flush()
@@ -174,11 +166,11 @@ def inject(fault: str, how: str, request: int, mp: pytest.MonkeyPatch) -> None:
     elif fault == "evaluate":
         on_call(UnlearningCallback, "_utility", how, at, mp)
     elif fault == "checkpoint_write":
-        on_call(torch, "save", how, at, mp, before=torn_write())
+        on_call(record_module, "_write", how, at, mp, before=torn_write)
     elif fault == "before_rename":
         on_call(os, "replace", how, at, mp)
     elif fault == "after_rename":
-        on_call(callback_module, "fsync_directory", how, at, mp)
+        on_call(record_module, "fsync_directory", how, at, mp)
     elif fault == "journal_pending":
         torn_journal_line("pending", how, request, mp)
     elif fault == "journal_applied":
@@ -219,8 +211,10 @@ def assert_finished_like_reference(model, dm, out: Path, reference) -> None:
     assert journal.interrupted() == []
     final = {e["request"]: e["status"] for e in journal}
     assert final == {0: "applied", 1: "applied", 2: "applied"}
-    digests = {e["request"]: e["digest"] for e in Journal(reference_out / "journal.jsonl")}
-    assert {e["request"]: e["digest"] for e in journal} == digests
+    # Each request keeps one digest through every entry; digests are keyed per folder, so they differ from the reference's.
+    digests = {(e["request"], e["digest"]) for e in journal}
+    assert sorted(r for r, _ in digests) == [0, 1, 2]
+    assert not {d for _, d in digests} & {e["digest"] for e in Journal(reference_out / "journal.jsonl")}
     # Every checkpoint on disk loads safely; the last one holds the final model and all three requests.
     for path in out.glob("*.ckpt"):
         torch.load(path, weights_only=True)
@@ -264,7 +258,7 @@ def test_kill_mid_request_then_restart_applies_every_request_exactly_once(fault,
     assert_finished_like_reference(model, dm, out, reference)
     assert journal_trace(out) == TRACE_AFTER_KILL[fault]
     torn = [line for line in (out / "journal.jsonl").read_text().splitlines() if not _parses(line)]
-    assert len(torn) == (1 if fault.startswith("journal_") else 0)
+    assert torn == []  # a torn last line is cut off by the next append: the chain stays whole
 
 
 def test_kill_in_the_first_request_resumes_from_the_trained_checkpoint(trained, reference, tmp_path):
@@ -341,25 +335,28 @@ def test_the_same_requests_again_are_not_applied_twice(trained, reference, tmp_p
 # ----------------------------------------------------------------------------- the journal itself
 
 
-def test_journal_survives_a_torn_line(tmp_path):
+def test_journal_cuts_off_a_torn_last_line_and_keeps_the_chain(tmp_path):
     journal = Journal(tmp_path / "journal.jsonl")
     journal.append("aa", "pending", request=0)
     with open(journal.path, "a", encoding="utf-8") as fh:
-        fh.write('{"digest": "aa", "status": "appl')  # a crash mid-write
-    journal.append("aa", "failed", request=0, reason="x")
+        fh.write('{"digest": "aa", "seq": 1, "status": "appl')  # a crash mid-write
+    assert [e["status"] for e in journal] == ["pending"]  # the torn line was never acknowledged
+    journal.append("aa", "failed", request=0, reason="x", pending_seq=0)
     journal.append("bb", "pending", request=1)
-    assert [(e["digest"], e["status"]) for e in journal] == [("aa", "pending"), ("aa", "failed"), ("bb", "pending")]
+    assert [(e["seq"], e["digest"], e["status"]) for e in journal] == [(0, "aa", "pending"), (1, "aa", "failed"), (2, "bb", "pending")]
     assert journal.status() == {"aa": "failed", "bb": "pending"}
     assert [e["digest"] for e in journal.interrupted()] == ["bb"]
-    lines = journal.path.read_text().splitlines()
-    assert len(lines) == 4 and lines[1] == '{"digest": "aa", "status": "appl'
+    assert len(journal.path.read_text().splitlines()) == 3
 
 
-def test_journal_ignores_foreign_and_undecodable_lines(tmp_path):
+def test_a_whole_last_entry_without_its_newline_is_kept(tmp_path):
     journal = Journal(tmp_path / "journal.jsonl")
-    journal.path.write_bytes(b'5\n{"digest": 1, "status": "applied"}\n\xff\xfe\n[1]\n')
-    journal.append("cc", "applied", request=0)
-    assert [(e["digest"], e["status"]) for e in journal] == [("cc", "applied")]
+    journal.append("aa", "pending", request=0)
+    journal.append("aa", "applied", request=0, pending_seq=0)
+    journal.path.write_bytes(journal.path.read_bytes()[:-1])
+    assert [e["status"] for e in journal] == ["pending", "applied"]
+    journal.append("bb", "pending", request=1)
+    assert [e["seq"] for e in journal] == [0, 1, 2]
 
 
 def test_recover_closes_interrupted_entries_by_what_is_on_disk(tmp_path):
@@ -370,9 +367,9 @@ def test_recover_closes_interrupted_entries_by_what_is_on_disk(tmp_path):
     journal.append("bbbb", "pending", request=1, checkpoint=str(tmp_path / "unlearned-0001-bbbb.ckpt"))
     assert recover(tmp_path) == tmp_path / "unlearned-0000-aaaa.ckpt"
     assert journal.status() == {"aaaa": "applied", "bbbb": "failed"}
-    assert [e.get("recovered") for e in journal] == [None, None, True, True]
+    assert [(e.get("recovered"), e.get("pending_seq")) for e in journal] == [(None, None), (None, None), (True, 0), (True, 1)]
     assert "interrupted" in list(journal)[-1]["reason"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.jsonl", "unlearned-0000-aaaa.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.jsonl", "journal.lock", "unlearned-0000-aaaa.ckpt"]
     assert recover(tmp_path) == tmp_path / "unlearned-0000-aaaa.ckpt" and len(list(journal)) == 4  # idempotent
 
 
@@ -385,7 +382,7 @@ def test_unlearn_refuses_a_checkpoint_of_other_data_before_changing_anything(tra
     before = {k: v.clone() for k, v in model.state_dict().items()}
     saved = torch.load(trained, weights_only=True)["datamodule_state"]["fingerprint"]
     with pytest.raises(DataFingerprintMismatch) as err:
-        _load_checkpoint(str(trained), model, other)
+        restore_checkpoint(str(trained), model, other)
     message = str(err.value)
     assert saved in message and other.data_fingerprint in message and "same data and datamodule settings" in message
     for name, value in model.state_dict().items():

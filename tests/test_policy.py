@@ -154,10 +154,10 @@ def test_the_drift_counter_survives_a_checkpoint(tmp_path):
     apply(callback, model, dm, 1)
     state = json.loads(json.dumps(callback.state_dict()))  # plain values only
     assert state["drift"] == {"fitted_rows": len(dm.train) + 1, "fitted_grad_norm": None, "requests": 1, "rows": 1}
-    checkpoint = torch.load(applied(tmp_path)[0]["checkpoint"], weights_only=True)
+    checkpoint = torch.load(tmp_path / applied(tmp_path)[0]["checkpoint"], weights_only=True)
     assert checkpoint["unlearning"]["drift"] == state["drift"]
 
-    resumed = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "resumed", evaluate=False, seed=0, retrain_every=2,
+    resumed = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path, evaluate=False, seed=0, retrain_every=2,
                                  max_deleted_fraction=None)
     resumed.load_state_dict(state)
     assert resumed.drift == pytest.approx(1 / (len(dm.train) + 1))

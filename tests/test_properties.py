@@ -518,15 +518,17 @@ def test_a_bad_request_leaves_datamodule_model_journal_and_queue_unchanged(tmp_p
     else:
         absent = [(u, i) for u in range(dm.num_users) for i in range(dm.num_items) if (u, i) not in present]
         request, match = DeletionRequest(pairs=[data_strategy.draw(st.sampled_from(absent))]), "not a row"
-    callback = UnlearningCallback(FineTune(epochs=1, batch_size=64), requests=[request], dirpath=folder, evaluate=False)
+    callback = good
+    callback.request(request)
     with pytest.raises(InvalidDeletionRequest, match=match):
         callback.apply_pending(model, dm)
     assert_same_splits(splits(dm), before_data)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before_model[name]), name
     assert (folder / "journal.jsonl").read_bytes() == journal_bytes
-    assert callback.pending == 1 and callback.reports == []
-    assert sorted(p.name for p in folder.iterdir()) == ["journal.jsonl", next(folder.glob("unlearned-*.ckpt")).name]
+    assert callback.pending == 1 and len(callback.reports) == 1  # the refused request stays at the head of the queue
+    assert sorted(p.name for p in folder.iterdir()) == ["journal.jsonl", "journal.key", "journal.lock",
+                                                        next(folder.glob("unlearned-*.ckpt")).name]
 
 
 @SLOW

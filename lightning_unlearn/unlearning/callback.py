@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -19,13 +16,14 @@ from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import Journal, fsync_directory
+from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.alteraser import AltEraser
-from lightning_unlearn.unlearning.methods.base import UnlearningContext, UnlearningError, UnlearningReport, Unlearner
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.ifru import IFRU
 from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.record import check_lineage, journal_of, recover, save_checkpoint
 from lightning_unlearn.unlearning.reporting import define_request_axis
 from lightning_unlearn.unlearning.request import DeletionRequest
 
@@ -49,11 +47,15 @@ class UnlearningCallback(pl.Callback):
     datamodule and queue are restored, the journal says ``failed`` with the reason, and the
     error propagates.
 
-    Exactly once: a request is recognised by its content (:func:`request_fingerprint`), and
-    the fingerprints of the applied requests travel in every checkpoint with the model and the
-    datamodule's removals, so a run resumed from a checkpoint skips what that checkpoint holds
-    and applies the rest. After a crash, :func:`recover` tidies the folder (partial files,
-    interrupted journal entries) and names the checkpoint to resume from.
+    Exactly once: a request is recognised by its content (:func:`request_fingerprint`: its ids'
+    indices in the data's id maps, keyed with the folder's secret), and the fingerprints of the
+    applied requests travel in every checkpoint with the model, the datamodule's removals and
+    the checkpoint's lineage (the journal entry it embodies), so a run resumed from a checkpoint
+    skips what that checkpoint holds and applies the rest. Requests are applied only on top of
+    the folder's latest state (:func:`~lightning_unlearn.unlearning.record.check_lineage`), by
+    one process at a time (the journal's folder lock). After a crash, :func:`recover` tidies the
+    folder (partial files, interrupted journal entries) and names the checkpoint to resume from.
+    See ``docs/journal.rst``.
 
     Retrain policy: a fast method's error adds up over a stream of requests, so every so often
     a request is served by :class:`~lightning_unlearn.unlearning.methods.Retrain` (with the
@@ -80,6 +82,8 @@ class UnlearningCallback(pl.Callback):
         dirpath: folder for the journal and the unlearned checkpoints (default:
             ``<trainer.default_root_dir>/unlearning``).
         missing: ``"error"`` refuses pairs that are not training rows; ``"ignore"`` drops them.
+        branch: the model comes from a checkpoint of another unlearning folder, and ``dirpath``
+            (a new, empty folder) starts a new branch from it. Without it such a model is refused.
         evaluate: evaluate utility on validation and test after each request.
         seed: the original model's seed, for ``Retrain`` (default: the seed of
             ``seed_everything``, else 0).
@@ -139,6 +143,7 @@ class UnlearningCallback(pl.Callback):
         when: Literal["train_end", "epoch_end"] = "train_end",
         dirpath: str | os.PathLike | None = None,
         missing: Literal["error", "ignore"] = "error",
+        branch: bool = False,
         evaluate: bool = True,
         seed: int | None = None,
         retrain_every: int | None = None,
@@ -167,19 +172,24 @@ class UnlearningCallback(pl.Callback):
         # the drift counter: rows the model was last fitted on (known at the first request), its
         # gradient norm then (with max_grad_ratio), and the requests and rows deleted since
         self._drift = _fresh_drift()
-        self.method, self.when, self.missing, self.evaluate = method, when, missing, evaluate
+        self.method, self.when, self.missing, self.evaluate, self.branch = method, when, missing, evaluate, bool(branch)
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.requests_file = requests_file
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self._queue: list[DeletionRequest] = list(requests)
+        self._restored: list[dict[str, Any]] = []  # pending requests of a loaded state, as indices (need the data)
         self._applied: list[str] = []
+        self._lineage: dict[str, Any] | None = None  # the journal entry the model embodies (None: no request yet)
+        self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
     # ------------------------------------------------------------------ queueing
     @property
     def pending(self) -> int:
-        """Number of requests waiting to be applied."""
-        return len(self._queue)
+        """Number of requests waiting to be applied (once the data is known, without the ones already applied)."""
+        if self._datamodule is not None:
+            self._merge_restored(self._datamodule)
+        return len(self._queue) + len(self._restored)
 
     @property
     def drift(self) -> float:
@@ -208,11 +218,72 @@ class UnlearningCallback(pl.Callback):
             raise TypeError(f"request(...) takes a DeletionRequest, got {type(request).__name__}.")
         self._queue.append(request)
 
+    def drop(self, position: int = 0, reason: str = "dropped by the operator") -> DeletionRequest:
+        """Take a queued request off the queue without applying it, e.g. one that was refused.
+
+        A refused request stays at the head of the queue (so it is never skipped silently) and
+        blocks the ones behind it until it is fixed or dropped. Dropping it is journaled as
+        ``dropped`` with its keyed fingerprint and ``reason`` (when the callback has a folder).
+
+        Args:
+            position: the request's place in the queue (0: the head).
+            reason: why, for the journal (plain text: do not put ids in it).
+
+        Returns:
+            The dropped request.
+
+        Raises:
+            IndexError: no request at ``position``.
+        """
+        if self._datamodule is not None:
+            self._merge_restored(self._datamodule)
+        if not -len(self._queue) <= position < len(self._queue):
+            raise IndexError(f"drop(position={position}): the queue holds {len(self._queue)} request(s).")
+        request = self._queue.pop(position)
+        if self.dirpath is not None and self._datamodule is not None:
+            journal = self.journal
+            with journal.lock():
+                journal.append(self._fingerprint(request, self._datamodule), "dropped", reason=str(reason),
+                               **request.summary())
+        return request
+
+    def check(self, datamodule: RecDataModule) -> list[dict[str, Any]]:
+        """Raise now what applying the queue would refuse, changing neither model nor data.
+
+        Recovers the folder after a crash (:func:`recover`), checks that the model is the
+        folder's latest state (:func:`~lightning_unlearn.unlearning.record.check_lineage`) and
+        resolves every pending request against the training split. ``unlearn`` calls it before
+        any logger starts a run, so that no error naming ids reaches a logger's files.
+
+        Args:
+            datamodule: the model's datamodule.
+
+        Returns:
+            The summary of each pending request: counts and, with a folder, the keyed digest the
+            journal will record (never ids).
+
+        Raises:
+            InvalidDeletionRequest: a pending request is invalid for this data.
+            StaleCheckpoint: the model is not the folder's latest state.
+            FolderLocked, JournalCorrupted: as :meth:`apply_pending`.
+        """
+        self._datamodule = datamodule
+        self._merge_restored(datamodule)
+        if self.dirpath is not None and self._queue:
+            recover(self.dirpath)
+            check_lineage(self.journal, self._lineage, self.branch)
+        elsewhere = {"validation": datamodule.val, "test": datamodule.test}
+        resolved = [r.resolve(datamodule.train, missing=self.missing, elsewhere=elsewhere) for r in self._queue]
+        if self.dirpath is None:
+            return [r.summary() for r in resolved]
+        return [{**r.summary(), "digest": self.journal.keyed(r.digest)} for r in resolved]
+
     @property
     def journal(self) -> Journal:
+        """The journal of :attr:`dirpath` (``journal.jsonl``), the record of every request applied there."""
         if self.dirpath is None:
             raise RuntimeError("UnlearningCallback has no folder yet: pass dirpath=... or attach it to a Trainer.")
-        return Journal(self.dirpath / "journal.jsonl")
+        return journal_of(self.dirpath)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -220,6 +291,10 @@ class UnlearningCallback(pl.Callback):
         check_environment(trainer, pl_module, getattr(trainer, "datamodule", None))
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "unlearning"
+        self._datamodule = trainer.datamodule
+        if trainer.is_global_zero:
+            _ = self.journal.key  # made once, before the other ranks read it
+        trainer.strategy.barrier("unlearning-key")
         self.read_requests_file()
 
     def read_requests_file(self) -> None:
@@ -287,35 +362,53 @@ class UnlearningCallback(pl.Callback):
         if strategy is not None and strategy.world_size > 1:
             context.reduce = lambda tensor: strategy.reduce(tensor.clone(), reduce_op="sum")
             context.rank, context.world_size = strategy.global_rank, strategy.world_size
-        if self._queue and is_global_zero and self.dirpath is not None:
+        self._datamodule = datamodule
+        self._merge_restored(datamodule)
+        if not self._queue:
+            return []
+        journal = self.journal if is_global_zero else None
+        if journal is None:
+            return self._apply_queue(model, datamodule, context, loggers, None)
+        with journal.lock():  # one writer per folder, for the whole run
             recover(self.dirpath)  # a previous process may have died mid-request
-        if self._queue and is_global_zero:
+            check_lineage(journal, self._lineage, self.branch)
             define_request_axis(loggers)  # W&B plots unlearn/* against the request index: drift over a stream
+            return self._apply_queue(model, datamodule, context, loggers, journal)
+
+    def _apply_queue(self, model, datamodule, context, loggers, journal) -> list[UnlearningReport]:
         done = []
         while self._queue:
-            report = self._apply_next(model, datamodule, context, loggers, is_global_zero)
+            report = self._apply_next(model, datamodule, context, loggers, journal)
             if report is not None:
                 done.append(report)
         return done
 
-    def _apply_next(self, model, datamodule, context, loggers, is_global_zero) -> UnlearningReport | None:
-        """Apply the head of the queue as one transaction.
+    def _fingerprint(self, request: DeletionRequest, datamodule: RecDataModule) -> str:
+        return request_fingerprint(request, datamodule.train, self.journal)
+
+    def _apply_next(self, model, datamodule, context, loggers, journal: Journal | None) -> UnlearningReport | None:
+        """Apply the head of the queue as one transaction (``journal`` is ``None`` on ranks other than zero).
 
         The request counts as applied once the checkpoint holding its effect is on disk (rank
         zero) or the method has run (other ranks). Anything that fails before that -- the method,
         the evaluation, writing the checkpoint, an interrupt -- restores the model, the datamodule
         and the queue, and journals ``failed``; a process killed before that leaves the journal at
         ``pending`` and the previous checkpoint as the state to resume from (see :func:`recover`).
+        A request that is refused (invalid for this data) stays at the head of the queue: fix it
+        or take it off with :meth:`drop`.
         """
         request = self._queue[0]
-        fingerprint = request_fingerprint(request)
+        fingerprint = self._fingerprint(request, datamodule)
         if fingerprint in self._applied:
             self._queue.pop(0)
             return None
-        resolved = request.resolve(datamodule.train, missing=self.missing)
+        resolved = request.resolve(datamodule.train, missing=self.missing,
+                                   elsewhere={"validation": datamodule.val, "test": datamodule.test})
+        _refuse_broken_model(model)
         index = len(self._applied)
-        checkpoint = self.dirpath / f"unlearned-{index:04d}-{resolved.digest[:12]}.ckpt" if is_global_zero else None
-        drift_before = dict(self._drift)
+        digest = journal.keyed(resolved.digest) if journal else None
+        checkpoint = self.dirpath / f"unlearned-{journal.applied_count():04d}-{digest[:12]}.ckpt" if journal else None
+        drift_before, lineage_before = dict(self._drift), self._lineage
         if self._drift["fitted_rows"] is None:  # the first request: the model was fitted on the rows there are now
             self._drift["fitted_rows"] = len(datamodule.train)
         if self.max_grad_ratio is not None and self._drift["fitted_grad_norm"] is None:
@@ -323,26 +416,30 @@ class UnlearningCallback(pl.Callback):
         policy = self._policy()
         method = self.method if policy is None else self._retrain
         summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy} if policy else {})}
-        journal = self.journal if is_global_zero else None
-        if journal:
-            journal.append(status="pending", checkpoint=str(checkpoint), **summary)
+        pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
         start = time.perf_counter()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         try:
             with datamodule.transaction():  # a failure restores the data
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
                 model.set_graph(datamodule.train)
+                if not len(deleted):  # whole users/items with no training rows: only other splits lose them
+                    method, policy = _NOTHING_TO_UNLEARN, None
+                    summary.update(method=method.name)
+                    summary.pop("policy", None)
                 report = method.unlearn(model, datamodule.train_rows(), deleted, context)
-                if self.max_grad_ratio is not None and policy is None:
+                if self.max_grad_ratio is not None and policy is None and len(deleted):
                     grad_ratio = self._grad_ratio(model, datamodule.train_rows())
                     summary["grad_ratio"] = grad_ratio
                     if not 1 / self.max_grad_ratio <= grad_ratio <= self.max_grad_ratio:  # the method went astray: retrain
                         policy, method = "max_grad_ratio", self._retrain
                         summary.update(method=method.name, policy=policy, replaced=self.method.name)
                         report = method.unlearn(model, datamodule.train_rows(), deleted, context)
-                utility = self._utility(model, datamodule) if self.evaluate and is_global_zero else {}
+                utility = self._utility(model, datamodule) if self.evaluate and journal else {}
                 self._applied.append(fingerprint)
                 self._queue.pop(0)
+                if pending is not None:
+                    self._lineage = {"journal": journal.id, "seq": pending["seq"]}
                 if policy is None:
                     self._drift.update(requests=self._drift["requests"] + 1, rows=self._drift["rows"] + len(deleted))
                 else:  # the model is now fitted on the rows that remain
@@ -360,16 +457,16 @@ class UnlearningCallback(pl.Callback):
             with torch.no_grad():
                 model.load_state_dict(before)
             model.set_graph(datamodule.train)
-            self._drift = drift_before
-            if journal:
+            self._drift, self._lineage = drift_before, lineage_before
+            if pending is not None:
                 reason = str(err) or type(err).__name__
-                journal.append(status="failed", reason=reason, seconds=time.perf_counter() - start, **summary)
+                journal.append(digest, "failed", reason=reason, seconds=time.perf_counter() - start,
+                               pending_seq=pending["seq"], **summary)
             raise
         self.reports.append(report)
         if journal:
-            journal.append(status="applied", seconds=report.seconds, checkpoint=str(checkpoint),
+            journal.append(digest, "applied", seconds=report.seconds, checkpoint=str(checkpoint), pending_seq=pending["seq"],
                            total_seconds=time.perf_counter() - start, drift=self.drift, **summary)
-        if is_global_zero:
             metrics = {"unlearn/request": index, "unlearn/seconds": report.seconds, "unlearn/rows_removed": report.rows_removed,
                        "unlearn/drift": self.drift, "unlearn/retrained": int(policy is not None),
                        **{f"unlearn/{k}": v for k, v in utility.items()}, **_scalars(report.diagnostics, "unlearn/diag/")}
@@ -388,32 +485,86 @@ class UnlearningCallback(pl.Callback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Plain values and tensors, never a raw id: the applied requests' keyed fingerprints, the
+        pending requests as indices into the data's id maps, the drift counter and the lineage.
+
+        A pending request can be stored only once the data is known (after ``setup`` or
+        :meth:`apply_pending`) and if its ids are in the data's maps; one that is not is left out
+        of the state (``unstored_pending`` counts them): give it again when resuming.
+        """
+        train = self._datamodule.train if self._datamodule is not None else None
+        stored = [r.indices(train) if train is not None else None for r in self._queue]
         return {
             "applied": list(self._applied),
-            "pending": [{"pairs": [list(p) for p in r.pairs], "users": list(r.users), "items": list(r.items)} for r in self._queue],
+            "pending": [*self._restored, *(s for s in stored if s is not None)],
+            "unstored_pending": sum(s is None for s in stored),
             "drift": dict(self._drift),
+            "lineage": dict(self._lineage) if self._lineage is not None else None,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the applied fingerprints, the pending requests and the drift counter (a checkpoint's ``unlearning`` entry).
+        """Restore the applied fingerprints, the pending requests, the drift counter and the lineage (a checkpoint's ``unlearning`` entry).
 
         The queue becomes the state's pending requests, then the ones queued here that are
         neither among them nor already applied (same content, :func:`request_fingerprint`), so
-        the requests given again on a restart are not listed twice.
+        the requests given again on a restart are not listed twice. (The stored requests are
+        indices: they join the queue when the data is known.)
         """
         self._applied = list(state_dict.get("applied", []))
         if "drift" in state_dict:  # a state written before the retrain policy has none: the counter starts afresh
             self._drift = {**_fresh_drift(), **state_dict["drift"]}
-        restored = [DeletionRequest(**spec) for spec in state_dict.get("pending", [])]
-        seen = set(self._applied)
-        queue = []
-        for request in restored + self._queue:
-            fingerprint = request_fingerprint(request)
-            if fingerprint not in seen:
-                seen.add(fingerprint)
-                queue.append(request)
-        self._queue = queue
+        self._lineage = state_dict.get("lineage")
+        pending = state_dict.get("pending", [])
+        if any(not isinstance(spec.get("users", ()), torch.Tensor) for spec in pending):
+            raise ValueError(
+                "This UnlearningCallback state stores pending requests as raw ids (lightning_unlearn < 0.2): it is "
+                "not loaded, so that no raw id is carried into new checkpoints. Resume from a checkpoint without "
+                "pending requests, or give the requests again."
+            )
+        self._restored = [dict(spec) for spec in pending]
+        if self._datamodule is not None:
+            self._merge_restored(self._datamodule)
+
+    def _merge_restored(self, datamodule: RecDataModule) -> None:
+        """Put the restored pending requests (indices) at the head of the queue; drop repeats and applied ones."""
+        datamodule.setup()
+        train = datamodule.train
+        queue = [DeletionRequest.from_indices(train, spec) for spec in self._restored] + self._queue
+        applied = set(self._applied)
+        keyed = bool(applied) and self.dirpath is not None and self.journal.key_exists()
+        seen: set[bytes] = set()
+        kept = []
+        for request in queue:
+            content = request.canonical(train)
+            if content in seen or (keyed and self._fingerprint(request, datamodule) in applied):
+                continue
+            seen.add(content)
+            kept.append(request)
+        self._queue, self._restored = kept, []
+
+
+class _NothingToUnlearn(Unlearner):
+    """What serves a request that removes no training row: the model saw none of its data."""
+
+    name = "none (no training rows)"
+
+    def update(self, model, retained, deleted, context) -> dict[str, Any]:
+        return {}
+
+
+_NOTHING_TO_UNLEARN = _NothingToUnlearn()
+
+
+def _refuse_broken_model(model: Recommender) -> None:
+    """Refuse to unlearn from a model whose parameters are not finite: no method can repair that."""
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise UnlearningError(
+            f"The model's parameters are NaN or infinite before unlearning ({', '.join(broken)}): the trained model itself "
+            f"is broken, so no unlearning method (and no damping) can give a meaningful result. Nothing was changed. "
+            f"Load a healthy checkpoint (e.g. the latest unlearned one, or the best of the fit) or retrain the model."
+        )
 
 
 def _finite_number(value: Any) -> bool:
@@ -456,102 +607,24 @@ def check_environment(trainer: pl.Trainer | None, model: Any, datamodule: Any) -
         )
 
 
-def request_fingerprint(request: DeletionRequest) -> str:
-    """SHA-256 of a request's canonical content: identifies a request across restarts.
+def request_fingerprint(request: DeletionRequest, interactions, journal: Journal) -> str:
+    """A request's identity across restarts: HMAC of its canonical content with the folder's key.
 
-    Unlike the digest of the resolved rows, it does not depend on what was already removed, so
-    a request seen again after a restart is recognised. Kept in the callback's state only.
-    """
-    canonical = {
-        "pairs": sorted([str(u), str(i)] for u, i in request.pairs),
-        "users": sorted(str(u) for u in request.users),
-        "items": sorted(str(i) for i in request.items),
-    }
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-
-
-def recover(dirpath: str | os.PathLike) -> Path | None:
-    """Tidy an unlearning folder after a crash and name the checkpoint to resume from.
-
-    Removes the partial checkpoints (``.unlearned-*.tmp``) a killed process left, and closes
-    every request the journal still shows ``pending``: as ``applied`` (``recovered: true``)
-    when its checkpoint was completely written (the rename is atomic), else as ``failed`` with
-    the reason ``interrupted``, so it is applied again when queued. Safe to call any time no
-    other process is applying requests into this folder (the callback calls it first).
+    The content is the request's ids as indices into the data's id maps
+    (:meth:`DeletionRequest.canonical`), so ``196``, ``"196"`` and ``"0196"`` are one request
+    of an integer-id data set; unlike the digest of the resolved rows it does not depend on what
+    was already removed, so a request seen again after a restart is recognised. Keyed, so it
+    cannot be reversed by hashing known ids.
 
     Args:
-        dirpath: the callback's folder (journal and checkpoints).
+        request: the request.
+        interactions: a table with the data's id maps (e.g. the training split).
+        journal: the folder's journal (its key).
 
     Returns:
-        The checkpoint of the last applied request (:meth:`Journal.last_checkpoint`), or
-        ``None`` when nothing was applied yet (resume from the trained model then).
-
-    Example:
-        >>> import tempfile
-        >>> folder = tempfile.mkdtemp()
-        >>> _ = Journal(f"{folder}/journal.jsonl").append(digest="ab12", status="pending", checkpoint=f"{folder}/gone.ckpt")
-        >>> recover(folder) is None, Journal(f"{folder}/journal.jsonl").status()
-        (True, {'ab12': 'failed'})
+        64 hex digits.
     """
-    dirpath = Path(dirpath)
-    for partial in dirpath.glob(".unlearned-*.tmp"):
-        partial.unlink(missing_ok=True)
-    journal = Journal(dirpath / "journal.jsonl")
-    for entry in journal.interrupted():
-        fields = {k: v for k, v in entry.items() if k not in ("time", "digest", "status", "reason", "recovered")}
-        checkpoint = entry.get("checkpoint")
-        if checkpoint and Path(checkpoint).is_file():
-            journal.append(entry["digest"], "applied", recovered=True, **fields)
-        else:
-            fields.pop("checkpoint", None)
-            journal.append(entry["digest"], "failed", recovered=True, **fields,
-                           reason="interrupted: the process stopped before the checkpoint holding this request was "
-                                  "written; the request is applied again when it is queued")
-    return journal.last_checkpoint()
-
-
-def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:
-    """Write an unlearned checkpoint atomically (temp file in the same folder, fsync, rename, fsync the folder).
-
-    The file loads with ``ModelClass.load_from_checkpoint(path)`` and with
-    ``torch.load(path, weights_only=True)`` (plain values and tensors only), and holds the
-    datamodule's removals with the data fingerprint and the callback's state, so a restart
-    neither forgets nor repeats a request. A killed process leaves at most a hidden
-    ``.unlearned-*.tmp`` file, which :func:`recover` removes; never a partial ``.ckpt``.
-
-    Args:
-        path: where to write the checkpoint.
-        model: the recommender.
-        datamodule: its datamodule (set up).
-        callback: the callback whose state goes into the checkpoint.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        OSError: the file could not be written (no partial file is left).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "pytorch-lightning_version": pl.__version__,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "hyper_parameters": dict(model.hparams),
-        "datamodule_state": datamodule.state_dict(),
-        "unlearning": callback.state_dict(),
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-    return path
+    return journal.keyed(b"lightning_unlearn/request/v2\x00" + request.canonical(interactions))
 
 
 def _scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -46,7 +46,7 @@ def compare(
     ``methods`` lacks it); a ``Retrain(seed=...)`` with another seed gives the seed noise.
     The datamodule keeps the deletion afterwards.
 
-    As soon as the deletion is resolved its counts and digest (never its ids) are added to the
+    As soon as the deletion is resolved its counts (never its ids nor an unkeyed digest) are added to the
     loggers' hyperparameters as ``deletion_applied``; each method's seconds and utility are
     logged as ``compare/<method>/<metric>`` when it finishes, so a crash keeps what was done.
 
@@ -241,7 +241,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'(original)':<{width}}{_cell(o['fit_seconds'])}{'':>12}{_cell(o['utility'].get('recall@20'))}{_cell(o['utility'].get('ndcg@20'))}")
     d = result["deletion"]
     lines.append(
-        f"deletion: {d['kind']}, {d['rows']} rows, {d['users']} whole users, {d['items']} whole items, digest {d['digest'][:16]}; "
+        f"deletion: {d['kind']}, {d['rows']} rows, {d['users']} whole users, {d['items']} whole items; "
         f"original grad norm {o['grad_norm']:.3g}; {result['hardware']['threads']} threads on {result['hardware']['device']}"
     )
     noise = next((m["noise"] for m in result["methods"] if m["noise"]), None)

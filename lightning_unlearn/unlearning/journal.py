@@ -1,114 +1,394 @@
-"""The unlearning journal: an append-only, fsynced JSON-lines audit of every request.
+"""The unlearning journal: the system of record of every deletion request in one folder.
 
-Crash safety: each entry is one line written with a single ``write`` and fsynced (and the
-folder fsynced when the file is created) before :meth:`Journal.append` returns. A process killed
-mid-write can leave a torn last line; readers skip it, and the next append first ends it with a
-newline so that the new entry stays a line of its own (the torn bytes stay, for forensics).
+Like a database's write-ahead log, ``journal.jsonl`` is append-only JSON lines, and each entry
+
+- carries a sequence number ``seq`` (0, 1, 2, ...), ``hash``, the SHA-256 of its own content,
+  and ``prev``, the previous entry's ``hash``, so a changed, removed, reordered or garbled line
+  breaks the chain (the last line too);
+- is written with a single ``write`` and fsynced (the folder too when the file is created)
+  before :meth:`Journal.append` returns;
+- names its checkpoint relative to the journal's folder, so the folder can be read from any
+  working directory (and moved as a whole).
+
+Reading is strict: a line that does not parse, has the wrong types or breaks the chain raises
+:class:`JournalCorrupted` naming the line and what to do, instead of being skipped. The one
+exception is a last line without its newline: a crash mid-write leaves such a torn line, the
+entry was never acknowledged, and the next append cuts it off.
+
+One writer at a time: :meth:`Journal.lock` takes an advisory lock (``fcntl.flock``) on the
+folder; a second process gets :class:`FolderLocked` naming the holder's pid. The lock dies with
+its process, so a crash never leaves the folder locked.
+
+Digests are keyed: :meth:`Journal.keyed` is an HMAC-SHA256 with a secret made once per folder
+(``journal.key``, readable by its owner only). The key never goes into a checkpoint or a logger,
+so a digest cannot be reversed by hashing known ids.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["Journal", "fsync_directory"]
+__all__ = ["FolderLocked", "Journal", "JournalCorrupted", "fsync_directory"]
 
-STATUSES = ("pending", "applied", "failed")
+STATUSES = ("pending", "applied", "failed", "dropped")
+KEY_FILE, LOCK_FILE = "journal.key", "journal.lock"
+GENESIS = "0" * 64
+"""``prev`` of the first entry."""
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "seq": int, "prev": str, "hash": str, "time": str, "digest": str, "status": str, "checkpoint": str, "request": int,
+    "pending_seq": int, "reason": str, "recovered": bool, "method": str, "journal": str,
+}
+_HELD: dict[str, list] = {}  # folder -> [fd, depth, pid]: the locks this process holds
+
+
+class JournalCorrupted(RuntimeError):
+    """The journal does not read as an unbroken chain of entries; nothing was applied.
+
+    The message names the file, the line and what to do (see ``docs/journal.rst``).
+    """
+
+
+class FolderLocked(RuntimeError):
+    """Another process is applying requests into the same folder (its pid is in the message)."""
 
 
 class Journal:
-    """Append-only JSON lines; each entry is flushed and fsynced before :meth:`append` returns.
+    """The append-only, hash-chained record of the requests applied in one folder.
 
-    Entries carry a request's digest, never its raw ids. The last entry of a digest is its
-    status: ``pending`` (accepted, being applied), ``applied`` or ``failed``. A digest whose last
-    entry is ``pending`` when no request is running was interrupted (the process died);
-    :meth:`interrupted` lists them and the callback closes them as ``failed`` when it starts.
+    Entries carry a request's keyed digest, never its raw ids. A request's life is a
+    ``pending`` entry (accepted, being applied), then ``applied`` or ``failed``, each naming the
+    ``pending`` entry it closes in ``pending_seq``; a request refused and taken off the queue is
+    ``dropped``. A ``pending`` entry that no later entry closes was interrupted (the process
+    died); :func:`~lightning_unlearn.unlearning.record.recover` closes it.
 
     Args:
-        path: the journal file (created, with its folder, on first append).
+        path: the journal file (created, with its folder, on the first append).
 
     Example:
         >>> import tempfile, os
         >>> journal = Journal(os.path.join(tempfile.mkdtemp(), "journal.jsonl"))
-        >>> journal.append(digest="ab12", status="pending", method="Retrain")["status"]
-        'pending'
+        >>> pending = journal.append(digest="ab12", status="pending", method="Retrain")
+        >>> pending["seq"], pending["prev"] == "0" * 64
+        (0, True)
+        >>> journal.append(digest="ab12", status="applied", pending_seq=0)["seq"]
+        1
         >>> journal.status()
-        {'ab12': 'pending'}
+        {'ab12': 'applied'}
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
+    @property
+    def folder(self) -> Path:
+        """The folder of the journal, its key, lock and checkpoints."""
+        return self.path.parent
+
+    # ------------------------------------------------------------------ writing
     def append(self, digest: str, status: str, **fields: Any) -> dict[str, Any]:
-        """Write one entry durably and return it.
+        """Write one entry durably (under the folder lock) and return it.
 
         Args:
-            digest: the resolved request's digest.
-            status: ``"pending"``, ``"applied"`` or ``"failed"``.
-            **fields: more plain values (counts, seconds, the checkpoint path, a reason).
+            digest: the request's keyed digest.
+            status: ``"pending"``, ``"applied"``, ``"failed"`` or ``"dropped"``.
+            **fields: more plain values (counts, seconds, the checkpoint path, a reason). A
+                ``checkpoint`` path is stored relative to the journal's folder.
 
         Raises:
             ValueError: on an unknown status.
-            TypeError: if a field is not JSON-serialisable (nothing is written).
+            TypeError: if a field is not JSON-serialisable or a known field has the wrong type
+                (nothing is written).
+            JournalCorrupted: the journal does not read as a chain (nothing is written).
+            FolderLocked: another process holds the folder.
         """
         if status not in STATUSES:
             raise ValueError(f"journal status must be one of {STATUSES}, got {status!r}.")
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "digest": digest, "status": status, **fields}
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        with open(self.path, "ab") as fh:
-            if not created and fh.tell() > 0 and not _ends_with_newline(self.path):
-                line = "\n" + line  # end a line torn by a crash, so this entry is a line of its own
-            fh.write(line.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        if created:
-            fsync_directory(self.path.parent)
+        if fields.get("checkpoint") is not None:
+            fields["checkpoint"] = self._relative(fields["checkpoint"])
+        with self.lock():
+            entries, last_hash, end = self._read()
+            entry = {"seq": len(entries), "prev": last_hash, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     "digest": digest, "status": status, **fields}
+            problem = _type_problem(entry)
+            if problem:
+                raise TypeError(f"journal entry: {problem}.")
+            entry["hash"] = _content_hash(entry)
+            line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+            created = not self.path.exists()
+            with open(self.path, "r+b" if not created else "wb") as fh:
+                fh.truncate(end)  # a torn last line (a crash mid-write) was never acknowledged
+                if end:
+                    fh.seek(end - 1)
+                    if fh.read(1) != b"\n":  # a whole last entry whose newline was not written
+                        line = b"\n" + line
+                fh.seek(end)
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if created:
+                fsync_directory(self.folder)
         return entry
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _relative(self, path: str | os.PathLike) -> str:
+        path = Path(path)
+        if not path.is_absolute():
+            path = Path.cwd() / path
+        try:
+            return str(path.resolve().relative_to(self.folder.resolve()))
+        except ValueError:
+            raise ValueError(f"journal checkpoint {path} is not inside the journal's folder {self.folder}.") from None
+
+    def checkpoint(self, entry: dict[str, Any]) -> Path | None:
+        """The checkpoint path an entry names, resolved against the journal's folder."""
+        name = entry.get("checkpoint")
+        return self.folder / name if name else None
+
+    # ------------------------------------------------------------------ reading
+    def _read(self) -> tuple[list[dict[str, Any]], str, int]:
+        """``(entries, hash of the last entry's line, byte offset where the chain ends)``."""
         if not self.path.exists():
-            return iter(())
-        lines = self.path.read_bytes().decode("utf-8", errors="replace").split("\n")
-        # A crash mid-write can leave a torn line; every other line is intact.
-        entries = (_entry(line) for line in lines if line.strip())
-        return iter([entry for entry in entries if entry is not None])
+            return [], GENESIS, 0
+        data = self.path.read_bytes()
+        entries: list[dict[str, Any]] = []
+        last_hash, offset = GENESIS, 0
+        while offset < len(data):
+            newline = data.find(b"\n", offset)
+            raw = data[offset:] if newline < 0 else data[offset:newline]
+            entry, problem = _parse(raw, len(entries), last_hash)
+            if newline < 0 and problem:  # a torn last line: never acknowledged, cut off by the next append
+                break
+            if problem:
+                raise self._corrupted(len(entries) + 1, problem)
+            entries.append(entry)
+            last_hash = entry["hash"]
+            offset = len(data) if newline < 0 else newline + 1
+        return entries, last_hash, offset
+
+    def _corrupted(self, line: int, problem: str) -> JournalCorrupted:
+        return JournalCorrupted(
+            f"{self.path}, line {line}: {problem}. The journal is the record of every deletion in this folder and "
+            f"is never edited by hand; nothing was applied. To go on, restore {self.path.name} from a backup, or "
+            f"start a new branch in a new folder from the newest unlearned checkpoint here (`lightning-unlearn "
+            f"unlearn --ckpt_path <newest unlearned-*.ckpt> --out <new folder> --branch true`, which carries its "
+            f"deletions); see 'A damaged journal' in docs/journal.rst."
+        )
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, in order.
+
+        Raises:
+            JournalCorrupted: a line other than a torn last one does not read as the next entry.
+        """
+        return self._read()[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.entries())
 
     def status(self) -> dict[str, str]:
         """The latest status of every digest in the journal."""
         return {entry["digest"]: entry["status"] for entry in self}
 
     def interrupted(self) -> list[dict[str, Any]]:
-        """The last entry of every digest still ``pending``: requests whose process died mid-way.
+        """The ``pending`` entries that no later entry closes: requests whose process died mid-way.
 
         Example:
             >>> import tempfile, os
             >>> journal = Journal(os.path.join(tempfile.mkdtemp(), "journal.jsonl"))
             >>> _ = journal.append(digest="ab12", status="pending", request=0)
             >>> _ = journal.append(digest="cd34", status="pending", request=1)
-            >>> _ = journal.append(digest="cd34", status="applied", request=1)
+            >>> _ = journal.append(digest="cd34", status="applied", request=1, pending_seq=1)
             >>> [e["digest"] for e in journal.interrupted()]
             ['ab12']
         """
-        last: dict[str, dict[str, Any]] = {}
-        for entry in self:
-            last[entry["digest"]] = entry
-        return [entry for entry in last.values() if entry["status"] == "pending"]
+        entries = self.entries()
+        closed = {e["pending_seq"] for e in entries if "pending_seq" in e}
+        return [e for e in entries if e["status"] == "pending" and e["seq"] not in closed]
+
+    def latest(self) -> dict[str, Any] | None:
+        """The last ``applied`` entry: the folder's latest state (``None`` before the first)."""
+        return next((e for e in reversed(self.entries()) if e["status"] == "applied"), None)
+
+    def applied_count(self) -> int:
+        """How many requests this folder's chain has applied."""
+        return sum(e["status"] == "applied" for e in self.entries())
 
     def last_checkpoint(self) -> Path | None:
-        """The checkpoint of the latest ``applied`` entry whose file exists (``None`` if none).
+        """The checkpoint of the latest ``applied`` entry (``None`` if nothing was applied).
 
-        After a crash, resume from it: it holds the model, the datamodule's removals and the
-        callback's state as they were after that request.
+        Resume from it: it holds the model, the datamodule's removals and the callback's state
+        after every request this folder applied.
+
+        Raises:
+            FileNotFoundError: that checkpoint is gone. An older one would undo the deletions
+                after it, so none is offered instead.
         """
-        for entry in reversed(list(self)):
-            if entry["status"] == "applied" and entry.get("checkpoint") and Path(entry["checkpoint"]).is_file():
-                return Path(entry["checkpoint"])
-        return None
+        latest = self.latest()
+        if latest is None:
+            return None
+        path = self.checkpoint(latest)
+        if path is None or not path.is_file():
+            raise FileNotFoundError(
+                f"{self.path}: the latest applied request (entry {latest['seq']}) is held by {path}, which is missing. "
+                f"Restore that file from a backup; resuming from an older checkpoint would undo the deletions "
+                f"applied after it."
+            )
+        return path
+
+    # ------------------------------------------------------------------ the key
+    def key_exists(self) -> bool:
+        """Whether the folder's key was made (it is, on the first :attr:`key`)."""
+        return (self.folder / KEY_FILE).exists()
+
+    @property
+    def key(self) -> bytes:
+        """The folder's secret HMAC key (``journal.key``, made on first use, owner-readable only)."""
+        path = self.folder / KEY_FILE
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # made by another process meanwhile
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(32) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                fsync_directory(self.folder)
+        text = path.read_text().strip()
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) < 16:
+            raise JournalCorrupted(f"{path} is not a journal key (64 hex digits). Restore it from a backup.")
+        return key
+
+    def keyed(self, data: bytes | str) -> str:
+        """HMAC-SHA256 of ``data`` with the folder's key, as hex: a digest safe to store and log.
+
+        Example:
+            >>> import tempfile, os
+            >>> journal = Journal(os.path.join(tempfile.mkdtemp(), "journal.jsonl"))
+            >>> digest = journal.keyed("user 196")
+            >>> len(digest), digest == journal.keyed("user 196"), digest == journal.keyed("user 186")
+            (64, True, False)
+        """
+        data = data.encode("utf-8") if isinstance(data, str) else data
+        return hmac.new(self.key, data, hashlib.sha256).hexdigest()
+
+    @property
+    def id(self) -> str | None:
+        """This journal's identity: the hash of its first entry (``None`` while it is empty).
+
+        Checkpoints name it in their lineage; a journal that is replaced, or a branch that
+        shares the key, has another.
+        """
+        entries = self.entries()
+        return entries[0]["hash"][:16] if entries else None
+
+    # ------------------------------------------------------------------ the lock
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's advisory lock (re-entrant within this process).
+
+        Raises:
+            FolderLocked: another process holds it; the message names its pid.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = str(self.folder.resolve())
+        held = _HELD.get(name)
+        if held is not None and held[2] == os.getpid():
+            held[1] += 1
+            try:
+                yield
+            finally:
+                held[1] -= 1
+            return
+        fd = _take_lock(self.folder / LOCK_FILE)
+        _HELD[name] = [fd, 1, os.getpid()]
+        try:
+            yield
+        finally:
+            if _HELD.get(name, [None])[0] == fd:
+                del _HELD[name]
+            os.close(fd)  # releases the flock
+
+
+def _take_lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderLocked(
+            f"{path.parent} is locked by process {holder}, which is applying deletion requests there. Only one "
+            f"process may write a journal: wait for it to finish (the lock is released when it exits, also if it "
+            f"dies), then run again."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _parse(raw: bytes, seq: int, prev: str) -> tuple[dict[str, Any], str | None]:
+    """One line as the entry ``seq`` after the entry whose line hashes to ``prev``, or the problem."""
+    try:
+        entry = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        return {}, f"not a JSON entry ({type(err).__name__}: {str(err)[:80]})"
+    if not isinstance(entry, dict):
+        return {}, f"not a JSON object but a {type(entry).__name__}"
+    if not isinstance(entry.get("seq"), int) or "prev" not in entry:
+        return {}, "an entry without a sequence number (`seq`, `prev`): written by hand or by lightning_unlearn < 0.2"
+    problem = _type_problem(entry)
+    if problem:
+        return {}, problem
+    if entry["seq"] != seq:
+        return {}, f"sequence number {entry['seq']} where {seq} follows (a line was removed, repeated or moved)"
+    if entry.get("hash") != _content_hash(entry):
+        return {}, "its content does not match its `hash` (the line was changed)"
+    if entry["prev"] != prev:
+        return {}, "its `prev` hash does not match the entry before it (a line was changed, removed or moved)"
+    return entry, None
+
+
+def _content_hash(entry: dict[str, Any]) -> str:
+    """SHA-256 of an entry's canonical JSON without its ``hash`` field."""
+    content = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
+
+
+def _type_problem(entry: dict[str, Any]) -> str | None:
+    for name, kind in _FIELD_TYPES.items():
+        value = entry.get(name)
+        if name in entry and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            return f"field `{name}` must be a {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
+    if entry.get("status") not in STATUSES:
+        return f"status {entry.get('status')!r} is not one of {STATUSES}"
+    if "digest" not in entry:
+        return "an entry without a digest"
+    return None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key(s) {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -123,19 +403,3 @@ def fsync_directory(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) == b"\n"
-
-
-def _entry(line: str) -> dict[str, Any] | None:
-    """A journal entry, or ``None`` for a torn or foreign line."""
-    try:
-        entry = json.loads(line)
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    ok = isinstance(entry, dict) and isinstance(entry.get("digest"), str) and entry.get("status") in STATUSES
-    return entry if ok else None

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import re
 import struct
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -50,7 +52,7 @@ _FILE_FORMS = (
     '{"user": u, "item": i}, {"user": u} or {"item": i}.'
 )
 _DIGEST_TAG = b"lightning_unlearn/deletion/v1\x00"
-_INTEGER = re.compile(r"-?[0-9]+")
+_INTEGER = re.compile(r"([+-]?[0-9]+)(?:\.0*)?")
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -83,7 +85,7 @@ def _is_not(n: int, thing: str) -> str:
 
 
 def _canonical(value: Any) -> RawId | None:
-    """``value`` as a raw id (``int`` or non-empty ``str``), or ``None`` if it cannot be one."""
+    """``value`` as a raw id (``int`` or a non-empty ``str`` without control characters), or ``None``."""
     if isinstance(value, (bool, np.bool_)):
         return None
     if isinstance(value, (int, np.integer)):
@@ -91,8 +93,46 @@ def _canonical(value: Any) -> RawId | None:
     if isinstance(value, (float, np.floating)):
         return int(value) if math.isfinite(value) and float(value).is_integer() else None
     if isinstance(value, (str, np.str_)):
-        return str(value) if str(value).strip() else None
+        text = str(value)
+        return text if text.strip() and not any(unicodedata.category(c) == "Cc" for c in text) else None
     return None
+
+
+def canonical_id(value: RawId, kind: str) -> RawId | None:
+    """The one form a raw id takes in an id map of ``kind``: the function every reader shares.
+
+    Integer maps (``kind="int"``) take integers, and strings that spell one (surrounding spaces,
+    a sign, leading zeros and a zero fraction allowed: ``" 0196"``, ``"196.0"``); string maps
+    take strings as they are and integers as their decimal string. So ``196``, ``196.0``,
+    ``"196"`` and ``"0196"`` are one id of an integer map, whether they come from Python, a CSV
+    file or a JSON line.
+
+    Args:
+        value: a raw id as a request stores it (``int`` or ``str``).
+        kind: ``"int"`` or ``"str"``, the id map's kind (:func:`id_kind`).
+
+    Returns:
+        The canonical id, or ``None`` if ``value`` cannot be an id of such a map.
+
+    Example:
+        >>> canonical_id("0196", "int"), canonical_id("196.0", "int"), canonical_id("1e3", "int")
+        (196, 196, None)
+        >>> canonical_id(196, "str")
+        '196'
+    """
+    if kind == "str":
+        return value if isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        match = _INTEGER.fullmatch(value.strip())
+        if match is None:
+            return None
+        value = int(match.group(1))
+    return value if _INT64[0] <= value <= _INT64[1] else None
+
+
+def id_kind(ids: np.ndarray) -> str:
+    """``"int"`` for an integer id map, else ``"str"``."""
+    return "int" if ids.dtype.kind in "iu" else "str"
 
 
 def _as_list(values: Any, what: str) -> list:
@@ -138,24 +178,16 @@ def _pairs(values: Any) -> tuple[tuple[RawId, RawId], ...]:
 
 
 def _lookup(raw_map: np.ndarray, index: Callable[[Any], Tensor], raw: Sequence[RawId]) -> Tensor:
-    """Indices of canonical raw ids in one id map, ``-1`` where unknown.
-
-    Integer maps: strings are parsed as integers here (``" 7"`` matches ``7``), so that ids
-    outside ``int64`` or strings that are not integers are simply unknown.
-    """
+    """Indices of raw ids in one id map (by :func:`canonical_id`), ``-1`` where unknown."""
     if not raw:
         return torch.zeros(0, dtype=torch.long)
-    if raw_map.dtype.kind in "iu":
-        as_int = []
-        for r in raw:
-            if isinstance(r, str):
-                r = r.strip()
-                r = int(r) if _INTEGER.fullmatch(r) else None
-            as_int.append(r if r is not None and _INT64[0] <= r <= _INT64[1] else None)
-        valid = torch.tensor([r is not None for r in as_int], dtype=torch.bool)
-        found = index(np.array([0 if r is None else r for r in as_int], dtype=np.int64))
+    kind = id_kind(raw_map)
+    canon = [canonical_id(r, kind) for r in raw]
+    if kind == "int":
+        valid = torch.tensor([c is not None for c in canon], dtype=torch.bool)
+        found = index(np.array([0 if c is None else c for c in canon], dtype=np.int64))
         return torch.where(valid, found, torch.full_like(found, -1))
-    return index(np.array([str(r) for r in raw]))
+    return index(np.array(canon))
 
 
 def _segments(csr: CSR, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -172,6 +204,12 @@ def _digest(num_users: int, num_items: int, row_keys: Tensor, users: Tensor, ite
         h.update(struct.pack("<q", len(section)))
         h.update(section.numpy().astype("<i8").tobytes())
     return h.hexdigest()
+
+
+def _splits_holding(elsewhere: Mapping[str, Interactions], values: Callable[[Interactions], Tensor], wanted: Tensor) -> str:
+    """`` (they are in the test split)``: which other splits hold any of ``wanted``, for messages."""
+    names = [name for name, table in elsewhere.items() if len(wanted) and torch.isin(values(table), wanted).any()]
+    return f" (only in the {' and '.join(names)} split{'s' if len(names) > 1 else ''})" if names else ""
 
 
 def _kind(pairs: int, users: int, items: int) -> str:
@@ -195,7 +233,10 @@ class ResolvedDeletion:
         num_pairs: distinct ``(user, item)`` pairs that were found in the table.
         num_ignored: distinct pairs dropped because they are not rows (``missing="ignore"``).
         digest: SHA-256 hex digest of the resolved content, independent of input order
-            and duplicates. Layout: ``b"lightning_unlearn/deletion/v1\\0"``, the table's
+            and duplicates. It is not keyed: anyone with the data can recompute it for every
+            user, so it is never stored or logged as it is; the callback stores
+            :meth:`Journal.keyed(digest) <lightning_unlearn.unlearning.journal.Journal.keyed>`.
+            Layout: ``b"lightning_unlearn/deletion/v1\\0"``, the table's
             ``num_users`` and ``num_items``, then for the sorted keys
             ``user * num_items + item`` of the removed rows, the sorted whole-user indices
             and the sorted whole-item indices in turn: the length and the values, all as
@@ -206,8 +247,8 @@ class ResolvedDeletion:
         >>> done = DeletionRequest(users=[1]).resolve(data)
         >>> done.rows.tolist(), done.users.tolist(), done.kind
         ([0, 1], [0], 'users')
-        >>> done  # doctest: +ELLIPSIS
-        ResolvedDeletion(kind='users', rows=2, pairs=0, users=1, items=0, ignored=0, digest='...')
+        >>> done
+        ResolvedDeletion(kind='users', rows=2, pairs=0, users=1, items=0, ignored=0)
     """
 
     rows: Tensor
@@ -234,16 +275,16 @@ class ResolvedDeletion:
         return len(self.items)
 
     def summary(self) -> dict[str, int | str]:
-        """Plain values that are safe to log: kind, counts and digest, never an id.
+        """Plain values that are safe to log: kind and counts, never an id nor the unkeyed digest.
 
         Returns:
-            ``{"kind", "num_rows", "num_pairs", "num_users", "num_items", "num_ignored", "digest"}``.
+            ``{"kind", "num_rows", "num_pairs", "num_users", "num_items", "num_ignored"}``.
 
         Example:
             >>> data = Interactions.from_raw([1, 2], [10, 10])
             >>> s = DeletionRequest(pairs=[(1, 10)]).resolve(data).summary()
-            >>> s["kind"], s["num_rows"], len(s["digest"])
-            ('interactions', 1, 64)
+            >>> s["kind"], s["num_rows"]
+            ('interactions', 1)
         """
         return {
             "kind": self.kind,
@@ -252,13 +293,12 @@ class ResolvedDeletion:
             "num_users": self.num_users,
             "num_items": self.num_items,
             "num_ignored": self.num_ignored,
-            "digest": self.digest,
         }
 
     def __repr__(self) -> str:
         return (
             f"ResolvedDeletion(kind={self.kind!r}, rows={self.num_rows}, pairs={self.num_pairs}, "
-            f"users={self.num_users}, items={self.num_items}, ignored={self.num_ignored}, digest={self.digest!r})"
+            f"users={self.num_users}, items={self.num_items}, ignored={self.num_ignored})"
         )
 
     __str__ = __repr__
@@ -377,6 +417,91 @@ class DeletionRequest:
             raise InvalidDeletionRequest(f"{path}: the file holds no requests. {_FILE_FORMS}")
         return cls(pairs=pairs, users=users, items=items)
 
+    @classmethod
+    def from_indices(cls, interactions: Interactions, indices: Mapping[str, Tensor]) -> DeletionRequest:
+        """The request that :meth:`indices` stored, in the raw ids of ``interactions``' maps.
+
+        Args:
+            interactions: a table with the same id maps as the one the indices were taken on.
+            indices: ``{"pairs": (n, 2), "users": (u,), "items": (i,)}`` long tensors.
+
+        Returns:
+            The request.
+
+        Raises:
+            InvalidDeletionRequest: an index is outside the id maps.
+
+        Example:
+            >>> data = Interactions.from_raw([196, 186], [242, 302])
+            >>> stored = DeletionRequest(pairs=[(186, 302)], users=[196]).indices(data)
+            >>> DeletionRequest.from_indices(data, stored).pairs
+            ((186, 302),)
+        """
+        users, items = data_ids = (interactions.user_ids, interactions.item_ids)
+        pairs = torch.as_tensor(indices.get("pairs", torch.zeros(0, 2, dtype=torch.long))).reshape(-1, 2)
+        columns = (pairs[:, 0], pairs[:, 1], torch.as_tensor(indices.get("users", [])), torch.as_tensor(indices.get("items", [])))
+        sizes = (len(users), len(items), len(users), len(items))
+        if any(len(c) and (int(c.min()) < 0 or int(c.max()) >= n) for c, n in zip(columns, sizes)):
+            raise InvalidDeletionRequest("Stored deletion request indices are outside the id maps of this data.")
+        raw = [data_ids[k % 2][c.long().numpy()].tolist() for k, c in enumerate(columns)]
+        return cls(pairs=list(zip(raw[0], raw[1])), users=raw[2], items=raw[3])
+
+    def indices(self, interactions: Interactions) -> dict[str, Tensor] | None:
+        """The request as sorted, unique indices into ``interactions``' id maps: its canonical content.
+
+        What a checkpoint stores for a pending request (never raw ids), and what its fingerprint
+        hashes: two requests with the same indices are the same request, whatever form or order
+        their ids took. ``None`` when an id is not in the maps (such a request is refused when
+        it is resolved).
+
+        Args:
+            interactions: the table whose id maps to use.
+
+        Returns:
+            ``{"pairs": (n, 2), "users": (u,), "items": (i,)}`` long tensors, or ``None``.
+
+        Example:
+            >>> data = Interactions.from_raw([196, 186], [242, 302])
+            >>> DeletionRequest(users=["0196", 196.0]).indices(data)["users"].tolist()
+            [1]
+        """
+        pair_users = _lookup(interactions.user_ids, interactions.user_index, [u for u, _ in self.pairs])
+        pair_items = _lookup(interactions.item_ids, interactions.item_index, [i for _, i in self.pairs])
+        users = _lookup(interactions.user_ids, interactions.user_index, list(self.users))
+        items = _lookup(interactions.item_ids, interactions.item_index, list(self.items))
+        if any(bool((t < 0).any()) for t in (pair_users, pair_items, users, items)):
+            return None
+        pairs = torch.unique(torch.stack([pair_users, pair_items], dim=1).reshape(-1, 2), dim=0)
+        return {"pairs": pairs, "users": torch.unique(users), "items": torch.unique(items)}
+
+    def canonical(self, interactions: Interactions) -> bytes:
+        """Bytes that identify the request's content for ``interactions``' id maps (what fingerprints hash).
+
+        The sorted indices of :meth:`indices`, or, for a request with ids outside the maps, its
+        ids in the maps' canonical form (:func:`canonical_id`).
+
+        Example:
+            >>> data = Interactions.from_raw([196, 186], [242, 302])
+            >>> DeletionRequest(users=[196]).canonical(data) == DeletionRequest(users=["0196"]).canonical(data)
+            True
+        """
+        found = self.indices(interactions)
+        if found is not None:
+            content: Any = {k: v.tolist() for k, v in found.items()}
+        else:
+            ku, ki = id_kind(interactions.user_ids), id_kind(interactions.item_ids)
+
+            def form(value: RawId, kind: str) -> str:
+                canon = canonical_id(value, kind)
+                return repr(value if canon is None else canon)
+
+            content = {
+                "raw_pairs": sorted({(form(u, ku), form(i, ki)) for u, i in self.pairs}),
+                "raw_users": sorted({form(u, ku) for u in self.users}),
+                "raw_items": sorted({form(i, ki) for i in self.items}),
+            }
+        return json.dumps(content, sort_keys=True).encode("utf-8")
+
     # ----------------------------------------------------------------- shape
     @property
     def kind(self) -> str:
@@ -405,17 +530,23 @@ class DeletionRequest:
     __str__ = __repr__
 
     # ----------------------------------------------------------------- resolution
-    def resolve(self, interactions: Interactions, missing: str = "error") -> ResolvedDeletion:
+    def resolve(
+        self, interactions: Interactions, missing: str = "error", elsewhere: Mapping[str, Interactions] | None = None,
+    ) -> ResolvedDeletion:
         """Check the request against ``interactions`` and find the rows it removes.
 
         Whole users and items that are in the id maps but have no rows in this table are
-        accepted (they may have rows in another split); only unknown ids are errors.
-        Nothing is changed: apply the result with ``interactions.without(resolved.rows)``.
+        accepted (they may have rows in another split, where the datamodule removes them too);
+        only unknown ids are errors. Nothing is changed: apply the result with
+        ``interactions.without(resolved.rows)``.
 
         Args:
             interactions: the table (e.g. the training split) whose rows to find.
             missing: ``"error"`` (default) to refuse pairs that are not rows of the table,
                 ``"ignore"`` to drop them (counted in ``num_ignored``).
+            elsewhere: other splits by name (e.g. ``{"validation": val, "test": test}``): an
+                error about an id or pair that is not in ``interactions`` names the splits it
+                is in.
 
         Returns:
             The :class:`ResolvedDeletion`.
@@ -471,9 +602,10 @@ class DeletionRequest:
                 if key in absent:
                     named.setdefault(key, pair)
             shown = list(named.values())
+            where = _splits_holding(elsewhere or {}, lambda t: t.keys, torch.tensor(sorted(absent)))
             raise InvalidDeletionRequest(
                 f"Deletion request has {_plural(num_missing, 'pair')} that {_is_not(num_missing, 'a row')} "
-                f"of this table: {_show(shown)}. "
+                f"of this table{' (the training split)' if elsewhere else ''}: {_show(shown)}{where}. "
                 f"Pass missing='ignore' to drop such pairs. {_ACCEPTED}"
             )
         num_pairs = len(wanted) - num_missing
@@ -528,7 +660,10 @@ def _file_id(path: Path, line: int | str, column: str, value: Any) -> RawId:
         raise _file_error(path, line, f"empty `{column}` id")
     canon = _canonical(value)
     if canon is None:
-        raise _file_error(path, line, f"`{column}` must be an integer or a non-empty string, got {value!r}")
+        raise _file_error(
+            path, line, f"`{column}` must be an integer or a non-empty string without line breaks or other control "
+                        f"characters, got {value!r}"
+        )
     return canon
 
 
@@ -562,7 +697,7 @@ def _csv_header(path: Path, line: int | str, fields: list[str]) -> list[str]:
 def _read_csv(path: Path) -> _Parsed:
     parsed: _Parsed = ([], [], [])
     header: list[str] | None = None
-    reader = csv.reader(_read_text(path).split("\n"))
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)  # the whole file: quotes may span lines
     end = 0
     try:
         for fields in reader:
@@ -586,15 +721,23 @@ def _read_csv(path: Path) -> _Parsed:
     return parsed
 
 
+MAX_JSON_DEPTH = 4
+"""How deeply a JSON line may nest (a request line is one flat object)."""
+
+
 def _read_jsonl(path: Path) -> _Parsed:
     parsed: _Parsed = ([], [], [])
     for line, text in enumerate(_read_text(path).split("\n"), start=1):
         if not text.strip():
             continue
+        if _nesting(text) > MAX_JSON_DEPTH:
+            raise _file_error(path, line, f"JSON nested more than {MAX_JSON_DEPTH} levels deep (a request is one flat object)")
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
             raise _file_error(path, line, f"invalid JSON ({err.msg} at column {err.colno})") from None
+        except _DuplicateKey as err:
+            raise _file_error(path, line, f"the key {err.args[0]!r} is given twice (which one is meant?)") from None
         if not isinstance(record, dict):
             raise _file_error(path, line, f"expected a JSON object, got {type(record).__name__}")
         unknown = [k for k in record if k not in ("user", "item")]
@@ -604,3 +747,33 @@ def _read_jsonl(path: Path) -> _Parsed:
             raise _file_error(path, line, "empty object")
         _collect({k: _file_id(path, line, k, v) for k, v in record.items()}, parsed)
     return parsed
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _nesting(text: str) -> int:
+    """The deepest ``[``/``{`` nesting of a JSON text, outside strings (cheap, before parsing)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest

@@ -1,0 +1,301 @@
+"""The unlearning folder's files besides the journal: checkpoints, their lineage, recovery.
+
+Every unlearned checkpoint names the journal entry it embodies (its *lineage*: the journal's
+id and the ``seq`` of the request's ``pending`` entry). A folder's latest state is the
+checkpoint of its journal's last ``applied`` entry; requests are applied only on top of it
+(:func:`check_lineage`), so a stale checkpoint can never undo a deletion.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytorch_lightning as pl
+import torch
+
+from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.journal import KEY_FILE, Journal, fsync_directory
+
+if TYPE_CHECKING:
+    from lightning_unlearn.unlearning.callback import UnlearningCallback
+
+__all__ = [
+    "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "check_lineage", "load_checkpoint",
+    "recover", "restore_checkpoint", "save_checkpoint",
+]
+
+JOURNAL_FILE = "journal.jsonl"
+
+
+class StaleCheckpoint(RuntimeError):
+    """The model is not the folder's latest state: applying on top of it would undo deletions."""
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint file that does not load (truncated, not a checkpoint)."""
+
+
+class MissingDataState(ValueError):
+    """A checkpoint without the datamodule's state: which data it was trained on cannot be checked."""
+
+
+def journal_of(dirpath: str | os.PathLike) -> Journal:
+    """The journal of an unlearning folder."""
+    return Journal(Path(dirpath) / JOURNAL_FILE)
+
+
+def recover(dirpath: str | os.PathLike) -> Path | None:
+    """Tidy an unlearning folder after a crash and name the checkpoint to resume from.
+
+    Under the folder's lock: removes the partial checkpoints (``.unlearned-*.tmp``) a killed
+    process left, and closes every request the journal still shows ``pending``: as ``applied``
+    (``recovered: true``) when its checkpoint was completely written (the rename is atomic),
+    else as ``failed`` with the reason ``interrupted``, so it is applied again when queued.
+
+    Args:
+        dirpath: the callback's folder (journal and checkpoints).
+
+    Returns:
+        The checkpoint of the last applied request, or ``None`` when nothing was applied yet
+        (resume from the trained model then).
+
+    Raises:
+        FolderLocked: another process is applying requests there (its live request is not
+            interrupted).
+        JournalCorrupted: the journal does not read as a chain.
+        FileNotFoundError: the latest applied request's checkpoint is gone.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = journal_of(folder).append(digest="ab12", status="pending", checkpoint=f"{folder}/gone.ckpt")
+        >>> recover(folder) is None, journal_of(folder).status()
+        (True, {'ab12': 'failed'})
+    """
+    journal = journal_of(dirpath)
+    with journal.lock():
+        for partial in Path(dirpath).glob(".unlearned-*.tmp"):
+            partial.unlink(missing_ok=True)
+        for entry in journal.interrupted():
+            fields = {k: v for k, v in entry.items() if k not in ("seq", "prev", "time", "digest", "status", "reason")}
+            fields.update(recovered=True, pending_seq=entry["seq"])
+            checkpoint = journal.checkpoint(entry)
+            if checkpoint is not None and checkpoint.is_file():
+                journal.append(entry["digest"], "applied", **{**fields, "checkpoint": str(checkpoint)})
+            else:
+                fields.pop("checkpoint", None)
+                journal.append(entry["digest"], "failed", **fields,
+                               reason="interrupted: the process stopped before the checkpoint holding this request was "
+                                      "written; the request is applied again when it is queued")
+        return journal.last_checkpoint()
+
+
+def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool = False) -> None:
+    """Refuse to apply requests into ``journal``'s folder on top of a model that is not its latest state.
+
+    Args:
+        journal: the folder's journal.
+        lineage: what the model embodies: ``None`` for a model no request was applied to, else
+            ``{"journal": id, "seq": n}`` from the callback's state (its checkpoint).
+        branch: the model comes from another folder's checkpoint and this (empty) folder starts
+            a new branch from it.
+
+    Raises:
+        StaleCheckpoint: the folder holds applied requests the model does not embody (or the
+            model comes from another folder and ``branch`` is not set, or ``branch`` is set
+            for a folder that is not empty). The message names the latest state and how to resume.
+    """
+    latest = journal.latest()
+    here = journal.id
+    ours = lineage is not None and here is not None and lineage.get("journal") == here
+    if latest is None:
+        if lineage is None or (branch and not ours):
+            return
+        if ours:
+            raise StaleCheckpoint(
+                f"The model embodies request entry {lineage.get('seq')} of the journal in {journal.folder}, but that "
+                f"journal records no applied request: it was replaced. Restore {journal.path} from a backup."
+            )
+        raise StaleCheckpoint(
+            f"The model comes from a checkpoint of another unlearning folder (journal {lineage.get('journal')}, entry "
+            f"{lineage.get('seq')}), and {journal.folder} is not that folder. Resume in its own folder (`--out <the "
+            f"folder of that checkpoint>`), or start a new branch here on purpose (`--branch true`; "
+            f"UnlearningCallback(branch=True))."
+        )
+    if branch:
+        raise StaleCheckpoint(
+            f"A new branch goes into a new, empty folder, but {journal.folder} already holds "
+            f"{journal.applied_count()} applied request(s). Choose another `--out`."
+        )
+    if ours and lineage.get("seq") == latest.get("pending_seq"):
+        return
+    if lineage is None:
+        what = "a model no deletion was applied to (e.g. the trained checkpoint)"
+    elif ours:
+        what = f"an older state of this folder (request entry {lineage.get('seq')})"
+    else:
+        what = f"a checkpoint of another unlearning folder (journal {lineage.get('journal')})"
+    raise StaleCheckpoint(
+        f"{journal.folder} already holds {journal.applied_count()} applied request(s); its latest state is "
+        f"{journal.checkpoint(latest)} (request entry {latest.get('pending_seq')}), but the model loaded is {what}. "
+        f"Applying requests on top of it would undo the deletions after it. Resume from the latest state "
+        f"(`--ckpt_path {journal.checkpoint(latest)}`), or start a new branch from this model in another, empty "
+        f"folder (`--out <new folder> --branch true`)."
+    )
+
+
+def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
+    """Start a branch folder with the key of the folder it branches from (if it has one).
+
+    The applied requests' fingerprints in a checkpoint are keyed with its folder's key; with the
+    same key, the branch still recognises them when they are queued again.
+
+    Args:
+        source: the folder of the checkpoint the branch starts from.
+        target: the branch's new folder.
+
+    Returns:
+        Whether a key was copied (``False`` when ``source`` has none or ``target`` has one).
+    """
+    theirs, ours = journal_of(source), journal_of(target)
+    if not theirs.key_exists() or ours.key_exists() or Path(source).resolve() == Path(target).resolve():
+        return False
+    key = theirs.key
+    Path(target).mkdir(parents=True, exist_ok=True)
+    fd = os.open(ours.folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.hex() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_directory(ours.folder)
+    return True
+
+
+def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:
+    """Write an unlearned checkpoint atomically (temp file in the same folder, fsync, rename, fsync the folder).
+
+    The file loads with ``ModelClass.load_from_checkpoint(path)`` and with
+    ``torch.load(path, weights_only=True)`` (plain values and tensors only), and holds the
+    datamodule's removals with the data fingerprint and the callback's state (applied
+    fingerprints, pending requests as indices, lineage), so a restart neither forgets nor
+    repeats a request. It never holds a raw id. A killed process leaves at most a hidden
+    ``.unlearned-*.tmp`` file, which :func:`recover` removes; never a partial ``.ckpt``.
+
+    Args:
+        path: where to write the checkpoint (an existing file is never replaced).
+        model: the recommender.
+        datamodule: its datamodule (set up).
+        callback: the callback whose state goes into the checkpoint.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists.
+        OSError: the file could not be written, e.g. no space left on the device (no partial
+            file is left).
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: an unlearned checkpoint is never overwritten.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "pytorch-lightning_version": pl.__version__,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "hyper_parameters": dict(model.hparams),
+        "datamodule_state": datamodule.state_dict(),
+        "unlearning": callback.state_dict(),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write(fh, buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err.errno, f"No space left on the device to write {path} ({buffer.tell()} bytes): free "
+                                     f"space in {path.parent} and apply the request again (it was not applied)") from err
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def _write(fh: Any, data: bytes) -> None:
+    """Write ``data`` to an open file and fsync it."""
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only``), with an error that says what is wrong with it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointUnreadable: the file is truncated or not a PyTorch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointUnreadable(
+            f"{path} ({path.stat().st_size} bytes) is not a complete checkpoint: it may be truncated (a copy or a write "
+            f"that stopped, e.g. on a full disk). Use another checkpoint, or restore this one from a backup. "
+            f"({type(err).__name__}: {str(err)[:200]})"
+        ) from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointUnreadable(f"{path} is not a model checkpoint (it has no `state_dict`).")
+    return state
+
+
+def restore_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule) -> dict[str, Any]:
+    """Load weights into ``model`` and re-apply the checkpoint's recorded removals to ``datamodule``.
+
+    Reads Lightning checkpoints and the callback's unlearned checkpoints alike. Nothing changes
+    unless every check passes.
+
+    Args:
+        path: the checkpoint.
+        model: the recommender to load the weights into.
+        datamodule: its datamodule (its splits lose the recorded removals).
+
+    Returns:
+        The checkpoint, with its callback state under ``"unlearning"`` (``None`` if it has none).
+
+    Raises:
+        CheckpointUnreadable: the file does not load.
+        MissingDataState: it holds no datamodule state, so the data it was trained on cannot
+            be checked (and its removals, if any, are unknown).
+        DataFingerprintMismatch: it was recorded on other data than ``datamodule`` loads.
+    """
+    state = load_checkpoint(path)
+    removals = state.get("datamodule_state") or state.get(type(datamodule).__qualname__)
+    if not removals:
+        raise MissingDataState(
+            f"{path} holds no {type(datamodule).__name__} state (no data fingerprint, no record of removals): it "
+            f"was not written by a fit, `unlearn` or the UnlearningCallback with this datamodule, so whether it was "
+            f"trained on this data (and what was deleted from it) cannot be checked. Use a checkpoint written by "
+            f"`lightning-unlearn fit` (checkpoints/best.ckpt) or by `unlearn`."
+        )
+    datamodule.check_state_dict(removals)
+    model.load_state_dict(state["state_dict"])
+    datamodule.load_state_dict(removals)
+    datamodule.setup()
+    model.set_graph(datamodule.train)
+    if "unlearning" not in state:
+        callbacks = state.get("callbacks", {})
+        state["unlearning"] = next((v for k, v in callbacks.items() if k.startswith("UnlearningCallback")), None)
+    return state

@@ -1,0 +1,599 @@
+"""The deletion record under operator mistakes: a garbled journal, a stale checkpoint, two
+processes on one folder, another working directory, tricky request files, raw ids at rest.
+
+Each test reproduces a case that, before the journal became a hash chain with a folder lock,
+lineage and keyed digests, silently lost a deletion, applied one twice or stored an id.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.data.interactions import Interactions
+from lightning_unlearn.data.sources import DataSource
+from lightning_unlearn.models import MF
+from lightning_unlearn.unlearning import record as record_module
+from lightning_unlearn.unlearning.callback import UnlearningCallback
+from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
+from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
+from lightning_unlearn.unlearning.record import (
+    CheckpointUnreadable,
+    MissingDataState,
+    StaleCheckpoint,
+    journal_of,
+    recover,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
+from tests.test_wandb import DELETED_USERS, distinctive_slice, member, offline_runs, write_recipe  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the process tests fork")
+FORK = multiprocessing.get_context("fork")
+
+
+def datamodule() -> RecDataModule:
+    return RecDataModule(Synthetic(num_users=20, num_items=16, density=0.5, seed=0), num_negatives=1, batch_size=32, seed=0)
+
+
+def new_model(dm: RecDataModule) -> MF:
+    return MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("trained") / "trained.ckpt"
+    dm = datamodule()
+    dm.setup()
+    pl.seed_everything(0, verbose=False)
+    save_checkpoint(path, new_model(dm), dm, UnlearningCallback(FineTune()))
+    return path
+
+
+def session(checkpoint: Path, out: Path, *requests: DeletionRequest, **kwargs):
+    """Load ``checkpoint`` as ``unlearn`` does; queue ``requests`` into ``out``."""
+    torch.set_num_threads(1)
+    dm = datamodule()
+    model = new_model(dm)
+    state = restore_checkpoint(checkpoint, model, dm)
+    callback = UnlearningCallback(FineTune(epochs=1, batch_size=16), requests=list(requests), dirpath=out, seed=0, **kwargs)
+    if state.get("unlearning"):
+        callback.load_state_dict(state["unlearning"])
+    return model, dm, callback
+
+
+def apply(checkpoint: Path, out: Path, *requests: DeletionRequest, **kwargs):
+    model, dm, callback = session(checkpoint, out, *requests, **kwargs)
+    callback.apply_pending(model, dm)
+    return model, dm, callback
+
+
+A, B, C = DeletionRequest(users=[3]), DeletionRequest(users=[6]), DeletionRequest(items=[2])
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "journal.lock"}
+
+
+def removed_users(checkpoint: Path) -> list[int]:
+    return sorted(torch.load(checkpoint, weights_only=True)["datamodule_state"]["users"].tolist())
+
+
+# ----------------------------------------------------------------------------- 1. a garbled journal
+
+
+@pytest.mark.parametrize("garble", ["hashes", "wrong_type", "byte"])
+def test_a_garbled_middle_line_is_refused_naming_the_line_and_nothing_is_applied(garble, trained, tmp_path):
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    apply(journal_of(out).last_checkpoint(), out, B)
+    lines = (out / "journal.jsonl").read_bytes().split(b"\n")
+    assert [json.loads(line)["status"] for line in lines if line] == ["pending", "applied", "pending", "applied"]
+    if garble == "hashes":  # the issue's case: A's applied line overwritten with '#' of the same length
+        lines[1] = b"#" * len(lines[1])
+    elif garble == "wrong_type":
+        entry = json.loads(lines[1])
+        entry["checkpoint"] = 5
+        lines[1] = json.dumps(entry, sort_keys=True).encode()
+    else:
+        lines[1] = lines[1].replace(b'"applied"', b'"failed"')
+    (out / "journal.jsonl").write_bytes(b"\n".join(lines))
+    before = files(out)
+    with pytest.raises(JournalCorrupted, match=r"journal.jsonl, line 2: .*restore journal.jsonl from a backup"):
+        recover(out)
+    latest = sorted(out.glob("unlearned-0001-*.ckpt"))[0]
+    with pytest.raises(JournalCorrupted, match="line 2"):
+        apply(latest, out, C)
+    assert files(out) == before  # nothing written, nothing applied on top of an older state
+    assert removed_users(latest) == [3, 6]  # the latest checkpoint still holds both deletions: the branch procedure
+    model, dm, _ = apply(latest, tmp_path / "branch", C, branch=True)
+    assert not torch.isin(dm.train.users, torch.tensor([3, 6])).any() and not (dm.train.items == 2).any()
+
+
+def test_a_changed_last_line_is_refused_too(trained, tmp_path):
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    first, last, end = (out / "journal.jsonl").read_text().split("\n")
+    (out / "journal.jsonl").write_text("\n".join([first, last.replace('"num_users": 1', '"num_users": 2'), end]))
+    with pytest.raises(JournalCorrupted, match="line 2: its content does not match its `hash`"):
+        journal_of(out).entries()
+
+
+def test_an_entry_of_the_wrong_type_is_refused_at_write_time(tmp_path):
+    journal = Journal(tmp_path / "journal.jsonl")
+    with pytest.raises(TypeError, match="`request` must be a int"):
+        journal.append("aa", "pending", request="zero")
+    assert not journal.path.exists()
+
+
+# ----------------------------------------------------------------------------- 2. stale checkpoints, two processes
+
+
+def test_a_stale_checkpoint_is_refused_naming_the_latest_state(trained, tmp_path):
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    latest = journal_of(out).last_checkpoint()
+    before = files(out)
+    # B from the trained model (the issue's `--ckpt_path best.ckpt`), and the identical command run again after success.
+    for request in (B, A):
+        model, dm, callback = session(trained, out, request)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(StaleCheckpoint, match=f"latest state is {latest}.*--ckpt_path {latest}"):
+            callback.apply_pending(model, dm)
+        assert files(out) == before
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    # The documented ways on: resume from the latest state, or branch into a new folder.
+    apply(latest, out, B)
+    assert removed_users(journal_of(out).last_checkpoint()) == [3, 6]
+    _, dm, _ = apply(trained, tmp_path / "new", B)  # a new folder from the trained model is a fresh start, not a branch
+    assert removed_users(journal_of(tmp_path / "new").last_checkpoint()) == [6]
+    with pytest.raises(StaleCheckpoint, match="another unlearning folder"):
+        apply(latest, tmp_path / "other", C)
+    with pytest.raises(StaleCheckpoint, match="new, empty folder"):
+        apply(latest, tmp_path / "new", C, branch=True)
+
+
+def test_an_older_state_of_the_same_folder_is_refused(trained, tmp_path):
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    first = journal_of(out).last_checkpoint()
+    apply(first, out, B)
+    with pytest.raises(StaleCheckpoint, match="an older state of this folder"):
+        apply(first, out, C)
+
+
+def _hold_a_request(folder: str, started, release) -> None:
+    """A process in the middle of a request: holds the lock, has journaled `pending` and a temp file."""
+    journal = journal_of(folder)
+    with journal.lock():
+        journal.append("d" * 64, "pending", request=0, checkpoint=f"{folder}/unlearned-0000-dddd.ckpt")
+        Path(folder, ".unlearned-0000-dddd.ckpt.x.tmp").write_bytes(b"half")
+        started.set()
+        release.wait(30)
+
+
+def test_a_second_process_is_refused_while_the_first_applies_and_touches_nothing(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    started, release = FORK.Event(), FORK.Event()
+    first = FORK.Process(target=_hold_a_request, args=(str(folder), started, release))
+    first.start()
+    try:
+        assert started.wait(30)
+        with pytest.raises(FolderLocked, match=f"locked by process {first.pid}"):
+            recover(folder)
+        assert journal_of(folder).interrupted()[0]["status"] == "pending"  # its live request is not closed
+        assert (folder / ".unlearned-0000-dddd.ckpt.x.tmp").exists()  # nor its temp file removed
+    finally:
+        release.set()
+        first.join(30)
+    assert recover(folder) is None  # after it is gone (it 'died' mid-request), recovery closes the request
+
+
+def _race(checkpoint: str, out: str, user: int, go, results) -> None:
+    go.wait(30)
+    try:
+        apply(Path(checkpoint), Path(out), DeletionRequest(users=[user]))
+        results.put((user, "applied"))
+    except (FolderLocked, StaleCheckpoint) as err:
+        results.put((user, type(err).__name__))
+
+
+def test_two_processes_on_one_folder_never_both_apply_from_the_same_state(trained, tmp_path):
+    out = tmp_path / "out"
+    go, results = FORK.Event(), FORK.Queue()
+    workers = [FORK.Process(target=_race, args=(str(trained), str(out), user, go, results)) for user in (3, 6)]
+    for worker in workers:
+        worker.start()
+    go.set()
+    for worker in workers:
+        worker.join(120)
+    outcome = dict(results.get(timeout=5) for _ in workers)
+    assert sorted(outcome.values()) in (["FolderLocked", "applied"], ["StaleCheckpoint", "applied"])
+    winner = next(user for user, status in outcome.items() if status == "applied")
+    journal = journal_of(out)
+    assert [e["status"] for e in journal] == ["pending", "applied"]
+    assert [p.name[:15] for p in out.glob("unlearned-*.ckpt")] == ["unlearned-0000-"]
+    assert removed_users(journal.last_checkpoint()) == [winner]
+
+
+# ----------------------------------------------------------------------------- 3. another working directory
+
+
+def test_the_journal_reads_the_same_from_any_working_directory(trained, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    apply(trained, Path("unlearning"), A)  # the recipe default: a folder relative to the working directory
+    entries = journal_of(tmp_path / "a" / "unlearning").entries()
+    assert entries[1]["checkpoint"].startswith("unlearned-0000-")  # relative to the journal's folder
+    # A request interrupted after its checkpoint was renamed into place, then recovery from elsewhere.
+    journal = journal_of(Path("unlearning"))
+    checkpoint = Path("unlearning") / "unlearned-0001-eeee.ckpt"
+    checkpoint.write_bytes((Path("unlearning") / entries[1]["checkpoint"]).read_bytes())
+    journal.append("e" * 64, "pending", request=1, checkpoint=str(checkpoint))
+    monkeypatch.chdir(tmp_path / "b")
+    assert recover(tmp_path / "a" / "unlearning") == tmp_path / "a" / "unlearning" / "unlearned-0001-eeee.ckpt"
+    assert journal_of(tmp_path / "a" / "unlearning").entries()[-1]["status"] == "applied"
+
+
+# ----------------------------------------------------------------------------- 4. request files, canonical ids
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_quoted_newline_is_not_glued_into_another_id(tmp_path):
+    path = write(tmp_path, "forget.csv", 'user\n"1\n96\n')  # the issue's file: an open quote
+    with pytest.raises(InvalidDeletionRequest, match=r"forget.csv, line 2: malformed CSV"):
+        DeletionRequest.from_file(path)
+    path = write(tmp_path, "closed.csv", 'user\n"1\n96"\n')  # a closed quote holding a line break
+    with pytest.raises(InvalidDeletionRequest, match=r"closed.csv, line 2 \(a quoted field runs on to line 3.*line breaks"):
+        DeletionRequest.from_file(path)
+
+
+def test_a_json_line_with_a_key_given_twice_is_refused(tmp_path):
+    path = write(tmp_path, "forget.jsonl", '{"user": 196, "user": 186}\n')
+    with pytest.raises(InvalidDeletionRequest, match=r"forget.jsonl, line 1: the key 'user' is given twice"):
+        DeletionRequest.from_file(path)
+
+
+def test_deeply_nested_json_is_refused_with_the_line(tmp_path):
+    path = write(tmp_path, "forget.jsonl", '{"user": 1}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(InvalidDeletionRequest, match=r"line 2: JSON nested more than"):
+        DeletionRequest.from_file(path)
+
+
+def test_one_id_has_one_canonical_form_in_every_reader(tmp_path):
+    data = Interactions.from_raw([196, 196, 186], [242, 302, 242])
+    forms = [
+        DeletionRequest(users=[196]),
+        DeletionRequest(users=["0196"]),
+        DeletionRequest(users=[196.0]),
+        DeletionRequest.from_file(write(tmp_path, "a.csv", "user\n196.0\n")),
+        DeletionRequest.from_file(write(tmp_path, "b.jsonl", '{"user": 196.0}\n')),
+        DeletionRequest.from_file(write(tmp_path, "c.csv", "user\n 0196 \n")),
+    ]
+    assert len({f.canonical(data) for f in forms}) == 1
+    assert len({f.resolve(data).digest for f in forms}) == 1
+
+
+def test_196_then_0196_is_applied_once(trained, tmp_path):
+    out = tmp_path / "out"
+    apply(trained, out, DeletionRequest(users=[3]))
+    _, _, callback = apply(journal_of(out).last_checkpoint(), out, DeletionRequest(users=["03"]))
+    assert callback.reports == [] and [e["status"] for e in journal_of(out)] == ["pending", "applied"]
+
+
+# ----------------------------------------------------------------------------- 5. raw ids at rest
+
+
+def distinctive_datamodule() -> RecDataModule:
+    """Synthetic interactions whose raw ids are strings that cannot occur by chance."""
+    base = datamodule()
+    base.setup()
+    users = [f"usr{u:03d}zq" for u in torch.cat([base.train.users, base.val.users, base.test.users]).tolist()]
+    items = [f"itm{i:03d}wk" for i in torch.cat([base.train.items, base.val.items, base.test.items]).tolist()]
+
+    class Named(DataSource):
+        def load(self):
+            return Interactions.from_raw(users, items), None
+
+    return RecDataModule(Named(), num_negatives=1, batch_size=32, seed=0)
+
+
+def test_no_raw_id_rests_in_any_checkpoint_or_the_journal_and_digests_are_keyed(tmp_path):
+    dm = distinctive_datamodule()
+    dm.setup()
+    names = ["usr003zq", "usr006zq", "itm002wk"]
+    requests = [DeletionRequest(users=[names[0]]), DeletionRequest(users=[names[1]]), DeletionRequest(items=[names[2]])]
+    pl.seed_everything(0, verbose=False)
+    model = new_model(dm)
+    callback = UnlearningCallback(FineTune(epochs=1), requests=requests, dirpath=tmp_path / "unlearning", when="epoch_end")
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[callback, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)])
+    # The requests are pending while the first epoch's Lightning checkpoint is written.
+    callback_run = callback.run
+    seen_pending = []
+
+    def run_later(trainer, model):
+        seen_pending.append(callback.pending)
+        if trainer.current_epoch >= 1:
+            return callback_run(trainer, model)
+        return []
+
+    callback.run = run_later
+    trainer.fit(model, dm)
+    assert seen_pending[0] == 3 and callback.pending == 0
+    lightning_state = torch.load(next((tmp_path / "ckpt").glob("epoch=0*.ckpt")), weights_only=True)
+    assert len(lightning_state["callbacks"]["UnlearningCallback"]["pending"]) == 3  # kept, as indices
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" and p.name.startswith("unlearned-") for p in written)
+    for path in written:
+        data = path.read_bytes()
+        for name in names:
+            assert name.encode() not in data, (name, path)
+    # Fingerprints and digests are keyed: hashing the known ids does not find them.
+    applied = torch.load(journal_of(tmp_path / "unlearning").last_checkpoint(), weights_only=True)["unlearning"]["applied"]
+    journal_text = (tmp_path / "unlearning" / "journal.jsonl").read_text()
+    key = (tmp_path / "unlearning" / "journal.key").read_text().strip()
+    for candidate in [*names, *map(str, range(20))]:
+        for guess in (hashlib.sha256(candidate.encode()).hexdigest(),
+                      hashlib.sha256(json.dumps({"pairs": [], "users": [candidate], "items": []}, sort_keys=True).encode()).hexdigest()):
+            assert guess not in applied and guess not in journal_text
+    assert key not in journal_text and all(key.encode() not in p.read_bytes() for p in written if p.name != "journal.key")
+    assert oct((tmp_path / "unlearning" / "journal.key").stat().st_mode & 0o777) == "0o600"
+
+
+# ----------------------------------------------------------------------------- 6. the smaller edges
+
+
+def test_a_checkpoint_without_datamodule_state_is_refused(trained, tmp_path):
+    state = torch.load(trained, weights_only=True)
+    del state["datamodule_state"]
+    torch.save(state, tmp_path / "bare.ckpt")
+    dm = datamodule()
+    with pytest.raises(MissingDataState, match="holds no RecDataModule state"):
+        restore_checkpoint(tmp_path / "bare.ckpt", new_model(dm), dm)
+
+
+def test_a_truncated_checkpoint_gets_a_clear_error(trained, tmp_path):
+    (tmp_path / "cut.ckpt").write_bytes(trained.read_bytes()[:300])
+    dm = datamodule()
+    with pytest.raises(CheckpointUnreadable, match="not a complete checkpoint: it may be truncated"):
+        restore_checkpoint(tmp_path / "cut.ckpt", new_model(dm), dm)
+
+
+def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):
+    def full(fh, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_module, "_write", full)
+    model, dm, callback = session(trained, tmp_path / "out", A)
+    with pytest.raises(OSError, match="No space left on the device to write .*apply the request again"):
+        callback.apply_pending(model, dm)
+    assert [e["status"] for e in journal_of(tmp_path / "out")] == ["pending", "failed"]
+    assert not list((tmp_path / "out").glob("*.ckpt")) and not list((tmp_path / "out").glob(".*.tmp"))
+    assert callback.pending == 1
+
+
+def test_a_refused_request_can_be_dropped_and_the_queue_goes_on(trained, tmp_path):
+    model, dm, callback = session(trained, tmp_path / "out", DeletionRequest(users=["no-such-user"]), B)
+    with pytest.raises(InvalidDeletionRequest, match="unknown user id"):
+        callback.apply_pending(model, dm)
+    assert callback.pending == 2  # the refused request is not skipped silently
+    dropped = callback.drop(0, reason="unknown user, asked the requester again")
+    assert dropped.users == ("no-such-user",)
+    callback.apply_pending(model, dm)
+    assert [e["status"] for e in journal_of(tmp_path / "out")] == ["dropped", "pending", "applied"]
+    assert "no-such-user" not in (tmp_path / "out" / "journal.jsonl").read_text()
+    with pytest.raises(IndexError, match="the queue holds 0"):
+        callback.drop()
+
+
+def test_nan_parameters_before_unlearning_are_named_as_a_broken_model(trained, tmp_path):
+    model, dm, callback = session(trained, tmp_path / "out", A)
+    with torch.no_grad():
+        model.user_embedding.weight[0, 0] = float("nan")
+    with pytest.raises(UnlearningError, match="before unlearning .*the trained model itself is broken"):
+        callback.apply_pending(model, dm)
+    assert not (tmp_path / "out" / "journal.jsonl").exists()
+
+
+class GivenSplit(DataSource):
+    """Synthetic training rows, and a test split with one more item (99) that no training row has."""
+
+    def load(self):
+        base = datamodule()
+        base.setup()
+        users = [*base.train.users.tolist(), 0, 1]
+        items = [*base.train.items.tolist(), 99, 99]
+        data = Interactions.from_raw(users, items)
+        test = torch.zeros(len(data), dtype=torch.bool)
+        test[-2:] = True
+        test[:5] = True
+        return data.select(~test), data.select(test)
+
+
+def test_an_item_only_in_the_test_split_leaves_the_model_alone(tmp_path):
+    dm = RecDataModule(GivenSplit(), split="given", val_fraction=0.0, num_negatives=1, batch_size=32)
+    model = new_model(dm)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(items=[99])], dirpath=tmp_path / "out")
+    callback.apply_pending(model, dm)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # FineTune did not run
+    assert len(dm.test) == 5 and not (dm.test.items == dm.test.item_index(np.array([99]))).any()
+    [_, applied] = journal_of(tmp_path / "out").entries()
+    assert applied["method"] == "none (no training rows)" and applied["num_rows"] == 0
+
+
+def test_pairs_outside_the_training_split_name_the_split(trained, tmp_path):
+    dm = datamodule()
+    dm.setup()
+    user, item = int(dm.test.users[0]), int(dm.test.items[0])
+    model, dm, callback = session(trained, tmp_path / "out", DeletionRequest(pairs=[(user, item)]))
+    with pytest.raises(InvalidDeletionRequest, match=r"not a row of this table \(the training split\).*only in the test split"):
+        callback.apply_pending(model, dm)
+
+
+# ----------------------------------------------------------------------------- the kill helper for the property test
+
+
+def _killed(checkpoint: str, out: str, cwd: str, request: DeletionRequest, point: str) -> None:
+    os.chdir(cwd)
+    target = {"method": (FineTune, "update"), "write": (record_module, "_write"), "rename": (os, "replace"),
+              "after_rename": (record_module, "fsync_directory")}[point]
+    original = getattr(*target)
+
+    def die(*args, **kwargs):
+        if point == "after_rename":
+            original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(*target, die)
+    apply(Path(checkpoint), Path(out), request)
+    os._exit(0)
+
+
+def kill_midway(checkpoint: Path, out: Path, cwd: Path, request: DeletionRequest, point: str) -> None:
+    child = FORK.Process(target=_killed, args=(str(checkpoint), str(out), str(cwd), request, point))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+
+
+
+
+# ----------------------------------------------------------------------------- the property
+
+
+def pool() -> list[DeletionRequest]:
+    dm = datamodule()
+    dm.setup()
+    row = int(torch.nonzero(dm.train.users == 8).flatten()[0])
+    return [A, B, C, DeletionRequest(pairs=[(8, int(dm.train.items[row]))])]
+
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("apply"), st.integers(0, 3)),
+        st.tuples(st.just("kill"), st.integers(0, 3), st.sampled_from(["method", "write", "rename", "after_rename"])),
+        st.tuples(st.just("cwd"), st.integers(0, 1)),
+        st.tuples(st.just("corrupt"), st.integers(0, 2**20)),
+    ),
+    min_size=1, max_size=5,
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(operations=OPERATIONS)
+def test_any_sequence_of_applies_kills_moves_and_corruption_embodies_exactly_the_accepted_requests(
+    operations, trained, tmp_path_factory, monkeypatch,
+):
+    """Apply, kill at a random point then restart as documented (recover, resume from the latest
+    state, give the request again), move to another working directory, or garble a middle byte of
+    the journal (the next run must stop with JournalCorrupted and change nothing; the operator then
+    restores the journal from a backup): the final model and data embody exactly the accepted requests."""
+    requests = pool()
+    base = tmp_path_factory.mktemp("sequence")
+    homes = [base / "a", base / "b"]
+    for home in homes:
+        home.mkdir()
+    monkeypatch.chdir(homes[0])
+    folder = base / "unlearning"
+    accepted: list[int] = []
+    for operation in operations:
+        out = Path(os.path.relpath(folder))  # relative to where the operator stands now
+        if operation[0] == "cwd":
+            monkeypatch.chdir(homes[operation[1]])
+            continue
+        if operation[0] == "corrupt":
+            journal = folder / "journal.jsonl"
+            if not journal.exists() or journal.read_bytes().count(b"\n") < 2:
+                continue
+            backup = journal.read_bytes()
+            middle = backup[: backup.rindex(b"\n", 0, len(backup) - 1)]  # every line but the last
+            at = operation[1] % len(middle)
+            if middle[at:at + 1] == b"\n":
+                at -= 1
+            journal.write_bytes(backup[:at] + (b"#" if backup[at:at + 1] != b"#" else b"$") + backup[at + 1:])
+            before = files(folder)
+            with pytest.raises(JournalCorrupted):
+                apply(recover(out) or trained, out, requests[0])
+            assert files(folder) == before
+            journal.write_bytes(backup)
+            continue
+        index = operation[1]
+        if operation[0] == "kill" and index not in accepted:
+            resume = journal_of(folder).last_checkpoint() if (folder / "journal.jsonl").exists() else None
+            kill_midway(resume or trained, out, Path.cwd(), requests[index], operation[2])
+        apply(recover(out) or trained, out, requests[index])
+        if index not in accepted:
+            accepted.append(index)
+
+    journal = journal_of(folder)
+    applied = [e for e in journal if e["status"] == "applied"]
+    assert len(applied) == len(accepted) and len({e["digest"] for e in applied}) == len(accepted)  # each exactly once
+    assert journal.interrupted() == []
+    if not accepted:
+        return
+    final = torch.load(journal.last_checkpoint(), weights_only=True)
+    model, dm, _ = apply(trained, base / "reference", *(requests[k] for k in accepted))
+    assert all(torch.equal(final["state_dict"][k], v) for k, v in model.state_dict().items())
+    expected = dm.state_dict()
+    assert all(torch.equal(final["datamodule_state"][k], expected[k]) for k in ("train_keys", "users", "items"))
+
+
+# ----------------------------------------------------------------------------- W&B files after a refusal
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The console script as a user runs it: its own process, W&B offline, the console as W&B would see it."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_CONSOLE"}
+    return subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_refused_request_leaves_its_ids_in_no_file_of_the_run(distinctive_slice, tmp_path):  # noqa: F811 (the fixture)
+    data_file, _ = distinctive_slice
+    recipe = write_recipe(tmp_path / "forget.yaml", data_file, tmp_path / "runs")
+    assert run_cli("fit", "-c", str(recipe), cwd=tmp_path).returncode == 0
+    checkpoint = next((tmp_path / "ckpt").glob("best*.ckpt"))
+    known, unknown = member(DELETED_USERS[0]), "member-0999-qx7z"
+    (tmp_path / "requests.csv").write_text(f"user\n{known}\n{unknown}\n")
+    refused = run_cli("unlearn", "-c", str(recipe), "--ckpt_path", str(checkpoint), "--requests", "requests.csv",
+                      "--method", "FineTune", "--out", "unlearned", cwd=tmp_path)
+    assert refused.returncode != 0 and unknown in refused.stderr  # the operator is told which id
+    # The same request given to the callback of a training run: refused after W&B started logging.
+    (tmp_path / "in_fit.yaml").write_text(recipe.read_text().replace(
+        "  callbacks: [", "  callbacks: [{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: "
+                         "{method: {class_path: lightning_unlearn.unlearning.FineTune}, requests_file: requests.csv, "
+                         "dirpath: in_fit}},\n              "))
+    refused = run_cli("fit", "-c", "in_fit.yaml", cwd=tmp_path)
+    assert refused.returncode != 0 and unknown in refused.stderr
+    runs = offline_runs(tmp_path / "runs")
+    assert set(runs) == {"fit", "unlearn"} and len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 3
+    inputs = {tmp_path / "requests.csv", data_file}
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in inputs]
+    assert any(p.suffix == ".wandb" for p in written)
+    leaks = [str(p) for p in written for needle in (known, unknown) if needle.encode() in p.read_bytes()]
+    assert not leaks
