@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_unlearn.cli import main
+from tests.conftest import REPO
 from lightning_unlearn.data import Interactions
 from lightning_unlearn.unlearning import DeletionSpec
 
@@ -167,3 +170,15 @@ def test_second_retrain_seed_closes_the_rank_gap_on_movielens_100k(data_dir, mon
         assert figures["overlap@20"] > original["overlap@20"] and figures["overlap@20_affected"] > original["overlap@20_affected"]
         assert figures["score_distance_rel"] < 1 and figures["param_distance_rel"] < 1
         assert by_name[name]["diagnostics"]["solver"] == "block" and by_name[name]["precompute_seconds"] > 0
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_compare_recipe_lists_methods_with_distinct_names(recipe):
+    """compare refuses two methods of one name: a default that changes under a recipe (AltEraser's
+    objective did) must not make two of its entries the same method."""
+    methods = yaml.safe_load(recipe.read_text()).get("methods") or []
+    names = []
+    for spec in methods:
+        module, _, name = spec["class_path"].rpartition(".")
+        names.append(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})).name)
+    assert len(names) == len(set(names)), names

@@ -42,7 +42,7 @@ from lightning_unlearn.unlearning.record import (
     save_checkpoint,
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
-from tests.test_wandb import DELETED_USERS, distinctive_slice, member, offline_runs, write_recipe  # noqa: F401 (a fixture)
+from tests.test_wandb import DELETED_USERS, distinctive_slice, member, write_recipe  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the process tests fork")
 FORK = multiprocessing.get_context("fork")
@@ -590,8 +590,7 @@ def test_a_refused_request_leaves_its_ids_in_no_file_of_the_run(distinctive_slic
                          "dirpath: in_fit}},\n              "))
     refused = run_cli("fit", "-c", "in_fit.yaml", cwd=tmp_path)
     assert refused.returncode != 0 and unknown in refused.stderr
-    runs = offline_runs(tmp_path / "runs")
-    assert set(runs) == {"fit", "unlearn"} and len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 3
+    assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 3  # the fit, and the two refused runs
     inputs = {tmp_path / "requests.csv", data_file}
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in inputs]
     assert any(p.suffix == ".wandb" for p in written)
