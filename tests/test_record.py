@@ -596,3 +596,29 @@ def test_a_refused_request_leaves_its_ids_in_no_file_of_the_run(distinctive_slic
     assert any(p.suffix == ".wandb" for p in written)
     leaks = [str(p) for p in written for needle in (known, unknown) if needle.encode() in p.read_bytes()]
     assert not leaks
+
+
+def test_a_training_run_into_a_folder_that_moved_on_stops_before_its_first_step(tmp_path):
+    steps = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, *args):
+            steps.append(1)
+
+    def fit(request: DeletionRequest, folder: str = "unlearning") -> pl.Trainer:
+        dm = datamodule()
+        pl.seed_everything(0, verbose=False)
+        callback = UnlearningCallback(FineTune(epochs=1), requests=[request], dirpath=tmp_path / folder)
+        trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[callback, Count()])
+        trainer.fit(new_model(dm), dm)
+        return trainer
+
+    fit(A)
+    trained_steps = len(steps)
+    with pytest.raises(StaleCheckpoint, match="a model no deletion was applied to"):
+        fit(B)
+    with pytest.raises(InvalidDeletionRequest, match="unknown user id"):
+        fit(DeletionRequest(users=["no-such-user"]), folder="fresh")
+    assert len(steps) == trained_steps  # neither refused run trained a step
+    assert [e["status"] for e in journal_of(tmp_path / "unlearning")] == ["pending", "applied"]

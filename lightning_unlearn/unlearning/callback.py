@@ -304,6 +304,17 @@ class UnlearningCallback(pl.Callback):
             self.requests_file = None
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse before training what applying the requests would refuse after it.
+
+        Runs after a resumed fit restored this callback's state, so a stale model (the folder
+        already holds deletions this one does not embody) or an invalid request stops the run
+        before an epoch is spent, not at ``on_train_end``.
+        """
+        if trainer.is_global_zero and self.pending:
+            self.check(trainer.datamodule)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "train_end":
             self.run(trainer, pl_module)
