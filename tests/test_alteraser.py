@@ -14,7 +14,7 @@ from lightning_unlearn.unlearning.methods import alteraser
 from lightning_unlearn.models.losses import data_loss, row_losses
 from lightning_unlearn.unlearning.methods.curvature import curvature_blocks, exact_hessian_blocks
 from lightning_unlearn.unlearning.methods._subproblems import slot_changes
-from lightning_unlearn.unlearning.methods.functional import call_with
+from lightning_unlearn.models.functional import call_with
 
 
 def lbfgs(params, objective, rounds: int = 8) -> None:

@@ -171,7 +171,7 @@ def test_curvature_blocks_equal_the_hessian_blocks_of_mf(loss):
 
 
 def _loss_with(model, users, items, rows):
-    from lightning_unlearn.unlearning.methods.functional import call_with
+    from lightning_unlearn.models.functional import call_with
 
     return call_with(model, {"user_embedding.weight": users, "item_embedding.weight": items}, lambda: model.loss(rows[:], "sum"))
 

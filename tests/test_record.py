@@ -4,6 +4,9 @@ processes on one folder, another working directory, tricky request files, raw id
 Each test reproduces a case that, before the journal became a hash chain with a folder lock,
 lineage and keyed digests, silently lost a deletion, applied one twice or stored an id.
 """
+# The fixtures `trained` and `distinctive_slice` are imported from the fault-injection and W&B
+# tests, and the test functions take them as arguments:
+# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -24,10 +27,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.data import RecDataModule
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.sources import DataSource
-from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
@@ -39,31 +41,13 @@ from lightning_unlearn.unlearning.record import (
     journal_of,
     recover,
     restore_checkpoint,
-    save_checkpoint,
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
-from tests.test_wandb import DELETED_USERS, distinctive_slice, member, write_recipe  # noqa: F401 (a fixture)
+from tests.test_faults import datamodule, new_model, trained  # noqa: F401
+from tests.test_wandb import DELETED_USERS, distinctive_slice, member, write_recipe  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the process tests fork")
 FORK = multiprocessing.get_context("fork")
-
-
-def datamodule() -> RecDataModule:
-    return RecDataModule(Synthetic(num_users=20, num_items=16, density=0.5, seed=0), num_negatives=1, batch_size=32, seed=0)
-
-
-def new_model(dm: RecDataModule) -> MF:
-    return MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("trained") / "trained.ckpt"
-    dm = datamodule()
-    dm.setup()
-    pl.seed_everything(0, verbose=False)
-    save_checkpoint(path, new_model(dm), dm, UnlearningCallback(FineTune()))
-    return path
 
 
 def session(checkpoint: Path, out: Path, *requests: DeletionRequest, **kwargs):
@@ -573,7 +557,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           env={**env, "OMP_NUM_THREADS": "1"})
 
 
-def test_a_refused_request_leaves_its_ids_in_no_file_of_the_run(distinctive_slice, tmp_path):  # noqa: F811 (the fixture)
+def test_a_refused_request_leaves_its_ids_in_no_file_of_the_run(distinctive_slice, tmp_path):
     data_file, _ = distinctive_slice
     recipe = write_recipe(tmp_path / "forget.yaml", data_file, tmp_path / "runs")
     assert run_cli("fit", "-c", str(recipe), cwd=tmp_path).returncode == 0

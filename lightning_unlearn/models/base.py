@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.metrics.ranking import FullRankingMetrics
+from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.models.losses import data_loss, item_slots
 
 __all__ = ["CONTRACT_RULES", "GROUPS", "LOSSES", "OPTIMIZERS", "ContractError", "Recommender"]
@@ -54,20 +55,6 @@ def _abstract_names(cls: type) -> frozenset[str]:
     for base in cls.__bases__:
         names.update(getattr(base, "_abstract_methods", ()))
     return frozenset(name for name in names if getattr(getattr(cls, name, None), "__isabstractmethod__", False))
-
-
-class _Closure(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, closure: Callable[[], Any]) -> Any:
-        return closure()
-
-
-def _call_with(model: nn.Module, replaced: dict[str, Tensor], closure: Callable[[], Any]) -> Any:
-    """``closure()`` evaluated while ``model``'s named tensors are replaced (the model itself is left as it was)."""
-    return torch.func.functional_call(_Closure(model), {f"model.{k}": v for k, v in replaced.items()}, (closure,), strict=False)
 
 
 class Recommender(pl.LightningModule):
@@ -334,7 +321,7 @@ class Recommender(pl.LightningModule):
             self._check_representations(tables, user_tables, item_tables)
 
         with torch.inference_mode(False), torch.enable_grad():
-            _call_with(self, replaced, check)
+            call_with(self, replaced, check)
 
     def _check_penalty(self, user_tables: list[Tensor], item_tables: list[Tensor]) -> None:
         cls, device = type(self), user_tables[0].device

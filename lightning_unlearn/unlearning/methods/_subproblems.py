@@ -22,7 +22,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import fingerprint
-from lightning_unlearn.unlearning.methods.functional import call_with
+from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users
 
 __all__ = ["SIDES", "Anchor", "Engine", "Side", "slot_changes"]

@@ -50,7 +50,7 @@ from lightning_unlearn.models.losses import data_loss, row_scores
 from lightning_unlearn.unlearning.methods._subproblems import SIDES, Anchor, Engine, Side
 from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
 from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, curvature_blocks, exact_hessian_blocks
-from lightning_unlearn.unlearning.methods.functional import call_with
+from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.scope import (
     expand,
     graph_of,
