@@ -224,6 +224,12 @@ class LightningUnlearnCLI(LightningCLI):
         if isinstance(init_args, dict):  # linked on instantiation: known only now
             init_args.update(num_users=self.datamodule.num_users, num_items=self.datamodule.num_items)
         log_config(self.trainer.loggers, config)
+        # `config` holds the model's and the datamodule's arguments (under `model.init_args` and
+        # `data`): Lightning would log their `save_hyperparameters` again, flat at the top level
+        # (where the model's `optimizer` overwrote the CLI's own `optimizer` entry).
+        for module in (self.model, self.datamodule):
+            if module is not None:
+                module._log_hyperparams = False
 
     def after_fit(self) -> None:
         if not self.trainer.interrupted:

@@ -118,6 +118,56 @@ def files_containing(folders: list[Path], needles: list[str]) -> dict[str, list[
     return found
 
 
+def comparison_panels(config: dict) -> dict[str, dict]:
+    """``key -> panel config`` of the run's custom charts (``_wandb.visualize``), with the Vega-Lite
+    spec each carries (``customPanelDef.spec``, a JSON string) parsed."""
+    panels = {}
+    for key, value in config["_wandb"]["visualize"].items():
+        assert value["panel_type"] == "Vega2"
+        panel = dict(value["panel_config"])
+        if "customPanelDef" in panel:
+            panel["spec"] = json.loads(panel["customPanelDef"]["spec"])
+        panels[key] = panel
+    return panels
+
+
+def check_comparison_charts(panels: dict[str, dict], files: Path, records: list) -> None:
+    """The comparison's charts: a point per method, coloured and labelled by its name, seconds and
+    speed-ups on a log axis; the specs are also the run's files ``charts/*.vl.json``."""
+    assert set(panels) == {"compare/chart/gap_closed_vs_speedup", "compare/chart/recall_vs_seconds",
+                           "compare/chart/seconds", "compare/chart/completeness"}
+    fields = {key: panel["fieldSettings"] for key, panel in panels.items()}
+    assert fields["compare/chart/gap_closed_vs_speedup"] == {"x": "speedup_vs_retrain", "y": "completeness", "label": "method"}
+    assert fields["compare/chart/recall_vs_seconds"] == {"x": "seconds", "y": "recall@20", "label": "method"}
+    assert fields["compare/chart/seconds"] == {"label": "method", "value": "seconds"}
+    assert fields["compare/chart/completeness"] == {"label": "method", "value": "completeness"}
+    for key in ("compare/chart/gap_closed_vs_speedup", "compare/chart/recall_vs_seconds"):
+        panel, spec = panels[key], panels[key]["spec"]
+        assert panel["panelDefId"] == "wandb/scatter/v0"  # W&B's preset with the same fields, were the spec ignored
+        assert spec["data"] == {"name": "wandb"} and spec["title"] == "${string:title}"
+        assert spec["encoding"]["x"]["field"] == "${field:x}" and spec["encoding"]["x"]["scale"] == {"type": "log"}
+        assert spec["encoding"]["y"]["field"] == "${field:y}"
+        assert spec["encoding"]["color"] == {"field": "${field:label}", "type": "nominal", "title": "method"}
+        assert [layer["mark"]["type"] for layer in spec["layer"]] == ["point", "text"]
+        assert spec["layer"][1]["encoding"]["text"]["field"] == "${field:label}"  # each point says which method it is
+        assert "log scale" in panel["stringSettings"]["x-axis-title"]
+        assert json.loads((files / "charts" / "log_x_scatter.vl.json").read_text()) == spec
+    dots = panels["compare/chart/seconds"]
+    assert dots["panelDefId"] == "wandb/bar/v0" and dots["spec"]["encoding"]["x"]["scale"] == {"type": "log"}
+    assert dots["spec"]["encoding"]["y"]["field"] == dots["spec"]["encoding"]["color"]["field"] == "${field:label}"
+    assert json.loads((files / "charts" / "log_x_dots.vl.json").read_text()) == dots["spec"]
+    assert panels["compare/chart/completeness"]["panelDefId"] == "wandb/bar/v0"  # 0..1: W&B's own bars
+    assert "customPanelDef" not in panels["compare/chart/completeness"]
+    saved = {f.path for r in records if r.WhichOneof("record_type") == "files" for f in r.files.files}
+    assert {"charts/log_x_scatter.vl.json", "charts/log_x_dots.vl.json"} <= saved  # `wandb sync` uploads them
+
+
+def method_keys(keys) -> set[str]:
+    """The ``compare/<method>/<metric>`` keys among ``keys`` (not the table, its charts, the original)."""
+    return {k for k in keys if k.startswith("compare/") and not k.startswith(("compare/table", "compare/chart/", "compare/original/"))
+            and k != "compare/headline_completeness"}
+
+
 # ---------------------------------------------------------------------- data with distinctive ids
 def member(user: int) -> str:
     return f"member-{user:04d}-qx7z"
@@ -223,11 +273,19 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
                        "num_items": 0, "num_ignored": 0}
     config_at = first_index(records, "config", lambda r: any(u.key == "trainer" for u in r.config.update))
     assert config_at < first_index(records, "history")
+    # Each hyper-parameter once: the model's and the datamodule's arguments are under `model` and
+    # `data`, not again at the top level from Lightning's save_hyperparameters.
+    assert not ((set(config["model"]["init_args"]) | set(config["data"])) - {"optimizer"}) & set(config)
+    assert config["optimizer"] is None and "_instantiator" not in config  # the CLI's own optimizer entry, intact
 
-    # Summary metrics per method, equal to compare.json.
+    # Figures per method in the run summary, equal to compare.json; none in the history, where each
+    # key would be a single-point line panel.
     summary = run_summary(records)
+    assert not method_keys({key for row in run_history(records) for key in row})
+    assert len(method_keys(summary)) >= 5 * 15
     for method in result["methods"]:
         assert summary[f"compare/{method['name']}/seconds"] == pytest.approx(method["seconds"])
+        assert summary[f"compare/{method['name']}/speedup_vs_retrain"] == pytest.approx(method["speedup_vs_retrain"])
         assert summary[f"compare/{method['name']}/recall@20"] == pytest.approx(method["utility"]["recall@20"])
         assert summary[f"compare/{method['name']}/gap_closed_item_rank"] == pytest.approx(
             method["completeness"]["gap_closed_item_rank"])
@@ -235,7 +293,7 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
     assert summary["compare/headline_completeness"] == "gap_closed_item_rank"
     assert summary["compare/table"]["_type"] == "table-file" and summary["compare/table"]["nrows"] == 5
 
-    # The table, one row per method, and native charts built from it.
+    # The table, one row per method, and the charts built from it.
     table = json.loads(next((folder / "files" / "media" / "table" / "compare").glob("table_*.table.json")).read_text())
     assert table["columns"] == list(COMPARISON_COLUMNS)
     rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
@@ -243,13 +301,11 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
     for method in result["methods"]:
         assert rows[method["name"]]["seconds"] == pytest.approx(method["seconds"])
         assert rows[method["name"]]["completeness"] == pytest.approx(method["completeness"]["gap_closed_item_rank"])
-    charts = {key: value["panel_config"] for key, value in config["_wandb"]["visualize"].items()}
-    assert charts["compare/chart/recall_vs_seconds"]["panelDefId"] == "wandb/scatter/v0"
-    assert charts["compare/chart/recall_vs_seconds"]["fieldSettings"] == {"x": "seconds", "y": "recall@20"}
-    assert charts["compare/chart/completeness_vs_seconds"]["fieldSettings"] == {"x": "seconds", "y": "completeness"}
-    for bar in ("seconds", "recall", "completeness"):
-        assert charts[f"compare/chart/{bar}"]["panelDefId"] == "wandb/bar/v0"
-        assert charts[f"compare/chart/{bar}"]["fieldSettings"]["label"] == "method"
+    panels = comparison_panels(config)
+    check_comparison_charts(panels, folder / "files", records)
+    assert panels["compare/chart/gap_closed_vs_speedup"]["stringSettings"]["y-axis-title"] == "gap_closed_item_rank (1 = Retrain)"
+    tables = {key: value for key, value in summary.items() if key.startswith("compare/chart/") and key.endswith("_table")}
+    assert {value["path"] for value in tables.values()} == {summary["compare/table"]["path"]}  # each chart draws that table
 
     # No raw id of a deleted row anywhere in the run; the scan does see what is written in the
     # clear (a method name in the transaction log and the table). The console is not captured.
@@ -367,15 +423,77 @@ def test_comparison_rows_follow_the_columns_and_drop_non_finite_values():
     assert dict(zip(COMPARISON_COLUMNS, comparison_rows(fake_result("users"))[1]))["completeness"] == 0.49
 
 
-def test_every_logger_gets_the_per_method_metrics(tmp_path):
+def test_other_loggers_get_the_per_method_figures_at_the_method_position(tmp_path):
     logger = CSVLogger(tmp_path)
-    log_comparison([logger], fake_result())
-    logger.save()
+    log_comparison([logger], fake_result())  # saves: no logger.save() needed for metrics.csv
     with open(Path(logger.log_dir) / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
+    steps = {k: int(row["step"]) for row in rows for k, v in row.items() if v not in ("", None) and k != "step"}
     values = {k: float(v) for row in rows for k, v in row.items() if v not in ("", None) and k != "step"}
     assert values["compare/IFRU(k_hop=0)/seconds"] == 0.1 and values["compare/Retrain/recall@20"] == 0.30
+    assert values["compare/IFRU(k_hop=0)/speedup_vs_retrain"] == 20.0 and values["compare/IFRU(k_hop=0)/gap_closed_rank"] == 0.98
+    assert steps["compare/Retrain/seconds"] == 1 and steps["compare/IFRU(k_hop=0)/seconds"] == 2
     assert "compare/IFRU(k_hop=0)/overlap@20" not in values  # non-finite figures are left out, not logged as NaN
+
+
+def test_wandb_gets_per_method_figures_in_the_summary_and_charts_with_their_specs(tmp_path):
+    """log_comparison alone, on an offline run (no CLI, no data): what the W&B workspace is built from."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    logger = WandbLogger(project="lightning-unlearn-tests", offline=True, save_dir=str(tmp_path))
+    log_comparison([logger], fake_result())
+    folder = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    records = read_records(next(folder.glob("run-*.wandb")))
+    summary, history = run_summary(records), run_history(records)
+
+    assert summary["compare/IFRU(k_hop=0)/seconds"] == 0.1 and summary["compare/Retrain/recall@20"] == 0.30
+    assert summary["compare/IFRU(k_hop=0)/gap_closed_rank"] == 0.98 and summary["compare/IFRU(k_hop=0)/speedup_vs_retrain"] == 20.0
+    assert "compare/IFRU(k_hop=0)/overlap@20" not in summary  # non-finite: left out
+    assert summary["compare/headline_completeness"] == "gap_closed_rank" and summary["compare/original/recall@20"] == 0.3
+    assert len(history) == 1 and not method_keys(history[0])  # one row: the table and the charts' tables
+    assert {"compare/table", "compare/chart/recall_vs_seconds_table"} <= set(history[0])
+    check_comparison_charts(comparison_panels(run_config(records)), folder / "files", records)
+    table = json.loads((folder / "files" / summary["compare/table"]["path"]).read_text())
+    assert table["columns"] == list(COMPARISON_COLUMNS) and [row[0] for row in table["data"]] == ["Retrain", "IFRU(k_hop=0)"]
+
+
+def test_config_holds_each_hyperparameter_once(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false, enable_checkpointing: false,\n"
+        "  logger: {class_path: pytorch_lightning.loggers.WandbLogger,\n"
+        f"    init_args: {{project: lightning-unlearn-tests, offline: true, save_dir: {tmp_path / 'runs'}}}}}}}\n"
+        "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4, optimizer: sgd}}\n"
+        "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 12, num_items: 9}}, batch_size: 64}\n"
+    )
+    main(["fit", "-c", str(recipe)])
+    records = read_records(next(offline_runs(tmp_path / "runs")["fit"].glob("run-*.wandb")))
+    config = run_config(records)
+    config.pop("_wandb")
+    model, data = config["model"]["init_args"], config["data"]
+    assert model["embedding_dim"] == 4 and model["num_users"] == 12 and data["batch_size"] == 64
+    assert {"seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path"} <= set(config)
+    assert not ((set(model) | set(data)) - {"optimizer"}) & set(config)  # no flat copy of save_hyperparameters
+    assert "_instantiator" not in config and "embedding_dim" not in config and "batch_size" not in config
+    assert model["optimizer"] == "sgd" and config["optimizer"] is None  # the flat copy used to overwrite the CLI's entry
+
+
+def test_plot_comparison_draws_the_w_and_b_scatters_with_log_axes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning_unlearn.unlearning.reporting import plot_comparison
+
+    result = json.loads((REPO / "docs" / "measurements" / "ml100k_compare_mf.json").read_text())
+    figure = plot_comparison(result, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    left, right = figure.axes[:2]
+    assert left.get_xscale() == right.get_xscale() == "log"
+    assert left.get_xlabel() == "unlearning seconds (log scale)" and right.get_ylabel() == "gap_closed_rank (1 = Retrain)"
+    names = [m["name"] for m in result["methods"]]
+    for axes in (left, right):
+        assert sorted(t.get_text() for t in axes.texts) == sorted(names)  # every point is labelled
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == names
+    assert (REPO / "docs" / "_static" / "compare_chart.png").is_file()  # the picture docs/wandb.rst shows
 
 
 def test_the_package_does_not_import_wandb():

@@ -48,7 +48,8 @@ def compare(
 
     As soon as the deletion is resolved its counts (never its ids nor an unkeyed digest) are added to the
     loggers' hyperparameters as ``deletion_applied``; each method's seconds and utility are
-    logged as ``compare/<method>/<metric>`` when it finishes, so a crash keeps what was done.
+    logged as ``compare/<method>/<metric>`` when it finishes (in W&B's run summary; at the
+    method's position as step for other loggers), so a crash keeps what was done.
 
     Args:
         model: the trained original (left unchanged).
@@ -101,7 +102,8 @@ def compare(
         progress(f"{step}: done in {report.seconds:.2f} s{f' ({detail})' if detail else ''}, "
                  f"recall@20 {entries[-1]['utility'].get('recall@20', float('nan')):.4f}")
         log_method_result(loggers, {"name": method.name, "seconds": report.seconds,
-                                    "precompute_seconds": report.precompute_seconds, "utility": entries[-1]["utility"]})
+                                    "precompute_seconds": report.precompute_seconds, "utility": entries[-1]["utility"]},
+                          step=index)
 
     reference = models["Retrain"]
     noise = next((models[m.name] for m in ordered if isinstance(m, Retrain) and m.seed is not None and m.seed != seed), None)

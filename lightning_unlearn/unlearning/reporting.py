@@ -1,24 +1,31 @@
 """Reporting to the run's loggers, W&B first: the resolved config, comparisons, time series, artifacts.
 
 Everything here goes through Lightning's ``Logger`` objects (``trainer.loggers``); what only W&B
-can show (tables, native charts, metric axes, artifacts) is added when a ``WandbLogger`` is among
-them. ``wandb`` is imported inside the functions that need it, never when this module loads.
+can show (tables, summaries, custom charts, metric axes, artifacts) is added when a
+``WandbLogger`` is among them. ``wandb`` (and ``matplotlib``, for :func:`plot_comparison`) is
+imported inside the functions that need it, never when this module loads.
 
 Nothing logged here carries a raw id of deleted data: deletions appear as counts and a digest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 __all__ = [
+    "CHART_SPECS",
     "COMPARISON_COLUMNS",
     "check_artifact_logging",
+    "comparison_charts",
     "comparison_rows",
     "define_request_axis",
     "headline_completeness",
@@ -26,6 +33,7 @@ __all__ = [
     "log_config",
     "log_method_result",
     "log_unlearning_artifacts",
+    "plot_comparison",
     "wandb_loggers",
     "wandb_run_lines",
 ]
@@ -116,61 +124,282 @@ def method_metrics(method: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if _finite(v) is not None}
 
 
-def log_method_result(loggers: Iterable[Logger], method: Mapping[str, Any]) -> None:
-    """Log one method's figures as ``compare/<method>/<metric>`` as soon as they are known.
+def log_method_result(loggers: Iterable[Logger], method: Mapping[str, Any], step: int | None = None) -> None:
+    """Record one method's figures as ``compare/<method>/<metric>`` as soon as they are known.
+
+    A ``WandbLogger`` gets them in the run **summary** (one value per key), not as history: a
+    method's seconds are one number, not a series, and history would make each key a
+    single-point line panel in the workspace. Any other logger (CSV, TensorBoard) gets them as
+    metrics at ``step``, the method's position in the comparison (1, 2, ...), and is saved at
+    once, so its files hold what was done even if a later method crashes.
 
     Args:
         loggers: the trainer's loggers.
         method: an entry of ``compare.json``'s ``methods`` (utility may come before completeness).
+        step: the method's position in the comparison, for loggers other than W&B.
     """
     metrics = {f"compare/{method['name']}/{k}": v for k, v in method_metrics(method).items()}
     for logger in loggers:
-        logger.log_metrics(metrics)
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(metrics)
+        else:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+
+
+# ---------------------------------------------------------------------- comparison charts
+def _log_x_scatter() -> dict[str, Any]:
+    text = {"field": "${field:label}", "type": "nominal"}
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v4.json",
+        "description": "lightning_unlearn: one labelled point per method, x on a log scale",
+        "title": "${string:title}",
+        "data": {"name": "wandb"},
+        "transform": [{"filter": "isValid(datum['${field:x}']) && datum['${field:x}'] > 0 && isValid(datum['${field:y}'])"}],
+        "encoding": {
+            "x": {"field": "${field:x}", "type": "quantitative", "scale": {"type": "log"}, "title": "${string:x-axis-title}"},
+            "y": {"field": "${field:y}", "type": "quantitative", "scale": {"zero": False}, "title": "${string:y-axis-title}"},
+            "color": {**text, "title": "method"},
+            "tooltip": [text, {"field": "name", "type": "nominal", "title": "run"},
+                        {"field": "${field:x}", "type": "quantitative"}, {"field": "${field:y}", "type": "quantitative"}],
+        },
+        "layer": [
+            {"mark": {"type": "point", "filled": True, "size": 90}},
+            {"mark": {"type": "text", "align": "left", "dx": 7, "dy": -7}, "encoding": {"text": text}},
+        ],
+    }
+
+
+def _log_x_dots() -> dict[str, Any]:
+    label = {"field": "${field:label}", "type": "nominal"}
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v4.json",
+        "description": "lightning_unlearn: one labelled dot per method, the value on a log scale",
+        "title": "${string:title}",
+        "data": {"name": "wandb"},
+        "transform": [{"filter": "isValid(datum['${field:value}']) && datum['${field:value}'] > 0"}],
+        "encoding": {
+            "y": {**label, "title": None, "sort": None},
+            "x": {"field": "${field:value}", "type": "quantitative", "scale": {"type": "log"}, "title": "${string:x-axis-title}"},
+            "color": {**label, "legend": None},
+            "tooltip": [label, {"field": "name", "type": "nominal", "title": "run"},
+                        {"field": "${field:value}", "type": "quantitative"}],
+        },
+        "layer": [
+            {"mark": {"type": "point", "filled": True, "size": 90}},
+            {"mark": {"type": "text", "align": "left", "dx": 8},
+             "encoding": {"text": {"field": "${field:value}", "type": "quantitative", "format": ".3g"}}},
+        ],
+    }
+
+
+#: The Vega-Lite specs of the comparison's custom charts, with W&B's placeholders
+#: (``${field:x}`` is the table column mapped to ``x``, ``${string:title}`` a string setting).
+#: ``log_x_scatter`` takes fields ``x``, ``y`` and ``label`` (colour and text of each point);
+#: ``log_x_dots`` takes ``label`` and ``value``. Both put the quantity on a log axis.
+#:
+#: :meta hide-value:
+CHART_SPECS: dict[str, dict[str, Any]] = {"log_x_scatter": _log_x_scatter(), "log_x_dots": _log_x_dots()}
+
+# W&B's built-in preset with the same field names, named as the panel's preset: the panel draws
+# our spec (``customPanelDef``) and would fall back on this one where a W&B version ignored it.
+_STOCK_PRESETS = {"log_x_scatter": "wandb/scatter/v0", "log_x_dots": "wandb/bar/v0"}
+
+
+@functools.cache
+def _inline_spec_type() -> type:
+    """A ``CustomChartSpec`` whose panel config also carries its own Vega-Lite spec."""
+    from wandb.plot.custom_chart import CustomChartSpec
+
+    @dataclasses.dataclass
+    class InlineChartSpec(CustomChartSpec):
+        panel_def: dict = dataclasses.field(default_factory=dict)
+
+        @property
+        def config_value(self) -> dict[str, Any]:
+            value = super().config_value
+            value["panel_config"]["customPanelDef"] = dict(self.panel_def)
+            return value
+
+    return InlineChartSpec
+
+
+def _custom_chart(table: Any, spec: str, fields: dict[str, str], strings: dict[str, str]) -> Any:
+    """``wandb.plot_table`` of ``table`` drawn by ``CHART_SPECS[spec]``, the spec carried in the panel's config."""
+    import wandb
+
+    chart = wandb.plot_table(_STOCK_PRESETS[spec], table, fields, strings)
+    try:
+        inline = _inline_spec_type()
+    except ImportError:  # an older wandb without wandb.plot.custom_chart: the built-in preset alone
+        return chart
+    panel_def = {"name": f"lightning_unlearn/{spec}", "displayName": f"lightning_unlearn {spec}",
+                 "description": CHART_SPECS[spec]["description"], "spec": json.dumps(CHART_SPECS[spec], indent=2)}
+    values = {f.name: getattr(chart.spec, f.name) for f in dataclasses.fields(chart.spec)}
+    chart.spec = inline(**values, panel_def=panel_def)
+    return chart
+
+
+def comparison_charts(table: Any, result: Mapping[str, Any]) -> dict[str, Any]:
+    """The comparison's W&B charts, built from its ``compare/table`` (``wandb.Table``).
+
+    Each method is a point or dot coloured and labelled by its name, and seconds and speed-ups
+    are on log axes (Retrain's minutes and IFRU's fraction of a second both show):
+
+    - ``compare/chart/gap_closed_vs_speedup``: headline completeness (1 = Retrain) against the
+      speed-up over Retrain;
+    - ``compare/chart/recall_vs_seconds``: Recall@20 against unlearning seconds;
+    - ``compare/chart/seconds``: unlearning seconds per method;
+    - ``compare/chart/completeness``: headline completeness per method (W&B's bar chart).
+
+    Args:
+        table: a ``wandb.Table`` with :data:`COMPARISON_COLUMNS`.
+        result: the ``compare.json`` document (for titles).
+    """
+    import wandb
+
+    headline = headline_completeness(result)
+    what = f"{result['deletion']['kind']} deletion, {result['deletion']['rows']} rows"
+    return {
+        "compare/chart/gap_closed_vs_speedup": _custom_chart(
+            table, "log_x_scatter", {"x": "speedup_vs_retrain", "y": "completeness", "label": "method"},
+            {"title": f"Gap closed vs speed-up over Retrain ({what})", "x-axis-title": "speed-up over Retrain (x, log scale)",
+             "y-axis-title": f"{headline} (1 = Retrain)"}),
+        "compare/chart/recall_vs_seconds": _custom_chart(
+            table, "log_x_scatter", {"x": "seconds", "y": "recall@20", "label": "method"},
+            {"title": f"Recall@20 vs unlearning seconds ({what})", "x-axis-title": "unlearning seconds (log scale)",
+             "y-axis-title": "test Recall@20"}),
+        "compare/chart/seconds": _custom_chart(
+            table, "log_x_dots", {"label": "method", "value": "seconds"},
+            {"title": "Unlearning seconds per method", "x-axis-title": "seconds (log scale)"}),
+        "compare/chart/completeness": wandb.plot.bar(
+            table, "method", "completeness", title=f"Completeness ({headline}; 1 = Retrain) per method"),
+    }
+
+
+def _save_chart_specs(run: Any) -> None:
+    """Write :data:`CHART_SPECS` into the run's files (``charts/<name>.vl.json``), uploaded with the run."""
+    folder = Path(run.dir) / "charts"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, spec in CHART_SPECS.items():
+        (folder / f"{name}.vl.json").write_text(json.dumps(spec, indent=2) + "\n")
+    run.save(str(folder / "*.vl.json"), base_path=run.dir, policy="now")
 
 
 def log_comparison(loggers: Iterable[Logger], result: Mapping[str, Any]) -> None:
-    """Log a finished comparison: per-method metrics, and in W&B a table with native charts.
+    """Log a finished comparison: every method's figures, and in W&B a table with charts.
 
-    Every logger receives ``compare/<method>/<metric>`` for every method. A ``WandbLogger``
-    also receives ``compare/table`` (a ``wandb.Table`` of :data:`COMPARISON_COLUMNS`), charts
-    built from it (``wandb.plot.scatter`` of utility and of completeness against seconds,
-    ``wandb.plot.bar`` of seconds, utility and completeness per method), and the headline figures
-    in the run summary, so that the trade-off is a picture in the W&B workspace.
+    Every method's figures (seconds, utility, speed-up, completeness) go to each logger as in
+    :func:`log_method_result`: the W&B run summary, or metrics at the method's position for
+    other loggers. A ``WandbLogger`` also receives ``compare/table`` (a ``wandb.Table`` of
+    :data:`COMPARISON_COLUMNS`, one row per method), the charts of :func:`comparison_charts`
+    (their Vega-Lite specs also saved as the run's files ``charts/*.vl.json``), and the
+    original's figures and the headline figure's name in the summary.
 
     Args:
         loggers: the trainer's loggers.
         result: the ``compare.json`` document.
     """
-    for method in result["methods"]:
-        log_method_result(loggers, method)
+    for index, method in enumerate(result["methods"], start=1):
+        log_method_result(loggers, method, step=index)
     targets = wandb_loggers(loggers)
     if not targets:
         return
     import wandb
 
-    headline = headline_completeness(result)
     rows = comparison_rows(result)
     for logger in targets:
+        run = logger.experiment
         table = wandb.Table(columns=list(COMPARISON_COLUMNS), data=rows)
-        what = f"{result['deletion']['kind']} deletion, {result['deletion']['rows']} rows"
-        logger.experiment.log({
-            "compare/table": table,
-            "compare/chart/recall_vs_seconds": wandb.plot.scatter(
-                table, "seconds", "recall@20", title=f"Recall@20 vs unlearning seconds ({what})"),
-            "compare/chart/completeness_vs_seconds": wandb.plot.scatter(
-                table, "seconds", "completeness", title=f"Completeness ({headline}) vs unlearning seconds ({what})"),
-            "compare/chart/seconds": wandb.plot.bar(table, "method", "seconds", title="Unlearning seconds per method"),
-            "compare/chart/recall": wandb.plot.bar(table, "method", "recall@20", title="Recall@20 per method"),
-            "compare/chart/completeness": wandb.plot.bar(
-                table, "method", "completeness", title=f"Completeness ({headline}; 1 = Retrain) per method"),
-        })
+        run.log({"compare/table": table, **comparison_charts(table, result)})
+        if not getattr(run, "disabled", False):
+            _save_chart_specs(run)
         original = result["original"]
-        logger.experiment.summary.update({
-            "compare/headline_completeness": headline,
+        run.summary.update({
+            "compare/headline_completeness": headline_completeness(result),
             "compare/original/recall@20": _finite(original["utility"].get("recall@20")),
             "compare/original/grad_norm": _finite(original["grad_norm"]),
             "compare/original/fit_seconds": _finite(original["fit_seconds"]),
         })
+
+
+def plot_comparison(result: Mapping[str, Any], path: str | os.PathLike | None = None) -> Any:
+    """Draw the comparison's two W&B scatter charts with matplotlib, side by side in one figure.
+
+    The same table as ``compare/table`` (:func:`comparison_rows`), the same choices as the W&B
+    panels ``compare/chart/recall_vs_seconds`` and ``compare/chart/gap_closed_vs_speedup``: a
+    point per method, coloured (in Vega's category-10 colours, by name, as W&B assigns them) and
+    labelled by name, seconds and speed-up on log axes.
+
+    Args:
+        result: the ``compare.json`` document.
+        path: where to write the image (its suffix chooses the format, e.g. ``.png``), if anywhere.
+
+    Returns:
+        The ``matplotlib.figure.Figure`` (made without pyplot, so nothing global changes).
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install matplotlib``, or the ``docs`` extra).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+    except ImportError as err:
+        raise ImportError("plot_comparison needs matplotlib: `pip install matplotlib` "
+                          "(or `pip install lightning-unlearn[docs]`).") from err
+    columns = {name: i for i, name in enumerate(COMPARISON_COLUMNS)}
+    rows = comparison_rows(result)
+    headline = headline_completeness(result)
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    order = sorted(row[0] for row in rows)
+    colours = {name: palette[order.index(name) % len(palette)] for name in order}
+    what = f"{result['deletion']['kind']} deletion, {result['deletion']['rows']} rows"
+
+    figure = Figure(figsize=(11, 4.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)  # no pyplot, so no global state; Agg writes PNG, and savefig picks others by suffix
+    left, right = figure.subplots(1, 2)
+    panels = [(left, "seconds", "recall@20", "Recall@20 vs unlearning seconds", "unlearning seconds (log scale)", "test Recall@20"),
+              (right, "speedup_vs_retrain", "completeness", "Gap closed vs speed-up over Retrain",
+               "speed-up over Retrain (x, log scale)", f"{headline} (1 = Retrain)")]
+    for axes, x, y, title, x_title, y_title in panels:
+        points = [(row[0], row[columns[x]], row[columns[y]]) for row in rows
+                  if row[columns[x]] is not None and row[columns[x]] > 0 and row[columns[y]] is not None]
+        for name, px, py in points:
+            axes.scatter([px], [py], s=60, color=colours[name], zorder=3)
+        axes.set_xscale("log")
+        axes.set_title(title, fontsize=11)
+        axes.set_xlabel(x_title)
+        axes.set_ylabel(y_title)
+        axes.grid(True, which="major", color="#e6e6e6", zorder=0)
+        axes.margins(x=0.25, y=0.15)
+        _label_points(figure, axes, points, colours)
+    model = " on ".join(str(result[k]) for k in ("model", "dataset") if result.get(k))
+    figure.suptitle(f"{model}: {what}" if model else what, fontsize=12)
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=8, color=colours[row[0]]) for row in rows]
+    figure.legend(handles, [row[0] for row in rows], loc="outside lower center", ncol=min(len(rows), 5), frameon=False)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    return figure
+
+
+def _label_points(figure: Any, axes: Any, points: list[tuple[str, float, float]], colours: Mapping[str, str]) -> None:
+    """Write each point's name beside it, moving a label down while it would overlap one already placed."""
+    figure.canvas.draw()  # fixes the axes' limits, so that data maps to pixels
+    placed: list[Any] = []
+    renderer = figure.canvas.get_renderer()
+    for name, x, y in sorted(points, key=lambda p: (-p[2], p[1])):
+        offset = 6
+        while True:
+            label = axes.annotate(name, (x, y), xytext=(7, offset), textcoords="offset points", fontsize=9,
+                                  color=colours[name], va="bottom")
+            box = label.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(other) for other in placed) or offset < -60:
+                placed.append(box)
+                break
+            label.remove()
+            offset -= 12
 
 
 def check_artifact_logging(loggers: Sequence[Logger], option: str = "log_artifacts") -> None:
