@@ -119,6 +119,17 @@ def test_a_changed_last_line_is_refused_too(trained, tmp_path):
         journal_of(out).entries()
 
 
+def test_a_journal_read_before_still_sees_a_line_changed_since(tmp_path):
+    journal = Journal(tmp_path / "journal.jsonl")
+    for request in range(3):
+        journal.append("aa", "pending", request=request)
+    assert len(journal.entries()) == 3  # verified, and remembered as verified
+    text = journal.path.read_text().replace('"request": 1', '"request": 7')
+    journal.path.write_text(text)
+    with pytest.raises(JournalCorrupted, match="line 2"):
+        journal.entries()
+
+
 def test_an_entry_of_the_wrong_type_is_refused_at_write_time(tmp_path):
     journal = Journal(tmp_path / "journal.jsonl")
     with pytest.raises(TypeError, match="`request` must be a int"):

@@ -86,6 +86,7 @@ class Journal:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._verified: tuple[int, bytes, list[dict[str, Any]], str] | None = None
 
     @property
     def folder(self) -> Path:
@@ -153,12 +154,20 @@ class Journal:
 
     # ------------------------------------------------------------------ reading
     def _read(self) -> tuple[list[dict[str, Any]], str, int]:
-        """``(entries, hash of the last entry's line, byte offset where the chain ends)``."""
+        """``(entries, hash of the last entry, byte offset where the chain ends)``.
+
+        Lines verified before are not parsed again while the bytes up to where they end are
+        unchanged (one SHA-256 over them tells), so a long stream of requests does not re-read
+        its whole journal for every entry.
+        """
         if not self.path.exists():
             return [], GENESIS, 0
         data = self.path.read_bytes()
         entries: list[dict[str, Any]] = []
         last_hash, offset = GENESIS, 0
+        verified = self._verified
+        if verified is not None and len(data) >= verified[0] and hashlib.sha256(data[: verified[0]]).digest() == verified[1]:
+            offset, _, entries, last_hash = verified[0], verified[1], list(verified[2]), verified[3]
         while offset < len(data):
             newline = data.find(b"\n", offset)
             raw = data[offset:] if newline < 0 else data[offset:newline]
@@ -170,6 +179,8 @@ class Journal:
             entries.append(entry)
             last_hash = entry["hash"]
             offset = len(data) if newline < 0 else newline + 1
+        if data[:offset].endswith(b"\n") or not offset:  # an entry without its newline gets one: verify it again then
+            self._verified = (offset, hashlib.sha256(data[:offset]).digest(), list(entries), last_hash)
         return entries, last_hash, offset
 
     def _corrupted(self, line: int, problem: str) -> JournalCorrupted:
