@@ -246,8 +246,9 @@ class Journal:
             return None
         path = self.checkpoint(latest)
         if path is None or not path.is_file():
+            held = f"is held by {path}, which is missing" if path else "names no checkpoint"
             raise FileNotFoundError(
-                f"{self.path}: the latest applied request (entry {latest['seq']}) is held by {path}, which is missing. "
+                f"{self.path}: the latest applied request (entry {latest['seq']}) {held}. "
                 f"Restore that file from a backup; resuming from an older checkpoint would undo the deletions "
                 f"applied after it."
             )
