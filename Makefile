@@ -13,6 +13,7 @@ endif
 .PHONY: demo test benchmark docs clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
+	@echo "Installing lightning-unlearn and its test dependencies into $(VENV) (editable, pinned by constraints.txt; torch is large: this takes a few minutes the first time) ..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip -c constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
@@ -40,6 +41,7 @@ benchmark: $(BIN)/.installed
 
 # The docs: Sphinx (pinned in constraints.txt) from the `docs` extra; every warning is an error.
 $(BIN)/.docs-installed: $(BIN)/.installed setup.cfg constraints.txt
+	@echo "Installing Sphinx (the docs extra) into $(VENV) ..."
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[docs]'
 	touch $@
 

@@ -1,7 +1,8 @@
-"""The ``lightning-unlearn`` command: ``fit``, ``validate``, ``test``, ``unlearn`` and ``compare``."""
+"""The ``lightning-unlearn`` command: ``fit``, ``validate``, ``test``, ``predict``, ``unlearn`` and ``compare``."""
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
+from lightning_unlearn.console import USER_ERRORS, PlainHelpParser, quiet_third_party_noise, user_error_message
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
@@ -22,7 +24,11 @@ from lightning_unlearn.unlearning.compare import compare, format_table, write_ou
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.record import adopt_key, restore_checkpoint
+from lightning_unlearn.unlearning.record import (
+    adopt_key,
+    load_checkpoint,
+    restore_checkpoint,
+)
 from lightning_unlearn.unlearning.reporting import (
     check_artifact_logging,
     log_comparison,
@@ -35,7 +41,19 @@ __all__ = ["LightningUnlearnCLI", "UnlearningTrainer", "main"]
 
 
 class UnlearningTrainer(pl.Trainer):
-    """A ``Trainer`` with two more entry points, exposed as CLI subcommands: ``unlearn`` and ``compare``."""
+    """A ``Trainer`` with two more entry points (CLI subcommands), ``unlearn`` and ``compare``, and top-K lists from ``predict``.
+
+    Attributes:
+        optimizer_init: the optimizer the command line configured (``--optimizer``), as
+            ``{"class_path": ..., "init_args": {...}}``, or ``None`` (the model's own
+            ``configure_optimizers``). :meth:`FitRecipe.from_trainer
+            <lightning_unlearn.unlearning.recipe.FitRecipe.from_trainer>` carries it, so that
+            ``Retrain`` refits with the optimizer the original was trained with.
+        lr_scheduler_init: the same for ``--lr_scheduler``.
+    """
+
+    optimizer_init: dict[str, Any] | None = None
+    lr_scheduler_init: dict[str, Any] | None = None
 
     def unlearn(
         self,
@@ -93,6 +111,13 @@ class UnlearningTrainer(pl.Trainer):
             callback.load_state_dict(state["unlearning"])
         callback.read_requests_file()
         summaries = callback.check(datamodule)
+        if missing == "ignore":
+            ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
+            print(f"[unlearn] --missing ignore: {ignored} pair{'' if ignored == 1 else 's'} of the request "
+                  f"{'is' if ignored == 1 else 'are'} not in the training split and {'was' if ignored == 1 else 'were'} ignored")
+        if self.optimizer_init is not None and isinstance(method, FineTune):
+            print(f"[unlearn] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
+                  f"--method.optimizer, --method.lr), not with --optimizer")
         log_config(self.loggers, {"deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
         device = self.strategy.root_device
         model.to(device)
@@ -108,6 +133,7 @@ class UnlearningTrainer(pl.Trainer):
             metadata = {"requests": [{k: v for k, v in e.items() if k != "checkpoint"} for e in applied]}
             names = log_unlearning_artifacts(self.loggers, [journal.checkpoint(e) for e in applied], journal.path, metadata)
             print(f"[unlearn] W&B artifacts: {', '.join(names)}")
+        _save_loggers(self.loggers)
         return [r.as_dict() for r in reports]
 
     def compare(
@@ -152,6 +178,11 @@ class UnlearningTrainer(pl.Trainer):
             if best:
                 model.load_state_dict(torch.load(best, map_location=model.device, weights_only=True)["state_dict"])
         methods = methods if methods is not None else [Retrain(), Retrain(seed=seed + 1), FineTune()]
+        if self.optimizer_init is not None:
+            for method in methods:
+                if isinstance(method, FineTune):
+                    print(f"[compare] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
+                          f"its init_args), not with --optimizer; Retrain refits with --optimizer, like the original")
         model.to(self.strategy.root_device)
         result = compare(model, datamodule, methods, deletion, FitRecipe.from_trainer(self), seed=seed,
                          fit_seconds=fit_seconds, device=self.strategy.root_device, k=k, loggers=self.loggers)
@@ -159,10 +190,125 @@ class UnlearningTrainer(pl.Trainer):
         print(format_table(result))
         print(f"[compare] wrote {json_path} and compare.csv")
         log_comparison(self.loggers, result)
+        _save_loggers(self.loggers)
         return result
+
+    def predict(
+        self,
+        model: pl.LightningModule | None = None,
+        dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        return_predictions: bool | None = None,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+        out: str | None = None,
+        k: int = 20,
+    ) -> Any:
+        """Write each user's top-K recommendations to a CSV file: deleted users and items left out.
+
+        For a recommender with its datamodule (and no ``dataloaders``): the model scores every
+        item for every user the data still holds and writes, per user, the ``k`` best items it
+        has not seen -- neither in the training nor in the validation split (the items the test
+        metrics also leave out) -- as rows ``user,rank,item,score`` in raw ids. Users and items
+        deleted as a whole are left out: no row for a deleted user, a deleted item is never
+        recommended. Other models and dataloaders get Lightning's ``Trainer.predict``.
+
+        Args:
+            model: the recommender (weights from ``ckpt_path`` when given).
+            dataloaders: for Lightning's ``predict`` only.
+            datamodule: its datamodule.
+            return_predictions: for Lightning's ``predict`` only.
+            ckpt_path: the checkpoint to recommend from: a Lightning checkpoint of ``fit`` or an
+                unlearned checkpoint of ``unlearn``; the removals it records are applied to the data
+                first. Without it, the model as it is.
+            weights_only: for Lightning's ``predict`` only.
+            out: the CSV file to write (default ``<run dir>/recommendations.csv``).
+            k: recommendations per user (at least 1).
+
+        Returns:
+            For a recommender: ``{"path", "users", "k", "deleted_users", "deleted_items"}`` (counts);
+            otherwise Lightning's predictions.
+
+        Raises:
+            ValueError: ``k < 1``.
+        """
+        if not (isinstance(model, Recommender) and isinstance(datamodule, RecDataModule) and dataloaders is None):
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"predict needs k >= 1 recommendations per user, got k={k!r}.")
+        if ckpt_path:
+            restore_checkpoint(ckpt_path, model, datamodule)
+        path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
+        counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
+        print(f"[predict] wrote the top-{k} recommendations of {_count(counts['users'], 'user')} to {path} "
+              f"({_count(counts['deleted_users'], 'deleted user')} left out; {_count(counts['deleted_items'], 'deleted item')}, "
+              f"and each user's training and validation items, never recommended)")
+        return {"path": str(path), "k": k, **counts}
 
     def _run_dir(self) -> str:
         return self.log_dir or self.default_root_dir
+
+
+def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
+                          device: torch.device | str | None = None) -> dict[str, int]:
+    """Write ``user,rank,item,score`` rows (raw ids): each remaining user's ``k`` best unseen items.
+
+    Seen items are the user's rows in the training and validation splits; users and items the
+    datamodule removed as a whole (its recorded removals) get no row and are never recommended.
+    A user with fewer than ``k`` items left gets fewer rows.
+
+    Args:
+        model: the recommender.
+        datamodule: its datamodule (with the removals applied).
+        path: the CSV file to write (its folder is created).
+        k: recommendations per user.
+        device: where to score (default: the model's device).
+
+    Returns:
+        ``{"users", "deleted_users", "deleted_items"}``: how many users got recommendations,
+        and how many users and items were left out as deleted.
+    """
+    datamodule.setup()
+    train, val = datamodule.train, datamodule.val
+    removed = datamodule.state_dict()
+    gone_users = torch.as_tensor(removed.get("users", []), dtype=torch.long)
+    gone_items = torch.as_tensor(removed.get("items", []), dtype=torch.long)
+    num_items = train.num_items
+    keep = torch.ones(train.num_users, dtype=torch.bool)
+    keep[gone_users] = False
+    users = torch.nonzero(keep).flatten()
+    blocked = torch.zeros(num_items, dtype=torch.bool)
+    blocked[gone_items] = True
+    seen = torch.cat([train.keys, val.keys])
+    seen_users, seen_items = seen // num_items, seen % num_items
+    device = torch.device(device) if device is not None else model.device
+    top = min(k, num_items)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.to(device)
+    model.set_graph(train)
+    model.eval()
+    try:
+        with torch.no_grad(), open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["user", "rank", "item", "score"])
+            representations = model.representations()
+            for batch in torch.split(users, datamodule.hparams.eval_batch_size):
+                scores = model.full_scores(batch.to(device), representations).float().cpu()
+                hit = torch.isin(seen_users, batch)
+                scores[torch.searchsorted(batch, seen_users[hit]), seen_items[hit]] = float("-inf")
+                scores[:, blocked] = float("-inf")
+                values, items = torch.topk(scores, top, dim=1)
+                raw_users = train.user_ids[batch.numpy()].tolist()
+                raw_items = train.item_ids[items.numpy()].tolist()
+                for user, row_items, row_values in zip(raw_users, raw_items, values.tolist()):
+                    for rank, (item, score) in enumerate(zip(row_items, row_values), start=1):
+                        if score != float("-inf"):
+                            writer.writerow([user, rank, item, f"{score:.6g}"])
+    finally:
+        model.train(was_training)
+    return {"users": len(users), "deleted_users": len(gone_users), "deleted_items": len(gone_items)}
 
 
 class LightningUnlearnCLI(LightningCLI):
@@ -177,15 +323,37 @@ class LightningUnlearnCLI(LightningCLI):
     for ``recipes/ml100k/compare_mf.yaml``) and gets the command as its ``job_type``; when the
     command ends, the run is finished and its folder and ``wandb sync`` command are printed.
 
+    A deletion survives every command: ``fit``, ``validate`` and ``test`` given an unlearned
+    checkpoint (``--ckpt_path unlearned-*.ckpt``) load its weights and re-apply the removals it
+    records to the data before they run (``fit`` then trains on the retained data with a fresh
+    optimizer: the checkpoint holds no optimizer or loop state); ``predict``, ``unlearn`` and
+    ``compare`` restore every checkpoint that way. A Lightning checkpoint of ``fit`` brings its
+    removals along through Lightning's own datamodule state. ``--optimizer`` and
+    ``--lr_scheduler`` reach ``Retrain``'s refits (:class:`FitRecipe
+    <lightning_unlearn.unlearning.recipe.FitRecipe>`) as well as the original's fit.
+
     Example (shell)::
 
         lightning-unlearn fit -c recipes/ml100k/mf.yaml --trainer.max_epochs=5
         lightning-unlearn compare -c recipes/ml100k/compare_mf.yaml
     """
 
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] | None = None, **kwargs: Any):
+        super().__init__(*args, parser_class=parser_class or PlainHelpParser, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "unlearn": {"model", "datamodule"}, "compare": {"model", "datamodule"}}
+        # predict: a recommender's top-K list (UnlearningTrainer.predict); Lightning's own arguments of it stay out
+        predict = {"model", "dataloaders", "datamodule", "return_predictions", "weights_only"}
+        return {**LightningCLI.subcommands(), "predict": predict, "unlearn": {"model", "datamodule"},
+                "compare": {"model", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            load_checkpoint(path)  # a truncated or foreign file: CheckpointUnreadable (a message), not torch's traceback
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_users", "model.init_args.num_users", apply_on="instantiate")
@@ -212,6 +380,20 @@ class LightningUnlearnCLI(LightningCLI):
             if args.get("job_type") is None and self.subcommand:
                 args.job_type = self.subcommand
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if isinstance(self.trainer, UnlearningTrainer) and self.subcommand:
+            config = self.config_init[self.subcommand]
+            optimizer, scheduler = config.get("optimizer"), config.get("lr_scheduler")
+            # The same values LightningCLI gave the original's configure_optimizers, for Retrain's refits.
+            self.trainer.optimizer_init = _init_dict(optimizer)
+            self.trainer.lr_scheduler_init = _init_dict(scheduler) if optimizer else None
+        for logger in self.trainer.loggers:
+            # WandbLogger passes anonymous=None to wandb.init unless asked, and W&B warns that the setting has no effect.
+            init = getattr(logger, "_wandb_init", None) if isinstance(logger, WandbLogger) else None
+            if isinstance(init, dict) and init.get("anonymous") is None:
+                init.pop("anonymous", None)
+
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
@@ -231,6 +413,46 @@ class LightningUnlearnCLI(LightningCLI):
             if module is not None:
                 module._log_hyperparams = False
 
+    def before_fit(self) -> None:
+        state = self._restore_unlearned_checkpoint(
+            "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
+            "checkpoint holds no optimizer or loop state)")
+        if state is not None and state.get("unlearning"):
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, UnlearningCallback):  # the requests the checkpoint holds stay applied, once
+                    # the drift counter starts afresh: the model is fitted again, on the rows that remain
+                    callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
+
+    def before_validate(self) -> None:
+        self._restore_unlearned_checkpoint("validating it")
+
+    def before_test(self) -> None:
+        self._restore_unlearned_checkpoint("testing it")
+
+    def _restore_unlearned_checkpoint(self, what_next: str) -> dict[str, Any] | None:
+        """Before ``fit``/``validate``/``test``: an unlearned ``--ckpt_path`` is restored here, removals included.
+
+        Lightning would load its weights but not the removals (an unlearned checkpoint keeps the
+        datamodule's state under ``datamodule_state``), and ``fit`` would look for optimizer and
+        loop state it does not have. Lightning checkpoints are left to Lightning, which restores
+        the datamodule's state (its removals) with the weights.
+
+        Returns:
+            The checkpoint, when it was an unlearned one (``None`` otherwise).
+        """
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        if not path or not Path(path).is_file() or not _is_unlearned_checkpoint(path):
+            return None
+        state = restore_checkpoint(path, self.model, self.datamodule)
+        config["ckpt_path"] = None  # the weights are in the model already: Lightning runs from them as they are
+        removed = self.datamodule.state_dict()
+        counts = ", ".join(_count(len(removed.get(key, ())), noun)
+                           for key, noun in (("train_keys", "training row"), ("users", "user"), ("items", "item")))
+        print(f"[{self.subcommand}] {path} is an unlearned checkpoint: its weights are loaded and the removals it records "
+              f"are applied to the data ({counts} removed); {what_next}")
+        return state
+
     def after_fit(self) -> None:
         if not self.trainer.interrupted:
             checkpoint = self.trainer.checkpoint_callback
@@ -242,6 +464,9 @@ class LightningUnlearnCLI(LightningCLI):
         self._finish_wandb()
 
     def after_test(self) -> None:
+        self._finish_wandb()
+
+    def after_predict(self) -> None:
         self._finish_wandb()
 
     def after_unlearn(self) -> None:
@@ -279,11 +504,46 @@ def _recipe_name(config: Any) -> str | None:
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
+def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an unlearned checkpoint (written by ``unlearn`` or the UnlearningCallback),
+    not a Lightning one: it holds the datamodule's state under ``datamodule_state`` and no loop state."""
+    state = load_checkpoint(path)
+    return "datamodule_state" in state and "unlearning" in state and "loops" not in state
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _init_dict(init: Any) -> dict[str, Any] | None:
+    """A parsed ``--optimizer``/``--lr_scheduler`` (``class_path`` and ``init_args``) as plain dicts (``None``: not given)."""
+    if not init:
+        return None
+    init = init.as_dict() if hasattr(init, "as_dict") else dict(init)
+    args = init.get("init_args") or {}
+    return {"class_path": init["class_path"], "init_args": dict(args.as_dict() if hasattr(args, "as_dict") else args)}
+
+
+def _save_loggers(loggers: list[Any]) -> None:
+    """Have every logger write what it buffered (CSVLogger writes metrics.csv only then): a
+    subcommand other than ``fit``/``validate``/``test`` is not followed by Lightning's own save."""
+    for logger in loggers:
+        logger.save()
+
+
+def _subcommand_of(args: list[str] | None) -> str | None:
+    given = sys.argv[1:] if args is None else args
+    return next((a for a in given if a in LightningUnlearnCLI.subcommands()), None)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-unlearn`` console script.
 
     A missing data set ends the command with the error's message (where it looked, how to point
-    the library at data) and exit status 2, instead of a traceback.
+    the library at data) and exit status 2, instead of a traceback; so does an error in what the
+    command was given (:data:`~lightning_unlearn.console.USER_ERRORS`: a deletion request, a checkpoint, an unlearning
+    folder), as one paragraph on stderr (:func:`~lightning_unlearn.console.user_error_message`). ``--version`` prints
+    ``lightning-unlearn <version>``.
 
     The command flushes denormal floats to zero (``torch.set_flush_denormal``): weights that an L2
     term drives towards zero (e.g. a NeuMF branch the data stops using) reach the denormal range,
@@ -294,24 +554,38 @@ def main(args: list[str] | None = None) -> None:
         args: command-line arguments (default: ``sys.argv[1:]``).
 
     Raises:
-        SystemExit: on invalid arguments, or (status 2) when the data set is not found.
+        SystemExit: on invalid arguments, after ``--help`` or ``--version`` (status 0), or (status
+            2) when the data set is not found or the command's input is refused.
     """
+    from lightning_unlearn import __version__
     from lightning_unlearn.recipes_cli import console_args
 
     args = console_args(args)  # `recipes list|copy` ends here; `-c ml100k/mf` becomes the shipped recipe's path
     torch.set_flush_denormal(True)
     try:
-        LightningUnlearnCLI(
-            Recommender,
-            RecDataModule,
-            trainer_class=UnlearningTrainer,
-            subclass_mode_model=True,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-        )
+        with quiet_third_party_noise():
+            LightningUnlearnCLI(
+                Recommender,
+                RecDataModule,
+                trainer_class=UnlearningTrainer,
+                subclass_mode_model=True,
+                args=args,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"prog": "lightning-unlearn", "version": __version__, "description": DESCRIPTION},
+            )
     except DataNotFoundError as err:
         print(f"lightning-unlearn: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+    except USER_ERRORS as err:
+        print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
+        raise SystemExit(2) from err
+
+
+DESCRIPTION = (
+    "Train recommenders, forget deletion requests in them, and compare unlearning methods: a LightningCLI with "
+    "the subcommands unlearn and compare, and predict for top-K recommendations. `lightning-unlearn recipes list` "
+    "names the recipes that ship with the package."
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -483,6 +483,7 @@ class UnlearningCallback(pl.Callback):
                        **{f"unlearn/{k}": v for k, v in utility.items()}, **_scalars(report.diagnostics, "unlearn/diag/")}
             for logger in loggers:  # no explicit step: training may already have logged past `index`
                 logger.log_metrics(metrics)
+                logger.save()  # CSVLogger buffers until save(): outside a fit (`unlearn`) nothing else writes metrics.csv
         return report
 
     def _utility(self, model: Recommender, datamodule: RecDataModule) -> dict[str, float]:

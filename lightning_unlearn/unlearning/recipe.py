@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from types import MethodType
+from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -21,9 +22,13 @@ __all__ = ["FitRecipe"]
 class FitRecipe:
     """Trainer settings that decide what a fit converges to.
 
-    Calling the recipe fits a model on a datamodule with a fresh, silent ``Trainer``; with a
-    ``monitor`` it stops early on it and ends with the best epoch's weights, like a fit with
-    ``ModelCheckpoint`` + ``EarlyStopping`` followed by a test of the best checkpoint.
+    Calling the recipe fits a model on a datamodule with a fresh ``Trainer`` (no logger, no
+    checkpoint kept; a progress bar only with ``progress``); with a ``monitor`` it stops early on
+    it and ends with the best epoch's weights, like a fit with ``ModelCheckpoint`` +
+    ``EarlyStopping`` followed by a test of the best checkpoint. With ``optimizer`` (and
+    ``lr_scheduler``), the model trains with that optimizer instead of its own
+    ``configure_optimizers``: what ``lightning-unlearn --optimizer ... --lr_scheduler ...``
+    gives the original, so ``Retrain`` refits the way the original was fitted.
 
     Args:
         max_epochs: epoch cap.
@@ -36,10 +41,22 @@ class FitRecipe:
         deterministic: Lightning's ``deterministic`` flag.
         limit_train_batches: Lightning's ``limit_train_batches`` (a share or a count per epoch).
         limit_val_batches: Lightning's ``limit_val_batches``.
+        optimizer: the optimizer as LightningCLI's ``--optimizer`` gives it,
+            ``{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}`` (``None``: the
+            model's own ``configure_optimizers``).
+        lr_scheduler: the learning-rate scheduler the same way (``--lr_scheduler``; needs
+            ``optimizer``).
+        progress: show Lightning's progress bar during the fit (the command line does, when its
+            own trainer shows one; default off).
+
+    Raises:
+        ValueError: ``lr_scheduler`` without ``optimizer``.
 
     Example:
         >>> FitRecipe(max_epochs=3, monitor=None).max_epochs
         3
+        >>> FitRecipe(optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}).optimizer["init_args"]
+        {'lr': 0.1}
     """
 
     max_epochs: int = 100
@@ -52,10 +69,20 @@ class FitRecipe:
     deterministic: bool = True
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
+    optimizer: Mapping[str, Any] | None = field(default=None, hash=False)
+    lr_scheduler: Mapping[str, Any] | None = field(default=None, hash=False)
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr_scheduler is not None and self.optimizer is None:
+            raise ValueError("FitRecipe(lr_scheduler=...) needs optimizer=...: a scheduler is built on the optimizer it steps.")
 
     @classmethod
     def from_trainer(cls, trainer: pl.Trainer) -> FitRecipe:
-        """The recipe of ``trainer``: its epoch cap, early stopping, best-checkpoint metric and device."""
+        """The recipe of ``trainer``: its epoch cap, early stopping, best-checkpoint metric, device,
+        progress bar, and the optimizer and scheduler the command line configured (the trainer's
+        ``optimizer_init`` and ``lr_scheduler_init``, which ``lightning-unlearn`` sets from
+        ``--optimizer`` and ``--lr_scheduler``; absent on a plain ``Trainer``)."""
         stop = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
         best = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
         monitor = (best.monitor if best is not None else None) or (stop.monitor if stop is not None else None)
@@ -71,11 +98,14 @@ class FitRecipe:
             deterministic=True,
             limit_train_batches=trainer.limit_train_batches,
             limit_val_batches=trainer.limit_val_batches,
+            optimizer=getattr(trainer, "optimizer_init", None),
+            lr_scheduler=getattr(trainer, "lr_scheduler_init", None),
+            progress=trainer.progress_bar_callback is not None,
         )
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
         """Fit ``model`` on ``datamodule`` in place (ending with the best monitored epoch)."""
-        with tempfile.TemporaryDirectory() as folder, _quiet_lightning():
+        with tempfile.TemporaryDirectory() as folder, _quiet_lightning(), self._optimizers_of(model):
             callbacks: list[pl.Callback] = []
             best = None
             if self.monitor:
@@ -87,12 +117,53 @@ class FitRecipe:
             trainer = pl.Trainer(
                 max_epochs=self.max_epochs, accelerator=self.accelerator, devices=self.devices,
                 deterministic=self.deterministic, logger=False, **limits, enable_checkpointing=best is not None,
-                enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
+                enable_progress_bar=self.progress, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
             )
             trainer.fit(model, datamodule)
             if best is not None and best.best_model_path:
                 state = torch.load(best.best_model_path, map_location=model.device, weights_only=True)["state_dict"]
                 model.load_state_dict(state)
+
+    @contextmanager
+    def _optimizers_of(self, model: Recommender) -> Iterator[None]:
+        """Make ``model`` train with :attr:`optimizer` and :attr:`lr_scheduler` (if set) for the block.
+
+        The same construction as LightningCLI's for ``--optimizer``/``--lr_scheduler``, so a
+        refit trains like the original did under ``lightning-unlearn``.
+        """
+        if self.optimizer is None:
+            yield
+            return
+        from pytorch_lightning.cli import LightningCLI, instantiate_class
+
+        optimizer_init, scheduler_init = _plain(self.optimizer), _plain(self.lr_scheduler)
+
+        def configure_optimizers(module: Recommender) -> Any:
+            optimizer = instantiate_class(module.parameters(), optimizer_init)
+            scheduler = instantiate_class(optimizer, scheduler_init) if scheduler_init else None
+            return LightningCLI.configure_optimizers(module, optimizer, scheduler)
+
+        had_own = "configure_optimizers" in vars(model)
+        own = vars(model).get("configure_optimizers")
+        model.configure_optimizers = MethodType(configure_optimizers, model)
+        try:
+            yield
+        finally:
+            if had_own:
+                model.configure_optimizers = own
+            else:
+                del model.configure_optimizers
+
+
+def _plain(init: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A ``class_path``/``init_args`` mapping (dict or jsonargparse ``Namespace``) as plain dicts."""
+    if init is None:
+        return None
+    as_dict = getattr(init, "as_dict", None)
+    init = as_dict() if callable(as_dict) else dict(init)
+    args = init.get("init_args") or {}
+    as_dict = getattr(args, "as_dict", None)
+    return {"class_path": init["class_path"], "init_args": dict(as_dict() if callable(as_dict) else args)}
 
 
 @contextmanager

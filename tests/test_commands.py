@@ -1,0 +1,410 @@
+"""Every subcommand keeps a deletion, and honours (or refuses) the command line's own options.
+
+On a slice of MovieLens-100K (its first 120 users): one model is trained and one request -- user
+7 and item 50 as a whole -- is unlearned once per module; each test then runs a subcommand from
+those checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.util
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import lightning_unlearn
+from lightning_unlearn import MF, RecDataModule
+from lightning_unlearn.cli import UnlearningTrainer, main
+from lightning_unlearn.data import CSVSource
+from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.record import restore_checkpoint
+from tests.conftest import REPO, shared_data
+from tests.test_compare import recipe
+
+pytestmark = pytest.mark.usefixtures("cli_run")
+
+DELETED_USER, DELETED_ITEM = 7, 50
+MODEL = {"embedding_dim": 16, "l2": 0.05, "lr": 0.01}
+BRIEF = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """A model fitted on the slice (``best``) and its unlearned checkpoint without user 7 and item 50 (``unlearned``)."""
+    data_dir = shared_data()
+    if data_dir is None:
+        pytest.skip("real data not found: set LIGHTNING_UNLEARN_DATA to a folder with ml-100k/ and ml-1m/")
+    folder = tmp_path_factory.mktemp("trained")
+    lines = [line for line in (data_dir / "ml-100k" / "u.data").read_text().splitlines() if int(line.split("\t")[0]) <= 120]
+    data_file = folder / "slice.tsv"
+    data_file.write_text("\n".join(lines) + "\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setattr(sys, "argv", ["lightning-unlearn"])
+        fit_recipe = recipe(folder / "fit.yaml", data_file, "")
+        main(["fit", "-c", str(fit_recipe), "--trainer.max_epochs=2"])
+        (folder / "requests.jsonl").write_text(f'{{"user": {DELETED_USER}}}\n{{"item": {DELETED_ITEM}}}\n')
+        main(["unlearn", "-c", str(fit_recipe), "--ckpt_path", "ckpt/best.ckpt", "--requests", "requests.jsonl",
+              "--method", "FineTune", "--out", "unlearned"])
+    return SimpleNamespace(folder=folder, data_file=data_file, recipe=fit_recipe, best=folder / "ckpt" / "best.ckpt",
+                           unlearned=next((folder / "unlearned").glob("unlearned-*.ckpt")), requests=folder / "requests.jsonl")
+
+
+def restored(trained, checkpoint: Path, removals: bool = True) -> tuple[MF, RecDataModule]:
+    """The model and datamodule of the slice with ``checkpoint``'s weights (and, unless told not to, its removals)."""
+    dm = RecDataModule(CSVSource(path=str(trained.data_file), sep="\t", header=False), num_negatives=4, batch_size=256)
+    model = MF(dm.num_users, dm.num_items, **MODEL)
+    if removals:
+        restore_checkpoint(checkpoint, model, dm)
+    else:
+        model.load_state_dict(torch.load(checkpoint, weights_only=True)["state_dict"])
+    return model, dm
+
+
+def index_of(dm: RecDataModule, user: int | None = None, item: int | None = None) -> int:
+    ids = dm.train.user_ids if user is not None else dm.train.item_ids
+    return int(list(ids).index(user if user is not None else item))
+
+
+def spy_results(monkeypatch, name: str) -> list:
+    """Record what ``UnlearningTrainer.<name>`` returns when the command calls it."""
+    results: list = []
+    real = getattr(UnlearningTrainer, name)
+
+    @functools.wraps(real)  # the command's arguments come from the method's signature
+    def spy(self, *args, **kwargs):
+        results.append(real(self, *args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(UnlearningTrainer, name, spy)
+    return results
+
+
+# ---------------------------------------------------------------------- the deletion survives every command
+@pytest.mark.parametrize(("command", "split"), [("test", "test"), ("validate", "val")])
+def test_evaluating_an_unlearned_checkpoint_applies_its_removals(command, split, trained, monkeypatch, capsys):
+    results = spy_results(monkeypatch, command)
+    main([command, "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned)])
+    out = capsys.readouterr().out
+    assert f"[{command}] {trained.unlearned} is an unlearned checkpoint" in out and "1 user, 1 item removed" in out
+    model, dm = restored(trained, trained.unlearned)
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    expected = model.evaluate(loader, split)
+    measured = results[0][0]
+    assert measured[f"{split}/recall@20"] == pytest.approx(expected[f"{split}/recall@20"], abs=1e-6)
+    assert measured[f"{split}/ndcg@20"] == pytest.approx(expected[f"{split}/ndcg@20"], abs=1e-6)
+    # Without the removals the deleted user is still evaluated: a different figure (what the command printed before).
+    model, dm = restored(trained, trained.unlearned, removals=False)
+    stale = model.evaluate(dm.test_dataloader() if split == "test" else dm.val_dataloader(), split)
+    assert measured[f"{split}/hit@20"] != pytest.approx(stale[f"{split}/hit@20"], abs=1e-6)
+
+
+def test_fit_continues_from_an_unlearned_checkpoint_on_the_retained_data(trained, tmp_path, capsys):
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF])
+    out = capsys.readouterr().out
+    assert "is an unlearned checkpoint" in out and "fresh optimizer" in out and "test/recall@20" in out
+    saved = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)
+    unlearned = torch.load(trained.unlearned, weights_only=True)["datamodule_state"]
+    state = saved["RecDataModule"]  # the new fit's checkpoint: trained without the deleted rows, and says so
+    assert state["fingerprint"] == unlearned["fingerprint"]
+    for key in ("train_keys", "users", "items"):
+        assert torch.equal(state[key], unlearned[key]), key
+    _, dm = restored(trained, tmp_path / "ckpt" / "best.ckpt")
+    assert index_of(dm, user=DELETED_USER) not in dm.train.users.tolist() + dm.test.users.tolist()
+
+
+def test_fit_from_an_unlearned_checkpoint_keeps_its_callback_state(trained, tmp_path, capsys):
+    """With an UnlearningCallback in the recipe, the request the checkpoint holds is recognised, not applied again."""
+    folder = trained.unlearned.parent
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {folder}}}}}")
+    journal_before = (folder / "journal.jsonl").read_text()
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF,
+          f"--trainer.callbacks+={callback}"])
+    assert (folder / "journal.jsonl").read_text() == journal_before
+
+
+def test_fit_from_an_unlearned_checkpoint_checks_the_data(trained, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--data.seed=1", *BRIEF])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-unlearn fit: error: The saved datamodule state") and "fingerprint" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unlearn_from_an_unlearned_checkpoint_keeps_its_removals(trained, tmp_path, capsys):
+    (tmp_path / "more.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--requests", "more.csv",
+          "--method", "FineTune", "--out", "branch", "--branch", "true"])
+    assert "[unlearn] FineTune(epochs=1):" in capsys.readouterr().out
+    state = torch.load(next((tmp_path / "branch").glob("unlearned-*.ckpt")), weights_only=True)["datamodule_state"]
+    _, dm = restored(trained, trained.best)
+    assert sorted(state["users"].tolist()) == sorted([index_of(dm, user=DELETED_USER), index_of(dm, user=8)])
+    assert state["items"].tolist() == [index_of(dm, item=DELETED_ITEM)]
+
+
+def test_compare_from_an_unlearned_checkpoint_keeps_its_removals(trained, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def compare(model, datamodule, *args, **kwargs):
+        seen.update(datamodule.state_dict())
+        raise Stop
+
+    monkeypatch.setattr("lightning_unlearn.cli.compare", compare)
+    with pytest.raises(Stop):
+        main(["compare", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned)])
+    _, dm = restored(trained, trained.best)
+    assert seen["users"].tolist() == [index_of(dm, user=DELETED_USER)] and seen["items"].tolist() == [index_of(dm, item=DELETED_ITEM)]
+
+
+def test_predict_writes_top_k_without_deleted_users_items_or_seen_items(trained, capsys):
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", "recs.csv", "--k", "5"])
+    out = capsys.readouterr().out
+    assert "[predict] wrote the top-5 recommendations of 119 users to recs.csv (1 deleted user left out; 1 deleted item" in out
+    with open("recs.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    _, dm = restored(trained, trained.unlearned)
+    users = {int(r["user"]) for r in rows}
+    assert DELETED_USER not in users and len(users) == dm.train.num_users - 1
+    assert all(int(r["item"]) != DELETED_ITEM for r in rows)
+    seen = {(int(dm.train.user_ids[u]), int(dm.train.item_ids[i]))
+            for split in (dm.train, dm.val) for u, i in zip(split.users.tolist(), split.items.tolist())}
+    assert not {(int(r["user"]), int(r["item"])) for r in rows} & seen
+    first = [r for r in rows if r["user"] == rows[0]["user"]]
+    assert [int(r["rank"]) for r in first] == [1, 2, 3, 4, 5]
+    assert [float(r["score"]) for r in first] == sorted((float(r["score"]) for r in first), reverse=True)
+
+
+# ---------------------------------------------------------------------- the optimizer the command line configured
+SGD = ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "1e-9"]
+
+
+def test_retrain_in_unlearn_refits_with_the_configured_optimizer(trained, tmp_path):
+    """SGD with lr=1e-9 leaves the seeded initialisation where it is: Retrain's model is then a fresh
+    model from the original's seed, as a fit with that optimizer gives. The model's own Adam (lr=0.01) moves it."""
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+          "--method", "Retrain", "--out", "retrained", *SGD, *BRIEF])
+    weights = torch.load(next((tmp_path / "retrained").glob("unlearned-*.ckpt")), weights_only=True)["state_dict"]
+    _, dm = restored(trained, trained.best)
+    pl.seed_everything(0, verbose=False)
+    fresh = MF(dm.num_users, dm.num_items, **MODEL).state_dict()
+    for key, value in fresh.items():
+        assert torch.allclose(weights[key], value, atol=1e-6), key
+
+
+def test_retrain_in_compare_refits_with_the_configured_optimizer(trained, tmp_path, monkeypatch):
+    calls = []
+    real = FitRecipe.__call__
+
+    def spy(self, model, datamodule):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        real(self, model, datamodule)
+        calls.append((self, max((model.state_dict()[k] - v).abs().max().item() for k, v in before.items())))
+
+    monkeypatch.setattr(FitRecipe, "__call__", spy)
+    body = "methods: [{class_path: lightning_unlearn.unlearning.Retrain}]\ndeletion: {kind: interactions, count: 5, seed: 0}\nout: out\n"
+    main(["compare", "-c", str(recipe(tmp_path / "compare.yaml", trained.data_file, body)), *SGD, *BRIEF,
+          "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1"])
+    (fit, moved), = calls
+    assert fit.optimizer == {"class_path": "torch.optim.SGD", "init_args": {**fit.optimizer["init_args"], "lr": 1e-9}}
+    assert fit.lr_scheduler["class_path"] == "torch.optim.lr_scheduler.StepLR"
+    assert moved < 1e-6  # trained with SGD at lr=1e-9, like the original; Adam would have moved it by ~0.01
+
+
+def test_fit_recipe_trains_with_its_optimizer_and_restores_the_model():
+    from lightning_unlearn.data import Synthetic
+
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20), batch_size=64)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    FitRecipe(max_epochs=1, monitor=None, optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}})(model, dm)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert "configure_optimizers" not in vars(model)  # the model's own is back
+    with pytest.raises(ValueError, match="needs optimizer"):
+        FitRecipe(lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}})
+
+
+# ---------------------------------------------------------------------- unlearn/* reaches every logger
+def test_unlearn_metrics_reach_a_csv_logger(trained, tmp_path):
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+          "--method", "FineTune", "--out", "csv_unlearned",
+          "--trainer.logger=pytorch_lightning.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=logs"])
+    metrics = next((tmp_path / "logs").rglob("metrics.csv"))
+    with open(metrics, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("unlearn/seconds")]
+    assert len(rows) == 1 and float(rows[0]["unlearn/seconds"]) > 0 and float(rows[0]["unlearn/test/recall@20"]) >= 0
+
+
+def tensorboard_tags(folder: Path) -> set[str]:
+    """The scalar tags of the TensorBoard event files under ``folder`` (TFRecord framing: length, crc, data, crc)."""
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event
+    except ImportError:
+        from tensorboardX.proto.event_pb2 import Event
+    tags = set()
+    for path in folder.rglob("events.out.tfevents.*"):
+        raw, position = path.read_bytes(), 0
+        while position + 12 <= len(raw):
+            (length,) = struct.unpack("<Q", raw[position:position + 8])
+            event = Event()
+            event.ParseFromString(raw[position + 12:position + 12 + length])
+            tags |= {value.tag for value in event.summary.value}
+            position += 12 + length + 4
+    return tags
+
+
+def test_unlearn_metrics_reach_a_tensorboard_logger(trained, tmp_path):
+    if not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        pytest.skip("TensorBoardLogger needs tensorboard or tensorboardX")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+          "--method", "FineTune", "--out", "tb_unlearned",
+          "--trainer.logger=pytorch_lightning.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir=tb"])
+    assert {"unlearn/seconds", "unlearn/rows_removed", "unlearn/test/auc"} <= tensorboard_tags(tmp_path / "tb")
+
+
+def test_unlearn_metrics_reach_a_wandb_logger(trained, tmp_path):
+    from tests.test_wandb import offline_runs, read_records, run_history
+
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+          "--method", "FineTune", "--out", "wandb_unlearned", "--trainer.logger=pytorch_lightning.loggers.WandbLogger",
+          "--trainer.logger.init_args.offline=true", "--trainer.logger.init_args.save_dir=wb"])
+    records = read_records(next(offline_runs(tmp_path / "wb")["unlearn"].glob("run-*.wandb")))
+    rows = [row for row in run_history(records) if "unlearn/seconds" in row]
+    assert len(rows) == 1 and rows[0]["unlearn/seconds"] > 0
+
+
+# ---------------------------------------------------------------------- refusals in the command line's words
+def pairs_only_in_test(trained, count: int = 2) -> list[tuple[int, int]]:
+    _, dm = restored(trained, trained.best)
+    users, items = dm.test.users[:count].tolist(), dm.test.items[:count].tolist()
+    return [(int(dm.test.user_ids[u]), int(dm.test.item_ids[i])) for u, i in zip(users, items)]
+
+
+def test_pairs_outside_the_training_split_are_a_one_paragraph_cli_error(trained, tmp_path, capsys):
+    pairs = pairs_only_in_test(trained)
+    (tmp_path / "pairs.csv").write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in pairs))
+    args = ["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", "pairs.csv",
+            "--method", "FineTune", "--out", "refused"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-unlearn unlearn: error: Deletion request has 2 pairs that are not in the training split")
+    assert "`--missing ignore`" in err and "missing='ignore'" not in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    journal = tmp_path / "refused" / "journal.jsonl"
+    assert not journal.exists() or not journal.read_text()  # refused before anything was journaled
+
+    # With --missing ignore the command says how many it dropped, and applies the rest (here: one training row).
+    _, dm = restored(trained, trained.best)
+    row = (int(dm.train.user_ids[dm.train.users[0]]), int(dm.train.item_ids[dm.train.items[0]]))
+    (tmp_path / "pairs.csv").write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in [*pairs, row]))
+    main([*args, "--missing", "ignore"])
+    out = capsys.readouterr().out
+    assert "[unlearn] --missing ignore: 2 pairs of the request are not in the training split and were ignored" in out
+    assert "1 rows removed" in out
+
+
+def test_a_stale_or_unreadable_checkpoint_is_a_cli_error(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the trained model into the folder that already holds a deletion
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+              "--method", "FineTune", "--out", str(trained.unlearned.parent)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-unlearn unlearn: error: ") and "--ckpt_path" in err and "Traceback" not in err
+
+    (tmp_path / "cut.ckpt").write_bytes(trained.best.read_bytes()[:2000])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "-c", str(trained.recipe), "--ckpt_path", "cut.ckpt"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-unlearn test: error: cut.ckpt (2000 bytes) is not a complete checkpoint")
+
+
+# ---------------------------------------------------------------------- --version, help, noise, progress
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lightning-unlearn {lightning_unlearn.__version__}"
+
+
+@pytest.mark.parametrize("args", [["unlearn", "--help"], ["compare", "--help"], ["predict", "--help"],
+                                  ["unlearn", "--method.help", "IFRU"], ["--help"]])
+def test_help_has_no_rest_markup(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for markup in ("``", ":class:", ":func:", ":meth:", ":doc:", ":ref:", ":data:"):
+        assert markup not in out, markup
+    if args[0] == "unlearn" and args[1] == "--help":
+        assert "--missing" in out and "--log_artifacts" in out
+
+
+def test_plain_text():
+    from lightning_unlearn.console import plain_text
+
+    assert plain_text("``x`` and :class:`~a.b.C` and :meth:`Journal.keyed(digest) <a.b.Journal.keyed>`") == "x and C and Journal.keyed(digest)"
+    assert plain_text("see `LightningCLI <https://lightning.ai>`_ and `N`") == "see LightningCLI (https://lightning.ai) and N"
+
+
+def test_the_console_script_stays_quiet_about_third_party_notices(trained, tmp_path):
+    """Lightning's LeafSpec FutureWarning and litlogger tip, and W&B's anonymous-setting warning, are not shown."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb"))
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_unlearn.cli", "test", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned),
+         "--trainer.logger=pytorch_lightning.loggers.WandbLogger", "--trainer.logger.init_args.offline=true",
+         f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "test/recall@20" in output and "is an unlearned checkpoint" in output
+    for noise in ("LeafSpec", "litlogger", "anonymous"):
+        assert noise not in output, noise
+
+
+def test_nested_fits_show_a_progress_bar_when_the_command_does(trained, tmp_path, monkeypatch, capsys):
+    assert FitRecipe.from_trainer(pl.Trainer(enable_progress_bar=True, logger=False)).progress
+    assert not FitRecipe.from_trainer(pl.Trainer(enable_progress_bar=False, logger=False)).progress
+    recipes = []
+    real = FitRecipe.__call__
+    monkeypatch.setattr(FitRecipe, "__call__", lambda self, model, dm: recipes.append(self) or real(self, model, dm))
+    (tmp_path / "forget.csv").write_text(f"user\n{DELETED_USER}\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", "forget.csv",
+          "--method", "Retrain", "--out", "progress", *BRIEF, "--trainer.enable_progress_bar=true"])
+    assert [r.progress for r in recipes] == [True]
+    assert "Epoch 0: 100%" in capsys.readouterr().out  # Lightning's bar, from the nested fit (unlearn itself trains nothing)
+
+
+def test_make_says_what_it_installs():
+    plan = subprocess.run(["make", "-n", "-W", "setup.cfg", ".venv/bin/.installed"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+    lines = plan.splitlines()
+    install = next(i for i, line in enumerate(lines) if "pip install" in line and "-e '.[test]'" in line)
+    assert any(line.startswith("echo") and "nstall" in line for line in lines[:install])
+
+
+def test_recipes_are_all_listed_in_the_cli_docs():
+    page = (REPO / "docs" / "cli.rst").read_text()
+    for path in sorted((REPO / "recipes").glob("*/*.yaml")):
+        assert f"``recipes/{path.parent.name}/{path.name}``" in page, path
+    for class_path in ("lightning_unlearn.models.MF", "lightning_unlearn.data.MovieLens100K", "lightning_unlearn.unlearning.IFRU",
+                       "lightning_unlearn.unlearning.UnlearningCallback"):
+        module, name = class_path.rsplit(".", 1)
+        assert getattr(__import__(module, fromlist=[name]), name) and f"``{class_path}``" in page, class_path
