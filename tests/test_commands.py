@@ -392,6 +392,14 @@ def test_nested_fits_show_a_progress_bar_when_the_command_does(trained, tmp_path
     assert "Epoch 0: 100%" in capsys.readouterr().out  # Lightning's bar, from the nested fit (unlearn itself trains nothing)
 
 
+
+def test_finetune_inside_unlearn_shows_a_progress_bar_when_the_command_does(trained, tmp_path, capsys):
+    (tmp_path / "forget.csv").write_text(f"user\n{DELETED_USER}\n")
+    for shown, out in ((True, "shown"), (False, "hidden")):
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", "forget.csv",
+              "--method", "FineTune", "--out", out, *BRIEF, f"--trainer.enable_progress_bar={str(shown).lower()}"])
+        assert ("FineTune epoch 0" in capsys.readouterr().err) is shown
+
 def test_make_says_what_it_installs():
     plan = subprocess.run(["make", "-n", "-W", "setup.cfg", ".venv/bin/.installed"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout

@@ -369,7 +369,7 @@ class UnlearningCallback(pl.Callback):
         device = device or model.device
         recipe = recipe or FitRecipe()
         seed = self.seed if seed is None else seed
-        context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
+        context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule), progress=recipe.progress)
         if strategy is not None and strategy.world_size > 1:
             context.reduce = lambda tensor: strategy.reduce(tensor.clone(), reduce_op="sum")
             context.rank, context.world_size = strategy.global_rank, strategy.world_size

@@ -87,7 +87,7 @@ def compare(
     whole_users = resolved.kind == "users"
 
     ordered = _with_reference_first(methods)
-    context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule))
+    context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule), progress=recipe.progress)
     models: dict[str, Recommender] = {}
     entries = []
     for index, method in enumerate(ordered, start=1):

@@ -33,6 +33,8 @@ class UnlearningContext:
             recipe; provided by the callback and by ``compare``, used by ``Retrain``.
         rank: this process's index among ``world_size`` (each handles :meth:`shard` of the rows).
         world_size: number of processes; their partial sums are combined with ``reduce``.
+        progress: show a progress bar for long loops (the command line's ``compare`` and
+            ``unlearn`` do when their trainer shows one).
 
     Example:
         >>> rows = TrainRows(torch.arange(5), torch.arange(5), torch.zeros(5, 1, dtype=torch.long))
@@ -46,6 +48,7 @@ class UnlearningContext:
     fit: Callable[[Recommender], None] | None = None
     rank: int = 0
     world_size: int = 1
+    progress: bool = False
 
     def shard(self, rows: TrainRows) -> TrainRows:
         """This rank's share of ``rows`` (every ``world_size``-th row); all of them on one process."""

@@ -6,6 +6,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 
 from lightning_unlearn.data.batches import EpochBatchSampler, TrainRows
 from lightning_unlearn.models.base import OPTIMIZERS, Recommender
@@ -66,7 +67,8 @@ class FineTune(Unlearner):
         for epoch in range(self.epochs):
             sampler.set_epoch(epoch)
             total = torch.zeros((), device=context.device)
-            for rows in sampler:
+            batches = tqdm(sampler, desc=f"FineTune epoch {epoch}", leave=False, disable=not context.progress, dynamic_ncols=True)
+            for rows in batches:
                 optimizer.zero_grad()
                 loss = model.loss(retained[rows.to(context.device)]) + model.dense_penalty()
                 loss.backward()
