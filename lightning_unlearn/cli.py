@@ -133,7 +133,7 @@ class UnlearningTrainer(pl.Trainer):
             metadata = {"requests": [{k: v for k, v in e.items() if k != "checkpoint"} for e in applied]}
             names = log_unlearning_artifacts(self.loggers, [journal.checkpoint(e) for e in applied], journal.path, metadata)
             print(f"[unlearn] W&B artifacts: {', '.join(names)}")
-        _save_loggers(self.loggers)
+        _finalize_loggers(self.loggers)
         return [r.as_dict() for r in reports]
 
     def compare(
@@ -190,7 +190,7 @@ class UnlearningTrainer(pl.Trainer):
         print(format_table(result))
         print(f"[compare] wrote {json_path} and compare.csv")
         log_comparison(self.loggers, result)
-        _save_loggers(self.loggers)
+        _finalize_loggers(self.loggers)
         return result
 
     def predict(
@@ -524,11 +524,12 @@ def _init_dict(init: Any) -> dict[str, Any] | None:
     return {"class_path": init["class_path"], "init_args": dict(args.as_dict() if hasattr(args, "as_dict") else args)}
 
 
-def _save_loggers(loggers: list[Any]) -> None:
-    """Have every logger write what it buffered (CSVLogger writes metrics.csv only then): a
-    subcommand other than ``fit``/``validate``/``test`` is not followed by Lightning's own save."""
+def _finalize_loggers(loggers: list[Any]) -> None:
+    """End every logger as Lightning ends a fit: write what it buffered (CSVLogger's metrics.csv,
+    TensorBoard's queued events) and close. ``unlearn`` and ``compare`` are not followed by
+    Lightning's own finalize; a W&B run is finished afterwards (``after_unlearn``/``after_compare``)."""
     for logger in loggers:
-        logger.save()
+        logger.finalize("success")
 
 
 def _subcommand_of(args: list[str] | None) -> str | None:
