@@ -1,4 +1,5 @@
-"""Evaluate any closure over a model with some of its tensors replaced (for autograd and torch.func)."""
+"""Functions of a model's tensors: a closure evaluated with some of them replaced (for autograd
+and torch.func), and a checksum telling whether they changed (for caches kept across requests)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["call_with"]
+__all__ = ["call_with", "fingerprint"]
+
+_GOLDEN = 0.6180339887498949  # weights frac(i * golden) + 0.5 are distinct and cheap to make
 
 
 class _Closure(nn.Module):
@@ -30,3 +33,38 @@ def call_with(model: nn.Module, replaced: dict[str, Tensor], closure: Callable[[
         3.0
     """
     return torch.func.functional_call(_Closure(model), {f"model.{k}": v for k, v in replaced.items()}, (closure,), strict=False)
+
+
+def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
+    """A cheap checksum of ``model``'s parameters (and of ``extra`` tensors): which model a cache belongs to.
+
+    Per tensor, in float64: its number of elements, its sum, a sum weighted by position (so a
+    permutation of the entries changes it too) and its sum of squares; a ``(tensors, 4)`` CPU
+    tensor. The same tensors give the same fingerprint (compare with :func:`torch.equal`); a
+    changed value changes it, short of a float64 coincidence. Caches of the unlearning methods
+    key on it, and :func:`~lightning_unlearn.metrics.completeness.completeness_report` adds the
+    model's representations as ``extra`` (they depend on a graph model's graph as well).
+
+    Args:
+        model: the model; its parameters are only read.
+        *extra: further tensors to cover, after the parameters.
+
+    Example:
+        >>> layer = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        >>> before = fingerprint(layer)
+        >>> before.shape, torch.equal(before, fingerprint(layer))
+        (torch.Size([1, 4]), True)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[2.0, 1.0]]))  # same sum and squares, other order
+        >>> torch.equal(before, fingerprint(layer))
+        False
+    """
+    rows = []
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *extra):
+            flat = tensor.detach().reshape(-1).double()
+            weights = torch.frac(torch.arange(len(flat), dtype=torch.float64, device=flat.device) * _GOLDEN) + 0.5
+            rows.append(torch.stack([flat.new_tensor(len(flat)), flat.sum(), (flat * weights).sum(), flat.square().sum()]))
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, 4, dtype=torch.float64)

@@ -19,10 +19,9 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import flatten
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import call_with, fingerprint
 from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import fingerprint
-from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users
 
 __all__ = ["SIDES", "Anchor", "Engine", "Side", "slot_changes"]
@@ -363,9 +362,3 @@ class Anchor:
 
     def adopt(self, model: Recommender) -> None:
         self.fingerprint = fingerprint(model)
-
-
-def fingerprint(model: Recommender) -> Tensor:
-    """A cheap checksum of every parameter (which model a cached gradient belongs to)."""
-    with torch.no_grad():
-        return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()

@@ -18,11 +18,12 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, pcg_blocks, scatter_outer, solve_factored
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.models.losses import data_loss, item_slots
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import orphans
 
-__all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks", "exact_hessian_blocks", "fingerprint"]
+__all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks", "exact_hessian_blocks"]
 
 
 @dataclass
@@ -341,22 +342,6 @@ class _Inverses:
         ok = ~failed
         self.inverse[ids[ok]] = torch.cholesky_inverse(factors[ok]).to(self.inverse.dtype)
         self.valid[ids] = ok
-
-
-def fingerprint(model: Recommender) -> Tensor:
-    """A cheap checksum of every parameter: which model cached blocks or a cached gradient belong to.
-
-    Example:
-        >>> from lightning_unlearn.models import MF
-        >>> model = MF(2, 3, embedding_dim=2)
-        >>> before = fingerprint(model)
-        >>> with torch.no_grad():
-        ...     model.user_embedding.weight[0, 0] += 1.0
-        >>> torch.equal(before, fingerprint(model))
-        False
-    """
-    with torch.no_grad():
-        return torch.stack([p.double().sum() for p in model.parameters()] + [p.double().square().sum() for p in model.parameters()]).cpu()
 
 
 def exact_hessian_blocks(
