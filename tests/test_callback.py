@@ -312,3 +312,25 @@ def test_refuses_sharded_strategies():
     fake_trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
     with pytest.raises(RuntimeError, match="FSDPStrategy.*single device or DDP"):
         check_environment(fake_trainer, MF(dm.num_users, dm.num_items), dm)
+
+
+def test_the_default_seed_is_the_one_seed_everything_set_before_the_requests_are_applied(tmp_path, monkeypatch):
+    """seed=None reads PL_GLOBAL_SEED when the requests are applied, not when the callback is built."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    monkeypatch.delenv("PL_GLOBAL_SEED")  # (restored after the test, with what seed_everything sets below)
+    seeds = []
+
+    class RecordingRetrain(Retrain):
+        def update(self, model, retained, deleted, context):
+            seeds.append(context.seed)
+            return super().update(model, retained, deleted, context)
+
+    dm = datamodule()
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    callback = UnlearningCallback(RecordingRetrain(), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False)
+    fixed = UnlearningCallback(Retrain(), seed=3)
+    assert callback.seed == 0
+    pl.seed_everything(7, verbose=False)
+    (report,) = callback.apply_pending(model, dm, recipe=FitRecipe(max_epochs=1, monitor=None))
+    assert report.method == "Retrain" and seeds == [7] and callback.seed == 7 and fixed.seed == 3

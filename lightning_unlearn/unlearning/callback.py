@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -17,11 +16,10 @@ from typing_extensions import override
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.journal import Journal
-from lightning_unlearn.unlearning.methods.alteraser import AltEraser
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
-from lightning_unlearn.unlearning.methods.ifru import IFRU
 from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.methods.retrain import Retrain
+from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import check_lineage, journal_of, recover, save_checkpoint
 from lightning_unlearn.unlearning.reporting import define_request_axis
@@ -31,7 +29,7 @@ __all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
 
 _WHEN = ("train_end", "epoch_end")
 _MISSING = ("error", "ignore")
-MAX_DELETED_FRACTION = 0.03  # what UnlearningCallback(max_deleted_fraction="auto") means for IFRU and AltEraser: see its docstring
+MAX_DELETED_FRACTION = 0.03  # the safe_deleted_fraction measured for IFRU and AltEraser (kept for tests/benchmarks/bench_drift.py)
 
 
 class UnlearningCallback(pl.Callback):
@@ -66,12 +64,18 @@ class UnlearningCallback(pl.Callback):
     ``max_deleted_fraction``; and, when ``max_grad_ratio`` is set, for a request after which
     the method left the gradient norm of the retained objective more than ``max_grad_ratio``
     times larger or smaller than it was when the model was last fitted (the method's result is
-    then discarded). The journal's ``method`` says which one ran, its ``policy`` why (absent
-    when the method ran), ``drift`` the estimate after the request (a retrain resets it to 0) and,
-    with ``max_grad_ratio``, ``grad_ratio`` the gradient check. The retrained model is a new
-    set of parameters, so the curvature that IFRU and AltEraser cache per trained model no
-    longer matches it, and their next request builds it afresh for the retrained model
-    (reported as its ``precompute_seconds``).
+    then discarded). The callback keeps the counter and the decision in a
+    :class:`~lightning_unlearn.unlearning.policy.RetrainPolicy`. The journal's ``method`` says
+    which one ran, its ``policy`` why (a :class:`~lightning_unlearn.unlearning.policy.RetrainReason`;
+    absent when the method ran), ``drift`` the estimate after the request (a retrain resets it
+    to 0) and, with ``max_grad_ratio``, ``grad_ratio`` the gradient check.
+
+    Before the method serves a request, the callback calls its
+    :meth:`~lightning_unlearn.unlearning.methods.base.Unlearner.prepare` (the work paid once per
+    trained model, such as the curvature IFRU and AltEraser cache; nothing when the method is
+    prepared for this model already) and reports its seconds as the request's
+    ``precompute_seconds``. A retrain makes a new set of parameters, so the method's next
+    request prepares it afresh for the retrained model.
 
     Args:
         method: the :class:`~lightning_unlearn.unlearning.methods.Unlearner` to run.
@@ -85,40 +89,24 @@ class UnlearningCallback(pl.Callback):
         branch: the model comes from a checkpoint of another unlearning folder, and ``dirpath``
             (a new, empty folder) starts a new branch from it. Without it such a model is refused.
         evaluate: evaluate utility on validation and test after each request.
-        seed: the original model's seed, for ``Retrain`` (default: the seed of
-            ``seed_everything``, else 0).
+        seed: the original model's seed, for ``Retrain`` (default: the seed of the last
+            ``seed_everything`` when the requests are applied, else 0).
         retrain_every: serve every ``retrain_every``-th request since the last fit with
             ``Retrain`` (an integer ``>= 1``; ``None``: never for this reason).
         max_deleted_fraction: serve a request with ``Retrain`` when :attr:`drift` has passed this
             share when it arrives (a number in ``(0, 1]``; ``None``: never for this reason). The
             first request after a fit is always the method's, judged as ``compare`` judges one
             deletion; the bound limits what adds up over a stream (the model carries at most this
-            share plus one request). ``"auto"``, the default, is ``0.03`` for ``IFRU`` and
-            ``AltEraser`` and ``None`` for other methods, whose drift was not measured. Why
-            ``0.03`` (``tests/benchmarks/bench_drift.py``: MF on MovieLens-100K, requests of 0.1%
-            of the training rows each, default options): IFRU stayed at the retrain's level
-            through 3.9% deleted (rank gap closed 0.97-1.005 where a retrain with another seed
-            gets 0.955-1.015, Recall@20 at least 0.989 of the retrain's), but its curvature cache,
-            built once per model and downdated at parameters that have moved since, goes stale:
-            in 4 streams of 100 requests a near-singular user block made a step 10 times the
-            usual at 4.8%, 7.5% and 8.3% deleted (none in the fourth by 9.5%), leaving the scores
-            farther from the retrain's than doing nothing (relative score distance 0.75 before,
-            1.45 after); ``0.03`` stays clear of the earliest. AltEraser with
-            ``objective="retained"`` drifts from the first requests (Recall@20 0.974 of the
-            retrain's at 1% deleted, 0.955 at 3%, 0.948 at 4.9%); ``0.03`` bounds that loss at
-            about 4.5%, a tighter bound costs a retrain per that share of rows. AltEraser's
-            default, ``objective="anchored"``, measured the same way (``--checkpoints 10,30,50
-            --no-noise``): rank gap closed 0.91 / 1.33 / 1.12 and Recall@20 1.000 / 0.981 / 0.934
-            of the retrain's at 1% / 3% / 4.9% deleted: it starts at IFRU's level and then
-            over-forgets, so ``0.03`` holds for it too.
+            share plus one request). ``"auto"``, the default, is the method's
+            :attr:`~lightning_unlearn.unlearning.methods.base.Unlearner.safe_deleted_fraction`
+            (``0.03`` for ``IFRU`` and ``AltEraser``; ``None`` for methods whose drift was not
+            measured). The measurements behind it are in :ref:`retrain-policy`.
         max_grad_ratio: after the method, compute ``||grad L||`` of the objective on the
             retained rows (one forward and backward pass over them, about an epoch without the
             optimiser step) and serve the request with ``Retrain`` when it is more than this
             factor above or below its value when the model was last fitted (a number ``> 1``;
-            ``None``, the default: no check, no pass). In the streams above, IFRU's ratio crept
-            up by about 0.02 per 1% deleted (1.10 at 4.9%) and jumped at the stale-cache steps
-            (1.10 to 1.50, 1.16 to 1.71); AltEraser's fell steadily (0.68 at 1% deleted) as it
-            walked the early-stopped model towards a stationary point.
+            ``None``, the default: no check, no pass). What it measured over a stream is in
+            :ref:`retrain-policy`.
 
     Raises:
         ValueError: on an unknown ``when`` or ``missing``, or a ``retrain_every``,
@@ -156,24 +144,11 @@ class UnlearningCallback(pl.Callback):
             raise ValueError(f"UnlearningCallback(when=...) must be one of {_WHEN}, got {when!r}.")
         if missing not in _MISSING:
             raise ValueError(f"UnlearningCallback(missing=...) must be one of {_MISSING}, got {missing!r}.")
-        if retrain_every is not None and (not isinstance(retrain_every, int) or isinstance(retrain_every, bool) or retrain_every < 1):
-            raise ValueError(f"UnlearningCallback(retrain_every=...) must be None or an integer >= 1, got {retrain_every!r}.")
-        if max_deleted_fraction == "auto":  # measured for these two (tests/benchmarks/bench_drift.py); others: not measured
-            max_deleted_fraction = MAX_DELETED_FRACTION if isinstance(method, (IFRU, AltEraser)) else None
-        if max_deleted_fraction is not None and not (_finite_number(max_deleted_fraction) and 0 < max_deleted_fraction <= 1):
-            raise ValueError(
-                f"UnlearningCallback(max_deleted_fraction=...) must be None, 'auto' or a number in (0, 1], "
-                f"got {max_deleted_fraction!r}."
-            )
-        if max_grad_ratio is not None and not (_finite_number(max_grad_ratio) and max_grad_ratio > 1):
-            raise ValueError(f"UnlearningCallback(max_grad_ratio=...) must be None or a finite number > 1, got {max_grad_ratio!r}.")
-        self.retrain_every, self.max_deleted_fraction, self.max_grad_ratio = retrain_every, max_deleted_fraction, max_grad_ratio
+        self._policy = RetrainPolicy(retrain_every, max_deleted_fraction, max_grad_ratio, auto=method.safe_deleted_fraction,
+                                     owner="UnlearningCallback")
         self._retrain = Retrain()
-        # the drift counter: rows the model was last fitted on (known at the first request), its
-        # gradient norm then (with max_grad_ratio), and the requests and rows deleted since
-        self._drift = _fresh_drift()
         self.method, self.when, self.missing, self.evaluate, self.branch = method, when, missing, evaluate, bool(branch)
-        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self._seed = seed
         self.requests_file = requests_file
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self._queue: list[DeletionRequest] = list(requests)
@@ -197,20 +172,31 @@ class UnlearningCallback(pl.Callback):
 
         0 before the first request and after a retrain; what ``max_deleted_fraction`` bounds.
         """
-        fitted = self._drift["fitted_rows"]
-        return self._drift["rows"] / fitted if fitted else 0.0
+        return self._policy.drift
 
-    def _policy(self) -> str | None:
-        """Why the next request is served by ``Retrain``, or ``None`` when the method serves it."""
-        if self.retrain_every is not None and self._drift["requests"] + 1 >= self.retrain_every:
-            return "retrain_every"
-        if self.max_deleted_fraction is not None and self.drift > self.max_deleted_fraction:
-            return "max_deleted_fraction"
-        return None
+    @property
+    def retrain_every(self) -> int | None:
+        """Every ``retrain_every``-th request since the last fit is served by ``Retrain`` (``None``: never for this reason)."""
+        return self._policy.retrain_every
 
-    def _grad_ratio(self, model: Recommender, rows) -> float:
-        """``||grad L(rows)||`` of ``model`` over its value when the model was last fitted (one pass over ``rows``)."""
-        return _gradient_norm(model, rows) / max(self._drift["fitted_grad_norm"], 1e-30)
+    @property
+    def max_deleted_fraction(self) -> float | None:
+        """The bound on :attr:`drift` past which a request is served by ``Retrain`` (``"auto"`` resolved)."""
+        return self._policy.max_deleted_fraction
+
+    @property
+    def max_grad_ratio(self) -> float | None:
+        """The gradient-norm ratio past which the method's result is replaced by a retrain (``None``: no check)."""
+        return self._policy.max_grad_ratio
+
+    @property
+    def seed(self) -> int:
+        """The original model's seed, for ``Retrain``: the one given, else the last ``seed_everything``'s (now), else 0."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0)) if self._seed is None else self._seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        self._seed = value
 
     def request(self, request: DeletionRequest) -> None:
         """Queue a request; it is applied at the next ``when`` point."""
@@ -419,14 +405,11 @@ class UnlearningCallback(pl.Callback):
         index = len(self._applied)
         digest = journal.keyed(resolved.digest) if journal else None
         checkpoint = self.dirpath / f"unlearned-{journal.applied_count():04d}-{digest[:12]}.ckpt" if journal else None
-        drift_before, lineage_before = dict(self._drift), self._lineage
-        if self._drift["fitted_rows"] is None:  # the first request: the model was fitted on the rows there are now
-            self._drift["fitted_rows"] = len(datamodule.train)
-        if self.max_grad_ratio is not None and self._drift["fitted_grad_norm"] is None:
-            self._drift["fitted_grad_norm"] = _gradient_norm(model, datamodule.train_rows())
-        policy = self._policy()
+        drift_before, lineage_before = self._policy.state_dict(), self._lineage
+        self._policy.start(len(datamodule.train), _gradient_norm(model, datamodule.train_rows()) if self._policy.needs_grad_norm else None)
+        policy = self._policy.reason()
         method = self.method if policy is None else self._retrain
-        summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy} if policy else {})}
+        summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy.value} if policy else {})}
         pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
         start = time.perf_counter()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -438,13 +421,18 @@ class UnlearningCallback(pl.Callback):
                     method, policy = _NOTHING_TO_UNLEARN, None
                     summary.update(method=method.name)
                     summary.pop("policy", None)
-                report = method.unlearn(model, datamodule.train_rows(), deleted, context)
+                retained = datamodule.train_rows()
+                # once per trained model (the method returns 0 s when it is prepared for this one already)
+                precompute = method.prepare(model, retained.concat(deleted).to(context.device), context)
+                report = method.unlearn(model, retained, deleted, context)
+                report.precompute_seconds += precompute
                 if self.max_grad_ratio is not None and policy is None and len(deleted):
-                    grad_ratio = self._grad_ratio(model, datamodule.train_rows())
+                    grad_ratio = self._policy.grad_ratio(_gradient_norm(model, datamodule.train_rows()))
                     summary["grad_ratio"] = grad_ratio
-                    if not 1 / self.max_grad_ratio <= grad_ratio <= self.max_grad_ratio:  # the method went astray: retrain
-                        policy, method = "max_grad_ratio", self._retrain
-                        summary.update(method=method.name, policy=policy, replaced=self.method.name)
+                    astray = self._policy.astray(grad_ratio)
+                    if astray is not None:  # the method went astray: retrain
+                        policy, method = astray, self._retrain
+                        summary.update(method=method.name, policy=policy.value, replaced=self.method.name)
                         report = method.unlearn(model, datamodule.train_rows(), deleted, context)
                 utility = self._utility(model, datamodule) if self.evaluate and journal else {}
                 self._applied.append(fingerprint)
@@ -452,11 +440,10 @@ class UnlearningCallback(pl.Callback):
                 if pending is not None:
                     self._lineage = {"journal": journal.id, "seq": pending["seq"]}
                 if policy is None:
-                    self._drift.update(requests=self._drift["requests"] + 1, rows=self._drift["rows"] + len(deleted))
-                else:  # the model is now fitted on the rows that remain
-                    self._drift = _fresh_drift(len(datamodule.train))
-                    if self.max_grad_ratio is not None:
-                        self._drift["fitted_grad_norm"] = _gradient_norm(model, datamodule.train_rows())
+                    self._policy.served(len(deleted))
+                else:  # the model is now fitted on the rows that remain (the method's next request prepares for it)
+                    grad_norm = _gradient_norm(model, datamodule.train_rows()) if self.max_grad_ratio is not None else None
+                    self._policy.refitted(len(datamodule.train), grad_norm)
                 try:
                     if checkpoint is not None:  # it holds the callback's state *after* this request
                         save_checkpoint(checkpoint, model, datamodule, self)
@@ -468,7 +455,8 @@ class UnlearningCallback(pl.Callback):
             with torch.no_grad():
                 model.load_state_dict(before)
             model.set_graph(datamodule.train)
-            self._drift, self._lineage = drift_before, lineage_before
+            self._policy.load_state_dict(drift_before)
+            self._lineage = lineage_before
             if pending is not None:
                 reason = str(err) or type(err).__name__
                 journal.append(digest, "failed", reason=reason, seconds=time.perf_counter() - start,
@@ -510,7 +498,7 @@ class UnlearningCallback(pl.Callback):
             "applied": list(self._applied),
             "pending": [*self._restored, *(s for s in stored if s is not None)],
             "unstored_pending": sum(s is None for s in stored),
-            "drift": dict(self._drift),
+            "drift": self._policy.state_dict(),
             "lineage": dict(self._lineage) if self._lineage is not None else None,
         }
 
@@ -525,7 +513,7 @@ class UnlearningCallback(pl.Callback):
         """
         self._applied = list(state_dict.get("applied", []))
         if "drift" in state_dict:  # a state written before the retrain policy has none: the counter starts afresh
-            self._drift = {**_fresh_drift(), **state_dict["drift"]}
+            self._policy.load_state_dict(state_dict["drift"])
         self._lineage = state_dict.get("lineage")
         pending = state_dict.get("pending", [])
         if any(not isinstance(spec.get("users", ()), torch.Tensor) for spec in pending):
@@ -577,16 +565,6 @@ def _refuse_broken_model(model: Recommender) -> None:
             f"is broken, so no unlearning method (and no damping) can give a meaningful result. Nothing was changed. "
             f"Load a healthy checkpoint (e.g. the latest unlearned one, or the best of the fit) or retrain the model."
         )
-
-
-def _finite_number(value: Any) -> bool:
-    """A finite int or float (not a bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _fresh_drift(fitted_rows: int | None = None) -> dict[str, Any]:
-    """The drift counter of a model just fitted on ``fitted_rows`` rows (``None``: counted at the first request)."""
-    return {"fitted_rows": fitted_rows, "fitted_grad_norm": None, "requests": 0, "rows": 0}
 
 
 def _gradient_norm(model: Recommender, rows) -> float:

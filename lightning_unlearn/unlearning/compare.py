@@ -94,7 +94,9 @@ def compare(
         step = f"[compare] {index}/{len(ordered)} {method.name}"
         progress(f"{step}: unlearning {resolved.num_rows} rows ({resolved.kind}) ...")
         unlearned = copy.deepcopy(original).train()
+        precompute = method.prepare(unlearned, retained.concat(deleted).to(device), context)  # once per trained model, not timed
         report = method.unlearn(unlearned, retained, deleted, context)
+        report.precompute_seconds += precompute
         unlearned.eval()
         models[method.name] = unlearned
         entries.append({"name": method.name, "report": report, "utility": _utility(unlearned, datamodule)})

@@ -138,6 +138,7 @@ class AltEraser(Unlearner):
     """
 
     hint = "more damping (e.g. 10x), fewer rounds, or blocks='fresh'"
+    safe_deleted_fraction = 0.03  # measured over streams of requests: docs/methods.rst, the retrain policy
 
     def __init__(
         self,
@@ -195,10 +196,12 @@ class AltEraser(Unlearner):
     def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
         """Cache, for ``model`` trained on ``rows``, the curvature blocks and the gradient over every row.
 
-        Paid once per trained model (the first request does it when this was not called; its
-        seconds are then reported as ``precompute_seconds``). The cached gradient is the
+        Paid once per trained model (the callback and ``compare`` call it before the first
+        request; :meth:`unlearn` does when they did not); builds what is missing for ``model``
+        (0 s when everything is cached for its parameters). The cached gradient is the
         ``objective="anchored"`` linear term, and makes the first request's first steps free of
-        passes over the retained rows (non-graph models). Call it before any row is deleted.
+        passes over the retained rows (non-graph models). A graph model's gradient is taken on
+        the graph of ``rows``, so the model may hold the graph after the deletion already.
 
         Args:
             model: the trained model.
@@ -208,29 +211,34 @@ class AltEraser(Unlearner):
         Returns:
             The seconds it took.
         """
-        return self._prepare(model, rows, context or UnlearningContext(), graph=None)
-
-    def _prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext, graph: Tensor | None) -> float:
-        """Build what is missing for ``model``; the seconds spent (0 when everything was cached)."""
-        start, built = time.perf_counter(), False
+        context = context or UnlearningContext()
         sides = [side for side in (Side(model, name) for name in SIDES) if side.trainable]
-        fresh_cache = self.blocks == "cached" and sides and not self._cache.holds(model)
-        if fresh_cache:
-            built = True
-            nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
-            self._cache.retained(model, rows, nothing, context)
-            if self.refactor_tolerance > 0 and not is_graph(model):  # factor every block once; requests refactor few
-                for side in sides:
-                    self._cache.factors(side.key, torch.arange(side.size, device=rows.users.device), self.damping * len(rows),
-                                        self.refactor_tolerance)
+        fresh_cache = self.blocks == "cached" and bool(sides) and not self._cache.holds(model)
         # anchored: the linear term, once per trained model; retained: the first request's free gradient, with the cache
         wanted = self.objective == "anchored" or (fresh_cache and not is_graph(model))
-        if wanted and not (self._anchor is not None and self._anchor.matches(model)):
-            built = True
-            dense = self._dense(model)
-            engine = Engine(model, rows, len(rows), context, self.chunk_size, is_graph(model))
-            self._anchor = engine.anchor(sides, engine.local, dense if self.objective == "anchored" else [], graph)
-        return time.perf_counter() - start if built else 0.0
+        fresh_anchor = wanted and not (self._anchor is not None and self._anchor.matches(model))
+        if not (fresh_cache or fresh_anchor):
+            return 0.0
+        start = time.perf_counter()
+        try:
+            with torch.enable_grad():
+                if fresh_cache:
+                    nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
+                    self._cache.retained(model, rows, nothing, context)
+                    if self.refactor_tolerance > 0 and not is_graph(model):  # factor every block once; requests refactor few
+                        for side in sides:
+                            self._cache.factors(side.key, torch.arange(side.size, device=rows.users.device),
+                                                self.damping * len(rows), self.refactor_tolerance)
+                if fresh_anchor:
+                    graph = graph_of(model, rows) if is_graph(model) and self.objective == "anchored" else None
+                    dense = self._dense(model)
+                    engine = Engine(model, rows, len(rows), context, self.chunk_size, is_graph(model))
+                    self._anchor = engine.anchor(sides, engine.local, dense if self.objective == "anchored" else [], graph)
+        except Exception:
+            self._cache.clear()  # half built
+            self._anchor = None
+            raise
+        return time.perf_counter() - start
 
     def _dense(self, model: Recommender) -> list[Tensor]:
         return [p for p in model.parameter_groups()["dense"] if p.requires_grad] if self.dense_steps else []
@@ -249,9 +257,7 @@ class AltEraser(Unlearner):
         sides = {name: Side(model, name) for name in SIDES}
         n = max(len(retained), 1)
         engine = Engine(model, retained, n, context, self.chunk_size, graph)
-        # Paid once per trained model. A graph model holds the new graph already: the anchor needs the old one.
-        old_graph = graph_of(model, retained.concat(deleted)) if graph and self.objective == "anchored" else None
-        precompute = self._prepare(model, retained.concat(deleted), context, old_graph)
+        self.prepare(model, retained.concat(deleted), context)  # unlearn() prepared already: 0 s unless update() is called directly
         cached = self._cache.retained(model, retained, deleted, context)[0] if self._cache.holds(model) else None
         anchor = self._anchor if self._anchor is not None and self._anchor.matches(model) else None
         first = anchor is not None and anchor.fresh and not graph  # at the trained model: its gradient is the cached one
@@ -306,7 +312,7 @@ class AltEraser(Unlearner):
         else:
             self._anchor = None  # the cached gradient was the trained model's
         return {
-            "precompute_seconds": precompute, "objective_kind": self.objective, "rounds": len(history) - 1, "stopped": stopped,
+            "objective_kind": self.objective, "rounds": len(history) - 1, "stopped": stopped,
             "objective": history, "kept_users": len(ids["user_embedding"]), "kept_items": len(ids["item_embedding"]),
             "reset_users": len(orphan_users), "reset_items": len(orphan_items), "rows_used": len(rows),
             "blocks": self.blocks, "curvature": self.curvature, "damping": self.damping, **totals.as_dict(),

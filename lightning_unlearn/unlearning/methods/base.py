@@ -83,20 +83,44 @@ class Unlearner(ABC):
     """Base class of unlearning methods.
 
     Subclasses implement :meth:`update`, which changes ``model`` in place so that it forgets
-    ``deleted`` and fits ``retained``, and returns diagnostics (a ``precompute_seconds`` entry,
-    for work paid once per trained model such as cached curvature, is reported apart from
-    the per-request ``seconds``). :meth:`unlearn` wraps it: it
-    times the update, checks every parameter is finite, and restores the model's parameters if
-    anything fails, so a failed request never leaves a half-changed model.
+    ``deleted`` and fits ``retained``, and returns diagnostics. Work paid once per trained model
+    (such as cached curvature) goes in :meth:`prepare`, whose seconds are reported apart from
+    the per-request ``seconds``. :meth:`unlearn` wraps both: it prepares the method for the
+    model when it is not yet, times the update, checks every parameter is finite, and restores
+    the model's parameters if anything fails, so a failed request never leaves a half-changed model.
     """
 
     #: What to try when the method fails (appended to the error message).
     hint = "check the method's options"
 
+    #: The share of the training rows a stream of requests may delete, since the model was last
+    #: fitted, while the method stays at the retrain's level (measured; ``None``: not measured).
+    #: ``UnlearningCallback(max_deleted_fraction="auto")`` serves a request with ``Retrain``
+    #: past it. IFRU's and AltEraser's 0.03 and how it was measured: :ref:`retrain-policy`.
+    safe_deleted_fraction: float | None = None
+
     @property
     def name(self) -> str:
         """A short label for tables and logs."""
         return type(self).__name__
+
+    def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
+        """Do the work paid once per trained model (e.g. cache its curvature); the seconds it took.
+
+        The default does nothing. :meth:`unlearn` calls it before every update, so a method that
+        overrides it returns at once, with 0, when it is prepared for ``model``'s parameters
+        already. The callback and ``compare`` call it themselves before a method's first request
+        on a trained model, and report its seconds as ``precompute_seconds``.
+
+        Args:
+            model: the trained model (not changed).
+            rows: every training row it was trained on (the retained and the deleted ones).
+            context: device, reduce and sharding (default: one process).
+
+        Returns:
+            The seconds spent (0.0 when there was nothing to do).
+        """
+        return 0.0
 
     @abstractmethod
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
@@ -114,7 +138,8 @@ class Unlearner(ABC):
             context: device, seed, reduce and fit (default: CPU, seed 0, one device).
 
         Returns:
-            The report: seconds, rows removed and the method's diagnostics.
+            The report: seconds, rows removed, the seconds :meth:`prepare` took (0 when the method
+            was prepared for ``model`` already) and the method's diagnostics.
 
         Raises:
             UnlearningError: the method raised or left a non-finite parameter; ``model`` holds
@@ -125,13 +150,14 @@ class Unlearner(ABC):
         start = time.perf_counter()
         try:
             with torch.enable_grad():
-                diagnostics = self.update(model, retained.to(context.device), deleted.to(context.device), context)
+                retained, deleted = retained.to(context.device), deleted.to(context.device)
+                precompute = self.prepare(model, retained.concat(deleted), context)  # paid once per trained model, reported apart
+                diagnostics = self.update(model, retained, deleted, context)
             bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
             if bad:
                 raise UnlearningError(f"non-finite parameters after {self.name}: {', '.join(bad)}")
         except Exception as err:
             model.load_state_dict(before)
             raise UnlearningError(f"{self.name} failed and the model was restored: {err}. Try: {self.hint}.") from err
-        precompute = float(diagnostics.pop("precompute_seconds", 0.0))  # paid once per trained model, reported apart
         seconds = time.perf_counter() - start - precompute
-        return UnlearningReport(self.name, seconds, len(deleted), precompute_seconds=precompute, diagnostics=diagnostics)
+        return UnlearningReport(self.name, seconds, len(deleted), precompute_seconds=float(precompute), diagnostics=diagnostics)

@@ -91,6 +91,7 @@ class IFRU(Unlearner):
     """
 
     hint = "more damping (e.g. 10x), or gradient='influence' if the model was not trained to a stationary point"
+    safe_deleted_fraction = 0.03  # measured over streams of requests: docs/methods.rst, the retrain policy
 
     def __init__(
         self,
@@ -127,9 +128,10 @@ class IFRU(Unlearner):
     def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
         """Build the curvature cache (and the block solver's factors) for ``model`` trained on ``rows``.
 
-        Paid once per trained model; the first request does it when it was not called. Call it
-        right after training (e.g. from a callback's ``on_train_end``) to keep it off the first
-        request's latency.
+        Paid once per trained model (the callback and ``compare`` call it before the first
+        request; :meth:`unlearn` does when they did not). Nothing to do, and 0 s, for a graph
+        model, for ``solver="direct"`` (neither uses the cache) and when the cache holds
+        ``model``'s parameters already.
 
         Args:
             model: the trained model.
@@ -139,13 +141,19 @@ class IFRU(Unlearner):
         Returns:
             The seconds it took.
         """
+        if is_graph(model) or self.solver == "direct" or self._curvature.holds(model):
+            return 0.0
         start = time.perf_counter()
-        if not is_graph(model):
-            nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
-            self._curvature.retained(model, rows, nothing, context)
-            if self.solver in ("auto", "block"):  # the block solver's requests start from these inverses
-                for side in ("users", "items"):
-                    self._curvature.precondition(side, self.damping * len(rows))
+        try:
+            with torch.enable_grad():
+                nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
+                self._curvature.retained(model, rows, nothing, context)
+                if self.solver in ("auto", "block"):  # the block solver's requests start from these inverses
+                    for side in ("users", "items"):
+                        self._curvature.precondition(side, self.damping * len(rows))
+        except Exception:
+            self._curvature.clear()  # half built
+            raise
         return time.perf_counter() - start
 
     # ------------------------------------------------------------------ the update
@@ -181,15 +189,14 @@ class IFRU(Unlearner):
         # Everything below is taken at the trained parameters; the orphans (users/items left
         # without rows) are reset only at the end, so the deleted rows' gradients and the cache's
         # downdate see the vectors they were trained with.
-        precompute = 0.0
         if solver in ("block", "cg") and not is_graph(model):
-            if not self._curvature.holds(model):
-                precompute = self.prepare(model, retained.concat(deleted), context)
+            if not self._curvature.holds(model):  # unlearn() prepares first: only a direct call of update() gets here
+                self.prepare(model, retained.concat(deleted), context)
             blocks, _ = self._curvature.retained(model, retained, deleted, context)
         if restricted.numel == 0:
             reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
             self._curvature.adopt(model)  # orphans have no rows left: no cached block depends on them
-            return {**diagnostics, "precompute_seconds": precompute}
+            return diagnostics
         theta = restricted.values()
         if self.gradient == "influence" and is_graph(model):
             rhs = _influence_with_spillover(model, restricted, retained, deleted, n, context)
@@ -215,7 +222,7 @@ class IFRU(Unlearner):
         restricted.add_(delta)
         reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
         self._curvature.adopt(model)  # the step is small: later requests reuse these blocks as they are
-        return {**diagnostics, "precompute_seconds": precompute, **{f"solver/{k}": v for k, v in solve.items()}}
+        return {**diagnostics, **{f"solver/{k}": v for k, v in solve.items()}}
 
 
     def _prune(self, users: Tensor, items: Tensor, retained: TrainRows, deleted: TrainRows, model: Recommender) -> tuple[Tensor, Tensor]:
