@@ -10,7 +10,7 @@ export LIGHTNING_UNLEARN_DATA := $(SHARED_DATA)
 endif
 endif
 
-.PHONY: demo test benchmark docs clean
+.PHONY: demo test lint benchmark docs clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml constraints.txt
 	@echo "Installing lightning-unlearn and its test dependencies into $(VENV) (editable, pinned by constraints.txt; torch is large: this takes a few minutes the first time) ..."
@@ -35,6 +35,10 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# Lint (pyflakes, syntax, import order; .ci/ruff.toml): .ci/run runs it before the tests.
+lint: $(BIN)/.installed
+	$(BIN)/python -m ruff check --config .ci/ruff.toml lightning_unlearn tests docs/conf.py
 
 benchmark: $(BIN)/.installed
 	$(BIN)/python tests/benchmarks/bench_training.py

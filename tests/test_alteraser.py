@@ -9,12 +9,11 @@ import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
-from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError
-from lightning_unlearn.unlearning.methods import alteraser
-from lightning_unlearn.models.losses import data_loss, row_losses
-from lightning_unlearn.unlearning.methods.curvature import curvature_blocks, exact_hessian_blocks
-from lightning_unlearn.unlearning.methods._subproblems import slot_changes
 from lightning_unlearn.models.functional import call_with
+from lightning_unlearn.models.losses import data_loss, row_losses
+from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError, alteraser
+from lightning_unlearn.unlearning.methods._subproblems import slot_changes
+from lightning_unlearn.unlearning.methods.curvature import curvature_blocks, exact_hessian_blocks
 
 
 def lbfgs(params, objective, rounds: int = 8) -> None:

@@ -92,7 +92,6 @@ def test_graph_models_get_the_new_graph(tmp_path):
 
 
 def test_bad_request_changes_nothing(tmp_path):
-    dm = datamodule_after_setup()
     callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=["no-such-user"])], dirpath=tmp_path)
     with pytest.raises(InvalidDeletionRequest, match="no-such-user"):
         trained(callbacks=[callback])
@@ -134,7 +133,6 @@ def test_requests_queued_during_training_are_applied_between_epochs(tmp_path):
 
 
 def test_no_request_is_applied_twice(tmp_path):
-    dm = datamodule_after_setup()
     same = DeletionRequest(users=[4])
     callback = UnlearningCallback(FineTune(epochs=1), requests=[same, DeletionRequest(users=[4])], dirpath=tmp_path)
     trained(callbacks=[callback])

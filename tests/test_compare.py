@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,9 @@ import torch
 import yaml
 
 from lightning_unlearn.cli import main
-from tests.conftest import REPO
 from lightning_unlearn.data import Interactions
 from lightning_unlearn.unlearning import DeletionSpec
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("cli_run")
 

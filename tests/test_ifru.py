@@ -186,7 +186,7 @@ def test_cg_preconditioner_and_block_solver_agree_with_direct_on_mf():
     steps = {}
     for solver in ("direct", "cg"):
         copy_ = copy.deepcopy(model)
-        report = IFRU(damping=1e-6, solver=solver, tol=1e-12, max_iter=500).unlearn(copy_, retained, deleted)
+        IFRU(damping=1e-6, solver=solver, tol=1e-12, max_iter=500).unlearn(copy_, retained, deleted)
         steps[solver] = torch.cat([copy_.user_embedding.weight - model.user_embedding.weight,
                                    copy_.item_embedding.weight - model.item_embedding.weight])
     torch.testing.assert_close(steps["cg"], steps["direct"], rtol=1e-6, atol=1e-9)

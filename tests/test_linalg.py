@@ -342,7 +342,7 @@ def test_cg_non_finite_product_stops_with_the_last_finite_iterate():
     g = gen(15)
     a = spd(g, 12, torch.linspace(1, 100, 12))
     b = torch.randn(12, generator=g, dtype=F64)
-    calls, iterates = [], []
+    calls = []
 
     def matvec(v):
         calls.append(1)

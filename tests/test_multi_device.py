@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist

@@ -12,7 +12,7 @@ import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning import IFRU, FineTune, UnlearningCallback, UnlearningContext, UnlearningError, Unlearner
+from lightning_unlearn.unlearning import IFRU, FineTune, Unlearner, UnlearningCallback, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods.alteraser import AltEraser
 from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.recipe import FitRecipe

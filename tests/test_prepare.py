@@ -10,7 +10,7 @@ import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN
-from lightning_unlearn.unlearning import AltEraser, FineTune, IFRU, Retrain, UnlearningCallback, Unlearner
+from lightning_unlearn.unlearning import IFRU, AltEraser, FineTune, Retrain, Unlearner, UnlearningCallback
 from lightning_unlearn.unlearning.methods.curvature import fingerprint
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest

@@ -22,7 +22,7 @@ ITEMS = [111, 222, 111, 111, 333, 222]  # (555001, 111) occurs twice: rows 2 and
 # Index maps (sorted raw ids): users 555001->0, 555002->1, 555003->2, 987654->3;
 # items 111->0, 222->1, 333->2, 444->3. User 555003 and item 444 are known but have no rows.
 U = {555001: 0, 555002: 1, 555003: 2, 987654: 3}
-I = {111: 0, 222: 1, 333: 2, 444: 3}
+I = {111: 0, 222: 1, 333: 2, 444: 3}  # noqa: E741 - U and I, the user and item maps
 ACCEPTED = "accepts interaction pairs (user, item) that are rows of the table, whole users and whole items"
 FILE_FORMS = "`user,item` (pairs), `user` (whole users) or `item` (whole items)"
 

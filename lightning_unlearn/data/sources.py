@@ -7,7 +7,6 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Mapping
 
-
 from lightning_unlearn.data.download import find_file
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.readers import read_adjacency, read_csv, read_movielens_1m, read_movielens_100k

@@ -9,7 +9,15 @@ losses, matvecs on flat vectors) and tensors.
 - :mod:`~lightning_unlearn.linalg.blocks`: ``d × d`` blocks per row, batched damped solves, block-Jacobi.
 """
 
-from lightning_unlearn.linalg.blocks import BlockPreconditioner, BlockSolveResult, factor_blocks, pcg_blocks, scatter_outer, solve_blocks, solve_factored
+from lightning_unlearn.linalg.blocks import (
+    BlockPreconditioner,
+    BlockSolveResult,
+    factor_blocks,
+    pcg_blocks,
+    scatter_outer,
+    solve_blocks,
+    solve_factored,
+)
 from lightning_unlearn.linalg.cg import CGResult, conjugate_gradient
 from lightning_unlearn.linalg.flat import flatten, unflatten
 from lightning_unlearn.linalg.hvp import (

@@ -8,10 +8,10 @@ from lightning_unlearn.unlearning.methods import (
     AltEraser,
     FineTune,
     Retrain,
+    Unlearner,
     UnlearningContext,
     UnlearningError,
     UnlearningReport,
-    Unlearner,
 )
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest, ResolvedDeletion

@@ -16,7 +16,7 @@ from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics, topk_overlap
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.deletion import DeletionSpec
-from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.recipe import FitRecipe

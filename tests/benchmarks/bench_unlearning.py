@@ -21,7 +21,6 @@ import logging
 import platform
 import pstats
 import statistics
-import time
 import warnings
 from pathlib import Path
 

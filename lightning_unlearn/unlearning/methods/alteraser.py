@@ -46,11 +46,11 @@ from lightning_unlearn.linalg import (
     unflatten,
 )
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.models.losses import data_loss, row_scores
 from lightning_unlearn.unlearning.methods._subproblems import SIDES, Anchor, Engine, Side
-from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, curvature_blocks, exact_hessian_blocks
-from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.scope import (
     expand,
     graph_of,

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from lightning_unlearn.data.batches import EpochBatchSampler, TrainRows
 from lightning_unlearn.models.base import OPTIMIZERS, Recommender
-from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 
 __all__ = ["FineTune"]
 

@@ -30,10 +30,10 @@ from lightning_unlearn.linalg import (
     unflatten,
 )
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
-from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
-from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks
 from lightning_unlearn.models.functional import call_with
+from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
+from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks
 from lightning_unlearn.unlearning.methods.scope import (
     expand,
     graph_of,

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.methods.base import UnlearningContext, Unlearner
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 
 __all__ = ["Retrain"]
 
