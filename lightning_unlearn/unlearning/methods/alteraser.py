@@ -82,15 +82,10 @@ class AltEraser(Unlearner):
             trained model counts as a stationary point, so the rounds remove the deleted rows'
             effect and do not go on training a model that was stopped early; its first step is
             the influence-function step) or ``"retained"`` (the paper: minimise ``L`` on the
-            retained rows). Identical for a model trained to a stationary point. Measured on
-            MovieLens-1M MF, early-stopped, 1% random interactions
-            (``recipes/ml1m/compare_alteraser_rounds.yaml``; rank gap closed, Recall@20 against
-            Retrain's, speed-up): anchored 1 round 0.84, +0.2%, 77x; retained 1 / 2 / 4 / 8
-            rounds 0.52 / 0.71 / 0.82 / 0.87, -1.0% / -0.8% / -0.5% / -0.3%, 66x / 36x / 22x / 10x,
-            its scores drifting away from Retrain's as it goes on training.
+            retained rows). Identical for a model trained to a stationary point; from an
+            early-stopped model, retained rounds go on training it and drift away from Retrain.
         rounds: at most this many rounds (users, then items, then dense weights), ``>= 1``.
-            Default 1: anchored rounds past the first over-forget (4 rounds closed 1.63 of
-            the gap in the study above).
+            Default 1: anchored rounds past the first over-forget.
         tol: stop after a round whose relative decrease of the objective,
             ``(L_before - L_after) / |L_after|``, is below ``tol`` (with ``0``, only once a round
             no longer decreases it).
@@ -121,7 +116,10 @@ class AltEraser(Unlearner):
         dense_cg_iters: CG iterations per dense step.
         dense_sample: rows (drawn once with the context's seed) for the dense curvature.
         chunk_size: rows per vectorised pass (8192 keeps each pass's temporaries small enough
-            to be reused by the allocator; 4x faster per row than 32768 on a 2-core machine).
+            to be reused by the allocator).
+
+    Measured speed and fidelity (objective and rounds, chunk size): :ref:`measured`
+    (``docs/methods.rst``, section Measured).
 
     Raises:
         ValueError: on an argument outside the accepted values (the message names it).

@@ -58,10 +58,8 @@ class IFRU(Unlearner):
     Args:
         damping: added to the curvature's diagonal (> 0); larger is more conservative. The
             objective is a mean over rows, so a user's curvature block is of the order of its
-            share of the rows (1e-4 for a typical MovieLens-100K user). Measured rank gap closed
-            (1% random interactions, MF): MovieLens-100K 0.57 / 0.94 / 0.95 at 1e-4 / 1e-6 /
-            1e-7 (seed noise 1.00); MovieLens-1M 0.86 / 1.00 / 1.02 at 1e-6 / 1e-7 / 1e-8
-            (seed noise 0.99). Default 1e-7.
+            share of the rows (1e-4 for a typical MovieLens-100K user). Default 1e-7, chosen by
+            a damping sweep.
         solver: ``"auto"`` (``"block"``, or ``"cg"`` for graph models, whose rows are coupled
             through the graph), ``"cg"`` (damped CG on curvature-vector products, block-Jacobi preconditioned),
             ``"block"`` (the block-diagonal approximation: per-user and per-item ``d x d``
@@ -81,6 +79,9 @@ class IFRU(Unlearner):
             starts from the inverses kept at the last factorisation).
         max_iter: CG iteration cap.
         direct_max: largest restricted problem the direct solver accepts.
+
+    Measured speed and fidelity, and the damping sweep: :ref:`measured` (``docs/methods.rst``,
+    section Measured).
 
     Raises:
         ValueError: on a non-positive or infinite damping, or an unknown option.
