@@ -8,6 +8,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG, RetrievalRecall
 
 from lightning_unlearn.metrics import FullRankingMetrics, ranking_metrics
+from lightning_unlearn.metrics.ranking import sparse_ranking_metrics
 
 KS = (1, 3, 5, 10)
 
@@ -104,3 +105,109 @@ def test_bad_arguments(kwargs, match):
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="one shape"):
         ranking_metrics(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------- sparse path vs. the dense one
+def dense_reference(scores, target, exclude=None, ks=(10, 20), auc=True):
+    """The former dense-mask implementation, kept as the oracle of the sparse path."""
+    scores = scores.float()
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, float("-inf"))
+    kmax = min(max(ks), scores.shape[1])
+    top = torch.topk(scores, kmax, dim=1).indices
+    hits = target.gather(1, top).float()
+    cum_hits = hits.cumsum(1)
+    n_rel = target.sum(1)
+    denom = n_rel.clamp_min(1).float()
+    discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float32))
+    cum_gain = (hits * discount).cumsum(1)
+    ideal = discount.cumsum(0)
+    out = {}
+    for k in ks:
+        kk = min(k, kmax)
+        out[f"recall@{k}"] = cum_hits[:, kk - 1] / denom
+        out[f"ndcg@{k}"] = cum_gain[:, kk - 1] / ideal[(n_rel.clamp(1, kk) - 1)]
+        out[f"hit@{k}"] = (cum_hits[:, kk - 1] > 0).float()
+    if auc:
+        rows, cols = torch.nonzero(target, as_tuple=True)
+        n_pos = target.sum(1)
+        starts = torch.cumsum(n_pos, 0) - n_pos
+        width = max(int(n_pos.max()) if len(n_pos) else 0, 1)
+        relevant = scores.new_full((len(scores), width), float("inf"))
+        relevant[rows, torch.arange(len(rows)) - starts[rows]] = scores[rows, cols]
+        relevant = torch.sort(relevant, dim=1).values
+        not_below = torch.searchsorted(relevant, scores.contiguous(), right=True, out_int32=True)
+        negative = ~target if exclude is None else ~target & ~exclude
+        above = (n_pos.unsqueeze(1).int() - not_below).masked_fill(~negative, 0)
+        pairs = (n_pos * negative.sum(1)).float()
+        out["auc"] = torch.where(pairs > 0, above.sum(1).float() / pairs.clamp_min(1), torch.zeros_like(pairs))
+    return out
+
+
+def sparse_case(seed: int, users: int, items: int, p_target: float, p_exclude: float, ties: bool):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(users, items, generator=g)
+    if ties:  # few distinct values: many ties between relevant and candidate items
+        scores = (scores * 2).round()
+    exclude = torch.rand(users, items, generator=g) < p_exclude
+    target = torch.rand(users, items, generator=g) < p_target
+    target[0] = False  # a user with no target
+    if users > 2:
+        exclude[1] = True  # every item excluded (targets included)
+        target[2] = True  # every item relevant
+    return scores, target, exclude
+
+
+def coords(mask):
+    rows, items = torch.nonzero(mask, as_tuple=True)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+    return rows[order], items[order]  # any order
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("users", "items", "p_target", "p_exclude"),
+                         [(1, 1, 0.5, 0.0), (6, 5, 0.4, 0.3), (30, 57, 0.1, 0.2), (17, 400, 0.02, 0.1), (9, 300, 0.3, 0.1)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_sparse_matches_dense_reference(seed, users, items, p_target, p_exclude, ties):
+    scores, target, exclude = sparse_case(seed, users, items, p_target, p_exclude, ties)
+    ks = (1, 3, 10, 50)
+    expected = dense_reference(scores, target, exclude, ks)
+    for chunk_bytes in (1, 6 * items * 4, 2**28):  # one user, four users, all users per chunk
+        got = sparse_ranking_metrics(scores, *coords(target), *coords(exclude), ks=ks, chunk_bytes=chunk_bytes)
+        for name, value in expected.items():
+            if ties and name != "auc":  # topk orders tied scores arbitrarily: compare only without ties
+                continue
+            torch.testing.assert_close(got[name], value, atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(ranking_metrics(scores, target, None, ks)["auc"], dense_reference(scores, target, None, ks)["auc"],
+                               atol=1e-6, rtol=0)
+
+
+def test_sparse_many_targets_and_duplicates():
+    """Users with more than 32 targets take the binary-search branch; duplicate coordinates count once."""
+    scores, target, exclude = sparse_case(3, 8, 200, 0.4, 0.2, ties=True)
+    rows, items = coords(target)
+    e_rows, e_items = coords(exclude)
+    got = sparse_ranking_metrics(scores, torch.cat([rows, rows[:20]]), torch.cat([items, items[:20]]),
+                                 torch.cat([e_rows, e_rows[:30]]), torch.cat([e_items, e_items[:30]]), ks=(5,))
+    torch.testing.assert_close(got["auc"], dense_reference(scores, target, exclude, (5,))["auc"], atol=1e-6, rtol=0)
+
+
+def test_metric_sparse_update_equals_dense_update():
+    scores, target, exclude = random_case(11, users=40, items=90)
+    dense, sparse = FullRankingMetrics(KS), FullRankingMetrics(KS)
+    for chunk in torch.arange(len(scores)).split(9):
+        dense.update(scores[chunk], target[chunk], exclude[chunk])
+        t_rows, t_items = coords(target[chunk])
+        e_rows, e_items = coords(exclude[chunk])
+        sparse.update(scores[chunk], target_rows=t_rows, target_items=t_items, exclude_rows=e_rows, exclude_items=e_items)
+    for name, value in dense.compute().items():
+        assert sparse.compute()[name].item() == pytest.approx(value.item(), abs=1e-6), name
+    with pytest.raises(ValueError, match="targets"):
+        sparse.update(scores)
+
+
+def test_scores_are_not_modified():
+    scores, target, exclude = random_case(2)
+    before = scores.clone()
+    sparse_ranking_metrics(scores, *coords(target), *coords(exclude))
+    assert torch.equal(scores, before)

@@ -1,8 +1,10 @@
 """Full-ranking top-K metrics (Recall, NDCG, HitRate @K) and AUC, vectorised over users.
 
 The functional :func:`ranking_metrics` scores a batch of users against all items at once:
-training items are masked with ``-inf``, one ``topk`` for the largest K serves every K, and
-AUC from a binary search of each item among the user's few relevant scores. :class:`FullRankingMetrics` is the thin ``torchmetrics.Metric``
+targets and exclusions come as ``(row, item)`` coordinates (:func:`sparse_ranking_metrics`; the
+dense-mask :func:`ranking_metrics` converts to them), exclusions are scattered as ``-inf`` into
+the score chunk, one ``topk`` for the largest K serves every K, and AUC counts, per candidate,
+the user's few relevant scores above it. :class:`FullRankingMetrics` is the thin ``torchmetrics.Metric``
 over it, so state, reset and multi-device sync come from torchmetrics.
 """
 
@@ -14,13 +16,13 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["FullRankingMetrics", "ranking_metrics"]
+__all__ = ["FullRankingMetrics", "ranking_metrics", "sparse_ranking_metrics"]
 
 
 def ranking_metrics(
     scores: Tensor, target: Tensor, exclude: Tensor | None = None, ks: Sequence[int] = (10, 20), auc: bool = True
 ) -> dict[str, Tensor]:
-    """Per-user ranking metrics over all items.
+    """Per-user ranking metrics over all items, from dense boolean masks.
 
     Args:
         scores: ``(users, items)`` predicted scores.
@@ -31,7 +33,8 @@ def ranking_metrics(
 
     Returns:
         ``{"recall@K", "ndcg@K", "hit@K", ["auc"]}`` -> ``(users,)`` tensors; users with no
-        relevant item get 0 (filter them with ``target.any(1)``).
+        relevant item get 0 (filter them with ``target.any(1)``). The masks are turned into
+        coordinates for :func:`sparse_ranking_metrics`, which gives the same values.
 
     Example:
         >>> scores = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
@@ -44,18 +47,78 @@ def ranking_metrics(
     if scores.shape != target.shape or (exclude is not None and exclude.shape != scores.shape):
         raise ValueError(f"scores, target and exclude must have one shape; got {scores.shape}, {target.shape}, "
                          f"{None if exclude is None else exclude.shape}.")
+    t_rows, t_items = torch.nonzero(target, as_tuple=True)
+    e_rows, e_items = (None, None) if exclude is None else torch.nonzero(exclude, as_tuple=True)
+    return sparse_ranking_metrics(scores, t_rows, t_items, e_rows, e_items, ks, auc)
+
+
+def sparse_ranking_metrics(
+    scores: Tensor, target_rows: Tensor, target_items: Tensor, exclude_rows: Tensor | None = None,
+    exclude_items: Tensor | None = None, ks: Sequence[int] = (10, 20), auc: bool = True, chunk_bytes: int = 2**28,
+) -> dict[str, Tensor]:
+    """Per-user ranking metrics over all items, with targets and exclusions as ``(row, item)`` coordinates.
+
+    No ``(users, items)`` mask is built: users are processed in chunks of about ``chunk_bytes``
+    of working memory; in each, exclusions are scattered as ``-inf`` into a copy of the scores,
+    one ``topk`` serves every K, and the target scores are gathered. AUC counts, for every
+    candidate, the relevant items scoring strictly above it, in one comparison pass per relevant
+    slot of the chunk (a binary search when a user of the chunk has more than 32 relevant items).
+    Duplicate coordinates count once; ``scores`` is not modified.
+
+    Args:
+        scores: ``(users, items)`` predicted scores.
+        target_rows, target_items: coordinates of the held-out relevant items.
+        exclude_rows, exclude_items: coordinates of the items removed from the ranking.
+        ks: cut-offs.
+        auc: also compute per-user AUC (relevant vs. non-relevant candidates; ties count as losses).
+        chunk_bytes: working-memory budget of one chunk of users (about 6 bytes per score).
+
+    Returns:
+        As :func:`ranking_metrics`.
+
+    Example:
+        >>> scores = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+        >>> out = sparse_ranking_metrics(scores, torch.tensor([0, 0]), torch.tensor([2, 3]),
+        ...                              torch.tensor([0]), torch.tensor([0]), ks=(1, 2))
+        >>> out["recall@1"].item(), out["hit@1"].item(), out["recall@2"].item(), out["auc"].item()
+        (0.5, 1.0, 1.0, 1.0)
+    """
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive cut-offs, got {ks}.")
-    scores = scores.float()
-    if exclude is not None:
-        scores = scores.masked_fill(exclude, float("-inf"))
-    kmax = min(max(ks), scores.shape[1])
-    top = torch.topk(scores, kmax, dim=1).indices
-    hits = target.gather(1, top).float()
+    if scores.dim() != 2 or target_rows.shape != target_items.shape or (exclude_rows is None) != (exclude_items is None) \
+            or (exclude_rows is not None and exclude_rows.shape != exclude_items.shape):
+        raise ValueError("scores must be (users, items) and each pair of row and item coordinates of one length.")
+    users, items = scores.shape
+    device = scores.device
+    t_key = torch.unique(target_rows.long() * items + target_items.long())  # sorted, deduplicated
+    n_rel = torch.bincount(t_key // items, minlength=users)
+    if exclude_rows is None:
+        e_key = t_key.new_empty(0)
+        n_out = n_rel
+    else:
+        e_key = torch.unique(exclude_rows.long() * items + exclude_items.long())
+        n_out = torch.bincount(torch.unique(torch.cat([e_key, t_key])) // items, minlength=users)
+    n_neg = items - n_out
+    kmax = min(max(ks), items)
+    discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=device, dtype=torch.float32))
+    hits = torch.zeros(users, kmax, device=device)
+    auc_values = torch.zeros(users, device=device)
+    step = max(1, int(chunk_bytes) // max(6 * items, 1))
+    for start in range(0, users, step):
+        stop = min(start + step, users)
+        lo, hi = start * items, stop * items
+        t_local = t_key[torch.searchsorted(t_key, lo):torch.searchsorted(t_key, hi)] - lo
+        e_local = e_key[torch.searchsorted(e_key, lo):torch.searchsorted(e_key, hi)] - lo
+        work = scores[start:stop].float().clone()
+        flat = work.view(-1)
+        flat.index_fill_(0, e_local, float("-inf"))
+        top = torch.topk(work, kmax, dim=1).indices
+        top_key = top + torch.arange(stop - start, device=device).unsqueeze(1) * items
+        hits[start:stop] = torch.isin(top_key, t_local).float()
+        if auc:
+            auc_values[start:stop] = _sparse_auc(work, t_local, n_rel[start:stop], n_neg[start:stop], e_local)
     cum_hits = hits.cumsum(1)
-    n_rel = target.sum(1)
     denom = n_rel.clamp_min(1).float()
-    discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=scores.device, dtype=torch.float32))
     cum_gain = (hits * discount).cumsum(1)
     ideal = discount.cumsum(0)
     out: dict[str, Tensor] = {}
@@ -65,30 +128,45 @@ def ranking_metrics(
         out[f"ndcg@{k}"] = cum_gain[:, kk - 1] / ideal[(n_rel.clamp(1, kk) - 1)]
         out[f"hit@{k}"] = (cum_hits[:, kk - 1] > 0).float()
     if auc:
-        out["auc"] = _auc(scores, target, exclude)
+        out["auc"] = auc_values
     return out
 
 
-def _auc(scores: Tensor, target: Tensor, exclude: Tensor | None) -> Tensor:
-    """Per-user AUC of relevant vs. non-relevant candidate items, without sorting all items.
+def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_local: Tensor) -> Tensor:
+    """Per-user AUC of one chunk; ``work`` holds its scores with ``-inf`` at exclusions (overwritten).
 
-    Only each user's few relevant scores are sorted (padded with ``+inf``); every candidate
-    then finds by binary search how many relevant items score strictly above it. Exact for
-    distinct scores (ties count as losses, not halves).
+    The relevant scores are gathered into a ``(users, width)`` table padded with ``-inf``; the
+    relevant and excluded cells of ``work`` become ``+inf``, so no relevant item is above them,
+    and each remaining candidate counts the relevant items strictly above it (ties are losses).
     """
-    rows, cols = torch.nonzero(target, as_tuple=True)
-    n_pos = target.sum(1)
+    rows_n, items = work.shape
+    flat = work.view(-1)
+    rows = t_local // items
     starts = torch.cumsum(n_pos, 0) - n_pos
-    width = max(int(n_pos.max()) if len(n_pos) else 0, 1)
-    relevant = scores.new_full((len(scores), width), float("inf"))
-    relevant[rows, torch.arange(len(rows), device=scores.device) - starts[rows]] = scores[rows, cols]
-    relevant = torch.sort(relevant, dim=1).values
-    not_below = torch.searchsorted(relevant, scores.contiguous(), right=True, out_int32=True)  # relevant <= candidate
-    negative = ~target if exclude is None else ~target & ~exclude
-    above = (n_pos.unsqueeze(1).int() - not_below).masked_fill(~negative, 0)
-    n_neg = negative.sum(1)
+    width = max(int(n_pos.max()) if rows_n else 0, 1)
+    relevant = work.new_full((rows_n, width), float("-inf"))
+    relevant[rows, torch.arange(len(rows), device=work.device) - starts[rows]] = flat[t_local]
+    flat.index_fill_(0, t_local, float("inf"))
+    flat.index_fill_(0, e_local, float("inf"))
+    if width <= 32:  # one comparison pass per relevant slot, counted in bytes, a few users at a time (in cache)
+        block = 4 if work.device.type == "cpu" else rows_n
+        above = torch.empty(min(block, rows_n), items, dtype=torch.uint8, device=work.device)
+        below = torch.empty_like(above, dtype=torch.bool)
+        wins = torch.empty(rows_n, dtype=torch.int64, device=work.device)
+        for start in range(0, rows_n, block):
+            part, thresholds = work[start:start + block], relevant[start:start + block]
+            acc, mask = above[:len(part)], below[:len(part)]
+            acc.zero_()
+            for r in range(width):
+                torch.lt(part, thresholds[:, r:r + 1], out=mask)
+                acc.add_(mask.view(torch.uint8))
+            wins[start:start + block] = acc.sum(1, dtype=torch.int64)
+    else:  # a binary search among the user's sorted relevant scores
+        ordered = torch.sort(relevant, dim=1).values
+        not_above = torch.searchsorted(ordered, work, right=True, out_int32=True)
+        wins = (width - not_above).sum(1, dtype=torch.int64)
     pairs = (n_pos * n_neg).float()
-    return torch.where(pairs > 0, above.sum(1).float() / pairs.clamp_min(1), torch.zeros_like(pairs))
+    return torch.where(pairs > 0, wins.float() / pairs.clamp_min(1), torch.zeros_like(pairs))
 
 
 class FullRankingMetrics(Metric):
@@ -125,10 +203,31 @@ class FullRankingMetrics(Metric):
         self.add_state("sums", default=torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("users", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, scores: Tensor, target: Tensor, exclude: Tensor | None = None) -> None:
-        """Add a batch of users: ``(users, items)`` scores, bool targets and bool exclusions."""
-        values = ranking_metrics(scores, target, exclude, self.ks, self.auc)
-        keep = target.any(1) if self.empty_target_action == "skip" else torch.ones_like(target[:, 0])
+    def update(
+        self, scores: Tensor, target: Tensor | None = None, exclude: Tensor | None = None, *,
+        target_rows: Tensor | None = None, target_items: Tensor | None = None,
+        exclude_rows: Tensor | None = None, exclude_items: Tensor | None = None,
+    ) -> None:
+        """Add a batch of users: ``(users, items)`` scores, and either bool ``target``/``exclude``
+        masks or their ``(row, item)`` coordinates (``target_rows``/``target_items``,
+        ``exclude_rows``/``exclude_items``), which need no dense mask (see :func:`sparse_ranking_metrics`)."""
+        if target is not None:
+            if target_rows is not None or exclude_rows is not None:
+                raise ValueError("give the targets either as a mask or as coordinates, not both.")
+            if scores.shape != target.shape or (exclude is not None and exclude.shape != scores.shape):
+                raise ValueError(f"scores, target and exclude must have one shape; got {scores.shape}, "
+                                 f"{target.shape}, {None if exclude is None else exclude.shape}.")
+            target_rows, target_items = torch.nonzero(target, as_tuple=True)
+            if exclude is not None:
+                exclude_rows, exclude_items = torch.nonzero(exclude, as_tuple=True)
+        elif target_rows is None or target_items is None:
+            raise ValueError("update needs the targets, as a mask or as target_rows and target_items.")
+        values = sparse_ranking_metrics(scores, target_rows, target_items, exclude_rows, exclude_items, self.ks, self.auc)
+        if self.empty_target_action == "skip":
+            keep = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+            keep[target_rows] = True
+        else:
+            keep = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
         stacked = torch.stack([values[name] for name in self.names], dim=1)[keep]
         self.sums += stacked.sum(0).double()
         self.users += keep.sum()

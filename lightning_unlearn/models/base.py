@@ -454,11 +454,8 @@ class Recommender(pl.LightningModule):
 
     def _ranking_update(self, batch: dict[str, Tensor], metric: FullRankingMetrics, representations: tuple[Tensor, Tensor]) -> None:
         scores = self.full_scores(batch["users"], representations)
-        target = torch.zeros_like(scores, dtype=torch.bool)
-        target[batch["target_rows"], batch["target_items"]] = True
-        exclude = torch.zeros_like(target)
-        exclude[batch["exclude_rows"], batch["exclude_items"]] = True
-        metric.update(scores, target, exclude)
+        metric.update(scores, target_rows=batch["target_rows"], target_items=batch["target_items"],
+                      exclude_rows=batch["exclude_rows"], exclude_items=batch["exclude_items"])
 
     def _log_ranking(self, prefix: str, metric: FullRankingMetrics) -> None:
         self._eval_repr = None
