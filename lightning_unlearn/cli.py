@@ -145,6 +145,7 @@ class UnlearningTrainer(pl.Trainer):
         ckpt_path: str | None = None,
         out: str | None = None,
         k: int = 20,
+        resume: bool = False,
     ) -> dict[str, Any]:
         """Train (or load) the original, delete, run every method, print and write the comparison.
 
@@ -155,8 +156,14 @@ class UnlearningTrainer(pl.Trainer):
                 ``Retrain()`` from the original's seed is always the reference.
             deletion: what to delete.
             ckpt_path: a trained checkpoint to start from instead of training.
-            out: folder for ``compare.json`` and ``compare.csv`` (default: the run directory).
+            out: folder for ``compare.json`` and ``compare.csv`` (default: the run directory). After
+                each method, ``compare.partial.json`` there holds every method measured so far (a
+                method that raised: ``status: "failed"`` and its error; compare goes on with the next).
             k: top-K cut-off of the completeness figures.
+            resume: skip the methods ``<out>/compare.partial.json`` holds as measured, when it was
+                measured from the same data, deletion, original parameters, seed and methods (else
+                an error); give ``ckpt_path`` so the original is the same one. See
+                :func:`~lightning_unlearn.unlearning.compare.compare`.
 
         Every method's figures are logged as ``compare/<method>/<metric>``; a ``WandbLogger``
         also gets the comparison as a ``wandb.Table`` with native charts (utility and
@@ -184,12 +191,16 @@ class UnlearningTrainer(pl.Trainer):
                     print(f"[compare] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
                           f"its init_args), not with --optimizer; Retrain refits with --optimizer, like the original")
         model.to(self.strategy.root_device)
+        folder = out or self._run_dir()
         result = compare(model, datamodule, methods, deletion, FitRecipe.from_trainer(self), seed=seed,
-                         fit_seconds=fit_seconds, device=self.strategy.root_device, k=k, loggers=self.loggers)
-        json_path, _ = write_outputs(result, out or self._run_dir())
+                         fit_seconds=fit_seconds, device=self.strategy.root_device, k=k, loggers=self.loggers,
+                         out=folder, resume=resume)
+        json_path, _ = write_outputs(result, folder)
         print(format_table(result))
-        print(f"[compare] wrote {json_path} and compare.csv")
-        log_comparison(self.loggers, result)
+        failed = [m["name"] for m in result["methods"] if m.get("status", "ok") != "ok"]
+        print(f"[compare] wrote {json_path} and compare.csv"
+              + (f"; failed: {', '.join(failed)} (--resume true runs only those again)" if failed else ""))
+        log_comparison(self.loggers, {**result, "methods": [m for m in result["methods"] if m.get("status", "ok") == "ok"]})
         _finalize_loggers(self.loggers)
         return result
 

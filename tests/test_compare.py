@@ -12,8 +12,12 @@ import torch
 import yaml
 
 from lightning_unlearn.cli import main
-from lightning_unlearn.data import Interactions
-from lightning_unlearn.unlearning import DeletionSpec
+from lightning_unlearn.data import Interactions, RecDataModule, Synthetic
+from lightning_unlearn.models import MF
+from lightning_unlearn.unlearning import DeletionSpec, Retrain
+from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
+from lightning_unlearn.unlearning.methods.base import Unlearner
+from lightning_unlearn.unlearning.recipe import FitRecipe
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("cli_run")
@@ -181,3 +185,94 @@ def test_every_compare_recipe_lists_methods_with_distinct_names(recipe):
         module, _, name = spec["class_path"].rpartition(".")
         names.append(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})).name)
     assert len(names) == len(set(names)), names
+
+
+# ---------------------------------------------------------------------- partial results and --resume
+class Nudge(Unlearner):
+    """A cheap method that counts its runs and raises ``fail`` when given one."""
+
+    def __init__(self, tag: str, runs: list, fail: BaseException | None = None):
+        self.tag, self.runs, self.fail = tag, runs, fail
+
+    @property
+    def name(self) -> str:
+        return f"Nudge({self.tag})"
+
+    def update(self, model, retained, deleted, context):
+        self.runs.append(self.tag)
+        if self.fail is not None:
+            raise self.fail
+        with torch.no_grad():
+            model.user_embedding.weight.mul_(0.99)
+        return {"steps": 1}
+
+
+@pytest.fixture
+def small_compare():
+    """``run(methods, out, resume)``: compare on fresh synthetic data from one trained MF."""
+    recipe = FitRecipe(max_epochs=1, monitor=None)
+    make = lambda: RecDataModule(Synthetic(num_users=30, num_items=20, density=0.25, seed=1), num_negatives=2, batch_size=64)  # noqa: E731
+    dm = make()
+    dm.setup()
+    torch.manual_seed(0)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
+    recipe(model, dm)
+
+    def run(methods, out, resume=False, lines=None):
+        fresh = make()
+        fresh.setup()
+        return compare(model, fresh, methods, DeletionSpec(fraction=0.05), recipe, out=out, resume=resume,
+                       progress=(lines.append if lines is not None else lambda _: None))
+
+    return run
+
+
+def test_compare_reports_a_failed_method_and_runs_the_others(small_compare, tmp_path):
+    runs: list = []
+    methods = [Retrain(), Nudge("x", runs, fail=RuntimeError("solver diverged")), Nudge("y", runs)]
+    result = small_compare(methods, tmp_path)
+    by_name = {m["name"]: m for m in result["methods"]}
+    assert runs == ["x", "y"]
+    assert by_name["Nudge(x)"] == {"name": "Nudge(x)", "status": "failed", "error": by_name["Nudge(x)"]["error"]}
+    assert "solver diverged" in by_name["Nudge(x)"]["error"]
+    assert by_name["Nudge(y)"]["status"] == "ok" and by_name["Retrain"]["completeness"]["gap_closed_rank"] == 1.0
+    assert "FAILED" in format_table(result)
+    write_outputs(result, tmp_path)
+    rows = (tmp_path / "compare.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("Nudge(x),failed,")
+    assert json.loads((tmp_path / "compare.json").read_text())["methods"][1]["status"] == "failed"
+    assert (tmp_path / "compare.partial.json").exists()  # kept for --resume: only the failed method runs again
+
+
+def test_an_interrupted_compare_keeps_its_results_and_resume_skips_them(small_compare, tmp_path):
+    runs: list = []
+    killed = [Retrain(), Nudge("a", runs), Nudge("b", runs, fail=KeyboardInterrupt()), Nudge("c", runs)]
+    with pytest.raises(KeyboardInterrupt):
+        small_compare(killed, tmp_path)
+    partial = json.loads((tmp_path / "compare.partial.json").read_text())
+    assert partial["complete"] is False and partial["running"] == "Nudge(b)"
+    assert [(m["name"], m["status"]) for m in partial["methods"]] == [("Retrain", "ok"), ("Nudge(a)", "ok")]
+    assert runs == ["a", "b"] and not list(tmp_path.glob(".*.tmp"))
+
+    runs.clear()
+    lines: list = []
+    again = [Retrain(), Nudge("a", runs), Nudge("b", runs), Nudge("c", runs)]
+    result = small_compare(again, tmp_path, resume=True, lines=lines)
+    assert runs == ["b", "c"]  # neither the reference nor Nudge(a) ran again
+    assert sum("resumed from compare.partial.json" in line for line in lines) == 2
+    assert any("Nudge(b) was running" in line for line in lines)
+    assert [m["status"] for m in result["methods"]] == ["ok"] * 4
+    assert result["methods"][0]["completeness"]["gap_closed_rank"] == 1.0  # the reloaded reference is the reference
+    assert result["methods"][1]["seconds"] == partial["methods"][1]["seconds"]
+    write_outputs(result, tmp_path)
+    assert not (tmp_path / "compare.partial.json").exists() and not (tmp_path / "compare.partial").exists()
+
+
+def test_resume_refuses_partial_results_of_another_configuration(small_compare, tmp_path):
+    runs: list = []
+    with pytest.raises(KeyboardInterrupt):
+        small_compare([Retrain(), Nudge("a", runs, fail=KeyboardInterrupt())], tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        small_compare([Retrain(), Nudge("other", runs)], tmp_path, resume=True)
+    result = small_compare([Retrain(), Nudge("other", runs)], tmp_path)  # without --resume: a fresh run replaces them
+    assert [m["status"] for m in result["methods"]] == ["ok", "ok"]

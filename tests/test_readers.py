@@ -173,3 +173,55 @@ def test_read_csv_keeps_ids_that_are_not_plain_integers_distinct(tmp_path):
     path = tmp_path / "zero_padded.csv"
     path.write_text("u,i\n007,a\n7,b\n")
     assert sorted(read_csv(path).user_ids.tolist()) == ["007", "7"]
+
+
+def test_read_csv_non_numeric_rating_names_the_line(tmp_path):
+    with pytest.raises(ValueError, match=r"x\.csv, line 4: rating/timestamp columns must be numbers; the rating is 'five'"):
+        read_csv(write(tmp_path / "x.csv", "u,i,r\n1,2,3\n\n1,3,five\n"))
+
+
+def test_csv_source_given_split_shares_one_id_map(tmp_path):
+    from lightning_unlearn.data import RecDataModule
+    from lightning_unlearn.data.sources import CSVSource
+
+    write(tmp_path / "train.tsv", "u1\ta\t5\nu2\tb\t4\nu2\ta\t1\n")
+    write(tmp_path / "test.tsv", "u3\tc\t5\nu1\tb\t4\n")  # u3 and c appear only in the test file
+    source = CSVSource(path="train.tsv", sep="\t", header=False, threshold=4, root=str(tmp_path), test_path="test.tsv")
+    train, test = source.load()
+    assert train.user_ids.tolist() == test.user_ids.tolist() == ["u1", "u2", "u3"]
+    assert train.item_ids.tolist() == test.item_ids.tolist() == ["a", "b", "c"]
+    pairs = lambda t: sorted((str(t.user_ids[u]), str(t.item_ids[i])) for u, i in zip(t.users.tolist(), t.items.tolist()))  # noqa: E731
+    assert pairs(train) == [("u1", "a"), ("u2", "b")]  # u2's rating 1 is below the threshold
+    assert pairs(test) == [("u1", "b"), ("u3", "c")]
+    dm = RecDataModule(source, split="given", val_fraction=0.0, num_negatives=1)
+    dm.setup()
+    assert len(dm.train) == 2 and len(dm.test) == 2 and dm.num_users == 3
+
+
+def test_csv_source_given_split_with_integer_and_string_ids_and_validation(tmp_path):
+    from lightning_unlearn.data.sources import CSVSource
+
+    write(tmp_path / "train.csv", "user,item\n1,10\n2,11\n")
+    write(tmp_path / "val.csv", "user,item\n1,11\n")
+    write(tmp_path / "test.csv", "user,item\nx,10\n")  # a string id: every id becomes a string, as in one file
+    source = CSVSource(str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"), val_path=str(tmp_path / "val.csv"))
+    train, val, test = source.load_splits()
+    assert train.user_ids.tolist() == val.user_ids.tolist() == test.user_ids.tolist() == ["1", "2", "x"]
+    assert (len(train), len(val), len(test)) == (2, 1, 1)
+    with pytest.raises(ValueError, match="does not take a given validation file"):
+        source.load()
+    with pytest.raises(ValueError, match="needs test_path"):
+        CSVSource("train.csv", val_path="val.csv")
+
+
+def test_csv_source_given_split_refuses_a_bad_test_line(tmp_path):
+    from lightning_unlearn.data.sources import CSVSource
+
+    write(tmp_path / "train.csv", "user,item,rating\n1,10,5\n2,11,4\n")
+    write(tmp_path / "test.csv", "user,item,rating\n1,11,5\n2\n")
+    source = CSVSource(str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"))
+    with pytest.raises(ValueError, match=r"test\.csv, line 3: expected at least 3 fields, got 1"):
+        source.load()
+    write(tmp_path / "test.csv", "user,item,rating\n1,11,5\n2,10,high\n")
+    with pytest.raises(ValueError, match=r"test\.csv, line 3: rating/timestamp columns must be numbers; the rating is 'high'"):
+        source.load()

@@ -132,9 +132,11 @@ def read_csv(
             col = names.index(col)
         index[field] = col
     data: dict[str, list] = {field: [] for field in index}
+    lines: list[int] = []
     for number, row in enumerate(rows, start=2 if names else 1):
         if not row:
             continue
+        lines.append(number)
         try:
             for field, col in index.items():
                 data[field].append(row[col])
@@ -145,10 +147,22 @@ def read_csv(
     try:
         ratings = np.array(data["rating"], dtype=np.float64) if "rating" in data else None
         stamps = np.array(data["timestamp"], dtype=np.float64).astype(np.int64) if "timestamp" in data else None
-    except ValueError as err:
-        raise ValueError(f"{path}: rating/timestamp columns must be numbers: {err}") from None
+    except ValueError:
+        field, at, value = _first_non_number(data, lines)
+        raise ValueError(f"{path}, line {at}: rating/timestamp columns must be numbers; the {field} is {value!r}.") from None
     table = Interactions.from_raw(users, items, ratings, stamps)
     return table if threshold is None else compact(table.binarize(threshold))
+
+
+def _first_non_number(data: dict[str, list], lines: list[int]) -> tuple[str, int, str]:
+    for n, line in enumerate(lines):
+        for field in ("rating", "timestamp"):
+            if field in data:
+                try:
+                    float(data[field][n])
+                except ValueError:
+                    return field, line, data[field][n]
+    return "rating", lines[0] if lines else 0, ""  # not reached: numpy refused a value float() takes
 
 
 def _as_int_if_possible(values: np.ndarray) -> np.ndarray:

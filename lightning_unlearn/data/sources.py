@@ -7,6 +7,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Mapping
 
+import numpy as np
+import torch
+
 from lightning_unlearn.data.download import find_file
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.readers import read_adjacency, read_csv, read_movielens_1m, read_movielens_100k
@@ -85,13 +88,33 @@ class AdjacencyLists(DataSource):
 class CSVSource(DataSource):
     """Any CSV/TSV of interactions; see :func:`~lightning_unlearn.data.readers.read_csv`.
 
+    One file is split by the datamodule (``split="random"`` or ``"leave_last_out"``). With
+    ``test_path`` the files are a given train/test pair (use ``split="given"``): each is read
+    with the same ``columns``, ``sep``, ``header`` and ``threshold``, and all share one id map
+    (an id only in the test file gets its own index too), as if the files were one. A bad line
+    is refused with its file and line number.
+
     Args:
-        path: the file, relative to the data root (or absolute).
+        path: the file (the training file when ``test_path`` is given), relative to the data
+            root (or absolute).
         columns: field -> column name or position.
         sep: field separator.
-        header: whether the first line names the columns.
-        threshold: rating threshold for implicit positives.
+        header: whether the first line names the columns (of every file).
+        threshold: rating threshold for implicit positives (applied to every file).
         root: the data root.
+        test_path: a given test file (keyword only).
+        val_path: a given validation file (keyword only; needs ``test_path``). Read with the
+            same id map by :meth:`load_splits`; :class:`~lightning_unlearn.data.datamodule.RecDataModule`
+            carves its validation split from the training rows (``val_fraction``) and does not
+            take a given one, so :meth:`load` refuses it.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> _ = open(os.path.join(d, "train.csv"), "w").write("user,item\\nu1,a\\nu2,b\\n")
+        >>> _ = open(os.path.join(d, "test.csv"), "w").write("user,item\\nu1,c\\n")
+        >>> CSVSource("train.csv", root=d, test_path="test.csv").load()
+        (Interactions(rows=2, users=2, items=3), Interactions(rows=1, users=2, items=3))
     """
 
     def __init__(
@@ -102,11 +125,57 @@ class CSVSource(DataSource):
         header: bool = True,
         threshold: float | None = None,
         root: str | None = None,
+        *,
+        test_path: str | None = None,
+        val_path: str | None = None,
     ):
+        if val_path is not None and test_path is None:
+            raise ValueError("CSVSource(val_path=...) needs test_path too: a given validation file comes with a given test file.")
         self.path, self.columns, self.sep, self.header, self.threshold, self.root = path, columns, sep, header, threshold, root
+        self.test_path, self.val_path = test_path, val_path
 
     def load(self) -> Loaded:
-        return read_csv(find_file(self.path, self.root), self.columns, self.sep, self.header, self.threshold), None
+        if self.val_path is not None:
+            raise ValueError(
+                f"CSVSource(val_path={self.val_path!r}): RecDataModule does not take a given validation file; "
+                "leave val_path out (validation is carved from the training rows by val_fraction) or read "
+                "the three files with CSVSource.load_splits()."
+            )
+        train, _, test = self.load_splits()
+        return train, test
+
+    def load_splits(self) -> tuple[Interactions, Interactions | None, Interactions | None]:
+        """``(train, val, test)`` with one shared id map; ``val``/``test`` are ``None`` when not given.
+
+        Raises:
+            ValueError: a file has a bad line or lacks a column (names the file and line).
+            FileNotFoundError: a file is missing.
+        """
+        paths = [self.path, self.val_path, self.test_path]
+        tables = [None if p is None else read_csv(find_file(p, self.root), self.columns, self.sep, self.header, self.threshold)
+                  for p in paths]
+        given = [t for t in tables if t is not None]
+        shared = iter(_shared_ids(given) if len(given) > 1 else given)
+        return tuple(None if t is None else next(shared) for t in tables)  # type: ignore[return-value]
+
+
+def _shared_ids(tables: list[Interactions]) -> list[Interactions]:
+    """The tables again, with one id map over all of them (as if their files were one)."""
+    def raw(ids: np.ndarray, index: torch.Tensor) -> np.ndarray:
+        return ids[index.numpy()]
+
+    def column(parts: list[np.ndarray]) -> np.ndarray:
+        if len({p.dtype.kind for p in parts}) > 1:  # integer ids in one file, strings in another: all strings
+            parts = [p.astype(str) for p in parts]
+        return np.concatenate(parts)
+
+    users = column([raw(t.user_ids, t.users) for t in tables])
+    items = column([raw(t.item_ids, t.items) for t in tables])
+    ratings = None if any(t.ratings is None for t in tables) else torch.cat([t.ratings for t in tables]).numpy()
+    stamps = None if any(t.timestamps is None for t in tables) else torch.cat([t.timestamps for t in tables]).numpy()
+    both = Interactions.from_raw(users, items, ratings, stamps)
+    part = torch.repeat_interleave(torch.arange(len(tables)), torch.tensor([len(t) for t in tables]))
+    return [both.select(part == n) for n in range(len(tables))]
 
 
 class Synthetic(DataSource):

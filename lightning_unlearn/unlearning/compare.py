@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
+import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,6 +19,7 @@ from pytorch_lightning.loggers import Logger
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics, topk_overlap
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
@@ -39,6 +44,8 @@ def compare(
     k: int = 20,
     progress: Callable[[str], None] = print,
     loggers: Sequence[Logger] = (),
+    out: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Delete once, then run every method on a copy of the same trained model.
 
@@ -63,13 +70,31 @@ def compare(
         k: top-K cut-off of the completeness figures.
         progress: called with one line per step (method, rows, seconds, solver iterations).
         loggers: Lightning loggers that receive the deletion summary and per-method results.
+        out: a folder for the partial results (``None``: none are kept). Before each method
+            ``<out>/compare.partial.json`` is written naming it as ``running``; after it, the file
+            holds every method measured so far (seconds, utility, diagnostics; failed ones with
+            ``status: "failed"`` and the error) and ``<out>/compare.partial/<n>.pt`` the
+            measured model's weights (the completeness figures, computed at the end, compare
+            each model with the ``Retrain`` reference). Each file is written whole (a temporary
+            file in the folder, then :func:`os.replace`), so a run killed at any point leaves
+            the last complete state. :func:`write_outputs` removes them once ``compare.json`` holds
+            every method measured.
+        resume: reuse what ``<out>/compare.partial.json`` holds when it was measured from the same
+            configuration (the data's fingerprint, the deletion's counts, the original's parameter
+            fingerprint, the seed and the methods' names): those methods
+            are not run again (their seconds are the measured ones, their weights are loaded for
+            the completeness figures); failed or unfinished methods run again.
 
     Returns:
-        The ``compare.json`` document (see the ``compare`` command).
+        The ``compare.json`` document (see the ``compare`` command); a failed method's entry is
+        ``{"name", "status": "failed", "error"}``, a measured one has ``status: "ok"``.
 
     Raises:
-        ValueError: two methods share a name.
+        ValueError: two methods share a name, or ``resume`` finds partial results of another
+            configuration (remove them or choose another ``out``).
         InvalidDeletionRequest: the deletion selects nothing that is in the training split.
+        UnlearningError: the ``Retrain`` reference failed (a failure of any other method is
+            reported in its entry and compare goes on with the next one).
     """
     device = device or model.device
     datamodule.setup()
@@ -88,46 +113,77 @@ def compare(
 
     ordered = _with_reference_first(methods)
     context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule), progress=recipe.progress)
+    partial = _Partial(out, _resume_key(original, datamodule, resolved.summary(), ordered, seed)) if out is not None else None
+    done = partial.load(resume, progress) if partial is not None else {}
     models: dict[str, Recommender] = {}
-    entries = []
+    entries: list[dict[str, Any]] = []
     for index, method in enumerate(ordered, start=1):
         step = f"[compare] {index}/{len(ordered)} {method.name}"
+        if method.name in done:
+            entry, state = done[method.name]
+            unlearned = copy.deepcopy(original)
+            unlearned.load_state_dict(state)
+            models[method.name] = unlearned.eval()
+            entries.append(entry)
+            progress(f"{step}: resumed from {partial.path.name} ({entry['seconds']:.2f} s when measured)")
+            log_method_result(loggers, {"name": method.name, "seconds": entry["seconds"],
+                                        "precompute_seconds": entry["precompute_seconds"], "utility": entry["utility"]}, step=index)
+            continue
+        if partial is not None:
+            partial.write(entries, running=method.name)
         progress(f"{step}: unlearning {resolved.num_rows} rows ({resolved.kind}) ...")
         unlearned = copy.deepcopy(original).train()
-        precompute = method.prepare(unlearned, retained.concat(deleted).to(device), context)  # once per trained model, not timed
-        report = method.unlearn(unlearned, retained, deleted, context)
-        report.precompute_seconds += precompute
+        try:
+            precompute = method.prepare(unlearned, retained.concat(deleted).to(device), context)  # once per trained model, not timed
+            report = method.unlearn(unlearned, retained, deleted, context)
+        except Exception as err:  # a failed method is reported; KeyboardInterrupt and the like still stop compare
+            entries.append({"name": method.name, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+            progress(f"{step}: FAILED: {entries[-1]['error']}")
+            if partial is not None:
+                partial.write(entries)
+            if index == 1:  # the reference: nothing can be judged without it
+                raise
+            continue
         unlearned.eval()
         models[method.name] = unlearned
-        entries.append({"name": method.name, "report": report, "utility": _utility(unlearned, datamodule)})
+        entries.append({"name": method.name, "status": "ok", "seconds": report.seconds,
+                        "precompute_seconds": report.precompute_seconds + precompute,
+                        "diagnostics": report.diagnostics, "utility": _utility(unlearned, datamodule)})
+        if partial is not None:
+            partial.save_model(method.name, unlearned)
+            partial.write(entries)
         detail = progress_detail(report.diagnostics)
         progress(f"{step}: done in {report.seconds:.2f} s{f' ({detail})' if detail else ''}, "
                  f"recall@20 {entries[-1]['utility'].get('recall@20', float('nan')):.4f}")
         log_method_result(loggers, {"name": method.name, "seconds": report.seconds,
-                                    "precompute_seconds": report.precompute_seconds, "utility": entries[-1]["utility"]},
+                                    "precompute_seconds": entries[-1]["precompute_seconds"], "utility": entries[-1]["utility"]},
                           step=index)
 
     reference = models["Retrain"]
-    noise = next((models[m.name] for m in ordered if isinstance(m, Retrain) and m.seed is not None and m.seed != seed), None)
+    noise = next((models[m.name] for m in ordered
+                  if isinstance(m, Retrain) and m.seed is not None and m.seed != seed and m.name in models), None)
     cache: dict = {}
     retained_table = datamodule.train
     results = []
     for entry in entries:
+        if entry["status"] != "ok":
+            results.append(entry)
+            continue
         figures = completeness_report(
             original, models[entry["name"]], reference, deleted_table, retained_table, nonmembers, k=k,
             noise=noise, seed=seed, whole_users=whole_users, cache=cache,
         )
-        report = entry["report"]
         results.append({
             "name": entry["name"],
-            "seconds": report.seconds,
-            "precompute_seconds": report.precompute_seconds,
-            "speedup_vs_retrain": entries[0]["report"].seconds / max(report.seconds, 1e-12),
+            "status": "ok",
+            "seconds": entry["seconds"],
+            "precompute_seconds": entry["precompute_seconds"],
+            "speedup_vs_retrain": entries[0]["seconds"] / max(entry["seconds"], 1e-12),
             "utility": entry["utility"],
             "deleted": figures["deleted"],
             "completeness": figures["completeness"],
             "noise": figures.get("noise", {}),
-            "diagnostics": report.diagnostics,
+            "diagnostics": entry["diagnostics"],
         })
     original_deleted = deleted_row_statistics(original, deleted_table, retained_table, nonmembers, k=k, seed=seed)
     everyone, affected = torch.arange(model.num_users), torch.unique(deleted_table.users)
@@ -189,6 +245,84 @@ def progress_detail(diagnostics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+PARTIAL = "compare.partial.json"
+
+
+def _resume_key(original: Recommender, datamodule: RecDataModule, deletion: dict[str, Any], methods: Sequence[Unlearner],
+                seed: int) -> str:
+    """SHA-256 of what the measured figures depend on: the data as loaded (its fingerprint), the
+    deletion's kind and counts (no ids, no digest of them), the original's parameter fingerprint,
+    the seed and the methods' names in order."""
+    parts = {
+        "data": datamodule.data_fingerprint,
+        "deletion": deletion,
+        "model": type(original).__name__,
+        "parameters": hashlib.sha256(fingerprint(original).double().cpu().numpy().tobytes()).hexdigest(),
+        "seed": seed,
+        "methods": [m.name for m in methods],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _Partial:
+    """``<out>/compare.partial.json`` and the measured models' weights in ``<out>/compare.partial/``."""
+
+    def __init__(self, out: str | Path, key: str):
+        self.folder = Path(out)
+        self.path, self.models, self.key = self.folder / PARTIAL, self.folder / "compare.partial", key
+
+    def load(self, resume: bool, progress: Callable[[str], None]) -> dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+        """The measured entries and their weights by method name (none unless ``resume``)."""
+        if not self.path.exists():
+            return {}
+        if not resume:
+            progress(f"[compare] {self.path} (from an earlier run) is replaced; --resume true would reuse it")
+            shutil.rmtree(self.models, ignore_errors=True)
+            return {}
+        saved = json.loads(self.path.read_text())
+        if saved.get("key") != self.key:
+            raise ValueError(
+                f"compare --resume: {self.path} was measured from another configuration (data, deletion, original "
+                f"model, seed or methods differ); remove it (and {self.models.name}/) or choose another out folder."
+            )
+        if saved.get("running"):
+            progress(f"[compare] {saved['running']} was running when the earlier run stopped (killed?); it runs again")
+        done = {}
+        for entry in saved["methods"]:
+            weights = self.models / entry.get("weights", "")
+            if entry.get("status") == "ok" and weights.is_file():
+                done[entry["name"]] = (entry, torch.load(weights, map_location="cpu", weights_only=True))
+        return done
+
+    def save_model(self, name: str, model: Recommender) -> None:
+        self.models.mkdir(parents=True, exist_ok=True)
+        _atomic(self.models / self._file(name), lambda fh: torch.save(model.state_dict(), fh), binary=True)
+
+    def write(self, entries: list[dict[str, Any]], running: str | None = None) -> None:
+        methods = [{**e, "weights": self._file(e["name"])} if e["status"] == "ok" else e for e in entries]
+        document = {"complete": False, "key": self.key, "running": running, "methods": methods}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic(self.path, lambda fh: fh.write(json.dumps(document, indent=2, default=_plain)))
+
+    @staticmethod
+    def _file(name: str) -> str:
+        return hashlib.sha256(name.encode()).hexdigest()[:16] + ".pt"
+
+
+def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False) -> None:
+    """Write ``path`` whole or not at all: a temporary file in its folder, flushed, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8")) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:
     reference = [m for m in methods if isinstance(m, Retrain) and m.seed is None]
     others = [m for m in methods if m not in reference]
@@ -239,6 +373,9 @@ def format_table(result: dict[str, Any]) -> str:
     header = "".join(f"{name:>12}" if i else f"{name:<{width}}" for i, (name, _) in enumerate(columns))
     lines = [header]
     for method in result["methods"]:
+        if method.get("status", "ok") != "ok":
+            lines.append(f"{method['name']:<{width}}{'FAILED':>12}  {method.get('error', '')}")
+            continue
         cells = [fn(method) for _, fn in columns]
         lines.append(f"{cells[0]:<{width}}" + "".join(_cell(c) for c in cells[1:]))
     o = result["original"]
@@ -248,7 +385,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"deletion: {d['kind']}, {d['rows']} rows, {d['users']} whole users, {d['items']} whole items; "
         f"original grad norm {o['grad_norm']:.3g}; {result['hardware']['threads']} threads on {result['hardware']['device']}"
     )
-    noise = next((m["noise"] for m in result["methods"] if m["noise"]), None)
+    noise = next((m["noise"] for m in result["methods"] if m.get("noise")), None)
     if noise:
         lines.append("seed noise (Retrain with another seed): " + ", ".join(f"{k} {v:.3f}" for k, v in noise.items()))
     if d["kind"] == "users":
@@ -264,16 +401,30 @@ def _cell(value: Any) -> str:
 
 
 def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
-    """Write ``compare.json`` and ``compare.csv`` (one row per method) into ``out``."""
+    """Write ``compare.json`` and ``compare.csv`` (one row per method) into ``out``, each whole.
+
+    A failed method's CSV row is its name, ``failed`` as its seconds and empty figures. Once both
+    are written and every method was measured, the partial results (``compare.partial.json`` and
+    ``compare.partial/``) are removed; with a failed method they stay, for ``--resume``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "compare.json", out / "compare.csv"
-    json_path.write_text(json.dumps(result, indent=2, default=_plain))
-    with open(csv_path, "w", newline="") as fh:
+    _atomic(json_path, lambda fh: fh.write(json.dumps(result, indent=2, default=_plain)))
+
+    def rows(fh: Any) -> None:
         writer = csv.writer(fh)
         writer.writerow([name for name, _ in COLUMNS])
         for method in result["methods"]:
-            writer.writerow([fn(method) for _, fn in COLUMNS])
+            if method.get("status", "ok") != "ok":
+                writer.writerow([method["name"], "failed", *([""] * (len(COLUMNS) - 2))])
+            else:
+                writer.writerow([fn(method) for _, fn in COLUMNS])
+
+    _atomic(csv_path, rows)
+    if all(m.get("status", "ok") == "ok" for m in result["methods"]):
+        (out / PARTIAL).unlink(missing_ok=True)
+        shutil.rmtree(out / "compare.partial", ignore_errors=True)
     return json_path, csv_path
 
 
