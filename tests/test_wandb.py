@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,21 @@ def run_summary(records: list) -> dict:
 
 def run_history(records: list) -> list[dict]:
     return [_apply({}, r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def finished_records(path: Path, seconds: float = 30.0) -> list:
+    """The records of a finished run's ``.wandb`` file, once W&B's service has written all of it
+    (``finish()`` can return while the last blocks are still being written)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            records = read_records(path)
+            if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+                return records
+        except Exception:  # a block still being written
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
 
 
 def first_index(records: list, kind: str, predicate=lambda r: True) -> int:
@@ -440,11 +456,14 @@ def test_wandb_gets_per_method_figures_in_the_summary_and_charts_with_their_spec
     """log_comparison alone, on an offline run (no CLI, no data): what the W&B workspace is built from."""
     from pytorch_lightning.loggers import WandbLogger
 
+    import wandb
+
+    wandb.finish()  # a run an earlier test left open would be reused by WandbLogger
     logger = WandbLogger(project="lightning-unlearn-tests", offline=True, save_dir=str(tmp_path))
     log_comparison([logger], fake_result())
     folder = Path(logger.experiment.dir).parent
     logger.experiment.finish()
-    records = read_records(next(folder.glob("run-*.wandb")))
+    records = finished_records(next(folder.glob("run-*.wandb")))
     summary, history = run_summary(records), run_history(records)
 
     assert summary["compare/IFRU(k_hop=0)/seconds"] == 0.1 and summary["compare/Retrain/recall@20"] == 0.30
