@@ -454,9 +454,8 @@ def test_other_loggers_get_the_per_method_figures_at_the_method_position(tmp_pat
 
 def test_wandb_gets_per_method_figures_in_the_summary_and_charts_with_their_specs(tmp_path):
     """log_comparison alone, on an offline run (no CLI, no data): what the W&B workspace is built from."""
-    from pytorch_lightning.loggers import WandbLogger
-
     import wandb
+    from pytorch_lightning.loggers import WandbLogger
 
     wandb.finish()  # a run an earlier test left open would be reused by WandbLogger
     logger = WandbLogger(project="lightning-unlearn-tests", offline=True, save_dir=str(tmp_path))
