@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.functional import call_with
-from lightning_unlearn.models.losses import data_loss, row_losses
 from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError, alteraser
 from lightning_unlearn.unlearning.methods._subproblems import slot_changes
 from lightning_unlearn.unlearning.methods.curvature import curvature_blocks, exact_hessian_blocks
@@ -345,13 +345,17 @@ def test_stops_when_a_round_no_longer_decreases_the_objective_enough(users_only)
     assert (history[-2] - history[-1]) < 1e-6 * abs(history[-1]) <= (history[-3] - history[-2])
 
 
-def test_row_losses_equal_the_models_loss_on_every_model():
+def test_row_scores_and_the_loss_from_given_representations_agree_with_score_on_every_model():
     torch.manual_seed(0)
     dm = tiny(num_users=10, num_items=12, density=0.3, seed=1)
-    rows = dm.train_rows()
+    batch = dm.train_rows()[:]
     for model in (MF(10, 12, embedding_dim=3, loss="bce"), NeuMF(10, 12, gmf_dim=2, mlp_dim=2, mlp_layers=(4,)), LightGCN(10, 12, embedding_dim=3)):
         model.set_graph(dm.train)
-        torch.testing.assert_close(row_losses(model, rows[:]), model.loss(rows[:], "none"))
+        z = model.row_scores(batch)
+        k = batch["negatives"].shape[1]
+        torch.testing.assert_close(z[:, 0], model.score(batch["users"], batch["items"]))
+        torch.testing.assert_close(z[:, 1:], model.score(batch["users"].repeat_interleave(k), batch["negatives"].reshape(-1)).view(-1, k))
+        torch.testing.assert_close(model.loss(batch, "none", model.representations()), model.loss(batch, "none"))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG, RetrievalRecall
 
 from lightning_unlearn.metrics import FullRankingMetrics, ranking_metrics
-from lightning_unlearn.metrics.ranking import sparse_ranking_metrics
+from lightning_unlearn.ranking import sparse_ranking_metrics
 
 KS = (1, 3, 5, 10)
 

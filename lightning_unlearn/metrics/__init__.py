@@ -1,4 +1,8 @@
-"""Utility (ranking) and completeness (forgetting) metrics."""
+"""Completeness (forgetting) metrics, and the utility (ranking) metrics re-exported from :mod:`lightning_unlearn.ranking`.
+
+The ranking metrics live below the models (every model logs them); completeness compares
+models, so it sits above them.
+"""
 
 from lightning_unlearn.metrics.completeness import (
     completeness_report,
@@ -10,7 +14,7 @@ from lightning_unlearn.metrics.completeness import (
     score_distance_rel,
     topk_overlap,
 )
-from lightning_unlearn.metrics.ranking import FullRankingMetrics, ranking_metrics
+from lightning_unlearn.ranking import FullRankingMetrics, ranking_metrics
 
 __all__ = [
     "FullRankingMetrics", "completeness_report", "deleted_row_statistics", "gap_closed", "item_side_statistics",

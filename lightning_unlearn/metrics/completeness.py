@@ -28,17 +28,15 @@ under ``torch.no_grad()``; there is no Python loop over users or rows.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.metrics.attack import membership_inference_auc  # re-exported: its home before the attack had a module
-from lightning_unlearn.models.functional import fingerprint  # torch only: no cycle through models.base
-
-if TYPE_CHECKING:  # models use metrics.ranking; importing models.base here at run time would be circular
-    from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import fingerprint
 
 __all__ = [
     "completeness_report",

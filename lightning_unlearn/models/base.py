@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.data.interactions import Interactions
-from lightning_unlearn.metrics.ranking import FullRankingMetrics
+from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.functional import call_with
-from lightning_unlearn.models.losses import data_loss, item_slots
+from lightning_unlearn.ranking import FullRankingMetrics
 
 __all__ = ["CONTRACT_RULES", "GROUPS", "LOSSES", "OPTIMIZERS", "ContractError", "Recommender"]
 
@@ -397,20 +397,34 @@ class Recommender(pl.LightningModule):
         user_vectors, item_vectors = representations or self.representations()
         return self.interact(user_vectors[users].unsqueeze(1), item_vectors.unsqueeze(0))
 
-    def loss(self, batch: dict[str, Tensor], reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
+    def row_scores(self, batch: dict[str, Tensor], representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``(R, 1 + k)`` scores of each row's positive, then its negatives (the input of :func:`~lightning_unlearn.losses.data_loss`).
+
+        Args:
+            batch: ``users`` (R,), ``items`` (R,) and ``negatives`` (R, k) index tensors.
+            representations: ``self.representations()``, when computed once for many batches.
+
+        Example:
+            >>> from lightning_unlearn.models import MF
+            >>> model = MF(3, 4, embedding_dim=2)
+            >>> batch = {"users": torch.tensor([0, 2]), "items": torch.tensor([1, 3]), "negatives": torch.tensor([[2], [0]])}
+            >>> torch.allclose(model.row_scores(batch)[:, 0], model.score(batch["users"], batch["items"]))
+            True
+        """
+        user_vectors, item_vectors = representations or self.representations()
+        return self.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[item_slots(batch)])
+
+    def loss(self, batch: dict[str, Tensor], reduction: Literal["mean", "sum", "none"] = "mean",
+             representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Per-row training loss (data term + L2 on the touched rows) of a batch of rows.
 
         Args:
             batch: ``users`` (B,), ``items`` (B,) and ``negatives`` (B, k) index tensors.
             reduction: ``"mean"``, ``"sum"`` or ``"none"`` (a ``(B,)`` tensor).
+            representations: ``self.representations()``, when computed once for many batches.
         """
-        users, items, negatives = batch["users"], batch["items"], batch["negatives"]
-        user_vectors, item_vectors = self.representations()
-        u = user_vectors[users]
-        pos = self.interact(u, item_vectors[items])
-        neg = self.interact(u.unsqueeze(1), item_vectors[negatives])
-        data = data_loss(torch.cat([pos.unsqueeze(1), neg], dim=1), self.loss_name)
-        per_row = data + 0.5 * self.l2 * self.embedding_penalty(users, item_slots(batch))
+        data = data_loss(self.row_scores(batch, representations), self.loss_name)
+        per_row = data + 0.5 * self.l2 * self.embedding_penalty(batch["users"], item_slots(batch))
         if reduction == "none":
             return per_row
         return per_row.sum() if reduction == "sum" else per_row.mean()

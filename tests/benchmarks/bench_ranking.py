@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_unlearn.metrics.ranking import sparse_ranking_metrics
+from lightning_unlearn.ranking import sparse_ranking_metrics
 
 
 def dense_pass(scores, t_rows, t_items, e_rows, e_items, ks):

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import flatten
+from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with, fingerprint
-from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users
 
@@ -109,7 +109,7 @@ class Engine:
         item vectors. Other models score the gathered pairs with ``interact``.
         """
         if not self.dot:
-            return row_scores(self.model, batch, (user_vectors, item_vectors))
+            return self.model.row_scores(batch, (user_vectors, item_vectors))
         users, inverse = torch.unique_consecutive(batch["users"], return_inverse=True)
         return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), item_slots(batch)]
 
@@ -297,7 +297,7 @@ class Engine:
         with torch.enable_grad():
             user_vectors, item_vectors = (v.detach() for v in model.representations())
             for _, batch in self.chunks(rows):
-                z = row_scores(model, batch, (user_vectors, item_vectors))
+                z = model.row_scores(batch, (user_vectors, item_vectors))
                 for acc, g in zip(total, torch.autograd.grad(data_loss(z, model.loss_name).sum(), params, allow_unused=True)):
                     if g is not None:
                         acc += g.double()
@@ -329,7 +329,7 @@ def _scores_are_dot_products(model: Recommender) -> bool:
 def slot_changes(z_old: Tensor, z_new: Tensor, loss: str) -> Tensor:
     """``(R, 1 + k)``: how each row's data term changes when only slot ``s`` moves from ``z_old`` to ``z_new``.
 
-    Equals :func:`~lightning_unlearn.models.losses.data_loss` with that one score replaced, minus ``data_loss(z_old)``, without forming
+    Equals :func:`~lightning_unlearn.losses.data_loss` with that one score replaced, minus ``data_loss(z_old)``, without forming
     the ``(R, 1 + k, 1 + k)`` tensor of one-slot-moved scores (and without the cancellation of
     the terms that did not move).
     """

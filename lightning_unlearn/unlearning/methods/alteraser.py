@@ -45,9 +45,9 @@ from lightning_unlearn.linalg import (
     solve_factored,
     unflatten,
 )
+from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
-from lightning_unlearn.models.losses import data_loss, row_scores
 from lightning_unlearn.unlearning.methods._subproblems import SIDES, Anchor, Engine, Side
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, curvature_blocks, exact_hessian_blocks
@@ -442,7 +442,7 @@ class AltEraser(Unlearner):
         keys = [names[id(p)] for p in params]
         batch = sample[:]
         data = lambda z: data_loss(z, model.loss_name).sum() / len(sample)  # noqa: E731  the sample stands for all rows
-        scores = lambda ps: call_with(model, dict(zip(keys, ps)), lambda: row_scores(model, batch))  # noqa: E731
+        scores = lambda ps: call_with(model, dict(zip(keys, ps)), lambda: model.row_scores(batch))  # noqa: E731
         gauss_newton = gauss_newton_matvec(scores, data, theta, mode="reverse")
         penalty = hessian_matvec(lambda ps: call_with(model, dict(zip(keys, ps)), model.dense_penalty), theta)
         matvec = lambda v: gauss_newton(v) + penalty(v)  # noqa: E731

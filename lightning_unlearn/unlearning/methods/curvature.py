@@ -17,9 +17,9 @@ from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, pcg_blocks, scatter_outer, solve_factored
+from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
-from lightning_unlearn.models.losses import data_loss, item_slots
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import orphans
 

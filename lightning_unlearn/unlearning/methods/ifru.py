@@ -29,9 +29,9 @@ from lightning_unlearn.linalg import (
     hessian_matvec,
     unflatten,
 )
+from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
-from lightning_unlearn.models.losses import data_loss, item_slots, row_scores
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, CurvatureBlocks
 from lightning_unlearn.unlearning.methods.scope import (
@@ -252,7 +252,7 @@ class IFRU(Unlearner):
         if self.curvature == "hessian":
             data = hessian_matvec(lambda ps: restricted.call(ps, lambda: model.loss(batch, "sum") / n), theta)
         else:
-            outputs = lambda ps: restricted.call(ps, lambda: row_scores(model, batch))  # noqa: E731
+            outputs = lambda ps: restricted.call(ps, lambda: model.row_scores(batch))  # noqa: E731
             gauss_newton = gauss_newton_matvec(outputs, lambda z: data_loss(z, model.loss_name).sum() / n, theta, mode="reverse")
             penalty = hessian_matvec(lambda ps: restricted.call(ps, lambda: _penalty(model, batch) / n), theta)
             data = lambda v: gauss_newton(v) + penalty(v)  # noqa: E731
