@@ -12,8 +12,8 @@ from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError, alteraser
-from lightning_unlearn.unlearning.methods._subproblems import slot_changes
 from lightning_unlearn.unlearning.methods.curvature import curvature_blocks, exact_hessian_blocks
+from lightning_unlearn.unlearning.methods.subproblems import slot_changes
 
 
 def lbfgs(params, objective, rounds: int = 8) -> None:

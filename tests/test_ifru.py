@@ -10,8 +10,9 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext, UnlearningError
-from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, curvature_blocks
-from lightning_unlearn.unlearning.methods.scope import touched
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, curvature_blocks
+from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
+from lightning_unlearn.unlearning.methods.scope import Scope, touched
 
 
 def optimise_users(model: MF, rows) -> float:
@@ -223,11 +224,12 @@ def test_spillover_is_the_loss_change_of_affected_rows_through_the_new_graph():
     retained = dm.train_rows()
     model.set_graph(dm.train)
     users, items = touched(deleted)
-    restricted = ifru._Restricted(model, users, items, include_dense=True)
+    scope = Scope(users, items, users[:0], items[:0])
+    restricted = RestrictedParameters(model, scope, include_dense=True)
     rhs = ifru._influence_with_spillover(model, restricted, retained, deleted, len(retained), UnlearningContext())
 
     affected = retained.select(torch.isin(retained.users, torch.unique(deleted.users)) | torch.isin(retained.items, torch.unique(deleted.items)))
-    old_restricted = ifru._Restricted(old, users, items, include_dense=True)
+    old_restricted = RestrictedParameters(old, scope, include_dense=True)
     expected = old_restricted.gradient(lambda: (old.loss(deleted[:], "sum") + old.loss(affected[:], "sum")) / len(retained))
     expected = expected - restricted.gradient(lambda: model.loss(affected[:], "sum") / len(retained))
     torch.testing.assert_close(rhs, expected)
@@ -252,8 +254,6 @@ def test_curvature_blocks_of_a_subset_equal_those_rows_of_all_blocks():
 def test_a_failed_request_does_not_leave_a_downdated_cache(convex, monkeypatch):
     """A failure after the cached curvature was downdated rolls model and data back; the cache must not
     keep the downdate, or retrying the same request would subtract the deleted rows twice."""
-    from lightning_unlearn.unlearning.methods import ifru
-
     model, retained, deleted, reference = convex
     method = IFRU(damping=1e-10, solver="block")
 
@@ -261,7 +261,7 @@ def test_a_failed_request_does_not_leave_a_downdated_cache(convex, monkeypatch):
         raise RuntimeError("solver crashed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(ifru, "_block_step", boom)
+        patch.setattr(RestrictedParameters, "block_solve", boom)
         with pytest.raises(UnlearningError, match="solver crashed"):
             method.unlearn(copy.deepcopy(model), retained, deleted)
     retried = copy.deepcopy(model)
@@ -275,8 +275,9 @@ def test_cached_factors_are_reused_while_fresh_and_exact_at_zero_tolerance():
     dm.setup()
     model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.5, init_std=0.5).double()
     rows = dm.train_rows()
-    cache, ids, eye = CachedCurvature(), torch.arange(dm.num_users), torch.eye(3, dtype=torch.float64)
-    blocks, _ = cache.retained(model, rows, rows.select(torch.zeros(len(rows), dtype=torch.bool)))
+    cache, ids, eye = CurvatureCache(), torch.arange(dm.num_users), torch.eye(3, dtype=torch.float64)
+    cache.build(model, rows)
+    blocks = cache.blocks
     first, result, refactored = cache.factors("users", ids, 0.1, tolerance=0.5)
     assert refactored == len(ids) and result.failed_blocks == 0
     torch.testing.assert_close(first @ first.mT, blocks.users + 0.1 * eye)
@@ -285,7 +286,7 @@ def test_cached_factors_are_reused_while_fresh_and_exact_at_zero_tolerance():
     trace_before = torch.diagonal(blocks.users[u]).sum()
     keep = torch.ones(len(rows), dtype=torch.bool)
     keep[0] = False
-    cache.retained(model, rows.select(keep), rows.select(~keep))
+    cache.downdate(model, rows.select(keep), rows.select(~keep))
     drift = float(1 - torch.diagonal(blocks.users[u]).sum() / trace_before)
     assert 0.01 < drift < 0.5
     reused, _, refactored = cache.factors("users", ids, 0.1, tolerance=2 * drift)
@@ -305,11 +306,11 @@ def test_cached_solve_is_exact_for_few_and_for_most_blocks(count):
     dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.6, seed=4), val_fraction=0.0, num_negatives=2)
     dm.setup()
     model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.5, init_std=0.5).double()
-    rows, cache = dm.train_rows(), CachedCurvature()
+    rows, cache = dm.train_rows(), CurvatureCache()
     keep = torch.arange(len(rows)) >= 5
-    cache.retained(model, rows, rows.select(torch.zeros(len(rows), dtype=torch.bool)))
+    cache.build(model, rows)
     cache.precondition("items", 0.1)
-    blocks, _ = cache.retained(model, rows.select(keep), rows.select(~keep))  # the kept inverses are now stale
+    blocks = cache.downdate(model, rows.select(keep), rows.select(~keep))  # the kept inverses are now stale
     before = blocks.items.clone()
     ids = torch.randperm(dm.num_items)[:count]
     rhs = torch.randn(count, 3, dtype=torch.float64)
@@ -334,7 +335,7 @@ def test_later_requests_reuse_kept_inverses_and_still_solve_exactly():
     report = method.unlearn(model, retained, deleted).diagnostics
     assert report["solver/refactored_blocks"] == 0 and 1 <= report["solver/cg_iterations"] <= 10  # (d=4: at most 4 + 1)
     users, items = touched(deleted)
-    blocks = method._curvature.blocks  # what the solve used: the cache, downdated by both requests
+    blocks = method.cache.blocks  # what the solve used: the cache, downdated by both requests
     eye = 1e-6 * torch.eye(4, dtype=torch.float64)
     for table, ids, side in (("user_embedding", users, blocks.users), ("item_embedding", items, blocks.items)):
         weights = getattr(before, table).weight

@@ -179,8 +179,7 @@ def test_after_a_retrain_the_method_builds_its_curvature_afresh(tmp_path, method
     callback = UnlearningCallback(method, dirpath=tmp_path, evaluate=False, seed=0, retrain_every=2, max_deleted_fraction=None)
     first, second = apply(callback, model, dm, 2)
     assert first.precompute_seconds > 0 and second.method == "Retrain"
-    cache = method._curvature if isinstance(method, IFRU) else method._cache
-    assert not cache.holds(model)  # the retrained parameters are not those the cache was built for
+    assert not method.cache.holds(model)  # the retrained parameters are not those the cache was built for
 
     retrained, dm_before = copy.deepcopy(model), copy.deepcopy(dm)
     (third,) = apply(callback, model, dm, 1)

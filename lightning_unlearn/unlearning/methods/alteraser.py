@@ -48,19 +48,11 @@ from lightning_unlearn.linalg import (
 from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
-from lightning_unlearn.unlearning.methods._subproblems import SIDES, Anchor, Engine, Side
-from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CachedCurvature, curvature_blocks, exact_hessian_blocks
-from lightning_unlearn.unlearning.methods.scope import (
-    expand,
-    graph_of,
-    is_graph,
-    orphans,
-    reset_to_initialisation,
-    restrict,
-    rows_touching,
-    touched,
-)
+from lightning_unlearn.unlearning.methods.base import UnlearningContext
+from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, curvature_blocks, exact_hessian_blocks
+from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph, restrict, rows_touching
+from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
+from lightning_unlearn.unlearning.methods.subproblems import SIDES, Anchor, Engine, Side
 
 __all__ = ["AltEraser"]
 
@@ -73,7 +65,7 @@ _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 _MAX_TRIES = 16  # factorisations per block: damping may grow 10^15-fold before a block counts as failed
 
 
-class AltEraser(Unlearner):
+class AltEraser(SecondOrderUnlearner):
     """Alternating per-user / per-item block-Newton steps on the retained objective, from the trained model.
 
     Args:
@@ -177,7 +169,7 @@ class AltEraser(Unlearner):
         self.line_search, self.max_backtracks = line_search, max_backtracks
         self.dense_steps, self.dense_cg_iters, self.dense_sample = dense_steps, dense_cg_iters, dense_sample
         self.chunk_size = chunk_size
-        self._cache = CachedCurvature()
+        super().__init__()
         self._anchor: Anchor | None = None
 
     @property
@@ -190,6 +182,18 @@ class AltEraser(Unlearner):
         defaults = inspect.signature(AltEraser.__init__).parameters
         options += [f"{key}={getattr(self, key)!r}" for key in _TUNING if getattr(self, key) != defaults[key].default]
         return f"AltEraser({', '.join(options)})"
+
+    def uses_cache(self, model: Recommender) -> bool:
+        """With ``blocks="cached"``, every model with a trainable embedding side reads the cached blocks."""
+        return self.blocks == "cached" and any(side.trainable for side in self._sides(model))
+
+    def prepared_for(self, model: Recommender) -> bool:
+        return super().prepared_for(model) and not self._wants_anchor(model, fresh_cache=False)
+
+    def _wants_anchor(self, model: Recommender, fresh_cache: bool) -> bool:
+        # anchored: the linear term, once per trained model; retained: the first request's free gradient, with the cache
+        wanted = self.objective == "anchored" or (fresh_cache and not is_graph(model))
+        return wanted and not (self._anchor is not None and self._anchor.matches(model))
 
     def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
         """Cache, for ``model`` trained on ``rows``, the curvature blocks and the gradient over every row.
@@ -210,61 +214,57 @@ class AltEraser(Unlearner):
             The seconds it took.
         """
         context = context or UnlearningContext()
-        sides = [side for side in (Side(model, name) for name in SIDES) if side.trainable]
-        fresh_cache = self.blocks == "cached" and bool(sides) and not self._cache.holds(model)
-        # anchored: the linear term, once per trained model; retained: the first request's free gradient, with the cache
-        wanted = self.objective == "anchored" or (fresh_cache and not is_graph(model))
-        fresh_anchor = wanted and not (self._anchor is not None and self._anchor.matches(model))
-        if not (fresh_cache or fresh_anchor):
-            return 0.0
+        fresh_anchor = self._wants_anchor(model, fresh_cache=not super().prepared_for(model))
+        seconds = super().prepare(model, rows, context)
+        if not fresh_anchor:
+            return seconds
         start = time.perf_counter()
         try:
             with torch.enable_grad():
-                if fresh_cache:
-                    nothing = rows.select(torch.zeros(len(rows), dtype=torch.bool, device=rows.users.device))
-                    self._cache.retained(model, rows, nothing, context)
-                    if self.refactor_tolerance > 0 and not is_graph(model):  # factor every block once; requests refactor few
-                        for side in sides:
-                            self._cache.factors(side.key, torch.arange(side.size, device=rows.users.device),
-                                                self.damping * len(rows), self.refactor_tolerance)
-                if fresh_anchor:
-                    graph = graph_of(model, rows) if is_graph(model) and self.objective == "anchored" else None
-                    dense = self._dense(model)
-                    engine = Engine(model, rows, len(rows), context, self.chunk_size, is_graph(model))
-                    self._anchor = engine.anchor(sides, engine.local, dense if self.objective == "anchored" else [], graph)
+                graph = graph_of(model, rows) if is_graph(model) and self.objective == "anchored" else None
+                engine = Engine(model, rows, len(rows), context, self.chunk_size, is_graph(model))
+                sides = [side for side in self._sides(model) if side.trainable]
+                self._anchor = engine.anchor(sides, engine.local, self._dense(model) if self.objective == "anchored" else [], graph)
         except Exception:
-            self._cache.clear()  # half built
-            self._anchor = None
+            self.clear()
             raise
-        return time.perf_counter() - start
+        return seconds + time.perf_counter() - start
+
+    def after_build(self, model: Recommender, rows: TrainRows) -> None:
+        """Factor every block once (non-graph models, ``refactor_tolerance > 0``); requests refactor few."""
+        if self.refactor_tolerance > 0 and not is_graph(model):
+            for side in self._sides(model):
+                if side.trainable:
+                    self.cache.factors(side.key, torch.arange(side.size, device=rows.users.device), self.damping * len(rows),
+                                       self.refactor_tolerance)
+
+    def clear(self) -> None:
+        super().clear()
+        self._anchor = None
+
+    @staticmethod
+    def _sides(model: Recommender) -> list[Side]:
+        return [Side(model, name) for name in SIDES]
 
     def _dense(self, model: Recommender) -> list[Tensor]:
         return [p for p in model.parameter_groups()["dense"] if p.requires_grad] if self.dense_steps else []
 
     # ------------------------------------------------------------------ the update
-    def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
-        try:
-            return self._update(model, retained, deleted, context)
-        except Exception:
-            self._cache.clear()  # the request is rolled back: the cache may hold its downdate
-            self._anchor = None
-            raise
-
-    def _update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, blocks: CurvatureBlocks | None,
+             context: UnlearningContext) -> dict[str, Any]:
+        """Rounds of per-user, per-item and dense steps on the retained objective (see the class docstring)."""
         graph = is_graph(model)
-        sides = {name: Side(model, name) for name in SIDES}
+        sides = {side.name: side for side in self._sides(model)}
         n = max(len(retained), 1)
         engine = Engine(model, retained, n, context, self.chunk_size, graph)
-        self.prepare(model, retained.concat(deleted), context)  # unlearn() prepared already: 0 s unless update() is called directly
-        cached = self._cache.retained(model, retained, deleted, context)[0] if self._cache.holds(model) else None
         anchor = self._anchor if self._anchor is not None and self._anchor.matches(model) else None
         first = anchor is not None and anchor.fresh and not graph  # at the trained model: its gradient is the cached one
         if anchor is not None:
             anchor.fresh = False
             engine.linear = anchor.grads if self.objective == "anchored" else {}
-        users, items = self._scope(model, retained, deleted)
-        orphan_users, orphan_items = orphans(users, retained.users), orphans(items, retained.all_items())
-        users, items = users[~torch.isin(users, orphan_users)], items[~torch.isin(items, orphan_items)]
+        scope = Scope.everything(model, retained) if self.scope == "all" else \
+            Scope.of(model, retained, deleted, hops=self.k_hop if self.scope == "affected+k-hop" else 0)
+        users, items = scope.users, scope.items
         ids = {"user_embedding": users if sides["user_embedding"].trainable else users[:0],
                "item_embedding": items if sides["item_embedding"].trainable else items[:0]}
         start_grads: dict[str, Tensor] = {}
@@ -273,7 +273,7 @@ class AltEraser(Unlearner):
             for name in start_grads:
                 start_grads[name] = (anchor.grads[name][ids[name]] if self.objective == "retained" else 0) - start_grads[name]
             engine.value = anchor.value - deleted_value
-        reset_to_initialisation(model, orphan_users, orphan_items, context.seed)
+        scope.reset_orphans(model, context.seed)
         local = engine.local  # this process's share of the retained rows; every sum over rows is reduced
         if graph or self.scope == "all":
             rows = local
@@ -293,7 +293,7 @@ class AltEraser(Unlearner):
                 if len(ids[name]):
                     # the cached gradient holds until a step moves rows that share terms with this side's
                     known = start_grads.get(name) if round_ == 0 and not moved else None
-                    if self._side_step(engine, sides[name], ids[name], rows, cached, totals, known):
+                    if self._side_step(engine, sides[name], ids[name], rows, blocks, totals, known):
                         moved.add(name)
             for _ in range(self.dense_steps if dense else 0):
                 self._dense_step(engine, dense, totals, anchor if self.objective == "anchored" else None)
@@ -303,8 +303,7 @@ class AltEraser(Unlearner):
             if (history[-2] - history[-1]) < self.tol * abs(history[-1]):
                 stopped = "tol"
                 break
-        if cached is not None:
-            self._cache.adopt(model)  # exact gradients drive the steps: stale blocks only slow later requests down
+        # exact gradients drive the steps: the cache's blocks, kept for the result by the base, only slow later requests down
         if self.objective == "anchored" and anchor is not None:
             anchor.adopt(model)  # the linear term belongs to the trained model and stays
         else:
@@ -312,16 +311,9 @@ class AltEraser(Unlearner):
         return {
             "objective_kind": self.objective, "rounds": len(history) - 1, "stopped": stopped,
             "objective": history, "kept_users": len(ids["user_embedding"]), "kept_items": len(ids["item_embedding"]),
-            "reset_users": len(orphan_users), "reset_items": len(orphan_items), "rows_used": len(rows),
+            "reset_users": len(scope.orphan_users), "reset_items": len(scope.orphan_items), "rows_used": len(rows),
             "blocks": self.blocks, "curvature": self.curvature, "damping": self.damping, **totals.as_dict(),
         }
-
-    def _scope(self, model: Recommender, retained: TrainRows, deleted: TrainRows) -> tuple[Tensor, Tensor]:
-        if self.scope == "all":
-            device = retained.users.device
-            return torch.arange(model.num_users, device=device), torch.arange(model.num_items, device=device)
-        users, items = touched(deleted)
-        return expand(users, items, retained, self.k_hop) if self.scope == "affected+k-hop" else (users, items)
 
     # ------------------------------------------------------------------ one side: users or items
     def _side_step(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cached, totals: _Totals, grad: Tensor | None) -> bool:
@@ -341,7 +333,7 @@ class AltEraser(Unlearner):
             raise FloatingPointError(f"the {side.label} gradient is not finite")
         if cached is not None and not engine.graph:  # cached factors, refactored where the block moved
             shift = engine.n * self.damping
-            factors, solved, refactored = self._cache.factors(side.key, ids, shift, self.refactor_tolerance)
+            factors, solved, refactored = self.cache.factors(side.key, ids, shift, self.refactor_tolerance)
             step, failed = solve_factored(factors, -grad, solved.failed_mask)
             totals.refactored += refactored
             # a reused factor carries the shift it was computed with (within the tolerance): not an escalation

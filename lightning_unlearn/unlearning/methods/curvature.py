@@ -9,7 +9,6 @@ plus ``l2`` per occurrence of the row in the L2 term. Blocks are sums over rows 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import orphans
 
-__all__ = ["CachedCurvature", "CurvatureBlocks", "curvature_blocks", "exact_hessian_blocks"]
+__all__ = ["CurvatureCache", "CurvatureBlocks", "curvature_blocks", "exact_hessian_blocks"]
 
 
 @dataclass
@@ -123,22 +122,26 @@ def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) 
         scatter_outer(jacobians[keep].double(), weights[keep].double(), index[keep], out.shape[0], out=out)
 
 
-class CachedCurvature:
-    """Curvature blocks of the retained rows, computed once per trained model and downdated per request.
+class CurvatureCache:
+    """Curvature blocks of the retained rows: built once per trained model, downdated per request.
 
-    The first request pays for the blocks over every training row (reported as precomputation);
-    each request subtracts its deleted rows' contribution in place, so the cache always holds
-    the blocks of the data as it now is. A method whose step is small calls :meth:`adopt` to
-    keep the blocks for the updated model; any other change of the parameters invalidates them.
+    :meth:`build` pays for the blocks over every training row (the method reports it as
+    precomputation); :meth:`downdate` subtracts a request's deleted rows' contribution in place,
+    so the cache always holds the blocks of the data as it now is. :meth:`solve` and
+    :meth:`factors` solve with the blocks, reusing the factorisations of earlier requests. A
+    method whose step is small calls :meth:`adopt` to keep the blocks for the updated model; any
+    other change of the parameters invalidates them (:meth:`holds` compares the model's
+    :func:`~lightning_unlearn.models.functional.fingerprint`).
 
     Example:
         >>> from lightning_unlearn.models import MF
-        >>> model, cache = MF(2, 3, embedding_dim=2), CachedCurvature()
+        >>> model, cache = MF(2, 3, embedding_dim=2), CurvatureCache()
         >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([[2], [0]]))
         >>> kept, gone = rows.select(torch.tensor([True, False])), rows.select(torch.tensor([False, True]))
-        >>> blocks, seconds = cache.retained(model, kept, gone)
-        >>> torch.allclose(blocks.users, curvature_blocks(model, kept).users)
-        True
+        >>> cache.build(model, rows)
+        >>> blocks = cache.downdate(model, kept, gone)
+        >>> torch.allclose(blocks.users, curvature_blocks(model, kept).users), cache.holds(model)
+        (True, True)
     """
 
     def __init__(self) -> None:
@@ -146,26 +149,36 @@ class CachedCurvature:
         self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
         self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
 
-    def retained(
-        self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext | None = None
-    ) -> tuple[CurvatureBlocks, float]:
-        """The blocks over ``retained``, and the seconds spent building the cache (0 when it was warm).
+    def build(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> None:
+        """Compute the blocks of ``model`` over ``rows`` (every row it was trained on), replacing the cache.
 
         Args:
-            model: the model the blocks are taken at.
-            retained: the rows that remain.
-            deleted: the rows this request removes (subtracted from the cache).
+            model: the trained model the blocks are taken at.
+            rows: the rows whose terms are summed.
             context: on several processes, each computes its shard of the rows and the blocks
                 are summed over processes, so every process holds the same cache.
         """
         context = context or UnlearningContext()
-        precompute = 0.0
+        blocks = curvature_blocks(model, context.shard(rows))
+        self._entry = (fingerprint(model), CurvatureBlocks(context.reduce(blocks.users), context.reduce(blocks.items)))
+        self._factored, self._inverses = {}, {}
+
+    def downdate(self, model: Recommender, retained: TrainRows, deleted: TrainRows,
+                 context: UnlearningContext | None = None) -> CurvatureBlocks:
+        """Subtract the ``deleted`` rows' blocks in place; the blocks of the ``retained`` rows.
+
+        Args:
+            model: the model the cache holds (:meth:`build` it first).
+            retained: the rows that remain (users left without any have their block zeroed).
+            deleted: the rows this request removes.
+            context: on several processes, each subtracts the sum over every process's shard.
+
+        Raises:
+            RuntimeError: the cache does not hold ``model``'s parameters.
+        """
         if not self.holds(model):
-            start = time.perf_counter()
-            blocks = curvature_blocks(model, context.shard(retained.concat(deleted)))
-            self._entry = (fingerprint(model), CurvatureBlocks(context.reduce(blocks.users), context.reduce(blocks.items)))
-            self._factored, self._inverses = {}, {}
-            precompute = time.perf_counter() - start
+            raise RuntimeError("the curvature cache does not hold this model's parameters: build(model, rows) first.")
+        context = context or UnlearningContext()
         blocks = self._entry[1]
         if context.world_size == 1:  # subtract in place, no copies
             user_slot = torch.arange(model.num_users, device=blocks.users.device)  # the slot of user i is i
@@ -180,13 +193,13 @@ class CachedCurvature:
             removed = curvature_blocks(model, context.shard(deleted), users=users, items=items)
             blocks.users[users] -= context.reduce(removed.users)
             blocks.items[items] -= context.reduce(removed.items)
-        return blocks, precompute
+        return blocks
 
     @property
     def blocks(self) -> CurvatureBlocks:
-        """The cached blocks (of the rows retained so far); build them with :meth:`retained` first."""
+        """The cached blocks (of the rows retained so far); :meth:`build` them first."""
         if self._entry is None:
-            raise RuntimeError("the curvature cache is empty: call retained(model, retained, deleted) first.")
+            raise RuntimeError("the curvature cache is empty: build(model, rows) first.")
         return self._entry[1]
 
     def holds(self, model: Recommender) -> bool:

@@ -1,14 +1,16 @@
-"""Which embedding rows an unlearning step moves, shared by the second-order methods.
+"""Which embedding rows an unlearning step moves: the :class:`Scope` of a deletion, and its pieces.
 
 A deletion touches the users and items that appear in the deleted rows' losses (their
-positives and fixed negatives); a scope may grow by ``k`` hops through retained
-interactions. Users or items left with no retained row are *orphans*: retraining leaves them
-at their initialisation, so the methods reset them there instead of solving for them.
+positives and fixed negatives); a scope may keep only the most affected of them (pruning) and
+grow by ``k`` hops through retained interactions (collaborative neighbours). Users or items
+left with no retained row are *orphans*: retraining leaves them at their initialisation, so the
+methods reset them there instead of solving for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,7 +22,75 @@ from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.lightgcn import normalized_adjacency
 
-__all__ = ["expand", "graph_of", "is_graph", "orphans", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
+__all__ = ["Scope", "expand", "graph_of", "is_graph", "orphans", "prune", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
+
+
+@dataclass
+class Scope:
+    """The embedding rows a request moves (``users``, ``items``) and those it resets (the orphans).
+
+    Build it with :meth:`of` (touched, pruned, ``hops`` out; orphans apart) or :meth:`everything`.
+
+    Args:
+        users: users to solve for (sorted, unique; no orphans).
+        items: items to solve for (sorted, unique; no orphans).
+        orphan_users: users of the scope left without retained rows.
+        orphan_items: items of the scope left without retained rows.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> retained = TrainRows(torch.tensor([0, 1]), torch.tensor([2, 2]), torch.tensor([[3], [3]]))
+        >>> deleted = TrainRows(torch.tensor([0]), torch.tensor([1]), torch.tensor([[3]]))
+        >>> scope = Scope.of(MF(2, 4, embedding_dim=2), retained, deleted, hops=1)
+        >>> scope.users.tolist(), scope.items.tolist(), scope.orphan_items.tolist()
+        ([0], [2, 3], [1])
+    """
+
+    users: Tensor
+    items: Tensor
+    orphan_users: Tensor
+    orphan_items: Tensor
+
+    @classmethod
+    def of(cls, model: Recommender, retained: TrainRows, deleted: TrainRows, hops: int = 0, keep_fraction: float = 1.0) -> Scope:
+        """The rows ``deleted`` touches, the most affected ``keep_fraction`` of them (:func:`prune`), ``hops`` out.
+
+        Args:
+            model: the recommender (its sizes).
+            retained: the rows that remain.
+            deleted: the rows the request removes.
+            hops: neighbours through retained interactions to add (:func:`expand`), ``>= 0``.
+            keep_fraction: share of the touched users (items) kept, in ``(0, 1]``.
+        """
+        users, items = touched(deleted)
+        users, items = prune(users, items, retained, deleted, model, keep_fraction)
+        return cls.split(model, retained, *expand(users, items, retained, hops))
+
+    @classmethod
+    def everything(cls, model: Recommender, retained: TrainRows) -> Scope:
+        """Every user and item (orphans apart)."""
+        device = retained.users.device
+        return cls.split(model, retained, torch.arange(model.num_users, device=device), torch.arange(model.num_items, device=device))
+
+    @classmethod
+    def split(cls, model: Recommender, retained: TrainRows, users: Tensor, items: Tensor) -> Scope:
+        """``users`` and ``items``, the orphans among them set apart."""
+        orphan_users = orphans(users, retained.users, model.num_users)
+        orphan_items = orphans(items, retained.all_items(), model.num_items)
+        return cls(users[~torch.isin(users, orphan_users)], items[~torch.isin(items, orphan_items)], orphan_users, orphan_items)
+
+    def rows(self, retained: TrainRows, model: Recommender) -> TrainRows:
+        """The retained rows whose loss involves a user or item of the scope (no copy when that is all of them)."""
+        return restrict(retained, rows_touching(retained, self.users, self.items, model.num_users, model.num_items))
+
+    def reset_orphans(self, model: Recommender, seed: int) -> None:
+        """Set the orphans to a retrain's initialisation from ``seed`` (:func:`reset_to_initialisation`)."""
+        reset_to_initialisation(model, self.orphan_users, self.orphan_items, seed)
+
+    def diagnostics(self) -> dict[str, int]:
+        """How many users and items it moves and resets."""
+        return {"kept_users": len(self.users), "kept_items": len(self.items), "reset_users": len(self.orphan_users),
+                "reset_items": len(self.orphan_items)}
 
 
 def touched(deleted: TrainRows) -> tuple[Tensor, Tensor]:
@@ -47,6 +117,33 @@ def expand(users: Tensor, items: Tensor, retained: TrainRows, hops: int) -> tupl
         new_users = retained.users[torch.isin(retained.items, items)]
         users, items = torch.unique(torch.cat([users, new_users])), torch.unique(torch.cat([items, new_items]))
     return users, items
+
+
+def prune(users: Tensor, items: Tensor, retained: TrainRows, deleted: TrainRows, model: Recommender,
+          keep_fraction: float) -> tuple[Tensor, Tensor]:
+    """Keep the ``keep_fraction`` most important of ``users`` and of ``items`` (IFRU's importance-based pruning).
+
+    Importance is the share of a user's (item's) rows that the request deletes: deleted rows over
+    degree. Ties keep the lower id; at least one of each side stays. ``1.0`` keeps all.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> retained = TrainRows(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]), torch.tensor([[3], [3], [3]]))
+        >>> deleted = TrainRows(torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([[3], [3]]))
+        >>> [t.tolist() for t in prune(torch.tensor([0, 1]), torch.tensor([0]), retained, deleted, MF(2, 4), 0.5)]
+        [[1], [0]]
+    """
+    if keep_fraction >= 1.0:
+        return users, items
+    kept = []
+    for ids, deleted_ids, retained_ids, size in ((users, deleted.users, retained.users, model.num_users),
+                                                 (items, deleted.items, retained.items, model.num_items)):
+        removed = torch.bincount(deleted_ids, minlength=size).double()
+        degree = removed + torch.bincount(retained_ids, minlength=size).double()
+        importance = (removed / degree.clamp_min(1))[ids]
+        count = max(1, round(keep_fraction * len(ids)))
+        kept.append(ids[torch.argsort(importance, descending=True, stable=True)[:count]].sort().values)
+    return kept[0], kept[1]
 
 
 def orphans(ids: Tensor, remaining: Tensor, size: int | None = None) -> Tensor:

@@ -1,0 +1,195 @@
+"""Restricted parameters: the embedding rows of a scope (and optionally the dense weights) as one flat vector.
+
+A second-order step solves ``(H_S + damping I) delta = g_S`` over the coordinates ``S`` a
+deletion's :class:`~lightning_unlearn.unlearning.methods.scope.Scope` moves.
+:class:`RestrictedParameters` gives what such a step needs on those coordinates only: the
+gradient of any closure (:meth:`~RestrictedParameters.gradient`), the curvature-vector
+products of the retained objective (:meth:`~RestrictedParameters.curvature_matvec`), a
+block-Jacobi preconditioner and the block-diagonal solve from a
+:class:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache`, and the step itself
+(:meth:`~RestrictedParameters.step`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.linalg import BlockPreconditioner, flatten, gauss_newton_matvec, hessian_matvec, unflatten
+from lightning_unlearn.losses import data_loss, item_slots
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import call_with
+from lightning_unlearn.unlearning.methods.base import UnlearningContext
+from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, CurvatureCache
+from lightning_unlearn.unlearning.methods.scope import Scope
+
+__all__ = ["RestrictedParameters"]
+
+
+class RestrictedParameters:
+    """The scope's embedding rows (and optionally the dense weights) of a model, as one flat parameter vector.
+
+    Frozen tables are left out (they are neither trained nor unlearned). The flat layout is the
+    trainable user tables' rows of ``scope.users``, then the item tables' rows of
+    ``scope.items``, then the dense weights.
+
+    Args:
+        model: the recommender (changed only by :meth:`step`).
+        scope: the users and items to move.
+        include_dense: also restrict to the dense weights (NeuMF's MLP), whole.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model = MF(3, 4, embedding_dim=2)
+        >>> scope = Scope(torch.tensor([1]), torch.tensor([0, 2]), torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))
+        >>> restricted = RestrictedParameters(model, scope)
+        >>> restricted.numel, restricted.groups
+        (6, ['user_embedding', 'item_embedding'])
+        >>> restricted.step(torch.ones(6))
+        >>> bool((model.user_embedding.weight[0] == model.user_embedding.weight[0]).all())
+        True
+    """
+
+    def __init__(self, model: Recommender, scope: Scope, include_dense: bool = True):
+        self.model, self.scope = model, scope
+        names = {id(p): name for name, p in model.named_parameters()}
+        groups = model.parameter_groups()
+        device = next(model.parameters()).device
+        self.parts: list[tuple[str, Tensor, Tensor | None]] = []  # (name, full tensor, rows or None for whole)
+        self.groups: list[str] = []
+        for group, ids in (("user_embedding", scope.users), ("item_embedding", scope.items), ("dense", None)):
+            if group == "dense" and not include_dense or ids is not None and not len(ids):
+                continue
+            for p in groups[group]:
+                if p.requires_grad:
+                    self.parts.append((names[id(p)], p, None if ids is None else ids.to(device)))
+                    self.groups.append(group)
+        self.shapes = [p.shape if rows is None else (len(rows), *p.shape[1:]) for _, p, rows in self.parts]
+        self.numel = sum(int(torch.Size(s).numel()) for s in self.shapes)
+
+    def values(self) -> list[Tensor]:
+        """The current values of the restricted parameters, one tensor per part (detached)."""
+        return [(p if rows is None else p[rows]).detach() for _, p, rows in self.parts]
+
+    def call(self, values: list[Tensor], closure: Callable[[], Tensor], buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """``closure()`` with the restricted parameters replaced by ``values`` (differentiable in them).
+
+        ``buffers`` replaces buffers too (e.g. LightGCN's ``adjacency``: the graph before a deletion).
+        """
+        replaced = {name: (v if rows is None else p.detach().index_copy(0, rows, v)) for (name, p, rows), v in zip(self.parts, values)}
+        return call_with(self.model, {**replaced, **(buffers or {})}, closure)
+
+    def gradient(self, closure: Callable[[], Tensor], buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """The flat gradient of the scalar ``closure()`` w.r.t. the restricted parameters (zeros where it does not depend on them)."""
+        leaves = [v.clone().requires_grad_(True) for v in self.values()]
+        with torch.enable_grad():
+            value = self.call(leaves, closure, buffers)
+            if not value.requires_grad:  # e.g. MF's dense penalty: a constant
+                return flatten([torch.zeros_like(v) for v in leaves])
+            grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        return flatten([torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)])
+
+    def loss_gradient(self, rows: TrainRows, n: int, context: UnlearningContext) -> Tensor:
+        """The gradient of ``sum_{rows} loss_r / n``: each process's shard, summed over processes."""
+        return context.sum(lambda shard: self.gradient(lambda: self.model.loss(shard[:], "sum") / n), rows)
+
+    def curvature_matvec(self, rows: TrainRows, n: int, context: UnlearningContext,
+                         curvature: Literal["gauss_newton", "hessian"] = "gauss_newton") -> Callable[[Tensor], Tensor]:
+        """``v -> H v``, ``H`` the curvature of ``sum_{rows} loss_r / n + dense_penalty`` on these coordinates.
+
+        Args:
+            rows: the rows of the objective (this process takes its shard; products are summed over processes).
+            n: the divisor of the data term (the number of retained rows).
+            context: sharding and reduce.
+            curvature: ``"gauss_newton"`` (positive semi-definite; the L2 term exactly) or ``"hessian"``.
+        """
+        model, theta = self.model, self.values()
+        batch = context.shard(rows)[:]
+        if "dense" in self.groups:  # the dense weights' own penalty, counted once (not per rank)
+            dense = hessian_matvec(lambda ps: self.call(ps, model.dense_penalty), theta)
+        else:
+            dense = torch.zeros_like
+        if curvature == "hessian":
+            data = hessian_matvec(lambda ps: self.call(ps, lambda: model.loss(batch, "sum") / n), theta)
+        else:
+            outputs = lambda ps: self.call(ps, lambda: model.row_scores(batch))  # noqa: E731
+            gauss_newton = gauss_newton_matvec(outputs, lambda z: data_loss(z, model.loss_name).sum() / n, theta, mode="reverse")
+            penalty = hessian_matvec(lambda ps: self.call(ps, lambda: _penalty(model, batch) / n), theta)
+            data = lambda v: gauss_newton(v) + penalty(v)  # noqa: E731
+        return lambda v: context.reduce(data(v)) + dense(v)
+
+    def group_layout(self, group: str) -> list[int] | None:
+        """Widths of the trainable tables of ``group`` (e.g. NeuMF's GMF and MLP user tables), in part order."""
+        widths = [p.shape[1] for g, (_, p, rows) in zip(self.groups, self.parts) if g == group]
+        return widths or None
+
+    def preconditioner(self, blocks: CurvatureBlocks, n: int, damping: float) -> Callable[[Tensor], Tensor] | None:
+        """Block-Jacobi ``M^-1`` of ``blocks / n + damping I`` in this layout (identity on the dense weights).
+
+        ``None`` when a group spans several tables or the sides' widths differ.
+        """
+        if any(len(self.group_layout(g) or []) > 1 for g in ("user_embedding", "item_embedding")):
+            return None
+        chosen = []
+        for group, ids, table in (("user_embedding", self.scope.users, blocks.users), ("item_embedding", self.scope.items, blocks.items)):
+            if self.group_layout(group):
+                chosen.append(table[ids.to(table.device)] / n)
+        if not chosen or {c.shape[-1] for c in chosen} != {chosen[0].shape[-1]}:
+            return None
+        dense = sum(int(torch.Size(s).numel()) for g, s in zip(self.groups, self.shapes) if g == "dense")
+        preconditioner = BlockPreconditioner(torch.cat(chosen), damping, num_other=dense)
+        return lambda v: preconditioner(v.to(torch.float64)).to(v.dtype)
+
+    def block_solve(self, rhs: Tensor, cache: CurvatureCache, n: int, damping: float, tol: float) -> tuple[Tensor, dict[str, Any]]:
+        """Solve the block-diagonal system ``(B_i / n + damping I) x_i = rhs_i`` with the cache's blocks; dense weights do not move.
+
+        Args:
+            rhs: the flat right-hand side.
+            cache: the curvature cache (holding the retained rows' blocks).
+            n: the divisor of the data term.
+            damping: added to each block of the mean objective.
+            tol: relative residual of each block's CG (:meth:`CurvatureCache.solve`).
+
+        Returns:
+            The flat step and what the solve needed (blocks, refactorised, CG iterations, damped, failed).
+
+        Raises:
+            ValueError: a group is partly frozen (the blocks span its tables concatenated).
+        """
+        parts = unflatten(rhs, self.shapes)
+        steps = [torch.zeros_like(p) for p in parts]
+        report = {"num_blocks": 0, "refactored_blocks": 0, "cg_iterations": 0, "damped_blocks": 0, "failed_blocks": 0, "max_damping": 0.0}
+        for group, ids, side in (("user_embedding", self.scope.users, "users"), ("item_embedding", self.scope.items, "items")):
+            index = [i for i, g in enumerate(self.groups) if g == group]
+            if not index:
+                continue
+            rhs_group = torch.cat([parts[i].double() for i in index], dim=1)
+            if rhs_group.shape[1] != getattr(cache.blocks, side).shape[-1]:
+                raise ValueError("solver='block' needs every embedding table of a group trainable (or every one frozen).")
+            # (B / n + damping I) x = g  <=>  (B + n damping I) x = n g: no scaled copy of the blocks
+            # (the damping in the block diagnostics is therefore n times the method's damping)
+            x, result, refactored, iterations = cache.solve(side, ids.to(rhs.device), rhs_group * n, damping * n, tol)
+            for i, piece in zip(index, x.split([parts[i].shape[1] for i in index], dim=1)):
+                steps[i] = piece.to(parts[i].dtype)
+            for key, value in (("num_blocks", len(ids)), ("refactored_blocks", refactored), ("damped_blocks", result.damped_blocks),
+                               ("failed_blocks", result.failed_blocks)):
+                report[key] += value
+            report["cg_iterations"] = max(report["cg_iterations"], iterations)
+            report["max_damping"] = max(report["max_damping"], result.max_damping)
+        return flatten(steps), report
+
+    @torch.no_grad()
+    def step(self, delta: Tensor) -> None:
+        """Add the flat ``delta`` to the restricted parameters, in place."""
+        for (_, p, rows), change in zip(self.parts, unflatten(delta.to(self.parts[0][1].dtype), self.shapes)):
+            if rows is None:
+                p.add_(change)
+            else:
+                p.index_add_(0, rows, change)
+
+
+def _penalty(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
+    return 0.5 * model.l2 * model.embedding_penalty(batch["users"], item_slots(batch)).sum()

@@ -1,0 +1,118 @@
+"""The base of second-order methods: a curvature cache paid once per trained model, and rolled back with a failed request.
+
+A method built on the kit (:class:`~lightning_unlearn.unlearning.methods.scope.Scope`,
+:class:`~lightning_unlearn.unlearning.methods.restricted.RestrictedParameters`,
+:class:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache`) subclasses
+:class:`SecondOrderUnlearner` and implements :meth:`~SecondOrderUnlearner.step`; the base
+builds the cache in :meth:`~SecondOrderUnlearner.prepare`, downdates it by each request's
+deleted rows before the step, keeps it for the updated model after it, and drops it when the
+step fails (the request is rolled back, so its downdate must not persist).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
+from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, CurvatureCache
+from lightning_unlearn.unlearning.methods.scope import is_graph
+
+__all__ = ["SecondOrderUnlearner"]
+
+
+class SecondOrderUnlearner(Unlearner):
+    """An :class:`~lightning_unlearn.unlearning.methods.base.Unlearner` whose steps use cached curvature blocks.
+
+    Subclasses implement :meth:`step` and, where they differ from the defaults,
+    :meth:`uses_cache` (which models the cache serves), :meth:`after_build` (work on the fresh
+    cache, e.g. factorisations) and :meth:`clear` (more state to drop with the cache).
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> class Nothing(SecondOrderUnlearner):
+        ...     def step(self, model, retained, deleted, blocks, context):
+        ...         return {"blocks": None if blocks is None else tuple(blocks.users.shape)}
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([[2], [0]]))
+        >>> kept, gone = rows.select(torch.tensor([True, False])), rows.select(torch.tensor([False, True]))
+        >>> method = Nothing()
+        >>> method.unlearn(MF(2, 3, embedding_dim=2), kept, gone).diagnostics
+        {'blocks': (2, 2, 2)}
+    """
+
+    def __init__(self) -> None:
+        self.cache = CurvatureCache()
+
+    def uses_cache(self, model: Recommender) -> bool:
+        """Whether requests on ``model`` read the cached blocks (default: every model without a graph)."""
+        return not is_graph(model)
+
+    def prepared_for(self, model: Recommender) -> bool:
+        """Whether :meth:`prepare` has nothing left to do for ``model``'s parameters."""
+        return not self.uses_cache(model) or self.cache.holds(model)
+
+    def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
+        """Build the curvature cache for ``model`` trained on ``rows`` (then :meth:`after_build`); the seconds it took.
+
+        0 s when the cache holds ``model``'s parameters already or the model does not use it.
+
+        Args:
+            model: the trained model.
+            rows: every training row it was trained on.
+            context: on several processes, each sums the curvature of its shard of the rows.
+
+        Returns:
+            The seconds it took.
+        """
+        if self.prepared_for(model):
+            return 0.0
+        start = time.perf_counter()
+        try:
+            with torch.enable_grad():
+                self.cache.build(model, rows, context)
+                self.after_build(model, rows)
+        except Exception:
+            self.clear()  # half built
+            raise
+        return time.perf_counter() - start
+
+    def after_build(self, model: Recommender, rows: TrainRows) -> None:
+        """Work on the freshly built cache, paid once per trained model (default: none)."""
+
+    def clear(self) -> None:
+        """Drop what is cached for the trained model (after a failed request or a half-built cache)."""
+        self.cache.clear()
+
+    def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
+        """Downdate the cache by ``deleted``, run :meth:`step`, keep the cache for the result; on failure drop it."""
+        try:
+            if not self.prepared_for(model):  # unlearn() prepares first: only a direct call of update() gets here
+                self.prepare(model, retained.concat(deleted), context)
+            # a model with a non-finite parameter never matches its fingerprint: no blocks, and the step names the fault
+            blocks = self.cache.downdate(model, retained, deleted, context) if self.uses_cache(model) and self.cache.holds(model) else None
+            diagnostics = self.step(model, retained, deleted, blocks, context)
+            if blocks is not None:
+                self.cache.adopt(model)  # the step is small: later requests reuse these blocks as they are
+            return diagnostics
+        except Exception:
+            self.clear()  # a failed request is rolled back: the cache may hold its downdate
+            raise
+
+    @abstractmethod
+    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, blocks: CurvatureBlocks | None,
+             context: UnlearningContext) -> dict[str, Any]:
+        """Change ``model`` in place to forget ``deleted``; return diagnostics (plain values).
+
+        Args:
+            model: the trained model.
+            retained: the rows that remain.
+            deleted: the rows to forget.
+            blocks: the cache's blocks of the retained rows, taken at ``model`` (``None`` when
+                :meth:`uses_cache` is false).
+            context: device, seed, reduce and sharding.
+        """
