@@ -14,9 +14,9 @@ from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning import IFRU, FineTune, Unlearner, UnlearningCallback, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods.alteraser import AltEraser
-from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.request import DeletionRequest
+from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 RECIPE = FitRecipe(max_epochs=3, monitor=None)
 

@@ -17,13 +17,13 @@ from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
-from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import check_lineage, journal_of, recover, save_checkpoint
 from lightning_unlearn.unlearning.reporting import define_request_axis
 from lightning_unlearn.unlearning.request import DeletionRequest
+from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 __all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
 

@@ -22,10 +22,10 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
-from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.reporting import log_config, log_method_result
+from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 __all__ = ["compare", "format_table", "progress_detail"]
 

@@ -57,7 +57,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning import IFRU, DeletionSpec, FitRecipe, Retrain, UnlearningCallback, UnlearningContext
 from lightning_unlearn.unlearning.callback import MAX_DELETED_FRACTION
 from lightning_unlearn.unlearning.methods.alteraser import AltEraser
-from lightning_unlearn.unlearning.methods.objective import objective_gradient_norm
+from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 SEED = 0
 NOISE_SEED = 1
