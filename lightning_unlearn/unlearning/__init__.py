@@ -5,6 +5,7 @@ from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods import (
     IFRU,
+    SCIF,
     AltEraser,
     FineTune,
     Retrain,
@@ -18,5 +19,5 @@ from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletio
 
 __all__ = [
     "IFRU", "AltEraser", "DeletionRequest", "DeletionSpec", "FineTune", "FitRecipe", "InvalidDeletionRequest", "Journal", "ResolvedDeletion",
-    "Retrain", "UnlearningCallback", "UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner",
+    "Retrain", "SCIF", "UnlearningCallback", "UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner",
 ]
