@@ -225,3 +225,45 @@ def test_csv_source_given_split_refuses_a_bad_test_line(tmp_path):
     write(tmp_path / "test.csv", "user,item,rating\n1,11,5\n2,10,high\n")
     with pytest.raises(ValueError, match=r"test\.csv, line 3: rating/timestamp columns must be numbers; the rating is 'high'"):
         source.load()
+
+
+def _general(path, **kwargs):
+    """``read_csv`` with its vectorised path switched off (the reference it must equal)."""
+    import lightning_unlearn.data.readers as readers
+
+    original = readers._read_numeric
+    readers._read_numeric = lambda *a, **k: None
+    try:
+        return read_csv(path, **kwargs)
+    finally:
+        readers._read_numeric = original
+
+
+@pytest.mark.parametrize(("header", "sep", "width"), [(True, ",", 4), (False, "\t", 3), (True, ";", 2)])
+def test_read_csv_plain_numbers_take_the_vectorised_path_and_equal_the_general_one(tmp_path, header, sep, width):
+    import lightning_unlearn.data.readers as readers
+
+    g = torch.Generator().manual_seed(width)
+    rows = torch.stack([torch.randint(-3, 40, (200,), generator=g), torch.randint(1, 900, (200,), generator=g),
+                        torch.randint(1, 6, (200,), generator=g), torch.randint(10**8, 10**9, (200,), generator=g)], 1)[:, :width]
+    text = (sep.join(["u", "i", "r", "t"][:width]) + "\n" if header else "") + "\n".join(
+        sep.join(str(v) if c != 2 else f"{v / 2}" for c, v in enumerate(row.tolist())) for row in rows) + "\n\n"
+    path = tmp_path / "plain.csv"
+    path.write_text(text)
+    fast, general = read_csv(path, sep=sep, header=header), _general(path, sep=sep, header=header)
+    assert readers._read_numeric(path, {"user": 0, "item": 1}, sep, header) is not None  # the fast path took it
+    for name in ("users", "items", "ratings", "timestamps"):
+        a, b = getattr(fast, name), getattr(general, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert fast.user_ids.tolist() == general.user_ids.tolist() and fast.item_ids.tolist() == general.item_ids.tolist()
+
+
+@pytest.mark.parametrize("line", ['007,3,5', '"7",3,5', "7, 3,5", "7,3e2,5", "u7,3,5", "7.5,3,5"])
+def test_read_csv_leaves_ids_that_are_not_plain_numbers_to_the_general_path(tmp_path, line):
+    import lightning_unlearn.data.readers as readers
+
+    path = tmp_path / "odd.csv"
+    path.write_text("user,item,rating\n7,3,5\n" + line + "\n")
+    assert readers._read_numeric(path, {"user": 0, "item": 1, "rating": 2}, ",", True) is None
+    table = read_csv(path)
+    assert len(table) == 2 and table.user_ids.tolist() == _general(path).user_ids.tolist()
