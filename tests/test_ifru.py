@@ -10,7 +10,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext, UnlearningError
-from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, curvature_blocks
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
 from lightning_unlearn.unlearning.methods.scope import Scope, touched
 
@@ -362,3 +362,38 @@ def test_deleting_a_user_corrects_items_with_the_vectors_the_user_was_trained_wi
     unlearned = copy.deepcopy(model)
     IFRU(damping=1e-6, solver="block").unlearn(unlearned, retained, deleted)
     torch.testing.assert_close(unlearned.item_embedding.weight[items] - weights[items], expected, rtol=1e-6, atol=1e-10)
+
+
+def test_fresh_blocks_equal_the_downdated_cache_to_rounding():
+    """Blocks computed on demand from the rows that touch them equal the cache's (built on every row, downdated)."""
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+    cache = CurvatureCache()
+    cache.build(model, dm.train_rows())
+    deleted = dm.remove(torch.tensor([0, 3, 40, 77]))
+    retained = dm.train_rows()
+    cache.downdate(model, retained, deleted)
+    fresh = FreshCurvature(model, retained)
+    for side, size in (("users", dm.num_users), ("items", dm.num_items)):
+        ids = torch.randperm(size)[:7]
+        torch.testing.assert_close(fresh.block(side, ids), cache.block(side, ids), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["block", "cg"])
+def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+    deleted = dm.remove(torch.tensor([1, 10, 50]))
+    retained = dm.train_rows()
+    cached, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    IFRU(damping=1e-4, solver=solver, tol=1e-13).unlearn(cached, retained, deleted)
+    method = IFRU(damping=1e-4, solver=solver, tol=1e-13, blocks="fresh")
+    report = method.unlearn(fresh, retained, deleted)
+    assert report.precompute_seconds == 0 and not method.cache.holds(model) and method.name == f"IFRU(k_hop=0, solver={solver}, blocks=fresh)"
+    for a, b in zip(fresh.parameters(), cached.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))

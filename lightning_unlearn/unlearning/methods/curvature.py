@@ -20,9 +20,9 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.scope import orphans
+from lightning_unlearn.unlearning.methods.scope import orphans, restrict, rows_of_items, rows_of_users
 
-__all__ = ["CurvatureCache", "CurvatureBlocks", "curvature_blocks", "exact_hessian_blocks"]
+__all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "curvature_blocks", "exact_hessian_blocks"]
 
 
 @dataclass
@@ -202,6 +202,11 @@ class CurvatureCache:
             raise RuntimeError("the curvature cache is empty: build(model, rows) first.")
         return self._entry[1]
 
+    def block(self, side: str, ids: Tensor) -> Tensor:
+        """The cached ``(len(ids), d, d)`` blocks ``ids`` of ``side`` (``"users"`` or ``"items"``)."""
+        table = getattr(self.blocks, side)
+        return table[ids.to(table.device)]
+
     def holds(self, model: Recommender) -> bool:
         """Whether the cache was built (or adopted) for ``model``'s current parameters."""
         return self._entry is not None and torch.equal(self._entry[0], fingerprint(model))
@@ -304,6 +309,56 @@ class CurvatureCache:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
         self._entry = None
         self._factored, self._inverses = {}, {}
+
+
+class FreshCurvature:
+    """Curvature blocks computed when asked for, at the model's current parameters, from the rows that touch them.
+
+    What a method uses instead of a :class:`CurvatureCache` when the blocks of every user and
+    item would not fit in memory (or are not worth keeping): each request pays for the blocks of
+    its scope only, from the rows that involve them, so its cost and memory follow the deletion's
+    neighbourhood, not the catalog. It offers the cache's :meth:`block` and :meth:`solve` (a fresh
+    batched Cholesky of each block; nothing is kept between requests).
+
+    Args:
+        model: the model the blocks are taken at (read when a block is asked for).
+        rows: the rows whose terms are summed (the retained rows).
+        context: on several processes, each sums its shard of the rows and the blocks are summed.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model = MF(3, 4, embedding_dim=2)
+        >>> rows = TrainRows(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 3]), torch.tensor([[2], [0], [1]]))
+        >>> fresh, ids = FreshCurvature(model, rows), torch.tensor([2, 0])
+        >>> torch.allclose(fresh.block("items", ids), curvature_blocks(model, rows).items[ids])
+        True
+    """
+
+    def __init__(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None):
+        self.model, self.rows, self.context = model, rows, context or UnlearningContext()
+
+    def block(self, side: str, ids: Tensor) -> Tensor:
+        """The ``(len(ids), d, d)`` blocks ``ids`` of ``side`` (``"users"`` or ``"items"``), from the rows that involve them."""
+        model, rows = self.model, self.rows
+        ids = ids.to(rows.users.device)
+        if side == "users":
+            touching, other = rows_of_users(rows, ids, model.num_users), "items"
+        else:
+            touching, other = rows_of_items(rows, ids, model.num_items), "users"
+        blocks = curvature_blocks(model, self.context.shard(restrict(rows, touching)), **{side: ids, other: ids[:0]})
+        return self.context.reduce(getattr(blocks, side))
+
+    def solve(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None = None,
+              max_iter: int = 10) -> tuple[Tensor, BlockSolveResult, int, int]:
+        """Solve ``(B_i + shift I) x_i = rhs_i`` for the blocks ``ids`` of ``side``, as :meth:`CurvatureCache.solve` does.
+
+        ``tol`` and ``max_iter`` are accepted for the cache's signature; every block is
+        factorised afresh (with :func:`~lightning_unlearn.linalg.factor_blocks`' escalation), so
+        the solve is direct.
+        """
+        factors, result = factor_blocks(self.block(side, ids), damping=shift)
+        x, failed = solve_factored(factors, rhs, result.failed_mask)
+        return x, BlockSolveResult.from_damping(result.block_damping, failed, shift), len(ids), 0
 
 
 def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shift: float, tol: float | None,

@@ -23,7 +23,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import conjugate_gradient, flatten
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks
+from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, FreshCurvature
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
 from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
@@ -62,6 +62,11 @@ class IFRU(SecondOrderUnlearner):
             starts from the inverses kept at the last factorisation).
         max_iter: CG iteration cap.
         direct_max: largest restricted problem the direct solver accepts.
+        blocks: where the block solver's (and CG's preconditioner's) per-user and per-item blocks
+            come from: ``"cached"`` (every block, built once per trained model and downdated per
+            request; fastest per request, memory ``(users + items) x d^2``) or ``"fresh"``
+            (computed per request for the scope only, from the rows that touch it: no
+            precomputation, memory and time that follow the deletion, not the catalog).
 
     Measured speed and fidelity, and the damping sweep: :ref:`measured` (``docs/methods.rst``,
     section Measured).
@@ -89,29 +94,32 @@ class IFRU(SecondOrderUnlearner):
         tol: float = 1e-6,
         max_iter: int = 100,
         direct_max: int = 4096,
+        blocks: Literal["cached", "fresh"] = "cached",
     ):
         if not (math.isfinite(damping) and damping > 0):
             raise ValueError(f"IFRU(damping=...) must be a finite number > 0, got {damping}: an undamped Newton step "
                              "over-corrects and an infinite one does nothing.")
-        for name, value, allowed in (("solver", solver, _SOLVERS), ("curvature", curvature, _CURVATURES), ("gradient", gradient, _GRADIENTS)):
+        for name, value, allowed in (("solver", solver, _SOLVERS), ("curvature", curvature, _CURVATURES), ("gradient", gradient, _GRADIENTS),
+                                     ("blocks", blocks, ("cached", "fresh"))):
             if value not in allowed:
                 raise ValueError(f"IFRU({name}=...) must be one of {allowed}, got {value!r}.")
         if k_hop < 0 or not 0 < keep_fraction <= 1:
             raise ValueError(f"IFRU needs k_hop >= 0 and 0 < keep_fraction <= 1, got {k_hop}, {keep_fraction}.")
         self.damping, self.solver, self.curvature, self.gradient = damping, solver, curvature, gradient
         self.k_hop, self.keep_fraction, self.include_dense = k_hop, keep_fraction, include_dense
-        self.tol, self.max_iter, self.direct_max = tol, max_iter, direct_max
+        self.tol, self.max_iter, self.direct_max, self.blocks = tol, max_iter, direct_max, blocks
         super().__init__()
 
     @property
     def name(self) -> str:
         options = [f"k_hop={self.k_hop}"] + ([f"solver={self.solver}"] if self.solver != "auto" else [])
         options += [f"gradient={self.gradient}"] if self.gradient != "influence" else []
+        options += [f"blocks={self.blocks}"] if self.blocks != "cached" else []
         return f"IFRU({', '.join(options)})"
 
     def uses_cache(self, model: Recommender) -> bool:
         """The block and CG solvers read the cached blocks (CG as its preconditioner); graph models and ``"direct"`` do not."""
-        return not is_graph(model) and self.solver != "direct"
+        return not is_graph(model) and self.solver != "direct" and self.blocks == "cached"
 
     def after_build(self, model: Recommender, rows: TrainRows) -> None:
         """The block solver's requests start from the inverses of every damped block, computed here once."""
@@ -146,12 +154,13 @@ class IFRU(SecondOrderUnlearner):
             rhs = -(restricted.loss_gradient(rows, n, context) + restricted.gradient(model.dense_penalty))
         if not torch.isfinite(rhs).all():
             raise FloatingPointError("the right-hand side (gradient) is not finite")
+        curvature = self.cache if blocks is not None else None if is_graph(model) else FreshCurvature(model, retained, context)
         if solver == "block":
-            delta, solve = restricted.block_solve(rhs, self.cache, n, self.damping, self.tol)
+            delta, solve = restricted.block_solve(rhs, curvature, n, self.damping, self.tol)
         elif solver == "direct":
             delta, solve = _direct_solve(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, self.damping, self.direct_max)
         else:
-            preconditioner = None if blocks is None else restricted.preconditioner(blocks, n, self.damping)
+            preconditioner = None if curvature is None else restricted.preconditioner(curvature, n, self.damping)
             delta, result = conjugate_gradient(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, damping=self.damping,
                                                tol=self.tol, max_iter=self.max_iter, preconditioner=preconditioner)
             solve = result.as_dict()

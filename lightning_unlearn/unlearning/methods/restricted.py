@@ -5,8 +5,9 @@ deletion's :class:`~lightning_unlearn.unlearning.methods.scope.Scope` moves.
 :class:`RestrictedParameters` gives what such a step needs on those coordinates only: the
 gradient of any closure (:meth:`~RestrictedParameters.gradient`), the curvature-vector
 products of the retained objective (:meth:`~RestrictedParameters.curvature_matvec`), a
-block-Jacobi preconditioner and the block-diagonal solve from a
-:class:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache`, and the step itself
+block-Jacobi preconditioner and the block-diagonal solve from the per-user and per-item blocks
+of a :class:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache` or of a
+:class:`~lightning_unlearn.unlearning.methods.curvature.FreshCurvature`, and the step itself
 (:meth:`~RestrictedParameters.step`).
 """
 
@@ -23,7 +24,7 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, CurvatureCache
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature
 from lightning_unlearn.unlearning.methods.scope import Scope
 
 __all__ = ["RestrictedParameters"]
@@ -126,32 +127,34 @@ class RestrictedParameters:
         widths = [p.shape[1] for g, (_, p, rows) in zip(self.groups, self.parts) if g == group]
         return widths or None
 
-    def preconditioner(self, blocks: CurvatureBlocks, n: int, damping: float) -> Callable[[Tensor], Tensor] | None:
-        """Block-Jacobi ``M^-1`` of ``blocks / n + damping I`` in this layout (identity on the dense weights).
+    def preconditioner(self, curvature: CurvatureCache | FreshCurvature, n: int, damping: float) -> Callable[[Tensor], Tensor] | None:
+        """Block-Jacobi ``M^-1`` of ``B / n + damping I`` in this layout (identity on the dense weights).
 
-        ``None`` when a group spans several tables or the sides' widths differ.
+        ``B`` are the per-user and per-item blocks of ``curvature``. ``None`` when a group spans
+        several tables or the sides' widths differ.
         """
         if any(len(self.group_layout(g) or []) > 1 for g in ("user_embedding", "item_embedding")):
             return None
         chosen = []
-        for group, ids, table in (("user_embedding", self.scope.users, blocks.users), ("item_embedding", self.scope.items, blocks.items)):
+        for group, ids, side in (("user_embedding", self.scope.users, "users"), ("item_embedding", self.scope.items, "items")):
             if self.group_layout(group):
-                chosen.append(table[ids.to(table.device)] / n)
+                chosen.append(curvature.block(side, ids) / n)
         if not chosen or {c.shape[-1] for c in chosen} != {chosen[0].shape[-1]}:
             return None
         dense = sum(int(torch.Size(s).numel()) for g, s in zip(self.groups, self.shapes) if g == "dense")
         preconditioner = BlockPreconditioner(torch.cat(chosen), damping, num_other=dense)
         return lambda v: preconditioner(v.to(torch.float64)).to(v.dtype)
 
-    def block_solve(self, rhs: Tensor, cache: CurvatureCache, n: int, damping: float, tol: float) -> tuple[Tensor, dict[str, Any]]:
-        """Solve the block-diagonal system ``(B_i / n + damping I) x_i = rhs_i`` with the cache's blocks; dense weights do not move.
+    def block_solve(self, rhs: Tensor, curvature: CurvatureCache | FreshCurvature, n: int, damping: float,
+                    tol: float) -> tuple[Tensor, dict[str, Any]]:
+        """Solve the block-diagonal system ``(B_i / n + damping I) x_i = rhs_i`` with ``curvature``'s blocks; dense weights do not move.
 
         Args:
             rhs: the flat right-hand side.
-            cache: the curvature cache (holding the retained rows' blocks).
+            curvature: the retained rows' blocks, cached or computed now.
             n: the divisor of the data term.
             damping: added to each block of the mean objective.
-            tol: relative residual of each block's CG (:meth:`CurvatureCache.solve`).
+            tol: relative residual of each block's CG (:meth:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache.solve`).
 
         Returns:
             The flat step and what the solve needed (blocks, refactorised, CG iterations, damped, failed).
@@ -167,11 +170,11 @@ class RestrictedParameters:
             if not index:
                 continue
             rhs_group = torch.cat([parts[i].double() for i in index], dim=1)
-            if rhs_group.shape[1] != getattr(cache.blocks, side).shape[-1]:
+            if rhs_group.shape[1] != sum(p.shape[1] for p in self.model.parameter_groups()[group]):
                 raise ValueError("solver='block' needs every embedding table of a group trainable (or every one frozen).")
             # (B / n + damping I) x = g  <=>  (B + n damping I) x = n g: no scaled copy of the blocks
             # (the damping in the block diagnostics is therefore n times the method's damping)
-            x, result, refactored, iterations = cache.solve(side, ids.to(rhs.device), rhs_group * n, damping * n, tol)
+            x, result, refactored, iterations = curvature.solve(side, ids.to(rhs.device), rhs_group * n, damping * n, tol)
             for i, piece in zip(index, x.split([parts[i].shape[1] for i in index], dim=1)):
                 steps[i] = piece.to(parts[i].dtype)
             for key, value in (("num_blocks", len(ids)), ("refactored_blocks", refactored), ("damped_blocks", result.damped_blocks),

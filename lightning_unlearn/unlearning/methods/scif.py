@@ -93,7 +93,7 @@ class SCIF(SecondOrderUnlearner):
             rhs = restricted.loss_gradient(deleted, n, context)
             if not torch.isfinite(rhs).all():
                 raise FloatingPointError("the right-hand side (gradient) is not finite")
-            preconditioner = None if blocks is None else restricted.preconditioner(blocks, n, self.damping)
+            preconditioner = None if blocks is None else restricted.preconditioner(self.cache, n, self.damping)
             delta, result = conjugate_gradient(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, damping=self.damping,
                                                tol=self.tol, max_iter=self.max_iter, preconditioner=preconditioner)
             restricted.step(delta)
