@@ -184,7 +184,10 @@ def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool) -> 
     with open(path, "rb") as fh:
         data = fh.read()
     body = data[data.find(b"\n") + 1:] if header else data
-    if not body.strip() or re.search(rb"[^0-9.\-\r\n" + re.escape(sep.encode()) + rb"]|(?:^|[^0-9.])0[0-9]", body):
+    separator = sep.encode()
+    if not body.strip() or body.translate(None, b"0123456789.-\r\n" + separator):  # a byte that is not part of a plain number
+        return None
+    if re.match(rb"0[0-9]", body) or re.search(rb"[\n" + re.escape(separator) + rb"]0[0-9]", body):  # "007"
         return None
     fields = sorted(set(index.values()))
     try:
