@@ -27,6 +27,7 @@ from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_us
 __all__ = ["SIDES", "Anchor", "Engine", "Side", "slot_changes"]
 
 SIDES = ("user_embedding", "item_embedding")
+_MATMUL_ADVANTAGE = 16  # one matmul of a chunk's users x every item wins over gathering up to here: ML-1M chunks (about 4) stay on it
 
 
 class Side:
@@ -103,15 +104,26 @@ class Engine:
     def score(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """``(R, 1 + k)`` scores of a batch's positives and negatives from the given vector tables.
 
-        For dot-product models (MF, LightGCN) the chunk's users are scored against every item
-        with one matrix product and the rows' scores picked from it: with rows sorted by user a
-        chunk holds few users, and this is several times cheaper than gathering ``R x (1 + k)``
-        item vectors. Other models score the gathered pairs with ``interact``.
+        For dot-product models (MF, LightGCN) over a small catalog the chunk's users are scored
+        against every item with one matrix product and the rows' scores picked from it: with
+        rows sorted by user a chunk holds few users, and this is several times cheaper than
+        gathering ``R x (1 + k)`` item vectors. When that product would cost more than
+        ``_MATMUL_ADVANTAGE`` times the gather (large catalogs), and for other models, the
+        gathered pairs are scored with ``interact``: the cost then follows the rows, not the catalog.
         """
-        if not self.dot:
+        by_user = self._by_user(batch, item_vectors)
+        if by_user is None:
             return self.model.row_scores(batch, (user_vectors, item_vectors))
+        users, inverse, slots = by_user
+        return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), slots]
+
+    def _by_user(self, batch: dict[str, Tensor], item_vectors: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(users, inverse, slots)`` when :meth:`score` takes the one-matmul path for this batch, else ``None``."""
+        if not self.dot:
+            return None
         users, inverse = torch.unique_consecutive(batch["users"], return_inverse=True)
-        return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), item_slots(batch)]
+        slots = item_slots(batch)
+        return (users, inverse, slots) if len(users) * item_vectors.shape[0] <= _MATMUL_ADVANTAGE * slots.numel() else None
 
     def chunks(self, rows: TrainRows):
         for start in range(0, len(rows), self.chunk_size):
@@ -152,14 +164,28 @@ class Engine:
             representations = model.representations()
             # the representations the sides' tables reach: their own, or both through a graph
             needed = [i for i in (0, 1) if (self.graph or i in {s.index for s in sides}) and representations[i].requires_grad]
-            leaves = [v.detach().requires_grad_(i in needed) for i, v in enumerate(representations)]
+            user_vectors, item_vectors = (v.detach() for v in representations)
+            cotangents = [torch.zeros_like(user_vectors), torch.zeros_like(item_vectors)]
             scores = []
             for _, batch in self.chunks(rows):
-                z = self.score(leaves[0], leaves[1], batch)
+                # leaves of this chunk only: the vectors its rows gather (a dense gradient of the whole
+                # item table per chunk would cost the catalog, not the rows), or, on the one-matmul path, the table
+                by_user = self._by_user(batch, item_vectors)
+                users, slots = (by_user[0], by_user[2]) if by_user is not None else (batch["users"], item_slots(batch))
+                u = user_vectors[users].requires_grad_(0 in needed)
+                v = (item_vectors if by_user is not None else item_vectors[slots]).detach().requires_grad_(1 in needed)
+                z = (u @ v.T)[by_user[1].unsqueeze(1), slots] if by_user is not None else model.interact(u.unsqueeze(1), v)
                 if needed:
                     data_loss(z, model.loss_name).sum().backward()
+                    if u.grad is not None:
+                        cotangents[0].index_add_(0, users, u.grad)
+                    if v.grad is not None:
+                        if by_user is not None:
+                            cotangents[1] += v.grad
+                        else:
+                            cotangents[1].index_add_(0, slots.reshape(-1), v.grad.reshape(-1, v.shape[-1]))
                 scores.append(z.detach())
-            cotangents = [leaves[i].grad if leaves[i].grad is not None else torch.zeros_like(leaves[i]) for i in needed]
+            cotangents = [cotangents[i] for i in needed]
             tables = [t for side in sides for t in side.tables]
             grads = torch.autograd.grad([representations[i] for i in needed], tables, cotangents, allow_unused=True) if needed else [None] * len(tables)
         out, offset = [], 0
@@ -208,7 +234,8 @@ class Engine:
     def _value_from_scores(self, sides: list[Side], rows: TrainRows, scores: Tensor) -> float:
         with torch.no_grad():
             total = data_loss(scores, self.model.loss_name).double().sum()
-            penalty = self.model.embedding_penalty(rows.users, item_slots(rows[:])).double().sum() if len(rows) else 0.0
+            penalty = sum((self.model.embedding_penalty(batch["users"], item_slots(batch)).double().sum() for _, batch in self.chunks(rows)),
+                          torch.zeros((), dtype=torch.float64))
         return float(self.context.reduce(total + 0.5 * self.model.l2 * penalty))
 
     def _positions(self, side: Side, ids: Tensor, mask: Tensor) -> Tensor:
