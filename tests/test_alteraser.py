@@ -500,3 +500,12 @@ def test_slot_changes_equal_the_loss_with_one_score_moved(loss):
     one_moved.diagonal(dim1=1, dim2=2).copy_(new)
     expected = data_loss(one_moved, loss) - data_loss(old, loss).unsqueeze(1)
     torch.testing.assert_close(slot_changes(old, new, loss), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_fresh_blocks_build_no_cache_and_still_prepare_the_anchor(users_only):
+    model, retained, deleted, _ = users_only
+    method = AltEraser(blocks="fresh")
+    seconds = method.prepare(model, retained.concat(deleted))
+    assert seconds > 0 and method.prepared_for(model)  # the anchored objective's gradient, paid once
+    with pytest.raises(RuntimeError, match="empty"):
+        _ = method.cache.blocks  # nothing was cached
