@@ -28,17 +28,22 @@ def lbfgs(model, rows) -> None:
         opt.step(closure)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """MF (both sides trainable, strong L2) at a tight optimum, and a deletion of a few rows."""
+def fitted(num_users: int, num_items: int, density: float, l2: float):
+    """MF (both sides trainable, d=3) at a tight optimum, then rows 0, 4 and 11 deleted: ``(model, retained, deleted)``."""
     torch.manual_seed(0)
-    dm = RecDataModule(Synthetic(num_users=10, num_items=9, density=0.45, seed=3), val_fraction=0.0, num_negatives=2)
+    dm = RecDataModule(Synthetic(num_users=num_users, num_items=num_items, density=density, seed=3), val_fraction=0.0, num_negatives=2)
     dm.setup()
     torch.manual_seed(7)
-    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.2, init_std=0.5).double()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=l2, init_std=0.5).double()
     lbfgs(model, dm.train_rows())
     deleted = dm.remove(torch.tensor([0, 4, 11]))
     return model, dm.train_rows(), deleted
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """10 users x 9 items, strong L2."""
+    return fitted(10, 9, density=0.45, l2=0.2)
 
 
 def flat_restricted_objective(model, scope, rows, n):
@@ -129,15 +134,8 @@ def scores(model):
 
 @pytest.fixture(scope="module")
 def larger():
-    """As ``trained``, on 40 users x 30 items (397 retained rows, 3 deleted): a deletion small enough for a Newton step."""
-    torch.manual_seed(0)
-    dm = RecDataModule(Synthetic(num_users=40, num_items=30, density=0.4, seed=3), val_fraction=0.0, num_negatives=2)
-    dm.setup()
-    torch.manual_seed(7)
-    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.05, init_std=0.5).double()
-    lbfgs(model, dm.train_rows())
-    deleted = dm.remove(torch.tensor([0, 4, 11]))
-    return model, dm.train_rows(), deleted
+    """40 users x 30 items (397 retained rows, 3 deleted): a deletion small enough for a Newton step."""
+    return fitted(40, 30, density=0.4, l2=0.05)
 
 
 def test_lands_near_a_retrain_and_the_coupling_is_what_gets_it_there(larger):
