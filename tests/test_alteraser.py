@@ -509,3 +509,10 @@ def test_fresh_blocks_build_no_cache_and_still_prepare_the_anchor(users_only):
     assert seconds > 0 and method.prepared_for(model)  # the anchored objective's gradient, paid once
     with pytest.raises(RuntimeError, match="empty"):
         _ = method.cache.blocks  # nothing was cached
+
+
+def test_auto_blocks_go_fresh_past_the_cache_budget(users_only):
+    model, retained, deleted, _ = users_only
+    report = AltEraser(cache_budget_gb=1e-9).unlearn(copy.deepcopy(model), retained, deleted)
+    assert report.diagnostics["blocks"] == "fresh" and AltEraser(cache_budget_gb=1e-9).name == "AltEraser(rounds=1, cache_budget_gb=1e-09)"
+    assert AltEraser().unlearn(copy.deepcopy(model), retained, deleted).diagnostics["blocks"] == "cached"

@@ -397,3 +397,26 @@ def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
     for a, b in zip(fresh.parameters(), cached.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert any(not torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
+
+def test_auto_blocks_keep_the_cache_within_its_budget_and_go_fresh_past_it():
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+    deleted = dm.remove(torch.tensor([1, 10, 50]))
+    retained = dm.train_rows()
+    runs = {}
+    for budget in (4.0, 1e-9):  # about 8 KB of cache: within the first budget, past the second
+        method = IFRU(damping=1e-4, tol=1e-13, cache_budget_gb=budget)
+        runs[budget] = copy.deepcopy(model)
+        report = method.unlearn(runs[budget], retained, deleted)
+        assert report.diagnostics["blocks"] == ("cached" if budget == 4.0 else "fresh")
+        assert (report.precompute_seconds > 0) == (budget == 4.0)
+    assert IFRU(cache_budget_gb=1e-9).name == "IFRU(k_hop=0, cache_budget_gb=1e-09)"
+    for a, b in zip(runs[4.0].parameters(), runs[1e-9].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="cache_budget_gb"):
+        IFRU(cache_budget_gb=0)
+    with pytest.raises(ValueError, match="blocks"):
+        IFRU(blocks="sometimes")

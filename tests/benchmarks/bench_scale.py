@@ -6,7 +6,7 @@ For power-law catalogs (:func:`~lightning_unlearn.data.synthetic.power_law_catal
 how well the model was trained, its fidelity is measured by ``compare``), and two deletions
 (``--delete-users`` whole users; ``--delete-fraction`` of the interactions), measures each of
 
-* ``IFRU()`` and ``AltEraser()`` with the curvature cache (``blocks="cached"``: built once per
+* ``IFRU(blocks="cached")`` and ``AltEraser(blocks="cached")`` with the curvature cache (built once per
   model, reported as precomputation, ``(users + items) x d^2`` float64 and more for factors);
 * ``IFRU(blocks="fresh")`` and ``AltEraser(blocks="fresh")``: the scope's blocks per request,
   from the rows that touch it, nothing kept;
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 METHODS = {
-    "IFRU": lambda m: m.IFRU(),
+    "IFRU(blocks=cached)": lambda m: m.IFRU(blocks="cached"),
     "IFRU(blocks=fresh)": lambda m: m.IFRU(blocks="fresh"),
-    "AltEraser": lambda m: m.AltEraser(),
+    "AltEraser(blocks=cached)": lambda m: m.AltEraser(blocks="cached"),
     "AltEraser(blocks=fresh)": lambda m: m.AltEraser(blocks="fresh"),
 }
 
@@ -107,17 +107,17 @@ def main() -> None:
             for name in METHODS:
                 if "fresh" not in name and cache_gb(items, args.users, args.dim) > args.memory_gb:
                     results.append({"catalog": items, "deletion": deletion, "method": name, "skipped": f"cache over {args.memory_gb} GB"})
-                    print(f"{items:>8} {deletion:<13} {name:<24} skipped: cache of ~{cache_gb(items, args.users, args.dim):.1f} GB")
+                    print(f"{items:>8} {deletion:<13} {name:<25} skipped: cache of ~{cache_gb(items, args.users, args.dim):.1f} GB")
                     continue
                 command = [sys.executable, __file__, *sys.argv[1:], "--one-items", str(items), "--one-method", name, "--one-deletion", deletion]
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode:
                     results.append({"catalog": items, "deletion": deletion, "method": name, "failed": done.stderr.strip().splitlines()[-1:]})
-                    print(f"{items:>8} {deletion:<13} {name:<24} failed: {done.stderr.strip().splitlines()[-1:]}")
+                    print(f"{items:>8} {deletion:<13} {name:<25} failed: {done.stderr.strip().splitlines()[-1:]}")
                     continue
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 results.append(row)
-                print(f"{items:>8} {deletion:<13} {name:<24} {row['seconds']:8.3f} s/request  precompute {row['precompute_seconds']:7.2f} s  "
+                print(f"{items:>8} {deletion:<13} {name:<25} {row['seconds']:8.3f} s/request  precompute {row['precompute_seconds']:7.2f} s  "
                       f"peak +{row['peak_mb_above_start']:7.0f} MB  ({row['deleted_rows']} rows deleted of {row['rows']})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if not k.startswith("one_") and k != "out"}

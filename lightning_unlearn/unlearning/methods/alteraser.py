@@ -10,7 +10,7 @@ Newton step on its embedding row (all its tables concatenated, e.g. NeuMF's GMF 
 with its ``d x d`` curvature block and its exact gradient over its retained rows. Then the same
 for the items, then the dense weights. All users (items) of a step are one batched operation:
 per-row gradients scattered into ``(n, d)``, blocks from :func:`curvature_blocks` (or cached and
-downdated by :class:`CachedCurvature`), one batched :func:`~lightning_unlearn.linalg.solve_blocks`
+downdated by :class:`CurvatureCache`), one batched :func:`~lightning_unlearn.linalg.solve_blocks`
 (blocks that are not positive definite get more damping, counted), and a per-block backtracking
 line search on each sub-problem's own loss. No Python loop runs over users or items.
 
@@ -59,8 +59,7 @@ __all__ = ["AltEraser"]
 _OBJECTIVES = ("retained", "anchored")
 _SCOPES = ("affected", "affected+k-hop", "all")
 _CURVATURES = ("gauss_newton", "hessian")
-_BLOCKS = ("cached", "fresh")
-_TUNING = ("damping", "refactor_tolerance", "line_search", "max_backtracks", "dense_steps", "dense_cg_iters", "dense_sample", "chunk_size")
+_TUNING = ("damping", "refactor_tolerance", "line_search", "max_backtracks", "dense_steps", "dense_cg_iters", "dense_sample", "chunk_size", "cache_budget_gb")
 _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 _MAX_TRIES = 16  # factorisations per block: damping may grow 10^15-fold before a block counts as failed
 
@@ -91,8 +90,10 @@ class AltEraser(SecondOrderUnlearner):
         blocks: ``"cached"`` (Gauss-Newton blocks of every user and item computed once per
             trained model, reported as precomputation, and downdated by each request's deleted
             rows; later rounds reuse them, so the step is a damped chord-Newton step whose fixed
-            point is still the exact stationary point because the gradient is exact) or
-            ``"fresh"`` (rebuilt at the current parameters for every step: the paper's Newton).
+            point is still the exact stationary point because the gradient is exact),
+            ``"fresh"`` (rebuilt at the current parameters for every step, from the rows that
+            touch the step's blocks: the paper's Newton, with no cache) or ``"auto"`` (cached
+            while the cache fits in ``cache_budget_gb``, else fresh).
         damping: added to each block of the mean objective (``> 0``), i.e. ``n * damping`` to the
             summed blocks; blocks that are not positive definite get more, and are counted.
         refactor_tolerance: with cached blocks, each block's Cholesky factor (computed once per
@@ -109,6 +110,7 @@ class AltEraser(SecondOrderUnlearner):
         dense_sample: rows (drawn once with the context's seed) for the dense curvature.
         chunk_size: rows per vectorised pass (8192 keeps each pass's temporaries small enough
             to be reused by the allocator).
+        cache_budget_gb: the largest cache ``blocks="auto"`` keeps, in GiB.
 
     Measured speed and fidelity (objective and rounds, chunk size): :ref:`measured`
     (``docs/methods.rst``, section Measured).
@@ -138,7 +140,7 @@ class AltEraser(SecondOrderUnlearner):
         scope: Literal["affected", "affected+k-hop", "all"] = "affected",
         k_hop: int = 1,
         curvature: Literal["gauss_newton", "hessian"] = "gauss_newton",
-        blocks: Literal["cached", "fresh"] = "cached",
+        blocks: Literal["auto", "cached", "fresh"] = "auto",
         damping: float = 1e-7,
         refactor_tolerance: float = 0.05,
         line_search: bool = True,
@@ -147,8 +149,9 @@ class AltEraser(SecondOrderUnlearner):
         dense_cg_iters: int = 10,
         dense_sample: int = 65536,
         chunk_size: int = 8192,
+        cache_budget_gb: float = 4.0,
     ):
-        for name, value, allowed in (("objective", objective, _OBJECTIVES), ("scope", scope, _SCOPES), ("curvature", curvature, _CURVATURES), ("blocks", blocks, _BLOCKS)):
+        for name, value, allowed in (("objective", objective, _OBJECTIVES), ("scope", scope, _SCOPES), ("curvature", curvature, _CURVATURES)):
             if value not in allowed:
                 raise ValueError(f"AltEraser({name}=...) must be one of {allowed}, got {value!r}.")
         for name, value, low in (("rounds", rounds, 1), ("k_hop", k_hop, 1), ("max_backtracks", max_backtracks, 0),
@@ -162,14 +165,14 @@ class AltEraser(SecondOrderUnlearner):
             raise ValueError(f"AltEraser(refactor_tolerance=...) must be a number in [0, 1), got {refactor_tolerance!r}.")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise ValueError(f"AltEraser(tol=...) must be a finite number >= 0, got {tol!r}.")
-        if blocks == "cached" and curvature != "gauss_newton":
-            raise ValueError(f"AltEraser(blocks='cached') caches Gauss-Newton blocks; with curvature={curvature!r} use blocks='fresh'.")
+        if blocks != "fresh" and curvature != "gauss_newton":
+            raise ValueError(f"AltEraser(blocks={blocks!r}) caches Gauss-Newton blocks; with curvature={curvature!r} use blocks='fresh'.")
         self.objective, self.rounds, self.tol, self.scope, self.k_hop = objective, rounds, float(tol), scope, k_hop
-        self.curvature, self.blocks, self.damping, self.refactor_tolerance = curvature, blocks, float(damping), float(refactor_tolerance)
+        self.curvature, self.damping, self.refactor_tolerance = curvature, float(damping), float(refactor_tolerance)
         self.line_search, self.max_backtracks = line_search, max_backtracks
         self.dense_steps, self.dense_cg_iters, self.dense_sample = dense_steps, dense_cg_iters, dense_sample
         self.chunk_size = chunk_size
-        super().__init__()
+        super().__init__(blocks, cache_budget_gb)
         self._anchor: Anchor | None = None
 
     @property
@@ -177,15 +180,15 @@ class AltEraser(SecondOrderUnlearner):
         options = ([f"objective={self.objective}"] if self.objective != "anchored" else []) + [f"rounds={self.rounds}"]
         options += [f"tol={self.tol:g}"] if self.rounds > 1 and self.tol != 1e-4 else []  # with one round tol is moot
         options += [f"scope={self.scope}" if self.scope != "affected+k-hop" else f"scope=affected+{self.k_hop}-hop"] if self.scope != "affected" else []
-        options += [f"blocks={self.blocks}"] if self.blocks != "cached" else []
+        options += [f"blocks={self.blocks}"] if self.blocks != "auto" else []
         options += [f"curvature={self.curvature}"] if self.curvature != "gauss_newton" else []
         defaults = inspect.signature(AltEraser.__init__).parameters
         options += [f"{key}={getattr(self, key)!r}" for key in _TUNING if getattr(self, key) != defaults[key].default]
         return f"AltEraser({', '.join(options)})"
 
     def uses_cache(self, model: Recommender) -> bool:
-        """With ``blocks="cached"``, every model with a trainable embedding side reads the cached blocks."""
-        return self.blocks == "cached" and any(side.trainable for side in self._sides(model))
+        """With a kept cache (``blocks``), every model with a trainable embedding side reads the cached blocks."""
+        return self.keeps_cache(model) and any(side.trainable for side in self._sides(model))
 
     def prepared_for(self, model: Recommender) -> bool:
         return super().prepared_for(model) and not self._wants_anchor(model, fresh_cache=False)
@@ -312,7 +315,7 @@ class AltEraser(SecondOrderUnlearner):
             "objective_kind": self.objective, "rounds": len(history) - 1, "stopped": stopped,
             "objective": history, "kept_users": len(ids["user_embedding"]), "kept_items": len(ids["item_embedding"]),
             "reset_users": len(scope.orphan_users), "reset_items": len(scope.orphan_items), "rows_used": len(rows),
-            "blocks": self.blocks, "curvature": self.curvature, "damping": self.damping, **totals.as_dict(),
+            "blocks": "fresh" if blocks is None else "cached", "curvature": self.curvature, "damping": self.damping, **totals.as_dict(),
         }
 
     # ------------------------------------------------------------------ one side: users or items

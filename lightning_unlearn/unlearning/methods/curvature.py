@@ -22,7 +22,7 @@ from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import orphans, restrict, rows_of_items, rows_of_users
 
-__all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "curvature_blocks", "exact_hessian_blocks"]
+__all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "cache_bytes", "curvature_blocks", "exact_hessian_blocks"]
 
 
 @dataclass
@@ -120,6 +120,19 @@ def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) 
     keep = index >= 0
     if keep.any():
         scatter_outer(jacobians[keep].double(), weights[keep].double(), index[keep], out.shape[0], out=out)
+
+
+def cache_bytes(model: Recommender) -> int:
+    """Bytes a :class:`CurvatureCache` of ``model`` holds: float64 blocks of every user and item, and as much again for factors.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> cache_bytes(MF(6040, 3706, embedding_dim=64)) / 2**30 < 1  # MovieLens-1M, d = 64
+        True
+    """
+    groups = model.parameter_groups()
+    width = {side: sum(t.shape[1] for t in groups[side]) for side in ("user_embedding", "item_embedding")}
+    return 2 * 8 * (model.num_users * width["user_embedding"] ** 2 + model.num_items * width["item_embedding"] ** 2)
 
 
 class CurvatureCache:

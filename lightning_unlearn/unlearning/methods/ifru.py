@@ -64,9 +64,11 @@ class IFRU(SecondOrderUnlearner):
         direct_max: largest restricted problem the direct solver accepts.
         blocks: where the block solver's (and CG's preconditioner's) per-user and per-item blocks
             come from: ``"cached"`` (every block, built once per trained model and downdated per
-            request; fastest per request, memory ``(users + items) x d^2``) or ``"fresh"``
+            request; fastest per request, memory ``(users + items) x d^2``), ``"fresh"``
             (computed per request for the scope only, from the rows that touch it: no
-            precomputation, memory and time that follow the deletion, not the catalog).
+            precomputation, memory and time that follow the deletion, not the catalog) or
+            ``"auto"`` (cached while the cache fits in ``cache_budget_gb``, else fresh).
+        cache_budget_gb: the largest cache ``blocks="auto"`` keeps, in GiB.
 
     Measured speed and fidelity, and the damping sweep: :ref:`measured` (``docs/methods.rst``,
     section Measured).
@@ -94,32 +96,33 @@ class IFRU(SecondOrderUnlearner):
         tol: float = 1e-6,
         max_iter: int = 100,
         direct_max: int = 4096,
-        blocks: Literal["cached", "fresh"] = "cached",
+        blocks: Literal["auto", "cached", "fresh"] = "auto",
+        cache_budget_gb: float = 4.0,
     ):
         if not (math.isfinite(damping) and damping > 0):
             raise ValueError(f"IFRU(damping=...) must be a finite number > 0, got {damping}: an undamped Newton step "
                              "over-corrects and an infinite one does nothing.")
-        for name, value, allowed in (("solver", solver, _SOLVERS), ("curvature", curvature, _CURVATURES), ("gradient", gradient, _GRADIENTS),
-                                     ("blocks", blocks, ("cached", "fresh"))):
+        for name, value, allowed in (("solver", solver, _SOLVERS), ("curvature", curvature, _CURVATURES), ("gradient", gradient, _GRADIENTS)):
             if value not in allowed:
                 raise ValueError(f"IFRU({name}=...) must be one of {allowed}, got {value!r}.")
         if k_hop < 0 or not 0 < keep_fraction <= 1:
             raise ValueError(f"IFRU needs k_hop >= 0 and 0 < keep_fraction <= 1, got {k_hop}, {keep_fraction}.")
         self.damping, self.solver, self.curvature, self.gradient = damping, solver, curvature, gradient
         self.k_hop, self.keep_fraction, self.include_dense = k_hop, keep_fraction, include_dense
-        self.tol, self.max_iter, self.direct_max, self.blocks = tol, max_iter, direct_max, blocks
-        super().__init__()
+        self.tol, self.max_iter, self.direct_max = tol, max_iter, direct_max
+        super().__init__(blocks, cache_budget_gb)
 
     @property
     def name(self) -> str:
         options = [f"k_hop={self.k_hop}"] + ([f"solver={self.solver}"] if self.solver != "auto" else [])
         options += [f"gradient={self.gradient}"] if self.gradient != "influence" else []
-        options += [f"blocks={self.blocks}"] if self.blocks != "cached" else []
+        options += [f"blocks={self.blocks}"] if self.blocks != "auto" else []
+        options += [f"cache_budget_gb={self.cache_budget_gb:g}"] if self.cache_budget_gb != 4.0 else []
         return f"IFRU({', '.join(options)})"
 
     def uses_cache(self, model: Recommender) -> bool:
         """The block and CG solvers read the cached blocks (CG as its preconditioner); graph models and ``"direct"`` do not."""
-        return not is_graph(model) and self.solver != "direct" and self.blocks == "cached"
+        return not is_graph(model) and self.solver != "direct" and self.keeps_cache(model)
 
     def after_build(self, model: Recommender, rows: TrainRows) -> None:
         """The block solver's requests start from the inverses of every damped block, computed here once."""
@@ -139,7 +142,7 @@ class IFRU(SecondOrderUnlearner):
         rows = retained if solver == "block" or is_graph(model) else scope.rows(retained, model)
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {**scope.diagnostics(), "rows_used": len(rows), "coordinates": restricted.numel,
-                                       "damping": self.damping, "solver": solver}
+                                       "damping": self.damping, "solver": solver, "blocks": "fresh" if blocks is None else "cached"}
         # Everything below is taken at the trained parameters; the orphans (users/items left
         # without rows) are reset only at the end, so the deleted rows' gradients see the
         # vectors they were trained with. No cached block depends on an orphan (no rows left).

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, CurvatureCache
+from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, CurvatureCache, cache_bytes
 from lightning_unlearn.unlearning.methods.scope import is_graph
 
 __all__ = ["SecondOrderUnlearner"]
@@ -32,6 +32,17 @@ class SecondOrderUnlearner(Unlearner):
     Subclasses implement :meth:`step` and, where they differ from the defaults,
     :meth:`uses_cache` (which models the cache serves), :meth:`after_build` (work on the fresh
     cache, e.g. factorisations) and :meth:`clear` (more state to drop with the cache).
+
+    Args:
+        blocks: ``"cached"`` (keep the blocks of every user and item, built once per trained
+            model), ``"fresh"`` (no cache: a method computes its scope's blocks per request,
+            e.g. with :class:`~lightning_unlearn.unlearning.methods.curvature.FreshCurvature`) or
+            ``"auto"`` (cached while :func:`~lightning_unlearn.unlearning.methods.curvature.cache_bytes`
+            is within ``cache_budget_gb``, else fresh).
+        cache_budget_gb: the largest cache ``"auto"`` keeps, in GiB (``> 0``).
+
+    Raises:
+        ValueError: on another ``blocks`` or a budget that is not a number > 0.
 
     Example:
         >>> from lightning_unlearn.models import MF
@@ -45,12 +56,22 @@ class SecondOrderUnlearner(Unlearner):
         {'blocks': (2, 2, 2)}
     """
 
-    def __init__(self) -> None:
+    def __init__(self, blocks: Literal["auto", "cached", "fresh"] = "auto", cache_budget_gb: float = 4.0) -> None:
+        name = type(self).__name__
+        if blocks not in ("auto", "cached", "fresh"):
+            raise ValueError(f"{name}(blocks=...) must be one of ('auto', 'cached', 'fresh'), got {blocks!r}.")
+        if isinstance(cache_budget_gb, bool) or not isinstance(cache_budget_gb, (int, float)) or not cache_budget_gb > 0:
+            raise ValueError(f"{name}(cache_budget_gb=...) must be a number > 0, got {cache_budget_gb!r}.")
+        self.blocks, self.cache_budget_gb = blocks, float(cache_budget_gb)
         self.cache = CurvatureCache()
 
+    def keeps_cache(self, model: Recommender) -> bool:
+        """Whether ``blocks`` asks for the cache on ``model``: ``"cached"``, or ``"auto"`` with a cache within the budget."""
+        return self.blocks == "cached" or self.blocks == "auto" and cache_bytes(model) <= self.cache_budget_gb * 2**30
+
     def uses_cache(self, model: Recommender) -> bool:
-        """Whether requests on ``model`` read the cached blocks (default: every model without a graph)."""
-        return not is_graph(model)
+        """Whether requests on ``model`` read the cached blocks (default: a kept cache, on a model without a graph)."""
+        return not is_graph(model) and self.keeps_cache(model)
 
     def prepared_for(self, model: Recommender) -> bool:
         """Whether :meth:`prepare` has nothing left to do for ``model``'s parameters."""
