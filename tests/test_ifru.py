@@ -320,12 +320,17 @@ def test_cached_solve_is_exact_for_few_and_for_most_blocks(count):
     assert torch.equal(blocks.items, before)  # the cache is read, not damped in place
 
 
-def test_later_requests_reuse_kept_inverses_and_still_solve_exactly():
-    """A second request solves from the inverses kept at the first: a few CG iterations, no factorisation, exact steps."""
+def mf_30x25():
+    """A random double-precision MF (d=4) on 30 users x 25 items of synthetic data, and its datamodule."""
     torch.manual_seed(0)
     dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
     dm.setup()
-    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+    return dm, MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+
+
+def test_later_requests_reuse_kept_inverses_and_still_solve_exactly():
+    """A second request solves from the inverses kept at the first: a few CG iterations, no factorisation, exact steps."""
+    dm, model = mf_30x25()
     method = IFRU(damping=1e-6, solver="block", tol=1e-12)
     method.prepare(model, dm.train_rows())
     method.unlearn(model, dm.train_rows(), dm.remove(torch.tensor([0, 40])))
@@ -366,10 +371,7 @@ def test_deleting_a_user_corrects_items_with_the_vectors_the_user_was_trained_wi
 
 def test_fresh_blocks_equal_the_downdated_cache_to_rounding():
     """Blocks computed on demand from the rows that touch them equal the cache's (built on every row, downdated)."""
-    torch.manual_seed(0)
-    dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
-    dm.setup()
-    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
+    dm, model = mf_30x25()
     cache = CurvatureCache()
     cache.build(model, dm.train_rows())
     deleted = dm.remove(torch.tensor([0, 3, 40, 77]))
@@ -383,12 +385,8 @@ def test_fresh_blocks_equal_the_downdated_cache_to_rounding():
 
 @pytest.mark.parametrize("solver", ["block", "cg"])
 def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
-    torch.manual_seed(0)
-    dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
-    dm.setup()
-    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
-    deleted = dm.remove(torch.tensor([1, 10, 50]))
-    retained = dm.train_rows()
+    dm, model = mf_30x25()
+    deleted, retained = dm.remove(torch.tensor([1, 10, 50])), dm.train_rows()
     cached, fresh = copy.deepcopy(model), copy.deepcopy(model)
     IFRU(damping=1e-4, solver=solver, tol=1e-13).unlearn(cached, retained, deleted)
     method = IFRU(damping=1e-4, solver=solver, tol=1e-13, blocks="fresh")
@@ -400,12 +398,8 @@ def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
 
 
 def test_auto_blocks_keep_the_cache_within_its_budget_and_go_fresh_past_it():
-    torch.manual_seed(0)
-    dm = RecDataModule(Synthetic(num_users=30, num_items=25, density=0.4, seed=5), val_fraction=0.0, num_negatives=2)
-    dm.setup()
-    model = MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
-    deleted = dm.remove(torch.tensor([1, 10, 50]))
-    retained = dm.train_rows()
+    dm, model = mf_30x25()
+    deleted, retained = dm.remove(torch.tensor([1, 10, 50])), dm.train_rows()
     runs = {}
     for budget in (4.0, 1e-9):  # about 8 KB of cache: within the first budget, past the second
         method = IFRU(damping=1e-4, tol=1e-13, cache_budget_gb=budget)
