@@ -191,6 +191,7 @@ class AltEraser(SecondOrderUnlearner):
         return self.keeps_cache(model) and any(side.trainable for side in self._sides(model))
 
     def prepared_for(self, model: Recommender) -> bool:
+        """Whether the cache (when used) and the anchored objective's gradient are there for ``model``'s parameters."""
         return super().prepared_for(model) and not self._wants_anchor(model, fresh_cache=False)
 
     def _wants_anchor(self, model: Recommender, fresh_cache: bool) -> bool:
