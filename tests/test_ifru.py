@@ -10,7 +10,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext, UnlearningError
-from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, curvature_blocks
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
 from lightning_unlearn.unlearning.methods.scope import Scope, touched
 
@@ -310,7 +310,8 @@ def test_cached_solve_is_exact_for_few_and_for_most_blocks(count):
     keep = torch.arange(len(rows)) >= 5
     cache.build(model, rows)
     cache.precondition("items", 0.1)
-    blocks = cache.downdate(model, rows.select(keep), rows.select(~keep))  # the kept inverses are now stale
+    cache.downdate(model, rows.select(keep), rows.select(~keep))  # the kept inverses are now stale
+    blocks = cache.blocks
     before = blocks.items.clone()
     ids = torch.randperm(dm.num_items)[:count]
     rhs = torch.randn(count, 3, dtype=torch.float64)
@@ -397,19 +398,56 @@ def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
     assert any(not torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
-def test_auto_blocks_keep_the_cache_within_its_budget_and_go_fresh_past_it():
+def test_a_cache_under_a_budget_holds_the_busiest_blocks_and_computes_the_rest():
+    """Past its budget the cache holds the most-used blocks in float32; the others are computed from the retained rows
+    on demand and take the least recently used slots; every block read equals the retained rows' block."""
+    dm, model = mf_30x25()
+    rows = dm.train_rows()
+    cache = CurvatureCache(budget_bytes=cache_bytes(model) / 2)
+    (capacity, dtype), degree = cache.capacity(model), torch.bincount(rows.all_items(), minlength=dm.num_items)
+    assert dtype == torch.float32 and 0 < capacity["items"] < dm.num_items and 0 < capacity["users"] < dm.num_users
+    cache.build(model, rows)
+    held = cache.held("items")
+    assert len(held) == capacity["items"] and degree[held].min() == torch.sort(degree, descending=True).values[len(held) - 1]
+    assert cache.nbytes <= cache.budget_bytes
+    deleted = dm.remove(torch.tensor([0, 3, 40, 77]))
+    retained = dm.train_rows()
+    cache.downdate(model, retained, deleted)
+    exact = curvature_blocks(model, retained)
+    for side, size in (("users", dm.num_users), ("items", dm.num_items)):
+        ids = torch.randperm(size)
+        torch.testing.assert_close(cache.block(side, ids), getattr(exact, side)[ids], rtol=1e-6, atol=1e-6)
+    assert cache.misses > 0 and cache.hits > 0
+    missing = torch.tensor([i for i in range(dm.num_items) if i not in set(cache.held("items").tolist())][:2])
+    cache.block("items", missing)
+    assert set(missing.tolist()) <= set(cache.held("items").tolist())  # now held, in the least recently used slots
+    rhs = torch.randn(dm.num_items, 4, dtype=torch.float64)
+    x, result, _, _ = cache.solve("items", torch.arange(dm.num_items), rhs, 0.1, tol=1e-12)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(x, torch.linalg.solve(exact.items + 0.1 * eye, rhs), rtol=1e-5, atol=1e-8)
+    factors, _, _ = cache.factors("users", torch.arange(dm.num_users), 0.1, tolerance=0.0)
+    torch.testing.assert_close(factors @ factors.mT, exact.users + 0.1 * eye, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1e-9])
+def test_auto_blocks_past_the_budget_give_the_full_cache_step(fraction):
+    """IFRU(blocks="auto") with a cache of half the blocks (float32), or of none, takes the step of the full cache."""
     dm, model = mf_30x25()
     deleted, retained = dm.remove(torch.tensor([1, 10, 50])), dm.train_rows()
-    runs = {}
-    for budget in (4.0, 1e-9):  # about 8 KB of cache: within the first budget, past the second
-        method = IFRU(damping=1e-4, tol=1e-13, cache_budget_gb=budget)
-        runs[budget] = copy.deepcopy(model)
-        report = method.unlearn(runs[budget], retained, deleted)
-        assert report.diagnostics["blocks"] == ("cached" if budget == 4.0 else "fresh")
-        assert (report.precompute_seconds > 0) == (budget == 4.0)
+    budget = fraction * cache_bytes(model) / 2**30
+    runs, reports = {}, {}
+    for key, method in (("full", IFRU(damping=1e-4, tol=1e-13)), ("bounded", IFRU(damping=1e-4, tol=1e-13, cache_budget_gb=budget))):
+        runs[key] = copy.deepcopy(model)
+        reports[key] = method.unlearn(runs[key], retained, deleted)
+    assert reports["full"].diagnostics["cache_misses"] == 0 < reports["bounded"].diagnostics["cache_misses"]
+    assert reports["bounded"].diagnostics["blocks"] == "cached" and reports["bounded"].precompute_seconds > 0
     assert IFRU(cache_budget_gb=1e-9).name == "IFRU(k_hop=0, cache_budget_gb=1e-09)"
-    for a, b in zip(runs[4.0].parameters(), runs[1e-9].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    tolerance = 1e-9 if fraction < 1e-6 else 1e-5  # no block held: every one computed in float64
+    for a, b in zip(runs["full"].parameters(), runs["bounded"].parameters()):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+def test_cache_options_are_checked():
     with pytest.raises(ValueError, match="cache_budget_gb"):
         IFRU(cache_budget_gb=0)
     with pytest.raises(ValueError, match="blocks"):

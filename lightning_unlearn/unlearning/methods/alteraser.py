@@ -49,7 +49,7 @@ from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, curvature_blocks, exact_hessian_blocks
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, curvature_blocks, exact_hessian_blocks
 from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph, restrict, rows_touching
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.methods.subproblems import SIDES, Anchor, Engine, Side
@@ -92,8 +92,9 @@ class AltEraser(SecondOrderUnlearner):
             rows; later rounds reuse them, so the step is a damped chord-Newton step whose fixed
             point is still the exact stationary point because the gradient is exact),
             ``"fresh"`` (rebuilt at the current parameters for every step, from the rows that
-            touch the step's blocks: the paper's Newton, with no cache) or ``"auto"`` (cached
-            while the cache fits in ``cache_budget_gb``, else fresh).
+            touch the step's blocks: the paper's Newton, with no cache) or ``"auto"`` (a cache
+            within ``cache_budget_gb``: every block while they fit, else those of the users and
+            items with the most rows, the others computed when a step needs them).
         damping: added to each block of the mean objective (``> 0``), i.e. ``n * damping`` to the
             summed blocks; blocks that are not positive definite get more, and are counted.
         refactor_tolerance: with cached blocks, each block's Cholesky factor (computed once per
@@ -110,7 +111,7 @@ class AltEraser(SecondOrderUnlearner):
         dense_sample: rows (drawn once with the context's seed) for the dense curvature.
         chunk_size: rows per vectorised pass (8192 keeps each pass's temporaries small enough
             to be reused by the allocator).
-        cache_budget_gb: the largest cache ``blocks="auto"`` keeps, in GiB.
+        cache_budget_gb: the most the cache of ``blocks="auto"`` holds, in GiB.
 
     Measured speed and fidelity (objective and rounds, chunk size): :ref:`measured`
     (``docs/methods.rst``, section Measured).
@@ -239,7 +240,7 @@ class AltEraser(SecondOrderUnlearner):
         if self.refactor_tolerance > 0 and not is_graph(model):
             for side in self._sides(model):
                 if side.trainable:
-                    self.cache.factors(side.key, torch.arange(side.size, device=rows.users.device), self.damping * len(rows),
+                    self.cache.factors(side.key, self.cache.held(side.key), self.damping * len(rows),
                                        self.refactor_tolerance)
 
     def clear(self) -> None:
@@ -254,7 +255,7 @@ class AltEraser(SecondOrderUnlearner):
         return [p for p in model.parameter_groups()["dense"] if p.requires_grad] if self.dense_steps else []
 
     # ------------------------------------------------------------------ the update
-    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, blocks: CurvatureBlocks | None,
+    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
         """Rounds of per-user, per-item and dense steps on the retained objective (see the class docstring)."""
         graph = is_graph(model)
@@ -297,7 +298,7 @@ class AltEraser(SecondOrderUnlearner):
                 if len(ids[name]):
                     # the cached gradient holds until a step moves rows that share terms with this side's
                     known = start_grads.get(name) if round_ == 0 and not moved else None
-                    if self._side_step(engine, sides[name], ids[name], rows, blocks, totals, known):
+                    if self._side_step(engine, sides[name], ids[name], rows, cache, totals, known):
                         moved.add(name)
             for _ in range(self.dense_steps if dense else 0):
                 self._dense_step(engine, dense, totals, anchor if self.objective == "anchored" else None)
@@ -316,11 +317,12 @@ class AltEraser(SecondOrderUnlearner):
             "objective_kind": self.objective, "rounds": len(history) - 1, "stopped": stopped,
             "objective": history, "kept_users": len(ids["user_embedding"]), "kept_items": len(ids["item_embedding"]),
             "reset_users": len(scope.orphan_users), "reset_items": len(scope.orphan_items), "rows_used": len(rows),
-            "blocks": "fresh" if blocks is None else "cached", "curvature": self.curvature, "damping": self.damping, **totals.as_dict(),
+            "blocks": "fresh" if cache is None else "cached", "curvature": self.curvature, "damping": self.damping, **totals.as_dict(),
         }
 
     # ------------------------------------------------------------------ one side: users or items
-    def _side_step(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cached, totals: _Totals, grad: Tensor | None) -> bool:
+    def _side_step(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cache: CurvatureCache | None, totals: _Totals,
+                   grad: Tensor | None) -> bool:
         """One batched damped Newton step for every block of a side; whether any row moved.
 
         ``grad`` is the exact gradient when known already (from the cached one); else it is computed.
@@ -335,9 +337,9 @@ class AltEraser(SecondOrderUnlearner):
                 grad = grad - engine.linear[side.name][ids]
         if not torch.isfinite(grad).all():
             raise FloatingPointError(f"the {side.label} gradient is not finite")
-        if cached is not None and not engine.graph:  # cached factors, refactored where the block moved
+        if cache is not None and not engine.graph:  # cached factors, refactored where the block moved
             shift = engine.n * self.damping
-            factors, solved, refactored = self.cache.factors(side.key, ids, shift, self.refactor_tolerance)
+            factors, solved, refactored = cache.factors(side.key, ids, shift, self.refactor_tolerance)
             step, failed = solve_factored(factors, -grad, solved.failed_mask)
             totals.refactored += refactored
             # a reused factor carries the shift it was computed with (within the tolerance): not an escalation
@@ -345,7 +347,7 @@ class AltEraser(SecondOrderUnlearner):
             used = torch.where(escalated, solved.block_damping, torch.full_like(solved.block_damping, shift))
             solved = BlockSolveResult.from_damping(used, solved.failed_mask, shift)
         else:
-            blocks = self._blocks(engine, side, ids, rows, cached)
+            blocks = self._blocks(engine, side, ids, rows, cache)
             step, solved = solve_blocks(blocks, -grad, damping=engine.n * self.damping, max_tries=_MAX_TRIES)
             failed = solved.failed_mask
             totals.refactored += len(ids)
@@ -364,12 +366,11 @@ class AltEraser(SecondOrderUnlearner):
         engine.offset += engine.linear_change(side, ids, alpha.unsqueeze(1) * step)
         return bool((alpha > 0).any())
 
-    def _blocks(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cached) -> Tensor:
+    def _blocks(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cache: CurvatureCache | None) -> Tensor:
         """The ``(len(ids), d, d)`` summed curvature blocks of this side's sub-problems."""
         model = engine.model
-        if cached is not None:
-            table = cached.users if side.name == "user_embedding" else cached.items
-            blocks = table[ids.to(table.device)]
+        if cache is not None:
+            blocks = cache.block(side.key, ids)
         else:
             if self.curvature == "hessian":
                 fresh = exact_hessian_blocks(model, rows, **{side.key: ids}, chunk_size=max(1, self.chunk_size // 64))

@@ -116,27 +116,58 @@ def _slots(ids: Tensor | None, size: int, device: torch.device) -> tuple[Tensor,
 
 
 def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) -> None:
-    """``out[b] += sum w J J^T`` over the rows whose block is asked for (``index >= 0``), in float64, in place."""
+    """``out[b] += sum w J J^T`` over the rows whose block is asked for (``index >= 0``), in place.
+
+    Accumulated in float64; a float32 ``out`` (a cache under a memory budget) receives each
+    chunk's float64 sums, rounded once.
+    """
     keep = index >= 0
-    if keep.any():
-        scatter_outer(jacobians[keep].double(), weights[keep].double(), index[keep], out.shape[0], out=out)
+    if not keep.any():
+        return
+    jacobians, weights, index = jacobians[keep].double(), weights[keep].double(), index[keep]
+    if out.dtype == torch.float64:
+        scatter_outer(jacobians, weights, index, out.shape[0], out=out)
+    else:
+        held, local = torch.unique(index, return_inverse=True)
+        out.index_add_(0, held, scatter_outer(jacobians, weights, local, len(held)).to(out.dtype))
+
+
+def _widths(model: Recommender) -> dict[str, int]:
+    groups = model.parameter_groups()
+    return {side: sum(t.shape[1] for t in groups[group]) for side, group in (("users", "user_embedding"), ("items", "item_embedding"))}
 
 
 def cache_bytes(model: Recommender) -> int:
-    """Bytes a :class:`CurvatureCache` of ``model`` holds: float64 blocks of every user and item, and as much again for factors.
+    """Bytes a :class:`CurvatureCache` of every block of ``model`` holds: float64 blocks of every user and item, and as much again for factors.
 
     Example:
         >>> from lightning_unlearn.models import MF
         >>> cache_bytes(MF(6040, 3706, embedding_dim=64)) / 2**30 < 1  # MovieLens-1M, d = 64
         True
     """
-    groups = model.parameter_groups()
-    width = {side: sum(t.shape[1] for t in groups[side]) for side in ("user_embedding", "item_embedding")}
-    return 2 * 8 * (model.num_users * width["user_embedding"] ** 2 + model.num_items * width["item_embedding"] ** 2)
+    width = _widths(model)
+    return 2 * 8 * (model.num_users * width["users"] ** 2 + model.num_items * width["items"] ** 2)
+
+
+@dataclass
+class _Table:
+    """One side's held blocks: ``blocks[s]`` is the block of id ``ids[s]``, and ``slot[i]`` the slot of id ``i`` (-1: not held)."""
+
+    blocks: Tensor  # (capacity, d, d): float64 when every block is held, float32 under a budget
+    slot: Tensor  # (n,) long
+    ids: Tensor  # (capacity,) long
+    used: Tensor  # (capacity,) long: when each slot was last read (a counter of lookups)
+
+    @classmethod
+    def of(cls, ids: Tensor, size: int, width: int, dtype: torch.dtype) -> _Table:
+        slot = torch.full((size,), -1, dtype=torch.long, device=ids.device)
+        slot[ids] = torch.arange(len(ids), device=ids.device)
+        blocks = torch.zeros(len(ids), width, width, dtype=dtype, device=ids.device)
+        return cls(blocks, slot, ids.clone(), torch.zeros(len(ids), dtype=torch.long, device=ids.device))
 
 
 class CurvatureCache:
-    """Curvature blocks of the retained rows: built once per trained model, downdated per request.
+    """Curvature blocks of the retained rows: built once per trained model, downdated per request, bounded by a memory budget.
 
     :meth:`build` pays for the blocks over every training row (the method reports it as
     precomputation); :meth:`downdate` subtracts a request's deleted rows' contribution in place,
@@ -146,24 +177,58 @@ class CurvatureCache:
     other change of the parameters invalidates them (:meth:`holds` compares the model's
     :func:`~lightning_unlearn.models.functional.fingerprint`).
 
+    With ``budget_bytes`` smaller than :func:`cache_bytes`, the cache holds as many blocks as fit
+    (float32 storage, float64 accumulation; blocks and their factors count against the budget),
+    starting with the users and items of most rows. A block it does not hold is computed when
+    asked for, from the retained rows that touch it (as :class:`FreshCurvature` does), and takes
+    the slot of the least recently used one. Without a budget, or when everything fits, every
+    block is held in float64.
+
+    Args:
+        budget_bytes: the most the blocks and their factors may take (``None``: no bound).
+
+    Raises:
+        ValueError: on a budget that is not a number > 0.
+
     Example:
         >>> from lightning_unlearn.models import MF
         >>> model, cache = MF(2, 3, embedding_dim=2), CurvatureCache()
         >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([[2], [0]]))
         >>> kept, gone = rows.select(torch.tensor([True, False])), rows.select(torch.tensor([False, True]))
         >>> cache.build(model, rows)
-        >>> blocks = cache.downdate(model, kept, gone)
-        >>> torch.allclose(blocks.users, curvature_blocks(model, kept).users), cache.holds(model)
+        >>> cache.downdate(model, kept, gone)
+        >>> ids = torch.arange(3)
+        >>> torch.allclose(cache.block("items", ids), curvature_blocks(model, kept).items), cache.holds(model)
         (True, True)
     """
 
-    def __init__(self) -> None:
-        self._entry: tuple[Tensor, CurvatureBlocks] | None = None  # (fingerprint of the model, blocks)
-        self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
-        self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
+    def __init__(self, budget_bytes: float | None = None) -> None:
+        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float))
+                                         or not budget_bytes > 0):
+            raise ValueError(f"CurvatureCache(budget_bytes=...) must be a number > 0 or None, got {budget_bytes!r}.")
+        self.budget_bytes = budget_bytes
+        self.clear()
+
+    def capacity(self, model: Recommender) -> tuple[dict[str, int], torch.dtype]:
+        """How many blocks of each side (``"users"``, ``"items"``) the cache holds for ``model``, and in which dtype.
+
+        Example:
+            >>> from lightning_unlearn.models import MF
+            >>> CurvatureCache(budget_bytes=2**20).capacity(MF(1000, 100_000, embedding_dim=8))
+            ({'users': 13, 'items': 1351}, torch.float32)
+        """
+        sizes = {"users": model.num_users, "items": model.num_items}
+        if self.budget_bytes is None or cache_bytes(model) <= self.budget_bytes:
+            return sizes, torch.float64
+        width = _widths(model)
+        per_block = {side: (4 + 8) * width[side] ** 2 for side in sizes}  # float32 block, float64 factor
+        share = self.budget_bytes / sum(sizes[side] * per_block[side] for side in sizes)
+        return {side: int(share * sizes[side]) for side in sizes}, torch.float32
 
     def build(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> None:
         """Compute the blocks of ``model`` over ``rows`` (every row it was trained on), replacing the cache.
+
+        Under a budget, the blocks held are those of the users and items with the most rows.
 
         Args:
             model: the trained model the blocks are taken at.
@@ -172,13 +237,28 @@ class CurvatureCache:
                 are summed over processes, so every process holds the same cache.
         """
         context = context or UnlearningContext()
-        blocks = curvature_blocks(model, context.shard(rows))
-        self._entry = (fingerprint(model), CurvatureBlocks(context.reduce(blocks.users), context.reduce(blocks.items)))
-        self._factored, self._inverses = {}, {}
+        self.clear()
+        capacity, dtype = self.capacity(model)
+        width, device = _widths(model), rows.users.device
+        counts = {"users": torch.bincount(rows.users, minlength=model.num_users),
+                  "items": torch.bincount(rows.all_items(), minlength=model.num_items)}
+        tables = {}
+        for side, count in counts.items():
+            ids = torch.arange(len(count), device=device) if capacity[side] >= len(count) else torch.topk(count, capacity[side]).indices
+            tables[side] = _Table.of(ids, len(count), width[side], dtype)
+        with torch.no_grad():
+            vectors = tuple(t.detach() for t in model.representations())
+        held = CurvatureBlocks(tables["users"].blocks, tables["items"].blocks)
+        _add_curvature(model, vectors, context.shard(rows), held, tables["users"].slot, tables["items"].slot, sign=1.0)
+        for table in tables.values():
+            table.blocks = context.reduce(table.blocks)
+        self._tables, self._fingerprint = tables, fingerprint(model)
 
-    def downdate(self, model: Recommender, retained: TrainRows, deleted: TrainRows,
-                 context: UnlearningContext | None = None) -> CurvatureBlocks:
-        """Subtract the ``deleted`` rows' blocks in place; the blocks of the ``retained`` rows.
+    def downdate(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext | None = None) -> None:
+        """Subtract the ``deleted`` rows' blocks in place: the cache now holds the blocks of the ``retained`` rows.
+
+        Blocks asked for later and not held are computed from ``retained`` (at the parameters
+        of ``model`` then).
 
         Args:
             model: the model the cache holds (:meth:`build` it first).
@@ -192,47 +272,67 @@ class CurvatureCache:
         if not self.holds(model):
             raise RuntimeError("the curvature cache does not hold this model's parameters: build(model, rows) first.")
         context = context or UnlearningContext()
-        blocks = self._entry[1]
+        users, items = self._tables["users"], self._tables["items"]
+        self._source, self.hits, self.misses = FreshCurvature(model, retained, context), 0, 0
         if context.world_size == 1:  # subtract in place, no copies
-            user_slot = torch.arange(model.num_users, device=blocks.users.device)  # the slot of user i is i
             # users left without rows (a deleted user) have an empty block: zero it rather than subtract every row
-            gone = orphans(torch.unique(deleted.users), retained.users, model.num_users)
-            blocks.users[gone], user_slot[gone] = 0.0, -1
+            user_slot = users.slot.clone()
+            gone = user_slot[orphans(torch.unique(deleted.users), retained.users, model.num_users)]
+            users.blocks[gone[gone >= 0]] = 0.0
+            user_slot[users.ids[gone[gone >= 0]]] = -1
             with torch.no_grad():
                 vectors = tuple(t.detach() for t in model.representations())
-            _add_curvature(model, vectors, deleted, blocks, user_slot, torch.arange(model.num_items, device=user_slot.device), sign=-1.0)
-        else:
-            users, items = torch.unique(deleted.users), torch.unique(deleted.all_items())
-            removed = curvature_blocks(model, context.shard(deleted), users=users, items=items)
-            blocks.users[users] -= context.reduce(removed.users)
-            blocks.items[items] -= context.reduce(removed.items)
-        return blocks
+            _add_curvature(model, vectors, deleted, CurvatureBlocks(users.blocks, items.blocks), user_slot, items.slot, sign=-1.0)
+            return
+        for table, touched in ((users, deleted.users), (items, deleted.all_items())):
+            touched = torch.unique(touched)
+            held = touched[table.slot[touched] >= 0]
+            removed = curvature_blocks(model, context.shard(deleted), **{"users" if table is users else "items": held},
+                                       **{"items" if table is users else "users": held[:0]})
+            removed = context.reduce(removed.users if table is users else removed.items)
+            table.blocks[table.slot[held]] -= removed.to(table.blocks.dtype)
 
     @property
     def blocks(self) -> CurvatureBlocks:
-        """The cached blocks (of the rows retained so far); :meth:`build` them first."""
-        if self._entry is None:
+        """The held blocks, by slot: by id when every block is held (no budget, or within it); :meth:`build` them first."""
+        if self._fingerprint is None:
             raise RuntimeError("the curvature cache is empty: build(model, rows) first.")
-        return self._entry[1]
+        return CurvatureBlocks(self._tables["users"].blocks, self._tables["items"].blocks)
+
+    def held(self, side: str) -> Tensor:
+        """The ids of the blocks of ``side`` (``"users"`` or ``"items"``) the cache holds, in slot order."""
+        return self._tables[side].ids
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds now: blocks, and the factors and inverses kept for them."""
+        stores = [*self._tables.values(), *self._factored.values(), *self._inverses.values()]
+        return sum(t.nbytes for store in stores for t in vars(store).values() if isinstance(t, Tensor))
 
     def block(self, side: str, ids: Tensor) -> Tensor:
-        """The cached ``(len(ids), d, d)`` blocks ``ids`` of ``side`` (``"users"`` or ``"items"``)."""
-        table = getattr(self.blocks, side)
-        return table[ids.to(table.device)]
+        """The float64 ``(len(ids), d, d)`` blocks ``ids`` (distinct) of ``side`` (``"users"`` or ``"items"``)."""
+        slots, extra = self._lookup(side, ids)
+        table = self._tables[side].blocks
+        if extra is None:
+            return table[slots].double()
+        held = slots >= 0
+        out = torch.empty(len(ids), *table.shape[1:], dtype=torch.float64, device=table.device)
+        out[held], out[~held] = table[slots[held]].double(), extra
+        return out
 
     def holds(self, model: Recommender) -> bool:
         """Whether the cache was built (or adopted) for ``model``'s current parameters."""
-        return self._entry is not None and torch.equal(self._entry[0], fingerprint(model))
+        return self._fingerprint is not None and torch.equal(self._fingerprint, fingerprint(model))
 
     def factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
-        """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` of ``side`` (``"users"``/``"items"``).
+        """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` (distinct) of ``side`` (``"users"``/``"items"``).
 
         A factor is reused while its block's trace and the shift have moved by at most
         ``tolerance`` (relative) since it was computed; the others are refactored (batched, with
         :func:`~lightning_unlearn.linalg.factor_blocks`' escalation). Deleting a few of a block's
         rows changes it by a few percent, so most blocks of a request reuse their factors; the
         step then solves with a slightly stale curvature (relative error about ``tolerance``).
-        ``tolerance=0`` refactors every block asked for (exact).
+        ``tolerance=0`` refactors every block asked for (exact). Blocks not held are factored now.
 
         Args:
             side: ``"users"`` or ``"items"``.
@@ -241,31 +341,43 @@ class CurvatureCache:
             tolerance: ``>= 0``, the relative drift a reused factor may have.
 
         Returns:
-            ``(factors, result, refactored)``: the ``(len(ids), d, d)`` factors, their damping
-            and failures, and how many blocks were factored now.
+            ``(factors, result, refactored)``: the float64 ``(len(ids), d, d)`` factors, their
+            damping and failures, and how many blocks were factored now.
         """
-        blocks = getattr(self._entry[1], side)
+        slots, extra = self._lookup(side, ids)
+        blocks = self._tables[side].blocks
         store = self._factored.get(side)
         if store is None:
             store = self._factored[side] = _Factored.empty(blocks)
-        trace = torch.diagonal(blocks, dim1=1, dim2=2)[ids].sum(1)
+        held = torch.nonzero(slots >= 0).squeeze(1)
+        at = slots[held]
+        trace = torch.diagonal(blocks[at], dim1=1, dim2=2).sum(1).double()
         if tolerance > 0:
-            fresh = ((trace - store.trace[ids]).abs() <= tolerance * store.trace[ids]) & ~store.failed[ids]
-            fresh &= (store.shift[ids] - shift).abs() <= tolerance * shift
+            fresh = ((trace - store.trace[at]).abs() <= tolerance * store.trace[at]) & ~store.failed[at]
+            fresh &= (store.shift[at] - shift).abs() <= tolerance * shift
         else:
             fresh = torch.zeros_like(trace, dtype=torch.bool)
-        stale = ids[~fresh]
+        stale = at[~fresh]
         if len(stale):
-            factors, result = factor_blocks(blocks[stale], damping=shift)
+            factors, result = factor_blocks(blocks[stale].double(), damping=shift)
             store.factors[stale], store.damping[stale], store.failed[stale] = factors, result.block_damping, result.failed_mask
             store.trace[stale], store.shift[stale] = trace[~fresh], shift
-        return store.factors[ids], BlockSolveResult.from_damping(store.damping[ids], store.failed[ids], shift), len(stale)
+        if extra is None:
+            return store.factors[at], BlockSolveResult.from_damping(store.damping[at], store.failed[at], shift), len(stale)
+        factors = torch.empty(len(ids), *blocks.shape[1:], dtype=torch.float64, device=blocks.device)
+        damping = torch.empty(len(ids), dtype=torch.float64, device=blocks.device)
+        failed = torch.empty(len(ids), dtype=torch.bool, device=blocks.device)
+        factors[held], damping[held], failed[held] = store.factors[at], store.damping[at], store.failed[at]
+        new, result = factor_blocks(extra, damping=shift)
+        rest = torch.nonzero(slots < 0).squeeze(1)
+        factors[rest], damping[rest], failed[rest] = new, result.block_damping, result.failed_mask
+        return factors, BlockSolveResult.from_damping(damping, failed, shift), len(stale) + len(rest)
 
     def solve(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None = None,
               max_iter: int = 10) -> tuple[Tensor, BlockSolveResult, int, int]:
-        """Solve ``(B_i + shift I) x_i = rhs_i`` for the blocks ``ids`` of ``side``, exactly, reusing old work.
+        """Solve ``(B_i + shift I) x_i = rhs_i`` for the blocks ``ids`` (distinct) of ``side``, exactly, reusing old work.
 
-        Each block's inverse is kept from the last time it was factorised (see
+        Each held block's inverse is kept from the last time it was factorised (see
         :meth:`precondition`); since then the block lost a few rows' rank-one terms, so CG
         preconditioned with the old inverse (:func:`~lightning_unlearn.linalg.pcg_blocks`)
         reaches the current block's solution in a few batched matrix-vector products. Blocks
@@ -276,7 +388,7 @@ class CurvatureCache:
         Args:
             side: ``"users"`` or ``"items"``.
             ids: the blocks to solve.
-            rhs: ``(len(ids), d)`` right-hand sides, in the blocks' dtype.
+            rhs: ``(len(ids), d)`` float64 right-hand sides.
             shift: ``>= 0``, the damping added to the diagonal.
             tol: the relative residual each block's CG must reach (default ``sqrt(eps)``).
             max_iter: CG iterations before a block is factorised afresh.
@@ -285,43 +397,95 @@ class CurvatureCache:
             ``(x, result, refactored, iterations)``: the solutions (0 for failed blocks), the
             damping each block needed, how many blocks were factorised now, and the CG iterations run.
         """
-        blocks = getattr(self._entry[1], side)
+        slots, extra = self._lookup(side, ids)
+        blocks = self._tables[side].blocks
         store = self._inverses.get(side)
         if store is None:
             store = self._inverses[side] = _Inverses.empty(blocks)
         x = torch.zeros_like(rhs)
-        damping = torch.full((len(ids),), float(shift), dtype=blocks.dtype, device=blocks.device)
-        failed = torch.zeros(len(ids), dtype=torch.bool, device=blocks.device)
-        kept = store.valid[ids]
-        cached, redo = torch.nonzero(kept).squeeze(1), torch.nonzero(~kept).squeeze(1)
+        damping = torch.full((len(ids),), float(shift), dtype=torch.float64, device=rhs.device)
+        failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
+        kept = torch.zeros_like(failed)
+        kept[slots >= 0] = store.valid[slots[slots >= 0]]
+        cached, redo = torch.nonzero(kept).squeeze(1), torch.nonzero((slots >= 0) & ~kept).squeeze(1)
         iterations = 0
         if len(cached):
-            solved, converged, iterations = _pcg_cached(blocks, store.inverse, ids[cached], rhs[cached], shift, tol, max_iter)
+            solved, converged, iterations = _pcg_cached(blocks, store.inverse, slots[cached], rhs[cached], shift, tol, max_iter)
             x[cached[converged]] = solved[converged]
             redo = torch.cat([redo, cached[~converged]])
         if len(redo):
-            factors, result = factor_blocks(blocks[ids[redo]], damping=shift)
+            factors, result = factor_blocks(blocks[slots[redo]].double(), damping=shift)
             x[redo], failed[redo] = solve_factored(factors, rhs[redo], result.failed_mask)
             damping[redo] = result.block_damping
-            store.keep(ids[redo], factors, failed[redo])
-        return x, BlockSolveResult.from_damping(damping, failed, shift), len(redo), iterations
+            store.keep(slots[redo], factors, failed[redo])
+        refactored = len(redo)
+        if extra is not None:
+            rest = torch.nonzero(slots < 0).squeeze(1)
+            factors, result = factor_blocks(extra, damping=shift)
+            x[rest], failed[rest] = solve_factored(factors, rhs[rest], result.failed_mask)
+            damping[rest], refactored = result.block_damping, refactored + len(rest)
+        return x, BlockSolveResult.from_damping(damping, failed, shift), refactored, iterations
 
-    def precondition(self, side: str, shift: float) -> None:
-        """Factorise every block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from."""
-        blocks = getattr(self._entry[1], side)
+    def precondition(self, side: str, shift: float, chunk_bytes: int = 2**27) -> None:
+        """Factorise every held block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from.
+
+        Blocks are factorised ``chunk_bytes`` of float64 at a time.
+        """
+        blocks = self._tables[side].blocks
         store = self._inverses[side] = _Inverses.empty(blocks)
-        factors, result = factor_blocks(blocks, damping=shift)
-        store.keep(torch.arange(blocks.shape[0], device=blocks.device), factors, result.failed_mask)
+        step = max(1, chunk_bytes // (8 * blocks[0].numel())) if len(blocks) else 1
+        for start in range(0, len(blocks), step):
+            at = torch.arange(start, min(start + step, len(blocks)), device=blocks.device)
+            factors, result = factor_blocks(blocks[at].double(), damping=shift)
+            store.keep(at, factors, result.failed_mask)
 
     def adopt(self, model: Recommender) -> None:
         """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
-        if self._entry is not None:
-            self._entry = (fingerprint(model), self._entry[1])
+        if self._fingerprint is not None:
+            self._fingerprint = fingerprint(model)
 
     def clear(self) -> None:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
-        self._entry = None
-        self._factored, self._inverses = {}, {}
+        self._fingerprint: Tensor | None = None  # of the model the blocks were taken at
+        self._tables: dict[str, _Table] = {}
+        self._source: FreshCurvature | None = None  # what blocks not held are computed from: the retained rows
+        self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
+        self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
+        self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
+
+    def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The slots of ``ids``, after computing the blocks not held and taking the least recently used slots for them.
+
+        Returns ``(slots, extra)``: ids that found no slot (more were asked for than the cache
+        holds) have slot ``-1``, and ``extra`` holds their float64 blocks, in order (``None``
+        when every id has a slot).
+        """
+        table = self._tables[side]
+        self._reads += 1
+        ids = ids.to(table.slot.device)
+        slots = table.slot[ids]
+        hit = slots >= 0
+        table.used[slots[hit]] = self._reads
+        missing = torch.nonzero(~hit).squeeze(1)
+        self.hits, self.misses = self.hits + len(ids) - len(missing), self.misses + len(missing)
+        if not len(missing):
+            return slots, None
+        if self._source is None:
+            raise RuntimeError(f"{len(missing)} {side} blocks are not held and there are no rows to compute them from: "
+                               "downdate(model, retained, deleted) first.")
+        fresh = self._source.block(side, ids[missing])
+        k = min(len(missing), len(table.ids) - (len(ids) - len(missing)))  # the slots this lookup did not read
+        if k > 0:
+            victims = torch.topk(table.used, k, largest=False).indices
+            table.slot[table.ids[victims]] = -1
+            new = ids[missing[:k]]
+            table.ids[victims], table.slot[new], table.used[victims] = new, victims, self._reads
+            table.blocks[victims] = fresh[:k].to(table.blocks.dtype)
+            slots[missing[:k]] = victims
+            for store in (self._factored.get(side), self._inverses.get(side)):
+                if store is not None:
+                    store.forget(victims)
+        return slots, (fresh[k:] if k < len(missing) else None)
 
 
 class FreshCurvature:
@@ -382,8 +546,8 @@ def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shif
     most of the cache just to read it; the blocks it does not touch get a zero right-hand side
     and are solved by 0 before the first iteration.
     """
-    if 4 * len(ids) < 3 * len(blocks):
-        return pcg_blocks(blocks[ids], inverses[ids], rhs, shift=shift, tol=tol, max_iter=max_iter)
+    if 4 * len(ids) < 3 * len(blocks) or blocks.dtype != rhs.dtype:
+        return pcg_blocks(blocks[ids].to(rhs.dtype), inverses[ids], rhs, shift=shift, tol=tol, max_iter=max_iter)
     full = rhs.new_zeros(len(blocks), rhs.shape[1])
     full[ids] = rhs
     x, converged, iterations = pcg_blocks(blocks, inverses, full, shift=shift, tol=tol, max_iter=max_iter)
@@ -403,8 +567,13 @@ class _Factored:
     @classmethod
     def empty(cls, blocks: Tensor) -> _Factored:
         n = blocks.shape[0]
-        nan = torch.full((n,), float("nan"), dtype=blocks.dtype, device=blocks.device)
-        return cls(torch.zeros_like(blocks), nan, nan.clone(), nan.clone(), torch.zeros(n, dtype=torch.bool, device=blocks.device))
+        nan = torch.full((n,), float("nan"), dtype=torch.float64, device=blocks.device)
+        factors = torch.zeros_like(blocks, dtype=torch.float64)
+        return cls(factors, nan, nan.clone(), nan.clone(), torch.zeros(n, dtype=torch.bool, device=blocks.device))
+
+    def forget(self, slots: Tensor) -> None:
+        """The blocks in ``slots`` were replaced: their factors are refactored when next asked for."""
+        self.trace[slots], self.failed[slots] = float("nan"), False
 
 
 @dataclass
@@ -423,6 +592,10 @@ class _Inverses:
         ok = ~failed
         self.inverse[ids[ok]] = torch.cholesky_inverse(factors[ok]).to(self.inverse.dtype)
         self.valid[ids] = ok
+
+    def forget(self, slots: Tensor) -> None:
+        """The blocks in ``slots`` were replaced: their inverses no longer apply."""
+        self.valid[slots] = False
 
 
 def exact_hessian_blocks(

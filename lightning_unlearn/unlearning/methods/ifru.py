@@ -23,7 +23,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import conjugate_gradient, flatten
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, FreshCurvature
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
 from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
@@ -67,8 +67,9 @@ class IFRU(SecondOrderUnlearner):
             request; fastest per request, memory ``(users + items) x d^2``), ``"fresh"``
             (computed per request for the scope only, from the rows that touch it: no
             precomputation, memory and time that follow the deletion, not the catalog) or
-            ``"auto"`` (cached while the cache fits in ``cache_budget_gb``, else fresh).
-        cache_budget_gb: the largest cache ``blocks="auto"`` keeps, in GiB.
+            ``"auto"`` (a cache within ``cache_budget_gb``: every block while they fit, else
+            those of the users and items with the most rows, the others computed when needed).
+        cache_budget_gb: the most the cache of ``blocks="auto"`` holds, in GiB.
 
     Measured speed and fidelity, and the damping sweep: :ref:`measured` (``docs/methods.rst``,
     section Measured).
@@ -130,7 +131,7 @@ class IFRU(SecondOrderUnlearner):
             for side in ("users", "items"):
                 self.cache.precondition(side, self.damping * len(rows))
 
-    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, blocks: CurvatureBlocks | None,
+    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
         """One damped Newton correction on the scope's rows (see the class docstring)."""
         solver = ("cg" if is_graph(model) else "block") if self.solver == "auto" else self.solver
@@ -142,7 +143,7 @@ class IFRU(SecondOrderUnlearner):
         rows = retained if solver == "block" or is_graph(model) else scope.rows(retained, model)
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {**scope.diagnostics(), "rows_used": len(rows), "coordinates": restricted.numel,
-                                       "damping": self.damping, "solver": solver, "blocks": "fresh" if blocks is None else "cached"}
+                                       "damping": self.damping, "solver": solver, "blocks": "fresh" if cache is None else "cached"}
         # Everything below is taken at the trained parameters; the orphans (users/items left
         # without rows) are reset only at the end, so the deleted rows' gradients see the
         # vectors they were trained with. No cached block depends on an orphan (no rows left).
@@ -157,7 +158,7 @@ class IFRU(SecondOrderUnlearner):
             rhs = -(restricted.loss_gradient(rows, n, context) + restricted.gradient(model.dense_penalty))
         if not torch.isfinite(rhs).all():
             raise FloatingPointError("the right-hand side (gradient) is not finite")
-        curvature = self.cache if blocks is not None else None if is_graph(model) else FreshCurvature(model, retained, context)
+        curvature = cache if cache is not None else None if is_graph(model) else FreshCurvature(model, retained, context)
         if solver == "block":
             delta, solve = restricted.block_solve(rhs, curvature, n, self.damping, self.tol)
         elif solver == "direct":

@@ -27,7 +27,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import conjugate_gradient
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
 from lightning_unlearn.unlearning.methods.scope import Scope, is_graph
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
@@ -81,7 +81,7 @@ class SCIF(SecondOrderUnlearner):
                    if getattr(self, key) != defaults[key].default]
         return f"SCIF({', '.join([f'k_hop={self.k_hop}', *options])})"
 
-    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, blocks: CurvatureBlocks | None,
+    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
         """One preconditioned-CG influence step on the selection (see the module docstring)."""
         scope = Scope.of(model, retained, deleted, hops=self.k_hop)
@@ -93,7 +93,7 @@ class SCIF(SecondOrderUnlearner):
             rhs = restricted.loss_gradient(deleted, n, context)
             if not torch.isfinite(rhs).all():
                 raise FloatingPointError("the right-hand side (gradient) is not finite")
-            preconditioner = None if blocks is None else restricted.preconditioner(self.cache, n, self.damping)
+            preconditioner = None if cache is None else restricted.preconditioner(cache, n, self.damping)
             delta, result = conjugate_gradient(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, damping=self.damping,
                                                tol=self.tol, max_iter=self.max_iter, preconditioner=preconditioner)
             restricted.step(delta)

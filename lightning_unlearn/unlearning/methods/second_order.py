@@ -20,7 +20,7 @@ import torch
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureBlocks, CurvatureCache, cache_bytes
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.scope import is_graph
 
 __all__ = ["SecondOrderUnlearner"]
@@ -37,9 +37,11 @@ class SecondOrderUnlearner(Unlearner):
         blocks: ``"cached"`` (keep the blocks of every user and item, built once per trained
             model), ``"fresh"`` (no cache: a method computes its scope's blocks per request,
             e.g. with :class:`~lightning_unlearn.unlearning.methods.curvature.FreshCurvature`) or
-            ``"auto"`` (cached while :func:`~lightning_unlearn.unlearning.methods.curvature.cache_bytes`
-            is within ``cache_budget_gb``, else fresh).
-        cache_budget_gb: the largest cache ``"auto"`` keeps, in GiB (``> 0``).
+            ``"auto"`` (a cache within ``cache_budget_gb``: every block while
+            :func:`~lightning_unlearn.unlearning.methods.curvature.cache_bytes` fits, else the
+            blocks of the users and items with the most rows, in float32, with the rest computed
+            when a request needs them and kept in place of the least recently used).
+        cache_budget_gb: the most the cache of ``"auto"`` holds, in GiB (``> 0``).
 
     Raises:
         ValueError: on another ``blocks`` or a budget that is not a number > 0.
@@ -47,13 +49,13 @@ class SecondOrderUnlearner(Unlearner):
     Example:
         >>> from lightning_unlearn.models import MF
         >>> class Nothing(SecondOrderUnlearner):
-        ...     def step(self, model, retained, deleted, blocks, context):
-        ...         return {"blocks": None if blocks is None else tuple(blocks.users.shape)}
+        ...     def step(self, model, retained, deleted, cache, context):
+        ...         return {"blocks": None if cache is None else tuple(cache.block("users", torch.tensor([0])).shape)}
         >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([[2], [0]]))
         >>> kept, gone = rows.select(torch.tensor([True, False])), rows.select(torch.tensor([False, True]))
         >>> method = Nothing()
         >>> method.unlearn(MF(2, 3, embedding_dim=2), kept, gone).diagnostics
-        {'blocks': (2, 2, 2)}
+        {'blocks': (1, 2, 2), 'cache_hits': 1, 'cache_misses': 0}
     """
 
     def __init__(self, blocks: Literal["auto", "cached", "fresh"] = "auto", cache_budget_gb: float = 4.0) -> None:
@@ -63,11 +65,11 @@ class SecondOrderUnlearner(Unlearner):
         if isinstance(cache_budget_gb, bool) or not isinstance(cache_budget_gb, (int, float)) or not cache_budget_gb > 0:
             raise ValueError(f"{name}(cache_budget_gb=...) must be a number > 0, got {cache_budget_gb!r}.")
         self.blocks, self.cache_budget_gb = blocks, float(cache_budget_gb)
-        self.cache = CurvatureCache()
+        self.cache = CurvatureCache(None if blocks == "cached" else self.cache_budget_gb * 2**30)
 
     def keeps_cache(self, model: Recommender) -> bool:
-        """Whether ``blocks`` asks for the cache on ``model``: ``"cached"``, or ``"auto"`` with a cache within the budget."""
-        return self.blocks == "cached" or self.blocks == "auto" and cache_bytes(model) <= self.cache_budget_gb * 2**30
+        """Whether ``blocks`` asks for a cache (``"cached"`` or ``"auto"``)."""
+        return self.blocks != "fresh"
 
     def uses_cache(self, model: Recommender) -> bool:
         """Whether requests on ``model`` read the cached blocks (default: a kept cache, on a model without a graph)."""
@@ -115,17 +117,20 @@ class SecondOrderUnlearner(Unlearner):
             if not self.prepared_for(model):  # unlearn() prepares first: only a direct call of update() gets here
                 self.prepare(model, retained.concat(deleted), context)
             # a model with a non-finite parameter never matches its fingerprint: no blocks, and the step names the fault
-            blocks = self.cache.downdate(model, retained, deleted, context) if self.uses_cache(model) and self.cache.holds(model) else None
-            diagnostics = self.step(model, retained, deleted, blocks, context)
-            if blocks is not None:
-                self.cache.adopt(model)  # the step is small: later requests reuse these blocks as they are
-            return diagnostics
+            cache = self.cache if self.uses_cache(model) and self.cache.holds(model) else None
+            if cache is not None:
+                cache.downdate(model, retained, deleted, context)
+            diagnostics = self.step(model, retained, deleted, cache, context)
+            if cache is None:
+                return diagnostics
+            cache.adopt(model)  # the step is small: later requests reuse these blocks as they are
+            return {**diagnostics, "cache_hits": cache.hits, "cache_misses": cache.misses}
         except Exception:
             self.clear()  # a failed request is rolled back: the cache may hold its downdate
             raise
 
     @abstractmethod
-    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, blocks: CurvatureBlocks | None,
+    def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
         """Change ``model`` in place to forget ``deleted``; return diagnostics (plain values).
 
@@ -133,7 +138,7 @@ class SecondOrderUnlearner(Unlearner):
             model: the trained model.
             retained: the rows that remain.
             deleted: the rows to forget.
-            blocks: the cache's blocks of the retained rows, taken at ``model`` (``None`` when
-                :meth:`uses_cache` is false).
+            cache: the curvature cache, downdated to the retained rows, taken at ``model``
+                (``None`` when :meth:`uses_cache` is false).
             context: device, seed, reduce and sharding.
         """
