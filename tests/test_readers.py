@@ -208,10 +208,27 @@ def test_csv_source_given_split_with_integer_and_string_ids_and_validation(tmp_p
     train, val, test = source.load_splits()
     assert train.user_ids.tolist() == val.user_ids.tolist() == test.user_ids.tolist() == ["1", "2", "x"]
     assert (len(train), len(val), len(test)) == (2, 1, 1)
-    with pytest.raises(ValueError, match="does not take a given validation file"):
+    with pytest.raises(ValueError, match=r"load\(\) returns only \(train, test\) and would drop the validation file"):
         source.load()
     with pytest.raises(ValueError, match="needs test_path"):
         CSVSource("train.csv", val_path="val.csv")
+
+
+def test_csv_source_given_validation_file_missing_or_with_a_bad_line(tmp_path):
+    from lightning_unlearn.data import DataNotFoundError
+    from lightning_unlearn.data.sources import CSVSource
+
+    write(tmp_path / "train.csv", "user,item,rating\n1,10,5\n2,11,4\n")
+    write(tmp_path / "test.csv", "user,item,rating\n1,11,5\n")
+    source = CSVSource("train.csv", root=str(tmp_path), test_path="test.csv", val_path="val.csv")
+    with pytest.raises(DataNotFoundError, match=r"Data file not found: .*val\.csv"):
+        source.load_splits()
+    write(tmp_path / "val.csv", "user,item,rating\n2,10,5\n\n1\n")
+    with pytest.raises(ValueError, match=r"val\.csv, line 4: expected at least 3 fields, got 1"):
+        source.load_splits()
+    write(tmp_path / "val.csv", "user,item,rating\n2,10,five\n")
+    with pytest.raises(ValueError, match=r"val\.csv, line 2: rating/timestamp columns must be numbers; the rating is 'five'"):
+        source.load_splits()
 
 
 def test_csv_source_given_split_refuses_a_bad_test_line(tmp_path):

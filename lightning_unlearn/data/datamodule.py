@@ -25,6 +25,7 @@ from lightning_unlearn.data.splits import leave_last_out, random_holdout
 __all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint"]
 
 _SPLITS = ("random", "leave_last_out", "given")
+_VAL_FRACTION = 0.1  # what val_fraction=None carves when the source gives no validation split
 _FINGERPRINT_TAG = b"lightning_unlearn/data/v1\x00"
 
 
@@ -43,9 +44,13 @@ class RecDataModule(pl.LightningDataModule):
     Args:
         source: where the data comes from (a :class:`~lightning_unlearn.data.sources.DataSource`).
         split: ``"random"`` (per-user random holdout), ``"leave_last_out"`` (each user's latest
-            row by timestamp), or ``"given"`` (the source's own train/test pair).
+            row by timestamp), or ``"given"`` (the source's own train/test pair, and its own
+            validation split when it has one, e.g. ``CSVSource(..., val_path=...)``).
         test_fraction: share of each user's rows held out for test (``split="random"``).
         val_fraction: share of each user's training rows carved out for validation (0 for none).
+            ``None`` (the default) carves 0.1, or nothing when the source gives its own
+            validation split, which is then the validation split as it is; setting it with such
+            a source is an error, since the two would disagree about what to validate on.
         k_core: drop users and items with fewer rows, iteratively, before splitting.
         num_negatives: negatives per positive row.
         batch_size: training rows per batch.
@@ -53,8 +58,9 @@ class RecDataModule(pl.LightningDataModule):
         seed: seeds the splits, the negatives and the shuffling.
 
     Raises:
-        ValueError: on an unknown ``split``, a fraction outside ``[0, 1)``, a size below 1, or a
-            source whose own test split conflicts with ``split``.
+        ValueError: on an unknown ``split``, a fraction outside ``[0, 1)``, a size below 1, a
+            source whose own test or validation split conflicts with ``split``, or (on loading) a
+            ``val_fraction`` set with a source that gives its own validation split.
 
     Example:
         >>> from lightning_unlearn.data.sources import Synthetic
@@ -71,7 +77,7 @@ class RecDataModule(pl.LightningDataModule):
         source: DataSource,
         split: Literal["random", "leave_last_out", "given"] = "random",
         test_fraction: float = 0.2,
-        val_fraction: float = 0.1,
+        val_fraction: float | None = None,
         k_core: int = 0,
         num_negatives: int = 1,
         batch_size: int = 2048,
@@ -82,7 +88,7 @@ class RecDataModule(pl.LightningDataModule):
         if split not in _SPLITS:
             raise ValueError(f"RecDataModule(split=...) must be one of {_SPLITS}, got {split!r}.")
         for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
-            if not 0 <= value < 1:
+            if value is not None and not 0 <= value < 1:
                 raise ValueError(f"RecDataModule({name}=...) must be in [0, 1), got {value}.")
         for name, value in (("num_negatives", num_negatives), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
@@ -107,20 +113,31 @@ class RecDataModule(pl.LightningDataModule):
         if self.train is not None:
             return
         hp = self.hparams
-        data, given_test = self.source.load()
-        if given_test is not None and hp.split != "given":
-            raise ValueError(f"{type(self.source).__name__} provides its own test split; use split='given' (got {hp.split!r}).")
+        name = type(self.source).__name__
+        data, given_val, given_test = self.source.load_splits()
+        if (given_test is not None or given_val is not None) and hp.split != "given":
+            own = "test" if given_test is not None else "validation"
+            raise ValueError(f"{name} provides its own {own} split; use split='given' (got {hp.split!r}).")
         if hp.split == "given":
             if given_test is None:
-                raise ValueError(f"split='given' needs a source with its own test split; {type(self.source).__name__} has none.")
+                raise ValueError(f"split='given' needs a source with its own test split; {name} has none.")
             if hp.k_core:
                 raise ValueError("k_core filtering would renumber a given train/test pair; set k_core=0 with split='given'.")
+            if given_val is not None and hp.val_fraction is not None:
+                raise ValueError(
+                    f"{name} provides its own validation split, and RecDataModule(val_fraction={hp.val_fraction}) would "
+                    f"carve another from the training rows: leave val_fraction unset (None) to validate on the given "
+                    f"split, or give the source no validation file (e.g. CSVSource without val_path) to carve val_fraction."
+                )
             train, test = data, given_test
         else:
             data = k_core_filter(data, hp.k_core) if hp.k_core else data
             train, test = random_holdout(data, hp.test_fraction, hp.seed) if hp.split == "random" else leave_last_out(data)
-        if hp.val_fraction > 0:
-            train, val = random_holdout(train, hp.val_fraction, hp.seed + 1)
+        val_fraction = _VAL_FRACTION if hp.val_fraction is None else hp.val_fraction
+        if given_val is not None:
+            val = given_val
+        elif val_fraction > 0:
+            train, val = random_holdout(train, val_fraction, hp.seed + 1)
         else:
             val = train.select(torch.zeros(len(train), dtype=torch.bool))
         negatives = sample_negatives(train.users, train.items, train, hp.num_negatives, hp.seed)

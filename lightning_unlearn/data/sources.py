@@ -19,10 +19,15 @@ from lightning_unlearn.data.synthetic import planted_low_rank
 __all__ = ["AdjacencyLists", "CSVSource", "DataSource", "MovieLens100K", "MovieLens1M", "Synthetic"]
 
 Loaded = tuple[Interactions, "Interactions | None"]
+Splits = tuple[Interactions, "Interactions | None", "Interactions | None"]
 
 
 class DataSource(ABC):
-    """Where interactions come from. ``load()`` returns ``(interactions, given_test_or_None)``."""
+    """Where interactions come from. ``load()`` returns ``(interactions, given_test_or_None)``.
+
+    A source whose files include a validation split too overrides :meth:`load_splits`, which is
+    what :class:`~lightning_unlearn.data.datamodule.RecDataModule` reads.
+    """
 
     def prepare(self) -> None:
         """Fetch files if needed (called once, on rank zero)."""
@@ -30,6 +35,14 @@ class DataSource(ABC):
     @abstractmethod
     def load(self) -> Loaded:
         """Read the data."""
+
+    def load_splits(self) -> Splits:
+        """``(interactions, given_val_or_None, given_test_or_None)``, all with one id map.
+
+        By default :meth:`load` with no given validation split.
+        """
+        data, test = self.load()
+        return data, None, test
 
 
 class _MovieLens(DataSource):
@@ -89,10 +102,13 @@ class CSVSource(DataSource):
     """Any CSV/TSV of interactions; see :func:`~lightning_unlearn.data.readers.read_csv`.
 
     One file is split by the datamodule (``split="random"`` or ``"leave_last_out"``). With
-    ``test_path`` the files are a given train/test pair (use ``split="given"``): each is read
-    with the same ``columns``, ``sep``, ``header`` and ``threshold``, and all share one id map
-    (an id only in the test file gets its own index too), as if the files were one. A bad line
-    is refused with its file and line number.
+    ``test_path`` the files are a given train/test pair (use ``split="given"``), and with
+    ``val_path`` too a given train/validation/test triple, whose validation file
+    :class:`~lightning_unlearn.data.datamodule.RecDataModule` validates on instead of carving
+    ``val_fraction`` from the training rows. Each file is read with the same ``columns``,
+    ``sep``, ``header`` and ``threshold``, and all share one id map (an id only in the test or
+    validation file gets its own index too), as if the files were one. A bad line is refused
+    with its file and line number.
 
     Args:
         path: the file (the training file when ``test_path`` is given), relative to the data
@@ -104,9 +120,12 @@ class CSVSource(DataSource):
         root: the data root.
         test_path: a given test file (keyword only).
         val_path: a given validation file (keyword only; needs ``test_path``). Read with the
-            same id map by :meth:`load_splits`; :class:`~lightning_unlearn.data.datamodule.RecDataModule`
-            carves its validation split from the training rows (``val_fraction``) and does not
-            take a given one, so :meth:`load` refuses it.
+            same id map by :meth:`load_splits`, which ``RecDataModule(split="given")`` uses as
+            its validation split (leave its ``val_fraction`` unset); :meth:`load`, which
+            returns only ``(train, test)``, refuses it rather than drop the file.
+
+    Raises:
+        ValueError: ``val_path`` without ``test_path``.
 
     Example:
         >>> import tempfile, os
@@ -115,6 +134,15 @@ class CSVSource(DataSource):
         >>> _ = open(os.path.join(d, "test.csv"), "w").write("user,item\\nu1,c\\n")
         >>> CSVSource("train.csv", root=d, test_path="test.csv").load()
         (Interactions(rows=2, users=2, items=3), Interactions(rows=1, users=2, items=3))
+
+        A given validation file too, as the datamodule's validation split:
+
+        >>> from lightning_unlearn.data import RecDataModule
+        >>> _ = open(os.path.join(d, "val.csv"), "w").write("user,item\\nu2,c\\n")
+        >>> dm = RecDataModule(CSVSource("train.csv", root=d, test_path="test.csv", val_path="val.csv"), split="given")
+        >>> dm.setup()
+        >>> dm.val, dm.val.user_ids[dm.val.users.numpy()].tolist(), dm.val.item_ids[dm.val.items.numpy()].tolist()
+        (Interactions(rows=1, users=2, items=3), ['u2'], ['c'])
     """
 
     def __init__(
@@ -137,19 +165,19 @@ class CSVSource(DataSource):
     def load(self) -> Loaded:
         if self.val_path is not None:
             raise ValueError(
-                f"CSVSource(val_path={self.val_path!r}): RecDataModule does not take a given validation file; "
-                "leave val_path out (validation is carved from the training rows by val_fraction) or read "
-                "the three files with CSVSource.load_splits()."
+                f"CSVSource(val_path={self.val_path!r}).load() returns only (train, test) and would drop the "
+                "validation file; read the three files with CSVSource.load_splits() (as RecDataModule does)."
             )
         train, _, test = self.load_splits()
         return train, test
 
-    def load_splits(self) -> tuple[Interactions, Interactions | None, Interactions | None]:
+    def load_splits(self) -> Splits:
         """``(train, val, test)`` with one shared id map; ``val``/``test`` are ``None`` when not given.
 
         Raises:
             ValueError: a file has a bad line or lacks a column (names the file and line).
-            FileNotFoundError: a file is missing.
+            FileNotFoundError: a file is missing (a
+                :class:`~lightning_unlearn.data.download.DataNotFoundError` naming the path).
         """
         paths = [self.path, self.val_path, self.test_path]
         tables = [None if p is None else read_csv(find_file(p, self.root), self.columns, self.sep, self.header, self.threshold)
