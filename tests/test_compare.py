@@ -14,7 +14,7 @@ import yaml
 from lightning_unlearn.cli import main
 from lightning_unlearn.data import Interactions, RecDataModule, Synthetic
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning import DeletionSpec, Retrain
+from lightning_unlearn.unlearning import IFRU, AltEraser, DeletionSpec, Retrain
 from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
 from lightning_unlearn.unlearning.methods.base import Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
@@ -276,3 +276,24 @@ def test_resume_refuses_partial_results_of_another_configuration(small_compare, 
         small_compare([Retrain(), Nudge("other", runs)], tmp_path, resume=True)
     result = small_compare([Retrain(), Nudge("other", runs)], tmp_path)  # without --resume: a fresh run replaces them
     assert [m["status"] for m in result["methods"]] == ["ok", "ok"]
+
+
+def test_second_order_methods_share_one_curvature_cache_and_get_the_step_they_get_alone(small_compare, tmp_path):
+    """IFRU and AltEraser read the cache built by the first of them: the second builds nothing, and each model
+    equals the one the method gives on its own cache."""
+
+
+    methods = [Retrain(), IFRU(damping=1e-4), AltEraser(rounds=2), IFRU(damping=1e-4, k_hop=1)]
+    result = small_compare(methods, tmp_path / "shared")
+    alone = {}
+    for index, method in enumerate([IFRU(damping=1e-4), AltEraser(rounds=2), IFRU(damping=1e-4, k_hop=1)], start=1):
+        alone[method.name] = small_compare([Retrain(), method], tmp_path / f"alone{index}")["methods"][1]
+    shared = {m["name"]: m for m in result["methods"][1:]}
+    assert list(shared) == list(alone) == ["IFRU(k_hop=0)", "AltEraser(rounds=2)", "IFRU(k_hop=1)"]
+    assert "cache" not in shared["IFRU(k_hop=0)"]["diagnostics"]  # the first builds it
+    assert shared["AltEraser(rounds=2)"]["diagnostics"]["cache"] == "shared" == shared["IFRU(k_hop=1)"]["diagnostics"]["cache"]
+    assert methods[2].cache is methods[1].cache is methods[3].cache
+    for name, entry in shared.items():
+        for key, value in entry["utility"].items():
+            assert value == pytest.approx(alone[name]["utility"][key], rel=1e-6, abs=1e-9), (name, key)
+        assert entry["completeness"]["param_distance_rel"] == pytest.approx(alone[name]["completeness"]["param_distance_rel"], rel=1e-6)

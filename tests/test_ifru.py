@@ -447,6 +447,31 @@ def test_auto_blocks_past_the_budget_give_the_full_cache_step(fraction):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_rollback_undoes_a_request_on_the_cache(budget):
+    """mark(), a request's downdate and lookups that evict blocks, rollback(): the blocks, slots and parameters are as built."""
+    dm, model = mf_30x25()
+    cache = CurvatureCache(None if budget is None else budget * cache_bytes(model))
+    cache.build(model, dm.train_rows())
+    built = {side: (cache.held(side).clone(), getattr(cache.blocks, side).clone()) for side in ("users", "items")}
+    cache.mark()
+    deleted = dm.remove(torch.tensor([0, 3, 40, 77]))
+    cache.downdate(model, dm.train_rows(), deleted)
+    for side, size in (("users", dm.num_users), ("items", dm.num_items)):
+        cache.block(side, torch.randperm(size))
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        model.user_embedding.weight.mul_(0.9)
+    cache.adopt(model)
+    assert not cache.holds(trained) and (budget is None or cache.misses > 0)
+    cache.rollback()
+    for side, (ids, blocks) in built.items():
+        assert torch.equal(cache.held(side), ids) and torch.equal(getattr(cache.blocks, side), blocks)
+    assert cache.holds(trained) and cache.marked
+    with pytest.raises(RuntimeError, match="not marked"):
+        CurvatureCache().rollback()
+
+
 def test_cache_options_are_checked():
     with pytest.raises(ValueError, match="cache_budget_gb"):
         IFRU(cache_budget_gb=0)

@@ -16,13 +16,16 @@ from typing import Any, Callable, Sequence
 import torch
 from pytorch_lightning.loggers import Logger
 
+from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics, topk_overlap
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.retrain import Retrain
+from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.reporting import log_config, log_method_result
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
@@ -117,6 +120,7 @@ def compare(
     done = partial.load(resume, progress) if partial is not None else {}
     models: dict[str, Recommender] = {}
     entries: list[dict[str, Any]] = []
+    curvature = _SharedCurvature()
     for index, method in enumerate(ordered, start=1):
         step = f"[compare] {index}/{len(ordered)} {method.name}"
         if method.name in done:
@@ -134,9 +138,13 @@ def compare(
         progress(f"{step}: unlearning {resolved.num_rows} rows ({resolved.kind}) ...")
         unlearned = copy.deepcopy(original).train()
         try:
-            precompute = method.prepare(unlearned, retained.concat(deleted).to(device), context)  # once per trained model, not timed
+            every_row = retained.concat(deleted).to(device)
+            shared = curvature.take(method, unlearned, every_row)  # not timed, as prepare
+            precompute = method.prepare(unlearned, every_row, context)  # once per trained model, not timed
+            curvature.offer(method, unlearned)
             report = method.unlearn(unlearned, retained, deleted, context)
         except Exception as err:  # a failed method is reported; KeyboardInterrupt and the like still stop compare
+            curvature.release(method)
             entries.append({"name": method.name, "status": "failed", "error": f"{type(err).__name__}: {err}"})
             progress(f"{step}: FAILED: {entries[-1]['error']}")
             if partial is not None:
@@ -144,11 +152,13 @@ def compare(
             if index == 1:  # the reference: nothing can be judged without it
                 raise
             continue
+        curvature.release(method)
         unlearned.eval()
         models[method.name] = unlearned
         entries.append({"name": method.name, "status": "ok", "seconds": report.seconds,
-                        "precompute_seconds": report.precompute_seconds + precompute,
-                        "diagnostics": report.diagnostics, "utility": _utility(unlearned, datamodule)})
+                        "precompute_seconds": report.precompute_seconds + precompute + (shared or 0.0),
+                        "diagnostics": {**report.diagnostics, **({"cache": "shared"} if shared is not None else {})},
+                        "utility": _utility(unlearned, datamodule)})
         if partial is not None:
             partial.save_model(method.name, unlearned)
             partial.write(entries)
@@ -307,6 +317,40 @@ class _Partial:
     @staticmethod
     def _file(name: str) -> str:
         return hashlib.sha256(name.encode()).hexdigest()[:16] + ".pt"
+
+
+class _SharedCurvature:
+    """One curvature cache for every second-order method of a comparison: built by the first, rolled back after each.
+
+    A method that reads no cache, or would hold other blocks (another budget), keeps its own,
+    which is dropped once it is measured: at most two caches live at once.
+    """
+
+    def __init__(self) -> None:
+        self.cache: CurvatureCache | None = None
+
+    def take(self, method: Unlearner, model: Recommender, rows: TrainRows) -> float | None:
+        """Give ``method`` the shared cache when it can read it; the seconds its own work on it took (``None``: not taken)."""
+        if self.cache is None or not isinstance(method, SecondOrderUnlearner):
+            return None
+        return method.share(self.cache, model, rows)
+
+    def offer(self, method: Unlearner, model: Recommender) -> None:
+        """After ``method.prepare``: its cache becomes the shared one when there is none yet."""
+        if self.cache is None and isinstance(method, SecondOrderUnlearner) and method.uses_cache(model) and method.cache.holds(model):
+            self.cache = method.cache
+            self.cache.mark()
+
+    def release(self, method: Unlearner) -> None:
+        """After ``method``'s request: undo its changes of the shared cache, or drop its own cache."""
+        if not isinstance(method, SecondOrderUnlearner):
+            return
+        if method.cache is not self.cache:
+            method.clear()
+        elif self.cache.marked:
+            self.cache.rollback()
+        else:  # the request failed and cleared it
+            self.cache = None
 
 
 def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False) -> None:

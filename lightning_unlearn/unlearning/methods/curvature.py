@@ -274,6 +274,10 @@ class CurvatureCache:
         context = context or UnlearningContext()
         users, items = self._tables["users"], self._tables["items"]
         self._source, self.hits, self.misses = FreshCurvature(model, retained, context), 0, 0
+        if self._undo is not None:
+            for side, touched in (("users", deleted.users), ("items", deleted.all_items())):
+                slots = self._tables[side].slot[torch.unique(touched)]
+                self._record(side, slots[slots >= 0], replaced=False)
         if context.world_size == 1:  # subtract in place, no copies
             # users left without rows (a deleted user) have an empty block: zero it rather than subtract every row
             user_slot = users.slot.clone()
@@ -426,6 +430,10 @@ class CurvatureCache:
             damping[rest], refactored = result.block_damping, refactored + len(rest)
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored, iterations
 
+    def preconditioned(self, side: str) -> bool:
+        """Whether :meth:`precondition` has kept inverses for ``side`` (``"users"`` or ``"items"``)."""
+        return side in self._inverses
+
     def precondition(self, side: str, shift: float, chunk_bytes: int = 2**27) -> None:
         """Factorise every held block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from.
 
@@ -438,6 +446,44 @@ class CurvatureCache:
             at = torch.arange(start, min(start + step, len(blocks)), device=blocks.device)
             factors, result = factor_blocks(blocks[at].double(), damping=shift)
             store.keep(at, factors, result.failed_mask)
+
+    def mark(self) -> None:
+        """Record every later change of the held blocks, so that :meth:`rollback` returns the cache to this state.
+
+        ``compare`` marks the cache built for the trained model, lets a method take its request
+        (downdate, blocks computed into evicted slots, adopt), rolls back, and hands the same
+        cache to the next method: one build for every method. The log holds the changed blocks
+        as they were (those the deletion touches, and those evicted).
+        """
+        self._undo, self._marked = [], self._fingerprint
+
+    @property
+    def marked(self) -> bool:
+        """Whether changes are being recorded for :meth:`rollback` (since :meth:`mark`, until :meth:`clear`)."""
+        return self._undo is not None
+
+    def rollback(self) -> None:
+        """Undo the changes since :meth:`mark`: the blocks, and the parameters they are taken at, are as they were then.
+
+        Raises:
+            RuntimeError: the cache was not marked (or was cleared since).
+        """
+        if self._undo is None:
+            raise RuntimeError("the curvature cache was not marked: mark() it before the changes to undo.")
+        for side, slots, blocks, ids, replaced in reversed(self._undo):
+            table = self._tables[side]
+            if replaced:  # the slots held other blocks: give them back their ids, and drop what was computed from the new ones
+                table.slot[table.ids[slots]] = -1
+                table.ids[slots], table.slot[ids] = ids, slots
+                for store in (self._factored.get(side), self._inverses.get(side)):
+                    if store is not None:
+                        store.forget(slots)
+            table.blocks[slots] = blocks
+        self._fingerprint, self._undo = self._marked, []
+
+    def _record(self, side: str, slots: Tensor, replaced: bool) -> None:
+        table = self._tables[side]
+        self._undo.append((side, slots, table.blocks[slots].clone(), table.ids[slots].clone(), replaced))
 
     def adopt(self, model: Recommender) -> None:
         """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
@@ -452,6 +498,8 @@ class CurvatureCache:
         self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
         self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
         self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
+        self._undo: list | None = None  # since mark(): (side, slots, blocks, ids, replaced) as they were, per change
+        self._marked: Tensor | None = None  # the fingerprint at mark()
 
     def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """The slots of ``ids``, after computing the blocks not held and taking the least recently used slots for them.
@@ -477,6 +525,8 @@ class CurvatureCache:
         k = min(len(missing), len(table.ids) - (len(ids) - len(missing)))  # the slots this lookup did not read
         if k > 0:
             victims = torch.topk(table.used, k, largest=False).indices
+            if self._undo is not None:
+                self._record(side, victims, replaced=True)
             table.slot[table.ids[victims]] = -1
             new = ids[missing[:k]]
             table.ids[victims], table.slot[new], table.used[victims] = new, victims, self._reads

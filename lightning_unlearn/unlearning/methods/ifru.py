@@ -129,7 +129,8 @@ class IFRU(SecondOrderUnlearner):
         """The block solver's requests start from the inverses of every damped block, computed here once."""
         if self.solver in ("auto", "block"):
             for side in ("users", "items"):
-                self.cache.precondition(side, self.damping * len(rows))
+                if not self.cache.preconditioned(side):  # a cache shared by another IFRU may have them
+                    self.cache.precondition(side, self.damping * len(rows))
 
     def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:

@@ -104,8 +104,32 @@ class SecondOrderUnlearner(Unlearner):
             raise
         return time.perf_counter() - start
 
+    def share(self, cache: CurvatureCache, model: Recommender, rows: TrainRows) -> float | None:
+        """Read ``cache``, built for ``model`` by another method, instead of building one; the seconds :meth:`after_build` took.
+
+        ``compare`` builds one cache for the trained model and hands it from method to method
+        (:meth:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache.mark` and
+        ``rollback`` undo each request's changes). ``None`` (and nothing taken) when this method
+        does not read a cache on ``model``, or would hold other blocks (another budget).
+
+        Args:
+            cache: a cache that holds ``model``'s parameters.
+            model: the trained model.
+            rows: every training row it was trained on.
+        """
+        if not (self.uses_cache(model) and cache.holds(model) and cache.capacity(model) == self.cache.capacity(model)):
+            return None
+        start = time.perf_counter()
+        self.cache = cache
+        with torch.enable_grad():
+            self.after_build(model, rows)
+        return time.perf_counter() - start
+
     def after_build(self, model: Recommender, rows: TrainRows) -> None:
-        """Work on the freshly built cache, paid once per trained model (default: none)."""
+        """Work on the freshly built (or shared) cache, paid once per trained model (default: none).
+
+        A shared cache may already hold another method's work: keep what is there.
+        """
 
     def clear(self) -> None:
         """Drop what is cached for the trained model (after a failed request or a half-built cache)."""
