@@ -281,8 +281,6 @@ def test_resume_refuses_partial_results_of_another_configuration(small_compare, 
 def test_second_order_methods_share_one_curvature_cache_and_get_the_step_they_get_alone(small_compare, tmp_path):
     """IFRU and AltEraser read the cache built by the first of them: the second builds nothing, and each model
     equals the one the method gives on its own cache."""
-
-
     methods = [Retrain(), IFRU(damping=1e-4), AltEraser(rounds=2), IFRU(damping=1e-4, k_hop=1)]
     result = small_compare(methods, tmp_path / "shared")
     alone = {}
