@@ -27,7 +27,7 @@ SCHEMA = {
     "hardware": {"cpu": str, "threads": int, "device": str},
     "deletion": {"kind": str, "rows": int, "users": int, "items": int},
     "original": {"fit_seconds": float, "grad_norm": float, "utility": dict, "deleted": dict},
-    "method": {"name": str, "seconds": float, "precompute_seconds": float, "speedup_vs_retrain": float,
+    "method": {"name": str, "seconds": float, "precompute_seconds": float, "peak_mb": float, "speedup_vs_retrain": float,
                "utility": dict, "deleted": dict, "completeness": dict, "diagnostics": dict},
     "utility": ["recall@20", "ndcg@20", "hit@20", "auc"],
     "deleted": ["rank_pct", "score", "in_top20", "mia_auc"],

@@ -22,6 +22,7 @@ from lightning_unlearn.metrics.completeness import completeness_report, deleted_
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
+from lightning_unlearn.unlearning.memory import PeakMemory
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.retrain import Retrain
@@ -138,11 +139,12 @@ def compare(
         progress(f"{step}: unlearning {resolved.num_rows} rows ({resolved.kind}) ...")
         unlearned = copy.deepcopy(original).train()
         try:
-            every_row = retained.concat(deleted).to(device)
-            shared = curvature.take(method, unlearned, every_row)  # not timed, as prepare
-            precompute = method.prepare(unlearned, every_row, context)  # once per trained model, not timed
-            curvature.offer(method, unlearned)
-            report = method.unlearn(unlearned, retained, deleted, context)
+            with PeakMemory(device) as peak:
+                every_row = retained.concat(deleted).to(device)
+                shared = curvature.take(method, unlearned, every_row)  # not timed, as prepare
+                precompute = method.prepare(unlearned, every_row, context)  # once per trained model, not timed
+                curvature.offer(method, unlearned)
+                report = method.unlearn(unlearned, retained, deleted, context)
         except Exception as err:  # a failed method is reported; KeyboardInterrupt and the like still stop compare
             curvature.release(method)
             entries.append({"name": method.name, "status": "failed", "error": f"{type(err).__name__}: {err}"})
@@ -156,7 +158,7 @@ def compare(
         unlearned.eval()
         models[method.name] = unlearned
         entries.append({"name": method.name, "status": "ok", "seconds": report.seconds,
-                        "precompute_seconds": report.precompute_seconds + precompute + (shared or 0.0),
+                        "precompute_seconds": report.precompute_seconds + precompute + (shared or 0.0), **peak.as_dict(),
                         "diagnostics": {**report.diagnostics, **({"cache": "shared"} if shared is not None else {})},
                         "utility": _utility(unlearned, datamodule)})
         if partial is not None:
@@ -188,6 +190,7 @@ def compare(
             "status": "ok",
             "seconds": entry["seconds"],
             "precompute_seconds": entry["precompute_seconds"],
+            **{key: entry[key] for key in ("peak_mb", "cuda_peak_mb") if key in entry},
             "speedup_vs_retrain": entries[0]["seconds"] / max(entry["seconds"], 1e-12),
             "utility": entry["utility"],
             "deleted": figures["deleted"],
@@ -405,6 +408,7 @@ COLUMNS = [
     ("overlap_aff", lambda m: m["completeness"]["overlap@20_affected"]),
     ("score_dist", lambda m: m["completeness"]["score_distance_rel"]),
     ("param_dist", lambda m: m["completeness"]["param_distance_rel"]),
+    ("peak_MB", lambda m: None if m.get("peak_mb") is None else round(m["peak_mb"])),
 ]
 
 
