@@ -178,14 +178,14 @@ class CurvatureCache:
     :func:`~lightning_unlearn.models.functional.fingerprint`).
 
     With ``budget_bytes`` smaller than :func:`cache_bytes`, the cache holds as many blocks as fit
-    (float32 storage, float64 accumulation; blocks and their factors count against the budget),
+    (float32 storage, float64 accumulation; blocks, their factors and inverses count against the budget),
     starting with the users and items of most rows. A block it does not hold is computed when
     asked for, from the retained rows that touch it (as :class:`FreshCurvature` does), and takes
     the slot of the least recently used one. Without a budget, or when everything fits, every
     block is held in float64.
 
     Args:
-        budget_bytes: the most the blocks and their factors may take (``None``: no bound).
+        budget_bytes: the most the blocks, their factors and inverses may take (``None``: no bound).
 
     Raises:
         ValueError: on a budget that is not a number > 0.
@@ -215,13 +215,14 @@ class CurvatureCache:
         Example:
             >>> from lightning_unlearn.models import MF
             >>> CurvatureCache(budget_bytes=2**20).capacity(MF(1000, 100_000, embedding_dim=8))
-            ({'users': 13, 'items': 1351}, torch.float32)
+            ({'users': 10, 'items': 1013}, torch.float32)
         """
         sizes = {"users": model.num_users, "items": model.num_items}
         if self.budget_bytes is None or cache_bytes(model) <= self.budget_bytes:
             return sizes, torch.float64
         width = _widths(model)
-        per_block = {side: (4 + 8) * width[side] ** 2 for side in sizes}  # float32 block, float64 factor
+        # a float32 block, its float64 factor and float32 inverse (a cache shared by IFRU and AltEraser holds both)
+        per_block = {side: (4 + 8 + 4) * width[side] ** 2 for side in sizes}
         share = self.budget_bytes / sum(sizes[side] * per_block[side] for side in sizes)
         return {side: int(share * sizes[side]) for side in sizes}, torch.float32
 
