@@ -14,9 +14,9 @@ from lightning_unlearn.data.download import find_file
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.readers import read_adjacency, read_csv, read_movielens_1m, read_movielens_100k
 from lightning_unlearn.data.splits import compact
-from lightning_unlearn.data.synthetic import planted_low_rank
+from lightning_unlearn.data.synthetic import planted_low_rank, power_law_catalog
 
-__all__ = ["AdjacencyLists", "CSVSource", "DataSource", "MovieLens100K", "MovieLens1M", "Synthetic"]
+__all__ = ["AdjacencyLists", "CSVSource", "DataSource", "MovieLens100K", "MovieLens1M", "PowerLawCatalog", "Synthetic"]
 
 Loaded = tuple[Interactions, "Interactions | None"]
 Splits = tuple[Interactions, "Interactions | None", "Interactions | None"]
@@ -216,3 +216,27 @@ class Synthetic(DataSource):
         return planted_low_rank(**self.kwargs), None
 
 
+class PowerLawCatalog(DataSource):
+    """A large catalog with power-law popularity, from :func:`~lightning_unlearn.data.synthetic.power_law_catalog`.
+
+    For scale: the shape of a real catalog (a few items and users hold most rows) without a
+    download. Its items are drawn regardless of the user, so a model learns popularity only.
+
+    Args:
+        num_users: number of users.
+        num_items: number of items.
+        num_interactions: pairs drawn (duplicates are dropped).
+        exponent: the item popularity's power-law exponent.
+        seed: the same seed gives the same data.
+
+    Example:
+        >>> PowerLawCatalog(num_users=20, num_items=100, num_interactions=200).load()[0].num_items
+        100
+    """
+
+    def __init__(self, num_users: int = 10_000, num_items: int = 100_000, num_interactions: int = 1_000_000,
+                 exponent: float = 1.0, seed: int = 0):
+        self.kwargs = dict(num_users=num_users, num_items=num_items, num_interactions=num_interactions, exponent=exponent, seed=seed)
+
+    def load(self) -> Loaded:
+        return power_law_catalog(**self.kwargs), None
