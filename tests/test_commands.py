@@ -24,7 +24,7 @@ import torch
 import lightning_unlearn
 from lightning_unlearn import MF, RecDataModule
 from lightning_unlearn.cli import UnlearningTrainer, main
-from lightning_unlearn.data import CSVSource
+from lightning_unlearn.data import CSVSource, Synthetic
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import restore_checkpoint
 from tests.conftest import REPO, shared_data
@@ -225,7 +225,7 @@ def test_retrain_in_compare_refits_with_the_configured_optimizer(trained, tmp_pa
 
 
 def test_fit_recipe_trains_with_its_optimizer_and_restores_the_model():
-    from lightning_unlearn.data import Synthetic
+
 
     dm = RecDataModule(Synthetic(num_users=30, num_items=20), batch_size=64)
     model = MF(dm.num_users, dm.num_items, embedding_dim=4)
@@ -416,3 +416,14 @@ def test_recipes_are_all_listed_in_the_cli_docs():
                        "lightning_unlearn.unlearning.UnlearningCallback"):
         module, name = class_path.rsplit(".", 1)
         assert getattr(__import__(module, fromlist=[name]), name) and f"``{class_path}``" in page, class_path
+
+
+def test_a_refit_validates_as_often_as_the_original_fit():
+    """``check_val_every_n_epoch`` reaches the recipe: Retrain validates (and stops early) as the original did."""
+    recipe = FitRecipe.from_trainer(pl.Trainer(check_val_every_n_epoch=3, max_epochs=6, logger=False))
+    assert recipe.check_val_every_n_epoch == 3 and FitRecipe.from_trainer(pl.Trainer(logger=False)).check_val_every_n_epoch == 1
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20, density=0.5, seed=0), val_fraction=0.3, batch_size=64)
+    model, validations = MF(dm.num_users, dm.num_items, embedding_dim=4), []
+    model.on_validation_epoch_start = lambda: validations.append(model.current_epoch)
+    FitRecipe(max_epochs=6, check_val_every_n_epoch=3)(model, dm)
+    assert validations == [0, 2, 5]  # the sanity check, then the ends of epochs 3 and 6

@@ -41,6 +41,8 @@ class FitRecipe:
         deterministic: Lightning's ``deterministic`` flag.
         limit_train_batches: Lightning's ``limit_train_batches`` (a share or a count per epoch).
         limit_val_batches: Lightning's ``limit_val_batches``.
+        check_val_every_n_epoch: Lightning's ``check_val_every_n_epoch`` (validate every n-th
+            epoch; early stopping's patience counts validations).
         optimizer: the optimizer as LightningCLI's ``--optimizer`` gives it,
             ``{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}`` (``None``: the
             model's own ``configure_optimizers``).
@@ -69,6 +71,7 @@ class FitRecipe:
     deterministic: bool = True
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
+    check_val_every_n_epoch: int = 1
     optimizer: Mapping[str, Any] | None = field(default=None, hash=False)
     lr_scheduler: Mapping[str, Any] | None = field(default=None, hash=False)
     progress: bool = False
@@ -79,8 +82,8 @@ class FitRecipe:
 
     @classmethod
     def from_trainer(cls, trainer: pl.Trainer) -> FitRecipe:
-        """The recipe of ``trainer``: its epoch cap, early stopping, best-checkpoint metric, device,
-        progress bar, and the optimizer and scheduler the command line configured (the trainer's
+        """The recipe of ``trainer``: its epoch cap, validation interval, early stopping, best-checkpoint
+        metric, device, progress bar, and the optimizer and scheduler the command line configured (the trainer's
         ``optimizer_init`` and ``lr_scheduler_init``, which ``lightning-unlearn`` sets from
         ``--optimizer`` and ``--lr_scheduler``; absent on a plain ``Trainer``)."""
         stop = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
@@ -98,6 +101,7 @@ class FitRecipe:
             deterministic=True,
             limit_train_batches=trainer.limit_train_batches,
             limit_val_batches=trainer.limit_val_batches,
+            check_val_every_n_epoch=trainer.check_val_every_n_epoch or 1,
             optimizer=getattr(trainer, "optimizer_init", None),
             lr_scheduler=getattr(trainer, "lr_scheduler_init", None),
             progress=trainer.progress_bar_callback is not None,
@@ -116,7 +120,8 @@ class FitRecipe:
                                          ("limit_val_batches", self.limit_val_batches)) if v != 1.0}
             trainer = pl.Trainer(
                 max_epochs=self.max_epochs, accelerator=self.accelerator, devices=self.devices,
-                deterministic=self.deterministic, logger=False, **limits, enable_checkpointing=best is not None,
+                deterministic=self.deterministic, logger=False, **limits, check_val_every_n_epoch=self.check_val_every_n_epoch,
+                enable_checkpointing=best is not None,
                 enable_progress_bar=self.progress, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
             )
             trainer.fit(model, datamodule)
