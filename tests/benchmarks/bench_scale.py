@@ -1,33 +1,62 @@
-"""Benchmark: IFRU and AltEraser per request as the catalog grows, with cached and with fresh curvature blocks (issue 16).
+"""Benchmark: IFRU and AltEraser per request as the catalog grows, against Retrain, a validation pass and a training epoch (issue 16).
 
-For power-law catalogs (:func:`~lightning_unlearn.data.synthetic.power_law_catalog`) of
-``--users`` users, ``--interactions`` draws and each of ``--items`` item counts (MF, d=``--dim``,
-4 uniform negatives per row, random initialisation: the cost of a request does not depend on
-how well the model was trained, its fidelity is measured by ``compare``), and two deletions
-(``--delete-users`` whole users; ``--delete-fraction`` of the interactions), measures each of
+For power-law catalogs (:class:`~lightning_unlearn.data.PowerLawCatalog`) of
+``--users`` users, ``--interactions`` draws and each of ``--items`` item counts, loaded by a
+:class:`~lightning_unlearn.data.RecDataModule` as a real run loads its data (``split="leave_last_out"``:
+each user's latest row is the test target; ``val_fraction=0.1``: a tenth of each user's remaining
+rows, rounded, are the validation targets, so users with fewer than 5 training rows have none;
+4 fixed negatives per training row, ``--batch-size`` rows per training batch, ``--eval-batch-size``
+users per ranking batch), MF (d=``--dim``, l2=0.03, Adam at the default learning rate, random
+initialisation: the cost of a request does not depend on how well the model was trained, its
+fidelity is measured by ``compare``), and two deletions applied with ``RecDataModule.remove`` as the
+callback applies them (``--delete-users`` whole users, with their validation and test rows; a
+``--delete-fraction`` of the training rows), measures each of
 
+* ``Retrain(epochs=N)``: ``Retrain().unlearn`` with the library's default :class:`FitRecipe` capped
+  at ``--retrain-epochs`` epochs (the same cap in every row): every epoch is a training epoch and a
+  validation pass (early stopping and best checkpoint on ``val/ndcg@20``), after Lightning's sanity
+  check; the reference of the speed-ups;
+* ``validation pass``: ``Trainer.validate`` on the retained data: every validation user ranked
+  against every item (``validation_step``, Recall/NDCG/Hit@10,20 and AUC, on by default);
+* ``training epoch``: ``FitRecipe(max_epochs=1, monitor=None, limit_val_batches=0)``, a ``Trainer.fit``
+  of one epoch over the retained rows with validation, logger, checkpoints and progress bar off;
 * ``IFRU(blocks="cached")`` and ``AltEraser(blocks="cached")`` with the curvature cache (built once per
   model, reported as precomputation, ``(users + items) x d^2`` float64 and more for factors);
 * ``IFRU(blocks="fresh")`` and ``AltEraser(blocks="fresh")``: the scope's blocks per request,
   from the rows that touch it, nothing kept;
+* ``IFRU(cache_budget_gb=2)`` and ``AltEraser(cache_budget_gb=2)`` (``blocks="auto"``, the
+  default, with a 2 GiB budget instead of 4): every block while they fit; past the budget, the
+  blocks of the busiest users and items in float32, the others computed on demand;
 
-in a subprocess of its own: per-request seconds, precomputation seconds and the peak resident
-memory of the process above what it held before the method ran. A cached variant whose cache
-would exceed ``--memory-gb`` is reported as skipped. Prints a table, writes JSON
-(``runs/benchmarks/scale.json``) and, with matplotlib, a log-log plot of per-request seconds
-against the catalog size (``runs/benchmarks/scale.png``)::
+each in a subprocess of its own, with the same data and deletions (same seeds): seconds (per
+request for the methods; the whole ``Trainer`` call for the validation pass and the epoch),
+precomputation seconds, and the peak resident memory of the process above what it held before the
+measurement (the peak is reset once the data is loaded). A method's speed-up is Retrain's seconds
+over its per-request seconds (same catalog and deletion). A cached variant whose cache, or a
+validation pass (or Retrain) whose score chunk of ``--eval-batch-size x items`` float32, would exceed
+``--memory-gb`` is reported as skipped. Prints a table, writes JSON (``runs/benchmarks/scale.json``)
+and, with matplotlib, a log-log plot of seconds (the methods per request, Retrain, and for scale the
+validation pass and the epoch) and of the speed-ups against the catalog size
+(``runs/benchmarks/scale.png``)::
 
-    python tests/benchmarks/bench_scale.py --threads 2
+    python tests/benchmarks/bench_scale.py --threads 2 --retrain-epochs 2
+
+A small run (minutes on one thread)::
+
+    python tests/benchmarks/bench_scale.py --items 10000 30000 --users 2000 --interactions 100000 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import re
 import resource
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +66,15 @@ METHODS = {
     "IFRU(blocks=fresh)": lambda m: m.IFRU(blocks="fresh"),
     "AltEraser(blocks=cached)": lambda m: m.AltEraser(blocks="cached"),
     "AltEraser(blocks=fresh)": lambda m: m.AltEraser(blocks="fresh"),
+    # blocks="auto" (the default) under a 2 GiB budget: every block while it fits, the busiest past it
+    "IFRU(cache_budget_gb=2)": lambda m: m.IFRU(cache_budget_gb=2),
+    "AltEraser(cache_budget_gb=2)": lambda m: m.AltEraser(cache_budget_gb=2),
 }
+VALIDATION, EPOCH = "validation pass", "training epoch"
+
+
+def retrain_name(epochs: int) -> str:
+    return f"Retrain(epochs={epochs})"
 
 
 def rss_mb() -> float:
@@ -45,40 +82,113 @@ def rss_mb() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def reset_peak() -> None:
+    """Reset the process's peak resident memory (``VmHWM``) to what it holds now, where Linux allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb() -> float:
+    """Peak resident memory since :func:`reset_peak` (``VmHWM``; else the lifetime peak ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return int(re.search(r"VmHWM:\s+(\d+)", fh.read()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def one(args: argparse.Namespace) -> dict:
     """Measure one (catalog, deletion, method) in this process."""
-    from lightning_unlearn.data.batches import TrainRows
-    from lightning_unlearn.data.synthetic import power_law_catalog
+    import pytorch_lightning as pl
+
+    from lightning_unlearn.data import PowerLawCatalog, RecDataModule
     from lightning_unlearn.models import MF
     from lightning_unlearn.unlearning import methods
+    from lightning_unlearn.unlearning.methods import UnlearningContext
+    from lightning_unlearn.unlearning.recipe import FitRecipe
 
+    warnings.filterwarnings("ignore")  # Lightning's advice on workers and logging; the JSON line is what counts
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    data = power_law_catalog(args.users, args.one_items, args.interactions, seed=0)
+
+    source = PowerLawCatalog(args.users, args.one_items, args.interactions, seed=0)
+    dm = RecDataModule(source, split="leave_last_out", val_fraction=0.1, num_negatives=4, batch_size=args.batch_size,
+                       eval_batch_size=args.eval_batch_size, seed=0)
+    dm.setup()
+    rows_before = len(dm.train)
     g = torch.Generator().manual_seed(1)
-    rows = TrainRows(data.users, data.items, torch.randint(data.num_items, (len(data), 4), generator=g))
     if args.one_deletion == "users":
-        gone = torch.isin(rows.users, torch.randperm(data.num_users, generator=g)[:args.delete_users])
+        users = torch.randperm(dm.num_users, generator=g)[:args.delete_users]
+        deleted = dm.remove(torch.zeros(0, dtype=torch.long), users=users)
     else:
-        gone = torch.zeros(len(rows), dtype=torch.bool)
-        gone[torch.randperm(len(rows), generator=g)[:max(1, round(args.delete_fraction * len(rows)))]] = True
-    retained, deleted = rows.select(~gone), rows.select(gone)
+        deleted = dm.remove(torch.randperm(rows_before, generator=g)[:max(1, round(args.delete_fraction * rows_before))])
+    retained = dm.train_rows()
     torch.manual_seed(0)
-    model = MF(data.num_users, data.num_items, embedding_dim=args.dim, l2=0.03, init_std=0.1)
-    method = METHODS[args.one_method](methods)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=args.dim, l2=0.03, init_std=0.1)
+    trainer_flags = dict(accelerator="cpu", devices=1, deterministic=True, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     torch.linalg.cholesky(torch.eye(4, dtype=torch.float64).expand(2, 4, 4))  # load LAPACK before the clock starts
+    reset_peak()
     before = rss_mb()
     start = time.perf_counter()
-    report = method.unlearn(model, retained, deleted)
+    precompute, detail = 0.0, {}
+    if args.one_method == VALIDATION:
+        metrics = pl.Trainer(**trainer_flags).validate(model, dm, verbose=False)[0]
+        seconds = time.perf_counter() - start
+        detail = {"val_users": int((dm.val.by_user.lengths() > 0).sum()),
+                  "val_ndcg@20": round(float(metrics["val/ndcg@20"]), 4), "val_auc": round(float(metrics["val/auc"]), 4)}
+    elif args.one_method == EPOCH:
+        FitRecipe(max_epochs=1, monitor=None, limit_val_batches=0)(model, dm)
+        seconds = time.perf_counter() - start
+        detail = {"batches": -(-len(retained) // args.batch_size)}
+    elif args.one_method == retrain_name(args.retrain_epochs):
+        recipe = FitRecipe(max_epochs=args.retrain_epochs)
+        context = UnlearningContext(seed=0, fit=lambda fresh: recipe(fresh, dm))
+        report = methods.Retrain().unlearn(model, retained, deleted, context)
+        seconds = report.seconds
+    else:
+        report = METHODS[args.one_method](methods).unlearn(model, retained, deleted)
+        seconds, precompute = report.seconds, report.precompute_seconds
     total = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"items": data.num_items, "catalog": args.one_items, "users": data.num_users, "rows": len(rows), "deleted_rows": len(deleted),
-            "deletion": args.one_deletion, "method": args.one_method, "seconds": report.seconds, "precompute_seconds": report.precompute_seconds,
-            "total_seconds": total, "peak_mb_above_start": peak - before, "threads": torch.get_num_threads()}
+    peak = peak_mb()
+    return {"items": dm.num_items, "catalog": args.one_items, "users": dm.num_users, "rows": rows_before, "deleted_rows": len(deleted),
+            "deletion": args.one_deletion, "method": args.one_method, "seconds": seconds, "precompute_seconds": precompute,
+            "total_seconds": total, "peak_mb_above_start": peak - before, "threads": torch.get_num_threads(), **detail}
 
 
 def cache_gb(items: int, users: int, dim: int) -> float:
     """Blocks (float64) plus the factors or inverses a cached method keeps: about twice the blocks."""
     return 2 * (items + users) * dim * dim * 8 / 2**30
+
+
+def ranking_gb(items: int, eval_batch_size: int) -> float:
+    """A ranking batch's scores (float32) plus the metrics' working chunk (``2**28`` bytes) and masks."""
+    return (eval_batch_size * items * 4 + 2**29) / 2**30
+
+
+def skip_reason(name: str, items: int, args: argparse.Namespace) -> str | None:
+    if name in METHODS and "cached" in name and cache_gb(items, args.users, args.dim) > args.memory_gb:
+        return f"cache of ~{cache_gb(items, args.users, args.dim):.1f} GB over {args.memory_gb} GB"
+    if name in (VALIDATION, retrain_name(args.retrain_epochs)) and ranking_gb(items, args.eval_batch_size) > args.memory_gb:
+        return f"ranking batch of ~{ranking_gb(items, args.eval_batch_size):.1f} GB over {args.memory_gb} GB"
+    return None
+
+
+HEADER = (f"{'catalog':>8} {'deletion':<12} {'measurement':<29} {'seconds':>9} {'precompute':>10} {'peak MB':>8} "
+          f"{'vs Retrain':>10}  rows deleted / rows")
+
+
+def table_line(row: dict) -> str:
+    start = f"{row['catalog']:>8} {row['deletion']:<12} {row['method']:<29}"
+    if "skipped" in row or "failed" in row:
+        return f"{start} {'skipped' if 'skipped' in row else 'failed'}: {row.get('skipped') or row.get('failed')}"
+    speedup = f"{row['speedup_over_retrain']:9.0f}x" if "speedup_over_retrain" in row else f"{'':>10}"
+    return (f"{start} {row['seconds']:9.3f} {row['precompute_seconds']:10.2f} {row['peak_mb_above_start']:+8.0f} {speedup}  "
+            f"{row['deleted_rows']} / {row['rows']}")
 
 
 def main() -> None:
@@ -89,8 +199,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--delete-users", type=int, default=100)
     parser.add_argument("--delete-fraction", type=float, default=0.001)
+    parser.add_argument("--retrain-epochs", type=int, default=2, help="Retrain's epoch cap, the same in every row")
+    parser.add_argument("--batch-size", type=int, default=2048, help="training rows per batch")
+    parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per full-ranking batch")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--memory-gb", type=float, default=12.0, help="skip cached variants whose cache would exceed this")
+    parser.add_argument("--memory-gb", type=float, default=12.0, help="skip cached variants and ranking batches that would exceed this")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/scale.json"))
     parser.add_argument("--one-items", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-method", help=argparse.SUPPRESS)
@@ -99,26 +212,34 @@ def main() -> None:
     if args.one_method:
         print(json.dumps(one(args)))
         return
+    retrain = retrain_name(args.retrain_epochs)
+    measurements = [retrain, VALIDATION, EPOCH, *METHODS]  # Retrain first: the methods' speed-ups are printed with them
     print(f"torch {torch.__version__}, {args.threads} threads, {args.users} users, {args.interactions} draws, d={args.dim}; "
-          f"deletions: {args.delete_users} users, {args.delete_fraction:.1%} of interactions; each in its own process")
+          f"deletions: {args.delete_users} users, {args.delete_fraction:.1%} of training rows; Retrain capped at "
+          f"{args.retrain_epochs} epochs; each measurement in its own process")
+    print(HEADER)
     results = []
     for items in args.items:
         for deletion in ("users", "interactions"):
-            for name in METHODS:
-                if "fresh" not in name and cache_gb(items, args.users, args.dim) > args.memory_gb:
-                    results.append({"catalog": items, "deletion": deletion, "method": name, "skipped": f"cache over {args.memory_gb} GB"})
-                    print(f"{items:>8} {deletion:<13} {name:<25} skipped: cache of ~{cache_gb(items, args.users, args.dim):.1f} GB")
-                    continue
-                command = [sys.executable, __file__, *sys.argv[1:], "--one-items", str(items), "--one-method", name, "--one-deletion", deletion]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode:
-                    results.append({"catalog": items, "deletion": deletion, "method": name, "failed": done.stderr.strip().splitlines()[-1:]})
-                    print(f"{items:>8} {deletion:<13} {name:<25} failed: {done.stderr.strip().splitlines()[-1:]}")
-                    continue
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+            reference = None
+            for name in measurements:
+                row = {"catalog": items, "deletion": deletion, "method": name}
+                reason = skip_reason(name, items, args)
+                if reason:
+                    row["skipped"] = reason
+                else:
+                    command = [sys.executable, __file__, *sys.argv[1:], "--one-items", str(items), "--one-method", name, "--one-deletion", deletion]
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    if done.returncode:
+                        row["failed"] = done.stderr.strip().splitlines()[-1:]
+                    else:
+                        row = json.loads(done.stdout.strip().splitlines()[-1])
+                        if name == retrain:
+                            reference = row["seconds"]
+                        elif name in METHODS and reference:
+                            row["speedup_over_retrain"] = reference / row["seconds"]
                 results.append(row)
-                print(f"{items:>8} {deletion:<13} {name:<25} {row['seconds']:8.3f} s/request  precompute {row['precompute_seconds']:7.2f} s  "
-                      f"peak +{row['peak_mb_above_start']:7.0f} MB  ({row['deleted_rows']} rows deleted of {row['rows']})")
+                print(table_line(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if not k.startswith("one_") and k != "out"}
                                     | {"out": str(args.out)}, "results": results}, indent=1))
@@ -131,16 +252,24 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[plot]')")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, deletion in zip(axes, ("users", "interactions")):
-        for name in METHODS:
-            points = [(r["catalog"], r["seconds"]) for r in results if r.get("method") == name and r["deletion"] == deletion and "seconds" in r]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="items in the catalog", title=f"delete {deletion}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("seconds per request")
-    axes[0].legend()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True, sharey="row")
+    styles = {retrain: dict(color="black", lw=2), VALIDATION: dict(color="grey", ls="--"), EPOCH: dict(color="grey", ls=":")}
+    for column, deletion in enumerate(("users", "interactions")):
+        top, bottom = axes[0, column], axes[1, column]
+        for name in measurements:
+            ok = [r for r in results if r["method"] == name and r["deletion"] == deletion and "seconds" in r]
+            if ok:
+                top.plot([r["catalog"] for r in ok], [r["seconds"] for r in ok], marker="o", label=name, **styles.get(name, {}))
+            ok = [r for r in ok if "speedup_over_retrain" in r]
+            if ok:
+                bottom.plot([r["catalog"] for r in ok], [r["speedup_over_retrain"] for r in ok], marker="o", label=name)
+        top.set(xscale="log", yscale="log", title=f"delete {deletion}")
+        bottom.set(xscale="log", yscale="log", xlabel="items in the catalog")
+        for ax in (top, bottom):
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].set_ylabel("seconds (per request for the methods)")
+    axes[1, 0].set_ylabel(f"speed-up over {retrain}")
+    axes[0, 0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(args.out.with_suffix(".png"), dpi=120)
     print(f"wrote {args.out.with_suffix('.png')}")
