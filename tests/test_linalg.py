@@ -18,6 +18,7 @@ from lightning_unlearn.linalg import (
     hessian_matvec,
     hvp,
     hvp_forward_over_reverse,
+    inverse_factored,
     pcg_blocks,
     scatter_outer,
     solve_blocks,
@@ -541,3 +542,13 @@ def test_pcg_blocks_shift_solves_the_damped_blocks_without_touching_them():
     x, converged, _ = pcg_blocks(blocks, torch.linalg.inv(blocks + 0.7 * eye), rhs, shift=0.3, tol=1e-12, max_iter=d + 4)
     assert bool(converged.all()) and torch.equal(blocks, original)
     torch.testing.assert_close(x, torch.linalg.solve(blocks + 0.3 * eye, rhs), rtol=1e-8, atol=1e-12)
+
+
+def test_inverse_factored_is_the_inverse_and_leaves_the_thread_count_as_it_was():
+    torch.manual_seed(0)
+    a = torch.randn(50, 6, 6, dtype=torch.float64)
+    blocks = a @ a.mT + 0.5 * torch.eye(6, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    inverse = inverse_factored(torch.linalg.cholesky(blocks))
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(inverse, torch.linalg.inv(blocks), rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ from lightning_unlearn.linalg.blocks import (
     BlockPreconditioner,
     BlockSolveResult,
     factor_blocks,
+    inverse_factored,
     pcg_blocks,
     scatter_outer,
     solve_blocks,
@@ -30,5 +31,5 @@ from lightning_unlearn.linalg.hvp import (
 
 __all__ = [
     "BlockPreconditioner", "BlockSolveResult", "CGResult", "conjugate_gradient", "factor_blocks", "flatten", "gauss_newton_matvec",
-    "gauss_newton_vp", "hessian_matvec", "hvp", "hvp_forward_over_reverse", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored", "unflatten",
+    "gauss_newton_vp", "hessian_matvec", "hvp", "hvp_forward_over_reverse", "inverse_factored", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored", "unflatten",
 ]

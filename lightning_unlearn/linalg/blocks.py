@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["BlockPreconditioner", "BlockSolveResult", "factor_blocks", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored"]
+__all__ = ["BlockPreconditioner", "BlockSolveResult", "factor_blocks", "inverse_factored", "pcg_blocks", "scatter_outer", "solve_blocks",
+           "solve_factored"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (rows, d, d) intermediate of scatter_outer (64 MiB in float32)
 _OUT_ELEMENTS = 1 << 20  # blocks formed per batched product: the (blocks, d, d) product is added while it is still in cache
@@ -239,6 +240,29 @@ def factor_blocks(
         raise ValueError(f"blocks must be (n, d, d), got shape {tuple(blocks.shape)}.")
     factors, lam, failed = _factor(blocks, damping, max_tries, growth)
     return factors, BlockSolveResult.from_damping(lam, failed, damping)
+
+
+def inverse_factored(factors: Tensor) -> Tensor:
+    """The inverses ``(L L^T)^-1`` of blocks from their lower Cholesky ``factors`` (``(n, d, d)``), batched.
+
+    On the CPU the batch runs on one thread: each block's LAPACK call is too small to share, and
+    with more threads every call waits at a barrier, which stalls whenever another process holds
+    a core (measured on 4096 blocks of 64 x 64: 0.2 s on one thread, 7 s on two beside one busy
+    core, 100 s beside two).
+
+    Example:
+        >>> factors = torch.linalg.cholesky(torch.eye(2).repeat(3, 1, 1) * 4.0)
+        >>> inverse_factored(factors)[0].diagonal()
+        tensor([0.2500, 0.2500])
+    """
+    if factors.device.type != "cpu":
+        return torch.cholesky_inverse(factors)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.cholesky_inverse(factors)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def solve_factored(factors: Tensor, rhs: Tensor, failed: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, pcg_blocks, scatter_outer, solve_factored
+from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, inverse_factored, pcg_blocks, scatter_outer, solve_factored
 from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
@@ -641,7 +641,7 @@ class _Inverses:
     def keep(self, ids: Tensor, factors: Tensor, failed: Tensor) -> None:
         """Store the inverses of the factored blocks ``ids`` (lower Cholesky ``factors``), except failed ones."""
         ok = ~failed
-        self.inverse[ids[ok]] = torch.cholesky_inverse(factors[ok]).to(self.inverse.dtype)
+        self.inverse[ids[ok]] = inverse_factored(factors[ok]).to(self.inverse.dtype)
         self.valid[ids] = ok
 
     def forget(self, slots: Tensor) -> None:
