@@ -3,9 +3,10 @@
 The functional :func:`ranking_metrics` scores a batch of users against all items at once:
 targets and exclusions come as ``(row, item)`` coordinates (:func:`sparse_ranking_metrics`; the
 dense-mask :func:`ranking_metrics` converts to them), exclusions are scattered as ``-inf`` into
-the score chunk, one ``topk`` for the largest K serves every K, and AUC counts, per candidate,
-the user's few relevant scores above it. :class:`FullRankingMetrics` is the thin ``torchmetrics.Metric``
-over it, so state, reset and multi-device sync come from torchmetrics.
+the score chunk, one ``topk`` for the largest K serves every K, and AUC counts, for each of the
+user's few relevant scores, the candidates below it, a cache-sized tile of scores at a time.
+:class:`FullRankingMetrics` is the thin ``torchmetrics.Metric`` over it, so state, reset and
+multi-device sync come from torchmetrics.
 """
 
 from __future__ import annotations
@@ -54,16 +55,17 @@ def ranking_metrics(
 
 def sparse_ranking_metrics(
     scores: Tensor, target_rows: Tensor, target_items: Tensor, exclude_rows: Tensor | None = None,
-    exclude_items: Tensor | None = None, ks: Sequence[int] = (10, 20), auc: bool = True, chunk_bytes: int = 2**28,
+    exclude_items: Tensor | None = None, ks: Sequence[int] = (10, 20), auc: bool = True, chunk_bytes: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Tensor]:
     """Per-user ranking metrics over all items, with targets and exclusions as ``(row, item)`` coordinates.
 
     No ``(users, items)`` mask is built: users are processed in chunks of about ``chunk_bytes``
-    of working memory; in each, exclusions are scattered as ``-inf`` into a copy of the scores,
-    one ``topk`` serves every K, and the target scores are gathered. AUC counts, for every
-    candidate, the relevant items scoring strictly above it, in one comparison pass per relevant
-    slot of the chunk (a binary search when a user of the chunk has more than 32 relevant items).
-    Duplicate coordinates count once; ``scores`` is not modified.
+    of working memory; in each, exclusions are scattered as ``-inf`` into the scores (a copy,
+    unless ``overwrite``), one ``topk`` serves every K, and the target scores are gathered. AUC
+    counts, for every relevant item, the candidates scoring strictly below it: one broadcast
+    comparison of each cache-sized tile of the chunk with all of its users' relevant scores (a
+    binary search for a user with more than 128 relevant items). Duplicate coordinates count once.
 
     Args:
         scores: ``(users, items)`` predicted scores.
@@ -71,7 +73,12 @@ def sparse_ranking_metrics(
         exclude_rows, exclude_items: coordinates of the items removed from the ranking.
         ks: cut-offs.
         auc: also compute per-user AUC (relevant vs. non-relevant candidates; ties count as losses).
-        chunk_bytes: working-memory budget of one chunk of users (about 6 bytes per score).
+        chunk_bytes: working-memory budget of one chunk of users (about 6 bytes per score; default
+            16 MiB on CPU, where the allocator then reuses one chunk's memory for the next, and
+            256 MiB on other devices).
+        overwrite: work in ``scores`` itself (when float32 and contiguous) instead of a copy, for a
+            caller that owns them and needs them no more: their values are then undefined. Saves
+            a copy of every chunk; otherwise ``scores`` is not modified.
 
     Returns:
         As :func:`ranking_metrics`.
@@ -103,13 +110,16 @@ def sparse_ranking_metrics(
     discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=device, dtype=torch.float32))
     hits = torch.zeros(users, kmax, device=device)
     auc_values = torch.zeros(users, device=device)
+    chunk_bytes = chunk_bytes or (2**24 if device.type == "cpu" else 2**28)
     step = max(1, int(chunk_bytes) // max(6 * items, 1))
     for start in range(0, users, step):
         stop = min(start + step, users)
         lo, hi = start * items, stop * items
         t_local = t_key[torch.searchsorted(t_key, lo):torch.searchsorted(t_key, hi)] - lo
         e_local = e_key[torch.searchsorted(e_key, lo):torch.searchsorted(e_key, hi)] - lo
-        work = scores[start:stop].float().clone()
+        work = scores[start:stop].float().contiguous()
+        if not overwrite and work.untyped_storage().data_ptr() == scores.untyped_storage().data_ptr():  # a view
+            work = work.clone()
         flat = work.view(-1)
         flat.index_fill_(0, e_local, float("-inf"))
         top = torch.topk(work, kmax, dim=1).indices
@@ -133,40 +143,75 @@ def sparse_ranking_metrics(
 
 
 def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_local: Tensor) -> Tensor:
-    """Per-user AUC of one chunk; ``work`` holds its scores with ``-inf`` at exclusions (overwritten).
+    """Per-user AUC of one chunk of users.
 
-    The relevant scores are gathered into a ``(users, width)`` table padded with ``-inf``; the
-    relevant and excluded cells of ``work`` become ``+inf``, so no relevant item is above them,
-    and each remaining candidate counts the relevant items strictly above it (ties are losses).
+    Args:
+        work: ``(users, items)`` float scores of the chunk, ``-inf`` at exclusions; overwritten
+            (``+inf`` at relevant and excluded cells, so that they are below no relevant score).
+        t_local, e_local: flat indices into ``work`` of the relevant and the excluded cells.
+        n_pos, n_neg: ``(users,)`` numbers of relevant items and of non-relevant candidates.
+
+    Returns:
+        ``(users,)`` AUC: the share of (relevant, candidate) pairs where the relevant item scores
+        strictly higher (ties are losses); 0 for users without a pair.
     """
     rows_n, items = work.shape
     flat = work.view(-1)
     rows = t_local // items
     starts = torch.cumsum(n_pos, 0) - n_pos
     width = max(int(n_pos.max()) if rows_n else 0, 1)
-    relevant = work.new_full((rows_n, width), float("-inf"))
+    relevant = work.new_full((rows_n, width), float("-inf"))  # padding: no candidate is below -inf
     relevant[rows, torch.arange(len(rows), device=work.device) - starts[rows]] = flat[t_local]
     flat.index_fill_(0, t_local, float("inf"))
     flat.index_fill_(0, e_local, float("inf"))
-    if width <= 32:  # one comparison pass per relevant slot, counted in bytes, a few users at a time (in cache)
-        block = 4 if work.device.type == "cpu" else rows_n
-        above = torch.empty(min(block, rows_n), items, dtype=torch.uint8, device=work.device)
-        below = torch.empty_like(above, dtype=torch.bool)
-        wins = torch.empty(rows_n, dtype=torch.int64, device=work.device)
-        for start in range(0, rows_n, block):
-            part, thresholds = work[start:start + block], relevant[start:start + block]
-            acc, mask = above[:len(part)], below[:len(part)]
-            acc.zero_()
-            for r in range(width):
-                torch.lt(part, thresholds[:, r:r + 1], out=mask)
-                acc.add_(mask.view(torch.uint8))
-            wins[start:start + block] = acc.sum(1, dtype=torch.int64)
-    else:  # a binary search among the user's sorted relevant scores
-        ordered = torch.sort(relevant, dim=1).values
-        not_above = torch.searchsorted(ordered, work, right=True, out_int32=True)
-        wins = (width - not_above).sum(1, dtype=torch.int64)
+    heavy = n_pos > 128  # a binary search among the sorted relevant scores costs about as much as 128 comparisons
+    wins = _count_below(work, relevant.masked_fill(heavy.unsqueeze(1), float("-inf")), n_pos.masked_fill(heavy, 0)).sum(1)
+    if heavy.any():
+        heavy = torch.nonzero(heavy).squeeze(1)
+        ordered = torch.sort(relevant[heavy], dim=1).values
+        not_above = torch.searchsorted(ordered, work[heavy], right=True, out_int32=True)
+        wins[heavy] = (width - not_above).sum(1, dtype=torch.int64)
     pairs = (n_pos * n_neg).float()
     return torch.where(pairs > 0, wins.float() / pairs.clamp_min(1), torch.zeros_like(pairs))
+
+
+def _count_below(values: Tensor, thresholds: Tensor, widths: Tensor | None = None, tile: int | None = None) -> Tensor:
+    """For each row, the number of its cells strictly below each of its thresholds.
+
+    The rows are cut into tiles of about ``tile`` comparisons; each tile is compared with the
+    thresholds in one broadcast ``torch.lt`` written as ``float`` (vectorised; a ``bool`` result
+    is not) and summed over its cells, exactly (a tile has far fewer than ``2**24`` cells). On CPU
+    a tile (8 MB) stays in cache, so the values are read from memory once for all thresholds.
+
+    Args:
+        values: ``(rows, cells)`` float.
+        thresholds: ``(rows, width)`` float.
+        widths: ``(rows,)`` how many leading thresholds of each row count; the others must be
+            ``-inf`` (below no cell), and are skipped where a whole block of rows has none.
+        tile: comparisons per tile (default ``2**21`` on CPU, ``2**24`` on other devices).
+
+    Returns:
+        ``(rows, width)`` int64 counts.
+    """
+    rows_n, cells = values.shape
+    width = thresholds.shape[1]
+    tile = tile or (2**21 if values.device.type == "cpu" else 2**24)
+    cols = min(cells, max(tile // width, 1024), 2**24)
+    block = max(1, min(rows_n, tile // (width * cols)))
+    if widths is None:
+        block_widths = [width] * -(-rows_n // block)
+    else:  # the widest row of each block of rows
+        block_widths = torch.nn.functional.pad(widths, (0, -rows_n % block)).view(-1, block).amax(1).tolist()
+    counts = torch.zeros(rows_n, width, dtype=torch.int64, device=values.device)
+    buffer = values.new_empty(block, width, cols)
+    for r0, w in zip(range(0, rows_n, block), block_widths):
+        limits = thresholds[r0:r0 + block, :w].unsqueeze(2)
+        for c0 in range(0, cells if w else 0, cols):
+            part = values[r0:r0 + block, c0:c0 + cols].unsqueeze(1)
+            below = buffer[:part.shape[0], :w, :part.shape[2]]
+            torch.lt(part, limits, out=below)
+            counts[r0:r0 + block, :w] += below.sum(2).long()
+    return counts
 
 
 class FullRankingMetrics(Metric):
@@ -206,11 +251,18 @@ class FullRankingMetrics(Metric):
     def update(
         self, scores: Tensor, target: Tensor | None = None, exclude: Tensor | None = None, *,
         target_rows: Tensor | None = None, target_items: Tensor | None = None,
-        exclude_rows: Tensor | None = None, exclude_items: Tensor | None = None,
+        exclude_rows: Tensor | None = None, exclude_items: Tensor | None = None, overwrite: bool = False,
     ) -> None:
-        """Add a batch of users: ``(users, items)`` scores, and either bool ``target``/``exclude``
-        masks or their ``(row, item)`` coordinates (``target_rows``/``target_items``,
-        ``exclude_rows``/``exclude_items``), which need no dense mask (see :func:`sparse_ranking_metrics`)."""
+        """Add a batch of users.
+
+        Args:
+            scores: ``(users, items)`` predicted scores.
+            target, exclude: bool ``(users, items)`` masks of the relevant and the excluded items.
+            target_rows, target_items, exclude_rows, exclude_items: or their ``(row, item)``
+                coordinates instead, which need no dense mask (see :func:`sparse_ranking_metrics`).
+            overwrite: let the metric work in ``scores`` and leave them undefined, for a caller that
+                computed them for this call only (saves a copy).
+        """
         if target is not None:
             if target_rows is not None or exclude_rows is not None:
                 raise ValueError("give the targets either as a mask or as coordinates, not both.")
@@ -222,7 +274,8 @@ class FullRankingMetrics(Metric):
                 exclude_rows, exclude_items = torch.nonzero(exclude, as_tuple=True)
         elif target_rows is None or target_items is None:
             raise ValueError("update needs the targets, as a mask or as target_rows and target_items.")
-        values = sparse_ranking_metrics(scores, target_rows, target_items, exclude_rows, exclude_items, self.ks, self.auc)
+        values = sparse_ranking_metrics(scores, target_rows, target_items, exclude_rows, exclude_items, self.ks, self.auc,
+                                        overwrite=overwrite)
         if self.empty_target_action == "skip":
             keep = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
             keep[target_rows] = True

@@ -8,7 +8,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG, RetrievalRecall
 
 from lightning_unlearn.metrics import FullRankingMetrics, ranking_metrics
-from lightning_unlearn.ranking import sparse_ranking_metrics
+from lightning_unlearn.ranking import _count_below, sparse_ranking_metrics
 
 KS = (1, 3, 5, 10)
 
@@ -172,24 +172,26 @@ def test_sparse_matches_dense_reference(seed, users, items, p_target, p_exclude,
     scores, target, exclude = sparse_case(seed, users, items, p_target, p_exclude, ties)
     ks = (1, 3, 10, 50)
     expected = dense_reference(scores, target, exclude, ks)
-    for chunk_bytes in (1, 6 * items * 4, 2**28):  # one user, four users, all users per chunk
+    for chunk_bytes in (1, 6 * items * 4, 2**28, None):  # one user, four users, all users per chunk, the default
         got = sparse_ranking_metrics(scores, *coords(target), *coords(exclude), ks=ks, chunk_bytes=chunk_bytes)
         for name, value in expected.items():
             if ties and name != "auc":  # topk orders tied scores arbitrarily: compare only without ties
                 continue
-            torch.testing.assert_close(got[name], value, atol=1e-6, rtol=0, msg=name)
+            torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)  # the same counts: exactly equal
     torch.testing.assert_close(ranking_metrics(scores, target, None, ks)["auc"], dense_reference(scores, target, None, ks)["auc"],
-                               atol=1e-6, rtol=0)
+                               atol=0, rtol=0)
 
 
 def test_sparse_many_targets_and_duplicates():
-    """Users with more than 32 targets take the binary-search branch; duplicate coordinates count once."""
-    scores, target, exclude = sparse_case(3, 8, 200, 0.4, 0.2, ties=True)
+    """Users with more than 128 targets take the binary-search branch, the others of their chunk the
+    counting one; duplicate coordinates count once."""
+    scores, target, exclude = sparse_case(3, 8, 400, 0.4, 0.2, ties=True)
+    target[3:6, 100:] = False  # fewer than 128
     rows, items = coords(target)
     e_rows, e_items = coords(exclude)
     got = sparse_ranking_metrics(scores, torch.cat([rows, rows[:20]]), torch.cat([items, items[:20]]),
                                  torch.cat([e_rows, e_rows[:30]]), torch.cat([e_items, e_items[:30]]), ks=(5,))
-    torch.testing.assert_close(got["auc"], dense_reference(scores, target, exclude, (5,))["auc"], atol=1e-6, rtol=0)
+    assert torch.equal(got["auc"], dense_reference(scores, target, exclude, (5,))["auc"])
 
 
 def test_metric_sparse_update_equals_dense_update():
@@ -211,3 +213,63 @@ def test_scores_are_not_modified():
     before = scores.clone()
     sparse_ranking_metrics(scores, *coords(target), *coords(exclude))
     assert torch.equal(scores, before)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("tile", [1, 5000, 9 * 2100 * 5, 2**20])
+def test_count_below_tiles(ties, tile):
+    """Every tiling (column tiles of 1024 cells with a partial last one, row blocks of 5, one tile) counts exactly."""
+    g = torch.Generator().manual_seed(tile)
+    values = torch.randn(13, 2100, generator=g)
+    thresholds = torch.randn(13, 9, generator=g)
+    if ties:
+        values, thresholds = values.round(), thresholds.round()
+    values[0, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
+    thresholds[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
+    thresholds[1] = values[1, :9]  # thresholds equal to cells: ties are not below
+    expected = (values.unsqueeze(1) < thresholds.unsqueeze(2)).sum(2)
+    assert torch.equal(_count_below(values, thresholds, tile=tile), expected)
+    widths = torch.randint(0, 10, (13,), generator=g)
+    thresholds[torch.arange(9) >= widths.unsqueeze(1)] = float("-inf")  # what the widths promise
+    expected = (values.unsqueeze(1) < thresholds.unsqueeze(2)).sum(2)
+    assert torch.equal(_count_below(values, thresholds, widths, tile=tile), expected)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_sparse_auc_across_tiles(trained):
+    """Catalogs of several column tiles and row blocks, targets anywhere or among the top scores, with
+    ties, infinite scores, users without targets and wholly excluded users, equal the dense reference."""
+    g = torch.Generator().manual_seed(int(trained))
+    users, items = 7, 120_000
+    scores = (torch.randn(users, items, generator=g) * 8).round()  # many ties
+    scores[3, :500] = float("-inf")
+    scores[4, :500] = float("inf")
+    key = torch.rand(users, items, generator=g) + (scores.clamp(-40, 40) / 4 if trained else 0)
+    target = torch.zeros(users, items, dtype=torch.bool)
+    target.scatter_(1, torch.topk(key, 40, dim=1).indices, True)
+    target[0] = False
+    exclude = torch.rand(users, items, generator=g) < 0.01
+    exclude[1] = True
+    got = sparse_ranking_metrics(scores, *coords(target), *coords(exclude), ks=(5,))
+    assert torch.equal(got["auc"], dense_reference(scores, target, exclude, (5,))["auc"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_overwrite(dtype, contiguous):
+    """``overwrite=True`` gives the same values; it works in float32 contiguous scores only, else in a copy."""
+    scores, target, exclude = sparse_case(5, 30, 57, 0.1, 0.2, ties=False)
+    scores = scores.to(dtype) if contiguous else scores.to(dtype).T.contiguous().T
+    args = (*coords(target), *coords(exclude))
+    expected = sparse_ranking_metrics(scores, *args, ks=(1, 3, 10))
+    before = scores.clone()
+    got = sparse_ranking_metrics(scores, *args, ks=(1, 3, 10), overwrite=True, chunk_bytes=6 * 57 * 4)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
+    assert torch.equal(scores, before) != (dtype == torch.float32 and contiguous)
+    metric = FullRankingMetrics((3,))
+    metric.update(before.clone(), target, exclude, overwrite=True)
+    reference = FullRankingMetrics((3,))
+    reference.update(before, target, exclude)
+    for name, value in reference.compute().items():
+        assert torch.equal(metric.compute()[name], value), name

@@ -469,7 +469,7 @@ class Recommender(pl.LightningModule):
     def _ranking_update(self, batch: dict[str, Tensor], metric: FullRankingMetrics, representations: tuple[Tensor, Tensor]) -> None:
         scores = self.full_scores(batch["users"], representations)
         metric.update(scores, target_rows=batch["target_rows"], target_items=batch["target_items"],
-                      exclude_rows=batch["exclude_rows"], exclude_items=batch["exclude_items"])
+                      exclude_rows=batch["exclude_rows"], exclude_items=batch["exclude_items"], overwrite=True)
 
     def _log_ranking(self, prefix: str, metric: FullRankingMetrics) -> None:
         self._eval_repr = None
