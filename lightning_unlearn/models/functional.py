@@ -38,9 +38,10 @@ def call_with(model: nn.Module, replaced: dict[str, Tensor], closure: Callable[[
 def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
     """A cheap checksum of ``model``'s parameters (and of ``extra`` tensors): which model a cache belongs to.
 
-    Per tensor, in float64: its number of elements, its sum, a sum weighted by position (so a
-    permutation of the entries changes it too) and its sum of squares; a ``(tensors, 4)`` CPU
-    tensor. The same tensors give the same fingerprint (compare with :func:`torch.equal`); a
+    Per tensor, in float64: its number of elements, its sum, a sum weighted by position (each
+    entry by a weight of its row plus one of its column, so a permutation of the entries changes
+    it too) and its sum of squares; a ``(tensors, 4)`` CPU tensor. Three reductions of the
+    tensor, no float64 copy of it: cheap enough to check on every request. The same tensors give the same fingerprint (compare with :func:`torch.equal`); a
     changed value changes it, short of a float64 coincidence. Caches of the unlearning methods
     key on it, and :func:`~lightning_unlearn.metrics.completeness.completeness_report` adds the
     model's representations as ``extra`` (they depend on a graph model's graph as well).
@@ -64,7 +65,14 @@ def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
     rows = []
     with torch.no_grad():
         for tensor in (*model.parameters(), *extra):
-            flat = tensor.detach().reshape(-1).double()
-            weights = torch.frac(torch.arange(len(flat), dtype=torch.float64, device=flat.device) * _GOLDEN) + 0.5
-            rows.append(torch.stack([flat.new_tensor(len(flat)), flat.sum(), (flat * weights).sum(), flat.square().sum()]))
+            table = tensor.detach().reshape(len(tensor) if tensor.dim() else 1, -1)
+            by_row, by_column = table.sum(1, dtype=torch.float64), table.sum(0, dtype=torch.float64)
+            positioned = (_weights(len(by_row), table.device) * by_row).sum() + (_weights(len(by_column), table.device, 0.25) * by_column).sum()
+            squares = torch.linalg.vector_norm(table, dtype=torch.float64) ** 2
+            rows.append(torch.stack([by_row.new_tensor(table.numel()), by_row.sum(), positioned, squares]))
     return torch.stack(rows).cpu() if rows else torch.zeros(0, 4, dtype=torch.float64)
+
+
+def _weights(n: int, device: torch.device, offset: float = 0.0) -> Tensor:
+    """``n`` distinct weights in ``[0.5, 1.5)`` (a golden-ratio sequence), in float64."""
+    return torch.frac(torch.arange(n, dtype=torch.float64, device=device) * _GOLDEN + offset) + 0.5
