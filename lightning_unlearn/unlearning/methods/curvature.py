@@ -356,17 +356,18 @@ class CurvatureCache:
             store = self._factored[side] = _Factored.empty(blocks)
         held = torch.nonzero(slots >= 0).squeeze(1)
         at = slots[held]
-        trace = torch.diagonal(blocks[at], dim1=1, dim2=2).sum(1).double()
+        trace = torch.diagonal(blocks, dim1=1, dim2=2)[at].sum(1).double()
         if tolerance > 0:
             fresh = ((trace - store.trace[at]).abs() <= tolerance * store.trace[at]) & ~store.failed[at]
             fresh &= (store.shift[at] - shift).abs() <= tolerance * shift
         else:
             fresh = torch.zeros_like(trace, dtype=torch.bool)
-        stale = at[~fresh]
-        if len(stale):
-            factors, result = factor_blocks(blocks[stale].double(), damping=shift)
-            store.factors[stale], store.damping[stale], store.failed[stale] = factors, result.block_damping, result.failed_mask
-            store.trace[stale], store.shift[stale] = trace[~fresh], shift
+        stale = torch.nonzero(~fresh).squeeze(1)
+        for part in _chunks(stale, blocks):
+            where = at[part]
+            factors, result = factor_blocks(blocks[where].double(), damping=shift)
+            store.factors[where], store.damping[where], store.failed[where] = factors, result.block_damping, result.failed_mask
+            store.trace[where], store.shift[where] = trace[part], shift
         if extra is None:
             return store.factors[at], BlockSolveResult.from_damping(store.damping[at], store.failed[at], shift), len(stale)
         factors = torch.empty(len(ids), *blocks.shape[1:], dtype=torch.float64, device=blocks.device)
@@ -435,16 +436,11 @@ class CurvatureCache:
         """Whether :meth:`precondition` has kept inverses for ``side`` (``"users"`` or ``"items"``)."""
         return side in self._inverses
 
-    def precondition(self, side: str, shift: float, chunk_bytes: int = 2**27) -> None:
-        """Factorise every held block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from.
-
-        Blocks are factorised ``chunk_bytes`` of float64 at a time.
-        """
+    def precondition(self, side: str, shift: float) -> None:
+        """Factorise every held block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from."""
         blocks = self._tables[side].blocks
         store = self._inverses[side] = _Inverses.empty(blocks)
-        step = max(1, chunk_bytes // (8 * blocks[0].numel())) if len(blocks) else 1
-        for start in range(0, len(blocks), step):
-            at = torch.arange(start, min(start + step, len(blocks)), device=blocks.device)
+        for at in _chunks(torch.arange(len(blocks), device=blocks.device), blocks):
             factors, result = factor_blocks(blocks[at].double(), damping=shift)
             store.keep(at, factors, result.failed_mask)
 
@@ -587,6 +583,11 @@ class FreshCurvature:
         factors, result = factor_blocks(self.block(side, ids), damping=shift)
         x, failed = solve_factored(factors, rhs, result.failed_mask)
         return x, BlockSolveResult.from_damping(result.block_damping, failed, shift), len(ids), 0
+
+
+def _chunks(slots: Tensor, blocks: Tensor, chunk_bytes: int = 2**27) -> tuple[Tensor, ...]:
+    """``slots`` in pieces whose ``blocks``, in float64, take about ``chunk_bytes`` (factorised a piece at a time)."""
+    return slots.split(max(1, chunk_bytes // (8 * blocks.shape[-1] ** 2)))
 
 
 def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shift: float, tol: float | None,
