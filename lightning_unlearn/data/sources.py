@@ -221,6 +221,8 @@ class PowerLawCatalog(DataSource):
 
     For scale: the shape of a real catalog (a few items and users hold most rows) without a
     download. Its items are drawn regardless of the user, so a model learns popularity only.
+    Items never drawn are left out, so fewer than ``num_items`` remain (the flatter the
+    ``exponent``, the more).
 
     Args:
         num_users: number of users.
@@ -230,8 +232,9 @@ class PowerLawCatalog(DataSource):
         seed: the same seed gives the same data.
 
     Example:
-        >>> PowerLawCatalog(num_users=20, num_items=100, num_interactions=200).load()[0].num_items
-        100
+        >>> data, test = PowerLawCatalog(num_users=20, num_items=100, num_interactions=200).load()
+        >>> data.num_users, data.num_items <= 100, len(data) <= 200, test
+        (20, True, True, None)
     """
 
     def __init__(self, num_users: int = 10_000, num_items: int = 100_000, num_interactions: int = 1_000_000,
