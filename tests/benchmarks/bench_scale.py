@@ -51,8 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-import resource
 import subprocess
 import sys
 import time
@@ -77,29 +75,6 @@ def retrain_name(epochs: int) -> str:
     return f"Retrain(epochs={epochs})"
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def reset_peak() -> None:
-    """Reset the process's peak resident memory (``VmHWM``) to what it holds now, where Linux allows it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def peak_mb() -> float:
-    """Peak resident memory since :func:`reset_peak` (``VmHWM``; else the lifetime peak ``ru_maxrss``)."""
-    try:
-        with open("/proc/self/status") as fh:
-            return int(re.search(r"VmHWM:\s+(\d+)", fh.read()).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def one(args: argparse.Namespace) -> dict:
     """Measure one (catalog, deletion, method) in this process."""
     import pytorch_lightning as pl
@@ -107,6 +82,7 @@ def one(args: argparse.Namespace) -> dict:
     from lightning_unlearn.data import PowerLawCatalog, RecDataModule
     from lightning_unlearn.models import MF
     from lightning_unlearn.unlearning import methods
+    from lightning_unlearn.unlearning.memory import PeakMemory
     from lightning_unlearn.unlearning.methods import UnlearningContext
     from lightning_unlearn.unlearning.recipe import FitRecipe
 
@@ -132,32 +108,30 @@ def one(args: argparse.Namespace) -> dict:
     trainer_flags = dict(accelerator="cpu", devices=1, deterministic=True, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     torch.linalg.cholesky(torch.eye(4, dtype=torch.float64).expand(2, 4, 4))  # load LAPACK before the clock starts
-    reset_peak()
-    before = rss_mb()
-    start = time.perf_counter()
-    precompute, detail = 0.0, {}
-    if args.one_method == VALIDATION:
-        metrics = pl.Trainer(**trainer_flags).validate(model, dm, verbose=False)[0]
-        seconds = time.perf_counter() - start
-        detail = {"val_users": int((dm.val.by_user.lengths() > 0).sum()),
-                  "val_ndcg@20": round(float(metrics["val/ndcg@20"]), 4), "val_auc": round(float(metrics["val/auc"]), 4)}
-    elif args.one_method == EPOCH:
-        FitRecipe(max_epochs=1, monitor=None, limit_val_batches=0)(model, dm)
-        seconds = time.perf_counter() - start
-        detail = {"batches": -(-len(retained) // args.batch_size)}
-    elif args.one_method == retrain_name(args.retrain_epochs):
-        recipe = FitRecipe(max_epochs=args.retrain_epochs)
-        context = UnlearningContext(seed=0, fit=lambda fresh: recipe(fresh, dm))
-        report = methods.Retrain().unlearn(model, retained, deleted, context)
-        seconds = report.seconds
-    else:
-        report = METHODS[args.one_method](methods).unlearn(model, retained, deleted)
-        seconds, precompute = report.seconds, report.precompute_seconds
-    total = time.perf_counter() - start
-    peak = peak_mb()
+    with PeakMemory() as peak:  # the process's resident peak, reset here, above what it holds now
+        start = time.perf_counter()
+        precompute, detail = 0.0, {}
+        if args.one_method == VALIDATION:
+            metrics = pl.Trainer(**trainer_flags).validate(model, dm, verbose=False)[0]
+            seconds = time.perf_counter() - start
+            detail = {"val_users": int((dm.val.by_user.lengths() > 0).sum()),
+                      "val_ndcg@20": round(float(metrics["val/ndcg@20"]), 4), "val_auc": round(float(metrics["val/auc"]), 4)}
+        elif args.one_method == EPOCH:
+            FitRecipe(max_epochs=1, monitor=None, limit_val_batches=0)(model, dm)
+            seconds = time.perf_counter() - start
+            detail = {"batches": -(-len(retained) // args.batch_size)}
+        elif args.one_method == retrain_name(args.retrain_epochs):
+            recipe = FitRecipe(max_epochs=args.retrain_epochs)
+            context = UnlearningContext(seed=0, fit=lambda fresh: recipe(fresh, dm))
+            report = methods.Retrain().unlearn(model, retained, deleted, context)
+            seconds = report.seconds
+        else:
+            report = METHODS[args.one_method](methods).unlearn(model, retained, deleted)
+            seconds, precompute = report.seconds, report.precompute_seconds
+        total = time.perf_counter() - start
     return {"items": dm.num_items, "catalog": args.one_items, "users": dm.num_users, "rows": rows_before, "deleted_rows": len(deleted),
             "deletion": args.one_deletion, "method": args.one_method, "seconds": seconds, "precompute_seconds": precompute,
-            "total_seconds": total, "peak_mb_above_start": peak - before, "threads": torch.get_num_threads(), **detail}
+            "total_seconds": total, "peak_mb_above_start": peak.cpu_mb, "threads": torch.get_num_threads(), **detail}
 
 
 def cache_gb(items: int, users: int, dim: int) -> float:
