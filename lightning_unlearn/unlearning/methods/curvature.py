@@ -9,7 +9,9 @@ plus ``l2`` per occurrence of the row in the L2 term. Blocks are sums over rows 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -207,6 +209,7 @@ class CurvatureCache:
                                          or not budget_bytes > 0):
             raise ValueError(f"CurvatureCache(budget_bytes=...) must be a number > 0 or None, got {budget_bytes!r}.")
         self.budget_bytes = budget_bytes
+        self._request = False  # within one_request()
         self.clear()
 
     def capacity(self, model: Recommender) -> tuple[dict[str, int], torch.dtype]:
@@ -253,7 +256,7 @@ class CurvatureCache:
         _add_curvature(model, vectors, context.shard(rows), held, tables["users"].slot, tables["items"].slot, sign=1.0)
         for table in tables.values():
             table.blocks = context.reduce(table.blocks)
-        self._tables, self._fingerprint = tables, fingerprint(model)
+        self._tables, self._fingerprint, self._checked = tables, fingerprint(model), None
 
     def downdate(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext | None = None) -> None:
         """Subtract the ``deleted`` rows' blocks in place: the cache now holds the blocks of the ``retained`` rows.
@@ -326,8 +329,34 @@ class CurvatureCache:
         return out
 
     def holds(self, model: Recommender) -> bool:
-        """Whether the cache was built (or adopted) for ``model``'s current parameters."""
-        return self._fingerprint is not None and torch.equal(self._fingerprint, fingerprint(model))
+        """Whether the cache was built (or adopted) for ``model``'s current parameters.
+
+        Compares ``model``'s :func:`~lightning_unlearn.models.functional.fingerprint`; within
+        :meth:`one_request`, once per state of its parameters.
+        """
+        if self._fingerprint is None:
+            return False
+        key = _parameter_state(model) if self._request else None
+        if key is not None and key == self._checked:
+            return True
+        held = torch.equal(self._fingerprint, fingerprint(model))
+        self._checked = key if held else None
+        return held
+
+    @contextmanager
+    def one_request(self) -> Iterator[None]:
+        """Within: :meth:`holds` fingerprints a model once, until its parameters change.
+
+        A request asks several times (prepare, downdate, ...) before its step changes anything.
+        A parameter is taken as unchanged while it is the same tensor at the same version (the
+        counter that in-place operations on it advance); writes through ``.data`` pass unseen,
+        so outside a request every call fingerprints the model again.
+        """
+        self._request, self._checked = True, None
+        try:
+            yield
+        finally:
+            self._request, self._checked = False, None
 
     def factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
         """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` (distinct) of ``side`` (``"users"``/``"items"``).
@@ -387,8 +416,10 @@ class CurvatureCache:
         :meth:`precondition`); since then the block lost a few rows' rank-one terms, so CG
         preconditioned with the old inverse (:func:`~lightning_unlearn.linalg.pcg_blocks`)
         reaches the current block's solution in a few batched matrix-vector products. Blocks
-        without a kept inverse, or whose CG does not converge, are factorised afresh (with
-        :func:`~lightning_unlearn.linalg.factor_blocks`' escalation) and their inverses renewed.
+        whose CG does not converge are factorised afresh (with
+        :func:`~lightning_unlearn.linalg.factor_blocks`' escalation) and their inverses renewed;
+        blocks without a kept inverse (those computed on demand) are factorised and solved, and
+        keep none (an inverse costs as much again, and such a block is seldom asked for again).
         Unlike :meth:`factors` with a tolerance, nothing stale enters the solution.
 
         Args:
@@ -414,16 +445,18 @@ class CurvatureCache:
         kept = torch.zeros_like(failed)
         kept[slots >= 0] = store.valid[slots[slots >= 0]]
         cached, redo = torch.nonzero(kept).squeeze(1), torch.nonzero((slots >= 0) & ~kept).squeeze(1)
-        iterations = 0
+        iterations, renew = 0, cached[:0]
         if len(cached):
             solved, converged, iterations = _pcg_cached(blocks, store.inverse, slots[cached], rhs[cached], shift, tol, max_iter)
             x[cached[converged]] = solved[converged]
-            redo = torch.cat([redo, cached[~converged]])
+            renew = cached[~converged]
+            redo = torch.cat([redo, renew])
         if len(redo):
             factors, result = factor_blocks(blocks[slots[redo]].double(), damping=shift)
             x[redo], failed[redo] = solve_factored(factors, rhs[redo], result.failed_mask)
             damping[redo] = result.block_damping
-            store.keep(slots[redo], factors, failed[redo])
+            first = len(redo) - len(renew)  # blocks without an inverse keep none: one computed on demand is seldom asked for again
+            store.keep(slots[renew], factors[first:], failed[renew])
         refactored = len(redo)
         if extra is not None:
             rest = torch.nonzero(slots < 0).squeeze(1)
@@ -485,7 +518,7 @@ class CurvatureCache:
     def adopt(self, model: Recommender) -> None:
         """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
         if self._fingerprint is not None:
-            self._fingerprint = fingerprint(model)
+            self._fingerprint, self._checked = fingerprint(model), None
 
     def clear(self) -> None:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
@@ -497,6 +530,7 @@ class CurvatureCache:
         self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
         self._undo: list | None = None  # since mark(): (side, slots, blocks, ids, replaced) as they were, per change
         self._marked: Tensor | None = None  # the fingerprint at mark()
+        self._checked: tuple | None = None  # within a request: the parameters' state holds() last matched
 
     def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """The slots of ``ids``, after computing the blocks not held and taking the least recently used slots for them.
@@ -533,6 +567,11 @@ class CurvatureCache:
                 if store is not None:
                     store.forget(victims)
         return slots, (fresh[k:] if k < len(missing) else None)
+
+
+def _parameter_state(model: Recommender) -> tuple:
+    """Which tensors ``model``'s parameters are and their in-place versions: unchanged state, unchanged values."""
+    return id(model), tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
 class FreshCurvature:
@@ -598,8 +637,8 @@ def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shif
     most of the cache just to read it; the blocks it does not touch get a zero right-hand side
     and are solved by 0 before the first iteration.
     """
-    if 4 * len(ids) < 3 * len(blocks) or blocks.dtype != rhs.dtype:
-        return pcg_blocks(blocks[ids].to(rhs.dtype), inverses[ids], rhs, shift=shift, tol=tol, max_iter=max_iter)
+    if 4 * len(ids) < 3 * len(blocks):  # float32 blocks (under a budget) stay float32: half the bytes to read per product
+        return pcg_blocks(blocks[ids], inverses[ids], rhs, shift=shift, tol=tol, max_iter=max_iter)
     full = rhs.new_zeros(len(blocks), rhs.shape[1])
     full[ids] = rhs
     x, converged, iterations = pcg_blocks(blocks, inverses, full, shift=shift, tol=tol, max_iter=max_iter)

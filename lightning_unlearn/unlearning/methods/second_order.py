@@ -19,7 +19,7 @@ import torch
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.scope import is_graph
 
@@ -134,6 +134,12 @@ class SecondOrderUnlearner(Unlearner):
     def clear(self) -> None:
         """Drop what is cached for the trained model (after a failed request or a half-built cache)."""
         self.cache.clear()
+
+    def unlearn(self, model: Recommender, retained: TrainRows, deleted: TrainRows,
+                context: UnlearningContext | None = None) -> UnlearningReport:
+        """:meth:`Unlearner.unlearn`, with the model's fingerprint checked once before its step (:meth:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache.one_request`)."""
+        with self.cache.one_request():
+            return super().unlearn(model, retained, deleted, context)
 
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
         """Downdate the cache by ``deleted``, run :meth:`step`, keep the cache for the result; on failure drop it."""
