@@ -24,6 +24,7 @@ from lightning_unlearn.linalg import (
     solve_blocks,
     unflatten,
 )
+from lightning_unlearn.linalg.blocks import cholesky_solve, one_thread
 
 F64 = torch.float64
 HVPS = pytest.mark.parametrize("product", [hvp, hvp_forward_over_reverse], ids=["double_backward", "fwd_over_rev"])
@@ -552,3 +553,21 @@ def test_inverse_factored_is_the_inverse_and_leaves_the_thread_count_as_it_was()
     inverse = inverse_factored(torch.linalg.cholesky(blocks))
     assert torch.get_num_threads() == threads
     torch.testing.assert_close(inverse, torch.linalg.inv(blocks), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_cholesky_solve_is_torchs_on_one_thread_and_leaves_the_thread_count_as_it_was(columns):
+    torch.manual_seed(1)
+    a = torch.randn(40, 7, 7, dtype=torch.float64)
+    blocks = a @ a.mT + 0.3 * torch.eye(7, dtype=torch.float64)
+    factors, rhs = torch.linalg.cholesky(blocks), torch.randn(40, 7, columns, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    x = cholesky_solve(rhs, factors)
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(x, torch.cholesky_solve(rhs, factors), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blocks @ x, rhs, rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="inside"):
+        with one_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == threads

@@ -5,20 +5,28 @@ the embedding tables. Its Gauss–Newton curvature with respect to the user row 
 ``w J J^T`` with ``J`` the ``d``-vector ``d score / d user_row`` and ``w = sigmoid'(score)``
 (for BCE); summing those per user gives one ``d × d`` block per user. Everything here works
 on all blocks at once: one batched outer product and one ``index_add_`` to build them, one
-batched ``cholesky_ex`` (plus a few retries for the blocks that need more damping) and one
-batched ``cholesky_solve`` to apply their inverses.
+batched ``cholesky_ex`` (plus a few retries for the blocks that need more damping) and two
+batched triangular solves to apply their inverses.
+
+On the CPU these batched LAPACK calls run on one thread (:func:`one_thread`): each block's call
+is too small to share, and with more threads every call waits at a barrier, which stalls
+whenever another process holds a core. Measured on 6,000 blocks of 64 x 64 on two cores:
+``cholesky_ex`` 0.25 s on one thread against 0.27 s on two with the machine quiet, and a
+solve with 8 right-hand sides 0.2 s against 0.9 s beside a busy core.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockPreconditioner", "BlockSolveResult", "factor_blocks", "inverse_factored", "pcg_blocks", "scatter_outer", "solve_blocks",
-           "solve_factored"]
+__all__ = ["BlockPreconditioner", "BlockSolveResult", "cholesky_solve", "factor_blocks", "inverse_factored", "one_thread", "pcg_blocks",
+           "scatter_outer", "solve_blocks", "solve_factored"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (rows, d, d) intermediate of scatter_outer (64 MiB in float32)
 _OUT_ELEMENTS = 1 << 20  # blocks formed per batched product: the (blocks, d, d) product is added while it is still in cache
@@ -215,7 +223,7 @@ def factor_blocks(
 ) -> tuple[Tensor, BlockSolveResult]:
     """Cholesky factors of ``B_i + damping_i I`` for all blocks, with :func:`solve_blocks`' escalation.
 
-    For solving many right-hand sides, or caching: ``torch.cholesky_solve(rhs, factors)``
+    For solving many right-hand sides, or caching: :func:`cholesky_solve` ``(rhs, factors)``
     then applies ``(B_i + damping_i I)^-1``. Failed blocks get an identity factor and are
     marked in ``result.failed_mask`` (callers zero their solutions).
 
@@ -233,7 +241,7 @@ def factor_blocks(
 
     Example:
         >>> factors, result = factor_blocks(torch.eye(2).repeat(3, 1, 1) * 3.0, damping=1.0)
-        >>> torch.cholesky_solve(torch.ones(3, 2, 1), factors).squeeze(-1)[0]
+        >>> cholesky_solve(torch.ones(3, 2, 1), factors).squeeze(-1)[0]
         tensor([0.2500, 0.2500])
     """
     if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
@@ -255,14 +263,44 @@ def inverse_factored(factors: Tensor) -> Tensor:
         >>> inverse_factored(factors)[0].diagonal()
         tensor([0.2500, 0.2500])
     """
-    if factors.device.type != "cpu":
+    with one_thread(factors.device):
         return torch.cholesky_inverse(factors)
+
+
+@contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """Within: torch runs on one CPU thread (on ``device`` the CPU; elsewhere nothing changes), for batched small LAPACK calls.
+
+    Example:
+        >>> with one_thread(torch.device("cpu")):
+        ...     torch.get_num_threads()
+        1
+    """
+    if device.type != "cpu":
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return torch.cholesky_inverse(factors)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def cholesky_solve(rhs: Tensor, factors: Tensor) -> Tensor:
+    """``(L L^T)^-1 rhs`` for ``(n, d, k)`` right-hand sides and lower Cholesky ``factors`` ``(n, d, d)``, batched.
+
+    Two triangular solves (two to three times faster than ``torch.cholesky_solve`` on 64 x 64
+    blocks, the same result), on one CPU thread (see the module's docstring).
+
+    Example:
+        >>> factors = torch.linalg.cholesky(torch.eye(2).repeat(3, 1, 1) * 4.0)
+        >>> cholesky_solve(torch.ones(3, 2, 1), factors)[0].squeeze(-1)
+        tensor([0.2500, 0.2500])
+    """
+    with one_thread(factors.device):
+        half = torch.linalg.solve_triangular(factors, rhs, upper=False)
+        return torch.linalg.solve_triangular(factors.mT, half, upper=True)
 
 
 def solve_factored(factors: Tensor, rhs: Tensor, failed: Tensor) -> tuple[Tensor, Tensor]:
@@ -284,7 +322,7 @@ def solve_factored(factors: Tensor, rhs: Tensor, failed: Tensor) -> tuple[Tensor
         tensor([[0.5000, 0.5000],
                 [0.5000, 0.5000]])
     """
-    x = torch.cholesky_solve(rhs.unsqueeze(-1) if rhs.dim() == 2 else rhs, factors)
+    x = cholesky_solve(rhs.unsqueeze(-1) if rhs.dim() == 2 else rhs, factors)
     x = x.squeeze(-1) if rhs.dim() == 2 else x
     failed = failed | ~torch.isfinite(x).flatten(1).all(1)
     return x.masked_fill(failed.view(-1, *([1] * (x.dim() - 1))), 0.0), failed
@@ -303,7 +341,9 @@ def pcg_blocks(
 
     Args:
         blocks: ``(n, d, d)`` symmetric blocks, positive definite once shifted. They are only
-            read, so a cache's own tensor can be passed without a damped copy.
+            read, so a cache's own tensor can be passed without a damped copy; in a lower
+            precision than ``rhs`` (a float32 cache), the products are taken in it and the
+            residuals kept in ``rhs``'s dtype.
         inverses: ``(n, d, d)`` symmetric positive definite preconditioners, possibly in a lower
             precision (float32 copies halve the memory they cost to read): they only steer the
             iteration, the residual in ``rhs``'s dtype decides when a block is solved.
@@ -376,7 +416,7 @@ class BlockPreconditioner:
     order, followed by ``num_other`` coordinates that get a diagonal treatment — exactly what
     :func:`~lightning_unlearn.linalg.flat.flatten` gives for ``[user_rows (n_u, d), item_rows
     (n_i, d), dense...]`` with ``blocks = torch.cat([user_blocks, item_blocks])``. Each call is
-    one batched ``cholesky_solve``. Blocks that cannot be factored (see :func:`solve_blocks`)
+    one batched :func:`cholesky_solve`. Blocks that cannot be factored (see :func:`solve_blocks`)
     fall back to ``I / damping`` so the preconditioner stays positive definite.
 
     Args:
@@ -432,7 +472,7 @@ class BlockPreconditioner:
         if v.shape != (self.size,):
             raise ValueError(f"expected a flat vector of shape ({self.size},), got {tuple(v.shape)}.")
         head = v[: self.num_blocks * self.dim].view(self.num_blocks, self.dim, 1).to(self.factors.dtype)
-        solved = torch.cholesky_solve(head, self.factors).reshape(-1).to(v.dtype)
+        solved = cholesky_solve(head, self.factors).reshape(-1).to(v.dtype)
         return torch.cat([solved, v[self.num_blocks * self.dim:] * self.other_inverse.to(v.dtype)])
 
 
@@ -452,7 +492,8 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
     eye = torch.eye(d, dtype=blocks.dtype, device=blocks.device)
     valid = torch.isfinite(blocks).flatten(1).all(1)
     if bool(valid.all()):  # fast path: one factorisation of everything, no copies if all succeed
-        chol, info = torch.linalg.cholesky_ex(blocks + lam.view(-1, 1, 1) * eye)
+        with one_thread(blocks.device):
+            chol, info = torch.linalg.cholesky_ex(blocks + lam.view(-1, 1, 1) * eye)
         if bool(_usable(chol, info).all()):
             return chol, lam, torch.zeros(n, dtype=torch.bool, device=blocks.device)
     factors = eye.expand(n, d, d).clone()
@@ -464,7 +505,8 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
             break
         if attempt:
             lam[pending] = torch.where(lam[pending] > 0, lam[pending] * growth, start[pending])
-        chol, info = torch.linalg.cholesky_ex(blocks[pending] + lam[pending].view(-1, 1, 1) * eye)
+        with one_thread(blocks.device):
+            chol, info = torch.linalg.cholesky_ex(blocks[pending] + lam[pending].view(-1, 1, 1) * eye)
         ok = _usable(chol, info)
         factors[pending[ok]] = chol[ok]
         pending = pending[~ok]
