@@ -180,7 +180,7 @@ class CurvatureCache:
     :func:`~lightning_unlearn.models.functional.fingerprint`).
 
     With ``budget_bytes`` smaller than :func:`cache_bytes`, the cache holds as many blocks as fit
-    (float32 storage, float64 accumulation; blocks, their factors and inverses count against the budget),
+    (float32 storage of blocks, factors and inverses, float64 accumulation and solves; all three count against the budget),
     starting with the users and items of most rows. A block it does not hold is computed when
     asked for, from the retained rows that touch it (as :class:`FreshCurvature` does), and takes
     the slot of the least recently used one. Without a budget, or when everything fits, every
@@ -218,14 +218,14 @@ class CurvatureCache:
         Example:
             >>> from lightning_unlearn.models import MF
             >>> CurvatureCache(budget_bytes=2**20).capacity(MF(1000, 100_000, embedding_dim=8))
-            ({'users': 10, 'items': 1013}, torch.float32)
+            ({'users': 13, 'items': 1351}, torch.float32)
         """
         sizes = {"users": model.num_users, "items": model.num_items}
         if self.budget_bytes is None or cache_bytes(model) <= self.budget_bytes:
             return sizes, torch.float64
         width = _widths(model)
-        # a float32 block, its float64 factor and float32 inverse (a cache shared by IFRU and AltEraser holds both)
-        per_block = {side: (4 + 8 + 4) * width[side] ** 2 for side in sizes}
+        # a float32 block, its float32 factor and float32 inverse (a cache shared by IFRU and AltEraser holds both)
+        per_block = {side: (4 + 4 + 4) * width[side] ** 2 for side in sizes}
         share = self.budget_bytes / sum(sizes[side] * per_block[side] for side in sizes)
         return {side: int(share * sizes[side]) for side in sizes}, torch.float32
 
@@ -366,7 +366,8 @@ class CurvatureCache:
         :func:`~lightning_unlearn.linalg.factor_blocks`' escalation). Deleting a few of a block's
         rows changes it by a few percent, so most blocks of a request reuse their factors; the
         step then solves with a slightly stale curvature (relative error about ``tolerance``).
-        ``tolerance=0`` refactors every block asked for (exact). Blocks not held are factored now.
+        ``tolerance=0`` refactors every block asked for (exact; under a budget the factors are kept
+        in float32, like the blocks). Blocks not held are factored now.
 
         Args:
             side: ``"users"`` or ``"items"``.
@@ -395,14 +396,14 @@ class CurvatureCache:
         for part in _chunks(stale, blocks):
             where = at[part]
             factors, result = factor_blocks(blocks[where].double(), damping=shift)
-            store.factors[where], store.damping[where], store.failed[where] = factors, result.block_damping, result.failed_mask
+            store.factors[where], store.damping[where], store.failed[where] = factors.to(blocks.dtype), result.block_damping, result.failed_mask
             store.trace[where], store.shift[where] = trace[part], shift
         if extra is None:
-            return store.factors[at], BlockSolveResult.from_damping(store.damping[at], store.failed[at], shift), len(stale)
+            return store.factors[at].double(), BlockSolveResult.from_damping(store.damping[at], store.failed[at], shift), len(stale)
         factors = torch.empty(len(ids), *blocks.shape[1:], dtype=torch.float64, device=blocks.device)
         damping = torch.empty(len(ids), dtype=torch.float64, device=blocks.device)
         failed = torch.empty(len(ids), dtype=torch.bool, device=blocks.device)
-        factors[held], damping[held], failed[held] = store.factors[at], store.damping[at], store.failed[at]
+        factors[held], damping[held], failed[held] = store.factors[at].double(), store.damping[at], store.failed[at]
         new, result = factor_blocks(extra, damping=shift)
         rest = torch.nonzero(slots < 0).squeeze(1)
         factors[rest], damping[rest], failed[rest] = new, result.block_damping, result.failed_mask
@@ -649,7 +650,7 @@ def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shif
 class _Factored:
     """Cached factors of one side's damped blocks and what they were computed from."""
 
-    factors: Tensor  # (n, d, d) lower Cholesky factors of blocks + damping I
+    factors: Tensor  # (n, d, d) lower Cholesky factors of blocks + damping I, in the blocks' dtype (float32 under a budget)
     trace: Tensor  # (n,) trace of each block when factored (nan: never)
     shift: Tensor  # (n,) shift asked for
     damping: Tensor  # (n,) damping used (>= shift where escalated)
@@ -659,7 +660,7 @@ class _Factored:
     def empty(cls, blocks: Tensor) -> _Factored:
         n = blocks.shape[0]
         nan = torch.full((n,), float("nan"), dtype=torch.float64, device=blocks.device)
-        factors = torch.zeros_like(blocks, dtype=torch.float64)
+        factors = torch.zeros_like(blocks)
         return cls(factors, nan, nan.clone(), nan.clone(), torch.zeros(n, dtype=torch.bool, device=blocks.device))
 
     def forget(self, slots: Tensor) -> None:
