@@ -9,8 +9,7 @@ import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
-from lightning_unlearn.models.functional import fingerprint
-from lightning_unlearn.unlearning.methods import IFRU, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
 from lightning_unlearn.unlearning.methods.scope import Scope, touched
@@ -473,32 +472,37 @@ def test_rollback_undoes_a_request_on_the_cache(budget):
         CurvatureCache().rollback()
 
 
-def test_a_request_fingerprints_the_model_once_before_its_step_and_sees_in_place_changes(monkeypatch):
-    """Within one request the cache fingerprints the model once until its step (the check, not the model, is reused);
-    an in-place change of a parameter is still seen there, and outside a request even a write through ``.data`` is."""
-    import lightning_unlearn.unlearning.methods.curvature as curvature
+def test_a_request_fingerprints_the_model_once_per_state_and_sees_in_place_changes(monkeypatch):
+    """Within one request the model is fingerprinted once before its step and once after (its caches and checks
+    reuse them); an in-place change of a parameter is still seen there, and outside a request even a write through
+    ``.data`` is."""
+    import lightning_unlearn.models.functional as functional
+    from lightning_unlearn.models.functional import fingerprints_by_version
 
-    dm, model = mf_30x25()
-    method = IFRU(damping=1e-4)
-    method.prepare(model, dm.train_rows())
     calls = []
-    monkeypatch.setattr(curvature, "fingerprint", lambda m: calls.append(1) or fingerprint(m))
-    deleted = dm.remove(torch.tensor([1, 10, 50]))
-    report = method.unlearn(model, dm.train_rows(), deleted)
-    assert report.precompute_seconds == 0 and report.diagnostics["cache_misses"] == 0
-    assert len(calls) == 2  # the check before the step (prepare, downdate, ...) and adopt() after it
+    checksum = functional._checksum
+    monkeypatch.setattr(functional, "_checksum", lambda table: calls.append(1) or checksum(table))
+    for method in (IFRU(damping=1e-4), AltEraser(damping=1e-4, rounds=1)):
+        dm, trained = mf_30x25()
+        method.prepare(trained, dm.train_rows())
+        deleted = dm.remove(torch.tensor([1, 10, 50]))
+        calls.clear()
+        report = method.unlearn(trained, dm.train_rows(), deleted)
+        assert report.precompute_seconds == 0 and report.diagnostics["cache_misses"] == 0
+        assert len(calls) == 2 * 2  # two tensors, before the step and after it
     cache = method.cache
-    value = model.item_embedding.weight[0, 0].item()
-    with cache.one_request():
-        assert cache.holds(model) and cache.holds(model) and len(calls) == 3
+    value = trained.item_embedding.weight[0, 0].item()
+    with fingerprints_by_version():
+        calls.clear()
+        assert cache.holds(trained) and cache.holds(trained) and len(calls) == 2
         with torch.no_grad():
-            model.item_embedding.weight[0, 0] = value + 1.0
-        assert not cache.holds(model)
+            trained.item_embedding.weight[0, 0] = value + 1.0
+        assert not cache.holds(trained)
         with torch.no_grad():
-            model.item_embedding.weight[0, 0] = value
-    assert cache.holds(model)
-    model.item_embedding.weight.data[0, 0] += 1.0  # no version change: only a fingerprint sees it
-    assert not cache.holds(model)
+            trained.item_embedding.weight[0, 0] = value
+    assert cache.holds(trained)
+    trained.item_embedding.weight.data[0, 0] += 1.0  # no new version: only a fingerprint sees it
+    assert not cache.holds(trained)
 
 
 def test_cache_options_are_checked():

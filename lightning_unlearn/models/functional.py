@@ -3,14 +3,17 @@ and torch.func), and a checksum telling whether they changed (for caches kept ac
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["call_with", "fingerprint"]
+__all__ = ["call_with", "fingerprint", "fingerprints_by_version"]
 
 _GOLDEN = 0.6180339887498949  # weights frac(i * golden) + 0.5 are distinct and cheap to make
+_KNOWN: ContextVar[dict | None] = ContextVar("lightning_unlearn_fingerprints", default=None)  # within fingerprints_by_version()
 
 
 class _Closure(nn.Module):
@@ -64,12 +67,48 @@ def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
         >>> torch.equal(before, fingerprint(layer))
         False
     """
+    tensors, known = (*model.parameters(), *extra), _KNOWN.get()
+    state = tuple((id(t), t.data_ptr(), t._version) for t in tensors) if known is not None else None
+    if state in (known or {}):
+        return known[state][1].clone()
     rows = []
     with torch.no_grad():
-        for tensor in (*model.parameters(), *extra):
+        for tensor in tensors:
             table = tensor.detach().reshape(len(tensor) if tensor.dim() else 1, -1)
             rows.append(_checksum(table))
-    return torch.stack(rows).cpu() if rows else torch.zeros(0, 4, dtype=torch.float64)
+    result = torch.stack(rows).cpu() if rows else torch.zeros(0, 4, dtype=torch.float64)
+    if known is not None:
+        known[state] = (tensors, result.clone())  # the tensors are held, so their ids are not reused meanwhile
+    return result
+
+
+@contextmanager
+def fingerprints_by_version() -> Iterator[None]:
+    """Within: :func:`fingerprint` is computed once per state of the tensors, and recalled after.
+
+    A tensor's state is which tensor it is and its version, the counter that in-place operations
+    on it advance (an optimizer step, ``copy_``, ``index_add_``): one unlearning request checks the
+    model's fingerprint several times (its caches, before and after its step) and pays for two.
+    Writes through ``.data`` do not advance the counter, so outside this context every call
+    computes the fingerprint again. Nested contexts share the outermost one's memory.
+
+    Example:
+        >>> layer = nn.Linear(2, 1)
+        >>> with fingerprints_by_version():
+        ...     first = fingerprint(layer)
+        ...     with torch.no_grad():
+        ...         _ = layer.weight.mul_(2.0)  # in place: a new version
+        ...     torch.equal(first, fingerprint(layer))
+        False
+    """
+    if _KNOWN.get() is not None:
+        yield
+        return
+    token = _KNOWN.set({})
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
 
 
 def _checksum(table: Tensor, piece_elements: int = 2**18) -> Tensor:

@@ -9,9 +9,7 @@ plus ``l2`` per occurrence of the row in the L2 term. Blocks are sums over rows 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -209,7 +207,6 @@ class CurvatureCache:
                                          or not budget_bytes > 0):
             raise ValueError(f"CurvatureCache(budget_bytes=...) must be a number > 0 or None, got {budget_bytes!r}.")
         self.budget_bytes = budget_bytes
-        self._request = False  # within one_request()
         self.clear()
 
     def capacity(self, model: Recommender) -> tuple[dict[str, int], torch.dtype]:
@@ -256,7 +253,7 @@ class CurvatureCache:
         _add_curvature(model, vectors, context.shard(rows), held, tables["users"].slot, tables["items"].slot, sign=1.0)
         for table in tables.values():
             table.blocks = context.reduce(table.blocks)
-        self._tables, self._fingerprint, self._checked = tables, fingerprint(model), None
+        self._tables, self._fingerprint = tables, fingerprint(model)
 
     def downdate(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext | None = None) -> None:
         """Subtract the ``deleted`` rows' blocks in place: the cache now holds the blocks of the ``retained`` rows.
@@ -329,34 +326,8 @@ class CurvatureCache:
         return out
 
     def holds(self, model: Recommender) -> bool:
-        """Whether the cache was built (or adopted) for ``model``'s current parameters.
-
-        Compares ``model``'s :func:`~lightning_unlearn.models.functional.fingerprint`; within
-        :meth:`one_request`, once per state of its parameters.
-        """
-        if self._fingerprint is None:
-            return False
-        key = _parameter_state(model) if self._request else None
-        if key is not None and key == self._checked:
-            return True
-        held = torch.equal(self._fingerprint, fingerprint(model))
-        self._checked = key if held else None
-        return held
-
-    @contextmanager
-    def one_request(self) -> Iterator[None]:
-        """Within: :meth:`holds` fingerprints a model once, until its parameters change.
-
-        A request asks several times (prepare, downdate, ...) before its step changes anything.
-        A parameter is taken as unchanged while it is the same tensor at the same version (the
-        counter that in-place operations on it advance); writes through ``.data`` pass unseen,
-        so outside a request every call fingerprints the model again.
-        """
-        self._request, self._checked = True, None
-        try:
-            yield
-        finally:
-            self._request, self._checked = False, None
+        """Whether the cache was built (or adopted) for ``model``'s current parameters."""
+        return self._fingerprint is not None and torch.equal(self._fingerprint, fingerprint(model))
 
     def factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
         """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` (distinct) of ``side`` (``"users"``/``"items"``).
@@ -519,7 +490,7 @@ class CurvatureCache:
     def adopt(self, model: Recommender) -> None:
         """Keep the cached blocks for ``model``'s current parameters (after a small step)."""
         if self._fingerprint is not None:
-            self._fingerprint, self._checked = fingerprint(model), None
+            self._fingerprint = fingerprint(model)
 
     def clear(self) -> None:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
@@ -531,7 +502,6 @@ class CurvatureCache:
         self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
         self._undo: list | None = None  # since mark(): (side, slots, blocks, ids, replaced) as they were, per change
         self._marked: Tensor | None = None  # the fingerprint at mark()
-        self._checked: tuple | None = None  # within a request: the parameters' state holds() last matched
 
     def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """The slots of ``ids``, after computing the blocks not held and taking the least recently used slots for them.
@@ -568,11 +538,6 @@ class CurvatureCache:
                 if store is not None:
                     store.forget(victims)
         return slots, (fresh[k:] if k < len(missing) else None)
-
-
-def _parameter_state(model: Recommender) -> tuple:
-    """Which tensors ``model``'s parameters are and their in-place versions: unchanged state, unchanged values."""
-    return id(model), tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
 class FreshCurvature:

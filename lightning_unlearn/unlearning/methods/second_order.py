@@ -19,6 +19,7 @@ import torch
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import fingerprints_by_version
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.scope import is_graph
@@ -137,8 +138,8 @@ class SecondOrderUnlearner(Unlearner):
 
     def unlearn(self, model: Recommender, retained: TrainRows, deleted: TrainRows,
                 context: UnlearningContext | None = None) -> UnlearningReport:
-        """:meth:`Unlearner.unlearn`, with the model's fingerprint checked once before its step (:meth:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache.one_request`)."""
-        with self.cache.one_request():
+        """:meth:`Unlearner.unlearn`; the model's fingerprint, asked for by several checks, is taken once per state of its parameters."""
+        with fingerprints_by_version():
             return super().unlearn(model, retained, deleted, context)
 
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
