@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_unlearn.data import Interactions
+from lightning_unlearn.metrics import completeness
 from lightning_unlearn.metrics.completeness import (
     completeness_report,
     deleted_row_statistics,
@@ -302,3 +303,319 @@ def test_bad_arguments():
         completeness_report(HAND, HAND, copy.deepcopy(HAND), HAND_DELETED, HAND_RETAINED, HAND_NONMEMBERS)
     with pytest.raises(ValueError, match="same parameter shapes"):
         param_distance_rel(HAND, mf([[1.0, 0.0]] * 3, [[1.0, 0.0]] * 6), HAND)
+
+
+# ------------------------------------------------------------------ the fast paths against dense references
+# Straightforward dense versions of every figure: all users' scores at once, a dense
+# (users, items) exclusion mask, ranks by comparing whole rows. The library's chunked code
+# (in-place -inf exclusions, counting or sorting, Gram matrices) must give the same numbers.
+def dense_scores(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.full_scores(torch.arange(model.num_users)).detach()
+
+
+def dense_excluded(rows: Interactions) -> torch.Tensor:
+    mask = torch.zeros(rows.num_users, rows.num_items, dtype=torch.bool)
+    mask[rows.users, rows.items] = True
+    return mask
+
+
+def dense_ranks(scores, excluded, users, items):
+    """Score, rank percentile and candidates above, with the rank's arithmetic of ``_row_ranks``."""
+    masked = scores.masked_fill(excluded, float("-inf"))
+    value = scores[users, items]
+    rows = masked[users]
+    above, equal = (rows > value[:, None]).sum(1), (rows == value[:, None]).sum(1)
+    candidate = (~excluded[users, items]).long()
+    others = (~excluded).sum(1)[users] - candidate
+    return value.double(), ((above + 0.5 * (equal - candidate)) / others.clamp_min(1)).double(), above
+
+
+def dense_deleted_row_statistics(model, deleted, retained, nonmembers, k, seed=0):
+    scores, excluded = dense_scores(model), dense_excluded(retained)
+    score, rank, higher = dense_ranks(scores, excluded, deleted.users, deleted.items)
+    usable = ~excluded[nonmembers.users, nonmembers.items] & ~dense_excluded(deleted)[nonmembers.users, nonmembers.items]
+    pool = torch.nonzero(usable).squeeze(1)
+    g = torch.Generator().manual_seed(seed)
+    m = min(len(deleted), len(pool))
+    members = torch.randperm(len(deleted), generator=g)[:m].sort().values
+    sample = pool[torch.randperm(len(pool), generator=g)[:m].sort().values]
+    non_score, non_rank, _ = dense_ranks(scores, excluded, nonmembers.users[sample], nonmembers.items[sample])
+    auc = membership_inference_auc(
+        torch.stack([score[members], rank[members]], 1), torch.stack([non_score, non_rank], 1), seed=seed
+    )
+    return {"rank_pct": rank.mean().item(), "score": score.mean().item(), f"in_top{k}": (higher < k).double().mean().item(),
+            "mia_auc": auc}
+
+
+def dense_item_side_statistics(model, deleted, retained, k):
+    scores, excluded = dense_scores(model), dense_excluded(retained)
+    has_deleted = torch.bincount(deleted.users, minlength=deleted.num_users) > 0
+    users = torch.nonzero(excluded.any(1) & ~has_deleted).squeeze(1)
+    items = torch.unique(deleted.items)
+    masked = scores.masked_fill(excluded, float("-inf"))[users]
+    values = scores[users][:, items]
+    higher = (masked[:, None, :] > values[:, :, None]).sum(2)
+    ties = (masked[:, None, :] == values[:, :, None]).sum(2)
+    valid = ~excluded[users][:, items]
+    others = ((~excluded[users]).sum(1, keepdim=True) - 1).clamp_min(1)
+    rank = (higher + 0.5 * (ties - 1)) / others
+    if not valid.any():
+        return {"item_score": math.nan, "item_rank_pct": math.nan, f"item_in_top{k}": math.nan}
+    return {"item_score": values[valid].double().mean().item(), "item_rank_pct": rank[valid].double().mean().item(),
+            f"item_in_top{k}": (higher[valid] < k).double().mean().item()}
+
+
+def dense_topk_overlap(model_a, model_b, users, exclude, k):
+    excluded = dense_excluded(exclude)[users]
+    kk = min(k, exclude.num_items)
+    lists = []
+    for model in (model_a, model_b):
+        top = torch.topk(dense_scores(model)[users].masked_fill(excluded, float("-inf")), kk, dim=1).indices
+        lists.append([set(t[v].tolist()) for t, v in zip(top, ~excluded.gather(1, top))])
+    shares = [len(a & b) / len(a | b) for a, b in zip(*lists) if a | b]
+    return sum(shares) / len(shares) if shares else math.nan
+
+
+def dense_score_distance(method, reference, original, users):
+    """The definition in float64: MF-like scores from float64 vectors, any other model's own scores."""
+    def scores(model):
+        if isinstance(model, MF) and type(model).full_scores is MF.full_scores:
+            u, v = (r.detach().double() for r in model.representations())
+            return u[users] @ v.T
+        return dense_scores(model)[users].double()
+
+    s_m, s_r, s_o = (scores(m) for m in (method, reference, original))
+    den = (s_o - s_r).square().sum().item()
+    return math.sqrt((s_m - s_r).square().sum().item() / den) if den > 0 else math.nan
+
+
+def tied_case(seed: int, num_users: int = 12, num_items: int = 40, dim: int = 2):
+    """Small integer embeddings (scores are small integers: many ties) and rows of every kind.
+
+    User 0 deleted many rows (sorted under the "sort" and "mixed" ``count_rows``), users 1..3 a few, user 4
+    keeps every item (no candidate), the last user has no row at all; some retained rows repeat.
+    """
+    g = torch.Generator().manual_seed(seed)
+    users = torch.randint(-2, 3, (num_users, dim), generator=g).float()
+    items = torch.randint(-2, 3, (num_items, dim), generator=g).float()
+    model = mf(users, items)
+    pairs = [(0, i) for i in range(0, 30)]  # user 0: 30 deleted rows
+    pairs += [(1, 3), (2, 5), (2, 6), (3, 7), (3, 8), (3, 9)]
+    deleted = table(pairs, num_users, num_items)
+    taken = {*pairs}
+    kept = [(4, i) for i in range(num_items)]  # user 4: every item retained
+    keys = torch.randperm((num_users - 1) * num_items, generator=g)
+    kept += [(u, i) for u, i in zip((keys // num_items).tolist(), (keys % num_items).tolist()) if u != 4 and (u, i) not in taken][:150]
+    retained = table(kept + kept[-20:] + [(4, 0)], num_users, num_items)
+    rest = [(u, i) for u in range(num_users - 1) for i in range(num_items) if (u, i) not in taken and (u, i) not in set(kept)]
+    nonmembers = table(rest[::7], num_users, num_items)
+    return model, deleted, retained, nonmembers
+
+
+@pytest.fixture(params=["default", "count", "sort", "mixed", "tiles"])
+def count_rows(request, monkeypatch):
+    """Run a test with the default count/sort threshold, with counting only, with sorting only, with
+    users of 1 or 2 rows counted and the others sorted (in the same blocks of rows), and with tiny
+    tiles (a tile per row and a few items)."""
+    value = {"default": completeness._COUNT_ROWS, "count": 10**9, "sort": 0, "mixed": 2, "tiles": 10**9}[request.param]
+    monkeypatch.setattr(completeness, "_COUNT_ROWS", value)
+    if request.param == "tiles":
+        monkeypatch.setattr(completeness, "_TILE", {"cpu": 16})
+        monkeypatch.setattr(completeness, "_TILE_MIN_COLS", 7)
+    return value
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_row_ranks_match_dense_reference_with_ties(count_rows, chunk_size):
+    model, deleted, retained, _ = tied_case(0)
+    # rows of every kind, excluded ones too (not candidates): the definition covers them
+    users = torch.cat([deleted.users, retained.users[:20], torch.tensor([4, 4, 11])])
+    items = torch.cat([deleted.items, retained.items[:20], torch.tensor([0, 39, 2])])
+    expected = dense_ranks(dense_scores(model), dense_excluded(retained), users, items)
+    got = completeness._row_ranks(model, completeness._representations(model), users, items, retained, chunk_size)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_deleted_row_statistics_match_dense_reference(count_rows, seed):
+    model, deleted, retained, nonmembers = tied_case(seed)
+    expected = dense_deleted_row_statistics(model, deleted, retained, nonmembers, k=3, seed=seed)
+    for chunk_size in (2, 1024):
+        assert deleted_row_statistics(model, deleted, retained, nonmembers, k=3, seed=seed, chunk_size=chunk_size) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_item_side_statistics_match_dense_reference(count_rows, seed):
+    model, _, retained, _ = tied_case(seed)
+    few = table([(0, 1), (0, 2), (1, 2), (2, 7)], 12, 40)  # 3 items: counted unless sorting is forced
+    many = table([(0, i) for i in range(0, 40, 2)] + [(1, 3)], 12, 40)  # 21 items: sorted
+    for deleted in (few, many):
+        expected = dense_item_side_statistics(model, deleted, retained, k=4)
+        for chunk_size in (1, 5, 1024):
+            assert item_side_statistics(model, deleted, retained, k=4, chunk_size=chunk_size) == pytest.approx(expected, rel=1e-12)
+
+
+def test_topk_overlap_matches_dense_reference():
+    g = torch.Generator().manual_seed(3)
+    model_a, _, retained, _ = tied_case(3)
+    items = torch.randint(-2, 3, (40, 2), generator=g).float()
+    model_b = mf(torch.randint(-2, 3, (12, 2), generator=g).float(), items)
+    # every user (user 4 has no candidate), a repeated user, k above the number of candidates
+    for users in (torch.arange(12), torch.tensor([4, 0, 0, 7])):
+        for k in (1, 5, 40, 100):
+            expected = dense_topk_overlap(model_a, model_b, users, retained, k)
+            for chunk_size in (1, 3, 1024):
+                assert topk_overlap(model_a, model_b, users, retained, k, chunk_size) == pytest.approx(expected, rel=1e-12, abs=0)
+    assert math.isnan(topk_overlap(model_a, model_b, torch.tensor([4]), retained, 5))
+    assert math.isnan(topk_overlap(model_a, model_b, torch.tensor([], dtype=torch.long), retained, 5))
+
+
+def same(a: dict, b: dict) -> bool:
+    """Equal dicts of floats, nan equal to nan."""
+    return a.keys() == b.keys() and all(a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])) for key in a)
+
+
+def test_a_model_that_scores_minus_infinity_is_ranked_as_before(monkeypatch):
+    """-inf scores of the model itself: still candidates, tied with the excluded items' -inf."""
+
+    class Floor(MF):  # scores -inf for items 0..4 of every user and +inf for item 5 (not a dot-product model)
+        def full_scores(self, users, representations=None):
+            scores = super().full_scores(users, representations)
+            scores[:, :5] = float("-inf")
+            scores[:, 5] = float("inf")
+            return scores
+
+    base, deleted, retained, nonmembers = tied_case(4)
+    model = Floor(12, 40, embedding_dim=2)
+    model.load_state_dict(base.state_dict())
+    assert not completeness._scores_by_dot_product(model)
+    users = torch.cat([deleted.users, torch.tensor([1, 2, 6])])
+    items = torch.cat([deleted.items, torch.tensor([0, 5, 4])])
+    expected = dense_ranks(dense_scores(model), dense_excluded(retained), users, items)
+    for threshold in (0, 10**9):  # sorting and counting
+        monkeypatch.setattr(completeness, "_COUNT_ROWS", threshold)
+        got = completeness._row_ranks(model, completeness._representations(model), users, items, retained, 4)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+        # the mean score is nan (-inf and +inf rows); the ranks are finite
+        assert same(deleted_row_statistics(model, deleted, retained, nonmembers, k=3),
+                    dense_deleted_row_statistics(model, deleted, retained, nonmembers, k=3))
+    assert topk_overlap(model, base, torch.arange(12), retained, 7) == pytest.approx(
+        dense_topk_overlap(model, base, torch.arange(12), retained, 7), rel=1e-12
+    )
+
+
+def test_counting_treats_nan_as_neither_above_nor_tied():
+    # Documented difference: with nan scores a rank means nothing; the count path leaves nan out
+    # of both counts, where binary search over a sorted row (the sort path, and the code before
+    # the count path) puts it wherever the search ends.
+    scores = torch.tensor([[float("nan"), 1.0, 2.0, 1.0]])
+    above, equal = completeness._count_above_and_equal(scores, torch.tensor([[1.0]]), torch.tensor([1]))
+    assert above.tolist() == [[1]] and equal.tolist() == [[2]]
+
+
+def test_exclusions_are_written_into_a_copy_when_the_model_returns_a_view():
+    class Cached(MF):  # full_scores returns rows of one stored matrix
+        def full_scores(self, users, representations=None):
+            return self.stored[:len(users)]  # a view (users 0, 1 in order)
+
+    model = Cached(2, 3, embedding_dim=1)
+    model.stored = torch.arange(6.0).reshape(2, 3)
+    before = model.stored.clone()
+    topk_overlap(model, model, torch.tensor([0, 1]), table([(0, 1), (1, 2)], 2, 3), k=2)
+    assert torch.equal(model.stored, before)
+
+
+def test_score_distance_gram_path_matches_dense_float64():
+    g = torch.Generator().manual_seed(5)
+    u, v = torch.randn(30, 4, generator=g), torch.randn(50, 4, generator=g)
+    reference = mf(u, v)
+    method = mf(u + 0.01 * torch.randn(30, 4, generator=g), v + 0.01 * torch.randn(50, 4, generator=g))
+    original = mf(u + torch.randn(30, 4, generator=g), v)
+    wide = mf(torch.randn(30, 6, generator=g), torch.randn(50, 6, generator=g))  # another width: the [U_a | -U_b] form
+    for users in (torch.arange(30), torch.tensor([3, 3, 7, 29]), torch.tensor([], dtype=torch.long)):
+        for models in ((method, reference, original), (wide, reference, original), (method, wide, original)):
+            expected = dense_score_distance(*models, users)
+            got = score_distance_rel(*models, users)
+            assert got == pytest.approx(expected, rel=1e-12, nan_ok=True)
+    # the float32 scores the code used before differ from the float64 definition by their rounding only
+    s = [dense_scores(m).double() for m in (method, reference, original)]
+    float32_figure = math.sqrt((s[0] - s[1]).square().sum().item() / (s[2] - s[1]).square().sum().item())
+    assert score_distance_rel(method, reference, original, torch.arange(30)) == pytest.approx(float32_figure, rel=1e-5)
+
+
+def test_score_distance_of_dot_product_models_scores_nothing(monkeypatch):
+    from lightning_unlearn.models import LightGCN, NeuMF
+
+    graph = table([(0, 0), (1, 1), (2, 1), (3, 4)], 4, 5)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = LightGCN(4, 5, embedding_dim=3, num_layers=2)
+        model.set_graph(graph)
+        models.append(model)
+    assert all(completeness._scores_by_dot_product(m) for m in models)
+    assert not completeness._scores_by_dot_product(NeuMF(4, 5, gmf_dim=2, mlp_dim=2, mlp_layers=(4,)))
+    expected = dense_score_distance(*models, torch.arange(4))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Gram path scores no model")
+
+    monkeypatch.setattr(MF, "full_scores", forbidden)  # LightGCN's too: it inherits it
+    assert score_distance_rel(*models, torch.arange(4)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_score_distance_generic_path_matches_dense_reference(chunk_size):
+    from lightning_unlearn.models import NeuMF
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(NeuMF(7, 9, gmf_dim=3, mlp_dim=2, mlp_layers=(4, 2)))
+    users = torch.tensor([0, 2, 2, 6, 5, 1])
+    expected = dense_score_distance(*models, users)
+    assert score_distance_rel(*models, users, chunk_size=chunk_size) == pytest.approx(expected, rel=1e-12)
+    assert score_distance_rel(models[1], models[1], models[2], users) == 0.0
+    with pytest.raises(ValueError, match="chunk_size"):
+        score_distance_rel(*models, users, chunk_size=0)
+
+
+def test_report_matches_dense_references_and_caches_reference_work():
+    model, deleted, retained, nonmembers = tied_case(6)
+    g = torch.Generator().manual_seed(6)
+
+    def nearby(scale):
+        return mf(model.user_embedding.weight + scale * torch.randn(12, 2, generator=g), model.item_embedding.weight)
+    original, reference, method, other = model, nearby(1.0), nearby(0.3), nearby(0.5)
+    cache: dict = {}
+    report = completeness_report(original, method, reference, deleted, retained, nonmembers, k=3, cache=cache, chunk_size=5)
+    figures, everyone, affected = report["completeness"], torch.arange(12), torch.unique(deleted.users)
+    for role, m in (("original", original), ("reference", reference), ("deleted", method)):
+        assert report[role] == dense_deleted_row_statistics(m, deleted, retained, nonmembers, k=3)
+    assert figures["overlap@3"] == pytest.approx(dense_topk_overlap(method, reference, everyone, retained, 3), rel=1e-12)
+    assert figures["overlap@3_affected"] == pytest.approx(dense_topk_overlap(method, reference, affected, retained, 3), rel=1e-12)
+    assert figures["score_distance_rel"] == pytest.approx(dense_score_distance(method, reference, original, everyone), rel=1e-12)
+    assert {"reference_topk", "score_distance"} <= set(cache)
+    # planted values prove the reuse: the reference's lists and ||S_original - S_reference||^2
+    key, (top, valid) = cache["reference_topk"]
+    cache["reference_topk"] = (key, (top, torch.zeros_like(valid)))  # no valid entry: every overlap 0
+    key, den = cache["score_distance"]
+    cache["score_distance"] = (key, 4 * den)
+    again = completeness_report(original, method, reference, deleted, retained, nonmembers, k=3, cache=cache, chunk_size=5)
+    assert again["completeness"]["overlap@3"] == 0.0
+    assert again["completeness"]["score_distance_rel"] == pytest.approx(figures["score_distance_rel"] / 2, rel=1e-12)
+    # another method is measured against the cached work; a changed reference is measured again
+    cache["reference_topk"] = (cache["reference_topk"][0], (top, valid))
+    cache["score_distance"] = (key, den)
+    third = completeness_report(original, other, reference, deleted, retained, nonmembers, k=3, cache=cache, chunk_size=5)
+    assert third["completeness"]["overlap@3"] == pytest.approx(dense_topk_overlap(other, reference, everyone, retained, 3), rel=1e-12)
+    with torch.no_grad():
+        reference.user_embedding.weight[0] += 1.0
+    fourth = completeness_report(original, other, reference, deleted, retained, nonmembers, k=3, cache=cache, chunk_size=5)
+    assert fourth["completeness"]["overlap@3"] == pytest.approx(dense_topk_overlap(other, reference, everyone, retained, 3), rel=1e-12)
+    assert fourth["completeness"]["score_distance_rel"] == pytest.approx(
+        dense_score_distance(other, reference, original, everyone), rel=1e-12
+    )
