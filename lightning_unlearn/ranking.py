@@ -7,17 +7,103 @@ the score chunk, one ``topk`` for the largest K serves every K, and AUC counts, 
 user's few relevant scores, the candidates below it, a cache-sized tile of scores at a time.
 :class:`FullRankingMetrics` is the thin ``torchmetrics.Metric`` over it, so state, reset and
 multi-device sync come from torchmetrics.
+
+Sampled evaluation ranks each user's relevant items against a few candidate items instead of
+the whole catalog: :func:`candidate_layout` lays out one compact ``(users, targets + candidates)``
+score matrix with its own coordinates, so the same :func:`sparse_ranking_metrics` (and
+:class:`FullRankingMetrics`) computes the metrics over those columns only. Such metrics are not
+comparable with full-ranking ones and are reported under :func:`metric_prefix`'s ``sampled``
+names.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["FullRankingMetrics", "ranking_metrics", "sparse_ranking_metrics"]
+__all__ = ["CandidateLayout", "FullRankingMetrics", "candidate_layout", "metric_prefix", "ranking_metrics", "sparse_ranking_metrics"]
+
+#: The part of a metric's name that marks it as computed on sampled candidates: ``val/sampled/ndcg@20``.
+SAMPLED = "sampled"
+_ITEM_BITS = 31  # item indices are below 2**31: keys row << 31 | item need no catalog size
+
+
+def metric_prefix(split: str, candidates: int | None) -> str:
+    """The prefix of a split's ranking metrics: ``split`` for full ranking, ``split/sampled`` for sampled.
+
+    Example:
+        >>> metric_prefix("val", None), metric_prefix("val", 100)
+        ('val', 'val/sampled')
+    """
+    return split if candidates is None else f"{split}/{SAMPLED}"
+
+
+class CandidateLayout(NamedTuple):
+    """The columns of a compact score matrix for sampled ranking (see :func:`candidate_layout`)."""
+
+    #: ``(users, width)`` long: the item scored in each column, ``-1`` for padding.
+    items: Tensor
+    #: coordinates ``(row, column)`` of the relevant items, for :func:`sparse_ranking_metrics`.
+    target_rows: Tensor
+    target_cols: Tensor
+    #: coordinates of the cells to leave out: padding, candidates that are relevant items, excluded relevant items.
+    exclude_rows: Tensor
+    exclude_cols: Tensor
+
+
+def candidate_layout(target_rows: Tensor, target_items: Tensor, candidate_items: Tensor, num_candidates: Tensor,
+                     exclude_rows: Tensor | None = None, exclude_items: Tensor | None = None) -> CandidateLayout:
+    """Lay out each user's relevant items and candidates as the columns of one compact score matrix.
+
+    Column ``j < T`` of row ``b`` holds the ``j``-th relevant item of user ``b`` (``T`` the
+    largest number of relevant items in the batch; duplicates count once), the next ``N``
+    columns its candidates. Scoring ``items`` (e.g. with ``interact`` on gathered vectors) and
+    passing the returned coordinates to :func:`sparse_ranking_metrics` gives exactly the metrics
+    of full ranking with every item outside the candidates and the relevant items excluded.
+
+    Args:
+        target_rows, target_items: coordinates ``(row, item)`` of the relevant items.
+        candidate_items: ``(users, N)`` candidate items (any integer dtype), distinct per row.
+        num_candidates: ``(users,)`` how many leading candidates of each row count (the rest is padding).
+        exclude_rows, exclude_items: the excluded items' coordinates: a relevant item among them
+            is left out of the ranking (it still counts as relevant), as in full ranking.
+
+    Returns:
+        A :class:`CandidateLayout`.
+
+    Example:
+        >>> layout = candidate_layout(torch.tensor([0, 0, 1]), torch.tensor([4, 2, 3]),
+        ...                           torch.tensor([[7, 5], [6, -1]]), torch.tensor([2, 1]))
+        >>> layout.items.tolist(), layout.exclude_rows.tolist(), layout.exclude_cols.tolist()
+        ([[2, 4, 7, 5], [3, -1, 6, -1]], [1, 1], [1, 3])
+    """
+    rows_n, width = candidate_items.shape
+    device = candidate_items.device
+    key = torch.unique((target_rows.long() << _ITEM_BITS) | target_items.long())  # sorted by row, then item
+    t_rows = key >> _ITEM_BITS
+    n_rel = torch.bincount(t_rows, minlength=rows_n)
+    t_cols = torch.arange(len(key), device=device) - (torch.cumsum(n_rel, 0) - n_rel)[t_rows]
+    relevant = int(n_rel.max()) if rows_n else 0
+    valid = torch.arange(width, device=device) < num_candidates.to(device).unsqueeze(1)
+    candidates = torch.where(valid, candidate_items.long(), -1)
+    items = torch.full((rows_n, relevant + width), -1, dtype=torch.long, device=device)
+    items[t_rows, t_cols] = key & ((1 << _ITEM_BITS) - 1)
+    items[:, relevant:] = candidates
+    left_out = items < 0
+    if exclude_rows is not None and len(key) and len(exclude_rows):
+        excluded = torch.unique((exclude_rows.long() << _ITEM_BITS) | exclude_items.long())
+        pos = torch.searchsorted(excluded, key).clamp_max(len(excluded) - 1)
+        hit = excluded[pos] == key
+        left_out[t_rows[hit], t_cols[hit]] = True
+    rows = torch.arange(rows_n, device=device).unsqueeze(1)
+    if len(key):  # a candidate that is a relevant item of its user would count as a non-relevant one too
+        pos = torch.searchsorted(key, (rows << _ITEM_BITS) | candidates.clamp_min(0)).clamp_max(len(key) - 1)
+        left_out[:, relevant:] |= valid & (key[pos] == ((rows << _ITEM_BITS) | candidates))
+    exclude_rows, exclude_cols = torch.nonzero(left_out, as_tuple=True)
+    return CandidateLayout(items, t_rows, t_cols, exclude_rows, exclude_cols)
 
 
 def ranking_metrics(
@@ -66,6 +152,8 @@ def sparse_ranking_metrics(
     counts, for every relevant item, the candidates scoring strictly below it: one broadcast
     comparison of each cache-sized tile of the chunk with all of its users' relevant scores (a
     binary search for a user with more than 128 relevant items). Duplicate coordinates count once.
+    A relevant item that is also excluded counts as relevant but is never a hit, even when K
+    exceeds the items left to rank (``topk`` then reaches into the ``-inf`` cells).
 
     Args:
         scores: ``(users, items)`` predicted scores.
@@ -124,7 +212,7 @@ def sparse_ranking_metrics(
         flat.index_fill_(0, e_local, float("-inf"))
         top = torch.topk(work, kmax, dim=1).indices
         top_key = top + torch.arange(stop - start, device=device).unsqueeze(1) * items
-        hits[start:stop] = torch.isin(top_key, t_local).float()
+        hits[start:stop] = (torch.isin(top_key, t_local) & ~torch.isin(top_key, e_local)).float()  # an excluded item never hits
         if auc:
             auc_values[start:stop] = _sparse_auc(work, t_local, n_rel[start:stop], n_neg[start:stop], e_local)
     cum_hits = hits.cumsum(1)

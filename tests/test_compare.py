@@ -295,3 +295,21 @@ def test_second_order_methods_share_one_curvature_cache_and_get_the_step_they_ge
         for key, value in entry["utility"].items():
             assert value == pytest.approx(alone[name]["utility"][key], rel=1e-6, abs=1e-9), (name, key)
         assert entry["completeness"]["param_distance_rel"] == pytest.approx(alone[name]["completeness"]["param_distance_rel"], rel=1e-6)
+
+
+def test_compare_reports_sampled_utility_under_its_marker(tmp_path):
+    """With RecDataModule(eval_candidates=N) the utility is sampled, and compare.json says so in its keys."""
+    recipe = FitRecipe(max_epochs=1, monitor=None)
+    make = lambda: RecDataModule(Synthetic(num_users=30, num_items=20, density=0.25, seed=1), num_negatives=2, batch_size=64,  # noqa: E731
+                                 eval_candidates=5)
+    dm = make()
+    dm.setup()
+    torch.manual_seed(0)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
+    recipe(model, dm)
+    fresh = make()
+    fresh.setup()
+    result = compare(model, fresh, [Retrain()], DeletionSpec(fraction=0.05), recipe, progress=lambda _: None)
+    for utility in (result["original"]["utility"], result["methods"][0]["utility"]):
+        assert set(utility) == {"sampled/recall@20", "sampled/ndcg@20", "sampled/hit@20", "sampled/auc", "sampled/candidates"}
+        assert utility["sampled/candidates"] == 5 and 0 <= utility["sampled/recall@20"] <= 1

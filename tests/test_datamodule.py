@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from lightning_unlearn.data import AdjacencyLists, CSVSource, DataNotFoundError, DataSource, Interactions, RecDataModule, Synthetic
 from lightning_unlearn.data.datamodule import DataFingerprintMismatch
+from lightning_unlearn.models import MF
+from lightning_unlearn.ranking import FullRankingMetrics
 
 
 def dm(**kwargs) -> RecDataModule:
@@ -212,3 +215,156 @@ def test_without_a_validation_file_val_fraction_defaults_to_carving_a_tenth(tmp_
     module.setup()
     assert len(module.val) == 3 and len(module.train) == 27  # one of each user's ten rows
     assert sorted(pairs(module.train) + pairs(module.val)) == sorted((f"u{u}", f"i{i}") for u in range(3) for i in range(10))
+
+
+# ----------------------------------------------------------------------------- sampled evaluation
+
+
+def candidate_rows(loader) -> dict[int, tuple[int, ...]]:
+    """Each evaluated user's candidates (valid ones only), checked to be distinct and eligible."""
+    out = {}
+    for b in loader:
+        assert b["candidate_items"].dtype == torch.int32
+        for row, user in enumerate(b["users"].tolist()):
+            n = int(b["num_candidates"][row])
+            cands = b["candidate_items"][row]
+            assert (cands[n:] == -1).all()
+            out[user] = tuple(cands[:n].tolist())
+    return out
+
+
+def forbidden(module, split) -> dict[int, set[int]]:
+    """Per user, what it may not get as a candidate in ``split``: its targets and exclusions."""
+    tables = [module.val, module.train] if split == "val" else [module.test, module.train, module.val]
+    seen: dict[int, set[int]] = {}
+    for table in tables:
+        for u, i in zip(table.users.tolist(), table.items.tolist()):
+            seen.setdefault(u, set()).add(i)
+    return seen
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "10", 1e3])
+def test_eval_candidates_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match=r"RecDataModule\(eval_candidates=\.\.\.\) must be None .* or an int >= 1 .*got"):
+        RecDataModule(Synthetic(), eval_candidates=value)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+@pytest.mark.parametrize("count", [1, 4, 19, 1000])
+def test_candidates_are_distinct_eligible_items(split, count):
+    """Never a target, an excluded (seen) item or a repeat; min(count, eligible) of them."""
+    module = dm(eval_candidates=count)
+    loader = module.val_dataloader() if split == "val" else module.test_dataloader()
+    got = candidate_rows(loader)
+    seen = forbidden(module, split)
+    assert sorted(got) == sorted(set((module.val if split == "val" else module.test).users.tolist()))
+    for user, cands in got.items():
+        eligible = set(range(module.num_items)) - seen[user]
+        assert len(set(cands)) == len(cands) == min(count, len(eligible))
+        assert set(cands) <= eligible
+        if count >= len(eligible):
+            assert set(cands) == eligible  # every eligible item: the full ranking
+
+
+def test_candidates_are_the_same_for_every_batch_size_epoch_and_instance():
+    base = candidate_rows(dm(eval_candidates=7, eval_batch_size=16).test_dataloader())
+    for eval_batch_size in (1, 3, 1000):
+        module = dm(eval_candidates=7, eval_batch_size=eval_batch_size)
+        loader = module.test_dataloader()
+        assert candidate_rows(loader) == base and candidate_rows(loader) == base  # two epochs
+    assert candidate_rows(dm(eval_candidates=7, seed=1).test_dataloader()) != base
+    val = candidate_rows(dm(eval_candidates=7).val_dataloader())
+    assert any(val[u] != base[u] for u in set(val) & set(base))  # each split draws its own
+
+
+def test_full_ranking_batches_carry_no_candidates():
+    assert all("candidate_items" not in b for b in dm().test_dataloader())
+
+
+def test_removed_users_and_items_are_never_candidates_afterwards():
+    """Removals reach a loader made before them (Lightning keeps its validation loader through a fit):
+    removed users are not evaluated, removed items are never candidates, other users keep theirs."""
+    module = dm(eval_candidates=12)
+    loaders = {split: getattr(module, f"{split}_dataloader")() for split in ("val", "test")}
+    before = {split: candidate_rows(loader) for split, loader in loaders.items()}
+    gone_user, gone_item = 5, int(module.test.items[0])
+    rows = torch.nonzero(module.train.users == 7).flatten()[:2]  # two training rows of user 7
+    touched = {7} | set(module.train.users[module.train.items == gone_item].tolist())
+    module.remove(rows, users=torch.tensor([gone_user]), items=torch.tensor([gone_item]))
+    for split, loader in loaders.items():
+        after = candidate_rows(loader)
+        assert gone_user not in after and all(gone_item not in cands for cands in after.values())
+        assert after == candidate_rows(getattr(module, f"{split}_dataloader")())  # what a fresh loader gives
+        seen = forbidden(module, split)
+        for user, cands in after.items():
+            assert not set(cands) & seen[user]
+            if user not in touched and gone_item not in before[split][user]:
+                assert cands == before[split][user], (split, user)  # only the removals change candidates
+
+
+def test_full_ranking_loader_made_before_a_removal_serves_the_data_after_it():
+    module = dm()
+    loader = module.test_dataloader()
+    module.remove(torch.tensor([0]), users=torch.tensor([3]), items=torch.tensor([int(module.test.items[0])]))
+    assert ranked(loader) == ranked(module.test_dataloader())
+    assert 3 not in ranked(loader)[0]
+
+
+def test_a_restored_state_with_other_candidates_warns():
+    module = dm(eval_candidates=5)
+    state = module.state_dict()
+    assert state["eval_candidates"] == 5 and "eval_candidates" not in dm().state_dict()
+    with pytest.warns(UserWarning, match=r"eval_candidates=5, this RecDataModule with eval_candidates=9.*not comparable"):
+        dm(eval_candidates=9).load_state_dict(state)
+    dm(eval_candidates=5).load_state_dict(state)  # the same series: no warning
+    dm().load_state_dict(state)  # full ranking: other metric names, nothing to mix
+
+
+def test_sampled_metrics_equal_full_ranking_of_the_candidates_built_densely():
+    """The model scores targets and candidates only; a dense oracle scores every item, sets all but
+    the candidates and targets to -inf and excludes them: the same figures, exactly."""
+    torch.manual_seed(0)
+    module = dm(eval_candidates=6, eval_batch_size=7)
+    model = MF(module.num_users, module.num_items, embedding_dim=4)
+    got = model.evaluate(module.test_dataloader(), "test")
+    oracle = FullRankingMetrics(model.top_k)
+    users_vectors, item_vectors = model.representations()
+    with torch.no_grad():
+        for b in module.test_dataloader():
+            keep = torch.zeros(len(b["users"]), module.num_items, dtype=torch.bool)
+            keep[b["target_rows"], b["target_items"]] = True
+            valid = torch.arange(6) < b["num_candidates"].unsqueeze(1)
+            keep[torch.arange(len(b["users"])).unsqueeze(1).expand(-1, 6)[valid], b["candidate_items"][valid].long()] = True
+            scores = model.interact(users_vectors[b["users"]].unsqueeze(1), item_vectors.unsqueeze(0))
+            target = torch.zeros_like(keep)
+            target[b["target_rows"], b["target_items"]] = True
+            oracle.update(scores.masked_fill(~keep, float("-inf")), target, ~keep)
+    expected = {f"test/sampled/{k}": v.item() for k, v in oracle.compute().items()}
+    assert got == {**expected, "test/sampled/candidates": 6.0}
+
+
+def test_as_many_candidates_as_eligible_items_give_the_full_ranking_metrics():
+    torch.manual_seed(0)
+    model = MF(40, 30, embedding_dim=4)
+    for split in ("val", "test"):
+        full = model.evaluate(getattr(dm(), f"{split}_dataloader")(), split)
+        sampled = model.evaluate(getattr(dm(eval_candidates=30), f"{split}_dataloader")(), split)
+        assert sampled.pop(f"{split}/sampled/candidates") == 30.0
+        assert {k.replace("/sampled", ""): v for k, v in sampled.items()} == full
+
+
+def test_a_fit_with_eval_candidates_logs_sampled_metrics_and_the_candidates(tmp_path):
+    module = dm(eval_candidates=8, val_fraction=0.3)
+    model = MF(module.num_users, module.num_items, embedding_dim=4, lr=0.05)
+    trainer = pl.Trainer(max_epochs=2, logger=pl.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, module)
+    logged = trainer.callback_metrics
+    assert {"val/sampled/ndcg@20", "val/sampled/recall@10", "val/sampled/auc"} <= set(logged)
+    assert logged["val/sampled/candidates"].item() == 8.0
+    assert not any(k.startswith("val/") and "/sampled/" not in k for k in logged)
+    tested = trainer.test(model, module, verbose=False)[0]
+    assert tested["test/sampled/candidates"] == 8.0 and "test/sampled/ndcg@20" in tested and "test/ndcg@20" not in tested
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/sampled/ndcg@20" in header and "val/ndcg@20" not in header
+    assert (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text().count("eval_candidates: 8") == 1

@@ -8,7 +8,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG, RetrievalRecall
 
 from lightning_unlearn.metrics import FullRankingMetrics, ranking_metrics
-from lightning_unlearn.ranking import _count_below, sparse_ranking_metrics
+from lightning_unlearn.ranking import _count_below, candidate_layout, metric_prefix, sparse_ranking_metrics
 
 KS = (1, 3, 5, 10)
 
@@ -115,7 +115,7 @@ def dense_reference(scores, target, exclude=None, ks=(10, 20), auc=True):
         scores = scores.masked_fill(exclude, float("-inf"))
     kmax = min(max(ks), scores.shape[1])
     top = torch.topk(scores, kmax, dim=1).indices
-    hits = target.gather(1, top).float()
+    hits = (target if exclude is None else target & ~exclude).gather(1, top).float()  # an excluded item never hits
     cum_hits = hits.cumsum(1)
     n_rel = target.sum(1)
     denom = n_rel.clamp_min(1).float()
@@ -273,3 +273,81 @@ def test_overwrite(dtype, contiguous):
     reference.update(before, target, exclude)
     for name, value in reference.compute().items():
         assert torch.equal(metric.compute()[name], value), name
+
+
+# ----------------------------------------------------------------------------- sampled candidates
+
+
+def sampled_case(seed: int, users: int, items: int, count: int):
+    """Scores, relevant items, exclusions and each user's candidates (distinct, neither relevant nor
+    excluded); some relevant items are excluded too (a row in two splits), as full ranking allows."""
+    scores, target, exclude = sparse_case(seed, users, items, 0.15, 0.3, ties=False)
+    g = torch.Generator().manual_seed(100 + seed)
+    key = torch.rand(users, items, generator=g).masked_fill(target | exclude, 2.0)
+    order = torch.argsort(key, dim=1)[:, :count]
+    num = (~(target | exclude)).sum(1).clamp_max(count)
+    candidates = torch.where(torch.arange(order.shape[1]) < num.unsqueeze(1), order, -1)
+    return scores, target, exclude, candidates, num
+
+
+def dense_sampled_reference(scores, target, exclude, candidates, num, ks):
+    """Full ranking of the dense scores with every item but the candidates and the relevant ones
+    excluded (their scores set to -inf, and left out of AUC's candidates), and the excluded relevant ones."""
+    keep = target & ~exclude
+    valid = torch.arange(candidates.shape[1]) < num.unsqueeze(1)
+    rows = torch.arange(len(scores)).unsqueeze(1).expand_as(candidates)
+    keep[rows[valid], candidates[valid]] = True
+    masked = scores.masked_fill(~keep, float("-inf"))
+    return sparse_ranking_metrics(masked, *coords(target), *coords(~keep), ks=ks)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("users", "items", "count"), [(1, 1, 1), (6, 12, 3), (30, 57, 10), (17, 400, 25), (9, 60, 100)])
+def test_candidate_layout_equals_full_ranking_of_the_candidates(seed, users, items, count):
+    """Compact scores of the relevant items and candidates give exactly the full-ranking metrics of a
+    dense matrix where everything else is excluded; with room for every item, exactly full ranking."""
+    scores, target, exclude, candidates, num = sampled_case(seed, users, items, count)
+    ks = (1, 3, 10, 50)
+    t_rows, t_items = coords(target)
+    layout = candidate_layout(t_rows, t_items, candidates.to(torch.int32), num, *coords(exclude))
+    assert layout.items.shape == (users, int(target.sum(1).max()) + candidates.shape[1])
+    compact = scores.gather(1, layout.items.clamp_min(0))
+    got = sparse_ranking_metrics(compact, layout.target_rows, layout.target_cols, layout.exclude_rows, layout.exclude_cols, ks=ks)
+    expected = dense_sampled_reference(scores, target, exclude, candidates, num, ks)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
+    if count >= items:  # every eligible item is a candidate: the full ranking itself
+        for name, value in sparse_ranking_metrics(scores, t_rows, t_items, *coords(exclude), ks=ks).items():
+            torch.testing.assert_close(got[name], value, atol=0, rtol=0, msg=name)
+
+
+def test_candidate_layout_drops_relevant_candidates_and_duplicate_targets():
+    """A candidate that is also a relevant item is left out (once as relevant, never as a negative);
+    a duplicated relevant coordinate counts once; rows without candidates or targets are padding."""
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.4, 0.6, 0.8], [0.0, 0.1, 0.2, 0.3]])
+    layout = candidate_layout(torch.tensor([0, 0, 1]), torch.tensor([2, 2, 3]),
+                              torch.tensor([[1, 2], [0, -1], [-1, -1]]), torch.tensor([2, 1, 0]))
+    assert layout.items.tolist() == [[2, 1, 2], [3, 0, -1], [-1, -1, -1]]
+    assert sorted(zip(layout.exclude_rows.tolist(), layout.exclude_cols.tolist())) == [(0, 2), (1, 2), (2, 0), (2, 1), (2, 2)]
+    got = sparse_ranking_metrics(scores.gather(1, layout.items.clamp_min(0)), layout.target_rows, layout.target_cols,
+                                 layout.exclude_rows, layout.exclude_cols, ks=(1,))
+    assert got["auc"].tolist() == [0.0, 1.0, 0.0] and got["hit@1"].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_sampled_metric_over_batches_equals_dense_reference():
+    """FullRankingMetrics fed compact matrices batch by batch (overwrite=True) averages what the dense reference gives."""
+    scores, target, exclude, candidates, num = sampled_case(7, 40, 90, 12)
+    metric = FullRankingMetrics(KS)
+    for chunk in torch.arange(len(scores)).split(9):
+        layout = candidate_layout(*coords(target[chunk]), candidates[chunk], num[chunk], *coords(exclude[chunk]))
+        metric.update(scores[chunk].gather(1, layout.items.clamp_min(0)), target_rows=layout.target_rows,
+                      target_items=layout.target_cols, exclude_rows=layout.exclude_rows, exclude_items=layout.exclude_cols,
+                      overwrite=True)
+    reference = dense_sampled_reference(scores, target, exclude, candidates, num, KS)
+    counted = target.any(1)
+    for name, value in metric.compute().items():
+        assert value.item() == pytest.approx(reference[name][counted].double().mean().item(), abs=1e-6), name
+
+
+def test_metric_prefix_marks_sampled_metrics():
+    assert metric_prefix("val", None) == "val" and metric_prefix("test", 100) == "test/sampled"

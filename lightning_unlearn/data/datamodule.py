@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator, Literal
 
 import numpy as np
@@ -27,6 +29,7 @@ __all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint"]
 _SPLITS = ("random", "leave_last_out", "given")
 _VAL_FRACTION = 0.1  # what val_fraction=None carves when the source gives no validation split
 _FINGERPRINT_TAG = b"lightning_unlearn/data/v1\x00"
+_STREAMS = {"val": 0, "test": 1}  # each split draws its own sampled candidates
 
 
 class DataFingerprintMismatch(ValueError):
@@ -54,13 +57,24 @@ class RecDataModule(pl.LightningDataModule):
         k_core: drop users and items with fewer rows, iteratively, before splitting.
         num_negatives: negatives per positive row.
         batch_size: training rows per batch.
-        eval_batch_size: users per full-ranking evaluation batch.
-        seed: seeds the splits, the negatives and the shuffling.
+        eval_batch_size: users per evaluation batch.
+        eval_candidates: ``None`` (the default) ranks every item for every evaluated user (full
+            ranking). An int ``N`` ranks each user's held-out items against ``N`` candidate items
+            only: a sample without replacement of the items the user may be recommended in that
+            split (not excluded, not a target, not deleted), all of them when it has fewer; fixed
+            by ``seed`` and the split, so the same every epoch and for every batch size (see
+            :func:`~lightning_unlearn.data.batches.sample_candidates`). Sampled metrics are not
+            comparable with full-ranking ones, so they are logged as ``val/sampled/<metric>`` and
+            ``test/sampled/<metric>``, with ``N`` as ``<split>/sampled/candidates`` (see
+            ``docs/metrics.rst``). Not part of the data fingerprint: a model fitted with sampled
+            validation may be tested with full ranking.
+        seed: seeds the splits, the negatives, the shuffling and the sampled candidates.
 
     Raises:
-        ValueError: on an unknown ``split``, a fraction outside ``[0, 1)``, a size below 1, a
-            source whose own test or validation split conflicts with ``split``, or (on loading) a
-            ``val_fraction`` set with a source that gives its own validation split.
+        ValueError: on an unknown ``split``, a fraction outside ``[0, 1)``, a size below 1, an
+            ``eval_candidates`` that is neither ``None`` nor an int >= 1, a source whose own test
+            or validation split conflicts with ``split``, or (on loading) a ``val_fraction`` set
+            with a source that gives its own validation split.
 
     Example:
         >>> from lightning_unlearn.data.sources import Synthetic
@@ -70,6 +84,13 @@ class RecDataModule(pl.LightningDataModule):
         >>> batch = next(iter(dm.train_dataloader()))
         >>> sorted(batch), batch["negatives"].shape
         (['items', 'negatives', 'users'], torch.Size([16, 1]))
+
+        Sampled evaluation: each test user's held-out items against 5 candidates.
+
+        >>> sampled = RecDataModule(Synthetic(num_users=30, num_items=20), eval_candidates=5)
+        >>> batch = next(iter(sampled.test_dataloader()))
+        >>> batch["candidate_items"].shape[1], batch["num_candidates"].max().item()
+        (5, 5)
     """
 
     def __init__(
@@ -82,6 +103,7 @@ class RecDataModule(pl.LightningDataModule):
         num_negatives: int = 1,
         batch_size: int = 2048,
         eval_batch_size: int = 1024,
+        eval_candidates: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -95,6 +117,12 @@ class RecDataModule(pl.LightningDataModule):
                 raise ValueError(f"RecDataModule({name}=...) must be >= 1, got {value}.")
         if k_core < 0:
             raise ValueError(f"RecDataModule(k_core=...) must be >= 0, got {k_core}.")
+        if eval_candidates is not None and (
+                isinstance(eval_candidates, bool) or not isinstance(eval_candidates, numbers.Integral) or eval_candidates < 1):
+            raise ValueError(
+                f"RecDataModule(eval_candidates=...) must be None (rank every item) or an int >= 1 (candidate items "
+                f"per evaluated user), got {eval_candidates!r}."
+            )
         self.save_hyperparameters(ignore=["source"])
         self.source = source
         self.train: Interactions | None = None
@@ -233,10 +261,15 @@ class RecDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         """What was removed (as index keys, never raw ids) and the data's fingerprint, so a restored
-        run removes it again from the same data; plain values and tensors (``weights_only`` loads it)."""
+        run removes it again from the same data; plain values and tensors (``weights_only`` loads it).
+
+        With sampled evaluation it also holds ``eval_candidates``, so that a run restored with
+        another number of candidates is warned that its metrics (under the same names) are not
+        comparable with the saved ones."""
         if self.train is None:
             return self._restored or {}
-        return {"fingerprint": self._fingerprint, **self._removed.as_dict()}
+        sampled = {} if self.hparams.eval_candidates is None else {"eval_candidates": int(self.hparams.eval_candidates)}
+        return {"fingerprint": self._fingerprint, **self._removed.as_dict(), **sampled}
 
     def load_state_dict(self, state: dict) -> None:
         """Re-apply the removals recorded by :meth:`state_dict` to freshly loaded data.
@@ -255,6 +288,14 @@ class RecDataModule(pl.LightningDataModule):
             self._restored = state
             return
         self._check_fingerprint(state, self._fingerprint)
+        saved, mine = state.get("eval_candidates"), self.hparams.eval_candidates
+        if saved is not None and mine is not None and int(saved) != int(mine):
+            rank_zero_warn(
+                f"The saved RecDataModule state was evaluated with eval_candidates={int(saved)}, this RecDataModule "
+                f"with eval_candidates={mine}: the sampled metrics logged from now on (val/sampled/..., "
+                f"test/sampled/...) have the names of the saved ones but are not comparable with them (a monitored "
+                f"best score, early stopping). Use eval_candidates={int(saved)} to continue the same series."
+            )
         keys = state["train_keys"]
         already = self._removed.train_keys
         keys = keys[~torch.isin(keys, already)]
@@ -316,16 +357,33 @@ class RecDataModule(pl.LightningDataModule):
         sampler = EpochBatchSampler(rows, self.hparams.batch_size, self.hparams.seed)
         return DataLoader(rows, sampler=sampler, batch_size=None)
 
-    def _ranking(self, targets: Interactions, exclude: list[Interactions]) -> DataLoader:
-        return DataLoader(RankingBatches(targets, exclude, self.hparams.eval_batch_size), batch_size=None)
+    def _ranking(self, split: Literal["val", "test"]) -> DataLoader:
+        """Ranking batches of ``split`` that read the data as it is at every batch (deletions included)."""
+        hp = self.hparams
+        batches = RankingBatches(partial(getattr, self, split), partial(self._seen, split), hp.eval_batch_size,
+                                 candidates=hp.eval_candidates, seed=hp.seed, stream=_STREAMS[split],
+                                 blocked_items=self._removed_items)
+        return DataLoader(batches, batch_size=None)
+
+    def _seen(self, split: Literal["val", "test"]) -> list[Interactions]:
+        """The tables whose items are excluded from ranking for ``split``: train (and val for test)."""
+        return [self.train] if split == "val" else [self.train, self.val]
+
+    def _removed_items(self) -> torch.Tensor:
+        return self._removed.items
 
     def val_dataloader(self) -> DataLoader:
+        """Ranking batches of the validation users (targets: validation rows; excluded: training rows).
+
+        They read the splits at every batch, so users and items removed after the loader was
+        made are no longer evaluated, nor ranked, nor candidates."""
         self.setup()
-        return self._ranking(self.val, [self.train])
+        return self._ranking("val")
 
     def test_dataloader(self) -> DataLoader:
+        """Ranking batches of the test users (targets: test rows; excluded: training and validation rows)."""
         self.setup()
-        return self._ranking(self.test, [self.train, self.val])
+        return self._ranking("test")
 
 
 def data_fingerprint(train: Interactions, val: Interactions, test: Interactions, negatives: torch.Tensor) -> str:

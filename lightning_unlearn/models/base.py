@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.functional import call_with
-from lightning_unlearn.ranking import FullRankingMetrics
+from lightning_unlearn.ranking import FullRankingMetrics, candidate_layout, metric_prefix
 
 __all__ = ["CONTRACT_RULES", "GROUPS", "LOSSES", "OPTIMIZERS", "ContractError", "Recommender"]
 
@@ -33,6 +33,7 @@ CONTRACT_RULES = {
     "representations": "Vectors from the embedding tables",
 }
 _RECOMMENDER_ARGS = ("num_users", "num_items", "loss", "l2", "lr", "optimizer", "top_k", "eval_auc")
+_CANDIDATE_CELLS = 1 << 24  # gathered item-vector entries scored at once in sampled evaluation (64 MB of float32)
 
 
 class ContractError(TypeError):
@@ -128,6 +129,7 @@ class Recommender(pl.LightningModule):
         self.val_metrics = FullRankingMetrics(self.top_k, auc=eval_auc)
         self.test_metrics = FullRankingMetrics(self.top_k, auc=eval_auc)
         self._eval_repr: tuple[Tensor, Tensor] | None = None
+        self._eval_candidates: dict[str, int | None] = {}  # per stage: candidates per user (None: full ranking)
 
     # ------------------------------------------------------------------ the contract
     @abstractmethod
@@ -431,19 +433,47 @@ class Recommender(pl.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable[dict[str, Tensor]], prefix: str = "test") -> dict[str, float]:
-        """Full-ranking metrics over ranking batches (e.g. ``datamodule.test_dataloader()``), outside a Trainer.
+        """Ranking metrics over ranking batches (e.g. ``datamodule.test_dataloader()``), outside a Trainer.
 
         The loader covers every user it is given, so the metric is not synchronised across
         processes (one process may evaluate while the others wait, e.g. rank zero under DDP).
+        Batches with sampled candidates (``RecDataModule(eval_candidates=N)``) are ranked
+        against those only, and reported under ``<prefix>/sampled/``.
 
         Returns:
-            ``{"<prefix>/recall@K": ..., ...}`` as floats.
+            ``{"<prefix>/recall@K": ..., ...}`` as floats; for sampled candidates
+            ``{"<prefix>/sampled/recall@K": ..., ..., "<prefix>/sampled/candidates": N}``.
         """
         metric = FullRankingMetrics(self.top_k, auc=self.hparams.eval_auc, sync_on_compute=False).to(self.device)
+        candidates = getattr(getattr(loader, "dataset", None), "candidates", None)
         representations = self.representations()
         for batch in loader:
-            self._ranking_update({k: v.to(self.device) for k, v in batch.items()}, metric, representations)
-        return {f"{prefix}/{k}": v.item() for k, v in metric.compute().items()}
+            used = self._ranking_update({k: v.to(self.device) for k, v in batch.items()}, metric, representations)
+            candidates = used if used is not None else candidates
+        return self._ranking_results(prefix, metric.compute(), candidates)
+
+    def candidate_scores(self, users: Tensor, items: Tensor, representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``(B, W)`` scores of a few items per user: ``users`` (B,), ``items`` (B, W) (sampled evaluation).
+
+        :meth:`interact` on the gathered vectors, a block of users at a time (about 16M gathered
+        vector entries, 64 MB of float32, each); never the full catalog.
+
+        Example:
+            >>> from lightning_unlearn.models import MF
+            >>> model = MF(3, 4, embedding_dim=2)
+            >>> users, items = torch.tensor([0, 2]), torch.tensor([[1, 3], [0, 0]])
+            >>> torch.allclose(model.candidate_scores(users, items), model.full_scores(users).gather(1, items))
+            True
+        """
+        user_vectors, item_vectors = representations or self.representations()
+        rows, width = items.shape
+        step = max(1, _CANDIDATE_CELLS // max(width * item_vectors.shape[1], 1))
+        parts = []
+        for s in range(0, rows, step):
+            block = items[s:s + step]  # index_select of the flat indices gathers about twice as fast as vectors[block]
+            gathered = item_vectors.index_select(0, block.reshape(-1)).view(*block.shape, -1)
+            parts.append(self.interact(user_vectors[users[s:s + step]].unsqueeze(1), gathered))
+        return torch.cat(parts) if parts else item_vectors.new_zeros(0, width)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
@@ -461,35 +491,66 @@ class Recommender(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return OPTIMIZERS[self.hparams.optimizer](self.parameters(), lr=self.hparams.lr)
 
-    def _ranking_step(self, batch: dict[str, Tensor], metric: FullRankingMetrics) -> None:
+    def _ranking_step(self, batch: dict[str, Tensor], metric: FullRankingMetrics, stage: str) -> None:
         if self._eval_repr is None:
             self._eval_repr = self.representations()
-        self._ranking_update(batch, metric, self._eval_repr)
+        used = self._ranking_update(batch, metric, self._eval_repr)
+        if used is not None:
+            self._eval_candidates[stage] = used
 
-    def _ranking_update(self, batch: dict[str, Tensor], metric: FullRankingMetrics, representations: tuple[Tensor, Tensor]) -> None:
-        scores = self.full_scores(batch["users"], representations)
-        metric.update(scores, target_rows=batch["target_rows"], target_items=batch["target_items"],
-                      exclude_rows=batch["exclude_rows"], exclude_items=batch["exclude_items"], overwrite=True)
+    def _ranking_update(self, batch: dict[str, Tensor], metric: FullRankingMetrics,
+                        representations: tuple[Tensor, Tensor]) -> int | None:
+        """Add a ranking batch to ``metric``; returns its candidates per user (``None``: full ranking)."""
+        if "candidate_items" not in batch:
+            scores = self.full_scores(batch["users"], representations)
+            metric.update(scores, target_rows=batch["target_rows"], target_items=batch["target_items"],
+                          exclude_rows=batch["exclude_rows"], exclude_items=batch["exclude_items"], overwrite=True)
+            return None
+        # Sampled: score the targets and candidates only, as one compact matrix with its own coordinates.
+        layout = candidate_layout(batch["target_rows"], batch["target_items"], batch["candidate_items"], batch["num_candidates"],
+                                  batch["exclude_rows"], batch["exclude_items"])
+        scores = self.candidate_scores(batch["users"], layout.items.clamp_min(0), representations)
+        metric.update(scores, target_rows=layout.target_rows, target_items=layout.target_cols,
+                      exclude_rows=layout.exclude_rows, exclude_items=layout.exclude_cols, overwrite=True)
+        return batch["candidate_items"].shape[1]
+
+    def _ranking_results(self, prefix: str, values: dict[str, Tensor], candidates: int | None) -> dict[str, float]:
+        """Metric values under their logged names: ``<prefix>/<metric>``, or ``<prefix>/sampled/<metric>`` with ``candidates``."""
+        name = metric_prefix(prefix, candidates)
+        out = {f"{name}/{k}": v.item() for k, v in values.items()}
+        if candidates is not None:
+            out[f"{name}/candidates"] = float(candidates)
+        return out
 
     def _log_ranking(self, prefix: str, metric: FullRankingMetrics) -> None:
         self._eval_repr = None
-        self.log_dict({f"{prefix}/{k}": v for k, v in metric.compute().items()}, prog_bar=prefix == "val")
+        candidates = self._eval_candidates.get(prefix)
+        name = metric_prefix(prefix, candidates)
+        self.log_dict({f"{name}/{k}": v for k, v in metric.compute().items()}, prog_bar=prefix == "val")
+        if candidates is not None:
+            self.log(f"{name}/candidates", float(candidates))
         metric.reset()
 
-    def on_validation_epoch_start(self) -> None:
+    def _start_ranking(self, stage: str) -> None:
+        """Before an evaluation epoch: the datamodule's ``eval_candidates`` (batches may say otherwise)."""
         self._eval_repr = None
+        hparams = getattr(getattr(self._trainer, "datamodule", None), "hparams", None) if self._trainer is not None else None
+        self._eval_candidates[stage] = getattr(hparams, "eval_candidates", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_ranking("val")
 
     def on_test_epoch_start(self) -> None:
-        self._eval_repr = None
+        self._start_ranking("test")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._ranking_step(batch, self.val_metrics)
+        self._ranking_step(batch, self.val_metrics, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_ranking("val", self.val_metrics)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._ranking_step(batch, self.test_metrics)
+        self._ranking_step(batch, self.test_metrics, "test")
 
     def on_test_epoch_end(self) -> None:
         self._log_ranking("test", self.test_metrics)

@@ -381,7 +381,9 @@ def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:
 
 def _utility(model: Recommender, datamodule: RecDataModule) -> dict[str, float]:
     metrics = model.evaluate(datamodule.test_dataloader(), prefix="test")
-    return {name: metrics[f"test/{name}"] for name in UTILITY if f"test/{name}" in metrics}
+    # sampled evaluation (RecDataModule(eval_candidates=N)) keeps its marker: sampled/recall@20, sampled/candidates
+    keys = [f"test/sampled/{name}" for name in (*UTILITY, "candidates")] if "test/sampled/candidates" in metrics else [f"test/{name}" for name in UTILITY]
+    return {key.removeprefix("test/"): metrics[key] for key in keys if key in metrics}
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
