@@ -264,41 +264,62 @@ def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_l
 
 
 def _count_below(values: Tensor, thresholds: Tensor, widths: Tensor | None = None, tile: int | None = None) -> Tensor:
-    """For each row, the number of its cells strictly below each of its thresholds.
+    """For each row, the number of its cells strictly below each of its thresholds (:func:`count_compared` with ``<``)."""
+    return count_compared(values, thresholds, (torch.lt,), widths, tile)[0]
 
-    The rows are cut into tiles of about ``tile`` comparisons; each tile is compared with the
-    thresholds in one broadcast ``torch.lt`` written as ``float`` (vectorised; a ``bool`` result
-    is not) and summed over its cells, exactly (a tile has far fewer than ``2**24`` cells). On CPU
-    a tile (8 MB) stays in cache, so the values are read from memory once for all thresholds.
+
+def count_compared(values: Tensor, thresholds: Tensor, compare: Sequence = (torch.lt,), widths: Tensor | None = None,
+                   tile: int | None = None, min_cols: int = 1024) -> tuple[Tensor, ...]:
+    """For each row and each of its thresholds, how many of the row's cells ``op(cell, threshold)`` holds, per ``op``.
+
+    The rows are cut into tiles of about ``tile`` comparisons; each tile is compared with its
+    rows' thresholds in one broadcast comparison per op, written as ``float32`` (vectorised; a
+    ``bool`` result is not) and summed over its cells, exactly (a tile row has fewer than
+    ``2**24`` cells). On CPU a tile (8 MB) stays in cache, so the values are read from memory
+    once for all thresholds and ops. A block of rows is compared with as many thresholds as its
+    widest row uses.
 
     Args:
         values: ``(rows, cells)`` float.
         thresholds: ``(rows, width)`` float.
-        widths: ``(rows,)`` how many leading thresholds of each row count; the others must be
-            ``-inf`` (below no cell), and are skipped where a whole block of rows has none.
+        compare: elementwise comparisons with an ``out`` argument (``torch.lt``, ``torch.gt``, ``torch.eq``, ...).
+        widths: ``(rows,)`` how many leading thresholds of each row count (default: all). The
+            others are compared only where a row of the same tile uses that many (pad them with
+            a threshold no cell passes, e.g. ``-inf`` for ``<``, to count 0 there), and count 0
+            past the widest row of their tile.
         tile: comparisons per tile (default ``2**21`` on CPU, ``2**24`` on other devices).
+        min_cols: cells of a row in a tile, at least.
 
     Returns:
-        ``(rows, width)`` int64 counts.
+        One ``(rows, width)`` int64 tensor of counts per op.
+
+    Example:
+        >>> count_compared(torch.tensor([[1.0, 2.0, 2.0, 3.0]]), torch.tensor([[2.0]]), (torch.gt, torch.eq))
+        (tensor([[1]]), tensor([[2]]))
     """
-    rows_n, cells = values.shape
+    (rows_n, cells), device = values.shape, values.device
     width = thresholds.shape[1]
-    tile = tile or (2**21 if values.device.type == "cpu" else 2**24)
-    cols = min(cells, max(tile // width, 1024), 2**24)
-    block = max(1, min(rows_n, tile // (width * cols)))
-    if widths is None:
-        block_widths = [width] * -(-rows_n // block)
-    else:  # the widest row of each block of rows
-        block_widths = torch.nn.functional.pad(widths, (0, -rows_n % block)).view(-1, block).amax(1).tolist()
-    counts = torch.zeros(rows_n, width, dtype=torch.int64, device=values.device)
-    buffer = values.new_empty(block, width, cols)
-    for r0, w in zip(range(0, rows_n, block), block_widths):
-        limits = thresholds[r0:r0 + block, :w].unsqueeze(2)
+    counts = tuple(torch.zeros(rows_n, width, dtype=torch.int64, device=device) for _ in compare)
+    widths = torch.full((rows_n,), width) if widths is None else widths.cpu().clamp(0, width)
+    width = int(widths.max()) if rows_n else 0
+    if width == 0 or cells == 0:
+        return counts
+    tile = tile or (2**21 if device.type == "cpu" else 2**24)
+    block = max(1, min(rows_n, tile // (width * min(cells, max(tile // width, min_cols)))))  # rows per tile
+    block_widths = torch.nn.functional.pad(widths, (0, -rows_n % block)).view(-1, block).amax(1).tolist()
+    buffer = torch.empty(0, dtype=torch.float32, device=device)
+    for r0, w in zip(range(0, rows_n, block), block_widths):  # a loop over tiles, not rows
+        rows = min(block, rows_n - r0)
+        cols = min(cells, max(tile // (rows * w), min_cols), 1 << 24) if w else cells
+        if buffer.numel() < rows * w * cols:
+            buffer = torch.empty(rows * w * cols, dtype=torch.float32, device=device)
+        out = buffer[: rows * w * cols].view(rows, w, cols)
+        limits = thresholds[r0:r0 + rows, :w].unsqueeze(2)
         for c0 in range(0, cells if w else 0, cols):
-            part = values[r0:r0 + block, c0:c0 + cols].unsqueeze(1)
-            below = buffer[:part.shape[0], :w, :part.shape[2]]
-            torch.lt(part, limits, out=below)
-            counts[r0:r0 + block, :w] += below.sum(2).long()
+            part = values[r0:r0 + rows, c0:c0 + cols].unsqueeze(1)
+            hits = out[:, :, :part.shape[2]]
+            for op, count in zip(compare, counts):
+                count[r0:r0 + rows, :w] += op(part, limits, out=hits).sum(2).long()
     return counts
 
 

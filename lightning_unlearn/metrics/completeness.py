@@ -56,6 +56,7 @@ from lightning_unlearn.metrics.attack import membership_inference_auc  # re-expo
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.models.mf import MF
+from lightning_unlearn.ranking import count_compared
 
 __all__ = [
     "completeness_report",
@@ -644,44 +645,22 @@ def _count_above_and_equal(scores: Tensor, values: Tensor, lengths: Tensor) -> t
     Row ``c`` uses its first ``lengths[c]`` values; the counts of its other slots are left
     unspecified. Rows with more than ``_COUNT_ROWS`` values are sorted and searched
     (:func:`_above_and_equal`, ``O(I log I)``). The others are compared with their values
-    directly, ``O(I)`` per value: the rows are cut into tiles of about ``_TILE`` comparisons,
-    each compared with the values of its rows in one broadcast ``torch.gt`` / ``torch.eq``
-    written as float32 (vectorised, where a bool result is not) and summed exactly (a tile row
-    has fewer than ``2**24`` cells), so each score is read from memory once for all values. A
-    block of rows is compared with as many values as its widest row uses; blocks of sorted
-    rows only are skipped.
+    directly, ``O(I)`` per value, by :func:`~lightning_unlearn.ranking.count_compared` (tiles of
+    about ``_TILE`` comparisons, so each score is read from memory once for all values; blocks of
+    sorted rows only are skipped).
 
     For scores and values without ``nan`` both ways give the same counts. With ``nan`` a rank
     means nothing: counting leaves a ``nan`` out of both counts, and binary search on a sorted
     row (the sort path, and the code before counting) puts it wherever the search ends.
     Long ``(C, m)`` tensors.
     """
-    device, (n, m), cells = scores.device, values.shape, scores.shape[1]
-    above = torch.zeros(n, m, dtype=torch.long, device=device)
-    equal = torch.zeros_like(above)
+    n = len(values)
     lengths = lengths.cpu()
     heavy = lengths > _COUNT_ROWS
-    widths = lengths.masked_fill(heavy, 0).clamp(0, m)
-    width = int(widths.max()) if n else 0
-    if width > 0 and cells > 0:
-        tile = _TILE.get(device.type, _TILE_OTHER)
-        block = max(1, min(n, tile // (width * min(cells, max(tile // width, _TILE_MIN_COLS)))))  # rows per tile
-        block_widths = torch.nn.functional.pad(widths, (0, -n % block)).view(-1, block).amax(1).tolist()
-        buffer = torch.empty(0, dtype=torch.float32, device=device)
-        for r0, w in zip(range(0, n, block), block_widths):  # a loop over tiles, not rows
-            rows = min(block, n - r0)
-            cols = min(cells, max(tile // (rows * w), _TILE_MIN_COLS), 1 << 24) if w else cells
-            if buffer.numel() < rows * w * cols:
-                buffer = torch.empty(rows * w * cols, dtype=torch.float32, device=device)
-            out = buffer[: rows * w * cols].view(rows, w, cols)
-            limits = values[r0 : r0 + rows, :w].unsqueeze(2)
-            for c0 in range(0, cells if w else 0, cols):
-                part = scores[r0 : r0 + rows, c0 : c0 + cols].unsqueeze(1)
-                hits = out[:, :, : part.shape[2]]
-                above[r0 : r0 + rows, :w] += torch.gt(part, limits, out=hits).sum(2).long()
-                equal[r0 : r0 + rows, :w] += torch.eq(part, limits, out=hits).sum(2).long()
+    above, equal = count_compared(scores, values, (torch.gt, torch.eq), lengths.masked_fill(heavy, 0),
+                                  _TILE.get(scores.device.type, _TILE_OTHER), _TILE_MIN_COLS)
     if bool(heavy.any()):  # after counting: a block may have counted garbage for its sorted rows
-        rows = torch.nonzero(heavy).squeeze(1).to(device)
+        rows = torch.nonzero(heavy).squeeze(1).to(scores.device)
         ordered = torch.sort(scores if len(rows) == n else scores[rows], dim=1).values
         above[rows], equal[rows] = _above_and_equal(ordered, values[rows].contiguous())
     return above, equal
