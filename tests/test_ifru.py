@@ -12,7 +12,7 @@ from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
-from lightning_unlearn.unlearning.methods.scope import Scope, touched
+from lightning_unlearn.unlearning.methods.scope import Scope, reset_to_initialisation, touched
 
 
 def optimise_users(model: MF, rows) -> float:
@@ -108,6 +108,22 @@ def test_users_left_without_rows_are_reset_to_their_initialisation():
     report = IFRU().unlearn(model, dm.train_rows(), deleted, UnlearningContext(seed=5))
     assert report.diagnostics["reset_users"] == 1
     torch.testing.assert_close(model.user_embedding.weight[4], init)
+
+
+def test_a_reset_draws_the_initialisation_of_its_own_seed_and_model():
+    """The kept fresh model serves only the same class, hyper-parameters and seed."""
+    import pytorch_lightning as pl
+
+    none = torch.zeros(0, dtype=torch.long)
+    for dim, seed in ((3, 1), (3, 2), (3, 1), (4, 1)):
+        model = MF(6, 5, embedding_dim=dim)
+        reset_to_initialisation(model, torch.tensor([2]), torch.tensor([0, 4]), seed)
+        pl.seed_everything(seed, verbose=False)
+        expected = MF(6, 5, embedding_dim=dim)
+        assert torch.equal(model.user_embedding.weight[2], expected.user_embedding.weight[2])
+        assert torch.equal(model.item_embedding.weight[[0, 4]], expected.item_embedding.weight[[0, 4]])
+        reset_to_initialisation(model, none, none, seed + 10)  # nothing to reset: nothing drawn, nothing changed
+        assert torch.equal(model.user_embedding.weight[2], expected.user_embedding.weight[2])
 
 
 @pytest.mark.parametrize("cls", [MF, NeuMF, LightGCN])

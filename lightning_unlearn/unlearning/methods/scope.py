@@ -22,6 +22,8 @@ from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.lightgcn import normalized_adjacency
 
+_INITIAL: dict = {}  # reset_to_initialisation's last fresh model, under "key"
+
 __all__ = ["Scope", "expand", "graph_of", "is_graph", "orphans", "prune", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
 
 
@@ -233,15 +235,20 @@ def graph_of(model: Recommender, rows: TrainRows) -> Tensor:
 def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
     """Set the embedding rows of ``users`` and ``items`` to what a fresh model from ``seed`` has.
 
-    The global RNG state is left as it was.
+    The global RNG state is left as it was. The fresh model of the last ``(model's class and
+    hyper-parameters, seed, device)`` is kept for the next call: drawing a whole model's
+    initialisation for a few rows would cost every request a pass over the catalog.
     """
     if not len(users) and not len(items):
         return
-    state = torch.random.get_rng_state()
-    pl.seed_everything(seed, verbose=False)
-    fresh = model.fresh().to(model.device)
-    torch.random.set_rng_state(state)
-    groups, fresh_groups = model.parameter_groups(), fresh.parameter_groups()
+    key = (type(model), repr(sorted(dict(model.hparams).items())), seed, str(model.device))
+    if _INITIAL.get("key") != key:
+        state = torch.random.get_rng_state()
+        pl.seed_everything(seed, verbose=False)
+        _INITIAL.clear()
+        _INITIAL.update(key=key, model=model.fresh().to(model.device))
+        torch.random.set_rng_state(state)
+    groups, fresh_groups = model.parameter_groups(), _INITIAL["model"].parameter_groups()
     with torch.no_grad():
         for name, ids in (("user_embedding", users), ("item_embedding", items)):
             for table, init in zip(groups[name], fresh_groups[name]):
