@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import non_finite
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.retrain import Retrain
@@ -558,7 +559,7 @@ _NOTHING_TO_UNLEARN = _NothingToUnlearn()
 
 def _refuse_broken_model(model: Recommender) -> None:
     """Refuse to unlearn from a model whose parameters are not finite: no method can repair that."""
-    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    broken = non_finite(model)
     if broken:
         raise UnlearningError(
             f"The model's parameters are NaN or infinite before unlearning ({', '.join(broken)}): the trained model itself "

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import non_finite
 
 __all__ = ["UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner"]
 
@@ -153,7 +154,7 @@ class Unlearner(ABC):
                 retained, deleted = retained.to(context.device), deleted.to(context.device)
                 precompute = self.prepare(model, retained.concat(deleted), context)  # paid once per trained model, reported apart
                 diagnostics = self.update(model, retained, deleted, context)
-            bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+            bad = non_finite(model)
             if bad:
                 raise UnlearningError(f"non-finite parameters after {self.name}: {', '.join(bad)}")
         except Exception as err:
