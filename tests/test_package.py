@@ -172,20 +172,6 @@ def normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-@pytest.mark.parametrize("first, preset, expected", [
-    ("import lightning_unlearn", None, "1"),  # imported before torch: huge pages for large tensors
-    ("import lightning_unlearn", "0", "0"),  # the environment's choice wins
-    ("import torch, lightning_unlearn", None, None),  # torch allocated already: the variable would do nothing
-])
-def test_huge_pages_are_asked_for_only_before_torch(first, preset, expected):
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
-    code = f"{first}; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
-    assert out.stdout.strip() == str(expected)
-
-
 def test_direct_imports_are_declared():
     """Every third-party module the package imports is a dependency of its own, with a lower bound."""
     declared = {normalized(Requirement(line).name): Requirement(line) for line in

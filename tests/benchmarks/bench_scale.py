@@ -28,8 +28,7 @@ callback applies them (``--delete-users`` whole users, with their validation and
   default, with a 2 GiB budget instead of 4): every block while they fit; past the budget, the
   blocks of the busiest users and items in float32, the others computed on demand;
 
-each in a subprocess of its own (on huge pages, as the command line runs, unless
-``THP_MEM_ALLOC_ENABLE`` is set), with the same data and deletions (same seeds): seconds (per
+each in a subprocess of its own, with the same data and deletions (same seeds): seconds (per
 request for the methods; the whole ``Trainer`` call for the validation pass and the epoch),
 precomputation seconds, and the peak resident memory of the process above what it held before the
 measurement (the peak is reset once the data is loaded). A method's speed-up is Retrain's seconds
@@ -52,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -190,10 +188,7 @@ def main() -> None:
         return
     retrain = retrain_name(args.retrain_epochs)
     measurements = [retrain, VALIDATION, EPOCH, *METHODS]  # Retrain first: the methods' speed-ups are printed with them
-    # the measurements run as the CLI's do: on huge pages unless the environment says otherwise (docs/install.rst)
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
-    print(f"torch {torch.__version__}, {args.threads} threads, THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}, "
-          f"{args.users} users, {args.interactions} draws, d={args.dim}; "
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.users} users, {args.interactions} draws, d={args.dim}; "
           f"deletions: {args.delete_users} users, {args.delete_fraction:.1%} of training rows; Retrain capped at "
           f"{args.retrain_epochs} epochs; each measurement in its own process")
     print(HEADER)
@@ -208,7 +203,7 @@ def main() -> None:
                     row["skipped"] = reason
                 else:
                     command = [sys.executable, __file__, *sys.argv[1:], "--one-items", str(items), "--one-method", name, "--one-deletion", deletion]
-                    done = subprocess.run(command, capture_output=True, text=True, env=env)
+                    done = subprocess.run(command, capture_output=True, text=True)
                     if done.returncode:
                         row["failed"] = done.stderr.strip().splitlines()[-1:]
                     else:
@@ -221,7 +216,7 @@ def main() -> None:
                 print(table_line(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if not k.startswith("one_") and k != "out"}
-                                    | {"out": str(args.out), "thp_mem_alloc_enable": env["THP_MEM_ALLOC_ENABLE"]}, "results": results}, indent=1))
+                                    | {"out": str(args.out)}, "results": results}, indent=1))
     print(f"wrote {args.out}")
     try:
         import matplotlib
