@@ -191,7 +191,7 @@ def test_report_keys_noise_and_whole_users():
         models["original"], models["halfway"], models["reference"], deleted, retained, nonmembers,
         k=5, noise=models["noise"], whole_users=True,
     )
-    assert set(report) == {"deleted", "original", "reference", "completeness", "items", "noise"}
+    assert set(report) == {"deleted", "original", "reference", "completeness", "baseline", "items", "noise"}
     assert set(report["completeness"]) == {
         *GAPS, "overlap@5", "overlap@5_affected", "score_distance_rel", "param_distance_rel",
         "gap_closed_item_score", "gap_closed_item_rank",
@@ -598,7 +598,9 @@ def test_report_matches_dense_references_and_caches_reference_work():
     assert figures["overlap@3"] == pytest.approx(dense_topk_overlap(method, reference, everyone, retained, 3), rel=1e-12)
     assert figures["overlap@3_affected"] == pytest.approx(dense_topk_overlap(method, reference, affected, retained, 3), rel=1e-12)
     assert figures["score_distance_rel"] == pytest.approx(dense_score_distance(method, reference, original, everyone), rel=1e-12)
-    assert {"reference_topk", "score_distance"} <= set(cache)
+    for key, users in (("overlap@3", everyone), ("overlap@3_affected", affected)):  # the original's: doing nothing
+        assert report["baseline"][key] == pytest.approx(dense_topk_overlap(original, reference, users, retained, 3), rel=1e-12)
+    assert {"reference_topk", "score_distance", "baseline"} <= set(cache)
     # planted values prove the reuse: the reference's lists and ||S_original - S_reference||^2
     key, (top, valid) = cache["reference_topk"]
     cache["reference_topk"] = (key, (top, torch.zeros_like(valid)))  # no valid entry: every overlap 0

@@ -480,7 +480,7 @@ def completeness_report(
         chunk_size: users scored at once.
 
     Returns:
-        ``{"deleted", "original", "reference", "completeness"[, "items"][, "noise"]}``:
+        ``{"deleted", "original", "reference", "completeness", "baseline"[, "items"][, "noise"]}``:
 
         - ``deleted``, ``original``, ``reference``: :func:`deleted_row_statistics` of the method,
           the original and the reference;
@@ -490,6 +490,8 @@ def completeness_report(
           ``overlap@{k}_affected`` (the users of the deleted rows), ``score_distance_rel`` (all
           users), ``param_distance_rel``; with ``whole_users`` also ``gap_closed_item_score``
           and ``gap_closed_item_rank``;
+        - ``baseline``: ``overlap@{k}`` and ``overlap@{k}_affected`` of the original against the
+          reference (how close doing nothing already is; kept in the cache);
         - ``items`` (with ``whole_users``): :func:`item_side_statistics` of the method;
         - ``noise`` (with ``noise``): the same ``gap_closed_*`` figures for the noise model.
 
@@ -562,8 +564,11 @@ def completeness_report(
         "reference_topk", (model_key(reference), _table_fingerprint(retained), kk),
         lambda: _top_lists(reference, reps(reference), everyone, retained, kk, chunk_size),
     )
-    completeness[f"overlap@{k}"] = _mean_jaccard(*top_m, *top_r, chunk_size)
-    completeness[f"overlap@{k}_affected"] = _mean_jaccard(*(t[affected] for t in (*top_m, *top_r)), chunk_size)
+    completeness.update(_overlaps(top_m, top_r, affected, k, chunk_size))
+    baseline = cached(  # how close doing nothing already is: the same overlaps for the original
+        "baseline", (model_key(original), model_key(reference), _table_fingerprint(retained), _table_fingerprint(deleted), kk),
+        lambda: _overlaps(_top_lists(original, reps(original), everyone, retained, kk, chunk_size), top_r, affected, k, chunk_size),
+    )
     # ||S_original - S_reference|| does not depend on the method: kept in the cache
     models = (method, reference, original)
     distance_key = (model_key(original), model_key(reference), len(everyone))
@@ -575,7 +580,8 @@ def completeness_report(
         cache["score_distance"] = (distance_key, den)
     completeness["score_distance_rel"] = _distance_ratio(num, den)
     completeness["param_distance_rel"] = param_distance_rel(method, reference, original)
-    report: dict[str, dict[str, float]] = {"deleted": s_m, "original": s_o, "reference": s_r, "completeness": completeness}
+    report: dict[str, dict[str, float]] = {"deleted": s_m, "original": s_o, "reference": s_r, "completeness": completeness,
+                                           "baseline": baseline}
     if whole_users:
         i_o, i_m, i_r = stats("original", original, True), stats("method", method, True), stats("reference", reference, True)
         completeness.update(_gaps(i_o, i_m, i_r, _ITEM_GAP_KEYS))
@@ -590,6 +596,12 @@ def completeness_report(
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+def _overlaps(top_a: tuple[Tensor, Tensor], top_b: tuple[Tensor, Tensor], affected: Tensor, k: int, chunk_size: int) -> dict[str, float]:
+    """``overlap@{k}`` (every user) and ``overlap@{k}_affected`` of two models' top-k lists."""
+    return {f"overlap@{k}": _mean_jaccard(*top_a, *top_b, chunk_size),
+            f"overlap@{k}_affected": _mean_jaccard(*(t[affected] for t in (*top_a, *top_b)), chunk_size)}
+
+
 def _representations(model: Recommender) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         return tuple(r.detach() for r in model.representations())  # type: ignore[return-value]

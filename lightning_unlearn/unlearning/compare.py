@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import Logger
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.metrics.completeness import completeness_report, deleted_row_statistics, topk_overlap
+from lightning_unlearn.metrics.completeness import completeness_report
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
@@ -198,12 +198,8 @@ def compare(
             "noise": figures.get("noise", {}),
             "diagnostics": entry["diagnostics"],
         })
-    original_deleted = deleted_row_statistics(original, deleted_table, retained_table, nonmembers, k=k, seed=seed)
-    everyone, affected = torch.arange(model.num_users), torch.unique(deleted_table.users)
-    original_overlap = {  # how close doing nothing already is: the baseline for the methods' overlaps
-        f"overlap@{k}": topk_overlap(original, reference, everyone, retained_table, k),
-        f"overlap@{k}_affected": topk_overlap(original, reference, affected, retained_table, k),
-    }
+    # the original's own figures, the same in every report (the reference's entry is always there: it runs first or stops the comparison)
+    original_deleted, original_overlap = figures["original"], figures["baseline"]
     return {
         "dataset": type(datamodule.source).__name__,
         "model": type(model).__name__,
