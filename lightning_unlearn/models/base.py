@@ -472,8 +472,12 @@ class Recommender(pl.LightningModule):
         for s in range(0, rows, step):
             block = items[s:s + step]  # index_select of the flat indices gathers about twice as fast as vectors[block]
             gathered = item_vectors.index_select(0, block.reshape(-1)).view(*block.shape, -1)
-            parts.append(self.interact(user_vectors[users[s:s + step]].unsqueeze(1), gathered))
+            parts.append(self._score_candidates(user_vectors[users[s:s + step]], gathered))
         return torch.cat(parts) if parts else item_vectors.new_zeros(0, width)
+
+    def _score_candidates(self, user_vectors: Tensor, item_vectors: Tensor) -> Tensor:
+        """``(b, W)`` scores of ``user_vectors`` (b, Du) with their own ``item_vectors`` (b, W, Di): :meth:`interact`."""
+        return self.interact(user_vectors.unsqueeze(1), item_vectors)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
