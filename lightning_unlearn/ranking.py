@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_unlearn.data.interactions import sorted_isin
+
 __all__ = ["CandidateLayout", "FullRankingMetrics", "candidate_layout", "metric_prefix", "ranking_metrics", "sparse_ranking_metrics"]
 
 #: The part of a metric's name that marks it as computed on sampled candidates: ``val/sampled/ndcg@20``.
@@ -95,13 +97,11 @@ def candidate_layout(target_rows: Tensor, target_items: Tensor, candidate_items:
     left_out = items < 0
     if exclude_rows is not None and len(key) and len(exclude_rows):
         excluded = torch.unique((exclude_rows.long() << _ITEM_BITS) | exclude_items.long())
-        pos = torch.searchsorted(excluded, key).clamp_max(len(excluded) - 1)
-        hit = excluded[pos] == key
+        hit = sorted_isin(excluded, key)
         left_out[t_rows[hit], t_cols[hit]] = True
     rows = torch.arange(rows_n, device=device).unsqueeze(1)
-    if len(key):  # a candidate that is a relevant item of its user would count as a non-relevant one too
-        pos = torch.searchsorted(key, (rows << _ITEM_BITS) | candidates.clamp_min(0)).clamp_max(len(key) - 1)
-        left_out[:, relevant:] |= valid & (key[pos] == ((rows << _ITEM_BITS) | candidates))
+    # a candidate that is a relevant item of its user would count as a non-relevant one too (padding, -1, matches no key)
+    left_out[:, relevant:] |= valid & sorted_isin(key, (rows << _ITEM_BITS) | candidates)
     exclude_rows, exclude_cols = torch.nonzero(left_out, as_tuple=True)
     return CandidateLayout(items, t_rows, t_cols, exclude_rows, exclude_cols)
 

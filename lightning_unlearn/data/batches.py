@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from lightning_unlearn.data.interactions import Interactions
+from lightning_unlearn.data.interactions import Interactions, sorted_isin
 
 __all__ = ["CurrentTrainRows", "EpochBatchSampler", "RankingBatches", "TrainRows", "sample_candidates"]
 
@@ -197,13 +197,6 @@ def _hash62(keys: tuple[int, int], users: Tensor, counters: Tensor) -> Tensor:
     return (hi << 31) | lo
 
 
-def _is_in(sorted_values: Tensor, values: Tensor) -> Tensor:
-    if not len(sorted_values):
-        return torch.zeros_like(values, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_values, values).clamp_max(len(sorted_values) - 1)
-    return sorted_values[pos] == values
-
-
 def sample_candidates(
     users: Tensor, forbidden_rows: Tensor, forbidden_items: Tensor, num_items: int, count: int, seed: int,
     stream: int = 0, blocked_items: Tensor | None = None,
@@ -263,7 +256,7 @@ def sample_candidates(
     users = users.long()
     forbidden = torch.unique(forbidden_rows.long() * num_items + forbidden_items.long())
     blocked = torch.zeros(0, dtype=torch.long, device=device) if blocked_items is None else torch.unique(blocked_items.long().to(device))
-    overlap = torch.bincount(forbidden[_is_in(blocked, forbidden % num_items)] // num_items, minlength=rows_n)
+    overlap = torch.bincount(forbidden[sorted_isin(blocked, forbidden % num_items)] // num_items, minlength=rows_n)
     eligible = num_items - torch.bincount(forbidden // num_items, minlength=rows_n) - len(blocked) + overlap
     keys = _stream_keys(seed, stream)
     enumerate_rows = (eligible <= _DENSE_FACTOR * count) | (2 * eligible < num_items)
@@ -292,9 +285,9 @@ def _draw(rows: Tensor, users: Tensor, eligible: Tensor, forbidden: Tensor, bloc
             ordered, order = torch.sort(items, dim=1, stable=True)  # the first draw of an item comes first
             keep = torch.ones_like(ordered, dtype=torch.bool)
             keep[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # a repeat
-            keep &= ~_is_in(forbidden, chunk.unsqueeze(1) * num_items + ordered)  # sorted queries: cache-friendly
+            keep &= ~sorted_isin(forbidden, chunk.unsqueeze(1) * num_items + ordered)  # sorted queries: cache-friendly
             if len(blocked):
-                keep &= ~_is_in(blocked, ordered)
+                keep &= ~sorted_isin(blocked, ordered)
             valid = torch.empty_like(keep).scatter_(1, order, keep)
             rank = valid.cumsum(1)
             done = rank[:, -1] >= count
@@ -328,7 +321,7 @@ def _enumerate(rows: Tensor, users: Tensor, eligible: Tensor, forbidden: Tensor,
 def _enumerate_group(rows: Tensor, users: Tensor, sizes: Tensor, forbidden: Tensor, blocked: Tensor, num_items: int,
                      count: int, keys: list[int], out: Tensor, counts: Tensor) -> None:
     device = rows.device
-    mine = forbidden[_is_in(rows, forbidden // num_items)]  # rows are sorted
+    mine = forbidden[sorted_isin(rows, forbidden // num_items)]  # rows are sorted
     cells = torch.searchsorted(rows, mine // num_items) * num_items + mine % num_items
     cells = torch.unique(torch.cat([cells, (torch.arange(len(rows), device=device).unsqueeze(1) * num_items + blocked).flatten()]))
     # The r-th eligible item of a row is r + #{k : f_k - k <= r}, over the row's sorted forbidden items f_k.

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CSR", "Interactions"]
+__all__ = ["CSR", "Interactions", "sorted_isin"]
 
 
 class CSR(NamedTuple):
@@ -41,6 +41,19 @@ class CSR(NamedTuple):
         segment = torch.repeat_interleave(torch.arange(len(keys), device=keys.device), counts)
         offsets = torch.arange(int(counts.sum()), device=keys.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         return segment, starts[segment] + offsets
+
+
+def sorted_isin(sorted_values: Tensor, values: Tensor) -> Tensor:
+    """Boolean mask: is each of ``values`` (any shape) among ``sorted_values`` (1-d, ascending)? One binary search each.
+
+    Example:
+        >>> sorted_isin(torch.tensor([2, 5, 9]), torch.tensor([[5, 6], [9, -1]])).tolist()
+        [[True, False], [True, False]]
+    """
+    if not len(sorted_values):
+        return torch.zeros_like(values, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_values, values).clamp_max(len(sorted_values) - 1)
+    return sorted_values[pos] == values
 
 
 def _csr(keys: Tensor, other: Tensor, size: int) -> CSR:
@@ -165,12 +178,7 @@ class Interactions:
 
     def contains(self, users: Tensor, items: Tensor) -> Tensor:
         """Boolean mask: is each ``(user, item)`` pair a row of this table?"""
-        keys = users * self.num_items + items
-        sk = self.sorted_keys
-        if len(sk) == 0:
-            return torch.zeros_like(keys, dtype=torch.bool)
-        pos = torch.searchsorted(sk, keys).clamp_max(len(sk) - 1)
-        return sk[pos] == keys
+        return sorted_isin(self.sorted_keys, users * self.num_items + items)
 
     # ----------------------------------------------------------------- raw id maps
     def user_index(self, raw: Sequence | np.ndarray) -> Tensor:
