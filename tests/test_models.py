@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_unlearn.data import Interactions, planted_low_rank
-from lightning_unlearn.models import MF, LightGCN, NeuMF, Recommender, normalized_adjacency
+from lightning_unlearn.models import MF, LightGCN, NeuMF, Recommender, lightgcn, normalized_adjacency
 
 N_USERS, N_ITEMS = 7, 9
 
@@ -108,6 +108,23 @@ def test_lightgcn_representations_match_dense_propagation():
     final = (e0 + a @ e0 + a @ a @ e0) / 3
     users, items = model.representations()
     torch.testing.assert_close(torch.cat([users, items]), final)
+
+
+def test_lightgcn_gradient_and_hessian_vector_product_match_plain_autograd(monkeypatch):
+    """The propagation's own backward (A is symmetric) against autograd's backward of A @ x."""
+    model, b = make(LightGCN, num_layers=2), batch(size=12)
+    v = [torch.randn_like(p) for p in model.parameters()]
+
+    def grad_and_hvp():
+        params = list(model.parameters())
+        grads = torch.autograd.grad(model.loss(b), params, create_graph=True)
+        hvp = torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, v)), params)
+        return [g.detach() for g in grads] + list(hvp)
+
+    got = grad_and_hvp()
+    monkeypatch.setattr(lightgcn._Propagate, "apply", lambda adjacency, x: adjacency.to_dense() @ x)
+    for g, w in zip(got, grad_and_hvp(), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 def test_lightgcn_without_graph_and_wrong_graph():
