@@ -84,11 +84,15 @@ def test_cg_reports_non_convergence(convex):
     assert report.diagnostics["solver/relative_residual"] > 1e-14
 
 
-def test_nan_gradient_raises_and_leaves_the_model_unchanged(convex):
+def test_nan_gradient_raises_and_leaves_the_model_unchanged(convex, monkeypatch):
+    from lightning_unlearn.unlearning.methods import subproblems
+
     model, retained, deleted, _ = convex
     broken = copy.deepcopy(model)
-    loss = broken.loss
-    broken.loss = lambda batch, reduction="mean": loss(batch, reduction) * float("nan")  # every gradient is NaN
+    # every data term is NaN, in the model's loss and on the dot-product path alike: so is every gradient
+    loss, data_loss = broken.loss, subproblems.data_loss
+    broken.loss = lambda batch, reduction="mean": loss(batch, reduction) * float("nan")
+    monkeypatch.setattr(subproblems, "data_loss", lambda z, name: data_loss(z, name) * float("nan"))
     before = broken.user_embedding.weight.clone()
     with pytest.raises(UnlearningError, match="not finite.*Try: more damping"):
         IFRU().unlearn(broken, retained, deleted)
@@ -137,7 +141,7 @@ def test_runs_on_every_model_and_moves_only_kept_rows(cls):
     model.set_graph(dm.train)
     before = copy.deepcopy(model.state_dict())
     report = IFRU(damping=1e-2, k_hop=1 if cls is MF else 0).unlearn(model, dm.train_rows(), deleted)
-    assert report.diagnostics["solver"] == ("cg" if cls is LightGCN else "block")  # "auto": block unless a graph couples rows
+    assert report.diagnostics["solver"] == "block"  # "auto"; on LightGCN: PCG through the propagation
     moved = (model.user_embedding.weight if cls is not NeuMF else model.gmf_user.weight) != (
         before["user_embedding.weight"] if cls is not NeuMF else before["gmf_user.weight"])
     moved_users = torch.nonzero(moved.any(1)).flatten()
@@ -215,14 +219,165 @@ def test_cg_preconditioner_and_block_solver_agree_with_direct_on_mf():
     assert 0.5 < cosine < 1.0 - 1e-6
 
 
-def test_block_solver_refuses_graph_models():
-    dm = RecDataModule(Synthetic(num_users=10, num_items=8, density=0.3, seed=1), val_fraction=0.0)
+# ---------------------------------------------------------------------- LightGCN: the solve through the propagation
+def optimise(model, rows, tables) -> float:
+    """Minimise ``model.loss(rows)`` over ``tables`` (full batch, L-BFGS) to a tight optimum; the final gradient norm."""
+    opt = torch.optim.LBFGS(tables, lr=1, max_iter=1000, tolerance_grad=1e-13, tolerance_change=1e-16, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = model.loss(rows[:])
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    return float(torch.cat([g.flatten() for g in torch.autograd.grad(model.loss(rows[:]), tables)]).norm())
+
+
+@pytest.fixture(scope="module")
+def graph_problem():
+    """A two-layer LightGCN trained to a tight optimum, 3 interactions deleted, and the retrained optimum.
+
+    The objective is not convex (any rotation of both tables gives the same scores), so the
+    retrain starts from the original: it finds the optimum of the retained rows in the
+    original's basin, the one an influence correction aims at.
+    """
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.35, seed=3), val_fraction=0.0, num_negatives=2)
     dm.setup()
-    model = LightGCN(dm.num_users, dm.num_items, embedding_dim=4)
-    deleted = dm.remove(torch.tensor([0]))
+    model = LightGCN(dm.num_users, dm.num_items, embedding_dim=3, num_layers=2, l2=0.3, init_std=0.5).double()
     model.set_graph(dm.train)
-    with pytest.raises(UnlearningError, match="use solver='cg'"):
-        IFRU(solver="block").unlearn(model, dm.train_rows(), deleted)
+    assert optimise(model, dm.train_rows(), list(model.parameters())) < 1e-8
+    every, rows = dm.train_rows(), torch.tensor([0, 7, 15])
+    tables = {"deleted": dm.train.select(rows)}
+    deleted = dm.remove(rows)
+    tables.update(retained=dm.train, test=dm.test)
+    retained = dm.train_rows()
+    reference = copy.deepcopy(model)
+    reference.set_graph(dm.train)
+    assert optimise(reference, retained, list(reference.parameters())) < 1e-8
+    model.set_graph(dm.train)  # as the callback leaves it: the data (and the graph) without the deleted rows
+    return model, every, retained, deleted, reference, tables
+
+
+def test_graph_solve_equals_the_direct_solve_of_the_same_damped_system(graph_problem):
+    from lightning_unlearn.unlearning.methods import ifru
+
+    model, _, retained, deleted, _, _ = graph_problem
+    damping, n = 1e-3, len(retained)
+    unlearned = copy.deepcopy(model)
+    report = IFRU(damping=damping, tol=1e-12, max_iter=500).unlearn(unlearned, retained, deleted)
+    assert report.diagnostics["solver"] == "block" and report.diagnostics["solver/converged"]
+    assert report.diagnostics["solver/relative_residual"] <= 1e-12
+
+    scope = Scope.of(model, retained, deleted)
+    restricted = RestrictedParameters(model, scope)
+    rhs = ifru._influence_with_spillover(model, restricted, retained, deleted, n, UnlearningContext())
+    matvec = restricted.curvature_matvec(scope.rows(retained, model), n, UnlearningContext())
+    matrix = torch.stack([matvec(column) for column in torch.eye(restricted.numel, dtype=torch.float64)], dim=1)
+    expected = torch.linalg.solve(matrix + damping * torch.eye(restricted.numel, dtype=torch.float64), rhs)
+    got = RestrictedParameters(unlearned, scope).values()
+    got = torch.cat([(a - b).flatten() for a, b in zip(got, restricted.values())])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert float(expected.norm()) > 1e-3  # a real step
+
+
+@pytest.mark.parametrize("path", ["one matmul per chunk", "gathered pairs"])
+@pytest.mark.parametrize("cls", [MF, LightGCN])
+def test_dot_product_gauss_newton_and_gradient_equal_autograd_through_every_row(cls, path, monkeypatch):
+    """The matrix-product Gauss-Newton product and gradient of MF and LightGCN against generic autograd, chunked."""
+    from lightning_unlearn.unlearning.methods import restricted as module
+    from lightning_unlearn.unlearning.methods import subproblems
+
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.35, seed=3), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = cls(dm.num_users, dm.num_items, embedding_dim=3, l2=0.3, loss="bce" if cls is MF else "bpr").double()
+    model.set_graph(dm.train)
+    rows = dm.train_rows()
+    restricted = RestrictedParameters(model, Scope(torch.tensor([1, 4, 5]), torch.tensor([0, 2, 9]), torch.tensor([], dtype=torch.long),
+                                                   torch.tensor([], dtype=torch.long)))
+    monkeypatch.setattr(module, "_CHUNK", 7)  # several chunks, users split across them
+    if path == "gathered pairs":
+        monkeypatch.setattr(subproblems, "_MATMUL_ADVANTAGE", 0)
+    fast = restricted.curvature_matvec(rows, len(rows), UnlearningContext())
+    assert isinstance(fast, module._DotProductGaussNewton)
+    fast_gradient = restricted.loss_gradient(rows, len(rows), UnlearningContext())
+    monkeypatch.setattr(RestrictedParameters, "_dot_engine", lambda *args: None)
+    generic = restricted.curvature_matvec(rows, len(rows), UnlearningContext())
+    for v in torch.randn(3, restricted.numel, dtype=torch.float64):
+        torch.testing.assert_close(fast(v), generic(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast_gradient, restricted.loss_gradient(rows, len(rows), UnlearningContext()), rtol=1e-10, atol=1e-12)
+
+
+def test_graph_preconditioner_blocks_are_the_base_rows_curvature_through_the_propagation(graph_problem):
+    """LightGCN's base-row blocks: c^2 x the propagated vectors' data blocks + the L2 of the base row,
+    c = diag(I + A + A^2) / 3, the base row's weight in its own propagated vector (two layers)."""
+    from lightning_unlearn.unlearning.methods.curvature import base_row_blocks, self_weights
+
+    model, _, retained, _, _, _ = graph_problem
+    ids = torch.tensor([1, 4])
+    propagated = FreshCurvature(model, retained).block("users", ids)
+    torch.testing.assert_close(propagated, curvature_blocks(model, retained, users=ids, items=ids[:0]).users)
+    counts = torch.bincount(retained.users, minlength=model.num_users)[ids].double()
+    penalty = model.l2 * counts.view(-1, 1, 1) * torch.eye(3, dtype=torch.float64)
+    a = model.adjacency.to_dense()
+    c = (1 + (a @ a).diagonal()[ids]) / 3  # A is bipartite: diag(A) = 0
+    torch.testing.assert_close(self_weights(model)[ids], c)
+    blocks = base_row_blocks(model, "users", ids, propagated, counts)
+    torch.testing.assert_close(blocks, c.square().view(-1, 1, 1) * (propagated - penalty) + penalty)
+
+
+def test_spillover_right_hand_side_is_the_derivative_of_the_loss_change_between_graphs(graph_problem):
+    """Finite differences of [sum_deleted loss(A) + sum_affected (loss(A) - loss(A'))] / n, A the graph before."""
+    from lightning_unlearn.unlearning.methods import ifru
+    from lightning_unlearn.unlearning.methods.scope import graph_of
+
+    model, every, retained, deleted, _, _ = graph_problem
+    n = len(retained)
+    scope = Scope.of(model, retained, deleted)
+    restricted = RestrictedParameters(model, scope)
+    rhs = ifru._influence_with_spillover(model, restricted, retained, deleted, n, UnlearningContext())
+    old, new = graph_of(model, every), model.adjacency
+    changed = torch.isin(retained.users, torch.unique(deleted.users)) | torch.isin(retained.items, torch.unique(deleted.items))
+    affected = retained.select(changed)
+
+    def objective(values):
+        before = restricted.call(values, lambda: model.loss(deleted.concat(affected)[:], "sum"), {"adjacency": old})
+        return float((before - restricted.call(values, lambda: model.loss(affected[:], "sum"), {"adjacency": new})) / n)
+
+    theta = restricted.values()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        direction = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in theta]
+        h = 1e-5
+        plus = objective([t + h * d for t, d in zip(theta, direction)])
+        minus = objective([t - h * d for t, d in zip(theta, direction)])
+        flat = torch.cat([d.flatten() for d in direction])
+        assert (plus - minus) / (2 * h) == pytest.approx(float(rhs @ flat), rel=1e-6, abs=1e-10)
+    assert not torch.allclose(rhs, restricted.loss_gradient(deleted, n, UnlearningContext()))  # the graph change matters
+
+
+def test_graph_update_is_closer_to_the_retrain_than_the_original_on_every_completeness_figure(graph_problem):
+    """IFRU's defaults (Gauss-Newton, the touched rows only) on LightGCN. The membership attack is left
+    out: on 3 deleted rows it scores the original and the retrain alike, so its gap is 0/0."""
+    from lightning_unlearn.metrics import completeness_report
+
+    model, _, retained, deleted, reference, tables = graph_problem
+    unlearned = copy.deepcopy(model)
+    report = IFRU(damping=1e-6, tol=1e-10).unlearn(unlearned, retained, deleted)
+    assert report.diagnostics["solver/converged"] and report.diagnostics["kept_users"] < model.num_users
+    for m in (model, unlearned, reference):
+        m.set_graph(tables["retained"])
+    figures = completeness_report(model, unlearned, reference, tables["deleted"], tables["retained"], tables["test"], k=3)
+    closed, original = figures["completeness"], figures["baseline"]
+    for gap in ("gap_closed_rank", "gap_closed_score", "gap_closed_top3"):
+        assert 0.25 < closed[gap] <= 1.2, (gap, closed)
+    for overlap in ("overlap@3", "overlap@3_affected"):
+        assert closed[overlap] > original[overlap], (overlap, closed, original)
+    assert closed["score_distance_rel"] < 0.8 and closed["param_distance_rel"] < 0.8, closed
 
 
 def test_spillover_is_the_loss_change_of_affected_rows_through_the_new_graph():

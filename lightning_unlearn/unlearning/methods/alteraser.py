@@ -49,7 +49,7 @@ from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, curvature_blocks, exact_hessian_blocks
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, base_row_blocks, curvature_blocks, exact_hessian_blocks
 from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph, restrict, rows_touching
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.methods.subproblems import SIDES, Anchor, Engine, Side
@@ -379,10 +379,7 @@ class AltEraser(SecondOrderUnlearner):
             blocks = engine.context.reduce(fresh.users if side.name == "user_embedding" else fresh.items)
         if not engine.graph:
             return blocks
-        # Graph: the blocks are the propagated vectors'. A base row reaches its own propagated vector with
-        # weight c, so its data curvature is about c^2 times theirs; the L2 term sits on the base row itself.
-        penalty = model.l2 * engine.counts(side, ids, engine.local).view(-1, 1, 1) * torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-        return side.self_weight(ids).square().view(-1, 1, 1) * (blocks - penalty) + penalty
+        return base_row_blocks(model, side.key, ids, blocks, engine.counts(side, ids, engine.local), engine.self_weights)
 
     def _block_search(self, engine, side, ids, rows, values, step, slope, scores) -> Tensor:
         """Per-block backtracking: halve each block's step until its own loss decreases enough (batched over blocks).

@@ -22,7 +22,8 @@ from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import orphans, restrict, rows_of_items, rows_of_users
 
-__all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "cache_bytes", "curvature_blocks", "exact_hessian_blocks"]
+__all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "base_row_blocks", "cache_bytes", "curvature_blocks",
+           "exact_hessian_blocks", "self_weights"]
 
 
 @dataclass
@@ -538,6 +539,60 @@ class CurvatureCache:
                 if store is not None:
                     store.forget(victims)
         return slots, (fresh[k:] if k < len(missing) else None)
+
+
+def self_weights(model: Recommender) -> Tensor:
+    """LightGCN's ``diag(sum_l A^l) / (L + 1)``: the weight of a node's base row in its own propagated vector.
+
+    Users first, then items. The graph is bipartite, so odd powers have a zero diagonal;
+    ``diag(A^2)`` is the row sums of the squared entries. Even powers beyond 2 (four or more
+    layers) are left out.
+
+    Example:
+        >>> from lightning_unlearn.data import Interactions
+        >>> from lightning_unlearn.models import LightGCN
+        >>> model = LightGCN(2, 2, embedding_dim=2, num_layers=2)
+        >>> model.set_graph(Interactions.from_raw([0, 0, 1], [0, 1, 1]))
+        >>> [round(w, 4) for w in self_weights(model).tolist()]  # (1 + sum_j A_ij^2) / 3
+        [0.5833, 0.5, 0.5, 0.5833]
+    """
+    adjacency = model.adjacency
+    layers = int(getattr(model, "num_layers", 0))
+    weight = torch.ones(adjacency.shape[0], dtype=torch.float64, device=adjacency.device)
+    if layers >= 2:
+        coo = adjacency.to_sparse_coo().coalesce()
+        weight = weight.index_add(0, coo.indices()[0], coo.values().double().square())
+    return weight / (layers + 1)
+
+
+def base_row_blocks(model: Recommender, side: str, ids: Tensor, blocks: Tensor, counts: Tensor, weights: Tensor | None = None) -> Tensor:
+    """A graph model's curvature blocks of its base embedding rows, from those of its propagated vectors.
+
+    A base row reaches its own propagated vector with weight ``c`` (:func:`self_weights`), so its
+    data curvature is about ``c^2`` times the propagated vector's (the coupling through the
+    graph left out); the L2 term, ``l2`` per occurrence of the row, sits on the base row itself.
+
+    Args:
+        model: the graph model.
+        side: ``"users"`` or ``"items"``.
+        ids: the ids of ``blocks``.
+        blocks: ``(len(ids), d, d)`` blocks of the propagated vectors (:func:`curvature_blocks`).
+        counts: how often each id occurs in the rows summed (its L2 terms).
+        weights: :func:`self_weights` of ``model``, if already computed.
+
+    Example:
+        >>> from lightning_unlearn.data import Interactions
+        >>> from lightning_unlearn.models import LightGCN
+        >>> model = LightGCN(2, 2, embedding_dim=1, num_layers=0, l2=0.5)  # no propagation: c = 1
+        >>> model.set_graph(Interactions.from_raw([0, 1], [0, 1]))
+        >>> base_row_blocks(model, "users", torch.tensor([1]), torch.full((1, 1, 1), 3.0, dtype=torch.float64), torch.tensor([2.0])).item()
+        3.0
+    """
+    weights = self_weights(model) if weights is None else weights
+    offset = 0 if side == "users" else model.num_users
+    c = weights[ids.to(weights.device) + offset].to(device=blocks.device, dtype=blocks.dtype)
+    penalty = model.l2 * counts.to(blocks).view(-1, 1, 1) * torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    return c.square().view(-1, 1, 1) * (blocks - penalty) + penalty
 
 
 class FreshCurvature:

@@ -43,11 +43,14 @@ class IFRU(SecondOrderUnlearner):
             objective is a mean over rows, so a user's curvature block is of the order of its
             share of the rows (1e-4 for a typical MovieLens-100K user). Default 1e-7, chosen by
             a damping sweep.
-        solver: ``"auto"`` (``"block"``, or ``"cg"`` for graph models, whose rows are coupled
-            through the graph), ``"cg"`` (damped CG on curvature-vector products, block-Jacobi preconditioned),
-            ``"block"`` (the block-diagonal approximation: per-user and per-item ``d x d``
-            Gauss-Newton blocks, cached once per trained model and downdated by the deleted
-            rows, solved in one batched Cholesky; the fastest; embeddings only) or ``"direct"``
+        solver: ``"auto"`` (``"block"``), ``"block"`` (the block-diagonal approximation: per-user and
+            per-item ``d x d`` Gauss-Newton blocks, cached once per trained model and downdated by
+            the deleted rows, solved in one batched Cholesky; the fastest; embeddings only. On a
+            graph model, whose rows are coupled through the propagation: conjugate gradient on
+            exact curvature-vector products through the propagation, over the rows that touch
+            the scope, preconditioned by the base rows' blocks taken through the propagation),
+            ``"cg"`` (damped CG on curvature-vector products, block-Jacobi preconditioned; on a
+            graph model over every row and unpreconditioned, to measure against) or ``"direct"``
             (dense solve; only for small restricted problems, at most ``direct_max`` coordinates).
         curvature: ``"gauss_newton"`` (positive semi-definite, the default) or ``"hessian"``
             (exact; CG stops on negative curvature and reports it).
@@ -60,7 +63,7 @@ class IFRU(SecondOrderUnlearner):
         include_dense: also update dense weights (NeuMF's MLP).
         tol: relative-residual tolerance of CG (and of the block solver's per-block CG, which
             starts from the inverses kept at the last factorisation).
-        max_iter: CG iteration cap.
+        max_iter: CG iteration cap (on a graph model: the most curvature-vector products).
         direct_max: largest restricted problem the direct solver accepts.
         blocks: where the block solver's (and CG's preconditioner's) per-user and per-item blocks
             come from: ``"cached"`` (every block, built once per trained model and downdated per
@@ -122,12 +125,18 @@ class IFRU(SecondOrderUnlearner):
         return f"IFRU({', '.join(options)})"
 
     def uses_cache(self, model: Recommender) -> bool:
-        """The block and CG solvers read the cached blocks (CG as its preconditioner); graph models and ``"direct"`` do not."""
-        return not is_graph(model) and self.solver != "direct" and self.keeps_cache(model)
+        """The block and CG solvers read the cached blocks (CG, and the graph solve, as its preconditioner).
+
+        ``"direct"`` does not, nor ``"cg"`` on a graph model (unpreconditioned, to measure against).
+        On a graph model the blocks are those of the propagated vectors at the trained model: a
+        preconditioner, so that they go stale as the graph and the model change costs iterations,
+        never accuracy.
+        """
+        return self.solver != "direct" and not (is_graph(model) and self.solver == "cg") and self.keeps_cache(model)
 
     def after_build(self, model: Recommender, rows: TrainRows) -> None:
         """The block solver's requests start from the inverses of every damped block, computed here once."""
-        if self.solver in ("auto", "block"):
+        if self.solver in ("auto", "block") and not is_graph(model):
             for side in ("users", "items"):
                 if not self.cache.preconditioned(side):  # a cache shared by another IFRU may have them
                     self.cache.precondition(side, self.damping * len(rows))
@@ -135,13 +144,13 @@ class IFRU(SecondOrderUnlearner):
     def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
         """One damped Newton correction on the scope's rows (see the class docstring)."""
-        solver = ("cg" if is_graph(model) else "block") if self.solver == "auto" else self.solver
-        if solver == "block" and is_graph(model):
-            raise ValueError("solver='block' ignores the graph that couples LightGCN's rows; use solver='cg'")
+        solver, graph = "block" if self.solver == "auto" else self.solver, is_graph(model)
         scope = Scope.of(model, retained, deleted, hops=self.k_hop, keep_fraction=self.keep_fraction)
         restricted = RestrictedParameters(model, scope, self.include_dense)
-        # the block solver needs no rows here; a graph couples every row
-        rows = retained if solver == "block" or is_graph(model) else scope.rows(retained, model)
+        # The block solver on MF/NeuMF needs no rows here. On a graph model it solves with products
+        # on the rows that touch the scope; "cg" and "direct" there take every row (the whole graph).
+        whole = solver == "block" if not graph else solver != "block"
+        rows = retained if whole else scope.rows(retained, model)
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {**scope.diagnostics(), "rows_used": len(rows), "coordinates": restricted.numel,
                                        "damping": self.damping, "solver": solver, "blocks": "fresh" if cache is None else "cached"}
@@ -151,7 +160,7 @@ class IFRU(SecondOrderUnlearner):
         if restricted.numel == 0:
             scope.reset_orphans(model, context.seed)
             return diagnostics
-        if self.gradient == "influence" and is_graph(model):
+        if self.gradient == "influence" and graph:
             rhs = _influence_with_spillover(model, restricted, retained, deleted, n, context)
         elif self.gradient == "influence":
             rhs = restricted.loss_gradient(deleted, n, context)
@@ -159,13 +168,14 @@ class IFRU(SecondOrderUnlearner):
             rhs = -(restricted.loss_gradient(rows, n, context) + restricted.gradient(model.dense_penalty))
         if not torch.isfinite(rhs).all():
             raise FloatingPointError("the right-hand side (gradient) is not finite")
-        curvature = cache if cache is not None else None if is_graph(model) else FreshCurvature(model, retained, context)
-        if solver == "block":
+        # graph models: the preconditioner's blocks (none for "cg", every row through the whole graph)
+        curvature = cache if cache is not None else None if graph and solver == "cg" else FreshCurvature(model, retained, context)
+        if solver == "block" and not graph:
             delta, solve = restricted.block_solve(rhs, curvature, n, self.damping, self.tol)
         elif solver == "direct":
             delta, solve = _direct_solve(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, self.damping, self.direct_max)
         else:
-            preconditioner = None if curvature is None else restricted.preconditioner(curvature, n, self.damping)
+            preconditioner = None if curvature is None else restricted.preconditioner(curvature, n, self.damping, retained)
             delta, result = conjugate_gradient(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, damping=self.damping,
                                                tol=self.tol, max_iter=self.max_iter, preconditioner=preconditioner)
             solve = result.as_dict()
@@ -191,10 +201,8 @@ def _influence_with_spillover(model: Recommender, restricted: RestrictedParamete
     old_graph = graph_of(model, retained.concat(deleted))
     changed_users, changed_items = torch.unique(deleted.users), torch.unique(deleted.items)
     affected = retained.select(torch.isin(retained.users, changed_users) | torch.isin(retained.items, changed_items))
-    old = context.sum(lambda rows: restricted.gradient(lambda: model.loss(rows[:], "sum") / n, {"adjacency": old_graph}),
-                      deleted.concat(affected))
-    new = context.sum(lambda rows: restricted.gradient(lambda: model.loss(rows[:], "sum") / n), affected)
-    return old - new
+    old = restricted.loss_gradient(deleted.concat(affected), n, context, {"adjacency": old_graph})
+    return old - restricted.loss_gradient(affected, n, context)
 
 
 def _direct_solve(matvec, rhs: Tensor, damping: float, limit: int) -> tuple[Tensor, dict[str, Any]]:

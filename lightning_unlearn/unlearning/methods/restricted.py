@@ -20,14 +20,17 @@ from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import BlockPreconditioner, flatten, gauss_newton_matvec, hessian_matvec, unflatten
-from lightning_unlearn.losses import data_loss, item_slots
+from lightning_unlearn.losses import data_loss, data_loss_curvature, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature
-from lightning_unlearn.unlearning.methods.scope import Scope
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, base_row_blocks, self_weights
+from lightning_unlearn.unlearning.methods.scope import Scope, is_graph
+from lightning_unlearn.unlearning.methods.subproblems import Engine, Side
 
 __all__ = ["RestrictedParameters"]
+
+_CHUNK = 65536  # rows per pass of the dot-product paths
 
 
 class RestrictedParameters:
@@ -93,9 +96,27 @@ class RestrictedParameters:
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
         return flatten([torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)])
 
-    def loss_gradient(self, rows: TrainRows, n: int, context: UnlearningContext) -> Tensor:
-        """The gradient of ``sum_{rows} loss_r / n``: each process's shard, summed over processes."""
-        return context.sum(lambda shard: self.gradient(lambda: self.model.loss(shard[:], "sum") / n), rows)
+    def loss_gradient(self, rows: TrainRows, n: int, context: UnlearningContext, buffers: dict[str, Tensor] | None = None) -> Tensor:
+        """The gradient of ``sum_{rows} loss_r / n``: each process's shard, summed over processes.
+
+        ``buffers`` replaces buffers, as in :meth:`call`. Dot-product models (MF, LightGCN) take
+        :meth:`Engine.gradients` (a matrix product per chunk of users on a small catalog, pulled
+        back through the propagation once); others differentiate ``model.loss``.
+        """
+        engine = self._dot_engine(rows, n, context)
+        if engine is None:
+            return context.sum(lambda shard: self.gradient(lambda: self.model.loss(shard[:], "sum") / n, buffers), rows)
+        sides = [Side(self.model, group) for group in self.groups]
+        compute = lambda: engine.gradients(sides, [ids for _, _, ids in self.parts], engine.local)[0]  # noqa: E731
+        grads = call_with(self.model, buffers, compute) if buffers else compute()
+        return flatten([g.to(p.dtype) / n for g, (_, p, _) in zip(grads, self.parts)])
+
+    def _dot_engine(self, rows: TrainRows, n: int, context: UnlearningContext) -> Engine | None:
+        """An :class:`Engine` on ``rows`` when the scores are dot products and each group is one table without dense weights."""
+        if not self.parts or "dense" in self.groups or len(set(self.groups)) != len(self.groups):
+            return None
+        engine = Engine(self.model, rows, n, context, _CHUNK, graph=is_graph(self.model))
+        return engine if engine.dot else None
 
     def curvature_matvec(self, rows: TrainRows, n: int, context: UnlearningContext,
                          curvature: Literal["gauss_newton", "hessian"] = "gauss_newton") -> Callable[[Tensor], Tensor]:
@@ -108,6 +129,9 @@ class RestrictedParameters:
             curvature: ``"gauss_newton"`` (positive semi-definite; the L2 term exactly) or ``"hessian"``.
         """
         model, theta = self.model, self.values()
+        engine = self._dot_engine(rows, n, context) if curvature == "gauss_newton" else None
+        if engine is not None:
+            return _DotProductGaussNewton(self, engine, n)
         batch = context.shard(rows)[:]
         if "dense" in self.groups:  # the dense weights' own penalty, counted once (not per rank)
             dense = hessian_matvec(lambda ps: self.call(ps, model.dense_penalty), theta)
@@ -127,18 +151,30 @@ class RestrictedParameters:
         widths = [p.shape[1] for g, (_, p, rows) in zip(self.groups, self.parts) if g == group]
         return widths or None
 
-    def preconditioner(self, curvature: CurvatureCache | FreshCurvature, n: int, damping: float) -> Callable[[Tensor], Tensor] | None:
+    def preconditioner(self, curvature: CurvatureCache | FreshCurvature, n: int, damping: float,
+                       rows: TrainRows | None = None) -> Callable[[Tensor], Tensor] | None:
         """Block-Jacobi ``M^-1`` of ``B / n + damping I`` in this layout (identity on the dense weights).
 
-        ``B`` are the per-user and per-item blocks of ``curvature``. ``None`` when a group spans
-        several tables or the sides' widths differ.
+        ``B`` are the per-user and per-item blocks of ``curvature``; on a graph model, whose
+        blocks are those of the propagated vectors, the base rows' blocks made from them
+        (:func:`~lightning_unlearn.unlearning.methods.curvature.base_row_blocks`, with the L2
+        counts of ``rows``, the retained rows). ``None`` when a group spans several tables or the
+        sides' widths differ.
         """
         if any(len(self.group_layout(g) or []) > 1 for g in ("user_embedding", "item_embedding")):
             return None
-        chosen = []
+        graph, chosen = is_graph(self.model), []
+        if graph and rows is None:
+            raise ValueError("a graph model's preconditioner needs the retained rows (their L2 counts)")
+        weights = self_weights(self.model) if graph else None
         for group, ids, side in (("user_embedding", self.scope.users, "users"), ("item_embedding", self.scope.items, "items")):
             if self.group_layout(group):
-                chosen.append(curvature.block(side, ids) / n)
+                blocks = curvature.block(side, ids)
+                if graph:
+                    occurrences = rows.users if side == "users" else rows.all_items()
+                    counts = torch.bincount(occurrences, minlength=self.model.num_users if side == "users" else self.model.num_items)[ids]
+                    blocks = base_row_blocks(self.model, side, ids, blocks, counts, weights)
+                chosen.append(blocks / n)
         if not chosen or {c.shape[-1] for c in chosen} != {chosen[0].shape[-1]}:
             return None
         dense = sum(int(torch.Size(s).numel()) for g, s in zip(self.groups, self.shapes) if g == "dense")
@@ -192,6 +228,62 @@ class RestrictedParameters:
                 p.add_(change)
             else:
                 p.index_add_(0, rows, change)
+
+
+class _DotProductGaussNewton:
+    """The Gauss-Newton product ``J^T H_z J v / n + l2 * counts * v / n`` of a dot-product model (MF, LightGCN).
+
+    The generic product differentiates twice through every row's gathered vectors. Here the
+    scores are dot products, so a product is: the vectors' tangent ``J_E v`` (through the
+    propagation of a graph model, by autograd on the small tables), the rows' score tangents and
+    their pullback from :meth:`Engine.score` and :meth:`Engine.score_pullback` (one matrix
+    product per chunk of users on a small catalog), ``H_z`` elementwise on the scores, and the
+    pullback ``J_E^T`` to the tables. Scores and vectors are taken once, at construction.
+    """
+
+    def __init__(self, restricted: RestrictedParameters, engine: Engine, n: int):
+        model = restricted.model
+        self.restricted, self.engine, self.n = restricted, engine, n
+        self.leaves = [p.detach().clone().requires_grad_(True) for _, p, _ in restricted.parts]
+        with torch.enable_grad():
+            self.vectors = call_with(model, {name: leaf for (name, _, _), leaf in zip(restricted.parts, self.leaves)}, model.representations)
+            self.live = [v for v in self.vectors if v.requires_grad]  # (a frozen side's vectors are constants)
+            # J_E v by the double-vjp trick: J_E^T u is linear in u, and its vjp with v is J_E v
+            self.dual = [torch.zeros_like(v, requires_grad=True) for v in self.live]
+            pulled = torch.autograd.grad(self.live, self.leaves, self.dual, create_graph=True, retain_graph=True, allow_unused=True)
+        self.pulled = [g for g in pulled if g is not None]
+        self.tangent_leaves = [leaf for leaf, g in zip(self.leaves, pulled) if g is not None]
+        self.plain = tuple(v.detach() for v in self.vectors)
+        self.batches = [batch for _, batch in engine.chunks(engine.local)]
+        with torch.no_grad():
+            self.curvatures = [data_loss_curvature(engine.score(*self.plain, batch), model.loss_name) for batch in self.batches]
+        counts = [torch.bincount(engine.local.users if g == "user_embedding" else engine.local.all_items(),
+                                 minlength=model.num_users if g == "user_embedding" else model.num_items)[ids] for g, (_, _, ids) in
+                  zip(restricted.groups, restricted.parts)]
+        self.penalty = [model.l2 * engine.context.reduce(c.to(self.plain[0].dtype)).unsqueeze(1) / n for c in counts]
+
+    def __call__(self, v: Tensor) -> Tensor:
+        parts = unflatten(v, self.restricted.shapes)
+        tangents = {id(leaf): torch.zeros_like(leaf).index_copy_(0, ids, part.to(leaf.dtype))
+                    for leaf, (_, _, ids), part in zip(self.leaves, self.restricted.parts, parts)}
+        with torch.enable_grad():
+            moved = torch.autograd.grad(self.pulled, self.dual, [tangents[id(leaf)] for leaf in self.tangent_leaves],
+                                        retain_graph=True, allow_unused=True)
+        moved = iter(torch.zeros_like(d) if m is None else m for d, m in zip(self.dual, moved))
+        moved = [next(moved) if v.requires_grad else torch.zeros_like(p) for v, p in zip(self.vectors, self.plain)]
+        cotangents = (torch.zeros_like(self.plain[0]), torch.zeros_like(self.plain[1]))
+        # the scores' tangent, <du, i> + <u, di>, as one product of the tables side by side
+        users, items = torch.cat([moved[0], self.plain[0]], dim=1), torch.cat([self.plain[1], moved[1]], dim=1)
+        for batch, curvature in zip(self.batches, self.curvatures):
+            self.engine.score_pullback(*self.plain, batch, curvature(self.engine.score(users, items, batch)), cotangents)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.live, self.leaves, [c for v, c in zip(self.vectors, cotangents) if v.requires_grad],
+                                        retain_graph=True, allow_unused=True)
+        out = []
+        for grad, leaf, (_, _, ids), part, penalty in zip(grads, self.leaves, self.restricted.parts, parts, self.penalty):
+            data = torch.zeros(len(ids), leaf.shape[1], dtype=leaf.dtype, device=leaf.device) if grad is None else grad[ids]
+            out.append(self.engine.context.reduce(data / self.n) + penalty * part.to(leaf.dtype))
+        return flatten(out).to(v.dtype)
 
 
 def _penalty(model: Recommender, batch: dict[str, Tensor]) -> Tensor:

@@ -10,6 +10,7 @@ and value at the trained model, paid once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with, fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
+from lightning_unlearn.unlearning.methods.curvature import self_weights
 from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users
 
 __all__ = ["SIDES", "Anchor", "Engine", "Side", "slot_changes"]
@@ -45,7 +47,6 @@ class Side:
                              "(the curvature blocks cover the tables concatenated).")
         self.trainable = bool(self.tables) and all(trainable)
         self.widths = [t.shape[1] for t in self.tables]
-        self._weight: Tensor | None = None
 
     def gather(self, ids: Tensor) -> Tensor:
         """``(len(ids), d)`` float64 rows, the tables concatenated."""
@@ -59,30 +60,6 @@ class Side:
     def rows_of(self, rows: TrainRows, ids: Tensor) -> Tensor:
         """Mask of the rows whose loss involves one of ``ids`` (this side)."""
         return (rows_of_users if self.name == "user_embedding" else rows_of_items)(rows, ids, self.size)
-
-    def self_weight(self, ids: Tensor) -> Tensor:
-        """How much a base row moves its own propagated vector (graph models); see :func:`_self_weights`."""
-        if self._weight is None:
-            self._weight = _self_weights(self.model)
-        offset = 0 if self.name == "user_embedding" else self.model.num_users
-        return self._weight[ids.to(self._weight.device) + offset].to(ids.device)
-
-
-def _self_weights(model: Recommender) -> Tensor:
-    """LightGCN's ``diag(sum_l A^l) / (L + 1)``: the weight of a node's base row in its own propagated vector.
-
-    The graph is bipartite, so odd powers have a zero diagonal; ``diag(A^2)`` is the row sums
-    of the squared entries. Even powers beyond 2 (four or more layers) are left out.
-    """
-    adjacency = model.adjacency
-    layers = int(getattr(model, "num_layers", 0))
-    size = adjacency.shape[0]
-    weight = torch.ones(size, dtype=torch.float64, device=adjacency.device)
-    if layers >= 2:
-        coo = adjacency.to_sparse_coo().coalesce()
-        weight = weight.index_add(0, coo.indices()[0], coo.values().double().square())
-    return weight / (layers + 1)
-
 
 class Engine:
     """Losses, gradients and per-block loss changes of the retained objective on row subsets (chunked).
@@ -101,6 +78,11 @@ class Engine:
         self.linear: dict[str, Tensor] = {}  # objective="anchored": the trained model's gradient tables (sum-scale)
         self.offset = 0.0  # <linear, theta - theta_start>, summed over every step so far
 
+    @functools.cached_property
+    def self_weights(self) -> Tensor:
+        """Graph models: :func:`~lightning_unlearn.unlearning.methods.curvature.self_weights`, computed once."""
+        return self_weights(self.model)
+
     def score(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """``(R, 1 + k)`` scores of a batch's positives and negatives from the given vector tables.
 
@@ -116,6 +98,26 @@ class Engine:
             return self.model.row_scores(batch, (user_vectors, item_vectors))
         users, inverse, slots = by_user
         return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), slots]
+
+    def score_pullback(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor], weights: Tensor,
+                       out: tuple[Tensor, Tensor]) -> None:
+        """Add ``sum_r <weights_r, dz_r/d vectors>`` to ``out`` (user and item tables), for dot-product models.
+
+        The transpose of :meth:`score`'s linear map in each vector table, on the same two paths: on
+        the one-matmul path the weights are scattered into the chunk's ``(users, items)`` matrix and
+        pulled back with two matrix products, else each row's pairs are pulled back and added.
+        """
+        by_user = self._by_user(batch, item_vectors)
+        if by_user is None:
+            users, slots = batch["users"], item_slots(batch)
+            out[0].index_add_(0, users, (weights.unsqueeze(-1) * item_vectors[slots]).sum(1))
+            out[1].index_add_(0, slots.reshape(-1), (weights.unsqueeze(-1) * user_vectors[users].unsqueeze(1)).reshape(-1, item_vectors.shape[1]))
+            return
+        users, inverse, slots = by_user
+        dense = torch.zeros(len(users), item_vectors.shape[0], dtype=weights.dtype, device=weights.device)
+        dense.index_put_((inverse.unsqueeze(1).expand_as(slots), slots), weights, accumulate=True)
+        out[0].index_add_(0, users, dense @ item_vectors)
+        out[1].addmm_(dense.T, user_vectors[users])
 
     def _by_user(self, batch: dict[str, Tensor], item_vectors: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(users, inverse, slots)`` when :meth:`score` takes the one-matmul path for this batch, else ``None``."""
