@@ -20,7 +20,7 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.scope import orphans, restrict, rows_of_items, rows_of_users
+from lightning_unlearn.unlearning.methods.scope import occurrences, orphans, restrict, rows_of_items, rows_of_users
 
 __all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "base_row_blocks", "cache_bytes", "curvature_blocks",
            "exact_hessian_blocks", "self_weights"]
@@ -242,8 +242,7 @@ class CurvatureCache:
         self.clear()
         capacity, dtype = self.capacity(model)
         width, device = _widths(model), rows.users.device
-        counts = {"users": torch.bincount(rows.users, minlength=model.num_users),
-                  "items": torch.bincount(rows.all_items(), minlength=model.num_items)}
+        counts = {side: occurrences(rows, side, model) for side in ("users", "items")}
         tables = {}
         for side, count in counts.items():
             ids = torch.arange(len(count), device=device) if capacity[side] >= len(count) else torch.topk(count, capacity[side]).indices
@@ -773,6 +772,6 @@ def exact_hessian_blocks(
             moved = where[keep] >= 0
             out_items.index_add_(0, where[keep][moved], diagonal[moved].double())
     eye_u, eye_i = torch.eye(du, dtype=torch.float64, device=device), torch.eye(di, dtype=torch.float64, device=device)
-    out_users += model.l2 * torch.bincount(rows.users, minlength=model.num_users)[users].double().view(-1, 1, 1) * eye_u
-    out_items += model.l2 * torch.bincount(rows.all_items(), minlength=model.num_items)[items].double().view(-1, 1, 1) * eye_i
+    out_users += model.l2 * occurrences(rows, "users", model)[users].double().view(-1, 1, 1) * eye_u
+    out_items += model.l2 * occurrences(rows, "items", model)[items].double().view(-1, 1, 1) * eye_i
     return CurvatureBlocks(out_users, out_items)

@@ -25,7 +25,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, base_row_blocks, self_weights
-from lightning_unlearn.unlearning.methods.scope import Scope, is_graph
+from lightning_unlearn.unlearning.methods.scope import Scope, is_graph, occurrences
 from lightning_unlearn.unlearning.methods.subproblems import Engine, Side
 
 __all__ = ["RestrictedParameters"]
@@ -171,9 +171,7 @@ class RestrictedParameters:
             if self.group_layout(group):
                 blocks = curvature.block(side, ids)
                 if graph:
-                    occurrences = rows.users if side == "users" else rows.all_items()
-                    counts = torch.bincount(occurrences, minlength=self.model.num_users if side == "users" else self.model.num_items)[ids]
-                    blocks = base_row_blocks(self.model, side, ids, blocks, counts, weights)
+                    blocks = base_row_blocks(self.model, side, ids, blocks, occurrences(rows, side, self.model)[ids], weights)
                 chosen.append(blocks / n)
         if not chosen or {c.shape[-1] for c in chosen} != {chosen[0].shape[-1]}:
             return None
@@ -257,10 +255,8 @@ class _DotProductGaussNewton:
         self.batches = [batch for _, batch in engine.chunks(engine.local)]
         with torch.no_grad():
             self.curvatures = [data_loss_curvature(engine.score(*self.plain, batch), model.loss_name) for batch in self.batches]
-        counts = [torch.bincount(engine.local.users if g == "user_embedding" else engine.local.all_items(),
-                                 minlength=model.num_users if g == "user_embedding" else model.num_items)[ids] for g, (_, _, ids) in
-                  zip(restricted.groups, restricted.parts)]
-        self.penalty = [model.l2 * engine.context.reduce(c.to(self.plain[0].dtype)).unsqueeze(1) / n for c in counts]
+        self.penalty = [model.l2 * engine.counts(Side(model, group), ids, engine.local).to(self.plain[0].dtype).unsqueeze(1) / n
+                        for group, (_, _, ids) in zip(restricted.groups, restricted.parts)]
 
     def __call__(self, v: Tensor) -> Tensor:
         parts = unflatten(v, self.restricted.shapes)

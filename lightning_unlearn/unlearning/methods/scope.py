@@ -24,7 +24,7 @@ from lightning_unlearn.models.lightgcn import normalized_adjacency
 
 _INITIAL: dict = {}  # reset_to_initialisation's last fresh model, under "key"
 
-__all__ = ["Scope", "expand", "graph_of", "is_graph", "orphans", "prune", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
+__all__ = ["Scope", "expand", "graph_of", "is_graph", "occurrences", "orphans", "prune", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
 
 
 @dataclass
@@ -162,6 +162,20 @@ def orphans(ids: Tensor, remaining: Tensor, size: int | None = None) -> Tensor:
         return ids
     size = size if size is not None else int(ids.max()) + 1
     return ids[torch.bincount(remaining, minlength=size)[ids] == 0]
+
+
+def occurrences(rows: TrainRows, side: str, model: Recommender) -> Tensor:
+    """How often each user (``side="users"``) or item (``"items"``, positives and negatives) occurs in ``rows``: its L2 terms.
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> rows = TrainRows(torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([[2], [0]]))
+        >>> occurrences(rows, "items", MF(1, 3, embedding_dim=2)).tolist()
+        [1, 1, 2]
+    """
+    if side == "users":
+        return torch.bincount(rows.users, minlength=model.num_users)
+    return torch.bincount(rows.all_items(), minlength=model.num_items)
 
 
 def rows_of_users(rows: TrainRows, users: Tensor, num_users: int | None = None) -> Tensor:

@@ -24,7 +24,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with, fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import self_weights
-from lightning_unlearn.unlearning.methods.scope import rows_of_items, rows_of_users
+from lightning_unlearn.unlearning.methods.scope import occurrences, rows_of_items, rows_of_users
 
 __all__ = ["SIDES", "Anchor", "Engine", "Side", "slot_changes"]
 
@@ -201,9 +201,8 @@ class Engine:
         return out, z
 
     def counts(self, side: Side, ids: Tensor, rows: TrainRows) -> Tensor:
-        size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
-        occurrences = rows.users if side.name == "user_embedding" else rows.all_items()
-        return self.context.reduce(torch.bincount(occurrences, minlength=size)[ids].double())
+        """How often each of ``ids`` occurs in ``rows`` (this process's), summed over processes, in float64."""
+        return self.context.reduce(occurrences(rows, side.key, self.model)[ids].double())
 
     def anchor(self, sides: list[Side], rows: TrainRows, dense: list[Tensor], graph: Tensor | None) -> Anchor:
         """The gradient (every row of every side, and the dense weights) and value of ``sum_{rows} loss_r`` now.
