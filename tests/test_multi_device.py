@@ -28,6 +28,7 @@ CASES = {
     "ifru-mf-cg": (MF, lambda: IFRU(damping=1e-4, solver="cg", tol=1e-10, max_iter=300)),
     "ifru-mf-retained": (MF, lambda: IFRU(damping=1e-4, solver="direct", gradient="retained")),
     "ifru-lightgcn-cg": (LightGCN, lambda: IFRU(damping=1e-4, solver="cg", tol=1e-10, max_iter=300)),
+    "ifru-lightgcn-block": (LightGCN, lambda: IFRU(damping=1e-4, tol=1e-10, max_iter=300)),
     "alteraser-mf": (MF, lambda: AltEraser(rounds=3)),
     "alteraser-lightgcn": (LightGCN, lambda: AltEraser(rounds=2)),
 }
