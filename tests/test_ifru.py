@@ -286,8 +286,9 @@ def test_graph_solve_equals_the_direct_solve_of_the_same_damped_system(graph_pro
 
 @pytest.mark.parametrize("path", ["one matmul per chunk", "gathered pairs"])
 @pytest.mark.parametrize("cls", [MF, LightGCN])
-def test_dot_product_gauss_newton_and_gradient_equal_autograd_through_every_row(cls, path, monkeypatch):
-    """The matrix-product Gauss-Newton product and gradient of MF and LightGCN against generic autograd, chunked."""
+def test_dot_product_curvature_and_gradient_equal_autograd_through_every_row(cls, path, monkeypatch):
+    """The matrix-product curvature products (Gauss-Newton and Hessian) and gradient of MF and LightGCN against
+    generic autograd, chunked."""
     from lightning_unlearn.unlearning.methods import restricted as module
     from lightning_unlearn.unlearning.methods import subproblems
 
@@ -302,13 +303,16 @@ def test_dot_product_gauss_newton_and_gradient_equal_autograd_through_every_row(
     monkeypatch.setattr(module, "_CHUNK", 7)  # several chunks, users split across them
     if path == "gathered pairs":
         monkeypatch.setattr(subproblems, "_MATMUL_ADVANTAGE", 0)
-    fast = restricted.curvature_matvec(rows, len(rows), UnlearningContext())
-    assert isinstance(fast, module._DotProductGaussNewton)
+    fast = {c: restricted.curvature_matvec(rows, len(rows), UnlearningContext(), c) for c in ("gauss_newton", "hessian")}
+    assert isinstance(fast["hessian"], module._DotProductCurvature)
     fast_gradient = restricted.loss_gradient(rows, len(rows), UnlearningContext())
     monkeypatch.setattr(RestrictedParameters, "_dot_engine", lambda *args: None)
-    generic = restricted.curvature_matvec(rows, len(rows), UnlearningContext())
-    for v in torch.randn(3, restricted.numel, dtype=torch.float64):
-        torch.testing.assert_close(fast(v), generic(v), rtol=1e-10, atol=1e-12)
+    for curvature, product in fast.items():
+        generic = restricted.curvature_matvec(rows, len(rows), UnlearningContext(), curvature)
+        for v in torch.randn(3, restricted.numel, dtype=torch.float64):
+            torch.testing.assert_close(product(v), generic(v), rtol=1e-10, atol=1e-12)
+    v = torch.randn(restricted.numel, dtype=torch.float64)
+    assert not torch.allclose(fast["hessian"](v), fast["gauss_newton"](v))  # the scores' own curvature counts
     torch.testing.assert_close(fast_gradient, restricted.loss_gradient(rows, len(rows), UnlearningContext()), rtol=1e-10, atol=1e-12)
 
 

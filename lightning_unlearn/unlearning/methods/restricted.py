@@ -129,9 +129,9 @@ class RestrictedParameters:
             curvature: ``"gauss_newton"`` (positive semi-definite; the L2 term exactly) or ``"hessian"``.
         """
         model, theta = self.model, self.values()
-        engine = self._dot_engine(rows, n, context) if curvature == "gauss_newton" else None
+        engine = self._dot_engine(rows, n, context)
         if engine is not None:
-            return _DotProductGaussNewton(self, engine, n)
+            return _DotProductCurvature(self, engine, n, exact=curvature == "hessian")
         batch = context.shard(rows)[:]
         if "dense" in self.groups:  # the dense weights' own penalty, counted once (not per rank)
             dense = hessian_matvec(lambda ps: self.call(ps, model.dense_penalty), theta)
@@ -228,18 +228,22 @@ class RestrictedParameters:
                 p.index_add_(0, rows, change)
 
 
-class _DotProductGaussNewton:
-    """The Gauss-Newton product ``J^T H_z J v / n + l2 * counts * v / n`` of a dot-product model (MF, LightGCN).
+class _DotProductCurvature:
+    """The curvature product ``H v / n`` of a dot-product model (MF, LightGCN), Gauss-Newton or exact.
 
     The generic product differentiates twice through every row's gathered vectors. Here the
-    scores are dot products, so a product is: the vectors' tangent ``J_E v`` (through the
-    propagation of a graph model, by autograd on the small tables), the rows' score tangents and
-    their pullback from :meth:`Engine.score` and :meth:`Engine.score_pullback` (one matrix
-    product per chunk of users on a small catalog), ``H_z`` elementwise on the scores, and the
-    pullback ``J_E^T`` to the tables. Scores and vectors are taken once, at construction.
+    scores are dot products, so a Gauss-Newton product is: the vectors' tangent ``J_E v``
+    (through the propagation of a graph model, by autograd on the small tables), the rows' score
+    tangents and their pullback from :meth:`Engine.score` and :meth:`Engine.score_pullback` (one
+    matrix product per chunk of users on a small catalog), ``H_z`` elementwise on the scores,
+    the pullback ``J_E^T`` to the tables, and ``l2 * counts * v``. The exact Hessian adds the
+    scores' own second derivative: ``z = <u, i>`` is bilinear, so that term is the pullback of
+    the loss's score gradient ``g_z`` with the tangents ``J_E v`` in place of the vectors (the
+    representations are linear in the tables, as MF's and LightGCN's are). Scores and vectors
+    are taken once, at construction.
     """
 
-    def __init__(self, restricted: RestrictedParameters, engine: Engine, n: int):
+    def __init__(self, restricted: RestrictedParameters, engine: Engine, n: int, exact: bool = False):
         model = restricted.model
         self.restricted, self.engine, self.n = restricted, engine, n
         self.leaves = [p.detach().clone().requires_grad_(True) for _, p, _ in restricted.parts]
@@ -254,7 +258,9 @@ class _DotProductGaussNewton:
         self.plain = tuple(v.detach() for v in self.vectors)
         self.batches = [batch for _, batch in engine.chunks(engine.local)]
         with torch.no_grad():
-            self.curvatures = [data_loss_curvature(engine.score(*self.plain, batch), model.loss_name) for batch in self.batches]
+            scores = [engine.score(*self.plain, batch) for batch in self.batches]
+        self.curvatures = [data_loss_curvature(z, model.loss_name) for z in scores]
+        self.slopes = [_score_gradient(z, model.loss_name) for z in scores] if exact else None
         self.penalty = [model.l2 * engine.counts(Side(model, group), ids, engine.local).to(self.plain[0].dtype).unsqueeze(1) / n
                         for group, (_, _, ids) in zip(restricted.groups, restricted.parts)]
 
@@ -270,8 +276,10 @@ class _DotProductGaussNewton:
         cotangents = (torch.zeros_like(self.plain[0]), torch.zeros_like(self.plain[1]))
         # the scores' tangent, <du, i> + <u, di>, as one product of the tables side by side
         users, items = torch.cat([moved[0], self.plain[0]], dim=1), torch.cat([self.plain[1], moved[1]], dim=1)
-        for batch, curvature in zip(self.batches, self.curvatures):
+        for k, (batch, curvature) in enumerate(zip(self.batches, self.curvatures)):
             self.engine.score_pullback(*self.plain, batch, curvature(self.engine.score(users, items, batch)), cotangents)
+            if self.slopes is not None:
+                self.engine.score_pullback(*moved, batch, self.slopes[k], cotangents)
         with torch.enable_grad():
             grads = torch.autograd.grad(self.live, self.leaves, [c for v, c in zip(self.vectors, cotangents) if v.requires_grad],
                                         retain_graph=True, allow_unused=True)
@@ -280,6 +288,13 @@ class _DotProductGaussNewton:
             data = torch.zeros(len(ids), leaf.shape[1], dtype=leaf.dtype, device=leaf.device) if grad is None else grad[ids]
             out.append(self.engine.context.reduce(data / self.n) + penalty * part.to(leaf.dtype))
         return flatten(out).to(v.dtype)
+
+
+def _score_gradient(z: Tensor, loss: str) -> Tensor:
+    """``d data_loss / dz`` for each row's scores ``(R, 1 + k)``."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        return torch.autograd.grad(data_loss(z, loss).sum(), z)[0]
 
 
 def _penalty(model: Recommender, batch: dict[str, Tensor]) -> Tensor:
