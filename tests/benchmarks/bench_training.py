@@ -124,7 +124,7 @@ def main() -> None:
             lightning.append(lightning_epoch(lightning_model, data))
             if isinstance(plain_model, LightGCN):
                 floor.append(propagation_epoch(plain_model, len(data.train_dataloader())))
-        epochs[name] = {"batch_size": data.batch_size, "batches": len(data.train_dataloader()),
+        epochs[name] = {"batch_size": data.hparams.batch_size, "batches": len(data.train_dataloader()),
                         "plain_median": statistics.median(plain), "lightning_median": statistics.median(lightning),
                         "plain": plain, "lightning": lightning,
                         "lightning_over_plain": statistics.median(lightning) / statistics.median(plain)}
