@@ -685,3 +685,9 @@ def test_cache_options_are_checked():
         IFRU(cache_budget_gb=0)
     with pytest.raises(ValueError, match="blocks"):
         IFRU(blocks="sometimes")
+
+
+def test_names_tell_apart_every_option_compare_may_list():
+    assert IFRU().name == "IFRU(k_hop=0)"
+    assert IFRU(curvature="hessian", gradient="retained").name == "IFRU(k_hop=0, curvature=hessian, gradient=retained)"
+    assert IFRU(solver="cg", k_hop=1).name == "IFRU(k_hop=1, solver=cg)"

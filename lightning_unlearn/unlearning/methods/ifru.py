@@ -119,6 +119,7 @@ class IFRU(SecondOrderUnlearner):
     @property
     def name(self) -> str:
         options = [f"k_hop={self.k_hop}"] + ([f"solver={self.solver}"] if self.solver != "auto" else [])
+        options += [f"curvature={self.curvature}"] if self.curvature != "gauss_newton" else []
         options += [f"gradient={self.gradient}"] if self.gradient != "influence" else []
         options += [f"blocks={self.blocks}"] if self.blocks != "auto" else []
         options += [f"cache_budget_gb={self.cache_budget_gb:g}"] if self.cache_budget_gb != 4.0 else []
@@ -176,7 +177,10 @@ class IFRU(SecondOrderUnlearner):
             delta, solve = _direct_solve(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, self.damping, self.direct_max)
         else:
             preconditioner = None if curvature is None else restricted.preconditioner(curvature, n, self.damping, retained)
-            delta, result = conjugate_gradient(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, damping=self.damping,
+            # CG's vectors in float64 (the products in the model's dtype): in float32 its recursion
+            # drifts from the true residual near 1e-6, the default tol
+            matvec = restricted.curvature_matvec(rows, n, context, self.curvature)
+            delta, result = conjugate_gradient(lambda v: matvec(v.to(rhs.dtype)).double(), rhs.double(), damping=self.damping,
                                                tol=self.tol, max_iter=self.max_iter, preconditioner=preconditioner)
             solve = result.as_dict()
         diagnostics["step_norm"] = float(torch.linalg.vector_norm(delta))
