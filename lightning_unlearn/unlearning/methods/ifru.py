@@ -129,9 +129,9 @@ class IFRU(SecondOrderUnlearner):
         """The block and CG solvers read the cached blocks (CG, and the graph solve, as its preconditioner).
 
         ``"direct"`` does not, nor ``"cg"`` on a graph model (unpreconditioned, to measure against).
-        On a graph model the blocks are those of the propagated vectors at the trained model: a
-        preconditioner, so that they go stale as the graph and the model change costs iterations,
-        never accuracy.
+        On a graph model the blocks are those of the propagated vectors at the trained model, used
+        as a preconditioner only: as the graph and the model change they go stale, which costs
+        iterations, never accuracy.
         """
         return self.solver != "direct" and not (is_graph(model) and self.solver == "cg") and self.keeps_cache(model)
 
@@ -148,10 +148,10 @@ class IFRU(SecondOrderUnlearner):
         solver, graph = "block" if self.solver == "auto" else self.solver, is_graph(model)
         scope = Scope.of(model, retained, deleted, hops=self.k_hop, keep_fraction=self.keep_fraction)
         restricted = RestrictedParameters(model, scope, self.include_dense)
-        # The block solver on MF/NeuMF needs no rows here. On a graph model it solves with products
-        # on the rows that touch the scope; "cg" and "direct" there take every row (the whole graph).
-        whole = solver == "block" if not graph else solver != "block"
-        rows = retained if whole else scope.rows(retained, model)
+        # The block solver on MF/NeuMF needs no rows here; on a graph model it takes the rows that
+        # touch the scope, as CG and "direct" do on MF/NeuMF. On a graph model those two take every row.
+        whole_graph = graph and solver != "block"
+        rows = retained if whole_graph or (solver == "block" and not graph) else scope.rows(retained, model)
         n = max(len(retained), 1)
         diagnostics: dict[str, Any] = {**scope.diagnostics(), "rows_used": len(rows), "coordinates": restricted.numel,
                                        "damping": self.damping, "solver": solver, "blocks": "fresh" if cache is None else "cached"}
