@@ -300,6 +300,19 @@ def test_dot_product_curvature_and_gradient_equal_autograd_through_every_row(cls
     torch.testing.assert_close(fast_gradient, restricted.loss_gradient(rows, len(rows), UnlearningContext()), rtol=1e-10, atol=1e-12)
 
 
+def test_graph_solve_with_fresh_blocks_gives_the_cached_step(graph_problem):
+    """The preconditioner only changes the iterations: from the cache or computed per request, one step."""
+    model, _, retained, deleted, _, _ = graph_problem
+    steps = {}
+    for blocks in ("auto", "fresh"):
+        unlearned = copy.deepcopy(model)
+        report = IFRU(damping=1e-3, tol=1e-12, max_iter=500, blocks=blocks).unlearn(unlearned, retained, deleted)
+        assert report.diagnostics["blocks"] == ("cached" if blocks == "auto" else "fresh")
+        steps[blocks] = (unlearned.user_embedding.weight - model.user_embedding.weight).detach()
+    torch.testing.assert_close(steps["fresh"], steps["auto"], rtol=1e-8, atol=1e-10)
+    assert float(steps["auto"].abs().max()) > 1e-3
+
+
 def test_graph_preconditioner_blocks_are_the_base_rows_curvature_through_the_propagation(graph_problem):
     """LightGCN's base-row blocks: c^2 x the propagated vectors' data blocks + the L2 of the base row,
     c = diag(I + A + A^2) / 3, the base row's weight in its own propagated vector (two layers)."""
