@@ -249,12 +249,13 @@ class _DotProductCurvature:
         self.leaves = [p.detach().clone().requires_grad_(True) for _, p, _ in restricted.parts]
         with torch.enable_grad():
             self.vectors = call_with(model, {name: leaf for (name, _, _), leaf in zip(restricted.parts, self.leaves)}, model.representations)
-            self.live = [v for v in self.vectors if v.requires_grad]  # (a frozen side's vectors are constants)
+            self.live = [i for i, v in enumerate(self.vectors) if v.requires_grad]  # (a frozen side's vectors are constants)
             # J_E v by the double-vjp trick: J_E^T u is linear in u, and its vjp with v is J_E v
-            self.dual = [torch.zeros_like(v, requires_grad=True) for v in self.live]
-            pulled = torch.autograd.grad(self.live, self.leaves, self.dual, create_graph=True, retain_graph=True, allow_unused=True)
-        self.pulled = [g for g in pulled if g is not None]
-        self.tangent_leaves = [leaf for leaf, g in zip(self.leaves, pulled) if g is not None]
+            self.dual = [torch.zeros_like(self.vectors[i], requires_grad=True) for i in self.live]
+            pulled = torch.autograd.grad([self.vectors[i] for i in self.live], self.leaves, self.dual, create_graph=True,
+                                         retain_graph=True, allow_unused=True)
+        self.reached = [k for k, g in enumerate(pulled) if g is not None]  # the leaves the live vectors depend on
+        self.pulled = [pulled[k] for k in self.reached]
         self.plain = tuple(v.detach() for v in self.vectors)
         self.batches = [batch for _, batch in engine.chunks(engine.local)]
         with torch.no_grad():
@@ -266,13 +267,15 @@ class _DotProductCurvature:
 
     def __call__(self, v: Tensor) -> Tensor:
         parts = unflatten(v, self.restricted.shapes)
-        tangents = {id(leaf): torch.zeros_like(leaf).index_copy_(0, ids, part.to(leaf.dtype))
-                    for leaf, (_, _, ids), part in zip(self.leaves, self.restricted.parts, parts)}
+        tangents = [torch.zeros_like(leaf).index_copy_(0, ids, part.to(leaf.dtype))
+                    for leaf, (_, _, ids), part in zip(self.leaves, self.restricted.parts, parts)]
         with torch.enable_grad():
-            moved = torch.autograd.grad(self.pulled, self.dual, [tangents[id(leaf)] for leaf in self.tangent_leaves],
-                                        retain_graph=True, allow_unused=True)
-        moved = iter(torch.zeros_like(d) if m is None else m for d, m in zip(self.dual, moved))
-        moved = [next(moved) if v.requires_grad else torch.zeros_like(p) for v, p in zip(self.vectors, self.plain)]
+            live_moves = torch.autograd.grad(self.pulled, self.dual, [tangents[k] for k in self.reached], retain_graph=True,
+                                             allow_unused=True)
+        moved = [torch.zeros_like(p) for p in self.plain]
+        for i, m in zip(self.live, live_moves):
+            if m is not None:
+                moved[i] = m
         cotangents = (torch.zeros_like(self.plain[0]), torch.zeros_like(self.plain[1]))
         # the scores' tangent, <du, i> + <u, di>, as one product of the tables side by side
         users, items = torch.cat([moved[0], self.plain[0]], dim=1), torch.cat([self.plain[1], moved[1]], dim=1)
@@ -281,7 +284,7 @@ class _DotProductCurvature:
             if self.slopes is not None:
                 self.engine.score_pullback(*moved, batch, self.slopes[k], cotangents)
         with torch.enable_grad():
-            grads = torch.autograd.grad(self.live, self.leaves, [c for v, c in zip(self.vectors, cotangents) if v.requires_grad],
+            grads = torch.autograd.grad([self.vectors[i] for i in self.live], self.leaves, [cotangents[i] for i in self.live],
                                         retain_graph=True, allow_unused=True)
         out = []
         for grad, leaf, (_, _, ids), part, penalty in zip(grads, self.leaves, self.restricted.parts, parts, self.penalty):
