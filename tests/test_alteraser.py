@@ -310,6 +310,28 @@ def test_every_model_descends_and_only_the_scope_moves(cls):
         assert not torch.equal(model.predict.weight, before.predict.weight) and report.diagnostics["dense_cg_iterations"] > 0
 
 
+def test_first_dense_step_from_the_touched_rows_is_the_full_pass_step(monkeypatch):
+    """At the trained model (anchored): the cached dense gradient minus the deleted rows', plus its change over the
+    rows touching the moved users and items, and the line search on the sample: with samples that hold every row,
+    the same step as the exact gradient and line search over every retained row."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=20, num_items=15, density=0.3, seed=1)
+    model = NeuMF(dm.num_users, dm.num_items, gmf_dim=4, mlp_dim=4, mlp_layers=(8,), l2=0.05).double()
+    lbfgs(list(model.parameters()), lambda: mean_objective(model, dm.train_rows()), rounds=1)
+    deleted = dm.remove(torch.tensor([0, 4, 8]))
+    retained = dm.train_rows()
+    full = copy.deepcopy(model)
+    before = copy.deepcopy(model.predict.weight)
+    report = AltEraser(dense_sample=len(retained)).unlearn(model, retained, deleted)
+    assert report.diagnostics["sampled_dense_steps"] == 1 and not torch.equal(model.predict.weight, before)
+    monkeypatch.setattr(alteraser._DenseStart, "take", classmethod(lambda cls, *args: None))  # the full passes
+    reference = AltEraser(dense_sample=len(retained)).unlearn(full, retained, deleted)
+    assert reference.diagnostics["sampled_dense_steps"] == 0
+    for got, want in zip(model.parameters(), full.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert report.diagnostics["objective"] == pytest.approx(reference.diagnostics["objective"], rel=1e-10)
+
+
 def test_frozen_dense_weights_stay_and_a_partly_frozen_side_is_refused():
     torch.manual_seed(0)
     dm = tiny(num_users=12, num_items=10, density=0.3, seed=1)

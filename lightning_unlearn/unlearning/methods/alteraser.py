@@ -105,10 +105,16 @@ class AltEraser(SecondOrderUnlearner):
             enough (Armijo); blocks that never do keep their row (counted as ``rejected``).
         max_backtracks: halvings tried before a block's step is rejected.
         dense_steps: damped Gauss-Newton-CG steps on the dense weights per round (NeuMF's MLP);
-            ``0`` keeps them fixed. The gradient is exact over every retained row; the
-            curvature products use ``dense_sample`` rows.
+            ``0`` keeps them fixed. The curvature products use ``dense_sample`` rows. The first
+            step of a request on the trained model (``objective="anchored"``) passes over no
+            more rows than that: its gradient is the cached one minus the deleted rows', plus
+            its change over a ``dense_sample`` of the retained rows that touch the moved users
+            and items (all of them when fewer; scaled to their number), and its line search
+            judges the objective on the curvature's sample. Later steps take the exact gradient
+            and line search over every retained row.
         dense_cg_iters: CG iterations per dense step.
-        dense_sample: rows (drawn once with the context's seed) for the dense curvature.
+        dense_sample: rows (drawn with the context's seed) for the dense curvature, and for the
+            first step's gradient change and line search.
         chunk_size: rows per vectorised pass (8192 keeps each pass's temporaries small enough
             to be reused by the allocator).
         cache_budget_gb: the most the cache of ``blocks="auto"`` holds, in GiB.
@@ -273,18 +279,22 @@ class AltEraser(SecondOrderUnlearner):
         ids = {"user_embedding": users if sides["user_embedding"].trainable else users[:0],
                "item_embedding": items if sides["item_embedding"].trainable else items[:0]}
         start_grads: dict[str, Tensor] = {}
+        dense = self._dense(model)
+        deleted_dense = None
         if first:  # the retained gradient and value at the trained model: every row's minus the deleted rows'
             start_grads, deleted_value = engine.deleted_part(context.shard(deleted), ids, sides)
             for name in start_grads:
                 start_grads[name] = (anchor.grads[name][ids[name]] if self.objective == "retained" else 0) - start_grads[name]
             engine.value = anchor.value - deleted_value
+            if dense and anchor.dense is not None:
+                deleted_dense = context.reduce(engine.dense_gradient(dense, context.shard(deleted)))
         scope.reset_orphans(model, context.seed)
         local = engine.local  # this process's share of the retained rows; every sum over rows is reduced
         if graph or self.scope == "all":
             rows = local
         else:
             rows = restrict(local, rows_touching(local, ids["user_embedding"], ids["item_embedding"], model.num_users, model.num_items))
-        dense = self._dense(model)
+        start = _DenseStart.take(engine, dense, deleted_dense, rows, self.dense_sample) if deleted_dense is not None else None
         if not first:
             engine.value = engine.sum_losses(local)
         history = [engine.objective()]
@@ -301,7 +311,8 @@ class AltEraser(SecondOrderUnlearner):
                     if self._side_step(engine, sides[name], ids[name], rows, cache, totals, known):
                         moved.add(name)
             for _ in range(self.dense_steps if dense else 0):
-                self._dense_step(engine, dense, totals, anchor if self.objective == "anchored" else None)
+                self._dense_step(engine, dense, totals, anchor if self.objective == "anchored" else None, start)
+                start = None  # the dense weights moved: every retained row's gradient changed
             history.append(engine.objective())
             if not math.isfinite(history[-1]):
                 raise FloatingPointError(f"the objective became {history[-1]} after round {len(history) - 1}")
@@ -420,10 +431,15 @@ class AltEraser(SecondOrderUnlearner):
         return torch.zeros(len(ids), dtype=step.dtype, device=step.device)
 
     # ------------------------------------------------------------------ the dense weights
-    def _dense_step(self, engine: Engine, params: list[Tensor], totals: _Totals, anchor: Anchor | None) -> None:
+    def _dense_step(self, engine: Engine, params: list[Tensor], totals: _Totals, anchor: Anchor | None,
+                    start: _DenseStart | None) -> None:
         model, n = engine.model, engine.n
         theta = [p.detach().clone() for p in params]
-        data, penalty_grad = engine.dense_parts(params, engine.local)
+        if start is not None:  # anchored, at the trained model's dense weights: no pass over every retained row
+            data, penalty_grad = start.data_gradient(engine, params, anchor.dense[0]), anchor.dense[1]
+            totals.sampled_dense_steps += 1
+        else:
+            data, penalty_grad = engine.dense_parts(params, engine.local)
         grad = data / n + penalty_grad
         linear = torch.zeros_like(grad)  # sum-scale linear term of the anchored objective
         if anchor is not None and anchor.dense is not None:
@@ -444,17 +460,50 @@ class AltEraser(SecondOrderUnlearner):
         totals.dense_cg_iterations += result.iterations
         slope = float(grad @ step)
         before = engine.objective()
+        base = engine.data_losses(sample) if start is not None else 0.0  # the sample stands for every retained row
         alpha = 1.0
         for _ in range(self.max_backtracks + 1 if self.line_search else 1):
             _assign(params, [t + alpha * s for t, s in zip(theta, unflatten(step.to(theta[0].dtype), [t.shape for t in theta]))])
             shift = float(linear @ (alpha * step))
-            value = engine.sum_losses(engine.local) - engine.offset - shift
+            if start is not None:
+                value = engine.value + n / len(sample) * (engine.data_losses(sample) - base) - shift
+            else:
+                value = engine.sum_losses(engine.local) - engine.offset - shift
             if not self.line_search or value / n + float(model.dense_penalty().detach()) - before <= _ARMIJO * alpha * slope:
                 engine.value, engine.offset = value, engine.offset + shift
                 return
             alpha *= 0.5
         _assign(params, theta)
         totals.rejected += 1
+
+
+@dataclass
+class _DenseStart:
+    """What the first dense step at the trained model needs, taken before the side steps move rows.
+
+    With the anchored objective the retained rows' dense data gradient at the trained model is
+    the cached one over every row minus the deleted rows'. The side steps change it only through
+    the retained rows that touch the moved users and items: that change is summed over a sample
+    of them (all of them when fewer than ``size``) and scaled to their number.
+    """
+
+    deleted: Tensor  # the deleted rows' dense data gradient at the trained model, summed over processes
+    sample: TrainRows  # this process's sample of the retained rows that touch the moved rows
+    scale: float  # touched rows per sampled row
+    before: Tensor  # the sample's dense data gradient before the side steps
+
+    @classmethod
+    def take(cls, engine: Engine, params: list[Tensor], deleted: Tensor, touched: TrainRows, size: int) -> _DenseStart:
+        sample = touched
+        if size < len(touched):
+            g = torch.Generator().manual_seed(engine.context.seed)
+            sample = touched.select(torch.randperm(len(touched), generator=g)[:size].to(touched.users.device))
+        return cls(deleted, sample, len(touched) / max(len(sample), 1), engine.dense_gradient(params, sample))
+
+    def data_gradient(self, engine: Engine, params: list[Tensor], every_row: Tensor) -> Tensor:
+        """The retained rows' dense data gradient now, from ``every_row``'s at the trained model."""
+        change = engine.context.reduce(self.scale * (engine.dense_gradient(params, self.sample) - self.before))
+        return every_row - self.deleted + change
 
 
 def _assign(params: list[Tensor], values: list[Tensor]) -> None:
@@ -474,6 +523,7 @@ class _Totals:
     rejected: int = 0
     refactored: int = 0
     dense_cg_iterations: int = 0
+    sampled_dense_steps: int = 0
 
     def add_solve(self, result: BlockSolveResult) -> None:
         self.num_blocks += result.num_blocks
@@ -484,4 +534,4 @@ class _Totals:
         return {"solved_blocks": self.num_blocks, "refactored_blocks": self.refactored, "damped_blocks": self.damped_blocks,
                 "max_damping": self.max_damping,
                 "backtracked_blocks": self.backtracked, "rejected_blocks": self.rejected,
-                "dense_cg_iterations": self.dense_cg_iterations}
+                "dense_cg_iterations": self.dense_cg_iterations, "sampled_dense_steps": self.sampled_dense_steps}

@@ -320,6 +320,13 @@ class Engine:
 
     def dense_parts(self, params: list[Tensor], rows: TrainRows) -> tuple[Tensor, Tensor]:
         """The dense weights' gradient of ``sum_{rows}`` data terms (summed over processes) and of ``dense_penalty`` (flat)."""
+        with torch.enable_grad():
+            penalty = torch.autograd.grad(self.model.dense_penalty(), params, allow_unused=True)
+        return self.context.reduce(self.dense_gradient(params, rows)), \
+            flatten([torch.zeros_like(p, dtype=torch.float64) if g is None else g.double() for p, g in zip(params, penalty)])
+
+    def dense_gradient(self, params: list[Tensor], rows: TrainRows) -> Tensor:
+        """The dense weights' gradient of ``sum_{rows}`` data terms, flat float64, of this process's ``rows`` only."""
         model = self.model
         total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         with torch.enable_grad():
@@ -329,9 +336,14 @@ class Engine:
                 for acc, g in zip(total, torch.autograd.grad(data_loss(z, model.loss_name).sum(), params, allow_unused=True)):
                     if g is not None:
                         acc += g.double()
-            penalty = torch.autograd.grad(model.dense_penalty(), params, allow_unused=True)
-        data = flatten([self.context.reduce(t) for t in total])
-        return data, flatten([torch.zeros_like(t) if g is None else g.double() for t, g in zip(total, penalty)])
+        return flatten(total)
+
+    @torch.no_grad()
+    def data_losses(self, rows: TrainRows) -> float:
+        """``sum_r`` data term over ``rows``, of this process only (no L2: for changes of the dense weights)."""
+        user_vectors, item_vectors = self.model.representations()
+        return sum((float(data_loss(self.score(user_vectors, item_vectors, batch), self.model.loss_name).double().sum())
+                    for _, batch in self.chunks(rows)), 0.0)
 
     def sample(self, size: int) -> TrainRows:
         """A fixed random subset of the retained rows (seeded by the context)."""
