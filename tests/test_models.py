@@ -157,6 +157,32 @@ def test_neumf_dense_penalty_and_chunked_scores():
     torch.testing.assert_close(model.full_scores(torch.arange(N_USERS)), full)
 
 
+def test_neumf_pretraining_trains_each_branch_on_its_own_loss(monkeypatch):
+    """Pre-training epochs: each branch scored alone (its half of the output layer, doubled, plus the bias)."""
+    from lightning_unlearn.losses import data_loss
+
+    model = make(NeuMF, loss="bce", dense_l2=0.5, pretrain_epochs=2)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    rows = batch()
+    slots = torch.cat([rows["items"].unsqueeze(1), rows["negatives"]], dim=1)
+    w, b = model.predict.weight[0], model.predict.bias[0]
+    gmf = (model.gmf_user.weight[rows["users"]].unsqueeze(1) * model.gmf_item.weight[slots]) @ w[:3]
+    mlp_in = torch.cat([model.mlp_user.weight[rows["users"]].unsqueeze(1).expand(-1, slots.shape[1], -1), model.mlp_item.weight[slots]], -1)
+    mlp = model.mlp(mlp_in) @ w[3:]
+    penalty = 0.5 * model.l2 * model.embedding_penalty(rows["users"], slots)
+    expected = (data_loss(2 * gmf + b, "bce") + data_loss(2 * mlp + b, "bce") + penalty).mean() + model.dense_penalty()
+    monkeypatch.setattr(NeuMF, "log", lambda *args, **kwargs: None)
+    torch.testing.assert_close(model.training_step(rows, 0), expected)
+    # the fused score is the alpha = 0.5 mix of the two branches' predictions
+    torch.testing.assert_close(model.row_scores(rows), 0.5 * ((2 * gmf + b) + (2 * mlp + b)))
+    monkeypatch.setattr(NeuMF, "current_epoch", property(lambda self: 2))  # past pre-training: the fused objective
+    torch.testing.assert_close(model.training_step(rows, 0), model.loss(rows) + model.dense_penalty())
+    assert model.fresh().pretrain_epochs == 2
+    with pytest.raises(ValueError, match="pretrain_epochs"):
+        NeuMF(3, 3, pretrain_epochs=-1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"loss": "hinge"}, "loss"), ({"optimizer": "lbfgs"}, "optimizer"), ({"l2": -1.0}, "l2"), ({"num_users": 0}, "num_users")],

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 
 __all__ = ["NeuMF"]
@@ -18,6 +19,14 @@ class NeuMF(Recommender):
     A user's vector is its GMF row and its MLP row concatenated (likewise for items). The dense
     weights (MLP and output layer) are regularised by ``dense_l2/2 * ||W||^2`` once per objective.
 
+    With ``pretrain_epochs`` the first epochs train the two branches side by side, each on its
+    own loss (the paper's pre-training, section 3.4.1): the GMF branch scores
+    ``2 w_gmf . (u_gmf * i_gmf) + b`` and the MLP branch ``2 w_mlp . h + b``, with the output
+    layer's two halves as their heads. When the fused model takes over, its score is then the
+    paper's ``alpha = 0.5`` mix of the two pre-trained predictions. Both phases read only the
+    training rows, so a retrain repeats them; the objective that unlearning works on
+    (:meth:`loss`) is always the fused one.
+
     Args:
         num_users: number of users.
         num_items: number of items.
@@ -26,7 +35,11 @@ class NeuMF(Recommender):
         mlp_layers: widths of the hidden MLP layers.
         init_std: standard deviation of the embeddings' normal initialisation.
         dense_l2: L2 weight on dense weights (default: the model's ``l2``).
+        pretrain_epochs: epochs at the start of training with the branches trained apart (0: none).
         **kwargs: :class:`~lightning_unlearn.models.base.Recommender` options.
+
+    Raises:
+        ValueError: on a negative ``pretrain_epochs`` (and the base class's checks).
 
     Example:
         >>> model = NeuMF(num_users=3, num_items=5, gmf_dim=4, mlp_dim=4, mlp_layers=(8, 4))
@@ -47,9 +60,13 @@ class NeuMF(Recommender):
         mlp_layers: Sequence[int] = (64, 32, 16),
         init_std: float = 0.1,
         dense_l2: float | None = None,
+        pretrain_epochs: int = 0,
         **kwargs,
     ):
         super().__init__(num_users, num_items, **kwargs)
+        if pretrain_epochs < 0:
+            raise ValueError(f"NeuMF(pretrain_epochs=...) must be >= 0, got {pretrain_epochs}.")
+        self.pretrain_epochs = pretrain_epochs
         self.gmf_dim, self.dense_l2 = gmf_dim, self.l2 if dense_l2 is None else dense_l2
         self.gmf_user, self.gmf_item = nn.Embedding(num_users, gmf_dim), nn.Embedding(num_items, gmf_dim)
         self.mlp_user, self.mlp_item = nn.Embedding(num_users, mlp_dim), nn.Embedding(num_items, mlp_dim)
@@ -65,11 +82,28 @@ class NeuMF(Recommender):
         return users, items
 
     def interact(self, user_vectors: Tensor, item_vectors: Tensor) -> Tensor:
+        gmf, mlp = self._branches(user_vectors, item_vectors)
+        return gmf + mlp + self.predict.bias[0]
+
+    def _branches(self, user_vectors: Tensor, item_vectors: Tensor) -> tuple[Tensor, Tensor]:
+        """Each branch's term of the output layer: ``w_gmf . (u_gmf * i_gmf)`` and ``w_mlp . h`` (no bias)."""
         shape = torch.broadcast_shapes(user_vectors.shape, item_vectors.shape)
         u, i = user_vectors.expand(shape), item_vectors.expand(shape)
-        g = self.gmf_dim
+        g, w = self.gmf_dim, self.predict.weight[0]
         hidden = self.mlp(torch.cat([u[..., g:], i[..., g:]], dim=-1))
-        return self.predict(torch.cat([u[..., :g] * i[..., :g], hidden], dim=-1)).squeeze(-1)
+        return (u[..., :g] * i[..., :g]) @ w[:g], hidden @ w[g:]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.current_epoch >= self.pretrain_epochs:
+            return super().training_step(batch, batch_idx)
+        user_vectors, item_vectors = self.representations()
+        gmf, mlp = self._branches(user_vectors[batch["users"]].unsqueeze(1), item_vectors[item_slots(batch)])
+        bias = self.predict.bias[0]
+        data = data_loss(2 * gmf + bias, self.loss_name) + data_loss(2 * mlp + bias, self.loss_name)
+        penalty = 0.5 * self.l2 * self.embedding_penalty(batch["users"], item_slots(batch))
+        loss = (data + penalty).mean() + self.dense_penalty()
+        self.log("train/pretrain_loss", loss, prog_bar=True, batch_size=len(batch["users"]))
+        return loss
 
     def full_scores(self, users: Tensor, representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``(len(users), num_items)`` scores, with each user's and item's part computed once.
