@@ -564,7 +564,7 @@ def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
     IFRU(damping=1e-4, solver=solver, tol=1e-13).unlearn(cached, retained, deleted)
     method = IFRU(damping=1e-4, solver=solver, tol=1e-13, blocks="fresh")
     report = method.unlearn(fresh, retained, deleted)
-    assert report.precompute_seconds == 0 and not method.cache.holds(model) and method.name == f"IFRU(k_hop=0, solver={solver}, blocks=fresh)"
+    assert report.precompute_seconds == 0 and not method.cache.holds(model) and method.name == f"IFRU(k_hop=0, solver={solver}, blocks=fresh, damping=0.0001, tol=1e-13)"
     for a, b in zip(fresh.parameters(), cached.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert any(not torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
@@ -688,3 +688,5 @@ def test_names_tell_apart_every_option_compare_may_list():
     assert IFRU().name == "IFRU(k_hop=0)"
     assert IFRU(curvature="hessian", gradient="retained").name == "IFRU(k_hop=0, curvature=hessian, gradient=retained)"
     assert IFRU(solver="cg", k_hop=1).name == "IFRU(k_hop=1, solver=cg)"
+    assert IFRU(damping=1e-6, keep_fraction=0.5).name == "IFRU(k_hop=0, damping=1e-06, keep_fraction=0.5)"
+    assert IFRU(include_dense=False, tol=1e-8, max_iter=50).name == "IFRU(k_hop=0, include_dense=False, tol=1e-08, max_iter=50)"

@@ -13,6 +13,7 @@ retained row are reset to the initialisation a retrain from the original's seed 
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ __all__ = ["IFRU"]
 _SOLVERS = ("auto", "cg", "block", "direct")
 _CURVATURES = ("gauss_newton", "hessian")
 _GRADIENTS = ("influence", "retained")
+_TUNING = ("damping", "keep_fraction", "include_dense", "tol", "max_iter")  # named when not the default
 
 
 class IFRU(SecondOrderUnlearner):
@@ -81,8 +83,8 @@ class IFRU(SecondOrderUnlearner):
         ValueError: on a non-positive or infinite damping, or an unknown option.
 
     Example:
-        >>> IFRU(damping=1e-3).name
-        'IFRU(k_hop=0)'
+        >>> IFRU(damping=1e-3).name  # every option that differs from its default is named
+        'IFRU(k_hop=0, damping=0.001)'
     """
 
     hint = "more damping (e.g. 10x), or gradient='influence' if the model was not trained to a stationary point"
@@ -123,6 +125,8 @@ class IFRU(SecondOrderUnlearner):
         options += [f"gradient={self.gradient}"] if self.gradient != "influence" else []
         options += [f"blocks={self.blocks}"] if self.blocks != "auto" else []
         options += [f"cache_budget_gb={self.cache_budget_gb:g}"] if self.cache_budget_gb != 4.0 else []
+        defaults = inspect.signature(IFRU.__init__).parameters
+        options += [f"{key}={getattr(self, key)!r}" for key in _TUNING if getattr(self, key) != defaults[key].default]
         return f"IFRU({', '.join(options)})"
 
     def uses_cache(self, model: Recommender) -> bool:
