@@ -493,6 +493,21 @@ def test_cached_solve_is_exact_for_few_and_for_most_blocks(count):
     assert torch.equal(blocks.items, before)  # the cache is read, not damped in place
 
 
+def test_a_shared_cache_is_preconditioned_for_the_damping_of_the_method_that_reads_it():
+    """Inverses kept for another damping would precondition the block solve poorly (every block refactored, timed)."""
+    dm, model = mf_30x25()
+    rows = dm.train_rows()
+    first, second = IFRU(damping=1e-4), IFRU(damping=1e-2)
+    first.prepare(model, rows)
+    sides, n = ("users", "items"), len(rows)
+    assert all(first.cache.preconditioned(side, 1e-4 * n) and not first.cache.preconditioned(side, 1e-2 * n) for side in sides)
+    assert second.share(first.cache, model, rows) is not None
+    assert all(second.cache.preconditioned(side, 1e-2 * n) for side in sides)
+    deleted, retained = dm.remove(torch.tensor([1, 10, 50])), dm.train_rows()
+    report = second.unlearn(model, retained, deleted)
+    assert report.diagnostics["solver/refactored_blocks"] == 0
+
+
 def mf_30x25():
     """A random double-precision MF (d=4) on 30 users x 25 items of synthetic data, and its datamodule."""
     torch.manual_seed(0)

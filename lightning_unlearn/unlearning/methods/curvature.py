@@ -9,6 +9,7 @@ plus ``l2`` per occurrence of the row in the L2 term. Blocks are sums over rows 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -437,14 +438,19 @@ class CurvatureCache:
             damping[rest], refactored = result.block_damping, refactored + len(rest)
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored, iterations
 
-    def preconditioned(self, side: str) -> bool:
-        """Whether :meth:`precondition` has kept inverses for ``side`` (``"users"`` or ``"items"``)."""
-        return side in self._inverses
+    def preconditioned(self, side: str, shift: float) -> bool:
+        """Whether :meth:`precondition` has kept inverses for ``side`` (``"users"`` or ``"items"``) damped by ``shift``.
+
+        Inverses kept for another shift (another method's damping, on a shared cache) would
+        precondition :meth:`solve` poorly: its CG would stop unconverged and refactor every block.
+        """
+        store = self._inverses.get(side)
+        return store is not None and math.isclose(store.shift, shift, rel_tol=1e-12)
 
     def precondition(self, side: str, shift: float) -> None:
         """Factorise every held block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from."""
         blocks = self._tables[side].blocks
-        store = self._inverses[side] = _Inverses.empty(blocks)
+        store = self._inverses[side] = _Inverses.empty(blocks, shift)
         for at in _chunks(torch.arange(len(blocks), device=blocks.device), blocks):
             factors, result = factor_blocks(blocks[at].double(), damping=shift)
             store.keep(at, factors, result.failed_mask)
@@ -693,10 +699,12 @@ class _Inverses:
 
     inverse: Tensor  # (n, d, d) float32: a preconditioner needs no more, and reading it costs half
     valid: Tensor  # (n,) bool
+    shift: float  # the damping of the blocks inverted by precondition (nan: none)
 
     @classmethod
-    def empty(cls, blocks: Tensor) -> _Inverses:
-        return cls(torch.empty_like(blocks, dtype=torch.float32), torch.zeros(blocks.shape[0], dtype=torch.bool, device=blocks.device))
+    def empty(cls, blocks: Tensor, shift: float = float("nan")) -> _Inverses:
+        return cls(torch.empty_like(blocks, dtype=torch.float32), torch.zeros(blocks.shape[0], dtype=torch.bool, device=blocks.device),
+                   shift)
 
     def keep(self, ids: Tensor, factors: Tensor, failed: Tensor) -> None:
         """Store the inverses of the factored blocks ``ids`` (lower Cholesky ``factors``), except failed ones."""

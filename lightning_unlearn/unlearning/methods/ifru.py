@@ -143,8 +143,9 @@ class IFRU(SecondOrderUnlearner):
         """The block solver's requests start from the inverses of every damped block, computed here once."""
         if self.solver in ("auto", "block") and not is_graph(model):
             for side in ("users", "items"):
-                if not self.cache.preconditioned(side):  # a cache shared by another IFRU may have them
-                    self.cache.precondition(side, self.damping * len(rows))
+                shift = self.damping * len(rows)
+                if not self.cache.preconditioned(side, shift):  # a cache shared by an IFRU of the same damping has them
+                    self.cache.precondition(side, shift)
 
     def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
