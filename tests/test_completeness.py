@@ -574,7 +574,7 @@ def test_score_distance_generic_path_matches_dense_reference(chunk_size):
     models = []
     for seed in range(3):
         torch.manual_seed(seed)
-        models.append(NeuMF(7, 9, gmf_dim=3, mlp_dim=2, mlp_layers=(4, 2)))
+        models.append(NeuMF(7, 9, gmf_dim=3, mlp_dim=2, mlp_layers=(4, 2)).double())  # float32 rounding differs by path
     users = torch.tensor([0, 2, 2, 6, 5, 1])
     expected = dense_score_distance(*models, users)
     assert score_distance_rel(*models, users, chunk_size=chunk_size) == pytest.approx(expected, rel=1e-12)
