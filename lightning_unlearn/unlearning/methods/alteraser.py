@@ -494,10 +494,7 @@ class _DenseStart:
 
     @classmethod
     def take(cls, engine: Engine, params: list[Tensor], deleted: Tensor, touched: TrainRows, size: int) -> _DenseStart:
-        sample = touched
-        if size < len(touched):
-            g = torch.Generator().manual_seed(engine.context.seed)
-            sample = touched.select(torch.randperm(len(touched), generator=g)[:size].to(touched.users.device))
+        sample = engine.sample(size, touched)
         return cls(deleted, sample, len(touched) / max(len(sample), 1), engine.dense_gradient(params, sample))
 
     def data_gradient(self, engine: Engine, params: list[Tensor], every_row: Tensor) -> Tensor:

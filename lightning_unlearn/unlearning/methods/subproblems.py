@@ -345,12 +345,13 @@ class Engine:
         return sum((float(data_loss(self.score(user_vectors, item_vectors, batch), self.model.loss_name).double().sum())
                     for _, batch in self.chunks(rows)), 0.0)
 
-    def sample(self, size: int) -> TrainRows:
-        """A fixed random subset of the retained rows (seeded by the context)."""
-        if size >= len(self.retained):
-            return self.retained
+    def sample(self, size: int, rows: TrainRows | None = None) -> TrainRows:
+        """A fixed random subset of ``rows`` (default: the retained rows), seeded by the context."""
+        rows = self.retained if rows is None else rows
+        if size >= len(rows):
+            return rows
         g = torch.Generator().manual_seed(self.context.seed)
-        return self.retained.select(torch.randperm(len(self.retained), generator=g)[:size].to(self.retained.users.device))
+        return rows.select(torch.randperm(len(rows), generator=g)[:size].to(rows.users.device))
 
 
 def _scores_are_dot_products(model: Recommender) -> bool:
