@@ -634,8 +634,9 @@ def test_auto_blocks_past_the_budget_give_the_full_cache_step(fraction):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("saved", [False, True])
 @pytest.mark.parametrize("budget", [None, 0.5])
-def test_rollback_undoes_a_request_on_the_cache(budget):
+def test_rollback_undoes_a_request_on_the_cache(budget, saved):
     """mark(), a request's downdate and lookups that evict blocks, rollback(): the blocks, slots and parameters are as built."""
     dm, model = mf_30x25()
     cache = CurvatureCache(None if budget is None else budget * cache_bytes(model))
@@ -643,7 +644,12 @@ def test_rollback_undoes_a_request_on_the_cache(budget):
     built = {side: (cache.held(side).clone(), getattr(cache.blocks, side).clone()) for side in ("users", "items")}
     cache.mark()
     deleted = dm.remove(torch.tensor([0, 3, 40, 77]))
+    if saved:  # compare keeps the touched blocks before it times the request: the downdate records nothing more
+        cache.save(deleted)
+        records = len(cache._undo)
     cache.downdate(model, dm.train_rows(), deleted)
+    if saved:
+        assert len(cache._undo) == records
     for side, size in (("users", dm.num_users), ("items", dm.num_items)):
         cache.block(side, torch.randperm(size))
     trained = copy.deepcopy(model)
@@ -657,6 +663,8 @@ def test_rollback_undoes_a_request_on_the_cache(budget):
     assert cache.holds(trained) and cache.marked
     with pytest.raises(RuntimeError, match="not marked"):
         CurvatureCache().rollback()
+    with pytest.raises(RuntimeError, match="not marked"):
+        CurvatureCache().save(deleted)
 
 
 def test_a_request_fingerprints_the_model_once_per_state_and_sees_in_place_changes(monkeypatch):

@@ -144,6 +144,7 @@ def compare(
                 shared = curvature.take(method, unlearned, every_row)  # not timed, as prepare
                 precompute = method.prepare(unlearned, every_row, context)  # once per trained model, not timed
                 curvature.offer(method, unlearned)
+                curvature.save(method, deleted.to(device))  # not timed: the copy rollback needs is the comparison's cost
                 report = method.unlearn(unlearned, retained, deleted, context)
         except Exception as err:  # a failed method is reported; KeyboardInterrupt and the like still stop compare
             curvature.release(method)
@@ -339,6 +340,11 @@ class _SharedCurvature:
         if self.cache is None and isinstance(method, SecondOrderUnlearner) and method.uses_cache(model) and method.cache.holds(model):
             self.cache = method.cache
             self.cache.mark()
+
+    def save(self, method: Unlearner, deleted: TrainRows) -> None:
+        """Before ``method``'s request on the shared cache: keep the blocks ``deleted`` touches for the rollback."""
+        if self.cache is not None and isinstance(method, SecondOrderUnlearner) and method.cache is self.cache:
+            self.cache.save(deleted)
 
     def release(self, method: Unlearner) -> None:
         """After ``method``'s request: undo its changes of the shared cache, or drop its own cache."""

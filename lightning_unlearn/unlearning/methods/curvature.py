@@ -104,9 +104,10 @@ def _add_curvature(model: Recommender, vectors: tuple[Tensor, Tensor], rows: Tra
 
 
 def _add_diagonal(out: Tensor, index: Tensor, value: float) -> None:
-    keep = index >= 0
+    """``out[b] += value * I`` once per occurrence of ``b`` in ``index`` (``-1``: skipped); one write per distinct block."""
+    blocks, counts = torch.unique(index[index >= 0], return_counts=True)
     diagonal = torch.diagonal(out, dim1=1, dim2=2)  # a view: index_add_ writes through
-    diagonal.index_add_(0, index[keep], torch.full((int(keep.sum()), out.shape[-1]), value, dtype=out.dtype, device=out.device))
+    diagonal.index_add_(0, blocks, (counts.to(out.dtype) * value).unsqueeze(1).expand(-1, out.shape[-1]))
 
 
 def _slots(ids: Tensor | None, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -277,9 +278,7 @@ class CurvatureCache:
         users, items = self._tables["users"], self._tables["items"]
         self._source, self.hits, self.misses = FreshCurvature(model, retained, context), 0, 0
         if self._undo is not None:
-            for side, touched in (("users", deleted.users), ("items", deleted.all_items())):
-                slots = self._tables[side].slot[torch.unique(touched)]
-                self._record(side, slots[slots >= 0], replaced=False)
+            self._record_touched(deleted)
         if context.world_size == 1:  # subtract in place, no copies
             # users left without rows (a deleted user) have an empty block: zero it rather than subtract every row
             user_slot = users.slot.clone()
@@ -464,6 +463,20 @@ class CurvatureCache:
         as they were (those the deletion touches, and those evicted).
         """
         self._undo, self._marked = [], self._fingerprint
+        self._saved = {side: torch.zeros(len(table.ids), dtype=torch.bool, device=table.ids.device) for side, table in self._tables.items()}
+
+    def save(self, rows: TrainRows) -> None:
+        """Since :meth:`mark`: record now the blocks ``rows`` touch, so that a request's :meth:`downdate` by them records nothing.
+
+        ``compare`` calls it before it times a request: copying the touched blocks for
+        :meth:`rollback` is the comparison's cost, not the method's.
+
+        Raises:
+            RuntimeError: the cache was not marked (or was cleared since).
+        """
+        if self._undo is None:
+            raise RuntimeError("the curvature cache was not marked: mark() it before saving blocks for rollback().")
+        self._record_touched(rows)
 
     @property
     def marked(self) -> bool:
@@ -488,6 +501,18 @@ class CurvatureCache:
                         store.forget(slots)
             table.blocks[slots] = blocks
         self._fingerprint, self._undo = self._marked, []
+        for saved in self._saved.values():
+            saved.zero_()
+
+    def _record_touched(self, rows: TrainRows) -> None:
+        """Record the held blocks ``rows`` touch, those not recorded since :meth:`mark` (rollback restores a slot's first record last)."""
+        for side, touched in (("users", rows.users), ("items", rows.all_items())):
+            slots = self._tables[side].slot[torch.unique(touched)]
+            slots = slots[slots >= 0]
+            slots = slots[~self._saved[side][slots]]
+            if len(slots):
+                self._saved[side][slots] = True
+                self._record(side, slots, replaced=False)
 
     def _record(self, side: str, slots: Tensor, replaced: bool) -> None:
         table = self._tables[side]
@@ -508,6 +533,7 @@ class CurvatureCache:
         self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
         self._undo: list | None = None  # since mark(): (side, slots, blocks, ids, replaced) as they were, per change
         self._marked: Tensor | None = None  # the fingerprint at mark()
+        self._saved: dict[str, Tensor] = {}  # per side, since mark(): the slots whose blocks are recorded as they were then
 
     def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
         """The slots of ``ids``, after computing the blocks not held and taking the least recently used slots for them.
