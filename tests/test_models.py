@@ -136,16 +136,21 @@ def test_lightgcn_without_graph_and_wrong_graph():
 
 
 @pytest.mark.parametrize("layers", [(), (5,), (6, 3)])
-def test_neumf_full_scores_split_the_first_layer_exactly(layers):
-    """full_scores computes each side's half of the first MLP layer once; it must equal interact on every pair."""
+def test_neumf_scores_split_the_first_layer_exactly(layers):
+    """interact and full_scores take each side's half of the first MLP layer apart; both must equal the paper's
+    network, the MLP over the concatenated embeddings, on every pair."""
     torch.manual_seed(0)
     model = NeuMF(N_USERS, N_ITEMS, gmf_dim=3, mlp_dim=4, mlp_layers=layers).double()
     for p in model.parameters():
         torch.nn.init.normal_(p)  # non-zero biases and large weights: every term counts
     users = torch.arange(N_USERS)
     user_vectors, item_vectors = (2.0 * v for v in model.representations())  # scores from given vectors too
+    u, i = user_vectors.unsqueeze(1).expand(-1, N_ITEMS, -1), item_vectors.unsqueeze(0).expand(N_USERS, -1, -1)
+    fused = torch.cat([u[..., :3] * i[..., :3], model.mlp(torch.cat([u[..., 3:], i[..., 3:]], dim=-1))], dim=-1)
+    paper = model.predict(fused).squeeze(-1)
     pairs = model.interact(user_vectors[users].unsqueeze(1), item_vectors.unsqueeze(0))
-    torch.testing.assert_close(model.full_scores(users, (user_vectors, item_vectors)), pairs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pairs, paper, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.full_scores(users, (user_vectors, item_vectors)), paper, rtol=1e-12, atol=1e-12)
 
 
 def test_neumf_dense_penalty_and_chunked_scores():

@@ -86,12 +86,21 @@ class NeuMF(Recommender):
         return gmf + mlp + self.predict.bias[0]
 
     def _branches(self, user_vectors: Tensor, item_vectors: Tensor) -> tuple[Tensor, Tensor]:
-        """Each branch's term of the output layer: ``w_gmf . (u_gmf * i_gmf)`` and ``w_mlp . h`` (no bias)."""
-        shape = torch.broadcast_shapes(user_vectors.shape, item_vectors.shape)
-        u, i = user_vectors.expand(shape), item_vectors.expand(shape)
+        """Each branch's term of the output layer: ``w_gmf . (u_gmf * i_gmf)`` and ``w_mlp . h`` (no bias).
+
+        The first MLP layer's input ``[u_mlp, i_mlp]`` is not formed: its output is
+        ``A u_mlp + B i_mlp + b``, each half taken at its own shape before they broadcast, so a
+        row's user half is computed once for its positive and negatives.
+        """
         g, w = self.gmf_dim, self.predict.weight[0]
-        hidden = self.mlp(torch.cat([u[..., g:], i[..., g:]], dim=-1))
-        return (u[..., :g] * i[..., :g]) @ w[:g], hidden @ w[g:]
+        gmf = (user_vectors[..., :g] * item_vectors[..., :g]) @ w[:g]
+        u, i = user_vectors[..., g:], item_vectors[..., g:]
+        if not len(self.mlp):  # no hidden layer: the output layer reads the embeddings themselves
+            return gmf, u @ w[g:g + u.shape[-1]] + i @ w[g + u.shape[-1]:]
+        first = self.mlp[0]
+        user_part, item_part = first.weight.split([u.shape[-1], i.shape[-1]], dim=1)
+        hidden = self.mlp[1:](torch.relu(u @ user_part.T + torch.nn.functional.linear(i, item_part, first.bias)))
+        return gmf, hidden @ w[g:]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.current_epoch >= self.pretrain_epochs:
