@@ -146,6 +146,7 @@ class UnlearningTrainer(pl.Trainer):
         out: str | None = None,
         k: int = 20,
         resume: bool = False,
+        repeats: int = 1,
     ) -> dict[str, Any]:
         """Train (or load) the original, delete, run every method, print and write the comparison.
 
@@ -164,6 +165,8 @@ class UnlearningTrainer(pl.Trainer):
                 measured from the same data, deletion, original parameters, seed and methods (else
                 an error); give ``ckpt_path`` so the original is the same one. See
                 :func:`~lightning_unlearn.unlearning.compare.compare`.
+            repeats: time each method's request this many times from the same prepared state and
+                report the median (every run in its ``diagnostics.seconds_runs``); the retrains run once.
 
         Every method's figures are logged as ``compare/<method>/<metric>``; a ``WandbLogger``
         also gets the comparison as a ``wandb.Table`` with native charts (utility and
@@ -194,7 +197,7 @@ class UnlearningTrainer(pl.Trainer):
         folder = out or self._run_dir()
         result = compare(model, datamodule, methods, deletion, FitRecipe.from_trainer(self), seed=seed,
                          fit_seconds=fit_seconds, device=self.strategy.root_device, k=k, loggers=self.loggers,
-                         out=folder, resume=resume)
+                         out=folder, resume=resume, repeats=repeats)
         json_path, _ = write_outputs(result, folder)
         print(format_table(result))
         failed = [m["name"] for m in result["methods"] if m.get("status", "ok") != "ok"]

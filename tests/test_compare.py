@@ -218,11 +218,11 @@ def small_compare():
     model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
     recipe(model, dm)
 
-    def run(methods, out, resume=False, lines=None):
+    def run(methods, out, resume=False, lines=None, repeats=1):
         fresh = make()
         fresh.setup()
         return compare(model, fresh, methods, DeletionSpec(fraction=0.05), recipe, out=out, resume=resume,
-                       progress=(lines.append if lines is not None else lambda _: None))
+                       progress=(lines.append if lines is not None else lambda _: None), repeats=repeats)
 
     return run
 
@@ -314,3 +314,25 @@ def test_compare_reports_sampled_utility_under_its_marker(tmp_path):
     for utility in (result["original"]["utility"], result["methods"][0]["utility"]):
         assert set(utility) == {"sampled/recall@20", "sampled/ndcg@20", "sampled/hit@20", "sampled/auc", "sampled/candidates"}
         assert utility["sampled/candidates"] == 5 and 0 <= utility["sampled/recall@20"] <= 1
+
+
+def test_repeated_requests_report_the_median_and_the_first_runs_figures(small_compare, tmp_path):
+    """With repeats=3 every method but the retrains runs three times from its prepared state: the shared cache and a
+    method's own cache (another budget) are rolled back between runs, so each method's model, and the next
+    method's, equal those of a single run."""
+    methods = [Retrain(), IFRU(damping=1e-4), AltEraser(), IFRU(damping=1e-4, cache_budget_gb=1e-6), Nudge("n", [])]
+    lines: list = []
+    repeated = small_compare(methods, tmp_path / "repeated", repeats=3, lines=lines)
+    once = small_compare([Retrain(), IFRU(damping=1e-4), AltEraser(), IFRU(damping=1e-4, cache_budget_gb=1e-6), Nudge("m", [])],
+                         tmp_path / "once")
+    assert "seconds_runs" not in repeated["methods"][0]["diagnostics"]  # the reference retrain runs once
+    for entry, single in zip(repeated["methods"][1:], once["methods"][1:]):
+        seconds = entry["diagnostics"]["seconds_runs"]
+        assert len(seconds) == 3 and entry["seconds"] == sorted(seconds)[1], entry["name"]
+        assert "seconds_runs" not in single["diagnostics"]
+        for key in ("utility", "completeness"):
+            for metric, value in entry[key].items():
+                assert value == pytest.approx(single[key][metric], rel=1e-6, abs=1e-9, nan_ok=True), (entry["name"], metric)
+    assert sum("(median of " in line for line in lines) == 4
+    with pytest.raises(ValueError, match="repeats"):
+        small_compare([Retrain()], tmp_path / "bad", repeats=0)

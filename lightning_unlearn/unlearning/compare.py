@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +24,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.memory import PeakMemory
-from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
@@ -50,6 +51,7 @@ def compare(
     loggers: Sequence[Logger] = (),
     out: str | Path | None = None,
     resume: bool = False,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Delete once, then run every method on a copy of the same trained model.
 
@@ -88,18 +90,25 @@ def compare(
             fingerprint, the seed and the methods' names): those methods
             are not run again (their seconds are the measured ones, their weights are loaded for
             the completeness figures); failed or unfinished methods run again.
+        repeats: time each method's request this many times, each from the same prepared state
+            (a copy of the original, and of the method sharing its curvature cache, which is rolled
+            back after each), and report the median as ``seconds`` (every run in ``seconds_runs``).
+            The figures are those of the first run. ``Retrain`` and its other seeds run once: a
+            retrain takes minutes, and its seconds vary less than a short request's on a shared machine.
 
     Returns:
         The ``compare.json`` document (see the ``compare`` command); a failed method's entry is
         ``{"name", "status": "failed", "error"}``, a measured one has ``status: "ok"``.
 
     Raises:
-        ValueError: two methods share a name, or ``resume`` finds partial results of another
-            configuration (remove them or choose another ``out``).
+        ValueError: two methods share a name, ``repeats`` is not an integer >= 1, or ``resume``
+            finds partial results of another configuration (remove them or choose another ``out``).
         InvalidDeletionRequest: the deletion selects nothing that is in the training split.
         UnlearningError: the ``Retrain`` reference failed (a failure of any other method is
             reported in its entry and compare goes on with the next one).
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"compare(repeats=...) must be an integer >= 1, got {repeats!r}.")
     device = device or model.device
     datamodule.setup()
     original = copy.deepcopy(model).eval()
@@ -144,8 +153,8 @@ def compare(
                 shared = curvature.take(method, unlearned, every_row)  # not timed, as prepare
                 precompute = method.prepare(unlearned, every_row, context)  # once per trained model, not timed
                 curvature.offer(method, unlearned)
-                curvature.save(method, deleted.to(device))  # not timed: the copy rollback needs is the comparison's cost
-                report = method.unlearn(unlearned, retained, deleted, context)
+                runs = 1 if isinstance(method, Retrain) else repeats
+                report, seconds = curvature.requests(method, original, unlearned, retained, deleted.to(device), context, runs)
         except Exception as err:  # a failed method is reported; KeyboardInterrupt and the like still stop compare
             curvature.release(method)
             entries.append({"name": method.name, "status": "failed", "error": f"{type(err).__name__}: {err}"})
@@ -158,17 +167,19 @@ def compare(
         curvature.release(method)
         unlearned.eval()
         models[method.name] = unlearned
-        entries.append({"name": method.name, "status": "ok", "seconds": report.seconds,
+        entries.append({"name": method.name, "status": "ok", "seconds": statistics.median(seconds),
                         "precompute_seconds": report.precompute_seconds + precompute + (shared or 0.0), **peak.as_dict(),
-                        "diagnostics": {**report.diagnostics, **({"cache": "shared"} if shared is not None else {})},
+                        "diagnostics": {**report.diagnostics, **({"cache": "shared"} if shared is not None else {}),
+                                        **({"seconds_runs": seconds} if len(seconds) > 1 else {})},
                         "utility": _utility(unlearned, datamodule)})
         if partial is not None:
             partial.save_model(method.name, unlearned)
             partial.write(entries)
         detail = progress_detail(report.diagnostics)
-        progress(f"{step}: done in {report.seconds:.2f} s{f' ({detail})' if detail else ''}, "
+        runs = f" (median of {', '.join(f'{t:.2f}' for t in seconds)})" if len(seconds) > 1 else ""
+        progress(f"{step}: done in {entries[-1]['seconds']:.2f} s{runs}{f' ({detail})' if detail else ''}, "
                  f"recall@20 {entries[-1]['utility'].get('recall@20', float('nan')):.4f}")
-        log_method_result(loggers, {"name": method.name, "seconds": report.seconds,
+        log_method_result(loggers, {"name": method.name, "seconds": entries[-1]["seconds"],
                                     "precompute_seconds": entries[-1]["precompute_seconds"], "utility": entries[-1]["utility"]},
                           step=index)
 
@@ -341,10 +352,28 @@ class _SharedCurvature:
             self.cache = method.cache
             self.cache.mark()
 
-    def save(self, method: Unlearner, deleted: TrainRows) -> None:
-        """Before ``method``'s request on the shared cache: keep the blocks ``deleted`` touches for the rollback."""
-        if self.cache is not None and isinstance(method, SecondOrderUnlearner) and method.cache is self.cache:
-            self.cache.save(deleted)
+    def requests(self, method: Unlearner, original: Recommender, model: Recommender, retained: TrainRows, deleted: TrainRows,
+                 context: UnlearningContext, runs: int) -> tuple[UnlearningReport, list[float]]:
+        """``method``'s request on ``model`` (prepared), then ``runs - 1`` more, each from that prepared state; the first's report, every run's seconds.
+
+        The copy of the blocks the request changes, which the rollback needs, is taken before
+        each run and not timed: it is the comparison's cost. A later run takes a copy of
+        ``original`` and of the method as it was prepared (its cache not copied but rolled back).
+        """
+        cache = method.cache if isinstance(method, SecondOrderUnlearner) and method.cache.holds(model) else None
+        if cache is not None and runs > 1 and not cache.marked:
+            cache.mark()  # the method's own cache (another budget than the shared one), rolled back between runs
+        prepared = [copy.deepcopy(method, {id(cache): cache}) for _ in range(runs - 1)]
+        if cache is not None and cache.marked:
+            cache.save(deleted)
+        report = method.unlearn(model, retained, deleted, context)
+        seconds = [report.seconds]
+        for again in prepared:
+            if cache is not None:
+                cache.rollback()
+                cache.save(deleted)
+            seconds.append(again.unlearn(copy.deepcopy(original).train(), retained, deleted, context).seconds)
+        return report, seconds
 
     def release(self, method: Unlearner) -> None:
         """After ``method``'s request: undo its changes of the shared cache, or drop its own cache."""
