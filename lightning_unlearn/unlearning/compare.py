@@ -154,7 +154,7 @@ def compare(
                 precompute = method.prepare(unlearned, every_row, context)  # once per trained model, not timed
                 curvature.offer(method, unlearned)
                 runs = 1 if isinstance(method, Retrain) else repeats
-                report, seconds = curvature.requests(method, original, unlearned, retained, deleted.to(device), context, runs)
+                report, seconds = _requests(method, original, unlearned, retained, deleted.to(device), context, runs)
         except Exception as err:  # a failed method is reported; KeyboardInterrupt and the like still stop compare
             curvature.release(method)
             entries.append({"name": method.name, "status": "failed", "error": f"{type(err).__name__}: {err}"})
@@ -352,29 +352,6 @@ class _SharedCurvature:
             self.cache = method.cache
             self.cache.mark()
 
-    def requests(self, method: Unlearner, original: Recommender, model: Recommender, retained: TrainRows, deleted: TrainRows,
-                 context: UnlearningContext, runs: int) -> tuple[UnlearningReport, list[float]]:
-        """``method``'s request on ``model`` (prepared), then ``runs - 1`` more, each from that prepared state; the first's report, every run's seconds.
-
-        The copy of the blocks the request changes, which the rollback needs, is taken before
-        each run and not timed: it is the comparison's cost. A later run takes a copy of
-        ``original`` and of the method as it was prepared (its cache not copied but rolled back).
-        """
-        cache = method.cache if isinstance(method, SecondOrderUnlearner) and method.cache.holds(model) else None
-        if cache is not None and runs > 1 and not cache.marked:
-            cache.mark()  # the method's own cache (another budget than the shared one), rolled back between runs
-        prepared = [copy.deepcopy(method, {id(cache): cache}) for _ in range(runs - 1)]
-        if cache is not None and cache.marked:
-            cache.save(deleted)
-        report = method.unlearn(model, retained, deleted, context)
-        seconds = [report.seconds]
-        for again in prepared:
-            if cache is not None:
-                cache.rollback()
-                cache.save(deleted)
-            seconds.append(again.unlearn(copy.deepcopy(original).train(), retained, deleted, context).seconds)
-        return report, seconds
-
     def release(self, method: Unlearner) -> None:
         """After ``method``'s request: undo its changes of the shared cache, or drop its own cache."""
         if not isinstance(method, SecondOrderUnlearner):
@@ -385,6 +362,30 @@ class _SharedCurvature:
             self.cache.rollback()
         else:  # the request failed and cleared it
             self.cache = None
+
+
+def _requests(method: Unlearner, original: Recommender, model: Recommender, retained: TrainRows, deleted: TrainRows,
+              context: UnlearningContext, runs: int) -> tuple[UnlearningReport, list[float]]:
+    """``method``'s request on ``model`` (prepared), then ``runs - 1`` more, each from that prepared state; the first's report, every run's seconds.
+
+    The copy of the blocks the request changes, which the rollback needs, is taken before
+    each run and not timed: it is the comparison's cost. A later run takes a copy of
+    ``original`` and of the method as it was prepared (its cache not copied but rolled back).
+    """
+    cache = method.cache if isinstance(method, SecondOrderUnlearner) and method.cache.holds(model) else None
+    if cache is not None and runs > 1 and not cache.marked:
+        cache.mark()  # the method's own cache (another budget than the shared one), rolled back between runs
+    prepared = [copy.deepcopy(method, {id(cache): cache}) for _ in range(runs - 1)]
+    if cache is not None and cache.marked:
+        cache.save(deleted)
+    report = method.unlearn(model, retained, deleted, context)
+    seconds = [report.seconds]
+    for again in prepared:
+        if cache is not None:
+            cache.rollback()
+            cache.save(deleted)
+        seconds.append(again.unlearn(copy.deepcopy(original).train(), retained, deleted, context).seconds)
+    return report, seconds
 
 
 def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False) -> None:
