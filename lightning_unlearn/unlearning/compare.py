@@ -176,8 +176,8 @@ def compare(
             partial.save_model(method.name, unlearned)
             partial.write(entries)
         detail = progress_detail(report.diagnostics)
-        runs = f" (median of {', '.join(f'{t:.2f}' for t in seconds)})" if len(seconds) > 1 else ""
-        progress(f"{step}: done in {entries[-1]['seconds']:.2f} s{runs}{f' ({detail})' if detail else ''}, "
+        spread = f" (median of {', '.join(f'{t:.2f}' for t in seconds)})" if len(seconds) > 1 else ""
+        progress(f"{step}: done in {entries[-1]['seconds']:.2f} s{spread}{f' ({detail})' if detail else ''}, "
                  f"recall@20 {entries[-1]['utility'].get('recall@20', float('nan')):.4f}")
         log_method_result(loggers, {"name": method.name, "seconds": entries[-1]["seconds"],
                                     "precompute_seconds": entries[-1]["precompute_seconds"], "utility": entries[-1]["utility"]},
