@@ -131,6 +131,7 @@ def compare(
     models: dict[str, Recommender] = {}
     entries: list[dict[str, Any]] = []
     curvature = _SharedCurvature()
+    deleted_here = deleted.to(device)  # what a request's rollback copy is taken of, on the cache's device
     for index, method in enumerate(ordered, start=1):
         step = f"[compare] {index}/{len(ordered)} {method.name}"
         if method.name in done:
@@ -154,7 +155,7 @@ def compare(
                 precompute = method.prepare(unlearned, every_row, context)  # once per trained model, not timed
                 curvature.offer(method, unlearned)
                 runs = 1 if isinstance(method, Retrain) else repeats
-                report, seconds = _requests(method, original, unlearned, retained, deleted.to(device), context, runs)
+                report, seconds = _requests(method, original, unlearned, retained, deleted_here, context, runs)
         except Exception as err:  # a failed method is reported; KeyboardInterrupt and the like still stop compare
             curvature.release(method)
             entries.append({"name": method.name, "status": "failed", "error": f"{type(err).__name__}: {err}"})

@@ -21,7 +21,7 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.scope import occurrences, orphans, restrict, rows_of_items, rows_of_users
+from lightning_unlearn.unlearning.methods.scope import occurrences, orphans, restrict, rows_of_items, rows_of_users, touched
 
 __all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "base_row_blocks", "cache_bytes", "curvature_blocks",
            "exact_hessian_blocks", "self_weights"]
@@ -289,9 +289,8 @@ class CurvatureCache:
                 vectors = tuple(t.detach() for t in model.representations())
             _add_curvature(model, vectors, deleted, CurvatureBlocks(users.blocks, items.blocks), user_slot, items.slot, sign=-1.0)
             return
-        for table, touched in ((users, deleted.users), (items, deleted.all_items())):
-            touched = torch.unique(touched)
-            held = touched[table.slot[touched] >= 0]
+        for table, ids in zip((users, items), touched(deleted)):
+            held = ids[table.slot[ids] >= 0]
             removed = curvature_blocks(model, context.shard(deleted), **{"users" if table is users else "items": held},
                                        **{"items" if table is users else "users": held[:0]})
             removed = context.reduce(removed.users if table is users else removed.items)
@@ -506,8 +505,8 @@ class CurvatureCache:
 
     def _record_touched(self, rows: TrainRows) -> None:
         """Record the held blocks ``rows`` touch, those not recorded since :meth:`mark` (rollback restores a slot's first record last)."""
-        for side, touched in (("users", rows.users), ("items", rows.all_items())):
-            slots = self._tables[side].slot[torch.unique(touched)]
+        for side, ids in zip(("users", "items"), touched(rows)):
+            slots = self._tables[side].slot[ids]
             slots = slots[slots >= 0]
             slots = slots[~self._saved[side][slots]]
             if len(slots):
