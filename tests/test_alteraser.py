@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError, alteraser
 from lightning_unlearn.unlearning.methods.curvature import cache_bytes, curvature_blocks, exact_hessian_blocks
-from lightning_unlearn.unlearning.methods.subproblems import slot_changes
+from lightning_unlearn.unlearning.methods.subproblems import RowScores, slot_changes
 
 
 def lbfgs(params, objective, rounds: int = 8) -> None:
@@ -543,3 +544,44 @@ def test_a_cache_past_its_budget_computes_the_blocks_it_does_not_hold(users_only
     assert report.diagnostics["blocks"] == "cached" and report.diagnostics["cache_misses"] > 0
     torch.testing.assert_close(bounded.user_embedding.weight, full.user_embedding.weight, rtol=1e-5, atol=1e-6)
     assert relative_error(bounded, reference) < 1e-4
+
+
+def test_the_first_request_reuses_the_trained_models_row_scores(monkeypatch):
+    """The first side step's line search starts from the row scores of the anchor's pass (no pass to score
+    the rows again), and the request is the one that scores them afresh."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.5, seed=4)
+    model = NeuMF(dm.num_users, dm.num_items, gmf_dim=3, mlp_dim=2, mlp_layers=(4,), l2=0.1).double()
+    deleted = dm.remove(torch.nonzero(dm.train_rows().users == 0).flatten())  # a whole user: the items' step comes first
+    retained = dm.train_rows()
+    found, of = [], RowScores.of
+
+    def spy(self, rows):
+        out = of(self, rows)
+        found.append(out is not None)
+        return out
+
+    results = []
+    for lookup in (spy, lambda self, rows: None):
+        monkeypatch.setattr(RowScores, "of", lookup)
+        updated, method = copy.deepcopy(model), AltEraser(dense_steps=0)
+        method.prepare(updated, retained.concat(deleted))
+        method.unlearn(updated, retained, deleted)
+        results.append(updated)
+    assert found == [True]
+    for name, tensor in results[0].state_dict().items():
+        torch.testing.assert_close(tensor, results[1].state_dict()[name], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(results[0].gmf_item.weight, model.gmf_item.weight)
+
+
+def test_row_scores_are_found_by_row_and_refused_for_a_row_scored_otherwise():
+    rows = TrainRows(torch.tensor([0, 1, 1, 2]), torch.tensor([2, 0, 3, 2]), torch.tensor([[1, 3], [2, 1], [0, 2], [0, 1]]))
+    scores = torch.arange(12.0).view(4, 3)
+    known = RowScores(rows, scores, num_items=4)
+    order = torch.tensor([3, 0, 2])
+    torch.testing.assert_close(known.of(rows.select(order)), scores[order])
+    assert known.of(rows.select(order[:0])).shape == (0, 3)
+    assert known.of(TrainRows(torch.tensor([1]), torch.tensor([3]), torch.tensor([[0, 1]]))) is None  # other negatives
+    assert known.of(TrainRows(torch.tensor([2]), torch.tensor([3]), torch.tensor([[0, 1]]))) is None  # never scored
+    assert known.of(TrainRows(torch.tensor([3]), torch.tensor([0]), torch.tensor([[0, 1]]))) is None  # past every key
+    assert known.of(TrainRows(torch.tensor([0]), torch.tensor([2]), torch.tensor([[1]]))) is None  # fewer negatives

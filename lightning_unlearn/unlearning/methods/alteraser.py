@@ -52,7 +52,7 @@ from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, base_row_blocks, curvature_blocks, exact_hessian_blocks
 from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph, restrict, rows_touching
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
-from lightning_unlearn.unlearning.methods.subproblems import SIDES, Anchor, Engine, Side
+from lightning_unlearn.unlearning.methods.subproblems import SIDES, Anchor, Engine, RowScores, Side
 
 __all__ = ["AltEraser"]
 
@@ -270,8 +270,9 @@ class AltEraser(SecondOrderUnlearner):
         engine = Engine(model, retained, n, context, self.chunk_size, graph)
         anchor = self._anchor if self._anchor is not None and self._anchor.matches(model) else None
         first = anchor is not None and anchor.fresh and not graph  # at the trained model: its gradient is the cached one
+        known_scores = anchor.scores if first else None  # the trained model's: every row's scores until a step moves one
         if anchor is not None:
-            anchor.fresh = False
+            anchor.fresh, anchor.scores = False, None
             engine.linear = anchor.grads if self.objective == "anchored" else {}
         scope = Scope.everything(model, retained) if self.scope == "all" else \
             Scope.of(model, retained, deleted, hops=self.k_hop if self.scope == "affected+k-hop" else 0)
@@ -308,7 +309,7 @@ class AltEraser(SecondOrderUnlearner):
                 if len(ids[name]):
                     # the cached gradient holds until a step moves rows that share terms with this side's
                     known = start_grads.get(name) if round_ == 0 and not moved else None
-                    if self._side_step(engine, sides[name], ids[name], rows, cache, totals, known):
+                    if self._side_step(engine, sides[name], ids[name], rows, cache, totals, known, known_scores if known is not None else None):
                         moved.add(name)
             for _ in range(self.dense_steps if dense else 0):
                 self._dense_step(engine, dense, totals, anchor if self.objective == "anchored" else None, start)
@@ -333,15 +334,16 @@ class AltEraser(SecondOrderUnlearner):
 
     # ------------------------------------------------------------------ one side: users or items
     def _side_step(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cache: CurvatureCache | None, totals: _Totals,
-                   grad: Tensor | None) -> bool:
+                   grad: Tensor | None, known: RowScores | None = None) -> bool:
         """One batched damped Newton step for every block of a side; whether any row moved.
 
-        ``grad`` is the exact gradient when known already (from the cached one); else it is computed.
+        ``grad`` is the exact gradient when known already (from the cached one); else it is
+        computed. ``known`` holds the rows' scores at the current parameters, when still valid.
         """
         if not engine.graph:
             rows = restrict(rows, side.rows_of(rows, ids))
         values = side.gather(ids)
-        scores = None
+        scores = known.of(rows) if known is not None and not engine.graph else None
         if grad is None:
             grad, scores = engine.gradient(side, ids, rows)
             if side.name in engine.linear:

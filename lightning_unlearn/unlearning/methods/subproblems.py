@@ -4,8 +4,8 @@ A :class:`Side` is one side's embedding tables seen as one concatenated table; t
 :class:`Engine` evaluates, on subsets of the retained rows (in chunks), the objective, exact
 gradients w.r.t. chosen rows of a side (through the propagation for graph models), and the
 change of each block's own loss when its rows move (the line search), keeping the scores of
-accepted moves so that the next step needs no fresh pass. :class:`Anchor` holds the gradient
-and value at the trained model, paid once.
+accepted moves so that the next step needs no fresh pass. :class:`Anchor` holds the gradient,
+value and row scores at the trained model, paid once (:class:`RowScores` finds a row's score again).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import self_weights
 from lightning_unlearn.unlearning.methods.scope import occurrences, rows_of_items, rows_of_users
 
-__all__ = ["SIDES", "Anchor", "Engine", "Side", "slot_changes"]
+__all__ = ["SIDES", "Anchor", "Engine", "RowScores", "Side", "slot_changes"]
 
 SIDES = ("user_embedding", "item_embedding")
 _MATMUL_ADVANTAGE = 16  # one matmul of a chunk's users x every item wins over gathering up to here: ML-1M chunks (about 4) stay on it
@@ -215,10 +215,12 @@ class Engine:
             everyone = [torch.arange(s.size, device=rows.users.device) for s in sides]
             grads, scores = self.gradients(sides, everyone, rows)
             dense_parts = self.dense_parts(dense, rows) if dense else None
-            return grads, self._value_from_scores(sides, rows, scores), dense_parts
+            return grads, self._value_from_scores(sides, rows, scores), dense_parts, scores
 
-        grads, value, dense_parts = call_with(model, {"adjacency": graph}, compute) if graph is not None else compute()
-        return Anchor({s.name: g for s, g in zip(sides, grads)}, value, dense_parts, fingerprint(model))
+        grads, value, dense_parts, scores = call_with(model, {"adjacency": graph}, compute) if graph is not None else compute()
+        # a graph model's scores move with the graph a deletion changes: they would never be reused
+        known = None if self.graph else RowScores(rows, scores, model.num_items)
+        return Anchor({s.name: g for s, g in zip(sides, grads)}, value, dense_parts, fingerprint(model), scores=known)
 
     def deleted_part(self, deleted: TrainRows, ids: dict[str, Tensor], sides: dict[str, Side]) -> tuple[dict[str, Tensor], float]:
         """The deleted rows' gradient w.r.t. the rows ``ids`` of each trainable side, and their summed loss."""
@@ -389,7 +391,8 @@ class Anchor:
 
     Paid once, with the cached curvature. Minus the deleted rows' part it is the retained
     gradient at the trained model (a request's first steps need no pass over the retained
-    rows); with ``objective="anchored"`` it is the linear term, kept across requests.
+    rows); with ``objective="anchored"`` it is the linear term, kept across requests. The rows'
+    scores from the same pass start the first request's line search (dropped once it has run).
     """
 
     grads: dict[str, Tensor]  # side -> (rows of the side, d) float64
@@ -397,9 +400,50 @@ class Anchor:
     dense: tuple[Tensor, Tensor] | None  # (data-term gradient summed over rows, dense_penalty gradient), flat
     fingerprint: Tensor
     fresh: bool = True  # no request has used it yet: the model is still the one it was taken at
+    scores: RowScores | None = None  # every row's scores at the trained model (non-graph models), for the first request's line search
 
     def matches(self, model: Recommender) -> bool:
         return torch.equal(self.fingerprint, fingerprint(model))
 
     def adopt(self, model: Recommender) -> None:
         self.fingerprint = fingerprint(model)
+
+
+class RowScores:
+    """Scores of training rows at fixed parameters, found again by row (user, positive item and negatives).
+
+    The trained model's scores of every row come with :class:`Anchor`'s pass; until a step moves
+    a parameter they are the retained rows' scores too, so the first request's line search needs
+    no pass to score its rows at the start. Rows are matched by ``user * num_items + item`` (one
+    sort, one ``searchsorted``) and their negatives compared; a row not found as it was scored
+    makes :meth:`of` return ``None``, and the caller scores the rows itself.
+
+    Args:
+        rows: the rows scored.
+        scores: ``(len(rows), 1 + k)`` their scores (positive, then negatives).
+        num_items: the model's number of items.
+
+    Example:
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([[1], [2]]))
+        >>> known = RowScores(rows, torch.tensor([[0.5, -1.0], [2.0, 0.0]]), num_items=3)
+        >>> known.of(rows.select(torch.tensor([1])))
+        tensor([[2., 0.]])
+        >>> known.of(TrainRows(torch.tensor([1]), torch.tensor([0]), torch.tensor([[1]]))) is None  # other negatives
+        True
+    """
+
+    def __init__(self, rows: TrainRows, scores: Tensor, num_items: int):
+        self.num_items, self.negatives, self.scores = num_items, rows.negatives, scores
+        self.keys, self.order = torch.sort(rows.users * num_items + rows.items)
+
+    def of(self, rows: TrainRows) -> Tensor | None:
+        """The ``(len(rows), 1 + k)`` scores of ``rows`` if every one is among the rows scored, else ``None``."""
+        if not len(rows):
+            return self.scores.new_zeros(0, 1 + rows.negatives.shape[1])
+        if not len(self.keys) or rows.negatives.shape[1:] != self.negatives.shape[1:]:
+            return None
+        keys = rows.users * self.num_items + rows.items
+        at = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
+        found = self.order[at]
+        same = (self.keys[at] == keys) & (self.negatives[found] == rows.negatives).all(1)
+        return self.scores[found] if bool(same.all()) else None
