@@ -9,6 +9,7 @@ import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
+from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
@@ -128,6 +129,33 @@ def test_a_reset_draws_the_initialisation_of_its_own_seed_and_model():
         assert torch.equal(model.item_embedding.weight[[0, 4]], expected.item_embedding.weight[[0, 4]])
         reset_to_initialisation(model, none, none, seed + 10)  # nothing to reset: nothing drawn, nothing changed
         assert torch.equal(model.user_embedding.weight[2], expected.user_embedding.weight[2])
+
+
+def test_prepare_draws_the_initialisation_so_a_request_with_orphans_draws_none(monkeypatch):
+    """The fresh model the orphans are reset to is drawn by prepare (precomputation), with every RNG left as it was."""
+    import random
+
+    import numpy as np
+
+    from lightning_unlearn.unlearning.methods import scope
+
+    dm = RecDataModule(Synthetic(num_users=10, num_items=8, density=0.4, seed=3), val_fraction=0.0)
+    dm.setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, init_std=0.3)
+    deleted = dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([4]))
+    retained = dm.train_rows()
+    scope._INITIAL.clear()
+    states = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    method, context = IFRU(), UnlearningContext(seed=7)
+    method.prepare(model, retained.concat(deleted), context)
+    assert torch.equal(torch.random.get_rng_state(), states[0]) and np.array_equal(np.random.get_state()[1], states[1])
+    assert random.getstate() == states[2]
+    drawn = []
+    monkeypatch.setattr(MF, "fresh", lambda self: drawn.append(self) or Recommender.fresh(self))
+    report = method.unlearn(model, retained, deleted, context)
+    assert report.diagnostics["reset_users"] == 1 and drawn == []
+    torch.manual_seed(7)
+    torch.testing.assert_close(model.user_embedding.weight[4], MF(dm.num_users, dm.num_items, embedding_dim=3, init_std=0.3).user_embedding.weight[4])
 
 
 @pytest.mark.parametrize("cls", [MF, NeuMF, LightGCN])

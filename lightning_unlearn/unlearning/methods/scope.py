@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
@@ -22,9 +21,9 @@ from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.lightgcn import normalized_adjacency
 
-_INITIAL: dict = {}  # reset_to_initialisation's last fresh model, under "key"
+_INITIAL: dict = {}  # initialisation's last fresh model, under "key"
 
-__all__ = ["Scope", "expand", "graph_of", "is_graph", "occurrences", "orphans", "prune", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
+__all__ = ["Scope", "expand", "graph_of", "initialisation", "is_graph", "occurrences", "orphans", "prune", "reset_to_initialisation", "rows_of_items", "rows_of_users", "rows_touching", "touched"]
 
 
 @dataclass
@@ -246,23 +245,34 @@ def graph_of(model: Recommender, rows: TrainRows) -> Tensor:
     return normalized_adjacency(table).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
 
 
-def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
-    """Set the embedding rows of ``users`` and ``items`` to what a fresh model from ``seed`` has.
+def initialisation(model: Recommender, seed: int) -> Recommender:
+    """The fresh model a retrain of ``model`` from ``seed`` starts from (``pl.seed_everything(seed)``, then ``model.fresh()``).
 
-    The global RNG state is left as it was. The fresh model of the last ``(model's class and
-    hyper-parameters, seed, device)`` is kept for the next call: drawing a whole model's
-    initialisation for a few rows would cost every request a pass over the catalog.
+    The last one drawn is kept, under ``(model's class and hyper-parameters, seed, device)``:
+    drawing a whole model's initialisation for a few rows would cost every request a pass over
+    the catalog, so a method's ``prepare`` draws it ahead. Every random number generator is
+    left as it was (the tables are drawn from torch's, seeded as ``seed_everything`` seeds it).
+
+    Example:
+        >>> from lightning_unlearn.models import MF
+        >>> model = MF(3, 4, embedding_dim=2)
+        >>> initialisation(model, seed=0) is initialisation(model, seed=0), initialisation(model, seed=0) is model
+        (True, False)
     """
-    if not len(users) and not len(items):
-        return
     key = (type(model), repr(sorted(dict(model.hparams).items())), seed, str(model.device))
     if _INITIAL.get("key") != key:
-        state = torch.random.get_rng_state()
-        pl.seed_everything(seed, verbose=False)
         _INITIAL.clear()
-        _INITIAL.update(key=key, model=model.fresh().to(model.device))
-        torch.random.set_rng_state(state)
-    groups, fresh_groups = model.parameter_groups(), _INITIAL["model"].parameter_groups()
+        with torch.random.fork_rng(devices=[]):  # the fresh model is drawn on the CPU, then moved
+            torch.manual_seed(seed)
+            _INITIAL.update(key=key, model=model.fresh().to(model.device))
+    return _INITIAL["model"]
+
+
+def reset_to_initialisation(model: Recommender, users: Tensor, items: Tensor, seed: int) -> None:
+    """Set the embedding rows of ``users`` and ``items`` to what a fresh model from ``seed`` has (:func:`initialisation`)."""
+    if not len(users) and not len(items):
+        return
+    groups, fresh_groups = model.parameter_groups(), initialisation(model, seed).parameter_groups()
     with torch.no_grad():
         for name, ids in (("user_embedding", users), ("item_embedding", items)):
             for table, init in zip(groups[name], fresh_groups[name]):

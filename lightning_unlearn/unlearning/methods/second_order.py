@@ -22,7 +22,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprints_by_version
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
-from lightning_unlearn.unlearning.methods.scope import is_graph
+from lightning_unlearn.unlearning.methods.scope import initialisation, is_graph
 
 __all__ = ["SecondOrderUnlearner"]
 
@@ -83,6 +83,9 @@ class SecondOrderUnlearner(Unlearner):
     def prepare(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> float:
         """Build the curvature cache for ``model`` trained on ``rows`` (then :meth:`after_build`); the seconds it took.
 
+        It also draws the initialisation a request's orphans are reset to
+        (:func:`~lightning_unlearn.unlearning.methods.scope.initialisation`, from ``context.seed``),
+        a pass over the catalog that would otherwise fall on the first request with orphans.
         0 s when the cache holds ``model``'s parameters already or the model does not use it.
 
         Args:
@@ -100,6 +103,7 @@ class SecondOrderUnlearner(Unlearner):
             with torch.enable_grad():
                 self.cache.build(model, rows, context)
                 self.after_build(model, rows)
+            initialisation(model, (context or UnlearningContext()).seed)  # what a request's orphans are reset to: drawn now
         except Exception:
             self.clear()  # half built
             raise
