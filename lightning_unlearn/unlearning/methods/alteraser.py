@@ -343,7 +343,7 @@ class AltEraser(SecondOrderUnlearner):
         if not engine.graph:
             rows = restrict(rows, side.rows_of(rows, ids))
         values = side.gather(ids)
-        scores = known.of(rows) if known is not None and not engine.graph else None
+        scores = known.of(rows) if known is not None else None
         if grad is None:
             grad, scores = engine.gradient(side, ids, rows)
             if side.name in engine.linear:
