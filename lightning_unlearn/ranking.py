@@ -4,7 +4,8 @@ The functional :func:`ranking_metrics` scores a batch of users against all items
 targets and exclusions come as ``(row, item)`` coordinates (:func:`sparse_ranking_metrics`; the
 dense-mask :func:`ranking_metrics` converts to them), exclusions are scattered as ``-inf`` into
 the score chunk, one ``topk`` for the largest K serves every K, and AUC counts, for each of the
-user's few relevant scores, the candidates below it, a cache-sized tile of scores at a time.
+user's few relevant scores, the candidates below it: on CPU catalogs from :data:`FUSED_MIN_ITEMS`
+items in one compiled pass (``torch.compile``), elsewhere a cache-sized tile of scores at a time.
 :class:`FullRankingMetrics` is the thin ``torchmetrics.Metric`` over it, so state, reset and
 multi-device sync come from torchmetrics.
 
@@ -18,6 +19,7 @@ names.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, NamedTuple, Sequence
 
 import torch
@@ -149,9 +151,12 @@ def sparse_ranking_metrics(
     No ``(users, items)`` mask is built: users are processed in chunks of about ``chunk_bytes``
     of working memory; in each, exclusions are scattered as ``-inf`` into the scores (a copy,
     unless ``overwrite``), one ``topk`` serves every K, and the target scores are gathered. AUC
-    counts, for every relevant item, the candidates scoring strictly below it: one broadcast
-    comparison of each cache-sized tile of the chunk with all of its users' relevant scores (a
-    binary search for a user with more than 128 relevant items). Duplicate coordinates count once.
+    counts, for every relevant item, the candidates scoring strictly below it: on CPU, from
+    :data:`FUSED_MIN_ITEMS` items on, a compiled kernel compares each block of 1,024 scores with all
+    of its user's relevant scores while the block stays in L1 (compiled once per process; where
+    ``torch.compile`` fails, a warning and the tiled path); otherwise one broadcast comparison of
+    each cache-sized tile of the chunk with all of its users' relevant scores. A user with more
+    than 128 relevant items is counted by binary search. Duplicate coordinates count once.
     A relevant item that is also excluded counts as relevant but is never a hit, even when K
     exceeds the items left to rank (``topk`` then reaches into the ``-inf`` cells).
 
@@ -162,8 +167,8 @@ def sparse_ranking_metrics(
         ks: cut-offs.
         auc: also compute per-user AUC (relevant vs. non-relevant candidates; ties count as losses).
         chunk_bytes: working-memory budget of one chunk of users (about 6 bytes per score; default
-            16 MiB on CPU, where the allocator then reuses one chunk's memory for the next, and
-            256 MiB on other devices).
+            16 MiB on CPU for a copy, where the allocator then reuses one chunk's memory for the
+            next, and 256 MiB when working in place or on other devices: fewer, larger chunks).
         overwrite: work in ``scores`` itself (when float32 and contiguous) instead of a copy, for a
             caller that owns them and needs them no more: their values are then undefined. Saves
             a copy of every chunk; otherwise ``scores`` is not modified.
@@ -198,7 +203,8 @@ def sparse_ranking_metrics(
     discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=device, dtype=torch.float32))
     hits = torch.zeros(users, kmax, device=device)
     auc_values = torch.zeros(users, device=device)
-    chunk_bytes = chunk_bytes or (2**24 if device.type == "cpu" else 2**28)
+    in_place = overwrite and scores.dtype == torch.float32 and scores.is_contiguous()
+    chunk_bytes = chunk_bytes or (2**24 if device.type == "cpu" and not in_place else 2**28)
     step = max(1, int(chunk_bytes) // max(6 * items, 1))
     for start in range(0, users, step):
         stop = min(start + step, users)
@@ -253,7 +259,7 @@ def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_l
     flat.index_fill_(0, t_local, float("inf"))
     flat.index_fill_(0, e_local, float("inf"))
     heavy = n_pos > 128  # a binary search among the sorted relevant scores costs about as much as 128 comparisons
-    wins = _count_below(work, relevant.masked_fill(heavy.unsqueeze(1), float("-inf")), n_pos.masked_fill(heavy, 0)).sum(1)
+    wins = _wins(work, relevant.masked_fill(heavy.unsqueeze(1), float("-inf")), n_pos.masked_fill(heavy, 0))
     if heavy.any():
         heavy = torch.nonzero(heavy).squeeze(1)
         ordered = torch.sort(relevant[heavy], dim=1).values
@@ -261,6 +267,68 @@ def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_l
         wins[heavy] = (width - not_above).sum(1, dtype=torch.int64)
     pairs = (n_pos * n_neg).float()
     return torch.where(pairs > 0, wins.float() / pairs.clamp_min(1), torch.zeros_like(pairs))
+
+
+#: Catalogs from this size on count AUC's comparisons in one compiled pass (on CPU), which costs a
+#: compilation once per process (seconds) and then runs about 4x faster than the tiled counter.
+FUSED_MIN_ITEMS = 2**13
+_BLOCK = 1024  # cells compared with all of a row's thresholds at a time: 4 KB, which stay in L1
+_fused: dict[str, object] = {}
+
+
+def _wins(values: Tensor, thresholds: Tensor, widths: Tensor) -> Tensor:
+    """Per row, how many (cell, threshold) pairs among its first ``widths`` thresholds have the cell strictly below.
+
+    ``thresholds`` past a row's width must be ``-inf``. On CPU, from :data:`FUSED_MIN_ITEMS` cells
+    on, the rows are grouped by width (rounded up to a multiple of 4 above 8) and each group's
+    blocks of ``_BLOCK`` cells are counted by the compiled :func:`_total_below`; the last partial
+    block, and everything elsewhere or where ``torch.compile`` fails (warned once), by the tiled
+    :func:`count_compared`.
+    """
+    counter = _fused.get("total_below")
+    cells = values.shape[1]
+    if values.device.type != "cpu" or cells < FUSED_MIN_ITEMS or counter is False:
+        return _count_below(values, thresholds, widths).sum(1)
+    if counter is None:
+        counter = _fused["total_below"] = torch.compile(_total_below, dynamic=True)
+    wins = _count_below(values[:, cells - cells % _BLOCK:], thresholds, widths).sum(1)
+    thresholds = torch.nn.functional.pad(thresholds, (0, 1), value=float("-inf"))  # width >= 2: one compiled variant fewer
+    try:
+        grouped = torch.where(widths > 8, (widths + 3) // 4 * 4, widths)  # the widths compared: few groups, little padding
+        for width in torch.unique(grouped[grouped > 0]).tolist():
+            rows = torch.nonzero(grouped == width).squeeze(1)
+            part = values.contiguous() if len(rows) == len(values) else values.index_select(0, rows)
+            with _shapes_apart():
+                wins[rows] += counter(part, thresholds[rows, :max(width, 2)].contiguous())
+    except Exception as error:  # noqa: BLE001 - compiling is an acceleration, never a requirement
+        _fused["total_below"] = False
+        warnings.warn(f"AUC counts with tiled comparisons: torch.compile failed ({type(error).__name__}: {error}).",
+                      RuntimeWarning, stacklevel=2)
+        return _count_below(values, thresholds, widths).sum(1)
+    return wins
+
+
+def _shapes_apart():
+    """Compile without duck sizing: sizes that happen to be equal (rows and thresholds) get no
+    guard that would recompile the counter for every other shape."""
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)
+
+
+def _total_below(values: Tensor, thresholds: Tensor) -> Tensor:
+    """Per row, the (cell, threshold) pairs with the cell strictly below, over the whole blocks of ``_BLOCK`` cells.
+
+    Compiled, it is one fused pass counting each block in float32 (exact: a block has fewer than
+    ``2**24`` cells). Run eagerly (``torch.compile`` disabled) it is the tiled counter, rather
+    than a ``(rows, blocks, thresholds, cells)`` comparison in memory.
+    """
+    rows, blocks = values.shape[0], values.shape[1] // _BLOCK
+    values = values[:, :blocks * _BLOCK].view(rows, blocks, _BLOCK)
+    if not torch.compiler.is_compiling():
+        return _count_below(values.flatten(1), thresholds).sum(1)
+    below = torch.where(values.unsqueeze(2) < thresholds[:, None, :, None], 1.0, 0.0)
+    return below.sum(3).long().sum((1, 2))
 
 
 def _count_below(values: Tensor, thresholds: Tensor, widths: Tensor | None = None, tile: int | None = None) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG, RetrievalRecall
 
+from lightning_unlearn import ranking
 from lightning_unlearn.metrics import FullRankingMetrics, ranking_metrics
 from lightning_unlearn.ranking import _count_below, candidate_layout, metric_prefix, sparse_ranking_metrics
 
@@ -233,6 +234,42 @@ def test_count_below_tiles(ties, tile):
     thresholds[torch.arange(9) >= widths.unsqueeze(1)] = float("-inf")  # what the widths promise
     expected = (values.unsqueeze(1) < thresholds.unsqueeze(2)).sum(2)
     assert torch.equal(_count_below(values, thresholds, widths, tile=tile), expected)
+
+
+def test_compiled_auc_count_equals_the_tiled_counter(monkeypatch):
+    """The compiled count (rows grouped by width, blocks and a partial last block, ties, infinities, NaN,
+    rows without thresholds) equals the tiled one, and so does ``_total_below`` run eagerly, as it
+    is where ``torch.compile`` is off."""
+    monkeypatch.setattr(ranking, "FUSED_MIN_ITEMS", 1)
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(11, 3000, generator=g).round()
+    values[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    widths = torch.tensor([1, 0, 2, 3, 4, 5, 9, 16, 17, 33, 1])
+    thresholds = torch.randn(11, 33, generator=g).round()
+    thresholds[0, 0] = float("inf")
+    thresholds[torch.arange(33) >= widths.unsqueeze(1)] = float("-inf")
+    expected = _count_below(values, thresholds, widths).sum(1)
+    assert torch.equal(ranking._wins(values, thresholds, widths), expected)
+    whole_blocks = _count_below(values[:, :2048], thresholds).sum(1)  # two blocks of 1,024 cells
+    assert torch.equal(ranking._total_below(values, thresholds), whole_blocks)
+    for rows, width, cells in [(1, 3, 2048), (5, 5, 4100)]:  # one row; sizes that coincide
+        values, thresholds = torch.randn(rows, cells, generator=g), torch.randn(rows, width, generator=g)
+        widths = torch.full((rows,), width)
+        assert torch.equal(ranking._wins(values, thresholds, widths), _count_below(values, thresholds).sum(1))
+    assert ranking._fused["total_below"] is not False  # compiled, not fallen back
+
+
+def test_a_failed_compilation_falls_back_to_the_tiled_counter(monkeypatch):
+    def broken(values, thresholds):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(ranking, "FUSED_MIN_ITEMS", 1)
+    monkeypatch.setitem(ranking._fused, "total_below", broken)
+    values, thresholds = torch.randn(3, 50), torch.randn(3, 2)
+    with pytest.warns(RuntimeWarning, match="tiled comparisons: torch.compile failed .*no C\\+\\+ compiler"):
+        wins = ranking._wins(values, thresholds, torch.tensor([2, 2, 2]))
+    assert torch.equal(wins, _count_below(values, thresholds).sum(1))
+    assert ranking._fused["total_below"] is False
 
 
 @pytest.mark.parametrize("trained", [False, True])
