@@ -11,6 +11,7 @@ from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning.methods import curvature as curvature_module
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
 from lightning_unlearn.unlearning.methods.scope import Scope, reset_to_initialisation, touched
@@ -613,9 +614,13 @@ def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
     assert any(not torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
-def test_a_cache_under_a_budget_holds_the_busiest_blocks_and_computes_the_rest():
+@pytest.mark.parametrize("blocks_per_sum", [None, 1, 3])
+def test_a_cache_under_a_budget_holds_the_busiest_blocks_and_computes_the_rest(blocks_per_sum, monkeypatch):
     """Past its budget the cache holds the most-used blocks in float32; the others are computed from the retained rows
-    on demand and take the least recently used slots; every block read equals the retained rows' block."""
+    on demand and take the least recently used slots; every block read equals the retained rows' block, whether its
+    float64 sum is formed with every other block's or a few blocks at a time."""
+    if blocks_per_sum is not None:
+        monkeypatch.setattr(curvature_module, "_SUM_ELEMENTS", blocks_per_sum * 4 * 4)  # d = 4
     dm, model = mf_30x25()
     rows = dm.train_rows()
     cache = CurvatureCache(budget_bytes=cache_bytes(model) / 2)
@@ -642,6 +647,25 @@ def test_a_cache_under_a_budget_holds_the_busiest_blocks_and_computes_the_rest()
     torch.testing.assert_close(x, torch.linalg.solve(exact.items + 0.1 * eye, rhs), rtol=1e-5, atol=1e-8)
     factors, _, _ = cache.factors("users", torch.arange(dm.num_users), 0.1, tolerance=0.0)
     torch.testing.assert_close(factors @ factors.mT, exact.users + 0.1 * eye, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks_per_solve", [None, 1, 3])
+def test_cached_solves_a_few_blocks_at_a_time_equal_the_direct_solves(blocks_per_solve, monkeypatch):
+    """CG on a cache's float32 blocks, preconditioned by the inverses of the blocks before a rank-one change,
+    solves each asked-for block exactly whether they are copied out all at once or a few at a time."""
+    if blocks_per_solve is not None:
+        monkeypatch.setattr(curvature_module, "_SOLVE_BYTES", blocks_per_solve * 8 * 5 * 5)  # d = 5
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 5, 5, generator=g, dtype=torch.float64)
+    before = a @ a.mT + 0.5 * torch.eye(5, dtype=torch.float64)
+    change = torch.randn(12, 5, 1, generator=g, dtype=torch.float64)
+    blocks = (before - 0.1 * change @ change.mT).float()
+    inverses = torch.linalg.inv(before + 0.01 * torch.eye(5, dtype=torch.float64)).float()
+    ids, rhs = torch.tensor([7, 0, 3, 11, 5]), torch.randn(5, 5, generator=g, dtype=torch.float64)
+    x, converged, _ = curvature_module._pcg_cached(blocks, inverses, ids, rhs, 0.01, 1e-10, 50)
+    exact = torch.linalg.solve(blocks[ids].double() + 0.01 * torch.eye(5, dtype=torch.float64), rhs)
+    assert converged.all()
+    torch.testing.assert_close(x, exact, rtol=1e-5, atol=1e-6)  # products with float32 blocks
 
 
 @pytest.mark.parametrize("fraction", [0.5, 1e-9])
