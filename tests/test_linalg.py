@@ -12,6 +12,7 @@ from lightning_unlearn.linalg import (
     BlockPreconditioner,
     CGResult,
     conjugate_gradient,
+    factor_blocks,
     flatten,
     gauss_newton_matvec,
     gauss_newton_vp,
@@ -473,6 +474,20 @@ def test_solve_blocks_fails_non_finite_and_hopeless_blocks_without_nan():
     assert res.failed_mask.tolist() == [False, False, False, True, True, True] and res.failed_blocks == 3
     torch.testing.assert_close(x[:3], per_block_solve(blocks[:3], rhs[:3], [1e-3] * 3), rtol=1e-10, atol=1e-12)
     assert res.max_damping == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("bad", [(1, 2, 1, float("nan")), (1, 3, 0, float("inf")), (1, 2, 2, float("inf")), (1, 3, 3, float("nan"))])
+def test_factor_blocks_fails_a_block_non_finite_in_the_triangle_it_factors(bad):
+    """No scan for non-finite entries precedes the factorisation: one in a lower triangle reaches a diagonal factor."""
+    g = gen(28)
+    blocks = random_spd_blocks(g)
+    b, i, j, value = bad
+    blocks[b, i, j] = value
+    factors, result = factor_blocks(blocks, damping=1e-3)
+    assert result.failed_mask.tolist() == [False, True, False, False, False, False]
+    assert torch.isfinite(factors).all()
+    keep = torch.tensor([0, 2, 3, 4, 5])
+    torch.testing.assert_close(factors[keep] @ factors[keep].mT, blocks[keep] + 1e-3 * torch.eye(4, dtype=F64), rtol=1e-10, atol=1e-12)
 
 
 def test_solve_blocks_per_block_damping_and_validation():

@@ -493,12 +493,13 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
         raise ValueError(f"damping must be a finite number or ({n},) tensor >= 0, got {damping!r}.")
     lam = lam.expand(n).clone()
     eye = torch.eye(d, dtype=blocks.dtype, device=blocks.device)
+    # fast path: one factorisation of everything. A non-finite entry of a lower triangle (the
+    # part factored) makes its row's diagonal factor non-finite, so it fails _usable: no scan first
+    with one_thread(blocks.device):
+        chol, info = torch.linalg.cholesky_ex(blocks + lam.view(-1, 1, 1) * eye)
+    if bool(_usable(chol, info).all()):
+        return chol, lam, torch.zeros(n, dtype=torch.bool, device=blocks.device)
     valid = torch.isfinite(blocks).flatten(1).all(1)
-    if bool(valid.all()):  # fast path: one factorisation of everything, no copies if all succeed
-        with one_thread(blocks.device):
-            chol, info = torch.linalg.cholesky_ex(blocks + lam.view(-1, 1, 1) * eye)
-        if bool(_usable(chol, info).all()):
-            return chol, lam, torch.zeros(n, dtype=torch.bool, device=blocks.device)
     factors = eye.expand(n, d, d).clone()
     scale = torch.diagonal(blocks, dim1=1, dim2=2).abs().mean(1).nan_to_num(1.0, 1.0, 1.0)
     start = math.sqrt(torch.finfo(blocks.dtype).eps) * torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -377,7 +377,7 @@ class CurvatureCache:
         else:
             fresh = torch.zeros_like(trace, dtype=torch.bool)
         stale = torch.nonzero(~fresh).squeeze(1)
-        for part in _chunks(stale, blocks):
+        for part in _chunks(stale, blocks, chunk_bytes=_SOLVE_BYTES):
             where = at[part]
             factors, result = factor_blocks(blocks[where].double(), damping=shift)
             store.factors[where], store.damping[where], store.failed[where] = factors.to(blocks.dtype), result.block_damping, result.failed_mask
