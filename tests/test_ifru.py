@@ -618,9 +618,10 @@ def test_fresh_blocks_give_the_cached_step_and_need_no_precomputation(solver):
 def test_a_cache_under_a_budget_holds_the_busiest_blocks_and_computes_the_rest(blocks_per_sum, monkeypatch):
     """Past its budget the cache holds the most-used blocks in float32; the others are computed from the retained rows
     on demand and take the least recently used slots; every block read equals the retained rows' block, whether its
-    float64 sum is formed with every other block's or a few blocks at a time."""
-    if blocks_per_sum is not None:
+    float64 sum is formed, and it is computed and factored, with every other block or a few blocks at a time."""
+    if blocks_per_sum is not None:  # and blocks computed, copied and factored as many at a time
         monkeypatch.setattr(curvature_module, "_SUM_ELEMENTS", blocks_per_sum * 4 * 4)  # d = 4
+        monkeypatch.setattr(curvature_module, "_SOLVE_BYTES", blocks_per_sum * 8 * 4 * 4)
     dm, model = mf_30x25()
     rows = dm.train_rows()
     cache = CurvatureCache(budget_bytes=cache_bytes(model) / 2)
@@ -666,6 +667,28 @@ def test_cached_solves_a_few_blocks_at_a_time_equal_the_direct_solves(blocks_per
     exact = torch.linalg.solve(blocks[ids].double() + 0.01 * torch.eye(5, dtype=torch.float64), rhs)
     assert converged.all()
     torch.testing.assert_close(x, exact, rtol=1e-5, atol=1e-6)  # products with float32 blocks
+
+
+@pytest.mark.parametrize("blocks_per_solve", [None, 2])
+def test_a_cache_solve_refactors_what_its_cg_leaves_and_keeps_those_inverses(blocks_per_solve, monkeypatch):
+    """Blocks without a kept inverse and blocks whose CG stops unconverged are factored afresh (a few at a time or
+    all at once): every solution is exact, and only the unconverged blocks keep their new inverse."""
+    if blocks_per_solve is not None:
+        monkeypatch.setattr(curvature_module, "_SOLVE_BYTES", blocks_per_solve * 8 * 4 * 4)  # d = 4
+    dm, model = mf_30x25()
+    cache = CurvatureCache()
+    cache.build(model, dm.train_rows())
+    cache.precondition("items", 0.5)  # inverses for another damping: CG with max_iter=1 stops short
+    cache._inverses["items"].valid[:5] = False  # no kept inverse
+    ids, rhs = torch.arange(dm.num_items), torch.randn(dm.num_items, 4, dtype=torch.float64)
+    x, result, refactored, _ = cache.solve("items", ids, rhs, 0.01, tol=1e-12, max_iter=1)
+    exact = torch.linalg.solve(cache.block("items", ids).double() + 0.01 * torch.eye(4, dtype=torch.float64), rhs)
+    torch.testing.assert_close(x, exact, rtol=1e-9, atol=1e-11)
+    valid = cache._inverses["items"].valid
+    assert refactored == dm.num_items and not valid[:5].any() and valid[5:].all()
+    x, _, refactored, _ = cache.solve("items", ids[5:], rhs[5:], 0.01, tol=1e-12)  # the renewed (float32) inverses precondition well
+    assert refactored == 0
+    torch.testing.assert_close(x, exact[5:], rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 1e-9])

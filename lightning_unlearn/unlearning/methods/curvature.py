@@ -436,12 +436,14 @@ class CurvatureCache:
             x[cached[converged]] = solved[converged]
             renew = cached[~converged]
             redo = torch.cat([redo, renew])
-        if len(redo):
-            factors, result = factor_blocks(blocks[slots[redo]].double(), damping=shift)
-            x[redo], failed[redo] = solve_factored(factors, rhs[redo], result.failed_mask)
-            damping[redo] = result.block_damping
-            first = len(redo) - len(renew)  # blocks without an inverse keep none: one computed on demand is seldom asked for again
-            store.keep(slots[renew], factors[first:], failed[renew])
+        first = len(redo) - len(renew)  # blocks without an inverse keep none: one computed on demand is seldom asked for again
+        for part in _chunks(torch.arange(len(redo), device=redo.device), blocks, chunk_bytes=_SOLVE_BYTES) if len(redo) else ():
+            at = redo[part]
+            factors, result = factor_blocks(blocks[slots[at]].double(), damping=shift)
+            x[at], failed[at] = solve_factored(factors, rhs[at], result.failed_mask)
+            damping[at] = result.block_damping
+            again = part >= first
+            store.keep(slots[at[again]], factors[again], failed[at[again]])
         refactored = len(redo)
         if extra is not None:
             rest = torch.nonzero(slots < 0).squeeze(1)
@@ -568,7 +570,6 @@ class CurvatureCache:
         if self._source is None:
             raise RuntimeError(f"{len(missing)} {side} blocks are not held and there are no rows to compute them from: "
                                "downdate(model, retained, deleted) first.")
-        fresh = self._source.block(side, ids[missing])
         k = min(len(missing), len(table.ids) - (len(ids) - len(missing)))  # the slots this lookup did not read
         if k > 0:
             victims = torch.topk(table.used, k, largest=False).indices
@@ -577,12 +578,13 @@ class CurvatureCache:
             table.slot[table.ids[victims]] = -1
             new = ids[missing[:k]]
             table.ids[victims], table.slot[new], table.used[victims] = new, victims, self._reads
-            table.blocks[victims] = fresh[:k].to(table.blocks.dtype)
+            for part in _chunks(torch.arange(k, device=victims.device), table.blocks, chunk_bytes=_SOLVE_BYTES):
+                table.blocks[victims[part]] = self._source.block(side, new[part]).to(table.blocks.dtype)  # a few MiB at a time
             slots[missing[:k]] = victims
             for store in (self._factored.get(side), self._inverses.get(side)):
                 if store is not None:
                     store.forget(victims)
-        return slots, (fresh[k:] if k < len(missing) else None)
+        return slots, (self._source.block(side, ids[missing[k:]]) if k < len(missing) else None)
 
 
 def self_weights(model: Recommender) -> Tensor:
