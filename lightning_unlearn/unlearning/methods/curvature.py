@@ -437,7 +437,7 @@ class CurvatureCache:
             renew = cached[~converged]
             redo = torch.cat([redo, renew])
         first = len(redo) - len(renew)  # blocks without an inverse keep none: one computed on demand is seldom asked for again
-        for part in _chunks(torch.arange(len(redo), device=redo.device), blocks, chunk_bytes=_SOLVE_BYTES) if len(redo) else ():
+        for part in _chunks(torch.arange(len(redo), device=redo.device), blocks, chunk_bytes=_SOLVE_BYTES):
             at = redo[part]
             factors, result = factor_blocks(blocks[slots[at]].double(), damping=shift)
             x[at], failed[at] = solve_factored(factors, rhs[at], result.failed_mask)
@@ -692,8 +692,8 @@ class FreshCurvature:
 
 
 def _chunks(slots: Tensor, blocks: Tensor, chunk_bytes: int = 2**27) -> tuple[Tensor, ...]:
-    """``slots`` in pieces whose ``blocks``, in float64, take about ``chunk_bytes`` (factorised a piece at a time)."""
-    return slots.split(max(1, chunk_bytes // (8 * blocks.shape[-1] ** 2)))
+    """``slots`` in pieces whose ``blocks``, in float64, take about ``chunk_bytes`` (none when ``slots`` is empty)."""
+    return slots.split(max(1, chunk_bytes // (8 * blocks.shape[-1] ** 2))) if len(slots) else ()
 
 
 def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shift: float, tol: float | None,
