@@ -620,8 +620,7 @@ def test_a_cache_under_a_budget_holds_the_busiest_blocks_and_computes_the_rest(b
     on demand and take the least recently used slots; every block read equals the retained rows' block, whether its
     float64 sum is formed, and it is computed and factored, with every other block or a few blocks at a time."""
     if blocks_per_sum is not None:  # and blocks computed, copied and factored as many at a time
-        monkeypatch.setattr(curvature_module, "_SUM_ELEMENTS", blocks_per_sum * 4 * 4)  # d = 4
-        monkeypatch.setattr(curvature_module, "_SOLVE_BYTES", blocks_per_sum * 8 * 4 * 4)
+        monkeypatch.setattr(curvature_module, "_PIECE_BYTES", blocks_per_sum * 8 * 4 * 4)  # d = 4
     dm, model = mf_30x25()
     rows = dm.train_rows()
     cache = CurvatureCache(budget_bytes=cache_bytes(model) / 2)
@@ -655,7 +654,7 @@ def test_cached_solves_a_few_blocks_at_a_time_equal_the_direct_solves(blocks_per
     """CG on a cache's float32 blocks, preconditioned by the inverses of the blocks before a rank-one change,
     solves each asked-for block exactly whether they are copied out all at once or a few at a time."""
     if blocks_per_solve is not None:
-        monkeypatch.setattr(curvature_module, "_SOLVE_BYTES", blocks_per_solve * 8 * 5 * 5)  # d = 5
+        monkeypatch.setattr(curvature_module, "_PIECE_BYTES", blocks_per_solve * 8 * 5 * 5)  # d = 5
     g = torch.Generator().manual_seed(0)
     a = torch.randn(12, 5, 5, generator=g, dtype=torch.float64)
     before = a @ a.mT + 0.5 * torch.eye(5, dtype=torch.float64)
@@ -674,7 +673,7 @@ def test_a_cache_solve_refactors_what_its_cg_leaves_and_keeps_those_inverses(blo
     """Blocks without a kept inverse and blocks whose CG stops unconverged are factored afresh (a few at a time or
     all at once): every solution is exact, and only the unconverged blocks keep their new inverse."""
     if blocks_per_solve is not None:
-        monkeypatch.setattr(curvature_module, "_SOLVE_BYTES", blocks_per_solve * 8 * 4 * 4)  # d = 4
+        monkeypatch.setattr(curvature_module, "_PIECE_BYTES", blocks_per_solve * 8 * 4 * 4)  # d = 4
     dm, model = mf_30x25()
     cache = CurvatureCache()
     cache.build(model, dm.train_rows())

@@ -122,7 +122,7 @@ def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) 
     """``out[b] += sum w J J^T`` over the rows whose block is asked for (``index >= 0``), in place.
 
     Accumulated in float64; a float32 ``out`` (a cache under a memory budget) receives each
-    block's float64 sum, rounded once. Those sums are formed for a few blocks at a time (8 MiB,
+    block's float64 sum, rounded once. Those sums are formed for a few blocks at a time (16 MiB,
     a buffer the allocator reuses): one intermediate for every touched block (300 MB for a
     request's 9,000 items at d = 64) spent most of a downdate on zeroing fresh pages.
     """
@@ -136,17 +136,13 @@ def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) 
     held, local = torch.unique(index, return_inverse=True)
     order = torch.argsort(local, stable=True)
     jacobians, weights, local = jacobians[order], weights[order], local[order]
-    per = max(1, _SUM_ELEMENTS // out[0].numel())  # blocks per partial sum
-    firsts = torch.arange(0, len(held) + per, per, device=local.device).clamp_max(len(held))
-    bounds = torch.searchsorted(local, firsts).tolist()  # each group of blocks' rows: a contiguous range
-    for first, lo, hi in zip(firsts.tolist(), bounds, bounds[1:]):
-        count = min(per, len(held) - first)
-        sums = scatter_outer(jacobians[lo:hi], weights[lo:hi], local[lo:hi] - first, count)
-        out.index_add_(0, held[first:first + count], sums.to(out.dtype))
+    for part in _chunks(torch.arange(len(held), device=local.device), out, chunk_bytes=_PIECE_BYTES):
+        lo, hi = torch.searchsorted(local, torch.stack([part[0], part[-1] + 1])).tolist()  # the piece's rows, sorted by block
+        sums = scatter_outer(jacobians[lo:hi], weights[lo:hi], local[lo:hi] - part[0], len(part))
+        out.index_add_(0, held[part], sums.to(out.dtype))
 
 
-_SUM_ELEMENTS = 1 << 20  # float64 partial sums of a float32 cache's blocks, formed at a time (8 MiB)
-_SOLVE_BYTES = 1 << 24  # blocks copied out of a cache and solved at a time, counted in float64
+_PIECE_BYTES = 1 << 24  # float64 blocks a request forms, copies out of a cache or factors at a time
 
 
 def _widths(model: Recommender) -> dict[str, int]:
@@ -377,7 +373,7 @@ class CurvatureCache:
         else:
             fresh = torch.zeros_like(trace, dtype=torch.bool)
         stale = torch.nonzero(~fresh).squeeze(1)
-        for part in _chunks(stale, blocks, chunk_bytes=_SOLVE_BYTES):
+        for part in _chunks(stale, blocks, chunk_bytes=_PIECE_BYTES):
             where = at[part]
             factors, result = factor_blocks(blocks[where].double(), damping=shift)
             store.factors[where], store.damping[where], store.failed[where] = factors.to(blocks.dtype), result.block_damping, result.failed_mask
@@ -437,7 +433,7 @@ class CurvatureCache:
             renew = cached[~converged]
             redo = torch.cat([redo, renew])
         first = len(redo) - len(renew)  # blocks without an inverse keep none: one computed on demand is seldom asked for again
-        for part in _chunks(torch.arange(len(redo), device=redo.device), blocks, chunk_bytes=_SOLVE_BYTES):
+        for part in _chunks(torch.arange(len(redo), device=redo.device), blocks, chunk_bytes=_PIECE_BYTES):
             at = redo[part]
             factors, result = factor_blocks(blocks[slots[at]].double(), damping=shift)
             x[at], failed[at] = solve_factored(factors, rhs[at], result.failed_mask)
@@ -578,7 +574,7 @@ class CurvatureCache:
             table.slot[table.ids[victims]] = -1
             new = ids[missing[:k]]
             table.ids[victims], table.slot[new], table.used[victims] = new, victims, self._reads
-            for part in _chunks(torch.arange(k, device=victims.device), table.blocks, chunk_bytes=_SOLVE_BYTES):
+            for part in _chunks(torch.arange(k, device=victims.device), table.blocks, chunk_bytes=_PIECE_BYTES):
                 table.blocks[victims[part]] = self._source.block(side, new[part]).to(table.blocks.dtype)  # a few MiB at a time
             slots[missing[:k]] = victims
             for store in (self._factored.get(side), self._inverses.get(side)):
@@ -708,7 +704,7 @@ def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shif
     """
     if 4 * len(ids) < 3 * len(blocks):  # float32 blocks (under a budget) stay float32: half the bytes to read per product
         x, converged, iterations = torch.empty_like(rhs), torch.empty(len(ids), dtype=torch.bool, device=rhs.device), 0
-        for part in _chunks(torch.arange(len(ids), device=ids.device), blocks, chunk_bytes=_SOLVE_BYTES):
+        for part in _chunks(torch.arange(len(ids), device=ids.device), blocks, chunk_bytes=_PIECE_BYTES):
             at = ids[part]
             x[part], converged[part], used = pcg_blocks(blocks[at], inverses[at], rhs[part], shift=shift, tol=tol, max_iter=max_iter)
             iterations = max(iterations, used)
