@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
+from lightning_unlearn.data.batches import TrainRows
+from lightning_unlearn.linalg import factor_blocks
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningContext, UnlearningError
@@ -598,6 +600,54 @@ def test_fresh_blocks_equal_the_downdated_cache_to_rounding():
     for side, size in (("users", dm.num_users), ("items", dm.num_items)):
         ids = torch.randperm(size)[:7]
         torch.testing.assert_close(fresh.block(side, ids), cache.block(side, ids), rtol=1e-10, atol=1e-12)
+
+
+def busy_and_sparse_rows(loss: str = "bpr") -> tuple[MF, TrainRows]:
+    """A double MF (d=8) on 40 users x 60 items and 80 rows: user 0 and item 0 in many, most others in a few, item 59 in none."""
+    torch.manual_seed(1)
+    model = MF(40, 60, embedding_dim=8, loss=loss, l2=0.05, init_std=0.3).double()
+    users = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(1, 40, (50,))])
+    items = torch.cat([torch.zeros(40, dtype=torch.long), torch.randint(1, 59, (40,))])[torch.randperm(80)]
+    return model, TrainRows(users, items, torch.randint(1, 59, (80, 2)))
+
+
+@pytest.mark.parametrize("loss", ["bpr", "bce"])
+def test_fresh_solves_take_blocks_of_few_rows_from_their_rows_and_equal_the_direct_solve(loss, monkeypatch):
+    """Blocks of few rows are solved from their rows (never formed), the others formed and factored: all exact (1e-10)."""
+    model, rows = busy_and_sparse_rows(loss)
+    formed = []
+    monkeypatch.setattr(curvature_module, "factor_blocks", lambda b, **kw: formed.append(len(b)) or factor_blocks(b, **kw))
+    fresh, exact = FreshCurvature(model, rows), curvature_blocks(model, rows)
+    for side, size in (("users", 40), ("items", 60)):
+        ids, shift = torch.randperm(size), 0.01
+        few, formed[:] = fresh.few_rows(side, ids), []
+        rhs = torch.randn(size, 8, dtype=torch.float64)
+        x, result, solved, iterations = fresh.solve(side, ids, rhs, shift)
+        expected = torch.linalg.solve(getattr(exact, side)[ids] + shift * torch.eye(8, dtype=torch.float64), rhs)
+        torch.testing.assert_close(x, expected, rtol=1e-10, atol=1e-12)
+        assert 0 < int(few.sum()) < size and formed == [int((~few).sum())] and (solved, iterations, result.failed_blocks) == (size, 0, 0)
+        assert not few[ids == 0].any()  # the busiest user and item are formed
+    torch.testing.assert_close(fresh.solve("items", torch.tensor([59]), torch.ones(1, 8, dtype=torch.float64), 0.5)[0],
+                               torch.full((1, 8), 2.0, dtype=torch.float64))  # no rows: shift I
+
+
+def test_a_downdated_cache_solves_blocks_of_few_rows_from_their_rows_and_counts_them_as_computed():
+    """After a downdate, a cache solve reads the blocks of many rows (CG from kept inverses) and solves the others from the
+    retained rows: every solution exact, the latter counted as misses."""
+    model, rows = busy_and_sparse_rows()
+    cache = CurvatureCache()
+    cache.build(model, rows)
+    cache.precondition("items", 0.01)
+    gone = torch.arange(len(rows)) % 7 == 0
+    retained, ids = rows.select(~gone), torch.arange(60)
+    cache.downdate(model, retained, rows.select(gone))
+    few = FreshCurvature(model, retained).few_rows("items", ids)
+    assert 0 < int(few.sum()) < 60
+    rhs = torch.randn(60, 8, dtype=torch.float64)
+    x, result, refactored, iterations = cache.solve("items", ids, rhs, 0.01, tol=1e-12, max_iter=50)
+    exact = curvature_blocks(model, retained).items + 0.01 * torch.eye(8, dtype=torch.float64)
+    torch.testing.assert_close(x, torch.linalg.solve(exact, rhs), rtol=1e-9, atol=1e-11)
+    assert (cache.misses, cache.hits, refactored) == (int(few.sum()), int((~few).sum()), int(few.sum())) and iterations > 0
 
 
 @pytest.mark.parametrize("solver", ["block", "cg"])

@@ -23,6 +23,7 @@ from lightning_unlearn.linalg import (
     pcg_blocks,
     scatter_outer,
     solve_blocks,
+    solve_low_rank,
     unflatten,
 )
 from lightning_unlearn.linalg.blocks import cholesky_solve, one_thread
@@ -415,6 +416,38 @@ def test_scatter_outer_defaults_downdates_and_validates():
         scatter_outer(jac, None, index + 1, 4)
     with pytest.raises(ValueError, match="weights"):
         scatter_outer(jac, torch.ones(9, dtype=F64), index, 4)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_solve_low_rank_equals_the_direct_solve_of_the_formed_blocks(weighted):
+    """Blocks of 0 to 9 rows of width 6 (below, at and above full rank), some weights 0: Woodbury gives the direct solve."""
+    g = gen(22)
+    counts = torch.tensor([0, 1, 2, 3, 5, 6, 9, 1])
+    index = torch.repeat_interleave(torch.arange(len(counts)), counts)[torch.randperm(int(counts.sum()), generator=g)]
+    jac = torch.randn(len(index), 6, generator=g, dtype=F64)
+    weights = torch.rand(len(index), generator=g, dtype=F64).masked_fill(torch.arange(len(index)) % 4 == 0, 0.0) if weighted else None
+    alpha = torch.rand(len(counts), generator=g, dtype=F64) + 0.05
+    rhs = torch.randn(len(counts), 6, generator=g, dtype=F64)
+    x, failed = solve_low_rank(jac, weights, index, alpha, rhs)
+    blocks = scatter_outer(jac, weights, index, len(counts)) + torch.diag_embed(alpha.unsqueeze(1).expand(-1, 6))
+    torch.testing.assert_close(x, torch.linalg.solve(blocks, rhs), rtol=1e-10, atol=1e-12)
+    assert not failed.any()
+    torch.testing.assert_close(x[0], rhs[0] / alpha[0])  # no rows: alpha I
+
+
+def test_solve_low_rank_validates_and_flags_what_it_cannot_trust():
+    jac, index, rhs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=F64), torch.tensor([0, 0, 1]), torch.ones(2, 2, dtype=F64)
+    x, failed = solve_low_rank(jac * 1e4, None, index, torch.tensor([1e-20, 1.0], dtype=F64), rhs)  # block 0: two equal rows, alpha ~ 0
+    assert failed.tolist() == [True, False] and torch.equal(x[0], torch.zeros(2, dtype=F64))
+    torch.testing.assert_close(x[1], torch.linalg.solve(torch.tensor([[1.0, 0.0], [0.0, 1e8 + 1.0]], dtype=F64), rhs[1]))
+    with pytest.raises(ValueError, match="weight >= 0"):
+        solve_low_rank(jac, torch.tensor([1.0, -1.0, 1.0], dtype=F64), index, torch.ones(2, dtype=F64), rhs)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        solve_low_rank(jac, None, index, torch.tensor([1.0, 0.0], dtype=F64), rhs)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        solve_low_rank(jac, None, index + 1, torch.ones(2, dtype=F64), rhs)
+    with pytest.raises(ValueError, match="rhs"):
+        solve_low_rank(jac, None, index, torch.ones(2, dtype=F64), rhs[:, :1])
 
 
 def random_spd_blocks(g, n=6, d=4):

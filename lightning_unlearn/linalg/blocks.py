@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BlockPreconditioner", "BlockSolveResult", "cholesky_solve", "factor_blocks", "inverse_factored", "one_thread", "pcg_blocks",
-           "scatter_outer", "solve_blocks", "solve_factored"]
+           "scatter_outer", "solve_blocks", "solve_factored", "solve_low_rank"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the (rows, d, d) intermediate of scatter_outer (64 MiB in float32)
 _OUT_ELEMENTS = 1 << 20  # blocks formed per batched product: the (blocks, d, d) product is added while it is still in cache
@@ -102,31 +102,113 @@ def scatter_outer(
             out.index_add_(0, index[start:start + step], torch.bmm((j * wc.unsqueeze(-1)).transpose(1, 2), j).to(out.dtype))
         return out
     # One output per row: writing a d x d product per row would dominate. Group the rows by
-    # block (one sort), pad each block to a power of two, and form every block's Gram matrix
-    # with one batched matmul per size class (7x faster for 1.6M rows, d=64, on 2 cores).
-    x, ww = jac.reshape(-1, d).to(dtype), w.reshape(-1).to(dtype)
-    block = index.repeat_interleave(m)
-    order = torch.argsort(block, stable=True)
-    x, ww, block = x[order], ww[order], block[order]
-    counts = torch.bincount(block, minlength=num_blocks)
-    position = torch.arange(len(block), device=block.device) - (torch.cumsum(counts, 0) - counts)[block]
-    present = torch.nonzero(counts).flatten()
-    size_class = torch.ceil(torch.log2(counts[present].double())).long()
+    # block, pad each block to a power of two, and form every block's Gram matrix with one
+    # batched matmul per size class (7x faster for 1.6M rows, d=64, on 2 cores).
+    x = jac.reshape(-1, d).to(dtype)
     budget = chunk_size * m * d if chunk_size else _CHUNK_ELEMENTS
-    local = torch.full((num_blocks,), -1, dtype=torch.long, device=block.device)
-    for size in torch.unique(size_class).tolist():  # a loop over a few size classes, not over blocks
-        blocks = present[size_class == size]
-        width = 1 << size
-        for chunk in blocks.split(max(1, min(budget // (width * d), _OUT_ELEMENTS // (d * d)))):
-            local[chunk] = torch.arange(len(chunk), device=block.device)
-            member = local[block] >= 0
-            padded = x.new_zeros(len(chunk), width, d)
-            padded[local[block[member]], position[member]] = x[member]
-            weighted = x.new_zeros(len(chunk), width, d)
-            weighted[local[block[member]], position[member]] = x[member] * ww[member].unsqueeze(1)
-            out.index_add_(0, chunk, torch.bmm(weighted.transpose(1, 2), padded).to(out.dtype))  # in place: no copy of out[chunk]
-            local[chunk] = -1
+    pieces = _padded_by_block((x, x * w.reshape(-1, 1).to(dtype)), index.repeat_interleave(m), num_blocks, budget, d * d)
+    for blocks, (plain, weighted) in pieces:
+        out.index_add_(0, blocks, torch.bmm(weighted.transpose(1, 2), plain).to(out.dtype))  # in place: no copy of out[blocks]
     return out
+
+
+def _padded_by_block(values: tuple[Tensor, ...], index: Tensor, num_blocks: int, budget: int,
+                     out_elements: int) -> Iterator[tuple[Tensor, tuple[Tensor, ...]]]:
+    """Rows ``(R, c)`` of each of ``values`` grouped by ``index``: pieces ``(blocks, ((len(blocks), width, c), ...))``, zero rows padding each block.
+
+    Rows are grouped with one sort; blocks of a similar number of rows share a width (the next
+    power of two), so a piece is one batched product, with a loop over a few size classes and
+    pieces, never over blocks. A piece holds about ``budget`` padded elements of the first of
+    ``values``, and at most ``_OUT_ELEMENTS // out_elements`` blocks (its product of
+    ``out_elements`` per block stays in cache).
+    """
+    counts = torch.bincount(index, minlength=num_blocks)
+    size_class = torch.ceil(torch.log2(counts.clamp_min(1).double())).long()
+    # rows sorted by (size class, block): each piece's rows are one contiguous range, cut by slicing
+    order = torch.argsort(size_class[index] * num_blocks + index, stable=True)
+    block = index[order]  # the values are gathered a piece at a time: no sorted copy of them all
+    present = torch.nonzero(counts).flatten()
+    present = present[torch.argsort(size_class[present], stable=True)]  # blocks in the rows' order
+    rank, start = torch.empty(num_blocks, dtype=torch.long, device=index.device), torch.zeros_like(counts)
+    rank[present] = torch.arange(len(present), device=index.device)
+    ends = torch.cumsum(counts[present], 0)
+    start[present] = ends - counts[present]
+    position = torch.arange(len(block), device=block.device) - start[block]  # of each row within its block
+    ends = ends.tolist()
+    first = 0
+    for size, number in zip(*(t.tolist() for t in torch.unique_consecutive(size_class[present], return_counts=True))):
+        width = 1 << size
+        step = max(1, min(budget // (width * values[0].shape[1]), _OUT_ELEMENTS // out_elements))
+        for lo in range(first, first + number, step):
+            hi = min(lo + step, first + number)
+            rows = slice(ends[lo - 1] if lo else 0, ends[hi - 1])
+            at, source = (rank[block[rows]] - lo, position[rows]), order[rows]
+            padded = tuple(v.new_zeros(hi - lo, width, v.shape[1]) for v in values)
+            for p, v in zip(padded, values):
+                p[at] = v[source]
+            yield present[lo:hi], padded
+        first += number
+
+
+def solve_low_rank(jacobians: Tensor, weights: Tensor | None, index: Tensor, alpha: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve ``(alpha_b I + sum_{r: index_r = b} w_r J_r J_r^T) x_b = rhs_b`` for every block from its rows, never forming it.
+
+    A block of ``k < d`` rows is a scaled identity plus a matrix of rank ``k``. The Woodbury
+    identity, with ``G_b`` the block's rows ``sqrt(w_r) J_r`` stacked, solves it with a ``k x k``
+    Cholesky factorisation instead of a ``d x d`` one:
+    ``x_b = (rhs_b - G_b^T (alpha_b I + G_b G_b^T)^-1 G_b rhs_b) / alpha_b``. Cost and memory
+    follow the rows (``k^2 d`` per block), not ``d^3``; with ``k`` near ``d`` form the blocks
+    (:func:`scatter_outer`) and factor them instead.
+
+    Args:
+        jacobians: ``(R, d)`` rows.
+        weights: ``(R,)`` weights ``>= 0`` (a Gauss-Newton curvature), or ``None`` for 1.
+        index: ``(R,)`` block of each row, in ``[0, n)``.
+        alpha: ``(n,)`` diagonal of each block, ``> 0`` (e.g. damping plus an L2 term).
+        rhs: ``(n, d)`` right-hand sides.
+
+    Returns:
+        ``(x, failed)``: the solutions in ``rhs``'s dtype, and a ``(n,)`` bool mask of blocks
+        whose small factorisation failed or was too ill-conditioned to trust (their ``x`` is 0):
+        solve those by :func:`factor_blocks`, whose escalation applies.
+
+    Raises:
+        ValueError: on mismatched shapes, a negative weight, an ``alpha`` that is not ``> 0``
+            and finite, or an index outside ``[0, n)``.
+
+    Example:
+        >>> J, w, index = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64), None, torch.tensor([0, 0])
+        >>> alpha, rhs = torch.tensor([0.5], dtype=torch.float64), torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+        >>> x, failed = solve_low_rank(J, w, index, alpha, rhs)
+        >>> block = 0.5 * torch.eye(2, dtype=torch.float64) + J.T @ J
+        >>> torch.allclose(x[0], torch.linalg.solve(block, rhs[0])), bool(failed[0])
+        (True, False)
+    """
+    n, d = rhs.shape if rhs.dim() == 2 else (None, None)
+    if n is None or jacobians.dim() != 2 or jacobians.shape[1] != d or index.shape != jacobians.shape[:1] or alpha.shape != (n,):
+        raise ValueError(f"solve_low_rank needs jacobians (R, d), index (R,), alpha (n,) and rhs (n, d); got {tuple(jacobians.shape)}, "
+                         f"{tuple(index.shape)}, {tuple(alpha.shape)}, {tuple(rhs.shape)}.")
+    if weights is not None and (weights.shape != index.shape or bool((weights < 0).any())):
+        raise ValueError("solve_low_rank needs one weight >= 0 per row (a Gauss-Newton curvature): "
+                         "a negative weight has no square root.")
+    if not bool(torch.isfinite(alpha).all() and (alpha > 0).all()):
+        raise ValueError("solve_low_rank needs every alpha > 0 and finite: the blocks must be positive definite.")
+    if len(index) and (int(index.min()) < 0 or int(index.max()) >= n):
+        raise ValueError(f"index must lie in [0, {n}), got values in [{int(index.min())}, {int(index.max())}].")
+    rows = jacobians.to(rhs.dtype) * (1.0 if weights is None else weights.to(rhs.dtype).sqrt().unsqueeze(1))
+    x = rhs / alpha.unsqueeze(1)  # a block without rows is alpha I
+    failed = torch.zeros(n, dtype=torch.bool, device=rhs.device)
+    for blocks, (g,) in _padded_by_block((rows,), index, n, _CHUNK_ELEMENTS, d * d):
+        a, b = alpha[blocks], rhs[blocks]
+        small = torch.baddbmm(torch.diag_embed(a.unsqueeze(1).expand(-1, g.shape[1])), g, g.mT)
+        with one_thread(rhs.device):
+            chol, info = torch.linalg.cholesky_ex(small)
+        ok = _usable(chol, info)
+        t = cholesky_solve(torch.bmm(g, b.unsqueeze(-1)), chol)
+        solved = (b - torch.bmm(g.mT, t).squeeze(-1)) / a.unsqueeze(1)
+        ok &= torch.isfinite(solved).all(1)
+        x[blocks], failed[blocks] = solved.masked_fill(~ok.unsqueeze(1), 0.0), ~ok
+    return x, failed
 
 
 @dataclass(frozen=True, eq=False)

@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.linalg import BlockSolveResult, factor_blocks, inverse_factored, pcg_blocks, scatter_outer, solve_factored
+from lightning_unlearn.linalg import (
+    BlockSolveResult,
+    factor_blocks,
+    inverse_factored,
+    pcg_blocks,
+    scatter_outer,
+    solve_factored,
+    solve_low_rank,
+)
 from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
@@ -79,6 +88,22 @@ def _add_curvature(model: Recommender, vectors: tuple[Tensor, Tensor], rows: Tra
 
     ``vectors`` are the model's (detached) user and item representations.
     """
+    for side, jacobians, weights, ids in _terms(model, vectors, rows, chunk_size):
+        blocks, slot = (out.users, user_slot) if side == "users" else (out.items, item_slot)
+        _accumulate(blocks, jacobians, sign * weights, slot[ids])
+        _add_diagonal(blocks, slot[ids], sign * model.l2)  # the L2 term: l2 I per occurrence of the user (item) in a row
+
+
+@torch.no_grad()
+def _terms(model: Recommender, vectors: tuple[Tensor, Tensor], rows: TrainRows,
+           chunk_size: int = 16384) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
+    """The Gauss-Newton terms of ``rows``' data curvature, a chunk of rows at a time: ``(side, J, w, ids)``.
+
+    ``sum w J J^T`` over the terms of one id is the data part of its block; ``ids`` (one per
+    row for users, one per slot for items) are also its L2 occurrences. Users: ``J`` is
+    ``(R, m, du)`` and ``w`` ``(R, m)`` (BPR: the ``k`` score differences; BCE: the ``1 + k``
+    scores); items: ``J`` is ``(R (1 + k), di)`` and ``w`` ``(R (1 + k),)``.
+    """
     user_vectors, item_vectors = vectors
     du, di = user_vectors.shape[1], item_vectors.shape[1]
     for start in range(0, len(rows), chunk_size):
@@ -92,15 +117,12 @@ def _add_curvature(model: Recommender, vectors: tuple[Tensor, Tensor], rows: Tra
         if model.loss_name == "bpr":
             y = z[:, 1:] - z[:, :1]
             w = torch.sigmoid(y) * torch.sigmoid(-y)  # (R, k)
-            _accumulate(out.users, ju[:, 1:] - ju[:, :1], sign * w, user_slot[users])
+            yield "users", ju[:, 1:] - ju[:, :1], w, users
             item_weights = torch.cat([w.sum(1, keepdim=True), w], dim=1)
         else:
             item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
-            _accumulate(out.users, ju, sign * item_weights, user_slot[users])
-        _accumulate(out.items, jv.reshape(-1, di), sign * item_weights.reshape(-1), item_slot[slots.reshape(-1)])
-        # the L2 term: l2 I per occurrence of the user (item) in a row
-        _add_diagonal(out.users, user_slot[users], sign * model.l2)
-        _add_diagonal(out.items, item_slot[slots.reshape(-1)], sign * model.l2)
+            yield "users", ju, item_weights, users
+        yield "items", jv.reshape(-1, di), item_weights.reshape(-1), slots.reshape(-1)
 
 
 def _add_diagonal(out: Tensor, index: Tensor, value: float) -> None:
@@ -194,8 +216,8 @@ class CurvatureCache:
     (float32 storage of blocks, factors and inverses, float64 accumulation and solves; all three count against the budget),
     starting with the users and items of most rows. A block it does not hold is computed when
     asked for, from the retained rows that touch it (as :class:`FreshCurvature` does), and takes
-    the slot of the least recently used one. Without a budget, or when everything fits, every
-    block is held in float64.
+    the slot of the least recently used one (:meth:`solve` takes none: it solves such a block from
+    its rows). Without a budget, or when everything fits, every block is held in float64.
 
     Args:
         budget_bytes: the most the blocks, their factors and inverses may take (``None``: no bound).
@@ -398,10 +420,13 @@ class CurvatureCache:
         preconditioned with the old inverse (:func:`~lightning_unlearn.linalg.pcg_blocks`)
         reaches the current block's solution in a few batched matrix-vector products. Blocks
         whose CG does not converge are factorised afresh (with
-        :func:`~lightning_unlearn.linalg.factor_blocks`' escalation) and their inverses renewed;
-        blocks without a kept inverse (those computed on demand) are factorised and solved, and
-        keep none (an inverse costs as much again, and such a block is seldom asked for again).
-        Unlike :meth:`factors` with a tolerance, nothing stale enters the solution.
+        :func:`~lightning_unlearn.linalg.factor_blocks`' escalation) and their inverses renewed.
+        After a :meth:`downdate`, blocks of few rows (:meth:`FreshCurvature.few_rows`: a low-rank
+        term plus a scaled identity) and blocks not held are solved from the retained rows that
+        touch them (:meth:`FreshCurvature.solve`): reading a held block and its inverse in every
+        CG iteration costs more than its few rows, and a block not held takes no slot (it is
+        seldom asked for again). Unlike :meth:`factors` with a tolerance, nothing stale enters
+        the solution.
 
         Args:
             side: ``"users"`` or ``"items"``.
@@ -413,9 +438,34 @@ class CurvatureCache:
 
         Returns:
             ``(x, result, refactored, iterations)``: the solutions (0 for failed blocks), the
-            damping each block needed, how many blocks were factorised now, and the CG iterations run.
+            damping each block needed, how many blocks were solved afresh (factorised now, or
+            from their rows), and the CG iterations run.
+
+        Raises:
+            RuntimeError: a block is not held and the cache was not downdated (no rows to compute it from).
         """
-        slots, extra = self._lookup(side, ids)
+        x = torch.zeros_like(rhs)
+        damping = torch.full((len(ids),), float(shift), dtype=torch.float64, device=rhs.device)
+        failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
+        ids = ids.to(self._tables[side].slot.device)
+        away = torch.zeros_like(ids, dtype=torch.bool)
+        if self._source is not None:
+            away = (self._tables[side].slot[ids] < 0) | self._source.few_rows(side, ids)
+        here, away = torch.nonzero(~away).squeeze(1), torch.nonzero(away).squeeze(1)
+        refactored, iterations = 0, 0
+        if len(here):
+            x[here], damping[here], failed[here], refactored, iterations = self._solve_held(side, ids[here], rhs[here], shift, tol,
+                                                                                           max_iter)
+        if len(away):
+            x[away], result, solved, _ = self._source.solve(side, ids[away], rhs[away], shift)
+            damping[away], failed[away], refactored, self.misses = result.block_damping, result.failed_mask, refactored + solved, \
+                self.misses + len(away)
+        return x, BlockSolveResult.from_damping(damping, failed, shift), refactored, iterations
+
+    def _solve_held(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None,
+                    max_iter: int) -> tuple[Tensor, Tensor, Tensor, int, int]:
+        """:meth:`solve` of held blocks: ``(x, damping, failed, refactored, iterations)``."""
+        slots, _ = self._lookup(side, ids)  # every one is held (or the lookup raises: nothing to compute it from)
         blocks = self._tables[side].blocks
         store = self._inverses.get(side)
         if store is None:
@@ -423,9 +473,8 @@ class CurvatureCache:
         x = torch.zeros_like(rhs)
         damping = torch.full((len(ids),), float(shift), dtype=torch.float64, device=rhs.device)
         failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
-        kept = torch.zeros_like(failed)
-        kept[slots >= 0] = store.valid[slots[slots >= 0]]
-        cached, redo = torch.nonzero(kept).squeeze(1), torch.nonzero((slots >= 0) & ~kept).squeeze(1)
+        kept = store.valid[slots]
+        cached, redo = torch.nonzero(kept).squeeze(1), torch.nonzero(~kept).squeeze(1)
         iterations, renew = 0, cached[:0]
         if len(cached):
             solved, converged, iterations = _pcg_cached(blocks, store.inverse, slots[cached], rhs[cached], shift, tol, max_iter)
@@ -440,13 +489,7 @@ class CurvatureCache:
             damping[at] = result.block_damping
             again = part >= first
             store.keep(slots[at[again]], factors[again], failed[at[again]])
-        refactored = len(redo)
-        if extra is not None:
-            rest = torch.nonzero(slots < 0).squeeze(1)
-            factors, result = factor_blocks(extra, damping=shift)
-            x[rest], failed[rest] = solve_factored(factors, rhs[rest], result.failed_mask)
-            damping[rest], refactored = result.block_damping, refactored + len(rest)
-        return x, BlockSolveResult.from_damping(damping, failed, shift), refactored, iterations
+        return x, damping, failed, len(redo), iterations
 
     def preconditioned(self, side: str, shift: float) -> bool:
         """Whether :meth:`precondition` has kept inverses for ``side`` (``"users"`` or ``"items"``) damped by ``shift``.
@@ -662,29 +705,89 @@ class FreshCurvature:
 
     def __init__(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None):
         self.model, self.rows, self.context = model, rows, context or UnlearningContext()
+        self._counts: dict[str, Tensor] = {}  # per side: occurrences of every id in rows (its L2 terms), counted when first needed
+
+    def _touching(self, side: str, ids: Tensor) -> TrainRows:
+        """The rows whose loss involves one of ``ids`` of ``side``."""
+        model, rows = self.model, self.rows
+        mask = rows_of_users(rows, ids, model.num_users) if side == "users" else rows_of_items(rows, ids, model.num_items)
+        return restrict(rows, mask)
 
     def block(self, side: str, ids: Tensor) -> Tensor:
         """The ``(len(ids), d, d)`` blocks ``ids`` of ``side`` (``"users"`` or ``"items"``), from the rows that involve them."""
-        model, rows = self.model, self.rows
-        ids = ids.to(rows.users.device)
-        if side == "users":
-            touching, other = rows_of_users(rows, ids, model.num_users), "items"
-        else:
-            touching, other = rows_of_items(rows, ids, model.num_items), "users"
-        blocks = curvature_blocks(model, self.context.shard(restrict(rows, touching)), **{side: ids, other: ids[:0]})
+        ids = ids.to(self.rows.users.device)
+        other = "items" if side == "users" else "users"
+        blocks = curvature_blocks(self.model, self.context.shard(self._touching(side, ids)), **{side: ids, other: ids[:0]})
         return self.context.reduce(getattr(blocks, side))
+
+    def few_rows(self, side: str, ids: Tensor) -> Tensor:
+        """Which blocks ``ids`` of ``side`` have a data part of rank at most half their width: :meth:`solve` takes them from their rows.
+
+        The rank is bounded by the block's Gauss-Newton terms: one per occurrence of an item,
+        ``k`` (BPR) or ``1 + k`` (BCE) per row of a user. On several processes no block is taken
+        from its rows (its terms are spread over the processes' shards): every one is formed.
+
+        Example:
+            >>> from lightning_unlearn.models import MF
+            >>> rows = TrainRows(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2]), torch.tensor([[0], [0], [1]]))
+            >>> FreshCurvature(MF(2, 3, embedding_dim=4), rows).few_rows("items", torch.tensor([0, 2])).tolist()  # 2 terms each, <= 4 / 2
+            [True, True]
+        """
+        if self.context.world_size > 1:
+            return torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        if side not in self._counts:
+            self._counts[side] = occurrences(self.rows, side, self.model)
+        per_row = 1 if side == "items" else self.rows.negatives.shape[1] + (self.model.loss_name != "bpr")
+        return 2 * per_row * self._counts[side][ids.to(self._counts[side].device)].to(ids.device) <= _widths(self.model)[side]
 
     def solve(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None = None,
               max_iter: int = 10) -> tuple[Tensor, BlockSolveResult, int, int]:
-        """Solve ``(B_i + shift I) x_i = rhs_i`` for the blocks ``ids`` of ``side``, as :meth:`CurvatureCache.solve` does.
+        """Solve ``(B_i + shift I) x_i = rhs_i`` for the blocks ``ids`` of ``side``, as :meth:`CurvatureCache.solve` does, directly.
 
-        ``tol`` and ``max_iter`` are accepted for the cache's signature; every block is
-        factorised afresh (with :func:`~lightning_unlearn.linalg.factor_blocks`' escalation), so
-        the solve is direct.
+        A block of few rows (:meth:`few_rows`: most of a sparse catalog's) is a scaled identity,
+        ``shift`` plus its L2 terms, and a term of low rank: it is solved from the rows that
+        touch it with :func:`~lightning_unlearn.linalg.solve_low_rank`, without forming it. The
+        other blocks are formed and factorised (with
+        :func:`~lightning_unlearn.linalg.factor_blocks`' escalation, as are blocks the small
+        factorisation could not solve). ``tol`` and ``max_iter`` are accepted for the cache's
+        signature.
+
+        Returns:
+            ``(x, result, solved, 0)``: the solutions (0 for failed blocks), the damping each
+            needed, how many blocks were solved afresh (all), and no CG iterations.
         """
-        factors, result = factor_blocks(self.block(side, ids), damping=shift)
-        x, failed = solve_factored(factors, rhs, result.failed_mask)
-        return x, BlockSolveResult.from_damping(result.block_damping, failed, shift), len(ids), 0
+        x = torch.zeros_like(rhs)
+        damping = torch.full((len(ids),), float(shift), dtype=torch.float64, device=rhs.device)
+        failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
+        few = self.few_rows(side, ids)
+        if bool(few.any()) and not shift > 0:  # the scaled identity, shift plus the L2 terms, must be positive definite
+            few &= self.model.l2 * self._counts[side][ids] > 0
+        formed = torch.nonzero(~few).squeeze(1)
+        if bool(few.any()):
+            low = torch.nonzero(few).squeeze(1)
+            x[low], bad = self._solve_from_rows(side, ids[low], rhs[low], shift)
+            formed = torch.cat([formed, low[bad]])
+        if len(formed):
+            factors, result = factor_blocks(self.block(side, ids[formed]), damping=shift)
+            x[formed], failed[formed] = solve_factored(factors, rhs[formed], result.failed_mask)
+            damping[formed] = result.block_damping
+        return x, BlockSolveResult.from_damping(damping, failed, shift), len(ids), 0
+
+    def _solve_from_rows(self, side: str, ids: Tensor, rhs: Tensor, shift: float) -> tuple[Tensor, Tensor]:
+        """:func:`~lightning_unlearn.linalg.solve_low_rank` on the Gauss-Newton terms of the rows touching ``ids``."""
+        model, device = self.model, self.rows.users.device
+        slot, ids = _slots(ids, model.num_users if side == "users" else model.num_items, device)
+        with torch.no_grad():
+            vectors = tuple(t.detach() for t in model.representations())
+        parts = [(rhs.new_zeros(0, rhs.shape[1]), rhs.new_zeros(0), slot[:0])]  # blocks without rows: shift I
+        for name, jacobians, weights, where in _terms(model, vectors, self._touching(side, ids)):
+            if name == side:  # a user's row has several terms (its J is (R, m, d)), an item's slot one
+                index = slot[where].repeat_interleave(weights.numel() // max(len(where), 1))
+                keep = index >= 0
+                parts.append((jacobians.reshape(len(index), -1)[keep], weights.reshape(-1)[keep], index[keep]))
+        jacobians, weights, index = (torch.cat(column) for column in zip(*parts))
+        alpha = shift + model.l2 * self._counts[side][ids].double()  # few_rows counted them
+        return solve_low_rank(jacobians, weights, index, alpha.to(rhs.device), rhs)
 
 
 def _chunks(slots: Tensor, blocks: Tensor, chunk_bytes: int = 2**27) -> tuple[Tensor, ...]:
