@@ -458,8 +458,8 @@ class CurvatureCache:
                                                                                            max_iter)
         if len(away):
             x[away], result, solved, _ = self._source.solve(side, ids[away], rhs[away], shift)
-            damping[away], failed[away], refactored, self.misses = result.block_damping, result.failed_mask, refactored + solved, \
-                self.misses + len(away)
+            damping[away], failed[away] = result.block_damping, result.failed_mask
+            refactored, self.misses = refactored + solved, self.misses + len(away)
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored, iterations
 
     def _solve_held(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None,
