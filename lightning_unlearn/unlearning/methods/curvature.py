@@ -95,14 +95,16 @@ def _add_curvature(model: Recommender, vectors: tuple[Tensor, Tensor], rows: Tra
 
 
 @torch.no_grad()
-def _terms(model: Recommender, vectors: tuple[Tensor, Tensor], rows: TrainRows,
-           chunk_size: int = 16384) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
+def _terms(model: Recommender, vectors: tuple[Tensor, Tensor], rows: TrainRows, chunk_size: int = 16384,
+           items: Tensor | None = None) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
     """The Gauss-Newton terms of ``rows``' data curvature, a chunk of rows at a time: ``(side, J, w, ids)``.
 
     ``sum w J J^T`` over the terms of one id is the data part of its block; ``ids`` (one per
     row for users, one per slot for items) are also its L2 occurrences. Users: ``J`` is
     ``(R, m, du)`` and ``w`` ``(R, m)`` (BPR: the ``k`` score differences; BCE: the ``1 + k``
-    scores); items: ``J`` is ``(R (1 + k), di)`` and ``w`` ``(R (1 + k),)``.
+    scores); items: ``J`` is ``(R (1 + k), di)`` and ``w`` ``(R (1 + k),)``. With ``items``, a
+    ``(num_items,)`` bool mask, only the terms of those items' slots are yielded, and only their
+    Jacobians computed (a row touching an item holds it in one of its ``1 + k`` slots).
     """
     user_vectors, item_vectors = vectors
     du, di = user_vectors.shape[1], item_vectors.shape[1]
@@ -112,17 +114,20 @@ def _terms(model: Recommender, vectors: tuple[Tensor, Tensor], rows: TrainRows,
         slots = item_slots(batch)  # (R, 1+k)
         u, v = user_vectors[users].unsqueeze(1).expand(-1, slots.shape[1], -1), item_vectors[slots]
         z = model.interact(u, v)
-        ju, jv = model.interact_jacobians(u.reshape(-1, du), v.reshape(-1, di))
-        ju, jv = ju.reshape(*slots.shape, du), jv.reshape(*slots.shape, di)
         if model.loss_name == "bpr":
             y = z[:, 1:] - z[:, :1]
             w = torch.sigmoid(y) * torch.sigmoid(-y)  # (R, k)
-            yield "users", ju[:, 1:] - ju[:, :1], w, users
             item_weights = torch.cat([w.sum(1, keepdim=True), w], dim=1)
         else:
-            item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
-            yield "users", ju, item_weights, users
-        yield "items", jv.reshape(-1, di), item_weights.reshape(-1), slots.reshape(-1)
+            w = item_weights = torch.sigmoid(z) * torch.sigmoid(-z)  # (R, 1+k)
+        if items is not None:
+            r, s = torch.nonzero(items[slots], as_tuple=True)
+            yield "items", model.interact_jacobians(u[r, s], v[r, s])[1], item_weights[r, s], slots[r, s]
+            continue
+        ju, jv = model.interact_jacobians(u.reshape(-1, du), v.reshape(-1, di))
+        ju = ju.reshape(*slots.shape, du)
+        yield "users", ju[:, 1:] - ju[:, :1] if model.loss_name == "bpr" else ju, w, users
+        yield "items", jv, item_weights.reshape(-1), slots.reshape(-1)
 
 
 def _add_diagonal(out: Tensor, index: Tensor, value: float) -> None:
@@ -780,7 +785,8 @@ class FreshCurvature:
         with torch.no_grad():
             vectors = tuple(t.detach() for t in model.representations())
         parts = [(rhs.new_zeros(0, rhs.shape[1]), rhs.new_zeros(0), slot[:0])]  # blocks without rows: shift I
-        for name, jacobians, weights, where in _terms(model, vectors, self._touching(side, ids)):
+        wanted = slot >= 0 if side == "items" else None  # an item's terms: only its own slots of the rows touching it
+        for name, jacobians, weights, where in _terms(model, vectors, self._touching(side, ids), items=wanted):
             if name == side:  # a user's row has several terms (its J is (R, m, d)), an item's slot one
                 index = slot[where].repeat_interleave(weights.numel() // max(len(where), 1))
                 keep = index >= 0
