@@ -787,10 +787,9 @@ class FreshCurvature:
         parts = [(rhs.new_zeros(0, rhs.shape[1]), rhs.new_zeros(0), slot[:0])]  # blocks without rows: shift I
         wanted = slot >= 0 if side == "items" else None  # an item's terms: only its own slots of the rows touching it
         for name, jacobians, weights, where in _terms(model, vectors, self._touching(side, ids), items=wanted):
-            if name == side:  # a user's row has several terms (its J is (R, m, d)), an item's slot one
+            if name == side:  # every term is a wanted id's; a user's row has several (its J is (R, m, d)), an item's slot one
                 index = slot[where].repeat_interleave(weights.numel() // max(len(where), 1))
-                keep = index >= 0
-                parts.append((jacobians.reshape(len(index), -1)[keep], weights.reshape(-1)[keep], index[keep]))
+                parts.append((jacobians.reshape(len(index), -1), weights.reshape(-1), index))
         jacobians, weights, index = (torch.cat(column) for column in zip(*parts))
         alpha = shift + model.l2 * self._counts[side][ids].double()  # few_rows counted them
         return solve_low_rank(jacobians, weights, index, alpha.to(rhs.device), rhs)
