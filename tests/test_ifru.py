@@ -16,7 +16,7 @@ from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningCont
 from lightning_unlearn.unlearning.methods import curvature as curvature_module
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
-from lightning_unlearn.unlearning.methods.scope import Scope, reset_to_initialisation, touched
+from lightning_unlearn.unlearning.methods.scope import Scope, occurrences, reset_to_initialisation, touched
 
 
 def optimise(model, rows, tables) -> float:
@@ -552,7 +552,8 @@ def test_later_requests_reuse_kept_inverses_and_still_solve_exactly():
     dm, model = mf_30x25()
     method = IFRU(damping=1e-6, solver="block", tol=1e-12)
     method.prepare(model, dm.train_rows())
-    method.unlearn(model, dm.train_rows(), dm.remove(torch.tensor([0, 40])))
+    first = dm.remove(torch.tensor([0, 40]))
+    method.unlearn(model, dm.train_rows(), first)
     deleted = dm.remove(torch.tensor([3, 77, 120]))
     retained, n = dm.train_rows(), len(dm.train_rows())
     before = copy.deepcopy(model)
@@ -600,6 +601,39 @@ def test_fresh_blocks_equal_the_downdated_cache_to_rounding():
     for side, size in (("users", dm.num_users), ("items", dm.num_items)):
         ids = torch.randperm(size)[:7]
         torch.testing.assert_close(fresh.block(side, ids), cache.block(side, ids), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_a_cache_keeps_its_rows_occurrences_through_downdates_refuses_other_rows_and_rolls_them_back(budget):
+    """The occurrences a cache keeps equal a count over the retained rows after each downdate (a request's orphans
+    are read from them); rows that do not add up to the cache's are refused with nothing changed; a rollback
+    restores the counts and forgets the rolled-back request's rows."""
+    dm, model = mf_30x25()
+    cache = CurvatureCache(None if budget is None else budget * cache_bytes(model))
+    cache.build(model, dm.train_rows())
+    built = {side: cache.occurrences(side).clone() for side in ("users", "items")}
+    cache.mark()
+    for rows, users in ((torch.zeros(0, dtype=torch.long), torch.tensor([2])), (torch.tensor([5, 9, 70]), None)):
+        deleted, retained = dm.remove(rows, users=users), dm.train_rows()
+        cache.downdate(model, retained, deleted)
+        counts = {side: cache.occurrences(side) for side in ("users", "items")}
+        for side in counts:
+            assert torch.equal(counts[side], occurrences(retained, side, model))
+        kept, counted = Scope.of(model, retained, deleted, counts=counts), Scope.of(model, retained, deleted)
+        assert all(torch.equal(getattr(kept, f), getattr(counted, f)) for f in ("users", "items", "orphan_users", "orphan_items"))
+        assert kept.orphan_users.tolist() == ([] if users is None else [2])
+    blocks = getattr(cache.blocks, "users").clone()
+    with pytest.raises(RuntimeError, match=r"retained \(\d+\) and deleted \(3\) rows add up to"):
+        cache.downdate(model, dm.train_rows(), deleted)  # already downdated by these rows
+    assert torch.equal(cache.blocks.users, blocks) and torch.equal(cache.occurrences("items"), counts["items"])
+    cache.rollback()
+    assert all(torch.equal(cache.occurrences(side), built[side]) for side in built)
+    if budget is not None:  # a block not held has no rows to be computed from until the next downdate
+        missing = torch.nonzero(cache._tables["items"].slot < 0).squeeze(1)[:1]
+        with pytest.raises(RuntimeError, match="no rows to compute them from"):
+            cache.block("items", missing)
+    with pytest.raises(RuntimeError, match="empty"):
+        CurvatureCache().occurrences("users")
 
 
 def busy_and_sparse_rows(loss: str = "bpr") -> tuple[MF, TrainRows]:

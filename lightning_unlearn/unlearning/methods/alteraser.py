@@ -274,8 +274,9 @@ class AltEraser(SecondOrderUnlearner):
         if anchor is not None:
             anchor.fresh, anchor.scores = False, None
             engine.linear = anchor.grads if self.objective == "anchored" else {}
+        counts = None if cache is None else {side: cache.occurrences(side) for side in ("users", "items")}
         scope = Scope.everything(model, retained) if self.scope == "all" else \
-            Scope.of(model, retained, deleted, hops=self.k_hop if self.scope == "affected+k-hop" else 0)
+            Scope.of(model, retained, deleted, hops=self.k_hop if self.scope == "affected+k-hop" else 0, counts=counts)
         users, items = scope.users, scope.items
         ids = {"user_embedding": users if sides["user_embedding"].trainable else users[:0],
                "item_embedding": items if sides["item_embedding"].trainable else items[:0]}

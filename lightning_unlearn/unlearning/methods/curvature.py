@@ -30,7 +30,7 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.scope import occurrences, orphans, restrict, rows_of_items, rows_of_users, touched
+from lightning_unlearn.unlearning.methods.scope import occurrences, restrict, rows_of_items, rows_of_users, touched
 
 __all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "base_row_blocks", "cache_bytes", "curvature_blocks",
            "exact_hessian_blocks", "self_weights"]
@@ -282,6 +282,7 @@ class CurvatureCache:
         capacity, dtype = self.capacity(model)
         width, device = _widths(model), rows.users.device
         counts = {side: occurrences(rows, side, model) for side in ("users", "items")}
+        self._counts, self._rows = counts, len(rows)
         tables = {}
         for side, count in counts.items():
             ids = torch.arange(len(count), device=device) if capacity[side] >= len(count) else torch.topk(count, capacity[side]).indices
@@ -311,15 +312,24 @@ class CurvatureCache:
         """
         if not self.holds(model):
             raise RuntimeError("the curvature cache does not hold this model's parameters: build(model, rows) first.")
+        if len(retained) + len(deleted) != self._rows:
+            raise RuntimeError(f"the curvature cache holds the blocks of {self._rows} rows, but retained ({len(retained)}) and "
+                               f"deleted ({len(deleted)}) rows add up to {len(retained) + len(deleted)}: build(model, rows) "
+                               "on the rows the model was trained on.")
         context = context or UnlearningContext()
         users, items = self._tables["users"], self._tables["items"]
-        self._source, self.hits, self.misses = FreshCurvature(model, retained, context), 0, 0
         if self._undo is not None:
             self._record_touched(deleted)
+        # out of place: a rollback hands back the counts as they were at mark()
+        self._counts = {side: self._counts[side].index_add(0, ids, torch.ones_like(ids), alpha=-1)
+                        for side, ids in (("users", deleted.users), ("items", deleted.all_items()))}
+        self._rows = len(retained)
+        self._source, self.hits, self.misses = FreshCurvature(model, retained, context, self._counts), 0, 0
         if context.world_size == 1:  # subtract in place, no copies
             # users left without rows (a deleted user) have an empty block: zero it rather than subtract every row
             user_slot = users.slot.clone()
-            gone = user_slot[orphans(torch.unique(deleted.users), retained.users, model.num_users)]
+            gone = torch.unique(deleted.users)
+            gone = user_slot[gone[self._counts["users"][gone] == 0]]
             users.blocks[gone[gone >= 0]] = 0.0
             user_slot[users.ids[gone[gone >= 0]]] = -1
             with torch.no_grad():
@@ -339,6 +349,16 @@ class CurvatureCache:
         if self._fingerprint is None:
             raise RuntimeError("the curvature cache is empty: build(model, rows) first.")
         return CurvatureBlocks(self._tables["users"].blocks, self._tables["items"].blocks)
+
+    def occurrences(self, side: str) -> Tensor:
+        """How often each id of ``side`` (``"users"`` or ``"items"``) occurs in the rows the blocks sum over (after the downdates).
+
+        Kept with the blocks and downdated with them, so a request needs no pass over every row
+        to find its orphans or its blocks' L2 terms.
+        """
+        if self._fingerprint is None:
+            raise RuntimeError("the curvature cache is empty: build(model, rows) first.")
+        return self._counts[side]
 
     def held(self, side: str) -> Tensor:
         """The ids of the blocks of ``side`` (``"users"`` or ``"items"``) the cache holds, in slot order."""
@@ -521,7 +541,7 @@ class CurvatureCache:
         cache to the next method: one build for every method. The log holds the changed blocks
         as they were (those the deletion touches, and those evicted).
         """
-        self._undo, self._marked = [], self._fingerprint
+        self._undo, self._marked = [], (self._fingerprint, self._counts, self._rows)
         self._saved = {side: torch.zeros(len(table.ids), dtype=torch.bool, device=table.ids.device) for side, table in self._tables.items()}
 
     def save(self, rows: TrainRows) -> None:
@@ -559,7 +579,8 @@ class CurvatureCache:
                     if store is not None:
                         store.forget(slots)
             table.blocks[slots] = blocks
-        self._fingerprint, self._undo = self._marked, []
+        (self._fingerprint, self._counts, self._rows), self._undo = self._marked, []
+        self._source = None  # the rows it computed from are the rolled-back request's
         for saved in self._saved.values():
             saved.zero_()
 
@@ -585,13 +606,15 @@ class CurvatureCache:
     def clear(self) -> None:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
         self._fingerprint: Tensor | None = None  # of the model the blocks were taken at
+        self._counts: dict[str, Tensor] = {}  # per side: occurrences of every id in the rows held (their L2 terms), downdated
+        self._rows = 0  # how many rows the blocks sum over
         self._tables: dict[str, _Table] = {}
         self._source: FreshCurvature | None = None  # what blocks not held are computed from: the retained rows
         self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
         self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
         self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
         self._undo: list | None = None  # since mark(): (side, slots, blocks, ids, replaced) as they were, per change
-        self._marked: Tensor | None = None  # the fingerprint at mark()
+        self._marked: tuple | None = None  # the fingerprint, counts and number of rows at mark()
         self._saved: dict[str, Tensor] = {}  # per side, since mark(): the slots whose blocks are recorded as they were then
 
     def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -708,9 +731,17 @@ class FreshCurvature:
         True
     """
 
-    def __init__(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None):
+    def __init__(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None,
+                 counts: dict[str, Tensor] | None = None):
         self.model, self.rows, self.context = model, rows, context or UnlearningContext()
-        self._counts: dict[str, Tensor] = {}  # per side: occurrences of every id in rows (its L2 terms), counted when first needed
+        # per side: occurrences of every id in rows (its L2 terms), counted when first needed
+        self._counts: dict[str, Tensor] = dict(counts or {})
+
+    def occurrences(self, side: str) -> Tensor:
+        """How often each id of ``side`` (``"users"`` or ``"items"``) occurs in the rows (:func:`~lightning_unlearn.unlearning.methods.scope.occurrences`)."""
+        if side not in self._counts:
+            self._counts[side] = occurrences(self.rows, side, self.model)
+        return self._counts[side]
 
     def _touching(self, side: str, ids: Tensor) -> TrainRows:
         """The rows whose loss involves one of ``ids`` of ``side``."""
@@ -740,10 +771,9 @@ class FreshCurvature:
         """
         if self.context.world_size > 1:
             return torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-        if side not in self._counts:
-            self._counts[side] = occurrences(self.rows, side, self.model)
+        counts = self.occurrences(side)
         per_row = 1 if side == "items" else self.rows.negatives.shape[1] + (self.model.loss_name != "bpr")
-        return 2 * per_row * self._counts[side][ids.to(self._counts[side].device)].to(ids.device) <= _widths(self.model)[side]
+        return 2 * per_row * counts[ids.to(counts.device)].to(ids.device) <= _widths(self.model)[side]
 
     def solve(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None = None,
               max_iter: int = 10) -> tuple[Tensor, BlockSolveResult, int, int]:
@@ -766,7 +796,7 @@ class FreshCurvature:
         failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
         few = self.few_rows(side, ids)
         if bool(few.any()) and not shift > 0:  # the scaled identity, shift plus the L2 terms, must be positive definite
-            few &= self.model.l2 * self._counts[side][ids] > 0
+            few &= self.model.l2 * self.occurrences(side)[ids] > 0
         formed = torch.nonzero(~few).squeeze(1)
         if bool(few.any()):
             low = torch.nonzero(few).squeeze(1)
@@ -791,7 +821,7 @@ class FreshCurvature:
                 index = slot[where].repeat_interleave(weights.numel() // max(len(where), 1))
                 parts.append((jacobians.reshape(len(index), -1), weights.reshape(-1), index))
         jacobians, weights, index = (torch.cat(column) for column in zip(*parts))
-        alpha = shift + model.l2 * self._counts[side][ids].double()  # few_rows counted them
+        alpha = shift + model.l2 * self.occurrences(side)[ids].double()
         return solve_low_rank(jacobians, weights, index, alpha.to(rhs.device), rhs)
 
 

@@ -151,7 +151,8 @@ class IFRU(SecondOrderUnlearner):
              context: UnlearningContext) -> dict[str, Any]:
         """One damped Newton correction on the scope's rows (see the class docstring)."""
         solver, graph = "block" if self.solver == "auto" else self.solver, is_graph(model)
-        scope = Scope.of(model, retained, deleted, hops=self.k_hop, keep_fraction=self.keep_fraction)
+        counts = None if cache is None else {side: cache.occurrences(side) for side in ("users", "items")}
+        scope = Scope.of(model, retained, deleted, hops=self.k_hop, keep_fraction=self.keep_fraction, counts=counts)
         restricted = RestrictedParameters(model, scope, self.include_dense)
         # The block solver on MF/NeuMF needs no rows here; on a graph model it takes the rows that
         # touch the scope, as CG and "direct" do on MF/NeuMF. On a graph model those two take every row.

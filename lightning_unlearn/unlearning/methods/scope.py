@@ -9,7 +9,7 @@ methods reset them there instead of solving for them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +53,8 @@ class Scope:
     orphan_items: Tensor
 
     @classmethod
-    def of(cls, model: Recommender, retained: TrainRows, deleted: TrainRows, hops: int = 0, keep_fraction: float = 1.0) -> Scope:
+    def of(cls, model: Recommender, retained: TrainRows, deleted: TrainRows, hops: int = 0, keep_fraction: float = 1.0,
+           counts: Mapping[str, Tensor] | None = None) -> Scope:
         """The rows ``deleted`` touches, the most affected ``keep_fraction`` of them (:func:`prune`), ``hops`` out.
 
         Args:
@@ -62,10 +63,12 @@ class Scope:
             deleted: the rows the request removes.
             hops: neighbours through retained interactions to add (:func:`expand`), ``>= 0``.
             keep_fraction: share of the touched users (items) kept, in ``(0, 1]``.
+            counts: :func:`occurrences` of ``retained`` per side (``"users"``, ``"items"``), if
+                known (a curvature cache keeps them): the orphans are read from them, not counted.
         """
         users, items = touched(deleted)
         users, items = prune(users, items, retained, deleted, model, keep_fraction)
-        return cls.split(model, retained, *expand(users, items, retained, hops))
+        return cls.split(model, retained, *expand(users, items, retained, hops), counts=counts)
 
     @classmethod
     def everything(cls, model: Recommender, retained: TrainRows) -> Scope:
@@ -74,10 +77,14 @@ class Scope:
         return cls.split(model, retained, torch.arange(model.num_users, device=device), torch.arange(model.num_items, device=device))
 
     @classmethod
-    def split(cls, model: Recommender, retained: TrainRows, users: Tensor, items: Tensor) -> Scope:
-        """``users`` and ``items``, the orphans among them set apart."""
-        orphan_users = orphans(users, retained.users, model.num_users)
-        orphan_items = orphans(items, retained.all_items(), model.num_items)
+    def split(cls, model: Recommender, retained: TrainRows, users: Tensor, items: Tensor,
+              counts: Mapping[str, Tensor] | None = None) -> Scope:
+        """``users`` and ``items``, the orphans among them set apart (read from ``counts``, :func:`occurrences` of ``retained``, if given)."""
+        if counts is None:
+            orphan_users = orphans(users, retained.users, model.num_users)
+            orphan_items = orphans(items, retained.all_items(), model.num_items)
+        else:
+            orphan_users, orphan_items = users[counts["users"][users] == 0], items[counts["items"][items] == 0]
         return cls(users[~torch.isin(users, orphan_users)], items[~torch.isin(items, orphan_items)], orphan_users, orphan_items)
 
     def rows(self, retained: TrainRows, model: Recommender) -> TrainRows:
