@@ -371,20 +371,22 @@ def _requests(method: Unlearner, original: Recommender, model: Recommender, reta
 
     The copy of the blocks the request changes, which the rollback needs, is taken before
     each run and not timed: it is the comparison's cost. A later run takes a copy of
-    ``original`` and of the method as it was prepared (its cache not copied but rolled back).
+    ``original`` and of the method as it was prepared (one copy kept, its cache not copied but
+    rolled back).
     """
     cache = method.cache if isinstance(method, SecondOrderUnlearner) and method.cache.holds(model) else None
     if cache is not None and runs > 1 and not cache.marked:
         cache.mark()  # the method's own cache (another budget than the shared one), rolled back between runs
-    prepared = [copy.deepcopy(method, {id(cache): cache}) for _ in range(runs - 1)]
+    prepared = copy.deepcopy(method, {id(cache): cache}) if runs > 1 else None
     if cache is not None and cache.marked:
         cache.save(deleted)
     report = method.unlearn(model, retained, deleted, context)
     seconds = [report.seconds]
-    for again in prepared:
+    for _ in range(runs - 1):
         if cache is not None:
             cache.rollback()
             cache.save(deleted)
+        again = copy.deepcopy(prepared, {id(cache): cache})
         seconds.append(again.unlearn(copy.deepcopy(original).train(), retained, deleted, context).seconds)
     return report, seconds
 
