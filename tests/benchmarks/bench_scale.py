@@ -35,9 +35,11 @@ call for the validation pass and the epoch), precomputation seconds, and the pea
 of the process above what it held before the measurement (the peak is reset once the data is
 loaded; with ``--repeats`` above 1 it includes the copy of the prepared method that later runs
 start from: AltEraser's gradient over every row, ``(users + items) x d`` float64). A method's speed-up is Retrain's seconds
-over its per-request seconds (same catalog and deletion). A cached variant whose cache, or a
+over its per-request seconds (same catalog and deletion). The model has the items drawn at least
+once (``items`` in the JSON, ``catalog`` being the generator's: with the defaults 10,000, 80,727
+and 217,205 of :math:`10^4`, :math:`10^5` and :math:`10^6`). A cached variant whose cache, or a
 validation pass (or Retrain) whose score chunk of ``--eval-batch-size x items`` float32, would exceed
-``--memory-gb`` is reported as skipped. Prints a table, writes JSON (``runs/benchmarks/scale.json``)
+``--memory-gb`` for the users and items the data has is reported as skipped. Prints a table, writes JSON (``runs/benchmarks/scale.json``)
 and, with matplotlib, a log-log plot of seconds (the methods per request, Retrain, and for scale the
 validation pass and the epoch) and of the speed-ups against the catalog size
 (``runs/benchmarks/scale.png``)::
@@ -111,6 +113,11 @@ def one(args: argparse.Namespace) -> dict:
     retained = dm.train_rows()
     torch.manual_seed(0)
     model = MF(dm.num_users, dm.num_items, embedding_dim=args.dim, l2=0.03, init_std=0.1)
+    sizes = {"items": dm.num_items, "catalog": args.one_items, "users": dm.num_users, "rows": rows_before, "deleted_rows": len(deleted),
+             "deletion": args.one_deletion, "method": args.one_method}
+    reason = skip_reason(args.one_method, dm.num_items, dm.num_users, args)  # the items the data has, not the catalog's
+    if reason:
+        return {**sizes, "skipped": reason}
     trainer_flags = dict(accelerator="cpu", devices=1, deterministic=True, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     torch.linalg.cholesky(torch.eye(4, dtype=torch.float64).expand(2, 4, 4))  # load LAPACK before the clock starts
@@ -138,8 +145,7 @@ def one(args: argparse.Namespace) -> dict:
             seconds, precompute = statistics.median(runs), precompute + report.precompute_seconds
             detail = {"first_seconds": runs[0], "seconds_runs": runs}
         total = time.perf_counter() - start
-    return {"items": dm.num_items, "catalog": args.one_items, "users": dm.num_users, "rows": rows_before, "deleted_rows": len(deleted),
-            "deletion": args.one_deletion, "method": args.one_method, "seconds": seconds, "precompute_seconds": precompute,
+    return {**sizes, "seconds": seconds, "precompute_seconds": precompute,
             "total_seconds": total, "peak_mb_above_start": peak.cpu_mb, "threads": torch.get_num_threads(), **detail}
 
 
@@ -153,9 +159,10 @@ def ranking_gb(items: int, eval_batch_size: int) -> float:
     return (eval_batch_size * items * 4 + 2**29) / 2**30
 
 
-def skip_reason(name: str, items: int, args: argparse.Namespace) -> str | None:
-    if name in METHODS and "cached" in name and cache_gb(items, args.users, args.dim) > args.memory_gb:
-        return f"cache of ~{cache_gb(items, args.users, args.dim):.1f} GB over {args.memory_gb} GB"
+def skip_reason(name: str, items: int, users: int, args: argparse.Namespace) -> str | None:
+    """Why a measurement would not fit in ``--memory-gb``, for the users and items the loaded data has (``None``: it fits)."""
+    if name in METHODS and "cached" in name and cache_gb(items, users, args.dim) > args.memory_gb:
+        return f"cache of ~{cache_gb(items, users, args.dim):.1f} GB over {args.memory_gb} GB"
     if name in (VALIDATION, retrain_name(args.retrain_epochs)) and ranking_gb(items, args.eval_batch_size) > args.memory_gb:
         return f"ranking batch of ~{ranking_gb(items, args.eval_batch_size):.1f} GB over {args.memory_gb} GB"
     return None
@@ -174,60 +181,9 @@ def table_line(row: dict) -> str:
             f"{row['deleted_rows']} / {row['rows']}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=10_000)
-    parser.add_argument("--items", type=int, nargs="+", default=[10**4, 10**5, 10**6])
-    parser.add_argument("--interactions", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--delete-users", type=int, default=100)
-    parser.add_argument("--delete-fraction", type=float, default=0.001)
-    parser.add_argument("--retrain-epochs", type=int, default=2, help="Retrain's epoch cap, the same in every row")
-    parser.add_argument("--batch-size", type=int, default=2048, help="training rows per batch")
-    parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per full-ranking batch")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5, help="requests per method, each from the same prepared state (median reported)")
-    parser.add_argument("--memory-gb", type=float, default=12.0, help="skip cached variants and ranking batches that would exceed this")
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/scale.json"))
-    parser.add_argument("--one-items", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--one-method", help=argparse.SUPPRESS)
-    parser.add_argument("--one-deletion", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one_method:
-        print(json.dumps(one(args)))
-        return
-    retrain = retrain_name(args.retrain_epochs)
-    measurements = [retrain, VALIDATION, EPOCH, *METHODS]  # Retrain first: the methods' speed-ups are printed with them
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.users} users, {args.interactions} draws, d={args.dim}; "
-          f"deletions: {args.delete_users} users, {args.delete_fraction:.1%} of training rows; Retrain capped at "
-          f"{args.retrain_epochs} epochs; each measurement in its own process, a method's the median of {args.repeats} requests")
-    print(HEADER)
-    results = []
-    for items in args.items:
-        for deletion in ("users", "interactions"):
-            reference = None
-            for name in measurements:
-                row = {"catalog": items, "deletion": deletion, "method": name}
-                reason = skip_reason(name, items, args)
-                if reason:
-                    row["skipped"] = reason
-                else:
-                    command = [sys.executable, __file__, *sys.argv[1:], "--one-items", str(items), "--one-method", name, "--one-deletion", deletion]
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    if done.returncode:
-                        row["failed"] = done.stderr.strip().splitlines()[-1:]
-                    else:
-                        row = json.loads(done.stdout.strip().splitlines()[-1])
-                        if name == retrain:
-                            reference = row["seconds"]
-                        elif name in METHODS and reference:
-                            row["speedup_over_retrain"] = reference / row["seconds"]
-                results.append(row)
-                print(table_line(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if not k.startswith("one_") and k != "out"}
-                                    | {"out": str(args.out)}, "results": results}, indent=1))
-    print(f"wrote {args.out}")
+def plot(results: list[dict], retrain: str, path: Path) -> None:
+    """Log-log plot of seconds and speed-ups against the catalog size (with matplotlib; else a hint)."""
+    measurements = [retrain, VALIDATION, EPOCH, *METHODS]
     try:
         import matplotlib
 
@@ -255,8 +211,66 @@ def main() -> None:
     axes[1, 0].set_ylabel(f"speed-up over {retrain}")
     axes[0, 0].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
-    print(f"wrote {args.out.with_suffix('.png')}")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--items", type=int, nargs="+", default=[10**4, 10**5, 10**6])
+    parser.add_argument("--interactions", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--delete-users", type=int, default=100)
+    parser.add_argument("--delete-fraction", type=float, default=0.001)
+    parser.add_argument("--retrain-epochs", type=int, default=2, help="Retrain's epoch cap, the same in every row")
+    parser.add_argument("--batch-size", type=int, default=2048, help="training rows per batch")
+    parser.add_argument("--eval-batch-size", type=int, default=1024, help="users per full-ranking batch")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="requests per method, each from the same prepared state (median reported)")
+    parser.add_argument("--memory-gb", type=float, default=12.0, help="skip cached variants and ranking batches that would exceed this")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks/scale.json"))
+    parser.add_argument("--plot", type=Path, help="only draw the plot of an earlier run's JSON (next to it, .png)")
+    parser.add_argument("--one-items", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-method", help=argparse.SUPPRESS)
+    parser.add_argument("--one-deletion", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one_method:
+        print(json.dumps(one(args)))
+        return
+    if args.plot:
+        saved = json.loads(args.plot.read_text())
+        plot(saved["results"], retrain_name(saved["settings"]["retrain_epochs"]), args.plot.with_suffix(".png"))
+        return
+    retrain = retrain_name(args.retrain_epochs)
+    measurements = [retrain, VALIDATION, EPOCH, *METHODS]  # Retrain first: the methods' speed-ups are printed with them
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.users} users, {args.interactions} draws, d={args.dim}; "
+          f"deletions: {args.delete_users} users, {args.delete_fraction:.1%} of training rows; Retrain capped at "
+          f"{args.retrain_epochs} epochs; each measurement in its own process, a method's the median of {args.repeats} requests")
+    print(HEADER)
+    results = []
+    for items in args.items:
+        for deletion in ("users", "interactions"):
+            reference = None
+            for name in measurements:
+                row = {"catalog": items, "deletion": deletion, "method": name}
+                command = [sys.executable, __file__, *sys.argv[1:], "--one-items", str(items), "--one-method", name, "--one-deletion", deletion]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    row["failed"] = done.stderr.strip().splitlines()[-1:]
+                else:
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                    if name == retrain and "seconds" in row:
+                        reference = row["seconds"]
+                    elif name in METHODS and reference and "seconds" in row:
+                        row["speedup_over_retrain"] = reference / row["seconds"]
+                results.append(row)
+                print(table_line(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if not k.startswith("one_") and k not in ("out", "plot")}
+                                    | {"out": str(args.out)}, "results": results}, indent=1))
+    print(f"wrote {args.out}")
+    plot(results, retrain, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
