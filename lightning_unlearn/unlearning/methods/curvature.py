@@ -308,7 +308,8 @@ class CurvatureCache:
             context: on several processes, each subtracts the sum over every process's shard.
 
         Raises:
-            RuntimeError: the cache does not hold ``model``'s parameters.
+            RuntimeError: the cache does not hold ``model``'s parameters, or ``retained`` and
+                ``deleted`` do not add up to the rows it holds (nothing is changed).
         """
         if not self.holds(model):
             raise RuntimeError("the curvature cache does not hold this model's parameters: build(model, rows) first.")
@@ -446,12 +447,10 @@ class CurvatureCache:
         reaches the current block's solution in a few batched matrix-vector products. Blocks
         whose CG does not converge are factorised afresh (with
         :func:`~lightning_unlearn.linalg.factor_blocks`' escalation) and their inverses renewed.
-        After a :meth:`downdate`, blocks of few rows (:meth:`FreshCurvature.few_rows`: a low-rank
-        term plus a scaled identity) and blocks not held are solved from the retained rows that
-        touch them (:meth:`FreshCurvature.solve`): reading a held block and its inverse in every
-        CG iteration costs more than its few rows, and a block not held takes no slot (it is
-        seldom asked for again). Unlike :meth:`factors` with a tolerance, nothing stale enters
-        the solution.
+        After a :meth:`downdate`, blocks not held are solved from the retained rows that touch
+        them (:meth:`FreshCurvature.solve`: from the rows themselves where they are few, formed
+        and factorised otherwise) and take no slot (such a block is seldom asked for again).
+        Unlike :meth:`factors` with a tolerance, nothing stale enters the solution.
 
         Args:
             side: ``"users"`` or ``"items"``.
@@ -473,9 +472,7 @@ class CurvatureCache:
         damping = torch.full((len(ids),), float(shift), dtype=torch.float64, device=rhs.device)
         failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
         ids = ids.to(self._tables[side].slot.device)
-        away = torch.zeros_like(ids, dtype=torch.bool)
-        if self._source is not None:
-            away = (self._tables[side].slot[ids] < 0) | self._source.few_rows(side, ids)
+        away = self._tables[side].slot[ids] < 0 if self._source is not None else torch.zeros_like(ids, dtype=torch.bool)
         here, away = torch.nonzero(~away).squeeze(1), torch.nonzero(away).squeeze(1)
         refactored, iterations = 0, 0
         if len(here):
@@ -721,6 +718,8 @@ class FreshCurvature:
         model: the model the blocks are taken at (read when a block is asked for).
         rows: the rows whose terms are summed (the retained rows).
         context: on several processes, each sums its shard of the rows and the blocks are summed.
+        counts: :meth:`occurrences` of ``rows`` per side, if known (a :class:`CurvatureCache` keeps
+            them); counted over ``rows`` when first needed otherwise.
 
     Example:
         >>> from lightning_unlearn.models import MF
