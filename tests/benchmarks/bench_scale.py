@@ -115,7 +115,7 @@ def one(args: argparse.Namespace) -> dict:
     model = MF(dm.num_users, dm.num_items, embedding_dim=args.dim, l2=0.03, init_std=0.1)
     sizes = {"items": dm.num_items, "catalog": args.one_items, "users": dm.num_users, "rows": rows_before, "deleted_rows": len(deleted),
              "deletion": args.one_deletion, "method": args.one_method}
-    reason = skip_reason(args.one_method, dm.num_items, dm.num_users, args)  # the items the data has, not the catalog's
+    reason = skip_reason(args.one_method, model, args)  # the items the data has, not the catalog's
     if reason:
         return {**sizes, "skipped": reason}
     trainer_flags = dict(accelerator="cpu", devices=1, deterministic=True, logger=False, enable_checkpointing=False,
@@ -149,22 +149,19 @@ def one(args: argparse.Namespace) -> dict:
             "total_seconds": total, "peak_mb_above_start": peak.cpu_mb, "threads": torch.get_num_threads(), **detail}
 
 
-def cache_gb(items: int, users: int, dim: int) -> float:
-    """Blocks (float64) plus the factors or inverses a cached method keeps: about twice the blocks."""
-    return 2 * (items + users) * dim * dim * 8 / 2**30
-
-
 def ranking_gb(items: int, eval_batch_size: int) -> float:
     """A ranking batch's scores (float32) plus the metrics' working chunk (``2**28`` bytes) and masks."""
     return (eval_batch_size * items * 4 + 2**29) / 2**30
 
 
-def skip_reason(name: str, items: int, users: int, args: argparse.Namespace) -> str | None:
-    """Why a measurement would not fit in ``--memory-gb``, for the users and items the loaded data has (``None``: it fits)."""
-    if name in METHODS and "cached" in name and cache_gb(items, users, args.dim) > args.memory_gb:
-        return f"cache of ~{cache_gb(items, users, args.dim):.1f} GB over {args.memory_gb} GB"
-    if name in (VALIDATION, retrain_name(args.retrain_epochs)) and ranking_gb(items, args.eval_batch_size) > args.memory_gb:
-        return f"ranking batch of ~{ranking_gb(items, args.eval_batch_size):.1f} GB over {args.memory_gb} GB"
+def skip_reason(name: str, model, args: argparse.Namespace) -> str | None:
+    """Why a measurement would not fit in ``--memory-gb`` for ``model``, sized by the loaded data (``None``: it fits)."""
+    from lightning_unlearn.unlearning.methods.curvature import cache_bytes  # blocks and factors, float64
+
+    if name in METHODS and "cached" in name and cache_bytes(model) / 2**30 > args.memory_gb:
+        return f"cache of ~{cache_bytes(model) / 2**30:.1f} GB over {args.memory_gb} GB"
+    if name in (VALIDATION, retrain_name(args.retrain_epochs)) and ranking_gb(model.num_items, args.eval_batch_size) > args.memory_gb:
+        return f"ranking batch of ~{ranking_gb(model.num_items, args.eval_batch_size):.1f} GB over {args.memory_gb} GB"
     return None
 
 

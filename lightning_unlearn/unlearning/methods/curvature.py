@@ -282,7 +282,7 @@ class CurvatureCache:
         capacity, dtype = self.capacity(model)
         width, device = _widths(model), rows.users.device
         counts = {side: occurrences(rows, side, model) for side in ("users", "items")}
-        self._counts, self._rows = counts, len(rows)
+        self._counts = counts
         tables = {}
         for side, count in counts.items():
             ids = torch.arange(len(count), device=device) if capacity[side] >= len(count) else torch.topk(count, capacity[side]).indices
@@ -313,8 +313,9 @@ class CurvatureCache:
         """
         if not self.holds(model):
             raise RuntimeError("the curvature cache does not hold this model's parameters: build(model, rows) first.")
-        if len(retained) + len(deleted) != self._rows:
-            raise RuntimeError(f"the curvature cache holds the blocks of {self._rows} rows, but retained ({len(retained)}) and "
+        held_rows = int(self._counts["users"].sum())  # one user per row
+        if len(retained) + len(deleted) != held_rows:
+            raise RuntimeError(f"the curvature cache holds the blocks of {held_rows} rows, but retained ({len(retained)}) and "
                                f"deleted ({len(deleted)}) rows add up to {len(retained) + len(deleted)}: build(model, rows) "
                                "on the rows the model was trained on.")
         context = context or UnlearningContext()
@@ -324,7 +325,6 @@ class CurvatureCache:
         # out of place: a rollback hands back the counts as they were at mark()
         self._counts = {side: self._counts[side].index_add(0, ids, torch.ones_like(ids), alpha=-1)
                         for side, ids in (("users", deleted.users), ("items", deleted.all_items()))}
-        self._rows = len(retained)
         self._source, self.hits, self.misses = FreshCurvature(model, retained, context, self._counts), 0, 0
         if context.world_size == 1:  # subtract in place, no copies
             # users left without rows (a deleted user) have an empty block: zero it rather than subtract every row
@@ -538,7 +538,7 @@ class CurvatureCache:
         cache to the next method: one build for every method. The log holds the changed blocks
         as they were (those the deletion touches, and those evicted).
         """
-        self._undo, self._marked = [], (self._fingerprint, self._counts, self._rows)
+        self._undo, self._marked = [], (self._fingerprint, self._counts)
         self._saved = {side: torch.zeros(len(table.ids), dtype=torch.bool, device=table.ids.device) for side, table in self._tables.items()}
 
     def save(self, rows: TrainRows) -> None:
@@ -576,7 +576,7 @@ class CurvatureCache:
                     if store is not None:
                         store.forget(slots)
             table.blocks[slots] = blocks
-        (self._fingerprint, self._counts, self._rows), self._undo = self._marked, []
+        (self._fingerprint, self._counts), self._undo = self._marked, []
         self._source = None  # the rows it computed from are the rolled-back request's
         for saved in self._saved.values():
             saved.zero_()
@@ -604,14 +604,13 @@ class CurvatureCache:
         """Drop the cache (e.g. after a failed request whose downdate must not persist)."""
         self._fingerprint: Tensor | None = None  # of the model the blocks were taken at
         self._counts: dict[str, Tensor] = {}  # per side: occurrences of every id in the rows held (their L2 terms), downdated
-        self._rows = 0  # how many rows the blocks sum over
         self._tables: dict[str, _Table] = {}
         self._source: FreshCurvature | None = None  # what blocks not held are computed from: the retained rows
         self._factored: dict[str, _Factored] = {}  # per side: Cholesky factors of damped blocks, reused while fresh
         self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
         self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
         self._undo: list | None = None  # since mark(): (side, slots, blocks, ids, replaced) as they were, per change
-        self._marked: tuple | None = None  # the fingerprint, counts and number of rows at mark()
+        self._marked: tuple | None = None  # the fingerprint and counts at mark()
         self._saved: dict[str, Tensor] = {}  # per side, since mark(): the slots whose blocks are recorded as they were then
 
     def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -80,11 +80,8 @@ class Scope:
     def split(cls, model: Recommender, retained: TrainRows, users: Tensor, items: Tensor,
               counts: Mapping[str, Tensor] | None = None) -> Scope:
         """``users`` and ``items``, the orphans among them set apart (read from ``counts``, :func:`occurrences` of ``retained``, if given)."""
-        if counts is None:
-            orphan_users = orphans(users, retained.users, model.num_users)
-            orphan_items = orphans(items, retained.all_items(), model.num_items)
-        else:
-            orphan_users, orphan_items = users[counts["users"][users] == 0], items[counts["items"][items] == 0]
+        counts = counts or {side: occurrences(retained, side, model) for side in ("users", "items")}
+        orphan_users, orphan_items = users[counts["users"][users] == 0], items[counts["items"][items] == 0]
         return cls(users[~torch.isin(users, orphan_users)], items[~torch.isin(items, orphan_items)], orphan_users, orphan_items)
 
     def rows(self, retained: TrainRows, model: Recommender) -> TrainRows:
