@@ -189,6 +189,27 @@ def cache_bytes(model: Recommender) -> int:
     return 2 * 8 * (model.num_users * width["users"] ** 2 + model.num_items * width["items"] ** 2)
 
 
+def _busiest(counts: dict[str, Tensor], width: dict[str, int], budget: float) -> dict[str, Tensor]:
+    """Per side, the ids whose blocks a ``budget`` holds: the most occurrences per byte first, users and items ranked together.
+
+    A request touches a block about as often as its id occurs in the rows (each deleted row
+    touches its user and its items), and a block not held is computed from as many rows: the
+    busiest blocks, whichever side, save the most per byte kept. A block costs its float32
+    storage, factor and inverse (a cache shared by IFRU and AltEraser holds both).
+    """
+    sides = list(counts)
+    per_block = torch.cat([torch.full_like(counts[side], 12 * width[side] ** 2, dtype=torch.float64) for side in sides])
+    score = torch.cat([counts[side] for side in sides]).double() / per_block
+    order = torch.argsort(score, descending=True, stable=True)
+    taken = order[torch.cumsum(per_block[order], 0) <= budget]
+    start, held = 0, {}
+    for side in sides:
+        end = start + len(counts[side])
+        held[side] = torch.sort(taken[(taken >= start) & (taken < end)] - start).values
+        start = end
+    return held
+
+
 @dataclass
 class _Table:
     """One side's held blocks: ``blocks[s]`` is the block of id ``ids[s]``, and ``slot[i]`` the slot of id ``i`` (-1: not held)."""
@@ -219,7 +240,7 @@ class CurvatureCache:
 
     With ``budget_bytes`` smaller than :func:`cache_bytes`, the cache holds as many blocks as fit
     (float32 storage of blocks, factors and inverses, float64 accumulation and solves; all three count against the budget),
-    starting with the users and items of most rows. A block it does not hold is computed when
+    starting with the users and items that occur in most rows, ranked together. A block it does not hold is computed when
     asked for, from the retained rows that touch it (as :class:`FreshCurvature` does), and takes
     the slot of the least recently used one (:meth:`solve` takes none: it solves such a block from
     its rows). Without a budget, or when everything fits, every block is held in float64.
@@ -249,27 +270,20 @@ class CurvatureCache:
         self.budget_bytes = budget_bytes
         self.clear()
 
-    def capacity(self, model: Recommender) -> tuple[dict[str, int], torch.dtype]:
-        """How many blocks of each side (``"users"``, ``"items"``) the cache holds for ``model``, and in which dtype.
+    def fits(self, model: Recommender) -> bool:
+        """Whether every block of ``model`` fits in the budget (then every one is held, in float64).
 
         Example:
             >>> from lightning_unlearn.models import MF
-            >>> CurvatureCache(budget_bytes=2**20).capacity(MF(1000, 100_000, embedding_dim=8))
-            ({'users': 13, 'items': 1351}, torch.float32)
+            >>> CurvatureCache(budget_bytes=2**20).fits(MF(1000, 100_000, embedding_dim=8))
+            False
         """
-        sizes = {"users": model.num_users, "items": model.num_items}
-        if self.budget_bytes is None or cache_bytes(model) <= self.budget_bytes:
-            return sizes, torch.float64
-        width = _widths(model)
-        # a float32 block, its float32 factor and float32 inverse (a cache shared by IFRU and AltEraser holds both)
-        per_block = {side: (4 + 4 + 4) * width[side] ** 2 for side in sizes}
-        share = self.budget_bytes / sum(sizes[side] * per_block[side] for side in sizes)
-        return {side: int(share * sizes[side]) for side in sizes}, torch.float32
+        return self.budget_bytes is None or cache_bytes(model) <= self.budget_bytes
 
     def build(self, model: Recommender, rows: TrainRows, context: UnlearningContext | None = None) -> None:
         """Compute the blocks of ``model`` over ``rows`` (every row it was trained on), replacing the cache.
 
-        Under a budget, the blocks held are those of the users and items with the most rows.
+        Under a budget, the blocks held are those of the users and items with the most rows (ranked together, per byte).
 
         Args:
             model: the trained model the blocks are taken at.
@@ -279,14 +293,14 @@ class CurvatureCache:
         """
         context = context or UnlearningContext()
         self.clear()
-        capacity, dtype = self.capacity(model)
         width, device = _widths(model), rows.users.device
         counts = {side: occurrences(rows, side, model) for side in ("users", "items")}
         self._counts = counts
-        tables = {}
-        for side, count in counts.items():
-            ids = torch.arange(len(count), device=device) if capacity[side] >= len(count) else torch.topk(count, capacity[side]).indices
-            tables[side] = _Table.of(ids, len(count), width[side], dtype)
+        if self.fits(model):
+            held, dtype = {side: torch.arange(len(count), device=device) for side, count in counts.items()}, torch.float64
+        else:
+            held, dtype = _busiest(counts, width, self.budget_bytes), torch.float32
+        tables = {side: _Table.of(held[side], len(counts[side]), width[side], dtype) for side in counts}
         with torch.no_grad():
             vectors = tuple(t.detach() for t in model.representations())
         held = CurvatureBlocks(tables["users"].blocks, tables["items"].blocks)

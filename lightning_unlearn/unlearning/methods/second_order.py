@@ -122,7 +122,8 @@ class SecondOrderUnlearner(Unlearner):
             model: the trained model.
             rows: every training row it was trained on.
         """
-        if not (self.uses_cache(model) and cache.holds(model) and cache.capacity(model) == self.cache.capacity(model)):
+        if not (self.uses_cache(model) and cache.holds(model)
+                and (cache.budget_bytes == self.cache.budget_bytes or cache.fits(model) and self.cache.fits(model))):
             return None
         start = time.perf_counter()
         self.cache = cache
