@@ -34,7 +34,9 @@ request for the methods, the median of ``--repeats`` requests from the same prep
 call for the validation pass and the epoch), precomputation seconds, and the peak resident memory
 of the process above what it held before the measurement (the peak is reset once the data is
 loaded; with ``--repeats`` above 1 it includes the copy of the prepared method that later runs
-start from: AltEraser's gradient over every row, ``(users + items) x d`` float64). A method's speed-up is Retrain's seconds
+start from: AltEraser's gradient over every row, ``(users + items) x d`` float64), and for the methods the blocks a
+request solves (``blocks``: IFRU's neighbourhood, AltEraser's over its rounds; what the cost follows) and how many of
+them the cache held (``cache_hits``, ``cache_misses``). A method's speed-up is Retrain's seconds
 over its per-request seconds (same catalog and deletion). The model has the items drawn at least
 once (``items`` in the JSON, ``catalog`` being the generator's: with the defaults 10,000, 80,727
 and 217,205 of :math:`10^4`, :math:`10^5` and :math:`10^6`). A cached variant whose cache, or a
@@ -76,6 +78,9 @@ METHODS = {
     "AltEraser(cache_budget_gb=2)": lambda m: m.AltEraser(cache_budget_gb=2),
 }
 VALIDATION, EPOCH = "validation pass", "training epoch"
+# what a request's cost follows: the blocks it solves (IFRU: its neighbourhood's; AltEraser: over its rounds), and
+# how many of those the cache held
+DIAGNOSTICS = {"blocks": ("solver/num_blocks", "solved_blocks"), "cache_hits": ("cache_hits",), "cache_misses": ("cache_misses",)}
 
 
 def retrain_name(epochs: int) -> str:
@@ -143,7 +148,8 @@ def one(args: argparse.Namespace) -> dict:
             precompute = method.prepare(model, retained.concat(deleted))
             report, runs = _requests(method, original, model, retained, deleted, UnlearningContext(), args.repeats)
             seconds, precompute = statistics.median(runs), precompute + report.precompute_seconds
-            detail = {"first_seconds": runs[0], "seconds_runs": runs}
+            detail = {"first_seconds": runs[0], "seconds_runs": runs,
+                      **{key: report.diagnostics[name] for key, names in DIAGNOSTICS.items() for name in names if name in report.diagnostics}}
         total = time.perf_counter() - start
     return {**sizes, "seconds": seconds, "precompute_seconds": precompute,
             "total_seconds": total, "peak_mb_above_start": peak.cpu_mb, "threads": torch.get_num_threads(), **detail}
@@ -166,7 +172,7 @@ def skip_reason(name: str, model, args: argparse.Namespace) -> str | None:
 
 
 HEADER = (f"{'catalog':>8} {'deletion':<12} {'measurement':<29} {'seconds':>9} {'precompute':>10} {'peak MB':>8} "
-          f"{'vs Retrain':>10}  rows deleted / rows")
+          f"{'vs Retrain':>10}  rows deleted / rows; blocks solved")
 
 
 def table_line(row: dict) -> str:
@@ -175,7 +181,7 @@ def table_line(row: dict) -> str:
         return f"{start} {'skipped' if 'skipped' in row else 'failed'}: {row.get('skipped') or row.get('failed')}"
     speedup = f"{row['speedup_over_retrain']:9.0f}x" if "speedup_over_retrain" in row else f"{'':>10}"
     return (f"{start} {row['seconds']:9.3f} {row['precompute_seconds']:10.2f} {row['peak_mb_above_start']:+8.0f} {speedup}  "
-            f"{row['deleted_rows']} / {row['rows']}")
+            f"{row['deleted_rows']} / {row['rows']}" + (f"; {row['blocks']} blocks" if "blocks" in row else ""))
 
 
 def plot(results: list[dict], retrain: str, path: Path) -> None:
