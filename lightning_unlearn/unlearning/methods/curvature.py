@@ -297,10 +297,10 @@ class CurvatureCache:
         counts = {side: occurrences(rows, side, model) for side in ("users", "items")}
         self._counts = counts
         if self.fits(model):
-            held, dtype = {side: torch.arange(len(count), device=device) for side, count in counts.items()}, torch.float64
+            ids, dtype = {side: torch.arange(len(count), device=device) for side, count in counts.items()}, torch.float64
         else:
-            held, dtype = _busiest(counts, width, self.budget_bytes), torch.float32
-        tables = {side: _Table.of(held[side], len(counts[side]), width[side], dtype) for side in counts}
+            ids, dtype = _busiest(counts, width, self.budget_bytes), torch.float32
+        tables = {side: _Table.of(ids[side], len(counts[side]), width[side], dtype) for side in counts}
         with torch.no_grad():
             vectors = tuple(t.detach() for t in model.representations())
         held = CurvatureBlocks(tables["users"].blocks, tables["items"].blocks)
