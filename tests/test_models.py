@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_unlearn.data import Interactions, planted_low_rank
+from lightning_unlearn.losses import item_slots
 from lightning_unlearn.models import MF, LightGCN, NeuMF, Recommender, lightgcn, normalized_adjacency
 
 N_USERS, N_ITEMS = 7, 9
@@ -137,8 +138,8 @@ def test_lightgcn_without_graph_and_wrong_graph():
 
 @pytest.mark.parametrize("layers", [(), (5,), (6, 3)])
 def test_neumf_scores_split_the_first_layer_exactly(layers):
-    """interact and full_scores take each side's half of the first MLP layer apart; both must equal the paper's
-    network, the MLP over the concatenated embeddings, on every pair."""
+    """interact, full_scores and row_scores (without gradients, over repeated items) take each side's half of the first
+    MLP layer apart; each must equal the paper's network, the MLP over the concatenated embeddings, on every pair."""
     torch.manual_seed(0)
     model = NeuMF(N_USERS, N_ITEMS, gmf_dim=3, mlp_dim=4, mlp_layers=layers).double()
     for p in model.parameters():
@@ -151,6 +152,13 @@ def test_neumf_scores_split_the_first_layer_exactly(layers):
     pairs = model.interact(user_vectors[users].unsqueeze(1), item_vectors.unsqueeze(0))
     torch.testing.assert_close(pairs, paper, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(model.full_scores(users, (user_vectors, item_vectors)), paper, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    batch = {"users": torch.randint(0, N_USERS, (40,), generator=g), "items": torch.randint(0, N_ITEMS, (40,), generator=g),
+             "negatives": torch.randint(0, N_ITEMS, (40, 3), generator=g)}
+    expected = paper[batch["users"].unsqueeze(1), item_slots(batch)]
+    with torch.no_grad():  # 160 slots over a few items: each distinct item's first-layer half once
+        torch.testing.assert_close(model.row_scores(batch, (user_vectors, item_vectors)), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.row_scores(batch, (user_vectors, item_vectors)), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_neumf_dense_penalty_and_chunked_scores():

@@ -114,6 +114,40 @@ class NeuMF(Recommender):
         self.log("train/pretrain_loss", loss, prog_bar=True, batch_size=len(batch["users"]))
         return loss
 
+    def row_scores(self, batch: dict[str, Tensor], representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``(R, 1 + k)`` scores of each row's positive, then its negatives, as :meth:`interact` gives them.
+
+        Without gradients (a pass that scores many rows: evaluation, an unlearning method's line
+        search), a batch that repeats its items takes each distinct item's first-layer half,
+        ``B i_mlp + b``, once, as :meth:`full_scores` does, and the GMF term as
+        ``i_gmf . (u_gmf * w)``: per pair only the rest of the MLP is left. Equal to
+        :meth:`interact` on every pair, to rounding.
+
+        Example:
+            >>> model = NeuMF(2, 3, gmf_dim=2, mlp_dim=2, mlp_layers=(4,))
+            >>> batch = {"users": torch.tensor([0, 1, 1]), "items": torch.tensor([1, 1, 2]), "negatives": torch.tensor([[2], [2], [1]])}
+            >>> with torch.no_grad():
+            ...     fast = model.row_scores(batch)
+            >>> torch.allclose(fast, model.interact(model.representations()[0][batch["users"]].unsqueeze(1),
+            ...                                     model.representations()[1][item_slots(batch)]), atol=1e-6)
+            True
+        """
+        user_vectors, item_vectors = representations or self.representations()
+        slots = item_slots(batch)
+        if torch.is_grad_enabled() or not len(self.mlp):
+            return super().row_scores(batch, (user_vectors, item_vectors))
+        items, inverse = torch.unique(slots, return_inverse=True)
+        if 2 * len(items) > slots.numel():  # items seldom repeated: pair by pair
+            return super().row_scores(batch, (user_vectors, item_vectors))
+        g, first, w = self.gmf_dim, self.mlp[0], self.predict.weight[0]
+        user_part, item_part = first.weight.split([user_vectors.shape[1] - g, item_vectors.shape[1] - g], dim=1)
+        u, at = user_vectors.index_select(0, batch["users"]), inverse.reshape(-1)  # index_select: a fraction of [] indexing's cost
+        distinct = item_vectors.index_select(0, items)
+        first_half = torch.nn.functional.linear(distinct[:, g:], item_part, first.bias).index_select(0, at).view(*slots.shape, -1)
+        hidden = self.mlp[1:](torch.relu_(first_half.add_((u[:, g:] @ user_part.T).unsqueeze(1))))  # (R, 1 + k, width)
+        gmf = torch.bmm(distinct[:, :g].contiguous().index_select(0, at).view(*slots.shape, g), (u[:, :g] * w[:g]).unsqueeze(-1))
+        return gmf.squeeze(-1) + hidden @ w[g:] + self.predict.bias[0]
+
     def full_scores(self, users: Tensor, representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``(len(users), num_items)`` scores, with each user's and item's part computed once.
 
