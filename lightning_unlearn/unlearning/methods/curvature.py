@@ -28,7 +28,7 @@ from lightning_unlearn.linalg import (
 )
 from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.functional import fingerprint
+from lightning_unlearn.models.functional import fingerprint, gather_rows
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.scope import occurrences, restrict, rows_of_items, rows_of_users, touched
 
@@ -112,7 +112,7 @@ def _terms(model: Recommender, vectors: tuple[Tensor, Tensor], rows: TrainRows, 
         batch = rows[torch.arange(start, min(start + chunk_size, len(rows)), device=rows.users.device)]
         users = batch["users"]
         slots = item_slots(batch)  # (R, 1+k)
-        u, v = user_vectors[users].unsqueeze(1).expand(-1, slots.shape[1], -1), item_vectors[slots]
+        u, v = gather_rows(user_vectors, users).unsqueeze(1).expand(-1, slots.shape[1], -1), gather_rows(item_vectors, slots)
         z = model.interact(u, v)
         if model.loss_name == "bpr":
             y = z[:, 1:] - z[:, :1]

@@ -21,7 +21,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import flatten
 from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.functional import call_with, fingerprint
+from lightning_unlearn.models.functional import call_with, fingerprint, gather_rows
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import self_weights
 from lightning_unlearn.unlearning.methods.scope import occurrences, rows_of_items, rows_of_users
@@ -110,7 +110,7 @@ class Engine:
         by_user = self._by_user(batch, item_vectors)
         if by_user is None:
             users, slots = batch["users"], item_slots(batch)
-            out[0].index_add_(0, users, (weights.unsqueeze(-1) * item_vectors[slots]).sum(1))
+            out[0].index_add_(0, users, (weights.unsqueeze(-1) * gather_rows(item_vectors, slots)).sum(1))
             out[1].index_add_(0, slots.reshape(-1), (weights.unsqueeze(-1) * user_vectors[users].unsqueeze(1)).reshape(-1, item_vectors.shape[1]))
             return
         users, inverse, slots = by_user
@@ -175,7 +175,7 @@ class Engine:
                 by_user = self._by_user(batch, item_vectors)
                 users, slots = (by_user[0], by_user[2]) if by_user is not None else (batch["users"], item_slots(batch))
                 u = user_vectors[users].requires_grad_(0 in needed)
-                v = (item_vectors if by_user is not None else item_vectors[slots]).detach().requires_grad_(1 in needed)
+                v = (item_vectors if by_user is not None else gather_rows(item_vectors, slots)).detach().requires_grad_(1 in needed)
                 z = (u @ v.T)[by_user[1].unsqueeze(1), slots] if by_user is not None else model.interact(u.unsqueeze(1), v)
                 if needed:
                     data_loss(z, model.loss_name).sum().backward()
