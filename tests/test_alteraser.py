@@ -14,7 +14,7 @@ from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError, alteraser
 from lightning_unlearn.unlearning.methods.curvature import cache_bytes, curvature_blocks, exact_hessian_blocks
-from lightning_unlearn.unlearning.methods.subproblems import RowScores, slot_changes
+from lightning_unlearn.unlearning.methods.subproblems import Engine, RowScores, Side, slot_changes
 
 
 def lbfgs(params, objective, rounds: int = 8) -> None:
@@ -585,3 +585,59 @@ def test_row_scores_are_found_by_row_and_refused_for_a_row_scored_otherwise():
     assert known.of(TrainRows(torch.tensor([2]), torch.tensor([3]), torch.tensor([[0, 1]]))) is None  # never scored
     assert known.of(TrainRows(torch.tensor([3]), torch.tensor([0]), torch.tensor([[0, 1]]))) is None  # past every key
     assert known.of(TrainRows(torch.tensor([0]), torch.tensor([2]), torch.tensor([[1]]))) is None  # fewer negatives
+
+
+@pytest.mark.parametrize("model_class", [MF, NeuMF])
+def test_the_items_gradient_after_the_users_moved_is_brought_up_to_date_from_their_rows_only(model_class):
+    """Engine.moved_gradient: the gradient w.r.t. the items before some users moved, plus its change over those users'
+    rows, equals the gradient over every row at the moved users; their rows' scores are replaced, the move is kept; when
+    most rows moved, it hands the gradient back to a pass over every row."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=9, num_items=12)
+    rows = dm.train_rows()
+    options = {"embedding_dim": 3} if model_class is MF else {"gmf_dim": 2, "mlp_dim": 2, "mlp_layers": (4,), "loss": "bce"}
+    model = model_class(dm.num_users, dm.num_items, l2=0.1, **options).double()
+    engine = Engine(model, rows, len(rows), UnlearningContext(), chunk_size=7, graph=False)
+    users, items, ids = Side(model, "user_embedding"), Side(model, "item_embedding"), torch.arange(dm.num_items)
+    grad, scores = engine.gradient(items, ids, rows)
+    known = RowScores(rows, scores, dm.num_items)
+    moved = torch.tensor([1, 4, 6])
+    before = users.gather(moved)
+    users.set_(moved, before + torch.randn_like(before))
+    after = users.gather(moved)
+    updated, updated_scores = engine.moved_gradient(items, ids, rows, grad, known, (users, moved, before))
+    exact, exact_scores = engine.gradient(items, ids, rows)
+    assert not torch.allclose(grad, exact)  # the move changed the items' gradient
+    torch.testing.assert_close(updated, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(updated_scores.of(rows), exact_scores, rtol=1e-12, atol=1e-12)
+    assert torch.equal(known.of(rows), scores) and torch.equal(users.gather(moved), after)
+    everyone = torch.arange(dm.num_users)  # every row moved: a pass over them all is cheaper than two
+    assert engine.moved_gradient(items, ids, rows, grad, known, (users, everyone, users.gather(everyone))) == (None, None)
+
+
+def test_an_interactions_request_brings_the_items_gradient_up_to_date_from_the_moved_users_rows(monkeypatch):
+    """After the users' step, the first request's items' step starts from the cached gradient brought up to date over
+    the moved users' rows (Engine.moved_gradient), not from a pass over every row: the same update, to rounding."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.5, seed=4)
+    model = NeuMF(dm.num_users, dm.num_items, gmf_dim=3, mlp_dim=2, mlp_layers=(4,), l2=0.1).double()
+    deleted = dm.remove(torch.tensor([0, 5, 9, 20]))  # rows of users who keep others: the users' step moves them
+    retained = dm.train_rows()
+    calls, moved_gradient = [], Engine.moved_gradient
+
+    def spy(self, *args):
+        out = moved_gradient(self, *args)
+        calls.append(out[0] is not None)  # brought up to date (not handed back to a pass over every row)
+        return out
+
+    results = []
+    for replacement in (spy, lambda self, *args: (None, None)):  # None: the items' gradient over every row
+        monkeypatch.setattr(Engine, "moved_gradient", replacement)
+        updated, method = copy.deepcopy(model), AltEraser(dense_steps=0)
+        method.prepare(updated, retained.concat(deleted))
+        report = method.unlearn(updated, retained, deleted)
+        results.append(updated)
+    assert calls == [True] and report.diagnostics["kept_users"] > 0
+    for name, tensor in results[0].state_dict().items():
+        torch.testing.assert_close(tensor, results[1].state_dict()[name], rtol=1e-10, atol=1e-12)
+    assert not torch.equal(results[0].gmf_item.weight, model.gmf_item.weight)

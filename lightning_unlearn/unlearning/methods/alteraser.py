@@ -305,13 +305,16 @@ class AltEraser(SecondOrderUnlearner):
         totals = _Totals()
         stopped = "rounds"
         for round_ in range(self.rounds):
-            moved: set[str] = set()
+            moved: dict[str, tuple[Tensor, Tensor]] = {}
             for name in SIDES:
                 if len(ids[name]):
-                    # the cached gradient holds until a step moves rows that share terms with this side's
-                    known = start_grads.get(name) if round_ == 0 and not moved else None
-                    if self._side_step(engine, sides[name], ids[name], rows, cache, totals, known, known_scores if known is not None else None):
-                        moved.add(name)
+                    known, scores = (start_grads.get(name), known_scores) if round_ == 0 else (None, None)
+                    if known is not None and moved:  # the users moved: only their rows' terms changed since the cached gradient
+                        known, scores = engine.moved_gradient(sides[name], ids[name], rows, known, scores,
+                                                              *((sides[other], *move) for other, move in moved.items()))
+                    move = self._side_step(engine, sides[name], ids[name], rows, cache, totals, known, scores if known is not None else None)
+                    if move is not None:
+                        moved[name] = move
             for _ in range(self.dense_steps if dense else 0):
                 self._dense_step(engine, dense, totals, anchor if self.objective == "anchored" else None, start)
                 start = None  # the dense weights moved: every retained row's gradient changed
@@ -335,8 +338,8 @@ class AltEraser(SecondOrderUnlearner):
 
     # ------------------------------------------------------------------ one side: users or items
     def _side_step(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cache: CurvatureCache | None, totals: _Totals,
-                   grad: Tensor | None, known: RowScores | None = None) -> bool:
-        """One batched damped Newton step for every block of a side; whether any row moved.
+                   grad: Tensor | None, known: RowScores | None = None) -> tuple[Tensor, Tensor] | None:
+        """One batched damped Newton step for every block of a side; the rows that moved and their values before (``None``: none moved).
 
         ``grad`` is the exact gradient when known already (from the cached one); else it is
         computed. ``known`` holds the rows' scores at the current parameters, when still valid.
@@ -378,7 +381,8 @@ class AltEraser(SecondOrderUnlearner):
         totals.rejected += int((alpha == 0).sum())
         side.set_(ids, values + alpha.unsqueeze(1) * step)
         engine.offset += engine.linear_change(side, ids, alpha.unsqueeze(1) * step)
-        return bool((alpha > 0).any())
+        moved = alpha > 0
+        return (ids[moved], values[moved]) if bool(moved.any()) else None
 
     def _blocks(self, engine: Engine, side: Side, ids: Tensor, rows: TrainRows, cache: CurvatureCache | None) -> Tensor:
         """The ``(len(ids), d, d)`` summed curvature blocks of this side's sub-problems."""

@@ -10,6 +10,7 @@ value and row scores at the trained model, paid once (:class:`RowScores` finds a
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with, fingerprint, gather_rows
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import self_weights
-from lightning_unlearn.unlearning.methods.scope import occurrences, rows_of_items, rows_of_users
+from lightning_unlearn.unlearning.methods.scope import occurrences, restrict, rows_of_items, rows_of_users
 
 __all__ = ["SIDES", "Anchor", "Engine", "RowScores", "Side", "slot_changes"]
 
@@ -221,6 +222,37 @@ class Engine:
         # a graph model's scores move with the graph a deletion changes: they would never be reused
         known = None if self.graph else RowScores(rows, scores, model.num_items)
         return Anchor({s.name: g for s, g in zip(sides, grads)}, value, dense_parts, fingerprint(model), scores=known)
+
+    def moved_gradient(self, side: Side, ids: Tensor, rows: TrainRows, grad: Tensor, scores: RowScores | None,
+                       *moves: tuple[Side, Tensor, Tensor]) -> tuple[Tensor | None, RowScores | None]:
+        """``grad``, the gradient w.r.t. ``side[ids]`` over ``rows`` before ``moves``, brought up to date from the moved rows' terms only.
+
+        A move ``(other, moved, before)`` changed the rows ``moved`` of the other side from
+        ``before``: only the terms of the rows of ``rows`` that involve them changed. Their
+        gradient is taken at the moved values and at ``before``, and the difference added (the L2
+        term of ``side``'s rows is the same in both): a pass over the moved users' rows instead of
+        every row that touches ``ids``. ``scores`` (of the rows before the moves), when given, get
+        the moved rows' new scores from the same pass (``None`` if one is not among them).
+
+        Returns ``(None, None)`` when those rows are at least half of the rows that involve ``ids``:
+        two passes over them would cost more than the one pass over those rows that computes the
+        gradient (and the scores) afresh.
+        """
+        rows = restrict(rows, side.rows_of(rows, ids))  # the others hold no term of ids
+        touching = [restrict(rows, other.rows_of(rows, moved)) for other, moved, _ in moves]
+        if 2 * sum(len(t) for t in touching) >= len(rows):
+            return None, None
+        for (other, moved, before), touched in zip(moves, touching):
+            after = other.gather(moved)
+            new, new_scores = self.gradient(side, ids, touched)
+            other.set_(moved, before)
+            try:
+                old, _ = self.gradient(side, ids, touched)
+            finally:
+                other.set_(moved, after)
+            grad = grad + (new - old)
+            scores = None if scores is None else scores.replaced(touched, new_scores)
+        return grad, scores
 
     def deleted_part(self, deleted: TrainRows, ids: dict[str, Tensor], sides: dict[str, Side]) -> tuple[dict[str, Tensor], float]:
         """The deleted rows' gradient w.r.t. the rows ``ids`` of each trainable side, and their summed loss."""
@@ -438,12 +470,26 @@ class RowScores:
 
     def of(self, rows: TrainRows) -> Tensor | None:
         """The ``(len(rows), 1 + k)`` scores of ``rows`` if every one is among the rows scored, else ``None``."""
+        found = self._find(rows)
+        return None if found is None else self.scores[found]
+
+    def replaced(self, rows: TrainRows, scores: Tensor) -> RowScores | None:
+        """A copy in which ``rows`` have ``scores`` (``None`` if one of ``rows`` is not among the rows scored)."""
+        found = self._find(rows)
+        if found is None:
+            return None
+        out = copy.copy(self)
+        out.scores = self.scores.index_copy(0, found, scores.to(self.scores.dtype))
+        return out
+
+    def _find(self, rows: TrainRows) -> Tensor | None:
+        """Where each of ``rows`` is among the rows scored (``None`` if one is not)."""
         if not len(rows):
-            return self.scores.new_zeros(0, 1 + rows.negatives.shape[1])
+            return torch.zeros(0, dtype=torch.long, device=self.scores.device)
         if not len(self.keys) or rows.negatives.shape[1:] != self.negatives.shape[1:]:
             return None
         keys = rows.users * self.num_items + rows.items
         at = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
         found = self.order[at]
         same = (self.keys[at] == keys) & (self.negatives[found] == rows.negatives).all(1)
-        return self.scores[found] if bool(same.all()) else None
+        return found if bool(same.all()) else None
