@@ -158,10 +158,13 @@ def _checksum(table: Tensor, piece_elements: int = 2**18) -> Tensor:
     row_weights = _weights(count, table.device)
     total = torch.zeros(3, dtype=torch.float64, device=table.device)
     step = max(1, piece_elements // max(width, 1)) if table.device.type == "cpu" else max(count, 1)  # a GPU: one pass
+    buffer = torch.empty(min(step, count), width, dtype=torch.float64, device=table.device)  # one float64 piece, reused
     for start in range(0, count, step):
-        piece = table[start:start + step].double()
+        piece = buffer[:min(step, count - start)]
+        piece.copy_(table[start:start + step])
         sums = piece @ columns  # per row: its sum, and its sum weighted by column
-        total += torch.stack([sums[:, 0].sum(), row_weights[start:start + step] @ sums[:, 0] + sums[:, 1].sum(), piece.square().sum()])
+        flat = piece.view(-1)
+        total += torch.stack([sums[:, 0].sum(), row_weights[start:start + step] @ sums[:, 0] + sums[:, 1].sum(), torch.dot(flat, flat)])
     return torch.cat([total.new_tensor([table.numel()]), total])
 
 
