@@ -240,7 +240,10 @@ class Engine:
         """
         rows = restrict(rows, side.rows_of(rows, ids))  # the others hold no term of ids
         touching = [restrict(rows, other.rows_of(rows, moved)) for other, moved, _ in moves]
-        if 2 * sum(len(t) for t in touching) >= len(rows):
+        # counted over every process's shard: each takes the same branch (its passes are reduced)
+        moved_rows, all_rows = self.context.reduce(torch.tensor([sum(len(t) for t in touching), len(rows)],
+                                                                dtype=torch.float64, device=rows.users.device)).tolist()
+        if 2 * moved_rows >= all_rows:
             return None, None
         for (other, moved, before), touched in zip(moves, touching):
             after = other.gather(moved)
