@@ -308,11 +308,14 @@ class AltEraser(SecondOrderUnlearner):
             moved: dict[str, tuple[Tensor, Tensor]] = {}
             for name in SIDES:
                 if len(ids[name]):
+                    # a graph couples every row; otherwise this side's sub-problems hold the rows that involve its ids
+                    side_rows = rows if engine.graph else restrict(rows, sides[name].rows_of(rows, ids[name]))
                     known, scores = (start_grads.get(name), known_scores) if round_ == 0 else (None, None)
                     if known is not None and moved:  # the users moved: only their rows' terms changed since the cached gradient
-                        known, scores = engine.moved_gradient(sides[name], ids[name], rows, known, scores,
+                        known, scores = engine.moved_gradient(sides[name], ids[name], side_rows, known, scores,
                                                               *((sides[other], *move) for other, move in moved.items()))
-                    move = self._side_step(engine, sides[name], ids[name], rows, cache, totals, known, scores if known is not None else None)
+                    move = self._side_step(engine, sides[name], ids[name], side_rows, cache, totals, known,
+                                           scores if known is not None else None)
                     if move is not None:
                         moved[name] = move
             for _ in range(self.dense_steps if dense else 0):
@@ -341,11 +344,10 @@ class AltEraser(SecondOrderUnlearner):
                    grad: Tensor | None, known: RowScores | None = None) -> tuple[Tensor, Tensor] | None:
         """One batched damped Newton step for every block of a side; the rows that moved and their values before (``None``: none moved).
 
-        ``grad`` is the exact gradient when known already (from the cached one); else it is
-        computed. ``known`` holds the rows' scores at the current parameters, when still valid.
+        ``rows`` are those of the side's sub-problems (every row on a graph model). ``grad`` is the
+        exact gradient when known already (from the cached one); else it is computed. ``known``
+        holds the rows' scores at the current parameters, when still valid.
         """
-        if not engine.graph:
-            rows = restrict(rows, side.rows_of(rows, ids))
         values = side.gather(ids)
         scores = known.of(rows) if known is not None else None
         if grad is None:

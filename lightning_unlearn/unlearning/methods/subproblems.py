@@ -225,7 +225,7 @@ class Engine:
 
     def moved_gradient(self, side: Side, ids: Tensor, rows: TrainRows, grad: Tensor, scores: RowScores | None,
                        *moves: tuple[Side, Tensor, Tensor]) -> tuple[Tensor | None, RowScores | None]:
-        """``grad``, the gradient w.r.t. ``side[ids]`` over ``rows`` before ``moves``, brought up to date from the moved rows' terms only.
+        """``grad``, the gradient w.r.t. ``side[ids]`` over ``rows`` (those that involve ``ids``) before ``moves``, brought up to date.
 
         A move ``(other, moved, before)`` changed the rows ``moved`` of the other side from
         ``before``: only the terms of the rows of ``rows`` that involve them changed. Their
@@ -238,7 +238,6 @@ class Engine:
         two passes over them would cost more than the one pass over those rows that computes the
         gradient (and the scores) afresh.
         """
-        rows = restrict(rows, side.rows_of(rows, ids))  # the others hold no term of ids
         touching = [restrict(rows, other.rows_of(rows, moved)) for other, moved, _ in moves]
         # counted over every process's shard: each takes the same branch (its passes are reduced)
         moved_rows, all_rows = self.context.reduce(torch.tensor([sum(len(t) for t in touching), len(rows)],
@@ -473,6 +472,8 @@ class RowScores:
 
     def of(self, rows: TrainRows) -> Tensor | None:
         """The ``(len(rows), 1 + k)`` scores of ``rows`` if every one is among the rows scored, else ``None``."""
+        if not len(rows):
+            return self.scores.new_zeros(0, 1 + rows.negatives.shape[1])
         found = self._find(rows)
         return None if found is None else self.scores[found]
 
