@@ -9,7 +9,7 @@ import torch
 
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.losses import data_loss
+from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError, alteraser
@@ -641,3 +641,19 @@ def test_an_interactions_request_brings_the_items_gradient_up_to_date_from_the_m
     for name, tensor in results[0].state_dict().items():
         torch.testing.assert_close(tensor, results[1].state_dict()[name], rtol=1e-10, atol=1e-12)
     assert not torch.equal(results[0].gmf_item.weight, model.gmf_item.weight)
+
+
+@pytest.mark.parametrize("Model", [MF, LightGCN, NeuMF])
+def test_engine_penalty_from_occurrences_equals_the_rows_penalty(Model):
+    """Engine.penalty: from each id's occurrences and squared norms when the rows' slots outnumber the ids, else row by row."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=6, num_items=9, density=0.6, seed=3, negatives=3)
+    options = {"gmf_dim": 3, "mlp_dim": 2, "mlp_layers": [4, 2]} if Model is NeuMF else {"embedding_dim": 3}
+    model = Model(dm.num_users, dm.num_items, **options)
+    if Model is LightGCN:
+        model.set_graph(dm.train)
+    rows = dm.train_rows()
+    engine = Engine(model, rows, len(rows), UnlearningContext(), 64, graph=Model is LightGCN)
+    for subset in (rows, rows.select(torch.arange(2))):  # the first outnumbers the 15 ids, 2 rows x 4 slots do not
+        expected = model.embedding_penalty(subset.users, item_slots(subset[:])).double().sum()
+        torch.testing.assert_close(engine.penalty(subset), expected, rtol=1e-6, atol=0)

@@ -362,6 +362,34 @@ def test_graph_preconditioner_blocks_are_the_base_rows_curvature_through_the_pro
     torch.testing.assert_close(blocks, c.square().view(-1, 1, 1) * (propagated - penalty) + penalty)
 
 
+def test_graph_ifru_keeps_the_base_rows_inverses_of_the_trained_model_and_requests_use_them(graph_problem, monkeypatch):
+    """Built once: (B' + n damping I)^-1 for every user and item, B' the base rows' blocks; a request
+    factors none (it takes no block from the cache) and its step is the one a fresh preconditioner gives."""
+    from lightning_unlearn.unlearning.methods.curvature import base_row_blocks
+    from lightning_unlearn.unlearning.methods.scope import graph_of
+
+    model, every, retained, deleted, _, _ = graph_problem
+    trained = copy.deepcopy(model)
+    trained.adjacency = graph_of(model, every)  # the graph it was trained on
+    method = IFRU(damping=1e-3, tol=1e-12, max_iter=500)
+    method.prepare(trained, every)
+    for side, size in (("users", model.num_users), ("items", model.num_items)):
+        ids = torch.arange(size)
+        kept, have = method.cache.kept_inverses(side, ids)
+        assert bool(have.all())
+        blocks = getattr(curvature_blocks(trained, every), side)
+        expected = torch.linalg.inv(base_row_blocks(trained, side, ids, blocks, occurrences(every, side, trained)[ids].double())
+                                    + 1e-3 * len(every) * torch.eye(3, dtype=torch.float64))
+        torch.testing.assert_close(kept.double(), expected, rtol=1e-5, atol=1e-8)
+    monkeypatch.setattr(method.cache, "block", lambda *args: pytest.fail("a request read a block: the kept inverses were not used"))
+    unlearned = copy.deepcopy(model)
+    assert method.unlearn(unlearned, retained, deleted).diagnostics["solver/converged"]
+    monkeypatch.undo()
+    fresh = copy.deepcopy(model)
+    IFRU(damping=1e-3, tol=1e-12, max_iter=500, blocks="fresh").unlearn(fresh, retained, deleted)
+    torch.testing.assert_close(unlearned.user_embedding.weight, fresh.user_embedding.weight, rtol=1e-8, atol=1e-10)
+
+
 def test_spillover_right_hand_side_is_the_derivative_of_the_loss_change_between_graphs(graph_problem):
     """Finite differences of [sum_deleted loss(A) + sum_affected (loss(A) - loss(A'))] / n, A the graph before."""
     from lightning_unlearn.unlearning.methods import ifru

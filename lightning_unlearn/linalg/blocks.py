@@ -572,7 +572,7 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
     # fast path: one factorisation of everything. A non-finite entry of a lower triangle (the
     # part factored) makes its row's diagonal factor non-finite, so it fails _usable: no scan first
     with one_thread(blocks.device):
-        chol, info = torch.linalg.cholesky_ex(blocks + lam.view(-1, 1, 1) * eye)
+        chol, info = torch.linalg.cholesky_ex(_shifted(blocks, lam))
     if bool(_usable(chol, info).all()):
         return chol, lam, torch.zeros(n, dtype=torch.bool, device=blocks.device)
     valid = torch.isfinite(blocks).flatten(1).all(1)
@@ -586,13 +586,20 @@ def _factor(blocks: Tensor, damping: float | Tensor, max_tries: int, growth: flo
         if attempt:
             lam[pending] = torch.where(lam[pending] > 0, lam[pending] * growth, start[pending])
         with one_thread(blocks.device):
-            chol, info = torch.linalg.cholesky_ex(blocks[pending] + lam[pending].view(-1, 1, 1) * eye)
+            chol, info = torch.linalg.cholesky_ex(_shifted(blocks[pending], lam[pending]))
         ok = _usable(chol, info)
         factors[pending[ok]] = chol[ok]
         pending = pending[~ok]
     failed = ~valid
     failed[pending] = True
     return factors, lam, failed
+
+
+def _shifted(blocks: Tensor, shift: Tensor) -> Tensor:
+    """``B_i + shift_i I`` as one copy (a broadcast ``shift * I`` would make a second one of the same size)."""
+    out = blocks.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
+    return out
 
 
 def _usable(chol: Tensor, info: Tensor) -> Tensor:

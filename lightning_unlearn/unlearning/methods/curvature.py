@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -536,13 +536,32 @@ class CurvatureCache:
         store = self._inverses.get(side)
         return store is not None and math.isclose(store.shift, shift, rel_tol=1e-12)
 
-    def precondition(self, side: str, shift: float) -> None:
-        """Factorise every held block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from."""
-        blocks = self._tables[side].blocks
-        store = self._inverses[side] = _Inverses.empty(blocks, shift)
-        for at in _chunks(torch.arange(len(blocks), device=blocks.device), blocks):
-            factors, result = factor_blocks(blocks[at].double(), damping=shift)
+    def precondition(self, side: str, shift: float, transform: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+        """Factorise every held block of ``side`` (damped by ``shift``) and keep the inverses :meth:`solve` starts from.
+
+        ``transform(ids, blocks)``, if given, is what is factorised instead of the blocks of
+        ``ids`` (a graph model's base-row blocks, :func:`base_row_blocks`): those inverses are
+        for :meth:`kept_inverses`, a preconditioner, not for :meth:`solve`.
+        """
+        table = self._tables[side]
+        store = self._inverses[side] = _Inverses.empty(table.blocks, shift)
+        for at in _chunks(torch.arange(len(table.blocks), device=table.blocks.device), table.blocks):
+            blocks = table.blocks[at].double()
+            factors, result = factor_blocks(blocks if transform is None else transform(table.ids[at], blocks), damping=shift)
             store.keep(at, factors, result.failed_mask)
+
+    def kept_inverses(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The float32 inverses :meth:`precondition` kept for ``ids`` that have one, and the mask of those ids.
+
+        An id has none when its block is not held, was replaced since, or did not factor.
+        """
+        table, store = self._tables[side], self._inverses.get(side)
+        slots = table.slot[ids.to(table.slot.device)]
+        have = slots >= 0
+        if store is None:
+            return table.blocks.new_empty(0, *table.blocks.shape[1:], dtype=torch.float32), torch.zeros_like(have)
+        have &= store.valid[slots.clamp_min(0)]
+        return store.inverse[slots[have]], have
 
     def mark(self) -> None:
         """Record every later change of the held blocks, so that :meth:`rollback` returns the cache to this state.
@@ -714,8 +733,10 @@ def base_row_blocks(model: Recommender, side: str, ids: Tensor, blocks: Tensor, 
     weights = self_weights(model) if weights is None else weights
     offset = 0 if side == "users" else model.num_users
     c = weights[ids.to(weights.device) + offset].to(device=blocks.device, dtype=blocks.dtype)
-    penalty = model.l2 * counts.to(blocks).view(-1, 1, 1) * torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    return c.square().view(-1, 1, 1) * (blocks - penalty) + penalty
+    # c^2 (B - l2 n I) + l2 n I: one scaled copy, the penalty's share added on its diagonal
+    out = blocks * c.square().view(-1, 1, 1)
+    out.diagonal(dim1=1, dim2=2).add_((model.l2 * (1 - c.square()) * counts.to(blocks)).unsqueeze(1))
+    return out
 
 
 class FreshCurvature:

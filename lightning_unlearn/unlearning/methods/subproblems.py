@@ -138,12 +138,28 @@ class Engine:
         """``sum_r loss_r`` over ``rows`` (this process's share), summed over processes."""
         model = self.model
         user_vectors, item_vectors = model.representations()
-        total = torch.zeros((), dtype=torch.float64, device=user_vectors.device)
+        total = 0.5 * model.l2 * self.penalty(rows)
         for _, batch in self.chunks(rows):
-            z = self.score(user_vectors, item_vectors, batch)
-            total += data_loss(z, model.loss_name).double().sum()
-            total += 0.5 * model.l2 * model.embedding_penalty(batch["users"], item_slots(batch)).double().sum()
+            total += data_loss(self.score(user_vectors, item_vectors, batch), model.loss_name).double().sum()
         return float(self.context.reduce(total))
+
+    @torch.no_grad()
+    def penalty(self, rows: TrainRows) -> Tensor:
+        """``sum_r embedding_penalty(r)`` over ``rows`` (this process's), float64.
+
+        When the rows' slots outnumber the ids, it is taken as each id's occurrences times its
+        rows' squared norms (equal by the model contract, which checks ``embedding_penalty``
+        against the tables): a pass over the tables instead of a gather per row and slot.
+        """
+        model = self.model
+        if len(rows) * (1 + rows.negatives.shape[1]) < model.num_users + model.num_items:
+            return sum((model.embedding_penalty(batch["users"], item_slots(batch)).double().sum() for _, batch in self.chunks(rows)),
+                       torch.zeros((), dtype=torch.float64, device=rows.users.device))
+        groups, total = model.parameter_groups(), torch.zeros((), dtype=torch.float64, device=rows.users.device)
+        for side, group in (("users", "user_embedding"), ("items", "item_embedding")):
+            norms = sum(torch.linalg.vector_norm(t.detach(), dim=1).double().square() for t in groups[group])
+            total += occurrences(rows, side, model).double() @ norms
+        return total
 
     def objective(self) -> float:
         """The mean objective ``value / n + dense_penalty`` at the current parameters."""
@@ -271,9 +287,7 @@ class Engine:
     def _value_from_scores(self, sides: list[Side], rows: TrainRows, scores: Tensor) -> float:
         with torch.no_grad():
             total = data_loss(scores, self.model.loss_name).double().sum()
-            penalty = sum((self.model.embedding_penalty(batch["users"], item_slots(batch)).double().sum() for _, batch in self.chunks(rows)),
-                          torch.zeros((), dtype=torch.float64))
-        return float(self.context.reduce(total + 0.5 * self.model.l2 * penalty))
+        return float(self.context.reduce(total + 0.5 * self.model.l2 * self.penalty(rows)))
 
     def _positions(self, side: Side, ids: Tensor, mask: Tensor) -> Tensor:
         size = self.model.num_users if side.name == "user_embedding" else self.model.num_items
