@@ -273,8 +273,9 @@ class _DotProductCurvature:
         self.pulled = [pulled[k] for k in self.reached]
         self.plain = tuple(v.detach() for v in self.vectors)
         self.batches = [batch for _, batch in engine.chunks(engine.local)]
+        self.layouts = [engine.layout(batch, model.num_items) for batch in self.batches]  # the same rows in every product
         with torch.no_grad():
-            scores = [engine.score(*self.plain, batch) for batch in self.batches]
+            scores = [engine.score(*self.plain, batch, layout) for batch, layout in zip(self.batches, self.layouts)]
         self.curvatures = [data_loss_curvature(z, model.loss_name) for z in scores]
         self.slopes = [_score_gradient(z, model.loss_name) for z in scores] if exact else None
         self.penalty = [model.l2 * engine.counts(Side(model, group), ids, engine.local).to(self.plain[0].dtype).unsqueeze(1) / n
@@ -294,10 +295,10 @@ class _DotProductCurvature:
         cotangents = (torch.zeros_like(self.plain[0]), torch.zeros_like(self.plain[1]))
         # the scores' tangent, <du, i> + <u, di>, as one product of the tables side by side
         users, items = torch.cat([moved[0], self.plain[0]], dim=1), torch.cat([self.plain[1], moved[1]], dim=1)
-        for k, (batch, curvature) in enumerate(zip(self.batches, self.curvatures)):
-            self.engine.score_pullback(*self.plain, batch, curvature(self.engine.score(users, items, batch)), cotangents)
+        for k, (batch, layout, curvature) in enumerate(zip(self.batches, self.layouts, self.curvatures)):
+            self.engine.score_pullback(*self.plain, batch, curvature(self.engine.score(users, items, batch, layout)), cotangents, layout)
             if self.slopes is not None:
-                self.engine.score_pullback(*moved, batch, self.slopes[k], cotangents)
+                self.engine.score_pullback(*moved, batch, self.slopes[k], cotangents, layout)
         with torch.enable_grad():
             grads = torch.autograd.grad([self.vectors[i] for i in self.live], self.leaves, [cotangents[i] for i in self.live],
                                         retain_graph=True, allow_unused=True)

@@ -27,7 +27,7 @@ from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import self_weights
 from lightning_unlearn.unlearning.methods.scope import occurrences, restrict, rows_of_items, rows_of_users
 
-__all__ = ["SIDES", "Anchor", "Engine", "RowScores", "Side", "slot_changes"]
+__all__ = ["SIDES", "Anchor", "Engine", "Layout", "RowScores", "Side", "slot_changes"]
 
 SIDES = ("user_embedding", "item_embedding")
 _MATMUL_ADVANTAGE = 16  # one matmul of a chunk's users x every item wins over gathering up to here: ML-1M chunks (about 4) stay on it
@@ -84,7 +84,7 @@ class Engine:
         """Graph models: :func:`~lightning_unlearn.unlearning.methods.curvature.self_weights`, computed once."""
         return self_weights(self.model)
 
-    def score(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    def score(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor], layout: Layout | None = None) -> Tensor:
         """``(R, 1 + k)`` scores of a batch's positives and negatives from the given vector tables.
 
         For dot-product models (MF, LightGCN) over a small catalog the chunk's users are scored
@@ -93,40 +93,40 @@ class Engine:
         gathering ``R x (1 + k)`` item vectors. When that product would cost more than
         ``_MATMUL_ADVANTAGE`` times the gather (large catalogs), and for other models, the
         gathered pairs are scored with ``interact``: the cost then follows the rows, not the catalog.
+        ``layout`` is :meth:`layout` of the batch, when kept from an earlier call.
         """
-        by_user = self._by_user(batch, item_vectors)
-        if by_user is None:
+        layout = self.layout(batch, item_vectors.shape[0]) if layout is None else layout
+        if layout.flat is None:
             return self.model.row_scores(batch, (user_vectors, item_vectors))
-        users, inverse, slots = by_user
-        return (user_vectors[users] @ item_vectors.T)[inverse.unsqueeze(1), slots]
+        return layout.pick(user_vectors[layout.users] @ item_vectors.T)
 
     def score_pullback(self, user_vectors: Tensor, item_vectors: Tensor, batch: dict[str, Tensor], weights: Tensor,
-                       out: tuple[Tensor, Tensor]) -> None:
+                       out: tuple[Tensor, Tensor], layout: Layout | None = None) -> None:
         """Add ``sum_r <weights_r, dz_r/d vectors>`` to ``out`` (user and item tables), for dot-product models.
 
         The transpose of :meth:`score`'s linear map in each vector table, on the same two paths: on
         the one-matmul path the weights are scattered into the chunk's ``(users, items)`` matrix and
         pulled back with two matrix products, else each row's pairs are pulled back and added.
         """
-        by_user = self._by_user(batch, item_vectors)
-        if by_user is None:
+        layout = self.layout(batch, item_vectors.shape[0]) if layout is None else layout
+        if layout.flat is None:
             users, slots = batch["users"], item_slots(batch)
             out[0].index_add_(0, users, (weights.unsqueeze(-1) * gather_rows(item_vectors, slots)).sum(1))
             out[1].index_add_(0, slots.reshape(-1), (weights.unsqueeze(-1) * user_vectors[users].unsqueeze(1)).reshape(-1, item_vectors.shape[1]))
             return
-        users, inverse, slots = by_user
-        dense = torch.zeros(len(users), item_vectors.shape[0], dtype=weights.dtype, device=weights.device)
-        dense.index_put_((inverse.unsqueeze(1).expand_as(slots), slots), weights, accumulate=True)
-        out[0].index_add_(0, users, dense @ item_vectors)
-        out[1].addmm_(dense.T, user_vectors[users])
+        dense = torch.zeros(len(layout.users) * item_vectors.shape[0], dtype=weights.dtype, device=weights.device)
+        dense = dense.scatter_add_(0, layout.flat.reshape(-1), weights.reshape(-1)).view(len(layout.users), -1)
+        out[0].index_add_(0, layout.users, dense @ item_vectors)
+        out[1].addmm_(dense.T, user_vectors[layout.users])
 
-    def _by_user(self, batch: dict[str, Tensor], item_vectors: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(users, inverse, slots)`` when :meth:`score` takes the one-matmul path for this batch, else ``None``."""
-        if not self.dot:
-            return None
-        users, inverse = torch.unique_consecutive(batch["users"], return_inverse=True)
-        slots = item_slots(batch)
-        return (users, inverse, slots) if len(users) * item_vectors.shape[0] <= _MATMUL_ADVANTAGE * slots.numel() else None
+    def layout(self, batch: dict[str, Tensor], num_items: int) -> Layout:
+        """Which path :meth:`score` takes for this batch, and where its slots sit in the chunk's score matrix on the one-matmul path."""
+        if self.dot:
+            users, inverse = torch.unique_consecutive(batch["users"], return_inverse=True)
+            slots = item_slots(batch)
+            if len(users) * num_items <= _MATMUL_ADVANTAGE * slots.numel():
+                return Layout(users, inverse.unsqueeze(1) * num_items + slots)
+        return Layout(batch["users"], None)
 
     def chunks(self, rows: TrainRows):
         for start in range(0, len(rows), self.chunk_size):
@@ -189,17 +189,17 @@ class Engine:
             for _, batch in self.chunks(rows):
                 # leaves of this chunk only: the vectors its rows gather (a dense gradient of the whole
                 # item table per chunk would cost the catalog, not the rows), or, on the one-matmul path, the table
-                by_user = self._by_user(batch, item_vectors)
-                users, slots = (by_user[0], by_user[2]) if by_user is not None else (batch["users"], item_slots(batch))
+                layout = self.layout(batch, item_vectors.shape[0])
+                users, slots = layout.users, item_slots(batch)
                 u = user_vectors[users].requires_grad_(0 in needed)
-                v = (item_vectors if by_user is not None else gather_rows(item_vectors, slots)).detach().requires_grad_(1 in needed)
-                z = (u @ v.T)[by_user[1].unsqueeze(1), slots] if by_user is not None else model.interact(u.unsqueeze(1), v)
+                v = (item_vectors if layout.flat is not None else gather_rows(item_vectors, slots)).detach().requires_grad_(1 in needed)
+                z = layout.pick(u @ v.T) if layout.flat is not None else model.interact(u.unsqueeze(1), v)
                 if needed:
                     data_loss(z, model.loss_name).sum().backward()
                     if u.grad is not None:
                         cotangents[0].index_add_(0, users, u.grad)
                     if v.grad is not None:
-                        if by_user is not None:
+                        if layout.flat is not None:
                             cotangents[1] += v.grad
                         else:
                             cotangents[1].index_add_(0, slots.reshape(-1), v.grad.reshape(-1, v.shape[-1]))
@@ -402,6 +402,20 @@ class Engine:
             return rows
         g = torch.Generator().manual_seed(self.context.seed)
         return rows.select(torch.randperm(len(rows), generator=g)[:size].to(rows.users.device))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How :meth:`Engine.score` scores a batch: ``flat`` is ``None`` on the gather path; on the
+    one-matmul path, ``users`` are the chunk's distinct users and ``flat`` the ``(R, 1 + k)``
+    positions of the rows' slots in the flattened ``(users, items)`` score matrix."""
+
+    users: Tensor
+    flat: Tensor | None
+
+    def pick(self, matrix: Tensor) -> Tensor:
+        """The rows' ``(R, 1 + k)`` entries of the chunk's ``(users, items)`` score matrix (an ``index_select``: its backward is a scatter-add)."""
+        return matrix.reshape(-1).index_select(0, self.flat.reshape(-1)).view(self.flat.shape)
 
 
 def _scores_are_dot_products(model: Recommender) -> bool:
