@@ -657,3 +657,34 @@ def test_engine_penalty_from_occurrences_equals_the_rows_penalty(Model):
     for subset in (rows, rows.select(torch.arange(2))):  # the first outnumbers the 15 ids, 2 rows x 4 slots do not
         expected = model.embedding_penalty(subset.users, item_slots(subset[:])).double().sum()
         torch.testing.assert_close(engine.penalty(subset), expected, rtol=1e-6, atol=0)
+
+
+def test_graph_blocks_solved_from_the_kept_inverses_are_the_direct_solve():
+    """LightGCN: CG from the inverses kept at the build gives solve_blocks' answer; blocks without
+    a kept inverse (none kept, or forgotten) are factorised, and counted."""
+    from lightning_unlearn.unlearning.methods.curvature import base_row_blocks
+    from lightning_unlearn.unlearning.methods.scope import occurrences
+
+    torch.manual_seed(0)
+    dm = tiny(num_users=20, num_items=15, density=0.3, seed=1)
+    model = LightGCN(dm.num_users, dm.num_items, embedding_dim=4, l2=0.05).double()
+    model.set_graph(dm.train)
+    rows = dm.train_rows()
+    method = AltEraser()
+    method.prepare(model, rows)
+    shift = method.damping * len(rows)
+    assert method.cache.preconditioned("users", shift) and method.cache.preconditioned("items", shift)
+    ids = torch.arange(dm.num_users)
+    blocks = base_row_blocks(model, "users", ids, method.cache.block("users", ids), occurrences(rows, "users", model).double())
+    jitter = torch.randn(dm.num_users, 4, 1, dtype=torch.float64)
+    blocks = blocks + 0.05 * blocks.diagonal(dim1=1, dim2=2).mean(1).view(-1, 1, 1) * (jitter @ jitter.mT)  # as a request's deletion would
+    rhs = torch.randn(dm.num_users, 4, dtype=torch.float64)
+    expected, _ = alteraser.solve_blocks(blocks, rhs, damping=shift)
+    x, result, factorised = alteraser._solve_from_kept(blocks, rhs, shift, method.cache, "users", ids)
+    torch.testing.assert_close(x, expected, rtol=1e-7, atol=1e-10)
+    assert factorised == 0 and result.failed_blocks == 0
+    method.cache._inverses["users"].forget(torch.tensor([3]))
+    x, _, factorised = alteraser._solve_from_kept(blocks, rhs, shift, method.cache, "users", ids)
+    torch.testing.assert_close(x, expected, rtol=1e-7, atol=1e-10)
+    assert factorised == 1
+    assert alteraser._solve_from_kept(blocks, rhs, shift, None, "users", ids)[2] == dm.num_users

@@ -41,6 +41,7 @@ from lightning_unlearn.linalg import (
     conjugate_gradient,
     gauss_newton_matvec,
     hessian_matvec,
+    pcg_blocks,
     solve_blocks,
     solve_factored,
     unflatten,
@@ -49,7 +50,13 @@ from lightning_unlearn.losses import data_loss
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, base_row_blocks, curvature_blocks, exact_hessian_blocks
+from lightning_unlearn.unlearning.methods.curvature import (
+    CurvatureCache,
+    base_row_blocks,
+    curvature_blocks,
+    exact_hessian_blocks,
+    keep_inverses,
+)
 from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph, restrict, rows_touching
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.methods.subproblems import SIDES, Anchor, Engine, RowScores, Side
@@ -62,6 +69,7 @@ _CURVATURES = ("gauss_newton", "hessian")
 _TUNING = ("damping", "refactor_tolerance", "line_search", "max_backtracks", "dense_steps", "dense_cg_iters", "dense_sample", "chunk_size", "cache_budget_gb")
 _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 _MAX_TRIES = 16  # factorisations per block: damping may grow 10^15-fold before a block counts as failed
+_KEPT_ITERATIONS = 10  # CG iterations from a kept inverse (graph models) before a block is factorised
 
 
 class AltEraser(SecondOrderUnlearner):
@@ -242,8 +250,14 @@ class AltEraser(SecondOrderUnlearner):
         return seconds + time.perf_counter() - start
 
     def after_build(self, model: Recommender, rows: TrainRows) -> None:
-        """Factor every block once (non-graph models, ``refactor_tolerance > 0``); requests refactor few."""
-        if self.refactor_tolerance > 0 and not is_graph(model):
+        """Factor every block once (non-graph models, ``refactor_tolerance > 0``); requests refactor few.
+
+        On a graph model, keep the inverses of the damped base rows' blocks instead: each
+        request's blocks are solved by CG started from them, exactly (:func:`_solve_from_kept`).
+        """
+        if is_graph(model):
+            keep_inverses(self.cache, model, rows, self.damping * len(rows))
+        elif self.refactor_tolerance > 0:
             for side in self._sides(model):
                 if side.trainable:
                     self.cache.factors(side.key, self.cache.held(side.key), self.damping * len(rows),
@@ -367,9 +381,9 @@ class AltEraser(SecondOrderUnlearner):
             solved = BlockSolveResult.from_damping(used, solved.failed_mask, shift)
         else:
             blocks = self._blocks(engine, side, ids, rows, cache)
-            step, solved = solve_blocks(blocks, -grad, damping=engine.n * self.damping, max_tries=_MAX_TRIES)
+            step, solved, refactored = _solve_from_kept(blocks, -grad, engine.n * self.damping, cache, side.key, ids)
             failed = solved.failed_mask
-            totals.refactored += len(ids)
+            totals.refactored += refactored
         totals.add_solve(solved)
         if failed.any():
             raise FloatingPointError(f"{int(failed.sum())} {side.label} curvature blocks could not be factored (non-finite, or not "
@@ -541,3 +555,30 @@ class _Totals:
                 "max_damping": self.max_damping,
                 "backtracked_blocks": self.backtracked, "rejected_blocks": self.rejected,
                 "dense_cg_iterations": self.dense_cg_iterations, "sampled_dense_steps": self.sampled_dense_steps}
+
+
+def _solve_from_kept(blocks: Tensor, rhs: Tensor, shift: float, cache: CurvatureCache | None, side: str,
+                     ids: Tensor) -> tuple[Tensor, BlockSolveResult, int]:
+    """:func:`solve_blocks` of ``(blocks + shift I) x = rhs``, by CG from the inverses ``cache`` kept where it has them.
+
+    The kept inverses are of the blocks at the trained model (:func:`keep_inverses`); a
+    request's blocks differ from them by the deletion's terms and the graph's renormalisation,
+    so each block's CG reaches ``sqrt(eps)`` in a few batched products. Blocks without an
+    inverse, or whose CG does not converge, are factorised. Returns ``(x, result, factorised)``.
+    """
+    x = torch.zeros_like(rhs)
+    damping = torch.full((len(ids),), float(shift), dtype=torch.float64, device=rhs.device)
+    failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
+    redo = torch.arange(len(ids), device=rhs.device)
+    if cache is not None:
+        kept, have = cache.kept_inverses(side, ids)
+        at = torch.nonzero(have).squeeze(1)
+        if len(at):
+            solved, converged, _ = pcg_blocks(blocks[at], kept, rhs[at], shift=shift, max_iter=_KEPT_ITERATIONS)
+            x[at[converged]] = solved[converged]
+            redo = torch.cat([torch.nonzero(~have).squeeze(1), at[~converged]])
+    if len(redo):
+        x[redo], result = solve_blocks(blocks[redo], rhs[redo], damping=shift, max_tries=_MAX_TRIES)
+        damping[redo], failed[redo] = result.block_damping, result.failed_mask
+    return x, BlockSolveResult.from_damping(damping, failed, shift), len(redo)
+

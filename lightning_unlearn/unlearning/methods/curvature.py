@@ -30,9 +30,9 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint, gather_rows
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.scope import occurrences, restrict, rows_of_items, rows_of_users, touched
+from lightning_unlearn.unlearning.methods.scope import is_graph, occurrences, restrict, rows_of_items, rows_of_users, touched
 
-__all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "base_row_blocks", "cache_bytes", "curvature_blocks",
+__all__ = ["CurvatureCache", "CurvatureBlocks", "FreshCurvature", "base_row_blocks", "cache_bytes", "curvature_blocks", "keep_inverses",
            "exact_hessian_blocks", "self_weights"]
 
 
@@ -737,6 +737,22 @@ def base_row_blocks(model: Recommender, side: str, ids: Tensor, blocks: Tensor, 
     out = blocks * c.square().view(-1, 1, 1)
     out.diagonal(dim1=1, dim2=2).add_((model.l2 * (1 - c.square()) * counts.to(blocks)).unsqueeze(1))
     return out
+
+
+def keep_inverses(cache: CurvatureCache, model: Recommender, rows: TrainRows, shift: float) -> None:
+    """:meth:`CurvatureCache.precondition` both sides of ``cache`` at ``shift``, unless a method sharing it did.
+
+    On a graph model the inverses are those of the base rows' blocks (:func:`base_row_blocks`,
+    with the L2 counts of ``rows``, every row the model was trained on).
+    """
+    weights = self_weights(model) if is_graph(model) else None
+    for side in ("users", "items"):
+        if cache.preconditioned(side, shift):
+            continue
+        counts = occurrences(rows, side, model)
+        transform = None if weights is None else lambda ids, blocks, side=side, counts=counts: base_row_blocks(
+            model, side, ids, blocks, counts[ids], weights)
+        cache.precondition(side, shift, transform)
 
 
 class FreshCurvature:

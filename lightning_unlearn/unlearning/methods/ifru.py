@@ -24,9 +24,9 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import conjugate_gradient, flatten
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
-from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, base_row_blocks, self_weights
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, keep_inverses
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
-from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph, occurrences
+from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, is_graph
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 
 __all__ = ["IFRU"]
@@ -144,17 +144,8 @@ class IFRU(SecondOrderUnlearner):
 
         On a graph model they are those of the base rows' blocks, the preconditioner of its solve.
         """
-        if self.solver not in ("auto", "block"):
-            return
-        graph = is_graph(model)
-        weights = self_weights(model) if graph else None
-        for side in ("users", "items"):
-            shift = self.damping * len(rows)
-            if self.cache.preconditioned(side, shift):  # a cache shared by an IFRU of the same damping has them
-                continue
-            counts = occurrences(rows, side, model)
-            transform = (lambda ids, blocks, side=side, counts=counts: base_row_blocks(model, side, ids, blocks, counts[ids], weights)) if graph else None
-            self.cache.precondition(side, shift, transform)
+        if self.solver in ("auto", "block"):
+            keep_inverses(self.cache, model, rows, self.damping * len(rows))
 
     def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
