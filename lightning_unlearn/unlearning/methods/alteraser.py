@@ -581,4 +581,3 @@ def _solve_from_kept(blocks: Tensor, rhs: Tensor, shift: float, cache: Curvature
         x[redo], result = solve_blocks(blocks[redo], rhs[redo], damping=shift, max_tries=_MAX_TRIES)
         damping[redo], failed[redo] = result.block_damping, result.failed_mask
     return x, BlockSolveResult.from_damping(damping, failed, shift), len(redo)
-

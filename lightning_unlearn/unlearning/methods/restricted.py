@@ -187,7 +187,7 @@ class RestrictedParameters:
         have = torch.zeros_like(ids, dtype=torch.bool)
         if isinstance(curvature, CurvatureCache):
             kept, have = curvature.kept_inverses(side, ids)
-            out[have] = kept * n  # (B' + n damping I)^-1, kept by IFRU.after_build at the trained model's n
+            out[have] = kept * n  # (B' + n damping I)^-1, kept (keep_inverses) at the trained model's n
         missing = ids[~have]
         if len(missing):
             blocks = base_row_blocks(self.model, side, missing, curvature.block(side, missing), occurrences(rows, side, self.model)[missing], weights)
