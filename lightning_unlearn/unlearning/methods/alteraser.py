@@ -256,7 +256,7 @@ class AltEraser(SecondOrderUnlearner):
         request's blocks are solved by CG started from them, exactly (:func:`_solve_from_kept`).
         """
         if is_graph(model):
-            keep_inverses(self.cache, model, rows, self.damping * len(rows))
+            keep_inverses(self.cache, model, self.damping * len(rows))
         elif self.refactor_tolerance > 0:
             for side in self._sides(model):
                 if side.trainable:

@@ -739,17 +739,17 @@ def base_row_blocks(model: Recommender, side: str, ids: Tensor, blocks: Tensor, 
     return out
 
 
-def keep_inverses(cache: CurvatureCache, model: Recommender, rows: TrainRows, shift: float) -> None:
+def keep_inverses(cache: CurvatureCache, model: Recommender, shift: float) -> None:
     """:meth:`CurvatureCache.precondition` both sides of ``cache`` at ``shift``, unless a method sharing it did.
 
     On a graph model the inverses are those of the base rows' blocks (:func:`base_row_blocks`,
-    with the L2 counts of ``rows``, every row the model was trained on).
+    with the L2 counts the cache keeps: :meth:`CurvatureCache.occurrences`).
     """
     weights = self_weights(model) if is_graph(model) else None
     for side in ("users", "items"):
         if cache.preconditioned(side, shift):
             continue
-        counts = occurrences(rows, side, model)
+        counts = cache.occurrences(side)
         transform = None if weights is None else lambda ids, blocks, side=side, counts=counts: base_row_blocks(
             model, side, ids, blocks, counts[ids], weights)
         cache.precondition(side, shift, transform)

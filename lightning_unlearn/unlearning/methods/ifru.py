@@ -145,7 +145,7 @@ class IFRU(SecondOrderUnlearner):
         On a graph model they are those of the base rows' blocks, the preconditioner of its solve.
         """
         if self.solver in ("auto", "block"):
-            keep_inverses(self.cache, model, rows, self.damping * len(rows))
+            keep_inverses(self.cache, model, self.damping * len(rows))
 
     def step(self, model: Recommender, retained: TrainRows, deleted: TrainRows, cache: CurvatureCache | None,
              context: UnlearningContext) -> dict[str, Any]:
@@ -182,7 +182,7 @@ class IFRU(SecondOrderUnlearner):
         elif solver == "direct":
             delta, solve = _direct_solve(restricted.curvature_matvec(rows, n, context, self.curvature), rhs, self.damping, self.direct_max)
         else:
-            preconditioner = None if curvature is None else restricted.preconditioner(curvature, n, self.damping, retained)
+            preconditioner = None if curvature is None else restricted.preconditioner(curvature, n, self.damping)
             # CG's vectors in float64 (the products in the model's dtype): in float32 its recursion
             # drifts from the true residual near 1e-6, the default tol
             matvec = restricted.curvature_matvec(rows, n, context, self.curvature)

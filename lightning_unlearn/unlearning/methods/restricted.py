@@ -25,7 +25,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods.base import UnlearningContext
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, base_row_blocks, self_weights
-from lightning_unlearn.unlearning.methods.scope import Scope, is_graph, occurrences
+from lightning_unlearn.unlearning.methods.scope import Scope, is_graph
 from lightning_unlearn.unlearning.methods.subproblems import Engine, Side
 
 __all__ = ["RestrictedParameters"]
@@ -151,37 +151,33 @@ class RestrictedParameters:
         widths = [p.shape[1] for g, (_, p, rows) in zip(self.groups, self.parts) if g == group]
         return widths or None
 
-    def preconditioner(self, curvature: CurvatureCache | FreshCurvature, n: int, damping: float,
-                       rows: TrainRows | None = None) -> Callable[[Tensor], Tensor] | None:
+    def preconditioner(self, curvature: CurvatureCache | FreshCurvature, n: int, damping: float) -> Callable[[Tensor], Tensor] | None:
         """Block-Jacobi ``M^-1`` of ``B / n + damping I`` in this layout (identity on the dense weights).
 
         ``B`` are the per-user and per-item blocks of ``curvature``. On a graph model, whose
         blocks are those of the propagated vectors, they are the base rows' blocks made from them
         (:func:`~lightning_unlearn.unlearning.methods.curvature.base_row_blocks`, with the L2
-        counts of ``rows``, the retained rows), and the inverses a cache kept for the trained
+        counts ``curvature`` keeps of its rows, the retained rows), and the inverses a cache kept for the trained
         model (:meth:`~lightning_unlearn.unlearning.methods.curvature.CurvatureCache.precondition`)
         are used where it has them: a preconditioner need not follow the deletion. ``None``
         when a group spans several tables or the sides' widths differ.
         """
         if any(len(self.group_layout(g) or []) > 1 for g in ("user_embedding", "item_embedding")):
             return None
-        graph = is_graph(self.model)
-        if graph and rows is None:
-            raise ValueError("a graph model's preconditioner needs the retained rows (their L2 counts)")
         sides = [(ids, side, self.group_layout(group)[0]) for group, ids, side in
                  (("user_embedding", self.scope.users, "users"), ("item_embedding", self.scope.items, "items")) if self.group_layout(group)]
         if not sides or len({width for _, _, width in sides}) > 1:
             return None
-        if graph:
+        if is_graph(self.model):
             weights = self_weights(self.model)
-            inverses = torch.cat([self._base_row_inverses(curvature, side, ids, width, n, damping, rows, weights) for ids, side, width in sides])
+            inverses = torch.cat([self._base_row_inverses(curvature, side, ids, width, n, damping, weights) for ids, side, width in sides])
             return lambda v: torch.bmm(inverses, v.view(len(inverses), -1, 1).to(inverses.dtype)).reshape(-1).to(v.dtype)
         dense = sum(int(torch.Size(s).numel()) for g, s in zip(self.groups, self.shapes) if g == "dense")
         preconditioner = BlockPreconditioner(torch.cat([curvature.block(side, ids) / n for ids, side, _ in sides]), damping, num_other=dense)
         return lambda v: preconditioner(v.to(torch.float64)).to(v.dtype)
 
     def _base_row_inverses(self, curvature: CurvatureCache | FreshCurvature, side: str, ids: Tensor, width: int, n: int, damping: float,
-                           rows: TrainRows, weights: Tensor) -> Tensor:
+                           weights: Tensor) -> Tensor:
         """A graph model's float32 ``(B' / n + damping I)^-1`` for ``ids``, ``B'`` their base rows' blocks: kept where the cache has them."""
         out = torch.empty(len(ids), width, width, dtype=torch.float32, device=ids.device)
         have = torch.zeros_like(ids, dtype=torch.bool)
@@ -190,7 +186,7 @@ class RestrictedParameters:
             out[have] = kept * n  # (B' + n damping I)^-1, kept (keep_inverses) at the trained model's n
         missing = ids[~have]
         if len(missing):
-            blocks = base_row_blocks(self.model, side, missing, curvature.block(side, missing), occurrences(rows, side, self.model)[missing], weights)
+            blocks = base_row_blocks(self.model, side, missing, curvature.block(side, missing), curvature.occurrences(side)[missing], weights)
             out[~have] = BlockPreconditioner(blocks / n, damping).inverses.to(out.dtype)
         return out
 
