@@ -24,6 +24,7 @@ from lightning_unlearn.linalg import (
     scatter_outer,
     solve_blocks,
     solve_low_rank,
+    symmetric_matvec,
     unflatten,
 )
 from lightning_unlearn.linalg.blocks import cholesky_solve, one_thread
@@ -591,6 +592,16 @@ def test_pcg_blocks_shift_solves_the_damped_blocks_without_touching_them():
     x, converged, _ = pcg_blocks(blocks, torch.linalg.inv(blocks + 0.7 * eye), rhs, shift=0.3, tol=1e-12, max_iter=d + 4)
     assert bool(converged.all()) and torch.equal(blocks, original)
     torch.testing.assert_close(x, torch.linalg.solve(blocks + 0.3 * eye, rhs), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_symmetric_matvec_is_each_matrix_times_its_vector(dtype):
+    torch.manual_seed(2)
+    a = torch.randn(300, 9, 9, dtype=dtype)
+    matrices, vectors = a + a.mT, torch.randn(300, 9, dtype=dtype)
+    expected = torch.stack([m @ v for m, v in zip(matrices, vectors)])
+    torch.testing.assert_close(symmetric_matvec(matrices, vectors), expected)
+    assert symmetric_matvec(matrices[:0], vectors[:0]).shape == (0, 9)
 
 
 def test_inverse_factored_is_the_inverse_and_leaves_the_thread_count_as_it_was():

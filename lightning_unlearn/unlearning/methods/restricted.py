@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.data.batches import TrainRows
-from lightning_unlearn.linalg import BlockPreconditioner, flatten, gauss_newton_matvec, hessian_matvec, unflatten
+from lightning_unlearn.linalg import BlockPreconditioner, flatten, gauss_newton_matvec, hessian_matvec, symmetric_matvec, unflatten
 from lightning_unlearn.losses import data_loss, data_loss_curvature, item_slots
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import call_with
@@ -171,7 +171,7 @@ class RestrictedParameters:
         if is_graph(self.model):
             weights = self_weights(self.model)
             inverses = torch.cat([self._base_row_inverses(curvature, side, ids, width, n, damping, weights) for ids, side, width in sides])
-            return lambda v: torch.bmm(inverses, v.view(len(inverses), -1, 1).to(inverses.dtype)).reshape(-1).to(v.dtype)
+            return lambda v: symmetric_matvec(inverses, v.view(len(inverses), -1).to(inverses.dtype)).reshape(-1).to(v.dtype)
         dense = sum(int(torch.Size(s).numel()) for g, s in zip(self.groups, self.shapes) if g == "dense")
         preconditioner = BlockPreconditioner(torch.cat([curvature.block(side, ids) / n for ids, side, _ in sides]), damping, num_other=dense)
         return lambda v: preconditioner(v.to(torch.float64)).to(v.dtype)
