@@ -13,7 +13,7 @@ from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.functional import call_with
 from lightning_unlearn.unlearning.methods import AltEraser, Retrain, UnlearningContext, UnlearningError, alteraser
-from lightning_unlearn.unlearning.methods.curvature import cache_bytes, curvature_blocks, exact_hessian_blocks
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, cache_bytes, curvature_blocks, exact_hessian_blocks
 from lightning_unlearn.unlearning.methods.subproblems import Engine, RowScores, Side, slot_changes
 
 
@@ -243,7 +243,7 @@ def test_a_failed_request_does_not_leave_a_downdated_cache(users_only, monkeypat
     model, retained, deleted, reference = users_only
     method = AltEraser(rounds=25, tol=0.0, damping=1e-14)
     with monkeypatch.context() as patch:
-        patch.setattr(alteraser, "solve_factored", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("solver crashed")))
+        patch.setattr(CurvatureCache, "solve_factored", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("solver crashed")))
         with pytest.raises(UnlearningError, match="solver crashed"):
             method.unlearn(copy.deepcopy(model), retained, deleted)
     retried = copy.deepcopy(model)

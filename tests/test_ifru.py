@@ -575,6 +575,27 @@ def mf_30x25():
     return dm, MF(dm.num_users, dm.num_items, embedding_dim=4, l2=0.1, init_std=0.3).double()
 
 
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_a_solve_by_the_cached_factors_equals_the_direct_solve_of_the_retained_blocks(budget, monkeypatch):
+    """``solve_factored`` a few blocks at a time: every block, held (in float32 under a budget) or computed from its rows."""
+    monkeypatch.setattr(curvature_module, "_PCG_PIECE_BYTES", 3 * 8 * 4 * 4)  # three blocks of d = 4 per piece
+    dm, model = mf_30x25()
+    cache = CurvatureCache(None if budget is None else budget * cache_bytes(model))
+    cache.build(model, dm.train_rows())
+    deleted = dm.remove(torch.tensor([0, 3, 40, 77]))
+    retained = dm.train_rows()
+    cache.downdate(model, retained, deleted)
+    exact, eye = curvature_blocks(model, retained), torch.eye(4, dtype=torch.float64)
+    for side, size in (("users", dm.num_users), ("items", dm.num_items)):
+        ids = torch.randperm(size)
+        rhs = torch.randn(size, 4, dtype=torch.float64)
+        x, result, refactored = cache.solve_factored(side, ids, rhs, 0.1, tolerance=0.0)
+        assert refactored == size and result.failed_blocks == 0
+        rtol = 1e-10 if budget is None else 1e-5  # float32 blocks and factors
+        torch.testing.assert_close(x, torch.linalg.solve(getattr(exact, side)[ids] + 0.1 * eye, rhs), rtol=rtol, atol=rtol)
+    assert budget is None or cache.misses > 0
+
+
 def test_later_requests_reuse_kept_inverses_and_still_solve_exactly():
     """A second request solves from the inverses kept at the first: a few CG iterations, no factorisation, exact steps."""
     dm, model = mf_30x25()

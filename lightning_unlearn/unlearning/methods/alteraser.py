@@ -43,7 +43,6 @@ from lightning_unlearn.linalg import (
     hessian_matvec,
     pcg_blocks,
     solve_blocks,
-    solve_factored,
     unflatten,
 )
 from lightning_unlearn.losses import data_loss
@@ -372,8 +371,8 @@ class AltEraser(SecondOrderUnlearner):
             raise FloatingPointError(f"the {side.label} gradient is not finite")
         if cache is not None and not engine.graph:  # cached factors, refactored where the block moved
             shift = engine.n * self.damping
-            factors, solved, refactored = cache.factors(side.key, ids, shift, self.refactor_tolerance)
-            step, failed = solve_factored(factors, -grad, solved.failed_mask)
+            step, solved, refactored = cache.solve_factored(side.key, ids, -grad, shift, self.refactor_tolerance)
+            failed = solved.failed_mask
             totals.refactored += refactored
             # a reused factor carries the shift it was computed with (within the tolerance): not an escalation
             escalated = solved.block_damping > shift * (1 + self.refactor_tolerance) * (1 + 1e-9)
