@@ -527,8 +527,8 @@ def test_cached_factors_are_reused_while_fresh_and_exact_at_zero_tolerance():
     exact, _, refactored = cache.factors("users", ids, 0.1, tolerance=0.0)
     assert refactored == len(ids)
     torch.testing.assert_close(exact @ exact.mT, blocks.users + 0.1 * eye)
-    _, _, refactored = cache.factors("users", ids, 0.3, tolerance=0.5)
-    assert refactored == len(ids)  # a new damping invalidates every factor
+    assert cache.refactor("users", ids, 0.3, tolerance=0.5) == len(ids)  # a new damping invalidates every factor
+    assert cache.refactor("users", ids, 0.3, tolerance=0.5) == 0
 
 
 @pytest.mark.parametrize("count", [2, 9, 10])  # a few blocks (gathered) and most of them (read in place)

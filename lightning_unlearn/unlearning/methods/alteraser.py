@@ -259,8 +259,7 @@ class AltEraser(SecondOrderUnlearner):
         elif self.refactor_tolerance > 0:
             for side in self._sides(model):
                 if side.trainable:
-                    self.cache.factors(side.key, self.cache.held(side.key), self.damping * len(rows),
-                                       self.refactor_tolerance)
+                    self.cache.refactor(side.key, self.cache.held(side.key), self.damping * len(rows), self.refactor_tolerance)
 
     def clear(self) -> None:
         super().clear()

@@ -476,6 +476,14 @@ class CurvatureCache:
             refactored += len(rest)
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored
 
+    def refactor(self, side: str, ids: Tensor, shift: float, tolerance: float) -> int:
+        """Refactor the held blocks ``ids`` of ``side`` whose factors :meth:`factors` would not reuse; how many were.
+
+        What a method calls once after :meth:`build` so that its requests find the factors
+        (without :meth:`factors`' float64 copy of them all).
+        """
+        return self._refresh_factors(side, ids, shift, tolerance)[3]
+
     def _refresh_factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, Tensor | None, _Factored, int]:
         """The slots of ``ids`` and the blocks not held (see :meth:`_lookup`), after refactoring the held ones that drifted.
 
