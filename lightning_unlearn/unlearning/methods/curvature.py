@@ -236,7 +236,7 @@ class CurvatureCache:
     :meth:`build` pays for the blocks over every training row (the method reports it as
     precomputation); :meth:`downdate` subtracts a request's deleted rows' contribution in place,
     so the cache always holds the blocks of the data as it now is. :meth:`solve` and
-    :meth:`factors` solve with the blocks, reusing the factorisations of earlier requests. A
+    :meth:`solve_factored` solve with the blocks, reusing the factorisations of earlier requests. A
     method whose step is small calls :meth:`adopt` to keep the blocks for the updated model; any
     other change of the parameters invalidates them (:meth:`holds` compares the model's
     :func:`~lightning_unlearn.models.functional.fingerprint`).
@@ -403,8 +403,8 @@ class CurvatureCache:
         """Whether the cache was built (or adopted) for ``model``'s current parameters."""
         return self._fingerprint is not None and torch.equal(self._fingerprint, fingerprint(model))
 
-    def factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
-        """Cholesky factors of ``B_i + shift I`` for the blocks ``ids`` (distinct) of ``side`` (``"users"``/``"items"``).
+    def solve_factored(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
+        """Solve ``(B_i + shift I) x_i = rhs_i`` for the blocks ``ids`` (distinct) of ``side`` with Cholesky factors kept from earlier requests.
 
         A factor is reused while its block's trace and the shift have moved by at most
         ``tolerance`` (relative) since it was computed; the others are refactored (batched, with
@@ -413,33 +413,6 @@ class CurvatureCache:
         step then solves with a slightly stale curvature (relative error about ``tolerance``).
         ``tolerance=0`` refactors every block asked for (exact; under a budget the factors are kept
         in float32, like the blocks). Blocks not held are factored now.
-
-        Args:
-            side: ``"users"`` or ``"items"``.
-            ids: the blocks wanted.
-            shift: the damping added to the diagonal.
-            tolerance: ``>= 0``, the relative drift a reused factor may have.
-
-        Returns:
-            ``(factors, result, refactored)``: the float64 ``(len(ids), d, d)`` factors, their
-            damping and failures, and how many blocks were factored now.
-        """
-        slots, extra, store, refactored = self._refresh_factors(side, ids, shift, tolerance)
-        at = slots[slots >= 0]
-        if extra is None:
-            return store.factors[at].double(), BlockSolveResult.from_damping(store.damping[at], store.failed[at], shift), refactored
-        blocks = self._tables[side].blocks
-        factors = torch.empty(len(ids), *blocks.shape[1:], dtype=torch.float64, device=blocks.device)
-        damping = torch.empty(len(ids), dtype=torch.float64, device=blocks.device)
-        failed = torch.empty(len(ids), dtype=torch.bool, device=blocks.device)
-        held = slots >= 0
-        factors[held], damping[held], failed[held] = store.factors[at].double(), store.damping[at], store.failed[at]
-        new, result = factor_blocks(extra, damping=shift)
-        factors[~held], damping[~held], failed[~held] = new, result.block_damping, result.failed_mask
-        return factors, BlockSolveResult.from_damping(damping, failed, shift), refactored + len(extra)
-
-    def solve_factored(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tolerance: float) -> tuple[Tensor, BlockSolveResult, int]:
-        """``(B_i + shift I) x_i = rhs_i`` by the factors :meth:`factors` keeps (reused within ``tolerance``), without copying them out.
 
         The held blocks' factors are read a few MiB at a time, each piece solved while it is in
         cache and in the factors' dtype: copying every factor out in float64 first (250 MB for the
@@ -477,10 +450,9 @@ class CurvatureCache:
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored
 
     def refactor(self, side: str, ids: Tensor, shift: float, tolerance: float) -> int:
-        """Refactor the held blocks ``ids`` of ``side`` whose factors :meth:`factors` would not reuse; how many were.
+        """Refactor the held blocks ``ids`` of ``side`` whose factors :meth:`solve_factored` would not reuse; how many were.
 
-        What a method calls once after :meth:`build` so that its requests find the factors
-        (without :meth:`factors`' float64 copy of them all).
+        What a method calls once after :meth:`build`, so that its requests find the factors.
         """
         return self._refresh_factors(side, ids, shift, tolerance)[3]
 
@@ -522,7 +494,7 @@ class CurvatureCache:
         After a :meth:`downdate`, blocks not held are solved from the retained rows that touch
         them (:meth:`FreshCurvature.solve`: from the rows themselves where they are few, formed
         and factorised otherwise) and take no slot (such a block is seldom asked for again).
-        Unlike :meth:`factors` with a tolerance, nothing stale enters the solution.
+        Unlike :meth:`solve_factored` with a tolerance, nothing stale enters the solution.
 
         Args:
             side: ``"users"`` or ``"items"``.
