@@ -37,9 +37,10 @@ def symmetric_matvec(matrices: Tensor, vectors: Tensor) -> Tensor:
 
     The row form is one batched product of ``(n, 1, d)`` by ``(n, d, d)``, which the CPU's BLAS
     runs at the speed of reading the matrices; the column form ``(n, d, d)`` by ``(n, d, 1)``
-    does not. On two cores (d = 64 to 128): 3-4x faster on 6,751 float32 blocks read from
-    memory (3.4 against 12.3 ms at d = 64), 4-8x on a few hundred blocks in cache in either
-    dtype; float64 blocks read from memory take the same time both ways.
+    does not. On two cores: 2.6-3.6x faster on 6,751 float32 blocks read from memory (3.4
+    against 12.3 ms at d = 64, 11.4 against 29.5 ms at d = 96), 3-4x on a few hundred float64
+    blocks in cache and 7-9x on float32 ones (d = 32 to 128); float64 blocks read from memory
+    take the same time both ways.
 
     Args:
         matrices: ``(n, d, d)``, each symmetric (only then is the row product ``M_i v_i``).
