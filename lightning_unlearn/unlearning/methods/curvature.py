@@ -170,8 +170,9 @@ def _accumulate(out: Tensor, jacobians: Tensor, weights: Tensor, index: Tensor) 
 
 
 _PIECE_BYTES = 1 << 24  # float64 blocks a request forms, copies out of a cache or factors at a time
-# blocks (as if float64) solved together by pcg_blocks: a piece's blocks and inverses stay in a 32 MiB L3 cache across
-# its iterations (6,751 blocks at d = 96, 2 iterations: 0.09-0.11 s in pieces of 8 MiB, 0.13 s of 16 MiB, 0.16 s of 2 MiB)
+# blocks (as if float64) a cached solve reads together (pcg_blocks, solve_factored): a piece's blocks and inverses stay in a
+# 32 MiB L3 cache across its iterations (6,751 blocks at d = 96, 2 iterations: 0.09-0.11 s in pieces of 8 MiB, 0.13 s of
+# 16 MiB, 0.16 s of 2 MiB)
 _PCG_PIECE_BYTES = 1 << 23
 
 
@@ -453,6 +454,12 @@ class CurvatureCache:
         """Refactor the held blocks ``ids`` of ``side`` whose factors :meth:`solve_factored` would not reuse; how many were.
 
         What a method calls once after :meth:`build`, so that its requests find the factors.
+
+        Args:
+            side: ``"users"`` or ``"items"``.
+            ids: held blocks of ``side`` (distinct), e.g. :meth:`held`.
+            shift: the damping added to the diagonal.
+            tolerance: ``>= 0``, the relative drift a reused factor may have.
         """
         return self._refresh_factors(side, ids, shift, tolerance)[3]
 
