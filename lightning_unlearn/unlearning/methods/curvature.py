@@ -246,8 +246,8 @@ class CurvatureCache:
     (float32 storage of blocks, factors and inverses, float64 accumulation and solves; all three count against the budget),
     starting with the users and items that occur in most rows, ranked together. A block it does not hold is computed when
     asked for, from the retained rows that touch it (as :class:`FreshCurvature` does), and takes
-    the slot of the least recently used one (:meth:`solve` takes none: it solves such a block from
-    its rows). Without a budget, or when everything fits, every block is held in float64.
+    the slot of the least recently used one (:meth:`solve` and :meth:`solve_factored` take none:
+    they solve such a block from its rows). Without a budget, or when everything fits, every block is held in float64.
 
     Args:
         budget_bytes: the most the blocks, their factors and inverses may take (``None``: no bound).
@@ -413,7 +413,8 @@ class CurvatureCache:
         rows changes it by a few percent, so most blocks of a request reuse their factors; the
         step then solves with a slightly stale curvature (relative error about ``tolerance``).
         ``tolerance=0`` refactors every block asked for (exact; under a budget the factors are kept
-        in float32, like the blocks). Blocks not held are factored now.
+        in float32, like the blocks). After a :meth:`downdate`, blocks not held are solved from the
+        retained rows that touch them and take no slot, as in :meth:`solve`.
 
         The held blocks' factors are read a few MiB at a time, each piece solved while it is in
         cache and in the factors' dtype: copying every factor out in float64 first (250 MB for the
@@ -431,23 +432,22 @@ class CurvatureCache:
             ``(x, result, refactored)``: the solutions (0 for failed blocks), their damping and
             failures, and how many blocks were factored now.
         """
-        slots, extra, store, refactored = self._refresh_factors(side, ids, shift, tolerance)
+        ids = ids.to(self._tables[side].slot.device)
+        here, away = self._held_or_away(side, ids)
+        slots, store, refactored = self._refresh_factors(side, ids[here], shift, tolerance)
         x = torch.zeros_like(rhs)
         damping = torch.empty(len(ids), dtype=torch.float64, device=rhs.device)
         failed = torch.empty(len(ids), dtype=torch.bool, device=rhs.device)
-        held = torch.nonzero(slots >= 0).squeeze(1)
-        for part in _chunks(held, store.factors, chunk_bytes=_PCG_PIECE_BYTES):
-            where = slots[part]
+        for part in _chunks(torch.arange(len(here), device=here.device), store.factors, chunk_bytes=_PCG_PIECE_BYTES):
+            where, at = slots[part], here[part]
             # in the factors' dtype: a float32 factor (under a budget) is no more exact solved in float64, only slower
-            solved, failed[part] = solve_factored(store.factors[where], rhs[part].to(store.factors.dtype), store.failed[where])
-            x[part] = solved.to(x.dtype)
-            damping[part] = store.damping[where]
-        if extra is not None:
-            rest = torch.nonzero(slots < 0).squeeze(1)
-            factors, result = factor_blocks(extra, damping=shift)
-            x[rest], failed[rest] = solve_factored(factors, rhs[rest], result.failed_mask)
-            damping[rest] = result.block_damping
-            refactored += len(rest)
+            solved, failed[at] = solve_factored(store.factors[where], rhs[at].to(store.factors.dtype), store.failed[where])
+            x[at] = solved.to(x.dtype)
+            damping[at] = store.damping[where]
+        if len(away):
+            x[away], result, solved_away, _ = self._source.solve(side, ids[away], rhs[away], shift)
+            damping[away], failed[away] = result.block_damping, result.failed_mask
+            refactored, self.misses = refactored + solved_away, self.misses + len(away)
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored
 
     def refactor(self, side: str, ids: Tensor, shift: float, tolerance: float) -> int:
@@ -461,14 +461,22 @@ class CurvatureCache:
             shift: the damping added to the diagonal.
             tolerance: ``>= 0``, the relative drift a reused factor may have.
         """
-        return self._refresh_factors(side, ids, shift, tolerance)[3]
+        return self._refresh_factors(side, ids, shift, tolerance)[2]
 
-    def _refresh_factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, Tensor | None, _Factored, int]:
-        """The slots of ``ids`` and the blocks not held (see :meth:`_lookup`), after refactoring the held ones that drifted.
+    def _held_or_away(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Positions in ``ids`` of the blocks to solve in the cache and of those to solve from their rows (not held, after a :meth:`downdate`)."""
+        table = self._tables[side]
+        away = table.slot[ids.to(table.slot.device)] < 0
+        if self._source is None:  # nothing to solve them from: the lookup of the held ones names what is missing
+            away = torch.zeros_like(away)
+        return torch.nonzero(~away).squeeze(1), torch.nonzero(away).squeeze(1)
 
-        Returns ``(slots, extra, store, refactored)``: ``store`` holds the factors by slot.
+    def _refresh_factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, _Factored, int]:
+        """The slots of ``ids`` (held: see :meth:`_lookup`), after refactoring those whose factors drifted.
+
+        Returns ``(slots, store, refactored)``: ``store`` holds the factors by slot.
         """
-        slots, extra = self._lookup(side, ids)
+        slots, _ = self._lookup(side, ids)
         blocks = self._tables[side].blocks
         store = self._factored.get(side)
         if store is None:
@@ -486,7 +494,7 @@ class CurvatureCache:
             factors, result = factor_blocks(blocks[where].double(), damping=shift)
             store.factors[where], store.damping[where], store.failed[where] = factors.to(blocks.dtype), result.block_damping, result.failed_mask
             store.trace[where], store.shift[where] = trace[part], shift
-        return slots, extra, store, len(stale)
+        return slots, store, len(stale)
 
     def solve(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None = None,
               max_iter: int = 10) -> tuple[Tensor, BlockSolveResult, int, int]:
@@ -523,8 +531,7 @@ class CurvatureCache:
         damping = torch.full((len(ids),), float(shift), dtype=torch.float64, device=rhs.device)
         failed = torch.zeros(len(ids), dtype=torch.bool, device=rhs.device)
         ids = ids.to(self._tables[side].slot.device)
-        away = self._tables[side].slot[ids] < 0 if self._source is not None else torch.zeros_like(ids, dtype=torch.bool)
-        here, away = torch.nonzero(~away).squeeze(1), torch.nonzero(away).squeeze(1)
+        here, away = self._held_or_away(side, ids)
         refactored, iterations = 0, 0
         if len(here):
             x[here], damping[here], failed[here], refactored, iterations = self._solve_held(side, ids[here], rhs[here], shift, tol,
