@@ -580,7 +580,7 @@ def mf_30x25():
 
 @pytest.mark.parametrize("budget", [None, 0.5])
 def test_a_solve_by_the_cached_factors_equals_the_direct_solve_of_the_retained_blocks(budget, monkeypatch):
-    """``solve_factored`` a few blocks at a time: every block, held (in float32 under a budget) or computed from its rows."""
+    """``solve_factored`` a few blocks at a time: every block, held (in float32 under a budget) or solved from its rows."""
     monkeypatch.setattr(curvature_module, "_PCG_PIECE_BYTES", 3 * 8 * 4 * 4)  # three blocks of d = 4 per piece
     dm, model = mf_30x25()
     cache = CurvatureCache(None if budget is None else budget * cache_bytes(model))
