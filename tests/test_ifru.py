@@ -682,8 +682,12 @@ def test_a_cache_keeps_its_rows_occurrences_through_downdates_refuses_other_rows
     assert all(torch.equal(cache.occurrences(side), built[side]) for side in built)
     if budget is not None:  # a block not held has no rows to be computed from until the next downdate
         side = next(side for side in ("users", "items") if (cache._tables[side].slot < 0).any())
-        with pytest.raises(RuntimeError, match="no rows to compute them from"):
-            cache.block(side, torch.nonzero(cache._tables[side].slot < 0).squeeze(1)[:1])
+        missing = torch.nonzero(cache._tables[side].slot < 0).squeeze(1)[:1]
+        rhs = torch.zeros(1, cache._tables[side].blocks.shape[1], dtype=torch.float64)
+        for ask in (lambda: cache.block(side, missing), lambda: cache.solve(side, missing, rhs, 0.1),
+                    lambda: cache.solve_factored(side, missing, rhs, 0.1, tolerance=0.0)):
+            with pytest.raises(RuntimeError, match="no rows to compute them from"):
+                ask()
     with pytest.raises(RuntimeError, match="empty"):
         CurvatureCache().occurrences("users")
 
