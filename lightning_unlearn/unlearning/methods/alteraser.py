@@ -572,7 +572,9 @@ def _solve_from_kept(blocks: Tensor, rhs: Tensor, shift: float, cache: Curvature
         kept, have = cache.kept_inverses(side, ids)
         at = torch.nonzero(have).squeeze(1)
         if len(at):
-            solved, converged, _ = pcg_blocks(blocks[at], kept, rhs[at], shift=shift, max_iter=_KEPT_ITERATIONS)
+            every = len(at) == len(ids)  # usually: then no copy of the blocks (220 MB for 6,751 of d = 64)
+            solved, converged, _ = pcg_blocks(blocks if every else blocks[at], kept, rhs if every else rhs[at], shift=shift,
+                                              max_iter=_KEPT_ITERATIONS)
             x[at[converged]] = solved[converged]
             redo = torch.cat([torch.nonzero(~have).squeeze(1), at[~converged]])
     if len(redo):
