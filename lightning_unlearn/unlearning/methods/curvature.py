@@ -444,10 +444,7 @@ class CurvatureCache:
             solved, failed[at] = solve_factored(store.factors[where], rhs[at].to(store.factors.dtype), store.failed[where])
             x[at] = solved.to(x.dtype)
             damping[at] = store.damping[where]
-        if len(away):
-            x[away], result, solved_away, _ = self._source.solve(side, ids[away], rhs[away], shift)
-            damping[away], failed[away] = result.block_damping, result.failed_mask
-            refactored, self.misses = refactored + solved_away, self.misses + len(away)
+        refactored += self._solve_away(side, ids, rhs, shift, away, x, damping, failed)
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored
 
     def refactor(self, side: str, ids: Tensor, shift: float, tolerance: float) -> int:
@@ -470,6 +467,16 @@ class CurvatureCache:
         if self._source is None:  # nothing to solve them from: the lookup of the held ones names what is missing
             away = torch.zeros_like(away)
         return torch.nonzero(~away).squeeze(1), torch.nonzero(away).squeeze(1)
+
+    def _solve_away(self, side: str, ids: Tensor, rhs: Tensor, shift: float, away: Tensor, x: Tensor, damping: Tensor,
+                    failed: Tensor) -> int:
+        """Solve the blocks at positions ``away`` of ``ids`` (not held) from their rows into ``x``, ``damping`` and ``failed``; how many were solved."""
+        if not len(away):
+            return 0
+        x[away], result, solved, _ = self._source.solve(side, ids[away], rhs[away], shift)
+        damping[away], failed[away] = result.block_damping, result.failed_mask
+        self.misses += len(away)
+        return solved
 
     def _refresh_factors(self, side: str, ids: Tensor, shift: float, tolerance: float) -> tuple[Tensor, _Factored, int]:
         """The slots of ``ids`` (held: see :meth:`_lookup`), after refactoring those whose factors drifted.
@@ -536,10 +543,7 @@ class CurvatureCache:
         if len(here):
             x[here], damping[here], failed[here], refactored, iterations = self._solve_held(side, ids[here], rhs[here], shift, tol,
                                                                                            max_iter)
-        if len(away):
-            x[away], result, solved, _ = self._source.solve(side, ids[away], rhs[away], shift)
-            damping[away], failed[away] = result.block_damping, result.failed_mask
-            refactored, self.misses = refactored + solved, self.misses + len(away)
+        refactored += self._solve_away(side, ids, rhs, shift, away, x, damping, failed)
         return x, BlockSolveResult.from_damping(damping, failed, shift), refactored, iterations
 
     def _solve_held(self, side: str, ids: Tensor, rhs: Tensor, shift: float, tol: float | None,
