@@ -2,8 +2,8 @@
 
 A session loads a checkpoint the way ``lightning-unlearn unlearn`` does, queues three requests
 and applies them. Faults are injected at every stage of a request (inside the method, in the
-evaluation, while the checkpoint is written, just before and just after its rename, while the
-journal is written). After the fault, :func:`recover` tidies the folder and names the checkpoint
+evaluation, in the retrain policy's bookkeeping, while the checkpoint is written, just before and
+just after its rename, while the journal is written). After the fault, :func:`recover` tidies the folder and names the checkpoint
 to resume from; a fresh session resumes from it. The end state must equal an uninterrupted
 run bit for bit (every accepted request applied exactly once), every checkpoint must load with
 ``weights_only=True``, no partial file may remain, and the journal must tell what happened.
@@ -31,6 +31,7 @@ from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
+from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.record import recover, restore_checkpoint, save_checkpoint
 from lightning_unlearn.unlearning.request import DeletionRequest
 
@@ -165,6 +166,8 @@ def inject(fault: str, how: str, request: int, mp: pytest.MonkeyPatch) -> None:
         on_call(FineTune, "update", how, at, mp, before=scribble)
     elif fault == "evaluate":
         on_call(UnlearningCallback, "_utility", how, at, mp)
+    elif fault == "policy":  # the retrain policy's bookkeeping, after the method and the evaluation
+        on_call(RetrainPolicy, "served", how, at, mp)
     elif fault == "checkpoint_write":
         on_call(record_module, "_write", how, at, mp, before=torn_write)
     elif fault == "before_rename":
@@ -228,7 +231,7 @@ def assert_finished_like_reference(model, dm, out: Path, reference) -> None:
     assert torch.equal(reloaded.user_embedding.weight, weights["user_embedding.weight"])
 
 
-FAULTS = ["method", "evaluate", "checkpoint_write", "before_rename", "after_rename", "journal_pending", "journal_applied"]
+FAULTS = ["method", "evaluate", "policy", "checkpoint_write", "before_rename", "after_rename", "journal_pending", "journal_applied"]
 
 # What the journal says, as (request, status) with * for entries written by recover(), after
 # a kill in request 1 and a restart from the checkpoint recover() names.
@@ -241,7 +244,7 @@ TRACE_AFTER_KILL = {
     # The pending line is torn (unreadable): request 1 never started as far as the journal knows.
     "journal_pending": [(0, "pending"), (0, "applied"), (1, "pending"), (1, "applied"), (2, "pending"), (2, "applied")],
 }
-TRACE_AFTER_KILL["evaluate"] = TRACE_AFTER_KILL["checkpoint_write"] = TRACE_AFTER_KILL["before_rename"] = TRACE_AFTER_KILL["method"]
+TRACE_AFTER_KILL["evaluate"] = TRACE_AFTER_KILL["policy"] = TRACE_AFTER_KILL["checkpoint_write"] = TRACE_AFTER_KILL["before_rename"] = TRACE_AFTER_KILL["method"]
 TRACE_AFTER_KILL["journal_applied"] = TRACE_AFTER_KILL["after_rename"]  # its applied line is torn; the checkpoint exists
 
 
@@ -281,7 +284,7 @@ def _parses(line: str) -> bool:
 
 
 @pytest.mark.parametrize("how", ["raise", "interrupt"])
-@pytest.mark.parametrize("fault", ["method", "evaluate", "checkpoint_write", "before_rename"])
+@pytest.mark.parametrize("fault", ["method", "evaluate", "policy", "checkpoint_write", "before_rename", "after_rename"])
 def test_an_exception_mid_request_restores_everything_and_a_retry_applies_it_once(fault, how, trained, reference, tmp_path):
     out = tmp_path / "unlearning"
     model, dm, callback = session(trained, out)

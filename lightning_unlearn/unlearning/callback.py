@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -389,8 +390,9 @@ class UnlearningCallback(pl.Callback):
 
         The request counts as applied once the checkpoint holding its effect is on disk (rank
         zero) or the method has run (other ranks). Anything that fails before that -- the method,
-        the evaluation, writing the checkpoint, an interrupt -- restores the model, the datamodule
-        and the queue, and journals ``failed``; a process killed before that leaves the journal at
+        the evaluation, the retrain policy's checks, writing the checkpoint, an interrupt (also one
+        that lands just after the checkpoint's rename, whose file is then removed) -- restores the
+        model, the datamodule, the queue and the applied requests, and journals ``failed``; a process killed before that leaves the journal at
         ``pending`` and the previous checkpoint as the state to resume from (see :func:`recover`).
         A request that is refused (invalid for this data) stays at the head of the queue: fix it
         or take it off with :meth:`drop`.
@@ -414,6 +416,7 @@ class UnlearningCallback(pl.Callback):
         pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
         start = time.perf_counter()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        applied_before, queue_before, written = list(self._applied), list(self._queue), None
         try:
             with datamodule.transaction():  # a failure restores the data
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
@@ -436,28 +439,27 @@ class UnlearningCallback(pl.Callback):
                         summary.update(method=method.name, policy=policy.value, replaced=self.method.name)
                         report = method.unlearn(model, datamodule.train_rows(), deleted, context)
                 utility = self._utility(model, datamodule) if self.evaluate and journal else {}
-                self._applied.append(fingerprint)
-                self._queue.pop(0)
-                if pending is not None:
-                    self._lineage = {"journal": journal.id, "seq": pending["seq"]}
                 if policy is None:
                     self._policy.served(len(deleted))
                 else:  # the model is now fitted on the rows that remain (the method's next request prepares for it)
                     grad_norm = _gradient_norm(model, datamodule.train_rows()) if self.max_grad_ratio is not None else None
                     self._policy.refitted(len(datamodule.train), grad_norm)
-                try:
-                    if checkpoint is not None:  # it holds the callback's state *after* this request
-                        save_checkpoint(checkpoint, model, datamodule, self)
-                except BaseException:
-                    self._applied.pop()
-                    self._queue.insert(0, request)
-                    raise
+                self._applied.append(fingerprint)
+                self._queue.pop(0)
+                if pending is not None:
+                    self._lineage = {"journal": journal.id, "seq": pending["seq"]}
+                if checkpoint is not None:  # it holds the callback's state *after* this request
+                    written = None if checkpoint.exists() else checkpoint  # a file there from now on is this attempt's (one there now is refused)
+                    save_checkpoint(checkpoint, model, datamodule, self)
         except BaseException as err:
             with torch.no_grad():
                 model.load_state_dict(before)
             model.set_graph(datamodule.train)
             self._policy.load_state_dict(drift_before)
-            self._lineage = lineage_before
+            self._lineage, self._applied, self._queue = lineage_before, applied_before, queue_before
+            if written is not None:  # e.g. interrupted after the rename: the request is journaled failed, so no checkpoint may hold it
+                with contextlib.suppress(OSError):
+                    written.unlink(missing_ok=True)
             if pending is not None:
                 reason = str(err) or type(err).__name__
                 journal.append(digest, "failed", reason=reason, seconds=time.perf_counter() - start,
