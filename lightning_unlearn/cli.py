@@ -375,6 +375,14 @@ class LightningUnlearnCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if any(entry.init_args.get("requests") for entry in _trainer_entries(config, "callbacks", "UnlearningCallback")):
+            # the parsed config is written out whole: config.yaml in the run folder, the loggers' hyperparameters, W&B's config
+            self.parser.error(
+                "trainer.callbacks: UnlearningCallback's `requests` cannot be given in a config or on the command line: "
+                "its ids would be copied into every file the run writes its configuration to (config.yaml, the "
+                "loggers' hyperparameters, W&B's config). Write the request to a CSV or JSON-lines file (docs/requests.rst) "
+                "and give its path as `requests_file`."
+            )
         if _wandb_logger_configs(config):
             # W&B would copy the console into the run's files (output.log, the .wandb log), and an
             # error about a deletion request names its ids: keep the console out (WANDB_CONSOLE=wrap opts in).
@@ -502,11 +510,16 @@ class LightningUnlearnCLI(LightningCLI):
 
 def _wandb_logger_configs(config: Any) -> list[Any]:
     """The ``trainer.logger`` entries of a parsed config that are ``WandbLogger``s."""
+    return _trainer_entries(config, "logger", "WandbLogger")
+
+
+def _trainer_entries(config: Any, key: str, class_name: str) -> list[Any]:
+    """The ``trainer.<key>`` entries (one or a list) of a parsed config whose class is ``class_name``, with ``init_args``."""
     trainer = config.get("trainer") if config is not None else None
-    loggers = trainer.get("logger") if trainer is not None else None
-    loggers = loggers if isinstance(loggers, list) else [loggers]
-    return [entry for entry in loggers
-            if hasattr(entry, "get") and str(entry.get("class_path", "")).endswith("WandbLogger") and entry.get("init_args")]
+    entries = trainer.get(key) if trainer is not None else None
+    entries = entries if isinstance(entries, list) else [entries]
+    return [entry for entry in entries
+            if hasattr(entry, "get") and str(entry.get("class_path", "")).endswith(class_name) and entry.get("init_args")]
 
 
 def _recipe_name(config: Any) -> str | None:

@@ -585,8 +585,13 @@ def test_a_refused_request_leaves_its_ids_in_no_file_of_the_run(distinctive_slic
                          "dirpath: in_fit}},\n              "))
     refused = run_cli("fit", "-c", "in_fit.yaml", cwd=tmp_path)
     assert refused.returncode != 0 and unknown in refused.stderr
+    # Ids inline in the config would be copied into config.yaml and W&B's config: refused before any run starts.
+    (tmp_path / "inline.yaml").write_text((tmp_path / "in_fit.yaml").read_text().replace(
+        "requests_file: requests.csv", f"requests: [{{users: ['{known}']}}]"))
+    refused = run_cli("fit", "-c", "inline.yaml", cwd=tmp_path)
+    assert refused.returncode != 0 and "cannot be given in a config" in refused.stderr and known not in refused.stderr
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 3  # the fit, and the two refused runs
-    inputs = {tmp_path / "requests.csv", data_file}
+    inputs = {tmp_path / "requests.csv", tmp_path / "inline.yaml", data_file}
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in inputs]
     assert any(p.suffix == ".wandb" for p in written)
     leaks = [str(p) for p in written for needle in (known, unknown) if needle.encode() in p.read_bytes()]
