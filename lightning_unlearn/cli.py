@@ -436,12 +436,15 @@ class LightningUnlearnCLI(LightningCLI):
                 module._log_hyperparams = False
 
     def before_fit(self) -> None:
+        path = self.config_init[self.subcommand].get("ckpt_path")
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
             "checkpoint holds no optimizer or loop state)")
         if state is not None and state.get("unlearning"):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, UnlearningCallback):  # the requests the checkpoint holds stay applied, once
+                    if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
+                        adopt_key(Path(path).parent, callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
                     # the drift counter starts afresh: the model is fitted again, on the rows that remain
                     callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
 

@@ -13,6 +13,7 @@ from lightning_unlearn.models import MF, LightGCN
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.record import StaleCheckpoint, adopt_key, journal_of, key_id
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 EPOCHS = 3
@@ -157,6 +158,7 @@ def test_resume_after_crash_between_pending_and_applied(tmp_path):
         fresh_dm.load_state_dict(state["datamodule_state"])
         fresh_dm.setup()
         fresh_model = MF.load_from_checkpoint(first_ckpt)
+        adopt_key(tmp_path, tmp_path / "second")  # the branch recognises what the checkpoint applied
         resumed = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "second", branch=True)
         resumed.load_state_dict(state["unlearning"])
         return fresh_model, fresh_dm, resumed
@@ -188,6 +190,37 @@ def test_resume_after_crash_between_pending_and_applied(tmp_path):
     assert statuses == ["pending", "failed", "pending", "applied"]
     # The final state matches the first session's after both requests.
     assert torch.equal(fresh_dm.train.keys, dm.train.keys)
+
+
+def test_a_branch_without_the_key_of_its_checkpoints_folder_is_refused_until_it_adopts_it(tmp_path):
+    """The applied fingerprints a checkpoint carries are keyed with its folder's key: a branch
+    folder with another key (or none) would not recognise a request given again and would journal
+    it a second time. It is refused, naming ``adopt_key``; with the key adopted it is recognised."""
+    model, dm, _ = trained()
+    UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[6])], dirpath=tmp_path / "first").apply_pending(model, dm)
+    checkpoint = tmp_path / "first" / journal(tmp_path / "first")[-1]["checkpoint"]
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["unlearning"]["key_id"] == key_id(journal_of(tmp_path / "first"))
+
+    def branch(folder: str) -> tuple[UnlearningCallback, MF, RecDataModule]:
+        fresh_dm = datamodule()
+        fresh_dm.load_state_dict(state["datamodule_state"])
+        callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[6])], dirpath=tmp_path / folder, branch=True)
+        callback.load_state_dict(state["unlearning"])
+        return callback, MF.load_from_checkpoint(checkpoint), fresh_dm
+
+    callback, fresh_model, fresh_dm = branch("keyless")
+    with pytest.raises(StaleCheckpoint, match="adopt_key"):
+        callback.apply_pending(fresh_model, fresh_dm)
+    journal_of(tmp_path / "other").key  # a folder with a key of its own
+    callback, fresh_model, fresh_dm = branch("other")
+    with pytest.raises(StaleCheckpoint, match="another key"):
+        callback.apply_pending(fresh_model, fresh_dm)
+    assert not (tmp_path / "keyless" / "journal.jsonl").exists() and not (tmp_path / "other" / "journal.jsonl").exists()
+    assert adopt_key(tmp_path / "first", tmp_path / "adopted")
+    callback, fresh_model, fresh_dm = branch("adopted")
+    assert callback.apply_pending(fresh_model, fresh_dm) == [] and callback.pending == 0  # recognised: not applied again
+    assert not (tmp_path / "adopted" / "journal.jsonl").exists()
 
 
 def test_retrain_equals_a_fresh_fit_on_the_retained_rows(tmp_path):

@@ -26,7 +26,7 @@ from lightning_unlearn import MF, RecDataModule
 from lightning_unlearn.cli import UnlearningTrainer, main
 from lightning_unlearn.data import CSVSource, Synthetic
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.record import restore_checkpoint
+from lightning_unlearn.unlearning.record import journal_of, restore_checkpoint
 from tests.conftest import REPO, shared_data
 from tests.test_compare import recipe
 
@@ -131,6 +131,16 @@ def test_fit_from_an_unlearned_checkpoint_keeps_its_callback_state(trained, tmp_
     main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF,
           f"--trainer.callbacks+={callback}"])
     assert (folder / "journal.jsonl").read_text() == journal_before
+
+
+def test_fit_from_an_unlearned_checkpoint_into_a_branch_recognises_what_it_holds(trained, tmp_path, capsys):
+    """A branch callback starts its folder with the checkpoint folder's key: the request given again is not journaled twice."""
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, "
+                f"dirpath: {tmp_path / 'branch'}, branch: true}}}}")
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF, f"--trainer.callbacks+={callback}"])
+    assert journal_of(tmp_path / "branch").key == journal_of(trained.unlearned.parent).key
+    assert journal_of(tmp_path / "branch").entries() == []
 
 
 def test_fit_from_an_unlearned_checkpoint_checks_the_data(trained, capsys):

@@ -38,6 +38,7 @@ from lightning_unlearn.unlearning.record import (
     CheckpointUnreadable,
     MissingDataState,
     StaleCheckpoint,
+    adopt_key,
     journal_of,
     recover,
     restore_checkpoint,
@@ -56,6 +57,8 @@ def session(checkpoint: Path, out: Path, *requests: DeletionRequest, **kwargs):
     dm = datamodule()
     model = new_model(dm)
     state = restore_checkpoint(checkpoint, model, dm)
+    if kwargs.get("branch"):
+        adopt_key(Path(checkpoint).parent, out)
     callback = UnlearningCallback(FineTune(epochs=1, batch_size=16), requests=list(requests), dirpath=out, seed=0, **kwargs)
     if state.get("unlearning"):
         callback.load_state_dict(state["unlearning"])
@@ -605,10 +608,10 @@ def test_a_training_run_into_a_folder_that_moved_on_stops_before_its_first_step(
         def on_train_batch_end(self, *args):
             steps.append(1)
 
-    def fit(request: DeletionRequest, folder: str = "unlearning") -> pl.Trainer:
+    def fit(request: DeletionRequest | None, folder: str = "unlearning") -> pl.Trainer:
         dm = datamodule()
         pl.seed_everything(0, verbose=False)
-        callback = UnlearningCallback(FineTune(epochs=1), requests=[request], dirpath=tmp_path / folder)
+        callback = UnlearningCallback(FineTune(epochs=1), requests=[request] if request else [], dirpath=tmp_path / folder)
         trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[callback, Count()])
         trainer.fit(new_model(dm), dm)
@@ -618,6 +621,8 @@ def test_a_training_run_into_a_folder_that_moved_on_stops_before_its_first_step(
     trained_steps = len(steps)
     with pytest.raises(StaleCheckpoint, match="a model no deletion was applied to"):
         fit(B)
+    with pytest.raises(StaleCheckpoint, match="a model no deletion was applied to"):
+        fit(None)  # nothing pending: still refused, its training data holds the rows A deleted
     with pytest.raises(InvalidDeletionRequest, match="unknown user id"):
         fit(DeletionRequest(users=["no-such-user"]), folder="fresh")
     assert len(steps) == trained_steps  # neither refused run trained a step

@@ -22,7 +22,7 @@ from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningConte
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.record import check_lineage, journal_of, recover, save_checkpoint
+from lightning_unlearn.unlearning.record import check_key, check_lineage, journal_of, key_id, recover, save_checkpoint
 from lightning_unlearn.unlearning.reporting import define_request_axis
 from lightning_unlearn.unlearning.request import DeletionRequest
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
@@ -157,6 +157,7 @@ class UnlearningCallback(pl.Callback):
         self._restored: list[dict[str, Any]] = []  # pending requests of a loaded state, as indices (need the data)
         self._applied: list[str] = []
         self._lineage: dict[str, Any] | None = None  # the journal entry the model embodies (None: no request yet)
+        self._key_id: str | None = None  # of the key the restored applied fingerprints were made with (None: not recorded)
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -239,8 +240,9 @@ class UnlearningCallback(pl.Callback):
         """Raise now what applying the queue would refuse, changing neither model nor data.
 
         Recovers the folder after a crash (:func:`recover`), checks that the model is the
-        folder's latest state (:func:`~lightning_unlearn.unlearning.record.check_lineage`) and
-        resolves every pending request against the training split. ``unlearn`` calls it before
+        folder's latest state (:func:`~lightning_unlearn.unlearning.record.check_lineage`; also
+        with no request pending once the folder has a journal: training an older state would
+        learn deleted rows again) and resolves every pending request against the training split. ``unlearn`` calls it before
         any logger starts a run, so that no error naming ids reaches a logger's files.
 
         Args:
@@ -257,9 +259,10 @@ class UnlearningCallback(pl.Callback):
         """
         self._datamodule = datamodule
         self._merge_restored(datamodule)
-        if self.dirpath is not None and self._queue:
+        if self.dirpath is not None and (self._queue or self.journal.path.exists()):
             recover(self.dirpath)
             check_lineage(self.journal, self._lineage, self.branch)
+            check_key(self.journal, self._key_id, len(self._applied))
         elsewhere = {"validation": datamodule.val, "test": datamodule.test}
         resolved = [r.resolve(datamodule.train, missing=self.missing, elsewhere=elsewhere) for r in self._queue]
         if self.dirpath is None:
@@ -280,7 +283,7 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "unlearning"
         self._datamodule = trainer.datamodule
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
         self.read_requests_file()
@@ -296,11 +299,14 @@ class UnlearningCallback(pl.Callback):
         """Refuse before training what applying the requests would refuse after it.
 
         Runs after a resumed fit restored this callback's state, so a stale model (the folder
-        already holds deletions this one does not embody) or an invalid request stops the run
-        before an epoch is spent, not at ``on_train_end``.
+        already holds deletions this one does not embody, whether or not requests are pending:
+        its data still holds their rows) or an invalid request stops the run before an epoch is
+        spent, not at ``on_train_end``.
         """
-        if trainer.is_global_zero and self.pending:
+        if trainer.is_global_zero:
             self.check(trainer.datamodule)
+            _ = self.journal.key
+        trainer.strategy.barrier("unlearning-fit-start")
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -371,6 +377,7 @@ class UnlearningCallback(pl.Callback):
         with journal.lock():  # one writer per folder, for the whole run
             recover(self.dirpath)  # a previous process may have died mid-request
             check_lineage(journal, self._lineage, self.branch)
+            check_key(journal, self._key_id, len(self._applied))
             define_request_axis(loggers)  # W&B plots unlearn/* against the request index: drift over a stream
             return self._apply_queue(model, datamodule, context, loggers, journal)
 
@@ -488,8 +495,9 @@ class UnlearningCallback(pl.Callback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Plain values and tensors, never a raw id: the applied requests' keyed fingerprints, the
-        pending requests as indices into the data's id maps, the drift counter and the lineage.
+        """Plain values and tensors, never a raw id: the applied requests' keyed fingerprints (and
+        :func:`~lightning_unlearn.unlearning.record.key_id` of their key), the pending requests as
+        indices into the data's id maps, the drift counter and the lineage.
 
         A pending request can be stored only once the data is known (after ``setup`` or
         :meth:`apply_pending`) and if its ids are in the data's maps; one that is not is left out
@@ -503,6 +511,7 @@ class UnlearningCallback(pl.Callback):
             "unstored_pending": sum(s is None for s in stored),
             "drift": self._policy.state_dict(),
             "lineage": dict(self._lineage) if self._lineage is not None else None,
+            "key_id": (self._key_id or (key_id(self.journal) if self.dirpath is not None else None)) if self._applied else None,
         }
 
     @override
@@ -517,7 +526,7 @@ class UnlearningCallback(pl.Callback):
         self._applied = list(state_dict.get("applied", []))
         if "drift" in state_dict:  # a state written before the retrain policy has none: the counter starts afresh
             self._policy.load_state_dict(state_dict["drift"])
-        self._lineage = state_dict.get("lineage")
+        self._lineage, self._key_id = state_dict.get("lineage"), state_dict.get("key_id")
         pending = state_dict.get("pending", [])
         if any(not isinstance(spec.get("users", ()), torch.Tensor) for spec in pending):
             raise ValueError(

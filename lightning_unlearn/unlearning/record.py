@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
 
 __all__ = [
-    "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "check_lineage", "load_checkpoint",
+    "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "check_key", "check_lineage", "key_id", "load_checkpoint",
     "recover", "restore_checkpoint", "save_checkpoint",
 ]
 
@@ -146,9 +146,61 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
     raise StaleCheckpoint(
         f"{journal.folder} already holds {journal.applied_count()} applied request(s); its latest state is "
         f"{journal.checkpoint(latest)} (request entry {latest.get('pending_seq')}), but the model loaded is {what}. "
-        f"Applying requests on top of it would undo the deletions after it. Resume from the latest state "
+        f"Training it or applying requests on top of it would undo the deletions after it. Resume from the latest state "
         f"(`--ckpt_path {journal.checkpoint(latest)}`), or start a new branch from this model in another, empty "
         f"folder (`--out <new folder> --branch true`)."
+    )
+
+
+def key_id(journal: Journal) -> str | None:
+    """A short public name of ``journal``'s folder key (``None`` while it has none): a keyed digest of a constant, not the key.
+
+    A checkpoint stores it beside its applied requests' fingerprints, which only the same key recognises.
+
+    Args:
+        journal: the folder's journal.
+
+    Example:
+        >>> import tempfile, os
+        >>> journal = Journal(os.path.join(tempfile.mkdtemp(), "journal.jsonl"))
+        >>> key_id(journal) is None, len(journal.keyed("made")), len(key_id(journal))
+        (True, 64, 16)
+    """
+    return journal.keyed(b"lightning_unlearn/key-id/v1")[:16] if journal.key_exists() else None
+
+
+def check_key(journal: Journal, recorded: str | None, applied: int) -> None:
+    """Refuse a state whose ``applied`` fingerprints were keyed with another folder's key than ``journal``'s.
+
+    Its requests would not be recognised here: one given again would be journaled a second time.
+
+    Args:
+        journal: the folder's journal.
+        recorded: :func:`key_id` stored with the fingerprints (``None``: not recorded, nothing to check).
+        applied: how many fingerprints the state holds.
+
+    Raises:
+        StaleCheckpoint: the folder has no key or another one, and the state holds fingerprints.
+
+    Example:
+        >>> import tempfile, os
+        >>> journal = Journal(os.path.join(tempfile.mkdtemp(), "journal.jsonl"))
+        >>> check_key(journal, key_id(journal), applied=0)  # nothing applied: nothing to recognise
+        >>> try:
+        ...     check_key(journal, "0123456789abcdef", applied=2)
+        ... except StaleCheckpoint as err:
+        ...     print(str(err)[:60])
+        The model's checkpoint records 2 applied request(s), recogni
+    """
+    ours = key_id(journal)
+    if recorded is None or not applied or ours == recorded:
+        return
+    raise StaleCheckpoint(
+        f"The model's checkpoint records {applied} applied request(s), recognised by the key of the unlearning folder "
+        f"they were applied in (key id {recorded}), but {journal.folder} has {'no key' if ours is None else 'another key'}. "
+        f"A new branch starts with that folder's key: `lightning_unlearn.unlearning.record.adopt_key(<that folder>, "
+        f"{journal.folder})` before the run (`unlearn --branch true`, and `fit` from an unlearned checkpoint with a "
+        f"branch callback, do it), into a folder that has no key yet."
     )
 
 
