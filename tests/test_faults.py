@@ -2,9 +2,9 @@
 
 A session loads a checkpoint the way ``lightning-unlearn unlearn`` does, queues three requests
 and applies them. Faults are injected at every stage of a request (inside the method, in the
-evaluation, in the retrain policy's bookkeeping, while the checkpoint is written, just before and
-just after its rename, while the journal is written). After the fault, :func:`recover` tidies the folder and names the checkpoint
-to resume from; a fresh session resumes from it. The end state must equal an uninterrupted
+evaluation, in the retrain policy's bookkeeping, while the checkpoint is written, just before
+and just after its rename, while the journal is written). After the fault, :func:`recover`
+tidies the folder and names the checkpoint to resume from; a fresh session resumes from it. The end state must equal an uninterrupted
 run bit for bit (every accepted request applied exactly once), every checkpoint must load with
 ``weights_only=True``, no partial file may remain, and the journal must tell what happened.
 
