@@ -397,6 +397,9 @@ class LightningUnlearnCLI(LightningCLI):
                     "checkpoints and the journal in an offline run, use `unlearn --log_artifacts=true`; `wandb sync` "
                     "uploads them) or `--trainer.logger.init_args.offline=false`."
                 )
+            for key in ("save_dir", "dir"):  # W&B's service process writes the run's log from its own working directory,
+                if args.get(key):  # which is this one's only if it was started here: an earlier command may have started it
+                    args[key] = os.path.abspath(args[key])
             if args.get("group") is None:
                 args.group = _recipe_name(config)
             if args.get("job_type") is None and self.subcommand:
