@@ -399,7 +399,7 @@ class LightningUnlearnCLI(LightningCLI):
                 )
             for key in ("save_dir", "dir"):  # W&B's service process writes the run's log from its own working directory,
                 if args.get(key):  # which is this one's only if it was started here: an earlier command may have started it
-                    args[key] = os.path.abspath(args[key])
+                    args[key] = os.path.abspath(os.path.expanduser(args[key]))
             if args.get("group") is None:
                 args.group = _recipe_name(config)
             if args.get("job_type") is None and self.subcommand:

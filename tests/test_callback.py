@@ -212,6 +212,11 @@ def test_a_branch_without_the_key_of_its_checkpoints_folder_is_refused_until_it_
     callback, fresh_model, fresh_dm = branch("keyless")
     with pytest.raises(StaleCheckpoint, match="adopt_key"):
         callback.apply_pending(fresh_model, fresh_dm)
+    idle = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "keyless", branch=True)
+    idle.load_state_dict(state["unlearning"])
+    with pytest.raises(StaleCheckpoint, match="adopt_key"):  # nothing queued yet (on_fit_start's check): refused before a key is made
+        idle.check(fresh_dm)
+    assert not (tmp_path / "keyless" / "journal.key").exists()
     journal_of(tmp_path / "other").key  # a folder with a key of its own
     callback, fresh_model, fresh_dm = branch("other")
     with pytest.raises(StaleCheckpoint, match="another key"):
@@ -221,6 +226,18 @@ def test_a_branch_without_the_key_of_its_checkpoints_folder_is_refused_until_it_
     callback, fresh_model, fresh_dm = branch("adopted")
     assert callback.apply_pending(fresh_model, fresh_dm) == [] and callback.pending == 0  # recognised: not applied again
     assert not (tmp_path / "adopted" / "journal.jsonl").exists()
+
+
+def test_a_state_that_did_not_record_its_key_is_not_stamped_with_this_folders(tmp_path):
+    """Fingerprints restored from a state written before ``key_id`` were never checked against this folder's key."""
+    model, dm, _ = trained()
+    first = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[6])], dirpath=tmp_path)
+    first.apply_pending(model, dm)
+    assert first.state_dict()["key_id"] == key_id(journal_of(tmp_path))
+    legacy = {k: v for k, v in first.state_dict().items() if k != "key_id"}
+    resumed = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path)
+    resumed.load_state_dict(legacy)
+    assert resumed.state_dict()["key_id"] is None
 
 
 def test_retrain_equals_a_fresh_fit_on_the_retained_rows(tmp_path):

@@ -326,6 +326,19 @@ def test_an_exception_after_the_checkpoint_keeps_the_request_applied(trained, re
                                   (2, "applied")]
 
 
+def test_a_failed_attempt_leaves_a_checkpoint_it_did_not_write_alone(trained, tmp_path):
+    """Only a checkpoint the attempt wrote is removed when it fails: a file already at its name stays as it was."""
+    out = tmp_path / "unlearning"
+    model, dm, callback = session(trained, out)
+    digest = callback.check(dm)[0]["digest"]
+    squatter = out / f"unlearned-0000-{digest[:12]}.ckpt"
+    squatter.write_bytes(b"not this attempt's")
+    with pytest.raises(FileExistsError):
+        callback.apply_pending(model, dm)
+    assert squatter.read_bytes() == b"not this attempt's"
+    assert callback.pending == 3 and journal_trace(out) == [(0, "pending"), (0, "failed")]
+
+
 def test_the_same_requests_again_are_not_applied_twice(trained, reference, tmp_path):
     out = tmp_path / "unlearning"
     run_session(trained, out)

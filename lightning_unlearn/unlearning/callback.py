@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import non_finite
-from lightning_unlearn.unlearning.journal import Journal
+from lightning_unlearn.unlearning.journal import Journal, fsync_directory
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
@@ -43,9 +43,10 @@ class UnlearningCallback(pl.Callback):
     evaluate utility on validation and test, log counts, digest, timings, diagnostics and
     utility through ``trainer.loggers`` (never raw ids), save a checkpoint with the unlearned
     weights (temp file, fsync, rename), and journal ``applied``. If anything fails before the
-    checkpoint is on disk (the method, the evaluation, the write, an interrupt), model,
-    datamodule and queue are restored, the journal says ``failed`` with the reason, and the
-    error propagates.
+    checkpoint is on disk (the method, the evaluation, the retrain policy's checks, the write,
+    an interrupt), model, datamodule, queue and applied requests are restored, a checkpoint the
+    attempt wrote is removed, the journal says ``failed`` with the reason, and the error
+    propagates.
 
     Exactly once: a request is recognised by its content (:func:`request_fingerprint`: its ids'
     indices in the data's id maps, keyed with the folder's secret), and the fingerprints of the
@@ -90,6 +91,9 @@ class UnlearningCallback(pl.Callback):
         missing: ``"error"`` refuses pairs that are not training rows; ``"ignore"`` drops them.
         branch: the model comes from a checkpoint of another unlearning folder, and ``dirpath``
             (a new, empty folder) starts a new branch from it. Without it such a model is refused.
+            The new folder needs that folder's key to recognise the requests the checkpoint holds:
+            ``unlearn --branch true`` and ``fit`` from an unlearned checkpoint copy it; in Python,
+            call :func:`~lightning_unlearn.unlearning.record.adopt_key` first (else refused).
         evaluate: evaluate utility on validation and test after each request.
         seed: the original model's seed, for ``Retrain`` (default: the seed of the last
             ``seed_everything`` when the requests are applied, else 0).
@@ -158,6 +162,7 @@ class UnlearningCallback(pl.Callback):
         self._applied: list[str] = []
         self._lineage: dict[str, Any] | None = None  # the journal entry the model embodies (None: no request yet)
         self._key_id: str | None = None  # of the key the restored applied fingerprints were made with (None: not recorded)
+        self._key_unknown = False  # restored fingerprints from a state that did not record their key
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -262,6 +267,7 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is not None and (self._queue or self.journal.path.exists()):
             recover(self.dirpath)
             check_lineage(self.journal, self._lineage, self.branch)
+        if self.dirpath is not None:  # also with nothing queued yet: before on_fit_start makes a branch's key
             check_key(self.journal, self._key_id, len(self._applied))
         elsewhere = {"validation": datamodule.val, "test": datamodule.test}
         resolved = [r.resolve(datamodule.train, missing=self.missing, elsewhere=elsewhere) for r in self._queue]
@@ -423,7 +429,7 @@ class UnlearningCallback(pl.Callback):
         pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
         start = time.perf_counter()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        applied_before, queue_before, written = list(self._applied), list(self._queue), None
+        applied_before, written = len(self._applied), None
         try:
             with datamodule.transaction():  # a failure restores the data
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
@@ -451,8 +457,8 @@ class UnlearningCallback(pl.Callback):
                 else:  # the model is now fitted on the rows that remain (the method's next request prepares for it)
                     grad_norm = _gradient_norm(model, datamodule.train_rows()) if self.max_grad_ratio is not None else None
                     self._policy.refitted(len(datamodule.train), grad_norm)
-                self._applied.append(fingerprint)
                 self._queue.pop(0)
+                self._applied.append(fingerprint)
                 if pending is not None:
                     self._lineage = {"journal": journal.id, "seq": pending["seq"]}
                 if checkpoint is not None:  # it holds the callback's state *after* this request
@@ -463,10 +469,14 @@ class UnlearningCallback(pl.Callback):
                 model.load_state_dict(before)
             model.set_graph(datamodule.train)
             self._policy.load_state_dict(drift_before)
-            self._lineage, self._applied, self._queue = lineage_before, applied_before, queue_before
+            self._lineage = lineage_before
+            del self._applied[applied_before:]
+            if not (self._queue and self._queue[0] is request):
+                self._queue.insert(0, request)
             if written is not None:  # e.g. interrupted after the rename: the request is journaled failed, so no checkpoint may hold it
                 with contextlib.suppress(OSError):
                     written.unlink(missing_ok=True)
+                    fsync_directory(written.parent)
             if pending is not None:
                 reason = str(err) or type(err).__name__
                 journal.append(digest, "failed", reason=reason, seconds=time.perf_counter() - start,
@@ -511,8 +521,14 @@ class UnlearningCallback(pl.Callback):
             "unstored_pending": sum(s is None for s in stored),
             "drift": self._policy.state_dict(),
             "lineage": dict(self._lineage) if self._lineage is not None else None,
-            "key_id": (self._key_id or (key_id(self.journal) if self.dirpath is not None else None)) if self._applied else None,
+            "key_id": self._applied_key_id() if self._applied else None,
         }
+
+    def _applied_key_id(self) -> str | None:
+        """:func:`~lightning_unlearn.unlearning.record.key_id` of the key the applied fingerprints were made with (``None``: unknown)."""
+        if self._key_unknown:
+            return None
+        return self._key_id or (key_id(self.journal) if self.dirpath is not None else None)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -527,6 +543,7 @@ class UnlearningCallback(pl.Callback):
         if "drift" in state_dict:  # a state written before the retrain policy has none: the counter starts afresh
             self._policy.load_state_dict(state_dict["drift"])
         self._lineage, self._key_id = state_dict.get("lineage"), state_dict.get("key_id")
+        self._key_unknown = bool(self._applied) and self._key_id is None  # a state written before key_id: never checked
         pending = state_dict.get("pending", [])
         if any(not isinstance(spec.get("users", ()), torch.Tensor) for spec in pending):
             raise ValueError(

@@ -222,7 +222,10 @@ def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
         return False
     key = theirs.key
     Path(target).mkdir(parents=True, exist_ok=True)
-    fd = os.open(ours.folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(ours.folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process (a rank of the same run) copied it meanwhile
+        return False
     with os.fdopen(fd, "w") as fh:
         fh.write(key.hex() + "\n")
         fh.flush()
