@@ -247,8 +247,10 @@ class UnlearningCallback(pl.Callback):
         Recovers the folder after a crash (:func:`recover`), checks that the model is the
         folder's latest state (:func:`~lightning_unlearn.unlearning.record.check_lineage`; also
         with no request pending once the folder has a journal: training an older state would
-        learn deleted rows again) and resolves every pending request against the training split. ``unlearn`` calls it before
-        any logger starts a run, so that no error naming ids reaches a logger's files.
+        learn deleted rows again) and that the folder's key recognises the applied requests
+        (:func:`~lightning_unlearn.unlearning.record.check_key`), and resolves every pending
+        request against the training split. ``unlearn`` calls it before any logger starts a run,
+        so that no error naming ids reaches a logger's files.
 
         Args:
             datamodule: the model's datamodule.
@@ -259,7 +261,8 @@ class UnlearningCallback(pl.Callback):
 
         Raises:
             InvalidDeletionRequest: a pending request is invalid for this data.
-            StaleCheckpoint: the model is not the folder's latest state.
+            StaleCheckpoint: the model is not the folder's latest state, or the folder's key is not the
+                one its applied requests were recognised by.
             FolderLocked, JournalCorrupted: as :meth:`apply_pending`.
         """
         self._datamodule = datamodule
@@ -405,8 +408,9 @@ class UnlearningCallback(pl.Callback):
         zero) or the method has run (other ranks). Anything that fails before that -- the method,
         the evaluation, the retrain policy's checks, writing the checkpoint, an interrupt (also one
         that lands just after the checkpoint's rename, whose file is then removed) -- restores the
-        model, the datamodule, the queue and the applied requests, and journals ``failed``; a process killed before that leaves the journal at
-        ``pending`` and the previous checkpoint as the state to resume from (see :func:`recover`).
+        model, the datamodule, the queue and the applied requests, and journals ``failed``; a
+        process killed before that leaves the journal at ``pending`` and the previous checkpoint
+        as the state to resume from (see :func:`recover`).
         A request that is refused (invalid for this data) stays at the head of the queue: fix it
         or take it off with :meth:`drop`.
         """
