@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import pydoc
 import sys
 import time
 from pathlib import Path
@@ -375,7 +376,7 @@ class LightningUnlearnCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if any(entry.init_args.get("requests") for entry in _trainer_entries(config, "callbacks", "UnlearningCallback")):
+        if any(entry.init_args.get("requests") for entry in _trainer_entries(config, "callbacks", UnlearningCallback)):
             # the parsed config is written out whole: config.yaml in the run folder, the loggers' hyperparameters, W&B's config
             self.parser.error(
                 "trainer.callbacks: UnlearningCallback's `requests` cannot be given in a config or on the command line: "
@@ -516,16 +517,21 @@ class LightningUnlearnCLI(LightningCLI):
 
 def _wandb_logger_configs(config: Any) -> list[Any]:
     """The ``trainer.logger`` entries of a parsed config that are ``WandbLogger``s."""
-    return _trainer_entries(config, "logger", "WandbLogger")
+    return _trainer_entries(config, "logger", WandbLogger)
 
 
-def _trainer_entries(config: Any, key: str, class_name: str) -> list[Any]:
-    """The ``trainer.<key>`` entries (one or a list) of a parsed config whose class is ``class_name``, with ``init_args``."""
+def _trainer_entries(config: Any, key: str, cls: type) -> list[Any]:
+    """The ``trainer.<key>`` entries (one or a list) of a parsed config of class ``cls`` or a subclass, with ``init_args``."""
     trainer = config.get("trainer") if config is not None else None
     entries = trainer.get(key) if trainer is not None else None
     entries = entries if isinstance(entries, list) else [entries]
-    return [entry for entry in entries
-            if hasattr(entry, "get") and str(entry.get("class_path", "")).endswith(class_name) and entry.get("init_args")]
+    return [entry for entry in entries if hasattr(entry, "get") and entry.get("init_args") and _is_class(entry.get("class_path"), cls)]
+
+
+def _is_class(class_path: Any, cls: type) -> bool:
+    """Whether ``class_path`` (as a parsed config names it) is ``cls`` or a subclass of it (by name, if it cannot be imported)."""
+    found = pydoc.locate(str(class_path)) if class_path else None
+    return issubclass(found, cls) if isinstance(found, type) else str(class_path or "").endswith(cls.__name__)
 
 
 def _recipe_name(config: Any) -> str | None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_unlearn.cli import main
+from lightning_unlearn.cli import _is_class, main
+from lightning_unlearn.unlearning.callback import UnlearningCallback
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("cli_run")
@@ -149,3 +150,17 @@ def test_make_demo_runs_both_demo_recipes_from_one_trained_model():
     assert f"--ckpt_path {checkpoint['dirpath']}/{checkpoint['filename']}.ckpt" in commands[1]
     assert all("--trainer.logger.init_args.offline=true" in c for c in commands)
     assert "wandb sync" in plan
+
+
+class _MyCallback(UnlearningCallback):
+    """A user's subclass: its inline requests are copied into the run's config files as much as the base class's."""
+
+
+def test_the_config_checks_find_subclasses_by_import_and_unknown_classes_by_name():
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    assert _is_class(f"{__name__}._MyCallback", UnlearningCallback)
+    assert _is_class("lightning_unlearn.unlearning.UnlearningCallback", UnlearningCallback)
+    assert _is_class("pytorch_lightning.loggers.WandbLogger", WandbLogger)
+    assert not _is_class("pytorch_lightning.loggers.CSVLogger", WandbLogger) and not _is_class(None, CSVLogger)
+    assert _is_class("somewhere.not.importable.WandbLogger", WandbLogger)  # by name: the W&B settings still apply
