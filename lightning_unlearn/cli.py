@@ -376,6 +376,12 @@ class LightningUnlearnCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if self.subcommand == "compare" and _trainer_entries(config, "callbacks", UnlearningCallback):
+            self.parser.error(
+                "compare makes its own deletion (--deletion.*) from the original: remove the UnlearningCallback from "
+                "trainer.callbacks. It would apply its requests to the original at the end of the fit, and every method "
+                "would start from a model that already forgot them."
+            )
         if any(entry.init_args.get("requests") for entry in _trainer_entries(config, "callbacks", UnlearningCallback)):
             # the parsed config is written out whole: config.yaml in the run folder, the loggers' hyperparameters, W&B's config
             self.parser.error(
@@ -486,6 +492,12 @@ class LightningUnlearnCLI(LightningCLI):
         if not self.trainer.interrupted:
             checkpoint = self.trainer.checkpoint_callback
             best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+            applied = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback) and c.reports]
+            if best and applied:  # the best checkpoint predates the deletions: its weights still hold the deleted rows
+                print(f"[fit] {_count(sum(len(c.reports) for c in applied), 'deletion request')} applied at the end of "
+                      f"training: the test is of the unlearned model (in {applied[-1].dirpath}), not of {best}, which was "
+                      f"saved before them")
+                best = ""
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         self._finish_wandb()
 

@@ -143,6 +143,33 @@ def test_fit_from_an_unlearned_checkpoint_into_a_branch_recognises_what_it_holds
     assert journal_of(tmp_path / "branch").entries() == []
 
 
+def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    """best.ckpt is saved before the callback deletes at the end of training: the final test is of the unlearned weights."""
+    tested = []
+    original_test = UnlearningTrainer.test
+
+    def test(self, model=None, *args, **kwargs):
+        tested.append((kwargs.get("ckpt_path"), {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return original_test(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(UnlearningTrainer, "test", test)
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
+    main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}"])
+    assert "the test is of the unlearned model" in capsys.readouterr().out
+    [(ckpt_path, weights)] = tested
+    unlearned = torch.load(next((tmp_path / "unl").glob("unlearned-*.ckpt")), weights_only=True)["state_dict"]
+    assert ckpt_path is None and all(torch.equal(weights[k], v) for k, v in unlearned.items())
+
+
+def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}}}}}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), f"--trainer.callbacks+={callback}"])
+    assert exit_info.value.code == 2 and "remove the UnlearningCallback" in capsys.readouterr().err
+
+
 def test_fit_from_an_unlearned_checkpoint_checks_the_data(trained, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--data.seed=1", *BRIEF])
