@@ -464,3 +464,18 @@ def test_a_refit_validates_as_often_as_the_original_fit():
     model.on_validation_epoch_start = lambda: validations.append(model.current_epoch)
     FitRecipe(max_epochs=6, check_val_every_n_epoch=3)(model, dm)
     assert validations == [0, 2, 5]  # the sanity check, then the ends of epochs 3 and 6
+
+
+def test_a_refit_takes_the_original_fits_step_cap_clipping_accumulation_and_precision():
+    """Trainer options that change what a fit converges to reach ``Retrain``'s refit, not only the epoch cap."""
+    options = dict(max_steps=3, min_epochs=1, max_time={"seconds": 600}, val_check_interval=0.5, accumulate_grad_batches=2,
+                   gradient_clip_val=0.01, gradient_clip_algorithm="value", precision="bf16-mixed")
+    recipe = FitRecipe.from_trainer(pl.Trainer(logger=False, enable_progress_bar=False, **options))
+    assert (recipe.max_steps, recipe.min_epochs, recipe.max_time, recipe.val_check_interval, recipe.accumulate_grad_batches,
+            recipe.gradient_clip_val, recipe.gradient_clip_algorithm, recipe.precision) == (3, 1, 600.0, 0.5, 2, 0.01, "value",
+                                                                                             "bf16-mixed")
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20, density=0.5, seed=0), val_fraction=0.3, batch_size=8)
+    model, steps = MF(dm.num_users, dm.num_items, embedding_dim=4), []
+    model.on_train_batch_end = lambda *args: steps.append(model.trainer.global_step)
+    FitRecipe(max_epochs=5, monitor=None, max_steps=3, accumulate_grad_batches=2)(model, dm)
+    assert steps[-1] == 3 and len(steps) == 6  # three optimiser steps of two batches each, then the cap

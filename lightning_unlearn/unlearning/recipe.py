@@ -6,12 +6,13 @@ import logging
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import MethodType
 from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
 from lightning_unlearn.models.base import Recommender
 
@@ -43,6 +44,14 @@ class FitRecipe:
         limit_val_batches: Lightning's ``limit_val_batches``.
         check_val_every_n_epoch: Lightning's ``check_val_every_n_epoch`` (validate every n-th
             epoch; early stopping's patience counts validations).
+        max_steps: Lightning's ``max_steps`` (``-1``: no cap).
+        min_epochs: Lightning's ``min_epochs``.
+        max_time: Lightning's ``max_time``, in seconds (``None``: no cap).
+        val_check_interval: Lightning's ``val_check_interval``.
+        accumulate_grad_batches: Lightning's ``accumulate_grad_batches``.
+        gradient_clip_val: Lightning's ``gradient_clip_val``.
+        gradient_clip_algorithm: Lightning's ``gradient_clip_algorithm``.
+        precision: Lightning's ``precision`` (``"32-true"``, ``"bf16-mixed"``, ...).
         optimizer: the optimizer as LightningCLI's ``--optimizer`` gives it,
             ``{"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}`` (``None``: the
             model's own ``configure_optimizers``).
@@ -67,11 +76,19 @@ class FitRecipe:
     patience: int = 5
     min_delta: float = 0.0
     accelerator: str = "cpu"
-    devices: int | str = 1
+    devices: int | str | list[int] = 1
     deterministic: bool = True
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
     check_val_every_n_epoch: int = 1
+    max_steps: int = -1
+    min_epochs: int | None = None
+    max_time: float | None = None
+    val_check_interval: int | float | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: int | float | None = None
+    gradient_clip_algorithm: str | None = None
+    precision: str = "32-true"
     optimizer: Mapping[str, Any] | None = field(default=None, hash=False)
     lr_scheduler: Mapping[str, Any] | None = field(default=None, hash=False)
     progress: bool = False
@@ -82,11 +99,14 @@ class FitRecipe:
 
     @classmethod
     def from_trainer(cls, trainer: pl.Trainer) -> FitRecipe:
-        """The recipe of ``trainer``: its epoch cap, validation interval, early stopping, best-checkpoint
-        metric, device, progress bar, and the optimizer and scheduler the command line configured (the trainer's
-        ``optimizer_init`` and ``lr_scheduler_init``, which ``lightning-unlearn`` sets from
-        ``--optimizer`` and ``--lr_scheduler``; absent on a plain ``Trainer``)."""
+        """The recipe of ``trainer``: its epoch and step caps, time limit, validation interval,
+        gradient accumulation and clipping, precision, early stopping, best-checkpoint metric,
+        device, progress bar, and the optimizer and scheduler the command line configured (the
+        trainer's ``optimizer_init`` and ``lr_scheduler_init``, which ``lightning-unlearn`` sets
+        from ``--optimizer`` and ``--lr_scheduler``; absent on a plain ``Trainer``). A refit runs
+        on one device (the trainer's root device) and deterministically."""
         stop = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         best = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
         monitor = (best.monitor if best is not None else None) or (stop.monitor if stop is not None else None)
         mode = best.mode if best is not None and best.monitor else (stop.mode if stop is not None else "max")
@@ -97,11 +117,19 @@ class FitRecipe:
             patience=stop.patience if stop is not None else trainer.max_epochs or 100,
             min_delta=abs(float(stop.min_delta)) if stop is not None else 0.0,
             accelerator="gpu" if trainer.strategy.root_device.type == "cuda" else "cpu",
-            devices=1,
+            devices=[trainer.strategy.root_device.index or 0] if trainer.strategy.root_device.type == "cuda" else 1,
             deterministic=True,
             limit_train_batches=trainer.limit_train_batches,
             limit_val_batches=trainer.limit_val_batches,
             check_val_every_n_epoch=trainer.check_val_every_n_epoch or 1,
+            max_steps=trainer.max_steps,
+            min_epochs=trainer.min_epochs,
+            max_time=timer._duration if timer is not None else None,
+            val_check_interval=trainer.val_check_interval if trainer.val_check_interval != 1.0 else None,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            gradient_clip_val=trainer.gradient_clip_val,
+            gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+            precision=str(trainer.precision),
             optimizer=getattr(trainer, "optimizer_init", None),
             lr_scheduler=getattr(trainer, "lr_scheduler_init", None),
             progress=trainer.progress_bar_callback is not None,
@@ -116,8 +144,12 @@ class FitRecipe:
                 best = ModelCheckpoint(dirpath=folder, monitor=self.monitor, mode=self.mode, save_weights_only=True)
                 stop = EarlyStopping(monitor=self.monitor, mode=self.mode, patience=self.patience, min_delta=self.min_delta)
                 callbacks = [best, stop]
-            limits = {k: v for k, v in (("limit_train_batches", self.limit_train_batches),
-                                         ("limit_val_batches", self.limit_val_batches)) if v != 1.0}
+            defaults = {"limit_train_batches": 1.0, "limit_val_batches": 1.0, "max_steps": -1, "min_epochs": None,
+                        "max_time": None, "val_check_interval": None, "accumulate_grad_batches": 1, "gradient_clip_val": None,
+                        "gradient_clip_algorithm": None, "precision": "32-true"}
+            limits = {k: getattr(self, k) for k, default in defaults.items() if getattr(self, k) != default}  # as the original gave them
+            if "max_time" in limits:
+                limits["max_time"] = timedelta(seconds=limits["max_time"])
             trainer = pl.Trainer(
                 max_epochs=self.max_epochs, accelerator=self.accelerator, devices=self.devices,
                 deterministic=self.deterministic, logger=False, **limits, check_val_every_n_epoch=self.check_val_every_n_epoch,
