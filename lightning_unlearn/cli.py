@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import os
 import pydoc
 import sys
@@ -367,8 +368,38 @@ class LightningUnlearnCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and Path(path).is_file():
-            load_checkpoint(path)  # a truncated or foreign file: CheckpointUnreadable (a message), not torch's traceback
+            # a truncated or foreign file: CheckpointUnreadable (a message), not torch's traceback
+            self._refuse_overridden_hparams(load_checkpoint(path).get("hyper_parameters") or {}, self.config[subcommand], path)
         super()._parse_ckpt_path()
+
+    def _refuse_overridden_hparams(self, hparams: dict[str, Any], config: Any, path: str) -> None:
+        """Refuse model options that LightningCLI would silently replace by the checkpoint's hyperparameters.
+
+        An option counts when the config gives a value other than the model's default (so a
+        default changed since the checkpoint was written is not one) and the checkpoint was
+        fitted with another.
+        """
+        model = config.get("model")
+        class_path, init_args = (model.get("class_path"), model.get("init_args")) if hasattr(model, "get") else (None, None)
+        cls = pydoc.locate(str(class_path)) if class_path else None
+        if not isinstance(cls, type) or init_args is None or pydoc.locate(str(hparams.get("_class_path", class_path))) is not cls:
+            return
+        defaults: dict[str, Any] = {}  # a subclass's **kwargs reach its bases' __init__ (as jsonargparse resolves them)
+        for klass in reversed(cls.__mro__):
+            if "__init__" in vars(klass):
+                defaults.update((name, p.default) for name, p in inspect.signature(klass.__init__).parameters.items()
+                                if p.kind is not p.VAR_KEYWORD)
+        overridden = [f"--model.init_args.{name}={value!r} (the checkpoint's: {hparams[name]!r})"
+                      for name, value in init_args.items()
+                      if name in hparams and name not in ("num_users", "num_items") and value != defaults.get(name, value)
+                      and _normalised(value) != _normalised(hparams[name])]
+        if overridden:
+            self.parser.error(
+                f"{path} holds a model fitted with other hyperparameters than the config gives: {'; '.join(overridden)}. "
+                "A checkpoint's model keeps its own (LightningCLI loads them over the config), so these options would "
+                "have no effect: remove them (or change the recipe to the checkpoint's values), or fit a new model "
+                "with them."
+            )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_users", "model.init_args.num_users", apply_on="instantiate")
@@ -560,6 +591,11 @@ def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:
     not a Lightning one: it holds the datamodule's state under ``datamodule_state`` and no loop state."""
     state = load_checkpoint(path)
     return "datamodule_state" in state and "unlearning" in state and "loops" not in state
+
+
+def _normalised(value: Any) -> Any:
+    """A hyperparameter as compared with a checkpoint's: sequences as lists (YAML gives lists, a checkpoint may hold tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _count(n: int, noun: str) -> str:

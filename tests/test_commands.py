@@ -479,3 +479,12 @@ def test_a_refit_takes_the_original_fits_step_cap_clipping_accumulation_and_prec
     model.on_train_batch_end = lambda *args: steps.append(model.trainer.global_step)
     FitRecipe(max_epochs=5, monitor=None, max_steps=3, accumulate_grad_batches=2)(model, dm)
     assert steps[-1] == 3 and len(steps) == 6  # three optimiser steps of two batches each, then the cap
+
+
+def test_a_model_option_the_checkpoint_would_override_is_refused(trained, capsys):
+    """LightningCLI loads a checkpoint's hyperparameters over the config: an option that differs would have no effect."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+              "--method", "FineTune", "--out", "refused", "--model.init_args.l2=0.9"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--model.init_args.l2=0.9 (the checkpoint's: 0.05)" in err
