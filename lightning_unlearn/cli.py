@@ -407,6 +407,18 @@ class LightningUnlearnCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config.get("lr_scheduler") is not None and config.get("optimizer") is None:
+            self.parser.error(
+                "--lr_scheduler needs --optimizer: without it the model trains with its own optimizer (its `optimizer` "
+                "and `lr` arguments), which no scheduler is attached to. Give the optimizer too, e.g. "
+                "`--optimizer torch.optim.Adam --optimizer.lr 0.001`."
+            )
+        trainer = config.get("trainer")
+        limit = trainer.get("limit_predict_batches") if trainer is not None else None
+        if self.subcommand == "predict" and limit is not None and not (isinstance(limit, float) and limit == 1.0):  # int 1: one batch
+            self.parser.error(
+                "predict writes every user's top-K list in one pass: --trainer.limit_predict_batches is not used. Remove it."
+            )
         if self.subcommand == "compare" and _trainer_entries(config, "callbacks", UnlearningCallback):
             self.parser.error(
                 "compare makes its own deletion (--deletion.*) from the original: remove the UnlearningCallback from "

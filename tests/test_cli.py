@@ -97,6 +97,17 @@ def test_unknown_or_invalid_keys_are_errors(bad, named, tmp_path, capsys):
     assert named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("command", "options", "named"), [
+    ("fit", ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "2"], "--lr_scheduler needs --optimizer"),
+    ("predict", ["--trainer.limit_predict_batches=0.5"], "limit_predict_batches is not used"),
+])
+def test_options_a_command_would_not_use_are_refused(command, options, named, tmp_path, capsys):
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "-c", str(recipe), *options])
+    assert exit_info.value.code == 2 and named in capsys.readouterr().err
+
+
 def test_unknown_key_in_yaml_is_an_error(tmp_path, capsys):
     recipe = write_synthetic_recipe(tmp_path / "r.yaml", extra="extra_section: {a: 1}\n")
     with pytest.raises(SystemExit):
