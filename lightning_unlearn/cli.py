@@ -502,10 +502,31 @@ class LightningUnlearnCLI(LightningCLI):
                     callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
 
     def before_validate(self) -> None:
+        self._require_checkpoint_file()
         self._restore_unlearned_checkpoint("validating it")
 
     def before_test(self) -> None:
+        self._require_checkpoint_file()
         self._restore_unlearned_checkpoint("testing it")
+
+    def _require_checkpoint_file(self) -> None:
+        """``validate``/``test``: refuse a ``--ckpt_path`` that names no checkpoint file here.
+
+        Lightning resolves ``best`` only after a fit in the same process (else a raw error), and a
+        ``last`` it does not find only warns, then evaluates the untrained model.
+        """
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        if not path or "://" in str(path) or Path(path).is_file():
+            return
+        saver = self.trainer.checkpoint_callback
+        last = Path(saver.dirpath) / f"{saver.CHECKPOINT_NAME_LAST}{saver.FILE_EXTENSION}" if saver is not None and saver.dirpath else None
+        if path == "last" and last is not None and last.is_file():
+            return
+        raise FileNotFoundError(
+            f"--ckpt_path {path}: {self.subcommand} needs a checkpoint file, and there is none at that name here "
+            f"(`best` and `last` name the checkpoints of a fit run in the same process or its checkpoint folder). Give "
+            f"the file, e.g. `--ckpt_path runs/<name>/checkpoints/best.ckpt`."
+        )
 
     def _restore_unlearned_checkpoint(self, what_next: str) -> dict[str, Any] | None:
         """Before ``fit``/``validate``/``test``: an unlearned ``--ckpt_path`` is restored here, removals included.

@@ -108,6 +108,29 @@ def test_options_a_command_would_not_use_are_refused(command, options, named, tm
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["validate", "test"])
+@pytest.mark.parametrize("ckpt_path", ["best", "last", "no/such.ckpt"])
+def test_evaluating_needs_a_checkpoint_file(command, ckpt_path, tmp_path, capsys):
+    """Lightning would raise a raw error for ``best`` and evaluate the untrained model for a ``last`` it cannot find."""
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "-c", str(recipe), "--ckpt_path", ckpt_path])
+    assert exit_info.value.code != 0 and "needs a checkpoint file" in capsys.readouterr().err
+
+
+def test_validate_finds_the_last_checkpoint_a_fit_saved(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    write_synthetic_recipe(recipe)
+    saver = (f"{{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {{dirpath: {tmp_path / 'ckpt'}, "
+             f"save_last: true}}}}")
+    text = recipe.read_text().replace("enable_checkpointing: false, ", "")
+    recipe.write_text(text.replace("enable_progress_bar: false}", f"enable_progress_bar: false, callbacks: [{saver}]}}"))
+    main(["fit", "-c", str(recipe)])
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+    main(["validate", "-c", str(recipe), "--ckpt_path", "last"])  # found: validated, not refused
+    assert "needs a checkpoint file" not in capsys.readouterr().err
+
+
 def test_unknown_key_in_yaml_is_an_error(tmp_path, capsys):
     recipe = write_synthetic_recipe(tmp_path / "r.yaml", extra="extra_section: {a: 1}\n")
     with pytest.raises(SystemExit):
