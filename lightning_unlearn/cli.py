@@ -414,6 +414,13 @@ class LightningUnlearnCLI(LightningCLI):
                 "`--optimizer torch.optim.Adam --optimizer.lr 0.001`."
             )
         trainer = config.get("trainer")
+        if self.subcommand in ("unlearn", "predict", "compare") and trainer is not None and (
+                _several(trainer.get("devices")) or (trainer.get("num_nodes") or 1) > 1):
+            self.parser.error(
+                f"{self.subcommand} runs on one device, the trainer's root device (Retrain's refits too): "
+                f"--trainer.devices={trainer.get('devices')!r} and --trainer.num_nodes={trainer.get('num_nodes')!r} would not "
+                "spread it. Give one device (e.g. --trainer.devices=1); several devices serve an UnlearningCallback in fit."
+            )
         limit = trainer.get("limit_predict_batches") if trainer is not None else None
         if self.subcommand == "predict" and limit is not None and not (isinstance(limit, float) and limit == 1.0):  # int 1: one batch
             self.parser.error(
@@ -624,6 +631,16 @@ def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:
     not a Lightning one: it holds the datamodule's state under ``datamodule_state`` and no loop state."""
     state = load_checkpoint(path)
     return "datamodule_state" in state and "unlearning" in state and "loops" not in state
+
+
+def _several(devices: Any) -> bool:
+    """Whether a ``--trainer.devices`` value asks for more than one device (``"auto"`` does not ask)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()]) > 1
+    return text == "-1" or (text.isdigit() and int(text) > 1)
 
 
 def _normalised(value: Any) -> Any:
