@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from types import MethodType
 from typing import Any, Iterator, Mapping
@@ -17,6 +17,10 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 from lightning_unlearn.models.base import Recommender
 
 __all__ = ["FitRecipe"]
+
+# FitRecipe fields handed to the refit's Trainer only when they differ from their defaults (Lightning's own)
+_PASSED_WHEN_SET = ("limit_train_batches", "limit_val_batches", "max_steps", "min_epochs", "max_time", "val_check_interval",
+                    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision")
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,8 @@ class FitRecipe:
                 best = ModelCheckpoint(dirpath=folder, monitor=self.monitor, mode=self.mode, save_weights_only=True)
                 stop = EarlyStopping(monitor=self.monitor, mode=self.mode, patience=self.patience, min_delta=self.min_delta)
                 callbacks = [best, stop]
-            defaults = {"limit_train_batches": 1.0, "limit_val_batches": 1.0, "max_steps": -1, "min_epochs": None,
-                        "max_time": None, "val_check_interval": None, "accumulate_grad_batches": 1, "gradient_clip_val": None,
-                        "gradient_clip_algorithm": None, "precision": "32-true"}
-            limits = {k: getattr(self, k) for k, default in defaults.items() if getattr(self, k) != default}  # as the original gave them
+            defaults = {f.name: f.default for f in fields(self)}
+            limits = {k: getattr(self, k) for k in _PASSED_WHEN_SET if getattr(self, k) != defaults[k]}  # as the original gave them
             if "max_time" in limits:
                 limits["max_time"] = timedelta(seconds=limits["max_time"])
             trainer = pl.Trainer(
