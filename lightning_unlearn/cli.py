@@ -27,6 +27,7 @@ from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
+    JOURNAL_FILE,
     adopt_key,
     load_checkpoint,
     restore_checkpoint,
@@ -81,7 +82,8 @@ class UnlearningTrainer(pl.Trainer):
             ckpt_path: a checkpoint of the trained (or already partly unlearned) model.
             requests: a requests file (CSV or JSON lines) in raw ids.
             method: the unlearning method, e.g. ``FineTune`` or ``Retrain``.
-            out: folder for the unlearned checkpoints and the journal (default: ``<run dir>/unlearning``).
+            out: folder for the unlearned checkpoints and the journal (default:
+                :func:`default_unlearning_folder` of ``ckpt_path``, the same for every run from it).
             missing: ``"error"`` refuses pairs that are not training rows, ``"ignore"`` drops them.
             branch: ``ckpt_path`` is a checkpoint of another unlearning folder and ``out`` (a new,
                 empty folder) starts a new branch from it; that folder's key is copied along, so
@@ -104,7 +106,9 @@ class UnlearningTrainer(pl.Trainer):
         """
         if log_artifacts:
             check_artifact_logging(self.loggers)  # before any work: a refused option changes nothing
-        dirpath = Path(out) if out else Path(self._run_dir()) / "unlearning"
+        dirpath = Path(out) if out else default_unlearning_folder(ckpt_path)
+        if not out:
+            print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
         if branch:
             adopt_key(Path(ckpt_path).parent, dirpath)
         state = restore_checkpoint(ckpt_path, model, datamodule)
@@ -263,6 +267,22 @@ class UnlearningTrainer(pl.Trainer):
 
     def _run_dir(self) -> str:
         return self.log_dir or self.default_root_dir
+
+
+def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
+    """Where ``unlearn`` keeps a model's deletion record when ``--out`` is not given.
+
+    The folder of ``ckpt_path`` when it holds a journal (an unlearned checkpoint: the next request
+    goes on in its folder), else ``unlearning/`` beside the checkpoint's folder. It does not
+    depend on the run (a logger's ``version_N`` folder would give every run a new, empty record,
+    so a second request from the trained checkpoint would go unchecked and undo the first).
+
+    Example:
+        >>> default_unlearning_folder("runs/ml100k_mf/checkpoints/best.ckpt").as_posix()
+        'runs/ml100k_mf/unlearning'
+    """
+    folder = Path(ckpt_path).parent
+    return folder if (folder / JOURNAL_FILE).exists() else folder.parent / "unlearning"
 
 
 def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,

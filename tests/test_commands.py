@@ -355,6 +355,25 @@ def test_pairs_outside_the_training_split_are_a_one_paragraph_cli_error(trained,
     assert "1 rows removed" in out
 
 
+def test_unlearn_without_out_keeps_one_record_per_checkpoint(trained, tmp_path, capsys):
+    """Without ``--out`` every run from a checkpoint uses the same folder, so a second request from the trained
+    checkpoint is refused (it would undo the first) and the unlearned checkpoint goes on in its own folder."""
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(trained.best.read_bytes())
+    for user in (8, 9):
+        (tmp_path / f"user{user}.csv").write_text(f"user\n{user}\n")
+    command = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    main([*command, "--ckpt_path", str(best), "--requests", "user8.csv"])
+    assert f"the deletion record of this model is {tmp_path / 'run' / 'unlearning'}" in capsys.readouterr().out
+    first = next((tmp_path / "run" / "unlearning").glob("unlearned-*.ckpt"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--ckpt_path", str(best), "--requests", "user9.csv"])
+    assert exit_info.value.code == 2 and str(first.name) in capsys.readouterr().err
+    main([*command, "--ckpt_path", str(first), "--requests", "user9.csv"])
+    assert journal_of(tmp_path / "run" / "unlearning").applied_count() == 2
+
+
 def test_a_stale_or_unreadable_checkpoint_is_a_cli_error(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # the trained model into the folder that already holds a deletion
         main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
