@@ -274,6 +274,29 @@ def test_fit_recipe_trains_with_its_optimizer_and_restores_the_model():
         FitRecipe(lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}})
 
 
+def test_a_refit_keeps_the_best_epoch_in_memory_and_writes_no_file(tmp_path, monkeypatch):
+    """A refit's best weights are ModelCheckpoint's pick, but no checkpoint (which would hold the datamodule's
+    removals, and outlive a killed refit in the temporary folder) is ever written."""
+    from lightning_unlearn.unlearning.recipe import _BestWeights
+
+    dm = RecDataModule(Synthetic(num_users=60, num_items=40), val_fraction=0.2, batch_size=32)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
+    best, mine = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="val/ndcg@20", mode="max"), _BestWeights("val/ndcg@20", "max")
+    pl.Trainer(max_epochs=6, logger=False, callbacks=[best, mine], enable_progress_bar=False, enable_model_summary=False,
+               default_root_dir=tmp_path).fit(model, dm)
+    kept = torch.load(best.best_model_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(mine.state[k], v) for k, v in kept.items())
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("the refit wrote a file")
+
+    monkeypatch.setattr(torch, "save", no_file)
+    fresh = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    FitRecipe(max_epochs=3, monitor="val/ndcg@20", mode="max")(fresh, dm)
+    assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
 # ---------------------------------------------------------------------- unlearn/* reaches every logger
 def test_unlearn_metrics_reach_a_csv_logger(trained, tmp_path):
     main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),

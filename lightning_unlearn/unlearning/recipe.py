@@ -141,11 +141,12 @@ class FitRecipe:
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
         """Fit ``model`` on ``datamodule`` in place (ending with the best monitored epoch)."""
+        # the best weights stay in memory: a checkpoint file would hold the datamodule's removals and outlive a killed refit
         with tempfile.TemporaryDirectory() as folder, _quiet_lightning(), self._optimizers_of(model):
             callbacks: list[pl.Callback] = []
             best = None
             if self.monitor:
-                best = ModelCheckpoint(dirpath=folder, monitor=self.monitor, mode=self.mode, save_weights_only=True)
+                best = _BestWeights(self.monitor, self.mode)
                 stop = EarlyStopping(monitor=self.monitor, mode=self.mode, patience=self.patience, min_delta=self.min_delta)
                 callbacks = [best, stop]
             defaults = {f.name: f.default for f in fields(self)}
@@ -155,13 +156,12 @@ class FitRecipe:
             trainer = pl.Trainer(
                 max_epochs=self.max_epochs, accelerator=self.accelerator, devices=self.devices,
                 deterministic=self.deterministic, logger=False, **limits, check_val_every_n_epoch=self.check_val_every_n_epoch,
-                enable_checkpointing=best is not None,
+                enable_checkpointing=False,
                 enable_progress_bar=self.progress, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
             )
             trainer.fit(model, datamodule)
-            if best is not None and best.best_model_path:
-                state = torch.load(best.best_model_path, map_location=model.device, weights_only=True)["state_dict"]
-                model.load_state_dict(state)
+            if best is not None and best.state is not None:
+                model.load_state_dict(best.state)
 
     @contextmanager
     def _optimizers_of(self, model: Recommender) -> Iterator[None]:
@@ -203,6 +203,27 @@ def _plain(init: Mapping[str, Any] | None) -> dict[str, Any] | None:
     args = init.get("init_args") or {}
     as_dict = getattr(args, "as_dict", None)
     return {"class_path": init["class_path"], "init_args": dict(as_dict() if callable(as_dict) else args)}
+
+
+class _BestWeights(pl.Callback):
+    """Keep a copy of the weights at the best monitored validation so far (as ``ModelCheckpoint`` picks it), in memory.
+
+    Strictly better only (the first of equal values stays), sanity checks and NaN skipped.
+    """
+
+    def __init__(self, monitor: str, mode: str):
+        self.monitor, self.better = monitor, (torch.gt if mode == "max" else torch.lt)
+        self.value: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or value is None or torch.isnan(value):
+            return
+        if self.value is None or bool(self.better(value, self.value)):
+            self.value = value.detach().clone()
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
 
 
 @contextmanager
