@@ -32,7 +32,7 @@ from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
 from lightning_unlearn.unlearning.policy import RetrainPolicy
-from lightning_unlearn.unlearning.record import recover, restore_checkpoint, save_checkpoint
+from lightning_unlearn.unlearning.record import StaleCheckpoint, recover, restore_checkpoint, save_checkpoint
 from lightning_unlearn.unlearning.request import DeletionRequest
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork a child process")
@@ -326,13 +326,21 @@ def test_an_exception_after_the_checkpoint_keeps_the_request_applied(trained, re
                                   (2, "applied")]
 
 
-def test_a_failed_attempt_leaves_a_checkpoint_it_did_not_write_alone(trained, tmp_path):
-    """Only a checkpoint the attempt wrote is removed when it fails: a file already at its name stays as it was."""
+def test_a_failed_attempt_leaves_a_checkpoint_it_did_not_write_alone(trained, tmp_path, monkeypatch):
+    """Only a checkpoint the attempt wrote is removed when it fails: a file already at its name stays as it was.
+
+    The folder check refuses such a file before any attempt (the journal does not name it); past it
+    (here switched off), the attempt's rollback still leaves the file alone.
+    """
     out = tmp_path / "unlearning"
     model, dm, callback = session(trained, out)
     digest = callback.check(dm)[0]["digest"]
     squatter = out / f"unlearned-0000-{digest[:12]}.ckpt"
     squatter.write_bytes(b"not this attempt's")
+    with pytest.raises(StaleCheckpoint, match=f"does not name \\({squatter.name}\\)"):
+        callback.apply_pending(model, dm)
+    assert squatter.read_bytes() == b"not this attempt's" and journal_trace(out) == []
+    monkeypatch.setattr(record_module, "_refuse_unnamed_checkpoints", lambda journal: None)
     with pytest.raises(FileExistsError):
         callback.apply_pending(model, dm)
     assert squatter.read_bytes() == b"not this attempt's"

@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,36 @@ def test_an_older_state_of_the_same_folder_is_refused(trained, tmp_path):
     apply(first, out, B)
     with pytest.raises(StaleCheckpoint, match="an older state of this folder"):
         apply(first, out, C)
+
+
+def test_a_checkpoint_of_a_copy_of_the_folder_is_refused(trained, tmp_path):
+    """A copy (or a restored backup) shares the journal's id and entry numbers; the entry's hash tells them apart."""
+    out, copy = tmp_path / "out", tmp_path / "copy"
+    apply(trained, out, A)
+    shutil.copytree(out, copy)
+    apply(journal_of(out).last_checkpoint(), out, B)
+    apply(journal_of(copy).last_checkpoint(), copy, C)
+    before = files(out)
+    with pytest.raises(StaleCheckpoint, match="a copy of this folder that went on separately"):
+        apply(journal_of(copy).last_checkpoint(), out, DeletionRequest(users=[9]))
+    assert files(out) == before
+    assert removed_users(journal_of(out).last_checkpoint()) == [3, 6]
+
+
+def test_checkpoints_the_journal_does_not_name_are_refused(trained, tmp_path):
+    """A journal restored from an older backup no longer records the newer checkpoints' deletions."""
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    backup = (out / "journal.jsonl").read_bytes()
+    apply(journal_of(out).last_checkpoint(), out, B)
+    newer = journal_of(out).last_checkpoint()
+    (out / "journal.jsonl").write_bytes(backup)
+    for checkpoint in (trained, journal_of(out).last_checkpoint(), newer):
+        with pytest.raises(StaleCheckpoint, match=f"does not name \\({newer.name}\\).*Nothing was applied"):
+            apply(checkpoint, out, C)
+    newer.rename(tmp_path / newer.name)  # moved out: the restored journal's latest state goes on
+    apply(journal_of(out).last_checkpoint(), out, B)
+    assert removed_users(journal_of(out).last_checkpoint()) == [3, 6]
 
 
 def _hold_a_request(folder: str, started, release) -> None:

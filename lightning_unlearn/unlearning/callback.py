@@ -464,7 +464,7 @@ class UnlearningCallback(pl.Callback):
                 self._queue.pop(0)
                 self._applied.append(fingerprint)
                 if pending is not None:
-                    self._lineage = {"journal": journal.id, "seq": pending["seq"]}
+                    self._lineage = {"journal": journal.id, "seq": pending["seq"], "entry": pending["hash"]}
                 if checkpoint is not None:  # it holds the callback's state *after* this request
                     written = None if checkpoint.exists() else checkpoint  # a file there from now on is this attempt's (one there now is refused)
                     save_checkpoint(checkpoint, model, datamodule, self)

@@ -1,7 +1,8 @@
 """The unlearning folder's files besides the journal: checkpoints, their lineage, recovery.
 
 Every unlearned checkpoint names the journal entry it embodies (its *lineage*: the journal's
-id and the ``seq`` of the request's ``pending`` entry). A folder's latest state is the
+id, the ``seq`` of the request's ``pending`` entry and that entry's ``hash``, which a copy of the
+folder that went on separately does not share). A folder's latest state is the
 checkpoint of its journal's last ``applied`` entry; requests are applied only on top of it
 (:func:`check_lineage`), so a stale checkpoint can never undo a deletion.
 """
@@ -113,6 +114,7 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
             model comes from another folder and ``branch`` is not set, or ``branch`` is set
             for a folder that is not empty). The message names the latest state and how to resume.
     """
+    _refuse_unnamed_checkpoints(journal)
     latest = journal.latest()
     here = journal.id
     ours = lineage is not None and here is not None and lineage.get("journal") == here
@@ -135,12 +137,19 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
             f"A new branch goes into a new, empty folder, but {journal.folder} already holds "
             f"{journal.applied_count()} applied request(s). Choose another `--out`."
         )
-    if ours and lineage.get("seq") == latest.get("pending_seq"):
+    entries = journal.entries()
+    seq = lineage.get("seq") if lineage is not None else None
+    # a copy of the folder shares its journal's id and first entries: the entry's hash tells the copies apart
+    copied = ours and "entry" in lineage and not (isinstance(seq, int) and 0 <= seq < len(entries) and entries[seq]["hash"] == lineage["entry"])
+    if ours and not copied and seq == latest.get("pending_seq"):
         return
     if lineage is None:
         what = "a model no deletion was applied to (e.g. the trained checkpoint)"
+    elif copied:
+        what = (f"a checkpoint of a copy of this folder that went on separately (its request entry {seq} is not "
+                f"this journal's)")
     elif ours:
-        what = f"an older state of this folder (request entry {lineage.get('seq')})"
+        what = f"an older state of this folder (request entry {seq})"
     else:
         what = f"a checkpoint of another unlearning folder (journal {lineage.get('journal')})"
     raise StaleCheckpoint(
@@ -150,6 +159,24 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
         f"(`--ckpt_path {journal.checkpoint(latest)}`), or start a new branch from this model in another, empty "
         f"folder (`--out <new folder> --branch true`)."
     )
+
+
+def _refuse_unnamed_checkpoints(journal: Journal) -> None:
+    """Refuse a folder holding unlearned checkpoints that no ``applied`` entry of its journal names.
+
+    Every checkpoint an attempt wrote is named by its entry (or removed when the attempt
+    failed), so such a file means the journal was replaced by an older copy, or files were
+    copied in: the journal no longer records every deletion the folder's models embody.
+    """
+    named = {journal.checkpoint(e) for e in journal.entries() if e["status"] in ("applied", "pending")}
+    unnamed = sorted(p.name for p in journal.folder.glob("unlearned-*.ckpt") if p not in named)
+    if unnamed:
+        raise StaleCheckpoint(
+            f"{journal.folder} holds {len(unnamed)} unlearned checkpoint(s) that its journal does not name "
+            f"({', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}): {journal.path} was replaced by an older "
+            f"copy, or checkpoints were copied in, so it no longer records every deletion they hold. Restore the journal "
+            f"that names them (the newest backup), or move those files out of the folder. Nothing was applied."
+        )
 
 
 def key_id(journal: Journal) -> str | None:
