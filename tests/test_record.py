@@ -412,6 +412,38 @@ def test_a_truncated_checkpoint_gets_a_clear_error(trained, tmp_path):
         restore_checkpoint(tmp_path / "cut.ckpt", new_model(dm), dm)
 
 
+def test_a_key_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A crash while the key is written leaves no (empty) journal.key that every later command would refuse."""
+    journal = journal_of(tmp_path)
+
+    def crash(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", crash)
+        with pytest.raises(OSError, match="I/O error"):
+            journal.keyed("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    digest = journal.keyed("x")
+    assert journal_of(tmp_path).keyed("x") == digest and not journal.write_key(b"\0" * 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.key"]
+    assert (tmp_path / "journal.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_folder_that_cannot_be_written_is_a_clear_refusal(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith("journal.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(FolderLocked, match="cannot be opened for writing: a read-only folder"):
+        with journal_of(tmp_path).lock():
+            pass
+
+
 def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):
     def full(fh, data):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -31,6 +31,7 @@ import hmac
 import json
 import os
 import secrets
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -264,17 +265,7 @@ class Journal:
         """The folder's secret HMAC key (``journal.key``, made on first use, owner-readable only)."""
         path = self.folder / KEY_FILE
         if not path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # made by another process meanwhile
-                pass
-            else:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(secrets.token_hex(32) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                fsync_directory(self.folder)
+            self.write_key(secrets.token_bytes(32))  # False: made by another process meanwhile
         text = path.read_text().strip()
         try:
             key = bytes.fromhex(text)
@@ -283,6 +274,28 @@ class Journal:
         if len(key) < 16:
             raise JournalCorrupted(f"{path} is not a journal key (64 hex digits). Restore it from a backup.")
         return key
+
+    def write_key(self, key: bytes) -> bool:
+        """Give the folder ``key`` unless it has one: whole or not at all (``False`` when it has one).
+
+        The key is written to a temporary file, fsynced, then linked to ``journal.key`` (which
+        fails when that exists), so no reader and no crash ever finds an empty or partial key.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".journal.key.", suffix=".tmp")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(key.hex() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(temporary, self.folder / KEY_FILE)
+            except FileExistsError:
+                return False
+        finally:
+            os.unlink(temporary)
+        fsync_directory(self.folder)
+        return True
 
     def keyed(self, data: bytes | str) -> str:
         """HMAC-SHA256 of ``data`` with the folder's key, as hex: a digest safe to store and log.
@@ -336,7 +349,14 @@ class Journal:
 
 
 def _take_lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except PermissionError:
+        raise FolderLocked(
+            f"{path.parent} cannot be locked for writing ({path} cannot be opened for writing: a read-only folder or "
+            f"file?). Applying, recovering or checking requests there writes the journal: make the folder writable, "
+            f"or copy it to a writable place and give that folder."
+        ) from None
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no advisory locks

@@ -23,7 +23,7 @@ import torch
 
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import KEY_FILE, Journal, fsync_directory
+from lightning_unlearn.unlearning.journal import Journal, fsync_directory
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
@@ -56,7 +56,7 @@ def journal_of(dirpath: str | os.PathLike) -> Journal:
 def recover(dirpath: str | os.PathLike) -> Path | None:
     """Tidy an unlearning folder after a crash and name the checkpoint to resume from.
 
-    Under the folder's lock: removes the partial checkpoints (``.unlearned-*.tmp``) a killed
+    Under the folder's lock: removes the partial checkpoints (``.unlearned-*.tmp``) and keys a killed
     process left, and closes every request the journal still shows ``pending``: as ``applied``
     (``recovered: true``) when its checkpoint was completely written (the rename is atomic),
     else as ``failed`` with the reason ``interrupted``, so it is applied again when queued.
@@ -83,7 +83,7 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
     """
     journal = journal_of(dirpath)
     with journal.lock():
-        for partial in Path(dirpath).glob(".unlearned-*.tmp"):
+        for partial in [*Path(dirpath).glob(".unlearned-*.tmp"), *Path(dirpath).glob(".journal.key.*.tmp")]:
             partial.unlink(missing_ok=True)
         for entry in journal.interrupted():
             fields = {k: v for k, v in entry.items() if k not in ("seq", "prev", "time", "digest", "status", "reason")}
@@ -247,18 +247,7 @@ def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
     theirs, ours = journal_of(source), journal_of(target)
     if not theirs.key_exists() or ours.key_exists() or Path(source).resolve() == Path(target).resolve():
         return False
-    key = theirs.key
-    Path(target).mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(ours.folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process (a rank of the same run) copied it meanwhile
-        return False
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key.hex() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    fsync_directory(ours.folder)
-    return True
+    return ours.write_key(theirs.key)  # False: another process (a rank of the same run) copied it meanwhile
 
 
 def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:
