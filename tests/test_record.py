@@ -471,6 +471,26 @@ def test_a_refused_request_can_be_dropped_and_the_queue_goes_on(trained, tmp_pat
         callback.drop()
 
 
+def test_a_pair_an_earlier_request_deleted_is_satisfied_not_refused(trained, tmp_path):
+    """A whole user, then one of their pairs: the second request is applied (it has nothing left to remove),
+    not refused at apply time after check() accepted it, which left it stuck in the folder's latest state."""
+    dm = datamodule()
+    dm.setup()
+    row = int(torch.nonzero(dm.train.users == 3).flatten()[0])
+    pair, rows_of_3 = DeletionRequest(pairs=[(3, int(dm.train.items[row]))]), int((dm.train.users == 3).sum())
+    model, dm, callback = session(trained, tmp_path / "out", A, pair)
+    callback.check(dm)
+    reports = callback.apply_pending(model, dm)
+    assert callback.pending == 0 and [r.rows_removed for r in reports] == [rows_of_3, 0]
+    assert [e["status"] for e in journal_of(tmp_path / "out")] == ["pending", "applied"] * 2
+    model, dm, callback = session(journal_of(tmp_path / "out").last_checkpoint(), tmp_path / "out", pair)
+    assert callback.apply_pending(model, dm) == []  # given again: recognised as applied
+    never = next(i for i in range(dm.num_items) if not bool(((dm.train.users == 4) & (dm.train.items == i)).any())
+                 and not bool(((dm.val.users == 4) & (dm.val.items == i)).any()) and not bool(((dm.test.users == 4) & (dm.test.items == i)).any()))
+    with pytest.raises(InvalidDeletionRequest, match="not a row"):
+        session(trained, tmp_path / "other", DeletionRequest(pairs=[(4, never)]))[2].check(dm)
+
+
 def test_nan_parameters_before_unlearning_are_named_as_a_broken_model(trained, tmp_path):
     model, dm, callback = session(trained, tmp_path / "out", A)
     with torch.no_grad():

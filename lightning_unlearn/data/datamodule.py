@@ -372,6 +372,11 @@ class RecDataModule(pl.LightningDataModule):
     def _removed_items(self) -> torch.Tensor:
         return self._removed.items
 
+    @property
+    def removed_keys(self) -> torch.Tensor:
+        """Sorted keys ``user * num_items + item`` (indices) of the training rows removed so far."""
+        return self._removed.train_keys
+
     def val_dataloader(self) -> DataLoader:
         """Ranking batches of the validation users (targets: validation rows; excluded: training rows).
 

@@ -273,7 +273,8 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is not None:  # also with nothing queued yet: before on_fit_start makes a branch's key
             check_key(self.journal, self._key_id, len(self._applied))
         elsewhere = {"validation": datamodule.val, "test": datamodule.test}
-        resolved = [r.resolve(datamodule.train, missing=self.missing, elsewhere=elsewhere) for r in self._queue]
+        resolved = [r.resolve(datamodule.train, missing=self.missing, elsewhere=elsewhere, removed=datamodule.removed_keys)
+                    for r in self._queue]
         if self.dirpath is None:
             return [r.summary() for r in resolved]
         return [{**r.summary(), "digest": self.journal.keyed(r.digest)} for r in resolved]
@@ -419,7 +420,7 @@ class UnlearningCallback(pl.Callback):
         if fingerprint in self._applied:
             self._queue.pop(0)
             return None
-        resolved = request.resolve(datamodule.train, missing=self.missing,
+        resolved = request.resolve(datamodule.train, missing=self.missing, removed=datamodule.removed_keys,
                                    elsewhere={"validation": datamodule.val, "test": datamodule.test})
         _refuse_broken_model(model)
         index = len(self._applied)

@@ -113,7 +113,7 @@ def compare(
     datamodule.setup()
     original = copy.deepcopy(model).eval()
     request = deletion.build(datamodule.train)
-    resolved = request.resolve(datamodule.train)
+    resolved = request.resolve(datamodule.train, removed=datamodule.removed_keys)
     log_config(loggers, {"deletion_applied": resolved.summary()})
     deleted_table = datamodule.train.select(resolved.rows)
     nonmembers = datamodule.test

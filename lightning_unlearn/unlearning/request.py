@@ -519,6 +519,7 @@ class DeletionRequest:
     # ----------------------------------------------------------------- resolution
     def resolve(
         self, interactions: Interactions, missing: str = "error", elsewhere: Mapping[str, Interactions] | None = None,
+        removed: Tensor | None = None,
     ) -> ResolvedDeletion:
         """Check the request against ``interactions`` and find the rows it removes.
 
@@ -534,6 +535,9 @@ class DeletionRequest:
             elsewhere: other splits by name (e.g. ``{"validation": val, "test": test}``): an
                 error about an id or pair that is not in ``interactions`` names the splits it
                 is in.
+            removed: sorted keys ``user * num_items + item`` of the rows earlier deletions removed
+                from ``interactions`` (:attr:`RecDataModule.removed_keys`): a pair among them is
+                deleted already, so it is satisfied (it removes no row), not missing.
 
         Returns:
             The :class:`ResolvedDeletion`.
@@ -581,6 +585,8 @@ class DeletionRequest:
             pair_rows = rows[hit]
             found = torch.zeros(len(wanted), dtype=torch.bool)
             found[slot[hit]] = True
+        gone = torch.isin(wanted, removed) & ~found if removed is not None else torch.zeros_like(found)
+        found |= gone  # deleted by an earlier request: satisfied, nothing left to remove
         num_missing = int((~found).sum())
         if num_missing and missing == "error":
             absent = set(wanted[~found].tolist())
@@ -604,10 +610,10 @@ class DeletionRequest:
 
         user_rows = _segments(data.by_user, users)[1]
         item_rows = _segments(data.by_item, items)[1]
-        removed = torch.unique(torch.cat([pair_rows, user_rows, item_rows]))
-        row_keys = torch.sort(data.users[removed] * data.num_items + data.items[removed]).values
+        chosen = torch.unique(torch.cat([pair_rows, user_rows, item_rows]))
+        row_keys = torch.sort(torch.cat([data.users[chosen] * data.num_items + data.items[chosen], wanted[gone]])).values
         return ResolvedDeletion(
-            rows=removed,
+            rows=chosen,
             users=users,
             items=items,
             kind=_kind(num_pairs, len(users), len(items)),
