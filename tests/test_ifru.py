@@ -886,6 +886,56 @@ def test_rollback_undoes_a_request_on_the_cache(budget, saved):
         CurvatureCache().save(deleted)
 
 
+def test_rollback_restores_the_factors_inverses_and_reads_a_request_renewed():
+    """``compare --repeats`` times each run from the prepared state: factors refactored and inverses renewed by a
+    request (and the least-recently-used clock) are as built after rollback, so the next run redoes that work."""
+    dm, model = mf_30x25()
+    cache, shift = CurvatureCache(), 1e-3
+    cache.build(model, dm.train_rows())
+    for side in ("users", "items"):
+        cache.refactor(side, cache.held(side), shift, 0.05)
+        cache.precondition(side, shift)
+
+    def state():
+        return [t.clone() for side in ("users", "items") for t in (
+            cache._factored[side].factors, cache._factored[side].trace, cache._factored[side].failed, cache._inverses[side].inverse,
+            cache._inverses[side].valid, cache._tables[side].used)] + [torch.tensor(cache._reads)]
+
+    built = state()
+    cache.mark()
+    deleted = dm.remove(torch.tensor([0, 3, 40, 77]))
+    cache.downdate(model, dm.train_rows(), deleted)
+    for side in ("users", "items"):
+        ids = cache.held(side)
+        rhs = torch.randn(len(ids), cache.blocks.users.shape[1], dtype=torch.float64)
+        assert cache.solve_factored(side, ids, rhs, shift, 0.0)[2] == len(ids)  # tolerance 0: every block refactored
+        assert cache.solve(side, ids, rhs, shift, tol=1e-300, max_iter=1)[2] > 0  # unconverged: inverses renewed
+    assert any(not torch.equal(a, b) for a, b in zip(state(), built))
+    cache.rollback()
+    assert all(torch.equal(a, b) for a, b in zip(state(), built))
+
+
+def test_an_interrupted_request_leaves_no_downdated_cache_behind(monkeypatch):
+    dm, model = mf_30x25()
+    method, original = IFRU(damping=1e-4), copy.deepcopy(model)
+    deleted, retained = dm.remove(torch.tensor([1, 10, 50])), dm.train_rows()
+    method.prepare(model, retained.concat(deleted))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(IFRU, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            method.unlearn(model, retained, deleted)
+    assert not method.cache.holds(original)
+    again, fresh = copy.deepcopy(original), IFRU(damping=1e-4)
+    method.unlearn(again, retained, deleted)
+    fresh.unlearn(model := copy.deepcopy(original), retained, deleted)
+    for a, b in zip(again.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_request_fingerprints_the_model_once_per_state_and_sees_in_place_changes(monkeypatch):
     """Within one request the model is fingerprinted once before its step and once after (its caches and checks
     reuse them); an in-place change of a parameter is still seen there, and outside a request even a write through

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -498,6 +498,7 @@ class CurvatureCache:
         stale = torch.nonzero(~fresh).squeeze(1)
         for part in _chunks(stale, blocks, chunk_bytes=_PIECE_BYTES):
             where = at[part]
+            self._record_store(store, where)
             factors, result = factor_blocks(blocks[where].double(), damping=shift)
             store.factors[where], store.damping[where], store.failed[where] = factors.to(blocks.dtype), result.block_damping, result.failed_mask
             store.trace[where], store.shift[where] = trace[part], shift
@@ -572,6 +573,7 @@ class CurvatureCache:
             x[at], failed[at] = solve_factored(factors, rhs[at], result.failed_mask)
             damping[at] = result.block_damping
             again = part >= first
+            self._record_store(store, slots[at[again]])
             store.keep(slots[at[again]], factors[again], failed[at[again]])
         return x, damping, failed, len(redo), iterations
 
@@ -619,7 +621,10 @@ class CurvatureCache:
         cache to the next method: one build for every method. The log holds the changed blocks
         as they were (those the deletion touches, and those evicted).
         """
-        self._undo, self._marked = [], (self._fingerprint, self._counts)
+        self._undo = []
+        # the stores as objects (a request may add or replace one), the LRU clock and every slot's last read
+        self._marked = (self._fingerprint, self._counts, dict(self._factored), dict(self._inverses), self._reads,
+                        {side: table.used.clone() for side, table in self._tables.items()})
         self._saved = {side: torch.zeros(len(table.ids), dtype=torch.bool, device=table.ids.device) for side, table in self._tables.items()}
 
     def save(self, rows: TrainRows) -> None:
@@ -648,7 +653,13 @@ class CurvatureCache:
         """
         if self._undo is None:
             raise RuntimeError("the curvature cache was not marked: mark() it before the changes to undo.")
-        for side, slots, blocks, ids, replaced in reversed(self._undo):
+        for record in reversed(self._undo):
+            if isinstance(record[0], _Factored | _Inverses):  # factors or inverses as they were before a request renewed them
+                store, slots, fields = record
+                for name, values in fields.items():
+                    getattr(store, name)[slots] = values
+                continue
+            side, slots, blocks, ids, replaced = record
             table = self._tables[side]
             if replaced:  # the slots held other blocks: give them back their ids, and drop what was computed from the new ones
                 table.slot[table.ids[slots]] = -1
@@ -657,7 +668,10 @@ class CurvatureCache:
                     if store is not None:
                         store.forget(slots)
             table.blocks[slots] = blocks
-        (self._fingerprint, self._counts), self._undo = self._marked, []
+        self._fingerprint, self._counts, factored, inverses, self._reads, used = self._marked
+        self._factored, self._inverses, self._undo = dict(factored), dict(inverses), []
+        for side, table in self._tables.items():
+            table.used.copy_(used[side])
         self._source = None  # the rows it computed from are the rolled-back request's
         for saved in self._saved.values():
             saved.zero_()
@@ -671,6 +685,11 @@ class CurvatureCache:
             if len(slots):
                 self._saved[side][slots] = True
                 self._record(side, slots, replaced=False)
+
+    def _record_store(self, store: _Factored | _Inverses | None, slots: Tensor) -> None:
+        """Since :meth:`mark`: record ``store``'s entries at ``slots`` before they change (a refactored block, a renewed inverse)."""
+        if self._undo is not None and store is not None and len(slots):
+            self._undo.append((store, slots.clone(), {name: getattr(store, name)[slots].clone() for name in store.FIELDS}))
 
     def _record(self, side: str, slots: Tensor, replaced: bool) -> None:
         table = self._tables[side]
@@ -691,7 +710,7 @@ class CurvatureCache:
         self._inverses: dict[str, _Inverses] = {}  # per side: inverses of damped blocks as they were, CG preconditioners
         self._reads, self.hits, self.misses = 0, 0, 0  # lookups so far; blocks read from the cache and computed, this request
         self._undo: list | None = None  # since mark(): (side, slots, blocks, ids, replaced) as they were, per change
-        self._marked: tuple | None = None  # the fingerprint and counts at mark()
+        self._marked: tuple | None = None  # at mark(): the fingerprint, counts, stores, LRU clock and last reads
         self._saved: dict[str, Tensor] = {}  # per side, since mark(): the slots whose blocks are recorded as they were then
 
     def _lookup(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -717,7 +736,9 @@ class CurvatureCache:
         k = min(len(missing), len(table.ids) - (len(ids) - len(missing)))  # the slots this lookup did not read
         if k > 0:
             victims = torch.topk(table.used, k, largest=False).indices
-            if self._undo is not None:
+            if self._undo is not None:  # the stores first: rollback gives the blocks back, then their factors and inverses
+                for store in (self._factored.get(side), self._inverses.get(side)):
+                    self._record_store(store, victims)
                 self._record(side, victims, replaced=True)
             table.slot[table.ids[victims]] = -1
             new = ids[missing[:k]]
@@ -954,6 +975,7 @@ def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shif
 class _Factored:
     """Cached factors of one side's damped blocks and what they were computed from."""
 
+    FIELDS: ClassVar[tuple[str, ...]] = ("factors", "trace", "shift", "damping", "failed")  # per slot
     factors: Tensor  # (n, d, d) lower Cholesky factors of blocks + damping I, in the blocks' dtype (float32 under a budget)
     trace: Tensor  # (n,) trace of each block when factored (nan: never)
     shift: Tensor  # (n,) shift asked for
@@ -976,6 +998,7 @@ class _Factored:
 class _Inverses:
     """Kept inverses of one side's damped blocks (as they were when factorised) and which are usable."""
 
+    FIELDS: ClassVar[tuple[str, ...]] = ("inverse", "valid")  # per slot
     inverse: Tensor  # (n, d, d) float32: a preconditioner needs no more, and reading it costs half
     valid: Tensor  # (n,) bool
     shift: float  # the damping of the blocks inverted by precondition (nan: none)

@@ -161,7 +161,7 @@ class SecondOrderUnlearner(Unlearner):
                 return diagnostics
             cache.adopt(model)  # the step is small: later requests reuse these blocks as they are
             return {**diagnostics, "cache_hits": cache.hits, "cache_misses": cache.misses}
-        except Exception:
+        except BaseException:  # Ctrl-C too: the same object is often asked again (a notebook, compare --resume)
             self.clear()  # a failed request is rolled back: the cache may hold its downdate
             raise
 
