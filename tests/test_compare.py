@@ -14,7 +14,7 @@ import yaml
 from lightning_unlearn.cli import main
 from lightning_unlearn.data import Interactions, RecDataModule, Synthetic
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning import IFRU, AltEraser, DeletionSpec, Retrain
+from lightning_unlearn.unlearning import IFRU, AltEraser, DeletionSpec, FineTune, Retrain
 from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
 from lightning_unlearn.unlearning.methods.base import Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
@@ -192,16 +192,16 @@ class Nudge(Unlearner):
     """A cheap method that counts its runs and raises ``fail`` when given one."""
 
     def __init__(self, tag: str, runs: list, fail: BaseException | None = None):
-        self.tag, self.runs, self.fail = tag, runs, fail
+        self.tag, self._runs, self._fail = tag, runs, fail  # private: the injected fault is not one of its settings
 
     @property
     def name(self) -> str:
         return f"Nudge({self.tag})"
 
     def update(self, model, retained, deleted, context):
-        self.runs.append(self.tag)
-        if self.fail is not None:
-            raise self.fail
+        self._runs.append(self.tag)
+        if self._fail is not None:
+            raise self._fail
         with torch.no_grad():
             model.user_embedding.weight.mul_(0.99)
         return {"steps": 1}
@@ -218,10 +218,10 @@ def small_compare():
     model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
     recipe(model, dm)
 
-    def run(methods, out, resume=False, lines=None, repeats=1):
+    def run(methods, out, resume=False, lines=None, repeats=1, deletion=DeletionSpec(fraction=0.05), refit=recipe):
         fresh = make()
         fresh.setup()
-        return compare(model, fresh, methods, DeletionSpec(fraction=0.05), recipe, out=out, resume=resume,
+        return compare(model, fresh, methods, deletion, refit, out=out, resume=resume,
                        progress=(lines.append if lines is not None else lambda _: None), repeats=repeats)
 
     return run
@@ -276,6 +276,26 @@ def test_resume_refuses_partial_results_of_another_configuration(small_compare, 
         small_compare([Retrain(), Nudge("other", runs)], tmp_path, resume=True)
     result = small_compare([Retrain(), Nudge("other", runs)], tmp_path)  # without --resume: a fresh run replaces them
     assert [m["status"] for m in result["methods"]] == ["ok", "ok"]
+
+
+def test_resume_refuses_results_of_other_rows_recipe_or_method_settings(small_compare, tmp_path):
+    """The same counts from another seed, another refit recipe, or a method option its name does not show: each
+    would mix figures measured on different deletions or settings into one table."""
+    with pytest.raises(KeyboardInterrupt):
+        small_compare([Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [], fail=KeyboardInterrupt())], tmp_path)
+    others = [dict(deletion=DeletionSpec(fraction=0.05, seed=7)), dict(refit=FitRecipe(max_epochs=2, monitor=None)),
+              dict(methods=[Retrain(), FineTune(epochs=1, lr=0.5), Nudge("k", [])]), dict(repeats=2)]
+    for other in others:
+        with pytest.raises(ValueError, match="another configuration"):
+            small_compare(**{"methods": [Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [])], "out": tmp_path,
+                             "resume": True, **other})
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20, density=0.25, seed=1))
+    dm.setup()
+    digest = DeletionSpec(fraction=0.05).build(dm.train).resolve(dm.train).digest  # not keyed: never at rest
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and digest.encode() in p.read_bytes()]
+    lines: list = []
+    small_compare([Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [])], tmp_path, resume=True, lines=lines)
+    assert sum("resumed from" in line for line in lines) == 2
 
 
 def test_second_order_methods_share_one_curvature_cache_and_get_the_step_they_get_alone(small_compare, tmp_path):

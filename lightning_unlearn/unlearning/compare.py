@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
+import hmac
+import inspect
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import tempfile
@@ -86,8 +90,9 @@ def compare(
             the last complete state. :func:`write_outputs` removes them once ``compare.json`` holds
             every method measured.
         resume: reuse what ``<out>/compare.partial.json`` holds when it was measured from the same
-            configuration (the data's fingerprint, the deletion's counts, the original's parameter
-            fingerprint, the seed and the methods' names): those methods
+            configuration (the data's fingerprint, the deletion's counts and rows, the original's
+            parameter fingerprint, the seed, the recipe, the methods and their settings, ``repeats``,
+            ``k`` and the device): those methods
             are not run again (their seconds are the measured ones, their weights are loaded for
             the completeness figures); failed or unfinished methods run again.
         repeats: time each method's request this many times, each from the same prepared state
@@ -126,7 +131,8 @@ def compare(
 
     ordered = _with_reference_first(methods)
     context = UnlearningContext(device=device, seed=seed, fit=lambda fresh: recipe(fresh, datamodule), progress=recipe.progress)
-    partial = _Partial(out, _resume_key(original, datamodule, resolved.summary(), ordered, seed)) if out is not None else None
+    measured_with = _measured_with(original, datamodule, resolved.summary(), ordered, seed, recipe, repeats, k, device)
+    partial = _Partial(out, measured_with, resolved.digest) if out is not None else None
     done = partial.load(resume, progress) if partial is not None else {}
     models: dict[str, Recommender] = {}
     entries: list[dict[str, Any]] = []
@@ -270,42 +276,69 @@ def progress_detail(diagnostics: dict[str, Any]) -> str:
 PARTIAL = "compare.partial.json"
 
 
-def _resume_key(original: Recommender, datamodule: RecDataModule, deletion: dict[str, Any], methods: Sequence[Unlearner],
-                seed: int) -> str:
-    """SHA-256 of what the measured figures depend on: the data as loaded (its fingerprint), the
-    deletion's kind and counts (no ids, no digest of them), the original's parameter fingerprint,
-    the seed and the methods' names in order."""
-    parts = {
+def _measured_with(original: Recommender, datamodule: RecDataModule, deletion: dict[str, Any], methods: Sequence[Unlearner],
+                   seed: int, recipe: FitRecipe, repeats: int, k: int, device: torch.device) -> dict[str, Any]:
+    """What the measured figures depend on, but which rows were deleted (their digest is keyed, see :class:`_Partial`):
+    the data as loaded (its fingerprint), the deletion's kind and counts, the original's parameter fingerprint, the
+    seed, the refit's recipe, every method's class and settings in order, ``repeats``, ``k`` and the device."""
+    recipe_settings = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name != "progress"}
+    return {
         "data": datamodule.data_fingerprint,
         "deletion": deletion,
         "model": type(original).__name__,
         "parameters": hashlib.sha256(fingerprint(original).double().cpu().numpy().tobytes()).hexdigest(),
         "seed": seed,
-        "methods": [m.name for m in methods],
+        "recipe": recipe_settings,
+        "methods": [_settings(m) for m in methods],
+        "repeats": repeats,
+        "k": k,
+        "device": str(device),
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _settings(method: Unlearner) -> dict[str, str]:
+    """A method's class and every argument of its constructor as it holds it (``repr``)."""
+    names = [n for n in inspect.signature(type(method).__init__).parameters if n != "self" and hasattr(method, n)]
+    return {"class": f"{type(method).__module__}.{type(method).__qualname__}", **{n: repr(getattr(method, n)) for n in names}}
 
 
 class _Partial:
     """``<out>/compare.partial.json`` and the measured models' weights in ``<out>/compare.partial/``."""
 
-    def __init__(self, out: str | Path, key: str):
+    def __init__(self, out: str | Path, measured_with: dict[str, Any], digest: str):
         self.folder = Path(out)
-        self.path, self.models, self.key = self.folder / PARTIAL, self.folder / "compare.partial", key
+        self.path, self.models = self.folder / PARTIAL, self.folder / "compare.partial"
+        self._measured_with, self._digest = measured_with, digest
+        self.key = ""
+
+    def _make_key(self) -> str:
+        """SHA-256 of what the figures were measured with and of the deleted rows' digest, keyed with this folder's secret.
+
+        The secret (``compare.partial/key``, owner-readable, removed with the partial results)
+        keeps the digest of a requests file's deletion from being matched by hashing known ids.
+        """
+        secret = self.models / "key"
+        if not secret.exists():
+            self.models.mkdir(parents=True, exist_ok=True)
+            _atomic(secret, lambda fh: fh.write(secrets.token_hex(32)))
+        keyed = hmac.new(bytes.fromhex(secret.read_text()), self._digest.encode(), hashlib.sha256).hexdigest()
+        return hashlib.sha256(json.dumps({**self._measured_with, "rows": keyed}, sort_keys=True, default=str).encode()).hexdigest()
 
     def load(self, resume: bool, progress: Callable[[str], None]) -> dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """The measured entries and their weights by method name (none unless ``resume``)."""
-        if not self.path.exists():
-            return {}
-        if not resume:
-            progress(f"[compare] {self.path} (from an earlier run) is replaced; --resume true would reuse it")
+        if not (resume and self.path.exists()):
+            if self.path.exists():
+                progress(f"[compare] {self.path} (from an earlier run) is replaced; --resume true would reuse it")
             shutil.rmtree(self.models, ignore_errors=True)
+            self.key = self._make_key()
             return {}
+        self.key = self._make_key()
         saved = json.loads(self.path.read_text())
         if saved.get("key") != self.key:
             raise ValueError(
                 f"compare --resume: {self.path} was measured from another configuration (data, deletion, original "
-                f"model, seed or methods differ); remove it (and {self.models.name}/) or choose another out folder."
+                f"model, seed, the refit's recipe, a method or its settings, repeats, k or the device differ); remove it "
+                f"(and {self.models.name}/) or choose another out folder."
             )
         if saved.get("running"):
             progress(f"[compare] {saved['running']} was running when the earlier run stopped (killed?); it runs again")
