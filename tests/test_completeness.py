@@ -247,6 +247,21 @@ def test_cache_reuses_original_and_reference_until_they_change():
     assert third["original"]["score"] == pytest.approx(first["original"]["score"] + 1 / 25)
 
 
+
+def test_the_cache_tells_apart_deletions_whose_key_sums_agree():
+    """Item sets {1, 5, 6} and {2, 3, 7} of one user have equal sums (and sums of squares): another deletion."""
+    table = lambda items: Interactions(torch.zeros(len(items), dtype=torch.long), torch.tensor(items),  # noqa: E731
+                                       user_ids=np.arange(1), item_ids=np.arange(10))
+    first, second = table([1, 5, 6]), table([2, 3, 7])
+    assert int(first.keys.sum()) == int(second.keys.sum()) and int(first.keys.square().sum()) == int(second.keys.square().sum())
+    models = [MF(num_users=1, num_items=10, embedding_dim=1) for _ in range(3)]
+    cache: dict = {}
+    completeness_report(*models, first, table([0]), table([4, 8, 9]), k=2, cache=cache)
+    shared = completeness_report(*models, second, table([0]), table([4, 8, 9]), k=2, cache=cache)
+    alone = completeness_report(*models, second, table([0]), table([4, 8, 9]), k=2)
+    assert shared["original"] == alone["original"] and shared["reference"] == alone["reference"]
+
+
 # ------------------------------------------------------------------ whole-user deletions
 def test_item_side_statistics_by_hand():
     # user 0 is deleted (items 1, 2); users 1 (vector 1) and 2 (vector -1) remain; user 3 lost
