@@ -209,7 +209,7 @@ class UnlearningTrainer(pl.Trainer):
         failed = [m["name"] for m in result["methods"] if m.get("status", "ok") != "ok"]
         print(f"[compare] wrote {json_path} and compare.csv"
               + (f"; failed: {', '.join(failed)} (--resume true runs only those again)" if failed else ""))
-        log_comparison(self.loggers, {**result, "methods": [m for m in result["methods"] if m.get("status", "ok") == "ok"]})
+        log_comparison(self.loggers, result)
         _finalize_loggers(self.loggers)
         return result
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pytorch_lightning.loggers import CSVLogger
 
 from lightning_unlearn.cli import main
 from lightning_unlearn.data import Interactions, RecDataModule, Synthetic
 from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning import IFRU, AltEraser, DeletionSpec, FineTune, Retrain
-from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
+from lightning_unlearn.unlearning.compare import _utility, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.methods.base import Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.reporting import comparison_rows, log_comparison, plot_comparison
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("cli_run")
@@ -242,6 +244,26 @@ def test_compare_reports_a_failed_method_and_runs_the_others(small_compare, tmp_
     assert len(rows) == 4 and rows[2].startswith("Nudge(x),failed,")
     assert json.loads((tmp_path / "compare.json").read_text())["methods"][1]["status"] == "failed"
     assert (tmp_path / "compare.partial.json").exists()  # kept for --resume: only the failed method runs again
+    document = json.loads((tmp_path / "compare.json").read_text())  # the reporting functions read the failed entry too
+    assert [row[0] for row in comparison_rows(document)] == ["Retrain", "Nudge(y)"]
+    log_comparison([CSVLogger(tmp_path / "logs")], document)
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot_comparison(document, tmp_path / "chart.png")
+
+
+def test_the_original_is_scored_on_the_splits_the_methods_are_scored_on():
+    """Deleting whole users drops their test rows: the original's utility is taken after that, as every method's."""
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20, density=0.3, seed=1), num_negatives=2, batch_size=64)
+    dm.setup()
+    torch.manual_seed(0)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
+    recipe = FitRecipe(max_epochs=2, monitor=None)
+    recipe(model, dm)
+    before = len(dm.test)
+    result = compare(model, dm, [Retrain()], DeletionSpec(kind="users", count=5, selection="most_active"), recipe,
+                     progress=lambda _: None)
+    assert len(dm.test) < before  # the datamodule keeps the deletion
+    assert result["original"]["utility"] == _utility(model, dm)
 
 
 def test_an_interrupted_compare_keeps_its_results_and_resume_skips_them(small_compare, tmp_path):

@@ -122,8 +122,8 @@ def compare(
     log_config(loggers, {"deletion_applied": resolved.summary()})
     deleted_table = datamodule.train.select(resolved.rows)
     nonmembers = datamodule.test
-    original_utility = _utility(original, datamodule)
     deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
+    original_utility = _utility(original, datamodule)  # on the splits the methods are scored on (its own graph still)
     retained = datamodule.train_rows()
     original.set_graph(datamodule.train)
     grad_norm = objective_gradient_norm(original, retained)

@@ -99,15 +99,20 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def measured(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The methods of a ``compare.json`` document that were measured (``status: "ok"``), in order; failed ones have no figures."""
+    return [method for method in result["methods"] if method.get("status", "ok") == "ok"]
+
+
 def comparison_rows(result: Mapping[str, Any]) -> list[list[Any]]:
-    """The comparison as rows of :data:`COMPARISON_COLUMNS` (non-finite values become ``None``).
+    """The comparison as rows of :data:`COMPARISON_COLUMNS` (non-finite values become ``None``), one per measured method.
 
     Args:
         result: the ``compare.json`` document.
     """
     headline = headline_completeness(result)
     rows = []
-    for method in result["methods"]:
+    for method in measured(result):
         figures = {**method["utility"], **method["completeness"], "seconds": method["seconds"],
                    "precompute_seconds": method["precompute_seconds"], "speedup_vs_retrain": method["speedup_vs_retrain"],
                    "completeness": method["completeness"].get(headline)}
@@ -300,8 +305,9 @@ def log_comparison(loggers: Iterable[Logger], result: Mapping[str, Any]) -> None
         loggers: the trainer's loggers.
         result: the ``compare.json`` document.
     """
-    for index, method in enumerate(result["methods"], start=1):
-        log_method_result(loggers, method, step=index)
+    for index, method in enumerate(result["methods"], start=1):  # the position in the comparison, failed ones counted
+        if method.get("status", "ok") == "ok":
+            log_method_result(loggers, method, step=index)
     targets = wandb_loggers(loggers)
     if not targets:
         return
