@@ -278,10 +278,10 @@ def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
     so a second request from the trained checkpoint would go unchecked and undo the first).
 
     Example:
-        >>> default_unlearning_folder("runs/ml100k_mf/checkpoints/best.ckpt").as_posix()
-        'runs/ml100k_mf/unlearning'
+        >>> default_unlearning_folder("/srv/runs/ml100k_mf/checkpoints/best.ckpt").as_posix()
+        '/srv/runs/ml100k_mf/unlearning'
     """
-    folder = Path(ckpt_path).parent
+    folder = Path(ckpt_path).absolute().parent  # not `..`/`.` of a relative path: the same record from any working directory
     return folder if (folder / JOURNAL_FILE).exists() else folder.parent / "unlearning"
 
 

@@ -390,9 +390,12 @@ def test_unlearn_without_out_keeps_one_record_per_checkpoint(trained, tmp_path, 
     main([*command, "--ckpt_path", str(best), "--requests", "user8.csv"])
     assert f"the deletion record of this model is {tmp_path / 'run' / 'unlearning'}" in capsys.readouterr().out
     first = next((tmp_path / "run" / "unlearning").glob("unlearned-*.ckpt"))
-    with pytest.raises(SystemExit) as exit_info:
-        main([*command, "--ckpt_path", str(best), "--requests", "user9.csv"])
-    assert exit_info.value.code == 2 and str(first.name) in capsys.readouterr().err
+    for where, path in ((tmp_path, best), (best.parent, Path("best.ckpt"))):  # the same record from any working directory
+        os.chdir(where)
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--ckpt_path", str(path), "--requests", str(tmp_path / "user9.csv")])
+        assert exit_info.value.code == 2 and str(first.name) in capsys.readouterr().err
+    os.chdir(tmp_path)
     main([*command, "--ckpt_path", str(first), "--requests", "user9.csv"])
     assert journal_of(tmp_path / "run" / "unlearning").applied_count() == 2
 

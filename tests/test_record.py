@@ -205,6 +205,8 @@ def test_checkpoints_the_journal_does_not_name_are_refused(trained, tmp_path):
     newer.rename(tmp_path / newer.name)  # moved out: the restored journal's latest state goes on
     apply(journal_of(out).last_checkpoint(), out, B)
     assert removed_users(journal_of(out).last_checkpoint()) == [3, 6]
+    (out / "unlearned-latest.ckpt").symlink_to(journal_of(out).last_checkpoint().name)  # a link to a named one is one
+    apply(journal_of(out).last_checkpoint(), out, C)
 
 
 def _hold_a_request(folder: str, started, release) -> None:
@@ -429,13 +431,22 @@ def test_a_key_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.key"]
     assert (tmp_path / "journal.key").stat().st_mode & 0o777 == 0o600
 
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
 
-def test_a_folder_that_cannot_be_written_is_a_clear_refusal(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "link", no_links)  # vfat, some FUSE and network mounts: the key is created exclusively
+    other = journal_of(tmp_path / "vfat")
+    assert len(other.keyed("x")) == 64 and not other.write_key(b"\0" * 32)
+    assert sorted(p.name for p in (tmp_path / "vfat").iterdir()) == ["journal.key"]
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_a_folder_that_cannot_be_written_is_a_clear_refusal(code, tmp_path, monkeypatch):
     real_open = os.open
 
     def read_only(path, flags, *args):
         if str(path).endswith("journal.lock"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            raise OSError(code, os.strerror(code), str(path))
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", read_only)

@@ -26,6 +26,7 @@ so a digest cannot be reversed by hashing known ids.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -292,8 +293,22 @@ class Journal:
                 os.link(temporary, self.folder / KEY_FILE)
             except FileExistsError:
                 return False
+            except OSError:  # a filesystem without hard links (vfat, some FUSE and network mounts): create it exclusively
+                return self._create_key(key)
         finally:
             os.unlink(temporary)
+        fsync_directory(self.folder)
+        return True
+
+    def _create_key(self, key: bytes) -> bool:
+        try:
+            fd = os.open(self.folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key.hex() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         fsync_directory(self.folder)
         return True
 
@@ -351,7 +366,9 @@ class Journal:
 def _take_lock(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except PermissionError:
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
         raise FolderLocked(
             f"{path.parent} cannot be locked for writing ({path} cannot be opened for writing: a read-only folder or "
             f"file?). Applying, recovering or checking requests there writes the journal: make the folder writable, "

@@ -162,14 +162,14 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
 
 
 def _refuse_unnamed_checkpoints(journal: Journal) -> None:
-    """Refuse a folder holding unlearned checkpoints that no ``applied`` entry of its journal names.
+    """Refuse a folder holding unlearned checkpoints that no ``applied`` (or ``pending``) entry of its journal names.
 
     Every checkpoint an attempt wrote is named by its entry (or removed when the attempt
     failed), so such a file means the journal was replaced by an older copy, or files were
     copied in: the journal no longer records every deletion the folder's models embody.
     """
-    named = {journal.checkpoint(e) for e in journal.entries() if e["status"] in ("applied", "pending")}
-    unnamed = sorted(p.name for p in journal.folder.glob("unlearned-*.ckpt") if p not in named)
+    named = {journal.checkpoint(e).resolve() for e in journal.entries() if e["status"] in ("applied", "pending") and e.get("checkpoint")}
+    unnamed = sorted(p.name for p in journal.folder.glob("unlearned-*.ckpt") if p.resolve() not in named)  # a link to one is one
     if unnamed:
         raise StaleCheckpoint(
             f"{journal.folder} holds {len(unnamed)} unlearned checkpoint(s) that its journal does not name "
