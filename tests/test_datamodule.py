@@ -149,16 +149,17 @@ def test_a_given_validation_file_is_the_validation_split(tmp_path):
 
 
 def test_deletions_reach_a_given_validation_split_as_they_reach_the_test_split(tmp_path):
-    # (u1, a) is a row of all three files: removing the training row leaves the validation and test rows alone, alike.
+    # (u1, a) is a row of all three files: removing the training row removes its copies from the validation and test
+    # splits alike (a deleted interaction is no evaluation target: that would reward a model that still holds it).
     module = RecDataModule(triple(tmp_path, val=VAL + "u1,a\n", test=TEST + "u1,a\n"), split="given", num_negatives=1)
     module.setup()
     row = torch.nonzero((module.train.users == 0) & (module.train.items == 0)).flatten()
     removed = module.remove(row, users=torch.tensor([1]), items=torch.tensor([1]))  # the row (u1, a), user u2, item b
     assert len(removed.users) == 4
     assert pairs(module.train) == [("u3", "a"), ("u3", "c")]
-    assert pairs(module.val) == [("u1", "a"), ("u1", "c")]
-    assert pairs(module.test) == [("u1", "a"), ("u1", "d"), ("u4", "a")]
-    assert ranked(module.val_dataloader()) == ([0], {(0, 0), (0, 2)}, set())
+    assert pairs(module.val) == [("u1", "c")]
+    assert pairs(module.test) == [("u1", "d"), ("u4", "a")]
+    assert ranked(module.val_dataloader()) == ([0], {(0, 2)}, {(0, 1)})  # item b, removed whole, is excluded for every user
     # A checkpoint's state re-applies the removals to the triple loaded afresh ...
     state = module.state_dict()
     restored = RecDataModule(triple(tmp_path, val=VAL + "u1,a\n", test=TEST + "u1,a\n"), split="given", num_negatives=1)
@@ -300,6 +301,21 @@ def test_removed_users_and_items_are_never_candidates_afterwards():
             assert not set(cands) & seen[user]
             if user not in touched and gone_item not in before[split][user]:
                 assert cands == before[split][user], (split, user)  # only the removals change candidates
+
+
+def test_removed_items_are_excluded_for_every_user_in_full_ranking():
+    """Full ranking scores every item: a deleted item is excluded for every evaluated user, as sampled candidates skip it."""
+    module = dm()
+    loader = module.val_dataloader()
+    gone = int(module.train.items[0])
+    module.remove(torch.zeros(0, dtype=torch.long), items=torch.tensor([gone]))
+    users, _, excluded = ranked(loader)
+    assert users and all((user, gone) in excluded for user in users)
+    model = MF(module.num_users, module.num_items, embedding_dim=4)
+    before = model.evaluate(module.val_dataloader(), prefix="val")
+    with torch.no_grad():
+        model.item_embedding.weight[gone] = 100 * model.user_embedding.weight.mean(0)  # the deleted item on top of every list
+    assert model.evaluate(module.val_dataloader(), prefix="val") == before
 
 
 def test_full_ranking_loader_made_before_a_removal_serves_the_data_after_it():

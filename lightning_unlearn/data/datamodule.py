@@ -196,7 +196,7 @@ class RecDataModule(pl.LightningDataModule):
         return TrainRows(self.train.users, self.train.items, self.train_negatives)
 
     def remove(self, rows: torch.Tensor, users: torch.Tensor | None = None, items: torch.Tensor | None = None) -> TrainRows:
-        """Remove training rows (and, for whole users/items, their rows in every split).
+        """Remove training rows (and, for whole users/items, their rows in every split; a removed pair's copies too).
 
         The change is computed first and assigned at once, so a failure leaves the data as it
         was. Removed rows take their fixed negatives with them; every other row keeps its own.
@@ -226,8 +226,10 @@ class RecDataModule(pl.LightningDataModule):
             gone[rows] = True
         gone |= _touches(self.train, users, items)
         removed = TrainRows(self.train.users[gone], self.train.items[gone], self.train_negatives[gone])
-        train, val, test = self.train.select(~gone), *(t.select(~_touches(t, users, items)) for t in (self.val, self.test))
-        record = self._removed.add(self.train.keys[gone], users, items)
+        keys = self.train.keys[gone]  # a pair the data holds twice may have a copy in another split: it goes too
+        train = self.train.select(~gone)
+        val, test = (t.select(~(_touches(t, users, items) | torch.isin(t.keys, keys))) for t in (self.val, self.test))
+        record = self._removed.add(keys, users, items)
         self.train, self.val, self.test = train, val, test
         self.train_negatives = self.train_negatives[~gone]
         self._removed = record
