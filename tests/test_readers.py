@@ -9,6 +9,7 @@ import torch
 
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.readers import read_adjacency, read_csv, read_movielens_1m, read_movielens_100k
+from lightning_unlearn.data.sources import CSVSource
 
 # (user, item, rating, timestamp) rows shared by the MovieLens reader tests.
 ML_ROWS = [(196, 242, 3, 881250949), (186, 302, 3, 891717742), (22, 377, 1, 878887116), (196, 51, 2, 880606923)]
@@ -182,7 +183,6 @@ def test_read_csv_non_numeric_rating_names_the_line(tmp_path):
 
 def test_csv_source_given_split_shares_one_id_map(tmp_path):
     from lightning_unlearn.data import RecDataModule
-    from lightning_unlearn.data.sources import CSVSource
 
     write(tmp_path / "train.tsv", "u1\ta\t5\nu2\tb\t4\nu2\ta\t1\n")
     write(tmp_path / "test.tsv", "u3\tc\t5\nu1\tb\t4\n")  # u3 and c appear only in the test file
@@ -199,8 +199,6 @@ def test_csv_source_given_split_shares_one_id_map(tmp_path):
 
 
 def test_csv_source_given_split_with_integer_and_string_ids_and_validation(tmp_path):
-    from lightning_unlearn.data.sources import CSVSource
-
     write(tmp_path / "train.csv", "user,item\n1,10\n2,11\n")
     write(tmp_path / "val.csv", "user,item\n1,11\n")
     write(tmp_path / "test.csv", "user,item\nx,10\n")  # a string id: every id becomes a string, as in one file
@@ -216,7 +214,7 @@ def test_csv_source_given_split_with_integer_and_string_ids_and_validation(tmp_p
 
 def test_csv_source_given_validation_file_missing_or_with_a_bad_line(tmp_path):
     from lightning_unlearn.data import DataNotFoundError
-    from lightning_unlearn.data.sources import CSVSource
+
 
     write(tmp_path / "train.csv", "user,item,rating\n1,10,5\n2,11,4\n")
     write(tmp_path / "test.csv", "user,item,rating\n1,11,5\n")
@@ -232,8 +230,6 @@ def test_csv_source_given_validation_file_missing_or_with_a_bad_line(tmp_path):
 
 
 def test_csv_source_given_split_refuses_a_bad_test_line(tmp_path):
-    from lightning_unlearn.data.sources import CSVSource
-
     write(tmp_path / "train.csv", "user,item,rating\n1,10,5\n2,11,4\n")
     write(tmp_path / "test.csv", "user,item,rating\n1,11,5\n2\n")
     source = CSVSource(str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"))
@@ -275,7 +271,8 @@ def test_read_csv_plain_numbers_take_the_vectorised_path_and_equal_the_general_o
     assert fast.user_ids.tolist() == general.user_ids.tolist() and fast.item_ids.tolist() == general.item_ids.tolist()
 
 
-@pytest.mark.parametrize("line", ['007,3,5', '"7",3,5', "7, 3,5", "7,3e2,5", "u7,3,5", "7.5,3,5"])
+@pytest.mark.parametrize("line", ['007,3,5', '"7",3,5', "7, 3,5", "7,3e2,5", "u7,3,5", "7.5,3,5", "7.0,3,5", "-0,3,5",
+                                  "99999999999999999999,3,5"])
 def test_read_csv_leaves_ids_that_are_not_plain_numbers_to_the_general_path(tmp_path, line):
     import lightning_unlearn.data.readers as readers
 
@@ -284,3 +281,48 @@ def test_read_csv_leaves_ids_that_are_not_plain_numbers_to_the_general_path(tmp_
     assert readers._read_numeric(path, {"user": 0, "item": 1, "rating": 2}, ",", True) is None
     table = read_csv(path)
     assert len(table) == 2 and table.user_ids.tolist() == _general(path).user_ids.tolist()
+
+
+def test_64_bit_ids_stay_distinct_on_both_paths(tmp_path):
+    """Ids above 2**53 (hashed or snowflake ids) parsed as floats merged; they are int64 exactly, or strings beyond."""
+    path = write(tmp_path / "big.csv", "user,item\n1234567890123456789,1\n1234567890123456790,2\n1234567890123456791,2\n")
+    assert read_csv(path).user_ids.tolist() == [1234567890123456789, 1234567890123456790, 1234567890123456791]
+    huge = write(tmp_path / "huge.csv", "user,item\n99999999999999999999,1\n99999999999999999998,2\n")
+    assert read_csv(huge).user_ids.tolist() == ["99999999999999999998", "99999999999999999999"]
+
+
+@pytest.mark.parametrize("text", ["", "user,item\n", "user,item\n\n"])
+def test_a_file_without_interactions_is_refused(tmp_path, text):
+    with pytest.raises(ValueError, match="no interactions"):
+        read_csv(write(tmp_path / "empty.csv", text))
+
+
+def test_a_file_without_a_header_line_read_with_header_true_is_refused(tmp_path):
+    path = write(tmp_path / "bare.csv", "1,10,5\n2,11,4\n")
+    with pytest.raises(ValueError, match="is numbers, not column names.*header=False"):
+        read_csv(path)
+    assert len(read_csv(path, header=False)) == 2
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id_or_name(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("\ufeffuser,item\nu1,a\nu2,b\n".encode("utf-8"))
+    assert read_csv(tmp_path / "bom.csv", {"user": "user", "item": "item"}).user_ids.tolist() == ["u1", "u2"]
+    (tmp_path / "bare.csv").write_bytes("\ufeffu1,a\nu2,b\nu1,b\n".encode("utf-8"))
+    assert read_csv(tmp_path / "bare.csv", header=False).user_ids.tolist() == ["u1", "u2"]
+
+
+def test_the_files_of_a_given_split_need_one_header(tmp_path):
+    write(tmp_path / "train.csv", "user,item\nu1,a\nu2,b\n")
+    write(tmp_path / "test.csv", "item,user\na,u2\n")  # swapped: read by position, users and items would trade places
+    with pytest.raises(ValueError, match="test.csv: its header \\['item', 'user'\\] differs from the training file"):
+        CSVSource("train.csv", root=str(tmp_path), test_path="test.csv").load_splits()
+
+
+@pytest.mark.parametrize(("reader", "text", "line"), [
+    (read_movielens_100k, "1\t2\t3\n4\t5\t6\t7\t8\n", 1),  # a short and a long line add up to whole rows
+    (read_movielens_100k, "1\t2\t3\t4\n5\tx\t7\t8\n", 2),
+    (read_movielens_1m, "1::2::3::4\n\n5::6::7::8::9\n", 3),
+])
+def test_movielens_readers_name_the_bad_line(tmp_path, reader, text, line):
+    with pytest.raises(ValueError, match=f"ratings, line {line}: expected"):
+        reader(write(tmp_path / "ratings", text))

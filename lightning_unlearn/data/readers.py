@@ -16,16 +16,25 @@ import torch
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.splits import compact
 
-__all__ = ["read_adjacency", "read_csv", "read_movielens_100k", "read_movielens_1m"]
+__all__ = ["read_adjacency", "read_csv", "read_header", "read_movielens_100k", "read_movielens_1m"]
 
 
 def _numeric_table(path: Path, sep: str | None, columns: int) -> np.ndarray:
+    """The file's integers, ``columns`` per line; a line with another count or a non-integer is named."""
     text = Path(path).read_text(encoding="latin-1")
     if sep:
         text = text.replace(sep, " ")
-    values = np.array(text.split(), dtype=np.int64)
-    if len(values) % columns:
-        raise ValueError(f"{path}: expected {columns} whitespace/'{sep}'-separated integers per line.")
+    lines = text.splitlines()
+    counts = np.fromiter((len(line.split()) for line in lines), dtype=np.int64, count=len(lines))
+    wrong = np.flatnonzero((counts != columns) & (counts > 0))
+    if len(wrong):
+        raise ValueError(f"{path}, line {wrong[0] + 1}: expected {columns} whitespace/'{sep}'-separated integers, "
+                         f"got {counts[wrong[0]]} fields.")
+    try:
+        values = np.array(text.split(), dtype=np.int64)
+    except (ValueError, OverflowError):
+        number = next(n for n, line in enumerate(lines, start=1) if not all(re.fullmatch(r"-?[0-9]+", f) for f in line.split()))
+        raise ValueError(f"{path}, line {number}: expected integers, got {lines[number - 1].strip()!r}.") from None
     return values.reshape(-1, columns)
 
 
@@ -116,18 +125,34 @@ def read_csv(
         >>> read_csv(f, {"user": "uid", "item": "iid", "rating": "stars"}, threshold=4)
         Interactions(rows=2, users=2, items=1)
     """
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding=_ENCODING) as fh:
         first = next(csv.reader([fh.readline()], delimiter=sep), [])
         if header:  # the default columns follow the width of the first data row
             width = len(next(csv.reader([fh.readline()], delimiter=sep), []))
+    if header and first and all(_NUMBER.fullmatch(field.strip()) for field in first) and not (columns and any(
+            isinstance(c, str) for c in columns.values())):
+        raise ValueError(f"{path}: the first line {','.join(first)!r} is numbers, not column names (header=True): "
+                         f"pass header=False for a file without a header line.")
     names = first if header else None
     index = _column_index(path, columns, names, width if header else len(first))
     table = _read_numeric(Path(path), index, sep, header)
     if table is None:  # not plain numbers: the general path, which names any bad line
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding=_ENCODING) as fh:
             rows = list(csv.reader(fh, delimiter=sep))[1 if header else 0:]
         table = _read_rows(Path(path), rows, index, 2 if header else 1)
+    if not len(table):
+        raise ValueError(f"{path}: no interactions (an empty file{', or only its header line' if header else ''}).")
     return table if threshold is None else compact(table.binarize(threshold))
+
+
+def read_header(path: str | Path, sep: str = ",") -> list[str]:
+    """The fields of the first line of a CSV/TSV file (a byte-order mark is not part of the first name)."""
+    with open(path, newline="", encoding=_ENCODING) as fh:
+        return next(csv.reader([fh.readline()], delimiter=sep), [])
+
+
+_ENCODING = "utf-8-sig"  # UTF-8; a byte-order mark, as some spreadsheet programs write, is dropped
+_NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
 
 def _column_index(path: str | Path, columns: Mapping[str, str | int] | None, names: list[str] | None, width: int) -> dict[str, int]:
@@ -189,19 +214,20 @@ def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool) -> 
         return None
     if re.match(rb"0[0-9]", body) or re.search(rb"[\n" + re.escape(separator) + rb"]0[0-9]", body):  # "007"
         return None
+    if re.search(rb"(?:^|[\n" + re.escape(separator) + rb"])-0(?![0-9.])", body):  # "-0": the general path keeps it apart from "0"
+        return None
     fields = sorted(set(index.values()))
+    ids = {index["user"], index["item"]}  # parsed as int64, exactly (as floats, ids above 2**53 would merge)
+    dtype = np.dtype([(f"c{col}", np.int64 if col in ids else np.float64) for col in fields])
     try:
-        values = np.loadtxt(path, delimiter=sep, skiprows=int(header), usecols=fields, dtype=np.float64, ndmin=2, encoding="latin-1")
-    except ValueError:
+        values = np.loadtxt(path, delimiter=sep, skiprows=int(header), usecols=fields, dtype=dtype, ndmin=1, encoding="latin-1")
+    except (ValueError, OverflowError):  # ids like 1.5 or 7.0, or beyond int64: the general path keeps them as strings
         return None
-    if values.shape[1] != len(fields) or not np.isfinite(values).all():
+    column = {field: np.ascontiguousarray(values[f"c{col}"]) for field, col in index.items()}
+    if not all(np.isfinite(column[f]).all() for f in ("rating", "timestamp") if f in column):
         return None
-    column = {field: values[:, fields.index(col)] for field, col in index.items()}
-    users, items = column["user"], column["item"]
-    if not (np.array_equal(users, np.round(users)) and np.array_equal(items, np.round(items))):
-        return None  # ids like 1.5: the general path keeps them as strings
     stamps = column["timestamp"].astype(np.int64) if "timestamp" in column else None
-    return Interactions.from_raw(users.astype(np.int64), items.astype(np.int64), column.get("rating"), stamps)
+    return Interactions.from_raw(column["user"], column["item"], column.get("rating"), stamps)
 
 
 def _first_non_number(data: dict[str, list], lines: list[int]) -> tuple[str, int, str]:
@@ -219,6 +245,6 @@ def _as_int_if_possible(values: np.ndarray) -> np.ndarray:
     """Integer ids when every id is written as a plain integer (``"7"``, not ``"007"``)."""
     try:
         ints = values.astype(np.int64)
-    except ValueError:
+    except (ValueError, OverflowError):  # not integers, or beyond int64
         return values
     return ints if np.array_equal(ints.astype(str), values) else values

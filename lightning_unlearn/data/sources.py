@@ -12,7 +12,7 @@ import torch
 
 from lightning_unlearn.data.download import find_file
 from lightning_unlearn.data.interactions import Interactions
-from lightning_unlearn.data.readers import read_adjacency, read_csv, read_movielens_1m, read_movielens_100k
+from lightning_unlearn.data.readers import read_adjacency, read_csv, read_header, read_movielens_1m, read_movielens_100k
 from lightning_unlearn.data.splits import compact
 from lightning_unlearn.data.synthetic import planted_low_rank, power_law_catalog
 
@@ -175,13 +175,19 @@ class CSVSource(DataSource):
         """``(train, val, test)`` with one shared id map; ``val``/``test`` are ``None`` when not given.
 
         Raises:
-            ValueError: a file has a bad line or lacks a column (names the file and line).
+            ValueError: a file has a bad line or lacks a column (names the file and line), or
+                (with ``header``) its header differs from the training file's.
             FileNotFoundError: a file is missing (a
                 :class:`~lightning_unlearn.data.download.DataNotFoundError` naming the path).
         """
-        paths = [self.path, self.val_path, self.test_path]
-        tables = [None if p is None else read_csv(find_file(p, self.root), self.columns, self.sep, self.header, self.threshold)
-                  for p in paths]
+        paths = [None if p is None else find_file(p, self.root) for p in (self.path, self.val_path, self.test_path)]
+        if self.header:  # by position or by name, a column must mean the same in every file
+            first = read_header(paths[0], self.sep)
+            for path in paths[1:]:
+                if path is not None and read_header(path, self.sep) != first:
+                    raise ValueError(f"{path}: its header {read_header(path, self.sep)} differs from the training file "
+                                     f"{paths[0]}'s {first}; the files of one data set need the same columns in the same order.")
+        tables = [None if p is None else read_csv(p, self.columns, self.sep, self.header, self.threshold) for p in paths]
         given = [t for t in tables if t is not None]
         shared = iter(_shared_ids(given) if len(given) > 1 else given)
         return tuple(None if t is None else next(shared) for t in tables)  # type: ignore[return-value]
