@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from pytorch_lightning.loggers import CSVLogger
 from wandb.proto import wandb_internal_pb2
 
 from lightning_unlearn.cli import main
+from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning.reporting import COMPARISON_COLUMNS, comparison_rows, log_comparison
 from tests.conftest import REPO
 
@@ -119,6 +121,18 @@ def offline_runs(save_dir: Path) -> dict[str, Path]:
         records = read_records(next(folder.glob("run-*.wandb")))
         runs[records[first_index(records, "run")].run.job_type] = folder
     return runs
+
+
+def settled(folder: Path, until, timeout: float = 60.0) -> None:
+    """Wait until ``until()`` holds and no file under ``folder`` has changed size for a second (W&B's service process
+    may still be writing when the process that logged exits)."""
+    deadline, sizes = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        now = {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+        if until() and now == sizes:
+            return
+        sizes = now
+        time.sleep(1.0)
 
 
 def files_containing(folders: list[Path], needles: list[str]) -> dict[str, list[str]]:
@@ -370,10 +384,40 @@ def test_unlearn_logs_a_request_time_series_and_artifacts_without_deleted_ids(di
     assert json.loads(model.metadata)["requests"][0]["digest"] == applied["digest"]
     staged = [Path(c.local_path) for a in (model, record) for c in a.manifest.contents]
     assert all(p.is_file() and p.is_relative_to(staging) for p in staged)
+    uploaded = torch.load(staged[0], weights_only=True)  # weights and hyperparameters: no removals, no callback state
+    assert set(uploaded) == {"pytorch-lightning_version", "state_dict", "hyper_parameters"}
+    kept = MF.load_from_checkpoint(tmp_path / "unlearned" / Path(applied["checkpoint"]).name)
+    assert all(torch.equal(a, b) for a, b in zip(MF.load_from_checkpoint(staged[0]).state_dict().values(), kept.state_dict().values()))
 
     seen = files_containing([runs["unlearn"], runs["fit"], staging], [*deleted_ids, applied["digest"]])
     assert not {needle: paths for needle, paths in seen.items() if needle in deleted_ids}
     assert seen[applied["digest"]]  # the scan reads what is there: the digest is, in the clear
+
+
+def test_a_refusal_inside_a_trainer_whose_wandb_run_records_the_console_names_no_id(tmp_path):
+    """In Python (not the command, which turns console capture off), Lightning starts the W&B run before the callback
+    checks its requests: an uncaught refusal's traceback is recorded by the run. It is raised without the ids."""
+    (tmp_path / "requests.csv").write_text("user\n900999\n")
+    script = tmp_path / "fit.py"
+    script.write_text(
+        "import pytorch_lightning as pl\n"
+        "from pytorch_lightning.loggers import WandbLogger\n"
+        "from lightning_unlearn import MF, RecDataModule\n"
+        "from lightning_unlearn.data import Synthetic\n"
+        "from lightning_unlearn.unlearning import FineTune, UnlearningCallback\n"
+        "dm = RecDataModule(Synthetic(num_users=20, num_items=16), batch_size=64)\n"
+        "callback = UnlearningCallback(FineTune(), requests_file='requests.csv', dirpath='forget')\n"
+        "trainer = pl.Trainer(max_epochs=1, logger=WandbLogger(save_dir='.', offline=True), callbacks=[callback],\n"
+        "                     enable_progress_bar=False, enable_checkpointing=False)\n"
+        "trainer.fit(MF(dm.num_users, dm.num_items, embedding_dim=4), dm)\n"
+    )
+    # W&B's defaults (it records the console), and a service of the script's own (not this process's, if it started one)
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_CONSOLE", "WANDB_SILENT", "WANDB_SERVICE")}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "A deletion request was refused" in done.stderr and "900999" not in done.stderr
+    settled(tmp_path, until=lambda: any(tmp_path.rglob("output.log")))  # W&B's service writes on after the script exits
+    assert list(tmp_path.rglob("output.log"))  # the run recorded the console
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "requests.csv" and b"900999" in p.read_bytes()]
 
 
 def test_artifacts_need_a_wandb_logger(tmp_path, capsys):

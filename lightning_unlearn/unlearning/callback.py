@@ -23,8 +23,8 @@ from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import check_key, check_lineage, journal_of, key_id, recover, save_checkpoint
-from lightning_unlearn.unlearning.reporting import define_request_axis
-from lightning_unlearn.unlearning.request import DeletionRequest
+from lightning_unlearn.unlearning.reporting import captures_console, define_request_axis
+from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 __all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
@@ -296,7 +296,8 @@ class UnlearningCallback(pl.Callback):
         if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
-        self.read_requests_file()
+        with _ids_kept_out_of(trainer):
+            self.read_requests_file()
 
     def read_requests_file(self) -> None:
         """Queue the request of ``requests_file`` (once; ``setup`` calls this)."""
@@ -314,7 +315,8 @@ class UnlearningCallback(pl.Callback):
         spent, not at ``on_train_end``.
         """
         if trainer.is_global_zero:
-            self.check(trainer.datamodule)
+            with _ids_kept_out_of(trainer):
+                self.check(trainer.datamodule)
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
 
@@ -330,11 +332,12 @@ class UnlearningCallback(pl.Callback):
 
     def run(self, trainer: pl.Trainer, model: Recommender) -> list[UnlearningReport]:
         """Apply every queued request now (what the hooks call)."""
-        return self.apply_pending(
-            model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
-            recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
-            strategy=trainer.strategy,
-        )
+        with _ids_kept_out_of(trainer):
+            return self.apply_pending(
+                model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
+                recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
+                strategy=trainer.strategy,
+            )
 
     # ------------------------------------------------------------------ the work
     def apply_pending(
@@ -653,3 +656,24 @@ def request_fingerprint(request: DeletionRequest, interactions, journal: Journal
 
 def _scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
     return {prefix + k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@contextlib.contextmanager
+def _ids_kept_out_of(trainer: pl.Trainer):
+    """Inside a Trainer whose W&B run records the console, a refused request's message (it names ids) is not raised as is.
+
+    The refusal is raised again without the ids; ``detail`` holds the original message, and
+    :meth:`UnlearningCallback.check` outside the Trainer shows it.
+    """
+    try:
+        yield
+    except InvalidDeletionRequest as err:
+        if not captures_console(trainer.loggers):
+            raise
+        redacted = InvalidDeletionRequest(
+            "A deletion request was refused. Its message names ids and is not shown here: a W&B run of this Trainer "
+            "records the console. Read it outside the Trainer with `callback.check(datamodule)` (or from the "
+            "exception's `detail`), or run with WANDB_CONSOLE=off, as the lightning-unlearn command does."
+        )
+        redacted.detail = str(err)
+        raise redacted from None

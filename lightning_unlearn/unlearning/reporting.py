@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,18 @@ COMPARISON_COLUMNS = (
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
     """The ``WandbLogger`` instances among ``loggers``."""
     return [logger for logger in loggers if isinstance(logger, WandbLogger)]
+
+
+def captures_console(loggers: Iterable[Logger]) -> bool:
+    """Whether a W&B run of ``loggers`` records the console (``output.log`` and the ``.wandb`` log), so a message printed now is stored.
+
+    Not for a disabled run, nor with ``console="off"`` (``WANDB_CONSOLE=off``, as the lightning-unlearn command sets it).
+    """
+    for logger in wandb_loggers(loggers):
+        run = logger.experiment
+        if not getattr(run, "disabled", False) and getattr(getattr(run, "settings", None), "console", None) != "off":
+            return True
+    return False
 
 
 def log_config(loggers: Iterable[Logger], config: Mapping[str, Any]) -> None:
@@ -444,10 +457,14 @@ def log_unlearning_artifacts(
     journal: str | os.PathLike,
     metadata: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """Log unlearned checkpoints (type ``unlearned-model``) and the journal (``unlearning-journal``).
+    """Log unlearned models (type ``unlearned-model``) and the journal (``unlearning-journal``).
 
     Files are copied into W&B's staging area when logged, so an offline run keeps exactly
-    these bytes until ``wandb sync`` uploads them, even if the journal grows meanwhile.
+    these bytes until ``wandb sync`` uploads them, even if the journal grows meanwhile. Each
+    model is its checkpoint's weights and hyperparameters only (it loads with
+    ``ModelClass.load_from_checkpoint``): the datamodule's removals and the callback's state,
+    indices that anyone with the data set maps back to the deleted users, items and pairs, stay
+    in the unlearning folder, and so does resuming (from the folder's checkpoint).
 
     Args:
         loggers: the trainer's loggers (only ``WandbLogger`` ones receive artifacts).
@@ -468,18 +485,32 @@ def log_unlearning_artifacts(
     import wandb
 
     names = []
-    for logger in wandb_loggers(loggers):
-        run = logger.experiment
-        model = wandb.Artifact(f"unlearned-model-{run.id}", type="unlearned-model", metadata=dict(metadata or {}))
-        for path in paths:
-            model.add_file(str(path), name=path.name, policy="mutable")
-        record = wandb.Artifact(f"unlearning-journal-{run.id}", type="unlearning-journal", metadata=dict(metadata or {}))
-        record.add_file(str(journal), name=Path(journal).name, policy="mutable")
-        for artifact in (model, record):
-            if artifact.manifest.entries:
-                run.log_artifact(artifact)
-                names.append(artifact.name)
+    with tempfile.TemporaryDirectory() as folder:
+        models = [_weights_only(path, Path(folder)) for path in paths]
+        for logger in wandb_loggers(loggers):
+            run = logger.experiment
+            model = wandb.Artifact(f"unlearned-model-{run.id}", type="unlearned-model", metadata=dict(metadata or {}))
+            for path in models:
+                model.add_file(str(path), name=path.name, policy="mutable")  # copied into the staging area now
+            record = wandb.Artifact(f"unlearning-journal-{run.id}", type="unlearning-journal", metadata=dict(metadata or {}))
+            record.add_file(str(journal), name=Path(journal).name, policy="mutable")
+            for artifact in (model, record):
+                if artifact.manifest.entries:
+                    run.log_artifact(artifact)
+                    names.append(artifact.name)
     return names
+
+
+_MODEL_KEYS = ("pytorch-lightning_version", "epoch", "global_step", "state_dict", "hyper_parameters", "hparams_name")
+
+
+def _weights_only(checkpoint: Path, folder: Path) -> Path:
+    """A copy of ``checkpoint`` in ``folder`` with only what loading the model needs (no removals, no callback state)."""
+    import torch
+
+    kept = {k: v for k, v in torch.load(checkpoint, map_location="cpu", weights_only=True).items() if k in _MODEL_KEYS}
+    torch.save(kept, folder / checkpoint.name)
+    return folder / checkpoint.name
 
 
 def wandb_run_lines(loggers: Iterable[Logger]) -> list[str]:
