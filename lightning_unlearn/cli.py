@@ -97,7 +97,9 @@ class UnlearningTrainer(pl.Trainer):
 
         Every check that can refuse the command -- the checkpoint, the requests file, the
         request against the data, the folder's latest state -- runs before any logger starts a
-        run, so a refusal (whose message may name ids) never reaches the loggers' files.
+        run (with ``log_artifacts``, W&B's run is started first, to check it is not disabled, and
+        records nothing before the checks pass), so a refusal (whose message may name ids) never
+        reaches the loggers' files; the command's configuration is logged after them.
 
         Raises:
             ValueError: ``log_artifacts`` without a W&B logger, or with W&B disabled.
@@ -124,7 +126,8 @@ class UnlearningTrainer(pl.Trainer):
         if self.optimizer_init is not None and isinstance(method, FineTune):
             print(f"[unlearn] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
                   f"--method.optimizer, --method.lr), not with --optimizer")
-        log_config(self.loggers, {"deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
+        log_config(self.loggers, {**getattr(self, "_unlearn_config", {}),
+                                  "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
         device = self.strategy.root_device
         model.to(device)
         reports = callback.apply_pending(
@@ -507,7 +510,10 @@ class LightningUnlearnCLI(LightningCLI):
         init_args = (config.get("model") or {}).get("init_args")
         if isinstance(init_args, dict):  # linked on instantiation: known only now
             init_args.update(num_users=self.datamodule.num_users, num_items=self.datamodule.num_items)
-        log_config(self.trainer.loggers, config)
+        if self.subcommand == "unlearn":  # logged once its checks pass: a refused request starts no logger's run
+            self.trainer._unlearn_config = config
+        else:
+            log_config(self.trainer.loggers, config)
         # `config` holds the model's and the datamodule's arguments (under `model.init_args` and
         # `data`): Lightning would log their `save_hyperparameters` again, flat at the top level
         # (where the model's `optimizer` overwrote the CLI's own `optimizer` entry).
