@@ -1,6 +1,6 @@
 """Run by ``tests/test_multi_device.py``: UnlearningCallback inside ``Trainer(strategy="ddp")`` on CPU.
 
-    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR
+    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR [rank0-only]
 
 Loads the weights in STATE_FILE, "trains" one batch of SGD with ``lr=1e-30`` (below the
 weights' resolution, so the weights reaching ``on_train_end`` are exactly those, whatever the
@@ -10,6 +10,7 @@ deletes a fixed request with METHOD; every rank saves its parameters to OUT_DIR.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -51,7 +52,9 @@ def main(devices: int, method_name: str, model_name: str, state_file: str, out: 
     pl.seed_everything(0, verbose=False)
     model, dm, request = setting(model_name)
     model.load_state_dict(torch.load(state_file, weights_only=True), strict=False)
-    callback = UnlearningCallback(method(method_name), requests=[request], dirpath=f"{out}/unlearned-{devices}", seed=0)
+    rank_zero_only = len(sys.argv) > 6 and sys.argv[6] == "rank0-only"  # the request reaches one process alone
+    queued = [request] if not rank_zero_only or os.environ.get("LOCAL_RANK", "0") == "0" else []
+    callback = UnlearningCallback(method(method_name), requests=queued, dirpath=f"{out}/unlearned-{devices}", seed=0)
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1, limit_train_batches=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

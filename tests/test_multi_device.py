@@ -115,3 +115,18 @@ def test_callback_under_ddp_equals_one_device(method, model, tmp_path):
     for name, value in one.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=f"{name}: ddp x2 vs one device")
+
+
+def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_hanging(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from ddp_unlearn import setting as ddp_setting
+    finally:
+        sys.path.pop(0)
+    initial, _, _ = ddp_setting("mf")
+    state = tmp_path / "state.pt"
+    torch.save(initial.state_dict(), state)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "rank0-only"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "the ranks hold different queues (1 on rank 0, 0 on rank 1" in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -332,11 +333,29 @@ class UnlearningCallback(pl.Callback):
 
     def run(self, trainer: pl.Trainer, model: Recommender) -> list[UnlearningReport]:
         """Apply every queued request now (what the hooks call)."""
+        if trainer.world_size > 1:
+            self._refuse_queues_that_differ(trainer)
         with _ids_kept_out_of(trainer):
             return self.apply_pending(
                 model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
                 recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
                 strategy=trainer.strategy,
+            )
+
+    def _refuse_queues_that_differ(self, trainer: pl.Trainer) -> None:
+        """Every rank must apply the same requests: a request queued on one rank alone would leave the others
+        waiting in the method's collectives for ever. Each rank sees every rank's queue (its length and a digest of
+        its content, in memory only) and all raise alike when they differ."""
+        content = repr([(r.users, r.items, r.pairs) for r in self._queue]).encode()
+        digest = int.from_bytes(hashlib.sha256(content).digest()[:7], "little")  # fits int64
+        mine = torch.tensor([len(self._queue), digest], dtype=torch.long, device=trainer.strategy.root_device)
+        every = trainer.strategy.all_gather(mine).reshape(-1, 2).cpu()
+        if not bool((every == every[0]).all()):
+            counts = ", ".join(f"{int(n)} on rank {rank}" for rank, n in enumerate(every[:, 0]))
+            raise RuntimeError(
+                f"UnlearningCallback: the ranks hold different queues ({counts}; or the same number of different "
+                f"requests). Queue a request on every rank alike (callback.request(...) in code that every rank runs), or "
+                f"give requests_file / requests, which every rank reads."
             )
 
     # ------------------------------------------------------------------ the work
