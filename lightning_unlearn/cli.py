@@ -82,8 +82,9 @@ class UnlearningTrainer(pl.Trainer):
             ckpt_path: a checkpoint of the trained (or already partly unlearned) model.
             requests: a requests file (CSV or JSON lines) in raw ids.
             method: the unlearning method, e.g. ``FineTune`` or ``Retrain``.
-            out: folder for the unlearned checkpoints and the journal (default:
-                :func:`default_unlearning_folder` of ``ckpt_path``, the same for every run from it).
+            out: folder for the unlearned checkpoints and the journal (default: the checkpoint's own
+                folder when it holds a journal, else ``unlearning/`` beside the checkpoint's folder:
+                the same for every run from the checkpoint).
             missing: ``"error"`` refuses pairs that are not training rows, ``"ignore"`` drops them.
             branch: ``ckpt_path`` is a checkpoint of another unlearning folder and ``out`` (a new,
                 empty folder) starts a new branch from it; that folder's key is copied along, so
@@ -284,7 +285,7 @@ def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
         >>> default_unlearning_folder("/srv/runs/ml100k_mf/checkpoints/best.ckpt").as_posix()
         '/srv/runs/ml100k_mf/unlearning'
     """
-    folder = Path(ckpt_path).absolute().parent  # not `..`/`.` of a relative path: the same record from any working directory
+    folder = Path(ckpt_path).resolve().parent  # `..`, `.` and links resolved: the same record however the path is spelt
     return folder if (folder / JOURNAL_FILE).exists() else folder.parent / "unlearning"
 
 

@@ -390,7 +390,9 @@ def test_unlearn_without_out_keeps_one_record_per_checkpoint(trained, tmp_path, 
     main([*command, "--ckpt_path", str(best), "--requests", "user8.csv"])
     assert f"the deletion record of this model is {tmp_path / 'run' / 'unlearning'}" in capsys.readouterr().out
     first = next((tmp_path / "run" / "unlearning").glob("unlearned-*.ckpt"))
-    for where, path in ((tmp_path, best), (best.parent, Path("best.ckpt"))):  # the same record from any working directory
+    (best.parent / "sub").mkdir()
+    for where, path in ((tmp_path, best), (best.parent, Path("best.ckpt")),  # the same record however the path is spelt
+                        (best.parent / "sub", Path("../best.ckpt"))):
         os.chdir(where)
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--ckpt_path", str(path), "--requests", str(tmp_path / "user9.csv")])
