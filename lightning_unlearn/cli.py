@@ -120,7 +120,7 @@ class UnlearningTrainer(pl.Trainer):
             callback.load_state_dict(state["unlearning"])
         callback.read_requests_file()
         summaries = callback.check(datamodule)
-        if missing == "ignore":
+        if missing == "ignore" and summaries:
             ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
             print(f"[unlearn] --missing ignore: {ignored} pair{'' if ignored == 1 else 's'} of the request "
                   f"{'is' if ignored == 1 else 'are'} not in the training split and {'was' if ignored == 1 else 'were'} ignored")
@@ -136,6 +136,8 @@ class UnlearningTrainer(pl.Trainer):
         )
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
+        if not reports:  # given again: recognised (the checkpoint records it), never applied twice
+            print(f"[unlearn] the request of {requests} is already applied in {dirpath}: nothing applied again")
         print(f"[unlearn] journal: {callback.journal.path}")
         if log_artifacts and reports:
             journal = callback.journal

@@ -11,6 +11,7 @@ import csv
 import functools
 import importlib.util
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -400,6 +401,15 @@ def test_unlearn_without_out_keeps_one_record_per_checkpoint(trained, tmp_path, 
     os.chdir(tmp_path)
     main([*command, "--ckpt_path", str(first), "--requests", "user9.csv"])
     assert journal_of(tmp_path / "run" / "unlearning").applied_count() == 2
+
+
+def test_unlearn_says_when_the_requests_were_applied_already(trained, tmp_path, capsys):
+    shutil.copytree(trained.unlearned.parent, tmp_path / "copy")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "copy" / trained.unlearned.name),
+          "--requests", str(trained.requests), "--method", "FineTune"])
+    out = capsys.readouterr().out
+    assert f"the request of {trained.requests} is already applied in {tmp_path / 'copy'}" in out and "rows removed" not in out
+    assert journal_of(tmp_path / "copy").applied_count() == 1
 
 
 def test_a_stale_or_unreadable_checkpoint_is_a_cli_error(trained, tmp_path, capsys):
