@@ -17,7 +17,7 @@ import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_unlearn.console import USER_ERRORS, PlainHelpParser, quiet_third_party_noise, user_error_message
+from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParser, quiet_third_party_noise, user_error_message
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
@@ -261,7 +261,7 @@ class UnlearningTrainer(pl.Trainer):
         if not (isinstance(model, Recommender) and isinstance(datamodule, RecDataModule) and dataloaders is None):
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"predict needs k >= 1 recommendations per user, got k={k!r}.")
+            raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
         if ckpt_path:
             restore_checkpoint(ckpt_path, model, datamodule)
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
@@ -536,6 +536,14 @@ class LightningUnlearnCLI(LightningCLI):
                         adopt_key(Path(path).parent, callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
                     # the drift counter starts afresh: the model is fitted again, on the rows that remain
                     callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
+
+    def before_predict(self) -> None:
+        """``predict`` recommends from a checkpoint: without one, the model is the untrained one the recipe builds."""
+        if not self.config_init[self.subcommand].get("ckpt_path"):
+            raise OptionRefused(
+                "predict needs --ckpt_path: without it the recommendations would come from the untrained model the recipe "
+                "builds. Give a checkpoint of `fit` (e.g. runs/<name>/checkpoints/best.ckpt) or an unlearned checkpoint."
+            )
 
     def before_validate(self) -> None:
         self._require_checkpoint_file()

@@ -14,6 +14,7 @@ from jsonargparse import DefaultHelpFormatter
 from pytorch_lightning.cli import LightningArgumentParser
 
 from lightning_unlearn.data.datamodule import DataFingerprintMismatch
+from lightning_unlearn.unlearning.compare import PartialResultsMismatch
 from lightning_unlearn.unlearning.journal import FolderLocked, JournalCorrupted
 from lightning_unlearn.unlearning.record import CheckpointUnreadable, MissingDataState, StaleCheckpoint
 from lightning_unlearn.unlearning.request import InvalidDeletionRequest
@@ -67,8 +68,12 @@ class PlainHelpParser(LightningArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
+class OptionRefused(ValueError):
+    """A command-line option the command cannot use as given (the message names it and what is accepted)."""
+
+
 USER_ERRORS = (InvalidDeletionRequest, StaleCheckpoint, JournalCorrupted, FolderLocked, DataFingerprintMismatch,
-               CheckpointUnreadable, MissingDataState, FileNotFoundError)
+               CheckpointUnreadable, MissingDataState, FileNotFoundError, PartialResultsMismatch, OptionRefused)
 """Errors in what the command was given (a request, a checkpoint, a folder): a message, not a traceback."""
 
 _MISSING_OPTION = {

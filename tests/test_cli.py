@@ -111,6 +111,17 @@ def test_options_a_command_would_not_use_are_refused(command, options, named, tm
     assert exit_info.value.code == 2 and named in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("options", "named"), [
+    ([], "predict needs --ckpt_path"), (["--ckpt_path", "x.ckpt", "--k", "0"], "predict needs k >= 1"),
+])
+def test_predict_refuses_an_untrained_model_and_no_recommendations(options, named, tmp_path, capsys):
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(recipe), *options])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("command", ["validate", "test"])
 @pytest.mark.parametrize("ckpt_path", ["best", "last", "no/such.ckpt"])
 def test_evaluating_needs_a_checkpoint_file(command, ckpt_path, tmp_path, capsys):

@@ -16,7 +16,7 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.data import Interactions, RecDataModule, Synthetic
 from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning import IFRU, AltEraser, DeletionSpec, FineTune, Retrain
-from lightning_unlearn.unlearning.compare import _utility, compare, format_table, write_outputs
+from lightning_unlearn.unlearning.compare import PartialResultsMismatch, _utility, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.methods.base import Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.reporting import comparison_rows, log_comparison, plot_comparison
@@ -305,10 +305,10 @@ def test_resume_refuses_results_of_other_rows_recipe_or_method_settings(small_co
     would mix figures measured on different deletions or settings into one table."""
     with pytest.raises(KeyboardInterrupt):
         small_compare([Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [], fail=KeyboardInterrupt())], tmp_path)
-    others = [dict(deletion=DeletionSpec(fraction=0.05, seed=7)), dict(refit=FitRecipe(max_epochs=2, monitor=None)),
-              dict(methods=[Retrain(), FineTune(epochs=1, lr=0.5), Nudge("k", [])]), dict(repeats=2)]
-    for other in others:
-        with pytest.raises(ValueError, match="another configuration"):
+    others = [(dict(deletion=DeletionSpec(fraction=0.05, seed=7)), "rows"), (dict(refit=FitRecipe(max_epochs=2, monitor=None)), "recipe"),
+              (dict(methods=[Retrain(), FineTune(epochs=1, lr=0.5), Nudge("k", [])]), "methods"), (dict(repeats=2), "repeats")]
+    for other, differs in others:
+        with pytest.raises(PartialResultsMismatch, match=f"another configuration \\({differs} differs\\)"):
             small_compare(**{"methods": [Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [])], "out": tmp_path,
                              "resume": True, **other})
     dm = RecDataModule(Synthetic(num_users=30, num_items=20, density=0.25, seed=1))

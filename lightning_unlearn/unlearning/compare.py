@@ -106,8 +106,9 @@ def compare(
         ``{"name", "status": "failed", "error"}``, a measured one has ``status: "ok"``.
 
     Raises:
-        ValueError: two methods share a name, ``repeats`` is not an integer >= 1, or ``resume``
-            finds partial results of another configuration (remove them or choose another ``out``).
+        ValueError: two methods share a name, or ``repeats`` is not an integer >= 1.
+        PartialResultsMismatch: ``resume`` finds partial results of another configuration (the
+            message names what differs; remove them or choose another ``out``).
         InvalidDeletionRequest: the deletion selects nothing that is in the training split.
         UnlearningError: the ``Retrain`` reference failed (a failure of any other method is
             reported in its entry and compare goes on with the next one).
@@ -302,6 +303,14 @@ def _settings(method: Unlearner) -> dict[str, str]:
     return {"class": f"{type(method).__module__}.{type(method).__qualname__}", **{n: repr(getattr(method, n)) for n in names}}
 
 
+class PartialResultsMismatch(ValueError):
+    """``compare --resume`` found partial results measured from another configuration (the message names what differs)."""
+
+
+def _digest_of(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class _Partial:
     """``<out>/compare.partial.json`` and the measured models' weights in ``<out>/compare.partial/``."""
 
@@ -310,6 +319,7 @@ class _Partial:
         self.path, self.models = self.folder / PARTIAL, self.folder / "compare.partial"
         self._measured_with, self._digest = measured_with, digest
         self.key = ""
+        self._parts: dict[str, str] = {}  # a digest of each part of the configuration, to name what differs
 
     def _make_key(self) -> str:
         """SHA-256 of what the figures were measured with and of the deleted rows' digest, keyed with this folder's secret.
@@ -322,7 +332,8 @@ class _Partial:
             self.models.mkdir(parents=True, exist_ok=True)
             _atomic(secret, lambda fh: fh.write(secrets.token_hex(32)))
         keyed = hmac.new(bytes.fromhex(secret.read_text()), self._digest.encode(), hashlib.sha256).hexdigest()
-        return hashlib.sha256(json.dumps({**self._measured_with, "rows": keyed}, sort_keys=True, default=str).encode()).hexdigest()
+        self._parts = {name: _digest_of(value) for name, value in {**self._measured_with, "rows": keyed}.items()}
+        return _digest_of(self._parts)
 
     def load(self, resume: bool, progress: Callable[[str], None]) -> dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """The measured entries and their weights by method name (none unless ``resume``)."""
@@ -335,10 +346,10 @@ class _Partial:
         self.key = self._make_key()
         saved = json.loads(self.path.read_text())
         if saved.get("key") != self.key:
-            raise ValueError(
-                f"compare --resume: {self.path} was measured from another configuration (data, deletion, original "
-                f"model, seed, the refit's recipe, a method or its settings, repeats, k or the device differ); remove it "
-                f"(and {self.models.name}/) or choose another out folder."
+            differ = [name for name, value in self._parts.items() if saved.get("parts", {}).get(name) != value]
+            raise PartialResultsMismatch(
+                f"compare --resume: {self.path} was measured from another configuration ({', '.join(differ) or 'unknown'} "
+                f"differ{'s' if len(differ) == 1 else ''}); remove it (and {self.models.name}/) or choose another out folder."
             )
         if saved.get("running"):
             progress(f"[compare] {saved['running']} was running when the earlier run stopped (killed?); it runs again")
@@ -355,7 +366,7 @@ class _Partial:
 
     def write(self, entries: list[dict[str, Any]], running: str | None = None) -> None:
         methods = [{**e, "weights": self._file(e["name"])} if e["status"] == "ok" else e for e in entries]
-        document = {"complete": False, "key": self.key, "running": running, "methods": methods}
+        document = {"complete": False, "key": self.key, "parts": self._parts, "running": running, "methods": methods}
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic(self.path, lambda fh: fh.write(json.dumps(document, indent=2, default=_plain)))
 
