@@ -29,6 +29,7 @@ from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
     adopt_key,
+    journal_of,
     load_checkpoint,
     restore_checkpoint,
 )
@@ -529,6 +530,8 @@ class LightningUnlearnCLI(LightningCLI):
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
             "checkpoint holds no optimizer or loop state)")
+        if state is None or not state.get("unlearning"):
+            self._note_deletions_beside_the_checkpoints()
         if state is not None and state.get("unlearning"):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, UnlearningCallback):  # the requests the checkpoint holds stay applied, once
@@ -536,6 +539,19 @@ class LightningUnlearnCLI(LightningCLI):
                         adopt_key(Path(path).parent, callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
                     # the drift counter starts afresh: the model is fitted again, on the rows that remain
                     callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
+
+    def _note_deletions_beside_the_checkpoints(self) -> None:
+        """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""
+        saver = self.trainer.checkpoint_callback
+        if saver is None or not saver.dirpath:
+            return
+        folder = default_unlearning_folder(Path(saver.dirpath) / "best.ckpt")
+        journal = journal_of(folder)
+        if journal.path.is_file() and journal.applied_count():
+            print(f"[fit] {folder} records {_count(journal.applied_count(), 'deletion')} applied to a model of this run "
+                  f"folder. This fit trains on the data as loaded, which still holds their rows, and its checkpoints in "
+                  f"{saver.dirpath} hold them too: apply the requests again to the new model (unlearn --out <a new folder>), "
+                  f"or fit from the latest unlearned checkpoint ({journal.checkpoint(journal.latest())}) to keep them deleted.")
 
     def before_predict(self) -> None:
         """``predict`` recommends from a checkpoint: without one, the model is the untrained one the recipe builds."""

@@ -403,6 +403,15 @@ def test_unlearn_without_out_keeps_one_record_per_checkpoint(trained, tmp_path, 
     assert journal_of(tmp_path / "run" / "unlearning").applied_count() == 2
 
 
+def test_a_fit_beside_a_deletion_record_says_its_checkpoints_hold_the_deleted_rows(trained, tmp_path, capsys):
+    main(["fit", "-c", str(trained.recipe), *BRIEF])
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", "ckpt/best.ckpt", "--requests", "user8.csv", "--method", "FineTune"])
+    capsys.readouterr()
+    main(["fit", "-c", str(trained.recipe), *BRIEF])
+    assert f"[fit] {tmp_path / 'unlearning'} records 1 deletion applied to a model of this run folder" in capsys.readouterr().out
+
+
 def test_unlearn_says_when_the_requests_were_applied_already(trained, tmp_path, capsys):
     shutil.copytree(trained.unlearned.parent, tmp_path / "copy")
     main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "copy" / trained.unlearned.name),

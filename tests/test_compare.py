@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,10 @@ def test_compare_reports_a_failed_method_and_runs_the_others(small_compare, tmp_
     rows = (tmp_path / "compare.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[2].startswith("Nudge(x),failed,")
     assert json.loads((tmp_path / "compare.json").read_text())["methods"][1]["status"] == "failed"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {(tmp_path / name).stat().st_mode & 0o777 for name in ("compare.json", "compare.csv")} == {0o666 & ~mask}  # as open() gives
+    assert (tmp_path / "compare.partial" / "key").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "compare.partial.json").exists()  # kept for --resume: only the failed method runs again
     document = json.loads((tmp_path / "compare.json").read_text())  # the reporting functions read the failed entry too
     assert [row[0] for row in comparison_rows(document)] == ["Retrain", "Nudge(y)"]

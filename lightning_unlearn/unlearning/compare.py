@@ -330,7 +330,7 @@ class _Partial:
         secret = self.models / "key"
         if not secret.exists():
             self.models.mkdir(parents=True, exist_ok=True)
-            _atomic(secret, lambda fh: fh.write(secrets.token_hex(32)))
+            _atomic(secret, lambda fh: fh.write(secrets.token_hex(32)), private=True)
         keyed = hmac.new(bytes.fromhex(secret.read_text()), self._digest.encode(), hashlib.sha256).hexdigest()
         self._parts = {name: _digest_of(value) for name, value in {**self._measured_with, "rows": keyed}.items()}
         return _digest_of(self._parts)
@@ -435,10 +435,16 @@ def _requests(method: Unlearner, original: Recommender, model: Recommender, reta
     return report, seconds
 
 
-def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False) -> None:
-    """Write ``path`` whole or not at all: a temporary file in its folder, flushed, then renamed over it."""
+def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False, private: bool = False) -> None:
+    """Write ``path`` whole or not at all: a temporary file in its folder, flushed, then renamed over it.
+
+    The file gets the mode a plain ``open`` would (``0o666`` less the umask), or the owner's
+    only with ``private`` (a temporary file starts as ``0o600``).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if not private:
+            os.fchmod(fd, 0o666 & ~_umask())
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8")) as fh:
             write(fh)
             fh.flush()
@@ -447,6 +453,12 @@ def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False) -> No
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading it sets it: put it back at once
+    os.umask(mask)
+    return mask
 
 
 def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:
