@@ -16,6 +16,7 @@ import torch
 import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParser, quiet_third_party_noise, user_error_message
 from lightning_unlearn.data.datamodule import RecDataModule
@@ -770,6 +771,11 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
         raise SystemExit(2) from err
+    except (SIGTERMException, KeyboardInterrupt) as err:  # Lightning ends a SIGTERM as a SystemExit of status 0
+        signal_name, status = ("SIGTERM", 143) if isinstance(err, SIGTERMException) else ("an interrupt (Ctrl-C)", 130)
+        print(f"lightning-unlearn: stopped by {signal_name}. What finished is kept: `compare --resume true` runs only the "
+              f"methods not measured, and an unlearning folder's journal names the state to resume from.", file=sys.stderr)
+        raise SystemExit(status) from err
 
 
 DESCRIPTION = (

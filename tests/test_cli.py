@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+import lightning_unlearn.cli as cli_module
 from lightning_unlearn.cli import _is_class, main
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from tests.conftest import REPO
@@ -212,3 +214,18 @@ def test_the_config_checks_find_subclasses_by_import_and_unknown_classes_by_name
     assert _is_class("pytorch_lightning.loggers.WandbLogger", WandbLogger)
     assert not _is_class("pytorch_lightning.loggers.CSVLogger", WandbLogger) and not _is_class(None, CSVLogger)
     assert _is_class("somewhere.not.importable.WandbLogger", WandbLogger)  # by name: the W&B settings still apply
+
+
+@pytest.mark.parametrize(("stop", "status", "named"), [
+    (SIGTERMException(), 143, "stopped by SIGTERM"), (KeyboardInterrupt(), 130, "stopped by an interrupt (Ctrl-C)"),
+])
+def test_a_stopped_command_exits_non_zero_and_says_how_to_go_on(stop, status, named, monkeypatch, capsys):
+    """Lightning ends a SIGTERM as a SystemExit of status 0: a scheduler's `compare ... && next` would go on."""
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(cli_module.LightningUnlearnCLI, "__init__", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == status and named in err and "`compare --resume true`" in err

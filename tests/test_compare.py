@@ -293,6 +293,9 @@ def test_an_interrupted_compare_keeps_its_results_and_resume_skips_them(small_co
     assert result["methods"][1]["seconds"] == partial["methods"][1]["seconds"]
     write_outputs(result, tmp_path)
     assert not (tmp_path / "compare.partial.json").exists() and not (tmp_path / "compare.partial").exists()
+    lines.clear()
+    small_compare(again, tmp_path, resume=True, lines=lines)  # a finished comparison: said, not resumed silently
+    assert any("nothing to resume" in line and "finished comparison" in line for line in lines)
 
 
 def test_resume_refuses_partial_results_of_another_configuration(small_compare, tmp_path):

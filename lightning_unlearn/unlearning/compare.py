@@ -340,6 +340,10 @@ class _Partial:
         if not (resume and self.path.exists()):
             if self.path.exists():
                 progress(f"[compare] {self.path} (from an earlier run) is replaced; --resume true would reuse it")
+            elif resume:
+                finished = (self.folder / "compare.json").exists()
+                progress(f"[compare] --resume true: nothing to resume in {self.folder} (no {PARTIAL}"
+                         f"{'; its compare.json is of a finished comparison, measured again now and replaced' if finished else ''})")
             shutil.rmtree(self.models, ignore_errors=True)
             self.key = self._make_key()
             return {}
