@@ -144,7 +144,7 @@ def ranking_metrics(
 def sparse_ranking_metrics(
     scores: Tensor, target_rows: Tensor, target_items: Tensor, exclude_rows: Tensor | None = None,
     exclude_items: Tensor | None = None, ks: Sequence[int] = (10, 20), auc: bool = True, chunk_bytes: int | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, blocked_items: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-user ranking metrics over all items, with targets and exclusions as ``(row, item)`` coordinates.
 
@@ -172,6 +172,8 @@ def sparse_ranking_metrics(
         overwrite: work in ``scores`` itself (when float32 and contiguous) instead of a copy, for a
             caller that owns them and needs them no more: their values are then undefined. Saves
             a copy of every chunk; otherwise ``scores`` is not modified.
+        blocked_items: items removed from every user's ranking (e.g. deleted items), as one list
+            of columns instead of a coordinate per user and item.
 
     Returns:
         As :func:`ranking_metrics`.
@@ -194,10 +196,13 @@ def sparse_ranking_metrics(
     n_rel = torch.bincount(t_key // items, minlength=users)
     if exclude_rows is None:
         e_key = t_key.new_empty(0)
-        n_out = n_rel
     else:
         e_key = torch.unique(exclude_rows.long() * items + exclude_items.long())
-        n_out = torch.bincount(torch.unique(torch.cat([e_key, t_key])) // items, minlength=users)
+    out_key = torch.unique(torch.cat([e_key, t_key]))
+    n_out = torch.bincount(out_key // items, minlength=users)
+    blocked = None if blocked_items is None or not len(blocked_items) else torch.unique(blocked_items.long().to(device))
+    if blocked is not None:  # every user loses these columns, less those already out for that user
+        n_out = n_out + len(blocked) - torch.bincount(out_key[torch.isin(out_key % items, blocked)] // items, minlength=users)
     n_neg = items - n_out
     kmax = min(max(ks), items)
     discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, device=device, dtype=torch.float32))
@@ -216,11 +221,14 @@ def sparse_ranking_metrics(
             work = work.clone()
         flat = work.view(-1)
         flat.index_fill_(0, e_local, float("-inf"))
+        if blocked is not None:
+            work.index_fill_(1, blocked, float("-inf"))
         top = torch.topk(work, kmax, dim=1).indices
         top_key = top + torch.arange(stop - start, device=device).unsqueeze(1) * items
-        hits[start:stop] = (torch.isin(top_key, t_local) & ~torch.isin(top_key, e_local)).float()  # an excluded item never hits
+        hit = torch.isin(top_key, t_local) & ~torch.isin(top_key, e_local)  # an excluded item never hits
+        hits[start:stop] = (hit & ~torch.isin(top, blocked) if blocked is not None else hit).float()
         if auc:
-            auc_values[start:stop] = _sparse_auc(work, t_local, n_rel[start:stop], n_neg[start:stop], e_local)
+            auc_values[start:stop] = _sparse_auc(work, t_local, n_rel[start:stop], n_neg[start:stop], e_local, blocked)
     cum_hits = hits.cumsum(1)
     denom = n_rel.clamp_min(1).float()
     cum_gain = (hits * discount).cumsum(1)
@@ -236,7 +244,8 @@ def sparse_ranking_metrics(
     return out
 
 
-def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_local: Tensor) -> Tensor:
+def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_local: Tensor,
+                blocked: Tensor | None = None) -> Tensor:
     """Per-user AUC of one chunk of users.
 
     Args:
@@ -244,6 +253,7 @@ def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_l
             (``+inf`` at relevant and excluded cells, so that they are below no relevant score).
         t_local, e_local: flat indices into ``work`` of the relevant and the excluded cells.
         n_pos, n_neg: ``(users,)`` numbers of relevant items and of non-relevant candidates.
+        blocked: columns excluded for every user (or ``None``).
 
     Returns:
         ``(users,)`` AUC: the share of (relevant, candidate) pairs where the relevant item scores
@@ -258,6 +268,8 @@ def _sparse_auc(work: Tensor, t_local: Tensor, n_pos: Tensor, n_neg: Tensor, e_l
     relevant[rows, torch.arange(len(rows), device=work.device) - starts[rows]] = flat[t_local]
     flat.index_fill_(0, t_local, float("inf"))
     flat.index_fill_(0, e_local, float("inf"))
+    if blocked is not None:
+        work.index_fill_(1, blocked, float("inf"))
     heavy = n_pos > 128  # a binary search among the sorted relevant scores costs about as much as 128 comparisons
     wins = _wins(work, relevant.masked_fill(heavy.unsqueeze(1), float("-inf")), n_pos.masked_fill(heavy, 0))
     if heavy.any():
@@ -429,6 +441,7 @@ class FullRankingMetrics(Metric):
         self, scores: Tensor, target: Tensor | None = None, exclude: Tensor | None = None, *,
         target_rows: Tensor | None = None, target_items: Tensor | None = None,
         exclude_rows: Tensor | None = None, exclude_items: Tensor | None = None, overwrite: bool = False,
+        blocked_items: Tensor | None = None,
     ) -> None:
         """Add a batch of users.
 
@@ -439,6 +452,7 @@ class FullRankingMetrics(Metric):
                 coordinates instead, which need no dense mask (see :func:`sparse_ranking_metrics`).
             overwrite: let the metric work in ``scores`` and leave them undefined, for a caller that
                 computed them for this call only (saves a copy).
+            blocked_items: items excluded for every user (e.g. deleted items), as columns.
         """
         if target is not None:
             if target_rows is not None or exclude_rows is not None:
@@ -452,7 +466,7 @@ class FullRankingMetrics(Metric):
         elif target_rows is None or target_items is None:
             raise ValueError("update needs the targets, as a mask or as target_rows and target_items.")
         values = sparse_ranking_metrics(scores, target_rows, target_items, exclude_rows, exclude_items, self.ks, self.auc,
-                                        overwrite=overwrite)
+                                        overwrite=overwrite, blocked_items=blocked_items)
         if self.empty_target_action == "skip":
             keep = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
             keep[target_rows] = True

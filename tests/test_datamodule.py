@@ -130,6 +130,7 @@ def ranked(loader) -> tuple[list[int], set[tuple[int, int]], set[tuple[int, int]
         users += b["users"].tolist()
         targets |= set(zip(b["users"][b["target_rows"]].tolist(), b["target_items"].tolist()))
         excluded |= set(zip(b["users"][b["exclude_rows"]].tolist(), b["exclude_items"].tolist()))
+        excluded |= {(u, i) for u in b["users"].tolist() for i in b.get("blocked_items", torch.zeros(0)).tolist()}
     return users, targets, excluded
 
 

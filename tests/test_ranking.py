@@ -388,3 +388,20 @@ def test_sampled_metric_over_batches_equals_dense_reference():
 
 def test_metric_prefix_marks_sampled_metrics():
     assert metric_prefix("val", None) == "val" and metric_prefix("test", 100) == "test/sampled"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocked_columns_equal_an_exclusion_of_every_user(seed):
+    """Deleted items as columns (one list) give what a coordinate per user and item gives, overlaps and ties included."""
+    g = torch.Generator().manual_seed(seed)
+    users, items = 9, 40
+    scores = torch.randint(0, 6, (users, items), generator=g).float()  # ties
+    t_rows, t_items = torch.randint(0, users, (30,), generator=g), torch.randint(0, items, (30,), generator=g)
+    e_rows, e_items = torch.randint(0, users, (60,), generator=g), torch.randint(0, items, (60,), generator=g)
+    blocked = torch.randint(0, items, (7,), generator=g)  # with repeats, and hitting some exclusions and targets
+    columns = sparse_ranking_metrics(scores, t_rows, t_items, e_rows, e_items, ks=(1, 5, 50), blocked_items=blocked)
+    rows = torch.arange(users).repeat_interleave(len(blocked))
+    coordinates = sparse_ranking_metrics(scores, t_rows, t_items, torch.cat([e_rows, rows]), torch.cat([e_items, blocked.repeat(users)]),
+                                         ks=(1, 5, 50))
+    for name, value in coordinates.items():
+        torch.testing.assert_close(columns[name], value, msg=name)

@@ -132,8 +132,8 @@ class RankingBatches(Dataset):
         batch_size: users per chunk.
         candidates: ``None`` (full ranking: no candidates in the batch) or candidates per user.
         seed, stream: seed the candidates (one stream per split).
-        blocked_items: items that are never candidates (e.g. deleted items); in full ranking they
-            are excluded for every user.
+        blocked_items: items that are never candidates (e.g. deleted items); in full ranking the
+            batch carries them as ``blocked_items``, columns excluded for every user.
     """
 
     def __init__(self, targets: Interactions | Callable[[], Interactions],
@@ -162,10 +162,8 @@ class RankingBatches(Dataset):
             "exclude_items": torch.cat([cols[pos] for (_, pos), cols in parts]),
         }
         blocked = _now(self.blocked_items) if self.blocked_items is not None else None
-        if self.candidates is None and blocked is not None and len(blocked):  # full ranking: every user's exclusions
-            blocked = blocked.long().to(users.device)
-            batch["exclude_rows"] = torch.cat([batch["exclude_rows"], torch.arange(len(users)).repeat_interleave(len(blocked))])
-            batch["exclude_items"] = torch.cat([batch["exclude_items"], blocked.repeat(len(users))])
+        if self.candidates is None and blocked is not None and len(blocked):  # full ranking: excluded for every user
+            batch["blocked_items"] = blocked.long()
         if self.candidates is not None:
             batch["candidate_items"], batch["num_candidates"] = sample_candidates(
                 users, torch.cat([batch["target_rows"], batch["exclude_rows"]]),

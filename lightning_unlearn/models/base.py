@@ -508,7 +508,8 @@ class Recommender(pl.LightningModule):
         if "candidate_items" not in batch:
             scores = self.full_scores(batch["users"], representations)
             metric.update(scores, target_rows=batch["target_rows"], target_items=batch["target_items"],
-                          exclude_rows=batch["exclude_rows"], exclude_items=batch["exclude_items"], overwrite=True)
+                          exclude_rows=batch["exclude_rows"], exclude_items=batch["exclude_items"], overwrite=True,
+                          blocked_items=batch.get("blocked_items"))
             return None
         # Sampled: score the targets and candidates only, as one compact matrix with its own coordinates.
         layout = candidate_layout(batch["target_rows"], batch["target_items"], batch["candidate_items"], batch["num_candidates"],
