@@ -271,7 +271,7 @@ def test_read_csv_plain_numbers_take_the_vectorised_path_and_equal_the_general_o
     assert fast.user_ids.tolist() == general.user_ids.tolist() and fast.item_ids.tolist() == general.item_ids.tolist()
 
 
-@pytest.mark.parametrize("line", ['007,3,5', '"7",3,5', "7, 3,5", "7,3e2,5", "u7,3,5", "7.5,3,5", "7.0,3,5", "-0,3,5",
+@pytest.mark.parametrize("line", ['007,3,5', '"7",3,5', "7, 3,5", "7,3e2,5", "u7,3,5", "7.5,3,5", "-0,3,5",
                                   "99999999999999999999,3,5"])
 def test_read_csv_leaves_ids_that_are_not_plain_numbers_to_the_general_path(tmp_path, line):
     import lightning_unlearn.data.readers as readers
@@ -289,6 +289,14 @@ def test_64_bit_ids_stay_distinct_on_both_paths(tmp_path):
     assert read_csv(path).user_ids.tolist() == [1234567890123456789, 1234567890123456790, 1234567890123456791]
     huge = write(tmp_path / "huge.csv", "user,item\n99999999999999999999,1\n99999999999999999998,2\n")
     assert read_csv(huge).user_ids.tolist() == ["99999999999999999998", "99999999999999999999"]
+
+
+def test_ids_written_as_whole_floats_stay_the_integers_they_were(tmp_path):
+    """pandas writes an id column that was float as 7.0: such ids were integers before ids were parsed as int64,
+    and stay so (the data's fingerprint, and the checkpoints trained on it, are unchanged)."""
+    path = write(tmp_path / "floats.csv", "user,item,rating\n7.0,3.0,4.5\n8.0,3.0,2.0\n")
+    table = read_csv(path)
+    assert table.user_ids.tolist() == [7, 8] and table.item_ids.tolist() == [3]
 
 
 @pytest.mark.parametrize("text", ["", "user,item\n", "user,item\n\n"])
@@ -316,12 +324,16 @@ def test_the_files_of_a_given_split_need_one_header(tmp_path):
     write(tmp_path / "test.csv", "item,user\na,u2\n")  # swapped: read by position, users and items would trade places
     with pytest.raises(ValueError, match="test.csv: its header \\['item', 'user'\\] differs from the training file"):
         CSVSource("train.csv", root=str(tmp_path), test_path="test.csv").load_splits()
+    named = CSVSource("train.csv", root=str(tmp_path), test_path="test.csv", columns={"user": "user", "item": "item"})
+    train, _, test = named.load_splits()  # by name, each file's own order is found
+    assert [(str(test.user_ids[u]), str(test.item_ids[i])) for u, i in zip(test.users.tolist(), test.items.tolist())] == [("u2", "a")]
 
 
 @pytest.mark.parametrize(("reader", "text", "line"), [
     (read_movielens_100k, "1\t2\t3\n4\t5\t6\t7\t8\n", 1),  # a short and a long line add up to whole rows
     (read_movielens_100k, "1\t2\t3\t4\n5\tx\t7\t8\n", 2),
     (read_movielens_1m, "1::2::3::4\n\n5::6::7::8::9\n", 3),
+    (read_movielens_100k, "1\t2\t3\t4\n99999999999999999999\t6\t7\t8\n", 2),  # beyond int64
 ])
 def test_movielens_readers_name_the_bad_line(tmp_path, reader, text, line):
     with pytest.raises(ValueError, match=f"ratings, line {line}: expected"):

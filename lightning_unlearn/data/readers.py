@@ -33,9 +33,17 @@ def _numeric_table(path: Path, sep: str | None, columns: int) -> np.ndarray:
     try:
         values = np.array(text.split(), dtype=np.int64)
     except (ValueError, OverflowError):
-        number = next(n for n, line in enumerate(lines, start=1) if not all(re.fullmatch(r"-?[0-9]+", f) for f in line.split()))
+        number = next(n for n, line in enumerate(lines, start=1) if not _int64_fields(line))
         raise ValueError(f"{path}, line {number}: expected integers, got {lines[number - 1].strip()!r}.") from None
     return values.reshape(-1, columns)
+
+
+def _int64_fields(line: str) -> bool:
+    try:
+        np.array(line.split(), dtype=np.int64)
+    except (ValueError, OverflowError):
+        return False
+    return True
 
 
 def read_movielens_100k(path: str | Path) -> Interactions:
@@ -221,13 +229,29 @@ def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool) -> 
     dtype = np.dtype([(f"c{col}", np.int64 if col in ids else np.float64) for col in fields])
     try:
         values = np.loadtxt(path, delimiter=sep, skiprows=int(header), usecols=fields, dtype=dtype, ndmin=1, encoding="latin-1")
-    except (ValueError, OverflowError):  # ids like 1.5 or 7.0, or beyond int64: the general path keeps them as strings
-        return None
-    column = {field: np.ascontiguousarray(values[f"c{col}"]) for field, col in index.items()}
+        column = {field: np.ascontiguousarray(values[f"c{col}"]) for field, col in index.items()}
+    except (ValueError, OverflowError):  # ids written as numbers but not as int64 literals (7.0, 1.5, beyond int64)
+        column = _whole_float_ids(path, sep, header, fields, index)
+        if column is None:  # the general path keeps them as strings
+            return None
     if not all(np.isfinite(column[f]).all() for f in ("rating", "timestamp") if f in column):
         return None
     stamps = column["timestamp"].astype(np.int64) if "timestamp" in column else None
     return Interactions.from_raw(column["user"], column["item"], column.get("rating"), stamps)
+
+
+def _whole_float_ids(path: Path, sep: str, header: bool, fields: list[int], index: dict[str, int]) -> dict[str, np.ndarray] | None:
+    """Ids written as whole floats (``7.0``, as pandas writes a float column) are the integers they were read as
+    before ids were parsed as int64, below ``2**53`` where a float holds them exactly; ``None`` for any other id."""
+    try:
+        values = np.loadtxt(path, delimiter=sep, skiprows=int(header), usecols=fields, dtype=np.float64, ndmin=2, encoding="latin-1")
+    except ValueError:
+        return None
+    column = {field: values[:, fields.index(col)] for field, col in index.items()}
+    ids = np.concatenate([column["user"], column["item"]])
+    if not (np.isfinite(ids).all() and np.array_equal(ids, np.round(ids)) and (np.abs(ids) < 2**53).all()):
+        return None
+    return {**column, "user": column["user"].astype(np.int64), "item": column["item"].astype(np.int64)}
 
 
 def _first_non_number(data: dict[str, list], lines: list[int]) -> tuple[str, int, str]:

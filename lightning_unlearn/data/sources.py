@@ -181,7 +181,8 @@ class CSVSource(DataSource):
                 :class:`~lightning_unlearn.data.download.DataNotFoundError` naming the path).
         """
         paths = [None if p is None else find_file(p, self.root) for p in (self.path, self.val_path, self.test_path)]
-        if self.header:  # by position or by name, a column must mean the same in every file
+        by_position = self.columns is None or all(isinstance(c, int) for c in self.columns.values())
+        if self.header and by_position:  # a column found by its position must mean the same in every file
             first = read_header(paths[0], self.sep)
             for path in paths[1:]:
                 if path is not None and read_header(path, self.sep) != first:
