@@ -771,11 +771,26 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
         raise SystemExit(2) from err
-    except (SIGTERMException, KeyboardInterrupt) as err:  # Lightning ends a SIGTERM as a SystemExit of status 0
-        signal_name, status = ("SIGTERM", 143) if isinstance(err, SIGTERMException) else ("an interrupt (Ctrl-C)", 130)
-        print(f"lightning-unlearn: stopped by {signal_name}. What finished is kept: `compare --resume true` runs only the "
+    except BaseException as err:
+        stopped = _stopped_by(err)
+        if stopped is None:
+            raise
+        print(f"lightning-unlearn: stopped by {stopped[0]}. What finished is kept: `compare --resume true` runs only the "
               f"methods not measured, and an unlearning folder's journal names the state to resume from.", file=sys.stderr)
-        raise SystemExit(status) from err
+        raise SystemExit(stopped[1]) from err
+
+
+def _stopped_by(err: BaseException) -> tuple[str, int] | None:
+    """``(what, exit status)`` when ``err`` ends a command stopped by a signal, else ``None``.
+
+    Lightning ends a SIGTERM as a :class:`SIGTERMException` (a ``SystemExit`` of status 0), and
+    Ctrl-C inside a Trainer as ``sys.exit(1)`` while it handles the ``KeyboardInterrupt``.
+    """
+    if isinstance(err, SIGTERMException):
+        return "SIGTERM", 143
+    if isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)):
+        return "an interrupt (Ctrl-C)", 130
+    return None
 
 
 DESCRIPTION = (

@@ -216,12 +216,22 @@ def test_the_config_checks_find_subclasses_by_import_and_unknown_classes_by_name
     assert _is_class("somewhere.not.importable.WandbLogger", WandbLogger)  # by name: the W&B settings still apply
 
 
+def _lightning_ctrl_c():
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        sys.exit(1)  # as Lightning's Trainer ends one
+
+
 @pytest.mark.parametrize(("stop", "status", "named"), [
     (SIGTERMException(), 143, "stopped by SIGTERM"), (KeyboardInterrupt(), 130, "stopped by an interrupt (Ctrl-C)"),
+    (None, 130, "stopped by an interrupt (Ctrl-C)"),
 ])
 def test_a_stopped_command_exits_non_zero_and_says_how_to_go_on(stop, status, named, monkeypatch, capsys):
     """Lightning ends a SIGTERM as a SystemExit of status 0: a scheduler's `compare ... && next` would go on."""
     def stopped(*args, **kwargs):
+        if stop is None:
+            _lightning_ctrl_c()
         raise stop
 
     monkeypatch.setattr(cli_module.LightningUnlearnCLI, "__init__", stopped)

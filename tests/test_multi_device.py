@@ -130,3 +130,6 @@ def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_
     done = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "rank0-only"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "the ranks hold different queues (1 on rank 0, 0 on rank 1" in done.stderr
+    twice = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "twice"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert twice.returncode == 0, twice.stderr[-3000:]  # a repeated request is one request on every rank, not a difference

@@ -346,6 +346,7 @@ class UnlearningCallback(pl.Callback):
         """Every rank must apply the same requests: a request queued on one rank alone would leave the others
         waiting in the method's collectives for ever. Each rank sees every rank's queue (its length and a digest of
         its content, in memory only) and all raise alike when they differ."""
+        self._merge_restored(trainer.datamodule)  # as rank zero's check() did: repeats and applied requests dropped
         content = repr([(r.users, r.items, r.pairs) for r in self._queue]).encode()
         digest = int.from_bytes(hashlib.sha256(content).digest()[:7], "little")  # fits int64
         mine = torch.tensor([len(self._queue), digest], dtype=torch.long, device=trainer.strategy.root_device)
