@@ -350,7 +350,8 @@ class _Partial:
         self.key = self._make_key()
         saved = json.loads(self.path.read_text())
         if saved.get("key") != self.key:
-            differ = [name for name, value in self._parts.items() if saved.get("parts", {}).get(name) != value]
+            differ = [name for name, value in self._parts.items() if saved.get("parts", {}).get(name) != value] \
+                if "parts" in saved else ["the file is from an older lightning-unlearn, which wrote no parts; it"]
             raise PartialResultsMismatch(
                 f"compare --resume: {self.path} was measured from another configuration ({', '.join(differ) or 'unknown'} "
                 f"differ{'s' if len(differ) == 1 else ''}); remove it (and {self.models.name}/) or choose another out folder."
@@ -460,9 +461,14 @@ def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False, priva
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # reading it sets it: put it back at once
-    os.umask(mask)
-    return mask
+    """The process's umask: from ``/proc`` where there is one (reading it with ``os.umask`` sets it, for a moment)."""
+    try:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
 
 
 def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:
