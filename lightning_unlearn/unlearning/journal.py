@@ -285,10 +285,7 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".journal.key.", suffix=".tmp")  # mode 0600
         try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(key.hex() + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_hex(fd, key)
             try:
                 os.link(temporary, self.folder / KEY_FILE)
             except FileExistsError:
@@ -305,10 +302,7 @@ class Journal:
             fd = os.open(self.folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.hex() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_hex(fd, key)
         fsync_directory(self.folder)
         return True
 
@@ -361,6 +355,14 @@ class Journal:
             if _HELD.get(name, [None])[0] == fd:
                 del _HELD[name]
             os.close(fd)  # releases the flock
+
+
+def _write_hex(fd: int, key: bytes) -> None:
+    """Write ``key`` as one line of hex to the open file ``fd`` and make it durable (closes ``fd``)."""
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.hex() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _take_lock(path: Path) -> int:
