@@ -192,8 +192,13 @@ class UnlearningTrainer(pl.Trainer):
         """
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         fit_seconds = float("nan")
+        recipe = FitRecipe.from_trainer(self)
         if ckpt_path:
-            restore_checkpoint(ckpt_path, model, datamodule)
+            trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
+            if isinstance(trained_epochs, int) and recipe.max_epochs is not None and 0 <= recipe.max_epochs <= trained_epochs:
+                print(f"[compare] the original's checkpoint was saved after epoch {trained_epochs + 1}, and Retrain refits with "
+                      f"at most {recipe.max_epochs} (--trainer.max_epochs): the reference every gap is read against is then "
+                      f"trained less than the original. Give the trainer options the original was fitted with.")
         else:
             start = time.perf_counter()
             self.fit(model, datamodule)
@@ -209,7 +214,7 @@ class UnlearningTrainer(pl.Trainer):
                           f"its init_args), not with --optimizer; Retrain refits with --optimizer, like the original")
         model.to(self.strategy.root_device)
         folder = out or self._run_dir()
-        result = compare(model, datamodule, methods, deletion, FitRecipe.from_trainer(self), seed=seed,
+        result = compare(model, datamodule, methods, deletion, recipe, seed=seed,
                          fit_seconds=fit_seconds, device=self.strategy.root_device, k=k, loggers=self.loggers,
                          out=folder, resume=resume, repeats=repeats)
         json_path, _ = write_outputs(result, folder)

@@ -208,6 +208,24 @@ def test_compare_from_an_unlearned_checkpoint_keeps_its_removals(trained, monkey
     assert seen["users"].tolist() == [index_of(dm, user=DELETED_USER)] and seen["items"].tolist() == [index_of(dm, item=DELETED_ITEM)]
 
 
+def test_compare_says_when_retrain_would_train_less_than_the_original(trained, tmp_path, monkeypatch, capsys):
+    state = torch.load(trained.best, weights_only=True)
+    state["epoch"] = 4  # saved after its fifth epoch
+    torch.save(state, tmp_path / "five.ckpt")
+    class Stop(Exception):
+        pass
+
+    def compare(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr("lightning_unlearn.cli.compare", compare)
+    for epochs, said in ((2, True), (5, False)):
+        with pytest.raises(Stop):
+            main(["compare", "-c", str(trained.recipe), "--ckpt_path", "five.ckpt", f"--trainer.max_epochs={epochs}"])
+        out = capsys.readouterr().out
+        assert ("saved after epoch 5, and Retrain refits with at most 2" in out) == said, out
+
+
 def test_predict_writes_top_k_without_deleted_users_items_or_seen_items(trained, capsys):
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", "recs.csv", "--k", "5"])
     out = capsys.readouterr().out
