@@ -8,7 +8,7 @@ import logging
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
 from pytorch_lightning.cli import LightningArgumentParser
@@ -62,10 +62,19 @@ class PlainHelpFormatter(DefaultHelpFormatter):
 
 
 class PlainHelpParser(LightningArgumentParser):
-    """The CLI's argument parser: help without reST markup (:class:`PlainHelpFormatter`)."""
+    """The CLI's argument parser: help without reST markup (:class:`PlainHelpFormatter`), and an unknown method named with the known ones."""
 
     def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = PlainHelpFormatter, **kwargs: Any):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if re.search(r'key "methods?"', message) and "Expected a dot import path string" in message:
+            message += f"\n  Methods by name: {', '.join(METHOD_NAMES)} (their case as written), or a class path."
+        super().error(message, ex)
+
+
+METHOD_NAMES = ("Retrain", "FineTune", "IFRU", "AltEraser", "SCIF")
+"""The unlearning methods ``--method`` and ``methods`` take by name."""
 
 
 class OptionRefused(ValueError):

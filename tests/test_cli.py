@@ -239,3 +239,15 @@ def test_a_stopped_command_exits_non_zero_and_says_how_to_go_on(stop, status, na
         main(["fit"])
     err = capsys.readouterr().err
     assert exit_info.value.code == status and named in err and "`compare --resume true`" in err
+
+
+def test_an_unknown_method_is_named_with_the_known_ones(tmp_path, capsys):
+    import lightning_unlearn.unlearning as unlearning
+    from lightning_unlearn.console import METHOD_NAMES
+    from lightning_unlearn.unlearning.methods import Unlearner
+
+    assert all(issubclass(getattr(unlearning, name), Unlearner) for name in METHOD_NAMES)
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "-c", str(recipe), "--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "IFRUU"])
+    assert exit_info.value.code == 2 and "Methods by name: Retrain, FineTune, IFRU, AltEraser, SCIF" in capsys.readouterr().err
