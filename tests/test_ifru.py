@@ -982,3 +982,42 @@ def test_names_tell_apart_every_option_compare_may_list():
     assert IFRU(solver="cg", k_hop=1).name == "IFRU(k_hop=1, solver=cg)"
     assert IFRU(damping=1e-6, keep_fraction=0.5).name == "IFRU(k_hop=0, damping=1e-06, keep_fraction=0.5)"
     assert IFRU(include_dense=False, tol=1e-8, max_iter=50).name == "IFRU(k_hop=0, include_dense=False, tol=1e-08, max_iter=50)"
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"tol": 2.0}, r"tol=...\) must be a number in \(0, 1\)"), ({"tol": float("nan")}, "tol"), ({"max_iter": 0}, "max_iter"),
+    ({"k_hop": 1.5}, "k_hop"), ({"k_hop": "1"}, "k_hop"), ({"damping": "1e-3"}, "damping"), ({"damping": True}, "damping"),
+    ({"include_dense": "no"}, "include_dense"), ({"direct_max": 0}, "direct_max"), ({"keep_fraction": 0}, "keep_fraction"),
+])
+def test_ifru_refuses_options_that_would_do_nothing_or_fail_later(options, named):
+    with pytest.raises(ValueError, match=named):
+        IFRU(**options)
+
+
+@pytest.mark.parametrize("method", [IFRU(damping=1e-4), AltEraser(damping=1e-4)])
+def test_rows_that_are_not_the_models_are_refused_before_anything_changes(method):
+    dm, model = mf_30x25()
+    deleted, retained = dm.remove(torch.tensor([1, 10, 50])), dm.train_rows()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [
+        (TrainRows(deleted.users.float(), deleted.items, deleted.negatives), "int64"),
+        (TrainRows(deleted.users + 1000, deleted.items, deleted.negatives), r"user indices outside \[0, 30\)"),
+        (TrainRows(deleted.users, deleted.items, deleted.negatives[:, :1]), "as many negatives"),
+    ]
+    for rows, named in bad:
+        with pytest.raises(ValueError, match=named):
+            method.unlearn(model, retained, rows)
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_the_same_rows_again_are_refused_every_time_not_applied_on_a_rebuilt_cache():
+    """The second request with rows deleted already is refused before any downdate; the cache, kept, refuses the third."""
+    dm, model = mf_30x25()
+    deleted, retained = dm.remove(torch.tensor([1, 10, 50])), dm.train_rows()
+    method = IFRU(damping=1e-4)
+    method.unlearn(model, retained, deleted)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):
+        with pytest.raises(UnlearningError, match="add up to"):
+            method.unlearn(model, retained, deleted)
+        assert all(torch.equal(v, after[k]) for k, v in model.state_dict().items())

@@ -136,17 +136,22 @@ class Unlearner(ABC):
             model: the trained recommender, changed in place.
             retained: the training rows that remain (with their fixed negatives).
             deleted: the training rows to forget.
-            context: device, seed, reduce and fit (default: CPU, seed 0, one device).
+            context: device, seed, reduce and fit (default: the model's device, seed 0, one device).
 
         Returns:
             The report: seconds, rows removed, the seconds :meth:`prepare` took (0 when the method
             was prepared for ``model`` already) and the method's diagnostics.
 
         Raises:
+            ValueError: ``retained`` or ``deleted`` are not rows of ``model``'s size (integer
+                indices, one item and one user per row, negatives of one width, ids within the
+                model's users and items); nothing is changed. These checks are not in the
+                reported seconds.
             UnlearningError: the method raised or left a non-finite parameter; ``model`` holds
                 its parameters from before the call again.
         """
-        context = context or UnlearningContext()
+        context = context or UnlearningContext(device=model.device)
+        _check_rows(model, retained, deleted)
         before = copy.deepcopy(model.state_dict())
         start = time.perf_counter()
         try:
@@ -162,3 +167,23 @@ class Unlearner(ABC):
             raise UnlearningError(f"{self.name} failed and the model was restored: {err}. Try: {self.hint}.") from err
         seconds = time.perf_counter() - start - precompute
         return UnlearningReport(self.name, seconds, len(deleted), precompute_seconds=float(precompute), diagnostics=diagnostics)
+
+
+def _check_rows(model: Recommender, retained: TrainRows, deleted: TrainRows) -> None:
+    """Refuse rows that cannot be ``model``'s training rows, naming what is wrong (counts and sizes, never ids)."""
+    widths = set()
+    for name, rows in (("retained", retained), ("deleted", deleted)):
+        columns = (rows.users, rows.items, rows.negatives)
+        if any(c.dtype != torch.long for c in columns) or rows.users.dim() != 1 or rows.negatives.dim() != 2 \
+                or not len(rows.users) == len(rows.items) == len(rows.negatives):
+            raise ValueError(
+                f"{name} rows must be int64 users and items of one length and int64 negatives of shape (rows, k), as "
+                f"RecDataModule.train_rows() gives them; got {[f'{tuple(c.shape)} {c.dtype}' for c in columns]}.")
+        if len(rows):
+            widths.add(rows.negatives.shape[1])
+            for what, ids, size in (("user", rows.users, model.num_users), ("item", rows.all_items(), model.num_items)):
+                if bool((ids < 0).any()) or bool((ids >= size).any()):
+                    raise ValueError(f"{name} rows hold {what} indices outside [0, {size}), the model's {what}s: the rows "
+                                     f"and the model come from different data.")
+    if len(widths) > 1:
+        raise ValueError(f"retained and deleted rows must have as many negatives each; got {sorted(widths)}.")

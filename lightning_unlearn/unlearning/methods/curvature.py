@@ -326,14 +326,14 @@ class CurvatureCache:
             context: on several processes, each subtracts the sum over every process's shard.
 
         Raises:
-            RuntimeError: the cache does not hold ``model``'s parameters, or ``retained`` and
+            RuntimeError: the cache does not hold ``model``'s parameters, or (:class:`RowsMismatch`) ``retained`` and
                 ``deleted`` do not add up to the rows it holds (nothing is changed).
         """
         if not self.holds(model):
             raise RuntimeError("the curvature cache does not hold this model's parameters: build(model, rows) first.")
         held_rows = int(self._counts["users"].sum())  # one user per row
         if len(retained) + len(deleted) != held_rows:
-            raise RuntimeError(f"the curvature cache holds the blocks of {held_rows} rows, but retained ({len(retained)}) and "
+            raise RowsMismatch(f"the curvature cache holds the blocks of {held_rows} rows, but retained ({len(retained)}) and "
                                f"deleted ({len(deleted)}) rows add up to {len(retained) + len(deleted)}: build(model, rows) "
                                "on the rows the model was trained on.")
         context = context or UnlearningContext()
@@ -969,6 +969,10 @@ def _pcg_cached(blocks: Tensor, inverses: Tensor, ids: Tensor, rhs: Tensor, shif
     full[ids] = rhs
     x, converged, iterations = pcg_blocks(blocks, inverses, full, shift=shift, tol=tol, max_iter=max_iter)
     return x[ids], converged[ids], iterations
+
+
+class RowsMismatch(RuntimeError):
+    """The rows given do not add up to the rows the cache holds (e.g. rows deleted already): nothing was changed."""
 
 
 @dataclass

@@ -105,14 +105,21 @@ class IFRU(SecondOrderUnlearner):
         blocks: Literal["auto", "cached", "fresh"] = "auto",
         cache_budget_gb: float = 4.0,
     ):
-        if not (math.isfinite(damping) and damping > 0):
-            raise ValueError(f"IFRU(damping=...) must be a finite number > 0, got {damping}: an undamped Newton step "
+        if not (isinstance(damping, (int, float)) and not isinstance(damping, bool) and math.isfinite(damping) and damping > 0):
+            raise ValueError(f"IFRU(damping=...) must be a finite number > 0, got {damping!r}: an undamped Newton step "
                              "over-corrects and an infinite one does nothing.")
+        for name, value, low in (("k_hop", k_hop, 0), ("max_iter", max_iter, 1), ("direct_max", direct_max, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"IFRU({name}=...) must be an integer >= {low}, got {value!r}.")
+        if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < 1):
+            raise ValueError(f"IFRU(tol=...) must be a number in (0, 1), got {tol!r}: the solve stops at this relative residual.")
+        if not isinstance(include_dense, bool):
+            raise ValueError(f"IFRU(include_dense=...) must be True or False, got {include_dense!r}.")
         for name, value, allowed in (("solver", solver, _SOLVERS), ("curvature", curvature, _CURVATURES), ("gradient", gradient, _GRADIENTS)):
             if value not in allowed:
                 raise ValueError(f"IFRU({name}=...) must be one of {allowed}, got {value!r}.")
-        if k_hop < 0 or not 0 < keep_fraction <= 1:
-            raise ValueError(f"IFRU needs k_hop >= 0 and 0 < keep_fraction <= 1, got {k_hop}, {keep_fraction}.")
+        if not (isinstance(keep_fraction, (int, float)) and 0 < keep_fraction <= 1):
+            raise ValueError(f"IFRU(keep_fraction=...) must be a number in (0, 1], got {keep_fraction!r}.")
         self.damping, self.solver, self.curvature, self.gradient = damping, solver, curvature, gradient
         self.k_hop, self.keep_fraction, self.include_dense = k_hop, keep_fraction, include_dense
         self.tol, self.max_iter, self.direct_max = tol, max_iter, direct_max

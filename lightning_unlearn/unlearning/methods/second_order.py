@@ -21,7 +21,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprints_by_version
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
-from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
+from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, RowsMismatch
 from lightning_unlearn.unlearning.methods.scope import initialisation, is_graph
 
 __all__ = ["SecondOrderUnlearner"]
@@ -161,6 +161,8 @@ class SecondOrderUnlearner(Unlearner):
                 return diagnostics
             cache.adopt(model)  # the step is small: later requests reuse these blocks as they are
             return {**diagnostics, "cache_hits": cache.hits, "cache_misses": cache.misses}
+        except RowsMismatch:  # refused before the downdate: the cache still holds the trained model's rows
+            raise
         except BaseException:  # Ctrl-C too: the same object is often asked again (a notebook, compare --resume)
             self.clear()  # a failed request is rolled back: the cache may hold its downdate
             raise
