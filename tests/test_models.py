@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lightning_unlearn.data import Interactions, planted_low_rank
 from lightning_unlearn.losses import item_slots
 from lightning_unlearn.models import MF, LightGCN, NeuMF, Recommender, lightgcn, normalized_adjacency
+from lightning_unlearn.unlearning.methods import Retrain
 
 N_USERS, N_ITEMS = 7, 9
 
@@ -216,3 +217,20 @@ def test_deepcopy_gives_an_independent_model(cls):
     with torch.no_grad():
         next(clone.parameters()).add_(1.0)
     assert not torch.equal(next(clone.parameters()), next(model.parameters()))
+
+
+@pytest.mark.parametrize(("build", "named"), [
+    (lambda: MF(5, 4, embedding_dim=0), r"MF\(embedding_dim=...\) must be an integer >= 1"),
+    (lambda: MF(5, 4, embedding_dim=2.5), "embedding_dim"),
+    (lambda: MF(5, 4, lr=float("nan")), "finite lr"),
+    (lambda: MF(5, 4, l2=float("nan")), "finite l2"),
+    (lambda: LightGCN(5, 4, num_layers=2.5), "num_layers"),
+    (lambda: NeuMF(5, 4, gmf_dim=0), "gmf_dim"),
+    (lambda: NeuMF(5, 4, mlp_layers=(8, 0)), r"mlp_layers\[1\]"),
+    (lambda: NeuMF(5, 4, dense_l2=-1.0), "dense_l2"),
+    (lambda: Retrain(seed=1.5), r"Retrain\(seed=...\)"),
+    (lambda: Retrain(seed=2**40), "2\\*\\*32"),
+])
+def test_nonsense_sizes_and_rates_are_refused_when_built(build, named):
+    with pytest.raises(ValueError, match=named):
+        build()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,6 +57,20 @@ def _abstract_names(cls: type) -> frozenset[str]:
     for base in cls.__bases__:
         names.update(getattr(base, "_abstract_methods", ()))
     return frozenset(name for name in names if getattr(getattr(cls, name, None), "__isabstractmethod__", False))
+
+
+def check_sizes(owner: str, **sizes: Any) -> None:
+    """Refuse sizes (embedding widths, layer counts) that are not integers ``>= 1``, naming each.
+
+    Example:
+        >>> check_sizes("MF", embedding_dim=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: MF(embedding_dim=...) must be an integer >= 1, got 0.
+    """
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}({name}=...) must be an integer >= 1, got {value!r}.")
 
 
 class Recommender(pl.LightningModule):
@@ -121,8 +136,8 @@ class Recommender(pl.LightningModule):
             raise ValueError(f"{type(self).__name__}(optimizer=...) must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}.")
         if num_users < 1 or num_items < 1:
             raise ValueError(f"{type(self).__name__} needs num_users >= 1 and num_items >= 1, got {num_users}, {num_items}.")
-        if l2 < 0 or lr <= 0:
-            raise ValueError(f"{type(self).__name__} needs l2 >= 0 and lr > 0, got l2={l2}, lr={lr}.")
+        if not (math.isfinite(l2) and l2 >= 0 and math.isfinite(lr) and lr > 0):  # NaN fails every comparison
+            raise ValueError(f"{type(self).__name__} needs a finite l2 >= 0 and a finite lr > 0, got l2={l2}, lr={lr}.")
         self.save_hyperparameters()
         self.num_users, self.num_items = num_users, num_items
         self.loss_name, self.l2, self.top_k = loss, l2, tuple(top_k)

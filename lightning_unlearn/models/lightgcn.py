@@ -79,8 +79,8 @@ class LightGCN(MF):
     """
 
     def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64, num_layers: int = 3, init_std: float = 0.1, **kwargs):
-        if num_layers < 0:
-            raise ValueError(f"LightGCN(num_layers=...) must be >= 0, got {num_layers}.")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 0:
+            raise ValueError(f"LightGCN(num_layers=...) must be an integer >= 0, got {num_layers!r}.")
         super().__init__(num_users, num_items, embedding_dim=embedding_dim, init_std=init_std, **kwargs)
         self.num_layers = num_layers
         self.register_buffer("adjacency", None, persistent=False)

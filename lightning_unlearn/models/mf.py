@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.base import Recommender, check_sizes
 
 __all__ = ["MF"]
 
@@ -31,6 +31,7 @@ class MF(Recommender):
     """
 
     def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64, init_std: float = 0.1, **kwargs):
+        check_sizes(type(self).__name__, embedding_dim=embedding_dim)
         super().__init__(num_users, num_items, **kwargs)
         self.user_embedding = nn.Embedding(num_users, embedding_dim)
         self.item_embedding = nn.Embedding(num_items, embedding_dim)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_unlearn.losses import data_loss, item_slots
-from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.base import Recommender, check_sizes
 from lightning_unlearn.models.functional import gather_rows
 
 __all__ = ["NeuMF"]
@@ -64,7 +65,10 @@ class NeuMF(Recommender):
         pretrain_epochs: int = 0,
         **kwargs,
     ):
+        check_sizes(type(self).__name__, gmf_dim=gmf_dim, mlp_dim=mlp_dim, **{f"mlp_layers[{i}]": w for i, w in enumerate(mlp_layers)})
         super().__init__(num_users, num_items, **kwargs)
+        if dense_l2 is not None and not (math.isfinite(dense_l2) and dense_l2 >= 0):
+            raise ValueError(f"NeuMF(dense_l2=...) must be a finite number >= 0 (or None: l2), got {dense_l2!r}.")
         if pretrain_epochs < 0:
             raise ValueError(f"NeuMF(pretrain_epochs=...) must be >= 0, got {pretrain_epochs}.")
         self.pretrain_epochs = pretrain_epochs

@@ -24,7 +24,8 @@ class Retrain(Unlearner):
         seed: initialisation seed; ``None`` means the original's.
 
     Raises:
-        ValueError: (from :meth:`unlearn`) when the context has no ``fit`` recipe.
+        ValueError: ``seed`` is not ``None`` or an integer in ``[0, 2**32)``; (from :meth:`unlearn`)
+            when the context has no ``fit`` recipe.
 
     Example:
         >>> Retrain().name, Retrain(seed=1).name
@@ -34,6 +35,8 @@ class Retrain(Unlearner):
     hint = "check that the original recipe (trainer settings) can fit the retained data"
 
     def __init__(self, seed: int | None = None):
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+            raise ValueError(f"Retrain(seed=...) must be None (the original's seed) or an integer in [0, 2**32), got {seed!r}.")
         self.seed = seed
 
     @property
