@@ -93,6 +93,11 @@ def test_given_split_reads_the_pair(data_dir):
         ({"batch_size": 0}, "batch_size"),
         ({"num_negatives": 0}, "num_negatives"),
         ({"k_core": -1}, "k_core"),
+        ({"k_core": 1.5}, r"k_core=...\) must be an integer >= 0"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"batch_size": "64"}, "batch_size"),
+        ({"seed": "a"}, "seed"),
+        ({"num_negatives": True}, "num_negatives"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -385,3 +390,8 @@ def test_a_fit_with_eval_candidates_logs_sampled_metrics_and_the_candidates(tmp_
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val/sampled/ndcg@20" in header and "val/ndcg@20" not in header
     assert (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text().count("eval_candidates: 8") == 1
+
+
+def test_a_k_core_that_leaves_no_interactions_is_refused():
+    with pytest.raises(ValueError, match="k_core=100.*leaves no interactions"):
+        RecDataModule(Synthetic(num_users=20, num_items=10, density=0.3), k_core=100).setup()

@@ -112,11 +112,10 @@ class RecDataModule(pl.LightningDataModule):
         for name, value in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
             if value is not None and not 0 <= value < 1:
                 raise ValueError(f"RecDataModule({name}=...) must be in [0, 1), got {value}.")
-        for name, value in (("num_negatives", num_negatives), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"RecDataModule({name}=...) must be >= 1, got {value}.")
-        if k_core < 0:
-            raise ValueError(f"RecDataModule(k_core=...) must be >= 0, got {k_core}.")
+        for name, value, low in (("num_negatives", num_negatives, 1), ("batch_size", batch_size, 1),
+                                 ("eval_batch_size", eval_batch_size, 1), ("k_core", k_core, 0), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"RecDataModule({name}=...) must be an integer >= {low}, got {value!r}.")
         if eval_candidates is not None and (
                 isinstance(eval_candidates, bool) or not isinstance(eval_candidates, numbers.Integral) or eval_candidates < 1):
             raise ValueError(
@@ -160,6 +159,9 @@ class RecDataModule(pl.LightningDataModule):
             train, test = data, given_test
         else:
             data = k_core_filter(data, hp.k_core) if hp.k_core else data
+            if not len(data):
+                raise ValueError(f"RecDataModule(k_core={hp.k_core}) leaves no interactions: no user and item of the data "
+                                 f"has {hp.k_core} rows after the others are dropped. Use a smaller k_core.")
             train, test = random_holdout(data, hp.test_fraction, hp.seed) if hp.split == "random" else leave_last_out(data)
         val_fraction = _VAL_FRACTION if hp.val_fraction is None else hp.val_fraction
         if given_val is not None:
