@@ -36,6 +36,7 @@ from lightning_unlearn.unlearning.record import (
 )
 from lightning_unlearn.unlearning.reporting import (
     check_artifact_logging,
+    is_measured,
     log_comparison,
     log_config,
     log_unlearning_artifacts,
@@ -219,7 +220,7 @@ class UnlearningTrainer(pl.Trainer):
                          out=folder, resume=resume, repeats=repeats)
         json_path, _ = write_outputs(result, folder)
         print(format_table(result))
-        failed = [m["name"] for m in result["methods"] if m.get("status", "ok") != "ok"]
+        failed = [m["name"] for m in result["methods"] if not is_measured(m)]
         print(f"[compare] wrote {json_path} and compare.csv"
               + (f"; failed: {', '.join(failed)} (--resume true runs only those again)" if failed else ""))
         log_comparison(self.loggers, result)
@@ -294,8 +295,12 @@ def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
         >>> default_unlearning_folder("/srv/runs/ml100k_mf/checkpoints/best.ckpt").as_posix()
         '/srv/runs/ml100k_mf/unlearning'
     """
-    folder = Path(ckpt_path).resolve().parent  # `..`, `.` and links resolved: the same record however the path is spelt
-    return folder if (folder / JOURNAL_FILE).exists() else folder.parent / "unlearning"
+    return _unlearning_folder_of(Path(ckpt_path).resolve().parent)  # `..`, `.` and links resolved: however it is spelt
+
+
+def _unlearning_folder_of(checkpoints: Path) -> Path:
+    """The deletion record of the models in the folder ``checkpoints``: that folder when it holds a journal, else its sibling."""
+    return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
 
 
 def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
@@ -551,7 +556,7 @@ class LightningUnlearnCLI(LightningCLI):
         saver = self.trainer.checkpoint_callback
         if saver is None or not saver.dirpath:
             return
-        folder = default_unlearning_folder(Path(saver.dirpath) / "best.ckpt")
+        folder = _unlearning_folder_of(Path(saver.dirpath).resolve())
         journal = journal_of(folder)
         if journal.path.is_file() and journal.applied_count():
             print(f"[fit] {folder} records {_count(journal.applied_count(), 'deletion')} applied to a model of this run "

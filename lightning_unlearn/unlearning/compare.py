@@ -33,7 +33,7 @@ from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.reporting import log_config, log_method_result
+from lightning_unlearn.unlearning.reporting import is_measured, log_config, log_method_result
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 __all__ = ["compare", "format_table", "progress_detail"]
@@ -337,17 +337,18 @@ class _Partial:
 
     def load(self, resume: bool, progress: Callable[[str], None]) -> dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
         """The measured entries and their weights by method name (none unless ``resume``)."""
-        if not (resume and self.path.exists()):
+        fresh = not (resume and self.path.exists())
+        if fresh:
             if self.path.exists():
                 progress(f"[compare] {self.path} (from an earlier run) is replaced; --resume true would reuse it")
             elif resume:
                 finished = (self.folder / "compare.json").exists()
                 progress(f"[compare] --resume true: nothing to resume in {self.folder} (no {PARTIAL}"
                          f"{'; its compare.json is of a finished comparison, measured again now and replaced' if finished else ''})")
-            shutil.rmtree(self.models, ignore_errors=True)
-            self.key = self._make_key()
-            return {}
+            shutil.rmtree(self.models, ignore_errors=True)  # with its secret: a fresh run makes a new one
         self.key = self._make_key()
+        if fresh:
+            return {}
         saved = json.loads(self.path.read_text())
         if saved.get("key") != self.key:
             differ = [name for name, value in self._parts.items() if saved.get("parts", {}).get(name) != value] \
@@ -524,7 +525,7 @@ def format_table(result: dict[str, Any]) -> str:
     header = "".join(f"{name:>12}" if i else f"{name:<{width}}" for i, (name, _) in enumerate(columns))
     lines = [header]
     for method in result["methods"]:
-        if method.get("status", "ok") != "ok":
+        if not is_measured(method):
             lines.append(f"{method['name']:<{width}}{'FAILED':>12}  {method.get('error', '')}")
             continue
         cells = [fn(method) for _, fn in columns]
@@ -567,13 +568,13 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
         writer = csv.writer(fh)
         writer.writerow([name for name, _ in COLUMNS])
         for method in result["methods"]:
-            if method.get("status", "ok") != "ok":
+            if not is_measured(method):
                 writer.writerow([method["name"], "failed", *([""] * (len(COLUMNS) - 2))])
             else:
                 writer.writerow([fn(method) for _, fn in COLUMNS])
 
     _atomic(csv_path, rows)
-    if all(m.get("status", "ok") == "ok" for m in result["methods"]):
+    if all(is_measured(m) for m in result["methods"]):
         (out / PARTIAL).unlink(missing_ok=True)
         shutil.rmtree(out / "compare.partial", ignore_errors=True)
     return json_path, csv_path

@@ -112,9 +112,14 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def is_measured(method: Mapping[str, Any]) -> bool:
+    """Whether a method's entry of a ``compare.json`` document was measured (``status: "ok"``); a failed one has no figures."""
+    return method.get("status", "ok") == "ok"
+
+
 def measured(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The methods of a ``compare.json`` document that were measured (``status: "ok"``), in order; failed ones have no figures."""
-    return [method for method in result["methods"] if method.get("status", "ok") == "ok"]
+    """The methods of a ``compare.json`` document that were measured, in order."""
+    return [method for method in result["methods"] if is_measured(method)]
 
 
 def comparison_rows(result: Mapping[str, Any]) -> list[list[Any]]:
@@ -319,7 +324,7 @@ def log_comparison(loggers: Iterable[Logger], result: Mapping[str, Any]) -> None
         result: the ``compare.json`` document.
     """
     for index, method in enumerate(result["methods"], start=1):  # the position in the comparison, failed ones counted
-        if method.get("status", "ok") == "ok":
+        if is_measured(method):
             log_method_result(loggers, method, step=index)
     targets = wandb_loggers(loggers)
     if not targets:
