@@ -355,12 +355,12 @@ def test_unlearn_metrics_reach_a_tensorboard_logger(trained, tmp_path):
 
 
 def test_unlearn_metrics_reach_a_wandb_logger(trained, tmp_path):
-    from tests.test_wandb import offline_runs, read_records, run_history
+    from tests.test_wandb import finished_records, offline_runs, run_history
 
     main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
           "--method", "FineTune", "--out", "wandb_unlearned", "--trainer.logger=pytorch_lightning.loggers.WandbLogger",
           "--trainer.logger.init_args.offline=true", "--trainer.logger.init_args.save_dir=wb"])
-    records = read_records(next(offline_runs(tmp_path / "wb")["unlearn"].glob("run-*.wandb")))
+    records = finished_records(next(offline_runs(tmp_path / "wb")["unlearn"].glob("run-*.wandb")))
     rows = [row for row in run_history(records) if "unlearn/seconds" in row]
     assert len(rows) == 1 and rows[0]["unlearn/seconds"] > 0
 

@@ -118,7 +118,7 @@ def offline_runs(save_dir: Path) -> dict[str, Path]:
     """``job_type -> run folder`` of the offline runs under a WandbLogger's ``save_dir``."""
     runs = {}
     for folder in sorted((save_dir / "wandb").glob("offline-run-*")):
-        records = read_records(next(folder.glob("run-*.wandb")))
+        records = finished_records(next(folder.glob("run-*.wandb")))
         runs[records[first_index(records, "run")].run.job_type] = folder
     return runs
 
@@ -288,7 +288,7 @@ def test_compare_offline_run_holds_config_table_charts_and_summary_but_no_delete
     sync = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", str(folder.relative_to(tmp_path))],
                           cwd=tmp_path, capture_output=True, text=True)
     assert "Would sync 1 run(s)" in sync.stdout + sync.stderr  # the printed command takes that folder
-    records = read_records(next(folder.glob("run-*.wandb")))
+    records = finished_records(next(folder.glob("run-*.wandb")))
     run = records[first_index(records, "run")].run
     assert run.run_group == f"{tmp_path.name}/compare_demo" and run.job_type == "compare"
 
@@ -363,7 +363,7 @@ def test_unlearn_logs_a_request_time_series_and_artifacts_without_deleted_ids(di
 
     runs = offline_runs(tmp_path / "runs")
     assert set(runs) == {"fit", "unlearn"}
-    records = read_records(next(runs["unlearn"].glob("run-*.wandb")))
+    records = finished_records(next(runs["unlearn"].glob("run-*.wandb")))
 
     # Per-request metrics are plotted against the request index.
     axes = {r.metric.glob_name or r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
@@ -530,7 +530,7 @@ def test_config_holds_each_hyperparameter_once(tmp_path):
         "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 12, num_items: 9}}, batch_size: 64}\n"
     )
     main(["fit", "-c", str(recipe)])
-    records = read_records(next(offline_runs(tmp_path / "runs")["fit"].glob("run-*.wandb")))
+    records = finished_records(next(offline_runs(tmp_path / "runs")["fit"].glob("run-*.wandb")))
     config = run_config(records)
     config.pop("_wandb")
     model, data = config["model"]["init_args"], config["data"]
