@@ -27,6 +27,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.data.datamodule import DataFingerprintMismatch
 from lightning_unlearn.models import MF
+from lightning_unlearn.unlearning import files as files_module
 from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import Journal
@@ -169,11 +170,11 @@ def inject(fault: str, how: str, request: int, mp: pytest.MonkeyPatch) -> None:
     elif fault == "policy":  # the retrain policy's bookkeeping, after the method and the evaluation
         on_call(RetrainPolicy, "served", how, at, mp)
     elif fault == "checkpoint_write":
-        on_call(record_module, "_write", how, at, mp, before=torn_write)
+        on_call(files_module, "_write", how, at, mp, before=torn_write)
     elif fault == "before_rename":
         on_call(os, "replace", how, at, mp)
     elif fault == "after_rename":
-        on_call(record_module, "fsync_directory", how, at, mp)
+        on_call(files_module, "fsync_directory", how, at, mp)
     elif fault == "journal_pending":
         torn_journal_line("pending", how, request, mp)
     elif fault == "journal_applied":

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from lightning_unlearn.data import RecDataModule
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.sources import DataSource
-from lightning_unlearn.unlearning import record as record_module
+from lightning_unlearn.unlearning import files as files_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
@@ -459,7 +459,7 @@ def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_pat
     def full(fh, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(record_module, "_write", full)
+    monkeypatch.setattr(files_module, "_write", full)
     model, dm, callback = session(trained, tmp_path / "out", A)
     with pytest.raises(OSError, match="No space left on the device to write .*apply the request again"):
         callback.apply_pending(model, dm)
@@ -552,8 +552,8 @@ def test_pairs_outside_the_training_split_name_the_split(trained, tmp_path):
 
 def _killed(checkpoint: str, out: str, cwd: str, request: DeletionRequest, point: str) -> None:
     os.chdir(cwd)
-    target = {"method": (FineTune, "update"), "write": (record_module, "_write"), "rename": (os, "replace"),
-              "after_rename": (record_module, "fsync_directory")}[point]
+    target = {"method": (FineTune, "update"), "write": (files_module, "_write"), "rename": (os, "replace"),
+              "after_rename": (files_module, "fsync_directory")}[point]
     original = getattr(*target)
 
     def die(*args, **kwargs):

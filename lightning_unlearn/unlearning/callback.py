@@ -18,7 +18,8 @@ from typing_extensions import override
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import non_finite
-from lightning_unlearn.unlearning.journal import Journal, fsync_directory
+from lightning_unlearn.unlearning.files import fsync_directory
+from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy

@@ -8,13 +8,12 @@ import dataclasses
 import hashlib
 import hmac
 import inspect
+import io
 import json
-import os
 import platform
 import secrets
 import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,6 +26,7 @@ from lightning_unlearn.metrics.completeness import completeness_report
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
+from lightning_unlearn.unlearning.files import write_whole
 from lightning_unlearn.unlearning.memory import PeakMemory
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
@@ -330,7 +330,7 @@ class _Partial:
         secret = self.models / "key"
         if not secret.exists():
             self.models.mkdir(parents=True, exist_ok=True)
-            _atomic(secret, lambda fh: fh.write(secrets.token_hex(32)), private=True)
+            write_whole(secret, secrets.token_hex(32), private=True)
         keyed = hmac.new(bytes.fromhex(secret.read_text()), self._digest.encode(), hashlib.sha256).hexdigest()
         self._parts = {name: _digest_of(value) for name, value in {**self._measured_with, "rows": keyed}.items()}
         return _digest_of(self._parts)
@@ -368,13 +368,15 @@ class _Partial:
 
     def save_model(self, name: str, model: Recommender) -> None:
         self.models.mkdir(parents=True, exist_ok=True)
-        _atomic(self.models / self._file(name), lambda fh: torch.save(model.state_dict(), fh), binary=True)
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        write_whole(self.models / self._file(name), buffer.getvalue())
 
     def write(self, entries: list[dict[str, Any]], running: str | None = None) -> None:
         methods = [{**e, "weights": self._file(e["name"])} if e["status"] == "ok" else e for e in entries]
         document = {"complete": False, "key": self.key, "parts": self._parts, "running": running, "methods": methods}
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic(self.path, lambda fh: fh.write(json.dumps(document, indent=2, default=_plain)))
+        write_whole(self.path, json.dumps(document, indent=2, default=_plain))
 
     @staticmethod
     def _file(name: str) -> str:
@@ -439,37 +441,6 @@ def _requests(method: Unlearner, original: Recommender, model: Recommender, reta
         again = copy.deepcopy(prepared, {id(cache): cache})
         seconds.append(again.unlearn(copy.deepcopy(original).train(), retained, deleted, context).seconds)
     return report, seconds
-
-
-def _atomic(path: Path, write: Callable[[Any], Any], binary: bool = False, private: bool = False) -> None:
-    """Write ``path`` whole or not at all: a temporary file in its folder, flushed, then renamed over it.
-
-    The file gets the mode a plain ``open`` would (``0o666`` less the umask), or the owner's
-    only with ``private`` (a temporary file starts as ``0o600``).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if not private:
-            os.fchmod(fd, 0o666 & ~_umask())
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8")) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process's umask: from ``/proc`` where there is one (reading it with ``os.umask`` sets it, for a moment)."""
-    try:
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Umask:"))
-        return int(line.split()[1], 8)
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0)
-        os.umask(mask)
-        return mask
 
 
 def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:
@@ -562,18 +533,14 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "compare.json", out / "compare.csv"
-    _atomic(json_path, lambda fh: fh.write(json.dumps(result, indent=2, default=_plain)))
-
-    def rows(fh: Any) -> None:
-        writer = csv.writer(fh)
-        writer.writerow([name for name, _ in COLUMNS])
-        for method in result["methods"]:
-            if not is_measured(method):
-                writer.writerow([method["name"], "failed", *([""] * (len(COLUMNS) - 2))])
-            else:
-                writer.writerow([fn(method) for _, fn in COLUMNS])
-
-    _atomic(csv_path, rows)
+    write_whole(json_path, json.dumps(result, indent=2, default=_plain))
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow([name for name, _ in COLUMNS])
+    for method in result["methods"]:
+        writer.writerow([fn(method) for _, fn in COLUMNS] if is_measured(method)
+                        else [method["name"], "failed", *([""] * (len(COLUMNS) - 2))])
+    write_whole(csv_path, rows.getvalue())
     if all(is_measured(m) for m in result["methods"]):
         (out / PARTIAL).unlink(missing_ok=True)
         shutil.rmtree(out / "compare.partial", ignore_errors=True)

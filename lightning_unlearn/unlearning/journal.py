@@ -38,7 +38,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["FolderLocked", "Journal", "JournalCorrupted", "fsync_directory"]
+from lightning_unlearn.unlearning.files import fsync_directory
+
+__all__ = ["FolderLocked", "Journal", "JournalCorrupted"]
 
 STATUSES = ("pending", "applied", "failed", "dropped")
 KEY_FILE, LOCK_FILE = "journal.key", "journal.lock"
@@ -440,17 +442,3 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"duplicate key(s) {sorted({k for k in keys if keys.count(k) > 1})}")
     return dict(pairs)
-
-
-def fsync_directory(path: str | os.PathLike) -> None:
-    """Make a file creation or rename in folder ``path`` durable (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -13,7 +13,6 @@ import errno
 import io
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,8 @@ import torch
 
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import Journal, fsync_directory
+from lightning_unlearn.unlearning.files import write_whole
+from lightning_unlearn.unlearning.journal import Journal
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
@@ -75,8 +75,7 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
         FileNotFoundError: the latest applied request's checkpoint is gone.
 
     Example:
-        >>> import tempfile
-        >>> folder = tempfile.mkdtemp()
+        >>>         >>> folder = tempfile.mkdtemp()
         >>> _ = journal_of(folder).append(digest="ab12", status="pending", checkpoint=f"{folder}/gone.ckpt")
         >>> recover(folder) is None, journal_of(folder).status()
         (True, {'ab12': 'failed'})
@@ -287,26 +286,13 @@ def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: Rec
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            _write(fh, buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return write_whole(path, buffer.getvalue(), private=True)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OSError(err.errno, f"No space left on the device to write {path} ({buffer.tell()} bytes): free "
                                      f"space in {path.parent} and apply the request again (it was not applied)") from err
         raise
-    fsync_directory(path.parent)
-    return path
-
-
-def _write(fh: Any, data: bytes) -> None:
-    """Write ``data`` to an open file and fsync it."""
-    fh.write(data)
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""Files written whole or not at all, and made durable.
+
+Every file the unlearning folder and ``compare`` write in one piece (unlearned checkpoints,
+``compare.json``/``.csv``, the partial results and their weights) goes through
+:func:`write_whole`; the journal, which is appended to, makes its lines durable itself.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["fsync_directory", "write_whole"]
+
+
+def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` whole or not at all, and make it durable.
+
+    The bytes go to a temporary file in ``path``'s folder, which is fsynced, renamed over
+    ``path``, and the folder fsynced. A reader, a crash or a kill finds the old file or the new
+    one, never part of one; a write that fails leaves no temporary file behind (a kill leaves a
+    hidden ``.<name>.*.tmp``).
+
+    Args:
+        path: the file to write (replaced if it exists); its folder must exist.
+        data: the content; a ``str`` is written as UTF-8.
+        private: leave the file readable by its owner only (``0o600``). Otherwise it gets the
+            mode a plain ``open`` would give it (``0o666`` less the umask).
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: the file could not be written (e.g. no space left on the device); ``path`` is
+            as it was.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.json"
+        >>> write_whole(path, '{"a": 1}').read_text()
+        '{"a": 1}'
+    """
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    try:
+        if not private:
+            os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as fh:
+            _write(fh, data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return path
+
+
+def _write(fh: BinaryIO, data: bytes) -> None:
+    """Write ``data`` to an open file and fsync it."""
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make a file creation or rename in folder ``path`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask: from ``/proc`` where there is one (reading it with ``os.umask`` sets it, for a moment)."""
+    try:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
+        return mask
