@@ -75,7 +75,8 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
         FileNotFoundError: the latest applied request's checkpoint is gone.
 
     Example:
-        >>>         >>> folder = tempfile.mkdtemp()
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
         >>> _ = journal_of(folder).append(digest="ab12", status="pending", checkpoint=f"{folder}/gone.ckpt")
         >>> recover(folder) is None, journal_of(folder).status()
         (True, {'ab12': 'failed'})
