@@ -779,6 +779,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"lightning-unlearn: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     except USER_ERRORS as err:
+        _end_console_recording()  # the message may name ids
         print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
         raise SystemExit(2) from err
     except BaseException as err:
@@ -788,6 +789,15 @@ def main(args: list[str] | None = None) -> None:
         print(f"lightning-unlearn: stopped by {stopped[0]}. What finished is kept: `compare --resume true` runs only the "
               f"methods not measured, and an unlearning folder's journal names the state to resume from.", file=sys.stderr)
         raise SystemExit(stopped[1]) from err
+
+
+def _end_console_recording() -> None:
+    """End a live W&B run that records the console (``WANDB_CONSOLE`` other than ``off``, which the command
+    sets unless told otherwise), so that what is printed next stays out of its files."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None)
+    if run is not None and getattr(run.settings, "console", "off") != "off":
+        run.finish(exit_code=2)
 
 
 def _stopped_by(err: BaseException) -> tuple[str, int] | None:

@@ -394,30 +394,86 @@ def test_unlearn_logs_a_request_time_series_and_artifacts_without_deleted_ids(di
     assert seen[applied["digest"]]  # the scan reads what is there: the digest is, in the clear
 
 
-def test_a_refusal_inside_a_trainer_whose_wandb_run_records_the_console_names_no_id(tmp_path):
-    """In Python (not the command, which turns console capture off), Lightning starts the W&B run before the callback
-    checks its requests: an uncaught refusal's traceback is recorded by the run. It is raised without the ids."""
+_SYNTHETIC = (
+    "import pytorch_lightning as pl\n"
+    "from pytorch_lightning.loggers import WandbLogger\n"
+    "from lightning_unlearn import MF, RecDataModule\n"
+    "from lightning_unlearn.data import Synthetic\n"
+    "from lightning_unlearn.unlearning import DeletionRequest, FineTune, UnlearningCallback\n"
+    "dm = RecDataModule(Synthetic(num_users=20, num_items=16), batch_size=64)\n"
+    "model = MF(dm.num_users, dm.num_items, embedding_dim=4)\n"
+)
+_REFUSED_IN = {  # where a W&B run that records the console is live when a request naming an unknown id is refused
+    # Lightning starts the run before the callback checks its requests
+    "a Trainer": "callback = UnlearningCallback(FineTune(), requests_file='requests.csv', dirpath='forget')\n"
+                 "trainer = pl.Trainer(max_epochs=1, logger=WandbLogger(save_dir='.', offline=True), callbacks=[callback],\n"
+                 "                     enable_progress_bar=False, enable_checkpointing=False)\n"
+                 "trainer.fit(model, dm)\n",
+    # apply_pending outside a Trainer, given the logger
+    "apply_pending": "pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(model, dm)\n"
+                     "callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(users=[900999])], dirpath='forget')\n"
+                     "callback.apply_pending(model, dm, loggers=[WandbLogger(save_dir='.', offline=True)])\n",
+}
+
+
+def _wandb_defaults() -> dict[str, str]:
+    """The environment with W&B's defaults (it records the console), and a service of the child's own (not this
+    process's, if it started one)."""
+    return {k: v for k, v in os.environ.items() if k not in ("WANDB_CONSOLE", "WANDB_SILENT", "WANDB_SERVICE")}
+
+
+def _files_holding(folder: Path, needle: bytes, but: tuple[str, ...] = ()) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.name not in but and needle in p.read_bytes()]
+
+
+@pytest.mark.parametrize("where", list(_REFUSED_IN))
+def test_a_refusal_while_a_wandb_run_records_the_console_names_no_id(tmp_path, where):
+    """In Python (not the command, which turns console capture off), the refusal is raised without the ids; its
+    traceback would otherwise be recorded by the run."""
     (tmp_path / "requests.csv").write_text("user\n900999\n")
-    script = tmp_path / "fit.py"
-    script.write_text(
-        "import pytorch_lightning as pl\n"
-        "from pytorch_lightning.loggers import WandbLogger\n"
-        "from lightning_unlearn import MF, RecDataModule\n"
-        "from lightning_unlearn.data import Synthetic\n"
-        "from lightning_unlearn.unlearning import FineTune, UnlearningCallback\n"
-        "dm = RecDataModule(Synthetic(num_users=20, num_items=16), batch_size=64)\n"
-        "callback = UnlearningCallback(FineTune(), requests_file='requests.csv', dirpath='forget')\n"
-        "trainer = pl.Trainer(max_epochs=1, logger=WandbLogger(save_dir='.', offline=True), callbacks=[callback],\n"
-        "                     enable_progress_bar=False, enable_checkpointing=False)\n"
-        "trainer.fit(MF(dm.num_users, dm.num_items, embedding_dim=4), dm)\n"
-    )
-    # W&B's defaults (it records the console), and a service of the script's own (not this process's, if it started one)
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_CONSOLE", "WANDB_SILENT", "WANDB_SERVICE")}
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    script = tmp_path / "script.py"
+    script.write_text(_SYNTHETIC + _REFUSED_IN[where])
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_wandb_defaults(), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode != 0 and "A deletion request was refused" in done.stderr and "900999" not in done.stderr
     settled(tmp_path, until=lambda: any(tmp_path.rglob("output.log")))  # W&B's service writes on after the script exits
     assert list(tmp_path.rglob("output.log"))  # the run recorded the console
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "requests.csv" and b"900999" in p.read_bytes()]
+    assert not _files_holding(tmp_path, b"900999", but=("requests.csv", "script.py"))
+
+
+def test_a_command_told_to_record_the_console_ends_the_run_before_it_prints_a_refusal(tmp_path):
+    """WANDB_CONSOLE=wrap opts in to console capture; `unlearn --log_artifacts` and `compare` start their W&B run before
+    the request is read, and their refusal names ids: the run ends first, and the terminal still gets the message."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "seed_everything: 0\n"
+        "trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false,\n"
+        "  logger: {class_path: pytorch_lightning.loggers.WandbLogger, init_args: {offline: true, save_dir: runs}},\n"
+        "  callbacks: [{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, filename: best}}]}\n"
+        "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
+        "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 20, num_items: 16}}, batch_size: 64}\n"
+    )
+    (tmp_path / "requests.csv").write_text("user\n900999\n")
+    (tmp_path / "headless.csv").write_text("900998,900997\n")  # no header: the error quotes the first line
+    cli = [sys.executable, "-m", "lightning_unlearn.cli"]
+    env = {**_wandb_defaults(), "WANDB_CONSOLE": "wrap"}
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    assert command("fit", "-c", str(recipe)).returncode == 0
+    unlearn = command("unlearn", "-c", str(recipe), "--ckpt_path", "ckpt/best.ckpt", "--requests", "requests.csv",
+                      "--method", "FineTune", "--out", "forget", "--log_artifacts", "true")
+    compare = command("compare", "-c", str(recipe), "--ckpt_path", "ckpt/best.ckpt", "--out", "cmp",
+                      "--methods+", "lightning_unlearn.unlearning.FineTune", "--deletion.kind", "users",
+                      "--deletion.requests_file", "headless.csv")
+    assert unlearn.returncode == 2 and "unknown user id: '900999'" in unlearn.stderr
+    assert compare.returncode == 2 and "'900998'" in compare.stderr
+    runs = lambda: list(tmp_path.glob("runs/wandb/offline-run-*/run-*.wandb"))  # noqa: E731
+    settled(tmp_path, until=lambda: len(runs()) == 3)
+    assert len(runs()) == 3  # fit's, unlearn's and compare's
+    for needle in (b"900999", b"900998"):
+        assert not _files_holding(tmp_path, needle, but=("requests.csv", "headless.csv"))
 
 
 def test_artifacts_need_a_wandb_logger(tmp_path, capsys):

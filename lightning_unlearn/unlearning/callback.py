@@ -298,7 +298,7 @@ class UnlearningCallback(pl.Callback):
         if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
-        with _ids_kept_out_of(trainer):
+        with _ids_kept_out_of(trainer.loggers):
             self.read_requests_file()
 
     def read_requests_file(self) -> None:
@@ -317,7 +317,7 @@ class UnlearningCallback(pl.Callback):
         spent, not at ``on_train_end``.
         """
         if trainer.is_global_zero:
-            with _ids_kept_out_of(trainer):
+            with _ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
@@ -336,12 +336,11 @@ class UnlearningCallback(pl.Callback):
         """Apply every queued request now (what the hooks call)."""
         if trainer.world_size > 1:
             self._refuse_queues_that_differ(trainer)
-        with _ids_kept_out_of(trainer):
-            return self.apply_pending(
-                model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
-                recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
-                strategy=trainer.strategy,
-            )
+        return self.apply_pending(
+            model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
+            recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
+            strategy=trainer.strategy,
+        )
 
     def _refuse_queues_that_differ(self, trainer: pl.Trainer) -> None:
         """Every rank must apply the same requests: a request queued on one rank alone would leave the others
@@ -390,9 +389,15 @@ class UnlearningCallback(pl.Callback):
             The reports of the requests applied.
 
         Raises:
-            InvalidDeletionRequest: a request is invalid (nothing was changed for it).
+            InvalidDeletionRequest: a request is invalid (nothing was changed for it). Where a W&B
+                run of ``loggers`` records the console, its message (which names ids) is in the
+                exception's ``detail`` only.
             UnlearningError: a method failed (model and data were restored; journal says failed).
         """
+        with _ids_kept_out_of(loggers):
+            return self._apply_pending(model, datamodule, loggers, device, recipe, seed, is_global_zero, strategy)
+
+    def _apply_pending(self, model, datamodule, loggers, device, recipe, seed, is_global_zero, strategy) -> list[UnlearningReport]:
         check_environment(None, model, datamodule)
         device = device or model.device
         recipe = recipe or FitRecipe()
@@ -680,20 +685,20 @@ def _scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _ids_kept_out_of(trainer: pl.Trainer):
-    """Inside a Trainer whose W&B run records the console, a refused request's message (it names ids) is not raised as is.
+def _ids_kept_out_of(loggers: Sequence[Logger]):
+    """Where a W&B run of ``loggers`` records the console, a refused request's message (it names ids) is not raised as is.
 
     The refusal is raised again without the ids; ``detail`` holds the original message, and
-    :meth:`UnlearningCallback.check` outside the Trainer shows it.
+    :meth:`UnlearningCallback.check` without such a logger shows it.
     """
     try:
         yield
     except InvalidDeletionRequest as err:
-        if not captures_console(trainer.loggers):
+        if not captures_console(loggers):
             raise
         redacted = InvalidDeletionRequest(
-            "A deletion request was refused. Its message names ids and is not shown here: a W&B run of this Trainer "
-            "records the console. Read it outside the Trainer with `callback.check(datamodule)` (or from the "
+            "A deletion request was refused. Its message names ids and is not shown here: a W&B run of these loggers "
+            "records the console. Read it with `callback.check(datamodule)` where no such run is live (or from the "
             "exception's `detail`), or run with WANDB_CONSOLE=off, as the lightning-unlearn command does."
         )
         redacted.detail = str(err)
