@@ -209,6 +209,56 @@ def test_checkpoints_the_journal_does_not_name_are_refused(trained, tmp_path):
     apply(journal_of(out).last_checkpoint(), out, C)
 
 
+def _full_disk_once(monkeypatch) -> None:
+    """The next checkpoint write finds the disk full (the attempt fails, and is journaled so)."""
+    import lightning_unlearn.unlearning.callback as callback_module
+
+    real = callback_module.save_checkpoint
+
+    def full(*args, **kwargs):
+        monkeypatch.setattr(callback_module, "save_checkpoint", real)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(callback_module, "save_checkpoint", full)
+
+
+def test_a_journal_restored_from_before_a_retry_does_not_name_the_retry_s_checkpoint(trained, tmp_path, monkeypatch):
+    """B fails once, then its retry succeeds: both attempts name the same file, but only the retry's `applied` entry
+    records it. A journal backup taken between them, restored, is refused, not gone on from the state without B."""
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    _full_disk_once(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        apply(journal_of(out).last_checkpoint(), out, B)
+    backup = (out / "journal.jsonl").read_bytes()
+    apply(journal_of(out).last_checkpoint(), out, B)
+    retried = journal_of(out).last_checkpoint()
+    (out / "journal.jsonl").write_bytes(backup)
+    assert [e["status"] for e in journal_of(out)] == ["pending", "applied", "pending", "failed"]
+    assert journal_of(out).checkpoint(journal_of(out).entries()[2]) == retried  # the failed attempt's name: the same
+    with pytest.raises(StaleCheckpoint, match=f"does not name \\({retried.name}\\).*gives up the deletions they hold"):
+        apply(journal_of(out).last_checkpoint(), out, C)
+
+
+def test_recover_closes_a_pending_entry_as_applied_only_with_the_checkpoint_its_attempt_wrote(trained, tmp_path, monkeypatch):
+    """A file of the pending entry's name that another attempt wrote (its lineage names another entry) is not this
+    attempt's: the request is closed as interrupted, and the file is left for the folder check to refuse."""
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    _full_disk_once(monkeypatch)
+    with pytest.raises(OSError):
+        apply(journal_of(out).last_checkpoint(), out, B)
+    backup = (out / "journal.jsonl").read_bytes()
+    apply(journal_of(out).last_checkpoint(), out, B)
+    (out / "journal.jsonl").write_bytes(backup)
+    journal = journal_of(out)
+    attempt = journal.entries()[2]  # a new attempt at B, killed after its pending entry: the same checkpoint name
+    journal.append(attempt["digest"], "pending", checkpoint=str(journal.checkpoint(attempt)), request=1)
+    assert recover(out) == journal_of(out).checkpoint(journal_of(out).entries()[1])  # A's: B's attempt is not applied
+    assert journal_of(out).entries()[-1]["status"] == "failed"
+    assert "interrupted" in journal_of(out).entries()[-1]["reason"]
+
+
 def _hold_a_request(folder: str, started, release) -> None:
     """A process in the middle of a request: holds the lock, has journaled `pending` and a temp file."""
     journal = journal_of(folder)
@@ -438,6 +488,15 @@ def test_a_key_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     other = journal_of(tmp_path / "vfat")
     assert len(other.keyed("x")) == 64 and not other.write_key(b"\0" * 32)
     assert sorted(p.name for p in (tmp_path / "vfat").iterdir()) == ["journal.key"]
+
+    def tidied_away(source, target):  # another process's `recover` removed the temporary file first
+        os.unlink(source)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", source)
+
+    monkeypatch.setattr(os, "link", tidied_away)
+    raced = journal_of(tmp_path / "raced")
+    assert raced.write_key(b"\1" * 32) and raced.key == b"\1" * 32
+    assert sorted(p.name for p in (tmp_path / "raced").iterdir()) == ["journal.key"]
 
 
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])

@@ -58,8 +58,9 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
 
     Under the folder's lock: removes the partial checkpoints (``.unlearned-*.tmp``) and keys a killed
     process left, and closes every request the journal still shows ``pending``: as ``applied``
-    (``recovered: true``) when its checkpoint was completely written (the rename is atomic),
-    else as ``failed`` with the reason ``interrupted``, so it is applied again when queued.
+    (``recovered: true``) when its checkpoint was completely written (the rename is atomic) by
+    that attempt (its lineage names the entry; a file of another attempt with the same name does
+    not count), else as ``failed`` with the reason ``interrupted``, so it is applied again when queued.
 
     Args:
         dirpath: the callback's folder (journal and checkpoints).
@@ -89,7 +90,7 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
             fields = {k: v for k, v in entry.items() if k not in ("seq", "prev", "time", "digest", "status", "reason")}
             fields.update(recovered=True, pending_seq=entry["seq"])
             checkpoint = journal.checkpoint(entry)
-            if checkpoint is not None and checkpoint.is_file():
+            if checkpoint is not None and _embodies(checkpoint, entry):
                 journal.append(entry["digest"], "applied", **{**fields, "checkpoint": str(checkpoint)})
             else:
                 fields.pop("checkpoint", None)
@@ -97,6 +98,15 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
                                reason="interrupted: the process stopped before the checkpoint holding this request was "
                                       "written; the request is applied again when it is queued")
         return journal.last_checkpoint()
+
+
+def _embodies(checkpoint: Path, pending: dict[str, Any]) -> bool:
+    """Whether ``checkpoint`` is the one the attempt of the ``pending`` entry wrote: a whole file whose lineage names that entry."""
+    try:
+        lineage = (load_checkpoint(checkpoint).get("unlearning") or {}).get("lineage") or {}
+    except (OSError, CheckpointUnreadable):
+        return False
+    return lineage.get("seq") == pending["seq"] and lineage.get("entry", pending["hash"]) == pending["hash"]
 
 
 def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool = False) -> None:
@@ -162,20 +172,24 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
 
 
 def _refuse_unnamed_checkpoints(journal: Journal) -> None:
-    """Refuse a folder holding unlearned checkpoints that no ``applied`` (or ``pending``) entry of its journal names.
+    """Refuse a folder holding unlearned checkpoints that no ``applied`` entry (or open ``pending`` one) of its journal names.
 
-    Every checkpoint an attempt wrote is named by its entry (or removed when the attempt
-    failed), so such a file means the journal was replaced by an older copy, or files were
-    copied in: the journal no longer records every deletion the folder's models embody.
+    Every checkpoint an attempt wrote is named by its ``applied`` entry (or removed when the
+    attempt failed), so such a file means the journal was replaced by an older copy, or files were
+    copied in: the journal no longer records every deletion the folder's models embody. A
+    ``pending`` entry that a ``failed`` one closed names no checkpoint: a retry of the same request
+    writes a file of the same name, which that older journal does not record.
     """
-    named = {journal.checkpoint(e).resolve() for e in journal.entries() if e["status"] in ("applied", "pending") and e.get("checkpoint")}
+    entries = [*(e for e in journal.entries() if e["status"] == "applied"), *journal.interrupted()]
+    named = {journal.checkpoint(e).resolve() for e in entries if e.get("checkpoint")}
     unnamed = sorted(p.name for p in journal.folder.glob("unlearned-*.ckpt") if p.resolve() not in named)  # a link to one is one
     if unnamed:
         raise StaleCheckpoint(
             f"{journal.folder} holds {len(unnamed)} unlearned checkpoint(s) that its journal does not name "
             f"({', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}): {journal.path} was replaced by an older "
             f"copy, or checkpoints were copied in, so it no longer records every deletion they hold. Restore the journal "
-            f"that names them (the newest backup), or move those files out of the folder. Nothing was applied."
+            f"that names them (the newest backup). Moving those files out of the folder instead gives up the deletions they "
+            f"hold: their requests must then be applied again. Nothing was applied."
         )
 
 
