@@ -294,8 +294,8 @@ class Journal:
                 return False
             except OSError:  # a filesystem without hard links (vfat, some FUSE and network mounts): create it exclusively
                 return self._create_key(key)
-        finally:
-            os.unlink(temporary)
+        finally:  # another process's `recover` may have removed it already
+            Path(temporary).unlink(missing_ok=True)
         fsync_directory(self.folder)
         return True
 
