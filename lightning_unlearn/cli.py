@@ -116,7 +116,7 @@ class UnlearningTrainer(pl.Trainer):
         if not out:
             print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
         if branch:
-            adopt_key(Path(ckpt_path).parent, dirpath)
+            adopt_key(Path(ckpt_path).resolve().parent, dirpath)
         state = restore_checkpoint(ckpt_path, model, datamodule)
         callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
         if state.get("unlearning"):
@@ -547,7 +547,7 @@ class LightningUnlearnCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, UnlearningCallback):  # the requests the checkpoint holds stay applied, once
                     if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
-                        adopt_key(Path(path).parent, callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
+                        adopt_key(Path(path).resolve().parent, callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
                     # the drift counter starts afresh: the model is fitted again, on the rows that remain
                     callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
 

@@ -180,9 +180,15 @@ def test_fit_from_an_unlearned_checkpoint_checks_the_data(trained, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_unlearn_from_an_unlearned_checkpoint_keeps_its_removals(trained, tmp_path, capsys):
+@pytest.mark.parametrize("linked", [False, True], ids=["path", "symlink"])
+def test_unlearn_from_an_unlearned_checkpoint_keeps_its_removals(trained, tmp_path, capsys, linked):
     (tmp_path / "more.csv").write_text("user\n8\n")
-    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--requests", "more.csv",
+    checkpoint = trained.unlearned
+    if linked:  # e.g. a `serving/latest.ckpt`: the branch takes the key of the folder the file is in, not the link's
+        checkpoint = tmp_path / "serving" / "latest.ckpt"
+        checkpoint.parent.mkdir()
+        checkpoint.symlink_to(trained.unlearned)
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), "--requests", "more.csv",
           "--method", "FineTune", "--out", "branch", "--branch", "true"])
     assert "[unlearn] FineTune(epochs=1):" in capsys.readouterr().out
     state = torch.load(next((tmp_path / "branch").glob("unlearned-*.ckpt")), weights_only=True)["datamodule_state"]
