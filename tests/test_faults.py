@@ -386,9 +386,10 @@ def test_a_whole_last_entry_without_its_newline_is_kept(tmp_path):
 
 def test_recover_closes_interrupted_entries_by_what_is_on_disk(tmp_path):
     journal = Journal(tmp_path / "journal.jsonl")
-    (tmp_path / "unlearned-0000-aaaa.ckpt").write_bytes(b"a complete checkpoint (renamed into place)")
     (tmp_path / ".unlearned-0001-bbbb.ckpt.x1y2.tmp").write_bytes(b"half a checkpoint")
-    journal.append("aaaa", "pending", request=0, checkpoint=str(tmp_path / "unlearned-0000-aaaa.ckpt"))
+    pending = journal.append("aaaa", "pending", request=0, checkpoint=str(tmp_path / "unlearned-0000-aaaa.ckpt"))
+    lineage = {"journal": journal.id, "seq": pending["seq"], "entry": pending["hash"]}  # the attempt's, renamed into place
+    torch.save({"state_dict": {}, "unlearning": {"lineage": lineage}}, tmp_path / "unlearned-0000-aaaa.ckpt")
     journal.append("bbbb", "pending", request=1, checkpoint=str(tmp_path / "unlearned-0001-bbbb.ckpt"))
     assert recover(tmp_path) == tmp_path / "unlearned-0000-aaaa.ckpt"
     assert journal.status() == {"aaaa": "applied", "bbbb": "failed"}

@@ -327,8 +327,10 @@ def test_the_journal_reads_the_same_from_any_working_directory(trained, tmp_path
     # A request interrupted after its checkpoint was renamed into place, then recovery from elsewhere.
     journal = journal_of(Path("unlearning"))
     checkpoint = Path("unlearning") / "unlearned-0001-eeee.ckpt"
-    checkpoint.write_bytes((Path("unlearning") / entries[1]["checkpoint"]).read_bytes())
-    journal.append("e" * 64, "pending", request=1, checkpoint=str(checkpoint))
+    pending = journal.append("e" * 64, "pending", request=1, checkpoint=str(checkpoint))
+    state = torch.load(Path("unlearning") / entries[1]["checkpoint"], weights_only=True)
+    state["unlearning"]["lineage"] = {"journal": journal.id, "seq": pending["seq"], "entry": pending["hash"]}  # the attempt's
+    torch.save(state, checkpoint)
     monkeypatch.chdir(tmp_path / "b")
     assert recover(tmp_path / "a" / "unlearning") == tmp_path / "a" / "unlearning" / "unlearned-0001-eeee.ckpt"
     assert journal_of(tmp_path / "a" / "unlearning").entries()[-1]["status"] == "applied"
