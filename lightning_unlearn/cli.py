@@ -29,7 +29,9 @@ from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
+    StaleCheckpoint,
     adopt_key,
+    check_lineage,
     journal_of,
     load_checkpoint,
     restore_checkpoint,
@@ -265,13 +267,17 @@ class UnlearningTrainer(pl.Trainer):
 
         Raises:
             ValueError: ``k < 1``.
+            StaleCheckpoint: the deletion record beside ``ckpt_path``
+                (:func:`default_unlearning_folder`) holds deletions that checkpoint does not embody:
+                its recommendations would name the users and items deleted since.
         """
         if not (isinstance(model, Recommender) and isinstance(datamodule, RecDataModule) and dataloaders is None):
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
         if ckpt_path:
-            restore_checkpoint(ckpt_path, model, datamodule)
+            state = restore_checkpoint(ckpt_path, model, datamodule)
+            _refuse_an_older_state(ckpt_path, (state.get("unlearning") or {}).get("lineage"))
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
         print(f"[predict] wrote the top-{k} recommendations of {_count(counts['users'], 'user')} to {path} "
@@ -301,6 +307,21 @@ def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
 def _unlearning_folder_of(checkpoints: Path) -> Path:
     """The deletion record of the models in the folder ``checkpoints``: that folder when it holds a journal, else its sibling."""
     return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
+
+
+def _refuse_an_older_state(ckpt_path: str | os.PathLike, lineage: dict[str, Any] | None) -> None:
+    """``predict``: refuse a checkpoint that is not the latest state of the deletion record beside it."""
+    journal = journal_of(default_unlearning_folder(ckpt_path))
+    if not (journal.path.is_file() and journal.applied_count()):
+        return
+    try:
+        check_lineage(journal, lineage)
+    except StaleCheckpoint:
+        raise StaleCheckpoint(
+            f"{journal.folder} records {_count(journal.applied_count(), 'deletion')} applied to this model's run, and "
+            f"{ckpt_path} is not its latest state: its recommendations would name users and items deleted since, and "
+            f"rank from their rows. Predict from the latest state (`--ckpt_path {journal.checkpoint(journal.latest())}`)."
+        ) from None
 
 
 def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,

@@ -250,6 +250,26 @@ def test_predict_writes_top_k_without_deleted_users_items_or_seen_items(trained,
     assert [float(r["score"]) for r in first] == sorted((float(r["score"]) for r in first), reverse=True)
 
 
+def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tmp_path, capsys):
+    """After `unlearn` deleted user 8 from a run's checkpoint, that checkpoint would still recommend to user 8 and
+    write the id: predict is refused, naming the latest state, which predicts without user 8."""
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(trained.best.read_bytes())
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"])
+    latest = journal_of(tmp_path / "run" / "unlearning").last_checkpoint()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "stale.csv"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "records 1 deletion applied" in err and f"--ckpt_path {latest}" in err
+    assert not (tmp_path / "stale.csv").exists()
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "recs.csv"])
+    with open("recs.csv", newline="") as fh:
+        assert "8" not in {row["user"] for row in csv.DictReader(fh)}
+
+
 # ---------------------------------------------------------------------- the optimizer the command line configured
 SGD = ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "1e-9"]
 

@@ -168,6 +168,9 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
         f"Training it or applying requests on top of it would undo the deletions after it. Resume from the latest state "
         f"(`--ckpt_path {journal.checkpoint(latest)}`), or start a new branch from this model in another, empty "
         f"folder (`--out <new folder> --branch true`)."
+        + (" If it is another model than the one this record is of (checkpoints of several models in one folder share "
+           "the record `unlearn` keeps without `--out`), give it a record of its own: `--out <new folder>`."
+           if lineage is None else "")
     )
 
 
