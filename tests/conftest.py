@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
+
+tqdm.tqdm.monitor_interval = 0  # no monitor thread, which a forked child would copy (with a lock it may hold)
 
 
 def shared_data() -> Path | None:
@@ -30,15 +33,39 @@ def data_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _offline_wandb(tmp_path, monkeypatch):
-    """Every test runs W&B offline into its own temporary folder, and finishes any run."""
+    """Every test runs W&B offline into its own temporary folder, finishes any run and stops W&B's service.
+
+    Without the teardown, the service a test started (with ``WANDB_SERVICE`` in the environment,
+    and its threads) outlives the test: a later test's subprocess attaches to it and does not wait
+    for its files to be written, and a fork copies the threads.
+    """
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CONSOLE", "WANDB_SERVICE"):  # the command sets the first; the service the second
+        monkeypatch.delenv(name, raising=False)
     yield
-    import wandb
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()
+    os.environ.pop("WANDB_CONSOLE", None)  # set by the command while the test ran (monkeypatch restores only what it set)
+    os.environ.pop("WANDB_SERVICE", None)
 
-    if wandb.run is not None:
-        wandb.finish()
+
+def joined(process, timeout: float) -> int | None:
+    """Wait for a child process; one still running after ``timeout`` seconds (hung) is stopped, so it holds no
+    folder lock into later tests. Its exit code: ``-15`` (SIGTERM) when it was stopped here, which no test expects."""
+    process.join(timeout)
+    if process.is_alive():
+        process.terminate()
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        return -15
+    return process.exitcode
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ Downloads go to a local HTTP server on 127.0.0.1; nothing here reaches the inter
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -37,10 +38,12 @@ def make_zip(path: Path, files: dict[str, str]) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def closed_port() -> int:
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A port that refuses connections: bound here and never listened on, so no other process takes it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -178,10 +181,11 @@ def test_download_completes_a_partial_copy(server, tmp_path, monkeypatch):
 
 
 def test_download_from_closed_port(tmp_path, monkeypatch):
-    url = f"http://127.0.0.1:{closed_port()}/ml-100k.zip"
-    use_archive(monkeypatch, url, "0" * 32)
-    with pytest.raises(DataNotFoundError, match=rf"Downloading {url} failed"):
-        find_file("ml-100k/u.data", tmp_path / "root", archive="ml-100k", download=True)
+    with closed_port() as port:
+        url = f"http://127.0.0.1:{port}/ml-100k.zip"
+        use_archive(monkeypatch, url, "0" * 32)
+        with pytest.raises(DataNotFoundError, match=rf"Downloading {url} failed"):
+            find_file("ml-100k/u.data", tmp_path / "root", archive="ml-100k", download=True)
     assert leftovers(tmp_path / "root") == []
 
 

@@ -35,6 +35,7 @@ from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.record import StaleCheckpoint, recover, restore_checkpoint, save_checkpoint
 from lightning_unlearn.unlearning.request import DeletionRequest
+from tests.conftest import joined
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill tests fork a child process")
 
@@ -194,8 +195,7 @@ def killed_session(checkpoint: Path, out: Path, fault: str, request: int) -> int
 
     process = FORK.Process(target=child)
     process.start()
-    process.join(120)
-    return process.exitcode
+    return joined(process, 120)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -551,7 +551,7 @@ def test_removals_recorded_on_other_data_are_refused_naming_both_fingerprints(se
     assert_same_splits(splits(other), before)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(FAST, max_examples=30)
 @given(seed=st.integers(0, 10_000), sized=st.booleans())
 def test_rows_touching_is_the_isin_mask(seed, sized):
     """The lookup-table masks equal the plain isin ones, with the table sizes given or inferred."""

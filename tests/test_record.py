@@ -45,8 +45,9 @@ from lightning_unlearn.unlearning.record import (
     restore_checkpoint,
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
+from tests.conftest import joined
 from tests.test_faults import datamodule, new_model, trained  # noqa: F401
-from tests.test_wandb import DELETED_USERS, distinctive_slice, member, write_recipe  # noqa: F401
+from tests.test_wandb import DELETED_USERS, distinctive_slice, member, settled, write_recipe  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the process tests fork")
 FORK = multiprocessing.get_context("fork")
@@ -283,7 +284,7 @@ def test_a_second_process_is_refused_while_the_first_applies_and_touches_nothing
         assert (folder / ".unlearned-0000-dddd.ckpt.x.tmp").exists()  # nor its temp file removed
     finally:
         release.set()
-        first.join(30)
+        joined(first, 30)
     assert recover(folder) is None  # after it is gone (it 'died' mid-request), recovery closes the request
 
 
@@ -304,7 +305,7 @@ def test_two_processes_on_one_folder_never_both_apply_from_the_same_state(traine
         worker.start()
     go.set()
     for worker in workers:
-        worker.join(120)
+        joined(worker, 120)
     outcome = dict(results.get(timeout=5) for _ in workers)
     assert sorted(outcome.values()) in (["FolderLocked", "applied"], ["StaleCheckpoint", "applied"])
     winner = next(user for user, status in outcome.items() if status == "applied")
@@ -630,8 +631,7 @@ def _killed(checkpoint: str, out: str, cwd: str, request: DeletionRequest, point
 def kill_midway(checkpoint: Path, out: Path, cwd: Path, request: DeletionRequest, point: str) -> None:
     child = FORK.Process(target=_killed, args=(str(checkpoint), str(out), str(cwd), request, point))
     child.start()
-    child.join(120)
-    assert child.exitcode == -signal.SIGKILL
+    assert joined(child, 120) == -signal.SIGKILL
 
 
 
@@ -657,7 +657,8 @@ OPERATIONS = st.lists(
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(operations=OPERATIONS)
 def test_any_sequence_of_applies_kills_moves_and_corruption_embodies_exactly_the_accepted_requests(
     operations, trained, tmp_path_factory, monkeypatch,
@@ -721,7 +722,7 @@ def test_any_sequence_of_applies_kills_moves_and_corruption_embodies_exactly_the
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The console script as a user runs it: its own process, W&B offline, the console as W&B would see it."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_CONSOLE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_CONSOLE", "WANDB_SERVICE")}  # a W&B service of its own
     return subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env={**env, "OMP_NUM_THREADS": "1"})
 
@@ -749,6 +750,7 @@ def test_a_refused_request_leaves_its_ids_in_no_file_of_the_run(distinctive_slic
     refused = run_cli("fit", "-c", "inline.yaml", cwd=tmp_path)
     assert refused.returncode != 0 and "cannot be given in a config" in refused.stderr and known not in refused.stderr
     assert len(list((tmp_path / "runs" / "wandb").glob("offline-run-*"))) == 2  # the fit, and the refused fit: not unlearn
+    settled(tmp_path, until=lambda: True)  # W&B's service may write on after the command exits
     inputs = {tmp_path / "requests.csv", tmp_path / "inline.yaml", data_file}
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in inputs]
     assert any(p.suffix == ".wandb" for p in written)

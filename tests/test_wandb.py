@@ -9,6 +9,7 @@ under ``files/media/table``, ``output.log``); there is no ``wandb-summary.json``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -95,18 +96,20 @@ def run_history(records: list) -> list[dict]:
     return [_apply({}, r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
 
 
-def finished_records(path: Path, seconds: float = 30.0) -> list:
+def finished_records(path: Path, seconds: float = 120.0) -> list:
     """The records of a finished run's ``.wandb`` file, once W&B's service has written all of it
     (``finish()`` can return while the last blocks are still being written)."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             records = read_records(path)
-            if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
                 return records
         except Exception:  # a block still being written
             if time.monotonic() > deadline:
                 raise
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} has no exit record after {seconds:.0f} s: the run did not finish")
         time.sleep(0.2)
 
 
@@ -128,11 +131,16 @@ def settled(folder: Path, until, timeout: float = 60.0) -> None:
     may still be writing when the process that logged exits)."""
     deadline, sizes = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        now = {p: p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+        now = {}
+        for path in folder.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):  # a temporary file gone since it was listed
+                if path.is_file():
+                    now[path] = path.stat().st_size
         if until() and now == sizes:
             return
         sizes = now
         time.sleep(1.0)
+    raise TimeoutError(f"the files under {folder} were still changing, or not there, after {timeout:.0f} s")
 
 
 def files_containing(folders: list[Path], needles: list[str]) -> dict[str, list[str]]:
