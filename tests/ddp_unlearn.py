@@ -1,6 +1,6 @@
 """Run by ``tests/test_multi_device.py``: UnlearningCallback inside ``Trainer(strategy="ddp")`` on CPU.
 
-    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR [rank0-only|twice]
+    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR [rank0-only|twice|rank0-full-disk]
 
 Loads the weights in STATE_FILE, "trains" one batch of SGD with ``lr=1e-30`` (below the
 weights' resolution, so the weights reaching ``on_train_end`` are exactly those, whatever the
@@ -62,9 +62,23 @@ def main(devices: int, method_name: str, model_name: str, state_file: str, out: 
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[callback], deterministic=True,
     )
-    trainer.fit(model, dm)
-    torch.save({k: v for k, v in model.state_dict().items() if "adjacency" not in k},
-               f"{out}/{method_name}-{model_name}-devices{devices}-rank{trainer.global_rank}.pt")
+    if mode == "rank0-full-disk" and os.environ.get("LOCAL_RANK", "0") == "0":  # rank 0 alone fails after the method
+        import errno
+
+        from lightning_unlearn.unlearning import callback as callback_module
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        callback_module.save_checkpoint = full
+    name = f"{out}/{method_name}-{model_name}-devices{devices}-rank{trainer.global_rank}"
+    try:
+        trainer.fit(model, dm)
+    except Exception as err:
+        torch.save({k: v for k, v in model.state_dict().items() if "adjacency" not in k}, f"{name}-failed.pt")
+        print(f"rank {trainer.global_rank}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+    torch.save({k: v for k, v in model.state_dict().items() if "adjacency" not in k}, f"{name}.pt")
 
 
 if __name__ == "__main__":

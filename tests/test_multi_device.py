@@ -133,3 +133,26 @@ def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_
     twice = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "twice"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert twice.returncode == 0, twice.stderr[-3000:]  # a repeated request is one request on every rank, not a difference
+
+
+def test_a_failure_on_rank_zero_after_the_method_rolls_the_request_back_on_every_rank(tmp_path):
+    """Rank zero alone fails to write the checkpoint (a full disk): every rank votes on the outcome, so the other
+    rank raises too and keeps no update the record does not hold, instead of going on with it in memory."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from ddp_unlearn import setting as ddp_setting
+    finally:
+        sys.path.pop(0)
+    initial, _, _ = ddp_setting("mf")
+    state = tmp_path / "state.pt"
+    torch.save(initial.state_dict(), state)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "rank0-full-disk"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "rank 0: OSError: [Errno 28] No space left on device" in done.stderr
+    assert "rank 1: UnlearningError: 1 other rank(s) failed to apply the request after the method" in done.stderr
+    before = torch.load(state, weights_only=True)
+    for rank in (0, 1):
+        after = torch.load(tmp_path / f"ifru-block-mf-devices2-rank{rank}-failed.pt", weights_only=True)
+        assert all(torch.equal(after[name], before[name]) for name in after), f"rank {rank} kept the update"

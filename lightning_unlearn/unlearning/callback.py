@@ -435,7 +435,9 @@ class UnlearningCallback(pl.Callback):
         """Apply the head of the queue as one transaction (``journal`` is ``None`` on ranks other than zero).
 
         The request counts as applied once the checkpoint holding its effect is on disk (rank
-        zero) or the method has run (other ranks). Anything that fails before that -- the method,
+        zero) and, on several processes, every rank has voted that it got that far (so a rank
+        that fails after the method, e.g. rank zero on a full disk, rolls the request back on all
+        of them). Anything that fails before that -- the method,
         the evaluation, the retrain policy's checks, writing the checkpoint, an interrupt (also one
         that lands just after the checkpoint's rename, whose file is then removed) -- restores the
         model, the datamodule, the queue and the applied requests, and journals ``failed``; a
@@ -463,7 +465,7 @@ class UnlearningCallback(pl.Callback):
         pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
         start = time.perf_counter()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        applied_before, written = len(self._applied), None
+        applied_before, written, must_vote = len(self._applied), None, False
         try:
             with datamodule.transaction():  # a failure restores the data
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
@@ -485,6 +487,7 @@ class UnlearningCallback(pl.Callback):
                         policy, method = astray, self._retrain
                         summary.update(method=method.name, policy=policy.value, replaced=self.method.name)
                         report = method.unlearn(model, datamodule.train_rows(), deleted, context)
+                must_vote = context.world_size > 1  # past the method's collectives: every rank votes on the outcome
                 utility = self._utility(model, datamodule) if self.evaluate and journal else {}
                 if policy is None:
                     self._policy.served(len(deleted))
@@ -498,7 +501,13 @@ class UnlearningCallback(pl.Callback):
                 if checkpoint is not None:  # it holds the callback's state *after* this request
                     written = None if checkpoint.exists() else checkpoint  # a file there from now on is this attempt's (one there now is refused)
                     save_checkpoint(checkpoint, model, datamodule, self)
+                if must_vote:
+                    must_vote = False
+                    _all_ranks_succeeded(context, True)
         except BaseException as err:
+            if must_vote:  # this rank failed after the method: the others wait for its vote
+                with contextlib.suppress(Exception):  # the rollback below comes first, whatever the process group does
+                    _all_ranks_succeeded(context, False)
             with torch.no_grad():
                 model.load_state_dict(before)
             model.set_graph(datamodule.train)
@@ -682,6 +691,23 @@ def request_fingerprint(request: DeletionRequest, interactions, journal: Journal
 
 def _scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
     return {prefix + k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _all_ranks_succeeded(context: UnlearningContext, succeeded: bool) -> None:
+    """Every rank's vote on a request it took through the method: it stays applied on all of them or on none.
+
+    A rank that failed afterwards (rank zero's evaluation or checkpoint write, e.g. on a full
+    disk) votes ``False`` and raises its own error; the others raise :class:`UnlearningError`
+    and roll back with it, instead of keeping an update that the record does not hold.
+
+    Raises:
+        UnlearningError: this rank succeeded and another did not.
+    """
+    votes = context.reduce(torch.tensor([float(succeeded)], device=context.device))
+    failed = context.world_size - int(votes.item())
+    if succeeded and failed:
+        raise UnlearningError(f"{failed} other rank(s) failed to apply the request after the method (see their "
+                              f"errors); it is rolled back on every rank.")
 
 
 @contextlib.contextmanager
