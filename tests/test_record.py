@@ -260,6 +260,24 @@ def test_recover_closes_a_pending_entry_as_applied_only_with_the_checkpoint_its_
     assert "interrupted" in journal_of(out).entries()[-1]["reason"]
 
 
+def test_recover_decides_nothing_from_a_checkpoint_it_cannot_read(trained, tmp_path, monkeypatch):
+    """A checkpoint of another account (``0600``), or an I/O error: the interrupted entry stays open, not closed as
+    failed on the strength of a file that may well hold the request."""
+    out = tmp_path / "out"
+    apply(trained, out, A)
+    journal = journal_of(out)
+    journal.append("e" * 64, "pending", request=1, checkpoint=str(journal.last_checkpoint()))
+
+    def unreadable(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr("lightning_unlearn.unlearning.record.load_checkpoint", unreadable)
+    before = (out / "journal.jsonl").read_bytes()
+    with pytest.raises(PermissionError):
+        recover(out)
+    assert (out / "journal.jsonl").read_bytes() == before and journal_of(out).interrupted()
+
+
 def _hold_a_request(folder: str, started, release) -> None:
     """A process in the middle of a request: holds the lock, has journaled `pending` and a temp file."""
     journal = journal_of(folder)
@@ -492,13 +510,19 @@ def test_a_key_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert len(other.keyed("x")) == 64 and not other.write_key(b"\0" * 32)
     assert sorted(p.name for p in (tmp_path / "vfat").iterdir()) == ["journal.key"]
 
-    def tidied_away(source, target):  # another process's `recover` removed the temporary file first
-        os.unlink(source)
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", source)
+    real_link, calls = os.link, []
+
+    def tidied_away(source, target):  # another process's `recover` removed the first temporary file
+        calls.append(source)
+        if len(calls) == 1:
+            os.unlink(source)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", source)
+        real_link(source, target)
 
     monkeypatch.setattr(os, "link", tidied_away)
     raced = journal_of(tmp_path / "raced")
     assert raced.write_key(b"\1" * 32) and raced.key == b"\1" * 32
+    assert len(calls) == 2 and calls[0] != calls[1]  # a second temporary file, linked whole: never an empty key
     assert sorted(p.name for p in (tmp_path / "raced").iterdir()) == ["journal.key"]
 
 

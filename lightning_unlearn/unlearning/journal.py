@@ -285,19 +285,23 @@ class Journal:
         fails when that exists), so no reader and no crash ever finds an empty or partial key.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".journal.key.", suffix=".tmp")  # mode 0600
-        try:
-            _write_hex(fd, key)
+        for _ in range(3):
+            fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".journal.key.", suffix=".tmp")  # mode 0600
             try:
-                os.link(temporary, self.folder / KEY_FILE)
-            except FileExistsError:
-                return False
-            except OSError:  # a filesystem without hard links (vfat, some FUSE and network mounts): create it exclusively
-                return self._create_key(key)
-        finally:  # another process's `recover` may have removed it already
-            Path(temporary).unlink(missing_ok=True)
-        fsync_directory(self.folder)
-        return True
+                _write_hex(fd, key)
+                try:
+                    os.link(temporary, self.folder / KEY_FILE)
+                except FileExistsError:
+                    return False
+                except FileNotFoundError:  # another process's `recover` removed the temporary file: write another
+                    continue
+                except OSError:  # a filesystem without hard links (vfat, some FUSE and network mounts): create it exclusively
+                    return self._create_key(key)
+            finally:
+                Path(temporary).unlink(missing_ok=True)
+            fsync_directory(self.folder)
+            return True
+        return self._create_key(key)
 
     def _create_key(self, key: bytes) -> bool:
         try:

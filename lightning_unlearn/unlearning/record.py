@@ -74,6 +74,8 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
             interrupted).
         JournalCorrupted: the journal does not read as a chain.
         FileNotFoundError: the latest applied request's checkpoint is gone.
+        OSError: an interrupted request's checkpoint is there but cannot be read (e.g. another
+            account's ``0600`` file); its entry is left open.
 
     Example:
         >>> import tempfile
@@ -101,10 +103,14 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
 
 
 def _embodies(checkpoint: Path, pending: dict[str, Any]) -> bool:
-    """Whether ``checkpoint`` is the one the attempt of the ``pending`` entry wrote: a whole file whose lineage names that entry."""
+    """Whether ``checkpoint`` is the one the attempt of the ``pending`` entry wrote: a whole file whose lineage names that entry.
+
+    Raises:
+        OSError: the file is there but cannot be read (permissions, I/O): nothing is decided from it.
+    """
     try:
         lineage = (load_checkpoint(checkpoint).get("unlearning") or {}).get("lineage") or {}
-    except (OSError, CheckpointUnreadable):
+    except (FileNotFoundError, CheckpointUnreadable):
         return False
     return lineage.get("seq") == pending["seq"] and lineage.get("entry", pending["hash"]) == pending["hash"]
 
