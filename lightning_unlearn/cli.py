@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import os
@@ -15,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParser, quiet_third_party_noise, user_error_message
@@ -25,13 +26,13 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
+from lightning_unlearn.unlearning.journal import KEY_FILE, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
     StaleCheckpoint,
     adopt_key,
-    check_lineage,
     journal_of,
     load_checkpoint,
     restore_checkpoint,
@@ -42,6 +43,7 @@ from lightning_unlearn.unlearning.reporting import (
     log_comparison,
     log_config,
     log_unlearning_artifacts,
+    wandb_loggers,
     wandb_run_lines,
 )
 
@@ -118,7 +120,7 @@ class UnlearningTrainer(pl.Trainer):
         if not out:
             print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
         if branch:
-            adopt_key(Path(ckpt_path).resolve().parent, dirpath)
+            adopt_key(_folder_of_key(ckpt_path), dirpath)
         state = restore_checkpoint(ckpt_path, model, datamodule)
         callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
         if state.get("unlearning"):
@@ -268,16 +270,18 @@ class UnlearningTrainer(pl.Trainer):
         Raises:
             ValueError: ``k < 1``.
             StaleCheckpoint: the deletion record beside ``ckpt_path``
-                (:func:`default_unlearning_folder`) holds deletions that checkpoint does not embody:
-                its recommendations would name the users and items deleted since.
+                (:func:`default_unlearning_folder`) holds deletions whose rows, users or items that
+                checkpoint's data still has (it would recommend to the users deleted since), or a
+                request it was applying when its process stopped.
+            JournalCorrupted: that record does not read.
         """
         if not (isinstance(model, Recommender) and isinstance(datamodule, RecDataModule) and dataloaders is None):
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
         if ckpt_path:
-            state = restore_checkpoint(ckpt_path, model, datamodule)
-            _refuse_an_older_state(ckpt_path, (state.get("unlearning") or {}).get("lineage"))
+            restore_checkpoint(ckpt_path, model, datamodule)
+            _refuse_fewer_deletions(ckpt_path, datamodule)
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
         print(f"[predict] wrote the top-{k} recommendations of {_count(counts['users'], 'user')} to {path} "
@@ -309,19 +313,46 @@ def _unlearning_folder_of(checkpoints: Path) -> Path:
     return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
 
 
-def _refuse_an_older_state(ckpt_path: str | os.PathLike, lineage: dict[str, Any] | None) -> None:
-    """``predict``: refuse a checkpoint that is not the latest state of the deletion record beside it."""
+def _folder_of_key(ckpt_path: str | os.PathLike) -> Path:
+    """The folder whose key recognises the requests a checkpoint holds: its own, else (a symlink, e.g. a
+    ``serving/latest.ckpt``) the folder of the file it points to. A link into a content store (git-annex, DVC) keeps
+    the key beside the link."""
+    path = Path(ckpt_path).absolute()
+    return next((folder for folder in (path.parent, path.resolve().parent) if (folder / KEY_FILE).is_file()), path.resolve().parent)
+
+
+def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule) -> None:
+    """``predict``: refuse a checkpoint whose data still holds what the deletion record beside it deleted.
+
+    A refit from the latest state, or a later unlearned checkpoint, removes at least as much and
+    passes; the trained checkpoint after a deletion does not.
+    """
     journal = journal_of(default_unlearning_folder(ckpt_path))
-    if not (journal.path.is_file() and journal.applied_count()):
+    if not journal.path.is_file():
         return
     try:
-        check_lineage(journal, lineage)
-    except StaleCheckpoint:
+        interrupted, latest = journal.interrupted(), journal.last_checkpoint()
+    except JournalCorrupted as err:
+        raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
+                               f"record does not read: {err}") from None
+    if interrupted:
         raise StaleCheckpoint(
-            f"{journal.folder} records {_count(journal.applied_count(), 'deletion')} applied to this model's run, and "
-            f"{ckpt_path} is not its latest state: its recommendations would name users and items deleted since, and "
-            f"rank from their rows. Predict from the latest state (`--ckpt_path {journal.checkpoint(journal.latest())}`)."
-        ) from None
+            f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
+            f"folder again (it recovers the request, then applies what is queued), then predict from its latest state."
+        )
+    if latest is None:
+        return
+    deleted = load_checkpoint(latest).get("datamodule_state") or {}
+    if deleted.get("fingerprint") != datamodule.data_fingerprint:
+        return  # a record of other data: its indices say nothing of this checkpoint's
+    removed = datamodule.state_dict()
+    if not all(bool(torch.isin(deleted[key], removed[key]).all()) for key in ("train_keys", "users", "items")):
+        raise StaleCheckpoint(
+            f"{journal.folder} records {_count(journal.applied_count(), 'deletion')} applied to this model's run, and the "
+            f"data of {ckpt_path} still holds some of what they deleted: its recommendations would name users deleted "
+            f"since, and rank from their rows. Predict from the latest state (`--ckpt_path {latest}`), or from a "
+            f"checkpoint fitted from it."
+        )
 
 
 def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
@@ -523,6 +554,7 @@ class LightningUnlearnCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        _COMMAND_LOGGERS[:] = self.trainer.loggers
         if isinstance(self.trainer, UnlearningTrainer) and self.subcommand:
             config = self.config_init[self.subcommand]
             optimizer, scheduler = config.get("optimizer"), config.get("lr_scheduler")
@@ -568,7 +600,7 @@ class LightningUnlearnCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, UnlearningCallback):  # the requests the checkpoint holds stay applied, once
                     if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
-                        adopt_key(Path(path).resolve().parent, callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
+                        adopt_key(_folder_of_key(path), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
                     # the drift counter starts afresh: the model is fitted again, on the rows that remain
                     callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
 
@@ -801,6 +833,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from err
     except USER_ERRORS as err:
         _end_console_recording()  # the message may name ids
+        if getattr(err, "detail", None):  # redacted while a run recorded the console, which has ended now
+            err = type(err)(err.detail)
         print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
         raise SystemExit(2) from err
     except BaseException as err:
@@ -812,13 +846,19 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(stopped[1]) from err
 
 
+_COMMAND_LOGGERS: list[Logger] = []  # the running command's trainer's loggers (set when they are built)
+
+
 def _end_console_recording() -> None:
-    """End a live W&B run that records the console (``WANDB_CONSOLE`` other than ``off``, which the command
-    sets unless told otherwise), so that what is printed next stays out of its files."""
+    """End every live W&B run that records the console (``WANDB_CONSOLE`` other than ``off``, which the command
+    sets unless told otherwise): the global one and those of the command's ``WandbLogger``\ s (which need not be
+    global, e.g. with ``reinit="create_new"``), so that what is printed next stays out of their files."""
     wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None)
-    if run is not None and getattr(run.settings, "console", "off") != "off":
-        run.finish(exit_code=2)
+    runs = [getattr(wandb, "run", None), *(getattr(logger, "_experiment", None) for logger in wandb_loggers(_COMMAND_LOGGERS))]
+    for run in {id(run): run for run in runs if run is not None}.values():
+        if not getattr(run, "disabled", False) and getattr(getattr(run, "settings", None), "console", "off") != "off":
+            with contextlib.suppress(Exception):  # the message is printed whatever W&B does
+                run.finish(exit_code=2)
 
 
 def _stopped_by(err: BaseException) -> tuple[str, int] | None:

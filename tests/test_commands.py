@@ -180,14 +180,22 @@ def test_fit_from_an_unlearned_checkpoint_checks_the_data(trained, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("linked", [False, True], ids=["path", "symlink"])
+@pytest.mark.parametrize("linked", ["path", "symlink", "annexed"])
 def test_unlearn_from_an_unlearned_checkpoint_keeps_its_removals(trained, tmp_path, capsys, linked):
     (tmp_path / "more.csv").write_text("user\n8\n")
     checkpoint = trained.unlearned
-    if linked:  # e.g. a `serving/latest.ckpt`: the branch takes the key of the folder the file is in, not the link's
+    if linked == "symlink":  # e.g. a `serving/latest.ckpt`: the branch takes the key of the folder the file is in
         checkpoint = tmp_path / "serving" / "latest.ckpt"
         checkpoint.parent.mkdir()
         checkpoint.symlink_to(trained.unlearned)
+    elif linked == "annexed":  # git-annex, DVC: the folder (with its key) holds a link into a content store
+        checkpoint = tmp_path / "annexed" / trained.unlearned.name
+        checkpoint.parent.mkdir()
+        shutil.copy(trained.unlearned.parent / "journal.key", checkpoint.parent)
+        stored = tmp_path / "store" / "SHA256E-s1234"
+        stored.parent.mkdir()
+        shutil.copy(trained.unlearned, stored)
+        checkpoint.symlink_to(stored)
     main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), "--requests", "more.csv",
           "--method", "FineTune", "--out", "branch", "--branch", "true"])
     assert "[unlearn] FineTune(epochs=1):" in capsys.readouterr().out
@@ -268,6 +276,20 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "recs.csv"])
     with open("recs.csv", newline="") as fh:
         assert "8" not in {row["user"] for row in csv.DictReader(fh)}
+    # A model fitted from the latest state holds its removals: it predicts (its checkpoint has no lineage).
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--trainer.max_epochs=2"])
+    refit = best.parent / "refit.ckpt"  # beside the record, as the run's own fit would write it
+    refit.write_bytes((tmp_path / "ckpt" / "best.ckpt").read_bytes())
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(refit), "--out", "refit.csv"])
+    with open("refit.csv", newline="") as fh:
+        assert "8" not in {row["user"] for row in csv.DictReader(fh)}
+    # A request whose process stopped mid-way: no state is the latest until `unlearn` recovers it.
+    journal = journal_of(tmp_path / "run" / "unlearning")
+    journal.append("0" * 64, "pending", request=1, checkpoint=str(journal.folder / "unlearned-0001-000000000000.ckpt"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "stopped.csv"])
+    assert "whose process stopped while applying it: run `unlearn` on that folder again" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- the optimizer the command line configured

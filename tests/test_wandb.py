@@ -421,6 +421,12 @@ _REFUSED_IN = {  # where a W&B run that records the console is live when a reque
     "apply_pending": "pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(model, dm)\n"
                      "callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(users=[900999])], dirpath='forget')\n"
                      "callback.apply_pending(model, dm, loggers=[WandbLogger(save_dir='.', offline=True)])\n",
+    # compare in Python, given the logger
+    "compare": "from lightning_unlearn.unlearning import DeletionSpec, FitRecipe\n"
+               "from lightning_unlearn.unlearning.compare import compare\n"
+               "pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(model, dm)\n"
+               "compare(model, dm, [FineTune()], DeletionSpec(requests_file='requests.csv'), FitRecipe(max_epochs=1),\n"
+               "        loggers=[WandbLogger(save_dir='.', offline=True)])\n",
 }
 
 
@@ -449,14 +455,17 @@ def test_a_refusal_while_a_wandb_run_records_the_console_names_no_id(tmp_path, w
     assert not _files_holding(tmp_path, b"900999", but=("requests.csv", "script.py"))
 
 
-def test_a_command_told_to_record_the_console_ends_the_run_before_it_prints_a_refusal(tmp_path):
+@pytest.mark.parametrize("reinit", ["default", "create_new"])
+def test_a_command_told_to_record_the_console_ends_the_run_before_it_prints_a_refusal(tmp_path, reinit):
     """WANDB_CONSOLE=wrap opts in to console capture; `unlearn --log_artifacts` and `compare` start their W&B run before
-    the request is read, and their refusal names ids: the run ends first, and the terminal still gets the message."""
+    the request is read, and their refusal names ids: the run ends first, and the terminal still gets the message.
+    With ``reinit="create_new"`` the logger's run is not W&B's global one."""
     recipe = tmp_path / "r.yaml"
+    extra = ", reinit: create_new" if reinit == "create_new" else ""
     recipe.write_text(
         "seed_everything: 0\n"
         "trainer: {max_epochs: 1, enable_progress_bar: false, enable_model_summary: false,\n"
-        "  logger: {class_path: pytorch_lightning.loggers.WandbLogger, init_args: {offline: true, save_dir: runs}},\n"
+        f"  logger: {{class_path: pytorch_lightning.loggers.WandbLogger, init_args: {{offline: true, save_dir: runs{extra}}}}},\n"
         "  callbacks: [{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {dirpath: ckpt, filename: best}}]}\n"
         "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
         "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 20, num_items: 16}}, batch_size: 64}\n"
@@ -475,11 +484,15 @@ def test_a_command_told_to_record_the_console_ends_the_run_before_it_prints_a_re
     compare = command("compare", "-c", str(recipe), "--ckpt_path", "ckpt/best.ckpt", "--out", "cmp",
                       "--methods+", "lightning_unlearn.unlearning.FineTune", "--deletion.kind", "users",
                       "--deletion.requests_file", "headless.csv")
+    callback = json.dumps({"class_path": "lightning_unlearn.unlearning.UnlearningCallback", "init_args": {
+        "method": {"class_path": "lightning_unlearn.unlearning.FineTune"}, "requests_file": "requests.csv", "dirpath": "in_fit"}})
+    in_fit = command("fit", "-c", str(recipe), f"--trainer.callbacks+={callback}")
     assert unlearn.returncode == 2 and "unknown user id: '900999'" in unlearn.stderr
     assert compare.returncode == 2 and "'900998'" in compare.stderr
+    assert in_fit.returncode == 2 and "unknown user id: '900999'" in in_fit.stderr  # redacted in the run, whole after it
     runs = lambda: list(tmp_path.glob("runs/wandb/offline-run-*/run-*.wandb"))  # noqa: E731
-    settled(tmp_path, until=lambda: len(runs()) == 3)
-    assert len(runs()) == 3  # fit's, unlearn's and compare's
+    settled(tmp_path, until=lambda: len(runs()) == 4)
+    assert len(runs()) == 4  # fit's, unlearn's, compare's and the refused fit's
     for needle in (b"900999", b"900998"):
         assert not _files_holding(tmp_path, needle, but=("requests.csv", "headless.csv"))
 

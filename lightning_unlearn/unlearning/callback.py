@@ -25,8 +25,8 @@ from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import check_key, check_lineage, journal_of, key_id, recover, save_checkpoint
-from lightning_unlearn.unlearning.reporting import captures_console, define_request_axis
-from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
+from lightning_unlearn.unlearning.reporting import define_request_axis, ids_kept_out_of
+from lightning_unlearn.unlearning.request import DeletionRequest
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 __all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
@@ -298,7 +298,7 @@ class UnlearningCallback(pl.Callback):
         if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
-        with _ids_kept_out_of(trainer.loggers):
+        with ids_kept_out_of(trainer.loggers):
             self.read_requests_file()
 
     def read_requests_file(self) -> None:
@@ -317,7 +317,7 @@ class UnlearningCallback(pl.Callback):
         spent, not at ``on_train_end``.
         """
         if trainer.is_global_zero:
-            with _ids_kept_out_of(trainer.loggers):
+            with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
@@ -394,7 +394,7 @@ class UnlearningCallback(pl.Callback):
                 exception's ``detail`` only.
             UnlearningError: a method failed (model and data were restored; journal says failed).
         """
-        with _ids_kept_out_of(loggers):
+        with ids_kept_out_of(loggers):
             return self._apply_pending(model, datamodule, loggers, device, recipe, seed, is_global_zero, strategy)
 
     def _apply_pending(self, model, datamodule, loggers, device, recipe, seed, is_global_zero, strategy) -> list[UnlearningReport]:
@@ -708,24 +708,3 @@ def _all_ranks_succeeded(context: UnlearningContext, succeeded: bool) -> None:
     if succeeded and failed:
         raise UnlearningError(f"{failed} other rank(s) failed to apply the request after the method (see their "
                               f"errors); it is rolled back on every rank.")
-
-
-@contextlib.contextmanager
-def _ids_kept_out_of(loggers: Sequence[Logger]):
-    """Where a W&B run of ``loggers`` records the console, a refused request's message (it names ids) is not raised as is.
-
-    The refusal is raised again without the ids; ``detail`` holds the original message, and
-    :meth:`UnlearningCallback.check` without such a logger shows it.
-    """
-    try:
-        yield
-    except InvalidDeletionRequest as err:
-        if not captures_console(loggers):
-            raise
-        redacted = InvalidDeletionRequest(
-            "A deletion request was refused. Its message names ids and is not shown here: a W&B run of these loggers "
-            "records the console. Read it with `callback.check(datamodule)` where no such run is live (or from the "
-            "exception's `detail`), or run with WANDB_CONSOLE=off, as the lightning-unlearn command does."
-        )
-        redacted.detail = str(err)
-        raise redacted from None

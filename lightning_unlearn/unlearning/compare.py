@@ -33,7 +33,7 @@ from lightning_unlearn.unlearning.methods.curvature import CurvatureCache
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.reporting import is_measured, log_config, log_method_result
+from lightning_unlearn.unlearning.reporting import ids_kept_out_of, is_measured, log_config, log_method_result
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
 __all__ = ["compare", "format_table", "progress_detail"]
@@ -118,8 +118,9 @@ def compare(
     device = device or model.device
     datamodule.setup()
     original = copy.deepcopy(model).eval()
-    request = deletion.build(datamodule.train)
-    resolved = request.resolve(datamodule.train, removed=datamodule.removed_keys)
+    with ids_kept_out_of(loggers):  # a W&B run of the loggers may record the console
+        request = deletion.build(datamodule.train)
+        resolved = request.resolve(datamodule.train, removed=datamodule.removed_keys)
     log_config(loggers, {"deletion_applied": resolved.summary()})
     deleted_table = datamodule.train.select(resolved.rows)
     nonmembers = datamodule.test

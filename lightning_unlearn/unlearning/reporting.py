@@ -10,6 +10,7 @@ Nothing logged here carries a raw id of deleted data: deletions appear as counts
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -22,6 +23,8 @@ from typing import Any
 
 from pytorch_lightning.loggers import Logger, WandbLogger
 
+from lightning_unlearn.unlearning.request import InvalidDeletionRequest
+
 __all__ = [
     "CHART_SPECS",
     "COMPARISON_COLUMNS",
@@ -29,6 +32,7 @@ __all__ = [
     "comparison_charts",
     "comparison_rows",
     "define_request_axis",
+    "ids_kept_out_of",
     "headline_completeness",
     "log_comparison",
     "log_config",
@@ -63,6 +67,41 @@ def captures_console(loggers: Iterable[Logger]) -> bool:
         if not getattr(run, "disabled", False) and getattr(getattr(run, "settings", None), "console", None) != "off":
             return True
     return False
+
+
+@contextlib.contextmanager
+def ids_kept_out_of(loggers: Sequence[Logger]):
+    """Where a W&B run of ``loggers`` records the console, a refused request's message (it names ids) is not raised as is.
+
+    The refusal is raised again without the ids; ``detail`` holds the original message, and
+    :meth:`~lightning_unlearn.unlearning.callback.UnlearningCallback.check` without such a
+    logger shows it.
+
+    Args:
+        loggers: the loggers whose W&B runs may record the console.
+
+    Raises:
+        InvalidDeletionRequest: the refusal, without its ids where a run records the console.
+
+    Example:
+        >>> with ids_kept_out_of([]):  # no W&B run: the message as it is
+        ...     raise InvalidDeletionRequest("unknown user id: 'alice'")
+        Traceback (most recent call last):
+        ...
+        lightning_unlearn.unlearning.request.InvalidDeletionRequest: unknown user id: 'alice'
+    """
+    try:
+        yield
+    except InvalidDeletionRequest as err:
+        if not captures_console(loggers):
+            raise
+        redacted = InvalidDeletionRequest(
+            "A deletion request was refused. Its message names ids and is not shown here: a W&B run of these loggers "
+            "records the console. Read it with `callback.check(datamodule)` where no such run is live (or from the "
+            "exception's `detail`), or run with WANDB_CONSOLE=off, as the lightning-unlearn command does."
+        )
+        redacted.detail = str(err)
+        raise redacted from None
 
 
 def log_config(loggers: Iterable[Logger], config: Mapping[str, Any]) -> None:
