@@ -1,6 +1,6 @@
 """Run by ``tests/test_multi_device.py``: UnlearningCallback inside ``Trainer(strategy="ddp")`` on CPU.
 
-    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR [rank0-only|twice|rank0-full-disk]
+    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR [rank0-only|twice|rank0-full-disk|rank0-full-journal]
 
 Loads the weights in STATE_FILE, "trains" one batch of SGD with ``lr=1e-30`` (below the
 weights' resolution, so the weights reaching ``on_train_end`` are exactly those, whatever the
@@ -62,7 +62,7 @@ def main(devices: int, method_name: str, model_name: str, state_file: str, out: 
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[callback], deterministic=True,
     )
-    if mode == "rank0-full-disk" and os.environ.get("LOCAL_RANK", "0") == "0":  # rank 0 alone fails after the method
+    if mode.startswith("rank0-full-") and os.environ.get("LOCAL_RANK", "0") == "0":  # rank 0 alone fails on a full disk
         import errno
 
         from lightning_unlearn.unlearning import callback as callback_module
@@ -70,7 +70,12 @@ def main(devices: int, method_name: str, model_name: str, state_file: str, out: 
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        callback_module.save_checkpoint = full
+        if mode == "rank0-full-disk":  # after the method: its checkpoint
+            callback_module.save_checkpoint = full
+        else:  # rank0-full-journal, before the method: its `pending` entry
+            append = callback_module.Journal.append
+            callback_module.Journal.append = lambda self, digest, status, **fields: (
+                full() if status == "pending" else append(self, digest, status, **fields))
     name = f"{out}/{method_name}-{model_name}-devices{devices}-rank{trainer.global_rank}"
     try:
         trainer.fit(model, dm)

@@ -135,9 +135,11 @@ def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_
     assert twice.returncode == 0, twice.stderr[-3000:]  # a repeated request is one request on every rank, not a difference
 
 
-def test_a_failure_on_rank_zero_after_the_method_rolls_the_request_back_on_every_rank(tmp_path):
-    """Rank zero alone fails to write the checkpoint (a full disk): every rank votes on the outcome, so the other
-    rank raises too and keeps no update the record does not hold, instead of going on with it in memory."""
+@pytest.mark.parametrize("mode", ["rank0-full-disk", "rank0-full-journal"])
+def test_a_failure_on_rank_zero_alone_rolls_the_request_back_on_every_rank(tmp_path, mode):
+    """Rank zero alone fails, on a full disk, to write the checkpoint (after the method) or the journal's `pending`
+    entry (before it): every rank votes at both points, so the other rank raises too and keeps no update the record
+    does not hold, instead of going on with it in memory or waiting in the method's collectives."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         from ddp_unlearn import setting as ddp_setting
@@ -147,11 +149,11 @@ def test_a_failure_on_rank_zero_after_the_method_rolls_the_request_back_on_every
     state = tmp_path / "state.pt"
     torch.save(initial.state_dict(), state)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "rank0-full-disk"],
+    done = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), mode],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "rank 0: OSError: [Errno 28] No space left on device" in done.stderr
-    assert "rank 1: UnlearningError: 1 other rank(s) failed to apply the request after the method" in done.stderr
+    assert "rank 1: UnlearningError: 1 other rank(s) failed to apply the request" in done.stderr
     before = torch.load(state, weights_only=True)
     for rank in (0, 1):
         after = torch.load(tmp_path / f"ifru-block-mf-devices2-rank{rank}-failed.pt", weights_only=True)

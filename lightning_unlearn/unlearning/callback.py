@@ -413,11 +413,16 @@ class UnlearningCallback(pl.Callback):
         journal = self.journal if is_global_zero else None
         if journal is None:
             return self._apply_queue(model, datamodule, context, loggers, None)
-        with journal.lock():  # one writer per folder, for the whole run
-            recover(self.dirpath)  # a previous process may have died mid-request
-            check_lineage(journal, self._lineage, self.branch)
-            check_key(journal, self._key_id, len(self._applied))
-            define_request_axis(loggers)  # W&B plots unlearn/* against the request index: drift over a stream
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(journal.lock())  # one writer per folder, for the whole run
+                recover(self.dirpath)  # a previous process may have died mid-request
+                check_lineage(journal, self._lineage, self.branch)
+                check_key(journal, self._key_id, len(self._applied))
+                define_request_axis(loggers)  # W&B plots unlearn/* against the request index: drift over a stream
+            except BaseException:  # the other ranks wait at the first request's vote
+                _vote_failed(context)
+                raise
             return self._apply_queue(model, datamodule, context, loggers, journal)
 
     def _apply_queue(self, model, datamodule, context, loggers, journal) -> list[UnlearningReport]:
@@ -447,26 +452,33 @@ class UnlearningCallback(pl.Callback):
         or take it off with :meth:`drop`.
         """
         request = self._queue[0]
-        fingerprint = self._fingerprint(request, datamodule)
-        if fingerprint in self._applied:
-            self._queue.pop(0)
-            return None
-        resolved = request.resolve(datamodule.train, missing=self.missing, removed=datamodule.removed_keys,
-                                   elsewhere={"validation": datamodule.val, "test": datamodule.test})
-        _refuse_broken_model(model)
-        index = len(self._applied)
-        digest = journal.keyed(resolved.digest) if journal else None
-        checkpoint = self.dirpath / f"unlearned-{journal.applied_count():04d}-{digest[:12]}.ckpt" if journal else None
         drift_before, lineage_before = self._policy.state_dict(), self._lineage
-        self._policy.start(len(datamodule.train), _gradient_norm(model, datamodule.train_rows()) if self._policy.needs_grad_norm else None)
-        policy = self._policy.reason()
-        method = self.method if policy is None else self._retrain
-        summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy.value} if policy else {})}
-        pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
+        try:
+            fingerprint = self._fingerprint(request, datamodule)
+            if fingerprint in self._applied:  # alike on every rank: no vote
+                self._queue.pop(0)
+                return None
+            resolved = request.resolve(datamodule.train, missing=self.missing, removed=datamodule.removed_keys,
+                                       elsewhere={"validation": datamodule.val, "test": datamodule.test})
+            _refuse_broken_model(model)
+            index = len(self._applied)
+            digest = journal.keyed(resolved.digest) if journal else None
+            checkpoint = self.dirpath / f"unlearned-{journal.applied_count():04d}-{digest[:12]}.ckpt" if journal else None
+            self._policy.start(len(datamodule.train), _gradient_norm(model, datamodule.train_rows()) if self._policy.needs_grad_norm else None)
+            policy = self._policy.reason()
+            method = self.method if policy is None else self._retrain
+            summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy.value} if policy else {})}
+            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
+        except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
+            self._policy.load_state_dict(drift_before)
+            _vote_failed(context)
+            raise
         start = time.perf_counter()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         applied_before, written, must_vote = len(self._applied), None, False
         try:
+            if context.world_size > 1:  # every rank got here: rank zero journaled the request
+                _all_ranks_succeeded(context, True)
             with datamodule.transaction():  # a failure restores the data
                 deleted = datamodule.remove(resolved.rows, resolved.users, resolved.items)
                 model.set_graph(datamodule.train)
@@ -506,8 +518,7 @@ class UnlearningCallback(pl.Callback):
                     _all_ranks_succeeded(context, True)
         except BaseException as err:
             if must_vote:  # this rank failed after the method: the others wait for its vote
-                with contextlib.suppress(Exception):  # the rollback below comes first, whatever the process group does
-                    _all_ranks_succeeded(context, False)
+                _vote_failed(context)
             with torch.no_grad():
                 model.load_state_dict(before)
             model.set_graph(datamodule.train)
@@ -694,11 +705,13 @@ def _scalars(values: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def _all_ranks_succeeded(context: UnlearningContext, succeeded: bool) -> None:
-    """Every rank's vote on a request it took through the method: it stays applied on all of them or on none.
+    """One vote of every rank on a request: it goes on (then stays applied) on all of them or on none.
 
-    A rank that failed afterwards (rank zero's evaluation or checkpoint write, e.g. on a full
-    disk) votes ``False`` and raises its own error; the others raise :class:`UnlearningError`
-    and roll back with it, instead of keeping an update that the record does not hold.
+    Each request has two votes on several processes: before the method (rank zero has journaled
+    it; rank zero alone checks the folder and writes the journal) and after it (rank zero alone
+    evaluates and writes the checkpoint). A rank that fails before a vote casts ``False`` there
+    and raises its own error; the others raise :class:`UnlearningError` and roll back with it,
+    instead of waiting in a collective for ever or keeping an update that the record does not hold.
 
     Raises:
         UnlearningError: this rank succeeded and another did not.
@@ -706,5 +719,12 @@ def _all_ranks_succeeded(context: UnlearningContext, succeeded: bool) -> None:
     votes = context.reduce(torch.tensor([float(succeeded)], device=context.device))
     failed = context.world_size - int(votes.item())
     if succeeded and failed:
-        raise UnlearningError(f"{failed} other rank(s) failed to apply the request after the method (see their "
-                              f"errors); it is rolled back on every rank.")
+        raise UnlearningError(f"{failed} other rank(s) failed to apply the request (see their errors); it is rolled "
+                              f"back on every rank.")
+
+
+def _vote_failed(context: UnlearningContext) -> None:
+    """This rank's ``False`` vote, on several processes; the rollback after it comes first, whatever the process group does."""
+    if context.world_size > 1:
+        with contextlib.suppress(Exception):
+            _all_ranks_succeeded(context, False)
