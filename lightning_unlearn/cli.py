@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import inspect
 import os
@@ -26,7 +25,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
-from lightning_unlearn.unlearning.journal import KEY_FILE, JournalCorrupted
+from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
@@ -34,6 +33,7 @@ from lightning_unlearn.unlearning.record import (
     StaleCheckpoint,
     adopt_key,
     journal_of,
+    key_id,
     load_checkpoint,
     restore_checkpoint,
 )
@@ -119,9 +119,9 @@ class UnlearningTrainer(pl.Trainer):
         dirpath = Path(out) if out else default_unlearning_folder(ckpt_path)
         if not out:
             print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
-        if branch:
-            adopt_key(_folder_of_key(ckpt_path), dirpath)
         state = restore_checkpoint(ckpt_path, model, datamodule)
+        if branch:
+            adopt_key(_folder_of_key(ckpt_path, state), dirpath)
         callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
         if state.get("unlearning"):
             callback.load_state_dict(state["unlearning"])
@@ -313,12 +313,14 @@ def _unlearning_folder_of(checkpoints: Path) -> Path:
     return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
 
 
-def _folder_of_key(ckpt_path: str | os.PathLike) -> Path:
-    """The folder whose key recognises the requests a checkpoint holds: its own, else (a symlink, e.g. a
-    ``serving/latest.ckpt``) the folder of the file it points to. A link into a content store (git-annex, DVC) keeps
-    the key beside the link."""
+def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """The folder whose key made the fingerprints of the requests a checkpoint holds (its ``key_id``): its own, or,
+    for a symlink, the folder of the file it points to (a ``serving/latest.ckpt``; a link into a content store such
+    as git-annex or DVC keeps the key beside the link)."""
     path = Path(ckpt_path).absolute()
-    return next((folder for folder in (path.parent, path.resolve().parent) if (folder / KEY_FILE).is_file()), path.resolve().parent)
+    wanted = (state.get("unlearning") or {}).get("key_id")
+    return next((folder for folder in (path.parent, path.resolve().parent)
+                 if wanted and (folder / KEY_FILE).is_file() and key_id(journal_of(folder)) == wanted), path.resolve().parent)
 
 
 def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule) -> None:
@@ -336,6 +338,12 @@ def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataMod
         raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
                                f"record does not read: {err}") from None
     if interrupted:
+        try:
+            with journal.lock():
+                pass
+        except FolderLocked:
+            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; predict from the folder's "
+                                  f"latest state once it is done.") from None
         raise StaleCheckpoint(
             f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
             f"folder again (it recovers the request, then applies what is queued), then predict from its latest state."
@@ -343,15 +351,15 @@ def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataMod
     if latest is None:
         return
     deleted = load_checkpoint(latest).get("datamodule_state") or {}
-    if deleted.get("fingerprint") != datamodule.data_fingerprint:
-        return  # a record of other data: its indices say nothing of this checkpoint's
     removed = datamodule.state_dict()
-    if not all(bool(torch.isin(deleted[key], removed[key]).all()) for key in ("train_keys", "users", "items")):
+    same_data = deleted.get("fingerprint") == removed.get("fingerprint")  # else (another seed, split) nothing to compare
+    if not same_data or not all(bool(torch.isin(deleted[key], removed[key]).all()) for key in ("train_keys", "users", "items")):
+        held = ("still holds some of what they deleted" if same_data else
+                "is not the data they were applied to (another seed or split), so it may hold what they deleted")
         raise StaleCheckpoint(
             f"{journal.folder} records {_count(journal.applied_count(), 'deletion')} applied to this model's run, and the "
-            f"data of {ckpt_path} still holds some of what they deleted: its recommendations would name users deleted "
-            f"since, and rank from their rows. Predict from the latest state (`--ckpt_path {latest}`), or from a "
-            f"checkpoint fitted from it."
+            f"data of {ckpt_path} {held}: its recommendations would name users deleted since, and rank from their rows. "
+            f"Predict from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
         )
 
 
@@ -600,7 +608,7 @@ class LightningUnlearnCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, UnlearningCallback):  # the requests the checkpoint holds stay applied, once
                     if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
-                        adopt_key(_folder_of_key(path), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
+                        adopt_key(_folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
                     # the drift counter starts afresh: the model is fitted again, on the rows that remain
                     callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
 
@@ -832,8 +840,7 @@ def main(args: list[str] | None = None) -> None:
         print(f"lightning-unlearn: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     except USER_ERRORS as err:
-        _end_console_recording()  # the message may name ids
-        if getattr(err, "detail", None):  # redacted while a run recorded the console, which has ended now
+        if _end_console_recording() and getattr(err, "detail", None):  # the message may name ids: whole once no run records it
             err = type(err)(err.detail)
         print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
         raise SystemExit(2) from err
@@ -849,16 +856,21 @@ def main(args: list[str] | None = None) -> None:
 _COMMAND_LOGGERS: list[Logger] = []  # the running command's trainer's loggers (set when they are built)
 
 
-def _end_console_recording() -> None:
+def _end_console_recording() -> bool:
     """End every live W&B run that records the console (``WANDB_CONSOLE`` other than ``off``, which the command
     sets unless told otherwise): the global one and those of the command's ``WandbLogger``\ s (which need not be
-    global, e.g. with ``reinit="create_new"``), so that what is printed next stays out of their files."""
+    global, e.g. with ``reinit="create_new"``), so that what is printed next stays out of their files. Whether none
+    records it now."""
     wandb = sys.modules.get("wandb")
     runs = [getattr(wandb, "run", None), *(getattr(logger, "_experiment", None) for logger in wandb_loggers(_COMMAND_LOGGERS))]
+    ended = True
     for run in {id(run): run for run in runs if run is not None}.values():
         if not getattr(run, "disabled", False) and getattr(getattr(run, "settings", None), "console", "off") != "off":
-            with contextlib.suppress(Exception):  # the message is printed whatever W&B does
+            try:
                 run.finish(exit_code=2)
+            except Exception:  # the message is printed whatever W&B does: as it was raised (redacted, if redacted)
+                ended = False
+    return ended
 
 
 def _stopped_by(err: BaseException) -> tuple[str, int] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import multiprocessing
 import os
 import shutil
 import struct
@@ -28,7 +29,7 @@ from lightning_unlearn.cli import UnlearningTrainer, main
 from lightning_unlearn.data import CSVSource, Synthetic
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import journal_of, restore_checkpoint
-from tests.conftest import REPO, shared_data
+from tests.conftest import REPO, joined, shared_data
 from tests.test_compare import recipe
 
 pytestmark = pytest.mark.usefixtures("cli_run")
@@ -180,7 +181,7 @@ def test_fit_from_an_unlearned_checkpoint_checks_the_data(trained, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("linked", ["path", "symlink", "annexed"])
+@pytest.mark.parametrize("linked", ["path", "symlink", "annexed", "in_another_record"])
 def test_unlearn_from_an_unlearned_checkpoint_keeps_its_removals(trained, tmp_path, capsys, linked):
     (tmp_path / "more.csv").write_text("user\n8\n")
     checkpoint = trained.unlearned
@@ -196,6 +197,10 @@ def test_unlearn_from_an_unlearned_checkpoint_keeps_its_removals(trained, tmp_pa
         stored.parent.mkdir()
         shutil.copy(trained.unlearned, stored)
         checkpoint.symlink_to(stored)
+    elif linked == "in_another_record":  # the link sits in a folder with a key of its own, which is not the file's
+        checkpoint = tmp_path / "other_record" / "from_unlearned.ckpt"
+        assert journal_of(checkpoint.parent).write_key(os.urandom(32))
+        checkpoint.symlink_to(trained.unlearned)
     main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), "--requests", "more.csv",
           "--method", "FineTune", "--out", "branch", "--branch", "true"])
     assert "[unlearn] FineTune(epochs=1):" in capsys.readouterr().out
@@ -283,13 +288,38 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(refit), "--out", "refit.csv"])
     with open("refit.csv", newline="") as fh:
         assert "8" not in {row["user"] for row in csv.DictReader(fh)}
-    # A request whose process stopped mid-way: no state is the latest until `unlearn` recovers it.
+    # A model fitted afresh on other splits of the data (another seed) was trained on user 8's rows.
+    main(["fit", "-c", str(trained.recipe), "--data.seed=1", *BRIEF])
+    other = best.parent / "seed1.ckpt"
+    other.write_bytes(max((tmp_path / "ckpt").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime_ns).read_bytes())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", "-c", str(trained.recipe), "--data.seed=1", "--ckpt_path", str(other), "--out", "seed1.csv"])
+    assert "is not the data they were applied to (another seed or split)" in capsys.readouterr().err
+    # A request being applied now, then one whose process stopped mid-way: no state is the latest until it is done.
     journal = journal_of(tmp_path / "run" / "unlearning")
     journal.append("0" * 64, "pending", request=1, checkpoint=str(journal.folder / "unlearned-0001-000000000000.ckpt"))
-    capsys.readouterr()
+    fork = multiprocessing.get_context("fork")
+    locked, release = fork.Event(), fork.Event()
+    holder = fork.Process(target=_hold_the_lock, args=(str(journal.folder), locked, release))
+    holder.start()
+    try:
+        assert locked.wait(30)
+        with pytest.raises(SystemExit):
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "live.csv"])
+        assert "a deletion request is being applied now" in capsys.readouterr().err
+    finally:
+        release.set()
+        joined(holder, 30)
     with pytest.raises(SystemExit):
         main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "stopped.csv"])
     assert "whose process stopped while applying it: run `unlearn` on that folder again" in capsys.readouterr().err
+
+
+def _hold_the_lock(folder: str, locked, release) -> None:
+    with journal_of(folder).lock():
+        locked.set()
+        release.wait(30)
 
 
 # ---------------------------------------------------------------------- the optimizer the command line configured

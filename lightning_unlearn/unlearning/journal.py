@@ -285,7 +285,7 @@ class Journal:
         fails when that exists), so no reader and no crash ever finds an empty or partial key.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(100):
             fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".journal.key.", suffix=".tmp")  # mode 0600
             try:
                 _write_hex(fd, key)
@@ -301,7 +301,8 @@ class Journal:
                 Path(temporary).unlink(missing_ok=True)
             fsync_directory(self.folder)
             return True
-        return self._create_key(key)
+        raise FolderLocked(f"{self.folder}: could not write {KEY_FILE}: another process removed its temporary file 100 "
+                           f"times. Run one command at a time on this folder.")
 
     def _create_key(self, key: bytes) -> bool:
         try:

@@ -23,7 +23,7 @@ import torch
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.files import write_whole
-from lightning_unlearn.unlearning.journal import Journal
+from lightning_unlearn.unlearning.journal import FolderLocked, Journal
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
@@ -74,7 +74,7 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
             interrupted).
         JournalCorrupted: the journal does not read as a chain.
         FileNotFoundError: the latest applied request's checkpoint is gone.
-        OSError: an interrupted request's checkpoint is there but cannot be read (e.g. another
+        FolderLocked: an interrupted request's checkpoint is there but cannot be read (e.g. another
             account's ``0600`` file); its entry is left open.
 
     Example:
@@ -106,12 +106,15 @@ def _embodies(checkpoint: Path, pending: dict[str, Any]) -> bool:
     """Whether ``checkpoint`` is the one the attempt of the ``pending`` entry wrote: a whole file whose lineage names that entry.
 
     Raises:
-        OSError: the file is there but cannot be read (permissions, I/O): nothing is decided from it.
+        FolderLocked: the file is there but cannot be read (permissions, I/O): nothing is decided from it.
     """
     try:
         lineage = (load_checkpoint(checkpoint).get("unlearning") or {}).get("lineage") or {}
     except (FileNotFoundError, CheckpointUnreadable):
         return False
+    except OSError as err:
+        raise FolderLocked(f"{checkpoint}, the checkpoint of an interrupted request, cannot be read ({err.strerror}): run "
+                           f"as the account that wrote it. The request stays open until it can be read.") from err
     return lineage.get("seq") == pending["seq"] and lineage.get("entry", pending["hash"]) == pending["hash"]
 
 
