@@ -303,6 +303,8 @@ def test_an_exception_mid_request_restores_everything_and_a_retry_applies_it_onc
     assert all(torch.equal(a, b) for a, b in zip(splits(dm), splits(fresh)))
     assert callback.pending == 2 and len(callback.reports) == 1
     assert journal_trace(out)[-2:] == [(1, "pending"), (1, "failed")]
+    reason = list(Journal(out / "journal.jsonl"))[-1]["reason"]
+    assert reason and (reason == "interrupted") == (how == "interrupt")  # not `str(KeyboardInterrupt())`, which is ""
     assert not list(out.glob(".*.tmp")) and not list(out.glob("unlearned-0001-*"))
     # The same callback retries: request 1 and 2 are applied once each.
     callback.apply_pending(model, dm)

@@ -532,7 +532,7 @@ class UnlearningCallback(pl.Callback):
                     written.unlink(missing_ok=True)
                     fsync_directory(written.parent)
             if pending is not None:
-                reason = str(err) or type(err).__name__
+                reason = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else str(err) or type(err).__name__
                 journal.append(digest, "failed", reason=reason, seconds=time.perf_counter() - start,
                                pending_seq=pending["seq"], **summary)
             raise

@@ -176,9 +176,10 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
         f"{journal.checkpoint(latest)} (request entry {latest.get('pending_seq')}), but the model loaded is {what}. "
         f"Training it or applying requests on top of it would undo the deletions after it. Resume from the latest state "
         f"(`--ckpt_path {journal.checkpoint(latest)}`), or start a new branch from this model in another, empty "
-        f"folder (`--out <new folder> --branch true`)."
+        f"folder (`unlearn --out <new folder> --branch true`; in a fit, the UnlearningCallback's `dirpath` and "
+        f"`branch=True`)."
         + (" If it is another model than the one this record is of (checkpoints of several models in one folder share "
-           "the record `unlearn` keeps without `--out`), give it a record of its own: `--out <new folder>`."
+           "the record `unlearn` keeps without `--out`), give it a record of its own: `unlearn --out <new folder>`."
            if lineage is None else "")
     )
 
