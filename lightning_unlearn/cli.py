@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import os
@@ -9,21 +10,21 @@ import pydoc
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import Logger, WandbLogger
-from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParser, quiet_third_party_noise, user_error_message
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.callback import UnlearningCallback
-from lightning_unlearn.unlearning.compare import compare, format_table, write_outputs
+from lightning_unlearn.unlearning.compare import check_arguments, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
@@ -39,6 +40,7 @@ from lightning_unlearn.unlearning.record import (
 )
 from lightning_unlearn.unlearning.reporting import (
     check_artifact_logging,
+    ids_kept_out_of,
     is_measured,
     log_comparison,
     log_config,
@@ -115,8 +117,10 @@ class UnlearningTrainer(pl.Trainer):
             StaleCheckpoint: ``ckpt_path`` is not the latest state of ``out`` (see ``docs/journal.rst``).
         """
         if log_artifacts:
-            check_artifact_logging(self.loggers)  # before any work: a refused option changes nothing
+            with _options_refused():
+                check_artifact_logging(self.loggers)  # before any work: a refused option changes nothing
         dirpath = Path(out) if out else default_unlearning_folder(ckpt_path)
+        _refuse_a_file_for_a_folder("unlearn --out", dirpath)
         if not out:
             print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
         state = restore_checkpoint(ckpt_path, model, datamodule)
@@ -198,13 +202,20 @@ class UnlearningTrainer(pl.Trainer):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         fit_seconds = float("nan")
         recipe = FitRecipe.from_trainer(self)
+        with _options_refused():  # before anything runs
+            check_arguments(methods or [], k, repeats)
+        if out:
+            _refuse_a_file_for_a_folder("compare --out", Path(out))
         if ckpt_path:
             trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
             if isinstance(trained_epochs, int) and recipe.max_epochs is not None and 0 <= recipe.max_epochs <= trained_epochs:
                 print(f"[compare] the original's checkpoint was saved after epoch {trained_epochs + 1}, and Retrain refits with "
                       f"at most {recipe.max_epochs} (--trainer.max_epochs): the reference every gap is read against is then "
                       f"trained less than the original. Give the trainer options the original was fitted with.")
-        else:
+        datamodule.setup("fit")
+        with _options_refused("--deletion"), ids_kept_out_of(self.loggers):  # what it selects, before the original is fitted
+            deletion.build(datamodule.train)
+        if not ckpt_path:
             start = time.perf_counter()
             self.fit(model, datamodule)
             fit_seconds = time.perf_counter() - start
@@ -283,6 +294,8 @@ class UnlearningTrainer(pl.Trainer):
             restore_checkpoint(ckpt_path, model, datamodule)
             _refuse_fewer_deletions(ckpt_path, datamodule)
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
+        if path.is_dir():
+            raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
         counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
         print(f"[predict] wrote the top-{k} recommendations of {_count(counts['users'], 'user')} to {path} "
               f"({_count(counts['deleted_users'], 'deleted user')} left out; {_count(counts['deleted_items'], 'deleted item')}, "
@@ -311,6 +324,23 @@ def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
 def _unlearning_folder_of(checkpoints: Path) -> Path:
     """The deletion record of the models in the folder ``checkpoints``: that folder when it holds a journal, else its sibling."""
     return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
+
+
+def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise OptionRefused(f"{option} {folder} is a file: give the folder to write into (created if needed).")
+
+
+@contextlib.contextmanager
+def _options_refused(what: str | None = None) -> Iterator[None]:
+    """A ``ValueError`` in what the command was given, raised as :class:`OptionRefused` (a message, no traceback); a
+    refused deletion request, and the command's other user errors, stay what they are."""
+    try:
+        yield
+    except USER_ERRORS:
+        raise
+    except ValueError as err:
+        raise OptionRefused(f"{what}: {err}" if what else str(err)) from None
 
 
 def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -480,7 +510,13 @@ class LightningUnlearnCLI(LightningCLI):
         model = config.get("model")
         class_path, init_args = (model.get("class_path"), model.get("init_args")) if hasattr(model, "get") else (None, None)
         cls = pydoc.locate(str(class_path)) if class_path else None
-        if not isinstance(cls, type) or init_args is None or pydoc.locate(str(hparams.get("_class_path", class_path))) is not cls:
+        saved = hparams.get("_class_path", class_path)
+        if isinstance(cls, type) and pydoc.locate(str(saved)) is not cls:
+            self.parser.error(
+                f"{path} holds a {saved} model, and the config builds a {class_path}: its weights would be loaded into "
+                f"another model (or not at all). Use the recipe the checkpoint was fitted with."
+            )
+        if not isinstance(cls, type) or init_args is None:
             return
         defaults: dict[str, Any] = {}  # a subclass's **kwargs reach its bases' __init__ (as jsonargparse resolves them)
         for klass in reversed(cls.__mro__):
@@ -561,7 +597,11 @@ class LightningUnlearnCLI(LightningCLI):
                 args.job_type = self.subcommand
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        with _options_refused("the configuration"):  # a value a class refuses (its message names the option)
+            try:
+                super().instantiate_classes()
+            except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
+                raise OptionRefused(f"the trainer options: {err}") from None
         _COMMAND_LOGGERS[:] = self.trainer.loggers
         if isinstance(self.trainer, UnlearningTrainer) and self.subcommand:
             config = self.config_init[self.subcommand]

@@ -62,9 +62,11 @@ class PlainHelpFormatter(DefaultHelpFormatter):
 
 
 class PlainHelpParser(LightningArgumentParser):
-    """The CLI's argument parser: help without reST markup (:class:`PlainHelpFormatter`), and an unknown method named with the known ones."""
+    """The CLI's argument parser: help without reST markup (:class:`PlainHelpFormatter`), an unknown method named with
+    the known ones, and no abbreviated options (``--trainer.max_epoch`` is a typo, refused, not ``max_epochs``)."""
 
     def __init__(self, *args: Any, formatter_class: type[argparse.HelpFormatter] = PlainHelpFormatter, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:

@@ -185,6 +185,7 @@ def copy_recipes(dest: str | Path, force: bool = False, root: Path = RECIPES) ->
     Raises:
         FileExistsError: a file in ``dest`` differs from the shipped one and ``force`` is false
             (the message lists them).
+        NotADirectoryError: ``dest`` is a file.
 
     Example::
 
@@ -196,6 +197,8 @@ def copy_recipes(dest: str | Path, force: bool = False, root: Path = RECIPES) ->
         (True, True, [])
     """
     dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"{dest} is a file: give the folder to copy the recipes into.")
     pairs = [(source, dest / source.relative_to(root)) for source in _shipped_files(root)]
     todo = [(s, d) for s, d in pairs if not (d.is_file() and filecmp.cmp(s, d, shallow=False))]
     clashes = [d for _, d in todo if d.exists()]
@@ -251,7 +254,7 @@ def recipes_main(args: list[str], root: Path = RECIPES) -> int:
         return 0
     try:
         written = copy_recipes(options.dir, force=options.force, root=root)
-    except FileExistsError as err:
+    except (FileExistsError, NotADirectoryError) as err:  # a file to overwrite; or `dir`, or a folder in it, is a file
         print(f"lightning-unlearn recipes copy: {err}", file=sys.stderr)
         return 1
     dest = Path(options.dir)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -122,6 +123,49 @@ def test_predict_refuses_an_untrained_model_and_no_recommendations(options, name
         main(["predict", "-c", str(recipe), *options])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and named in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("command", "options", "named"), [
+    ("compare", ["--deletion.fraction", "1.5"], "the configuration: DeletionSpec(fraction=...) must be in (0, 1], got 1.5"),
+    ("compare", ["--k", "0"], "compare(k=...) must be an integer >= 1, got 0"),
+    ("compare", ["--repeats", "0"], "compare(repeats=...) must be an integer >= 1, got 0"),
+    ("compare", ["--methods+", "FineTune", "--methods+", "FineTune"], "compare needs distinct methods"),
+    ("compare", ["--deletion.kind", "users", "--deletion.count", "30"], "deletes every one of the 30 users"),
+    ("compare", ["--out", "a_file"], "compare --out a_file is a file"),
+    ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune", "--out", "a_file"],
+     "unlearn --out a_file is a file"),
+    ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune", "--log_artifacts", "true"],
+     "log_artifacts=true"),
+    ("fit", ["--model.init_args.embedding_dim", "0"], "MF(embedding_dim=...) must be an integer >= 1"),
+    pytest.param("fit", ["--trainer.accelerator", "gpu", "--trainer.devices", "1"], "the trainer options",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    ("fit", ["--trainer.max_epoch", "1"], "unrecognized arguments: --trainer.max_epoch"),  # a prefix is a typo
+])
+def test_a_mistake_in_the_options_is_a_message_not_a_traceback(command, options, named, tmp_path, capsys):
+    """What the command was given and a class or check refuses: one paragraph on stderr, exit 2, before anything runs."""
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "-c", str(recipe), *options])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and named in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.ckpt")) and not (tmp_path / "lightning_logs").exists()  # nothing ran
+
+
+def test_a_checkpoint_is_refused_for_another_model_class_and_predict_for_a_folder(tmp_path, capsys):
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    main(["fit", "-c", str(recipe), "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "true",
+          "--trainer.default_root_dir", str(tmp_path)])
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    capsys.readouterr()
+    lightgcn = write_synthetic_recipe(tmp_path / "g.yaml").read_text().replace("models.MF", "models.LightGCN")
+    (tmp_path / "g.yaml").write_text(lightgcn)
+    with pytest.raises(SystemExit):
+        main(["test", "-c", str(tmp_path / "g.yaml"), "--ckpt_path", str(checkpoint)])
+    assert "holds a lightning_unlearn.models.MF model, and the config builds a lightning_unlearn.models.LightGCN" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", "-c", str(recipe), "--ckpt_path", str(checkpoint), "--out", str(tmp_path)])
+    assert f"predict --out {tmp_path} is a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["validate", "test"])

@@ -157,6 +157,9 @@ def test_recipes_list_and_copy(cli_run, tmp_path, capsys):
     assert "note:" not in capsys.readouterr().out
     assert run_main(["recipes"]) == 2
     assert run_main(["recipes", "--help"]) == 0
+    (tmp_path / "a_file").write_text("")
+    assert run_main(["recipes", "copy", "a_file"]) == 1  # a message, not a traceback
+    assert "a_file is a file: give the folder to copy the recipes into" in capsys.readouterr().err
 
 
 # --- metadata -----------------------------------------------------------------------------------

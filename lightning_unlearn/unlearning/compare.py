@@ -36,7 +36,7 @@ from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.reporting import ids_kept_out_of, is_measured, log_config, log_method_result
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
 
-__all__ = ["compare", "format_table", "progress_detail"]
+__all__ = ["check_arguments", "compare", "format_table", "progress_detail"]
 
 UTILITY = ("recall@20", "ndcg@20", "hit@20", "auc")
 
@@ -113,8 +113,7 @@ def compare(
         UnlearningError: the ``Retrain`` reference failed (a failure of any other method is
             reported in its entry and compare goes on with the next one).
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"compare(repeats=...) must be an integer >= 1, got {repeats!r}.")
+    check_arguments(methods, k, repeats)
     device = device or model.device
     datamodule.setup()
     original = copy.deepcopy(model).eval()
@@ -442,6 +441,30 @@ def _requests(method: Unlearner, original: Recommender, model: Recommender, reta
         again = copy.deepcopy(prepared, {id(cache): cache})
         seconds.append(again.unlearn(copy.deepcopy(original).train(), retained, deleted, context).seconds)
     return report, seconds
+
+
+def check_arguments(methods: Sequence[Unlearner], k: int, repeats: int) -> None:
+    """Refuse what :func:`compare` cannot run, before anything runs.
+
+    Args:
+        methods: the methods (distinct names, besides the ``Retrain()`` reference).
+        k: the top-K cut-off (an integer >= 1).
+        repeats: timed runs per method (an integer >= 1).
+
+    Raises:
+        ValueError: one of them is not accepted; the message names it and what is.
+
+    Example:
+        >>> from lightning_unlearn.unlearning.methods import FineTune
+        >>> check_arguments([FineTune(), FineTune()], k=20, repeats=1)
+        Traceback (most recent call last):
+        ...
+        ValueError: compare needs distinct methods; got ['FineTune(epochs=1)', 'FineTune(epochs=1)'].
+    """
+    for name, value in (("k", k), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"compare({name}=...) must be an integer >= 1, got {value!r}.")
+    _with_reference_first(methods)
 
 
 def _with_reference_first(methods: Sequence[Unlearner]) -> list[Unlearner]:

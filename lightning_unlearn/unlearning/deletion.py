@@ -29,7 +29,8 @@ class DeletionSpec:
         seed: seeds the random choice.
 
     Raises:
-        ValueError: on an unknown kind or selection, or a fraction/count that selects nothing.
+        ValueError: on an unknown kind or selection, or (in :meth:`build`) a fraction/count that
+            selects nothing, or every row, user or item there is.
 
     Example:
         >>> data = Interactions.from_raw([1, 1, 2, 3], [7, 8, 7, 9])
@@ -79,4 +80,8 @@ class DeletionSpec:
         n = self.count if self.count is not None else round(self.fraction * available)
         if n < 1:
             raise ValueError(f"DeletionSpec selects nothing: fraction {self.fraction} of {available} {self.kind} rounds to 0.")
-        return min(n, available)
+        if n >= available:
+            asked = f"count={self.count}" if self.count is not None else f"fraction={self.fraction}"
+            raise ValueError(f"DeletionSpec({asked}) deletes every one of the {available} {self.kind} with training rows "
+                             f"(or more), which leaves nothing to train on: choose fewer.")
+        return n
