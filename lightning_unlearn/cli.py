@@ -129,6 +129,10 @@ class UnlearningTrainer(pl.Trainer):
         callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
         if state.get("unlearning"):
             callback.load_state_dict(state["unlearning"])
+            queued = len(state["unlearning"].get("pending") or ())
+            if queued:
+                print(f"[unlearn] {ckpt_path} holds {_count(queued, 'request')} queued and not yet applied (by the "
+                      f"UnlearningCallback of its fit): applied first, then the request of {requests}")
         callback.read_requests_file()
         summaries = callback.check(datamodule)
         if missing == "ignore" and summaries:

@@ -162,6 +162,12 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
     [(ckpt_path, weights)] = tested
     unlearned = torch.load(next((tmp_path / "unl").glob("unlearned-*.ckpt")), weights_only=True)["state_dict"]
     assert ckpt_path is None and all(torch.equal(weights[k], v) for k, v in unlearned.items())
+    # best.ckpt, saved before the end of training, holds the request queued: `unlearn` from it says so.
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--requests", "user8.csv",
+          "--method", "FineTune", "--out", "again"])
+    assert "holds 1 request queued and not yet applied (by the UnlearningCallback of its fit): applied first" in capsys.readouterr().out
+    assert journal_of(tmp_path / "again").applied_count() == 2
 
 
 def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):
