@@ -206,19 +206,13 @@ class UnlearningTrainer(pl.Trainer):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         fit_seconds = float("nan")
         recipe = FitRecipe.from_trainer(self)
-        with _options_refused():  # before anything runs
-            check_arguments(methods or [], k, repeats)
-        if out:
-            _refuse_a_file_for_a_folder("compare --out", Path(out))
+        self.check_compare(datamodule, methods, deletion, out, k, repeats)
         if ckpt_path:
             trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
             if isinstance(trained_epochs, int) and recipe.max_epochs is not None and 0 <= recipe.max_epochs <= trained_epochs:
                 print(f"[compare] the original's checkpoint was saved after epoch {trained_epochs + 1}, and Retrain refits with "
                       f"at most {recipe.max_epochs} (--trainer.max_epochs): the reference every gap is read against is then "
                       f"trained less than the original. Give the trainer options the original was fitted with.")
-        datamodule.setup("fit")
-        with _options_refused("--deletion"), ids_kept_out_of(self.loggers):  # what it selects, before the original is fitted
-            deletion.build(datamodule.train)
         if not ckpt_path:
             start = time.perf_counter()
             self.fit(model, datamodule)
@@ -245,6 +239,18 @@ class UnlearningTrainer(pl.Trainer):
         log_comparison(self.loggers, result)
         _finalize_loggers(self.loggers)
         return result
+
+    def check_compare(self, datamodule: RecDataModule, methods: list[Unlearner] | None, deletion: DeletionSpec,
+                      out: str | None, k: int, repeats: int) -> None:
+        """Refuse what :meth:`compare` would fail on, before anything runs (the command calls it before any logger
+        starts a run): the methods, ``k`` and ``repeats``, an ``out`` that is a file, and what ``deletion`` selects."""
+        with _options_refused():
+            check_arguments(methods or [], k, repeats)
+        if out:
+            _refuse_a_file_for_a_folder("compare --out", Path(out))
+        datamodule.setup("fit")
+        with _options_refused("--deletion"), ids_kept_out_of(self.loggers):
+            deletion.build(datamodule.train)
 
     def predict(
         self,
@@ -328,6 +334,23 @@ def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
 def _unlearning_folder_of(checkpoints: Path) -> Path:
     """The deletion record of the models in the folder ``checkpoints``: that folder when it holds a journal, else its sibling."""
     return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
+
+
+def _refused_here(err: BaseException | None) -> ValueError | None:
+    """The ``ValueError`` this package's own code raised (its checks of what it is given) in ``err`` or what caused it
+    (jsonargparse wraps a class's error in its own), else ``None``: one raised deeper down is a bug, not a refusal."""
+    while err is not None:
+        frame = err.__traceback__
+        while frame is not None and frame.tb_next is not None:
+            frame = frame.tb_next
+        if isinstance(err, ValueError) and frame is not None and \
+                Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
@@ -601,11 +624,15 @@ class LightningUnlearnCLI(LightningCLI):
                 args.job_type = self.subcommand
 
     def instantiate_classes(self) -> None:
-        with _options_refused("the configuration"):  # a value a class refuses (its message names the option)
-            try:
-                super().instantiate_classes()
-            except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
-                raise OptionRefused(f"the trainer options: {err}") from None
+        try:
+            super().instantiate_classes()
+        except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
+            raise OptionRefused(f"the trainer options: {err}") from err
+        except ValueError as err:
+            refusal = _refused_here(err)
+            if refusal is None:  # a bug's traceback stays (also one in a user's class)
+                raise
+            raise OptionRefused(str(refusal)) from err  # a value one of this package's classes refuses, named by it
         _COMMAND_LOGGERS[:] = self.trainer.loggers
         if isinstance(self.trainer, UnlearningTrainer) and self.subcommand:
             config = self.config_init[self.subcommand]
@@ -633,6 +660,10 @@ class LightningUnlearnCLI(LightningCLI):
         if self.subcommand == "unlearn":  # logged once its checks pass: a refused request starts no logger's run
             self.trainer._unlearn_config = config
         else:
+            if self.subcommand == "compare":  # its options are checked before a logger starts a run
+                given = self.config_init[self.subcommand]
+                self.trainer.check_compare(self.datamodule, given.get("methods"), given.get("deletion"), given.get("out"),
+                                           given.get("k"), given.get("repeats"))
             log_config(self.trainer.loggers, config)
         # `config` holds the model's and the datamodule's arguments (under `model.init_args` and
         # `data`): Lightning would log their `save_hyperparameters` again, flat at the top level

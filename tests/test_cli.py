@@ -13,6 +13,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import lightning_unlearn.cli as cli_module
 from lightning_unlearn.cli import _is_class, main
+from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from tests.conftest import REPO
 
@@ -126,11 +127,13 @@ def test_predict_refuses_an_untrained_model_and_no_recommendations(options, name
 
 
 @pytest.mark.parametrize(("command", "options", "named"), [
-    ("compare", ["--deletion.fraction", "1.5"], "the configuration: DeletionSpec(fraction=...) must be in (0, 1], got 1.5"),
+    ("compare", ["--deletion.fraction", "1.5"], "error: DeletionSpec(fraction=...) must be in (0, 1), got 1.5"),
     ("compare", ["--k", "0"], "compare(k=...) must be an integer >= 1, got 0"),
     ("compare", ["--repeats", "0"], "compare(repeats=...) must be an integer >= 1, got 0"),
     ("compare", ["--methods+", "FineTune", "--methods+", "FineTune"], "compare needs distinct methods"),
     ("compare", ["--deletion.kind", "users", "--deletion.count", "30"], "deletes every one of the 30 users"),
+    ("compare", ["--k", "0", "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", "logs"],
+     "compare(k=...) must be an integer >= 1"),  # refused before the logger writes anything
     ("compare", ["--out", "a_file"], "compare --out a_file is a file"),
     ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune", "--out", "a_file"],
      "unlearn --out a_file is a file"),
@@ -150,6 +153,22 @@ def test_a_mistake_in_the_options_is_a_message_not_a_traceback(command, options,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and named in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.ckpt")) and not (tmp_path / "lightning_logs").exists()  # nothing ran
+    assert not (tmp_path / "logs").exists()
+
+
+class BuggyMF(MF):
+    """A user's model with a bug in its constructor: torch raises a ValueError there."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        torch.nn.init.xavier_uniform_(torch.zeros(3))
+
+
+def test_a_bug_in_a_user_s_class_keeps_its_traceback(tmp_path):
+    """Only this package's own refusals become a one-line message: a ValueError from deeper down is a bug to debug."""
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    with pytest.raises(ValueError, match="Fan in and fan out can not be computed"):
+        main(["fit", "-c", str(recipe), "--model", "tests.test_cli.BuggyMF"])
 
 
 def test_a_checkpoint_is_refused_for_another_model_class_and_predict_for_a_folder(tmp_path, capsys):

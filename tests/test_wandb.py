@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -504,12 +505,14 @@ def test_artifacts_need_a_wandb_logger(tmp_path, capsys):
         "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
         "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 10, num_items: 8}}}\n"
     )
-    with pytest.raises(ValueError, match=r"log_artifacts=true.*trainer\.logger.*WandbLogger.*got no logger"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "-c", str(recipe), "--ckpt_path", "missing.ckpt", "--requests", "r.csv", "--method", "FineTune",
               "--log_artifacts", "true"])
+    assert exit_info.value.code == 2
+    assert re.search(r"log_artifacts=true.*trainer\.logger.*WandbLogger.*got no logger", capsys.readouterr().err)
 
 
-def test_artifacts_refused_when_wandb_is_disabled(tmp_path):
+def test_artifacts_refused_when_wandb_is_disabled(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         "trainer: {enable_progress_bar: false, logger: {class_path: pytorch_lightning.loggers.WandbLogger,\n"
@@ -517,9 +520,11 @@ def test_artifacts_refused_when_wandb_is_disabled(tmp_path):
         "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
         "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 10, num_items: 8}}}\n"
     )
-    with pytest.raises(ValueError, match=r"log_artifacts=true.*disabled.*offline.*log_artifacts=false"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "-c", str(recipe), "--ckpt_path", "missing.ckpt", "--requests", "r.csv", "--method", "FineTune",
               "--log_artifacts", "true"])
+    assert exit_info.value.code == 2
+    assert re.search(r"log_artifacts=true.*disabled.*offline.*log_artifacts=false", capsys.readouterr().err)
 
 
 def test_log_model_on_an_offline_run_is_refused_naming_both_options(tmp_path, capsys):

@@ -50,8 +50,8 @@ class DeletionSpec:
             raise ValueError(f"DeletionSpec(kind=...) must be one of {_KINDS}, got {self.kind!r}.")
         if self.selection not in _SELECTIONS:
             raise ValueError(f"DeletionSpec(selection=...) must be one of {_SELECTIONS}, got {self.selection!r}.")
-        if self.count is None and not 0 < self.fraction <= 1:
-            raise ValueError(f"DeletionSpec(fraction=...) must be in (0, 1], got {self.fraction}.")
+        if self.count is None and not 0 < self.fraction < 1:
+            raise ValueError(f"DeletionSpec(fraction=...) must be in (0, 1), got {self.fraction}.")
         if self.count is not None and self.count < 1:
             raise ValueError(f"DeletionSpec(count=...) must be >= 1, got {self.count}.")
         if self.kind == "interactions" and self.selection != "random":
