@@ -213,7 +213,7 @@ class UnlearningTrainer(pl.Trainer):
                 print(f"[compare] the original's checkpoint was saved after epoch {trained_epochs + 1}, and Retrain refits with "
                       f"at most {recipe.max_epochs} (--trainer.max_epochs): the reference every gap is read against is then "
                       f"trained less than the original. Give the trainer options the original was fitted with.")
-        if not ckpt_path:
+        else:
             start = time.perf_counter()
             self.fit(model, datamodule)
             fit_seconds = time.perf_counter() - start
@@ -336,9 +336,28 @@ def _unlearning_folder_of(checkpoints: Path) -> Path:
     return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
 
 
+@contextlib.contextmanager
+def _options_refused(what: str | None = None) -> Iterator[None]:
+    """This package's refusal of a value the command was given, raised as :class:`OptionRefused` (a message, no
+    traceback): a ``ValueError`` raised by its own checks, also one jsonargparse wrapped in its own. A ``ValueError``
+    from deeper down (a bug, also one in a user's class) keeps its traceback; the command's other user errors (a
+    refused deletion request) stay what they are."""
+    try:
+        yield
+    except USER_ERRORS:
+        raise
+    except ValueError as err:
+        refusal = _refused_here(err)
+        if refusal is None:
+            raise
+        raise OptionRefused(f"{what}: {refusal}" if what else str(refusal)) from err
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
 def _refused_here(err: BaseException | None) -> ValueError | None:
-    """The ``ValueError`` this package's own code raised (its checks of what it is given) in ``err`` or what caused it
-    (jsonargparse wraps a class's error in its own), else ``None``: one raised deeper down is a bug, not a refusal."""
+    """The ``ValueError`` in ``err`` or what caused it that this package's own code raised, else ``None``."""
     while err is not None:
         frame = err.__traceback__
         while frame is not None and frame.tb_next is not None:
@@ -350,24 +369,9 @@ def _refused_here(err: BaseException | None) -> ValueError | None:
     return None
 
 
-_PACKAGE = Path(__file__).resolve().parent
-
-
 def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise OptionRefused(f"{option} {folder} is a file: give the folder to write into (created if needed).")
-
-
-@contextlib.contextmanager
-def _options_refused(what: str | None = None) -> Iterator[None]:
-    """A ``ValueError`` in what the command was given, raised as :class:`OptionRefused` (a message, no traceback); a
-    refused deletion request, and the command's other user errors, stay what they are."""
-    try:
-        yield
-    except USER_ERRORS:
-        raise
-    except ValueError as err:
-        raise OptionRefused(f"{what}: {err}" if what else str(err)) from None
 
 
 def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -624,15 +628,11 @@ class LightningUnlearnCLI(LightningCLI):
                 args.job_type = self.subcommand
 
     def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
-            raise OptionRefused(f"the trainer options: {err}") from err
-        except ValueError as err:
-            refusal = _refused_here(err)
-            if refusal is None:  # a bug's traceback stays (also one in a user's class)
-                raise
-            raise OptionRefused(str(refusal)) from err  # a value one of this package's classes refuses, named by it
+        with _options_refused():  # a value one of this package's classes refuses, named by it
+            try:
+                super().instantiate_classes()
+            except MisconfigurationException as err:  # e.g. --trainer.accelerator gpu on a machine without one
+                raise OptionRefused(f"the trainer options: {err}") from err
         _COMMAND_LOGGERS[:] = self.trainer.loggers
         if isinstance(self.trainer, UnlearningTrainer) and self.subcommand:
             config = self.config_init[self.subcommand]

@@ -117,7 +117,8 @@ def test_callback_under_ddp_equals_one_device(method, model, tmp_path):
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=f"{name}: ddp x2 vs one device")
 
 
-def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_hanging(tmp_path):
+def two_ranks(tmp_path: Path, mode: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Two gloo processes run ``ddp_unlearn.py`` (IFRU's block solver, MF) in ``mode``: the run and the initial weights."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         from ddp_unlearn import setting as ddp_setting
@@ -127,11 +128,14 @@ def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_
     state = tmp_path / "state.pt"
     torch.save(initial.state_dict(), state)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "rank0-only"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), mode],
+                          env=env, capture_output=True, text=True, timeout=300), state
+
+
+def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_hanging(tmp_path):
+    done, _ = two_ranks(tmp_path, "rank0-only")
     assert done.returncode != 0 and "the ranks hold different queues (1 on rank 0, 0 on rank 1" in done.stderr
-    twice = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), "twice"],
-                           env=env, capture_output=True, text=True, timeout=300)
+    twice, _ = two_ranks(tmp_path, "twice")
     assert twice.returncode == 0, twice.stderr[-3000:]  # a repeated request is one request on every rank, not a difference
 
 
@@ -140,17 +144,7 @@ def test_a_failure_on_rank_zero_alone_rolls_the_request_back_on_every_rank(tmp_p
     """Rank zero alone fails, on a full disk, to write the checkpoint (after the method) or the journal's `pending`
     entry (before it): every rank votes at both points, so the other rank raises too and keeps no update the record
     does not hold, instead of going on with it in memory or waiting in the method's collectives."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from ddp_unlearn import setting as ddp_setting
-    finally:
-        sys.path.pop(0)
-    initial, _, _ = ddp_setting("mf")
-    state = tmp_path / "state.pt"
-    torch.save(initial.state_dict(), state)
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "2", "ifru-block", "mf", str(state), str(tmp_path), mode],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done, state = two_ranks(tmp_path, mode)
     assert done.returncode != 0
     assert "rank 0: OSError: [Errno 28] No space left on device" in done.stderr
     assert "rank 1: UnlearningError: 1 other rank(s) failed to apply the request" in done.stderr

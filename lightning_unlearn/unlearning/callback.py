@@ -440,9 +440,9 @@ class UnlearningCallback(pl.Callback):
         """Apply the head of the queue as one transaction (``journal`` is ``None`` on ranks other than zero).
 
         The request counts as applied once the checkpoint holding its effect is on disk (rank
-        zero) and, on several processes, every rank has voted that it got that far (so a rank
-        that fails after the method, e.g. rank zero on a full disk, rolls the request back on all
-        of them). Anything that fails before that -- the method,
+        zero) and, on several processes, every rank has voted that it got that far (each rank
+        votes before the method and after it, so a rank that fails alone, e.g. rank zero on a full
+        disk, stops the request on all of them). Anything that fails before that -- the method,
         the evaluation, the retrain policy's checks, writing the checkpoint, an interrupt (also one
         that lands just after the checkpoint's rename, whose file is then removed) -- restores the
         model, the datamodule, the queue and the applied requests, and journals ``failed``; a
