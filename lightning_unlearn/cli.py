@@ -142,7 +142,7 @@ class UnlearningTrainer(pl.Trainer):
         if self.optimizer_init is not None and isinstance(method, FineTune):
             print(f"[unlearn] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
                   f"--method.optimizer, --method.lr), not with --optimizer")
-        log_config(self.loggers, {**getattr(self, "_unlearn_config", {}),
+        log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                   "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
         device = self.strategy.root_device
         model.to(device)
@@ -306,6 +306,8 @@ class UnlearningTrainer(pl.Trainer):
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         if path.is_dir():
             raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
+        if hasattr(self, "_command_config"):  # the command's, once its checks passed
+            log_config(self.loggers, self._command_config)
         counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
         print(f"[predict] wrote the top-{k} recommendations of {_count(counts['users'], 'user')} to {path} "
               f"({_count(counts['deleted_users'], 'deleted user')} left out; {_count(counts['deleted_items'], 'deleted item')}, "
@@ -657,8 +659,8 @@ class LightningUnlearnCLI(LightningCLI):
         init_args = (config.get("model") or {}).get("init_args")
         if isinstance(init_args, dict):  # linked on instantiation: known only now
             init_args.update(num_users=self.datamodule.num_users, num_items=self.datamodule.num_items)
-        if self.subcommand == "unlearn":  # logged once its checks pass: a refused request starts no logger's run
-            self.trainer._unlearn_config = config
+        if self.subcommand in ("unlearn", "validate", "test", "predict"):  # logged once their checks pass:
+            self.trainer._command_config = config  # a refusal starts no logger's run
         else:
             if self.subcommand == "compare":  # its options are checked before a logger starts a run
                 given = self.config_init[self.subcommand]
@@ -711,10 +713,12 @@ class LightningUnlearnCLI(LightningCLI):
     def before_validate(self) -> None:
         self._require_checkpoint_file()
         self._restore_unlearned_checkpoint("validating it")
+        log_config(self.trainer.loggers, self.trainer._command_config)
 
     def before_test(self) -> None:
         self._require_checkpoint_file()
         self._restore_unlearned_checkpoint("testing it")
+        log_config(self.trainer.loggers, self.trainer._command_config)
 
     def _require_checkpoint_file(self) -> None:
         """``validate``/``test``: refuse a ``--ckpt_path`` that names no checkpoint file here.
