@@ -32,6 +32,7 @@ from lightning_unlearn.data import RecDataModule
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.sources import DataSource
 from lightning_unlearn.unlearning import files as files_module
+from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
@@ -260,22 +261,32 @@ def test_recover_closes_a_pending_entry_as_applied_only_with_the_checkpoint_its_
     assert "interrupted" in journal_of(out).entries()[-1]["reason"]
 
 
-def test_recover_decides_nothing_from_a_checkpoint_it_cannot_read(trained, tmp_path, monkeypatch):
-    """A checkpoint of another account (``0600``), or an I/O error: the interrupted entry stays open, not closed as
-    failed on the strength of a file that may well hold the request."""
+@pytest.mark.parametrize("error", ["permission", "memory"])
+def test_recover_decides_nothing_from_a_checkpoint_it_cannot_read(trained, tmp_path, monkeypatch, error):
+    """A whole checkpoint that cannot be read now (another account's ``0600`` file; too little memory, which torch
+    reports as a failed read): the interrupted entry stays open, not closed as failed on the strength of a file that
+    may well hold the request. A torn file at its name is closed as failed."""
     out = tmp_path / "out"
     apply(trained, out, A)
     journal = journal_of(out)
     journal.append("e" * 64, "pending", request=1, checkpoint=str(journal.last_checkpoint()))
 
-    def unreadable(path):
-        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    def unreadable(path, **kwargs):
+        if error == "permission":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        raise record_module.CheckpointUnreadable(f"{path}: RuntimeError: unable to mmap: Cannot allocate memory (12)")
 
     monkeypatch.setattr("lightning_unlearn.unlearning.record.load_checkpoint", unreadable)
     before = (out / "journal.jsonl").read_bytes()
-    with pytest.raises(FolderLocked, match="cannot be read .*run as the account that wrote it"):
+    with pytest.raises(FolderLocked, match="cannot be read now .*run as the account that wrote it"):
         recover(out)
     assert (out / "journal.jsonl").read_bytes() == before and journal_of(out).interrupted()
+    monkeypatch.undo()
+    torn = out / "unlearned-0001-torn.ckpt"
+    torn.write_bytes(journal_of(out).last_checkpoint().read_bytes()[:1000])
+    journal_of(out).append("f" * 64, "pending", request=2, checkpoint=str(torn))
+    recover(out)
+    assert [e["status"] for e in journal_of(out).entries()[-2:]] == ["failed", "failed"]
 
 
 def _hold_a_request(folder: str, started, release) -> None:

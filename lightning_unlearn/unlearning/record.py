@@ -105,16 +105,24 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
 def _embodies(checkpoint: Path, pending: dict[str, Any]) -> bool:
     """Whether ``checkpoint`` is the one the attempt of the ``pending`` entry wrote: a whole file whose lineage names that entry.
 
+    A missing or torn file is not (the rename that puts a checkpoint in place is atomic). A whole
+    one that cannot be read now decides nothing.
+
     Raises:
-        FolderLocked: the file is there but cannot be read (permissions, I/O): nothing is decided from it.
+        FolderLocked: a whole file that cannot be read (permissions, I/O, memory).
     """
     try:
-        lineage = (load_checkpoint(checkpoint).get("unlearning") or {}).get("lineage") or {}
-    except (FileNotFoundError, CheckpointUnreadable):
+        with open(checkpoint, "rb") as fh:
+            whole = zipfile.is_zipfile(fh)
+        if not whole:
+            return False
+        lineage = (load_checkpoint(checkpoint, mmap=True).get("unlearning") or {}).get("lineage") or {}  # no tensor read
+    except FileNotFoundError:
         return False
-    except OSError as err:
-        raise FolderLocked(f"{checkpoint}, the checkpoint of an interrupted request, cannot be read ({err.strerror}): run "
-                           f"as the account that wrote it. The request stays open until it can be read.") from err
+    except (OSError, CheckpointUnreadable) as err:
+        raise FolderLocked(f"{checkpoint}, the checkpoint of an interrupted request, cannot be read now ({err}): run as "
+                           f"the account that wrote it, with memory to spare. The request stays open until it can be "
+                           f"read.") from err
     return lineage.get("seq") == pending["seq"] and lineage.get("entry", pending["hash"]) == pending["hash"]
 
 
@@ -323,8 +331,11 @@ def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: Rec
         raise
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only``), with an error that says what is wrong with it.
+
+    With ``mmap`` its tensors are mapped from the file, not read into memory (to read its small
+    entries, such as the lineage, from a large checkpoint).
 
     Raises:
         FileNotFoundError: no such file.
@@ -334,7 +345,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointUnreadable(
             f"{path} ({path.stat().st_size} bytes) is not a complete checkpoint: it may be truncated (a copy or a write "
