@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import inspect
 import os
 import pydoc
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -209,6 +211,7 @@ class UnlearningTrainer(pl.Trainer):
         self.check_compare(datamodule, methods, deletion, out, k, repeats)
         if ckpt_path:
             trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
+            self._check_deletion(datamodule, deletion)  # on the data without what the checkpoint removed
             if isinstance(trained_epochs, int) and recipe.max_epochs is not None and 0 <= recipe.max_epochs <= trained_epochs:
                 print(f"[compare] the original's checkpoint was saved after epoch {trained_epochs + 1}, and Retrain refits with "
                       f"at most {recipe.max_epochs} (--trainer.max_epochs): the reference every gap is read against is then "
@@ -243,14 +246,25 @@ class UnlearningTrainer(pl.Trainer):
     def check_compare(self, datamodule: RecDataModule, methods: list[Unlearner] | None, deletion: DeletionSpec,
                       out: str | None, k: int, repeats: int) -> None:
         """Refuse what :meth:`compare` would fail on, before anything runs (the command calls it before any logger
-        starts a run): the methods, ``k`` and ``repeats``, an ``out`` that is a file, and what ``deletion`` selects."""
+        starts a run): the methods, ``k`` and ``repeats``, an ``out`` that cannot be written, and a ``deletion`` that
+        selects nothing, or everything, or names an unknown id (checked again once a checkpoint's removals are applied)."""
         with _options_refused():
             check_arguments(methods or [], k, repeats)
         if out:
-            _refuse_a_file_for_a_folder("compare --out", Path(out))
+            folder = Path(out)
+            _refuse_a_file_for_a_folder("compare --out", folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as err:
+                raise OptionRefused(f"compare --out {folder} cannot be written ({err.strerror}): give a folder you can "
+                                    f"write to.") from err
+        self._check_deletion(datamodule, deletion)
+
+    def _check_deletion(self, datamodule: RecDataModule, deletion: DeletionSpec) -> None:
         datamodule.setup("fit")
         with _options_refused("--deletion"), ids_kept_out_of(self.loggers):
-            deletion.build(datamodule.train)
+            deletion.build(datamodule.train).resolve(datamodule.train, removed=datamodule.removed_keys)
 
     def predict(
         self,
@@ -924,6 +938,10 @@ def main(args: list[str] | None = None) -> None:
         print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
         raise SystemExit(2) from err
     except BaseException as err:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a message, not a traceback
+            print(f"lightning-unlearn: {err.strerror}. What finished is kept: `compare --resume true` runs only the methods "
+                  f"not measured, and an unlearning folder's journal names the state to resume from.", file=sys.stderr)
+            raise SystemExit(2) from err
         stopped = _stopped_by(err)
         if stopped is None:
             raise

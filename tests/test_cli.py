@@ -135,6 +135,8 @@ def test_predict_refuses_an_untrained_model_and_no_recommendations(options, name
     ("compare", ["--k", "0", "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", "logs"],
      "compare(k=...) must be an integer >= 1"),  # refused before the logger writes anything
     ("compare", ["--out", "a_file"], "compare --out a_file is a file"),
+    ("compare", ["--out", "a_file/inside"], "compare --out a_file/inside cannot be written"),
+    ("compare", ["--deletion.requests_file", "unknown.csv"], "unknown user id: '99999'"),  # before the original's fit
     ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune", "--out", "a_file"],
      "unlearn --out a_file is a file"),
     ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune", "--log_artifacts", "true"],
@@ -148,6 +150,7 @@ def test_a_mistake_in_the_options_is_a_message_not_a_traceback(command, options,
     """What the command was given and a class or check refuses: one paragraph on stderr, exit 2, before anything runs."""
     recipe = write_synthetic_recipe(tmp_path / "r.yaml")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "unknown.csv").write_text("user\n99999\n")
     with pytest.raises(SystemExit) as exit_info:
         main([command, "-c", str(recipe), *options])
     err = capsys.readouterr().err

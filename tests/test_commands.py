@@ -656,3 +656,13 @@ def test_a_model_option_the_checkpoint_would_override_is_refused(trained, capsys
               "--method", "FineTune", "--out", "refused", "--model.init_args.l2=0.9"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--model.init_args.l2=0.9 (the checkpoint's: 0.05)" in err
+
+
+def test_compare_checks_the_deletion_on_the_data_the_checkpoint_leaves(trained, capsys):
+    """From an unlearned checkpoint (user 7 removed), deleting every remaining user is refused as such, once the
+    checkpoint's removals are applied: a message, not a traceback from the comparison."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--deletion.kind", "users",
+              "--deletion.count", "119", "--methods", "[]"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "deletes every one of the 119 users" in err and "Traceback" not in err

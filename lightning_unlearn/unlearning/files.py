@@ -7,6 +7,7 @@ Every file the unlearning folder and ``compare`` write in one piece (unlearned c
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -33,8 +34,8 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
         ``path``, as a :class:`~pathlib.Path`.
 
     Raises:
-        OSError: the file could not be written (e.g. no space left on the device); ``path`` is
-            as it was.
+        OSError: the file could not be written (e.g. no space left on the device); the message
+            names it, and ``path`` is as it was.
 
     Example:
         >>> import tempfile, pathlib
@@ -43,18 +44,31 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
         '{"a": 1}'
     """
     path = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    except OSError as err:
+        raise _naming(err, path, payload) from err
     try:
         if not private:
             os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
-            _write(fh, data.encode("utf-8") if isinstance(data, str) else data)
+            _write(fh, payload)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _naming(err, path, payload) from err
         raise
     fsync_directory(path.parent)
     return path
+
+
+def _naming(err: OSError, path: Path, payload: bytes) -> OSError:
+    """``err`` with a message that names the file (a full disk says how many bytes were to be written)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(err.errno, f"No space left on the device to write {path} ({len(payload)} bytes)")
+    return OSError(err.errno, f"{err.strerror}: cannot write {path}")
 
 
 def _write(fh: BinaryIO, data: bytes) -> None:

@@ -326,8 +326,8 @@ def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: Rec
         return write_whole(path, buffer.getvalue(), private=True)
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(err.errno, f"No space left on the device to write {path} ({buffer.tell()} bytes): free "
-                                     f"space in {path.parent} and apply the request again (it was not applied)") from err
+            raise OSError(err.errno, f"{err.strerror}: free space in {path.parent} and apply the request again (it was "
+                                     f"not applied)") from err
         raise
 
 
