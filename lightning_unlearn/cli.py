@@ -28,7 +28,7 @@ from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import check_arguments, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
-from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, JournalCorrupted
+from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
@@ -305,7 +305,8 @@ class UnlearningTrainer(pl.Trainer):
         Raises:
             ValueError: ``k < 1``.
             StaleCheckpoint: the deletion record beside ``ckpt_path``
-                (:func:`default_unlearning_folder`) holds deletions whose rows, users or items that
+                (:func:`default_unlearning_folder`), or the one its callback state names (a fit
+                with an ``UnlearningCallback``), holds deletions whose rows, users or items that
                 checkpoint's data still has (it would recommend to the users deleted since), or a
                 request it was applying when its process stopped.
             JournalCorrupted: that record does not read.
@@ -315,8 +316,10 @@ class UnlearningTrainer(pl.Trainer):
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
         if ckpt_path:
-            restore_checkpoint(ckpt_path, model, datamodule)
-            _refuse_fewer_deletions(ckpt_path, datamodule)
+            state = restore_checkpoint(ckpt_path, model, datamodule)
+            named = (state.get("unlearning") or {}).get("record")  # the folder its fit's UnlearningCallback wrote to
+            for record in {default_unlearning_folder(ckpt_path), *([Path(named)] if named else [])}:
+                _refuse_fewer_deletions(ckpt_path, datamodule, journal_of(record))
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         if path.is_dir():
             raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
@@ -400,13 +403,12 @@ def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
                  if wanted and (folder / KEY_FILE).is_file() and key_id(journal_of(folder)) == wanted), path.resolve().parent)
 
 
-def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule) -> None:
-    """``predict``: refuse a checkpoint whose data still holds what the deletion record beside it deleted.
+def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:
+    """``predict``: refuse a checkpoint whose data still holds what the deletion record ``journal`` deleted.
 
     A refit from the latest state, or a later unlearned checkpoint, removes at least as much and
     passes; the trained checkpoint after a deletion does not.
     """
-    journal = journal_of(default_unlearning_folder(ckpt_path))
     if not journal.path.is_file():
         return
     try:

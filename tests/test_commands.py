@@ -168,6 +168,10 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
           "--method", "FineTune", "--out", "again"])
     assert "holds 1 request queued and not yet applied (by the UnlearningCallback of its fit): applied first" in capsys.readouterr().out
     assert journal_of(tmp_path / "again").applied_count() == 2
+    # Its record is not beside it: predict finds it through the callback state the checkpoint holds.
+    with pytest.raises(SystemExit):
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
+    assert f"{tmp_path / 'unl'} records 1 deletion applied" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
 
 
 def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):

@@ -576,6 +576,7 @@ class UnlearningCallback(pl.Callback):
             "drift": self._policy.state_dict(),
             "lineage": dict(self._lineage) if self._lineage is not None else None,
             "key_id": self._applied_key_id() if self._applied else None,
+            "record": str(Path(self.dirpath).resolve()) if self.dirpath is not None else None,  # where its journal is
         }
 
     def _applied_key_id(self) -> str | None:
