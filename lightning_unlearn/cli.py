@@ -251,20 +251,23 @@ class UnlearningTrainer(pl.Trainer):
         with _options_refused():
             check_arguments(methods or [], k, repeats)
         if out:
-            folder = Path(out)
-            _refuse_a_file_for_a_folder("compare --out", folder)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                tempfile.TemporaryFile(dir=folder).close()
-            except OSError as err:
-                raise OptionRefused(f"compare --out {folder} cannot be written ({err.strerror}): give a folder you can "
-                                    f"write to.") from err
+            _refuse_a_file_for_a_folder("compare --out", Path(out))
         self._check_deletion(datamodule, deletion)
+        if out:  # last: a refused command leaves no folder behind
+            try:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=out).close()
+            except OSError as err:
+                raise OptionRefused(f"compare --out {out} cannot be written ({err.strerror}): give a folder you can "
+                                    f"write to.") from err
 
     def _check_deletion(self, datamodule: RecDataModule, deletion: DeletionSpec) -> None:
         datamodule.setup("fit")
         with _options_refused("--deletion"), ids_kept_out_of(self.loggers):
-            deletion.build(datamodule.train).resolve(datamodule.train, removed=datamodule.removed_keys)
+            resolved = deletion.build(datamodule.train).resolve(datamodule.train, removed=datamodule.removed_keys)
+        if not len(resolved.rows):
+            raise OptionRefused("--deletion selects no training row: what it names was deleted already (e.g. by the "
+                                "unlearned checkpoint compared from), or is only in the validation or test split.")
 
     def predict(
         self,
@@ -416,6 +419,9 @@ def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataMod
     except JournalCorrupted as err:
         raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
                                f"record does not read: {err}") from None
+    except FileNotFoundError as err:
+        raise StaleCheckpoint(f"predict checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
+                              f"the latest state there is missing: {err}") from None
     if interrupted:
         try:
             with journal.lock():

@@ -306,6 +306,12 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     with pytest.raises(SystemExit):
         main(["predict", "-c", str(trained.recipe), "--data.seed=1", "--ckpt_path", str(other), "--out", "seed1.csv"])
     assert "is not the data they were applied to (another seed or split)" in capsys.readouterr().err
+    # The record's latest state is gone: nothing to check against, so nothing is predicted.
+    latest.rename(tmp_path / "away.ckpt")
+    with pytest.raises(SystemExit):
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "gone.csv"])
+    assert "the latest state there is missing" in capsys.readouterr().err and not (tmp_path / "gone.csv").exists()
+    (tmp_path / "away.ckpt").rename(latest)
     # A request being applied now, then one whose process stopped mid-way: no state is the latest until it is done.
     journal = journal_of(tmp_path / "run" / "unlearning")
     journal.append("0" * 64, "pending", request=1, checkpoint=str(journal.folder / "unlearned-0001-000000000000.ckpt"))
@@ -662,11 +668,17 @@ def test_a_model_option_the_checkpoint_would_override_is_refused(trained, capsys
     assert exit_info.value.code == 2 and "--model.init_args.l2=0.9 (the checkpoint's: 0.05)" in err
 
 
-def test_compare_checks_the_deletion_on_the_data_the_checkpoint_leaves(trained, capsys):
-    """From an unlearned checkpoint (user 7 removed), deleting every remaining user is refused as such, once the
-    checkpoint's removals are applied: a message, not a traceback from the comparison."""
+@pytest.mark.parametrize(("deletion", "named"), [
+    (["--deletion.kind", "users", "--deletion.count", "119"], "deletes every one of the 119 users"),
+    (["--deletion.requests_file", "user7.csv"], "selects no training row: what it names was deleted already"),
+])
+def test_compare_checks_the_deletion_on_the_data_the_checkpoint_leaves(trained, tmp_path, capsys, deletion, named):
+    """From an unlearned checkpoint (user 7 removed), deleting every remaining user, or user 7 again, is refused as
+    such once the checkpoint's removals are applied: a message, not a traceback from the comparison."""
+    (tmp_path / "user7.csv").write_text(f"user\n{DELETED_USER}\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["compare", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--deletion.kind", "users",
-              "--deletion.count", "119", "--methods", "[]"])
+        main(["compare", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *deletion, "--methods", "[]",
+              "--out", "cmp"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "deletes every one of the 119 users" in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and named in err and "Traceback" not in err
+    assert not list((tmp_path / "cmp").glob("*"))  # nothing measured, nothing written
