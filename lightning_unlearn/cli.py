@@ -435,7 +435,7 @@ def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataMod
         )
     if latest is None:
         return
-    deleted = load_checkpoint(latest).get("datamodule_state") or {}
+    deleted = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}  # its removals, not its weights
     removed = datamodule.state_dict()
     same_data = deleted.get("fingerprint") == removed.get("fingerprint")  # else (another seed, split) nothing to compare
     if not same_data or not all(bool(torch.isin(deleted[key], removed[key]).all()) for key in ("train_keys", "users", "items")):
