@@ -24,10 +24,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from lightning_unlearn import files as files_module
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.data.datamodule import DataFingerprintMismatch
 from lightning_unlearn.models import MF
-from lightning_unlearn.unlearning import files as files_module
 from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import Journal

@@ -28,10 +28,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lightning_unlearn import files as files_module
 from lightning_unlearn.data import RecDataModule
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.sources import DataSource
-from lightning_unlearn.unlearning import files as files_module
 from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
@@ -475,6 +475,33 @@ def test_no_raw_id_rests_in_any_checkpoint_or_the_journal_and_digests_are_keyed(
             assert guess not in applied and guess not in journal_text
     assert key not in journal_text and all(key.encode() not in p.read_bytes() for p in written if p.name != "journal.key")
     assert oct((tmp_path / "unlearning" / "journal.key").stat().st_mode & 0o777) == "0o600"
+    # Lightning's own checkpoints hold the pending requests (epoch 0) or the removals (epoch 1) as indices: private too.
+    lightning_checkpoints = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(lightning_checkpoints) == 2
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in lightning_checkpoints), lightning_checkpoints
+
+
+def test_lightning_checkpoints_are_private_only_once_they_hold_deleted_rows(tmp_path):
+    """A fit of untouched data writes checkpoints with the default mode; a refit of data with removals (no callback) privately."""
+    old_mask = os.umask(0o022)
+    try:
+        for name, removed in (("plain", False), ("removed", True)):
+            dm = datamodule()
+            dm.setup()
+            if removed:
+                dm.remove(torch.tensor([0, 1]))
+            trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                 default_root_dir=tmp_path / name,
+                                 callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True)])
+            trainer.fit(new_model(dm), dm)
+            written = sorted((tmp_path / name).glob("*.ckpt"))
+            assert len(written) == 2 and not list((tmp_path / name).glob(".*tmp")), written
+            expected = "0o600" if removed else "0o644"
+            assert all(oct(p.stat().st_mode & 0o777) == expected for p in written), (name, written)
+            state = torch.load(written[0], weights_only=True)["RecDataModule"]
+            assert len(state["train_keys"]) == (2 if removed else 0)
+    finally:
+        os.umask(old_mask)
 
 
 # ----------------------------------------------------------------------------- 6. the smaller edges

@@ -16,9 +16,9 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strate
 from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.files import fsync_directory, keep_checkpoints_private
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import non_finite
-from lightning_unlearn.unlearning.files import fsync_directory
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.retrain import Retrain
@@ -578,6 +578,12 @@ class UnlearningCallback(pl.Callback):
             "key_id": self._applied_key_id() if self._applied else None,
             "record": str(Path(self.dirpath).resolve()) if self.dirpath is not None else None,  # where its journal is
         }
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint that holds pending requests (as indices) is written readable by its owner only (:func:`keep_checkpoints_private`)."""
+        if self._queue or self._restored:
+            keep_checkpoints_private(trainer)
 
     def _applied_key_id(self) -> str | None:
         """:func:`~lightning_unlearn.unlearning.record.key_id` of the key the applied fingerprints were made with (``None``: unknown)."""

@@ -22,11 +22,11 @@ from pytorch_lightning.loggers import Logger
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.files import write_whole
 from lightning_unlearn.metrics.completeness import completeness_report
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import fingerprint
 from lightning_unlearn.unlearning.deletion import DeletionSpec
-from lightning_unlearn.unlearning.files import write_whole
 from lightning_unlearn.unlearning.memory import PeakMemory
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from lightning_unlearn.unlearning.files import fsync_directory
+from lightning_unlearn.files import fsync_directory
 
 __all__ = ["FolderLocked", "Journal", "JournalCorrupted"]
 

@@ -21,8 +21,8 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.files import write_whole
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.files import write_whole
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal
 
 if TYPE_CHECKING:
