@@ -279,6 +279,7 @@ class UnlearningTrainer(pl.Trainer):
         weights_only: bool | None = None,
         out: str | None = None,
         k: int = 20,
+        record: str | None = None,
     ) -> Any:
         """Write each user's top-K recommendations to a CSV file: deleted users and items left out.
 
@@ -300,6 +301,8 @@ class UnlearningTrainer(pl.Trainer):
             weights_only: for Lightning's ``predict`` only.
             out: the CSV file to write (default ``<run dir>/recommendations.csv``).
             k: recommendations per user (at least 1).
+            record: a deletion record folder to check ``ckpt_path`` against as well: where the
+                record its fit's ``UnlearningCallback`` named is now, if that folder was moved.
 
         Returns:
             For a recommender: ``{"path", "users", "k", "deleted_users", "deleted_items"}`` (counts);
@@ -311,18 +314,28 @@ class UnlearningTrainer(pl.Trainer):
                 (:func:`default_unlearning_folder`), or the one its callback state names (a fit
                 with an ``UnlearningCallback``), holds deletions whose rows, users or items that
                 checkpoint's data still has (it would recommend to the users deleted since), or a
-                request it was applying when its process stopped.
+                request it was applying when its process stopped; or the record its callback state
+                names is gone and ``record`` was not given.
             JournalCorrupted: that record does not read.
         """
         if not (isinstance(model, Recommender) and isinstance(datamodule, RecDataModule) and dataloaders is None):
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
+        if record is not None and not Path(record).is_dir():
+            raise OptionRefused(f"predict --record {record} is not a folder: give the deletion record's folder (the one "
+                                f"that holds journal.jsonl).")
         if ckpt_path:
             state = restore_checkpoint(ckpt_path, model, datamodule)
             named = (state.get("unlearning") or {}).get("record")  # the folder its fit's UnlearningCallback wrote to
-            for record in {default_unlearning_folder(ckpt_path), *([Path(named)] if named else [])}:
-                _refuse_fewer_deletions(ckpt_path, datamodule, journal_of(record))
+            if named and record is None and not Path(named).is_dir():
+                raise StaleCheckpoint(
+                    f"{ckpt_path} was fitted with an UnlearningCallback that kept its deletion record in {named}, and that "
+                    f"folder is gone: predict cannot check that the checkpoint holds the deletions recorded there since. "
+                    f"If it was moved, give its place with --record FOLDER.")
+            named_ones = [Path(f) for f in (named, record) if f and Path(f).is_dir()]
+            for folder in {default_unlearning_folder(ckpt_path), *named_ones}:
+                _refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         if path.is_dir():
             raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")

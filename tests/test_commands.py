@@ -172,6 +172,14 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
     with pytest.raises(SystemExit):
         main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
     assert f"{tmp_path / 'unl'} records 1 deletion applied" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+    # The record moved (with the project, say): predict does not skip the check, and finds it where --record says.
+    (tmp_path / "unl").rename(tmp_path / "moved")
+    for where, said in (([], f"kept its deletion record in {tmp_path / 'unl'}, and that folder is gone"),
+                        (["--record", "nowhere"], "predict --record nowhere is not a folder"),
+                        (["--record", str(tmp_path / "moved")], f"{tmp_path / 'moved'} records 1 deletion applied")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv", *where])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
 
 
 def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):
