@@ -4,7 +4,7 @@ Every file the unlearning folder and ``compare`` write in one piece (unlearned c
 ``compare.json``/``.csv``, the partial results and their weights) goes through
 :func:`write_whole`; the journal, which is appended to, makes its lines durable itself. A
 Trainer's own checkpoints go through :class:`PrivateCheckpointIO` once they hold deleted rows
-(:func:`keep_checkpoints_private`).
+(:func:`holds_deleted_rows`, :func:`keep_checkpoints_private`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import fsspec
 import pytorch_lightning as pl
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.plugins.io import CheckpointIO, TorchCheckpointIO
+from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
+from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["PrivateCheckpointIO", "fsync_directory", "keep_checkpoints_private", "write_whole"]
+__all__ = ["PrivateCheckpointIO", "fsync_directory", "holds_deleted_rows", "keep_checkpoints_private", "write_whole"]
 
 
 def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = False) -> Path:
@@ -114,12 +118,10 @@ def _umask() -> int:
 class PrivateCheckpointIO(CheckpointIO):
     """A Trainer's checkpoint IO that writes local checkpoints readable by their owner only (``0o600``), whole or not at all.
 
-    A checkpoint of a datamodule with removals, or of an
-    :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback` with pending requests,
-    holds the deleted rows as indices, which map back to ids with the data set: like the
-    unlearned checkpoints, it is written with :func:`write_whole` (``private=True``) instead
-    of the default mode. Paths with a protocol (``s3://``, ...) have no file mode and go to the
-    wrapped IO, as do loading and removing.
+    A checkpoint that holds deleted rows as indices (:func:`holds_deleted_rows`), which map
+    back to ids with the data set, is written like the unlearned checkpoints: with
+    :func:`write_whole` (``private=True``) instead of the default mode. Paths on another file
+    system (``s3://``, ``memory://``: no file mode) go to the wrapped IO, as do loading and removing.
 
     Args:
         inner: the IO it wraps (Lightning's default :class:`~lightning_fabric.plugins.io.TorchCheckpointIO`).
@@ -136,13 +138,14 @@ class PrivateCheckpointIO(CheckpointIO):
         self.inner = inner
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):
+        filesystem, local = fsspec.core.url_to_fs(str(path))
+        if storage_options is not None or not isinstance(filesystem, LocalFileSystem):
             self.inner.save_checkpoint(checkpoint, path, storage_options)
             return
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_whole(path, buffer.getvalue(), private=True)
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        write_whole(local, buffer.getvalue(), private=True)
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.inner.load_checkpoint(*args, **kwargs)
@@ -154,15 +157,38 @@ class PrivateCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-def keep_checkpoints_private(trainer: pl.Trainer | None) -> None:
-    """Make ``trainer``'s later checkpoints private (:class:`PrivateCheckpointIO`); nothing without a trainer.
+_DELETED_ROWS = ("train_keys", "users", "items", "pending")  # a RecDataModule's removals, an UnlearningCallback's queue
 
-    Called when a checkpoint's state is taken that holds deleted rows, before it is written.
-    Wraps Lightning's default IO only: a strategy with its own IO (sharded, XLA, a plug-in) is
-    warned, once, that its files get the mode that IO gives them.
+
+def holds_deleted_rows(checkpoint: dict[str, Any]) -> bool:
+    """Whether a Trainer's checkpoint holds deleted rows as indices: a datamodule state with removals, or a callback state with pending requests.
 
     Args:
-        trainer: the Trainer about to write a checkpoint (``None``: a state taken outside a fit).
+        checkpoint: the dictionary Lightning is about to write (the datamodule's state under
+            its class name, the callbacks' under ``"callbacks"``).
+
+    Example:
+        >>> holds_deleted_rows({"RecDataModule": {"train_keys": torch.tensor([3]), "users": torch.tensor([])}})
+        True
+        >>> holds_deleted_rows({"callbacks": {"UnlearningCallback": {"pending": []}}, "state_dict": {}})
+        False
+    """
+    states = [*checkpoint.values(), *(checkpoint.get("callbacks") or {}).values()]
+    return any(len(state.get(name, ())) for state in states if isinstance(state, dict) for name in _DELETED_ROWS)
+
+
+def keep_checkpoints_private(trainer: pl.Trainer | None) -> None:
+    """Make ``trainer``'s checkpoints private from now on (:class:`PrivateCheckpointIO`); nothing without a trainer.
+
+    Called by the hooks that see a checkpoint holding deleted rows before it is written (the
+    recommender's and the :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback`'s
+    ``on_save_checkpoint``). Wraps Lightning's default IO, also inside a wrapping IO such as
+    ``AsyncCheckpointIO``. A checkpoint IO of another kind, or a strategy that writes its
+    checkpoint files itself (FSDP, DeepSpeed), is warned, once, that its files get the mode it
+    gives them.
+
+    Args:
+        trainer: the Trainer about to write the checkpoint.
 
     Example:
         >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -173,12 +199,17 @@ def keep_checkpoints_private(trainer: pl.Trainer | None) -> None:
     if trainer is None:
         return
     strategy = trainer.strategy
-    current = strategy.checkpoint_io
+    holder = strategy.checkpoint_io if isinstance(strategy.checkpoint_io, _WrappingCheckpointIO) else None
+    current = holder.checkpoint_io if holder is not None else strategy.checkpoint_io
     if isinstance(current, PrivateCheckpointIO):
         return
-    if type(current) is not TorchCheckpointIO:
+    if type(current) is not TorchCheckpointIO or isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        writer = type(strategy).__name__ if type(current) is TorchCheckpointIO else type(current).__name__
         rank_zero_warn(f"The checkpoints of this Trainer hold deleted rows as indices, which map back to ids with the data set, "
-                       f"and its {type(current).__name__} writes them with its own file mode: keep them private "
-                       f"(e.g. chmod 600).", category=UserWarning)
+                       f"and its {writer} writes them with its own file mode: keep them private (e.g. chmod 600).",
+                       category=UserWarning)
         return
-    strategy.checkpoint_io = PrivateCheckpointIO(current)
+    if holder is None:
+        strategy.checkpoint_io = PrivateCheckpointIO(current)
+    else:  # its setter does not replace an IO it already has
+        holder._checkpoint_io = PrivateCheckpointIO(current)

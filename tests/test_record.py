@@ -27,15 +27,17 @@ import pytorch_lightning as pl
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lightning_fabric.plugins.io import TorchCheckpointIO
 
 from lightning_unlearn import files as files_module
 from lightning_unlearn.data import RecDataModule
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.sources import DataSource
+from lightning_unlearn.files import PrivateCheckpointIO
 from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
-from lightning_unlearn.unlearning.methods import FineTune, UnlearningError
+from lightning_unlearn.unlearning.methods import FineTune, Retrain, UnlearningError
 from lightning_unlearn.unlearning.record import (
     CheckpointUnreadable,
     MissingDataState,
@@ -479,6 +481,26 @@ def test_no_raw_id_rests_in_any_checkpoint_or_the_journal_and_digests_are_keyed(
     lightning_checkpoints = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(lightning_checkpoints) == 2
     assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in lightning_checkpoints), lightning_checkpoints
+
+
+@pytest.mark.parametrize("method", [Retrain(), FineTune(epochs=1)])
+def test_lightning_checkpoints_stay_private_after_a_refit_inside_the_fit_and_through_a_wrapping_io(tmp_path, method):
+    """A Retrain fits with a Trainer of its own on the same datamodule; Lightning's AsyncCheckpointIO wraps the default IO."""
+    from pytorch_lightning.plugins.io import AsyncCheckpointIO
+
+    dm = datamodule()
+    callback = UnlearningCallback(method, requests=[DeletionRequest(users=[3])], when="epoch_end", dirpath=tmp_path / "unlearning",
+                                  evaluate=False)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         plugins=[AsyncCheckpointIO()],
+                         callbacks=[callback, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, save_last=True)])
+    trainer.fit(new_model(dm), dm)
+    written = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(written) == 3 and dm.trainer is trainer
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in written), written
+    url = f"file://{tmp_path / 'url.ckpt'}"  # a local path spelt as a URL is a local file too
+    PrivateCheckpointIO(TorchCheckpointIO()).save_checkpoint({"RecDataModule": dm.state_dict()}, url)
+    assert oct((tmp_path / "url.ckpt").stat().st_mode & 0o777) == "0o600"
 
 
 def test_lightning_checkpoints_are_private_only_once_they_hold_deleted_rows(tmp_path):

@@ -23,7 +23,6 @@ from lightning_unlearn.data.negatives import sample_negatives
 from lightning_unlearn.data.sources import DataSource
 from lightning_unlearn.data.splits import k_core as k_core_filter
 from lightning_unlearn.data.splits import leave_last_out, random_holdout
-from lightning_unlearn.files import keep_checkpoints_private
 
 __all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint"]
 
@@ -272,16 +271,12 @@ class RecDataModule(pl.LightningDataModule):
         another number of candidates is warned that its metrics (under the same names) are not
         comparable with the saved ones.
 
-        Once the removals are not empty, the Trainer's checkpoints that hold them are written
-        readable by their owner only (:func:`~lightning_unlearn.files.keep_checkpoints_private`)."""
+        A Trainer's checkpoint that holds removals is written readable by its owner only (the
+        recommender's ``on_save_checkpoint``, :func:`~lightning_unlearn.files.keep_checkpoints_private`)."""
         if self.train is None:
-            state = self._restored or {}
-        else:
-            sampled = {} if self.hparams.eval_candidates is None else {"eval_candidates": int(self.hparams.eval_candidates)}
-            state = {"fingerprint": self._fingerprint, **self._removed.as_dict(), **sampled}
-        if any(len(state.get(name, ())) for name in ("train_keys", "users", "items")):
-            keep_checkpoints_private(self.trainer)
-        return state
+            return self._restored or {}
+        sampled = {} if self.hparams.eval_candidates is None else {"eval_candidates": int(self.hparams.eval_candidates)}
+        return {"fingerprint": self._fingerprint, **self._removed.as_dict(), **sampled}
 
     def load_state_dict(self, state: dict) -> None:
         """Re-apply the removals recorded by :meth:`state_dict` to freshly loaded data.

@@ -159,7 +159,11 @@ class FitRecipe:
                 enable_checkpointing=False,
                 enable_progress_bar=self.progress, enable_model_summary=False, callbacks=callbacks, default_root_dir=folder,
             )
-            trainer.fit(model, datamodule)
+            previous = datamodule.trainer
+            try:
+                trainer.fit(model, datamodule)
+            finally:
+                datamodule.trainer = previous  # the datamodule stays the outer Trainer's (a refit inside a fit)
             if best is not None and best.state is not None:
                 model.load_state_dict(best.state)
 
