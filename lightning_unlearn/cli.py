@@ -301,8 +301,9 @@ class UnlearningTrainer(pl.Trainer):
             weights_only: for Lightning's ``predict`` only.
             out: the CSV file to write (default ``<run dir>/recommendations.csv``).
             k: recommendations per user (at least 1).
-            record: a deletion record folder to check ``ckpt_path`` against as well: where the
-                record its fit's ``UnlearningCallback`` named is now, if that folder was moved.
+            record: a deletion record folder (with its ``journal.key``) to check ``ckpt_path``
+                against as well: where the record its fit's ``UnlearningCallback`` named is now,
+                if that folder was moved.
 
         Returns:
             For a recommender: ``{"path", "users", "k", "deleted_users", "deleted_items"}`` (counts);
@@ -315,26 +316,18 @@ class UnlearningTrainer(pl.Trainer):
                 with an ``UnlearningCallback``), holds deletions whose rows, users or items that
                 checkpoint's data still has (it would recommend to the users deleted since), or a
                 request it was applying when its process stopped; or the record its callback state
-                names is gone and ``record`` was not given.
+                names is gone and ``record`` does not say where it is.
             JournalCorrupted: that record does not read.
         """
         if not (isinstance(model, Recommender) and isinstance(datamodule, RecDataModule) and dataloaders is None):
             return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
-        if record is not None and not Path(record).is_dir():
-            raise OptionRefused(f"predict --record {record} is not a folder: give the deletion record's folder (the one "
-                                f"that holds journal.jsonl).")
+        if record is not None and not ckpt_path:
+            raise OptionRefused("predict --record names the deletion record to check --ckpt_path against: give the checkpoint too.")
         if ckpt_path:
             state = restore_checkpoint(ckpt_path, model, datamodule)
-            named = (state.get("unlearning") or {}).get("record")  # the folder its fit's UnlearningCallback wrote to
-            if named and record is None and not Path(named).is_dir():
-                raise StaleCheckpoint(
-                    f"{ckpt_path} was fitted with an UnlearningCallback that kept its deletion record in {named}, and that "
-                    f"folder is gone: predict cannot check that the checkpoint holds the deletions recorded there since. "
-                    f"If it was moved, give its place with --record FOLDER.")
-            named_ones = [Path(f) for f in (named, record) if f and Path(f).is_dir()]
-            for folder in {default_unlearning_folder(ckpt_path), *named_ones}:
+            for folder in _records_of(ckpt_path, state.get("unlearning") or {}, record):
                 _refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         if path.is_dir():
@@ -417,6 +410,36 @@ def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
     wanted = (state.get("unlearning") or {}).get("key_id")
     return next((folder for folder in (path.parent, path.resolve().parent)
                  if wanted and (folder / KEY_FILE).is_file() and key_id(journal_of(folder)) == wanted), path.resolve().parent)
+
+
+def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record: str | None) -> set[Path]:
+    """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it, the one its callback state
+    (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
+    recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
+    says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints)."""
+    beside = default_unlearning_folder(ckpt_path)
+    named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
+
+    def is_named(folder: Path) -> bool:
+        return (folder / KEY_FILE).is_file() and (named_key is None or key_id(journal_of(folder)) == named_key)
+
+    folders = {beside}
+    if record is not None:
+        if not (Path(record) / KEY_FILE).is_file():
+            raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
+                                f"of the record's journal.jsonl and {KEY_FILE}.")
+        if named and not is_named(Path(record)):
+            raise StaleCheckpoint(f"predict --record {record} is another deletion record than the one {ckpt_path} names "
+                                  f"({named}): its key differs. Give the folder that record was moved to.")
+        folders.add(Path(record))
+    if named and is_named(Path(named)):
+        folders.add(Path(named))
+    elif named and record is None and not (named_key is not None and is_named(beside)):
+        raise StaleCheckpoint(
+            f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
+            f"predict cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "
+            f"place with --record FOLDER.")
+    return folders
 
 
 def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:

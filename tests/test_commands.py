@@ -174,12 +174,24 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
     assert f"{tmp_path / 'unl'} records 1 deletion applied" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
     # The record moved (with the project, say): predict does not skip the check, and finds it where --record says.
     (tmp_path / "unl").rename(tmp_path / "moved")
-    for where, said in (([], f"kept its deletion record in {tmp_path / 'unl'}, and that folder is gone"),
-                        (["--record", "nowhere"], "predict --record nowhere is not a folder"),
+    (tmp_path / "empty").mkdir()
+    gone = f"names the deletion record {tmp_path / 'unl'} (its UnlearningCallback's folder), and that record is gone"
+    for where, said in (([], gone),
+                        (["--record", "empty"], "predict --record empty is not a deletion record: it holds no journal.key"),
+                        (["--record", "again"], "is another deletion record than the one"),
                         (["--record", str(tmp_path / "moved")], f"{tmp_path / 'moved'} records 1 deletion applied")):
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv", *where])
         assert exit_info.value.code == 2 and said in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+    (tmp_path / "unl").mkdir()  # re-created empty: not the record
+    with pytest.raises(SystemExit):
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
+    assert gone in capsys.readouterr().err
+    # The record's own latest state, moved with it, predicts: the record beside it is the one it names.
+    latest = journal_of(tmp_path / "moved").last_checkpoint()
+    assert latest.parent == tmp_path / "moved"
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "latest.csv"])
+    assert "[predict] wrote the top-20 recommendations" in capsys.readouterr().out
 
 
 def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):

@@ -16,7 +16,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strate
 from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.files import fsync_directory, keep_checkpoints_private
+from lightning_unlearn.files import fsync_directory, holds_deleted_rows, keep_checkpoints_private
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import non_finite
 from lightning_unlearn.unlearning.journal import Journal
@@ -561,7 +561,7 @@ class UnlearningCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors, never a raw id: the applied requests' keyed fingerprints (and
         :func:`~lightning_unlearn.unlearning.record.key_id` of their key), the pending requests as
-        indices into the data's id maps, the drift counter and the lineage.
+        indices into the data's id maps, the drift counter, the lineage, and its record folder and that folder's key id.
 
         A pending request can be stored only once the data is known (after ``setup`` or
         :meth:`apply_pending`) and if its ids are in the data's maps; one that is not is left out
@@ -577,12 +577,13 @@ class UnlearningCallback(pl.Callback):
             "lineage": dict(self._lineage) if self._lineage is not None else None,
             "key_id": self._applied_key_id() if self._applied else None,
             "record": str(Path(self.dirpath).resolve()) if self.dirpath is not None else None,  # where its journal is
+            "record_key_id": key_id(self.journal) if self.dirpath is not None else None,  # which record that is (predict)
         }
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint that holds pending requests (as indices) is written readable by its owner only (:func:`keep_checkpoints_private`)."""
-        if self._queue or self._restored:
+        """A checkpoint that holds pending requests or removals (as indices) is written readable by its owner only (:func:`keep_checkpoints_private`)."""
+        if holds_deleted_rows(checkpoint):
             keep_checkpoints_private(trainer)
 
     def _applied_key_id(self) -> str | None:
