@@ -366,3 +366,36 @@ def test_finetune_with_a_huge_learning_rate_fails_clearly_and_restores_the_model
         FineTune(epochs=2, lr=lr, optimizer=optimizer, batch_size=8).unlearn(model, retained, deleted)
     for name, value in before.items():
         assert torch.equal(model.state_dict()[name], value), name
+
+
+# ----------------------------------------------------------------------------- the parameters' fingerprint
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64])
+def test_fingerprint_sees_any_one_entry_changed_or_two_swapped_and_not_the_thread_count(dtype):
+    """Caches key on it: a change of one bit of one entry, or two entries swapped in a row or a column, must show."""
+    from lightning_unlearn.models.functional import fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(37, 6, generator=g).to(dtype))
+    model = torch.nn.ParameterList([table, torch.nn.Parameter(torch.randn(3, generator=g).to(dtype))])
+    before = fingerprint(model)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(before, fingerprint(model)) and before.dtype == torch.int64 and before.shape == (2, 4)
+    finally:
+        torch.set_num_threads(threads)
+    bits = table.data.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[table.element_size()])
+    for row, column in ((0, 0), (36, 5), (17, 3)):
+        for flip in (1, 1 << (8 * table.element_size() - 1)):  # the lowest bit and the sign bit
+            bits[row, column] ^= flip
+            assert not torch.equal(before, fingerprint(model)), (row, column, flip)
+            bits[row, column] ^= flip
+            assert torch.equal(before, fingerprint(model))
+    for a, b in (((2, 1), (2, 4)), ((5, 0), (30, 0)), ((1, 1), (9, 2))):  # in a row, in a column, neither
+        with torch.no_grad():
+            table[a], table[b] = table[b].clone(), table[a].clone()
+        assert not torch.equal(before, fingerprint(model)), (a, b)
+        with torch.no_grad():
+            table[a], table[b] = table[b].clone(), table[a].clone()
+    view = torch.randn(8, 10, generator=g)[:, ::2]  # not contiguous, and an empty tensor: read in place
+    assert fingerprint(torch.nn.Linear(1, 1), view, torch.zeros(0, 3)).shape == (4, 4)
