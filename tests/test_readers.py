@@ -165,6 +165,16 @@ def test_read_csv_short_line_names_the_line(tmp_path, header, line):
         read_csv(write(tmp_path / "x.csv", text), {"user": 0, "item": 1, "rating": 2}, header=header)
 
 
+@pytest.mark.parametrize("body", ["user,item\n1,2\n3,4,5\n6,7\n", "user,item\na,2\nb,4,5\n", "user,item\n1,2\n\"3,4\",5,6\n"])
+def test_read_csv_row_with_more_fields_than_the_first_names_the_line(tmp_path, body):
+    """An extra field means a line was split where it should not be: read as it is, its fields would be shifted."""
+    (tmp_path / "x.csv").write_text(body)
+    with pytest.raises(ValueError, match=r"x\.csv, line 3: 3 fields where the first row has 2"):
+        read_csv(tmp_path / "x.csv")
+    (tmp_path / "ok.csv").write_text('user,item\n1,2\n\n"3,4",5\n\n')  # blank lines, and a quoted separator: one field
+    assert len(read_csv(tmp_path / "ok.csv")) == 2
+
+
 def test_read_csv_non_numeric_rating(tmp_path):
     with pytest.raises(ValueError, match="rating/timestamp columns must be numbers"):
         read_csv(write(tmp_path / "x.csv", "u,i,r\n1,2,five\n"))
@@ -264,7 +274,7 @@ def test_read_csv_plain_numbers_take_the_vectorised_path_and_equal_the_general_o
     path = tmp_path / "plain.csv"
     path.write_text(text)
     fast, general = read_csv(path, sep=sep, header=header), _general(path, sep=sep, header=header)
-    assert readers._read_numeric(path, {"user": 0, "item": 1}, sep, header) is not None  # the fast path took it
+    assert readers._read_numeric(path, {"user": 0, "item": 1}, sep, header, width) is not None  # the fast path took it
     for name in ("users", "items", "ratings", "timestamps"):
         a, b = getattr(fast, name), getattr(general, name)
         assert (a is None and b is None) or torch.equal(a, b), name
@@ -278,7 +288,7 @@ def test_read_csv_leaves_ids_that_are_not_plain_numbers_to_the_general_path(tmp_
 
     path = tmp_path / "odd.csv"
     path.write_text("user,item,rating\n7,3,5\n" + line + "\n")
-    assert readers._read_numeric(path, {"user": 0, "item": 1, "rating": 2}, ",", True) is None
+    assert readers._read_numeric(path, {"user": 0, "item": 1, "rating": 2}, ",", True, 3) is None
     table = read_csv(path)
     assert len(table) == 2 and table.user_ids.tolist() == _general(path).user_ids.tolist()
 

@@ -124,7 +124,8 @@ def read_csv(
         threshold: if given, keep only rows whose rating is at least this (implicit positives).
 
     Raises:
-        ValueError: if a named column is missing or a field cannot be parsed (names the line).
+        ValueError: if a named column is missing, a field cannot be parsed or a row has another
+            number of fields than the first data row (names the line).
 
     Example:
         >>> import tempfile, os
@@ -135,19 +136,19 @@ def read_csv(
     """
     with open(path, newline="", encoding=_ENCODING) as fh:
         first = next(csv.reader([fh.readline()], delimiter=sep), [])
-        if header:  # the default columns follow the width of the first data row
-            width = len(next(csv.reader([fh.readline()], delimiter=sep), []))
+        # the default columns follow the width of the first data row, and every row has as many fields
+        width = len(next(csv.reader([fh.readline()], delimiter=sep), [])) if header else len(first)
     if header and first and all(_NUMBER.fullmatch(field.strip()) for field in first) and not (columns and any(
             isinstance(c, str) for c in columns.values())):
         raise ValueError(f"{path}: the first line {','.join(first)!r} is numbers, not column names (header=True): "
                          f"pass header=False for a file without a header line.")
     names = first if header else None
-    index = _column_index(path, columns, names, width if header else len(first))
-    table = _read_numeric(Path(path), index, sep, header)
+    index = _column_index(path, columns, names, width)
+    table = _read_numeric(Path(path), index, sep, header, width)
     if table is None:  # not plain numbers: the general path, which names any bad line
         with open(path, newline="", encoding=_ENCODING) as fh:
             rows = list(csv.reader(fh, delimiter=sep))[1 if header else 0:]
-        table = _read_rows(Path(path), rows, index, 2 if header else 1)
+        table = _read_rows(Path(path), rows, index, 2 if header else 1, width)
     if not len(table):
         raise ValueError(f"{path}: no interactions (an empty file{', or only its header line' if header else ''}).")
     return table if threshold is None else compact(table.binarize(threshold))
@@ -180,19 +181,25 @@ def _column_index(path: str | Path, columns: Mapping[str, str | int] | None, nam
     return index
 
 
-def _read_rows(path: Path, rows: list[list[str]], index: dict[str, int], first_line: int) -> Interactions:
-    """The general path of :func:`read_csv`: parsed rows of strings (any ids; bad lines are named)."""
+def _read_rows(path: Path, rows: list[list[str]], index: dict[str, int], first_line: int, width: int) -> Interactions:
+    """The general path of :func:`read_csv`: parsed rows of strings (any ids; bad lines are named).
+
+    Every row has ``width`` fields (the first data row's): one with more or fewer was split
+    where it should not have been (a separator in an unquoted field) or lost a field.
+    """
     data: dict[str, list] = {field: [] for field in index}
     lines: list[int] = []
     for number, row in enumerate(rows, start=first_line):
         if not row:
             continue
         lines.append(number)
-        try:
-            for field, col in index.items():
-                data[field].append(row[col])
-        except IndexError:
-            raise ValueError(f"{path}, line {number}: expected at least {max(index.values()) + 1} fields, got {len(row)}.") from None
+        if len(row) < max(index.values()) + 1:
+            raise ValueError(f"{path}, line {number}: expected at least {max(index.values()) + 1} fields, got {len(row)}.")
+        if len(row) != width:
+            raise ValueError(f"{path}, line {number}: {len(row)} fields where the first row has {width}: a separator "
+                             f"inside a field that is not quoted, or a field missing? Quote such a field, or mend the line.")
+        for field, col in index.items():
+            data[field].append(row[col])
     users, items = (np.array(data[k]) for k in ("user", "item"))
     users, items = _as_int_if_possible(users), _as_int_if_possible(items)
     try:
@@ -204,13 +211,13 @@ def _read_rows(path: Path, rows: list[list[str]], index: dict[str, int], first_l
     return Interactions.from_raw(users, items, ratings, stamps)
 
 
-def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool) -> Interactions | None:
+def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool, width: int) -> Interactions | None:
     """The vectorised path of :func:`read_csv`: a file of plain numbers parsed in C (``numpy.loadtxt``), no Python loop per line.
 
     Returns ``None`` (the general path reads the file, and names any bad line) unless every
     field is a plain number (digits, ``.``, ``-``; no quotes, spaces or exponents; no number
-    written with a leading zero such as ``"007"``) and the ids are integers, so that both paths
-    give the same ids.
+    written with a leading zero such as ``"007"``), every line has ``width`` fields (no blank
+    line but at the end) and the ids are integers, so that both paths give the same ids.
     """
     if len(sep) != 1:
         return None
@@ -219,6 +226,9 @@ def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool) -> 
     body = data[data.find(b"\n") + 1:] if header else data
     separator = sep.encode()
     if not body.strip() or body.translate(None, b"0123456789.-\r\n" + separator):  # a byte that is not part of a plain number
+        return None
+    rows = body.rstrip(b"\r\n")
+    if rows.count(separator) != (width - 1) * (rows.count(b"\n") + 1):  # a row of another width, or a blank line between rows
         return None
     if re.match(rb"0[0-9]", body) or re.search(rb"[\n" + re.escape(separator) + rb"]0[0-9]", body):  # "007"
         return None
