@@ -936,6 +936,26 @@ def _subcommand_of(args: list[str] | None) -> str | None:
     return next((a for a in given if a in LightningUnlearnCLI.subcommands()), None)
 
 
+def _refuse_a_recipe_before_the_subcommand(args: list[str] | None) -> None:
+    """``-c FILE`` before the subcommand takes a file with a section per subcommand (LightningCLI's); a recipe, which
+    configures one command, is refused there with the command line that runs it, instead of jsonargparse's
+    "Option 'trainer...' is not accepted before subcommand" about its first key."""
+    given = sys.argv[1:] if args is None else args
+    subcommands = LightningUnlearnCLI.subcommands()
+    before = given[:next((i for i, a in enumerate(given) if a in subcommands), len(given))]
+    files = [before[i + 1] for i, a in enumerate(before[:-1]) if a in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in before if a.startswith("--config=")]
+    for name in files:
+        try:
+            config = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # LightningCLI says what is wrong with it
+        if isinstance(config, dict) and config and not set(config) & set(subcommands):
+            command = _subcommand_of(given) or "fit"
+            raise OptionRefused(f"-c {name} before the subcommand takes a file with a section per subcommand ({', '.join(s + ':' for s in subcommands)}); "
+                                f"this one configures a single command. Give it after the subcommand: lightning-unlearn {command} -c {name}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-unlearn`` console script.
 
@@ -963,6 +983,7 @@ def main(args: list[str] | None = None) -> None:
     args = console_args(args)  # `recipes list|copy` ends here; `-c ml100k/mf` becomes the shipped recipe's path
     torch.set_flush_denormal(True)
     try:
+        _refuse_a_recipe_before_the_subcommand(args)
         with quiet_third_party_noise():
             LightningUnlearnCLI(
                 Recommender,

@@ -12,7 +12,7 @@ import yaml
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import lightning_unlearn.cli as cli_module
-from lightning_unlearn.cli import _is_class, main
+from lightning_unlearn.cli import _is_class, _refuse_a_recipe_before_the_subcommand, main
 from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from tests.conftest import REPO
@@ -81,6 +81,22 @@ def write_synthetic_recipe(path: Path, extra: str = "") -> Path:
         + extra
     )
     return path
+
+
+@pytest.mark.parametrize("given", [["-c", "ml100k/mf", "fit"], ["--config=ml100k/mf", "test", "--trainer.max_epochs=1"]])
+def test_a_recipe_before_the_subcommand_is_refused_with_the_command_that_runs_it(given, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(given)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "before the subcommand takes a file with a section per subcommand" in err
+    assert f"Give it after the subcommand: lightning-unlearn {given[2 - given[0].startswith('--config=')]} -c " in err
+    assert "Traceback" not in err
+
+
+def test_a_file_with_a_section_per_subcommand_still_goes_before_it(tmp_path):
+    (tmp_path / "all.yaml").write_text("fit:\n  trainer:\n    max_epochs: 1\ntest:\n  trainer:\n    max_epochs: 1\n")
+    _refuse_a_recipe_before_the_subcommand(["-c", str(tmp_path / "all.yaml"), "fit"])
+    _refuse_a_recipe_before_the_subcommand(["fit", "-c", str(tmp_path / "all.yaml")])  # after it: any file is a recipe
 
 
 def test_sizes_are_linked_from_the_datamodule(tmp_path, capsys):
