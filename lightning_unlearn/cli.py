@@ -956,6 +956,23 @@ def _refuse_a_recipe_before_the_subcommand(args: list[str] | None) -> None:
                                 f"this one configures a single command. Give it after the subcommand: lightning-unlearn {command} -c {name}")
 
 
+def _methods_as_lists(args: list[str] | None) -> list[str] | None:
+    """``compare --methods IFRU`` (or ``--methods=IFRU``) means the list ``[IFRU]``, not jsonargparse's "Expected a list"
+    after a page of usage; a list (``[IFRU, AltEraser]``) or ``--methods+ X`` (append to the recipe's) is left as given."""
+    given = sys.argv[1:] if args is None else list(args)
+    if _subcommand_of(given) != "compare":
+        return args
+    for i, arg in enumerate(given):
+        value, at = (given[i + 1], i + 1) if arg == "--methods" and i + 1 < len(given) else (arg[len("--methods="):], i)
+        if (arg == "--methods" or arg.startswith("--methods=")) and value and not value.lstrip().startswith(("[", "{", "-")) \
+                and not value.endswith((".yaml", ".yml", ".json")):
+            given[at] = f"[{value}]" if at != i else f"--methods=[{value}]"
+    if args is None:
+        sys.argv[1:] = given
+        return None
+    return given
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-unlearn`` console script.
 
@@ -980,7 +997,7 @@ def main(args: list[str] | None = None) -> None:
     from lightning_unlearn import __version__
     from lightning_unlearn.recipes_cli import console_args
 
-    args = console_args(args)  # `recipes list|copy` ends here; `-c ml100k/mf` becomes the shipped recipe's path
+    args = _methods_as_lists(console_args(args))  # `recipes list|copy` ends here; `-c ml100k/mf` becomes the shipped recipe's path
     torch.set_flush_denormal(True)
     try:
         _refuse_a_recipe_before_the_subcommand(args)

@@ -12,7 +12,7 @@ import yaml
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import lightning_unlearn.cli as cli_module
-from lightning_unlearn.cli import _is_class, _refuse_a_recipe_before_the_subcommand, main
+from lightning_unlearn.cli import _is_class, _methods_as_lists, _refuse_a_recipe_before_the_subcommand, main
 from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from tests.conftest import REPO
@@ -97,6 +97,14 @@ def test_a_file_with_a_section_per_subcommand_still_goes_before_it(tmp_path):
     (tmp_path / "all.yaml").write_text("fit:\n  trainer:\n    max_epochs: 1\ntest:\n  trainer:\n    max_epochs: 1\n")
     _refuse_a_recipe_before_the_subcommand(["-c", str(tmp_path / "all.yaml"), "fit"])
     _refuse_a_recipe_before_the_subcommand(["fit", "-c", str(tmp_path / "all.yaml")])  # after it: any file is a recipe
+
+
+def test_compare_methods_given_one_name_is_a_list_of_it():
+    assert _methods_as_lists(["compare", "--methods", "IFRU"]) == ["compare", "--methods", "[IFRU]"]
+    assert _methods_as_lists(["compare", "--methods=AltEraser", "-c", "x.yaml"]) == ["compare", "--methods=[AltEraser]", "-c", "x.yaml"]
+    for unchanged in (["compare", "--methods", "[IFRU, AltEraser]"], ["compare", "--methods+", "IFRU"], ["compare", "--methods", "m.yaml"],
+                      ["fit", "--methods", "IFRU"]):
+        assert _methods_as_lists(unchanged) == unchanged
 
 
 def test_sizes_are_linked_from_the_datamodule(tmp_path, capsys):
