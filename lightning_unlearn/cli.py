@@ -253,13 +253,19 @@ class UnlearningTrainer(pl.Trainer):
         if out:
             _refuse_a_file_for_a_folder("compare --out", Path(out))
         self._check_deletion(datamodule, deletion)
-        if out:  # last: a refused command leaves no folder behind
+        if out:  # last; the folders it makes to try are removed again: a refused command (also later) leaves none behind
+            folder = Path(out).absolute()
+            made = [p for p in (folder, *folder.parents) if not p.exists()]
             try:
-                Path(out).mkdir(parents=True, exist_ok=True)
-                tempfile.TemporaryFile(dir=out).close()
+                folder.mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=folder).close()
             except OSError as err:
                 raise OptionRefused(f"compare --out {out} cannot be written ({err.strerror}): give a folder you can "
                                     f"write to.") from err
+            finally:
+                for path in made:  # the deepest first
+                    with contextlib.suppress(OSError):
+                        path.rmdir()
 
     def _check_deletion(self, datamodule: RecDataModule, deletion: DeletionSpec) -> None:
         datamodule.setup("fit")

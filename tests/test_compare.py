@@ -133,7 +133,8 @@ def test_unlearn_command_help_lists_its_arguments(capsys):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"kind": "rows"}, "kind"), ({"fraction": 0.0}, "fraction"), ({"count": 0}, "count"),
-     ({"kind": "interactions", "selection": "most_active"}, "selection")],
+     ({"kind": "interactions", "selection": "most_active"}, "selection"),
+     ({"seed": 99999999999999999999999}, r"seed=\.\.\.\) must be an integer from -2\*\*63"), ({"seed": 1.5}, "seed")],
 )
 def test_deletion_spec_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
