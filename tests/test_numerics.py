@@ -397,5 +397,14 @@ def test_fingerprint_sees_any_one_entry_changed_or_two_swapped_and_not_the_threa
         assert not torch.equal(before, fingerprint(model)), (a, b)
         with torch.no_grad():
             table[a], table[b] = table[b].clone(), table[a].clone()
+    from lightning_unlearn.models.functional import _checksum  # read a few rows at a time, as a large table is
+
+    pieces = _checksum(table.data, piece_elements=12)
+    with torch.no_grad():
+        table[[0, 35]] = table[[35, 0]]  # rows in different pieces swapped
+    assert not torch.equal(pieces, _checksum(table.data, piece_elements=12))
+    with torch.no_grad():
+        table[[0, 35]] = table[[35, 0]]
+    assert torch.equal(pieces, _checksum(table.data, piece_elements=12))
     view = torch.randn(8, 10, generator=g)[:, ::2]  # not contiguous, and an empty tensor: read in place
     assert fingerprint(torch.nn.Linear(1, 1), view, torch.zeros(0, 3)).shape == (4, 4)

@@ -65,8 +65,9 @@ def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
     ``(tensors, 4)`` int64 CPU tensor. Integer sums are exact: the same tensors give the same
     fingerprint on any device and thread count (compare with :func:`torch.equal`), a change of
     any one entry changes it, and more changes leave it the same only by a 64-bit coincidence.
-    Two reductions over each tensor, without a copy: cheap enough to check on every request
-    (1.3 ms for 7 million float32 parameters on two cores; summing them in float64 took 6.4 ms).
+    One pass over each tensor, a piece of rows at a time on the CPU, without a copy: cheap enough
+    to check on every request (MF with 10,000 users and a million items at ``d = 32``: 10 ms on two
+    cores, where summing the entries in float64, as it did before, took 41 ms).
     Caches of the unlearning methods key on it, and
     :func:`~lightning_unlearn.metrics.completeness.completeness_report` adds the model's
     representations as ``extra`` (they depend on a graph model's graph as well).
@@ -152,19 +153,31 @@ def non_finite(model: nn.Module) -> list[str]:
             if p.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(p.detach()))).all())]
 
 
-def _checksum(table: Tensor) -> Tensor:
+def _checksum(table: Tensor, piece_elements: int = 2**21) -> Tensor:
     """``[numel, sum, sum weighted by row, sum weighted by column]`` of a 2-d ``table``'s bits, as int64.
 
     The entries are read as integers of their width (a bit view, no copy) and summed with
     wrap-around: exact, so the result does not depend on the order of the additions (threads,
     device), and a change of any one entry changes the plain sum. A row's sum is wrapped at its
     entries' width, the weighted sums at 64 bits; weights are the row's (column's) index plus one,
-    so two entries swapped between rows (columns) change the weighted sum.
+    so two entries swapped between rows (columns) change the weighted sum. On the CPU the rows
+    are read a piece at a time, so that the column sums find the piece in the cache (a piece's
+    column sums are wrapped at the entries' width; the pieces' size is fixed, not the threads').
     """
     if table.is_complex():
         table = torch.view_as_real(table).reshape(len(table), -1)
     ints = _INTEGERS[table.element_size()]
     bits = table.view(ints)
-    rows, columns = bits.sum(1, dtype=ints).long(), bits.sum(0, dtype=ints).long()
-    weighted = lambda sums: (sums * torch.arange(1, len(sums) + 1, device=sums.device)).sum()  # noqa: E731  (no integer matmul on a GPU)
-    return torch.stack([torch.tensor(table.numel(), device=table.device), rows.sum(), weighted(rows), weighted(columns)])
+    count, width = bits.shape
+    step = max(1, piece_elements // max(width, 1)) if table.device.type == "cpu" else max(count, 1)  # a GPU: one pass
+    total = torch.zeros(3, dtype=torch.int64, device=table.device)
+    columns = torch.zeros(width, dtype=torch.int64, device=table.device)
+    for start in range(0, count, step):
+        piece = bits[start:start + step]
+        rows = piece.sum(1, dtype=ints).long()
+        positions = torch.arange(start + 1, start + len(piece) + 1, device=table.device)
+        total[0] += rows.sum()
+        total[1] += (rows * positions).sum()  # no integer matmul on a GPU
+        columns += piece.sum(0, dtype=ints).long()
+    total[2] = (columns * torch.arange(1, width + 1, device=table.device)).sum()
+    return torch.cat([total.new_tensor([table.numel()]), total])
