@@ -419,17 +419,18 @@ def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record: str | None) -> set[Path]:
-    """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it, the one its callback state
+    """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it (beside the link too, for a
+    checkpoint that is a link into a content store), the one its callback state
     (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
     recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
     says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints)."""
-    beside = default_unlearning_folder(ckpt_path)
+    besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(ckpt_path).absolute().parent)}  # and a link's (git-annex)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
 
     def is_named(folder: Path) -> bool:
         return (folder / KEY_FILE).is_file() and (named_key is None or key_id(journal_of(folder)) == named_key)
 
-    folders = {beside}
+    folders = set(besides)
     if record is not None:
         if not (Path(record) / KEY_FILE).is_file():
             raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
@@ -440,7 +441,7 @@ def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record
         folders.add(Path(record))
     if named and is_named(Path(named)):
         folders.add(Path(named))
-    elif named and record is None and not (named_key is not None and is_named(beside)):
+    elif named and record is None and not (named_key is not None and any(map(is_named, besides))):
         raise StaleCheckpoint(
             f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
             f"predict cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "

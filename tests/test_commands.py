@@ -352,6 +352,24 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     assert "whose process stopped while applying it: run `unlearn` on that folder again" in capsys.readouterr().err
 
 
+def test_predict_checks_the_record_beside_a_checkpoint_that_is_a_link(trained, tmp_path, capsys):
+    """git-annex, DVC: the run's folder holds a link into a content store, and its record beside the link."""
+    stored = tmp_path / "store" / "SHA256E-s1234"
+    stored.parent.mkdir()
+    shutil.copy(trained.best, stored)
+    link = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(stored)
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(link), "--requests", "user8.csv", "--method", "FineTune",
+          "--out", str(tmp_path / "run" / "unlearning")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(link), "--out", "stale.csv"])
+    assert exit_info.value.code == 2 and "records 1 deletion applied" in capsys.readouterr().err
+    assert not (tmp_path / "stale.csv").exists()
+
+
 def _hold_the_lock(folder: str, locked, release) -> None:
     with journal_of(folder).lock():
         locked.set()
