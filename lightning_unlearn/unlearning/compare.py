@@ -287,7 +287,7 @@ def _measured_with(original: Recommender, datamodule: RecDataModule, deletion: d
         "data": datamodule.data_fingerprint,
         "deletion": deletion,
         "model": type(original).__name__,
-        "parameters": hashlib.sha256(fingerprint(original).numpy().tobytes()).hexdigest(),
+        "parameters": hashlib.sha256(fingerprint(original).double().cpu().numpy().tobytes()).hexdigest(),
         "seed": seed,
         "recipe": recipe_settings,
         "methods": [_settings(m) for m in methods],
