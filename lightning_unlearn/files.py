@@ -116,22 +116,27 @@ def _umask() -> int:
 
 
 class PrivateCheckpointIO(CheckpointIO):
-    """A Trainer's checkpoint IO that writes local checkpoints readable by their owner only (``0o600``), whole or not at all.
+    """A Trainer's checkpoint IO that writes a local checkpoint holding deleted rows readable by its owner only (``0o600``).
 
-    A checkpoint that holds deleted rows as indices (:func:`holds_deleted_rows`), which map
-    back to ids with the data set, is written like the unlearned checkpoints: with
-    :func:`write_whole` (``private=True``) instead of the default mode. Paths on another file
-    system (``s3://``, ``memory://``: no file mode) go to the wrapped IO, as do loading and removing.
+    A checkpoint whose datamodule state has removals, or whose
+    :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback` state has pending
+    requests (:func:`holds_deleted_rows`), holds the deleted rows as indices, which map back to
+    ids with the data set: it is written like the unlearned checkpoints, with :func:`write_whole`
+    (``private=True``). Every other checkpoint, and paths on another file system (``s3://``,
+    ``memory://``: no file mode), go to the wrapped IO unchanged, as do loading and removing.
 
     Args:
         inner: the IO it wraps (Lightning's default :class:`~lightning_fabric.plugins.io.TorchCheckpointIO`).
 
     Example:
         >>> import tempfile, pathlib
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.ckpt"
-        >>> PrivateCheckpointIO(TorchCheckpointIO()).save_checkpoint({"state_dict": {}}, path)
-        >>> oct(path.stat().st_mode & 0o777)
-        '0o600'
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> io = PrivateCheckpointIO(TorchCheckpointIO())
+        >>> io.save_checkpoint({"RecDataModule": {"fingerprint": "f", "train_keys": torch.tensor([3]), "users": torch.tensor([]),
+        ...                                       "items": torch.tensor([])}}, folder / "removals.ckpt")
+        >>> io.save_checkpoint({"state_dict": {}}, folder / "plain.ckpt")
+        >>> oct((folder / "removals.ckpt").stat().st_mode & 0o777), (folder / "plain.ckpt").stat().st_mode & 0o777 == 0o666 & ~_umask()
+        ('0o600', True)
     """
 
     def __init__(self, inner: CheckpointIO):
@@ -139,7 +144,7 @@ class PrivateCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
         filesystem, local = fsspec.core.url_to_fs(str(path))
-        if storage_options is not None or not isinstance(filesystem, LocalFileSystem):
+        if storage_options is not None or not isinstance(filesystem, LocalFileSystem) or not holds_deleted_rows(checkpoint):
             self.inner.save_checkpoint(checkpoint, path, storage_options)
             return
         buffer = io.BytesIO()
@@ -157,38 +162,44 @@ class PrivateCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-_DELETED_ROWS = ("train_keys", "users", "items", "pending")  # a RecDataModule's removals, an UnlearningCallback's queue
+_REMOVALS = ("train_keys", "users", "items")  # a RecDataModule's state: what was removed, beside its data "fingerprint"
 
 
 def holds_deleted_rows(checkpoint: dict[str, Any]) -> bool:
     """Whether a Trainer's checkpoint holds deleted rows as indices: a datamodule state with removals, or a callback state with pending requests.
 
+    A datamodule state is a top-level entry with a ``"fingerprint"`` and the removals
+    ``"train_keys"``, ``"users"`` and ``"items"`` (tensors); a callback state, an entry of
+    ``"callbacks"`` with ``"applied"`` and ``"pending"`` (a list).
+
     Args:
-        checkpoint: the dictionary Lightning is about to write (the datamodule's state under
-            its class name, the callbacks' under ``"callbacks"``).
+        checkpoint: the dictionary Lightning is about to write.
 
     Example:
-        >>> holds_deleted_rows({"RecDataModule": {"train_keys": torch.tensor([3]), "users": torch.tensor([])}})
+        >>> removals = {"fingerprint": "f", "train_keys": torch.tensor([3]), "users": torch.tensor([]), "items": torch.tensor([])}
+        >>> holds_deleted_rows({"RecDataModule": removals, "hyper_parameters": {"users": 943}})
         True
-        >>> holds_deleted_rows({"callbacks": {"UnlearningCallback": {"pending": []}}, "state_dict": {}})
+        >>> holds_deleted_rows({"callbacks": {"UnlearningCallback": {"applied": ["a"], "pending": []}}})
         False
     """
-    states = [*checkpoint.values(), *(checkpoint.get("callbacks") or {}).values()]
-    return any(len(state.get(name, ())) for state in states if isinstance(state, dict) for name in _DELETED_ROWS)
+    tensors = [state[name] for state in checkpoint.values()
+               if isinstance(state, dict) and "fingerprint" in state and all(name in state for name in _REMOVALS) for name in _REMOVALS]
+    queues = [state["pending"] for state in (checkpoint.get("callbacks") or {}).values()
+              if isinstance(state, dict) and "applied" in state and isinstance(state.get("pending"), list)]
+    return any(isinstance(t, torch.Tensor) and t.numel() for t in tensors) or any(queues)
 
 
 def keep_checkpoints_private(trainer: pl.Trainer | None) -> None:
-    """Make ``trainer``'s checkpoints private from now on (:class:`PrivateCheckpointIO`); nothing without a trainer.
+    """Give ``trainer`` a :class:`PrivateCheckpointIO`, so that its checkpoints that hold deleted rows are private; nothing without a trainer.
 
-    Called by the hooks that see a checkpoint holding deleted rows before it is written (the
-    recommender's and the :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback`'s
-    ``on_save_checkpoint``). Wraps Lightning's default IO, also inside a wrapping IO such as
-    ``AsyncCheckpointIO``. A checkpoint IO of another kind, or a strategy that writes its
-    checkpoint files itself (FSDP, DeepSpeed), is warned, once, that its files get the mode it
-    gives them.
+    Called when a :class:`~lightning_unlearn.data.datamodule.RecDataModule` or an
+    :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback` is set up by a Trainer. Wraps
+    Lightning's default IO, also inside a wrapping IO such as ``AsyncCheckpointIO``. A checkpoint
+    IO of another kind, or a strategy that writes its checkpoint files itself (FSDP, DeepSpeed), is
+    warned, once, that the checkpoints which come to hold deleted rows get the mode it gives them.
 
     Args:
-        trainer: the Trainer about to write the checkpoint.
+        trainer: the Trainer.
 
     Example:
         >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -205,9 +216,9 @@ def keep_checkpoints_private(trainer: pl.Trainer | None) -> None:
         return
     if type(current) is not TorchCheckpointIO or isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
         writer = type(strategy).__name__ if type(current) is TorchCheckpointIO else type(current).__name__
-        rank_zero_warn(f"The checkpoints of this Trainer hold deleted rows as indices, which map back to ids with the data set, "
-                       f"and its {writer} writes them with its own file mode: keep them private (e.g. chmod 600).",
-                       category=UserWarning)
+        rank_zero_warn(f"This Trainer's {writer} writes its checkpoints with its own file mode: those that come to hold deleted "
+                       f"rows (a datamodule's removals, pending requests), as indices which map back to ids with the data set, "
+                       f"are not made private. Keep them so (e.g. chmod 600).", category=UserWarning)
         return
     if holder is None:
         strategy.checkpoint_io = PrivateCheckpointIO(current)

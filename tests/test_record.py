@@ -34,6 +34,7 @@ from lightning_unlearn.data import RecDataModule
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.sources import DataSource
 from lightning_unlearn.files import PrivateCheckpointIO
+from lightning_unlearn.models import MF
 from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
@@ -501,6 +502,30 @@ def test_lightning_checkpoints_stay_private_after_a_refit_inside_the_fit_and_thr
     url = f"file://{tmp_path / 'url.ckpt'}"  # a local path spelt as a URL is a local file too
     PrivateCheckpointIO(TorchCheckpointIO()).save_checkpoint({"RecDataModule": dm.state_dict()}, url)
     assert oct((tmp_path / "url.ckpt").stat().st_mode & 0o777) == "0o600"
+
+
+class _OwnHooks(MF):
+    """A user's model: a hyper-parameter named like a removal field, and its own checkpoint hook (no super() call)."""
+
+    def __init__(self, num_users: int, num_items: int, items: int = 0, **kwargs):
+        super().__init__(num_users, num_items, **kwargs)
+        self.save_hyperparameters()
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["mine"] = 1
+
+
+def test_a_checkpoint_saved_after_a_removal_is_private_whatever_the_model_does_with_its_hooks(tmp_path):
+    dm = datamodule()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(_OwnHooks(dm.num_users, dm.num_items, items=3, embedding_dim=4), dm)
+    trainer.save_checkpoint(tmp_path / "before.ckpt")
+    dm.remove(torch.tensor([0, 1]))
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    modes = {name: oct((tmp_path / f"{name}.ckpt").stat().st_mode & 0o777) for name in ("before", "after", "weights")}
+    assert modes["after"] == modes["weights"] == "0o600" and modes["before"] != "0o600", modes
 
 
 def test_lightning_checkpoints_are_private_only_once_they_hold_deleted_rows(tmp_path):

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from lightning_unlearn.data.interactions import Interactions
-from lightning_unlearn.files import holds_deleted_rows, keep_checkpoints_private
 from lightning_unlearn.losses import data_loss, item_slots
 from lightning_unlearn.models.functional import call_with, gather_rows
 from lightning_unlearn.ranking import FullRankingMetrics, candidate_layout, metric_prefix
@@ -502,16 +501,6 @@ class Recommender(pl.LightningModule):
         if isinstance(train, Interactions):
             self.set_graph(train)
         self.check_contract()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint that holds deleted rows (the datamodule's removals, pending requests) is written readable by its owner only.
-
-        They are indices, which map back to ids with the data set
-        (:func:`~lightning_unlearn.files.keep_checkpoints_private`). A subclass that overrides
-        this hook calls ``super().on_save_checkpoint(checkpoint)``.
-        """
-        if self._trainer is not None and holds_deleted_rows(checkpoint):
-            keep_checkpoints_private(self.trainer)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch) + self.dense_penalty()

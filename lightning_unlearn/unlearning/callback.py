@@ -16,7 +16,7 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strate
 from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.files import fsync_directory, holds_deleted_rows, keep_checkpoints_private
+from lightning_unlearn.files import fsync_directory, keep_checkpoints_private
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import non_finite
 from lightning_unlearn.unlearning.journal import Journal
@@ -295,6 +295,7 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "unlearning"
         self._datamodule = trainer.datamodule
+        keep_checkpoints_private(trainer)  # its state holds pending requests as indices
         if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
@@ -579,12 +580,6 @@ class UnlearningCallback(pl.Callback):
             "record": str(Path(self.dirpath).resolve()) if self.dirpath is not None else None,  # where its journal is
             "record_key_id": key_id(self.journal) if self.dirpath is not None else None,  # which record that is (predict)
         }
-
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint that holds pending requests or removals (as indices) is written readable by its owner only (:func:`keep_checkpoints_private`)."""
-        if holds_deleted_rows(checkpoint):
-            keep_checkpoints_private(trainer)
 
     def _applied_key_id(self) -> str | None:
         """:func:`~lightning_unlearn.unlearning.record.key_id` of the key the applied fingerprints were made with (``None``: unknown)."""
