@@ -971,13 +971,22 @@ def _methods_as_lists(args: list[str] | None) -> list[str] | None:
         return args
     for i, arg in enumerate(given):
         value, at = (given[i + 1], i + 1) if arg == "--methods" and i + 1 < len(given) else (arg[len("--methods="):], i)
-        if (arg == "--methods" or arg.startswith("--methods=")) and value and not value.lstrip().startswith(("[", "{", "-")) \
-                and not value.endswith((".yaml", ".yml", ".json")):
+        if (arg == "--methods" or arg.startswith("--methods=")) and _one_name(value):
             given[at] = f"[{value}]" if at != i else f"--methods=[{value}]"
     if args is None:
         sys.argv[1:] = given
         return None
     return given
+
+
+def _one_name(value: str) -> bool:
+    """Whether a ``--methods`` value is one method's name (``IFRU``, ``lightning_unlearn.unlearning.IFRU``): not a list, a
+    mapping, ``null``, a number or a file."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    return isinstance(parsed, str) and not value.startswith("-") and not value.endswith((".yaml", ".yml", ".json"))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -103,6 +103,7 @@ def test_compare_methods_given_one_name_is_a_list_of_it():
     assert _methods_as_lists(["compare", "--methods", "IFRU"]) == ["compare", "--methods", "[IFRU]"]
     assert _methods_as_lists(["compare", "--methods=AltEraser", "-c", "x.yaml"]) == ["compare", "--methods=[AltEraser]", "-c", "x.yaml"]
     for unchanged in (["compare", "--methods", "[IFRU, AltEraser]"], ["compare", "--methods+", "IFRU"], ["compare", "--methods", "m.yaml"],
+                      ["compare", "--methods", "null"], ["compare", "--methods=~"], ["compare", "--methods", "{class_path: IFRU}"],
                       ["fit", "--methods", "IFRU"]):
         assert _methods_as_lists(unchanged) == unchanged
 

@@ -173,6 +173,10 @@ def test_read_csv_row_with_more_fields_than_the_first_names_the_line(tmp_path, b
         read_csv(tmp_path / "x.csv")
     (tmp_path / "ok.csv").write_text('user,item\n1,2\n\n"3,4",5\n\n')  # blank lines, and a quoted separator: one field
     assert len(read_csv(tmp_path / "ok.csv")) == 2
+    # A blank line after the header, a quoted line break in the first row, ragged optional columns: as before.
+    (tmp_path / "ok.csv").write_text('user,item,rating,note\r\n\r\n1,2,5,"two\nlines"\r\n3,4,3\r\n5,6\r\n')
+    table = read_csv(tmp_path / "ok.csv", {"user": "user", "item": "item"})
+    assert len(table) == 3
 
 
 def test_read_csv_non_numeric_rating(tmp_path):

@@ -6,6 +6,7 @@ Every reader returns :class:`Interactions` whose raw ids are the ids of the file
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from pathlib import Path
 from typing import Mapping
@@ -124,8 +125,8 @@ def read_csv(
         threshold: if given, keep only rows whose rating is at least this (implicit positives).
 
     Raises:
-        ValueError: if a named column is missing, a field cannot be parsed or a row has another
-            number of fields than the first data row (names the line).
+        ValueError: if a named column is missing, a field cannot be parsed or a row has more
+            fields than the first data row (names the line).
 
     Example:
         >>> import tempfile, os
@@ -135,9 +136,10 @@ def read_csv(
         Interactions(rows=2, users=2, items=1)
     """
     with open(path, newline="", encoding=_ENCODING) as fh:
-        first = next(csv.reader([fh.readline()], delimiter=sep), [])
-        # the default columns follow the width of the first data row, and every row has as many fields
-        width = len(next(csv.reader([fh.readline()], delimiter=sep), [])) if header else len(first)
+        reader = csv.reader(fh, delimiter=sep)
+        first = next(reader, [])
+        # the default columns follow the width of the first data row, and no row has more fields
+        width = len(next((row for row in (reader if header else itertools.chain([first], reader)) if row), []))
     if header and first and all(_NUMBER.fullmatch(field.strip()) for field in first) and not (columns and any(
             isinstance(c, str) for c in columns.values())):
         raise ValueError(f"{path}: the first line {','.join(first)!r} is numbers, not column names (header=True): "
@@ -184,8 +186,8 @@ def _column_index(path: str | Path, columns: Mapping[str, str | int] | None, nam
 def _read_rows(path: Path, rows: list[list[str]], index: dict[str, int], first_line: int, width: int) -> Interactions:
     """The general path of :func:`read_csv`: parsed rows of strings (any ids; bad lines are named).
 
-    Every row has ``width`` fields (the first data row's): one with more or fewer was split
-    where it should not have been (a separator in an unquoted field) or lost a field.
+    No row has more than ``width`` fields (the first data row's): one with more was split where
+    it should not have been (a separator in a field that is not quoted).
     """
     data: dict[str, list] = {field: [] for field in index}
     lines: list[int] = []
@@ -195,9 +197,9 @@ def _read_rows(path: Path, rows: list[list[str]], index: dict[str, int], first_l
         lines.append(number)
         if len(row) < max(index.values()) + 1:
             raise ValueError(f"{path}, line {number}: expected at least {max(index.values()) + 1} fields, got {len(row)}.")
-        if len(row) != width:
+        if len(row) > width:
             raise ValueError(f"{path}, line {number}: {len(row)} fields where the first row has {width}: a separator "
-                             f"inside a field that is not quoted, or a field missing? Quote such a field, or mend the line.")
+                             f"inside a field that is not quoted? Quote such a field, or mend the line.")
         for field, col in index.items():
             data[field].append(row[col])
     users, items = (np.array(data[k]) for k in ("user", "item"))

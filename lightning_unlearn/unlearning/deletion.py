@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,7 +55,7 @@ class DeletionSpec:
             raise ValueError(f"DeletionSpec(fraction=...) must be in (0, 1), got {self.fraction}.")
         if self.count is not None and self.count < 1:
             raise ValueError(f"DeletionSpec(count=...) must be >= 1, got {self.count}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -2**63 <= self.seed < 2**64:
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not -2**63 <= int(self.seed) < 2**64:
             raise ValueError(f"DeletionSpec(seed=...) must be an integer from -2**63 to 2**64 - 1 (a torch seed), got {self.seed!r}.")
         if self.kind == "interactions" and self.selection != "random":
             raise ValueError("DeletionSpec(selection=...) applies to users and items; interactions are chosen at random.")
