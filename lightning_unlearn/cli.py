@@ -412,7 +412,7 @@ def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """The folder whose key made the fingerprints of the requests a checkpoint holds (its ``key_id``): its own, or,
     for a symlink, the folder of the file it points to (a ``serving/latest.ckpt``; a link into a content store such
     as git-annex or DVC keeps the key beside the link)."""
-    path = Path(ckpt_path).absolute()
+    path = Path(os.path.abspath(ckpt_path))  # `..` folded, links kept
     wanted = (state.get("unlearning") or {}).get("key_id")
     return next((folder for folder in (path.parent, path.resolve().parent)
                  if wanted and (folder / KEY_FILE).is_file() and key_id(journal_of(folder)) == wanted), path.resolve().parent)
@@ -424,7 +424,7 @@ def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record
     (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
     recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
     says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints)."""
-    besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(ckpt_path).absolute().parent)}  # and a link's (git-annex)
+    besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}  # a link's too (git-annex)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
 
     def is_named(folder: Path) -> bool:

@@ -22,7 +22,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.plugins.io import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.plugins.io.wrapper import _WrappingCheckpointIO
-from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+from pytorch_lightning.strategies import Strategy
 from pytorch_lightning.utilities import rank_zero_warn
 
 __all__ = ["PrivateCheckpointIO", "fsync_directory", "holds_deleted_rows", "keep_checkpoints_private", "write_whole"]
@@ -184,7 +184,8 @@ def holds_deleted_rows(checkpoint: dict[str, Any]) -> bool:
     """
     tensors = [state[name] for state in checkpoint.values()
                if isinstance(state, dict) and "fingerprint" in state and all(name in state for name in _REMOVALS) for name in _REMOVALS]
-    queues = [state["pending"] for state in (checkpoint.get("callbacks") or {}).values()
+    callbacks = checkpoint.get("callbacks")
+    queues = [state["pending"] for state in (callbacks.values() if isinstance(callbacks, dict) else ())
               if isinstance(state, dict) and "applied" in state and isinstance(state.get("pending"), list)]
     return any(isinstance(t, torch.Tensor) and t.numel() for t in tensors) or any(queues)
 
@@ -195,8 +196,9 @@ def keep_checkpoints_private(trainer: pl.Trainer | None) -> None:
     Called when a :class:`~lightning_unlearn.data.datamodule.RecDataModule` or an
     :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback` is set up by a Trainer. Wraps
     Lightning's default IO, also inside a wrapping IO such as ``AsyncCheckpointIO``. A checkpoint
-    IO of another kind, or a strategy that writes its checkpoint files itself (FSDP, DeepSpeed), is
-    warned, once, that the checkpoints which come to hold deleted rows get the mode it gives them.
+    IO of another kind, or a strategy that saves checkpoints its own way (FSDP, DeepSpeed, model
+    parallel, XLA: it overrides ``save_checkpoint``), is warned, once, that the checkpoints which
+    come to hold deleted rows get the mode it gives them.
 
     Args:
         trainer: the Trainer.
@@ -214,7 +216,7 @@ def keep_checkpoints_private(trainer: pl.Trainer | None) -> None:
     current = holder.checkpoint_io if holder is not None else strategy.checkpoint_io
     if isinstance(current, PrivateCheckpointIO):
         return
-    if type(current) is not TorchCheckpointIO or isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+    if type(current) is not TorchCheckpointIO or type(strategy).save_checkpoint is not Strategy.save_checkpoint:  # FSDP, DeepSpeed, ...
         writer = type(strategy).__name__ if type(current) is TorchCheckpointIO else type(current).__name__
         rank_zero_warn(f"This Trainer's {writer} writes its checkpoints with its own file mode: those that come to hold deleted "
                        f"rows (a datamodule's removals, pending requests), as indices which map back to ids with the data set, "

@@ -364,10 +364,12 @@ def test_predict_checks_the_record_beside_a_checkpoint_that_is_a_link(trained, t
     main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(link), "--requests", "user8.csv", "--method", "FineTune",
           "--out", str(tmp_path / "run" / "unlearning")])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(link), "--out", "stale.csv"])
-    assert exit_info.value.code == 2 and "records 1 deletion applied" in capsys.readouterr().err
-    assert not (tmp_path / "stale.csv").exists()
+    (tmp_path / "run" / "checkpoints" / "sub").mkdir()
+    for spelt in (link, tmp_path / "run" / "checkpoints" / "sub" / ".." / "best.ckpt"):  # `..` folded before the folder is taken
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(spelt), "--out", "stale.csv"])
+        assert exit_info.value.code == 2 and "records 1 deletion applied" in capsys.readouterr().err
+        assert not (tmp_path / "stale.csv").exists()
 
 
 def _hold_the_lock(folder: str, locked, release) -> None:

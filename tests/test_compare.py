@@ -141,6 +141,15 @@ def test_deletion_spec_rejects_bad_values(kwargs, match):
         DeletionSpec(**kwargs)
 
 
+def test_deletion_spec_takes_a_numpy_integer_seed():
+    import numpy as np
+
+    from lightning_unlearn.data import Synthetic
+
+    train = Synthetic(num_users=10, num_items=8).load()[0]
+    assert DeletionSpec(count=2, seed=np.int64(5)).build(train) == DeletionSpec(count=2, seed=5).build(train)
+
+
 def test_deletion_spec_choices():
     data = Interactions.from_raw([1, 1, 1, 2, 2, 3], [7, 8, 9, 7, 8, 9])
     assert DeletionSpec(kind="users", count=1, selection="most_active").build(data).users == (1,)

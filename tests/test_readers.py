@@ -169,7 +169,7 @@ def test_read_csv_short_line_names_the_line(tmp_path, header, line):
 def test_read_csv_row_with_more_fields_than_the_first_names_the_line(tmp_path, body):
     """An extra field means a line was split where it should not be: read as it is, its fields would be shifted."""
     (tmp_path / "x.csv").write_text(body)
-    with pytest.raises(ValueError, match=r"x\.csv, line 3: 3 fields where the first row has 2"):
+    with pytest.raises(ValueError, match=r"x\.csv, line 3: 3 fields where at most 2 are expected"):
         read_csv(tmp_path / "x.csv")
     (tmp_path / "ok.csv").write_text('user,item\n1,2\n\n"3,4",5\n\n')  # blank lines, and a quoted separator: one field
     assert len(read_csv(tmp_path / "ok.csv")) == 2
@@ -177,6 +177,12 @@ def test_read_csv_row_with_more_fields_than_the_first_names_the_line(tmp_path, b
     (tmp_path / "ok.csv").write_text('user,item,rating,note\r\n\r\n1,2,5,"two\nlines"\r\n3,4,3\r\n5,6\r\n')
     table = read_csv(tmp_path / "ok.csv", {"user": "user", "item": "item"})
     assert len(table) == 3
+    (tmp_path / "ok.csv").write_text("user,item,rating,tags\n1,2,5\n3,4,1,funny\n")  # as many fields as the header names
+    assert len(read_csv(tmp_path / "ok.csv")) == 2
+    # A short row and a long one: the fast path's separator count is per line, so they do not cancel out.
+    (tmp_path / "x.csv").write_text("user,item,rating\n1,2,5\n3,4\n5,6,7,8\n")
+    with pytest.raises(ValueError, match=r"x\.csv, line 4: 4 fields where at most 3"):
+        read_csv(tmp_path / "x.csv", {"user": 0, "item": 1})
 
 
 def test_read_csv_non_numeric_rating(tmp_path):

@@ -528,6 +528,23 @@ def test_a_checkpoint_saved_after_a_removal_is_private_whatever_the_model_does_w
     assert modes["after"] == modes["weights"] == "0o600" and modes["before"] != "0o600", modes
 
 
+def test_a_strategy_that_saves_checkpoints_its_own_way_is_warned_not_wrapped():
+    """FSDP, DeepSpeed, model parallel and XLA override save_checkpoint (e.g. meta.pt written with torch.save)."""
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    from lightning_unlearn.files import keep_checkpoints_private
+
+    class OwnSave(SingleDeviceStrategy):
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+            torch.save(checkpoint, filepath)
+
+    trainer = pl.Trainer(strategy=OwnSave(device=torch.device("cpu")), logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.warns(UserWarning, match="OwnSave writes its checkpoints with its own file mode"):
+        keep_checkpoints_private(trainer)
+    assert type(trainer.strategy.checkpoint_io) is TorchCheckpointIO
+
+
 def test_lightning_checkpoints_are_private_only_once_they_hold_deleted_rows(tmp_path):
     """A fit of untouched data writes checkpoints with the default mode; a refit of data with removals (no callback) privately."""
     old_mask = os.umask(0o022)

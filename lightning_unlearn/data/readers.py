@@ -146,11 +146,12 @@ def read_csv(
                          f"pass header=False for a file without a header line.")
     names = first if header else None
     index = _column_index(path, columns, names, width)
+    widest = max(width, len(first) if header else 0)  # a row may have as many fields as the header names
     table = _read_numeric(Path(path), index, sep, header, width)
     if table is None:  # not plain numbers: the general path, which names any bad line
         with open(path, newline="", encoding=_ENCODING) as fh:
             rows = list(csv.reader(fh, delimiter=sep))[1 if header else 0:]
-        table = _read_rows(Path(path), rows, index, 2 if header else 1, width)
+        table = _read_rows(Path(path), rows, index, 2 if header else 1, widest)
     if not len(table):
         raise ValueError(f"{path}: no interactions (an empty file{', or only its header line' if header else ''}).")
     return table if threshold is None else compact(table.binarize(threshold))
@@ -186,8 +187,9 @@ def _column_index(path: str | Path, columns: Mapping[str, str | int] | None, nam
 def _read_rows(path: Path, rows: list[list[str]], index: dict[str, int], first_line: int, width: int) -> Interactions:
     """The general path of :func:`read_csv`: parsed rows of strings (any ids; bad lines are named).
 
-    No row has more than ``width`` fields (the first data row's): one with more was split where
-    it should not have been (a separator in a field that is not quoted).
+    No row has more than ``width`` fields (the first data row's, or the header's if it names
+    more): one with more was split where it should not have been (a separator in a field that
+    is not quoted).
     """
     data: dict[str, list] = {field: [] for field in index}
     lines: list[int] = []
@@ -198,8 +200,9 @@ def _read_rows(path: Path, rows: list[list[str]], index: dict[str, int], first_l
         if len(row) < max(index.values()) + 1:
             raise ValueError(f"{path}, line {number}: expected at least {max(index.values()) + 1} fields, got {len(row)}.")
         if len(row) > width:
-            raise ValueError(f"{path}, line {number}: {len(row)} fields where the first row has {width}: a separator "
-                             f"inside a field that is not quoted? Quote such a field, or mend the line.")
+            raise ValueError(f"{path}, line {number}: {len(row)} fields where at most {width} are expected (as many as the "
+                             f"header or the first row has): a separator inside a field that is not quoted? Quote such a field, "
+                             f"or mend the line.")
         for field, col in index.items():
             data[field].append(row[col])
     users, items = (np.array(data[k]) for k in ("user", "item"))
@@ -229,8 +232,7 @@ def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool, wid
     separator = sep.encode()
     if not body.strip() or body.translate(None, b"0123456789.-\r\n" + separator):  # a byte that is not part of a plain number
         return None
-    rows = body.rstrip(b"\r\n")
-    if rows.count(separator) != (width - 1) * (rows.count(b"\n") + 1):  # a row of another width, or a blank line between rows
+    if not _every_line_has(body.rstrip(b"\r\n"), separator, width):  # a row of another width, or a blank line between rows
         return None
     if re.match(rb"0[0-9]", body) or re.search(rb"[\n" + re.escape(separator) + rb"]0[0-9]", body):  # "007"
         return None
@@ -250,6 +252,14 @@ def _read_numeric(path: Path, index: dict[str, int], sep: str, header: bool, wid
         return None
     stamps = column["timestamp"].astype(np.int64) if "timestamp" in column else None
     return Interactions.from_raw(column["user"], column["item"], column.get("rating"), stamps)
+
+
+def _every_line_has(body: bytes, separator: bytes, width: int) -> bool:
+    """Whether every line of ``body`` has ``width`` fields (``width - 1`` separators): vectorised, no loop per line."""
+    data = np.frombuffer(body, dtype=np.uint8)
+    ends = np.append(np.flatnonzero(data == ord("\n")), len(data))  # where each line ends
+    separators = np.searchsorted(np.flatnonzero(data == separator[0]), ends)  # separators before each line's end
+    return bool((np.diff(separators, prepend=0) == width - 1).all())
 
 
 def _whole_float_ids(path: Path, sep: str, header: bool, fields: list[int], index: dict[str, int]) -> dict[str, np.ndarray] | None:

@@ -57,6 +57,7 @@ class DeletionSpec:
             raise ValueError(f"DeletionSpec(count=...) must be >= 1, got {self.count}.")
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not -2**63 <= int(self.seed) < 2**64:
             raise ValueError(f"DeletionSpec(seed=...) must be an integer from -2**63 to 2**64 - 1 (a torch seed), got {self.seed!r}.")
+        object.__setattr__(self, "seed", int(self.seed))  # a numpy integer: torch's generator takes a Python int
         if self.kind == "interactions" and self.selection != "random":
             raise ValueError("DeletionSpec(selection=...) applies to users and items; interactions are chosen at random.")
 
