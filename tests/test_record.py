@@ -33,8 +33,8 @@ from lightning_unlearn import files as files_module
 from lightning_unlearn.data import RecDataModule
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.data.sources import DataSource
-from lightning_unlearn.files import PrivateCheckpointIO
 from lightning_unlearn.models import MF
+from lightning_unlearn.private_checkpoints import PrivateCheckpointIO
 from lightning_unlearn.unlearning import record as record_module
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal, JournalCorrupted
@@ -532,7 +532,7 @@ def test_a_strategy_that_saves_checkpoints_its_own_way_is_warned_not_wrapped():
     """FSDP, DeepSpeed, model parallel and XLA override save_checkpoint (e.g. meta.pt written with torch.save)."""
     from pytorch_lightning.strategies import SingleDeviceStrategy
 
-    from lightning_unlearn.files import keep_checkpoints_private
+    from lightning_unlearn.private_checkpoints import keep_checkpoints_private
 
     class OwnSave(SingleDeviceStrategy):
         def save_checkpoint(self, checkpoint, filepath, storage_options=None):

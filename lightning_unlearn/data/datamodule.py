@@ -23,7 +23,7 @@ from lightning_unlearn.data.negatives import sample_negatives
 from lightning_unlearn.data.sources import DataSource
 from lightning_unlearn.data.splits import k_core as k_core_filter
 from lightning_unlearn.data.splits import leave_last_out, random_holdout
-from lightning_unlearn.files import keep_checkpoints_private
+from lightning_unlearn.private_checkpoints import keep_checkpoints_private
 
 __all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint"]
 
@@ -274,7 +274,7 @@ class RecDataModule(pl.LightningDataModule):
         comparable with the saved ones.
 
         A Trainer's checkpoint that holds removals is written readable by its owner only (the
-        Trainer that sets this datamodule up gets a :class:`~lightning_unlearn.files.PrivateCheckpointIO`)."""
+        Trainer that sets this datamodule up gets a :class:`~lightning_unlearn.private_checkpoints.PrivateCheckpointIO`)."""
         if self.train is None:
             return self._restored or {}
         sampled = {} if self.hparams.eval_candidates is None else {"eval_candidates": int(self.hparams.eval_candidates)}

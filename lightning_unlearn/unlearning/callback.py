@@ -16,9 +16,10 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strate
 from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.files import fsync_directory, keep_checkpoints_private
+from lightning_unlearn.files import fsync_directory
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import non_finite
+from lightning_unlearn.private_checkpoints import keep_checkpoints_private
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.retrain import Retrain
