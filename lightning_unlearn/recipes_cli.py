@@ -225,7 +225,8 @@ def recipes_main(args: list[str], root: Path = RECIPES) -> int:
         root: the recipes folder (default: the shipped one).
 
     Returns:
-        The exit status: 0, or 1 when ``copy`` refused to overwrite files.
+        The exit status: 0, or 2 (a user mistake, as the other commands end one) when ``copy`` refused to
+        overwrite files or was given a file for its folder.
 
     Raises:
         SystemExit: on invalid arguments (status 2) and for ``--help`` (status 0).
@@ -256,7 +257,7 @@ def recipes_main(args: list[str], root: Path = RECIPES) -> int:
         written = copy_recipes(options.dir, force=options.force, root=root)
     except (FileExistsError, NotADirectoryError) as err:  # a file to overwrite; or `dir`, or a folder in it, is a file
         print(f"lightning-unlearn recipes copy: {err}", file=sys.stderr)
-        return 1
+        return 2
     dest = Path(options.dir)
     same = len(_shipped_files(root)) - len(written)
     print(f"[recipes] copied {len(written)} file(s) into {dest}" + (f", {same} were there already" if same else ""))

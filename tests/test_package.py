@@ -147,7 +147,7 @@ def test_recipes_list_and_copy(cli_run, tmp_path, capsys):
 
     mine = dest / "ml100k" / "mf.yaml"
     mine.write_text(mine.read_text() + "# my edit\n")
-    assert run_main(["recipes", "copy", str(dest)]) == 1
+    assert run_main(["recipes", "copy", str(dest)]) == 2
     assert "1 file(s) in" in capsys.readouterr().err and mine.read_text().endswith("# my edit\n")
     assert run_main(["recipes", "copy", str(dest), "--force"]) == 0
     assert "copied 1 file(s)" in capsys.readouterr().out
@@ -158,7 +158,7 @@ def test_recipes_list_and_copy(cli_run, tmp_path, capsys):
     assert run_main(["recipes"]) == 2
     assert run_main(["recipes", "--help"]) == 0
     (tmp_path / "a_file").write_text("")
-    assert run_main(["recipes", "copy", "a_file"]) == 1  # a message, not a traceback
+    assert run_main(["recipes", "copy", "a_file"]) == 2  # a message, not a traceback
     assert "a_file is a file: give the folder to copy the recipes into" in capsys.readouterr().err
 
 
