@@ -419,10 +419,11 @@ def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
 def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """The folder whose key made the fingerprints of the requests a checkpoint holds (its ``key_id``): its own, or,
     for a symlink, the folder of the file it points to (a ``serving/latest.ckpt``; a link into a content store such
-    as git-annex or DVC keeps the key beside the link)."""
+    as git-annex or DVC keeps the key beside the link), or the record its state names (a refit's checkpoint)."""
     path = Path(os.path.abspath(ckpt_path))  # `..` folded, links kept
-    wanted = (state.get("unlearning") or {}).get("key_id")
-    return next((folder for folder in (path.parent, path.resolve().parent)
+    unlearning = state.get("unlearning") or {}
+    wanted, named = unlearning.get("key_id"), unlearning.get("record")  # named: a refit's, whose folder holds no key
+    return next((folder for folder in (path.parent, path.resolve().parent, *([Path(named)] if named else []))
                  if wanted and (folder / KEY_FILE).is_file() and key_id(journal_of(folder)) == wanted), path.resolve().parent)
 
 
@@ -767,12 +768,15 @@ class LightningUnlearnCLI(LightningCLI):
         if state is None or not state.get("unlearning"):
             self._note_deletions_beside_the_checkpoints()
         if state is not None and state.get("unlearning"):
-            for callback in self.trainer.callbacks:
-                if isinstance(callback, UnlearningCallback):  # the requests the checkpoint holds stay applied, once
-                    if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
-                        adopt_key(_folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
-                    # the drift counter starts afresh: the model is fitted again, on the rows that remain
-                    callback.load_state_dict({k: v for k, v in state["unlearning"].items() if k != "drift"})
+            # the drift counter starts afresh: the model is fitted again, on the rows that remain
+            carried = {k: v for k, v in state["unlearning"].items() if k != "drift"}
+            callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
+            for callback in callbacks:  # the requests the checkpoint holds stay applied, once
+                if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
+                    adopt_key(_folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
+                callback.load_state_dict(carried)
+            if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
+                self.trainer.callbacks.append(_CarriedUnlearningState(carried))
 
     def _note_deletions_beside_the_checkpoints(self) -> None:
         """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""
@@ -913,6 +917,18 @@ def _recipe_name(config: Any) -> str | None:
         return None
     path = Path(str(files[-1]))
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+class _CarriedUnlearningState(pl.Callback):
+    """A fit from an unlearned checkpoint, without an ``UnlearningCallback``: its checkpoints keep that checkpoint's
+    ``unlearning`` state (the applied requests' keyed fingerprints and key id, the lineage, the record folder), so that
+    a request given again is recognised as applied, and ``unlearn`` and ``predict`` check the record it came from."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["unlearning"] = dict(self.state)
 
 
 def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:

@@ -352,6 +352,21 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     assert "whose process stopped while applying it: run `unlearn` on that folder again" in capsys.readouterr().err
 
 
+def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(trained, tmp_path, capsys):
+    """Without a callback, the refit's checkpoints held the removals but not the applied requests: a branch from one
+    journaled the same request a second time (no training row, the same users)."""
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF])
+    refit = tmp_path / "ckpt" / "best.ckpt"
+    carried = torch.load(refit, weights_only=True)["unlearning"]
+    original = torch.load(trained.unlearned, weights_only=True)["unlearning"]
+    assert carried["applied"] == original["applied"] and carried["key_id"] == original["key_id"]
+    capsys.readouterr()
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(refit), "--requests", str(trained.requests), "--method", "FineTune",
+          "--out", "branch", "--branch", "true"])
+    assert "is already applied" in capsys.readouterr().out
+    assert not (tmp_path / "branch" / "journal.jsonl").exists() or journal_of(tmp_path / "branch").entries() == []
+
+
 def test_unlearn_into_another_folder_refuses_a_checkpoint_older_than_the_record_beside_it(trained, tmp_path, capsys):
     """After user 8 was deleted in the record beside the trained checkpoint, a second request from that checkpoint into
     another folder (with or without --branch) would give a model that holds user 8's rows again, which predict passed."""
