@@ -116,9 +116,7 @@ class UnlearningTrainer(pl.Trainer):
         Raises:
             ValueError: ``log_artifacts`` without a W&B logger, or with W&B disabled.
             InvalidDeletionRequest: the request is invalid for this data (nothing changed).
-            StaleCheckpoint: ``ckpt_path`` is not the latest state of ``out`` (see ``docs/journal.rst``);
-                or, for another ``out``, its data still holds what the record beside it (or the one its
-                callback state names) deleted, and it has no request queued.
+            StaleCheckpoint: ``ckpt_path`` is not the latest state of ``out`` (see ``docs/journal.rst``).
         """
         if log_artifacts:
             with _options_refused():
@@ -128,12 +126,6 @@ class UnlearningTrainer(pl.Trainer):
         if not out:
             print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
         state = restore_checkpoint(ckpt_path, model, datamodule)
-        unlearning = state.get("unlearning") or {}
-        named = unlearning.get("record")
-        if not unlearning.get("pending"):  # (queued requests are applied first: a fit's checkpoint before its callback ran)
-            for folder in _besides(ckpt_path) | ({Path(named)} if named else set()):  # the model's other records
-                if folder.resolve() != dirpath.resolve():  # its own: check_lineage refuses a state that is not its latest
-                    _refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder), "unlearn")
         if branch:
             adopt_key(_folder_of_key(ckpt_path, state), dirpath)
         callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
@@ -427,19 +419,13 @@ def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
                  if wanted and (folder / KEY_FILE).is_file() and key_id(journal_of(folder)) == wanted), path.resolve().parent)
 
 
-def _besides(ckpt_path: str | os.PathLike) -> set[Path]:
-    """The deletion record beside a checkpoint (:func:`default_unlearning_folder`), and beside the link, for a checkpoint that
-    is a link into a content store (git-annex, DVC)."""
-    return {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
-
-
 def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record: str | None) -> set[Path]:
     """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it (beside the link too, for a
     checkpoint that is a link into a content store), the one its callback state
     (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
     recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
     says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints)."""
-    besides = _besides(ckpt_path)
+    besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}  # a link's too (git-annex)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
 
     def is_named(folder: Path) -> bool:
@@ -464,14 +450,8 @@ def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record
     return folders
 
 
-_HARM = {"predict": "its recommendations would name users deleted since, and rank from their rows",
-         "unlearn": "a model unlearned from it, in another folder, would hold their rows again"}
-
-
-def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal,
-                            command: Literal["predict", "unlearn"] = "predict") -> None:
-    """``predict``, and ``unlearn`` into another folder: refuse a checkpoint whose data still holds what the deletion
-    record ``journal`` deleted.
+def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:
+    """``predict``: refuse a checkpoint whose data still holds what the deletion record ``journal`` deleted.
 
     A refit from the latest state, or a later unlearned checkpoint, removes at least as much and
     passes; the trained checkpoint after a deletion does not.
@@ -481,21 +461,21 @@ def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataMod
     try:
         interrupted, latest = journal.interrupted(), journal.last_checkpoint()
     except JournalCorrupted as err:
-        raise JournalCorrupted(f"{command} checks that {ckpt_path} holds the deletions of the record beside it, and that "
+        raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
                                f"record does not read: {err}") from None
     except FileNotFoundError as err:
-        raise StaleCheckpoint(f"{command} checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
+        raise StaleCheckpoint(f"predict checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
                               f"the latest state there is missing: {err}") from None
     if interrupted:
         try:
             with journal.lock():
                 pass
         except FolderLocked:
-            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; {command} from the folder's "
+            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; predict from the folder's "
                                   f"latest state once it is done.") from None
         raise StaleCheckpoint(
             f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
-            f"folder again (it recovers the request, then applies what is queued), then {command} from its latest state."
+            f"folder again (it recovers the request, then applies what is queued), then predict from its latest state."
         )
     if latest is None:
         return
@@ -507,8 +487,8 @@ def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataMod
                 "is not the data they were applied to (another seed or split), so it may hold what they deleted")
         raise StaleCheckpoint(
             f"{journal.folder} records {_count(journal.applied_count(), 'deletion')} applied to this model's run, and the "
-            f"data of {ckpt_path} {held}: {_HARM[command]}. {command.capitalize()} from the latest state "
-            f"(`--ckpt_path {latest}`), or from a checkpoint fitted from it."
+            f"data of {ckpt_path} {held}: its recommendations would name users deleted since, and rank from their rows. "
+            f"Predict from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
         )
 
 

@@ -367,29 +367,6 @@ def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(tra
     assert not (tmp_path / "branch" / "journal.jsonl").exists() or journal_of(tmp_path / "branch").entries() == []
 
 
-def test_unlearn_into_another_folder_refuses_a_checkpoint_older_than_the_record_beside_it(trained, tmp_path, capsys):
-    """After user 8 was deleted in the record beside the trained checkpoint, a second request from that checkpoint into
-    another folder (with or without --branch) would give a model that holds user 8's rows again, which predict passed."""
-    best = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    best.parent.mkdir(parents=True)
-    best.write_bytes(trained.best.read_bytes())
-    (tmp_path / "user8.csv").write_text("user\n8\n")
-    (tmp_path / "user9.csv").write_text("user\n9\n")
-    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"])
-    latest = journal_of(tmp_path / "run" / "unlearning").last_checkpoint()
-    capsys.readouterr()
-    for extra in ([], ["--branch", "true"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user9.csv", "--method", "FineTune",
-                  "--out", "other", *extra])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "records 1 deletion applied" in err and "would hold their rows again" in err
-        assert f"--ckpt_path {latest}" in err and not (tmp_path / "other" / "journal.jsonl").exists()
-    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--requests", "user9.csv", "--method", "FineTune",
-          "--out", "other", "--branch", "true"])  # from the latest state, a branch goes on
-    assert journal_of(tmp_path / "other").applied_count() == 1
-
-
 def test_predict_checks_the_record_beside_a_checkpoint_that_is_a_link(trained, tmp_path, capsys):
     """git-annex, DVC: the run's folder holds a link into a content store, and its record beside the link."""
     stored = tmp_path / "store" / "SHA256E-s1234"
