@@ -745,18 +745,20 @@ class LightningUnlearnCLI(LightningCLI):
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
             "checkpoint holds no optimizer or loop state)")
+        if state is None and path and Path(path).is_file():  # a Lightning checkpoint: a refit's carries the state on
+            state = {"unlearning": load_checkpoint(path, mmap=True).get("unlearning")}
         if state is None or not state.get("unlearning"):
             self._note_deletions_beside_the_checkpoints()
-        if state is not None and state.get("unlearning"):
-            # the drift counter starts afresh: the model is fitted again, on the rows that remain
-            carried = {k: v for k, v in state["unlearning"].items() if k != "drift"}
-            callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
-            for callback in callbacks:  # the requests the checkpoint holds stay applied, once
-                if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
-                    adopt_key(_folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
-                callback.load_state_dict(carried)
-            if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
-                self.trainer.callbacks.append(_CarriedUnlearningState(carried))
+            return
+        # the drift counter starts afresh: the model is fitted again, on the rows that remain
+        carried = {k: v for k, v in state["unlearning"].items() if k != "drift"}
+        callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
+        for callback in callbacks:  # the requests the checkpoint holds stay applied, once
+            if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
+                adopt_key(_folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
+            callback.load_state_dict(carried)
+        if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
+            self.trainer.callbacks.append(_CarriedUnlearningState(carried))
 
     def _note_deletions_beside_the_checkpoints(self) -> None:
         """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""

@@ -365,6 +365,13 @@ def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(tra
           "--out", "branch", "--branch", "true"])
     assert "is already applied" in capsys.readouterr().out
     assert not (tmp_path / "branch" / "journal.jsonl").exists() or journal_of(tmp_path / "branch").entries() == []
+    # A fit resumed from the refit's own checkpoint keeps the state on too.
+    (tmp_path / "refit.ckpt").write_bytes(refit.read_bytes())
+    saver = f"{{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {{dirpath: {tmp_path / 'again'}, save_last: true}}}}"
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "refit.ckpt"), "--trainer.max_epochs=3",
+          f"--trainer.callbacks+={saver}"])
+    again = torch.load(tmp_path / "again" / "last.ckpt", weights_only=True)
+    assert again["unlearning"]["applied"] == original["applied"] and again["epoch"] == 2
 
 
 def test_predict_checks_the_record_beside_a_checkpoint_that_is_a_link(trained, tmp_path, capsys):
