@@ -773,8 +773,14 @@ class LightningUnlearnCLI(LightningCLI):
                   f"{saver.dirpath} hold them too: apply the requests again to the new model (unlearn --out <a new folder>), "
                   f"or fit from the latest unlearned checkpoint ({journal.checkpoint(journal.latest())}) to keep them deleted.")
 
+    def _note_unused_optimizer(self) -> None:
+        """``validate``/``test``/``predict`` train nothing: say that ``--optimizer`` (``--lr_scheduler``) is not used."""
+        if getattr(self.trainer, "optimizer_init", None) is not None:
+            print(f"[{self.subcommand}] --optimizer is not used: {self.subcommand} trains nothing")
+
     def before_predict(self) -> None:
         """``predict`` recommends from a checkpoint: without one, the model is the untrained one the recipe builds."""
+        self._note_unused_optimizer()
         if not self.config_init[self.subcommand].get("ckpt_path"):
             raise OptionRefused(
                 "predict needs --ckpt_path: without it the recommendations would come from the untrained model the recipe "
@@ -782,11 +788,13 @@ class LightningUnlearnCLI(LightningCLI):
             )
 
     def before_validate(self) -> None:
+        self._note_unused_optimizer()
         self._require_checkpoint_file()
         self._restore_unlearned_checkpoint("validating it")
         log_config(self.trainer.loggers, self.trainer._command_config)
 
     def before_test(self) -> None:
+        self._note_unused_optimizer()
         self._require_checkpoint_file()
         self._restore_unlearned_checkpoint("testing it")
         log_config(self.trainer.loggers, self.trainer._command_config)

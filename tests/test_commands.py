@@ -365,6 +365,11 @@ def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(tra
           "--out", "branch", "--branch", "true"])
     assert "is already applied" in capsys.readouterr().out
     assert not (tmp_path / "branch" / "journal.jsonl").exists() or journal_of(tmp_path / "branch").entries() == []
+    # Without --out, the record beside the refit is not the one it embodies: the refusal names that one.
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    with pytest.raises(SystemExit):
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(refit), "--requests", "user8.csv", "--method", "FineTune"])
+    assert f"Resume in its own folder (`--out {trained.unlearned.parent.resolve()}`)" in capsys.readouterr().err
     # A fit resumed from the refit's own checkpoint keeps the state on too.
     (tmp_path / "refit.ckpt").write_bytes(refit.read_bytes())
     saver = f"{{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {{dirpath: {tmp_path / 'again'}, save_last: true}}}}"
@@ -402,6 +407,13 @@ def _hold_the_lock(folder: str, locked, release) -> None:
 
 # ---------------------------------------------------------------------- the optimizer the command line configured
 SGD = ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "1e-9"]
+
+
+def test_commands_that_train_nothing_say_the_optimizer_is_not_used(trained, tmp_path, capsys):
+    for command in ("test", "predict"):
+        main([command, "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *SGD,
+              *(["--out", "recs.csv"] if command == "predict" else [])])
+        assert f"[{command}] --optimizer is not used: {command} trains nothing" in capsys.readouterr().out
 
 
 def test_retrain_in_unlearn_refits_with_the_configured_optimizer(trained, tmp_path):

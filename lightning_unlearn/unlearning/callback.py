@@ -166,6 +166,7 @@ class UnlearningCallback(pl.Callback):
         self._lineage: dict[str, Any] | None = None  # the journal entry the model embodies (None: no request yet)
         self._key_id: str | None = None  # of the key the restored applied fingerprints were made with (None: not recorded)
         self._key_unknown = False  # restored fingerprints from a state that did not record their key
+        self._named_record: str | None = None  # the record a restored state names (a refit's: not beside its checkpoint)
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -272,7 +273,7 @@ class UnlearningCallback(pl.Callback):
         self._merge_restored(datamodule)
         if self.dirpath is not None and (self._queue or self.journal.path.exists()):
             recover(self.dirpath)
-            check_lineage(self.journal, self._lineage, self.branch)
+            check_lineage(self.journal, self._lineage, self.branch, self._named_record)
         if self.dirpath is not None:  # also with nothing queued yet: before on_fit_start makes a branch's key
             check_key(self.journal, self._key_id, len(self._applied))
         elsewhere = {"validation": datamodule.val, "test": datamodule.test}
@@ -419,7 +420,7 @@ class UnlearningCallback(pl.Callback):
             try:
                 held.enter_context(journal.lock())  # one writer per folder, for the whole run
                 recover(self.dirpath)  # a previous process may have died mid-request
-                check_lineage(journal, self._lineage, self.branch)
+                check_lineage(journal, self._lineage, self.branch, self._named_record)
                 check_key(journal, self._key_id, len(self._applied))
                 define_request_axis(loggers)  # W&B plots unlearn/* against the request index: drift over a stream
             except BaseException:  # the other ranks wait at the first request's vote
@@ -601,6 +602,7 @@ class UnlearningCallback(pl.Callback):
         if "drift" in state_dict:  # a state written before the retrain policy has none: the counter starts afresh
             self._policy.load_state_dict(state_dict["drift"])
         self._lineage, self._key_id = state_dict.get("lineage"), state_dict.get("key_id")
+        self._named_record = state_dict.get("record")
         self._key_unknown = bool(self._applied) and self._key_id is None  # a state written before key_id: never checked
         pending = state_dict.get("pending", [])
         if any(not isinstance(spec.get("users", ()), torch.Tensor) for spec in pending):

@@ -126,7 +126,7 @@ def _embodies(checkpoint: Path, pending: dict[str, Any]) -> bool:
     return lineage.get("seq") == pending["seq"] and lineage.get("entry", pending["hash"]) == pending["hash"]
 
 
-def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool = False) -> None:
+def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool = False, record: str | None = None) -> None:
     """Refuse to apply requests into ``journal``'s folder on top of a model that is not its latest state.
 
     Args:
@@ -135,6 +135,8 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
             ``{"journal": id, "seq": n}`` from the callback's state (its checkpoint).
         branch: the model comes from another folder's checkpoint and this (empty) folder starts
             a new branch from it.
+        record: the folder of the journal ``lineage`` names, if known (a state's ``record``):
+            the refusal of a model from another folder names it.
 
     Raises:
         StaleCheckpoint: the folder holds applied requests the model does not embody (or the
@@ -155,8 +157,8 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
             )
         raise StaleCheckpoint(
             f"The model comes from a checkpoint of another unlearning folder (journal {lineage.get('journal')}, entry "
-            f"{lineage.get('seq')}), and {journal.folder} is not that folder. Resume in its own folder (`--out <the "
-            f"folder of that checkpoint>`), or start a new branch here on purpose (`--branch true`; "
+            f"{lineage.get('seq')}), and {journal.folder} is not that folder. Resume in its own folder (`--out "
+            f"{record or '<the folder of that checkpoint>'}`), or start a new branch here on purpose (`--branch true`; "
             f"UnlearningCallback(branch=True))."
         )
     if branch:
