@@ -126,7 +126,7 @@ def read_csv(
 
     Raises:
         ValueError: if a named column is missing, a field cannot be parsed or a row has more
-            fields than the first data row (names the line).
+            fields than the header and the first data row (names the line).
 
     Example:
         >>> import tempfile, os
@@ -138,7 +138,7 @@ def read_csv(
     with open(path, newline="", encoding=_ENCODING) as fh:
         reader = csv.reader(fh, delimiter=sep)
         first = next(reader, [])
-        # the default columns follow the width of the first data row, and no row has more fields
+        # the default columns follow the width of the first data row (no row has more fields, unless the header names more)
         width = len(next((row for row in (reader if header else itertools.chain([first], reader)) if row), []))
     if header and first and all(_NUMBER.fullmatch(field.strip()) for field in first) and not (columns and any(
             isinstance(c, str) for c in columns.values())):
