@@ -416,7 +416,12 @@ def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
     unlearning = state.get("unlearning") or {}
     wanted, named = unlearning.get("key_id"), unlearning.get("record")  # named: a refit's, whose folder holds no key
     return next((folder for folder in (path.parent, path.resolve().parent, *([Path(named)] if named else []))
-                 if wanted and (folder / KEY_FILE).is_file() and key_id(journal_of(folder)) == wanted), path.resolve().parent)
+                 if wanted and _holds_key(folder, wanted)), path.resolve().parent)
+
+
+def _holds_key(folder: Path, wanted: str | None) -> bool:
+    """Whether ``folder`` holds a journal key, and (unless ``wanted`` is ``None``) the one whose ``key_id`` is ``wanted``."""
+    return (folder / KEY_FILE).is_file() and (wanted is None or key_id(journal_of(folder)) == wanted)
 
 
 def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record: str | None) -> set[Path]:
@@ -427,22 +432,18 @@ def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record
     says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints)."""
     besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}  # a link's too (git-annex)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
-
-    def is_named(folder: Path) -> bool:
-        return (folder / KEY_FILE).is_file() and (named_key is None or key_id(journal_of(folder)) == named_key)
-
     folders = set(besides)
     if record is not None:
-        if not (Path(record) / KEY_FILE).is_file():
+        if not _holds_key(Path(record), None):
             raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
                                 f"of the record's journal.jsonl and {KEY_FILE}.")
-        if named and not is_named(Path(record)):
+        if named and not _holds_key(Path(record), named_key):
             raise StaleCheckpoint(f"predict --record {record} is another deletion record than the one {ckpt_path} names "
                                   f"({named}): its key differs. Give the folder that record was moved to.")
         folders.add(Path(record))
-    if named and is_named(Path(named)):
+    if named and _holds_key(Path(named), named_key):
         folders.add(Path(named))
-    elif named and record is None and not (named_key is not None and any(map(is_named, besides))):
+    elif named and record is None and not (named_key is not None and any(_holds_key(b, named_key) for b in besides)):
         raise StaleCheckpoint(
             f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
             f"predict cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "
@@ -788,15 +789,16 @@ class LightningUnlearnCLI(LightningCLI):
             )
 
     def before_validate(self) -> None:
-        self._note_unused_optimizer()
-        self._require_checkpoint_file()
-        self._restore_unlearned_checkpoint("validating it")
-        log_config(self.trainer.loggers, self.trainer._command_config)
+        self._before_evaluating("validating it")
 
     def before_test(self) -> None:
+        self._before_evaluating("testing it")
+
+    def _before_evaluating(self, what_next: str) -> None:
+        """``validate``/``test``: the checkpoint checked (an unlearned one restored), then the command's config logged."""
         self._note_unused_optimizer()
         self._require_checkpoint_file()
-        self._restore_unlearned_checkpoint("testing it")
+        self._restore_unlearned_checkpoint(what_next)
         log_config(self.trainer.loggers, self.trainer._command_config)
 
     def _require_checkpoint_file(self) -> None:
@@ -924,7 +926,7 @@ class _CarriedUnlearningState(pl.Callback):
 def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an unlearned checkpoint (written by ``unlearn`` or the UnlearningCallback),
     not a Lightning one: it holds the datamodule's state under ``datamodule_state`` and no loop state."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, mmap=True)  # its keys, not its tensors
     return "datamodule_state" in state and "unlearning" in state and "loops" not in state
 
 

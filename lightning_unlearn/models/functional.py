@@ -93,7 +93,7 @@ def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
     rows = []
     with torch.no_grad():
         for tensor in tensors:
-            table = tensor.detach().reshape(1, 1) if tensor.dim() == 0 else tensor.detach().flatten(1) if tensor.dim() > 1 else tensor.detach().unsqueeze(1)
+            table = tensor.detach().flatten(1) if tensor.dim() > 1 else tensor.detach().reshape(-1, 1)  # a scalar: one row
             rows.append(_checksum(table))
     result = torch.stack(rows).cpu() if rows else torch.zeros(0, 4, dtype=torch.float64)
     if known is not None:
