@@ -141,9 +141,7 @@ class UnlearningTrainer(pl.Trainer):
             ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
             print(f"[unlearn] --missing ignore: {ignored} pair{'' if ignored == 1 else 's'} of the request "
                   f"{'is' if ignored == 1 else 'are'} not in the training split and {'was' if ignored == 1 else 'were'} ignored")
-        if self.optimizer_init is not None and isinstance(method, FineTune):
-            print(f"[unlearn] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
-                  f"--method.optimizer, --method.lr), not with --optimizer")
+        self._note_optimizer_use(method, callback.max_deleted_fraction)
         log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                   "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
         device = self.strategy.root_device
@@ -164,6 +162,19 @@ class UnlearningTrainer(pl.Trainer):
             print(f"[unlearn] W&B artifacts: {', '.join(names)}")
         _finalize_loggers(self.loggers)
         return [r.as_dict() for r in reports]
+
+    def _note_optimizer_use(self, method: Unlearner, max_deleted_fraction: float | None) -> None:
+        """``unlearn --optimizer``: say when the method does not train with it (only ``Retrain``, and a refit, do)."""
+        if self.optimizer_init is None or isinstance(method, Retrain):
+            return
+        if isinstance(method, FineTune):
+            print(f"[unlearn] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
+                  f"--method.optimizer, --method.lr), not with --optimizer")
+        elif max_deleted_fraction is None:
+            print(f"[unlearn] {method.name} does not train: --optimizer is not used")
+        else:
+            print(f"[unlearn] {method.name} does not train: --optimizer is used only if the retrain policy refits the "
+                  f"model (once more than {max_deleted_fraction:.0%} of its rows are deleted since its fit)")
 
     def compare(
         self,

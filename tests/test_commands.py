@@ -416,6 +416,16 @@ def test_commands_that_train_nothing_say_the_optimizer_is_not_used(trained, tmp_
         assert f"[{command}] --optimizer is not used: {command} trains nothing" in capsys.readouterr().out
 
 
+def test_unlearn_says_when_its_method_does_not_train_with_the_optimizer(trained, tmp_path, capsys):
+    for method, said in (("IFRU", "IFRU(k_hop=0) does not train: --optimizer is used only if the retrain policy refits the "
+                                  "model (once more than 3% of its rows are deleted since its fit)"),
+                         ("FineTune", "FineTune(epochs=1) fine-tunes with its own optimizer (adamw, lr=0.001: --method.optimizer, "
+                                      "--method.lr), not with --optimizer")):
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+              "--method", method, "--out", method, *SGD])
+        assert f"[unlearn] {said}" in capsys.readouterr().out
+
+
 def test_retrain_in_unlearn_refits_with_the_configured_optimizer(trained, tmp_path):
     """SGD with lr=1e-9 leaves the seeded initialisation where it is: Retrain's model is then a fresh
     model from the original's seed, as a fit with that optimizer gives. The model's own Adam (lr=0.01) moves it."""
