@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dis
 import errno
 import inspect
 import os
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Iterator, Literal
 
 import pytorch_lightning as pl
@@ -402,16 +404,23 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def _refused_here(err: BaseException | None) -> ValueError | None:
-    """The ``ValueError`` in ``err`` or what caused it that this package's own code raised, else ``None``."""
+    """The ``ValueError`` in ``err`` or what caused it that a ``raise`` statement of this package's own code raised, else
+    ``None``. One that C code (torch's, Python's) raised on a call from this package is not a refusal: a bug keeps its
+    traceback."""
     while err is not None:
         frame = err.__traceback__
         while frame is not None and frame.tb_next is not None:
             frame = frame.tb_next
-        if isinstance(err, ValueError) and frame is not None and \
+        if isinstance(err, ValueError) and frame is not None and _raised_by_a_statement(frame) and \
                 Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE):
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def _raised_by_a_statement(frame: TracebackType) -> bool:
+    """Whether the innermost traceback ``frame`` stopped at a ``raise`` statement (not at a call that raised)."""
+    return any(op.offset == frame.tb_lasti and op.opname == "RAISE_VARARGS" for op in dis.get_instructions(frame.tb_frame.f_code))
 
 
 def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
@@ -827,8 +836,8 @@ class LightningUnlearnCLI(LightningCLI):
             return
         raise FileNotFoundError(
             f"--ckpt_path {path}: {self.subcommand} needs a checkpoint file, and there is none at that name here "
-            f"(`best` and `last` name the checkpoints of a fit run in the same process or its checkpoint folder). Give "
-            f"the file, e.g. `--ckpt_path runs/<name>/checkpoints/best.ckpt`."
+            f"(`best` names the best checkpoint of a fit run in the same process, `last` the last.ckpt of the trainer's "
+            f"checkpoint folder). Give the file, e.g. `--ckpt_path runs/<name>/checkpoints/best.ckpt`."
         )
 
     def _restore_unlearned_checkpoint(self, what_next: str) -> dict[str, Any] | None:

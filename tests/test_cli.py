@@ -199,6 +199,17 @@ def test_a_bug_in_a_user_s_class_keeps_its_traceback(tmp_path):
         main(["fit", "-c", str(recipe), "--model", "tests.test_cli.BuggyMF"])
 
 
+def test_a_value_error_c_code_raises_on_a_call_from_the_package_is_a_bug_not_a_refusal():
+    """The innermost frame is the package's in both cases: only a ``raise`` statement there is a refusal."""
+    source = "def refuse():\n    raise ValueError('refused')\n\ndef call():\n    return int('not a number')\n"
+    where: dict = {}
+    exec(compile(source, str(cli_module._PACKAGE / "a_module.py"), "exec"), where)  # noqa: S102 - code that sits in the package
+    for function, refused in ((where["refuse"], True), (where["call"], False)):
+        with pytest.raises(ValueError) as caught:
+            function()
+        assert (cli_module._refused_here(caught.value) is caught.value) is refused
+
+
 def test_a_checkpoint_is_refused_for_another_model_class_and_predict_for_a_folder(tmp_path, capsys):
     recipe = write_synthetic_recipe(tmp_path / "r.yaml")
     main(["fit", "-c", str(recipe), "--trainer.max_epochs", "1", "--trainer.enable_checkpointing", "true",
