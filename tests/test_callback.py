@@ -274,6 +274,25 @@ def test_state_dict_round_trip_keeps_pending_requests_as_indices(tmp_path):
     assert other.pending == 1 and other._queue[0].canonical(dm.train) == callback._queue[0].canonical(dm.train)
 
 
+def test_a_request_queued_with_missing_ignore_keeps_it_in_the_state(tmp_path):
+    """A checkpoint holding a request queued with missing="ignore" (a fit's) is applied from by a callback whose own is "error"."""
+    dm = datamodule_after_setup()
+    user, item = first_pair(dm)
+    seen = set(dm.train.items[dm.train.users == dm.train.users[0]].tolist())
+    unseen = int(dm.train.item_ids[next(i for i in range(dm.num_items) if i not in seen)])
+    request = DeletionRequest(pairs=[(user, item), (user, unseen)])
+    queued = UnlearningCallback(FineTune(), requests=[request], missing="ignore")
+    assert queued.check(dm)[0]["num_ignored"] == 1
+    state = queued.state_dict()
+    later = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "unlearning")
+    later.load_state_dict(state)
+    assert later.check(dm)[0]["num_ignored"] == 1  # not refused for the pair it was queued to ignore
+    (report,) = later.apply_pending(MF(dm.num_users, dm.num_items, embedding_dim=4), dm)
+    assert report.rows_removed == 1
+    with pytest.raises(InvalidDeletionRequest, match="missing='ignore'"):  # given anew, the callback's own choice holds
+        UnlearningCallback(FineTune(), requests=[request]).check(dm)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

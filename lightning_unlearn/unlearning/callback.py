@@ -91,7 +91,8 @@ class UnlearningCallback(pl.Callback):
             ``"epoch_end"`` (after every training epoch, for requests arriving during training).
         dirpath: folder for the journal and the unlearned checkpoints (default:
             ``<trainer.default_root_dir>/unlearning``).
-        missing: ``"error"`` refuses pairs that are not training rows; ``"ignore"`` drops them.
+        missing: ``"error"`` refuses pairs that are not training rows; ``"ignore"`` drops them. A
+            request queued with ``"ignore"`` keeps it in the state of a checkpoint that holds it queued.
         branch: the model comes from a checkpoint of another unlearning folder, and ``dirpath``
             (a new, empty folder) starts a new branch from it. Without it such a model is refused.
             The new folder needs that folder's key to recognise the requests the checkpoint holds:
@@ -167,6 +168,7 @@ class UnlearningCallback(pl.Callback):
         self._key_id: str | None = None  # of the key the restored applied fingerprints were made with (None: not recorded)
         self._key_unknown = False  # restored fingerprints from a state that did not record their key
         self._named_record: str | None = None  # the record a restored state names (a refit's: not beside its checkpoint)
+        self._ignoring: set[bytes] = set()  # contents of restored requests that were queued with missing="ignore"
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -277,8 +279,8 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is not None:  # also with nothing queued yet: before on_fit_start makes a branch's key
             check_key(self.journal, self._key_id, len(self._applied))
         elsewhere = {"validation": datamodule.val, "test": datamodule.test}
-        resolved = [r.resolve(datamodule.train, missing=self.missing, elsewhere=elsewhere, removed=datamodule.removed_keys)
-                    for r in self._queue]
+        resolved = [r.resolve(datamodule.train, missing=self._missing_for(r, datamodule), elsewhere=elsewhere,
+                              removed=datamodule.removed_keys) for r in self._queue]
         if self.dirpath is None:
             return [r.summary() for r in resolved]
         return [{**r.summary(), "digest": self.journal.keyed(r.digest)} for r in resolved]
@@ -461,7 +463,7 @@ class UnlearningCallback(pl.Callback):
             if fingerprint in self._applied:  # alike on every rank: no vote
                 self._queue.pop(0)
                 return None
-            resolved = request.resolve(datamodule.train, missing=self.missing, removed=datamodule.removed_keys,
+            resolved = request.resolve(datamodule.train, missing=self._missing_for(request, datamodule), removed=datamodule.removed_keys,
                                        elsewhere={"validation": datamodule.val, "test": datamodule.test})
             _refuse_broken_model(model)
             index = len(self._applied)
@@ -572,6 +574,8 @@ class UnlearningCallback(pl.Callback):
         """
         train = self._datamodule.train if self._datamodule is not None else None
         stored = [r.indices(train) if train is not None else None for r in self._queue]
+        stored = [s if s is None or self._missing_for(r, self._datamodule) == "error" else {**s, "missing": "ignore"}
+                  for r, s in zip(self._queue, stored)]
         return {
             "applied": list(self._applied),
             "pending": [*self._restored, *(s for s in stored if s is not None)],
@@ -619,7 +623,9 @@ class UnlearningCallback(pl.Callback):
         """Put the restored pending requests (indices) at the head of the queue; drop repeats and applied ones."""
         datamodule.setup()
         train = datamodule.train
-        queue = [DeletionRequest.from_indices(train, spec) for spec in self._restored] + self._queue
+        restored = [DeletionRequest.from_indices(train, spec) for spec in self._restored]
+        self._ignoring |= {r.canonical(train) for r, spec in zip(restored, self._restored) if spec.get("missing") == "ignore"}
+        queue = restored + self._queue
         applied = set(self._applied)
         keyed = bool(applied) and self.dirpath is not None and self.journal.key_exists()
         seen: set[bytes] = set()
@@ -631,6 +637,11 @@ class UnlearningCallback(pl.Callback):
             seen.add(content)
             kept.append(request)
         self._queue, self._restored = kept, []
+
+    def _missing_for(self, request: DeletionRequest, datamodule: RecDataModule) -> str:
+        """``missing`` for ``request``: this callback's, or ``"ignore"`` where the request was queued with it (a restored state)."""
+        ignored = self.missing == "ignore" or bool(self._ignoring) and request.canonical(datamodule.train) in self._ignoring
+        return "ignore" if ignored else "error"
 
 
 class _NothingToUnlearn(Unlearner):
