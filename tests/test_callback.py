@@ -274,6 +274,54 @@ def test_state_dict_round_trip_keeps_pending_requests_as_indices(tmp_path):
     assert other.pending == 1 and other._queue[0].canonical(dm.train) == callback._queue[0].canonical(dm.train)
 
 
+@pytest.mark.parametrize("skipped", ["resumed at max_epochs", "limit_train_batches=0", "max_steps=0"])
+def test_requests_are_applied_when_the_fit_skips_its_training_loop(skipped, tmp_path):
+    """Lightning calls no train end when it skips the loop: the fit's end applies what is queued, and no request waits unseen."""
+    pl.seed_everything(0, verbose=False)
+    dm = datamodule()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    pl.Trainer(max_epochs=1, callbacks=[saver], **quiet).fit(model, dm)
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
+                                  evaluate=False)
+    limits, resume = {"resumed at max_epochs": ({}, saver.last_model_path), "limit_train_batches=0": ({"limit_train_batches": 0}, None),
+                      "max_steps=0": ({"max_steps": 0}, None)}[skipped]
+    pl.Trainer(max_epochs=1, callbacks=[callback], enable_checkpointing=False, **limits, **quiet).fit(model, dm, ckpt_path=resume)
+    assert len(callback.reports) == 1 and callback.pending == 0
+    assert 5 not in dm.train.user_ids[dm.train.users].tolist()
+    assert [e["status"] for e in journal(tmp_path / "unlearning")] == ["pending", "applied"]
+    assert model.device.type == "cpu"  # where a fit leaves it
+
+
+def test_a_trainer_given_an_unlearned_checkpoint_refuses_it_before_loading_its_weights(tmp_path):
+    """Lightning would load its weights but not its removals: the deleted rows would be trained on again."""
+    model, dm, _ = trained()
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
+                                  evaluate=False)
+    callback.apply_pending(model, dm)
+    unlearned = tmp_path / "unlearning" / journal(tmp_path / "unlearning")[-1]["checkpoint"]
+    fresh_dm = datamodule()
+    fresh = MF(fresh_dm.num_users, fresh_dm.num_items, embedding_dim=8, lr=0.05)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"Trainer.fit\(ckpt_path=...\) was given an unlearned checkpoint.*restore_checkpoint"):
+        trainer.fit(fresh, fresh_dm, ckpt_path=unlearned)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(MF.load_from_checkpoint(unlearned).user_embedding.weight, model.user_embedding.weight)  # no Trainer: read
+
+
+def test_check_reads_a_requests_file_that_setup_could_not(tmp_path):
+    """The refusal inside a W&B-logged fit points to check(): it must show the file's error, not return nothing."""
+    bad = tmp_path / "requests.csv"
+    bad.write_text("user,item\n873,258,1\n")
+    callback = UnlearningCallback(FineTune(), requests_file=bad)
+    with pytest.raises(InvalidDeletionRequest, match="requests.csv.*line 2"):
+        callback.check(datamodule_after_setup())
+    bad.write_text("user\n5\n")  # mended: read at the next check
+    assert callback.check(datamodule_after_setup())[0]["num_users"] == 1 and callback.pending == 1
+
+
 def test_a_request_queued_with_missing_ignore_keeps_it_in_the_state(tmp_path):
     """A checkpoint holding a request queued with missing="ignore" (a fit's) is applied from by a callback whose own is "error"."""
     dm = datamodule_after_setup()

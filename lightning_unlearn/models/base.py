@@ -184,6 +184,28 @@ class Recommender(pl.LightningModule):
     def set_graph(self, interactions: Interactions) -> None:
         """Give a graph model the training graph; a no-op for models without one."""
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse an unlearned checkpoint given to a Trainer as ``ckpt_path``, before its weights are loaded.
+
+        Lightning would load its weights but neither the removals it records (the deleted rows
+        would be trained on, or evaluated, again) nor its callback state, and ``fit`` would look
+        for optimizer and loop state it does not hold. ``load_from_checkpoint`` (no Trainer)
+        reads it as usual.
+
+        Raises:
+            ValueError: ``checkpoint`` is an unlearned one (``datamodule_state`` and ``unlearning``,
+                no loop state) and the model is attached to a Trainer.
+        """
+        if self._trainer is not None and "datamodule_state" in checkpoint and "unlearning" in checkpoint and "loops" not in checkpoint:
+            raise ValueError(
+                f"Trainer.{self._trainer.state.fn.value}(ckpt_path=...) was given an unlearned checkpoint (written by `unlearn` "
+                f"or the UnlearningCallback). Lightning would load its weights but not the removals it records, so the "
+                f"deleted rows would be back in the data, and it holds no optimizer or loop state. Restore it first and "
+                f"give no ckpt_path: `state = restore_checkpoint(path, model, datamodule)` "
+                f"(lightning_unlearn.unlearning.record), then, in a fit with an UnlearningCallback, "
+                f"`callback.load_state_dict(state['unlearning'])`. On the command line, `--ckpt_path` does this."
+            )
+
     def fresh(self) -> Recommender:
         """A new model with the same hyper-parameters, initialised from the current RNG state."""
         return type(self)(**self._rebuild_kwargs())

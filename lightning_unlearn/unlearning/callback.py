@@ -254,7 +254,8 @@ class UnlearningCallback(pl.Callback):
         folder's latest state (:func:`~lightning_unlearn.unlearning.record.check_lineage`; also
         with no request pending once the folder has a journal: training an older state would
         learn deleted rows again) and that the folder's key recognises the applied requests
-        (:func:`~lightning_unlearn.unlearning.record.check_key`), and resolves every pending
+        (:func:`~lightning_unlearn.unlearning.record.check_key`), reads ``requests_file`` if it
+        is not read yet, and resolves every pending
         request against the training split. ``unlearn`` calls it before any logger starts a run,
         so that no error naming ids reaches a logger's files.
 
@@ -266,12 +267,13 @@ class UnlearningCallback(pl.Callback):
             journal will record (never ids).
 
         Raises:
-            InvalidDeletionRequest: a pending request is invalid for this data.
+            InvalidDeletionRequest: a pending request is invalid for this data, or ``requests_file`` does not read.
             StaleCheckpoint: the model is not the folder's latest state, or the folder's key is not the
                 one its applied requests were recognised by.
             FolderLocked, JournalCorrupted: as :meth:`apply_pending`.
         """
         self._datamodule = datamodule
+        self.read_requests_file()  # setup reads it; after its refusal, here is where the message is shown whole
         self._merge_restored(datamodule)
         if self.dirpath is not None and (self._queue or self.journal.path.exists()):
             recover(self.dirpath)
@@ -336,6 +338,24 @@ class UnlearningCallback(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "epoch_end":
             self.run(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Apply what is still queued: a fit whose training loop did not run has no train end and no epoch end.
+
+        Lightning skips the loop of a fit resumed from a checkpoint that reached ``max_epochs``
+        or ``max_steps``, or given ``limit_train_batches=0``: the natural way to apply new
+        requests to a finished model. (With ``when="epoch_end"``, also a request queued after
+        the last epoch's end.) The trainer has moved the model to the CPU by now: it goes back
+        to the trainer's device for the requests, and to the CPU after them.
+        """
+        if trainer.world_size == 1 and not self.pending:  # several ranks: run() checks that every queue is alike
+            return
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self.run(trainer, pl_module)
+        finally:
+            pl_module.cpu()
 
     def run(self, trainer: pl.Trainer, model: Recommender) -> list[UnlearningReport]:
         """Apply every queued request now (what the hooks call)."""

@@ -97,8 +97,8 @@ def ids_kept_out_of(loggers: Sequence[Logger]):
             raise
         redacted = InvalidDeletionRequest(
             "A deletion request was refused. Its message names ids and is not shown here: a W&B run of these loggers "
-            "records the console. Read it with `callback.check(datamodule)` where no such run is live (or from the "
-            "exception's `detail`), or run with WANDB_CONSOLE=off, as the lightning-unlearn command does."
+            "records the console. Read it from the exception's `detail`, or with `callback.check(datamodule)` where no "
+            "such run is live, or run with WANDB_CONSOLE=off, as the lightning-unlearn command does."
         )
         redacted.detail = str(err)
         raise redacted from None
