@@ -347,11 +347,35 @@ def test_a_request_queued_with_missing_ignore_keeps_it_in_the_state(tmp_path):
         ({"method": "FineTune"}, TypeError, "Unlearner"),
         ({"when": "validation_end"}, ValueError, "when"),
         ({"missing": "skip"}, ValueError, "missing"),
+        ({"requests": DeletionRequest(users=[3])}, TypeError, "takes a list of DeletionRequest, got a DeletionRequest"),
+        ({"requests": ["requests.csv"]}, TypeError, "got a list of str; a requests file goes to requests_file"),
+        ({"requests": "requests.csv"}, TypeError, "got a str"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         UnlearningCallback(**{"method": FineTune(), **kwargs})
+
+
+def test_drop_with_a_folder_needs_the_data_to_journal_it(tmp_path):
+    callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(users=[3])], dirpath=tmp_path / "unlearning")
+    with pytest.raises(RuntimeError, match=r"has no data yet: call callback.check\(datamodule\) first"):
+        callback.drop()
+    assert callback.pending == 1 and not (tmp_path / "unlearning" / "journal.jsonl").exists()
+    callback.check(datamodule_after_setup())
+    callback.drop(reason="asked again")
+    assert [e["status"] for e in journal(tmp_path / "unlearning")] == ["dropped"]
+    assert UnlearningCallback(FineTune(), requests=[DeletionRequest(users=[3])]).drop().users == (3,)  # no folder: nothing to journal
+
+
+def test_retrain_without_a_fit_is_refused_naming_what_it_needs():
+    dm = datamodule_after_setup()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4)
+    rows = dm.train_rows()
+    gone = torch.zeros(len(rows), dtype=torch.bool)
+    gone[0] = True
+    with pytest.raises(ValueError, match=r"needs context.fit.*UnlearningContext\(fit="):
+        Retrain().unlearn(model, rows.select(~gone), rows.select(gone))
 
 
 def test_refuses_models_and_datamodules_outside_the_contract(tmp_path):

@@ -234,3 +234,8 @@ def test_deepcopy_gives_an_independent_model(cls):
 def test_nonsense_sizes_and_rates_are_refused_when_built(build, named):
     with pytest.raises(ValueError, match=named):
         build()
+
+
+def test_neumf_given_an_embedding_dim_names_its_widths():
+    with pytest.raises(TypeError, match="NeuMF has no embedding_dim: its embeddings are gmf_dim"):
+        NeuMF(5, 4, embedding_dim=8)

@@ -65,6 +65,9 @@ class NeuMF(Recommender):
         pretrain_epochs: int = 0,
         **kwargs,
     ):
+        if "embedding_dim" in kwargs:
+            raise TypeError(f"{type(self).__name__} has no embedding_dim: its embeddings are gmf_dim (the GMF branch) and mlp_dim "
+                            f"(the MLP branch) wide, e.g. {type(self).__name__}(num_users, num_items, gmf_dim=8, mlp_dim=8).")
         check_sizes(type(self).__name__, gmf_dim=gmf_dim, mlp_dim=mlp_dim, **{f"mlp_layers[{i}]": w for i, w in enumerate(mlp_layers)})
         super().__init__(num_users, num_items, **kwargs)
         if dense_l2 is not None and not (math.isfinite(dense_l2) and dense_l2 >= 0):

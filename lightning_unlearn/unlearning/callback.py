@@ -7,7 +7,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -121,7 +121,7 @@ class UnlearningCallback(pl.Callback):
     Raises:
         ValueError: on an unknown ``when`` or ``missing``, or a ``retrain_every``,
             ``max_deleted_fraction`` or ``max_grad_ratio`` outside the accepted values.
-        TypeError: if ``method`` is not an ``Unlearner``.
+        TypeError: if ``method`` is not an ``Unlearner``, or ``requests`` is not a list of ``DeletionRequest``.
 
     Example:
         >>> from lightning_unlearn.unlearning.methods import FineTune
@@ -161,7 +161,7 @@ class UnlearningCallback(pl.Callback):
         self._seed = seed
         self.requests_file = requests_file
         self.dirpath = Path(dirpath) if dirpath is not None else None
-        self._queue: list[DeletionRequest] = list(requests)
+        self._queue: list[DeletionRequest] = _list_of_requests(requests)
         self._restored: list[dict[str, Any]] = []  # pending requests of a loaded state, as indices (need the data)
         self._applied: list[str] = []
         self._lineage: dict[str, Any] | None = None  # the journal entry the model embodies (None: no request yet)
@@ -234,7 +234,13 @@ class UnlearningCallback(pl.Callback):
 
         Raises:
             IndexError: no request at ``position``.
+            RuntimeError: the callback has a folder but not yet its data (``setup``, :meth:`check`),
+                which the journal's fingerprint needs (nothing is dropped).
         """
+        if self.dirpath is not None and self._datamodule is None:
+            raise RuntimeError("drop() journals the request it drops, by a fingerprint taken on the data's id maps, and this "
+                               "UnlearningCallback has no data yet: call callback.check(datamodule) first (it keeps the "
+                               "data, also when it refuses the request).")
         if self._datamodule is not None:
             self._merge_restored(self._datamodule)
         if not -len(self._queue) <= position < len(self._queue):
@@ -674,6 +680,19 @@ class _NothingToUnlearn(Unlearner):
 
 
 _NOTHING_TO_UNLEARN = _NothingToUnlearn()
+
+
+def _list_of_requests(requests: Any) -> list[DeletionRequest]:
+    """``requests`` as a list, refused unless it is a sequence of :class:`DeletionRequest` (named by types, never ids)."""
+    if isinstance(requests, (DeletionRequest, str, bytes, os.PathLike)) or not isinstance(requests, Iterable):
+        given = f"a {type(requests).__name__}"
+    else:
+        requests = list(requests)
+        if all(isinstance(r, DeletionRequest) for r in requests):
+            return requests
+        given = f"a {type(requests).__name__} of {', '.join(sorted({type(r).__name__ for r in requests}))}"
+    raise TypeError(f"UnlearningCallback(requests=...) takes a list of DeletionRequest, got {given}; a requests file goes "
+                    f"to requests_file=...")
 
 
 def _refuse_broken_model(model: Recommender) -> None:

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
+from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
 
 __all__ = ["Retrain"]
 
@@ -43,12 +43,26 @@ class Retrain(Unlearner):
     def name(self) -> str:
         return "Retrain" if self.seed is None else f"Retrain(seed={self.seed})"
 
+    def unlearn(self, model: Recommender, retained: TrainRows, deleted: TrainRows,
+                context: UnlearningContext | None = None) -> UnlearningReport:
+        """:meth:`Unlearner.unlearn`, refused before anything runs when ``context`` has no ``fit``."""
+        _require_fit(context)
+        return super().unlearn(model, retained, deleted, context)
+
     def update(self, model: Recommender, retained: TrainRows, deleted: TrainRows, context: UnlearningContext) -> dict[str, Any]:
-        if context.fit is None:
-            raise ValueError("Retrain needs context.fit, a function that fits a model with the original recipe")
+        _require_fit(context)
         seed = context.seed if self.seed is None else self.seed
         pl.seed_everything(seed, verbose=False)
         fresh = model.fresh()
         context.fit(fresh)
         model.load_state_dict(fresh.state_dict())
         return {"seed": seed}
+
+
+def _require_fit(context: UnlearningContext | None) -> None:
+    if context is None or context.fit is None:
+        raise ValueError(
+            "Retrain refits the model, so it needs context.fit: a function that fits a fresh model on the retained rows "
+            "with the original recipe, e.g. UnlearningContext(fit=lambda fresh: FitRecipe(max_epochs=10)(fresh, datamodule)) "
+            "(the UnlearningCallback and compare give one)."
+        )
