@@ -294,6 +294,18 @@ def test_requests_are_applied_when_the_fit_skips_its_training_loop(skipped, tmp_
     assert model.device.type == "cpu"  # where a fit leaves it
 
 
+def test_a_retrain_at_the_end_of_a_fit_that_trains_nothing_is_refused_not_journaled_as_applied(tmp_path):
+    model, dm, _ = trained()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = UnlearningCallback(Retrain(), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning", evaluate=False)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=0, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UnlearningError, match="trains nothing"):
+        trainer.fit(model, dm)
+    assert [e["status"] for e in journal(tmp_path / "unlearning")] == ["pending", "failed"] and callback.pending == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_a_trainer_given_an_unlearned_checkpoint_refuses_it_before_loading_its_weights(tmp_path):
     """Lightning would load its weights but not its removals: the deleted rows would be trained on again."""
     model, dm, _ = trained()

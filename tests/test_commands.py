@@ -471,6 +471,15 @@ def test_fit_recipe_trains_with_its_optimizer_and_restores_the_model():
         FitRecipe(lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}})
 
 
+@pytest.mark.parametrize("nothing", [{"limit_train_batches": 0}, {"max_steps": 0}])
+def test_a_refit_recipe_that_trains_nothing_is_refused(nothing):
+    """Taken from a Trainer that only applies requests, it would hand Retrain an untrained model."""
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20), batch_size=64)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4)
+    with pytest.raises(ValueError, match=rf"trains nothing \({next(iter(nothing))}=0"):
+        FitRecipe(max_epochs=1, monitor=None, **nothing)(model, dm)
+
+
 def test_a_refit_keeps_the_best_epoch_in_memory_and_writes_no_file(tmp_path, monkeypatch):
     """A refit's best weights are ModelCheckpoint's pick, but no checkpoint (which would hold the datamodule's
     removals, and outlive a killed refit in the temporary folder) is ever written."""

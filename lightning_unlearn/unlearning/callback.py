@@ -350,10 +350,12 @@ class UnlearningCallback(pl.Callback):
         """Apply what is still queued: a fit whose training loop did not run has no train end and no epoch end.
 
         Lightning skips the loop of a fit resumed from a checkpoint that reached ``max_epochs``
-        or ``max_steps``, or given ``limit_train_batches=0``: the natural way to apply new
-        requests to a finished model. (With ``when="epoch_end"``, also a request queued after
-        the last epoch's end.) The trainer has moved the model to the CPU by now: it goes back
-        to the trainer's device for the requests, and to the CPU after them.
+        or ``max_steps`` (the natural way to apply new requests to a finished model), and of a
+        fit given ``limit_train_batches=0`` or ``max_steps=0`` (a refit, by ``Retrain`` or the
+        retrain policy, is refused then: its recipe, taken from this trainer, trains nothing).
+        With ``when="epoch_end"``, also a request queued after the last epoch's end. The trainer
+        has moved the model to the CPU by now: it goes back to the trainer's device for the
+        requests, and to the CPU after them.
         """
         if trainer.world_size == 1 and not self.pending:  # several ranks: run() checks that every queue is alike
             return

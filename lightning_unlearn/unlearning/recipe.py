@@ -65,7 +65,8 @@ class FitRecipe:
             own trainer shows one; default off).
 
     Raises:
-        ValueError: ``lr_scheduler`` without ``optimizer``.
+        ValueError: ``lr_scheduler`` without ``optimizer``; (when called) a recipe that trains
+            nothing, ``limit_train_batches=0`` or ``max_steps=0``.
 
     Example:
         >>> FitRecipe(max_epochs=3, monitor=None).max_epochs
@@ -141,6 +142,12 @@ class FitRecipe:
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
         """Fit ``model`` on ``datamodule`` in place (ending with the best monitored epoch)."""
+        nothing = next((f"{k}=0" for k in ("limit_train_batches", "max_steps") if getattr(self, k) == 0), None)
+        if nothing:  # e.g. taken from a Trainer that only applies requests: the refit would be the untrained model
+            raise ValueError(f"this refit's recipe trains nothing ({nothing}, from the trainer it was taken from), so the refit "
+                             f"would be an untrained model. Apply requests that need a refit (Retrain, or the retrain policy's) "
+                             f"with a trainer of the original's training settings, e.g. by resuming its fit from its last "
+                             f"checkpoint with the original max_epochs.")
         # the best weights stay in memory: a checkpoint file would hold the datamodule's removals and outlive a killed refit
         with tempfile.TemporaryDirectory() as folder, _quiet_lightning(), self._optimizers_of(model):
             callbacks: list[pl.Callback] = []
