@@ -32,6 +32,7 @@ from lightning_unlearn.unlearning.compare import check_arguments, compare, forma
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
+from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
@@ -139,10 +140,14 @@ class UnlearningTrainer(pl.Trainer):
                       f"UnlearningCallback of its fit): applied first, then the request of {requests}")
         callback.read_requests_file()
         summaries = callback.check(datamodule)
-        if missing == "ignore" and summaries:
-            ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
-            print(f"[unlearn] --missing ignore: {ignored} pair{'' if ignored == 1 else 's'} of the request "
-                  f"{'is' if ignored == 1 else 'are'} not in the training split and {'was' if ignored == 1 else 'were'} ignored")
+        ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
+        are, were = ("is", "was") if ignored == 1 else ("are", "were")
+        if missing == "ignore":
+            print(f"[unlearn] --missing ignore: {_count(ignored, 'pair')} of the request {are} not in the training split and "
+                  f"{were} ignored")
+        elif ignored:  # a request the checkpoint holds queued, queued with missing="ignore"
+            print(f"[unlearn] {_count(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
+                  f"and {were} ignored, as their request was queued with missing='ignore'")
         self._note_optimizer_use(method, callback.max_deleted_fraction)
         log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                   "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
@@ -167,16 +172,15 @@ class UnlearningTrainer(pl.Trainer):
 
     def _note_optimizer_use(self, method: Unlearner, max_deleted_fraction: float | None) -> None:
         """``unlearn --optimizer``: say when the method does not train with it (only ``Retrain``, and a refit, do)."""
-        if self.optimizer_init is None or isinstance(method, Retrain):
+        if self.optimizer_init is None:
             return
         if isinstance(method, FineTune):
             print(f"[unlearn] {method.name} fine-tunes with its own optimizer ({method.optimizer}, lr={method.lr}: "
                   f"--method.optimizer, --method.lr), not with --optimizer")
-        elif max_deleted_fraction is None:
-            print(f"[unlearn] {method.name} does not train: --optimizer is not used")
-        else:
-            print(f"[unlearn] {method.name} does not train: --optimizer is used only if the retrain policy refits the "
-                  f"model (once more than {max_deleted_fraction:.0%} of its rows are deleted since its fit)")
+        elif isinstance(method, SecondOrderUnlearner):  # a method of another kind may refit (context.fit), as Retrain does
+            print(f"[unlearn] {method.name} does not train: --optimizer is " + ("not used" if max_deleted_fraction is None else
+                  f"used only if the retrain policy refits the model (once more than {100 * max_deleted_fraction:g}% of its "
+                  f"rows are deleted since its fit)"))
 
     def compare(
         self,
@@ -771,8 +775,9 @@ class LightningUnlearnCLI(LightningCLI):
         if state is None or not state.get("unlearning"):
             self._note_deletions_beside_the_checkpoints()
             return
-        # the drift counter starts afresh: the model is fitted again, on the rows that remain
-        carried = {k: v for k, v in state["unlearning"].items() if k != "drift"}
+        # the drift counter starts afresh when the model is fitted again, on the rows that remain; kept when it is not
+        fitted = not (self.trainer.limit_train_batches == 0 or self.trainer.max_steps == 0 or self.trainer.max_epochs == 0)
+        carried = {k: v for k, v in state["unlearning"].items() if k != "drift" or not fitted}
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
         for callback in callbacks:  # the requests the checkpoint holds stay applied, once
             if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them

@@ -135,6 +135,21 @@ def test_fit_from_an_unlearned_checkpoint_keeps_its_callback_state(trained, tmp_
     assert (folder / "journal.jsonl").read_text() == journal_before
 
 
+def test_a_fit_that_trains_nothing_keeps_the_drift_of_the_unlearned_checkpoint_it_starts_from(trained, tmp_path, capsys):
+    """limit_train_batches=0: the model is not fitted again, so the retrain policy counts the earlier deletions too."""
+    folder = tmp_path / "record"
+    shutil.copytree(trained.unlearned.parent, folder)
+    (tmp_path / "user9.csv").write_text("user\n9\n")
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {tmp_path / 'user9.csv'}, "
+                f"dirpath: {folder}, evaluate: false}}}}")
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(folder / trained.unlearned.name), "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=0", f"--trainer.callbacks+={callback}"])
+    before, after = [e for e in journal_of(folder).entries() if e["status"] == "applied"][-2:]
+    fitted_rows = len(restored(trained, trained.best, removals=False)[1].train)
+    assert after["drift"] == pytest.approx(before["drift"] + after["num_rows"] / fitted_rows)
+
+
 def test_fit_from_an_unlearned_checkpoint_into_a_branch_recognises_what_it_holds(trained, tmp_path, capsys):
     """A branch callback starts its folder with the checkpoint folder's key: the request given again is not journaled twice."""
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
