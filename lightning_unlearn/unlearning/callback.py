@@ -89,6 +89,8 @@ class UnlearningCallback(pl.Callback):
         requests_file: a requests file (CSV or JSON lines) read in ``setup``.
         when: ``"train_end"`` (default; the model is still on the trainer's device) or
             ``"epoch_end"`` (after every training epoch, for requests arriving during training).
+            Whatever is still queued when the fit ends is applied then (a fit whose training
+            loop Lightning skipped has no train or epoch end).
         dirpath: folder for the journal and the unlearned checkpoints (default:
             ``<trainer.default_root_dir>/unlearning``).
         missing: ``"error"`` refuses pairs that are not training rows; ``"ignore"`` drops them. A
