@@ -1106,7 +1106,7 @@ _COMMAND_LOGGERS: list[Logger] = []  # the running command's trainer's loggers (
 
 def _end_console_recording() -> bool:
     """End every live W&B run that records the console (``WANDB_CONSOLE`` other than ``off``, which the command
-    sets unless told otherwise): the global one and those of the command's ``WandbLogger``\ s (which need not be
+    sets unless told otherwise): the global one and those of the command's ``WandbLogger`` loggers (which need not be
     global, e.g. with ``reinit="create_new"``), so that what is printed next stays out of their files. Whether none
     records it now."""
     wandb = sys.modules.get("wandb")

@@ -359,7 +359,7 @@ class UnlearningCallback(pl.Callback):
         has moved the model to the CPU by now: it goes back to the trainer's device for the
         requests, and to the CPU after them.
         """
-        if trainer.world_size == 1 and not self.pending:  # several ranks: run() checks that every queue is alike
+        if not self.pending:  # alike on every rank, as their queues are (run() checks that they are)
             return
         pl_module.to(trainer.strategy.root_device)
         try:
