@@ -27,6 +27,7 @@ from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParse
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import model_digest
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import check_arguments, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
@@ -38,9 +39,12 @@ from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
     StaleCheckpoint,
     adopt_key,
+    applied_to,
+    check_lineage,
     journal_of,
     key_id,
     load_checkpoint,
+    refuse_unnamed_checkpoints,
     restore_checkpoint,
 )
 from lightning_unlearn.unlearning.reporting import (
@@ -53,6 +57,7 @@ from lightning_unlearn.unlearning.reporting import (
     wandb_loggers,
     wandb_run_lines,
 )
+from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["LightningUnlearnCLI", "UnlearningTrainer", "main"]
 
@@ -139,6 +144,8 @@ class UnlearningTrainer(pl.Trainer):
                 print(f"[unlearn] {ckpt_path} holds {_count(queued, 'request')} queued and not yet applied (by the "
                       f"UnlearningCallback of its fit): applied first, then the request of {requests}")
         callback.read_requests_file()
+        if not branch:  # before check(), which starts the folder
+            _refuse_a_second_line(ckpt_path, model, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
         summaries = callback.check(datamodule)
         ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
         are, were = ("is", "was") if ignored == 1 else ("are", "were")
@@ -475,15 +482,69 @@ def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record
     return folders
 
 
+def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, unlearning: dict[str, Any],
+                          dirpath: Path, requests: list[DeletionRequest]) -> None:
+    """``unlearn`` into ``dirpath`` without ``--branch``: refuse a checkpoint that is an older state of another record -- the
+    one beside it, or the one its callback state names -- unless ``requests`` (those it holds queued and those given)
+    delete again everything that record deleted. Otherwise the second line of deletions would bring the rest back
+    (and ``predict`` from it checks only its own record).
+
+    The state's lineage tells it for the named record (a fit's checkpoint saved before its callback applied requests);
+    the parameters' digest, journaled with each request, for the trained checkpoint a record was started from."""
+    named = unlearning.get("record")
+    besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
+    for folder in sorted(besides | ({Path(named)} if named else set())):
+        journal = journal_of(folder)
+        if folder.resolve() == dirpath.resolve() or not journal.path.is_file() or not journal.applied_count():
+            continue
+        if named and folder.resolve() == Path(named).resolve():
+            try:
+                check_lineage(journal, unlearning.get("lineage"))
+                continue  # its latest state, or a checkpoint of its own line
+            except StaleCheckpoint:
+                behind = "its callback state says so"
+        elif applied_to(journal, model_digest(model)):
+            behind = "a request there was applied to its parameters"
+        else:
+            continue
+        if not _deletes_again(journal, datamodule, requests):
+            raise StaleCheckpoint(
+                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds "
+                f"{_count(journal.applied_count(), 'deletion')}, and the requests of this command do not delete again all "
+                f"they deleted: applying them into {dirpath} would start a second line of deletions that brings the rest "
+                f"back. Resume from that record's latest state (`--ckpt_path {journal.last_checkpoint()} --out {folder}`), "
+                f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
+
+
+def _deletes_again(journal: Journal, datamodule: RecDataModule, requests: list[DeletionRequest]) -> bool:
+    """Whether ``datamodule``'s removals and ``requests`` together remove all that the latest state of ``journal``'s record removed."""
+    deleted = load_checkpoint(journal.last_checkpoint(), mmap=True).get("datamodule_state") or {}  # its removals, not its weights
+    line = datamodule.state_dict()
+    if deleted.get("fingerprint") != line.get("fingerprint"):
+        return False  # other data (another seed or split): nothing to compare
+    train, removed = datamodule.train, {key: [line[key]] for key in ("train_keys", "users", "items")}
+    for request in requests:
+        try:
+            resolved = request.resolve(train, missing="ignore", removed=datamodule.removed_keys)
+        except InvalidDeletionRequest:  # nothing of it left here
+            continue
+        removed["train_keys"].append(train.users[resolved.rows] * train.num_items + train.items[resolved.rows])
+        removed["users"].append(resolved.users)
+        removed["items"].append(resolved.items)
+    return all(bool(torch.isin(deleted[key], torch.cat(parts)).all()) for key, parts in removed.items())
+
+
 def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:
     """``predict``: refuse a checkpoint whose data still holds what the deletion record ``journal`` deleted.
 
     A refit from the latest state, or a later unlearned checkpoint, removes at least as much and
-    passes; the trained checkpoint after a deletion does not.
+    passes; the trained checkpoint after a deletion does not. Unlearned checkpoints that the journal
+    does not name (it was removed, emptied or replaced) are refused as ``unlearn`` refuses them.
     """
-    if not journal.path.is_file():
-        return
     try:
+        refuse_unnamed_checkpoints(journal)  # also a journal removed or emptied beside its checkpoints
+        if not journal.path.is_file():
+            return
         interrupted, latest = journal.interrupted(), journal.last_checkpoint()
     except JournalCorrupted as err:
         raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
@@ -779,6 +840,10 @@ class LightningUnlearnCLI(LightningCLI):
         fitted = not (self.trainer.limit_train_batches == 0 or self.trainer.max_steps == 0 or self.trainer.max_epochs == 0)
         carried = {k: v for k, v in state["unlearning"].items() if k != "drift" or not fitted}
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
+        named = state["unlearning"].get("record")
+        if named and journal_of(named).path.is_file() and not any(c.branch for c in callbacks):
+            # an older state of its record: training it would learn the deletions after it again (a branch is checked by its callback)
+            check_lineage(journal_of(named), state["unlearning"].get("lineage"), record=named)
         for callback in callbacks:  # the requests the checkpoint holds stay applied, once
             if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
                 adopt_key(_folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")

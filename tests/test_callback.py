@@ -447,7 +447,7 @@ def test_logs_counts_timings_and_utility_never_raw_ids(tmp_path):
         assert all(isinstance(v, (int, float)) for v in record.values())
         assert not any(str(raw) in key for key in record for raw in (29, 37))
     allowed = {"time", "digest", "status", "kind", "method", "request", "num_rows", "num_pairs", "num_users", "num_items",
-               "num_ignored", "seconds", "total_seconds", "checkpoint", "drift", "policy", "seq", "prev", "hash", "pending_seq"}
+               "num_ignored", "seconds", "total_seconds", "checkpoint", "drift", "policy", "seq", "prev", "hash", "pending_seq", "model"}
     for entry in journal(tmp_path):
         assert set(entry) <= allowed, set(entry) - allowed
 

@@ -209,6 +209,43 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
     assert "[predict] wrote the top-20 recommendations" in capsys.readouterr().out
 
 
+def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_record_the_checkpoint_is_older_than(trained, tmp_path,
+                                                                                                                 capsys):
+    """The record beside the trained checkpoint (known by the parameters its first request was applied to), and the
+    record a fit's callback state names: a new line of deletions from an older state of them must delete again all
+    they deleted, or say it starts a new line on purpose (--branch)."""
+    for name, ids in (("user8", "8"), ("user9", "9"), ("both", "8\n9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    best = shutil.copy(trained.best, run / "best.ckpt")
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
+    main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}"])  # ckpt/best.ckpt holds the request queued
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    for record, checkpoint in ((tmp_path / "run" / "unlearning", best), (tmp_path / "unl", tmp_path / "ckpt" / "best.ckpt")):
+        main([*unlearn, "--ckpt_path", str(journal_of(record).last_checkpoint() or checkpoint), "--requests", "user8.csv",
+              "--out", str(record)])  # the record goes on: user 8 deleted there
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "user9.csv", "--out", f"{record.name}-second"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"is an older state of the deletion record {record}" in err and "--branch true" in err
+        assert not (tmp_path / f"{record.name}-second").exists()  # nothing written, not even the folder
+        main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "both.csv", "--out", f"{record.name}-again"])  # deletes it all
+        main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "user9.csv", "--out", f"{record.name}-branch", "--branch", "true"])
+    # A fit from an older unlearned state of a record: the deletions after it would be learned again.
+    first = journal_of(tmp_path / "unl").checkpoint(next(e for e in journal_of(tmp_path / "unl") if e["status"] == "applied"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(first), *BRIEF])
+    assert exit_info.value.code == 2 and "older state of this folder" in capsys.readouterr().err
+    # A journal removed beside its unlearned checkpoints: predict refuses, as unlearn does.
+    (tmp_path / "run" / "unlearning" / "journal.jsonl").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
+    assert exit_info.value.code == 2 and "that its journal does not name" in capsys.readouterr().err
+
+
 def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}}}}}")

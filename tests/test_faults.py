@@ -343,7 +343,7 @@ def test_a_failed_attempt_leaves_a_checkpoint_it_did_not_write_alone(trained, tm
     with pytest.raises(StaleCheckpoint, match=f"does not name \\({squatter.name}\\)"):
         callback.apply_pending(model, dm)
     assert squatter.read_bytes() == b"not this attempt's" and journal_trace(out) == []
-    monkeypatch.setattr(record_module, "_refuse_unnamed_checkpoints", lambda journal: None)
+    monkeypatch.setattr(record_module, "refuse_unnamed_checkpoints", lambda journal: None)
     with pytest.raises(FileExistsError):
         callback.apply_pending(model, dm)
     assert squatter.read_bytes() == b"not this attempt's"

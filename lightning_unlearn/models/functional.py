@@ -3,6 +3,7 @@ and torch.func), and a checksum telling whether they changed (for caches kept ac
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable, Iterator
@@ -10,7 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["call_with", "fingerprint", "fingerprints_by_version", "gather_rows", "non_finite"]
+__all__ = ["call_with", "fingerprint", "fingerprints_by_version", "gather_rows", "model_digest", "non_finite"]
 
 _GOLDEN = 0.6180339887498949  # weights frac(i * golden) + 0.5 are distinct and cheap to make
 _KNOWN: ContextVar[dict | None] = ContextVar("lightning_unlearn_fingerprints", default=None)  # within fingerprints_by_version()
@@ -99,6 +100,22 @@ def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
     if known is not None:
         known[state] = (tensors, result.clone())  # the tensors are held, so their ids are not reused meanwhile
     return result
+
+
+def model_digest(model: nn.Module) -> str:
+    """The SHA-256 (hex) of :func:`fingerprint` of ``model``'s parameters: a name of their values, kept where a record says
+    which model a request was applied to (never an id: the parameters' checksums only).
+
+    The same parameters give the same digest in one process and across processes on one
+    machine; on another device or thread count it may differ, so a check that finds no match
+    must not conclude anything from that.
+
+    Example:
+        >>> layer = nn.Linear(2, 1)
+        >>> model_digest(layer) == model_digest(layer), len(model_digest(layer))
+        (True, 64)
+    """
+    return hashlib.sha256(fingerprint(model).double().cpu().numpy().tobytes()).hexdigest()
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.files import fsync_directory
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.functional import non_finite
+from lightning_unlearn.models.functional import model_digest, non_finite
 from lightning_unlearn.private_checkpoints import keep_checkpoints_private
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
@@ -181,6 +181,12 @@ class UnlearningCallback(pl.Callback):
         if self._datamodule is not None:
             self._merge_restored(self._datamodule)
         return len(self._queue) + len(self._restored)
+
+    def queued(self, datamodule: RecDataModule) -> list[DeletionRequest]:
+        """The requests waiting to be applied to ``datamodule``'s data, in order: a restored state's, then those queued
+        here, without repeats and applied ones (a copy; nothing is written)."""
+        self._merge_restored(datamodule)
+        return list(self._queue)
 
     @property
     def drift(self) -> float:
@@ -503,7 +509,9 @@ class UnlearningCallback(pl.Callback):
             policy = self._policy.reason()
             method = self.method if policy is None else self._retrain
             summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy.value} if policy else {})}
-            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), **summary) if journal else None
+            # "model": which parameters the request is applied to, so that a copy of them is known for an older state
+            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=model_digest(model), **summary) \
+                if journal else None
         except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
             self._policy.load_state_dict(drift_before)
             _vote_failed(context)

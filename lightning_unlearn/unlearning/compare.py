@@ -25,7 +25,7 @@ from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.files import write_whole
 from lightning_unlearn.metrics.completeness import completeness_report
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.functional import fingerprint
+from lightning_unlearn.models.functional import model_digest
 from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.memory import PeakMemory
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningReport
@@ -287,7 +287,7 @@ def _measured_with(original: Recommender, datamodule: RecDataModule, deletion: d
         "data": datamodule.data_fingerprint,
         "deletion": deletion,
         "model": type(original).__name__,
-        "parameters": hashlib.sha256(fingerprint(original).double().cpu().numpy().tobytes()).hexdigest(),
+        "parameters": model_digest(original),
         "seed": seed,
         "recipe": recipe_settings,
         "methods": [_settings(m) for m in methods],

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
 
 __all__ = [
-    "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "check_key", "check_lineage", "key_id", "load_checkpoint",
-    "recover", "restore_checkpoint", "save_checkpoint",
+    "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
+    "load_checkpoint", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
 ]
 
 JOURNAL_FILE = "journal.jsonl"
@@ -143,7 +143,7 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
             model comes from another folder and ``branch`` is not set, or ``branch`` is set
             for a folder that is not empty). The message names the latest state and how to resume.
     """
-    _refuse_unnamed_checkpoints(journal)
+    refuse_unnamed_checkpoints(journal)
     latest = journal.latest()
     here = journal.id
     ours = lineage is not None and here is not None and lineage.get("journal") == here
@@ -194,7 +194,7 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
     )
 
 
-def _refuse_unnamed_checkpoints(journal: Journal) -> None:
+def refuse_unnamed_checkpoints(journal: Journal) -> None:
     """Refuse a folder holding unlearned checkpoints that no ``applied`` entry (or open ``pending`` one) of its journal names.
 
     Every checkpoint an attempt wrote is named by its ``applied`` entry (or removed when the
@@ -214,6 +214,23 @@ def _refuse_unnamed_checkpoints(journal: Journal) -> None:
             f"that names them (the newest backup). Moving those files out of the folder instead gives up the deletions they "
             f"hold: their requests must then be applied again. Nothing was applied."
         )
+
+
+def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
+    """The ``pending`` entry of the first request ``journal`` applied to the parameters whose
+    :func:`~lightning_unlearn.models.functional.model_digest` is ``digest`` (``None``: none).
+
+    Such a model is an older state of the record (the trained model its first request was
+    applied to, or an unlearned state a later request went on from), whatever file it was
+    loaded from. Entries written before the digest was journaled match nothing.
+
+    Args:
+        journal: the record's journal.
+        digest: the parameters' digest.
+    """
+    entries = journal.entries()
+    applied = {e.get("pending_seq") for e in entries if e["status"] == "applied"}
+    return next((e for e in entries if e["status"] == "pending" and e["seq"] in applied and e.get("model") == digest), None)
 
 
 def key_id(journal: Journal) -> str | None:
