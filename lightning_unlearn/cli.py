@@ -940,9 +940,10 @@ class LightningUnlearnCLI(LightningCLI):
             best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
             applied = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback) and c.reports]
             if best and applied:  # the best checkpoint predates the deletions: its weights still hold the deleted rows
-                print(f"[fit] {_count(sum(len(c.reports) for c in applied), 'deletion request')} applied at the end of "
-                      f"training: the test is of the unlearned model (in {applied[-1].dirpath}), not of {best}, which was "
-                      f"saved before them")
+                at_end = all(c.when == "train_end" for c in applied)
+                print(f"[fit] {_count(sum(len(c.reports) for c in applied), 'deletion request')} applied "
+                      f"{'at the end of training' if at_end else 'during training'}: the test is of the unlearned model "
+                      f"(in {applied[-1].dirpath}), not of {best}, which {'was saved before them' if at_end else 'may predate some of them'}")
                 best = ""
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         self._finish_wandb()
