@@ -472,6 +472,8 @@ def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record
             raise StaleCheckpoint(f"predict --record {record} is another deletion record than the one {ckpt_path} names "
                                   f"({named}): its key differs. Give the folder that record was moved to.")
         folders.add(Path(record))
+    if named:
+        journal_of(named).refuse_a_lost_key()
     if named and _holds_key(Path(named), named_key):
         folders.add(Path(named))
     elif named and record is None and not (named_key is not None and any(_holds_key(b, named_key) for b in besides)):

@@ -11,6 +11,7 @@ import torch
 from lightning_unlearn.data import RecDataModule, Synthetic
 from lightning_unlearn.models import MF, LightGCN
 from lightning_unlearn.unlearning.callback import UnlearningCallback
+from lightning_unlearn.unlearning.journal import JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import StaleCheckpoint, adopt_key, journal_of, key_id
@@ -332,6 +333,19 @@ def test_check_reads_a_requests_file_that_setup_could_not(tmp_path):
         callback.check(datamodule_after_setup())
     bad.write_text("user\n5\n")  # mended: read at the next check
     assert callback.check(datamodule_after_setup())[0]["num_users"] == 1 and callback.pending == 1
+
+
+def test_a_record_whose_key_is_gone_is_refused_naming_the_key_not_made_anew(tmp_path):
+    """A new key would not recognise the recorded requests: each path that reads the key says to restore it."""
+    model, dm, _ = trained()
+    folder = tmp_path / "unlearning"
+    UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=folder, evaluate=False).apply_pending(model, dm)
+    (folder / "journal.key").unlink()
+    for attempt in (lambda: UnlearningCallback(FineTune(), requests=[DeletionRequest(users=[6])], dirpath=folder).check(dm),
+                    lambda: adopt_key(folder, tmp_path / "branch"), lambda: journal_of(folder).key):
+        with pytest.raises(JournalCorrupted, match="journal.key is gone.*Restore journal.key from a backup"):
+            attempt()
+    assert not (folder / "journal.key").exists() and not (tmp_path / "branch" / "journal.key").exists()
 
 
 def test_a_request_queued_with_missing_ignore_keeps_it_in_the_state(tmp_path):

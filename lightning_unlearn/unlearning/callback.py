@@ -290,6 +290,7 @@ class UnlearningCallback(pl.Callback):
         self.read_requests_file()  # setup reads it; after its refusal, here is where the message is shown whole
         self._merge_restored(datamodule)
         if self.dirpath is not None and (self._queue or self.journal.path.exists()):
+            self.journal.refuse_a_lost_key()  # before the lineage: without its key the record is a dead end
             recover(self.dirpath)
             check_lineage(self.journal, self._lineage, self.branch, self._named_record)
         if self.dirpath is not None:  # also with nothing queued yet: before on_fit_start makes a branch's key
@@ -457,6 +458,7 @@ class UnlearningCallback(pl.Callback):
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(journal.lock())  # one writer per folder, for the whole run
+                journal.refuse_a_lost_key()
                 recover(self.dirpath)  # a previous process may have died mid-request
                 check_lineage(journal, self._lineage, self.branch, self._named_record)
                 check_key(journal, self._key_id, len(self._applied))

@@ -263,9 +263,28 @@ class Journal:
         """Whether the folder's key was made (it is, on the first :attr:`key`)."""
         return (self.folder / KEY_FILE).exists()
 
+    def refuse_a_lost_key(self) -> None:
+        """Refuse a folder whose journal records entries while the key their digests were made with is gone.
+
+        Raises:
+            JournalCorrupted: so, naming the file to restore (a new key would not recognise the requests recorded).
+        """
+        path = self.folder / KEY_FILE
+        if not path.exists() and self.path.is_file() and self.path.stat().st_size > 0:
+            raise JournalCorrupted(
+                f"{path} is gone, and {self.path} records requests whose digests were made with it: a new key would not "
+                f"recognise them (a request given again would be applied a second time), and no branch can start from this "
+                f"folder without it. Restore {KEY_FILE} from a backup of the folder; it is kept nowhere else. Nothing was "
+                f"applied.")
+
     @property
     def key(self) -> bytes:
-        """The folder's secret HMAC key (``journal.key``, made on first use, owner-readable only)."""
+        """The folder's secret HMAC key (``journal.key``, made on first use, owner-readable only).
+
+        Raises:
+            JournalCorrupted: the key is gone while the journal records entries (:meth:`refuse_a_lost_key`): none is made.
+        """
+        self.refuse_a_lost_key()
         path = self.folder / KEY_FILE
         if not path.exists():
             self.write_key(secrets.token_bytes(32))  # False: made by another process meanwhile

@@ -262,6 +262,7 @@ def check_key(journal: Journal, recorded: str | None, applied: int) -> None:
 
     Raises:
         StaleCheckpoint: the folder has no key or another one, and the state holds fingerprints.
+        JournalCorrupted: the folder's key is gone while its journal records entries.
 
     Example:
         >>> import tempfile, os
@@ -273,6 +274,7 @@ def check_key(journal: Journal, recorded: str | None, applied: int) -> None:
         ...     print(str(err)[:60])
         The model's checkpoint records 2 applied request(s), recogni
     """
+    journal.refuse_a_lost_key()
     ours = key_id(journal)
     if recorded is None or not applied or ours == recorded:
         return
@@ -297,8 +299,12 @@ def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
 
     Returns:
         Whether a key was copied (``False`` when ``source`` has none or ``target`` has one).
+
+    Raises:
+        JournalCorrupted: ``source``'s key is gone while its journal records entries.
     """
     theirs, ours = journal_of(source), journal_of(target)
+    theirs.refuse_a_lost_key()
     if not theirs.key_exists() or ours.key_exists() or Path(source).resolve() == Path(target).resolve():
         return False
     return ours.write_key(theirs.key)  # False: another process (a rank of the same run) copied it meanwhile
