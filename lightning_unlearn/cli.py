@@ -46,6 +46,7 @@ from lightning_unlearn.unlearning.record import (
     load_checkpoint,
     refuse_unnamed_checkpoints,
     restore_checkpoint,
+    unlearning_state,
 )
 from lightning_unlearn.unlearning.reporting import (
     check_artifact_logging,
@@ -492,38 +493,52 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
     (and ``predict`` from it checks only its own record).
 
     The state's lineage tells it for the named record (a fit's checkpoint saved before its callback applied requests);
-    the parameters' digest, journaled with each request, for the trained checkpoint a record was started from."""
+    the parameters' digest, journaled with each request, for the checkpoint a request beside it was applied to (the
+    trained one). A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request."""
     named = unlearning.get("record")
     besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
     for folder in sorted(besides | ({Path(named)} if named else set())):
         journal = journal_of(folder)
-        if folder.resolve() == dirpath.resolve() or not journal.path.is_file() or not journal.applied_count():
+        if folder.resolve() == dirpath.resolve() or not journal.path.is_file():
+            continue
+        stopped = journal.interrupted()
+        if not (journal.applied_count() or stopped):
             continue
         if named and folder.resolve() == Path(named).resolve():
             try:
                 check_lineage(journal, unlearning.get("lineage"))
-                continue  # its latest state, or a checkpoint of its own line
+                behind = "its callback state says so" if stopped else None
             except StaleCheckpoint:
                 behind = "its callback state says so"
-        elif applied_to(journal, model_digest(model)):
-            behind = "a request there was applied to its parameters"
         else:
+            behind = "a request there was applied to its parameters" if applied_to(journal, model_digest(model)) else None
+        if behind is None:
             continue
-        if not _deletes_again(journal, datamodule, requests):
+        if stopped:
+            raise StaleCheckpoint(
+                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds a request whose "
+                f"process stopped while applying it: what that record deleted is known once `unlearn` on it recovers the "
+                f"request. Run it there first (`--out {folder}`, from its latest state), then come back.")
+        same_data, again = _deletes_again(journal, datamodule, requests)
+        if not again:
+            why = ("the requests of this command do not delete again all they deleted" if same_data else
+                   "its latest state is on other data (another seed or split), so whether these requests delete again all "
+                   "they deleted cannot be checked")
             raise StaleCheckpoint(
                 f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds "
-                f"{_count(journal.applied_count(), 'deletion')}, and the requests of this command do not delete again all "
-                f"they deleted: applying them into {dirpath} would start a second line of deletions that brings the rest "
-                f"back. Resume from that record's latest state (`--ckpt_path {journal.last_checkpoint()} --out {folder}`), "
-                f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
+                f"{_count(journal.applied_count(), 'deletion')}, and {why}: applying them into {dirpath} would start a "
+                f"second line of deletions that brings the rest back. Resume from that record's latest state (`--ckpt_path "
+                f"{journal.last_checkpoint()} --out {folder}`), or start a new line from this checkpoint on purpose, in a "
+                f"new, empty folder (`--branch true`).")
 
 
-def _deletes_again(journal: Journal, datamodule: RecDataModule, requests: list[DeletionRequest]) -> bool:
-    """Whether ``datamodule``'s removals and ``requests`` together remove all that the latest state of ``journal``'s record removed."""
+def _deletes_again(journal: Journal, datamodule: RecDataModule, requests: list[DeletionRequest]) -> tuple[bool, bool]:
+    """``(same data, covered)``: whether the latest state of ``journal``'s record is on ``datamodule``'s data, and whether
+    ``datamodule``'s removals and ``requests`` together remove all that state removed."""
     deleted = load_checkpoint(journal.last_checkpoint(), mmap=True).get("datamodule_state") or {}  # its removals, not its weights
     line = datamodule.state_dict()
     if deleted.get("fingerprint") != line.get("fingerprint"):
-        return False  # other data (another seed or split): nothing to compare
+        return False, False
     train, removed = datamodule.train, {key: [line[key]] for key in ("train_keys", "users", "items")}
     for request in requests:
         try:
@@ -533,7 +548,7 @@ def _deletes_again(journal: Journal, datamodule: RecDataModule, requests: list[D
         removed["train_keys"].append(train.users[resolved.rows] * train.num_items + train.items[resolved.rows])
         removed["users"].append(resolved.users)
         removed["items"].append(resolved.items)
-    return all(bool(torch.isin(deleted[key], torch.cat(parts)).all()) for key, parts in removed.items())
+    return True, all(bool(torch.isin(deleted[key], torch.cat(parts)).all()) for key, parts in removed.items())
 
 
 def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:
@@ -833,8 +848,8 @@ class LightningUnlearnCLI(LightningCLI):
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
             "checkpoint holds no optimizer or loop state)")
-        if state is None and path and Path(path).is_file():  # a Lightning checkpoint: a refit's carries the state on
-            state = {"unlearning": load_checkpoint(path, mmap=True).get("unlearning")}
+        if state is None and path and Path(path).is_file():  # a Lightning checkpoint: a refit's, or a fit's callback's
+            state = {"unlearning": unlearning_state(load_checkpoint(path, mmap=True))}
         if state is None or not state.get("unlearning"):
             self._note_deletions_beside_the_checkpoints()
             return

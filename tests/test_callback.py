@@ -346,6 +346,10 @@ def test_a_record_whose_key_is_gone_is_refused_naming_the_key_not_made_anew(tmp_
         with pytest.raises(JournalCorrupted, match="journal.key is gone.*Restore journal.key from a backup"):
             attempt()
     assert not (folder / "journal.key").exists() and not (tmp_path / "branch" / "journal.key").exists()
+    journal_of(tmp_path / "other").key  # noqa: B018 - a record with its key: not copied into the keyless one
+    with pytest.raises(JournalCorrupted, match="journal.key is gone"):
+        adopt_key(tmp_path / "other", folder)
+    assert not (folder / "journal.key").exists()
 
 
 def test_a_request_queued_with_missing_ignore_keeps_it_in_the_state(tmp_path):

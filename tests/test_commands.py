@@ -234,11 +234,19 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
         assert not (tmp_path / f"{record.name}-second").exists()  # nothing written, not even the folder
         main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "both.csv", "--out", f"{record.name}-again"])  # deletes it all
         main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "user9.csv", "--out", f"{record.name}-branch", "--branch", "true"])
-    # A fit from an older unlearned state of a record: the deletions after it would be learned again.
+    # A fit from an older state of a record, unlearned or the fit's own Lightning checkpoint resumed without its
+    # callback: the deletions after it would be learned again.
     first = journal_of(tmp_path / "unl").checkpoint(next(e for e in journal_of(tmp_path / "unl") if e["status"] == "applied"))
+    for older, said in ((first, "older state of this folder"), (tmp_path / "ckpt" / "best.ckpt", "a model no deletion was applied to")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(older), *BRIEF])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err
+    # A request whose process stopped in the record: what it deleted is known once unlearn there recovers it.
+    record = journal_of(tmp_path / "run" / "unlearning")
+    record.append("0" * 64, "pending", checkpoint=str(record.folder / "unlearned-0009-stopped.ckpt"), model="0" * 64)
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(first), *BRIEF])
-    assert exit_info.value.code == 2 and "older state of this folder" in capsys.readouterr().err
+        main([*unlearn, "--ckpt_path", str(best), "--requests", "both.csv", "--out", "after-a-stop"])
+    assert exit_info.value.code == 2 and "holds a request whose process stopped" in capsys.readouterr().err
     # A journal removed beside its unlearned checkpoints: predict refuses, as unlearn does.
     (tmp_path / "run" / "unlearning" / "journal.jsonl").unlink()
     with pytest.raises(SystemExit) as exit_info:
@@ -523,13 +531,13 @@ def test_fit_recipe_trains_with_its_optimizer_and_restores_the_model():
         FitRecipe(lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}})
 
 
-@pytest.mark.parametrize("nothing", [{"limit_train_batches": 0}, {"max_steps": 0}])
+@pytest.mark.parametrize("nothing", [{"max_epochs": 0}, {"limit_train_batches": 0}, {"max_steps": 0}])
 def test_a_refit_recipe_that_trains_nothing_is_refused(nothing):
     """Taken from a Trainer that only applies requests, it would hand Retrain an untrained model."""
     dm = RecDataModule(Synthetic(num_users=30, num_items=20), batch_size=64)
     model = MF(dm.num_users, dm.num_items, embedding_dim=4)
     with pytest.raises(ValueError, match=rf"trains nothing \({next(iter(nothing))}=0"):
-        FitRecipe(max_epochs=1, monitor=None, **nothing)(model, dm)
+        FitRecipe(**{"max_epochs": 1, "monitor": None, **nothing})(model, dm)
 
 
 def test_a_refit_keeps_the_best_epoch_in_memory_and_writes_no_file(tmp_path, monkeypatch):

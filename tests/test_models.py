@@ -236,6 +236,24 @@ def test_nonsense_sizes_and_rates_are_refused_when_built(build, named):
         build()
 
 
+def test_the_model_digest_is_of_the_exact_parameters_whatever_the_thread_count():
+    """A record journals it to know a checkpoint of an older state: it must not depend on how the sums are taken."""
+    from lightning_unlearn.models.functional import model_digest
+
+    model = MF(300, 200, embedding_dim=16)
+    threads = torch.get_num_threads()
+    try:
+        digests = set()
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            digests.add(model_digest(model))
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        model.item_embedding.weight[7, 3] = torch.nextafter(model.item_embedding.weight[7, 3], torch.tensor(2.0))
+    assert len(digests) == 1 and model_digest(model) not in digests
+
+
 def test_neumf_given_an_embedding_dim_names_its_widths():
     with pytest.raises(TypeError, match="NeuMF has no embedding_dim: its embeddings are gmf_dim"):
         NeuMF(5, 4, embedding_dim=8)

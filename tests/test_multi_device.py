@@ -132,8 +132,9 @@ def two_ranks(tmp_path: Path, mode: str) -> tuple[subprocess.CompletedProcess, P
                           env=env, capture_output=True, text=True, timeout=300), state
 
 
-def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_hanging(tmp_path):
-    done, _ = two_ranks(tmp_path, "rank0-only")
+@pytest.mark.parametrize("mode", ["rank0-only", "rank0-only-skipped"])
+def test_a_request_queued_on_one_rank_alone_is_refused_on_every_rank_instead_of_hanging(tmp_path, mode):
+    done, _ = two_ranks(tmp_path, mode)
     assert done.returncode != 0 and "the ranks hold different queues (1 on rank 0, 0 on rank 1" in done.stderr
     twice, _ = two_ranks(tmp_path, "twice")
     assert twice.returncode == 0, twice.stderr[-3000:]  # a repeated request is one request on every rank, not a difference

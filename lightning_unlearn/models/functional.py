@@ -103,19 +103,24 @@ def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
 
 
 def model_digest(model: nn.Module) -> str:
-    """The SHA-256 (hex) of :func:`fingerprint` of ``model``'s parameters: a name of their values, kept where a record says
-    which model a request was applied to (never an id: the parameters' checksums only).
+    """The SHA-256 (hex) of ``model``'s parameters, exactly: each one's name, dtype, shape and bytes, in order.
 
-    The same parameters give the same digest in one process and across processes on one
-    machine; on another device or thread count it may differ, so a check that finds no match
-    must not conclude anything from that.
+    A name of their values that a record keeps to know which model a request was applied to (the
+    values only: never an id). Unlike :func:`fingerprint`, whose float64 sums depend on how they
+    are taken, it is the same on any device and thread count.
 
     Example:
         >>> layer = nn.Linear(2, 1)
         >>> model_digest(layer) == model_digest(layer), len(model_digest(layer))
         (True, 64)
     """
-    return hashlib.sha256(fingerprint(model).double().cpu().numpy().tobytes()).hexdigest()
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            values = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
+            digest.update(values.view(-1).view(torch.uint8).numpy())  # read in place, not copied
+    return digest.hexdigest()
 
 
 @contextmanager

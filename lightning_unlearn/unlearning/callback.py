@@ -171,6 +171,7 @@ class UnlearningCallback(pl.Callback):
         self._key_unknown = False  # restored fingerprints from a state that did not record their key
         self._named_record: str | None = None  # the record a restored state names (a refit's: not beside its checkpoint)
         self._ignoring: set[bytes] = set()  # contents of restored requests that were queued with missing="ignore"
+        self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -338,6 +339,7 @@ class UnlearningCallback(pl.Callback):
         its data still holds their rows) or an invalid request stops the run before an epoch is
         spent, not at ``on_train_end``.
         """
+        self._train_ended = False
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
@@ -346,6 +348,7 @@ class UnlearningCallback(pl.Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = True
         if self.when == "train_end":
             self.run(trainer, pl_module)
 
@@ -366,8 +369,8 @@ class UnlearningCallback(pl.Callback):
         has moved the model to the CPU by now: it goes back to the trainer's device for the
         requests, and to the CPU after them.
         """
-        if not self.pending:  # alike on every rank, as their queues are (run() checks that they are)
-            return
+        if (self._train_ended and self.when == "train_end") or (trainer.world_size == 1 and not self.pending):
+            return  # applied at the train end, queues compared there; several ranks otherwise compare theirs in run()
         pl_module.to(trainer.strategy.root_device)
         try:
             self.run(trainer, pl_module)

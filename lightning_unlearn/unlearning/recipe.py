@@ -66,7 +66,7 @@ class FitRecipe:
 
     Raises:
         ValueError: ``lr_scheduler`` without ``optimizer``; (when called) a recipe that trains
-            nothing, ``limit_train_batches=0`` or ``max_steps=0``.
+            nothing, ``max_epochs=0``, ``limit_train_batches=0`` or ``max_steps=0``.
 
     Example:
         >>> FitRecipe(max_epochs=3, monitor=None).max_epochs
@@ -116,7 +116,7 @@ class FitRecipe:
         monitor = (best.monitor if best is not None else None) or (stop.monitor if stop is not None else None)
         mode = best.mode if best is not None and best.monitor else (stop.mode if stop is not None else "max")
         return cls(
-            max_epochs=trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 100,
+            max_epochs=trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else 100,  # -1: unbounded
             monitor=monitor,
             mode=mode,
             patience=stop.patience if stop is not None else trainer.max_epochs or 100,
@@ -142,7 +142,7 @@ class FitRecipe:
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
         """Fit ``model`` on ``datamodule`` in place (ending with the best monitored epoch)."""
-        nothing = next((f"{k}=0" for k in ("limit_train_batches", "max_steps") if getattr(self, k) == 0), None)
+        nothing = next((f"{k}=0" for k in ("max_epochs", "limit_train_batches", "max_steps") if getattr(self, k) == 0), None)
         if nothing:  # e.g. taken from a Trainer that only applies requests: the refit would be the untrained model
             raise ValueError(f"this refit's recipe trains nothing ({nothing}, from the trainer it was taken from), so the refit "
                              f"would be an untrained model. Apply requests that need a refit (Retrain, or the retrain policy's) "

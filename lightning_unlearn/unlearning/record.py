@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
-    "load_checkpoint", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "load_checkpoint", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint", "unlearning_state",
 ]
 
 JOURNAL_FILE = "journal.jsonl"
@@ -217,8 +217,8 @@ def refuse_unnamed_checkpoints(journal: Journal) -> None:
 
 
 def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
-    """The ``pending`` entry of the first request ``journal`` applied to the parameters whose
-    :func:`~lightning_unlearn.models.functional.model_digest` is ``digest`` (``None``: none).
+    """The ``pending`` entry of the first request ``journal`` applied (or was applying when its process stopped) to the
+    parameters whose :func:`~lightning_unlearn.models.functional.model_digest` is ``digest`` (``None``: none).
 
     Such a model is an older state of the record (the trained model its first request was
     applied to, or an unlearned state a later request went on from), whatever file it was
@@ -229,7 +229,7 @@ def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
         digest: the parameters' digest.
     """
     entries = journal.entries()
-    applied = {e.get("pending_seq") for e in entries if e["status"] == "applied"}
+    applied = {e.get("pending_seq") for e in entries if e["status"] == "applied"} | {e["seq"] for e in journal.interrupted()}
     return next((e for e in entries if e["status"] == "pending" and e["seq"] in applied and e.get("model") == digest), None)
 
 
@@ -301,10 +301,11 @@ def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
         Whether a key was copied (``False`` when ``source`` has none or ``target`` has one).
 
     Raises:
-        JournalCorrupted: ``source``'s key is gone while its journal records entries.
+        JournalCorrupted: ``source``'s or ``target``'s key is gone while its journal records entries.
     """
     theirs, ours = journal_of(source), journal_of(target)
     theirs.refuse_a_lost_key()
+    ours.refuse_a_lost_key()
     if not theirs.key_exists() or ours.key_exists() or Path(source).resolve() == Path(target).resolve():
         return False
     return ours.write_key(theirs.key)  # False: another process (a rank of the same run) copied it meanwhile
@@ -416,7 +417,13 @@ def restore_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: 
     datamodule.load_state_dict(removals)
     datamodule.setup()
     model.set_graph(datamodule.train)
-    if "unlearning" not in state:
-        callbacks = state.get("callbacks", {})
-        state["unlearning"] = next((v for k, v in callbacks.items() if k.startswith("UnlearningCallback")), None)
+    state["unlearning"] = unlearning_state(state)
     return state
+
+
+def unlearning_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The callback state a checkpoint holds: an unlearned checkpoint's (or a refit's) ``unlearning`` entry, or a
+    Lightning checkpoint's ``UnlearningCallback`` entry among its callbacks' states (``None``: neither)."""
+    if checkpoint.get("unlearning") is not None:
+        return checkpoint["unlearning"]
+    return next((v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("UnlearningCallback")), None)
