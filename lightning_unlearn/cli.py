@@ -507,9 +507,10 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
         if named and folder.resolve() == Path(named).resolve():
             try:
                 check_lineage(journal, unlearning.get("lineage"))
-                behind = "its callback state says so" if stopped else None
+                on_its_line = not stopped  # its latest state, or a checkpoint of its own line (a stopped request may follow)
             except StaleCheckpoint:
-                behind = "its callback state says so"
+                on_its_line = False
+            behind = None if on_its_line else "its callback state says so"
         else:
             behind = "a request there was applied to its parameters" if applied_to(journal, model_digest(model)) else None
         if behind is None:
