@@ -43,7 +43,9 @@ from lightning_unlearn.unlearning.record import (
     check_lineage,
     journal_of,
     key_id,
+    lines_of,
     load_checkpoint,
+    note_a_line,
     refuse_unnamed_checkpoints,
     restore_checkpoint,
     unlearning_state,
@@ -161,9 +163,12 @@ class UnlearningTrainer(pl.Trainer):
                                   "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
         device = self.strategy.root_device
         model.to(device)
+        digest = model_digest(model)  # before the requests change it
         reports = callback.apply_pending(
             model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
         )
+        if reports and not (state.get("unlearning") or {}).get("record"):
+            _note_the_line(ckpt_path, dirpath, digest)
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
         if not reports:  # given again: recognised (the checkpoint records it), never applied twice
@@ -237,6 +242,13 @@ class UnlearningTrainer(pl.Trainer):
         if ckpt_path:
             trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
             self._check_deletion(datamodule, deletion)  # on the data without what the checkpoint removed
+            digest = model_digest(model)
+            for folder in sorted(_besides(ckpt_path) | _lines_from(ckpt_path, digest, "compare")):
+                record = journal_of(folder)
+                if record.path.is_file() and applied_to(record, digest):  # this model is an older state of that record
+                    print(f"[compare] {folder} records {_count(record.applied_count(), 'deletion')} applied to this "
+                          f"checkpoint's model: this comparison runs on that model and its data, which still hold their rows. "
+                          f"Compare from that record's latest state ({record.last_checkpoint()}) to leave them out.")
             if isinstance(trained_epochs, int) and recipe.max_epochs is not None and 0 <= recipe.max_epochs <= trained_epochs:
                 print(f"[compare] the original's checkpoint was saved after epoch {trained_epochs + 1}, and Retrain refits with "
                       f"at most {recipe.max_epochs} (--trainer.max_epochs): the reference every gap is read against is then "
@@ -358,7 +370,7 @@ class UnlearningTrainer(pl.Trainer):
             raise OptionRefused("predict --record names the deletion record to check --ckpt_path against: give the checkpoint too.")
         if ckpt_path:
             state = restore_checkpoint(ckpt_path, model, datamodule)
-            for folder in _records_of(ckpt_path, state.get("unlearning") or {}, record):
+            for folder in sorted(_records_of(ckpt_path, model, state.get("unlearning") or {}, record)):
                 _refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         if path.is_dir():
@@ -456,15 +468,16 @@ def _holds_key(folder: Path, wanted: str | None) -> bool:
     return (folder / KEY_FILE).is_file() and (wanted is None or key_id(journal_of(folder)) == wanted)
 
 
-def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record: str | None) -> set[Path]:
+def _records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dict[str, Any], record: str | None) -> set[Path]:
     """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it (beside the link too, for a
     checkpoint that is a link into a content store), the one its callback state
     (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
     recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
     says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints)."""
-    besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}  # a link's too (git-annex)
+    besides = _besides(ckpt_path)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
-    folders = set(besides)
+    digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
+    folders = besides | {line for line in _lines_from(ckpt_path, digest, "predict") if applied_to(journal_of(line), digest)}
     if record is not None:
         if not _holds_key(Path(record), None):
             raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
@@ -485,6 +498,35 @@ def _records_of(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], record
     return folders
 
 
+def _besides(ckpt_path: str | os.PathLike) -> set[Path]:
+    """The record beside a checkpoint: beside the file it resolves to, and beside a link itself (git-annex, DVC)."""
+    return {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
+
+
+def _note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:
+    """After ``unlearn`` applied requests from a trained checkpoint into ``dirpath``, another folder than the record beside
+    it: note the line there (beside a link itself, not in the store it points into), so later commands from the
+    checkpoint find it. A folder that cannot be written costs the note, not the command: it says so."""
+    if any(dirpath.resolve() == folder.resolve() for folder in _besides(ckpt_path)):
+        return
+    beside = _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)
+    try:
+        note_a_line(beside, dirpath, digest)
+    except OSError as err:
+        print(f"[unlearn] {beside} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not noted "
+              f"beside the checkpoint, so `unlearn` and `predict` from {ckpt_path} will not find it.", file=sys.stderr)
+
+
+def _lines_from(ckpt_path: str | os.PathLike, digest: str, command: str) -> set[Path]:
+    """The lines of deletions noted beside a checkpoint as started from its parameters (``digest``) in other folders; one
+    that is gone (moved, deleted) is named on the console, as it can no longer be checked."""
+    lines = {Path(line["record"]) for folder in _besides(ckpt_path) for line in lines_of(folder, digest)}
+    for gone in sorted(line for line in lines if not (line / JOURNAL_FILE).is_file()):
+        print(f"[{command}] {gone}, noted beside {ckpt_path} as a line of deletions started from it, is gone: the deletions "
+              f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
+    return {line for line in lines if (line / JOURNAL_FILE).is_file()}
+
+
 def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, unlearning: dict[str, Any],
                           dirpath: Path, requests: list[DeletionRequest]) -> None:
     """``unlearn`` into ``dirpath`` without ``--branch``: refuse a checkpoint that is an older state of another record -- the
@@ -495,13 +537,19 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
     The state's lineage tells it for the named record (a fit's checkpoint saved before its callback applied requests);
     the parameters' digest, journaled with each request, for the checkpoint a request beside it was applied to (the
     trained one). A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request."""
-    named = unlearning.get("record")
-    besides = {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
-    for folder in sorted(besides | ({Path(named)} if named else set())):
+    named, digest = unlearning.get("record"), model_digest(model)
+    besides = _besides(ckpt_path)
+    lines = _lines_from(ckpt_path, digest, "unlearn")  # started from it elsewhere
+    for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
         if folder.resolve() == dirpath.resolve() or not journal.path.is_file():
             continue
-        stopped = journal.interrupted()
+        try:
+            stopped = journal.interrupted()
+        except JournalCorrupted as err:
+            noted = f" (noted beside {ckpt_path} as a line of deletions started from it)" if folder in lines else ""
+            raise JournalCorrupted(f"unlearn checks that {ckpt_path} is not an older state of {folder}{noted}, and its "
+                                   f"journal does not read: {err}") from None
         if not (journal.applied_count() or stopped):
             continue
         if named and folder.resolve() == Path(named).resolve():
@@ -512,7 +560,7 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
                 on_its_line = False
             behind = None if on_its_line else "its callback state says so"
         else:
-            behind = "a request there was applied to its parameters" if applied_to(journal, model_digest(model)) else None
+            behind = "a request there was applied to its parameters" if applied_to(journal, digest) else None
         if behind is None:
             continue
         if stopped:
@@ -529,8 +577,8 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
                 f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds "
                 f"{_count(journal.applied_count(), 'deletion')}, and {why}: applying them into {dirpath} would start a "
                 f"second line of deletions that brings the rest back. Resume from that record's latest state (`--ckpt_path "
-                f"{journal.last_checkpoint()} --out {folder}`), or start a new line from this checkpoint on purpose, in a "
-                f"new, empty folder (`--branch true`).")
+                f"{journal.last_checkpoint()} --out {folder}`), {'give all of its requests again in one requests file, ' if same_data else ''}"
+                f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
 
 
 def _deletes_again(journal: Journal, datamodule: RecDataModule, requests: list[DeletionRequest]) -> tuple[bool, bool]:

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import multiprocessing
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -59,6 +60,15 @@ def trained(tmp_path_factory) -> SimpleNamespace:
               "--method", "FineTune", "--out", "unlearned"])
     return SimpleNamespace(folder=folder, data_file=data_file, recipe=fit_recipe, best=folder / "ckpt" / "best.ckpt",
                            unlearned=next((folder / "unlearned").glob("unlearned-*.ckpt")), requests=folder / "requests.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def lines_of_each_test_apart(request):
+    """Each test's lines of deletions from the shared trained checkpoint are its own: the note of them beside it
+    (``unlearning/lines.jsonl``, which makes a later line from it delete them again) goes with the test."""
+    yield
+    if "trained" in request.fixturenames:
+        (request.getfixturevalue("trained").folder / "unlearning" / "lines.jsonl").unlink(missing_ok=True)
 
 
 def restored(trained, checkpoint: Path, removals: bool = True) -> tuple[MF, RecDataModule]:
@@ -216,24 +226,34 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     they deleted, or say it starts a new line on purpose (--branch)."""
     for name, ids in (("user8", "8"), ("user9", "9"), ("both", "8\n9")):
         (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
-    run = tmp_path / "run" / "checkpoints"
-    run.mkdir(parents=True)
-    best = shutil.copy(trained.best, run / "best.ckpt")
+    best, elsewhere = (shutil.copy(trained.best, tmp_path / run / "checkpoints") for run in ("run", "run2") if
+                       (tmp_path / run / "checkpoints").mkdir(parents=True) is None)
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
     main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}"])  # ckpt/best.ckpt holds the request queued
     unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
-    for record, checkpoint in ((tmp_path / "run" / "unlearning", best), (tmp_path / "unl", tmp_path / "ckpt" / "best.ckpt")):
+    for record, checkpoint in ((tmp_path / "run" / "unlearning", best), (tmp_path / "unl", tmp_path / "ckpt" / "best.ckpt"),
+                               (tmp_path / "quick", elsewhere)):  # the quick start's --out: a line noted beside the checkpoint
         main([*unlearn, "--ckpt_path", str(journal_of(record).last_checkpoint() or checkpoint), "--requests", "user8.csv",
               "--out", str(record)])  # the record goes on: user 8 deleted there
         capsys.readouterr()
+        note = Path(checkpoint).parent.parent / "unlearning" / "lines.jsonl"
+        noted = note.read_bytes() if note.exists() else None
         with pytest.raises(SystemExit) as exit_info:
             main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "user9.csv", "--out", f"{record.name}-second"])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"is an older state of the deletion record {record}" in err and "--branch true" in err
         assert not (tmp_path / f"{record.name}-second").exists()  # nothing written, not even the folder
+        assert (note.read_bytes() if note.exists() else None) == noted and (record != tmp_path / "quick" or noted)  # nor noted
         main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "both.csv", "--out", f"{record.name}-again"])  # deletes it all
         main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "user9.csv", "--out", f"{record.name}-branch", "--branch", "true"])
+    body = "methods: [{class_path: lightning_unlearn.unlearning.FineTune}]\ndeletion: {kind: interactions, count: 5, seed: 0}\nout: cmp\n"
+    main(["compare", "-c", str(recipe(tmp_path / "compare.yaml", trained.data_file, body)), "--ckpt_path", str(best), *BRIEF])
+    assert f"[compare] {tmp_path / 'run' / 'unlearning'} records 1 deletion applied" in capsys.readouterr().out  # said, not silent
+    with pytest.raises(SystemExit) as exit_info:  # predict from a trained checkpoint finds the line started from it elsewhere
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(elsewhere), "--out", "p.csv"])
+    err = capsys.readouterr().err  # one of the lines started from it: quick, quick-again or quick-branch
+    assert exit_info.value.code == 2 and re.search(rf"error: {re.escape(str(tmp_path / 'quick'))}(-again|-branch)? records \d deletion", err)
     # A fit from an older state of a record, unlearned or the fit's own Lightning checkpoint resumed without its
     # callback: the deletions after it would be learned again.
     first = journal_of(tmp_path / "unl").checkpoint(next(e for e in journal_of(tmp_path / "unl") if e["status"] == "applied"))
@@ -252,6 +272,30 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
     assert exit_info.value.code == 2 and "that its journal does not name" in capsys.readouterr().err
+
+
+def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_path, capsys, monkeypatch):
+    """The note beside a trained checkpoint is a hint: a folder that cannot be written costs the note, and a noted line
+    that was moved away is named on the console."""
+    import lightning_unlearn.cli as cli_module
+
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"]
+
+    def read_only(*args):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cli_module, "note_a_line", read_only)
+        main([*unlearn, "--out", "mine"])
+    assert "cannot be written (Permission denied): the line of deletions started in mine is not noted" in capsys.readouterr().err
+    assert journal_of(tmp_path / "mine").applied_count() == 1 and not (tmp_path / "unlearning" / "lines.jsonl").exists()
+    main([*unlearn, "--out", "noted"])
+    (tmp_path / "noted").rename(tmp_path / "moved")
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
+    assert f"[predict] {tmp_path / 'noted'}, noted beside {best} as a line of deletions started from it, is gone" in capsys.readouterr().err
 
 
 def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -30,10 +31,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
-    "load_checkpoint", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint", "unlearning_state",
+    "lines_of", "load_checkpoint", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "unlearning_state",
 ]
 
 JOURNAL_FILE = "journal.jsonl"
+LINES_FILE = "lines.jsonl"
+"""In the record beside a trained checkpoint: the other records started from it (``unlearn --out``), with its parameters' digest."""
 
 
 class StaleCheckpoint(RuntimeError):
@@ -231,6 +235,48 @@ def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
     entries = journal.entries()
     applied = {e.get("pending_seq") for e in entries if e["status"] == "applied"} | {e["seq"] for e in journal.interrupted()}
     return next((e for e in entries if e["status"] == "pending" and e["seq"] in applied and e.get("model") == digest), None)
+
+
+def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str) -> None:
+    """Note in ``folder`` (the record beside a trained checkpoint) that ``record`` is a line of deletions started from the
+    parameters whose :func:`~lightning_unlearn.models.functional.model_digest` is ``digest``: a later command from that
+    checkpoint finds the line there, wherever ``record`` is. Paths and digests only, never an id.
+
+    One line appended with a single write (``O_APPEND``), so notes of processes writing at once are all kept; a torn
+    last line is skipped when read.
+
+    Raises:
+        OSError: ``folder`` cannot be written (a read-only model folder, say): the caller decides what that costs.
+    """
+    folder = Path(folder)
+    line = {"record": str(Path(record).resolve()), "model": digest}
+    if line in lines_of(folder):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LINES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lines_of(folder: str | os.PathLike, digest: str | None = None) -> list[dict[str, str]]:
+    """The lines :func:`note_a_line` noted in ``folder`` (those started from ``digest``'s parameters, if given), once each;
+    none when there is no note. A line that does not read is skipped: the note is a hint, each line's journal the record."""
+    try:
+        text = (Path(folder) / LINES_FILE).read_text(errors="replace")
+    except OSError:
+        return []
+    lines = []
+    for raw in text.splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and isinstance(line.get("record"), str) and line not in lines:
+            lines.append(line)
+    return [x for x in lines if digest is None or x.get("model") == digest]
 
 
 def key_id(journal: Journal) -> str | None:
