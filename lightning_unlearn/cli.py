@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -34,7 +34,7 @@ from lightning_unlearn.unlearning.deletion import DeletionSpec
 from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
-from lightning_unlearn.unlearning.recipe import FitRecipe
+from lightning_unlearn.unlearning.recipe import FitRecipe, trains_nothing
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
     StaleCheckpoint,
@@ -147,8 +147,9 @@ class UnlearningTrainer(pl.Trainer):
                 print(f"[unlearn] {ckpt_path} holds {_count(queued, 'request')} queued and not yet applied (by the "
                       f"UnlearningCallback of its fit): applied first, then the request of {requests}")
         callback.read_requests_file()
+        digest = model_digest(model)  # the parameters the requests are applied to
         if not branch:  # before check(), which starts the folder
-            _refuse_a_second_line(ckpt_path, model, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
+            _refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
         summaries = callback.check(datamodule)
         ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
         are, were = ("is", "was") if ignored == 1 else ("are", "were")
@@ -163,7 +164,6 @@ class UnlearningTrainer(pl.Trainer):
                                   "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
         device = self.strategy.root_device
         model.to(device)
-        digest = model_digest(model)  # before the requests change it
         reports = callback.apply_pending(
             model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
         )
@@ -527,7 +527,7 @@ def _lines_from(ckpt_path: str | os.PathLike, digest: str, command: str) -> set[
     return {line for line in lines if (line / JOURNAL_FILE).is_file()}
 
 
-def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, unlearning: dict[str, Any],
+def _refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],
                           dirpath: Path, requests: list[DeletionRequest]) -> None:
     """``unlearn`` into ``dirpath`` without ``--branch``: refuse a checkpoint that is an older state of another record -- the
     one beside it, or the one its callback state names -- unless ``requests`` (those it holds queued and those given)
@@ -537,8 +537,7 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
     The state's lineage tells it for the named record (a fit's checkpoint saved before its callback applied requests);
     the parameters' digest, journaled with each request, for the checkpoint a request beside it was applied to (the
     trained one). A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request."""
-    named, digest = unlearning.get("record"), model_digest(model)
-    besides = _besides(ckpt_path)
+    named, besides = unlearning.get("record"), _besides(ckpt_path)
     lines = _lines_from(ckpt_path, digest, "unlearn")  # started from it elsewhere
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
@@ -568,7 +567,7 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
                 f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds a request whose "
                 f"process stopped while applying it: what that record deleted is known once `unlearn` on it recovers the "
                 f"request. Run it there first (`--out {folder}`, from its latest state), then come back.")
-        same_data, again = _deletes_again(journal, datamodule, requests)
+        same_data, again = _deletes_again(journal.last_checkpoint(), datamodule, requests)
         if not again:
             why = ("the requests of this command do not delete again all they deleted" if same_data else
                    "its latest state is on other data (another seed or split), so whether these requests delete again all "
@@ -581,12 +580,12 @@ def _refuse_a_second_line(ckpt_path: str | os.PathLike, model: Recommender, data
                 f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
 
 
-def _deletes_again(journal: Journal, datamodule: RecDataModule, requests: list[DeletionRequest]) -> tuple[bool, bool]:
-    """``(same data, covered)``: whether the latest state of ``journal``'s record is on ``datamodule``'s data, and whether
-    ``datamodule``'s removals and ``requests`` together remove all that state removed."""
-    deleted = load_checkpoint(journal.last_checkpoint(), mmap=True).get("datamodule_state") or {}  # its removals, not its weights
+def _deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[DeletionRequest] = ()) -> tuple[bool, bool]:
+    """``(same data, covered)``: whether a record's ``latest`` checkpoint is on ``datamodule``'s data, and whether
+    ``datamodule``'s removals, and ``requests`` if given, together remove all that checkpoint removed."""
+    deleted = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}  # its removals, not its weights
     line = datamodule.state_dict()
-    if deleted.get("fingerprint") != line.get("fingerprint"):
+    if deleted.get("fingerprint") != line.get("fingerprint"):  # other data (another seed or split): nothing to compare
         return False, False
     train, removed = datamodule.train, {key: [line[key]] for key in ("train_keys", "users", "items")}
     for request in requests:
@@ -631,10 +630,8 @@ def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataMod
         )
     if latest is None:
         return
-    deleted = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}  # its removals, not its weights
-    removed = datamodule.state_dict()
-    same_data = deleted.get("fingerprint") == removed.get("fingerprint")  # else (another seed, split) nothing to compare
-    if not same_data or not all(bool(torch.isin(deleted[key], removed[key]).all()) for key in ("train_keys", "users", "items")):
+    same_data, holds_them = _deletes_again(latest, datamodule)
+    if not holds_them:
         held = ("still holds some of what they deleted" if same_data else
                 "is not the data they were applied to (another seed or split), so it may hold what they deleted")
         raise StaleCheckpoint(
@@ -903,7 +900,7 @@ class LightningUnlearnCLI(LightningCLI):
             self._note_deletions_beside_the_checkpoints()
             return
         # the drift counter starts afresh when the model is fitted again, on the rows that remain; kept when it is not
-        fitted = not (self.trainer.limit_train_batches == 0 or self.trainer.max_steps == 0 or self.trainer.max_epochs == 0)
+        fitted = trains_nothing(self.trainer) is None
         carried = {k: v for k, v in state["unlearning"].items() if k != "drift" or not fitted}
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
         named = state["unlearning"].get("record")

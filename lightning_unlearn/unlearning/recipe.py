@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
 
 from lightning_unlearn.models.base import Recommender
 
-__all__ = ["FitRecipe"]
+__all__ = ["FitRecipe", "trains_nothing"]
 
 # FitRecipe fields handed to the refit's Trainer only when they differ from their defaults (Lightning's own)
 _PASSED_WHEN_SET = ("limit_train_batches", "limit_val_batches", "max_steps", "min_epochs", "max_time", "val_check_interval",
@@ -142,7 +142,7 @@ class FitRecipe:
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
         """Fit ``model`` on ``datamodule`` in place (ending with the best monitored epoch)."""
-        nothing = next((f"{k}=0" for k in ("max_epochs", "limit_train_batches", "max_steps") if getattr(self, k) == 0), None)
+        nothing = trains_nothing(self)
         if nothing:  # e.g. taken from a Trainer that only applies requests: the refit would be the untrained model
             raise ValueError(f"this refit's recipe trains nothing ({nothing}, from the trainer it was taken from), so the refit "
                              f"would be an untrained model. Apply requests that need a refit (Retrain, or the retrain policy's) "
@@ -249,3 +249,13 @@ def _quiet_lightning() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def trains_nothing(settings: pl.Trainer | FitRecipe) -> str | None:
+    """The limit that makes a Trainer's (or a recipe's) fit train nothing, as ``"name=0"``; ``None`` when it trains.
+
+    Example:
+        >>> trains_nothing(FitRecipe(limit_train_batches=0)), trains_nothing(FitRecipe())
+        ('limit_train_batches=0', None)
+    """
+    return next((f"{name}=0" for name in ("max_epochs", "limit_train_batches", "max_steps") if getattr(settings, name) == 0), None)
