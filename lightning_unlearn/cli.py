@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -23,30 +23,34 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParser, quiet_third_party_noise, user_error_message
+from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParser, counted, quiet_third_party_noise, user_error_message
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
+from lightning_unlearn.record_checks import (
+    default_unlearning_folder,
+    folder_of_key,
+    lines_from,
+    note_the_line,
+    records_beside,
+    records_of,
+    refuse_a_second_line,
+    refuse_fewer_deletions,
+    unlearning_folder_of,
+)
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import check_arguments, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
-from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe, trains_nothing
 from lightning_unlearn.unlearning.record import (
-    JOURNAL_FILE,
-    StaleCheckpoint,
     adopt_key,
     applied_to,
     check_lineage,
     journal_of,
-    key_id,
-    lines_of,
     load_checkpoint,
-    note_a_line,
-    refuse_unnamed_checkpoints,
     restore_checkpoint,
     unlearning_state,
 )
@@ -60,7 +64,6 @@ from lightning_unlearn.unlearning.reporting import (
     wandb_loggers,
     wandb_run_lines,
 )
-from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["LightningUnlearnCLI", "UnlearningTrainer", "main"]
 
@@ -138,26 +141,26 @@ class UnlearningTrainer(pl.Trainer):
             print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
         state = restore_checkpoint(ckpt_path, model, datamodule)
         if branch:
-            adopt_key(_folder_of_key(ckpt_path, state), dirpath)
+            adopt_key(folder_of_key(ckpt_path, state), dirpath)
         callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
         if state.get("unlearning"):
             callback.load_state_dict(state["unlearning"])
             queued = len(state["unlearning"].get("pending") or ())
             if queued:
-                print(f"[unlearn] {ckpt_path} holds {_count(queued, 'request')} queued and not yet applied (by the "
+                print(f"[unlearn] {ckpt_path} holds {counted(queued, 'request')} queued and not yet applied (by the "
                       f"UnlearningCallback of its fit): applied first, then the request of {requests}")
         callback.read_requests_file()
         digest = model_digest(model)  # the parameters the requests are applied to
         if not branch:  # before check(), which starts the folder
-            _refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
+            refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
         summaries = callback.check(datamodule)
         ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
         are, were = ("is", "was") if ignored == 1 else ("are", "were")
         if missing == "ignore":
-            print(f"[unlearn] --missing ignore: {_count(ignored, 'pair')} of the request {are} not in the training split and "
+            print(f"[unlearn] --missing ignore: {counted(ignored, 'pair')} of the request {are} not in the training split and "
                   f"{were} ignored")
         elif ignored:  # a request the checkpoint holds queued, queued with missing="ignore"
-            print(f"[unlearn] {_count(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
+            print(f"[unlearn] {counted(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
                   f"and {were} ignored, as their request was queued with missing='ignore'")
         self._note_optimizer_use(method, callback.max_deleted_fraction)
         log_config(self.loggers, {**getattr(self, "_command_config", {}),
@@ -168,7 +171,7 @@ class UnlearningTrainer(pl.Trainer):
             model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
         )
         if reports and not (state.get("unlearning") or {}).get("record"):
-            _note_the_line(ckpt_path, dirpath, digest)
+            note_the_line(ckpt_path, dirpath, digest)
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
         if not reports:  # given again: recognised (the checkpoint records it), never applied twice
@@ -243,10 +246,10 @@ class UnlearningTrainer(pl.Trainer):
             trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
             self._check_deletion(datamodule, deletion)  # on the data without what the checkpoint removed
             digest = model_digest(model)
-            for folder in sorted(_besides(ckpt_path) | _lines_from(ckpt_path, digest, "compare")):
+            for folder in sorted(records_beside(ckpt_path) | lines_from(ckpt_path, digest, "compare")):
                 record = journal_of(folder)
                 if record.path.is_file() and applied_to(record, digest):  # this model is an older state of that record
-                    print(f"[compare] {folder} records {_count(record.applied_count(), 'deletion')} applied to this "
+                    print(f"[compare] {folder} records {counted(record.applied_count(), 'deletion')} applied to this "
                           f"checkpoint's model: this comparison runs on that model and its data, which still hold their rows. "
                           f"Compare from that record's latest state ({record.last_checkpoint()}) to leave them out.")
             if isinstance(trained_epochs, int) and recipe.max_epochs is not None and 0 <= recipe.max_epochs <= trained_epochs:
@@ -355,7 +358,7 @@ class UnlearningTrainer(pl.Trainer):
         Raises:
             ValueError: ``k < 1``.
             StaleCheckpoint: the deletion record beside ``ckpt_path``
-                (:func:`default_unlearning_folder`), or the one its callback state names (a fit
+                (:func:`~lightning_unlearn.record_checks.default_unlearning_folder`), or the one its callback state names (a fit
                 with an ``UnlearningCallback``), holds deletions whose rows, users or items that
                 checkpoint's data still has (it would recommend to the users deleted since), or a
                 request it was applying when its process stopped; or the record its callback state
@@ -370,41 +373,21 @@ class UnlearningTrainer(pl.Trainer):
             raise OptionRefused("predict --record names the deletion record to check --ckpt_path against: give the checkpoint too.")
         if ckpt_path:
             state = restore_checkpoint(ckpt_path, model, datamodule)
-            for folder in sorted(_records_of(ckpt_path, model, state.get("unlearning") or {}, record)):
-                _refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
+            for folder in sorted(records_of(ckpt_path, model, state.get("unlearning") or {}, record)):
+                refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
         path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
         if path.is_dir():
             raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
         if hasattr(self, "_command_config"):  # the command's, once its checks passed
             log_config(self.loggers, self._command_config)
         counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
-        print(f"[predict] wrote the top-{k} recommendations of {_count(counts['users'], 'user')} to {path} "
-              f"({_count(counts['deleted_users'], 'deleted user')} left out; {_count(counts['deleted_items'], 'deleted item')}, "
+        print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
+              f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
               f"and each user's training and validation items, never recommended)")
         return {"path": str(path), "k": k, **counts}
 
     def _run_dir(self) -> str:
         return self.log_dir or self.default_root_dir
-
-
-def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
-    """Where ``unlearn`` keeps a model's deletion record when ``--out`` is not given.
-
-    The folder of ``ckpt_path`` when it holds a journal (an unlearned checkpoint: the next request
-    goes on in its folder), else ``unlearning/`` beside the checkpoint's folder. It does not
-    depend on the run (a logger's ``version_N`` folder would give every run a new, empty record,
-    so a second request from the trained checkpoint would go unchecked and undo the first).
-
-    Example:
-        >>> default_unlearning_folder("/srv/runs/ml100k_mf/checkpoints/best.ckpt").as_posix()
-        '/srv/runs/ml100k_mf/unlearning'
-    """
-    return _unlearning_folder_of(Path(ckpt_path).resolve().parent)  # `..`, `.` and links resolved: however it is spelt
-
-
-def _unlearning_folder_of(checkpoints: Path) -> Path:
-    """The deletion record of the models in the folder ``checkpoints``: that folder when it holds a journal, else its sibling."""
-    return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
 
 
 @contextlib.contextmanager
@@ -450,195 +433,6 @@ def _raised_by_a_statement(frame: TracebackType) -> bool:
 def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise OptionRefused(f"{option} {folder} is a file: give the folder to write into (created if needed).")
-
-
-def _folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """The folder whose key made the fingerprints of the requests a checkpoint holds (its ``key_id``): its own, or,
-    for a symlink, the folder of the file it points to (a ``serving/latest.ckpt``; a link into a content store such
-    as git-annex or DVC keeps the key beside the link), or the record its state names (a refit's checkpoint)."""
-    path = Path(os.path.abspath(ckpt_path))  # `..` folded, links kept
-    unlearning = state.get("unlearning") or {}
-    wanted, named = unlearning.get("key_id"), unlearning.get("record")  # named: a refit's, whose folder holds no key
-    return next((folder for folder in (path.parent, path.resolve().parent, *([Path(named)] if named else []))
-                 if wanted and _holds_key(folder, wanted)), path.resolve().parent)
-
-
-def _holds_key(folder: Path, wanted: str | None) -> bool:
-    """Whether ``folder`` holds a journal key, and (unless ``wanted`` is ``None``) the one whose ``key_id`` is ``wanted``."""
-    return (folder / KEY_FILE).is_file() and (wanted is None or key_id(journal_of(folder)) == wanted)
-
-
-def _records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dict[str, Any], record: str | None) -> set[Path]:
-    """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it (beside the link too, for a
-    checkpoint that is a link into a content store), the one its callback state
-    (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
-    recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
-    says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints)."""
-    besides = _besides(ckpt_path)
-    named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
-    digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
-    folders = besides | {line for line in _lines_from(ckpt_path, digest, "predict") if applied_to(journal_of(line), digest)}
-    if record is not None:
-        if not _holds_key(Path(record), None):
-            raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
-                                f"of the record's journal.jsonl and {KEY_FILE}.")
-        if named and not _holds_key(Path(record), named_key):
-            raise StaleCheckpoint(f"predict --record {record} is another deletion record than the one {ckpt_path} names "
-                                  f"({named}): its key differs. Give the folder that record was moved to.")
-        folders.add(Path(record))
-    if named:
-        journal_of(named).refuse_a_lost_key()
-    if named and _holds_key(Path(named), named_key):
-        folders.add(Path(named))
-    elif named and record is None and not (named_key is not None and any(_holds_key(b, named_key) for b in besides)):
-        raise StaleCheckpoint(
-            f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
-            f"predict cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "
-            f"place with --record FOLDER.")
-    return folders
-
-
-def _besides(ckpt_path: str | os.PathLike) -> set[Path]:
-    """The record beside a checkpoint: beside the file it resolves to, and beside a link itself (git-annex, DVC)."""
-    return {default_unlearning_folder(ckpt_path), _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
-
-
-def _note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:
-    """After ``unlearn`` applied requests from a trained checkpoint into ``dirpath``, another folder than the record beside
-    it: note the line there (beside a link itself, not in the store it points into), so later commands from the
-    checkpoint find it. A folder that cannot be written costs the note, not the command: it says so."""
-    if any(dirpath.resolve() == folder.resolve() for folder in _besides(ckpt_path)):
-        return
-    beside = _unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)
-    try:
-        note_a_line(beside, dirpath, digest)
-    except OSError as err:
-        print(f"[unlearn] {beside} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not noted "
-              f"beside the checkpoint, so `unlearn` and `predict` from {ckpt_path} will not find it.", file=sys.stderr)
-
-
-def _lines_from(ckpt_path: str | os.PathLike, digest: str, command: str) -> set[Path]:
-    """The lines of deletions noted beside a checkpoint as started from its parameters (``digest``) in other folders; one
-    that is gone (moved, deleted) is named on the console, as it can no longer be checked."""
-    lines = {Path(line["record"]) for folder in _besides(ckpt_path) for line in lines_of(folder, digest)}
-    for gone in sorted(line for line in lines if not (line / JOURNAL_FILE).is_file()):
-        print(f"[{command}] {gone}, noted beside {ckpt_path} as a line of deletions started from it, is gone: the deletions "
-              f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
-    return {line for line in lines if (line / JOURNAL_FILE).is_file()}
-
-
-def _refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],
-                          dirpath: Path, requests: list[DeletionRequest]) -> None:
-    """``unlearn`` into ``dirpath`` without ``--branch``: refuse a checkpoint that is an older state of another record -- the
-    one beside it, or the one its callback state names -- unless ``requests`` (those it holds queued and those given)
-    delete again everything that record deleted. Otherwise the second line of deletions would bring the rest back
-    (and ``predict`` from it checks only its own record).
-
-    The state's lineage tells it for the named record (a fit's checkpoint saved before its callback applied requests);
-    the parameters' digest, journaled with each request, for the checkpoint a request beside it was applied to (the
-    trained one). A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request."""
-    named, besides = unlearning.get("record"), _besides(ckpt_path)
-    lines = _lines_from(ckpt_path, digest, "unlearn")  # started from it elsewhere
-    for folder in sorted(besides | lines | ({Path(named)} if named else set())):
-        journal = journal_of(folder)
-        if folder.resolve() == dirpath.resolve() or not journal.path.is_file():
-            continue
-        try:
-            stopped = journal.interrupted()
-        except JournalCorrupted as err:
-            noted = f" (noted beside {ckpt_path} as a line of deletions started from it)" if folder in lines else ""
-            raise JournalCorrupted(f"unlearn checks that {ckpt_path} is not an older state of {folder}{noted}, and its "
-                                   f"journal does not read: {err}") from None
-        if not (journal.applied_count() or stopped):
-            continue
-        if named and folder.resolve() == Path(named).resolve():
-            try:
-                check_lineage(journal, unlearning.get("lineage"))
-                on_its_line = not stopped  # its latest state, or a checkpoint of its own line (a stopped request may follow)
-            except StaleCheckpoint:
-                on_its_line = False
-            behind = None if on_its_line else "its callback state says so"
-        else:
-            behind = "a request there was applied to its parameters" if applied_to(journal, digest) else None
-        if behind is None:
-            continue
-        if stopped:
-            raise StaleCheckpoint(
-                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds a request whose "
-                f"process stopped while applying it: what that record deleted is known once `unlearn` on it recovers the "
-                f"request. Run it there first (`--out {folder}`, from its latest state), then come back.")
-        same_data, again = _deletes_again(journal.last_checkpoint(), datamodule, requests)
-        if not again:
-            why = ("the requests of this command do not delete again all they deleted" if same_data else
-                   "its latest state is on other data (another seed or split), so whether these requests delete again all "
-                   "they deleted cannot be checked")
-            raise StaleCheckpoint(
-                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds "
-                f"{_count(journal.applied_count(), 'deletion')}, and {why}: applying them into {dirpath} would start a "
-                f"second line of deletions that brings the rest back. Resume from that record's latest state (`--ckpt_path "
-                f"{journal.last_checkpoint()} --out {folder}`), {'give all of its requests again in one requests file, ' if same_data else ''}"
-                f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
-
-
-def _deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[DeletionRequest] = ()) -> tuple[bool, bool]:
-    """``(same data, covered)``: whether a record's ``latest`` checkpoint is on ``datamodule``'s data, and whether
-    ``datamodule``'s removals, and ``requests`` if given, together remove all that checkpoint removed."""
-    deleted = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}  # its removals, not its weights
-    line = datamodule.state_dict()
-    if deleted.get("fingerprint") != line.get("fingerprint"):  # other data (another seed or split): nothing to compare
-        return False, False
-    train, removed = datamodule.train, {key: [line[key]] for key in ("train_keys", "users", "items")}
-    for request in requests:
-        try:
-            resolved = request.resolve(train, missing="ignore", removed=datamodule.removed_keys)
-        except InvalidDeletionRequest:  # nothing of it left here
-            continue
-        removed["train_keys"].append(train.users[resolved.rows] * train.num_items + train.items[resolved.rows])
-        removed["users"].append(resolved.users)
-        removed["items"].append(resolved.items)
-    return True, all(bool(torch.isin(deleted[key], torch.cat(parts)).all()) for key, parts in removed.items())
-
-
-def _refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:
-    """``predict``: refuse a checkpoint whose data still holds what the deletion record ``journal`` deleted.
-
-    A refit from the latest state, or a later unlearned checkpoint, removes at least as much and
-    passes; the trained checkpoint after a deletion does not. Unlearned checkpoints that the journal
-    does not name (it was removed, emptied or replaced) are refused as ``unlearn`` refuses them.
-    """
-    try:
-        refuse_unnamed_checkpoints(journal)  # also a journal removed or emptied beside its checkpoints
-        if not journal.path.is_file():
-            return
-        interrupted, latest = journal.interrupted(), journal.last_checkpoint()
-    except JournalCorrupted as err:
-        raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
-                               f"record does not read: {err}") from None
-    except FileNotFoundError as err:
-        raise StaleCheckpoint(f"predict checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
-                              f"the latest state there is missing: {err}") from None
-    if interrupted:
-        try:
-            with journal.lock():
-                pass
-        except FolderLocked:
-            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; predict from the folder's "
-                                  f"latest state once it is done.") from None
-        raise StaleCheckpoint(
-            f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
-            f"folder again (it recovers the request, then applies what is queued), then predict from its latest state."
-        )
-    if latest is None:
-        return
-    same_data, holds_them = _deletes_again(latest, datamodule)
-    if not holds_them:
-        held = ("still holds some of what they deleted" if same_data else
-                "is not the data they were applied to (another seed or split), so it may hold what they deleted")
-        raise StaleCheckpoint(
-            f"{journal.folder} records {_count(journal.applied_count(), 'deletion')} applied to this model's run, and the "
-            f"data of {ckpt_path} {held}: its recommendations would name users deleted since, and rank from their rows. "
-            f"Predict from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
-        )
 
 
 def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
@@ -909,7 +703,7 @@ class LightningUnlearnCLI(LightningCLI):
             check_lineage(journal_of(named), state["unlearning"].get("lineage"), record=named)
         for callback in callbacks:  # the requests the checkpoint holds stay applied, once
             if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
-                adopt_key(_folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
+                adopt_key(folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
             callback.load_state_dict(carried)
         if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
             self.trainer.callbacks.append(_CarriedUnlearningState(carried))
@@ -919,10 +713,10 @@ class LightningUnlearnCLI(LightningCLI):
         saver = self.trainer.checkpoint_callback
         if saver is None or not saver.dirpath:
             return
-        folder = _unlearning_folder_of(Path(saver.dirpath).resolve())
+        folder = unlearning_folder_of(Path(saver.dirpath).resolve())
         journal = journal_of(folder)
         if journal.path.is_file() and journal.applied_count():
-            print(f"[fit] {folder} records {_count(journal.applied_count(), 'deletion')} applied to a model of this run "
+            print(f"[fit] {folder} records {counted(journal.applied_count(), 'deletion')} applied to a model of this run "
                   f"folder. This fit trains on the data as loaded, which still holds their rows, and its checkpoints in "
                   f"{saver.dirpath} hold them too: apply the requests again to the new model (unlearn --out <a new folder>), "
                   f"or fit from the latest unlearned checkpoint ({journal.checkpoint(journal.latest())}) to keep them deleted.")
@@ -991,7 +785,7 @@ class LightningUnlearnCLI(LightningCLI):
         state = restore_checkpoint(path, self.model, self.datamodule)
         config["ckpt_path"] = None  # the weights are in the model already: Lightning runs from them as they are
         removed = self.datamodule.state_dict()
-        counts = ", ".join(_count(len(removed.get(key, ())), noun)
+        counts = ", ".join(counted(len(removed.get(key, ())), noun)
                            for key, noun in (("train_keys", "training row"), ("users", "user"), ("items", "item")))
         print(f"[{self.subcommand}] {path} is an unlearned checkpoint: its weights are loaded and the removals it records "
               f"are applied to the data ({counts} removed); {what_next}")
@@ -1004,7 +798,7 @@ class LightningUnlearnCLI(LightningCLI):
             applied = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback) and c.reports]
             if best and applied:  # the best checkpoint predates the deletions: its weights still hold the deleted rows
                 at_end = all(c.when == "train_end" for c in applied)
-                print(f"[fit] {_count(sum(len(c.reports) for c in applied), 'deletion request')} applied "
+                print(f"[fit] {counted(sum(len(c.reports) for c in applied), 'deletion request')} applied "
                       f"{'at the end of training' if at_end else 'during training'}: the test is of the unlearned model "
                       f"(in {applied[-1].dirpath}), not of {best}, which {'was saved before them' if at_end else 'may predate some of them'}")
                 best = ""
@@ -1097,10 +891,6 @@ def _several(devices: Any) -> bool:
 def _normalised(value: Any) -> Any:
     """A hyperparameter as compared with a checkpoint's: sequences as lists (YAML gives lists, a checkpoint may hold tuples)."""
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _init_dict(init: Any) -> dict[str, Any] | None:

@@ -19,7 +19,7 @@ from lightning_unlearn.unlearning.journal import FolderLocked, JournalCorrupted
 from lightning_unlearn.unlearning.record import CheckpointUnreadable, MissingDataState, StaleCheckpoint
 from lightning_unlearn.unlearning.request import InvalidDeletionRequest
 
-__all__ = ["USER_ERRORS", "PlainHelpFormatter", "PlainHelpParser", "plain_text", "quiet_third_party_noise", "user_error_message"]
+__all__ = ["USER_ERRORS", "OptionRefused", "PlainHelpFormatter", "PlainHelpParser", "counted", "plain_text", "quiet_third_party_noise", "user_error_message"]
 
 
 # ---------------------------------------------------------------------- help text without reST
@@ -77,6 +77,16 @@ class PlainHelpParser(LightningArgumentParser):
 
 METHOD_NAMES = ("Retrain", "FineTune", "IFRU", "AltEraser", "SCIF")
 """The unlearning methods ``--method`` and ``methods`` take by name."""
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, in the plural unless ``n`` is 1.
+
+    Example:
+        >>> counted(1, "deletion"), counted(3, "deletion")
+        ('1 deletion', '3 deletions')
+    """
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 class OptionRefused(ValueError):

@@ -277,7 +277,7 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
 def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_path, capsys, monkeypatch):
     """The note beside a trained checkpoint is a hint: a folder that cannot be written costs the note, and a noted line
     that was moved away is named on the console."""
-    import lightning_unlearn.cli as cli_module
+    import lightning_unlearn.record_checks as record_checks
 
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
@@ -288,7 +288,7 @@ def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_p
         raise PermissionError(13, "Permission denied")
 
     with monkeypatch.context() as patch:
-        patch.setattr(cli_module, "note_a_line", read_only)
+        patch.setattr(record_checks, "note_a_line", read_only)
         main([*unlearn, "--out", "mine"])
     assert "cannot be written (Permission denied): the line of deletions started in mine is not noted" in capsys.readouterr().err
     assert journal_of(tmp_path / "mine").applied_count() == 1 and not (tmp_path / "unlearning" / "lines.jsonl").exists()

@@ -1,0 +1,316 @@
+"""Which deletion records a checkpoint belongs to, and whether it holds their deletions: the checks of ``unlearn``, ``predict`` and ``compare``.
+
+A checkpoint belongs to the record beside it (``unlearning/`` beside its folder, or its own
+folder when that holds a journal), to the record its callback state names, and to the lines of
+deletions that ``unlearn`` started from it in other folders, noted beside it. A command refuses a
+checkpoint that would bring back what one of them deleted, naming the state to start from instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lightning_unlearn.console import OptionRefused, counted
+from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.models.functional import model_digest
+from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
+from lightning_unlearn.unlearning.record import (
+    JOURNAL_FILE,
+    StaleCheckpoint,
+    applied_to,
+    check_lineage,
+    journal_of,
+    key_id,
+    lines_of,
+    load_checkpoint,
+    note_a_line,
+    refuse_unnamed_checkpoints,
+)
+from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
+
+__all__ = ["default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "records_beside", "records_of",
+           "refuse_a_second_line", "refuse_fewer_deletions", "unlearning_folder_of"]
+
+
+def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
+    """Where ``unlearn`` keeps a model's deletion record when ``--out`` is not given.
+
+    The folder of ``ckpt_path`` when it holds a journal (an unlearned checkpoint: the next request
+    goes on in its folder), else ``unlearning/`` beside the checkpoint's folder. It does not
+    depend on the run (a logger's ``version_N`` folder would give every run a new, empty record,
+    so a second request from the trained checkpoint would go unchecked and undo the first).
+
+    Example:
+        >>> default_unlearning_folder("/srv/runs/ml100k_mf/checkpoints/best.ckpt").as_posix()
+        '/srv/runs/ml100k_mf/unlearning'
+    """
+    return unlearning_folder_of(Path(ckpt_path).resolve().parent)  # `..`, `.` and links resolved: however it is spelt
+
+
+def unlearning_folder_of(checkpoints: Path) -> Path:
+    """The deletion record of the models in the folder ``checkpoints``: that folder when it holds a journal, else its sibling.
+
+    Example:
+        >>> unlearning_folder_of(Path("/srv/runs/ml100k_mf/checkpoints")).as_posix()
+        '/srv/runs/ml100k_mf/unlearning'
+    """
+    return checkpoints if (checkpoints / JOURNAL_FILE).exists() else checkpoints.parent / "unlearning"
+
+
+def folder_of_key(ckpt_path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """The folder whose key made the fingerprints of the requests a checkpoint holds (its ``key_id``): its own, or,
+    for a symlink, the folder of the file it points to (a ``serving/latest.ckpt``; a link into a content store such
+    as git-annex or DVC keeps the key beside the link), or the record its state names (a refit's checkpoint).
+
+    Args:
+        ckpt_path: the checkpoint, as given (a link is followed only after its own folder is tried).
+        state: what :func:`~lightning_unlearn.unlearning.record.restore_checkpoint` read from it.
+    """
+    path = Path(os.path.abspath(ckpt_path))  # `..` folded, links kept
+    unlearning = state.get("unlearning") or {}
+    wanted, named = unlearning.get("key_id"), unlearning.get("record")  # named: a refit's, whose folder holds no key
+    return next((folder for folder in (path.parent, path.resolve().parent, *([Path(named)] if named else []))
+                 if wanted and _holds_key(folder, wanted)), path.resolve().parent)
+
+
+def _holds_key(folder: Path, wanted: str | None) -> bool:
+    """Whether ``folder`` holds a journal key, and (unless ``wanted`` is ``None``) the one whose ``key_id`` is ``wanted``."""
+    return (folder / KEY_FILE).is_file() and (wanted is None or key_id(journal_of(folder)) == wanted)
+
+
+def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dict[str, Any], record: str | None) -> set[Path]:
+    """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it (beside the link too, for a
+    checkpoint that is a link into a content store), the one its callback state
+    (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
+    recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
+    says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints).
+
+    Args:
+        ckpt_path: the checkpoint ``predict`` was given.
+        model: its model, restored (the lines started from its parameters are noted by their digest).
+        unlearning: its callback state (``{}`` when it has none).
+        record: ``--record``, the folder a named record was moved to (``None``: not given).
+
+    Raises:
+        OptionRefused: ``record`` holds no journal key.
+        StaleCheckpoint: ``record`` is another record than the one named, or the named record is gone.
+        JournalCorrupted: the named record lost its key.
+    """
+    besides = records_beside(ckpt_path)
+    named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
+    digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
+    folders = besides | {line for line in lines_from(ckpt_path, digest, "predict") if applied_to(journal_of(line), digest)}
+    if record is not None:
+        if not _holds_key(Path(record), None):
+            raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
+                                f"of the record's journal.jsonl and {KEY_FILE}.")
+        if named and not _holds_key(Path(record), named_key):
+            raise StaleCheckpoint(f"predict --record {record} is another deletion record than the one {ckpt_path} names "
+                                  f"({named}): its key differs. Give the folder that record was moved to.")
+        folders.add(Path(record))
+    if named:
+        journal_of(named).refuse_a_lost_key()
+    if named and _holds_key(Path(named), named_key):
+        folders.add(Path(named))
+    elif named and record is None and not (named_key is not None and any(_holds_key(b, named_key) for b in besides)):
+        raise StaleCheckpoint(
+            f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
+            f"predict cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "
+            f"place with --record FOLDER.")
+    return folders
+
+
+def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
+    """The record beside a checkpoint: beside the file it resolves to, and beside a link itself (git-annex, DVC).
+
+    Example:
+        >>> sorted(p.as_posix() for p in records_beside("/srv/runs/ml100k_mf/checkpoints/best.ckpt"))
+        ['/srv/runs/ml100k_mf/unlearning']
+    """
+    return {default_unlearning_folder(ckpt_path), unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
+
+
+def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:
+    """After ``unlearn`` applied requests from a trained checkpoint into ``dirpath``, another folder than the record beside
+    it: note the line there (beside a link itself, not in the store it points into), so later commands from the
+    checkpoint find it. A folder that cannot be written costs the note, not the command: it says so.
+
+    Args:
+        ckpt_path: the trained checkpoint the requests were applied from.
+        dirpath: the record they went into.
+        digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they were applied to.
+    """
+    if any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
+        return
+    beside = unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)
+    try:
+        note_a_line(beside, dirpath, digest)
+    except OSError as err:
+        print(f"[unlearn] {beside} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not noted "
+              f"beside the checkpoint, so `unlearn` and `predict` from {ckpt_path} will not find it.", file=sys.stderr)
+
+
+def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str) -> set[Path]:
+    """The lines of deletions noted beside a checkpoint as started from its parameters (``digest``) in other folders; one
+    that is gone (moved, deleted) is named on the console, as it can no longer be checked.
+
+    Args:
+        ckpt_path: the checkpoint.
+        digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
+        command: the subcommand that asks, named in the console line.
+    """
+    lines = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
+    for gone in sorted(line for line in lines if not (line / JOURNAL_FILE).is_file()):
+        print(f"[{command}] {gone}, noted beside {ckpt_path} as a line of deletions started from it, is gone: the deletions "
+              f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
+    return {line for line in lines if (line / JOURNAL_FILE).is_file()}
+
+
+def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],
+                         dirpath: Path, requests: list[DeletionRequest]) -> None:
+    """``unlearn`` into ``dirpath`` without ``--branch``: refuse a checkpoint that is an older state of another record -- the
+    one beside it, or the one its callback state names -- unless ``requests`` (those it holds queued and those given)
+    delete again everything that record deleted. Otherwise the second line of deletions would bring the rest back
+    (and ``predict`` from it checks only its own record).
+
+    The state's lineage tells it for the named record (a fit's checkpoint saved before its callback applied requests);
+    the parameters' digest, journaled with each request, for the checkpoint a request beside it was applied to (the
+    trained one). A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request.
+
+    Args:
+        ckpt_path: the checkpoint ``unlearn`` was given.
+        digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
+        datamodule: its data, with the removals it holds.
+        unlearning: its callback state (``{}`` when it has none).
+        dirpath: the record ``unlearn`` writes into (not checked against itself).
+        requests: the requests it holds queued and those given.
+
+    Raises:
+        StaleCheckpoint: the checkpoint is an older state of another record whose deletions ``requests`` do not
+            delete again, or of one with a request whose process stopped.
+        JournalCorrupted: one of those records' journals does not read.
+    """
+    named, besides = unlearning.get("record"), records_beside(ckpt_path)
+    lines = lines_from(ckpt_path, digest, "unlearn")  # started from it elsewhere
+    for folder in sorted(besides | lines | ({Path(named)} if named else set())):
+        journal = journal_of(folder)
+        if folder.resolve() == dirpath.resolve() or not journal.path.is_file():
+            continue
+        try:
+            stopped = journal.interrupted()
+        except JournalCorrupted as err:
+            noted = f" (noted beside {ckpt_path} as a line of deletions started from it)" if folder in lines else ""
+            raise JournalCorrupted(f"unlearn checks that {ckpt_path} is not an older state of {folder}{noted}, and its "
+                                   f"journal does not read: {err}") from None
+        if not (journal.applied_count() or stopped):
+            continue
+        if named and folder.resolve() == Path(named).resolve():
+            try:
+                check_lineage(journal, unlearning.get("lineage"))
+                on_its_line = not stopped  # its latest state, or a checkpoint of its own line (a stopped request may follow)
+            except StaleCheckpoint:
+                on_its_line = False
+            behind = None if on_its_line else "its callback state says so"
+        else:
+            behind = "a request there was applied to its parameters" if applied_to(journal, digest) else None
+        if behind is None:
+            continue
+        if stopped:
+            raise StaleCheckpoint(
+                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds a request whose "
+                f"process stopped while applying it: what that record deleted is known once `unlearn` on it recovers the "
+                f"request. Run it there first (`--out {folder}`, from its latest state), then come back.")
+        same_data, again = deletes_again(journal.last_checkpoint(), datamodule, requests)
+        if not again:
+            why = ("the requests of this command do not delete again all they deleted" if same_data else
+                   "its latest state is on other data (another seed or split), so whether these requests delete again all "
+                   "they deleted cannot be checked")
+            raise StaleCheckpoint(
+                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds "
+                f"{counted(journal.applied_count(), 'deletion')}, and {why}: applying them into {dirpath} would start a "
+                f"second line of deletions that brings the rest back. Resume from that record's latest state (`--ckpt_path "
+                f"{journal.last_checkpoint()} --out {folder}`), {'give all of its requests again in one requests file, ' if same_data else ''}"
+                f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
+
+
+def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[DeletionRequest] = ()) -> tuple[bool, bool]:
+    """``(same data, covered)``: whether a record's ``latest`` checkpoint is on ``datamodule``'s data, and whether
+    ``datamodule``'s removals, and ``requests`` if given, together remove all that checkpoint removed.
+
+    Args:
+        latest: a record's latest checkpoint (only its data state is read).
+        datamodule: the data of the checkpoint being checked, with its removals.
+        requests: requests still to be applied to it.
+    """
+    deleted = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}  # its removals, not its weights
+    line = datamodule.state_dict()
+    if deleted.get("fingerprint") != line.get("fingerprint"):  # other data (another seed or split): nothing to compare
+        return False, False
+    train, removed = datamodule.train, {key: [line[key]] for key in ("train_keys", "users", "items")}
+    for request in requests:
+        try:
+            resolved = request.resolve(train, missing="ignore", removed=datamodule.removed_keys)
+        except InvalidDeletionRequest:  # nothing of it left here
+            continue
+        removed["train_keys"].append(train.users[resolved.rows] * train.num_items + train.items[resolved.rows])
+        removed["users"].append(resolved.users)
+        removed["items"].append(resolved.items)
+    return True, all(bool(torch.isin(deleted[key], torch.cat(parts)).all()) for key, parts in removed.items())
+
+
+def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:
+    """``predict``: refuse a checkpoint whose data still holds what the deletion record ``journal`` deleted.
+
+    A refit from the latest state, or a later unlearned checkpoint, removes at least as much and
+    passes; the trained checkpoint after a deletion does not. Unlearned checkpoints that the journal
+    does not name (it was removed, emptied or replaced) are refused as ``unlearn`` refuses them.
+
+    Args:
+        ckpt_path: the checkpoint ``predict`` was given.
+        datamodule: its data, with the removals it holds.
+        journal: one of the records it belongs to (:func:`records_of`).
+
+    Raises:
+        StaleCheckpoint: its data holds what the record deleted, the record's latest state is missing, or a request
+            is being (or was stopped while being) applied there.
+        JournalCorrupted: the record's journal does not read.
+    """
+    try:
+        refuse_unnamed_checkpoints(journal)  # also a journal removed or emptied beside its checkpoints
+        if not journal.path.is_file():
+            return
+        interrupted, latest = journal.interrupted(), journal.last_checkpoint()
+    except JournalCorrupted as err:
+        raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
+                               f"record does not read: {err}") from None
+    except FileNotFoundError as err:
+        raise StaleCheckpoint(f"predict checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
+                              f"the latest state there is missing: {err}") from None
+    if interrupted:
+        try:
+            with journal.lock():
+                pass
+        except FolderLocked:
+            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; predict from the folder's "
+                                  f"latest state once it is done.") from None
+        raise StaleCheckpoint(
+            f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
+            f"folder again (it recovers the request, then applies what is queued), then predict from its latest state."
+        )
+    if latest is None:
+        return
+    same_data, holds_them = deletes_again(latest, datamodule)
+    if not holds_them:
+        held = ("still holds some of what they deleted" if same_data else
+                "is not the data they were applied to (another seed or split), so it may hold what they deleted")
+        raise StaleCheckpoint(
+            f"{journal.folder} records {counted(journal.applied_count(), 'deletion')} applied to this model's run, and the "
+            f"data of {ckpt_path} {held}: its recommendations would name users deleted since, and rank from their rows. "
+            f"Predict from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
+        )
