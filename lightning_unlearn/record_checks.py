@@ -29,6 +29,7 @@ from lightning_unlearn.unlearning.record import (
     key_id,
     lines_of,
     load_checkpoint,
+    machine_lines_folder,
     note_a_line,
     refuse_unnamed_checkpoints,
 )
@@ -137,37 +138,41 @@ def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
 
 
 def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:
-    """After ``unlearn`` applied requests from a trained checkpoint into ``dirpath``, another folder than the record beside
-    it: note the line there (beside a link itself, not in the store it points into), so later commands from the
-    checkpoint find it. A folder that cannot be written costs the note, not the command: it says so.
+    """After ``unlearn`` applied requests from a trained checkpoint into ``dirpath``: note the line on this machine
+    (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
+    a copy of it find it, and beside the checkpoint (beside a link itself, not in the store it points into) when
+    ``dirpath`` is another folder than the record there. A folder that cannot be written costs the note, not the
+    command: it says so.
 
     Args:
         ckpt_path: the trained checkpoint the requests were applied from.
         dirpath: the record they went into.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they were applied to.
     """
-    if any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
-        return
-    beside = unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)
-    try:
-        note_a_line(beside, dirpath, digest)
-    except OSError as err:
-        print(f"[unlearn] {beside} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not noted "
-              f"beside the checkpoint, so `unlearn` and `predict` from {ckpt_path} will not find it.", file=sys.stderr)
+    folders = [machine_lines_folder()]
+    if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
+        folders.append(unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent))
+    for folder in folders:
+        try:
+            note_a_line(folder, dirpath, digest)
+        except OSError as err:
+            print(f"[unlearn] {folder} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not "
+                  f"noted there, so `unlearn` and `predict` from {ckpt_path} (or a copy of it) may not find it.", file=sys.stderr)
 
 
 def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str) -> set[Path]:
-    """The lines of deletions noted beside a checkpoint as started from its parameters (``digest``) in other folders; one
-    that is gone (moved, deleted) is named on the console, as it can no longer be checked.
+    """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``);
+    one that is gone (moved, deleted) is named on the console, as it can no longer be checked.
 
     Args:
         ckpt_path: the checkpoint.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
         command: the subcommand that asks, named in the console line.
     """
-    lines = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
+    folders = [*records_beside(ckpt_path), machine_lines_folder()]
+    lines = {Path(line["record"]) for folder in folders for line in lines_of(folder, digest)}
     for gone in sorted(line for line in lines if not (line / JOURNAL_FILE).is_file()):
-        print(f"[{command}] {gone}, noted beside {ckpt_path} as a line of deletions started from it, is gone: the deletions "
+        print(f"[{command}] {gone}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
               f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
     return {line for line in lines if (line / JOURNAL_FILE).is_file()}
 

@@ -31,6 +31,22 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _machine_lines_of_the_session(tmp_path_factory):
+    """The lines of deletions ``unlearn`` notes on the machine (``$LIGHTNING_UNLEARN_HOME``) go to the session's folder,
+    never to the user's: also those of module fixtures, which start before a test's own folder."""
+    os.environ["LIGHTNING_UNLEARN_HOME"] = str(tmp_path_factory.mktemp("machine"))
+    yield
+    os.environ.pop("LIGHTNING_UNLEARN_HOME", None)
+
+
+@pytest.fixture(autouse=True)
+def _machine_lines_of_each_test(tmp_path, monkeypatch):
+    """Each test notes its lines of deletions on a machine of its own: tests that train the same model (byte for byte)
+    and delete different rows are independent experiments, not lines from one model."""
+    monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "machine"))
+
+
 @pytest.fixture(autouse=True)
 def _offline_wandb(tmp_path, monkeypatch):
     """Every test runs W&B offline into its own temporary folder, finishes any run and stops W&B's service.

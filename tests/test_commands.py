@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.util
+import json
 import multiprocessing
 import os
 import re
@@ -220,7 +221,7 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
 
 
 def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_record_the_checkpoint_is_older_than(trained, tmp_path,
-                                                                                                                 capsys):
+                                                                                                                 capsys, monkeypatch):
     """The record beside the trained checkpoint (known by the parameters its first request was applied to), and the
     record a fit's callback state names: a new line of deletions from an older state of them must delete again all
     they deleted, or say it starts a new line on purpose (--branch)."""
@@ -234,6 +235,8 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
     for record, checkpoint in ((tmp_path / "run" / "unlearning", best), (tmp_path / "unl", tmp_path / "ckpt" / "best.ckpt"),
                                (tmp_path / "quick", elsewhere)):  # the quick start's --out: a line noted beside the checkpoint
+        if record == tmp_path / "quick":  # on another machine: the copy finds the lines of the first only beside itself
+            monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "another machine"))
         main([*unlearn, "--ckpt_path", str(journal_of(record).last_checkpoint() or checkpoint), "--requests", "user8.csv",
               "--out", str(record)])  # the record goes on: user 8 deleted there
         capsys.readouterr()
@@ -267,7 +270,8 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     with pytest.raises(SystemExit) as exit_info:
         main([*unlearn, "--ckpt_path", str(best), "--requests", "both.csv", "--out", "after-a-stop"])
     assert exit_info.value.code == 2 and "holds a request whose process stopped" in capsys.readouterr().err
-    # A journal removed beside its unlearned checkpoints: predict refuses, as unlearn does.
+    # A journal removed beside its unlearned checkpoints: predict refuses, as unlearn does (on a machine with no other line).
+    monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "a third machine"))
     (tmp_path / "run" / "unlearning" / "journal.jsonl").unlink()
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
@@ -295,7 +299,34 @@ def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_p
     main([*unlearn, "--out", "noted"])
     (tmp_path / "noted").rename(tmp_path / "moved")
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
-    assert f"[predict] {tmp_path / 'noted'}, noted beside {best} as a line of deletions started from it, is gone" in capsys.readouterr().err
+    assert f"[predict] {tmp_path / 'noted'}, noted as a line of deletions started from {best}'s parameters, is gone" in capsys.readouterr().err
+
+
+def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_original(trained, tmp_path, capsys):
+    """A trained checkpoint copied to another folder (a model deployed elsewhere) knows neither the record beside the
+    original nor the lines noted there: the lines noted on the machine find them by the parameters' digest, so a line
+    from the copy that leaves out what the original's record deleted is refused, and so is predicting from the copy."""
+    for name in ("8", "9"):
+        (tmp_path / f"user{name}.csv").write_text(f"user\n{name}\n")
+    original, copy = (shutil.copy(trained.best, tmp_path / run / "checkpoints") for run in ("run", "deployed")
+                      if (tmp_path / run / "checkpoints").mkdir(parents=True) is None)
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(original), "--requests", "user8.csv"])  # the record beside the original deletes user 8
+    capsys.readouterr()
+    record = tmp_path / "run" / "unlearning"
+    with pytest.raises(SystemExit) as exit_info:  # a line from the copy that leaves user 8 out
+        main([*unlearn, "--ckpt_path", str(copy), "--requests", "user9.csv"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"is an older state of the deletion record {record}" in err and "--branch true" in err
+    assert not (tmp_path / "deployed" / "unlearning").exists()  # nothing written
+    with pytest.raises(SystemExit) as exit_info:  # nor does the copy recommend from user 8's rows
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(copy), "--out", "p.csv"])
+    assert exit_info.value.code == 2 and f"{record} records 1 deletion applied" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+    noted = [json.loads(line) for line in (tmp_path / "machine" / "lines.jsonl").read_text().splitlines()]
+    assert [sorted(line) for line in noted] == [["model", "record"]] and noted[0]["record"] == str(record.resolve())  # no id
+    main([*unlearn, "--ckpt_path", str(copy), "--requests", "user9.csv", "--out", "branch", "--branch", "true"])  # on purpose
+    assert journal_of(tmp_path / "branch").applied_count() == 1
 
 
 def test_compare_refuses_an_unlearning_callback_in_its_trainer(trained, capsys):

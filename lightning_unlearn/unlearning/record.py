@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,13 +32,35 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
-    "lines_of", "load_checkpoint", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "lines_of", "load_checkpoint", "machine_lines_folder", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
 
 JOURNAL_FILE = "journal.jsonl"
 LINES_FILE = "lines.jsonl"
 """In the record beside a trained checkpoint: the other records started from it (``unlearn --out``), with its parameters' digest."""
+
+
+def machine_lines_folder(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where this machine notes every line of deletions ``unlearn`` starts (a ``lines.jsonl`` of folders and digests, no id).
+
+    ``$LIGHTNING_UNLEARN_HOME``, else ``lightning_unlearn`` in ``$XDG_DATA_HOME`` (by default
+    ``~/.local/share``). A copy of a trained checkpoint in another folder knows neither the record
+    beside the original nor the lines noted there; its parameters' digest finds them here.
+
+    Args:
+        environ: the environment to read.
+
+    Example:
+        >>> machine_lines_folder({"LIGHTNING_UNLEARN_HOME": "/srv/unlearn-state"}).as_posix()
+        '/srv/unlearn-state'
+        >>> machine_lines_folder({"XDG_DATA_HOME": "/home/ann/.data"}).as_posix()
+        '/home/ann/.data/lightning_unlearn'
+    """
+    home = environ.get("LIGHTNING_UNLEARN_HOME")
+    if home:
+        return Path(home)
+    return Path(environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lightning_unlearn"
 
 
 class StaleCheckpoint(RuntimeError):
