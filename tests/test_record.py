@@ -641,6 +641,18 @@ def test_a_folder_that_cannot_be_written_is_a_clear_refusal(code, tmp_path, monk
     with pytest.raises(FolderLocked, match="cannot be opened for writing: a read-only folder"):
         with journal_of(tmp_path).lock():
             pass
+    # a record folder that cannot be created (in a read-only model folder: unlearn's default --out)
+    real_mkdir = os.mkdir
+
+    def read_only_parent(path, *args):
+        if Path(path).name == "unlearning":
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args)
+
+    monkeypatch.setattr(os, "mkdir", read_only_parent)
+    with pytest.raises(FolderLocked, match=rf"{tmp_path / 'unlearning'} cannot be locked for writing \(it cannot be created"):
+        with journal_of(tmp_path / "unlearning").lock():
+            pass
 
 
 def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):

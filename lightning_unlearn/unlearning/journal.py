@@ -363,7 +363,12 @@ class Journal:
         Raises:
             FolderLocked: another process holds it; the message names its pid.
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            if err.errno not in _READ_ONLY:
+                raise
+            raise _cannot_write(self.folder, f"it cannot be created ({err.strerror})") from None
         name = str(self.folder.resolve())
         held = _HELD.get(name)
         if held is not None and held[2] == os.getpid():
@@ -391,17 +396,21 @@ def _write_hex(fd: int, key: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _cannot_write(folder: Path, why: str) -> FolderLocked:
+    return FolderLocked(f"{folder} cannot be locked for writing ({why}). Applying, recovering or checking requests there "
+                        f"writes the journal: make the folder writable, or copy it to a writable place and give that folder.")
+
+
 def _take_lock(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as err:
-        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if err.errno not in _READ_ONLY:
             raise
-        raise FolderLocked(
-            f"{path.parent} cannot be locked for writing ({path} cannot be opened for writing: a read-only folder or "
-            f"file?). Applying, recovering or checking requests there writes the journal: make the folder writable, "
-            f"or copy it to a writable place and give that folder."
-        ) from None
+        raise _cannot_write(path.parent, f"{path} cannot be opened for writing: a read-only folder or file?") from None
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no advisory locks
