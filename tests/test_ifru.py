@@ -12,7 +12,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import factor_blocks
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.methods import IFRU, AltEraser, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning.methods import IFRU, AltEraser, FineTune, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods import curvature as curvature_module
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
@@ -103,7 +103,9 @@ def test_nan_gradient_raises_and_leaves_the_model_unchanged(convex, monkeypatch)
     assert torch.equal(broken.user_embedding.weight, before)
 
 
-def test_users_left_without_rows_are_reset_to_their_initialisation():
+@pytest.mark.parametrize("method", [IFRU(), AltEraser(), FineTune(epochs=1, lr=0.1)], ids=lambda m: type(m).__name__)
+def test_users_left_without_rows_are_reset_to_their_initialisation(method):
+    """A deleted user's row holds what it learned: every method resets it (FineTune's steps never reach it)."""
     torch.manual_seed(0)
     dm = RecDataModule(Synthetic(num_users=10, num_items=12, density=0.3, seed=1), val_fraction=0.0)
     dm.setup()
@@ -113,7 +115,7 @@ def test_users_left_without_rows_are_reset_to_their_initialisation():
     with torch.no_grad():
         model.user_embedding.weight.add_(1.0)  # "training" moved every user
     deleted = dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([4]))
-    report = IFRU().unlearn(model, dm.train_rows(), deleted, UnlearningContext(seed=5))
+    report = method.unlearn(model, dm.train_rows(), deleted, UnlearningContext(seed=5))
     assert report.diagnostics["reset_users"] == 1
     torch.testing.assert_close(model.user_embedding.weight[4], init)
 

@@ -11,12 +11,17 @@ from tqdm.auto import tqdm
 from lightning_unlearn.data.batches import EpochBatchSampler, TrainRows
 from lightning_unlearn.models.base import OPTIMIZERS, Recommender
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext
+from lightning_unlearn.unlearning.methods.scope import orphans, reset_to_initialisation, touched
 
 __all__ = ["FineTune"]
 
 
 class FineTune(Unlearner):
     """Continue training the trained model on the retained rows only.
+
+    Users and items the deleted rows leave without any retained row (a deleted user, say) get no
+    gradient, so fine-tuning would keep what they learned: they are reset to the initialisation
+    a retrain from the same seed gives them, as every method resets them.
 
     A learning rate too large for the model makes the loss diverge or overflow: when an epoch's
     mean loss is not finite, or above ``100 x`` the first batch's loss ``+ 1`` (far worse than
@@ -88,4 +93,8 @@ class FineTune(Unlearner):
                     f"{losses[-1]:.4g} (mean of epoch {epoch}) with lr={self.lr} ({self.optimizer}): "
                     "the learning rate is too large for this model"
                 )
-        return {"epochs": self.epochs, "steps": self.epochs * len(sampler), "loss_per_epoch": losses}
+        users, items = touched(deleted)
+        users, items = orphans(users, retained.users, model.num_users), orphans(items, retained.all_items(), model.num_items)
+        reset_to_initialisation(model, users, items, context.seed)  # after the steps: an optimiser's decay moves no reset row
+        return {"epochs": self.epochs, "steps": self.epochs * len(sampler), "loss_per_epoch": losses, "reset_users": len(users),
+                "reset_items": len(items)}
