@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import dis
 import errno
 import inspect
@@ -28,6 +27,7 @@ from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
+from lightning_unlearn.recommendations import note_recommendations, scrub_recommendations, write_recommendations
 from lightning_unlearn.record_checks import (
     default_unlearning_folder,
     folder_of_key,
@@ -172,6 +172,7 @@ class UnlearningTrainer(pl.Trainer):
         )
         if reports and not (state.get("unlearning") or {}).get("record"):
             note_the_line(ckpt_path, dirpath, digest)
+        _scrub_recommendations(datamodule, "unlearn")
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
         if not reports:  # given again: recognised (the checkpoint records it), never applied twice
@@ -381,6 +382,11 @@ class UnlearningTrainer(pl.Trainer):
         if hasattr(self, "_command_config"):  # the command's, once its checks passed
             log_config(self.loggers, self._command_config)
         counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
+        try:
+            note_recommendations(path, datamodule)
+        except OSError as err:
+            print(f"[predict] the machine's folder cannot be written ({err.strerror}): {path} is not noted, so a later "
+                  f"deletion will not remove its users and items from it.", file=sys.stderr)
         print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
               f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
               f"and each user's training and validation items, never recommended)")
@@ -430,71 +436,15 @@ def _raised_by_a_statement(frame: TracebackType) -> bool:
     return any(op.offset == frame.tb_lasti and op.opname == "RAISE_VARARGS" for op in dis.get_instructions(frame.tb_frame.f_code))
 
 
+def _scrub_recommendations(datamodule: RecDataModule, command: str) -> None:
+    """After deletions: the recommendation files ``predict`` wrote from this data lose the rows of deleted users and items."""
+    for path in scrub_recommendations(datamodule):
+        print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
+
+
 def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise OptionRefused(f"{option} {folder} is a file: give the folder to write into (created if needed).")
-
-
-def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
-                          device: torch.device | str | None = None) -> dict[str, int]:
-    """Write ``user,rank,item,score`` rows (raw ids): each remaining user's ``k`` best unseen items.
-
-    Seen items are the user's rows in the training and validation splits; users and items the
-    datamodule removed as a whole (its recorded removals) get no row and are never recommended.
-    A user with fewer than ``k`` items left gets fewer rows.
-
-    Args:
-        model: the recommender.
-        datamodule: its datamodule (with the removals applied).
-        path: the CSV file to write (its folder is created).
-        k: recommendations per user.
-        device: where to score (default: the model's device).
-
-    Returns:
-        ``{"users", "deleted_users", "deleted_items"}``: how many users got recommendations,
-        and how many users and items were left out as deleted.
-    """
-    datamodule.setup()
-    train, val = datamodule.train, datamodule.val
-    removed = datamodule.state_dict()
-    gone_users = torch.as_tensor(removed.get("users", []), dtype=torch.long)
-    gone_items = torch.as_tensor(removed.get("items", []), dtype=torch.long)
-    num_items = train.num_items
-    keep = torch.ones(train.num_users, dtype=torch.bool)
-    keep[gone_users] = False
-    users = torch.nonzero(keep).flatten()
-    blocked = torch.zeros(num_items, dtype=torch.bool)
-    blocked[gone_items] = True
-    seen = torch.cat([train.keys, val.keys])
-    seen_users, seen_items = seen // num_items, seen % num_items
-    device = torch.device(device) if device is not None else model.device
-    top = min(k, num_items)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.to(device)
-    model.set_graph(train)
-    model.eval()
-    try:
-        with torch.no_grad(), open(path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["user", "rank", "item", "score"])
-            representations = model.representations()
-            for batch in torch.split(users, datamodule.hparams.eval_batch_size):
-                scores = model.full_scores(batch.to(device), representations).float().cpu()
-                hit = torch.isin(seen_users, batch)
-                scores[torch.searchsorted(batch, seen_users[hit]), seen_items[hit]] = float("-inf")
-                scores[:, blocked] = float("-inf")
-                values, items = torch.topk(scores, top, dim=1)
-                raw_users = train.user_ids[batch.numpy()].tolist()
-                raw_items = train.item_ids[items.numpy()].tolist()
-                for user, row_items, row_values in zip(raw_users, raw_items, values.tolist()):
-                    for rank, (item, score) in enumerate(zip(row_items, row_values), start=1):
-                        if score != float("-inf"):
-                            writer.writerow([user, rank, item, f"{score:.6g}"])
-    finally:
-        model.train(was_training)
-    return {"users": len(users), "deleted_users": len(gone_users), "deleted_items": len(gone_items)}
 
 
 class LightningUnlearnCLI(LightningCLI):
@@ -796,6 +746,8 @@ class LightningUnlearnCLI(LightningCLI):
             checkpoint = self.trainer.checkpoint_callback
             best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
             applied = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback) and c.reports]
+            if applied:
+                _scrub_recommendations(self.datamodule, "fit")
             if best and applied:  # the best checkpoint predates the deletions: its weights still hold the deleted rows
                 at_end = all(c.when == "train_end" for c in applied)
                 print(f"[fit] {counted(sum(len(c.reports) for c in applied), 'deletion request')} applied "

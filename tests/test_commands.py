@@ -302,6 +302,39 @@ def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_p
     assert f"[predict] {tmp_path / 'noted'}, noted as a line of deletions started from {best}'s parameters, is gone" in capsys.readouterr().err
 
 
+def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_items(trained, tmp_path, capsys):
+    """predict's CSV names users and items by raw id: once they are deleted, no file predict wrote keeps them."""
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
+    (tmp_path / "other.csv").write_bytes((tmp_path / "top.csv").read_bytes())  # a copy predict did not write: not touched
+    os.chmod(tmp_path / "top.csv", 0o640)
+    before = list(csv.reader((tmp_path / "top.csv").open()))
+    item = next(row[2] for row in before[1:] if row[0] != "8")
+    assert any(row[0] == "8" for row in before) and before[0] == ["user", "rank", "item", "score"]
+    (tmp_path / "forget.jsonl").write_text(f'{{"user": 8}}\n{{"item": {item}}}\n')
+    capsys.readouterr()
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "forget.jsonl", "--method", "FineTune"])
+    assert f"{(tmp_path / 'top.csv').resolve()} (recommendations written by predict) no longer names" in capsys.readouterr().out
+    after = list(csv.reader((tmp_path / "top.csv").open()))
+    assert after == [row for row in before if row[0] != "8" and row[2] != item] and len(after) < len(before) - 5
+    assert (tmp_path / "top.csv").stat().st_mode & 0o777 == 0o640 and (tmp_path / "other.csv").read_bytes() != b""
+    assert list(csv.reader((tmp_path / "other.csv").open())) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".top.csv")) == []  # no temporary file left
+
+
+def test_a_fit_whose_callback_deletes_also_clears_the_recommendations_written_before(trained, tmp_path, capsys):
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--out", "top.csv", "--k", "5"])
+    assert any(row[0] == str(DELETED_USER) for row in csv.reader((tmp_path / "top.csv").open()))
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
+    capsys.readouterr()
+    main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}"])
+    assert "(recommendations written by predict) no longer names" in capsys.readouterr().out
+    rows = list(csv.reader((tmp_path / "top.csv").open()))
+    assert rows[1:] and not any(row[0] == str(DELETED_USER) or row[2] == str(DELETED_ITEM) for row in rows)
+
+
 def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_original(trained, tmp_path, capsys):
     """A trained checkpoint copied to another folder (a model deployed elsewhere) knows neither the record beside the
     original nor the lines noted there: the lines noted on the machine find them by the parameters' digest, so a line

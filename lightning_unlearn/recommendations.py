@@ -1,0 +1,204 @@
+"""``predict``'s recommendation files: written with raw ids, noted on the machine, and kept free of what is deleted later.
+
+A recommendations CSV names users and items by their raw ids. ``predict`` notes each file it
+writes (its path and the data's fingerprint, no id) in ``recommendations.jsonl`` of
+:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`; once ``unlearn`` (or a fit's
+callback) has deleted users or items of that data, :func:`scrub_recommendations` removes their
+rows from every noted file, so that no raw id of a deletion stays at rest in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.record import machine_lines_folder
+
+__all__ = ["NOTE_FILE", "note_recommendations", "scrub_recommendations", "write_recommendations"]
+
+NOTE_FILE = "recommendations.jsonl"
+"""In :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`: the recommendation files ``predict`` wrote."""
+
+
+def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
+                          device: torch.device | str | None = None) -> dict[str, int]:
+    """Write ``user,rank,item,score`` rows (raw ids): each remaining user's ``k`` best unseen items.
+
+    Seen items are the user's rows in the training and validation splits; users and items the
+    datamodule removed as a whole (its recorded removals) get no row and are never recommended.
+    A user with fewer than ``k`` items left gets fewer rows.
+
+    Args:
+        model: the recommender.
+        datamodule: its datamodule (with the removals applied).
+        path: the CSV file to write (its folder is created).
+        k: recommendations per user.
+        device: where to score (default: the model's device).
+
+    Returns:
+        ``{"users", "deleted_users", "deleted_items"}``: how many users got recommendations,
+        and how many users and items were left out as deleted.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_unlearn.data import RecDataModule, Synthetic
+        >>> from lightning_unlearn.models import MF
+        >>> dm = RecDataModule(Synthetic(num_users=6, num_items=8, seed=0))
+        >>> dm.setup()
+        >>> write_recommendations(MF(dm.num_users, dm.num_items, embedding_dim=4), dm, Path(tempfile.mkdtemp()) / "top.csv", k=2)
+        {'users': 6, 'deleted_users': 0, 'deleted_items': 0}
+    """
+    datamodule.setup()
+    train, val = datamodule.train, datamodule.val
+    removed = datamodule.state_dict()
+    gone_users = torch.as_tensor(removed.get("users", []), dtype=torch.long)
+    gone_items = torch.as_tensor(removed.get("items", []), dtype=torch.long)
+    num_items = train.num_items
+    keep = torch.ones(train.num_users, dtype=torch.bool)
+    keep[gone_users] = False
+    users = torch.nonzero(keep).flatten()
+    blocked = torch.zeros(num_items, dtype=torch.bool)
+    blocked[gone_items] = True
+    seen = torch.cat([train.keys, val.keys])
+    seen_users, seen_items = seen // num_items, seen % num_items
+    device = torch.device(device) if device is not None else model.device
+    top = min(k, num_items)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.to(device)
+    model.set_graph(train)
+    model.eval()
+    try:
+        with torch.no_grad(), open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["user", "rank", "item", "score"])
+            representations = model.representations()
+            for batch in torch.split(users, datamodule.hparams.eval_batch_size):
+                scores = model.full_scores(batch.to(device), representations).float().cpu()
+                hit = torch.isin(seen_users, batch)
+                scores[torch.searchsorted(batch, seen_users[hit]), seen_items[hit]] = float("-inf")
+                scores[:, blocked] = float("-inf")
+                values, items = torch.topk(scores, top, dim=1)
+                raw_users = train.user_ids[batch.numpy()].tolist()
+                raw_items = train.item_ids[items.numpy()].tolist()
+                for user, row_items, row_values in zip(raw_users, raw_items, values.tolist()):
+                    for rank, (item, score) in enumerate(zip(row_items, row_values), start=1):
+                        if score != float("-inf"):
+                            writer.writerow([user, rank, item, f"{score:.6g}"])
+    finally:
+        model.train(was_training)
+    return {"users": len(users), "deleted_users": len(gone_users), "deleted_items": len(gone_items)}
+
+
+def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> None:
+    """Note that ``path`` holds recommendations of ``datamodule``'s data (its path and the data's fingerprint, no id).
+
+    One line appended with a single write, as :func:`~lightning_unlearn.unlearning.record.note_a_line` does.
+
+    Args:
+        path: the file :func:`write_recommendations` wrote.
+        datamodule: its data.
+
+    Raises:
+        OSError: the machine's folder cannot be written: the caller decides what that costs.
+    """
+    line = {"path": str(Path(path).resolve()), "data": datamodule.state_dict().get("fingerprint")}
+    if line in _noted():
+        return
+    folder = machine_lines_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / NOTE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def scrub_recommendations(datamodule: RecDataModule) -> list[Path]:
+    """Remove the rows of the users and items ``datamodule`` has removed from every recommendation file noted for its data.
+
+    A row goes when its user or its item was deleted as a whole; the other rows keep their ranks.
+    Each file is replaced at once (a temporary file beside it, then a rename) and keeps its mode. A
+    noted file that is gone is skipped; one that cannot be rewritten is said on the console (no id
+    in the message).
+
+    Args:
+        datamodule: the data, set up, with the removals of the latest state.
+
+    Returns:
+        The files that held rows of deleted users or items, now without them.
+
+    Example:
+        >>> from lightning_unlearn.data import RecDataModule, Synthetic
+        >>> dm = RecDataModule(Synthetic(num_users=6, num_items=8, seed=0))
+        >>> dm.setup()
+        >>> scrub_recommendations(dm)  # nothing deleted: nothing to remove
+        []
+    """
+    state = datamodule.state_dict()
+    users, items = (torch.as_tensor(state.get(key, []), dtype=torch.long) for key in ("users", "items"))
+    if not len(users) and not len(items):
+        return []
+    train = datamodule.train
+    gone_users = {str(raw) for raw in train.user_ids[users.numpy()].tolist()}
+    gone_items = {str(raw) for raw in train.item_ids[items.numpy()].tolist()}
+    scrubbed = []
+    for path in sorted({Path(line["path"]) for line in _noted() if line.get("data") == state.get("fingerprint")}):
+        try:
+            with open(path, newline="") as fh:
+                rows = list(csv.reader(fh))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        kept = rows[:1] + [row for row in rows[1:] if not (len(row) > 2 and (row[0] in gone_users or row[2] in gone_items))]
+        if len(kept) == len(rows):
+            continue
+        try:
+            _replace(path, kept)
+        except OSError as err:
+            print(f"[unlearn] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
+                  f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
+            continue
+        scrubbed.append(path)
+    return scrubbed
+
+
+def _noted() -> list[dict]:
+    """The files :func:`note_recommendations` noted on this machine, once each (a line that does not read is skipped)."""
+    try:
+        text = (machine_lines_folder() / NOTE_FILE).read_text(errors="replace")
+    except OSError:
+        return []
+    lines = []
+    for raw in text.splitlines():
+        with contextlib.suppress(ValueError):
+            line = json.loads(raw)
+            if isinstance(line, dict) and isinstance(line.get("path"), str) and line not in lines:
+                lines.append(line)
+    return lines
+
+
+def _replace(path: Path, rows: list[list[str]]) -> None:
+    """Write ``rows`` to a temporary file beside ``path`` with its mode, then rename it over ``path``."""
+    mode = path.stat().st_mode & 0o777
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
