@@ -438,7 +438,7 @@ def _raised_by_a_statement(frame: TracebackType) -> bool:
 
 def _scrub_recommendations(datamodule: RecDataModule, command: str) -> None:
     """After deletions: the recommendation files ``predict`` wrote from this data lose the rows of deleted users and items."""
-    for path in scrub_recommendations(datamodule):
+    for path in scrub_recommendations(datamodule, command):
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 

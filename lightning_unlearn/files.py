@@ -3,21 +3,24 @@
 Every file the unlearning folder and ``compare`` write in one piece (unlearned checkpoints,
 ``compare.json``/``.csv``, the partial results and their weights, and a Trainer's checkpoints
 that hold deleted rows, :mod:`lightning_unlearn.private_checkpoints`) goes through
-:func:`write_whole`; the journal, which is appended to, makes its lines durable itself.
+:func:`write_whole`; the journal, which is appended to, makes its lines durable itself. The
+notes of where things are (lines of deletions, recommendation files) are appended a line at a
+time with :func:`append_note` and read with :func:`notes`.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["fsync_directory", "write_whole"]
+__all__ = ["append_note", "fsync_directory", "notes", "write_whole"]
 
 
-def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = False) -> Path:
+def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = False, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` whole or not at all, and make it durable.
 
     The bytes go to a temporary file in ``path``'s folder, which is fsynced, renamed over
@@ -30,6 +33,7 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
         data: the content; a ``str`` is written as UTF-8.
         private: leave the file readable by its owner only (``0o600``). Otherwise it gets the
             mode a plain ``open`` would give it (``0o666`` less the umask).
+        mode: the file's mode instead (the one of the file it replaces, say).
 
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
@@ -51,8 +55,8 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
     except OSError as err:
         raise _naming(err, path, payload) from err
     try:
-        if not private:
-            os.fchmod(fd, 0o666 & ~_umask())
+        if mode is not None or not private:
+            os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             _write(fh, payload)
         os.replace(temporary, path)
@@ -63,6 +67,56 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
         raise
     fsync_directory(path.parent)
     return path
+
+
+def append_note(path: str | os.PathLike, line: dict) -> None:
+    """Append ``line`` as one JSON line to the note file ``path`` (created ``0o600``, with its folder), unless it holds it.
+
+    One ``O_APPEND`` write per line, made durable: notes that processes write at once are all
+    kept, and a torn last line is skipped by :func:`notes`.
+
+    Raises:
+        OSError: the file or its folder cannot be written: the caller decides what that costs.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "notes.jsonl"
+        >>> append_note(path, {"a": 1}); append_note(path, {"a": 1}); notes(path)
+        [{'a': 1}]
+    """
+    path = Path(path)
+    if line in notes(path):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def notes(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of the note file ``path``, once each, in order; none when it cannot be read. A line that does
+    not read as one (a torn last line) is skipped: a note is a hint.
+
+    Example:
+        >>> notes("/no/such/notes.jsonl")
+        []
+    """
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return []
+    found = []
+    for raw in text.splitlines():
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(line, dict) and line not in found:
+            found.append(line)
+    return found
 
 
 def _naming(err: OSError, path: Path, payload: bytes) -> OSError:

@@ -9,17 +9,16 @@ rows from every noted file, so that no raw id of a deletion stays at rest in the
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
+import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.files import append_note, notes, write_whole
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.record import machine_lines_folder
 
@@ -103,7 +102,7 @@ def write_recommendations(model: Recommender, datamodule: RecDataModule, path: s
 def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> None:
     """Note that ``path`` holds recommendations of ``datamodule``'s data (its path and the data's fingerprint, no id).
 
-    One line appended with a single write, as :func:`~lightning_unlearn.unlearning.record.note_a_line` does.
+    One line appended with a single write (:func:`~lightning_unlearn.files.append_note`).
 
     Args:
         path: the file :func:`write_recommendations` wrote.
@@ -112,28 +111,20 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> 
     Raises:
         OSError: the machine's folder cannot be written: the caller decides what that costs.
     """
-    line = {"path": str(Path(path).resolve()), "data": datamodule.state_dict().get("fingerprint")}
-    if line in _noted():
-        return
-    folder = machine_lines_folder()
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / NOTE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
-    finally:
-        os.close(fd)
+    append_note(machine_lines_folder() / NOTE_FILE, {"path": str(Path(path).resolve()), "data": datamodule.state_dict().get("fingerprint")})
 
 
-def scrub_recommendations(datamodule: RecDataModule) -> list[Path]:
+def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -> list[Path]:
     """Remove the rows of the users and items ``datamodule`` has removed from every recommendation file noted for its data.
 
     A row goes when its user or its item was deleted as a whole; the other rows keep their ranks.
-    Each file is replaced at once (a temporary file beside it, then a rename) and keeps its mode. A
+    Each file is replaced at once (:func:`~lightning_unlearn.files.write_whole`) and keeps its mode. A
     noted file that is gone is skipped; one that cannot be rewritten is said on the console (no id
     in the message).
 
     Args:
         datamodule: the data, set up, with the removals of the latest state.
+        command: the command that deleted them, named on the console.
 
     Returns:
         The files that held rows of deleted users or items, now without them.
@@ -153,7 +144,8 @@ def scrub_recommendations(datamodule: RecDataModule) -> list[Path]:
     gone_users = {str(raw) for raw in train.user_ids[users.numpy()].tolist()}
     gone_items = {str(raw) for raw in train.item_ids[items.numpy()].tolist()}
     scrubbed = []
-    for path in sorted({Path(line["path"]) for line in _noted() if line.get("data") == state.get("fingerprint")}):
+    noted = [line for line in notes(machine_lines_folder() / NOTE_FILE) if line.get("data") == state.get("fingerprint")]
+    for path in sorted({Path(line["path"]) for line in noted if isinstance(line.get("path"), str)}):
         try:
             with open(path, newline="") as fh:
                 rows = list(csv.reader(fh))
@@ -162,43 +154,13 @@ def scrub_recommendations(datamodule: RecDataModule) -> list[Path]:
         kept = rows[:1] + [row for row in rows[1:] if not (len(row) > 2 and (row[0] in gone_users or row[2] in gone_items))]
         if len(kept) == len(rows):
             continue
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
         try:
-            _replace(path, kept)
+            write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777)
         except OSError as err:
-            print(f"[unlearn] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
+            print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
                   f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
             continue
         scrubbed.append(path)
     return scrubbed
-
-
-def _noted() -> list[dict]:
-    """The files :func:`note_recommendations` noted on this machine, once each (a line that does not read is skipped)."""
-    try:
-        text = (machine_lines_folder() / NOTE_FILE).read_text(errors="replace")
-    except OSError:
-        return []
-    lines = []
-    for raw in text.splitlines():
-        with contextlib.suppress(ValueError):
-            line = json.loads(raw)
-            if isinstance(line, dict) and isinstance(line.get("path"), str) and line not in lines:
-                lines.append(line)
-    return lines
-
-
-def _replace(path: Path, rows: list[list[str]]) -> None:
-    """Write ``rows`` to a temporary file beside ``path`` with its mode, then rename it over ``path``."""
-    mode = path.stat().st_mode & 0o777
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            csv.writer(fh).writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import pickle
 import zipfile
@@ -23,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.files import write_whole
+from lightning_unlearn.files import append_note, notes, write_whole
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.journal import FolderLocked, Journal
 
@@ -271,35 +270,14 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     Raises:
         OSError: ``folder`` cannot be written (a read-only model folder, say): the caller decides what that costs.
     """
-    folder = Path(folder)
-    line = {"record": str(Path(record).resolve()), "model": digest}
-    if line in lines_of(folder):
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LINES_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_note(Path(folder) / LINES_FILE, {"record": str(Path(record).resolve()), "model": digest})
 
 
 def lines_of(folder: str | os.PathLike, digest: str | None = None) -> list[dict[str, str]]:
     """The lines :func:`note_a_line` noted in ``folder`` (those started from ``digest``'s parameters, if given), once each;
     none when there is no note. A line that does not read is skipped: the note is a hint, each line's journal the record."""
-    try:
-        text = (Path(folder) / LINES_FILE).read_text(errors="replace")
-    except OSError:
-        return []
-    lines = []
-    for raw in text.splitlines():
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(line, dict) and isinstance(line.get("record"), str) and line not in lines:
-            lines.append(line)
-    return [x for x in lines if digest is None or x.get("model") == digest]
+    return [line for line in notes(Path(folder) / LINES_FILE)
+            if isinstance(line.get("record"), str) and (digest is None or line.get("model") == digest)]
 
 
 def key_id(journal: Journal) -> str | None:
