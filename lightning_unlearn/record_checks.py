@@ -22,6 +22,7 @@ from lightning_unlearn.models.functional import model_digest
 from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
+    LINES_FILE,
     StaleCheckpoint,
     applied_to,
     check_lineage,
@@ -106,7 +107,8 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
     besides = records_beside(ckpt_path)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
-    folders = besides | {line for line in lines_from(ckpt_path, digest, "predict") if applied_to(journal_of(line), digest)}
+    lines = lines_from(ckpt_path, digest, "predict", refuse_gone=record is None)
+    folders = besides | {line for line in lines if applied_to(journal_of(line), digest)}
     if record is not None:
         if not _holds_key(Path(record), None):
             raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
@@ -160,19 +162,36 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> N
                   f"noted there, so `unlearn` and `predict` from {ckpt_path} (or a copy of it) may not find it.", file=sys.stderr)
 
 
-def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str) -> set[Path]:
-    """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``);
-    one that is gone (moved, deleted) is named on the console, as it can no longer be checked.
+def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False) -> set[Path]:
+    """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
+
+    A line that is gone (moved, deleted) can no longer be checked. One noted beside the checkpoint
+    went while the checkpoint stayed (a record moved or removed inside the project): with
+    ``refuse_gone`` that is refused, saying how to go on. One noted only on the machine is named on
+    the console (an old experiment's folder, removed with its run).
 
     Args:
         ckpt_path: the checkpoint.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
         command: the subcommand that asks, named in the console line.
+        refuse_gone: refuse a gone line noted beside the checkpoint.
+
+    Raises:
+        StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint is gone.
     """
-    folders = [*records_beside(ckpt_path), machine_lines_folder()]
-    lines = {Path(line["record"]) for folder in folders for line in lines_of(folder, digest)}
-    for gone in sorted(line for line in lines if not (line / JOURNAL_FILE).is_file()):
-        print(f"[{command}] {gone}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
+    beside = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
+    lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
+    gone = sorted(line for line in lines if not (line / JOURNAL_FILE).is_file())
+    if refuse_gone and any(line in beside for line in gone):
+        first = next(line for line in gone if line in beside)
+        where = "give its place with --record FOLDER" if command == "predict" else "move it back"
+        raise StaleCheckpoint(
+            f"{first}, noted beside {ckpt_path} as a line of deletions started from it, is gone: {command} cannot check that "
+            f"what it deleted stays deleted. If it was moved, {where}; if it was removed on purpose, what it deleted is "
+            f"recorded nowhere now: apply those requests again, and remove its line from "
+            f"{unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent) / LINES_FILE} to go on.")
+    for line in gone:
+        print(f"[{command}] {line}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
               f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
     return {line for line in lines if (line / JOURNAL_FILE).is_file()}
 
@@ -186,7 +205,8 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
 
     The state's lineage tells it for the named record (a fit's checkpoint saved before its callback applied requests);
     the parameters' digest, journaled with each request, for the checkpoint a request beside it was applied to (the
-    trained one). A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request.
+    trained one); for the record beside it, also its data: a model fitted again in that run folder on the data as
+    loaded still holds what the record deleted, whatever its parameters. A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request.
 
     Args:
         ckpt_path: the checkpoint ``unlearn`` was given.
@@ -202,7 +222,7 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
         JournalCorrupted: one of those records' journals does not read.
     """
     named, besides = unlearning.get("record"), records_beside(ckpt_path)
-    lines = lines_from(ckpt_path, digest, "unlearn")  # started from it elsewhere
+    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True)  # started from it elsewhere
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
         if folder.resolve() == dirpath.resolve() or not journal.path.is_file():
@@ -222,23 +242,29 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
             except StaleCheckpoint:
                 on_its_line = False
             behind = None if on_its_line else "its callback state says so"
-        else:
-            behind = "a request there was applied to its parameters" if applied_to(journal, digest) else None
+        elif applied_to(journal, digest):
+            behind = "a request there was applied to its parameters"
+        else:  # beside it: a model refitted in its folder, say, on data that still holds what the record deleted
+            behind = None if folder not in besides else "by its data"
         if behind is None:
             continue
+        by_data = behind == "by its data"
+        older = (f"{ckpt_path} was trained beside the deletion record {folder}" if by_data
+                 else f"{ckpt_path} is an older state of the deletion record {folder} ({behind})")
         if stopped:
             raise StaleCheckpoint(
-                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds a request whose "
-                f"process stopped while applying it: what that record deleted is known once `unlearn` on it recovers the "
-                f"request. Run it there first (`--out {folder}`, from its latest state), then come back.")
+                f"{older}, which holds a request whose process stopped while applying it: what that record deleted is known "
+                f"once `unlearn` on it recovers the request. Run it there first (`--out {folder}`, from its latest state), "
+                f"then come back.")
         same_data, again = deletes_again(journal.last_checkpoint(), datamodule, requests)
+        if by_data and not same_data:  # a model of other data (another seed or split) beside it: another experiment
+            continue
         if not again:
             why = ("the requests of this command do not delete again all they deleted" if same_data else
                    "its latest state is on other data (another seed or split), so whether these requests delete again all "
                    "they deleted cannot be checked")
             raise StaleCheckpoint(
-                f"{ckpt_path} is an older state of the deletion record {folder} ({behind}), which holds "
-                f"{counted(journal.applied_count(), 'deletion')}, and {why}: applying them into {dirpath} would start a "
+                f"{older}, which holds {counted(journal.applied_count(), 'deletion')}, and {why}: applying them into {dirpath} would start a "
                 f"second line of deletions that brings the rest back. Resume from that record's latest state (`--ckpt_path "
                 f"{journal.last_checkpoint()} --out {folder}`), {'give all of its requests again in one requests file, ' if same_data else ''}"
                 f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")

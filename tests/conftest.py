@@ -35,9 +35,9 @@ def data_dir() -> Path:
 def _machine_lines_of_the_session(tmp_path_factory):
     """The lines of deletions ``unlearn`` notes on the machine (``$LIGHTNING_UNLEARN_HOME``) go to the session's folder,
     never to the user's: also those of module fixtures, which start before a test's own folder."""
-    os.environ["LIGHTNING_UNLEARN_HOME"] = str(tmp_path_factory.mktemp("machine"))
-    yield
-    os.environ.pop("LIGHTNING_UNLEARN_HOME", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path_factory.mktemp("machine")))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -279,8 +279,9 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
 
 
 def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_path, capsys, monkeypatch):
-    """The note beside a trained checkpoint is a hint: a folder that cannot be written costs the note, and a noted line
-    that was moved away is named on the console."""
+    """The notes of lines are hints: a folder that cannot be written costs the note, a line noted on the machine that is
+    gone is named on the console, and one noted beside the checkpoint that went while the checkpoint stayed is refused
+    until it is found again (or its line removed on purpose)."""
     import lightning_unlearn.record_checks as record_checks
 
     (tmp_path / "checkpoints").mkdir()
@@ -296,10 +297,23 @@ def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_p
         main([*unlearn, "--out", "mine"])
     assert "cannot be written (Permission denied): the line of deletions started in mine is not noted" in capsys.readouterr().err
     assert journal_of(tmp_path / "mine").applied_count() == 1 and not (tmp_path / "unlearning" / "lines.jsonl").exists()
-    main([*unlearn, "--out", "noted"])
-    (tmp_path / "noted").rename(tmp_path / "moved")
-    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
-    assert f"[predict] {tmp_path / 'noted'}, noted as a line of deletions started from {best}'s parameters, is gone" in capsys.readouterr().err
+    main([*unlearn, "--out", "exp"])
+    (tmp_path / "unlearning" / "lines.jsonl").unlink()  # noted on the machine only, then removed with its experiment
+    (tmp_path / "exp").rename(tmp_path / "old experiment")
+    capsys.readouterr()
+    main([*unlearn, "--out", "noted"])  # named, not refused
+    assert f"[unlearn] {tmp_path / 'exp'}, noted as a line of deletions started from {best}'s parameters, is gone" in capsys.readouterr().err
+    (tmp_path / "noted").rename(tmp_path / "moved")  # noted beside the checkpoint, which stayed: refused until told
+    for command, how in ((["predict", "--out", "p.csv"], "give its place with --record FOLDER"),
+                         (["unlearn", "--requests", "user8.csv", "--method", "FineTune", "--out", "third"], "move it back")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(best), *command[1:]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"{tmp_path / 'noted'}, noted beside {best} as a line of deletions started from it, is gone" in err
+        assert how in err and f"remove its line from {tmp_path / 'unlearning' / 'lines.jsonl'}" in err
+    with pytest.raises(SystemExit) as exit_info:  # given its place: the trained model holds what it deleted, refused as such
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv", "--record", "moved"])
+    assert exit_info.value.code == 2 and "moved records 1 deletion applied" in capsys.readouterr().err
 
 
 def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_items(trained, tmp_path, capsys):
@@ -333,6 +347,28 @@ def test_a_fit_whose_callback_deletes_also_clears_the_recommendations_written_be
     assert "(recommendations written by predict) no longer names" in capsys.readouterr().out
     rows = list(csv.reader((tmp_path / "top.csv").open()))
     assert rows[1:] and not any(row[0] == str(DELETED_USER) or row[2] == str(DELETED_ITEM) for row in rows)
+
+
+def test_a_model_fitted_again_beside_a_record_must_delete_again_what_the_record_deleted(trained, tmp_path, capsys):
+    """A fit again in the run folder, after a deletion, trains on the data as loaded: its new parameters are of no record,
+    but a line from them into a new folder must still delete again what the record beside them deleted."""
+    for name, ids in (("user8", "8"), ("user9", "9"), ("both", "8\n9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    best = shutil.copy(trained.best, tmp_path / "run" / "checkpoints")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv"])  # the record beside it deletes user 8
+    refit = torch.load(best, weights_only=False)
+    refit["state_dict"]["user_embedding.weight"] += 0.01  # the fit again: other parameters, the same data
+    torch.save(refit, best)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*unlearn, "--ckpt_path", str(best), "--requests", "user9.csv", "--out", "second"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"was trained beside the deletion record {tmp_path / 'run' / 'unlearning'}" in err
+    assert "do not delete again all they deleted" in err and not (tmp_path / "second").exists()
+    main([*unlearn, "--ckpt_path", str(best), "--requests", "both.csv", "--out", "again"])  # as the fit's note advises
+    assert journal_of(tmp_path / "again").applied_count() == 1
 
 
 def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_original(trained, tmp_path, capsys):
