@@ -33,6 +33,7 @@ from lightning_unlearn.record_checks import (
     folder_of_key,
     lines_from,
     note_the_line,
+    one_line_at_a_time,
     records_beside,
     records_of,
     refuse_a_second_line,
@@ -151,27 +152,28 @@ class UnlearningTrainer(pl.Trainer):
                       f"UnlearningCallback of its fit): applied first, then the request of {requests}")
         callback.read_requests_file()
         digest = model_digest(model)  # the parameters the requests are applied to
-        if not branch:  # before check(), which starts the folder
-            refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
-        summaries = callback.check(datamodule)
-        ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
-        are, were = ("is", "was") if ignored == 1 else ("are", "were")
-        if missing == "ignore":
-            print(f"[unlearn] --missing ignore: {counted(ignored, 'pair')} of the request {are} not in the training split and "
-                  f"{were} ignored")
-        elif ignored:  # a request the checkpoint holds queued, queued with missing="ignore"
-            print(f"[unlearn] {counted(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
-                  f"and {were} ignored, as their request was queued with missing='ignore'")
-        self._note_optimizer_use(method, callback.max_deleted_fraction)
-        log_config(self.loggers, {**getattr(self, "_command_config", {}),
-                                  "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
-        device = self.strategy.root_device
-        model.to(device)
-        reports = callback.apply_pending(
-            model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
-        )
-        if reports and not (state.get("unlearning") or {}).get("record"):
-            note_the_line(ckpt_path, dirpath, digest)
+        with one_line_at_a_time(digest):  # checked and noted while no other process starts a line from it
+            if not branch:  # before check(), which starts the folder
+                refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
+            summaries = callback.check(datamodule)
+            ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
+            are, were = ("is", "was") if ignored == 1 else ("are", "were")
+            if missing == "ignore":
+                print(f"[unlearn] --missing ignore: {counted(ignored, 'pair')} of the request {are} not in the training split and "
+                      f"{were} ignored")
+            elif ignored:  # a request the checkpoint holds queued, queued with missing="ignore"
+                print(f"[unlearn] {counted(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
+                      f"and {were} ignored, as their request was queued with missing='ignore'")
+            self._note_optimizer_use(method, callback.max_deleted_fraction)
+            log_config(self.loggers, {**getattr(self, "_command_config", {}),
+                                      "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
+            device = self.strategy.root_device
+            model.to(device)
+            reports = callback.apply_pending(
+                model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
+            )
+            if reports and not (state.get("unlearning") or {}).get("record"):
+                note_the_line(ckpt_path, dirpath, digest)
         _scrub_recommendations(datamodule, "unlearn")
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")

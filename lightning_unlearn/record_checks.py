@@ -8,10 +8,11 @@ checkpoint that would bring back what one of them deleted, naming the state to s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -19,7 +20,7 @@ from lightning_unlearn.console import OptionRefused, counted
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
-from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
+from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted, exclusive
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
     LINES_FILE,
@@ -36,7 +37,7 @@ from lightning_unlearn.unlearning.record import (
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
-__all__ = ["default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "records_beside", "records_of",
+__all__ = ["default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
            "refuse_a_second_line", "refuse_fewer_deletions", "unlearning_folder_of"]
 
 
@@ -137,6 +138,33 @@ def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
         ['/srv/runs/ml100k_mf/unlearning']
     """
     return {default_unlearning_folder(ckpt_path), unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
+
+
+@contextlib.contextmanager
+def one_line_at_a_time(digest: str) -> Iterator[None]:
+    """``unlearn`` from the parameters whose digest is ``digest``, one process at a time on this machine.
+
+    Two processes that start lines of deletions from one trained model at once would each find no
+    other line, and each leave out what the other deletes. The block holds a lock of the machine's
+    (in :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`) from the check of the
+    other lines until its own is applied and noted. A machine folder that cannot be written
+    costs the lock, not the command: it says so.
+
+    Args:
+        digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters.
+
+    Raises:
+        FolderLocked: another process is applying requests from the same parameters.
+    """
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(exclusive(machine_lines_folder() / "locks" / f"{digest[:32]}.lock",
+                                     "applying deletion requests from the same model's parameters"))
+    except OSError as err:
+        print(f"[unlearn] {machine_lines_folder()} cannot be written ({err.strerror}): another process may start a line of "
+              f"deletions from the same model at the same time unnoticed.", file=sys.stderr)
+    with held:
+        yield
 
 
 def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:

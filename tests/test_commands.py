@@ -371,6 +371,27 @@ def test_a_model_fitted_again_beside_a_record_must_delete_again_what_the_record_
     assert journal_of(tmp_path / "again").applied_count() == 1
 
 
+def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(trained, tmp_path, capsys):
+    """Two unlearn processes from one trained model, started together, each found no other line and left out what the
+    other deleted: the second is refused while the first checks, applies and notes its line (the machine's lock)."""
+    from lightning_unlearn.models.functional import model_digest
+    from lightning_unlearn.unlearning.journal import exclusive
+
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    digest = model_digest(restored(trained, best, removals=False)[0])
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"]
+    with exclusive(tmp_path / "machine" / "locks" / f"{digest[:32]}.lock", "the first"):  # as the first process holds it
+        with pytest.raises(SystemExit) as exit_info:
+            main([*unlearn, "--out", "second"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"process {os.getpid()} is applying deletion requests from the same model's parameters" in err
+    assert not (tmp_path / "second").exists()  # nothing written
+    main([*unlearn, "--out", "second"])  # once it is done
+    assert journal_of(tmp_path / "second").applied_count() == 1
+
+
 def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_original(trained, tmp_path, capsys):
     """A trained checkpoint copied to another folder (a model deployed elsewhere) knows neither the record beside the
     original nor the lines noted there: the lines noted on the machine find them by the parameters' digest, so a line

@@ -404,7 +404,35 @@ def _cannot_write(folder: Path, why: str) -> FolderLocked:
                         f"writes the journal: make the folder writable, or copy it to a writable place and give that folder.")
 
 
-def _take_lock(path: Path) -> int:
+@contextmanager
+def exclusive(path: str | os.PathLike, busy: str) -> Iterator[None]:
+    """Hold an advisory lock on the file ``path`` (created ``0o600``, with its folder) while the block runs.
+
+    It dies with its process, so a crash never leaves it held.
+
+    Args:
+        path: the lock file.
+        busy: what a holder does, said to a process that finds it held (with the holder's pid).
+
+    Raises:
+        FolderLocked: another process holds it.
+        OSError: ``path`` cannot be created.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> with exclusive(pathlib.Path(tempfile.mkdtemp()) / "one.lock", "applying requests"):
+        ...     pass
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _take_lock(path, busy)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _take_lock(path: Path, busy: str | None = None) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as err:
@@ -420,6 +448,9 @@ def _take_lock(path: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
         os.close(fd)
+        if busy is not None:
+            raise FolderLocked(f"process {holder} is {busy}: wait for it to finish (the lock is released when it exits, "
+                               f"also if it dies), then run again.") from None
         raise FolderLocked(
             f"{path.parent} is locked by process {holder}, which is applying deletion requests there. Only one "
             f"process may write a journal: wait for it to finish (the lock is released when it exits, also if it "
