@@ -40,7 +40,7 @@ from typing import Any, Iterator
 
 from lightning_unlearn.files import fsync_directory
 
-__all__ = ["FolderLocked", "Journal", "JournalCorrupted"]
+__all__ = ["FolderLocked", "Journal", "JournalCorrupted", "exclusive"]
 
 STATUSES = ("pending", "applied", "failed", "dropped")
 KEY_FILE, LOCK_FILE = "journal.key", "journal.lock"
