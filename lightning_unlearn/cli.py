@@ -27,7 +27,7 @@ from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
-from lightning_unlearn.recommendations import note_recommendations, scrub_recommendations, write_recommendations
+from lightning_unlearn.recommendations import note_recommendations, recommendations_lock, scrub_recommendations, write_recommendations
 from lightning_unlearn.record_checks import (
     default_unlearning_folder,
     folder_of_key,
@@ -374,24 +374,27 @@ class UnlearningTrainer(pl.Trainer):
             raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
         if record is not None and not ckpt_path:
             raise OptionRefused("predict --record names the deletion record to check --ckpt_path against: give the checkpoint too.")
-        if ckpt_path:
-            state = restore_checkpoint(ckpt_path, model, datamodule)
-            for folder in sorted(records_of(ckpt_path, model, state.get("unlearning") or {}, record)):
-                refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
-        path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
-        if path.is_dir():
-            raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
-        if hasattr(self, "_command_config"):  # the command's, once its checks passed
-            log_config(self.loggers, self._command_config)
-        counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
-        try:
-            note_recommendations(path, datamodule)
-        except OSError as err:
-            print(f"[predict] the machine's folder cannot be written ({err.strerror}): {path} is not noted, so a later "
-                  f"deletion will not remove its users and items from it.", file=sys.stderr)
-        print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
-              f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
-              f"and each user's training and validation items, never recommended)")
+        datamodule.setup()
+        with recommendations_lock(datamodule):  # a deletion applied meanwhile is cleaned from the file once it is noted
+            if ckpt_path:
+                state = restore_checkpoint(ckpt_path, model, datamodule)
+                for folder in sorted(records_of(ckpt_path, model, state.get("unlearning") or {}, record)):
+                    refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
+            path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
+            if path.is_dir():
+                raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
+            if hasattr(self, "_command_config"):  # the command's, once its checks passed
+                log_config(self.loggers, self._command_config)
+            counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
+            try:
+                note_recommendations(path, datamodule)
+            except OSError as err:
+                print(f"[predict] the machine's folder cannot be written ({err.strerror}): {path} is not noted, so a later "
+                      f"deletion will not remove its users and items from it.", file=sys.stderr)
+            _scrub_recommendations(datamodule, "predict", held=True)  # what an unlearn stopped before its cleaning left
+            print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
+                  f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
+                  f"and each user's training and validation items, never recommended)")
         return {"path": str(path), "k": k, **counts}
 
     def _run_dir(self) -> str:
@@ -438,9 +441,12 @@ def _raised_by_a_statement(frame: TracebackType) -> bool:
     return any(op.offset == frame.tb_lasti and op.opname == "RAISE_VARARGS" for op in dis.get_instructions(frame.tb_frame.f_code))
 
 
-def _scrub_recommendations(datamodule: RecDataModule, command: str) -> None:
-    """After deletions: the recommendation files ``predict`` wrote from this data lose the rows of deleted users and items."""
-    for path in scrub_recommendations(datamodule, command):
+def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool = False) -> None:
+    """After deletions: the recommendation files ``predict`` wrote from this data lose the rows of deleted users and items
+    (under their lock, unless the caller ``held`` it)."""
+    with contextlib.nullcontext() if held else recommendations_lock(datamodule):
+        scrubbed = scrub_recommendations(datamodule, command)
+    for path in scrubbed:
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 

@@ -14,10 +14,11 @@ import errno
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
-__all__ = ["append_note", "fsync_directory", "notes", "write_whole"]
+__all__ = ["append_note", "fsync_directory", "notes", "write_whole", "written_whole"]
 
 
 def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = False, mode: int | None = None) -> Path:
@@ -48,29 +49,60 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
         >>> write_whole(path, '{"a": 1}').read_text()
         '{"a": 1}'
     """
-    path = Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
+    with written_whole(path, private, mode, size=len(payload)) as fh:
+        _write(fh, payload)
+    return Path(path)
+
+
+@contextmanager
+def written_whole(path: str | os.PathLike, private: bool = False, mode: int | None = None,
+                  size: int | None = None) -> Iterator[BinaryIO]:
+    """:func:`write_whole` for content written a piece at a time: the block writes into the binary file it is given.
+
+    When the block ends, the file is fsynced and renamed over ``path``; when it raises, ``path`` is
+    as it was and no temporary file is left.
+
+    Args:
+        path: the file to write (replaced if it exists); its folder must exist.
+        private: as :func:`write_whole`.
+        mode: as :func:`write_whole`.
+        size: the bytes to be written, if known (a full disk's message says it).
+
+    Raises:
+        OSError: as :func:`write_whole`.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "a.csv"
+        >>> with written_whole(path) as fh:
+        ...     _ = fh.write(b"a,b\\n")
+        >>> path.read_text()
+        'a,b\\n'
+    """
+    path = Path(path)
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     except OSError as err:
-        raise _naming(err, path, payload) from err
+        raise _naming(err, path, size) from err
     try:
         if mode is not None or not private:
             os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
-            _write(fh, payload)
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(temporary, path)
     except BaseException as err:
         Path(temporary).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise _naming(err, path, payload) from err
+            raise _naming(err, path, size) from err
         raise
     fsync_directory(path.parent)
-    return path
 
 
-def append_note(path: str | os.PathLike, line: dict) -> None:
-    """Append ``line`` as one JSON line to the note file ``path`` (created ``0o600``, with its folder), unless it holds it.
+def append_note(path: str | os.PathLike, line: dict, once: bool = True) -> None:
+    """Append ``line`` as one JSON line to the note file ``path`` (created ``0o600``, with its folder); with ``once``, unless it holds it.
 
     One ``O_APPEND`` write per line, made durable: notes that processes write at once are all
     kept, and a torn last line is skipped by :func:`notes`.
@@ -85,20 +117,22 @@ def append_note(path: str | os.PathLike, line: dict) -> None:
         [{'a': 1}]
     """
     path = Path(path)
-    if line in notes(path):
+    if once and line in notes(path):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, (json.dumps(line, sort_keys=True) + "\n").encode())
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"  # a torn last line: this note starts a line of its own
+        os.write(fd, ("\n" if torn else "").encode() + (json.dumps(line, sort_keys=True) + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def notes(path: str | os.PathLike) -> list[dict]:
-    """The JSON objects of the note file ``path``, once each, in order; none when it cannot be read. A line that does
-    not read as one (a torn last line) is skipped: a note is a hint.
+def notes(path: str | os.PathLike, once: bool = True) -> list[dict]:
+    """The JSON objects of the note file ``path`` in order (with ``once``, each at its first place only); none when it
+    cannot be read. A line that does not read as one (a torn last line) is skipped: a note is a hint.
 
     Example:
         >>> notes("/no/such/notes.jsonl")
@@ -108,21 +142,23 @@ def notes(path: str | os.PathLike) -> list[dict]:
         text = Path(path).read_text(errors="replace")
     except OSError:
         return []
-    found = []
+    found: list[dict] = []
+    seen: set[str] = set()  # by its text
     for raw in text.splitlines():
         try:
             line = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(line, dict) and line not in found:
+        if isinstance(line, dict) and not (once and json.dumps(line, sort_keys=True) in seen):
+            seen.add(json.dumps(line, sort_keys=True))
             found.append(line)
     return found
 
 
-def _naming(err: OSError, path: Path, payload: bytes) -> OSError:
-    """``err`` with a message that names the file (a full disk says how many bytes were to be written)."""
+def _naming(err: OSError, path: Path, size: int | None) -> OSError:
+    """``err`` with a message that names the file (a full disk says how many bytes were to be written, when known)."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OSError(err.errno, f"No space left on the device to write {path} ({len(payload)} bytes)")
+        return OSError(err.errno, f"No space left on the device to write {path}" + (f" ({size} bytes)" if size is not None else ""))
     return OSError(err.errno, f"{err.strerror}: cannot write {path}")
 
 

@@ -9,20 +9,23 @@ rows from every noted file, so that no raw id of a deletion stays at rest in the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.files import append_note, notes, write_whole
+from lightning_unlearn.files import append_note, notes, write_whole, written_whole
 from lightning_unlearn.models.base import Recommender
+from lightning_unlearn.unlearning.journal import exclusive
 from lightning_unlearn.unlearning.record import machine_lines_folder
 
-__all__ = ["NOTE_FILE", "note_recommendations", "scrub_recommendations", "write_recommendations"]
+__all__ = ["NOTE_FILE", "note_recommendations", "recommendations_lock", "scrub_recommendations", "write_recommendations"]
 
 NOTE_FILE = "recommendations.jsonl"
 """In :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`: the recommendation files ``predict`` wrote."""
@@ -30,7 +33,7 @@ NOTE_FILE = "recommendations.jsonl"
 
 def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
                           device: torch.device | str | None = None) -> dict[str, int]:
-    """Write ``user,rank,item,score`` rows (raw ids): each remaining user's ``k`` best unseen items.
+    """Write ``user,rank,item,score`` rows (raw ids): each remaining user's ``k`` best unseen items, whole or not at all.
 
     Seen items are the user's rows in the training and validation splits; users and items the
     datamodule removed as a whole (its recorded removals) get no row and are never recommended.
@@ -78,7 +81,8 @@ def write_recommendations(model: Recommender, datamodule: RecDataModule, path: s
     model.set_graph(train)
     model.eval()
     try:
-        with torch.no_grad(), open(path, "w", newline="") as fh:
+        with torch.no_grad(), written_whole(path) as raw:
+            fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             writer = csv.writer(fh)
             writer.writerow(["user", "rank", "item", "score"])
             representations = model.representations()
@@ -94,15 +98,40 @@ def write_recommendations(model: Recommender, datamodule: RecDataModule, path: s
                     for rank, (item, score) in enumerate(zip(row_items, row_values), start=1):
                         if score != float("-inf"):
                             writer.writerow([user, rank, item, f"{score:.6g}"])
+            fh.flush()
+            fh.detach()  # the file is closed, fsynced and renamed into place by written_whole
     finally:
         model.train(was_training)
     return {"users": len(users), "deleted_users": len(gone_users), "deleted_items": len(gone_items)}
 
 
-def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> None:
-    """Note that ``path`` holds recommendations of ``datamodule``'s data (its path and the data's fingerprint, no id).
+@contextlib.contextmanager
+def recommendations_lock(datamodule: RecDataModule) -> Iterator[None]:
+    """Hold, waiting for it if need be, the machine's lock of the recommendation files of ``datamodule``'s data.
 
-    One line appended with a single write (:func:`~lightning_unlearn.files.append_note`).
+    ``predict`` holds it from its checks until its file is written and noted; :func:`scrub_recommendations`'
+    callers hold it while they clean. So a deletion applied while ``predict`` runs is cleaned from its
+    file once it is written, and a file is never cleaned while it is being written. A machine folder
+    that cannot be written costs the lock, not the command.
+
+    Args:
+        datamodule: the data, set up.
+    """
+    held = contextlib.ExitStack()
+    with contextlib.suppress(OSError):
+        fingerprint = str(datamodule.state_dict().get("fingerprint"))
+        held.enter_context(exclusive(machine_lines_folder() / "locks" / f"data-{fingerprint[:32]}.lock",
+                                     "writing or cleaning recommendation files of the same data", wait=True))
+    with held:
+        yield
+
+
+def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> None:
+    """Note that ``path`` holds recommendations of ``datamodule``'s data, as it is now (no id).
+
+    A note holds the file's path, the data's fingerprint, and the file's size and modification
+    time: :func:`scrub_recommendations` cleans a file only as it was noted, and a path's latest note
+    is the one that counts (the same path predicted from other data is that data's file).
 
     Args:
         path: the file :func:`write_recommendations` wrote.
@@ -111,16 +140,20 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> 
     Raises:
         OSError: the machine's folder cannot be written: the caller decides what that costs.
     """
-    append_note(machine_lines_folder() / NOTE_FILE, {"path": str(Path(path).resolve()), "data": datamodule.state_dict().get("fingerprint")})
+    path = Path(path).resolve()
+    line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"), **_identity(path)}
+    if _latest().get(str(path)) != line:
+        append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
 
 
 def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -> list[Path]:
     """Remove the rows of the users and items ``datamodule`` has removed from every recommendation file noted for its data.
 
     A row goes when its user or its item was deleted as a whole; the other rows keep their ranks.
-    Each file is replaced at once (:func:`~lightning_unlearn.files.write_whole`) and keeps its mode. A
-    noted file that is gone is skipped; one that cannot be rewritten is said on the console (no id
-    in the message).
+    Only a file as its latest note has it is cleaned (one changed since, by another program, is
+    said on the console); it is replaced at once (:func:`~lightning_unlearn.files.write_whole`),
+    keeps its mode, and is noted again. A noted file that is gone is skipped; one that cannot be
+    rewritten is said on the console (no id in the messages). Hold :func:`recommendations_lock`.
 
     Args:
         datamodule: the data, set up, with the removals of the latest state.
@@ -144,13 +177,16 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     gone_users = {str(raw) for raw in train.user_ids[users.numpy()].tolist()}
     gone_items = {str(raw) for raw in train.item_ids[items.numpy()].tolist()}
     scrubbed = []
-    noted = [line for line in notes(machine_lines_folder() / NOTE_FILE) if line.get("data") == state.get("fingerprint")]
-    for path in sorted({Path(line["path"]) for line in noted if isinstance(line.get("path"), str)}):
-        try:
-            with open(path, newline="") as fh:
-                rows = list(csv.reader(fh))
-        except (FileNotFoundError, NotADirectoryError):
+    for name, line in sorted(_latest().items()):
+        path = Path(name)
+        if line.get("data") != state.get("fingerprint") or not path.is_file():
             continue
+        if _identity(path) != {key: line.get(key) for key in ("size", "mtime_ns")}:
+            print(f"[{command}] {path} (recommendations written by predict) was changed since by something else: it is not "
+                  f"cleaned of the users and items deleted since, and may name them.", file=sys.stderr)
+            continue
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
         kept = rows[:1] + [row for row in rows[1:] if not (len(row) > 2 and (row[0] in gone_users or row[2] in gone_items))]
         if len(kept) == len(rows):
             continue
@@ -158,9 +194,21 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
         csv.writer(text).writerows(kept)
         try:
             write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777)
+            note_recommendations(path, datamodule)
         except OSError as err:
             print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
                   f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
             continue
         scrubbed.append(path)
     return scrubbed
+
+
+def _latest() -> dict[str, dict]:
+    """Each noted path's latest note."""
+    return {line["path"]: line for line in notes(machine_lines_folder() / NOTE_FILE, once=False) if isinstance(line.get("path"), str)}
+
+
+def _identity(path: Path) -> dict[str, int]:
+    """What tells a file changed since it was noted: its size and modification time."""
+    status = path.stat()
+    return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}

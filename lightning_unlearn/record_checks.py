@@ -179,18 +179,19 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> N
         dirpath: the record they went into.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they were applied to.
     """
-    folders = [machine_lines_folder()]
+    folders = [(machine_lines_folder(), False)]
     if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
-        folders.append(unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent))
-    for folder in folders:
+        folders.append((unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent), True))
+    for folder, relative in folders:
         try:
-            note_a_line(folder, dirpath, digest)
+            note_a_line(folder, dirpath, digest, relative=relative)
         except OSError as err:
             print(f"[unlearn] {folder} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not "
                   f"noted there, so `unlearn` and `predict` from {ckpt_path} (or a copy of it) may not find it.", file=sys.stderr)
 
 
-def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False) -> set[Path]:
+def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False,
+               redone: Path | None = None) -> set[Path]:
     """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
 
     A line that is gone (moved, deleted) can no longer be checked. One noted beside the checkpoint
@@ -203,13 +204,14 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
         command: the subcommand that asks, named in the console line.
         refuse_gone: refuse a gone line noted beside the checkpoint.
+        redone: a folder the command writes a line into, whose line is not refused as gone (it is being made again).
 
     Raises:
         StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint is gone.
     """
     beside = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
-    gone = sorted(line for line in lines if not (line / JOURNAL_FILE).is_file())
+    gone = sorted(line for line in lines if not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve()))
     if refuse_gone and any(line in beside for line in gone):
         first = next(line for line in gone if line in beside)
         where = "give its place with --record FOLDER" if command == "predict" else "move it back"
@@ -250,7 +252,7 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
         JournalCorrupted: one of those records' journals does not read.
     """
     named, besides = unlearning.get("record"), records_beside(ckpt_path)
-    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True)  # started from it elsewhere
+    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, redone=dirpath)  # started from it elsewhere
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
         if folder.resolve() == dirpath.resolve() or not journal.path.is_file():

@@ -316,8 +316,10 @@ def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_p
     assert exit_info.value.code == 2 and "moved records 1 deletion applied" in capsys.readouterr().err
 
 
-def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_items(trained, tmp_path, capsys):
+def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_items(trained, tmp_path, capsys, monkeypatch):
     """predict's CSV names users and items by raw id: once they are deleted, no file predict wrote keeps them."""
+    import lightning_unlearn.cli as cli_module
+
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
@@ -335,6 +337,27 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
     assert (tmp_path / "top.csv").stat().st_mode & 0o777 == 0o640 and (tmp_path / "other.csv").read_bytes() != b""
     assert list(csv.reader((tmp_path / "other.csv").open())) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".top.csv")) == []  # no temporary file left
+    # A file changed since by another program is not touched (it is said); one an unlearn stopped before cleaning is
+    # cleaned by the next predict from the data.
+    latest = journal_of(tmp_path / "unlearning").last_checkpoint()
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "edited.csv", "--k", "5"])
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "stopped.csv", "--k", "5"])
+    with open(tmp_path / "edited.csv", "a") as fh:
+        fh.write("9,1,1,0.5\n")
+    edited = (tmp_path / "edited.csv").read_bytes()
+    (tmp_path / "user9.csv").write_text("user\n9\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(cli_module, "_scrub_recommendations", lambda *args, **kwargs: None)  # stopped before it cleaned
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--requests", "user9.csv", "--method", "FineTune"])
+    assert any(row[0] == "9" for row in csv.reader((tmp_path / "stopped.csv").open()))
+    capsys.readouterr()
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "unlearning").last_checkpoint()),
+          "--out", "after.csv", "--k", "5"])
+    out, err = capsys.readouterr()
+    assert f"{(tmp_path / 'stopped.csv').resolve()} (recommendations written by predict) no longer names" in out
+    assert not any(row[0] == "9" for name in ("stopped.csv", "after.csv") for row in csv.reader((tmp_path / name).open()))
+    assert f"{(tmp_path / 'edited.csv').resolve()} (recommendations written by predict) was changed since by something else" in err
+    assert (tmp_path / "edited.csv").read_bytes() == edited
 
 
 def test_a_fit_whose_callback_deletes_also_clears_the_recommendations_written_before(trained, tmp_path, capsys):
@@ -390,6 +413,28 @@ def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(train
     assert not (tmp_path / "second").exists()  # nothing written
     main([*unlearn, "--out", "second"])  # once it is done
     assert journal_of(tmp_path / "second").applied_count() == 1
+
+
+def test_a_line_made_again_in_its_folder_or_moved_with_its_project_is_not_gone(trained, tmp_path, capsys):
+    """The quick start's line removed and made again by the same command, and a project folder moved whole (the note
+    beside the checkpoint holds its lines relative to it), are not refused as gone lines."""
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    best = shutil.copy(trained.best, project / "checkpoints")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--requests", str(tmp_path / "user8.csv"), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(best), "--out", str(project / "unlearned")])
+    shutil.rmtree(project / "unlearned")
+    main([*unlearn, "--ckpt_path", str(best), "--out", str(project / "unlearned")])
+    assert journal_of(project / "unlearned").applied_count() == 1
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # the line is found where it moved: the trained model holds what it deleted
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(moved / "checkpoints" / "best.ckpt"), "--out", "p.csv"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{moved / 'unlearned'} records 1 deletion applied" in err
+    assert f"{project / 'unlearned'}, noted as a line of deletions" in err  # the machine's note of its old place: named
 
 
 def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_original(trained, tmp_path, capsys):

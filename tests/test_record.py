@@ -655,6 +655,29 @@ def test_a_folder_that_cannot_be_written_is_a_clear_refusal(code, tmp_path, monk
             pass
 
 
+def test_a_note_after_a_torn_line_starts_a_line_of_its_own_and_an_unwritable_lock_is_an_oserror(tmp_path, monkeypatch):
+    from lightning_unlearn.files import append_note, notes
+    from lightning_unlearn.unlearning.journal import exclusive
+
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"model": "ab')  # a note torn by a crash mid-write
+    append_note(path, {"a": 1})
+    append_note(path, {"a": 1})
+    assert notes(path) == [{"a": 1}]
+    real_open = os.open
+
+    def read_only(name, flags, *args):
+        if str(name).endswith("one.lock"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError) as raised:  # not FolderLocked: the caller decides what a lock it cannot take costs
+        with exclusive(tmp_path / "one.lock", "testing"):
+            pass
+    assert not isinstance(raised.value, FolderLocked)
+
+
 def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):
     def full(fh, data):
         raise OSError(errno.ENOSPC, "No space left on device")

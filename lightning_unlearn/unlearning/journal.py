@@ -405,7 +405,7 @@ def _cannot_write(folder: Path, why: str) -> FolderLocked:
 
 
 @contextmanager
-def exclusive(path: str | os.PathLike, busy: str) -> Iterator[None]:
+def exclusive(path: str | os.PathLike, busy: str, wait: bool = False) -> Iterator[None]:
     """Hold an advisory lock on the file ``path`` (created ``0o600``, with its folder) while the block runs.
 
     It dies with its process, so a crash never leaves it held.
@@ -413,10 +413,11 @@ def exclusive(path: str | os.PathLike, busy: str) -> Iterator[None]:
     Args:
         path: the lock file.
         busy: what a holder does, said to a process that finds it held (with the holder's pid).
+        wait: wait for a holder to release it, instead of refusing.
 
     Raises:
-        FolderLocked: another process holds it.
-        OSError: ``path`` cannot be created.
+        FolderLocked: another process holds it (and ``wait`` is false).
+        OSError: ``path`` cannot be created or opened for writing.
 
     Example:
         >>> import tempfile, pathlib
@@ -425,18 +426,18 @@ def exclusive(path: str | os.PathLike, busy: str) -> Iterator[None]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _take_lock(path, busy)
+    fd = _take_lock(path, busy, wait)
     try:
         yield
     finally:
         os.close(fd)
 
 
-def _take_lock(path: Path, busy: str | None = None) -> int:
+def _take_lock(path: Path, busy: str | None = None, wait: bool = False) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as err:
-        if err.errno not in _READ_ONLY:
+        if err.errno not in _READ_ONLY or busy is not None:
             raise
         raise _cannot_write(path.parent, f"{path} cannot be opened for writing: a read-only folder or file?") from None
     try:
@@ -444,7 +445,7 @@ def _take_lock(path: Path, busy: str | None = None) -> int:
     except ImportError:  # pragma: no cover - Windows: no advisory locks
         return fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
         os.close(fd)

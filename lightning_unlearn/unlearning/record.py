@@ -58,7 +58,7 @@ def machine_lines_folder(environ: Mapping[str, str] = os.environ) -> Path:
     """
     home = environ.get("LIGHTNING_UNLEARN_HOME")
     if home:
-        return Path(home)
+        return Path(home).expanduser().absolute()
     return Path(environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lightning_unlearn"
 
 
@@ -215,7 +215,8 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
         f"folder (`unlearn --out <new folder> --branch true`; in a fit, the UnlearningCallback's `dirpath` and "
         f"`branch=True`)."
         + (" If it is another model than the one this record is of (checkpoints of several models in one folder share "
-           "the record `unlearn` keeps without `--out`), give it a record of its own: `unlearn --out <new folder>`."
+           "the record `unlearn` keeps without `--out`), give it a record of its own: `unlearn --out <new folder>`, with "
+           "requests that also delete again what this record deleted (its data still holds them)."
            if lineage is None else "")
     )
 
@@ -259,7 +260,7 @@ def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
     return next((e for e in entries if e["status"] == "pending" and e["seq"] in applied and e.get("model") == digest), None)
 
 
-def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str) -> None:
+def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False) -> None:
     """Note in ``folder`` (the record beside a trained checkpoint) that ``record`` is a line of deletions started from the
     parameters whose :func:`~lightning_unlearn.models.functional.model_digest` is ``digest``: a later command from that
     checkpoint finds the line there, wherever ``record`` is. Paths and digests only, never an id.
@@ -267,17 +268,22 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     One line appended with a single write (``O_APPEND``), so notes of processes writing at once are all kept; a torn
     last line is skipped when read.
 
+    With ``relative``, ``record`` is noted relative to ``folder`` (beside a checkpoint: the project's folder can move whole).
+
     Raises:
         OSError: ``folder`` cannot be written (a read-only model folder, say): the caller decides what that costs.
     """
-    append_note(Path(folder) / LINES_FILE, {"record": str(Path(record).resolve()), "model": digest})
+    record = Path(record).resolve()
+    noted = os.path.relpath(record, Path(folder).resolve()) if relative else str(record)
+    append_note(Path(folder) / LINES_FILE, {"record": noted, "model": digest})
 
 
 def lines_of(folder: str | os.PathLike, digest: str | None = None) -> list[dict[str, str]]:
     """The lines :func:`note_a_line` noted in ``folder`` (those started from ``digest``'s parameters, if given), once each;
     none when there is no note. A line that does not read is skipped: the note is a hint, each line's journal the record."""
-    return [line for line in notes(Path(folder) / LINES_FILE)
-            if isinstance(line.get("record"), str) and (digest is None or line.get("model") == digest)]
+    lines = [line for line in notes(Path(folder) / LINES_FILE)
+             if isinstance(line.get("record"), str) and (digest is None or line.get("model") == digest)]
+    return [{**line, "record": os.path.normpath(Path(folder).resolve() / line["record"])} for line in lines]  # relative: to it
 
 
 def key_id(journal: Journal) -> str | None:
