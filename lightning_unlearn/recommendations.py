@@ -22,8 +22,7 @@ import torch
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.files import append_note, notes, write_whole, written_whole
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import exclusive
-from lightning_unlearn.unlearning.record import machine_lines_folder
+from lightning_unlearn.unlearning.record import machine_lines_folder, machine_lock
 
 __all__ = ["NOTE_FILE", "note_recommendations", "recommendations_lock", "scrub_recommendations", "write_recommendations"]
 
@@ -117,12 +116,8 @@ def recommendations_lock(datamodule: RecDataModule) -> Iterator[None]:
     Args:
         datamodule: the data, set up.
     """
-    held = contextlib.ExitStack()
-    with contextlib.suppress(OSError):
-        fingerprint = str(datamodule.state_dict().get("fingerprint"))
-        held.enter_context(exclusive(machine_lines_folder() / "locks" / f"data-{fingerprint[:32]}.lock",
-                                     "writing or cleaning recommendation files of the same data", wait=True))
-    with held:
+    fingerprint = str(datamodule.state_dict().get("fingerprint"))
+    with machine_lock(f"data-{fingerprint[:32]}", "writing or cleaning recommendation files of the same data", wait=True):
         yield
 
 

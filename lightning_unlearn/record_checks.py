@@ -20,7 +20,7 @@ from lightning_unlearn.console import OptionRefused, counted
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
-from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted, exclusive
+from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
     LINES_FILE,
@@ -32,6 +32,7 @@ from lightning_unlearn.unlearning.record import (
     lines_of,
     load_checkpoint,
     machine_lines_folder,
+    machine_lock,
     note_a_line,
     refuse_unnamed_checkpoints,
 )
@@ -156,14 +157,10 @@ def one_line_at_a_time(digest: str) -> Iterator[None]:
     Raises:
         FolderLocked: another process is applying requests from the same parameters.
     """
-    held = contextlib.ExitStack()
-    try:
-        held.enter_context(exclusive(machine_lines_folder() / "locks" / f"{digest[:32]}.lock",
-                                     "applying deletion requests from the same model's parameters"))
-    except OSError as err:
-        print(f"[unlearn] {machine_lines_folder()} cannot be written ({err.strerror}): another process may start a line of "
-              f"deletions from the same model at the same time unnoticed.", file=sys.stderr)
-    with held:
+    with machine_lock(digest[:32], "applying deletion requests from the same model's parameters") as held:
+        if not held:
+            print(f"[unlearn] {machine_lines_folder()} cannot be written: another process may start a line of deletions from "
+                  f"the same model at the same time unnoticed.", file=sys.stderr)
         yield
 
 

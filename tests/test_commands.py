@@ -289,7 +289,7 @@ def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_p
     (tmp_path / "user8.csv").write_text("user\n8\n")
     unlearn = ["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"]
 
-    def read_only(*args):
+    def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     with monkeypatch.context() as patch:

@@ -14,7 +14,8 @@ import io
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +25,14 @@ import torch
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.files import append_note, notes, write_whole
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import FolderLocked, Journal
+from lightning_unlearn.unlearning.journal import FolderLocked, Journal, exclusive
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
 
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
-    "lines_of", "load_checkpoint", "machine_lines_folder", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
 
@@ -258,6 +259,29 @@ def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
     entries = journal.entries()
     applied = {e.get("pending_seq") for e in entries if e["status"] == "applied"} | {e["seq"] for e in journal.interrupted()}
     return next((e for e in entries if e["status"] == "pending" and e["seq"] in applied and e.get("model") == digest), None)
+
+
+@contextmanager
+def machine_lock(name: str, busy: str, wait: bool = False) -> Iterator[bool]:
+    """Hold the machine's lock ``name`` (a file in ``locks/`` of :func:`machine_lines_folder`) while the block runs.
+
+    Yields whether it is held: a machine folder that cannot be written costs the lock, not the command.
+
+    Args:
+        name: the lock's name (a file name).
+        busy: what a holder does, said to a process that finds it held (:func:`~lightning_unlearn.unlearning.journal.exclusive`).
+        wait: wait for a holder instead of refusing.
+
+    Raises:
+        FolderLocked: another process holds it (and ``wait`` is false).
+    """
+    held, taken = ExitStack(), True
+    try:
+        held.enter_context(exclusive(machine_lines_folder() / "locks" / f"{name}.lock", busy, wait))
+    except OSError:
+        taken = False
+    with held:
+        yield taken
 
 
 def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False) -> None:
