@@ -385,12 +385,10 @@ class UnlearningTrainer(pl.Trainer):
                 raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
             if hasattr(self, "_command_config"):  # the command's, once its checks passed
                 log_config(self.loggers, self._command_config)
+            noted = _note_recommendations(path, datamodule)  # before writing too: a write killed midway leaves a temporary file
             counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
-            try:
-                note_recommendations(path, datamodule)
-            except OSError as err:
-                print(f"[predict] the machine's folder cannot be written ({err.strerror}): {path} is not noted, so a later "
-                      f"deletion will not remove its users and items from it.", file=sys.stderr)
+            if noted:
+                _note_recommendations(path, datamodule)
             _scrub_recommendations(datamodule, "predict", held=True)  # what an unlearn stopped before its cleaning left
             print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
                   f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
@@ -439,6 +437,17 @@ def _refused_here(err: BaseException | None) -> ValueError | None:
 def _raised_by_a_statement(frame: TracebackType) -> bool:
     """Whether the innermost traceback ``frame`` stopped at a ``raise`` statement (not at a call that raised)."""
     return any(op.offset == frame.tb_lasti and op.opname == "RAISE_VARARGS" for op in dis.get_instructions(frame.tb_frame.f_code))
+
+
+def _note_recommendations(path: Path, datamodule: RecDataModule) -> bool:
+    """``predict``: note its file on the machine; whether it could (if not, it says so)."""
+    try:
+        note_recommendations(path, datamodule)
+    except OSError as err:
+        print(f"[predict] the machine's folder cannot be written ({err.strerror}): {path} is not noted, so a later "
+              f"deletion will not remove its users and items from it.", file=sys.stderr)
+        return False
+    return True
 
 
 def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool = False) -> None:
@@ -642,6 +651,8 @@ class LightningUnlearnCLI(LightningCLI):
                 module._log_hyperparams = False
 
     def before_fit(self) -> None:
+        if any(isinstance(c, UnlearningCallback) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(_CleanRecommendationsOnException())
         path = self.config_init[self.subcommand].get("ckpt_path")
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
@@ -750,7 +761,7 @@ class LightningUnlearnCLI(LightningCLI):
         return state
 
     def after_fit(self) -> None:
-        if not self.trainer.interrupted:
+        if not self.trainer.interrupted:  # an interrupted fit cleaned the recommendation files on its exception
             checkpoint = self.trainer.checkpoint_callback
             best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
             applied = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback) and c.reports]
@@ -829,6 +840,15 @@ class _CarriedUnlearningState(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["unlearning"] = dict(self.state)
+
+
+class _CleanRecommendationsOnException(pl.Callback):
+    """A fit whose ``UnlearningCallback`` applied requests and then stopped (Ctrl-C, an error): the recommendation files
+    ``predict`` wrote lose the deleted users' and items' rows all the same (Lightning exits before ``after_fit``)."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.datamodule is not None and any(isinstance(c, UnlearningCallback) and c.reports for c in trainer.callbacks):
+            _scrub_recommendations(trainer.datamodule, "fit")
 
 
 def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:

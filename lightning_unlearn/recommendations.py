@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import os
 import sys
@@ -80,7 +81,8 @@ def write_recommendations(model: Recommender, datamodule: RecDataModule, path: s
     model.set_graph(train)
     model.eval()
     try:
-        with torch.no_grad(), written_whole(path) as raw:
+        mode = path.stat().st_mode & 0o777 if path.is_file() else None  # a file written again keeps its mode
+        with torch.no_grad(), written_whole(path, mode=mode) as raw:
             fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             writer = csv.writer(fh)
             writer.writerow(["user", "rank", "item", "score"])
@@ -174,11 +176,16 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     scrubbed = []
     for name, line in sorted(_latest().items()):
         path = Path(name)
-        if line.get("data") != state.get("fingerprint") or not path.is_file():
+        if line.get("data") != state.get("fingerprint"):
+            continue
+        for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
+            left.unlink(missing_ok=True)
+        if not path.is_file():
             continue
         if _identity(path) != {key: line.get(key) for key in ("size", "mtime_ns")}:
             print(f"[{command}] {path} (recommendations written by predict) was changed since by something else: it is not "
-                  f"cleaned of the users and items deleted since, and may name them.", file=sys.stderr)
+                  f"cleaned of the users and items deleted since, and may name them. Predict into it again, or remove it, "
+                  f"to end this message.", file=sys.stderr)
             continue
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
@@ -189,12 +196,16 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
         csv.writer(text).writerows(kept)
         try:
             write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777)
-            note_recommendations(path, datamodule)
         except OSError as err:
             print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
                   f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
             continue
         scrubbed.append(path)
+        try:
+            note_recommendations(path, datamodule)
+        except OSError as err:
+            print(f"[{command}] {path} was cleaned, but its note cannot be written ({err.strerror}): later deletions will "
+                  f"not clean it. Predict into it again once the machine's folder can be written.", file=sys.stderr)
     return scrubbed
 
 
@@ -203,7 +214,10 @@ def _latest() -> dict[str, dict]:
     return {line["path"]: line for line in notes(machine_lines_folder() / NOTE_FILE, once=False) if isinstance(line.get("path"), str)}
 
 
-def _identity(path: Path) -> dict[str, int]:
-    """What tells a file changed since it was noted: its size and modification time."""
-    status = path.stat()
+def _identity(path: Path) -> dict[str, int | None]:
+    """What tells a file changed since it was noted: its size and modification time (``None``: there is none)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return {"size": None, "mtime_ns": None}
     return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}

@@ -157,10 +157,10 @@ def one_line_at_a_time(digest: str) -> Iterator[None]:
     Raises:
         FolderLocked: another process is applying requests from the same parameters.
     """
-    with machine_lock(digest[:32], "applying deletion requests from the same model's parameters") as held:
-        if not held:
-            print(f"[unlearn] {machine_lines_folder()} cannot be written: another process may start a line of deletions from "
-                  f"the same model at the same time unnoticed.", file=sys.stderr)
+    with machine_lock(digest[:32], "applying deletion requests from the same model's parameters") as error:
+        if error is not None:
+            print(f"[unlearn] {machine_lines_folder()} cannot be written ({error.strerror}): another process may start a line "
+                  f"of deletions from the same model at the same time unnoticed.", file=sys.stderr)
         yield
 
 

@@ -329,11 +329,19 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
     item = next(row[2] for row in before[1:] if row[0] != "8")
     assert any(row[0] == "8" for row in before) and before[0] == ["user", "rank", "item", "score"]
     (tmp_path / "forget.jsonl").write_text(f'{{"user": 8}}\n{{"item": {item}}}\n')
+    (tmp_path / ".top.csv.k1ll3d.tmp").write_text("user,rank,item,score\n8,1,1,0.5\n")  # a write killed midway
     capsys.readouterr()
-    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "forget.jsonl", "--method", "FineTune"])
-    assert f"{(tmp_path / 'top.csv').resolve()} (recommendations written by predict) no longer names" in capsys.readouterr().out
+    with monkeypatch.context() as patch:  # the cleaned file's note cannot be written: said as such
+        patch.setattr("lightning_unlearn.recommendations.append_note", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space left")))
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "forget.jsonl", "--method", "FineTune"])
+    out, err = capsys.readouterr()
+    assert f"{(tmp_path / 'top.csv').resolve()} (recommendations written by predict) no longer names" in out
+    assert "top.csv was cleaned, but its note cannot be written (No space left): later deletions will not clean it" in err
+    assert not (tmp_path / ".top.csv.k1ll3d.tmp").exists()
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "unlearning").last_checkpoint()),
+          "--out", "top.csv", "--k", "5"])  # as the message advises: noted again
     after = list(csv.reader((tmp_path / "top.csv").open()))
-    assert after == [row for row in before if row[0] != "8" and row[2] != item] and len(after) < len(before) - 5
+    assert not any(row[0] == "8" or row[2] == item for row in after) and after[0] == before[0]
     assert (tmp_path / "top.csv").stat().st_mode & 0o777 == 0o640 and (tmp_path / "other.csv").read_bytes() != b""
     assert list(csv.reader((tmp_path / "other.csv").open())) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".top.csv")) == []  # no temporary file left
@@ -361,7 +369,9 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
 
 
 def test_a_fit_whose_callback_deletes_also_clears_the_recommendations_written_before(trained, tmp_path, capsys):
-    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--out", "top.csv", "--k", "5"])
+    (tmp_path / "checkpoints").mkdir()  # a copy: the record beside the shared one may hold the fixture's deletion
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", shutil.copy(trained.best, tmp_path / "checkpoints"), "--out", "top.csv",
+          "--k", "5"])
     assert any(row[0] == str(DELETED_USER) for row in csv.reader((tmp_path / "top.csv").open()))
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
@@ -435,6 +445,27 @@ def test_a_line_made_again_in_its_folder_or_moved_with_its_project_is_not_gone(t
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and f"{moved / 'unlearned'} records 1 deletion applied" in err
     assert f"{project / 'unlearned'}, noted as a line of deletions" in err  # the machine's note of its old place: named
+
+
+class StopAtTrainEnd(pl.Callback):
+    """A fit that stops with an error after its UnlearningCallback applied its requests (at train end, before this)."""
+
+    def on_train_end(self, trainer, pl_module):
+        raise RuntimeError("stopped after the deletions")
+
+
+def test_a_fit_stopped_after_its_callback_deleted_still_clears_the_recommendations(trained, tmp_path):
+    (tmp_path / "checkpoints").mkdir()  # a copy: the record beside the shared one may hold the fixture's deletion
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", shutil.copy(trained.best, tmp_path / "checkpoints"), "--out", "top.csv",
+          "--k", "5"])
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
+    with pytest.raises(RuntimeError, match="stopped after the deletions"):
+        main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}",
+              "--trainer.callbacks+={class_path: tests.test_commands.StopAtTrainEnd}"])
+    assert journal_of(tmp_path / "unl").applied_count() == 1
+    rows = list(csv.reader((tmp_path / "top.csv").open()))
+    assert rows[1:] and not any(row[0] == str(DELETED_USER) or row[2] == str(DELETED_ITEM) for row in rows)
 
 
 def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_original(trained, tmp_path, capsys):

@@ -32,6 +32,7 @@ import hmac
 import json
 import os
 import secrets
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -445,18 +446,21 @@ def _take_lock(path: Path, busy: str | None = None, wait: bool = False) -> int:
     except ImportError:  # pragma: no cover - Windows: no advisory locks
         return fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
-        os.close(fd)
-        if busy is not None:
-            raise FolderLocked(f"process {holder} is {busy}: wait for it to finish (the lock is released when it exits, "
-                               f"also if it dies), then run again.") from None
-        raise FolderLocked(
-            f"{path.parent} is locked by process {holder}, which is applying deletion requests there. Only one "
-            f"process may write a journal: wait for it to finish (the lock is released when it exits, also if it "
-            f"dies), then run again."
-        ) from None
+        if not wait:
+            os.close(fd)
+            if busy is not None:
+                raise FolderLocked(f"process {holder} is {busy}: wait for it to finish (the lock is released when it exits, "
+                                   f"also if it dies), then run again.") from None
+            raise FolderLocked(
+                f"{path.parent} is locked by process {holder}, which is applying deletion requests there. Only one "
+                f"process may write a journal: wait for it to finish (the lock is released when it exits, also if it "
+                f"dies), then run again."
+            ) from None
+        print(f"waiting for process {holder}, which is {busy or 'applying deletion requests there'} ...", file=sys.stderr)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # said above, so that the wait does not look like a hang
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

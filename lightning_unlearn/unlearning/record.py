@@ -262,10 +262,11 @@ def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
 
 
 @contextmanager
-def machine_lock(name: str, busy: str, wait: bool = False) -> Iterator[bool]:
+def machine_lock(name: str, busy: str, wait: bool = False) -> Iterator[OSError | None]:
     """Hold the machine's lock ``name`` (a file in ``locks/`` of :func:`machine_lines_folder`) while the block runs.
 
-    Yields whether it is held: a machine folder that cannot be written costs the lock, not the command.
+    Yields ``None`` when it is held, else the error that cost it: a machine folder that cannot be
+    written costs the lock, not the command.
 
     Args:
         name: the lock's name (a file name).
@@ -275,13 +276,13 @@ def machine_lock(name: str, busy: str, wait: bool = False) -> Iterator[bool]:
     Raises:
         FolderLocked: another process holds it (and ``wait`` is false).
     """
-    held, taken = ExitStack(), True
+    held, error = ExitStack(), None
     try:
         held.enter_context(exclusive(machine_lines_folder() / "locks" / f"{name}.lock", busy, wait))
-    except OSError:
-        taken = False
+    except OSError as err:
+        error = err
     with held:
-        yield taken
+        yield error
 
 
 def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False) -> None:
