@@ -385,10 +385,10 @@ class UnlearningTrainer(pl.Trainer):
                 raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
             if hasattr(self, "_command_config"):  # the command's, once its checks passed
                 log_config(self.loggers, self._command_config)
-            noted = _note_recommendations(path, datamodule)  # before writing too: a write killed midway leaves a temporary file
+            noted = note_recommendations(path, datamodule)  # before writing too: a write killed midway leaves a temporary file
             counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
             if noted:
-                _note_recommendations(path, datamodule)
+                note_recommendations(path, datamodule)
             _scrub_recommendations(datamodule, "predict", held=True)  # what an unlearn stopped before its cleaning left
             print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
                   f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
@@ -437,17 +437,6 @@ def _refused_here(err: BaseException | None) -> ValueError | None:
 def _raised_by_a_statement(frame: TracebackType) -> bool:
     """Whether the innermost traceback ``frame`` stopped at a ``raise`` statement (not at a call that raised)."""
     return any(op.offset == frame.tb_lasti and op.opname == "RAISE_VARARGS" for op in dis.get_instructions(frame.tb_frame.f_code))
-
-
-def _note_recommendations(path: Path, datamodule: RecDataModule) -> bool:
-    """``predict``: note its file on the machine; whether it could (if not, it says so)."""
-    try:
-        note_recommendations(path, datamodule)
-    except OSError as err:
-        print(f"[predict] the machine's folder cannot be written ({err.strerror}): {path} is not noted, so a later "
-              f"deletion will not remove its users and items from it.", file=sys.stderr)
-        return False
-    return True
 
 
 def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool = False) -> None:

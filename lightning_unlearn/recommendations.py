@@ -123,7 +123,7 @@ def recommendations_lock(datamodule: RecDataModule) -> Iterator[None]:
         yield
 
 
-def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> None:
+def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, command: str = "predict") -> bool:
     """Note that ``path`` holds recommendations of ``datamodule``'s data, as it is now (no id).
 
     A note holds the file's path, the data's fingerprint, and the file's size and modification
@@ -133,14 +133,22 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule) -> 
     Args:
         path: the file :func:`write_recommendations` wrote.
         datamodule: its data.
+        command: named on the console when the machine's folder cannot be written (that costs the note, not the command).
 
-    Raises:
-        OSError: the machine's folder cannot be written: the caller decides what that costs.
+    Returns:
+        Whether it is noted.
     """
     path = Path(path).resolve()
     line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"), **_identity(path)}
-    if _latest().get(str(path)) != line:
-        append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
+    try:
+        if _latest().get(str(path)) != line:
+            append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
+    except OSError as err:
+        print(f"[{command}] {path} is not noted: the machine's folder cannot be written ({err.strerror}), so later deletions "
+              f"will not remove their users and items from it. Predict into it again once the folder can be written.",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -> list[Path]:
@@ -201,11 +209,7 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
                   f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
             continue
         scrubbed.append(path)
-        try:
-            note_recommendations(path, datamodule)
-        except OSError as err:
-            print(f"[{command}] {path} was cleaned, but its note cannot be written ({err.strerror}): later deletions will "
-                  f"not clean it. Predict into it again once the machine's folder can be written.", file=sys.stderr)
+        note_recommendations(path, datamodule, command)
     return scrubbed
 
 

@@ -336,7 +336,7 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
         main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "forget.jsonl", "--method", "FineTune"])
     out, err = capsys.readouterr()
     assert f"{(tmp_path / 'top.csv').resolve()} (recommendations written by predict) no longer names" in out
-    assert "top.csv was cleaned, but its note cannot be written (No space left): later deletions will not clean it" in err
+    assert "top.csv is not noted: the machine's folder cannot be written (No space left), so later deletions" in err
     assert not (tmp_path / ".top.csv.k1ll3d.tmp").exists()
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "unlearning").last_checkpoint()),
           "--out", "top.csv", "--k", "5"])  # as the message advises: noted again
