@@ -149,8 +149,9 @@ def notes(path: str | os.PathLike, once: bool = True) -> list[dict]:
             line = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(line, dict) and not (once and json.dumps(line, sort_keys=True) in seen):
-            seen.add(json.dumps(line, sort_keys=True))
+        key = json.dumps(line, sort_keys=True) if isinstance(line, dict) else None
+        if key is not None and not (once and key in seen):
+            seen.add(key)
             found.append(line)
     return found
 
@@ -163,10 +164,8 @@ def _naming(err: OSError, path: Path, size: int | None) -> OSError:
 
 
 def _write(fh: BinaryIO, data: bytes) -> None:
-    """Write ``data`` to an open file and fsync it."""
+    """Write ``data`` to an open file (:func:`written_whole` makes it durable)."""
     fh.write(data)
-    fh.flush()
-    os.fsync(fh.fileno())
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
