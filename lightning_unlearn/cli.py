@@ -43,7 +43,7 @@ from lightning_unlearn.record_checks import (
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import check_arguments, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
-from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner
+from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe, trains_nothing
 from lightning_unlearn.unlearning.record import (
@@ -167,13 +167,20 @@ class UnlearningTrainer(pl.Trainer):
             self._note_optimizer_use(method, callback.max_deleted_fraction)
             log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                       "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
+            named = (state.get("unlearning") or {}).get("record")
+            if summaries and not (named and Path(named).resolve() == dirpath.resolve()):  # not its own record going on
+                # before the first request is journaled: a process killed, or a request failing, after it stays noted
+                note_the_line(ckpt_path, dirpath, digest)
             device = self.strategy.root_device
             model.to(device)
-            reports = callback.apply_pending(
-                model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
-            )
-            if reports and not (state.get("unlearning") or {}).get("record"):
-                note_the_line(ckpt_path, dirpath, digest)
+            try:
+                reports = callback.apply_pending(
+                    model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
+                )
+            except BaseException:
+                if callback.reports:  # a later request failed: those applied before it stay applied
+                    _scrub_recommendations(datamodule, "unlearn")
+                raise
         _scrub_recommendations(datamodule, "unlearn")
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
@@ -385,7 +392,7 @@ class UnlearningTrainer(pl.Trainer):
                 raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
             if hasattr(self, "_command_config"):  # the command's, once its checks passed
                 log_config(self.loggers, self._command_config)
-            noted = note_recommendations(path, datamodule)  # before writing too: a write killed midway leaves a temporary file
+            noted = note_recommendations(path, datamodule, writing=True)  # a write killed midway, or before its note, is cleaned later
             counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
             if noted:
                 note_recommendations(path, datamodule)
@@ -948,8 +955,9 @@ def main(args: list[str] | None = None) -> None:
         args: command-line arguments (default: ``sys.argv[1:]``).
 
     Raises:
-        SystemExit: on invalid arguments, after ``--help`` or ``--version`` (status 0), or (status
-            2) when the data set is not found or the command's input is refused.
+        SystemExit: on invalid arguments, after ``--help`` or ``--version`` (status 0), (status
+            2) when the data set is not found or the command's input is refused, or (status 1) when
+            an unlearning method failed on a request (a message, not a traceback).
     """
     from lightning_unlearn import __version__
     from lightning_unlearn.recipes_cli import console_args
@@ -976,6 +984,11 @@ def main(args: list[str] | None = None) -> None:
             err = type(err)(err.detail)
         print(user_error_message(err, _subcommand_of(args)), file=sys.stderr)
         raise SystemExit(2) from err
+    except UnlearningError as err:  # a method failed on a request: the record says so, the model was restored
+        _end_console_recording()
+        print(f"lightning-unlearn {_subcommand_of(args) or ''}: error: {' '.join(str(err).split())} Nothing of that request is "
+              f"applied; the requests applied before it stay applied (the unlearning folder's journal says which).", file=sys.stderr)
+        raise SystemExit(1) from err
     except BaseException as err:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a message, not a traceback
             print(f"lightning-unlearn: {err.strerror}. What finished is kept: `compare --resume true` runs only the methods "

@@ -123,23 +123,26 @@ def recommendations_lock(datamodule: RecDataModule) -> Iterator[None]:
         yield
 
 
-def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, command: str = "predict") -> bool:
+def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, command: str = "predict", writing: bool = False) -> bool:
     """Note that ``path`` holds recommendations of ``datamodule``'s data, as it is now (no id).
 
     A note holds the file's path, the data's fingerprint, and the file's size and modification
     time: :func:`scrub_recommendations` cleans a file only as it was noted, and a path's latest note
-    is the one that counts (the same path predicted from other data is that data's file).
+    is the one that counts (the same path predicted from other data is that data's file). Before a
+    file is written (``writing``), its note says so instead of its size and time: a process killed
+    between the write and the note after it leaves a file that is still cleaned.
 
     Args:
-        path: the file :func:`write_recommendations` wrote.
+        path: the file :func:`write_recommendations` wrote, or is about to write (``writing``).
         datamodule: its data.
         command: named on the console when the machine's folder cannot be written (that costs the note, not the command).
+        writing: the file is about to be written (under :func:`recommendations_lock`), by ``predict`` or a cleaning.
 
     Returns:
         Whether it is noted.
     """
     path = Path(path).resolve()
-    line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"), **_identity(path)}
+    line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"), **({"writing": True} if writing else _identity(path))}
     try:
         if _latest().get(str(path)) != line:
             append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
@@ -156,7 +159,7 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
 
     A row goes when its user or its item was deleted as a whole; the other rows keep their ranks.
     Only a file as its latest note has it is cleaned (one changed since, by another program, is
-    said on the console); it is replaced at once (:func:`~lightning_unlearn.files.write_whole`),
+    said on the console), or one whose latest note is of a write that did not note its end; it is replaced at once (:func:`~lightning_unlearn.files.write_whole`),
     keeps its mode, and is noted again. A noted file that is gone is skipped; one that cannot be
     rewritten is said on the console (no id in the messages). Hold :func:`recommendations_lock`.
 
@@ -190,7 +193,7 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
             left.unlink(missing_ok=True)
         if not path.is_file():
             continue
-        if _identity(path) != {key: line.get(key) for key in ("size", "mtime_ns")}:
+        if not line.get("writing") and _identity(path) != {key: line.get(key) for key in ("size", "mtime_ns")}:
             print(f"[{command}] {path} (recommendations written by predict) was changed since by something else: it is not "
                   f"cleaned of the users and items deleted since, and may name them. Predict into it again, or remove it, "
                   f"to end this message.", file=sys.stderr)
@@ -203,6 +206,7 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
         text = io.StringIO()
         csv.writer(text).writerows(kept)
         try:
+            note_recommendations(path, datamodule, command, writing=True)  # a process killed after the write still cleans it later
             write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777)
         except OSError as err:
             print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "

@@ -165,16 +165,17 @@ def one_line_at_a_time(digest: str) -> Iterator[None]:
 
 
 def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:
-    """After ``unlearn`` applied requests from a trained checkpoint into ``dirpath``: note the line on this machine
+    """Before ``unlearn`` applies requests from a checkpoint into ``dirpath`` (another record than the one its state names):
+    note the line on this machine
     (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
     a copy of it find it, and beside the checkpoint (beside a link itself, not in the store it points into) when
     ``dirpath`` is another folder than the record there. A folder that cannot be written costs the note, not the
     command: it says so.
 
     Args:
-        ckpt_path: the trained checkpoint the requests were applied from.
-        dirpath: the record they went into.
-        digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they were applied to.
+        ckpt_path: the checkpoint the requests are applied from.
+        dirpath: the record they go into (whose key ``UnlearningCallback.check`` made).
+        digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they are applied to.
     """
     folders = [(machine_lines_folder(), False)]
     if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
@@ -191,7 +192,8 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
                redone: Path | None = None) -> set[Path]:
     """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
 
-    A line that is gone (moved, deleted) can no longer be checked. One noted beside the checkpoint
+    ``unlearn`` notes a line before its first request is journaled; one with nothing journaled yet is
+    left out. A line that is gone (moved, deleted) can no longer be checked. One noted beside the checkpoint
     went while the checkpoint stayed (a record moved or removed inside the project): with
     ``refuse_gone`` that is refused, saying how to go on. One noted only on the machine is named on
     the console (an old experiment's folder, removed with its run).
@@ -208,6 +210,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     """
     beside = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
+    lines = {line for line in lines if not _nothing_journaled(line)}
     gone = sorted(line for line in lines if not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve()))
     if refuse_gone and any(line in beside for line in gone):
         first = next(line for line in gone if line in beside)
@@ -221,6 +224,12 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         print(f"[{command}] {line}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
               f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
     return {line for line in lines if (line / JOURNAL_FILE).is_file()}
+
+
+def _nothing_journaled(line: Path) -> bool:
+    """A line noted before its first request was journaled, whose process stopped (or whose request was refused) then: its
+    folder holds the key and neither a journal nor a checkpoint. Nothing was deleted there."""
+    return (line / KEY_FILE).is_file() and not (line / JOURNAL_FILE).exists() and not any(line.glob("*.ckpt"))
 
 
 def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],

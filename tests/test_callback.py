@@ -93,6 +93,30 @@ def test_graph_models_get_the_new_graph(tmp_path):
     assert not user_block.any()  # user 2 has no edges left
 
 
+def test_a_graph_model_resumed_or_evaluated_from_a_checkpoint_with_removals_gets_the_graph_without_them(tmp_path):
+    """Lightning restores the datamodule's state after the model's setup built its graph from the data as loaded: the
+    removals it restores reach the graph, so a resumed fit (or a validation) does not propagate through deleted rows."""
+    model, dm, trainer = trained(LightGCN)
+    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([2]))  # as a callback deleting at an epoch's end leaves it
+    model.set_graph(dm.train)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    seen = []
+
+    class Graph(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(pl_module.adjacency.to_dense())
+
+        on_validation_start = on_train_start
+
+    for run in ("fit", "validate"):
+        resumed_dm = datamodule()
+        resumed = LightGCN(resumed_dm.num_users, resumed_dm.num_items, embedding_dim=8)
+        runner = pl.Trainer(max_epochs=EPOCHS + 1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[Graph()])
+        getattr(runner, run)(resumed, resumed_dm, ckpt_path=tmp_path / "last.ckpt")
+        assert not seen[-1][2].any() and torch.equal(seen[-1], model.adjacency.to_dense())  # user 2 has no edges
+
+
 def test_bad_request_changes_nothing(tmp_path):
     callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=["no-such-user"])], dirpath=tmp_path)
     with pytest.raises(InvalidDeletionRequest, match="no-such-user"):

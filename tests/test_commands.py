@@ -194,10 +194,19 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
           "--method", "FineTune", "--out", "again"])
     assert "holds 1 request queued and not yet applied (by the UnlearningCallback of its fit): applied first" in capsys.readouterr().out
     assert journal_of(tmp_path / "again").applied_count() == 2
-    # Its record is not beside it: predict finds it through the callback state the checkpoint holds.
-    with pytest.raises(SystemExit):
-        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
-    assert f"{tmp_path / 'unl'} records 1 deletion applied" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+    # That line is noted although the checkpoint names its callback's record: a third line that leaves user 8 out is refused.
+    (tmp_path / "user9.csv").write_text("user\n9\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--requests", "user9.csv",
+              "--method", "FineTune", "--out", "third"])
+    assert exit_info.value.code == 2 and f"is an older state of the deletion record {tmp_path / 'again'}" in capsys.readouterr().err
+    # Its records are not beside it: predict finds them through the callback state the checkpoint holds and the line noted.
+    for refused in ("again", "unl"):
+        with pytest.raises(SystemExit):
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
+        assert f"{tmp_path / refused} records" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+        for noted in (tmp_path / "unlearning", tmp_path / "machine"):  # then the callback's record alone: the line's notes removed
+            (noted / "lines.jsonl").unlink(missing_ok=True)
     # The record moved (with the project, say): predict does not skip the check, and finds it where --record says.
     (tmp_path / "unl").rename(tmp_path / "moved")
     (tmp_path / "empty").mkdir()
@@ -366,6 +375,70 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
     assert not any(row[0] == "9" for name in ("stopped.csv", "after.csv") for row in csv.reader((tmp_path / name).open()))
     assert f"{(tmp_path / 'edited.csv').resolve()} (recommendations written by predict) was changed since by something else" in err
     assert (tmp_path / "edited.csv").read_bytes() == edited
+
+
+def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted_and_the_recommendations_clean(
+        trained, tmp_path, capsys, monkeypatch):
+    """unlearn notes its line before its first request is journaled, and cleans predict's files once one is applied: a
+    process stopped after a request was applied, or a later request that fails, leaves neither a second line free to
+    bring that request's deletion back nor its ids in a recommendations file. A failing method is a message, not a
+    traceback."""
+    from lightning_unlearn.unlearning import FineTune, UnlearningCallback
+
+    (tmp_path / "checkpoints").mkdir()  # a copy: the record beside the shared one may hold the fixture's deletion
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    (tmp_path / "user9.csv").write_text("user\n9\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    real_apply = UnlearningCallback.apply_pending
+
+    def applied_then_stopped(self, *args, **kwargs):
+        real_apply(self, *args, **kwargs)
+        raise KeyboardInterrupt  # a Ctrl-C (or a kill) once the request is applied, before the command's end
+
+    with monkeypatch.context() as patch:  # stopped before its first request was journaled: its line deleted nothing
+        patch.setattr(UnlearningCallback, "apply_pending", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(SystemExit):
+            main([*unlearn, "--ckpt_path", str(best), "--requests", "user9.csv", "--out", "never"])
+    assert (tmp_path / "never" / "journal.key").is_file() and not (tmp_path / "never" / "journal.jsonl").exists()
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(UnlearningCallback, "apply_pending", applied_then_stopped)
+        with pytest.raises(SystemExit):
+            main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv", "--out", "first"])
+    assert journal_of(tmp_path / "first").applied_count() == 1 and "never" not in capsys.readouterr().err  # neither gone nor refused
+    assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a second line that leaves user 8 out
+        main([*unlearn, "--ckpt_path", str(best), "--requests", "user9.csv", "--out", "second"])
+    assert exit_info.value.code == 2 and f"is an older state of the deletion record {tmp_path / 'first'}" in capsys.readouterr().err
+    # A request that fails after one was applied (the checkpoint's queued one, then the file's).
+    callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {tmp_path / 'user9.csv'}, dirpath: {tmp_path / 'unl'}}}}}")
+    main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}"])  # best.ckpt holds user 9's request queued
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "first").last_checkpoint()), "--out", "top.csv",
+          "--k", "5"])
+    assert any(row[0] == "9" for row in csv.reader((tmp_path / "top.csv").open()))
+    calls, real_update = [], FineTune.update
+
+    def fails_second(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:
+            raise FloatingPointError("diverged")
+        return real_update(self, *args, **kwargs)
+
+    (tmp_path / "user10.csv").write_text("user\n10\n")
+    capsys.readouterr()
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(FineTune, "update", fails_second)
+        main([*unlearn, "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--requests", "user10.csv", "--out", "third"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert "lightning-unlearn unlearn: error: FineTune(epochs=1) failed and the model was restored: diverged." in err
+    assert "Nothing of that request is applied; the requests applied before it stay applied" in err
+    assert [e["status"] for e in journal_of(tmp_path / "third")] == ["pending", "applied", "pending", "failed"]
+    assert not any(row[0] == "9" for row in csv.reader((tmp_path / "top.csv").open()))
 
 
 def test_a_fit_whose_callback_deletes_also_clears_the_recommendations_written_before(trained, tmp_path, capsys):

@@ -678,6 +678,35 @@ def test_a_note_after_a_torn_line_starts_a_line_of_its_own_and_an_unwritable_loc
     assert not isinstance(raised.value, FolderLocked)
 
 
+def test_a_cleaning_stopped_between_its_write_and_its_note_still_cleans_the_file_later(tmp_path, monkeypatch):
+    """A recommendations file rewritten by a cleaning whose process died before noting it is not taken for a file another
+    program changed: the next cleaning still removes the users deleted since."""
+    from lightning_unlearn import recommendations
+    from lightning_unlearn.data import Synthetic
+
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, seed=0))
+    dm.setup()
+    users, item = [str(u) for u in dm.train.user_ids[:3].tolist()], dm.train.item_ids[0]
+    path = tmp_path / "top.csv"
+    path.write_text("user,rank,item,score\n" + "".join(f"{user},1,{item},0.5\n" for user in users))
+    assert recommendations.note_recommendations(path, dm)
+    noted = recommendations.note_recommendations
+
+    def killed_after_the_write(path, datamodule, command="unlearn", writing=False):
+        if not writing:
+            raise KeyboardInterrupt  # the file is rewritten; its note after the write never comes
+        return noted(path, datamodule, command, writing)
+
+    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([0]))
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(recommendations, "note_recommendations", killed_after_the_write)
+        recommendations.scrub_recommendations(dm)
+    assert [row.split(",")[0] for row in path.read_text().splitlines()[1:]] == users[1:]
+    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([1]))
+    assert recommendations.scrub_recommendations(dm) == [path.resolve()]
+    assert [row.split(",")[0] for row in path.read_text().splitlines()[1:]] == users[2:]
+
+
 def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):
     def full(fh, data):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -283,6 +283,10 @@ class RecDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         """Re-apply the removals recorded by :meth:`state_dict` to freshly loaded data.
 
+        The model of the Trainer this datamodule is attached to gets the training graph without the removed
+        rows (:meth:`~lightning_unlearn.models.base.Recommender.set_graph`): a Trainer restores this state
+        after the model's ``setup`` built its graph from the data as loaded.
+
         Args:
             state: what :meth:`state_dict` returned (e.g. from a checkpoint).
 
@@ -309,6 +313,10 @@ class RecDataModule(pl.LightningDataModule):
         already = self._removed.train_keys
         keys = keys[~torch.isin(keys, already)]
         self.remove(torch.nonzero(torch.isin(self.train.keys, keys)).flatten(), state["users"], state["items"])
+        # restored after the model's setup built its graph from the data as loaded
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if hasattr(model, "set_graph"):
+            model.set_graph(self.train)
 
     def check_state_dict(self, state: dict | None) -> None:
         """Raise :class:`DataFingerprintMismatch` if ``state`` was recorded on other data (loads the data).
