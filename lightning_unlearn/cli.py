@@ -168,8 +168,9 @@ class UnlearningTrainer(pl.Trainer):
             log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                       "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
             named = (state.get("unlearning") or {}).get("record")
-            if summaries and not (named and Path(named).resolve() == dirpath.resolve()):  # not its own record going on
-                # before the first request is journaled: a process killed, or a request failing, after it stays noted
+            if summaries and not (named and (branch or Path(named).resolve() == dirpath.resolve())):
+                # a new line, not a branch from a record's state nor that record going on; noted before its first request
+                # is journaled, so that a process killed, or a request failing, after one was applied leaves it noted
                 note_the_line(ckpt_path, dirpath, digest)
             device = self.strategy.root_device
             model.to(device)
