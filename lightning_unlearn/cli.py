@@ -167,10 +167,9 @@ class UnlearningTrainer(pl.Trainer):
             self._note_optimizer_use(method, callback.max_deleted_fraction)
             log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                       "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
-            named = (state.get("unlearning") or {}).get("record")
-            if summaries and not (named and (branch or Path(named).resolve() == dirpath.resolve())):
-                # a new line, not a branch from a record's state nor that record going on; noted before its first request
-                # is journaled, so that a process killed, or a request failing, after one was applied leaves it noted
+            if summaries and not (state.get("unlearning") or {}).get("applied"):
+                # a line from a model no request was applied to yet (a state of a record goes on in its record, or branches);
+                # noted before its first request is journaled, so that one killed or failing after another is applied stays noted
                 note_the_line(ckpt_path, dirpath, digest)
             device = self.strategy.root_device
             model.to(device)
@@ -393,10 +392,9 @@ class UnlearningTrainer(pl.Trainer):
                 raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
             if hasattr(self, "_command_config"):  # the command's, once its checks passed
                 log_config(self.loggers, self._command_config)
-            noted = note_recommendations(path, datamodule, writing=True)  # a write killed midway, or before its note, is cleaned later
-            counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device)
-            if noted:
-                note_recommendations(path, datamodule)
+            noted = note_recommendations(path, datamodule, writing=True)  # a write killed midway leaves a temporary file
+            counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device,
+                                           before_rename=(lambda written: note_recommendations(path, datamodule, written=written)) if noted else None)
             _scrub_recommendations(datamodule, "predict", held=True)  # what an unlearn stopped before its cleaning left
             print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
                   f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
@@ -987,8 +985,10 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from err
     except UnlearningError as err:  # a method failed on a request: the record says so, the model was restored
         _end_console_recording()
-        print(f"lightning-unlearn {_subcommand_of(args) or ''}: error: {' '.join(str(err).split())} Nothing of that request is "
-              f"applied; the requests applied before it stay applied (the unlearning folder's journal says which).", file=sys.stderr)
+        command = _subcommand_of(args)
+        after = "" if command == "compare" else (" Nothing of that request is applied; the requests applied before it stay applied "
+                                                 "(the unlearning folder's journal says which).")
+        print(f"lightning-unlearn {command or ''}: error: {' '.join(str(err).split())}{after}", file=sys.stderr)
         raise SystemExit(1) from err
     except BaseException as err:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a message, not a traceback

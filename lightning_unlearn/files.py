@@ -16,12 +16,13 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 __all__ = ["append_note", "fsync_directory", "notes", "write_whole", "written_whole"]
 
 
-def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = False, mode: int | None = None) -> Path:
+def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = False, mode: int | None = None,
+                before_rename: Callable[[Path], object] | None = None) -> Path:
     """Write ``data`` to ``path`` whole or not at all, and make it durable.
 
     The bytes go to a temporary file in ``path``'s folder, which is fsynced, renamed over
@@ -35,6 +36,9 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
         private: leave the file readable by its owner only (``0o600``). Otherwise it gets the
             mode a plain ``open`` would give it (``0o666`` less the umask).
         mode: the file's mode instead (the one of the file it replaces, say).
+        before_rename: called with the temporary file, written and fsynced, just before it is renamed over
+            ``path`` (the rename keeps its size and modification time: a note of them made here holds
+            for ``path`` once renamed).
 
     Returns:
         ``path``, as a :class:`~pathlib.Path`.
@@ -50,14 +54,14 @@ def write_whole(path: str | os.PathLike, data: bytes | str, private: bool = Fals
         '{"a": 1}'
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    with written_whole(path, private, mode, size=len(payload)) as fh:
+    with written_whole(path, private, mode, size=len(payload), before_rename=before_rename) as fh:
         _write(fh, payload)
     return Path(path)
 
 
 @contextmanager
 def written_whole(path: str | os.PathLike, private: bool = False, mode: int | None = None,
-                  size: int | None = None) -> Iterator[BinaryIO]:
+                  size: int | None = None, before_rename: Callable[[Path], object] | None = None) -> Iterator[BinaryIO]:
     """:func:`write_whole` for content written a piece at a time: the block writes into the binary file it is given.
 
     When the block ends, the file is fsynced and renamed over ``path``; when it raises, ``path`` is
@@ -68,6 +72,7 @@ def written_whole(path: str | os.PathLike, private: bool = False, mode: int | No
         private: as :func:`write_whole`.
         mode: as :func:`write_whole`.
         size: the bytes to be written, if known (a full disk's message says it).
+        before_rename: as :func:`write_whole`.
 
     Raises:
         OSError: as :func:`write_whole`.
@@ -92,6 +97,8 @@ def written_whole(path: str | os.PathLike, private: bool = False, mode: int | No
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename(Path(temporary))
         os.replace(temporary, path)
     except BaseException as err:
         Path(temporary).unlink(missing_ok=True)

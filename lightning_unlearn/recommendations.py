@@ -16,7 +16,7 @@ import io
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,7 +32,7 @@ NOTE_FILE = "recommendations.jsonl"
 
 
 def write_recommendations(model: Recommender, datamodule: RecDataModule, path: str | os.PathLike, k: int = 20,
-                          device: torch.device | str | None = None) -> dict[str, int]:
+                          device: torch.device | str | None = None, before_rename: Callable[[Path], object] | None = None) -> dict[str, int]:
     """Write ``user,rank,item,score`` rows (raw ids): each remaining user's ``k`` best unseen items, whole or not at all.
 
     Seen items are the user's rows in the training and validation splits; users and items the
@@ -45,6 +45,7 @@ def write_recommendations(model: Recommender, datamodule: RecDataModule, path: s
         path: the CSV file to write (its folder is created).
         k: recommendations per user.
         device: where to score (default: the model's device).
+        before_rename: as :func:`~lightning_unlearn.files.write_whole` (to note the file, :func:`note_recommendations`).
 
     Returns:
         ``{"users", "deleted_users", "deleted_items"}``: how many users got recommendations,
@@ -82,7 +83,7 @@ def write_recommendations(model: Recommender, datamodule: RecDataModule, path: s
     model.eval()
     try:
         mode = path.stat().st_mode & 0o777 if path.is_file() else None  # a file written again keeps its mode
-        with torch.no_grad(), written_whole(path, mode=mode) as raw:
+        with torch.no_grad(), written_whole(path, mode=mode, before_rename=before_rename) as raw:
             fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
             writer = csv.writer(fh)
             writer.writerow(["user", "rank", "item", "score"])
@@ -123,28 +124,33 @@ def recommendations_lock(datamodule: RecDataModule) -> Iterator[None]:
         yield
 
 
-def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, command: str = "predict", writing: bool = False) -> bool:
-    """Note that ``path`` holds recommendations of ``datamodule``'s data, as it is now (no id).
+def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, command: str = "predict",
+                         written: Path | None = None, writing: bool = False) -> bool:
+    """Note that ``path`` holds recommendations of ``datamodule``'s data (no id).
 
     A note holds the file's path, the data's fingerprint, and the file's size and modification
-    time: :func:`scrub_recommendations` cleans a file only as it was noted, and a path's latest note
-    is the one that counts (the same path predicted from other data is that data's file). Before a
-    file is written (``writing``), its note says so instead of its size and time: a process killed
-    between the write and the note after it leaves a file that is still cleaned.
+    time: :func:`scrub_recommendations` cleans a file only as one of its notes has it. Written
+    whole (:func:`~lightning_unlearn.files.write_whole`), a file is noted from its temporary file
+    just before the rename (``written``), which keeps both: a process killed between the two
+    leaves either the old file, as an earlier note has it, or the new one, as this note has it.
+    Before a write starts, ``writing`` notes the path alone (it matches no file), so that the
+    temporary file of a write killed midway is found and removed.
 
     Args:
-        path: the file :func:`write_recommendations` wrote, or is about to write (``writing``).
+        path: the file :func:`write_recommendations` wrote, or writes.
         datamodule: its data.
         command: named on the console when the machine's folder cannot be written (that costs the note, not the command).
-        writing: the file is about to be written (under :func:`recommendations_lock`), by ``predict`` or a cleaning.
+        written: the temporary file about to be renamed over ``path``, whose size and time are noted.
+        writing: note the path alone, before its write.
 
     Returns:
         Whether it is noted.
     """
     path = Path(path).resolve()
-    line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"), **({"writing": True} if writing else _identity(path))}
+    line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"),
+            **({"writing": True} if writing else _identity(written or path))}
     try:
-        if _latest().get(str(path)) != line:
+        if (_noted().get(str(path)) or [None])[-1] != line:
             append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
     except OSError as err:
         print(f"[{command}] {path} is not noted: the machine's folder cannot be written ({err.strerror}), so later deletions "
@@ -158,10 +164,11 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     """Remove the rows of the users and items ``datamodule`` has removed from every recommendation file noted for its data.
 
     A row goes when its user or its item was deleted as a whole; the other rows keep their ranks.
-    Only a file as its latest note has it is cleaned (one changed since, by another program, is
-    said on the console), or one whose latest note is of a write that did not note its end; it is replaced at once (:func:`~lightning_unlearn.files.write_whole`),
-    keeps its mode, and is noted again. A noted file that is gone is skipped; one that cannot be
-    rewritten is said on the console (no id in the messages). Hold :func:`recommendations_lock`.
+    A file is cleaned only as one of its notes has it (the latest such note says whose data it
+    holds); one that none has, changed since by another program, is left alone and said on the
+    console. It is replaced at once (:func:`~lightning_unlearn.files.write_whole`), keeps its mode,
+    and is noted before its rename. A noted file that is gone is skipped; one that cannot be read
+    or rewritten is said on the console (no id in the messages). Hold :func:`recommendations_lock`.
 
     Args:
         datamodule: the data, set up, with the removals of the latest state.
@@ -178,6 +185,7 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
         []
     """
     state = datamodule.state_dict()
+    fingerprint = state.get("fingerprint")
     users, items = (torch.as_tensor(state.get(key, []), dtype=torch.long) for key in ("users", "items"))
     if not len(users) and not len(items):
         return []
@@ -185,41 +193,54 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     gone_users = {str(raw) for raw in train.user_ids[users.numpy()].tolist()}
     gone_items = {str(raw) for raw in train.item_ids[items.numpy()].tolist()}
     scrubbed = []
-    for name, line in sorted(_latest().items()):
+    for name, lines in sorted(_noted().items()):
         path = Path(name)
-        if line.get("data") != state.get("fingerprint"):
+        if not any(line.get("data") == fingerprint for line in lines):
             continue
         for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
             left.unlink(missing_ok=True)
         if not path.is_file():
             continue
-        if not line.get("writing") and _identity(path) != {key: line.get(key) for key in ("size", "mtime_ns")}:
+        identity = _identity(path)
+        owner = next((line for line in reversed(lines) if {key: line.get(key) for key in identity} == identity), None)
+        if owner is None:
             print(f"[{command}] {path} (recommendations written by predict) was changed since by something else: it is not "
                   f"cleaned of the users and items deleted since, and may name them. Predict into it again, or remove it, "
                   f"to end this message.", file=sys.stderr)
             continue
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
+        if owner.get("data") != fingerprint:  # predicted into again from other data: that data's file
+            continue
+        try:
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = list(csv.reader(fh))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            print(f"[{command}] {path} (recommendations written by predict) cannot be read ({type(err).__name__}): it is not "
+                  f"cleaned of the users and items deleted since, and may name them; remove it, or predict into it again.",
+                  file=sys.stderr)
+            continue
         kept = rows[:1] + [row for row in rows[1:] if not (len(row) > 2 and (row[0] in gone_users or row[2] in gone_items))]
         if len(kept) == len(rows):
             continue
         text = io.StringIO()
         csv.writer(text).writerows(kept)
         try:
-            note_recommendations(path, datamodule, command, writing=True)  # a process killed after the write still cleans it later
-            write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777)
+            write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777,
+                        before_rename=lambda written: note_recommendations(path, datamodule, command, written=written))
         except OSError as err:
             print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
                   f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
             continue
         scrubbed.append(path)
-        note_recommendations(path, datamodule, command)
     return scrubbed
 
 
-def _latest() -> dict[str, dict]:
-    """Each noted path's latest note."""
-    return {line["path"]: line for line in notes(machine_lines_folder() / NOTE_FILE, once=False) if isinstance(line.get("path"), str)}
+def _noted() -> dict[str, list[dict]]:
+    """Each noted path's notes, oldest first."""
+    noted: dict[str, list[dict]] = {}
+    for line in notes(machine_lines_folder() / NOTE_FILE, once=False):
+        if isinstance(line.get("path"), str):
+            noted.setdefault(line["path"], []).append(line)
+    return noted
 
 
 def _identity(path: Path) -> dict[str, int | None]:

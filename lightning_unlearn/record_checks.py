@@ -18,6 +18,7 @@ import torch
 
 from lightning_unlearn.console import OptionRefused, counted
 from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.files import fsync_directory
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
 from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
@@ -174,9 +175,13 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> N
 
     Args:
         ckpt_path: the checkpoint the requests are applied from.
-        dirpath: the record they go into (whose key ``UnlearningCallback.check`` made).
+        dirpath: the record they go into (made by ``UnlearningCallback.check``); its journal is started here, empty.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they are applied to.
     """
+    journal = journal_of(dirpath).path  # there from the note on, even empty: a noted line without it is gone
+    with open(journal, "ab"):
+        pass
+    fsync_directory(dirpath)
     folders = [(machine_lines_folder(), False)]
     if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
         folders.append((unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent), True))
@@ -192,8 +197,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
                redone: Path | None = None) -> set[Path]:
     """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
 
-    ``unlearn`` notes a line before its first request is journaled; one with nothing journaled yet is
-    left out. A line that is gone (moved, deleted) can no longer be checked. One noted beside the checkpoint
+    A line that is gone (moved, deleted: its journal is not there) can no longer be checked. One noted beside the checkpoint
     went while the checkpoint stayed (a record moved or removed inside the project): with
     ``refuse_gone`` that is refused, saying how to go on. One noted only on the machine is named on
     the console (an old experiment's folder, removed with its run).
@@ -210,7 +214,6 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     """
     beside = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
-    lines = {line for line in lines if not _nothing_journaled(line)}
     gone = sorted(line for line in lines if not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve()))
     if refuse_gone and any(line in beside for line in gone):
         first = next(line for line in gone if line in beside)
@@ -224,12 +227,6 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         print(f"[{command}] {line}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
               f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
     return {line for line in lines if (line / JOURNAL_FILE).is_file()}
-
-
-def _nothing_journaled(line: Path) -> bool:
-    """A line noted before its first request was journaled, whose process stopped (or whose request was refused) then: its
-    folder holds the key and neither a journal nor a checkpoint. Nothing was deleted there."""
-    return (line / KEY_FILE).is_file() and not (line / JOURNAL_FILE).exists() and not any(line.glob("*.ckpt"))
 
 
 def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],

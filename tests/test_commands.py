@@ -194,19 +194,28 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
           "--method", "FineTune", "--out", "again"])
     assert "holds 1 request queued and not yet applied (by the UnlearningCallback of its fit): applied first" in capsys.readouterr().out
     assert journal_of(tmp_path / "again").applied_count() == 2
-    # That line is noted although the checkpoint names its callback's record: a third line that leaves user 8 out is refused.
-    (tmp_path / "user9.csv").write_text("user\n9\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--requests", "user9.csv",
-              "--method", "FineTune", "--out", "third"])
-    assert exit_info.value.code == 2 and f"is an older state of the deletion record {tmp_path / 'again'}" in capsys.readouterr().err
+    # That line, and a branch, are noted although the checkpoint names its callback's record (no request was applied to
+    # it): a line that leaves out what either deleted is refused.
+    for name in ("9", "10"):
+        (tmp_path / f"user{name}.csv").write_text(f"user\n{name}\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--requests", "user10.csv",
+          "--method", "FineTune", "--out", "branched", "--branch", "true"])
+    for refused in ("again", "branched"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--requests", "user9.csv",
+                  "--method", "FineTune", "--out", "third"])
+        assert exit_info.value.code == 2 and f"is an older state of the deletion record {tmp_path / refused}" in capsys.readouterr().err
+        shutil.rmtree(tmp_path / "third", ignore_errors=True)
+        for noted in (tmp_path / "unlearning", tmp_path / "machine"):  # the line "again" left out on purpose: its notes go
+            lines = [line for line in (noted / "lines.jsonl").read_text().splitlines() if "again" not in line]
+            (noted / "lines.jsonl").write_text("".join(f"{line}\n" for line in lines))
+    shutil.rmtree(tmp_path / "branched")
+    for noted in (tmp_path / "unlearning", tmp_path / "machine"):
+        (noted / "lines.jsonl").unlink(missing_ok=True)
     # Its records are not beside it: predict finds them through the callback state the checkpoint holds and the line noted.
-    for refused in ("again", "unl"):
-        with pytest.raises(SystemExit):
-            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
-        assert f"{tmp_path / refused} records" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
-        for noted in (tmp_path / "unlearning", tmp_path / "machine"):  # then the callback's record alone: the line's notes removed
-            (noted / "lines.jsonl").unlink(missing_ok=True)
+    with pytest.raises(SystemExit):
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
+    assert f"{tmp_path / 'unl'} records" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
     # The record moved (with the project, say): predict does not skip the check, and finds it where --record says.
     (tmp_path / "unl").rename(tmp_path / "moved")
     (tmp_path / "empty").mkdir()
@@ -401,7 +410,7 @@ def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted
         patch.setattr(UnlearningCallback, "apply_pending", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(SystemExit):
             main([*unlearn, "--ckpt_path", str(best), "--requests", "user9.csv", "--out", "never"])
-    assert (tmp_path / "never" / "journal.key").is_file() and not (tmp_path / "never" / "journal.jsonl").exists()
+    assert (tmp_path / "never" / "journal.jsonl").read_bytes() == b""  # started with the note: a noted line without one is gone
     capsys.readouterr()
     with monkeypatch.context() as patch:
         patch.setattr(UnlearningCallback, "apply_pending", applied_then_stopped)
@@ -413,6 +422,17 @@ def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted
     with pytest.raises(SystemExit) as exit_info:  # a second line that leaves user 8 out
         main([*unlearn, "--ckpt_path", str(best), "--requests", "user9.csv", "--out", "second"])
     assert exit_info.value.code == 2 and f"is an older state of the deletion record {tmp_path / 'first'}" in capsys.readouterr().err
+    archive = tmp_path / "archive"  # the line's journal and checkpoints moved away, its key left: gone, not hidden
+    archive.mkdir()
+    for moved in (tmp_path / "first").glob("*.*"):
+        if moved.name != "journal.key":
+            moved.rename(archive / moved.name)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*unlearn, "--ckpt_path", str(best), "--requests", "user9.csv", "--out", "second"])
+    assert exit_info.value.code == 2 and f"{tmp_path / 'first'}, noted beside {best} as a line of deletions started from it, is gone" \
+        in capsys.readouterr().err
+    for moved in archive.iterdir():
+        moved.rename(tmp_path / "first" / moved.name)
     # A request that fails after one was applied (the checkpoint's queued one, then the file's).
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {tmp_path / 'user9.csv'}, dirpath: {tmp_path / 'unl'}}}}}")
@@ -439,6 +459,22 @@ def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted
     assert "Nothing of that request is applied; the requests applied before it stay applied" in err
     assert [e["status"] for e in journal_of(tmp_path / "third")] == ["pending", "applied", "pending", "failed"]
     assert not any(row[0] == "9" for row in csv.reader((tmp_path / "top.csv").open()))
+
+
+def test_a_copy_of_a_record_going_on_does_not_stop_the_record_going_on(trained, tmp_path, capsys):
+    """A state of a record (requests applied to it) goes on in its record or branches: a copy of the record going on
+    elsewhere is not noted as a line from that state, so the record itself goes on, and predicts, from its latest state."""
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    for name in ("8", "9", "10"):
+        (tmp_path / f"user{name}.csv").write_text(f"user\n{name}\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv", "--out", "record"])
+    shutil.copytree(tmp_path / "record", tmp_path / "copy")
+    main([*unlearn, "--ckpt_path", str(journal_of(tmp_path / "copy").last_checkpoint()), "--requests", "user9.csv"])
+    main([*unlearn, "--ckpt_path", str(journal_of(tmp_path / "record").last_checkpoint()), "--requests", "user10.csv"])
+    assert journal_of(tmp_path / "record").applied_count() == journal_of(tmp_path / "copy").applied_count() == 2
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "record").last_checkpoint()), "--out", "p.csv"])
 
 
 def test_a_fit_whose_callback_deletes_also_clears_the_recommendations_written_before(trained, tmp_path, capsys):

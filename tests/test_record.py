@@ -678,33 +678,50 @@ def test_a_note_after_a_torn_line_starts_a_line_of_its_own_and_an_unwritable_loc
     assert not isinstance(raised.value, FolderLocked)
 
 
-def test_a_cleaning_stopped_between_its_write_and_its_note_still_cleans_the_file_later(tmp_path, monkeypatch):
-    """A recommendations file rewritten by a cleaning whose process died before noting it is not taken for a file another
-    program changed: the next cleaning still removes the users deleted since."""
+def test_a_recommendations_file_is_cleaned_as_one_of_its_notes_has_it_whatever_stopped_between(tmp_path, monkeypatch, capsys):
+    """A file is noted just before its rename (which keeps its size and time): a cleaning killed between the two leaves
+    the old file, which an earlier note has, and it is still cleaned later. A predict into the same path stopped before
+    its write (from other data, say) neither gives that file to the other data nor makes a file another program writes
+    there later cleanable; a file that cannot be read is said, not a traceback."""
     from lightning_unlearn import recommendations
     from lightning_unlearn.data import Synthetic
 
     dm = RecDataModule(Synthetic(num_users=12, num_items=10, seed=0))
     dm.setup()
-    users, item = [str(u) for u in dm.train.user_ids[:3].tolist()], dm.train.item_ids[0]
+    users, item = [str(u) for u in dm.train.user_ids[:4].tolist()], dm.train.item_ids[0]
     path = tmp_path / "top.csv"
+
+    def rows(file=path):
+        return [row.split(",")[0] for row in file.read_text().splitlines()[1:]]
+
     path.write_text("user,rank,item,score\n" + "".join(f"{user},1,{item},0.5\n" for user in users))
     assert recommendations.note_recommendations(path, dm)
     noted = recommendations.note_recommendations
 
-    def killed_after_the_write(path, datamodule, command="unlearn", writing=False):
-        if not writing:
-            raise KeyboardInterrupt  # the file is rewritten; its note after the write never comes
-        return noted(path, datamodule, command, writing)
+    def noted_then_killed(*args, **kwargs):
+        noted(*args, **kwargs)
+        raise KeyboardInterrupt  # after the note of the new file, before its rename
 
     dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([0]))
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(recommendations, "note_recommendations", killed_after_the_write)
+        patch.setattr(recommendations, "note_recommendations", noted_then_killed)
         recommendations.scrub_recommendations(dm)
-    assert [row.split(",")[0] for row in path.read_text().splitlines()[1:]] == users[1:]
+    assert rows() == users and not list(tmp_path.glob(".top.csv.*"))  # the old file, as noted before; no temporary file
+    other = RecDataModule(Synthetic(num_users=12, num_items=10, seed=1))  # a predict from other data, stopped before its write
+    other.setup()
+    assert recommendations.note_recommendations(path, other, writing=True)
     dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([1]))
-    assert recommendations.scrub_recommendations(dm) == [path.resolve()]
-    assert [row.split(",")[0] for row in path.read_text().splitlines()[1:]] == users[2:]
+    assert recommendations.scrub_recommendations(dm) == [path.resolve()] and rows() == users[2:]
+    mine = tmp_path / "report.csv"  # predict stopped before writing it; another program writes it later
+    assert recommendations.note_recommendations(mine, dm, writing=True)
+    mine.write_text("user,segment,score\n" + "".join(f"{user},z,3\n" for user in users))
+    capsys.readouterr()
+    assert recommendations.scrub_recommendations(dm) == [] and rows(mine) == users
+    assert f"{mine.resolve()} (recommendations written by predict) was changed since by something else" in capsys.readouterr().err
+    path.write_bytes(b"user,rank,item,score\n\xe9,1,1,0.5\n")  # not ours any more either: left alone
+    assert recommendations.note_recommendations(path, dm)  # noted as ours, yet unreadable: said
+    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([2]))
+    assert recommendations.scrub_recommendations(dm) == [] and "cannot be read (UnicodeDecodeError)" in capsys.readouterr().err
 
 
 def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):
