@@ -424,11 +424,12 @@ def _requests(method: Unlearner, original: Recommender, model: Recommender, reta
     The copy of the blocks the request changes, which the rollback needs, is taken before
     each run and not timed: it is the comparison's cost. A later run takes a copy of
     ``original`` and of the method as it was prepared (one copy kept, its cache not copied but
-    rolled back).
+    rolled back to the state this method prepared: with the inverses and factors it keeps for
+    its damping, also on a cache another method built).
     """
     cache = method.cache if isinstance(method, SecondOrderUnlearner) and method.cache.holds(model) else None
-    if cache is not None and runs > 1 and not cache.marked:
-        cache.mark()  # the method's own cache (another budget than the shared one), rolled back between runs
+    if cache is not None and runs > 1:
+        cache.mark()  # rolled back to between runs: the method's prepared cache, not the one it was handed
     prepared = copy.deepcopy(method, {id(cache): cache}) if runs > 1 else None
     if cache is not None and cache.marked:
         cache.save(deleted)

@@ -592,10 +592,6 @@ class CurvatureCache:
         ``transform(ids, blocks)``, if given, is what is factorised instead of the blocks of
         ``ids`` (a graph model's base-row blocks, :func:`base_row_blocks`): those inverses are
         for :meth:`kept_inverses`, a preconditioner, not for :meth:`solve`.
-
-        On a cache marked and unchanged since (:meth:`mark`; ``compare`` hands it to a method of
-        another damping), the new inverses are of the state :meth:`rollback` returns to: each of
-        that method's runs starts from them, not from the first method's.
         """
         table = self._tables[side]
         store = self._inverses[side] = _Inverses.empty(table.blocks, shift)
@@ -603,8 +599,6 @@ class CurvatureCache:
             blocks = table.blocks[at].double()
             factors, result = factor_blocks(blocks if transform is None else transform(table.ids[at], blocks), damping=shift)
             store.keep(at, factors, result.failed_mask)
-        if self._marked is not None and not self._undo:
-            self._marked[3][side] = store
 
     def kept_inverses(self, side: str, ids: Tensor) -> tuple[Tensor, Tensor]:
         """The float32 inverses :meth:`precondition` kept for ``ids`` that have one, and the mask of those ids.
