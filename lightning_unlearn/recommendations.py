@@ -146,7 +146,8 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, com
     Returns:
         Whether it is noted.
     """
-    path = Path(path).resolve()
+    path = Path(path).absolute()
+    path = path.parent.resolve() / path.name  # the file itself: a write replaces a link there, not what it points to
     line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"),
             **({"writing": True} if writing else _identity(written or path))}
     try:
@@ -197,8 +198,9 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
         path = Path(name)
         if not any(line.get("data") == fingerprint for line in lines):
             continue
-        for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
-            left.unlink(missing_ok=True)
+        if lines[-1].get("data") == fingerprint:  # the latest write is of this data (another's may be writing now)
+            for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
+                left.unlink(missing_ok=True)
         if not path.is_file():
             continue
         identity = _identity(path)

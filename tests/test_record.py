@@ -688,7 +688,7 @@ def test_a_recommendations_file_is_cleaned_as_one_of_its_notes_has_it_whatever_s
 
     dm = RecDataModule(Synthetic(num_users=12, num_items=10, seed=0))
     dm.setup()
-    users, item = [str(u) for u in dm.train.user_ids[:4].tolist()], dm.train.item_ids[0]
+    users, item = [str(u) for u in dm.train.user_ids[:5].tolist()], dm.train.item_ids[0]
     path = tmp_path / "top.csv"
 
     def rows(file=path):
@@ -710,8 +710,17 @@ def test_a_recommendations_file_is_cleaned_as_one_of_its_notes_has_it_whatever_s
     other = RecDataModule(Synthetic(num_users=12, num_items=10, seed=1))  # a predict from other data, stopped before its write
     other.setup()
     assert recommendations.note_recommendations(path, other, writing=True)
+    writing = tmp_path / ".top.csv.k1.tmp"  # that predict is writing now: its temporary file is not a leftover of this data
+    writing.write_text("")
     dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([1]))
-    assert recommendations.scrub_recommendations(dm) == [path.resolve()] and rows() == users[2:]
+    assert recommendations.scrub_recommendations(dm) == [path.resolve()] and rows() == users[2:] and writing.exists()
+    dated, latest = tmp_path / "top-1205.csv", tmp_path / "latest.csv"  # predict --out latest.csv, a link to a dated file
+    dated.write_text("")
+    latest.symlink_to(dated)
+    files_module.write_whole(latest, path.read_text(), before_rename=lambda written: recommendations.note_recommendations(
+        latest, dm, written=written))
+    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([2]))
+    assert latest.resolve() in recommendations.scrub_recommendations(dm) and rows(latest) == users[3:]
     mine = tmp_path / "report.csv"  # predict stopped before writing it; another program writes it later
     assert recommendations.note_recommendations(mine, dm, writing=True)
     mine.write_text("user,segment,score\n" + "".join(f"{user},z,3\n" for user in users))
@@ -720,8 +729,9 @@ def test_a_recommendations_file_is_cleaned_as_one_of_its_notes_has_it_whatever_s
     assert f"{mine.resolve()} (recommendations written by predict) was changed since by something else" in capsys.readouterr().err
     path.write_bytes(b"user,rank,item,score\n\xe9,1,1,0.5\n")  # not ours any more either: left alone
     assert recommendations.note_recommendations(path, dm)  # noted as ours, yet unreadable: said
-    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([2]))
-    assert recommendations.scrub_recommendations(dm) == [] and "cannot be read (UnicodeDecodeError)" in capsys.readouterr().err
+    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([3]))
+    assert path.resolve() not in recommendations.scrub_recommendations(dm)
+    assert "cannot be read (UnicodeDecodeError)" in capsys.readouterr().err
 
 
 def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):
