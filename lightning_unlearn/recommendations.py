@@ -151,8 +151,7 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, com
     line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"),
             **({"writing": True} if writing else _identity(written or path))}
     try:
-        if (_noted().get(str(path)) or [None])[-1] != line:
-            append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
+        append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
     except OSError as err:
         print(f"[{command}] {path} is not noted: the machine's folder cannot be written ({err.strerror}), so later deletions "
               f"will not remove their users and items from it. Predict into it again once the folder can be written.",

@@ -18,7 +18,6 @@ import torch
 
 from lightning_unlearn.console import OptionRefused, counted
 from lightning_unlearn.data.datamodule import RecDataModule
-from lightning_unlearn.files import fsync_directory
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
 from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
@@ -166,8 +165,8 @@ def one_line_at_a_time(digest: str) -> Iterator[None]:
 
 
 def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:
-    """Before ``unlearn`` applies requests from a checkpoint into ``dirpath`` (another record than the one its state names):
-    note the line on this machine
+    """Before ``unlearn`` applies requests into ``dirpath`` from a checkpoint no request was applied to yet: note the line
+    on this machine
     (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
     a copy of it find it, and beside the checkpoint (beside a link itself, not in the store it points into) when
     ``dirpath`` is another folder than the record there. A folder that cannot be written costs the note, not the
@@ -178,10 +177,7 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> N
         dirpath: the record they go into (made by ``UnlearningCallback.check``); its journal is started here, empty.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they are applied to.
     """
-    journal = journal_of(dirpath).path  # there from the note on, even empty: a noted line without it is gone
-    with open(journal, "ab"):
-        pass
-    fsync_directory(dirpath)
+    journal_of(dirpath).start()  # there from the note on, even empty: a noted line without it is gone
     folders = [(machine_lines_folder(), False)]
     if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
         folders.append((unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent), True))
@@ -214,7 +210,8 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     """
     beside = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
-    gone = sorted(line for line in lines if not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve()))
+    kept = {line for line in lines if (line / JOURNAL_FILE).is_file()}
+    gone = sorted(line for line in lines - kept if not (redone and line.resolve() == redone.resolve()))
     if refuse_gone and any(line in beside for line in gone):
         first = next(line for line in gone if line in beside)
         where = "give its place with --record FOLDER" if command == "predict" else "move it back"
@@ -226,7 +223,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     for line in gone:
         print(f"[{command}] {line}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
               f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
-    return {line for line in lines if (line / JOURNAL_FILE).is_file()}
+    return kept
 
 
 def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],

@@ -143,6 +143,21 @@ class Journal:
                 fsync_directory(self.folder)
         return entry
 
+    def start(self) -> None:
+        """Create the journal empty, durably, unless it exists (a line of deletions noted before its first entry has one).
+
+        Example:
+            >>> import tempfile, os
+            >>> journal = Journal(os.path.join(tempfile.mkdtemp(), "journal.jsonl"))
+            >>> journal.start()
+            >>> journal.path.read_bytes(), journal.entries()
+            (b'', [])
+        """
+        if not self.path.exists():
+            with open(self.path, "ab"):  # appending: a journal made meanwhile by another process is kept as it is
+                pass
+            fsync_directory(self.folder)
+
     def _relative(self, path: str | os.PathLike) -> str:
         path = Path(path)
         if not path.is_absolute():
