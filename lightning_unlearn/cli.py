@@ -27,7 +27,13 @@ from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
-from lightning_unlearn.recommendations import note_recommendations, recommendations_lock, scrub_recommendations, write_recommendations
+from lightning_unlearn.recommendations import (
+    note_recommendations,
+    recommendations_file_lock,
+    recommendations_lock,
+    scrub_recommendations,
+    write_recommendations,
+)
 from lightning_unlearn.record_checks import (
     default_unlearning_folder,
     folder_of_key,
@@ -392,9 +398,10 @@ class UnlearningTrainer(pl.Trainer):
                 raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
             if hasattr(self, "_command_config"):  # the command's, once its checks passed
                 log_config(self.loggers, self._command_config)
-            noted = note_recommendations(path, datamodule, writing=True)  # a write killed midway leaves a temporary file
-            counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device,
-                                           before_rename=(lambda written: note_recommendations(path, datamodule, written=written)) if noted else None)
+            with recommendations_file_lock(path):  # a cleaning of the file this one replaces waits (it may be of other data)
+                noted = note_recommendations(path, datamodule, writing=True)  # a write killed midway leaves a temporary file
+                counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device,
+                                               before_rename=(lambda written: note_recommendations(path, datamodule, written=written)) if noted else None)
             _scrub_recommendations(datamodule, "predict", held=True)  # what an unlearn stopped before its cleaning left
             print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
                   f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import hashlib
 import io
 import os
 import sys
@@ -25,7 +26,8 @@ from lightning_unlearn.files import append_note, notes, write_whole, written_who
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.unlearning.record import machine_lines_folder, machine_lock
 
-__all__ = ["NOTE_FILE", "note_recommendations", "recommendations_lock", "scrub_recommendations", "write_recommendations"]
+__all__ = ["NOTE_FILE", "note_recommendations", "recommendations_file_lock", "recommendations_lock", "scrub_recommendations",
+           "write_recommendations"]
 
 NOTE_FILE = "recommendations.jsonl"
 """In :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`: the recommendation files ``predict`` wrote."""
@@ -124,6 +126,35 @@ def recommendations_lock(datamodule: RecDataModule) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def recommendations_file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold, waiting for it if need be, the machine's lock of the recommendations file ``path``.
+
+    ``predict`` holds it while it writes and notes the file, :func:`scrub_recommendations` while it
+    cleans it: a ``predict`` from other data (another lock of :func:`recommendations_lock`) into the
+    same path is never replaced by a cleaning of the file it replaced, and a temporary file found
+    beside the path is a leftover of a write that was killed. A machine folder that cannot be
+    written costs the lock, not the command.
+
+    Args:
+        path: the recommendations file (it need not exist).
+
+    Example (not run here: the lock is a file in the machine's folder)::
+
+        with recommendations_file_lock("runs/top20.csv"):
+            ...  # write the file whole and note it
+    """
+    name = hashlib.sha256(str(_file(path)).encode()).hexdigest()[:32]
+    with machine_lock(f"recommendations-{name}", "writing or cleaning the same recommendations file", wait=True):
+        yield
+
+
+def _file(path: str | os.PathLike) -> Path:
+    """The file a write to ``path`` replaces: a link there is replaced, not what it points to."""
+    path = Path(path).absolute()
+    return path.parent.resolve() / path.name
+
+
 def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, command: str = "predict",
                          written: Path | None = None, writing: bool = False) -> bool:
     """Note that ``path`` holds recommendations of ``datamodule``'s data (no id).
@@ -146,8 +177,7 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, com
     Returns:
         Whether it is noted.
     """
-    path = Path(path).absolute()
-    path = path.parent.resolve() / path.name  # the file itself: a write replaces a link there, not what it points to
+    path = _file(path)
     line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"),
             **({"writing": True} if writing else _identity(written or path))}
     try:
@@ -168,7 +198,8 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     holds); one that none has, changed since by another program, is left alone and said on the
     console. It is replaced at once (:func:`~lightning_unlearn.files.write_whole`), keeps its mode,
     and is noted before its rename. A noted file that is gone is skipped; one that cannot be read
-    or rewritten is said on the console (no id in the messages). Hold :func:`recommendations_lock`.
+    or rewritten is said on the console (no id in the messages). Hold :func:`recommendations_lock`; each file's
+    :func:`recommendations_file_lock` is taken here.
 
     Args:
         datamodule: the data, set up, with the removals of the latest state.
@@ -194,45 +225,53 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     gone_items = {str(raw) for raw in train.item_ids[items.numpy()].tolist()}
     scrubbed = []
     for name, lines in sorted(_noted().items()):
-        path = Path(name)
-        if not any(line.get("data") == fingerprint for line in lines):
-            continue
-        if lines[-1].get("data") == fingerprint:  # the latest write is of this data (another's may be writing now)
-            for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
-                left.unlink(missing_ok=True)
-        if not path.is_file():
-            continue
-        identity = _identity(path)
-        owner = next((line for line in reversed(lines) if {key: line.get(key) for key in identity} == identity), None)
-        if owner is None:
-            print(f"[{command}] {path} (recommendations written by predict) was changed since by something else: it is not "
-                  f"cleaned of the users and items deleted since, and may name them. Predict into it again, or remove it, "
-                  f"to end this message.", file=sys.stderr)
-            continue
-        if owner.get("data") != fingerprint:  # predicted into again from other data: that data's file
-            continue
-        try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = list(csv.reader(fh))
-        except (OSError, UnicodeDecodeError, csv.Error) as err:
-            print(f"[{command}] {path} (recommendations written by predict) cannot be read ({type(err).__name__}): it is not "
-                  f"cleaned of the users and items deleted since, and may name them; remove it, or predict into it again.",
-                  file=sys.stderr)
-            continue
-        kept = rows[:1] + [row for row in rows[1:] if not (len(row) > 2 and (row[0] in gone_users or row[2] in gone_items))]
-        if len(kept) == len(rows):
-            continue
-        text = io.StringIO()
-        csv.writer(text).writerows(kept)
-        try:
-            write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777,
-                        before_rename=lambda written: note_recommendations(path, datamodule, command, written=written))
-        except OSError as err:
-            print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
-                  f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
-            continue
-        scrubbed.append(path)
+        if any(line.get("data") == fingerprint for line in lines):
+            with recommendations_file_lock(name):  # a predict writing it (from any data) finishes first
+                if _clean(Path(name), lines, datamodule, command, gone_users, gone_items):
+                    scrubbed.append(Path(name))
     return scrubbed
+
+
+def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, command: str, gone_users: set[str], gone_items: set[str]) -> bool:
+    """:func:`scrub_recommendations` of one noted file (its lock held): whether it held rows of deleted users or items."""
+    for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
+        left.unlink(missing_ok=True)
+    if not path.is_file():
+        return False
+    identity = _identity(path)
+
+    def owner(notes: list[dict]) -> dict | None:  # the latest note of the file as it is
+        return next((line for line in reversed(notes) if {key: line.get(key) for key in identity} == identity), None)
+
+    noted = owner(lines) or owner(_noted().get(str(path), []))  # or written by a predict this cleaning waited for
+    if noted is None:
+        print(f"[{command}] {path} (recommendations written by predict) was changed since by something else: it is not "
+              f"cleaned of the users and items deleted since, and may name them. Predict into it again, or remove it, "
+              f"to end this message.", file=sys.stderr)
+        return False
+    if noted.get("data") != datamodule.state_dict().get("fingerprint"):  # predicted into again from other data: that data's file
+        return False
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        print(f"[{command}] {path} (recommendations written by predict) cannot be read ({type(err).__name__}): it is not "
+              f"cleaned of the users and items deleted since, and may name them; remove it, or predict into it again.",
+              file=sys.stderr)
+        return False
+    kept = rows[:1] + [row for row in rows[1:] if not (len(row) > 2 and (row[0] in gone_users or row[2] in gone_items))]
+    if len(kept) == len(rows):
+        return False
+    text = io.StringIO()
+    csv.writer(text).writerows(kept)
+    try:
+        write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777,
+                    before_rename=lambda written: note_recommendations(path, datamodule, command, written=written))
+    except OSError as err:
+        print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
+              f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)
+        return False
+    return True
 
 
 def _noted() -> dict[str, list[dict]]:

@@ -710,10 +710,10 @@ def test_a_recommendations_file_is_cleaned_as_one_of_its_notes_has_it_whatever_s
     other = RecDataModule(Synthetic(num_users=12, num_items=10, seed=1))  # a predict from other data, stopped before its write
     other.setup()
     assert recommendations.note_recommendations(path, other, writing=True)
-    writing = tmp_path / ".top.csv.k1.tmp"  # that predict is writing now: its temporary file is not a leftover of this data
-    writing.write_text("")
+    left = tmp_path / ".top.csv.k1.tmp"  # its temporary file: nobody holds the file's lock, so a leftover of a killed write
+    left.write_text("")
     dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([1]))
-    assert recommendations.scrub_recommendations(dm) == [path.resolve()] and rows() == users[2:] and writing.exists()
+    assert recommendations.scrub_recommendations(dm) == [path.resolve()] and rows() == users[2:] and not left.exists()
     dated, latest = tmp_path / "top-1205.csv", tmp_path / "latest.csv"  # predict --out latest.csv, a link to a dated file
     dated.write_text("")
     latest.symlink_to(dated)
@@ -732,6 +732,37 @@ def test_a_recommendations_file_is_cleaned_as_one_of_its_notes_has_it_whatever_s
     dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([3]))
     assert path.resolve() not in recommendations.scrub_recommendations(dm)
     assert "cannot be read (UnicodeDecodeError)" in capsys.readouterr().err
+
+
+def test_a_cleaning_waits_for_a_predict_writing_the_same_file_and_leaves_its_file_alone(tmp_path, capsys):
+    """A predict from other data into a file noted for this data holds the file's lock until its file is renamed in and
+    noted: a cleaning of the old file waits (it used to rename its cleaned copy over the new file), then finds the
+    new file is the other data's and leaves it as it is, without calling it changed by something else."""
+    import threading
+
+    from lightning_unlearn import recommendations
+    from lightning_unlearn.data import Synthetic
+
+    dm, other = (RecDataModule(Synthetic(num_users=12, num_items=10, seed=seed)) for seed in (0, 1))
+    dm.setup()
+    other.setup()
+    path = tmp_path / "top.csv"
+    path.write_text("user,rank,item,score\n" + "".join(f"{user},1,{dm.train.item_ids[0]},0.5\n" for user in dm.train.user_ids[:5].tolist()))
+    assert recommendations.note_recommendations(path, dm)
+    dm.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor([0]))
+    theirs = "user,rank,item,score\n7,1,3,0.9\n"
+    found = []
+    with recommendations.recommendations_file_lock(path):  # the other data's predict is writing
+        assert recommendations.note_recommendations(path, other, writing=True)
+        cleaning = threading.Thread(target=lambda: found.append(recommendations.scrub_recommendations(dm)))
+        cleaning.start()
+        cleaning.join(0.5)
+        assert cleaning.is_alive()  # waits for the file
+        files_module.write_whole(path, theirs, before_rename=lambda written: recommendations.note_recommendations(path, other,
+                                                                                                                  written=written))
+    cleaning.join(30)
+    assert found == [[]] and path.read_text() == theirs
+    assert "changed since by something else" not in capsys.readouterr().err
 
 
 def test_a_full_disk_is_reported_as_such_and_nothing_is_applied(trained, tmp_path, monkeypatch):
