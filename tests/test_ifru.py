@@ -16,7 +16,7 @@ from lightning_unlearn.unlearning.methods import IFRU, AltEraser, FineTune, Unle
 from lightning_unlearn.unlearning.methods import curvature as curvature_module
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
-from lightning_unlearn.unlearning.methods.scope import Scope, occurrences, reset_to_initialisation, touched
+from lightning_unlearn.unlearning.methods.scope import Scope, graph_of, occurrences, reset_to_initialisation, touched
 
 
 def optimise(model, rows, tables) -> float:
@@ -344,6 +344,32 @@ def test_graph_solve_with_fresh_blocks_gives_the_cached_step(graph_problem):
         steps[blocks] = (unlearned.user_embedding.weight - model.user_embedding.weight).detach()
     torch.testing.assert_close(steps["fresh"], steps["auto"], rtol=1e-8, atol=1e-10)
     assert float(steps["auto"].abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("method", [lambda: IFRU(damping=1e-3, tol=1e-12, max_iter=500), lambda: FineTune(epochs=2, lr=0.01)],
+                         ids=["IFRU", "FineTune"])
+def test_a_graph_model_still_holding_the_deleted_edges_is_unlearned_over_the_retained_graph(graph_problem, method):
+    """A caller of unlearn() in Python who did not give the model the graph without the deleted rows: the method runs
+    over the retained rows' graph (the same step as from the right graph), and the unlearned model keeps it, never the
+    deleted edges. A graph of other data is refused, and a failed request gives the model its graph back."""
+    model, every, retained, deleted, _, _ = graph_problem
+    right, stale = copy.deepcopy(model), copy.deepcopy(model)
+    stale.adjacency = graph_of(model, every)  # the graph it was trained with
+    for unlearned in (right, stale):
+        torch.manual_seed(0)  # FineTune's batches
+        method().unlearn(unlearned, retained, deleted)
+    torch.testing.assert_close(stale.state_dict(), right.state_dict(), rtol=0, atol=1e-12)
+    assert torch.equal(stale.adjacency.to_dense(), model.adjacency.to_dense())
+    other = copy.deepcopy(model)
+    other.adjacency = graph_of(model, retained.select(torch.arange(len(retained)) % 2 == 0))
+    with pytest.raises(ValueError, match="the model's graph has .* edges, but the retained rows make"):
+        IFRU().unlearn(other, retained, deleted)
+    torch.testing.assert_close(other.state_dict(), model.state_dict(), rtol=0, atol=0)
+    failing = copy.deepcopy(model)
+    failing.adjacency = graph = graph_of(model, every)
+    with pytest.raises(UnlearningError):
+        IFRU(max_iter=1, solver="direct", direct_max=1).unlearn(failing, retained, deleted)
+    assert failing.adjacency is graph
 
 
 def test_graph_preconditioner_blocks_are_the_base_rows_curvature_through_the_propagation(graph_problem):

@@ -14,6 +14,7 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import non_finite
+from lightning_unlearn.unlearning.methods.scope import retained_graph
 
 __all__ = ["UnlearningContext", "UnlearningError", "UnlearningReport", "Unlearner"]
 
@@ -145,14 +146,17 @@ class Unlearner(ABC):
         Raises:
             ValueError: ``retained`` or ``deleted`` are not rows of ``model``'s size (integer
                 indices, one item and one user per row, negatives of one width, ids within the
-                model's users and items); nothing is changed. These checks are not in the
-                reported seconds.
+                model's users and items), or a graph model's graph is neither theirs nor the
+                retained rows'; nothing is changed. A graph model still holding the deleted
+                rows' edges is given the retained rows' graph first
+                (:func:`~lightning_unlearn.unlearning.methods.scope.retained_graph`). These
+                checks are not in the reported seconds.
             UnlearningError: the method raised or left a non-finite parameter; ``model`` holds
                 its parameters from before the call again.
         """
         context = context or UnlearningContext(device=model.device)
         _check_rows(model, retained, deleted)
-        before = copy.deepcopy(model.state_dict())
+        before, graph = copy.deepcopy(model.state_dict()), retained_graph(model, retained, deleted)
         start = time.perf_counter()
         try:
             with torch.enable_grad():
@@ -164,6 +168,8 @@ class Unlearner(ABC):
                 raise UnlearningError(f"non-finite parameters after {self.name}: {', '.join(bad)}")
         except Exception as err:
             model.load_state_dict(before)
+            if graph is not None:
+                model.adjacency = graph
             raise UnlearningError(f"{self.name} failed and the model was restored: {err}. Try: {self.hint}.") from err
         seconds = time.perf_counter() - start - precompute
         return UnlearningReport(self.name, seconds, len(deleted), precompute_seconds=float(precompute), diagnostics=diagnostics)

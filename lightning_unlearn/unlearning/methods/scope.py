@@ -249,6 +249,51 @@ def graph_of(model: Recommender, rows: TrainRows) -> Tensor:
     return normalized_adjacency(table).to(device=model.adjacency.device, dtype=model.adjacency.dtype)
 
 
+def retained_graph(model: Recommender, retained: TrainRows, deleted: TrainRows) -> Tensor | None:
+    """Give a graph model still holding the graph of ``retained`` and ``deleted`` rows the graph of ``retained`` alone.
+
+    An unlearned graph model must not propagate over the deleted edges, and the methods take
+    the model's graph as the one after the deletion (the callback and ``compare`` give it; a
+    caller of :meth:`~lightning_unlearn.unlearning.methods.base.Unlearner.unlearn` may not have).
+
+    Args:
+        model: the model (nothing is done for one without a graph, or whose graph has the
+            retained rows' edges).
+        retained: the rows that remain.
+        deleted: the rows to forget.
+
+    Returns:
+        The graph the model held before, when it was replaced (to restore it), else ``None``.
+
+    Raises:
+        ValueError: the model's graph has as many edges as neither the retained rows nor all
+            the rows: it is some other data's (nothing is changed).
+
+    Example:
+        >>> from lightning_unlearn.models import LightGCN
+        >>> model = LightGCN(2, 2, embedding_dim=2)
+        >>> rows = TrainRows(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([[0], [1]]))
+        >>> model.set_graph(Interactions.from_raw([0, 1], [1, 0]))  # both rows' edges
+        >>> retained_graph(model, rows.select(torch.tensor([True, False])), rows.select(torch.tensor([False, True]))) is not None
+        True
+        >>> model.adjacency.values().numel()  # one edge left, both ways
+        2
+    """
+    if not is_graph(model):
+        return None
+    edges = lambda rows: int(torch.unique(rows.users * model.num_items + rows.items).numel())  # noqa: E731
+    held, kept = model.adjacency.values().numel() // 2, edges(retained)
+    if held == kept:
+        return None
+    everything = edges(retained.concat(deleted))
+    if held != everything:
+        raise ValueError(f"the model's graph has {held} edges, but the retained rows make {kept} and all the rows {everything}: "
+                         "it is another data's graph. Give the model the retained rows' graph (model.set_graph(datamodule.train) "
+                         "once the datamodule has removed the deleted rows).")
+    before, model.adjacency = model.adjacency, graph_of(model, retained)
+    return before
+
+
 def initialisation(model: Recommender, seed: int) -> Recommender:
     """The fresh model a retrain of ``model`` from ``seed`` starts from (``pl.seed_everything(seed)``, then ``model.fresh()``).
 
