@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dis
 import errno
 import inspect
@@ -662,6 +663,8 @@ class LightningUnlearnCLI(LightningCLI):
         if state is None and path and Path(path).is_file():  # a Lightning checkpoint: a refit's, or a fit's callback's
             state = {"unlearning": unlearning_state(load_checkpoint(path, mmap=True))}
         if state is None or not state.get("unlearning"):
+            if path and Path(path).is_file():
+                self._refuse_a_stale_trained_checkpoint(path)
             self._note_deletions_beside_the_checkpoints()
             return
         # the drift counter starts afresh when the model is fitted again, on the rows that remain; kept when it is not
@@ -678,6 +681,23 @@ class LightningUnlearnCLI(LightningCLI):
             callback.load_state_dict(carried)
         if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
             self.trainer.callbacks.append(_CarriedUnlearningState(carried))
+
+    def _refuse_a_stale_trained_checkpoint(self, path: str) -> None:
+        """``fit --ckpt_path`` a checkpoint without callback state: refused as ``predict`` refuses it, when a deletion record
+        beside it (or a line of deletions started from its parameters) deleted what its data still holds. Training on
+        would learn those rows again, in checkpoints that name no record. Checked on copies of the model and the data."""
+        model = copy.deepcopy(self.model)
+        try:
+            model.load_state_dict(load_checkpoint(path)["state_dict"])
+        except (KeyError, RuntimeError):  # not this model's checkpoint: Lightning says so
+            return
+        folders = records_of(path, model, {}, None, command="fit")
+        if not any(journal_of(folder).path.is_file() for folder in folders):
+            return
+        datamodule = copy.deepcopy(self.datamodule)
+        restore_checkpoint(path, model, datamodule)  # its removals (refused when it has no data state to check)
+        for folder in sorted(folders):
+            refuse_fewer_deletions(path, datamodule, journal_of(folder), command="fit")
 
     def _note_deletions_beside_the_checkpoints(self) -> None:
         """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""

@@ -88,18 +88,20 @@ def _holds_key(folder: Path, wanted: str | None) -> bool:
     return (folder / KEY_FILE).is_file() and (wanted is None or key_id(journal_of(folder)) == wanted)
 
 
-def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dict[str, Any], record: str | None) -> set[Path]:
-    """``predict``: the deletion records to check ``ckpt_path`` against: the one beside it (beside the link too, for a
+def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dict[str, Any], record: str | None,
+               command: str = "predict") -> set[Path]:
+    """``predict`` (and ``fit``): the deletion records to check ``ckpt_path`` against: the one beside it (beside the link too, for a
     checkpoint that is a link into a content store), the one its callback state
     (``unlearning``) names, and ``record`` (``--record``). A record is a folder with a journal key; the named one is
     recognised by its key. Refuses a named record that is gone (moved, deleted, re-created empty) unless ``record``
     says where it is, or the record beside the checkpoint is that one (a record moved with its unlearned checkpoints).
 
     Args:
-        ckpt_path: the checkpoint ``predict`` was given.
+        ckpt_path: the checkpoint the command was given.
         model: its model, restored (the lines started from its parameters are noted by their digest).
         unlearning: its callback state (``{}`` when it has none).
         record: ``--record``, the folder a named record was moved to (``None``: not given).
+        command: the subcommand that asks, named in its messages.
 
     Raises:
         OptionRefused: ``record`` holds no journal key.
@@ -109,7 +111,7 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
     besides = records_beside(ckpt_path)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
-    lines = lines_from(ckpt_path, digest, "predict", refuse_gone=record is None)
+    lines = lines_from(ckpt_path, digest, command, refuse_gone=record is None)
     folders = besides | {line for line in lines if applied_to(journal_of(line), digest)}
     if record is not None:
         if not _holds_key(Path(record), None):
@@ -126,7 +128,7 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
     elif named and record is None and not (named_key is not None and any(_holds_key(b, named_key) for b in besides)):
         raise StaleCheckpoint(
             f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
-            f"predict cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "
+            f"{command} cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "
             f"place with --record FOLDER.")
     return folders
 
@@ -325,17 +327,23 @@ def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[De
     return True, all(bool(torch.isin(deleted[key], torch.cat(parts)).all()) for key, parts in removed.items())
 
 
-def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal) -> None:
-    """``predict``: refuse a checkpoint whose data still holds what the deletion record ``journal`` deleted.
+_WOULD = {"predict": "its recommendations would name users deleted since, and rank from their rows",
+          "fit": "training on from it would learn their rows again, and its checkpoints would name no deletion record"}
+
+
+def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal, command: str = "predict") -> None:
+    """``predict`` (and ``fit``): refuse a checkpoint whose data still holds what the deletion record ``journal`` deleted.
 
     A refit from the latest state, or a later unlearned checkpoint, removes at least as much and
-    passes; the trained checkpoint after a deletion does not. Unlearned checkpoints that the journal
+    passes; the trained checkpoint after a deletion does not: ``predict`` would recommend to the
+    users deleted since, a ``fit`` would train on their rows again. Unlearned checkpoints that the journal
     does not name (it was removed, emptied or replaced) are refused as ``unlearn`` refuses them.
 
     Args:
-        ckpt_path: the checkpoint ``predict`` was given.
+        ckpt_path: the checkpoint the command was given.
         datamodule: its data, with the removals it holds.
         journal: one of the records it belongs to (:func:`records_of`).
+        command: ``"predict"`` or ``"fit"``, named in the messages.
 
     Raises:
         StaleCheckpoint: its data holds what the record deleted, the record's latest state is missing, or a request
@@ -348,21 +356,21 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
             return
         interrupted, latest = journal.interrupted(), journal.last_checkpoint()
     except JournalCorrupted as err:
-        raise JournalCorrupted(f"predict checks that {ckpt_path} holds the deletions of the record beside it, and that "
+        raise JournalCorrupted(f"{command} checks that {ckpt_path} holds the deletions of the record beside it, and that "
                                f"record does not read: {err}") from None
     except FileNotFoundError as err:
-        raise StaleCheckpoint(f"predict checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
+        raise StaleCheckpoint(f"{command} checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
                               f"the latest state there is missing: {err}") from None
     if interrupted:
         try:
             with journal.lock():
                 pass
         except FolderLocked:
-            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; predict from the folder's "
+            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; {command} from the folder's "
                                   f"latest state once it is done.") from None
         raise StaleCheckpoint(
             f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
-            f"folder again (it recovers the request, then applies what is queued), then predict from its latest state."
+            f"folder again (it recovers the request, then applies what is queued), then {command} from its latest state."
         )
     if latest is None:
         return
@@ -372,6 +380,6 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
                 "is not the data they were applied to (another seed or split), so it may hold what they deleted")
         raise StaleCheckpoint(
             f"{journal.folder} records {counted(journal.applied_count(), 'deletion')} applied to this model's run, and the "
-            f"data of {ckpt_path} {held}: its recommendations would name users deleted since, and rank from their rows. "
-            f"Predict from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
+            f"data of {ckpt_path} {held}: {_WOULD.get(command, _WOULD['predict'])}. "
+            f"{command.capitalize()} from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
         )

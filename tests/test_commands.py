@@ -705,7 +705,8 @@ def test_predict_writes_top_k_without_deleted_users_items_or_seen_items(trained,
 
 def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tmp_path, capsys):
     """After `unlearn` deleted user 8 from a run's checkpoint, that checkpoint would still recommend to user 8 and
-    write the id: predict is refused, naming the latest state, which predicts without user 8."""
+    write the id: predict is refused, naming the latest state, which predicts without user 8. A fit from it is refused
+    too (it trained on user 8's rows again, into checkpoints that no check found stale)."""
     best = tmp_path / "run" / "checkpoints" / "best.ckpt"
     best.parent.mkdir(parents=True)
     best.write_bytes(trained.best.read_bytes())
@@ -718,6 +719,11 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "records 1 deletion applied" in err and f"--ckpt_path {latest}" in err
     assert not (tmp_path / "stale.csv").exists()
+    with pytest.raises(SystemExit) as exit_info:  # nor trained on: its checkpoints would learn user 8's rows again, and name no record
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(best), *BRIEF])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "training on from it would learn their rows again" in err
+    assert f"Fit from the latest state (`--ckpt_path {latest}`)" in err and not (tmp_path / "ckpt").exists()
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "recs.csv"])
     with open("recs.csv", newline="") as fh:
         assert "8" not in {row["user"] for row in csv.DictReader(fh)}
