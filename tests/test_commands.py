@@ -785,7 +785,7 @@ def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(tra
     (tmp_path / "user8.csv").write_text("user\n8\n")
     with pytest.raises(SystemExit):
         main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(refit), "--requests", "user8.csv", "--method", "FineTune"])
-    assert f"Resume in its own folder (`--out {trained.unlearned.parent.resolve()}`)" in capsys.readouterr().err
+    assert f"Resume in its own folder ({trained.unlearned.parent.resolve()}: `unlearn --out` it" in capsys.readouterr().err
     # A fit resumed from the refit's own checkpoint keeps the state on too.
     (tmp_path / "refit.ckpt").write_bytes(refit.read_bytes())
     saver = f"{{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {{dirpath: {tmp_path / 'again'}, save_last: true}}}}"
@@ -793,6 +793,30 @@ def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(tra
           f"--trainer.callbacks+={saver}"])
     again = torch.load(tmp_path / "again" / "last.ckpt", weights_only=True)
     assert again["unlearning"]["applied"] == original["applied"] and again["epoch"] == 2
+
+
+def test_a_branch_refused_before_its_first_request_leaves_a_folder_another_branch_can_start_in(trained, tmp_path, capsys):
+    """`unlearn --branch true` refused for a typo in its request used to leave its copy of the record's key in the new
+    folder: a branch from another record's checkpoint into that folder was then refused for its key, which no request
+    was ever recorded with. Such a key is replaced; a folder whose journal recorded something keeps its own."""
+    (tmp_path / "typo.csv").write_text("user\n99999\n")
+    branch = ["--method", "FineTune", "--out", "br", "--branch", "true"]
+    with pytest.raises(SystemExit):
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--requests", "typo.csv", *branch])
+    assert "unknown user id" in capsys.readouterr().err and not (tmp_path / "br" / "journal.jsonl").exists()
+    best = tmp_path / "run" / "checkpoints" / "best.ckpt"  # another record, with a key of its own
+    best.parent.mkdir(parents=True)
+    best.write_bytes(trained.best.read_bytes())
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"])
+    other = journal_of(tmp_path / "run" / "unlearning")
+    (tmp_path / "user9.csv").write_text("user\n9\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(other.last_checkpoint()), "--requests", "user9.csv", *branch])
+    assert journal_of(tmp_path / "br").applied_count() == 1 and (tmp_path / "br" / "journal.key").read_text() == \
+        (other.folder / "journal.key").read_text()
+    with pytest.raises(SystemExit):  # now its key recorded a request: a branch of the first record is refused there
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--requests", "user9.csv", *branch])
+    assert "already holds 1 applied request" in capsys.readouterr().err
 
 
 def test_predict_checks_the_record_beside_a_checkpoint_that_is_a_link(trained, tmp_path, capsys):

@@ -25,7 +25,7 @@ import torch
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.files import append_note, notes, write_whole
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import FolderLocked, Journal, exclusive
+from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, exclusive
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
@@ -184,9 +184,10 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
             )
         raise StaleCheckpoint(
             f"The model comes from a checkpoint of another unlearning folder (journal {lineage.get('journal')}, entry "
-            f"{lineage.get('seq')}), and {journal.folder} is not that folder. Resume in its own folder (`--out "
-            f"{record or '<the folder of that checkpoint>'}`), or start a new branch here on purpose (`--branch true`; "
-            f"UnlearningCallback(branch=True))."
+            f"{lineage.get('seq')}), and {Path(journal.folder).resolve()} is not that folder. Resume in its own folder "
+            f"({record or '<the folder of that checkpoint>'}: `unlearn --out` it, or make it the UnlearningCallback's "
+            f"`dirpath` in a fit), or start a new branch here on purpose (`unlearn --branch true`; in a fit, the "
+            f"UnlearningCallback's `branch=True`)."
         )
     if branch:
         raise StaleCheckpoint(
@@ -361,7 +362,7 @@ def check_key(journal: Journal, recorded: str | None, applied: int) -> None:
         f"they were applied in (key id {recorded}), but {journal.folder} has {'no key' if ours is None else 'another key'}. "
         f"A new branch starts with that folder's key: `lightning_unlearn.unlearning.record.adopt_key(<that folder>, "
         f"{journal.folder})` before the run (`unlearn --branch true`, and `fit` from an unlearned checkpoint with a "
-        f"branch callback, do it), into a folder that has no key yet."
+        f"branch callback, do it), into a folder that has no key yet, or one no request was recorded with."
     )
 
 
@@ -369,23 +370,34 @@ def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
     """Start a branch folder with the key of the folder it branches from (if it has one).
 
     The applied requests' fingerprints in a checkpoint are keyed with its folder's key; with the
-    same key, the branch still recognises them when they are queued again.
+    same key, the branch still recognises them when they are queued again. A key ``target`` holds
+    without a journal recorded nothing (a run refused before its first request made or copied it):
+    it is replaced, under the folder's lock.
 
     Args:
         source: the folder of the checkpoint the branch starts from.
         target: the branch's new folder.
 
     Returns:
-        Whether a key was copied (``False`` when ``source`` has none or ``target`` has one).
+        Whether a key was copied (``False`` when ``source`` has none, or ``target`` has the same
+        one or one its journal recorded requests or a line with).
 
     Raises:
         JournalCorrupted: ``source``'s or ``target``'s key is gone while its journal records entries.
+        FolderLocked: another process holds ``target`` while its key would be replaced.
     """
     theirs, ours = journal_of(source), journal_of(target)
     theirs.refuse_a_lost_key()
     ours.refuse_a_lost_key()
-    if not theirs.key_exists() or ours.key_exists() or Path(source).resolve() == Path(target).resolve():
+    if not theirs.key_exists() or Path(source).resolve() == Path(target).resolve():
         return False
+    if ours.key_exists():
+        if ours.path.exists() or key_id(ours) == key_id(theirs):
+            return False
+        with ours.lock():  # no journal appears meanwhile
+            if ours.path.exists():
+                return False
+            (ours.folder / KEY_FILE).unlink()
     return ours.write_key(theirs.key)  # False: another process (a rank of the same run) copied it meanwhile
 
 
