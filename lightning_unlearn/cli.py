@@ -143,6 +143,8 @@ class UnlearningTrainer(pl.Trainer):
         if log_artifacts:
             with _options_refused():
                 check_artifact_logging(self.loggers)  # before any work: a refused option changes nothing
+        if isinstance(method, Retrain):
+            _refuse_a_refit_of_nothing(self, "unlearn --method Retrain refits the model")
         dirpath = Path(out) if out else default_unlearning_folder(ckpt_path)
         _refuse_a_file_for_a_folder("unlearn --out", dirpath)
         if not out:
@@ -307,6 +309,7 @@ class UnlearningTrainer(pl.Trainer):
         selects nothing, or everything, or names an unknown id (checked again once a checkpoint's removals are applied)."""
         with _options_refused():
             check_arguments(methods or [], k, repeats)
+        _refuse_a_refit_of_nothing(self, "compare refits the original (Retrain, the reference every gap is read against)")
         if out:
             _refuse_a_file_for_a_folder("compare --out", Path(out))
         self._check_deletion(datamodule, deletion)
@@ -388,15 +391,17 @@ class UnlearningTrainer(pl.Trainer):
             raise OptionRefused(f"predict needs k >= 1 recommendations per user (--k), got k={k!r}.")
         if record is not None and not ckpt_path:
             raise OptionRefused("predict --record names the deletion record to check --ckpt_path against: give the checkpoint too.")
+        path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
+        if path.is_dir():
+            raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
+        _refuse_a_file_above("predict --out", path)
+        _refuse_a_record_file("predict --out", path, ckpt_path)
         datamodule.setup()
         with recommendations_lock(datamodule):  # a deletion applied meanwhile is cleaned from the file once it is noted
             if ckpt_path:
                 state = restore_checkpoint(ckpt_path, model, datamodule)
                 for folder in sorted(records_of(ckpt_path, model, state.get("unlearning") or {}, record)):
                     refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
-            path = Path(out) if out else Path(self._run_dir()) / "recommendations.csv"
-            if path.is_dir():
-                raise OptionRefused(f"predict --out {path} is a folder: give the CSV file to write, e.g. {path / 'recommendations.csv'}.")
             if hasattr(self, "_command_config"):  # the command's, once its checks passed
                 log_config(self.loggers, self._command_config)
             with recommendations_file_lock(path):  # a cleaning of the file this one replaces waits (it may be of other data)
@@ -462,9 +467,37 @@ def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool =
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 
+def _refuse_a_refit_of_nothing(trainer: pl.Trainer, what: str) -> None:
+    """Refuse, before anything runs, a trainer whose settings make a refit train nothing (its model would be untrained)."""
+    nothing = trains_nothing(trainer)
+    if nothing:
+        raise OptionRefused(f"{what} with the trainer's settings, and --trainer.{nothing} trains nothing: the refit would be "
+                            f"an untrained model. Give the settings the original was fitted with (e.g. its --trainer.max_epochs).")
+
+
 def _refuse_a_file_for_a_folder(option: str, folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise OptionRefused(f"{option} {folder} is a file: give the folder to write into (created if needed).")
+    _refuse_a_file_above(option, folder)
+
+
+def _refuse_a_file_above(option: str, path: Path) -> None:
+    """Refuse a ``path`` below a file: no folder can be made there."""
+    above = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OptionRefused(f"{option} {path} is below {above}, which is a file, not a folder: give a path in a folder.")
+
+
+_RECORD_FILES = {"journal.jsonl", "journal.key", "journal.lock", "lines.jsonl"}
+
+
+def _refuse_a_record_file(option: str, path: Path, ckpt_path: str | os.PathLike | None) -> None:
+    """``predict --out``: refuse to write recommendations over the checkpoint given, any checkpoint, or a deletion record's files."""
+    if ckpt_path and path.exists() and Path(ckpt_path).exists() and path.resolve() == Path(ckpt_path).resolve():
+        raise OptionRefused(f"{option} {path} is the checkpoint predict reads: give another file for the recommendations.")
+    if path.suffix == ".ckpt" or path.name in _RECORD_FILES:
+        raise OptionRefused(f"{option} {path} would overwrite a checkpoint or a file of a deletion record with the "
+                            f"recommendations: give a CSV file of its own, e.g. {path.parent / 'recommendations.csv'}.")
 
 
 class LightningUnlearnCLI(LightningCLI):
@@ -567,11 +600,12 @@ class LightningUnlearnCLI(LightningCLI):
                 f"--trainer.devices={trainer.get('devices')!r} and --trainer.num_nodes={trainer.get('num_nodes')!r} would not "
                 "spread it. Give one device (e.g. --trainer.devices=1); several devices serve an UnlearningCallback in fit."
             )
-        limit = trainer.get("limit_predict_batches") if trainer is not None else None
-        if self.subcommand == "predict" and limit is not None and not (isinstance(limit, float) and limit == 1.0):  # int 1: one batch
-            self.parser.error(
-                "predict writes every user's top-K list in one pass: --trainer.limit_predict_batches is not used. Remove it."
-            )
+        unused = {"predict": ("limit_predict_batches", "predict writes every user's top-K list in one pass"),
+                  "unlearn": ("limit_test_batches", "unlearn measures utility on every test user"),
+                  "compare": ("limit_test_batches", "compare measures utility on every test user")}.get(self.subcommand)
+        limit = trainer.get(unused[0]) if trainer is not None and unused else None
+        if limit is not None and not (isinstance(limit, float) and limit == 1.0):  # int 1: one batch
+            self.parser.error(f"{unused[1]}: --trainer.{unused[0]} is not used. Remove it.")
         if self.subcommand == "compare" and _trainer_entries(config, "callbacks", UnlearningCallback):
             self.parser.error(
                 "compare makes its own deletion (--deletion.*) from the original: remove the UnlearningCallback from "

@@ -129,6 +129,9 @@ def test_unknown_or_invalid_keys_are_errors(bad, named, tmp_path, capsys):
 @pytest.mark.parametrize(("command", "options", "named"), [
     ("fit", ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "2"], "--lr_scheduler needs --optimizer"),
     ("predict", ["--trainer.limit_predict_batches=0.5"], "limit_predict_batches is not used"),
+    ("compare", ["--trainer.limit_test_batches=0.2"], "compare measures utility on every test user: --trainer.limit_test_batches"),
+    ("unlearn", ["--trainer.limit_test_batches=3", "--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune"],
+     "unlearn measures utility on every test user: --trainer.limit_test_batches is not used"),
     ("predict", ["--trainer.devices=2"], "runs on one device"),
     ("compare", ["--trainer.devices=[0, 1]"], "runs on one device"),
     ("unlearn", ["--trainer.devices=-1", "--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune"], "runs on one device"),

@@ -819,6 +819,38 @@ def test_a_branch_refused_before_its_first_request_leaves_a_folder_another_branc
     assert "already holds 1 applied request" in capsys.readouterr().err
 
 
+def test_an_out_over_a_checkpoint_or_a_record_file_or_below_a_file_is_refused_and_changes_nothing(trained, tmp_path, capsys):
+    """predict --out the checkpoint it reads, or the record's journal, used to replace it with the CSV (every later
+    command on that record then failed); an --out below a file was a traceback (and a note of a file never written)."""
+    journal = trained.unlearned.parent / "journal.jsonl"
+    before = {path: path.read_bytes() for path in (trained.unlearned, journal)}
+    (tmp_path / "afile").write_text("")
+    for out in (trained.unlearned, journal, tmp_path / "copy.ckpt", tmp_path / "afile" / "recs.csv"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and ("would overwrite a checkpoint or a file of a deletion record" in err
+                                              or "is the checkpoint predict reads" in err or "which is a file, not a folder" in err)
+    assert {path: path.read_bytes() for path in before} == before and not (tmp_path / "copy.ckpt").exists()
+    assert not (Path(os.environ["LIGHTNING_UNLEARN_HOME"]) / "recommendations.jsonl").exists()
+    for command in (["unlearn", "--requests", str(trained.requests), "--method", "FineTune"], ["compare", "--deletion.count", "1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(trained.best), *command[1:], "--out", str(tmp_path / "afile" / "sub")])
+        assert exit_info.value.code == 2 and "which is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["--trainer.max_epochs=0", "--trainer.limit_train_batches=0"])
+def test_a_refit_that_would_train_nothing_is_refused_before_anything_runs(trained, tmp_path, capsys, limit):
+    """compare (whose Retrain reference refits) and unlearn --method Retrain with a trainer that trains nothing used to
+    run, then fail in the refit: compare left its partial results, unlearn journaled a failed request."""
+    for command in (["compare", "--deletion.count", "1", "--out", "cmp"], ["unlearn", "--requests", str(trained.requests),
+                                                                            "--method", "Retrain", "--out", "rec"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(trained.best), *command[1:], limit])
+        assert exit_info.value.code == 2 and f"{limit[2:]} trains nothing: the refit would be an untrained model" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "rec" / "journal.jsonl").exists()
+
+
 def test_predict_checks_the_record_beside_a_checkpoint_that_is_a_link(trained, tmp_path, capsys):
     """git-annex, DVC: the run's folder holds a link into a content store, and its record beside the link."""
     stored = tmp_path / "store" / "SHA256E-s1234"
