@@ -774,13 +774,18 @@ class LightningUnlearnCLI(LightningCLI):
         log_config(self.trainer.loggers, self.trainer._command_config)
 
     def _require_checkpoint_file(self) -> None:
-        """``validate``/``test``: refuse a ``--ckpt_path`` that names no checkpoint file here.
+        """``validate``/``test``: refuse no ``--ckpt_path`` (the untrained model), or one that names no checkpoint file here.
 
         Lightning resolves ``best`` only after a fit in the same process (else a raw error), and a
         ``last`` it does not find only warns, then evaluates the untrained model.
         """
         path = self.config_init[self.subcommand].get("ckpt_path")
-        if not path or "://" in str(path) or Path(path).is_file():
+        if not path:
+            raise OptionRefused(
+                f"{self.subcommand} needs --ckpt_path: without it the metrics would be those of the untrained model the recipe "
+                f"builds. Give a checkpoint of `fit` (e.g. runs/<name>/checkpoints/best.ckpt) or an unlearned checkpoint."
+            )
+        if "://" in str(path) or Path(path).is_file():
             return
         saver = self.trainer.checkpoint_callback
         last = Path(saver.dirpath) / f"{saver.CHECKPOINT_NAME_LAST}{saver.FILE_EXTENSION}" if saver is not None and saver.dirpath else None

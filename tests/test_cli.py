@@ -230,15 +230,16 @@ def test_a_checkpoint_is_refused_for_another_model_class_and_predict_for_a_folde
 
 
 @pytest.mark.parametrize("command", ["validate", "test"])
-@pytest.mark.parametrize("ckpt_path", ["best", "last", "no/such.ckpt"])
+@pytest.mark.parametrize("ckpt_path", ["best", "last", "no/such.ckpt", None])
 def test_evaluating_needs_a_checkpoint_file(command, ckpt_path, tmp_path, capsys):
-    """Lightning would raise a raw error for ``best`` and evaluate the untrained model for a ``last`` it cannot find.
-    The refusal comes before the logger records the command's configuration: it leaves no run behind."""
+    """Lightning would raise a raw error for ``best`` and evaluate the untrained model for a ``last`` it cannot find,
+    or without --ckpt_path. The refusal comes before the logger records the command's configuration: it leaves no run behind."""
     recipe = write_synthetic_recipe(tmp_path / "r.yaml")
     logger = ["--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "logs")]
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "-c", str(recipe), "--ckpt_path", ckpt_path, *logger])
-    assert exit_info.value.code != 0 and "needs a checkpoint file" in capsys.readouterr().err
+        main([command, "-c", str(recipe), *(["--ckpt_path", ckpt_path] if ckpt_path else []), *logger])
+    assert exit_info.value.code != 0
+    assert ("needs a checkpoint file" if ckpt_path else f"{command} needs --ckpt_path") in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
 
 
