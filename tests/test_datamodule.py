@@ -395,3 +395,14 @@ def test_a_fit_with_eval_candidates_logs_sampled_metrics_and_the_candidates(tmp_
 def test_a_k_core_that_leaves_no_interactions_is_refused():
     with pytest.raises(ValueError, match="k_core=100.*leaves no interactions"):
         RecDataModule(Synthetic(num_users=20, num_items=10, density=0.3), k_core=100).setup()
+
+
+def test_a_source_that_gives_nothing_or_no_timestamps_for_leave_last_out_says_what_to_change(tmp_path):
+    """A threshold that drops every row was reported as a k_core that leaves nothing, and leave_last_out on a file
+    without timestamps advised `random_holdout`, a split the datamodule does not accept."""
+    (tmp_path / "inter.csv").write_text("user,item,rating\n" + "".join(f"u{u},i{i},{1 + (u + i) % 5}\n" for u in range(6) for i in range(5)))
+    columns = {"user": "user", "item": "item", "rating": "rating"}
+    with pytest.raises(ValueError, match=r"CSVSource gives no training interactions: .* threshold"):
+        RecDataModule(CSVSource("inter.csv", root=str(tmp_path), columns=columns, threshold=6)).setup()
+    with pytest.raises(ValueError, match=r"split='leave_last_out'.* gives no timestamps: use split='random'"):
+        RecDataModule(CSVSource("inter.csv", root=str(tmp_path), columns=columns), split="leave_last_out").setup()

@@ -144,6 +144,12 @@ class RecDataModule(pl.LightningDataModule):
         hp = self.hparams
         name = type(self.source).__name__
         data, given_val, given_test = self.source.load_splits()
+        if not len(data):
+            raise ValueError(f"{name} gives no training interactions: the file is empty, or its rating threshold "
+                             f"(threshold=...) drops every row.")
+        if hp.split == "leave_last_out" and data.timestamps is None:
+            raise ValueError(f"RecDataModule(split='leave_last_out') holds out each user's latest row, and {name} gives no "
+                             f"timestamps: use split='random' (--data.split random), or a source with a timestamp column.")
         if (given_test is not None or given_val is not None) and hp.split != "given":
             own = "test" if given_test is not None else "validation"
             raise ValueError(f"{name} provides its own {own} split; use split='given' (got {hp.split!r}).")
