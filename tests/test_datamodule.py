@@ -406,3 +406,13 @@ def test_a_source_that_gives_nothing_or_no_timestamps_for_leave_last_out_says_wh
         RecDataModule(CSVSource("inter.csv", root=str(tmp_path), columns=columns, threshold=6)).setup()
     with pytest.raises(ValueError, match=r"split='leave_last_out'.* gives no timestamps: use split='random'"):
         RecDataModule(CSVSource("inter.csv", root=str(tmp_path), columns=columns), split="leave_last_out").setup()
+
+
+def test_evaluating_a_split_without_users_gives_no_figures_not_zeros(recwarn):
+    """The callback's utility logged every unlearn/val/* as 0.0 (and torchmetrics warned) when the data has no validation split."""
+    module = RecDataModule(Synthetic(num_users=30, num_items=20, seed=0), val_fraction=0.0)
+    module.setup()
+    model = MF(module.num_users, module.num_items, embedding_dim=4)
+    assert model.evaluate(module.val_dataloader(), "val") == {}
+    assert set(model.evaluate(module.test_dataloader(), "test")) >= {"test/recall@20", "test/ndcg@20"}
+    assert not [w for w in recwarn if "before the ``update``" in str(w.message)]

@@ -479,15 +479,18 @@ class Recommender(pl.LightningModule):
 
         Returns:
             ``{"<prefix>/recall@K": ..., ...}`` as floats; for sampled candidates
-            ``{"<prefix>/sampled/recall@K": ..., ..., "<prefix>/sampled/candidates": N}``.
+            ``{"<prefix>/sampled/recall@K": ..., ..., "<prefix>/sampled/candidates": N}``; ``{}``
+            when the loader has no batch (a split without users, e.g. no validation split): no
+            figure, rather than zeros.
         """
         metric = FullRankingMetrics(self.top_k, auc=self.hparams.eval_auc, sync_on_compute=False).to(self.device)
         candidates = getattr(getattr(loader, "dataset", None), "candidates", None)
         representations = self.representations()
+        seen = False
         for batch in loader:
             used = self._ranking_update({k: v.to(self.device) for k, v in batch.items()}, metric, representations)
-            candidates = used if used is not None else candidates
-        return self._ranking_results(prefix, metric.compute(), candidates)
+            candidates, seen = used if used is not None else candidates, True
+        return self._ranking_results(prefix, metric.compute(), candidates) if seen else {}
 
     def candidate_scores(self, users: Tensor, items: Tensor, representations: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``(B, W)`` scores of a few items per user: ``users`` (B,), ``items`` (B, W) (sampled evaluation).
