@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Literal
@@ -26,11 +27,12 @@ class DeletionSpec:
         fraction: share of training rows (or of users/items with training rows) to delete.
         count: how many to delete (overrides ``fraction``).
         selection: for users/items: ``"random"``, ``"most_active"`` or ``"least_active"``.
-        requests_file: a requests file (CSV or JSON lines); overrides everything above.
+        requests_file: a requests file (CSV or JSON lines): the deletion itself (the options above,
+            and ``seed``, are then left at their defaults).
         seed: seeds the random choice.
 
     Raises:
-        ValueError: on an unknown kind or selection, or (in :meth:`build`) a fraction/count that
+        ValueError: on an unknown kind or selection, another option given with ``requests_file``, or (in :meth:`build`) a fraction/count that
             selects nothing, or every row, user or item there is.
 
     Example:
@@ -47,6 +49,13 @@ class DeletionSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.requests_file is not None:  # the deletion itself: the options that draw one would go unused
+            given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name != "requests_file" and getattr(self, f.name) != f.default}
+            if given:
+                raise ValueError(f"DeletionSpec(requests_file=...) is the deletion itself, so {', '.join(given)} (which draw one) "
+                                 f"would not be used: leave {'it' if len(given) == 1 else 'them'} out (got "
+                                 f"{', '.join(f'{k}={v!r}' for k, v in given.items())}).")
         if self.kind not in _KINDS:
             raise ValueError(f"DeletionSpec(kind=...) must be one of {_KINDS}, got {self.kind!r}.")
         if self.selection not in _SELECTIONS:
