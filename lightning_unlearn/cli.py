@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal
 import pytorch_lightning as pl
 import torch
 import yaml
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -467,6 +467,27 @@ def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool =
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 
+def _refused_optimizer(optimizer: Any, scheduler: Any) -> str | None:
+    """What torch or Lightning would refuse in ``--optimizer`` / ``--lr_scheduler`` once training starts (a traceback then):
+    each is built here on a one-number parameter."""
+    if optimizer is None:
+        return None
+    built, name = None, "--optimizer"
+    try:
+        cls = pydoc.locate(optimizer.class_path)
+        built = cls([torch.nn.Parameter(torch.zeros(1))], **dict(optimizer.init_args or {}))
+        if scheduler is not None:
+            name, cls = "--lr_scheduler", pydoc.locate(scheduler.class_path)
+            if issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau) and not issubclass(cls, ReduceLROnPlateau):
+                return (f"--lr_scheduler {scheduler.class_path} needs the metric it watches: give "
+                        f"`--lr_scheduler pytorch_lightning.cli.ReduceLROnPlateau --lr_scheduler.monitor val/ndcg@20`.")
+            cls(built, **dict(scheduler.init_args or {}))
+    except (ValueError, TypeError) as err:
+        what = optimizer if name == "--optimizer" else scheduler
+        return f"{name} {what.class_path}: {err}"
+    return None
+
+
 def _refuse_a_refit_of_nothing(trainer: pl.Trainer, what: str) -> None:
     """Refuse, before anything runs, a trainer whose settings make a refit train nothing (its model would be untrained)."""
     nothing = trains_nothing(trainer)
@@ -592,6 +613,9 @@ class LightningUnlearnCLI(LightningCLI):
                 "and `lr` arguments), which no scheduler is attached to. Give the optimizer too, e.g. "
                 "`--optimizer torch.optim.Adam --optimizer.lr 0.001`."
             )
+        refused = _refused_optimizer(config.get("optimizer"), config.get("lr_scheduler"))
+        if refused:
+            self.parser.error(refused)
         trainer = config.get("trainer")
         if self.subcommand in ("unlearn", "predict", "compare") and trainer is not None and (
                 _several(trainer.get("devices")) or (trainer.get("num_nodes") or 1) > 1):

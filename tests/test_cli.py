@@ -129,6 +129,9 @@ def test_unknown_or_invalid_keys_are_errors(bad, named, tmp_path, capsys):
 @pytest.mark.parametrize(("command", "options", "named"), [
     ("fit", ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "2"], "--lr_scheduler needs --optimizer"),
     ("predict", ["--trainer.limit_predict_batches=0.5"], "limit_predict_batches is not used"),
+    ("fit", ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "-1"], "--optimizer torch.optim.SGD: Invalid learning rate"),
+    ("fit", ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1", "--lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"],
+     "needs the metric it watches: give `--lr_scheduler pytorch_lightning.cli.ReduceLROnPlateau"),
     ("compare", ["--trainer.limit_test_batches=0.2"], "compare measures utility on every test user: --trainer.limit_test_batches"),
     ("unlearn", ["--trainer.limit_test_batches=3", "--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune"],
      "unlearn measures utility on every test user: --trainer.limit_test_batches is not used"),
@@ -163,7 +166,7 @@ def test_predict_refuses_an_untrained_model_and_no_recommendations(options, name
     ("compare", ["--k", "0", "--trainer.logger", "pytorch_lightning.loggers.CSVLogger", "--trainer.logger.save_dir", "logs"],
      "compare(k=...) must be an integer >= 1"),  # refused before the logger writes anything
     ("compare", ["--out", "a_file"], "compare --out a_file is a file"),
-    ("compare", ["--out", "a_file/inside"], "compare --out a_file/inside cannot be written"),
+    ("compare", ["--out", "a_file/inside"], "compare --out a_file/inside is below"),
     ("compare", ["--deletion.requests_file", "unknown.csv"], "unknown user id: '99999'"),  # before the original's fit
     ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune", "--out", "a_file"],
      "unlearn --out a_file is a file"),
