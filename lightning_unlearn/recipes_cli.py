@@ -258,6 +258,10 @@ def recipes_main(args: list[str], root: Path = RECIPES) -> int:
     except (FileExistsError, NotADirectoryError) as err:  # a file to overwrite; or `dir`, or a folder in it, is a file
         print(f"lightning-unlearn recipes copy: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be made or written (no permission, a read-only or virtual file system)
+        print(f"lightning-unlearn recipes copy: {options.dir} cannot be written ({err.strerror}): give a folder you can write to.",
+              file=sys.stderr)
+        return 2
     dest = Path(options.dir)
     same = len(_shipped_files(root)) - len(written)
     print(f"[recipes] copied {len(written)} file(s) into {dest}" + (f", {same} were there already" if same else ""))

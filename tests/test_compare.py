@@ -399,3 +399,13 @@ def test_repeated_requests_report_the_median_and_the_first_runs_figures(small_co
     assert sum("(median of " in line for line in lines) == 4
     with pytest.raises(ValueError, match="repeats"):
         small_compare([Retrain()], tmp_path / "bad", repeats=0)
+
+
+def test_table_cells_keep_a_space_between_columns_for_any_number():
+    """A value of 10^7 or more ran into the next column (``-6.00003268376.6660``)."""
+    from lightning_unlearn.unlearning.compare import _cell
+
+    for value in (-6.00003268376666e9, 12345678.1234, 123456.12345, 0.5, -1.0, float("nan"), None, "failed"):
+        cell = _cell(value)
+        assert len(cell) == 12 and cell[0] == " ", (value, cell)
+    assert float(_cell(-6.00003268376666e9)) == pytest.approx(-6.0e9) and _cell(0.5).strip() == "0.5000"

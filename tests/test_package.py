@@ -160,6 +160,8 @@ def test_recipes_list_and_copy(cli_run, tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     assert run_main(["recipes", "copy", "a_file"]) == 2  # a message, not a traceback
     assert "a_file is a file: give the folder to copy the recipes into" in capsys.readouterr().err
+    assert run_main(["recipes", "copy", "/proc/lightning_unlearn"]) == 2  # a folder that cannot be made: a message too
+    assert "/proc/lightning_unlearn cannot be written (" in capsys.readouterr().err
 
 
 # --- metadata -----------------------------------------------------------------------------------

@@ -543,9 +543,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _cell(value: Any) -> str:
+    """A column 12 wide; a number too large for four decimals there (a diverged gap, say) in exponent form."""
     if value is None:
         return f"{'':>12}"
-    return f"{value:>12.4f}" if isinstance(value, float) else f"{value!s:>12}"
+    if isinstance(value, float):
+        text = f"{value:.4f}"
+        return f"{text if len(text) < 12 else f'{value:.4g}':>12}"
+    return f"{value!s:>12}"
 
 
 def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
