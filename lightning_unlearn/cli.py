@@ -37,6 +37,7 @@ from lightning_unlearn.recommendations import (
 )
 from lightning_unlearn.record_checks import (
     default_unlearning_folder,
+    deletes_again,
     folder_of_key,
     lines_from,
     note_the_line,
@@ -50,14 +51,17 @@ from lightning_unlearn.record_checks import (
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import check_arguments, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
+from lightning_unlearn.unlearning.journal import Journal, JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe, trains_nothing
 from lightning_unlearn.unlearning.record import (
+    CheckpointUnreadable,
     adopt_key,
     applied_to,
     check_lineage,
     journal_of,
+    key_made_undone_on_failure,
     load_checkpoint,
     restore_checkpoint,
     unlearning_state,
@@ -150,46 +154,46 @@ class UnlearningTrainer(pl.Trainer):
         if not out:
             print(f"[unlearn] --out not given: the deletion record of this model is {dirpath}")
         state = restore_checkpoint(ckpt_path, model, datamodule)
-        if branch:
-            adopt_key(folder_of_key(ckpt_path, state), dirpath)
-        callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
-        if state.get("unlearning"):
-            callback.load_state_dict(state["unlearning"])
-            queued = len(state["unlearning"].get("pending") or ())
-            if queued:
-                print(f"[unlearn] {ckpt_path} holds {counted(queued, 'request')} queued and not yet applied (by the "
-                      f"UnlearningCallback of its fit): applied first, then the request of {requests}")
-        callback.read_requests_file()
-        digest = model_digest(model)  # the parameters the requests are applied to
-        with one_line_at_a_time(digest):  # checked and noted while no other process starts a line from it
-            if not branch:  # before check(), which starts the folder
-                refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
-            summaries = callback.check(datamodule)
-            ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
-            are, were = ("is", "was") if ignored == 1 else ("are", "were")
-            if missing == "ignore":
-                print(f"[unlearn] --missing ignore: {counted(ignored, 'pair')} of the request {are} not in the training split and "
-                      f"{were} ignored")
-            elif ignored:  # a request the checkpoint holds queued, queued with missing="ignore"
-                print(f"[unlearn] {counted(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
-                      f"and {were} ignored, as their request was queued with missing='ignore'")
-            self._note_optimizer_use(method, callback.max_deleted_fraction)
-            log_config(self.loggers, {**getattr(self, "_command_config", {}),
-                                      "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
-            if summaries and not (state.get("unlearning") or {}).get("applied"):
-                # a line from a model no request was applied to yet (a state of a record goes on in its record, or branches);
-                # noted before its first request is journaled, so that one killed or failing after another is applied stays noted
-                note_the_line(ckpt_path, dirpath, digest)
-            device = self.strategy.root_device
-            model.to(device)
-            try:
-                reports = callback.apply_pending(
-                    model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
-                )
-            except BaseException:
-                if callback.reports:  # a later request failed: those applied before it stay applied
-                    _scrub_recommendations(datamodule, "unlearn")
-                raise
+        copied = bool(branch) and adopt_key(folder_of_key(ckpt_path, state), dirpath)
+        with key_made_undone_on_failure(dirpath, copied):  # a branch refused before its first request keeps no key
+            callback = UnlearningCallback(method, requests_file=requests, dirpath=dirpath, missing=missing, branch=branch)
+            if state.get("unlearning"):
+                callback.load_state_dict(state["unlearning"])
+                queued = len(state["unlearning"].get("pending") or ())
+                if queued:
+                    print(f"[unlearn] {ckpt_path} holds {counted(queued, 'request')} queued and not yet applied (by the "
+                          f"UnlearningCallback of its fit): applied first, then the request of {requests}")
+            callback.read_requests_file()
+            digest = model_digest(model)  # the parameters the requests are applied to
+            with one_line_at_a_time(digest):  # checked and noted while no other process starts a line from it
+                if not branch:  # before check(), which starts the folder
+                    refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
+                summaries = callback.check(datamodule)
+                ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
+                are, were = ("is", "was") if ignored == 1 else ("are", "were")
+                if missing == "ignore":
+                    print(f"[unlearn] --missing ignore: {counted(ignored, 'pair')} of the request {are} not in the training split and "
+                          f"{were} ignored")
+                elif ignored:  # a request the checkpoint holds queued, queued with missing="ignore"
+                    print(f"[unlearn] {counted(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
+                          f"and {were} ignored, as their request was queued with missing='ignore'")
+                self._note_optimizer_use(method, callback.max_deleted_fraction)
+                log_config(self.loggers, {**getattr(self, "_command_config", {}),
+                                          "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
+                if summaries and not (state.get("unlearning") or {}).get("applied"):
+                    # a line from a model no request was applied to yet (a state of a record goes on in its record, or branches);
+                    # noted before its first request is journaled, so that one killed or failing after another is applied stays noted
+                    note_the_line(ckpt_path, dirpath, digest)
+                device = self.strategy.root_device
+                model.to(device)
+                try:
+                    reports = callback.apply_pending(
+                        model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
+                    )
+                except BaseException:
+                    if callback.reports:  # a later request failed: those applied before it stay applied
+                        _scrub_recommendations(datamodule, "unlearn")
+                    raise
         _scrub_recommendations(datamodule, "unlearn")
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
@@ -328,6 +332,10 @@ class UnlearningTrainer(pl.Trainer):
                         path.rmdir()
 
     def _check_deletion(self, datamodule: RecDataModule, deletion: DeletionSpec) -> None:
+        unused = deletion.unused()
+        if unused:  # a recipe's kind (say) under a requests file given on the command line
+            print(f"[compare] --deletion.requests_file {deletion.requests_file} is the deletion: "
+                  f"{', '.join(f'{k}={v!r}' for k, v in unused.items())} (which draw one) {'is' if len(unused) == 1 else 'are'} not used")
         datamodule.setup("fit")
         with _options_refused("--deletion"), ids_kept_out_of(self.loggers):
             resolved = deletion.build(datamodule.train).resolve(datamodule.train, removed=datamodule.removed_keys)
@@ -467,15 +475,25 @@ def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool =
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 
+def _on_other_data(journal: Journal, datamodule: RecDataModule) -> bool:
+    """Whether the latest state of the record ``journal`` is on other data than ``datamodule`` (``False`` when it cannot be
+    read: :func:`~lightning_unlearn.record_checks.refuse_fewer_deletions` says why)."""
+    try:
+        latest = journal.last_checkpoint() if journal.path.is_file() else None
+        return latest is not None and not deletes_again(latest, datamodule)[0]
+    except (OSError, JournalCorrupted, CheckpointUnreadable):
+        return False
+
+
 def _refused_optimizer(optimizer: Any, scheduler: Any) -> str | None:
     """What torch or Lightning would refuse in ``--optimizer`` / ``--lr_scheduler`` once training starts (a traceback then):
-    each is built here on a one-number parameter."""
+    each is built here on a small table, as the models' embedding tables are (some optimizers take only matrices)."""
     if optimizer is None:
         return None
     built, name = None, "--optimizer"
     try:
         cls = pydoc.locate(optimizer.class_path)
-        built = cls([torch.nn.Parameter(torch.zeros(1))], **dict(optimizer.init_args or {}))
+        built = cls([torch.nn.Parameter(torch.zeros(2, 2))], **dict(optimizer.init_args or {}))
         if scheduler is not None:
             name, cls = "--lr_scheduler", pydoc.locate(scheduler.class_path)
             if issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau) and not issubclass(cls, ReduceLROnPlateau):
@@ -714,14 +732,14 @@ class LightningUnlearnCLI(LightningCLI):
     def before_fit(self) -> None:
         if any(isinstance(c, UnlearningCallback) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(_CleanRecommendationsOnException())
-        path = self.config_init[self.subcommand].get("ckpt_path")
+        path = self._checkpoint_file(self.config_init[self.subcommand].get("ckpt_path"))  # `last` too, as Lightning finds it
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
             "checkpoint holds no optimizer or loop state)")
-        if state is None and path and Path(path).is_file():  # a Lightning checkpoint: a refit's, or a fit's callback's
+        if state is None and path:  # a Lightning checkpoint: a refit's, or a fit's callback's
             state = {"unlearning": unlearning_state(load_checkpoint(path, mmap=True))}
         if state is None or not state.get("unlearning"):
-            if path and Path(path).is_file():
+            if path:
                 self._refuse_a_stale_trained_checkpoint(path)
             self._note_deletions_beside_the_checkpoints()
             return
@@ -754,8 +772,12 @@ class LightningUnlearnCLI(LightningCLI):
             return
         datamodule = copy.deepcopy(self.datamodule)
         restore_checkpoint(path, model, datamodule)  # its removals (refused when it has no data state to check)
+        digest = model_digest(model)
         for folder in sorted(folders):
-            refuse_fewer_deletions(path, datamodule, journal_of(folder), command="fit")
+            journal = journal_of(folder)
+            if not applied_to(journal, digest) and _on_other_data(journal, datamodule):
+                continue  # a model of other data beside the record: another experiment in its run folder, as `unlearn` takes it
+            refuse_fewer_deletions(path, datamodule, journal, command="fit")
 
     def _note_deletions_beside_the_checkpoints(self) -> None:
         """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""
@@ -797,6 +819,18 @@ class LightningUnlearnCLI(LightningCLI):
         self._restore_unlearned_checkpoint(what_next)
         log_config(self.trainer.loggers, self.trainer._command_config)
 
+    def _checkpoint_file(self, path: str | None) -> Path | None:
+        """The checkpoint file ``--ckpt_path`` names here: a path, or ``last`` as Lightning finds it (the newest
+        ``last*.ckpt`` of the trainer's checkpoint folder); ``None`` for none (or a remote one)."""
+        if not path or "://" in str(path):
+            return None
+        if path == "last":
+            saver = self.trainer.checkpoint_callback
+            found = sorted(Path(saver.dirpath).glob(f"{saver.CHECKPOINT_NAME_LAST}*{saver.FILE_EXTENSION}"), key=lambda p: p.stat().st_mtime) \
+                if saver is not None and saver.dirpath and Path(saver.dirpath).is_dir() else []
+            return found[-1] if found else None
+        return Path(path) if Path(path).is_file() else None
+
     def _require_checkpoint_file(self) -> None:
         """``validate``/``test``: refuse no ``--ckpt_path`` (the untrained model), or one that names no checkpoint file here.
 
@@ -809,11 +843,7 @@ class LightningUnlearnCLI(LightningCLI):
                 f"{self.subcommand} needs --ckpt_path: without it the metrics would be those of the untrained model the recipe "
                 f"builds. Give a checkpoint of `fit` (e.g. runs/<name>/checkpoints/best.ckpt) or an unlearned checkpoint."
             )
-        if "://" in str(path) or Path(path).is_file():
-            return
-        saver = self.trainer.checkpoint_callback
-        last = Path(saver.dirpath) / f"{saver.CHECKPOINT_NAME_LAST}{saver.FILE_EXTENSION}" if saver is not None and saver.dirpath else None
-        if path == "last" and last is not None and last.is_file():
+        if "://" in str(path) or self._checkpoint_file(path):
             return
         raise FileNotFoundError(
             f"--ckpt_path {path}: {self.subcommand} needs a checkpoint file, and there is none at that name here "

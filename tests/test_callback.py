@@ -248,12 +248,7 @@ def test_a_branch_without_the_key_of_its_checkpoints_folder_is_refused_until_it_
         callback.apply_pending(fresh_model, fresh_dm)
     assert not (tmp_path / "keyless" / "journal.jsonl").exists() and not (tmp_path / "other" / "journal.jsonl").exists()
     assert adopt_key(tmp_path / "first", tmp_path / "adopted")
-    journal_of(tmp_path / "lined").key  # noqa: B018 - a key a line was started with (its journal begun, empty): kept
-    journal_of(tmp_path / "lined").start()
-    assert not adopt_key(tmp_path / "first", tmp_path / "lined") and key_id(journal_of(tmp_path / "lined")) != state["unlearning"]["key_id"]
-    assert adopt_key(tmp_path / "first", tmp_path / "other")  # its key recorded nothing (no journal): replaced
-    callback, fresh_model, fresh_dm = branch("other")
-    assert callback.apply_pending(fresh_model, fresh_dm) == [] and callback.pending == 0
+    assert not adopt_key(tmp_path / "first", tmp_path / "other")  # a key of its own (checkpoints of a fit may name it): kept
     callback, fresh_model, fresh_dm = branch("adopted")
     assert callback.apply_pending(fresh_model, fresh_dm) == [] and callback.pending == 0  # recognised: not applied again
     assert not (tmp_path / "adopted" / "journal.jsonl").exists()

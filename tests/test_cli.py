@@ -126,6 +126,13 @@ def test_unknown_or_invalid_keys_are_errors(bad, named, tmp_path, capsys):
     assert named in capsys.readouterr().err
 
 
+def test_an_optimizer_for_matrices_only_is_not_refused(tmp_path, capsys):
+    """The check of --optimizer built it on a one-number parameter, which torch.optim.Muon (matrices only) refuses."""
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    main(["fit", "-c", str(recipe), "--optimizer", "torch.optim.Muon", "--optimizer.lr", "0.02"])
+    assert "test/recall@20" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("command", "options", "named"), [
     ("fit", ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "2"], "--lr_scheduler needs --optimizer"),
     ("predict", ["--trainer.limit_predict_batches=0.5"], "limit_predict_batches is not used"),

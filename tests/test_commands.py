@@ -162,10 +162,16 @@ def test_a_fit_that_trains_nothing_keeps_the_drift_of_the_unlearned_checkpoint_i
 
 
 def test_fit_from_an_unlearned_checkpoint_into_a_branch_recognises_what_it_holds(trained, tmp_path, capsys):
-    """A branch callback starts its folder with the checkpoint folder's key: the request given again is not journaled twice."""
+    """A branch callback starts its folder with the checkpoint folder's key: the request given again is not journaled twice.
+    A run refused before (no branch said) used to leave the key it made there, and the branch was refused for it."""
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, "
                 f"dirpath: {tmp_path / 'branch'}, branch: true}}}}")
+    refused = callback.replace(", branch: true", "")  # the same folder without saying branch: refused first
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF, f"--trainer.callbacks+={refused}"])
+    assert "another unlearning folder" in capsys.readouterr().err
+    assert not (tmp_path / "branch" / "journal.key").exists()  # its key was made, then removed: the branch advised can adopt one
     main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF, f"--trainer.callbacks+={callback}"])
     assert journal_of(tmp_path / "branch").key == journal_of(trained.unlearned.parent).key
     assert journal_of(tmp_path / "branch").entries() == []
@@ -724,6 +730,12 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "training on from it would learn their rows again" in err
     assert f"Fit from the latest state (`--ckpt_path {latest}`)" in err and not (tmp_path / "ckpt").exists()
+    (tmp_path / "ckpt").mkdir()  # the same model as the trainer's `last` checkpoint: found as Lightning finds it, and refused
+    (tmp_path / "ckpt" / "last.ckpt").write_bytes(best.read_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", "last", *BRIEF])
+    assert exit_info.value.code == 2 and "training on from it would learn their rows again" in capsys.readouterr().err
+    (tmp_path / "ckpt" / "last.ckpt").unlink()
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "recs.csv"])
     with open("recs.csv", newline="") as fh:
         assert "8" not in {row["user"] for row in csv.DictReader(fh)}
@@ -795,15 +807,34 @@ def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(tra
     assert again["unlearning"]["applied"] == original["applied"] and again["epoch"] == 2
 
 
+def test_a_fit_of_other_data_resumed_beside_a_record_is_another_experiment_not_a_stale_state(trained, tmp_path, capsys):
+    """A model of another data file fitted in a run folder whose record deleted rows of the first one: resuming it was
+    refused as stale, and the advice named a checkpoint of the other data (unlearn takes it as another experiment)."""
+    best = tmp_path / "ckpt" / "best.ckpt"
+    best.parent.mkdir()
+    best.write_bytes(trained.best.read_bytes())
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"])
+    assert journal_of(tmp_path / "unlearning").applied_count() == 1
+    rows = [line for line in trained.data_file.read_text().splitlines() if int(line.split("\t")[0]) > 40]
+    (tmp_path / "other.tsv").write_text("\n".join(rows) + "\n")
+    other = recipe(tmp_path / "other.yaml", tmp_path / "other.tsv", "")
+    main(["fit", "-c", str(other), *BRIEF])  # a new model in the same run folder: noted, not refused
+    resumed = max(best.parent.glob("best-v*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    main(["fit", "-c", str(other), "--ckpt_path", str(resumed), "--trainer.max_epochs=2", "--trainer.limit_train_batches=2"])
+    assert "training on from it would learn" not in capsys.readouterr().err
+
+
 def test_a_branch_refused_before_its_first_request_leaves_a_folder_another_branch_can_start_in(trained, tmp_path, capsys):
     """`unlearn --branch true` refused for a typo in its request used to leave its copy of the record's key in the new
     folder: a branch from another record's checkpoint into that folder was then refused for its key, which no request
-    was ever recorded with. Such a key is replaced; a folder whose journal recorded something keeps its own."""
+    was ever recorded with. A refused run removes the key it copied; a folder whose journal recorded something keeps its own."""
     (tmp_path / "typo.csv").write_text("user\n99999\n")
     branch = ["--method", "FineTune", "--out", "br", "--branch", "true"]
     with pytest.raises(SystemExit):
         main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--requests", "typo.csv", *branch])
-    assert "unknown user id" in capsys.readouterr().err and not (tmp_path / "br" / "journal.jsonl").exists()
+    assert "unknown user id" in capsys.readouterr().err
+    assert not (tmp_path / "br" / "journal.jsonl").exists() and not (tmp_path / "br" / "journal.key").exists()
     best = tmp_path / "run" / "checkpoints" / "best.ckpt"  # another record, with a key of its own
     best.parent.mkdir(parents=True)
     best.write_bytes(trained.best.read_bytes())

@@ -134,14 +134,18 @@ def test_unlearn_command_help_lists_its_arguments(capsys):
     ("kwargs", "match"),
     [({"kind": "rows"}, "kind"), ({"fraction": 0.0}, "fraction"), ({"count": 0}, "count"),
      ({"kind": "interactions", "selection": "most_active"}, "selection"),
-     ({"seed": 99999999999999999999999}, r"seed=\.\.\.\) must be an integer from -2\*\*63"), ({"seed": 1.5}, "seed"),
-     # a requests file is the deletion: options that draw one used to be ignored without a word
-     ({"requests_file": "ok.csv", "kind": "items", "count": 5, "seed": 3},
-      r"requests_file=\.\.\.\) is the deletion itself, so kind, count, seed .* would not be used: leave them out \(got kind='items'")],
+     ({"seed": 99999999999999999999999}, r"seed=\.\.\.\) must be an integer from -2\*\*63"), ({"seed": 1.5}, "seed")],
 )
 def test_deletion_spec_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DeletionSpec(**kwargs)
+
+
+def test_a_requests_file_is_the_deletion_and_names_the_options_it_leaves_unused():
+    """With a requests file, the options that draw a deletion (a recipe's kind, say) go unused: named, not refused (a
+    selection was refused for interactions, the wrong reason)."""
+    spec = DeletionSpec(kind="interactions", selection="most_active", count=5, requests_file="forget.csv")
+    assert spec.unused() == {"selection": "most_active", "count": 5} and DeletionSpec(kind="users").unused() == {}
 
 
 def test_deletion_spec_takes_a_numpy_integer_seed():

@@ -107,7 +107,10 @@ def cli_arguments(command: str) -> list[str]:
     config = args[args.index("-c") + 1] if "-c" in args else ""
     if "ml1m" in config:
         return [*args, "--print_config"]
-    return [*args, *BRIEF] if args and args[0] in RUNS else args
+    if not args or args[0] not in RUNS:
+        return args
+    # unlearn and compare measure utility on every test user: they refuse a test batch limit
+    return [*args, *(a for a in BRIEF if not (args[0] in ("unlearn", "compare") and a.startswith("--trainer.limit_test_batches")))]
 
 
 def needs_data(page: Path) -> bool:

@@ -372,6 +372,25 @@ def test_a_graph_model_still_holding_the_deleted_edges_is_unlearned_over_the_ret
     assert failing.adjacency is graph
 
 
+def test_a_graph_model_that_builds_its_own_graph_is_left_with_it():
+    """A model whose set_graph builds another graph (self-loops here; docs/own_model.rst) has edges that cannot be counted
+    as LightGCN's: its retained graph was refused as another data's."""
+
+    class SelfLoops(LightGCN):
+        def set_graph(self, interactions):
+            super().set_graph(interactions)
+            self.adjacency = (self.adjacency.to_dense() + torch.eye(self.adjacency.shape[0])).to_sparse_csr()
+
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.35, seed=3), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    deleted = dm.remove(torch.tensor([0, 7]))
+    model = SelfLoops(dm.num_users, dm.num_items, embedding_dim=3, num_layers=2)
+    model.set_graph(dm.train)
+    graph = model.adjacency
+    FineTune(epochs=1).unlearn(model, dm.train_rows(), deleted)
+    assert model.adjacency is graph
+
+
 def test_graph_preconditioner_blocks_are_the_base_rows_curvature_through_the_propagation(graph_problem):
     """LightGCN's base-row blocks: c^2 x the propagated vectors' data blocks + the L2 of the base row,
     c = diag(I + A + A^2) / 3, the base row's weight in its own propagated vector (two layers)."""

@@ -25,7 +25,15 @@ from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningConte
 from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.record import check_key, check_lineage, journal_of, key_id, recover, save_checkpoint
+from lightning_unlearn.unlearning.record import (
+    check_key,
+    check_lineage,
+    journal_of,
+    key_id,
+    key_made_undone_on_failure,
+    recover,
+    save_checkpoint,
+)
 from lightning_unlearn.unlearning.reporting import define_request_axis, ids_kept_out_of
 from lightning_unlearn.unlearning.request import DeletionRequest
 from lightning_unlearn.unlearning.stationarity import objective_gradient_norm
@@ -172,6 +180,7 @@ class UnlearningCallback(pl.Callback):
         self._named_record: str | None = None  # the record a restored state names (a refit's: not beside its checkpoint)
         self._ignoring: set[bytes] = set()  # contents of restored requests that were queued with missing="ignore"
         self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
+        self._made_key = False  # setup made the folder's key: a refusal in on_fit_start removes it again
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -319,6 +328,7 @@ class UnlearningCallback(pl.Callback):
         self._datamodule = trainer.datamodule
         keep_checkpoints_private(trainer)  # its state holds pending requests as indices
         if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
+            self._made_key = not self.journal.key_exists()  # removed again if on_fit_start's checks refuse the run
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
         with ids_kept_out_of(trainer.loggers):
@@ -341,8 +351,9 @@ class UnlearningCallback(pl.Callback):
         """
         self._train_ended = False
         if trainer.is_global_zero:
-            with ids_kept_out_of(trainer.loggers):
+            with key_made_undone_on_failure(self.dirpath, self._made_key), ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
+            self._made_key = False
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
 

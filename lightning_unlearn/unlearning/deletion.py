@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -28,11 +28,11 @@ class DeletionSpec:
         count: how many to delete (overrides ``fraction``).
         selection: for users/items: ``"random"``, ``"most_active"`` or ``"least_active"``.
         requests_file: a requests file (CSV or JSON lines): the deletion itself (the options above,
-            and ``seed``, are then left at their defaults).
+            and ``seed``, are then not used: :meth:`unused` names those given).
         seed: seeds the random choice.
 
     Raises:
-        ValueError: on an unknown kind or selection, another option given with ``requests_file``, or (in :meth:`build`) a fraction/count that
+        ValueError: on an unknown kind or selection, or (in :meth:`build`) a fraction/count that
             selects nothing, or every row, user or item there is.
 
     Example:
@@ -49,13 +49,6 @@ class DeletionSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.requests_file is not None:  # the deletion itself: the options that draw one would go unused
-            given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                     if f.name != "requests_file" and getattr(self, f.name) != f.default}
-            if given:
-                raise ValueError(f"DeletionSpec(requests_file=...) is the deletion itself, so {', '.join(given)} (which draw one) "
-                                 f"would not be used: leave {'it' if len(given) == 1 else 'them'} out (got "
-                                 f"{', '.join(f'{k}={v!r}' for k, v in given.items())}).")
         if self.kind not in _KINDS:
             raise ValueError(f"DeletionSpec(kind=...) must be one of {_KINDS}, got {self.kind!r}.")
         if self.selection not in _SELECTIONS:
@@ -67,8 +60,19 @@ class DeletionSpec:
         if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool) or not -2**63 <= int(self.seed) < 2**64:
             raise ValueError(f"DeletionSpec(seed=...) must be an integer from -2**63 to 2**64 - 1 (a torch seed), got {self.seed!r}.")
         object.__setattr__(self, "seed", int(self.seed))  # a numpy integer: torch's generator takes a Python int
-        if self.kind == "interactions" and self.selection != "random":
+        if self.kind == "interactions" and self.selection != "random" and self.requests_file is None:
             raise ValueError("DeletionSpec(selection=...) applies to users and items; interactions are chosen at random.")
+
+    def unused(self) -> dict[str, Any]:
+        """The options that draw a deletion, given (not at their defaults) beside ``requests_file``, which is the deletion itself.
+
+        Example:
+            >>> DeletionSpec(kind="users", requests_file="forget.csv").unused()
+            {'kind': 'users'}
+        """
+        if self.requests_file is None:
+            return {}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "requests_file" and getattr(self, f.name) != f.default}
 
     def build(self, train: Interactions) -> DeletionRequest:
         """The request, in raw ids, chosen among the rows of ``train``."""

@@ -9,6 +9,7 @@ checkpoint of its journal's last ``applied`` entry; requests are applied only on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
+    "key_made_undone_on_failure",
     "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
@@ -362,7 +364,7 @@ def check_key(journal: Journal, recorded: str | None, applied: int) -> None:
         f"they were applied in (key id {recorded}), but {journal.folder} has {'no key' if ours is None else 'another key'}. "
         f"A new branch starts with that folder's key: `lightning_unlearn.unlearning.record.adopt_key(<that folder>, "
         f"{journal.folder})` before the run (`unlearn --branch true`, and `fit` from an unlearned checkpoint with a "
-        f"branch callback, do it), into a folder that has no key yet, or one no request was recorded with."
+        f"branch callback, do it), into a folder that has no key yet."
     )
 
 
@@ -370,35 +372,52 @@ def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
     """Start a branch folder with the key of the folder it branches from (if it has one).
 
     The applied requests' fingerprints in a checkpoint are keyed with its folder's key; with the
-    same key, the branch still recognises them when they are queued again. A key ``target`` holds
-    without a journal recorded nothing (a run refused before its first request made or copied it):
-    it is replaced, under the folder's lock.
+    same key, the branch still recognises them when they are queued again.
 
     Args:
         source: the folder of the checkpoint the branch starts from.
         target: the branch's new folder.
 
     Returns:
-        Whether a key was copied (``False`` when ``source`` has none, or ``target`` has the same
-        one or one its journal recorded requests or a line with).
+        Whether a key was copied (``False`` when ``source`` has none or ``target`` has one).
 
     Raises:
         JournalCorrupted: ``source``'s or ``target``'s key is gone while its journal records entries.
-        FolderLocked: another process holds ``target`` while its key would be replaced.
     """
     theirs, ours = journal_of(source), journal_of(target)
     theirs.refuse_a_lost_key()
     ours.refuse_a_lost_key()
-    if not theirs.key_exists() or Path(source).resolve() == Path(target).resolve():
+    if not theirs.key_exists() or ours.key_exists() or Path(source).resolve() == Path(target).resolve():
         return False
-    if ours.key_exists():
-        if ours.path.exists() or key_id(ours) == key_id(theirs):
-            return False
-        with ours.lock():  # no journal appears meanwhile
-            if ours.path.exists():
-                return False
-            (ours.folder / KEY_FILE).unlink()
     return ours.write_key(theirs.key)  # False: another process (a rank of the same run) copied it meanwhile
+
+
+@contextmanager
+def key_made_undone_on_failure(folder: str | os.PathLike, made: bool) -> Iterator[None]:
+    """While the block runs: if it fails before ``folder``'s journal exists, the key this run ``made`` (or copied) there
+    is removed again, so that a refused run leaves no key to refuse the next one with (a branch into that folder,
+    say). Nothing recorded was keyed with it; a folder another process holds keeps it.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> try:
+        ...     with key_made_undone_on_failure(folder, made=journal_of(folder).key is not None):
+        ...         raise ValueError("refused")
+        ... except ValueError:
+        ...     pass
+        >>> journal_of(folder).key_exists()
+        False
+    """
+    try:
+        yield
+    except BaseException:
+        if made:
+            journal = journal_of(folder)
+            with contextlib.suppress(FolderLocked, OSError), journal.lock():
+                if not journal.path.exists():
+                    (Path(folder) / KEY_FILE).unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:

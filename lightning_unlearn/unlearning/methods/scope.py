@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.data.interactions import Interactions
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.models.lightgcn import normalized_adjacency
+from lightning_unlearn.models.lightgcn import LightGCN, normalized_adjacency
 
 _INITIAL: dict = {}  # initialisation's last fresh model, under "key"
 
@@ -257,8 +257,9 @@ def retained_graph(model: Recommender, retained: TrainRows, deleted: TrainRows) 
     caller of :meth:`~lightning_unlearn.unlearning.methods.base.Unlearner.unlearn` may not have).
 
     Args:
-        model: the model (nothing is done for one without a graph, or whose graph has the
-            retained rows' edges).
+        model: the model (nothing is done for one without a graph, one whose graph has the
+            retained rows' edges, or one that builds its graph otherwise than LightGCN does:
+            its edges cannot be counted).
         retained: the rows that remain.
         deleted: the rows to forget.
 
@@ -266,7 +267,7 @@ def retained_graph(model: Recommender, retained: TrainRows, deleted: TrainRows) 
         The graph the model held before, when it was replaced (to restore it), else ``None``.
 
     Raises:
-        ValueError: the model's graph has as many edges as neither the retained rows nor all
+        ValueError: LightGCN's graph has as many edges as neither the retained rows nor all
             the rows: it is some other data's (nothing is changed).
 
     Example:
@@ -279,7 +280,7 @@ def retained_graph(model: Recommender, retained: TrainRows, deleted: TrainRows) 
         >>> model.adjacency.values().numel()  # one edge left, both ways
         2
     """
-    if not is_graph(model):
+    if not (is_graph(model) and _normalised_like_lightgcn(model)):  # another graph's edges cannot be counted this way
         return None
     edges = lambda rows: int(torch.unique(rows.users * model.num_items + rows.items).numel())  # noqa: E731
     held, kept = model.adjacency.values().numel() // 2, edges(retained)
@@ -292,6 +293,11 @@ def retained_graph(model: Recommender, retained: TrainRows, deleted: TrainRows) 
                          "once the datamodule has removed the deleted rows).")
     before, model.adjacency = model.adjacency, graph_of(model, retained)
     return before
+
+
+def _normalised_like_lightgcn(model: Recommender) -> bool:
+    """Whether ``model``'s graph is LightGCN's own (its ``set_graph``, sparse CSR, one entry per edge each way)."""
+    return isinstance(model, LightGCN) and type(model).set_graph is LightGCN.set_graph and model.adjacency.layout == torch.sparse_csr
 
 
 def initialisation(model: Recommender, seed: int) -> Recommender:
