@@ -490,7 +490,7 @@ def _refused_optimizer(optimizer: Any, scheduler: Any) -> str | None:
     each is built here on a small table, as the models' embedding tables are (some optimizers take only matrices)."""
     if optimizer is None:
         return None
-    built, name = None, "--optimizer"
+    name = "--optimizer"
     try:
         cls = pydoc.locate(optimizer.class_path)
         built = cls([torch.nn.Parameter(torch.zeros(2, 2))], **dict(optimizer.init_args or {}))
@@ -758,7 +758,7 @@ class LightningUnlearnCLI(LightningCLI):
         if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
             self.trainer.callbacks.append(_CarriedUnlearningState(carried))
 
-    def _refuse_a_stale_trained_checkpoint(self, path: str) -> None:
+    def _refuse_a_stale_trained_checkpoint(self, path: Path) -> None:
         """``fit --ckpt_path`` a checkpoint without callback state: refused as ``predict`` refuses it, when a deletion record
         beside it (or a line of deletions started from its parameters) deleted what its data still holds. Training on
         would learn those rows again, in checkpoints that name no record. Checked on copies of the model and the data."""
