@@ -19,6 +19,7 @@ from typing import Any, Iterator, Literal
 import pytorch_lightning as pl
 import torch
 import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -752,8 +753,8 @@ class LightningUnlearnCLI(LightningCLI):
             # an older state of its record: training it would learn the deletions after it again (a branch is checked by its callback)
             check_lineage(journal_of(named), state["unlearning"].get("lineage"), record=named)
         for callback in callbacks:  # the requests the checkpoint holds stay applied, once
-            if callback.branch:  # a new folder: with the key of the checkpoint's, which recognises them
-                adopt_key(folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning")
+            if callback.branch and adopt_key(folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning"):
+                callback.key_made_here()  # a new folder, with the key of the checkpoint's, which recognises them: removed if refused
             callback.load_state_dict(carried)
         if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
             self.trainer.callbacks.append(_CarriedUnlearningState(carried))
@@ -765,8 +766,10 @@ class LightningUnlearnCLI(LightningCLI):
         model = copy.deepcopy(self.model)
         try:
             model.load_state_dict(load_checkpoint(path)["state_dict"])
-        except (KeyError, RuntimeError):  # not this model's checkpoint: Lightning says so
-            return
+        except (KeyError, RuntimeError) as err:  # Lightning's restore would fail on it with a traceback
+            what = str(err).strip().splitlines()[0] if isinstance(err, RuntimeError) else "it holds no state_dict"
+            raise OptionRefused(f"fit --ckpt_path {path} is not a checkpoint of this recipe's model ({what}): give a "
+                                f"checkpoint fitted with the same model and sizes.") from err
         folders = records_of(path, model, {}, None, command="fit")
         if not any(journal_of(folder).path.is_file() for folder in folders):
             return
@@ -821,14 +824,15 @@ class LightningUnlearnCLI(LightningCLI):
 
     def _checkpoint_file(self, path: str | None) -> Path | None:
         """The checkpoint file ``--ckpt_path`` names here: a path, or ``last`` as Lightning finds it (the newest
-        ``last*.ckpt`` of the trainer's checkpoint folder); ``None`` for none (or a remote one)."""
+        ``last*.ckpt`` of every ModelCheckpoint's folder, a folder not given resolved as Lightning resolves it);
+        ``None`` for none (or a remote one)."""
         if not path or "://" in str(path):
             return None
         if path == "last":
-            saver = self.trainer.checkpoint_callback
-            found = sorted(Path(saver.dirpath).glob(f"{saver.CHECKPOINT_NAME_LAST}*{saver.FILE_EXTENSION}"), key=lambda p: p.stat().st_mtime) \
-                if saver is not None and saver.dirpath and Path(saver.dirpath).is_dir() else []
-            return found[-1] if found else None
+            found = {Path(p) for saver in self.trainer.checkpoint_callbacks if isinstance(saver, ModelCheckpoint)
+                     for p in saver._find_last_checkpoints(self.trainer)}
+            found = [p for p in found if p.is_file()]
+            return max(found, key=lambda p: p.stat().st_mtime) if found else None
         return Path(path) if Path(path).is_file() else None
 
     def _require_checkpoint_file(self) -> None:

@@ -730,12 +730,13 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "training on from it would learn their rows again" in err
     assert f"Fit from the latest state (`--ckpt_path {latest}`)" in err and not (tmp_path / "ckpt").exists()
-    (tmp_path / "ckpt").mkdir()  # the same model as the trainer's `last` checkpoint: found as Lightning finds it, and refused
-    (tmp_path / "ckpt" / "last.ckpt").write_bytes(best.read_bytes())
+    # the same model as `last` of a second ModelCheckpoint's folder: found as Lightning finds it, and refused
+    (best.parent / "last.ckpt").write_bytes(best.read_bytes())
+    saver = f"{{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: {{dirpath: {best.parent}, save_last: true}}}}"
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(trained.recipe), "--ckpt_path", "last", *BRIEF])
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", "last", *BRIEF, f"--trainer.callbacks+={saver}"])
     assert exit_info.value.code == 2 and "training on from it would learn their rows again" in capsys.readouterr().err
-    (tmp_path / "ckpt" / "last.ckpt").unlink()
+    (best.parent / "last.ckpt").unlink()
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--out", "recs.csv"])
     with open("recs.csv", newline="") as fh:
         assert "8" not in {row["user"] for row in csv.DictReader(fh)}
@@ -807,6 +808,26 @@ def test_a_refit_from_an_unlearned_checkpoint_keeps_the_requests_it_embodies(tra
     assert again["unlearning"]["applied"] == original["applied"] and again["epoch"] == 2
 
 
+def test_a_fit_refused_before_its_checks_pass_leaves_no_key_it_made_or_copied(trained, tmp_path, capsys):
+    """A callback's folder key is made in setup (or copied for a branch before the fit): a fit refused before on_fit_start's
+    checks pass (a request file that does not read, an unknown id) left it, and the branch or resume its message advised
+    was then refused for that key."""
+    (tmp_path / "bad.csv").write_text('garbage,,\n"\n')
+    (tmp_path / "unknown.csv").write_text("user\n99999\n")
+
+    def callback(requests: str, branch: str) -> str:
+        return (f"--trainer.callbacks+={{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {requests}, dirpath: {tmp_path / 'X'}, "
+                f"branch: {branch}}}}}")
+
+    for requests, branch, said in (("bad.csv", "false", "unknown header column"), ("unknown.csv", "true", "unknown user id")):
+        with pytest.raises(SystemExit):
+            main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF, callback(requests, branch)])
+        assert said in capsys.readouterr().err and not (tmp_path / "X" / "journal.key").exists()
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF, callback(str(trained.requests), "true")])
+    assert journal_of(tmp_path / "X").key == journal_of(trained.unlearned.parent).key  # the advised branch: its key adopted
+
+
 def test_a_fit_of_other_data_resumed_beside_a_record_is_another_experiment_not_a_stale_state(trained, tmp_path, capsys):
     """A model of another data file fitted in a run folder whose record deleted rows of the first one: resuming it was
     refused as stale, and the advice named a checkpoint of the other data (unlearn takes it as another experiment)."""
@@ -823,6 +844,9 @@ def test_a_fit_of_other_data_resumed_beside_a_record_is_another_experiment_not_a
     resumed = max(best.parent.glob("best-v*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
     main(["fit", "-c", str(other), "--ckpt_path", str(resumed), "--trainer.max_epochs=2", "--trainer.limit_train_batches=2"])
     assert "training on from it would learn" not in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the first data's model under the other data: a message, not Lightning's traceback
+        main(["fit", "-c", str(other), "--ckpt_path", str(best), *BRIEF])
+    assert exit_info.value.code == 2 and "is not a checkpoint of this recipe's model" in capsys.readouterr().err
 
 
 def test_a_branch_refused_before_its_first_request_leaves_a_folder_another_branch_can_start_in(trained, tmp_path, capsys):

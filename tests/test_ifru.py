@@ -361,10 +361,12 @@ def test_a_graph_model_still_holding_the_deleted_edges_is_unlearned_over_the_ret
     torch.testing.assert_close(stale.state_dict(), right.state_dict(), rtol=0, atol=1e-12)
     assert torch.equal(stale.adjacency.to_dense(), model.adjacency.to_dense())
     other = copy.deepcopy(model)
-    other.adjacency = graph_of(model, retained.select(torch.arange(len(retained)) % 2 == 0))
-    with pytest.raises(ValueError, match="the model's graph has .* edges, but the retained rows make"):
-        IFRU().unlearn(other, retained, deleted)
-    torch.testing.assert_close(other.state_dict(), model.state_dict(), rtol=0, atol=0)
+    swapped = retained.select(torch.arange(len(retained)) > 0).concat(deleted.select(torch.arange(len(deleted)) == 0))
+    for rows in (retained.select(torch.arange(len(retained)) % 2 == 0), swapped):  # fewer edges; as many, one deleted kept
+        other.adjacency = graph_of(model, rows)
+        with pytest.raises(ValueError, match=r"the model.s graph \(\d+ edges\) is neither the retained rows."):
+            IFRU().unlearn(other, retained, deleted)
+        torch.testing.assert_close(other.state_dict(), model.state_dict(), rtol=0, atol=0)
     failing = copy.deepcopy(model)
     failing.adjacency = graph = graph_of(model, every)
     with pytest.raises(UnlearningError):

@@ -28,9 +28,9 @@ from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
     check_key,
     check_lineage,
+    forget_an_unused_key,
     journal_of,
     key_id,
-    key_made_undone_on_failure,
     recover,
     save_checkpoint,
 )
@@ -180,7 +180,7 @@ class UnlearningCallback(pl.Callback):
         self._named_record: str | None = None  # the record a restored state names (a refit's: not beside its checkpoint)
         self._ignoring: set[bytes] = set()  # contents of restored requests that were queued with missing="ignore"
         self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
-        self._made_key = False  # setup made the folder's key: a refusal in on_fit_start removes it again
+        self._made_key = False  # this run made (or its branch copied) the folder's key, not checked yet: on_exception removes it
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -328,7 +328,7 @@ class UnlearningCallback(pl.Callback):
         self._datamodule = trainer.datamodule
         keep_checkpoints_private(trainer)  # its state holds pending requests as indices
         if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
-            self._made_key = not self.journal.key_exists()  # removed again if on_fit_start's checks refuse the run
+            self._made_key = not self.journal.key_exists()  # removed again if the fit stops before on_fit_start's checks pass
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
         with ids_kept_out_of(trainer.loggers):
@@ -351,11 +351,24 @@ class UnlearningCallback(pl.Callback):
         """
         self._train_ended = False
         if trainer.is_global_zero:
-            with key_made_undone_on_failure(self.dirpath, self._made_key), ids_kept_out_of(trainer.loggers):
+            with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
-            self._made_key = False
+            self._made_key = False  # checked: checkpoints saved from now on may name the key
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
+
+    def key_made_here(self) -> None:
+        """This run copied the folder's key (a branch, ``adopt_key``): a fit stopped before ``on_fit_start``'s checks pass removes it again."""
+        self._made_key = True
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit stopped before ``on_fit_start``'s checks passed (a refused request file, a stale or foreign checkpoint)
+        leaves no key it made (or its branch copied) in a folder without a journal: the branch or resume its message
+        advises would be refused for that key."""
+        if self._made_key and trainer.is_global_zero and self.dirpath is not None:
+            forget_an_unused_key(self.dirpath)
+        self._made_key = False
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
-    "key_made_undone_on_failure",
+    "forget_an_unused_key", "key_made_undone_on_failure",
     "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
@@ -413,11 +413,17 @@ def key_made_undone_on_failure(folder: str | os.PathLike, made: bool) -> Iterato
         yield
     except BaseException:
         if made:
-            journal = journal_of(folder)
-            with contextlib.suppress(FolderLocked, OSError), journal.lock():
-                if not journal.path.exists():
-                    (Path(folder) / KEY_FILE).unlink(missing_ok=True)
+            forget_an_unused_key(folder)
         raise
+
+
+def forget_an_unused_key(folder: str | os.PathLike) -> None:
+    """Remove ``folder``'s key while its journal does not exist (nothing was keyed with it), under the folder's lock; a
+    folder another process holds keeps it. For a run that made or copied the key and was refused before its first request."""
+    journal = journal_of(folder)
+    with contextlib.suppress(FolderLocked, OSError), journal.lock():
+        if not journal.path.exists():
+            (Path(folder) / KEY_FILE).unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, callback: UnlearningCallback) -> Path:

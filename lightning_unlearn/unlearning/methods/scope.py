@@ -267,8 +267,8 @@ def retained_graph(model: Recommender, retained: TrainRows, deleted: TrainRows) 
         The graph the model held before, when it was replaced (to restore it), else ``None``.
 
     Raises:
-        ValueError: LightGCN's graph has as many edges as neither the retained rows nor all
-            the rows: it is some other data's (nothing is changed).
+        ValueError: LightGCN's graph is neither the retained rows' nor that of all the rows:
+            another deletion's or another data's (nothing is changed).
 
     Example:
         >>> from lightning_unlearn.models import LightGCN
@@ -280,19 +280,27 @@ def retained_graph(model: Recommender, retained: TrainRows, deleted: TrainRows) 
         >>> model.adjacency.values().numel()  # one edge left, both ways
         2
     """
-    if not (is_graph(model) and _normalised_like_lightgcn(model)):  # another graph's edges cannot be counted this way
+    if not (is_graph(model) and _normalised_like_lightgcn(model)):  # another graph's edges cannot be read this way
         return None
-    edges = lambda rows: int(torch.unique(rows.users * model.num_items + rows.items).numel())  # noqa: E731
-    held, kept = model.adjacency.values().numel() // 2, edges(retained)
-    if held == kept:
+    held = _graph_edges(model)
+    kept = torch.unique(retained.users * model.num_items + retained.items).to(held.device)
+    if torch.equal(held, kept):
         return None
-    everything = edges(retained.concat(deleted))
-    if held != everything:
-        raise ValueError(f"the model's graph has {held} edges, but the retained rows make {kept} and all the rows {everything}: "
-                         "it is another data's graph. Give the model the retained rows' graph (model.set_graph(datamodule.train) "
-                         "once the datamodule has removed the deleted rows).")
+    every = torch.unique(torch.cat([retained.users, deleted.users]) * model.num_items + torch.cat([retained.items, deleted.items]))
+    if not torch.equal(held, every.to(held.device)):
+        raise ValueError(f"the model's graph ({len(held)} edges) is neither the retained rows' ({len(kept)} edges) nor that of all "
+                         f"the rows ({len(every)}): it is another deletion's or another data's. Give the model the retained rows' "
+                         "graph (model.set_graph(datamodule.train) once the datamodule has removed the deleted rows).")
     before, model.adjacency = model.adjacency, graph_of(model, retained)
     return before
+
+
+def _graph_edges(model: Recommender) -> Tensor:
+    """The (user, item) edges of LightGCN's graph as sorted ``user * num_items + item`` keys (its CSR rows of users)."""
+    crow, col = model.adjacency.crow_indices(), model.adjacency.col_indices()
+    row = torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+    users = row < model.num_users  # the user rows; the item rows hold the same edges the other way
+    return row[users] * model.num_items + (col[users] - model.num_users)
 
 
 def _normalised_like_lightgcn(model: Recommender) -> bool:
