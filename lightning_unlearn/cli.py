@@ -64,6 +64,7 @@ from lightning_unlearn.unlearning.record import (
     journal_of,
     key_made_undone_on_failure,
     load_checkpoint,
+    machine_lines_folder,
     restore_checkpoint,
     unlearning_state,
 )
@@ -499,9 +500,10 @@ def _refused_optimizer(optimizer: Any, scheduler: Any) -> str | None:
             name, cls = "--lr_scheduler", pydoc.locate(scheduler.class_path)
             if issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau) and not issubclass(cls, ReduceLROnPlateau):
                 return (f"--lr_scheduler {scheduler.class_path} needs the metric it watches: give "
-                        f"`--lr_scheduler pytorch_lightning.cli.ReduceLROnPlateau --lr_scheduler.monitor val/ndcg@20`.")
+                        f"`--lr_scheduler pytorch_lightning.cli.ReduceLROnPlateau --lr_scheduler.monitor <metric>`, a metric "
+                        f"logged every epoch (val/ndcg@20 with a validation split, train/loss without one).")
             cls(built, **dict(scheduler.init_args or {}))
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as err:  # what torch's constructors raise on bad values
         what = optimizer if name == "--optimizer" else scheduler
         return f"{name} {what.class_path}: {err}"
     return None
@@ -532,12 +534,15 @@ _RECORD_FILES = {"journal.jsonl", "journal.key", "journal.lock", "lines.jsonl"}
 
 
 def _refuse_a_record_file(option: str, path: Path, ckpt_path: str | os.PathLike | None) -> None:
-    """``predict --out``: refuse to write recommendations over the checkpoint given, any checkpoint, or a deletion record's files."""
+    """``predict --out``: refuse to write recommendations over the checkpoint given, any checkpoint, a deletion record's files,
+    or into the machine's folder (its notes of lines and recommendation files, its locks)."""
     if ckpt_path and path.exists() and Path(ckpt_path).exists() and path.resolve() == Path(ckpt_path).resolve():
         raise OptionRefused(f"{option} {path} is the checkpoint predict reads: give another file for the recommendations.")
-    if path.suffix == ".ckpt" or path.name in _RECORD_FILES:
-        raise OptionRefused(f"{option} {path} would overwrite a checkpoint or a file of a deletion record with the "
-                            f"recommendations: give a CSV file of its own, e.g. {path.parent / 'recommendations.csv'}.")
+    machine = machine_lines_folder().resolve()
+    if path.suffix == ".ckpt" or path.name in _RECORD_FILES or path.resolve() == machine or machine in path.resolve().parents:
+        raise OptionRefused(f"{option} {path} would overwrite a checkpoint or a file of a deletion record (or of the machine's "
+                            f"notes, in {machine}) with the recommendations: give a CSV file of its own elsewhere, e.g. "
+                            f"{path.parent / 'recommendations.csv'}.")
 
 
 class LightningUnlearnCLI(LightningCLI):

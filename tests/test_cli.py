@@ -137,6 +137,8 @@ def test_an_optimizer_for_matrices_only_is_not_refused(tmp_path, capsys):
     ("fit", ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "2"], "--lr_scheduler needs --optimizer"),
     ("predict", ["--trainer.limit_predict_batches=0.5"], "limit_predict_batches is not used"),
     ("fit", ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "-1"], "--optimizer torch.optim.SGD: Invalid learning rate"),
+    ("fit", ["--optimizer", "torch.optim.Adam", "--optimizer.fused", "true", "--optimizer.foreach", "true"],
+     "--optimizer torch.optim.Adam: `fused` and `foreach` cannot be `True` together"),
     ("fit", ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1", "--lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"],
      "needs the metric it watches: give `--lr_scheduler pytorch_lightning.cli.ReduceLROnPlateau"),
     ("compare", ["--trainer.limit_test_batches=0.2"], "compare measures utility on every test user: --trainer.limit_test_batches"),

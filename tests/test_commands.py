@@ -875,12 +875,14 @@ def test_a_branch_refused_before_its_first_request_leaves_a_folder_another_branc
 
 
 def test_an_out_over_a_checkpoint_or_a_record_file_or_below_a_file_is_refused_and_changes_nothing(trained, tmp_path, capsys):
-    """predict --out the checkpoint it reads, or the record's journal, used to replace it with the CSV (every later
-    command on that record then failed); an --out below a file was a traceback (and a note of a file never written)."""
+    """predict --out the checkpoint it reads, the record's journal, or the machine's notes of recommendation files used
+    to replace it with the CSV (every later command on that record then failed; files noted before were no longer
+    cleaned); an --out below a file was a traceback (and a note of a file never written)."""
     journal = trained.unlearned.parent / "journal.jsonl"
     before = {path: path.read_bytes() for path in (trained.unlearned, journal)}
     (tmp_path / "afile").write_text("")
-    for out in (trained.unlearned, journal, tmp_path / "copy.ckpt", tmp_path / "afile" / "recs.csv"):
+    notes = Path(os.environ["LIGHTNING_UNLEARN_HOME"]) / "recommendations.jsonl"  # the machine's notes of these files
+    for out in (trained.unlearned, journal, tmp_path / "copy.ckpt", tmp_path / "afile" / "recs.csv", notes):
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", str(out)])
         err = capsys.readouterr().err
