@@ -539,7 +539,7 @@ def _refuse_a_record_file(option: str, path: Path, ckpt_path: str | os.PathLike 
     if ckpt_path and path.exists() and Path(ckpt_path).exists() and path.resolve() == Path(ckpt_path).resolve():
         raise OptionRefused(f"{option} {path} is the checkpoint predict reads: give another file for the recommendations.")
     machine = machine_lines_folder().resolve()
-    if path.suffix == ".ckpt" or path.name in _RECORD_FILES or path.resolve() == machine or machine in path.resolve().parents:
+    if path.suffix.lower() == ".ckpt" or path.name.lower() in _RECORD_FILES or path.resolve() == machine or machine in path.resolve().parents:
         raise OptionRefused(f"{option} {path} would overwrite a checkpoint or a file of a deletion record (or of the machine's "
                             f"notes, in {machine}) with the recommendations: give a CSV file of its own elsewhere, e.g. "
                             f"{path.parent / 'recommendations.csv'}.")

@@ -882,7 +882,7 @@ def test_an_out_over_a_checkpoint_or_a_record_file_or_below_a_file_is_refused_an
     before = {path: path.read_bytes() for path in (trained.unlearned, journal)}
     (tmp_path / "afile").write_text("")
     notes = Path(os.environ["LIGHTNING_UNLEARN_HOME"]) / "recommendations.jsonl"  # the machine's notes of these files
-    for out in (trained.unlearned, journal, tmp_path / "copy.ckpt", tmp_path / "afile" / "recs.csv", notes):
+    for out in (trained.unlearned, journal, tmp_path / "copy.ckpt", tmp_path / "COPY.CKPT", tmp_path / "afile" / "recs.csv", notes):
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", str(out)])
         err = capsys.readouterr().err
