@@ -20,7 +20,7 @@ from lightning_unlearn.unlearning import IFRU, AltEraser, DeletionSpec, FineTune
 from lightning_unlearn.unlearning.compare import PartialResultsMismatch, _utility, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.methods.base import Unlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.reporting import comparison_rows, log_comparison, plot_comparison
+from lightning_unlearn.unlearning.reporting import comparison_columns, comparison_rows, log_comparison, plot_comparison
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("cli_run")
@@ -231,18 +231,19 @@ class Nudge(Unlearner):
 def small_compare():
     """``run(methods, out, resume)``: compare on fresh synthetic data from one trained MF."""
     recipe = FitRecipe(max_epochs=1, monitor=None)
-    make = lambda: RecDataModule(Synthetic(num_users=30, num_items=20, density=0.25, seed=1), num_negatives=2, batch_size=64)  # noqa: E731
+    make = lambda **batches: RecDataModule(Synthetic(num_users=30, num_items=20, density=0.25, seed=1), num_negatives=2,  # noqa: E731
+                                           **{"batch_size": 64, **batches})
     dm = make()
     dm.setup()
     torch.manual_seed(0)
     model = MF(dm.num_users, dm.num_items, embedding_dim=4, lr=0.05)
     recipe(model, dm)
 
-    def run(methods, out, resume=False, lines=None, repeats=1, deletion=DeletionSpec(fraction=0.05), refit=recipe):
-        fresh = make()
+    def run(methods, out, resume=False, lines=None, repeats=1, deletion=DeletionSpec(fraction=0.05), refit=recipe, batches=None, k=20):
+        fresh = make(**(batches or {}))
         fresh.setup()
         return compare(model, fresh, methods, deletion, refit, out=out, resume=resume,
-                       progress=(lines.append if lines is not None else lambda _: None), repeats=repeats)
+                       progress=(lines.append if lines is not None else lambda _: None), repeats=repeats, k=k)
 
     return run
 
@@ -326,12 +327,14 @@ def test_resume_refuses_partial_results_of_another_configuration(small_compare, 
 
 
 def test_resume_refuses_results_of_other_rows_recipe_or_method_settings(small_compare, tmp_path):
-    """The same counts from another seed, another refit recipe, or a method option its name does not show: each
-    would mix figures measured on different deletions or settings into one table."""
+    """The same counts from another seed, another refit recipe, a method option its name does not show, or other batches
+    of the datamodule: each would mix figures measured on different deletions or settings into one table."""
     with pytest.raises(KeyboardInterrupt):
         small_compare([Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [], fail=KeyboardInterrupt())], tmp_path)
     others = [(dict(deletion=DeletionSpec(fraction=0.05, seed=7)), "rows"), (dict(refit=FitRecipe(max_epochs=2, monitor=None)), "recipe"),
-              (dict(methods=[Retrain(), FineTune(epochs=1, lr=0.5), Nudge("k", [])]), "methods"), (dict(repeats=2), "repeats")]
+              (dict(methods=[Retrain(), FineTune(epochs=1, lr=0.5), Nudge("k", [])]), "methods"), (dict(repeats=2), "repeats"),
+              # the refit trains in the datamodule's batches; sampled candidates change what utility is
+              (dict(batches={"batch_size": 7}), "batches"), (dict(batches={"eval_candidates": 5}), "batches")]
     for other, differs in others:
         with pytest.raises(PartialResultsMismatch, match=f"another configuration \\({differs} differs\\)"):
             small_compare(**{"methods": [Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [])], "out": tmp_path,
@@ -343,6 +346,18 @@ def test_resume_refuses_results_of_other_rows_recipe_or_method_settings(small_co
     lines: list = []
     small_compare([Retrain(), FineTune(epochs=1, lr=1e-3), Nudge("k", [])], tmp_path, resume=True, lines=lines)
     assert sum("resumed from" in line for line in lines) == 2
+
+
+def test_the_outputs_name_the_top_k_figures_of_the_k_compared_at(small_compare, tmp_path):
+    """compare --k 10 measured every method, then failed on the top-20 columns of its table and CSV (no table, no CSV)."""
+    result = small_compare([Retrain(), FineTune(epochs=1, lr=1e-3)], tmp_path, k=10)
+    assert result["k"] == 10 and "gap_top10" in format_table(result)
+    write_outputs(result, tmp_path)
+    header = (tmp_path / "compare.csv").read_text().splitlines()[0].split(",")
+    assert "gap_top10" in header and "overlap@10" in header
+    columns = comparison_columns(10)
+    assert [dict(zip(columns, row))["overlap@10"] for row in comparison_rows(result)] == \
+        [m["completeness"]["overlap@10"] for m in result["methods"]]
 
 
 def test_second_order_methods_share_one_curvature_cache_and_get_the_step_they_get_alone(small_compare, tmp_path):

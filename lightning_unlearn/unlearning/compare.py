@@ -226,6 +226,7 @@ def compare(
         "loss": model.loss_name,
         "hardware": _hardware(device),
         "deletion": {**resolved.summary(), "rows": resolved.num_rows, "users": resolved.num_users, "items": resolved.num_items},
+        "k": k,
         "original": {"fit_seconds": fit_seconds, "grad_norm": grad_norm, "utility": original_utility, "deleted": original_deleted,
                      "completeness": original_overlap},
         "methods": results,
@@ -280,11 +281,13 @@ PARTIAL = "compare.partial.json"
 def _measured_with(original: Recommender, datamodule: RecDataModule, deletion: dict[str, Any], methods: Sequence[Unlearner],
                    seed: int, recipe: FitRecipe, repeats: int, k: int, device: torch.device) -> dict[str, Any]:
     """What the measured figures depend on, but which rows were deleted (their digest is keyed, see :class:`_Partial`):
-    the data as loaded (its fingerprint), the deletion's kind and counts, the original's parameter fingerprint, the
-    seed, the refit's recipe, every method's class and settings in order, ``repeats``, ``k`` and the device."""
+    the data as loaded (its fingerprint), the datamodule's batches (the refit trains in them; sampled candidates change
+    what utility is), the deletion's kind and counts, the original's parameter fingerprint, the seed, the refit's recipe,
+    every method's class and settings in order, ``repeats``, ``k`` and the device."""
     recipe_settings = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name != "progress"}
     return {
         "data": datamodule.data_fingerprint,
+        "batches": {name: datamodule.hparams.get(name) for name in ("batch_size", "eval_batch_size", "eval_candidates")},
         "deletion": deletion,
         "model": type(original).__name__,
         "parameters": model_digest(original),
@@ -494,37 +497,44 @@ def _hardware(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- output
-COLUMNS = [
-    ("method", lambda m: m["name"]),
-    ("seconds", lambda m: m["seconds"]),
-    ("speedup", lambda m: m["speedup_vs_retrain"]),
-    ("recall@20", lambda m: m["utility"].get("recall@20")),
-    ("ndcg@20", lambda m: m["utility"].get("ndcg@20")),
-    ("gap_rank", lambda m: m["completeness"]["gap_closed_rank"]),
-    ("gap_score", lambda m: m["completeness"]["gap_closed_score"]),
-    ("gap_top20", lambda m: m["completeness"]["gap_closed_top20"]),
-    ("gap_mia", lambda m: m["completeness"]["gap_closed_mia"]),
-    ("overlap@20", lambda m: m["completeness"]["overlap@20"]),
-    ("overlap_aff", lambda m: m["completeness"]["overlap@20_affected"]),
-    ("score_dist", lambda m: m["completeness"]["score_distance_rel"]),
-    ("param_dist", lambda m: m["completeness"]["param_distance_rel"]),
-    ("peak_MB", lambda m: None if m.get("peak_mb") is None else round(m["peak_mb"])),
-]
+def columns(k: int = 20) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
+    """The table's and ``compare.csv``'s columns, ``(name, figure of a method's entry)``; the top-``k`` ones at ``compare``'s ``k``.
+
+    Example:
+        >>> [name for name, _ in columns(10)][7:11]
+        ['gap_top10', 'gap_mia', 'overlap@10', 'overlap_aff']
+    """
+    return [
+        ("method", lambda m: m["name"]),
+        ("seconds", lambda m: m["seconds"]),
+        ("speedup", lambda m: m["speedup_vs_retrain"]),
+        ("recall@20", lambda m: m["utility"].get("recall@20")),
+        ("ndcg@20", lambda m: m["utility"].get("ndcg@20")),
+        ("gap_rank", lambda m: m["completeness"]["gap_closed_rank"]),
+        ("gap_score", lambda m: m["completeness"]["gap_closed_score"]),
+        (f"gap_top{k}", lambda m: m["completeness"][f"gap_closed_top{k}"]),
+        ("gap_mia", lambda m: m["completeness"]["gap_closed_mia"]),
+        (f"overlap@{k}", lambda m: m["completeness"][f"overlap@{k}"]),
+        ("overlap_aff", lambda m: m["completeness"][f"overlap@{k}_affected"]),
+        ("score_dist", lambda m: m["completeness"]["score_distance_rel"]),
+        ("param_dist", lambda m: m["completeness"]["param_distance_rel"]),
+        ("peak_MB", lambda m: None if m.get("peak_mb") is None else round(m["peak_mb"])),
+    ]
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The comparison as a fixed-width text table (one row per method, plus the original)."""
-    columns = COLUMNS
+    shown = columns(result.get("k", 20))
     if result["deletion"]["kind"] == "users":  # the figure to read for whole users (DESIGN.md)
-        columns = [*COLUMNS[:5], ("gap_item", lambda m: m["completeness"].get("gap_closed_item_rank")), *COLUMNS[5:]]
+        shown = [*shown[:5], ("gap_item", lambda m: m["completeness"].get("gap_closed_item_rank")), *shown[5:]]
     width = max([18, *(len(m["name"]) + 2 for m in result["methods"])])
-    header = "".join(f"{name:>12}" if i else f"{name:<{width}}" for i, (name, _) in enumerate(columns))
+    header = "".join(f"{name:>12}" if i else f"{name:<{width}}" for i, (name, _) in enumerate(shown))
     lines = [header]
     for method in result["methods"]:
         if not is_measured(method):
             lines.append(f"{method['name']:<{width}}{'FAILED':>12}  {method.get('error', '')}")
             continue
-        cells = [fn(method) for _, fn in columns]
+        cells = [fn(method) for _, fn in shown]
         lines.append(f"{cells[0]:<{width}}" + "".join(_cell(c) for c in cells[1:]))
     o = result["original"]
     lines.append(f"{'(original)':<{width}}{_cell(o['fit_seconds'])}{'':>12}{_cell(o['utility'].get('recall@20'))}{_cell(o['utility'].get('ndcg@20'))}")
@@ -565,10 +575,11 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     write_whole(json_path, json.dumps(result, indent=2, default=_plain))
     rows = io.StringIO(newline="")
     writer = csv.writer(rows)
-    writer.writerow([name for name, _ in COLUMNS])
+    written = columns(result.get("k", 20))
+    writer.writerow([name for name, _ in written])
     for method in result["methods"]:
-        writer.writerow([fn(method) for _, fn in COLUMNS] if is_measured(method)
-                        else [method["name"], "failed", *([""] * (len(COLUMNS) - 2))])
+        writer.writerow([fn(method) for _, fn in written] if is_measured(method)
+                        else [method["name"], "failed", *([""] * (len(written) - 2))])
     write_whole(csv_path, rows.getvalue())
     if all(is_measured(m) for m in result["methods"]):
         (out / PARTIAL).unlink(missing_ok=True)

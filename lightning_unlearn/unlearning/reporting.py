@@ -28,6 +28,7 @@ from lightning_unlearn.unlearning.request import InvalidDeletionRequest
 __all__ = [
     "CHART_SPECS",
     "COMPARISON_COLUMNS",
+    "comparison_columns",
     "check_artifact_logging",
     "comparison_charts",
     "comparison_rows",
@@ -43,13 +44,21 @@ __all__ = [
     "wandb_run_lines",
 ]
 
-#: Columns of the comparison table logged to W&B (one row per method); ``completeness`` is the
-#: headline figure of :func:`headline_completeness`.
-COMPARISON_COLUMNS = (
-    "method", "seconds", "precompute_seconds", "speedup_vs_retrain", "recall@20", "ndcg@20", "auc", "completeness",
-    "gap_closed_rank", "gap_closed_score", "gap_closed_top20", "gap_closed_mia", "overlap@20", "overlap@20_affected",
-    "param_distance_rel",
-)
+def comparison_columns(k: int = 20) -> tuple[str, ...]:
+    """Columns of the comparison table logged to W&B (one row per method), the top-``k`` ones at ``compare``'s ``k``;
+    ``completeness`` is the headline figure of :func:`headline_completeness`.
+
+    Example:
+        >>> comparison_columns(10)[10:14]
+        ('gap_closed_top10', 'gap_closed_mia', 'overlap@10', 'overlap@10_affected')
+    """
+    return ("method", "seconds", "precompute_seconds", "speedup_vs_retrain", "recall@20", "ndcg@20", "auc", "completeness",
+            "gap_closed_rank", "gap_closed_score", f"gap_closed_top{k}", "gap_closed_mia", f"overlap@{k}", f"overlap@{k}_affected",
+            "param_distance_rel")
+
+
+#: :func:`comparison_columns` at the default ``k = 20``.
+COMPARISON_COLUMNS = comparison_columns()
 
 
 def wandb_loggers(loggers: Iterable[Logger]) -> list[WandbLogger]:
@@ -162,7 +171,7 @@ def measured(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def comparison_rows(result: Mapping[str, Any]) -> list[list[Any]]:
-    """The comparison as rows of :data:`COMPARISON_COLUMNS` (non-finite values become ``None``), one per measured method.
+    """The comparison as rows of :func:`comparison_columns` at its ``k`` (non-finite values become ``None``), one per measured method.
 
     Args:
         result: the ``compare.json`` document.
@@ -173,7 +182,7 @@ def comparison_rows(result: Mapping[str, Any]) -> list[list[Any]]:
         figures = {**method["utility"], **method["completeness"], "seconds": method["seconds"],
                    "precompute_seconds": method["precompute_seconds"], "speedup_vs_retrain": method["speedup_vs_retrain"],
                    "completeness": method["completeness"].get(headline)}
-        rows.append([method["name"], *(_finite(figures.get(column)) for column in COMPARISON_COLUMNS[1:])])
+        rows.append([method["name"], *(_finite(figures.get(column)) for column in comparison_columns(result.get("k", 20))[1:])])
     return rows
 
 
@@ -315,7 +324,7 @@ def comparison_charts(table: Any, result: Mapping[str, Any]) -> dict[str, Any]:
     - ``compare/chart/completeness``: headline completeness per method (W&B's bar chart).
 
     Args:
-        table: a ``wandb.Table`` with :data:`COMPARISON_COLUMNS`.
+        table: a ``wandb.Table`` with :func:`comparison_columns`.
         result: the ``compare.json`` document (for titles).
     """
     import wandb
@@ -354,7 +363,7 @@ def log_comparison(loggers: Iterable[Logger], result: Mapping[str, Any]) -> None
     Every method's figures (seconds, utility, speed-up, completeness) go to each logger as in
     :func:`log_method_result`: the W&B run summary, or metrics at the method's position for
     other loggers. A ``WandbLogger`` also receives ``compare/table`` (a ``wandb.Table`` of
-    :data:`COMPARISON_COLUMNS`, one row per method), the charts of :func:`comparison_charts`
+    :func:`comparison_columns`, one row per method), the charts of :func:`comparison_charts`
     (their Vega-Lite specs also saved as the run's files ``charts/*.vl.json``), and the
     original's figures and the headline figure's name in the summary.
 
@@ -373,7 +382,7 @@ def log_comparison(loggers: Iterable[Logger], result: Mapping[str, Any]) -> None
     rows = comparison_rows(result)
     for logger in targets:
         run = logger.experiment
-        table = wandb.Table(columns=list(COMPARISON_COLUMNS), data=rows)
+        table = wandb.Table(columns=list(comparison_columns(result.get("k", 20))), data=rows)
         run.log({"compare/table": table, **comparison_charts(table, result)})
         if not getattr(run, "disabled", False):
             _save_chart_specs(run)
@@ -411,7 +420,7 @@ def plot_comparison(result: Mapping[str, Any], path: str | os.PathLike | None = 
     except ImportError as err:
         raise ImportError("plot_comparison needs matplotlib: `pip install matplotlib` "
                           "(or `pip install lightning-unlearn[docs]`).") from err
-    columns = {name: i for i, name in enumerate(COMPARISON_COLUMNS)}
+    columns = {name: i for i, name in enumerate(comparison_columns(result.get("k", 20)))}
     rows = comparison_rows(result)
     headline = headline_completeness(result)
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
