@@ -38,7 +38,6 @@ from lightning_unlearn.recommendations import (
 )
 from lightning_unlearn.record_checks import (
     default_unlearning_folder,
-    deletes_again,
     folder_of_key,
     lines_from,
     note_the_line,
@@ -47,17 +46,19 @@ from lightning_unlearn.record_checks import (
     records_of,
     refuse_a_second_line,
     refuse_fewer_deletions,
+    refuse_training_on,
     unlearning_folder_of,
 )
 from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.compare import check_arguments, compare, format_table, write_outputs
 from lightning_unlearn.unlearning.deletion import DeletionSpec
-from lightning_unlearn.unlearning.journal import Journal, JournalCorrupted
+from lightning_unlearn.unlearning.journal import KEY_FILE, LOCK_FILE
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.methods.second_order import SecondOrderUnlearner
 from lightning_unlearn.unlearning.recipe import FitRecipe, trains_nothing
 from lightning_unlearn.unlearning.record import (
-    CheckpointUnreadable,
+    JOURNAL_FILE,
+    LINES_FILE,
     adopt_key,
     applied_to,
     check_lineage,
@@ -477,16 +478,6 @@ def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool =
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 
-def _on_other_data(journal: Journal, datamodule: RecDataModule) -> bool:
-    """Whether the latest state of the record ``journal`` is on other data than ``datamodule`` (``False`` when it cannot be
-    read: :func:`~lightning_unlearn.record_checks.refuse_fewer_deletions` says why)."""
-    try:
-        latest = journal.last_checkpoint() if journal.path.is_file() else None
-        return latest is not None and not deletes_again(latest, datamodule)[0]
-    except (OSError, JournalCorrupted, CheckpointUnreadable):
-        return False
-
-
 def _refused_optimizer(optimizer: Any, scheduler: Any) -> str | None:
     """What torch or Lightning would refuse in ``--optimizer`` / ``--lr_scheduler`` once training starts (a traceback then):
     each is built here on a small table, as the models' embedding tables are (some optimizers take only matrices)."""
@@ -530,7 +521,7 @@ def _refuse_a_file_above(option: str, path: Path) -> None:
         raise OptionRefused(f"{option} {path} is below {above}, which is a file, not a folder: give a path in a folder.")
 
 
-_RECORD_FILES = {"journal.jsonl", "journal.key", "journal.lock", "lines.jsonl"}
+_RECORD_FILES = {JOURNAL_FILE, KEY_FILE, LOCK_FILE, LINES_FILE}
 
 
 def _refuse_a_record_file(option: str, path: Path, ckpt_path: str | os.PathLike | None) -> None:
@@ -538,8 +529,8 @@ def _refuse_a_record_file(option: str, path: Path, ckpt_path: str | os.PathLike 
     or into the machine's folder (its notes of lines and recommendation files, its locks)."""
     if ckpt_path and path.exists() and Path(ckpt_path).exists() and path.resolve() == Path(ckpt_path).resolve():
         raise OptionRefused(f"{option} {path} is the checkpoint predict reads: give another file for the recommendations.")
-    machine = machine_lines_folder().resolve()
-    if path.suffix.lower() == ".ckpt" or path.name.lower() in _RECORD_FILES or path.resolve() == machine or machine in path.resolve().parents:
+    machine, target = machine_lines_folder().resolve(), path.resolve()
+    if path.suffix.lower() == ".ckpt" or path.name.lower() in _RECORD_FILES or machine in (target, *target.parents):
         raise OptionRefused(f"{option} {path} would overwrite a checkpoint or a file of a deletion record (or of the machine's "
                             f"notes, in {machine}) with the recommendations: give a CSV file of its own elsewhere, e.g. "
                             f"{path.parent / 'recommendations.csv'}.")
@@ -742,11 +733,12 @@ class LightningUnlearnCLI(LightningCLI):
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
             "checkpoint holds no optimizer or loop state)")
-        if state is None and path:  # a Lightning checkpoint: a refit's, or a fit's callback's
-            state = {"unlearning": unlearning_state(load_checkpoint(path, mmap=True))}
+        checkpoint = load_checkpoint(path, mmap=True) if state is None and path else None
+        if checkpoint is not None:  # a Lightning checkpoint: a refit's, or a fit's callback's
+            state = {"unlearning": unlearning_state(checkpoint)}
         if state is None or not state.get("unlearning"):
-            if path:
-                self._refuse_a_stale_trained_checkpoint(path)
+            if checkpoint is not None:
+                self._refuse_a_stale_trained_checkpoint(path, checkpoint)
             self._note_deletions_beside_the_checkpoints()
             return
         # the drift counter starts afresh when the model is fitted again, on the rows that remain; kept when it is not
@@ -764,13 +756,12 @@ class LightningUnlearnCLI(LightningCLI):
         if not callbacks:  # without a callback, the refit's checkpoints still name the requests they embody
             self.trainer.callbacks.append(_CarriedUnlearningState(carried))
 
-    def _refuse_a_stale_trained_checkpoint(self, path: Path) -> None:
-        """``fit --ckpt_path`` a checkpoint without callback state: refused as ``predict`` refuses it, when a deletion record
-        beside it (or a line of deletions started from its parameters) deleted what its data still holds. Training on
-        would learn those rows again, in checkpoints that name no record. Checked on copies of the model and the data."""
+    def _refuse_a_stale_trained_checkpoint(self, path: Path, checkpoint: dict[str, Any]) -> None:
+        """``fit --ckpt_path`` a checkpoint without callback state (``checkpoint``, loaded): refused as ``predict`` refuses
+        it (:func:`~lightning_unlearn.record_checks.refuse_training_on`). Checked on copies of the model and the data."""
         model = copy.deepcopy(self.model)
         try:
-            model.load_state_dict(load_checkpoint(path)["state_dict"])
+            model.load_state_dict(checkpoint["state_dict"])
         except (KeyError, RuntimeError) as err:  # Lightning's restore would fail on it with a traceback
             what = str(err).strip().splitlines()[0] if isinstance(err, RuntimeError) else "it holds no state_dict"
             raise OptionRefused(f"fit --ckpt_path {path} is not a checkpoint of this recipe's model ({what}): give a "
@@ -780,12 +771,7 @@ class LightningUnlearnCLI(LightningCLI):
             return
         datamodule = copy.deepcopy(self.datamodule)
         restore_checkpoint(path, model, datamodule)  # its removals (refused when it has no data state to check)
-        digest = model_digest(model)
-        for folder in sorted(folders):
-            journal = journal_of(folder)
-            if not applied_to(journal, digest) and _on_other_data(journal, datamodule):
-                continue  # a model of other data beside the record: another experiment in its run folder, as `unlearn` takes it
-            refuse_fewer_deletions(path, datamodule, journal, command="fit")
+        refuse_training_on(path, model, datamodule, folders)
 
     def _note_deletions_beside_the_checkpoints(self) -> None:
         """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""

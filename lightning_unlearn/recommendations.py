@@ -227,12 +227,13 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     for name, lines in sorted(_noted().items()):
         if any(line.get("data") == fingerprint for line in lines):
             with recommendations_file_lock(name):  # a predict writing it (from any data) finishes first
-                if _clean(Path(name), lines, datamodule, command, gone_users, gone_items):
+                if _clean(Path(name), lines, datamodule, fingerprint, command, gone_users, gone_items):
                     scrubbed.append(Path(name))
     return scrubbed
 
 
-def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, command: str, gone_users: set[str], gone_items: set[str]) -> bool:
+def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, fingerprint: str, command: str, gone_users: set[str],
+           gone_items: set[str]) -> bool:
     """:func:`scrub_recommendations` of one noted file (its lock held): whether it held rows of deleted users or items."""
     for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
         left.unlink(missing_ok=True)
@@ -249,7 +250,7 @@ def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, command: st
               f"cleaned of the users and items deleted since, and may name them. Predict into it again, or remove it, "
               f"to end this message.", file=sys.stderr)
         return False
-    if noted.get("data") != datamodule.state_dict().get("fingerprint"):  # predicted into again from other data: that data's file
+    if noted.get("data") != fingerprint:  # predicted into again from other data: that data's file
         return False
     try:
         with open(path, newline="", encoding="utf-8") as fh:

@@ -24,6 +24,7 @@ from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
     LINES_FILE,
+    CheckpointUnreadable,
     StaleCheckpoint,
     applied_to,
     check_lineage,
@@ -39,7 +40,7 @@ from lightning_unlearn.unlearning.record import (
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
-           "refuse_a_second_line", "refuse_fewer_deletions", "unlearning_folder_of"]
+           "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
 def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
@@ -383,3 +384,36 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
             f"data of {ckpt_path} {held}: {_WOULD.get(command, _WOULD['predict'])}. "
             f"{command.capitalize()} from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
         )
+
+
+def refuse_training_on(ckpt_path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, folders: set[Path]) -> None:
+    """``fit --ckpt_path`` a checkpoint without callback state: refuse it as :func:`refuse_fewer_deletions` refuses it for
+    ``predict``, for each of its records (:func:`records_of`). Training on would learn the deleted rows again, in
+    checkpoints that name no record. A record only beside it whose latest state is on other data is another experiment
+    in its run folder, as ``unlearn`` takes it (:func:`refuse_a_second_line`).
+
+    Args:
+        ckpt_path: the checkpoint ``fit`` was given.
+        model: its model, restored.
+        datamodule: its data, with the removals it holds.
+        folders: its records.
+
+    Raises:
+        StaleCheckpoint, JournalCorrupted: as :func:`refuse_fewer_deletions`.
+    """
+    digest = model_digest(model)
+    for folder in sorted(folders):
+        journal = journal_of(folder)
+        if not applied_to(journal, digest) and _on_other_data(journal, datamodule):
+            continue
+        refuse_fewer_deletions(ckpt_path, datamodule, journal, command="fit")
+
+
+def _on_other_data(journal: Journal, datamodule: RecDataModule) -> bool:
+    """Whether the latest state of the record ``journal`` is on other data than ``datamodule`` (``False`` when it cannot be
+    read: :func:`refuse_fewer_deletions` says why)."""
+    try:
+        latest = journal.last_checkpoint() if journal.path.is_file() else None
+        return latest is not None and not deletes_again(latest, datamodule)[0]
+    except (OSError, JournalCorrupted, CheckpointUnreadable):
+        return False
