@@ -14,7 +14,7 @@ from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.record import StaleCheckpoint, adopt_key, journal_of, key_id
+from lightning_unlearn.unlearning.record import StaleCheckpoint, adopt_key, journal_of, key_id, restore_checkpoint
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 EPOCHS = 3
@@ -528,3 +528,114 @@ def test_the_default_seed_is_the_one_seed_everything_set_before_the_requests_are
     pl.seed_everything(7, verbose=False)
     (report,) = callback.apply_pending(model, dm, recipe=FitRecipe(max_epochs=1, monitor=None))
     assert report.method == "Retrain" and seeds == [7] and callback.seed == 7 and fixed.seed == 3
+
+
+def test_a_request_queued_after_the_callbacks_train_end_is_applied_when_the_fit_ends(tmp_path):
+    """A callback after this one (the user's intake) may queue a request in its own on_train_end: it is applied, not left."""
+    callback = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path, evaluate=False)
+
+    class Intake(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            callback.request(DeletionRequest(users=[6]))
+
+    _, dm, _ = trained(callbacks=[callback, Intake()])
+    assert callback.pending == 0 and len(callback.reports) == 1 and not (dm.train.users == 6).any()
+    assert [e["status"] for e in journal(tmp_path)] == ["pending", "applied"]
+
+
+def test_the_optimizers_start_afresh_after_a_request_so_training_on_does_not_carry_the_deleted_rows_back(tmp_path):
+    """Adam's moments hold the deleted user's gradients: without a reset its row keeps moving in the epochs after its
+    deletion, although no batch holds it any more (no L2 term either: the penalty is on the batch's rows)."""
+    callback = UnlearningCallback(FineTune(epochs=1), when="epoch_end", dirpath=tmp_path, evaluate=False)
+    rows: dict[int, torch.Tensor] = {}
+
+    class Queue(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                callback.request(DeletionRequest(users=[7]))
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # after the UnlearningCallback's: the row as each epoch left it
+            rows[trainer.current_epoch] = pl_module.user_embedding.weight[7].detach().clone()
+
+    trained(callbacks=[Queue(), callback, Watch()])
+    assert len(callback.reports) == 1 and len(rows) == EPOCHS
+    assert torch.equal(rows[0], rows[EPOCHS - 1])  # reset at epoch 0's end, then untouched
+
+
+def test_finetune_of_a_request_that_leaves_no_training_row_resets_what_it_touched(tmp_path):
+    model, dm, _ = trained()
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=list(range(dm.num_users)))],
+                                  dirpath=tmp_path, evaluate=False)
+    report, = callback.apply_pending(model, dm)
+    assert len(dm.train) == 0 and report.diagnostics["steps"] == 0 and report.diagnostics["loss_per_epoch"] == []
+    assert report.diagnostics["reset_users"] == dm.num_users and torch.isfinite(model.user_embedding.weight).all()
+
+
+def test_a_folder_under_the_home_directory_is_expanded_as_model_checkpoint_expands_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert UnlearningCallback(FineTune(), dirpath="~/forget").dirpath == tmp_path / "forget"
+
+
+def test_a_datamodule_without_the_removals_the_model_embodies_is_refused_until_restored_with_it(tmp_path):
+    """The callback that applied a request, given a datamodule built afresh: its deleted rows would be trained on again."""
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False)
+    model, _, _ = trained(callbacks=[callback])
+    fresh = datamodule()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=EPOCHS + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback])
+    with pytest.raises(StaleCheckpoint, match=r"does not hold the deletions the model embodies.*restore_checkpoint"):
+        trainer.fit(model, fresh)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    callback.request(DeletionRequest(users=[6]))
+    with pytest.raises(StaleCheckpoint, match="does not hold the deletions"):
+        callback.apply_pending(model, fresh)
+    assert (fresh.train.users == 6).any() and [e["status"] for e in journal(tmp_path)] == ["pending", "applied"]
+    state = restore_checkpoint(tmp_path / journal(tmp_path)[-1]["checkpoint"], model, fresh)  # model and data together
+    callback.load_state_dict(state["unlearning"])
+    callback.request(DeletionRequest(users=[6]))
+    callback.apply_pending(model, fresh)
+    assert not (fresh.train.users == 5).any() and not (fresh.train.users == 6).any()
+
+
+@pytest.mark.parametrize("command", ["test", "validate", "fit"])
+def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_weights_are_loaded(command, tmp_path):
+    """ckpt_path="best" after a fit whose request was applied at its train end: the file predates the deletion."""
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
+                                  evaluate=False)
+    saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1)
+    pl.seed_everything(0, verbose=False)
+    dm = datamodule()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback, saved])
+    trainer.fit(model, dm)
+    older = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert len(callback.reports) == 1
+    before, lineage = {k: v.clone() for k, v in model.state_dict().items()}, callback.state_dict()["lineage"]
+    if command == "fit":
+        trainer.fit_loop.max_epochs = 2
+    with pytest.raises(StaleCheckpoint, match=r"already holds 1 applied request"):
+        getattr(trainer, command)(model, dm, ckpt_path=older)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # refused before the weights were loaded
+    assert callback.state_dict()["lineage"] == lineage
+    if command != "fit":  # the model as it is now, on the same trainer: the refused checkpoint is not kept for its next call
+        assert getattr(trainer, command)(model, dm)
+
+
+def test_weights_from_before_a_deletion_loaded_by_hand_are_refused_not_unlearned_further(tmp_path):
+    """The callback's lineage is the latest state, but the model holds the weights its first request was applied to."""
+    model, dm, _ = trained()
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False)
+    callback.apply_pending(model, dm)
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(old)
+    callback.request(DeletionRequest(users=[6]))
+    with pytest.raises(StaleCheckpoint, match=r"are those request entry 0 .* an older state.*restore_checkpoint"):
+        callback.apply_pending(model, dm)
+    assert len(journal(tmp_path)) == 2 and callback.pending == 1 and (dm.train.users == 6).any()
+    model.load_state_dict(after)  # the latest state: applied
+    callback.apply_pending(model, dm)
+    assert [e["status"] for e in journal(tmp_path)] == ["pending", "applied"] * 2

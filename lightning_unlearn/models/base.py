@@ -185,18 +185,33 @@ class Recommender(pl.LightningModule):
         """Give a graph model the training graph; a no-op for models without one."""
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse an unlearned checkpoint given to a Trainer as ``ckpt_path``, before its weights are loaded.
+        """Refuse a checkpoint given to a Trainer as ``ckpt_path`` that must not be loaded, before its weights are.
 
-        Lightning would load its weights but neither the removals it records (the deleted rows
-        would be trained on, or evaluated, again) nor its callback state, and ``fit`` would look
-        for optimizer and loop state it does not hold. ``load_from_checkpoint`` (no Trainer)
-        reads it as usual.
+        An unlearned checkpoint: Lightning would load its weights but neither the removals it
+        records (the deleted rows would be trained on, or evaluated, again) nor its callback
+        state, and ``fit`` would look for optimizer and loop state it does not hold. Then each of
+        the Trainer's callbacks that has a ``check_checkpoint(trainer, checkpoint)`` (an
+        :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback`: an older state of its
+        record) may refuse it: Lightning calls the callbacks' own hooks only after the weights
+        are loaded. ``load_from_checkpoint`` (no Trainer) reads any checkpoint as usual.
 
         Raises:
             ValueError: ``checkpoint`` is an unlearned one (``datamodule_state`` and ``unlearning``,
                 no loop state) and the model is attached to a Trainer.
         """
-        if self._trainer is not None and "datamodule_state" in checkpoint and "unlearning" in checkpoint and "loops" not in checkpoint:
+        if self._trainer is None:
+            return
+        try:
+            self._refuse_checkpoint(checkpoint)
+        except Exception:
+            # Lightning keeps a checkpoint it failed to restore, and would load it at the trainer's next call
+            connector = getattr(self._trainer, "_checkpoint_connector", None)
+            if connector is not None and hasattr(connector, "_loaded_checkpoint"):
+                connector._loaded_checkpoint = {}
+            raise
+
+    def _refuse_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "datamodule_state" in checkpoint and "unlearning" in checkpoint and "loops" not in checkpoint:
             raise ValueError(
                 f"Trainer.{self._trainer.state.fn.value}(ckpt_path=...) was given an unlearned checkpoint (written by `unlearn` "
                 f"or the UnlearningCallback). Lightning would load its weights but not the removals it records, so the "
@@ -205,6 +220,10 @@ class Recommender(pl.LightningModule):
                 f"(lightning_unlearn.unlearning.record), then, in a fit with an UnlearningCallback, "
                 f"`callback.load_state_dict(state['unlearning'])`. On the command line, `--ckpt_path` does this."
             )
+        for callback in self._trainer.callbacks:
+            check = getattr(callback, "check_checkpoint", None)
+            if callable(check):
+                check(self._trainer, checkpoint)
 
     def fresh(self) -> Recommender:
         """A new model with the same hyper-parameters, initialised from the current RNG state."""

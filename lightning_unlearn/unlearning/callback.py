@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
 from lightning_unlearn.data.datamodule import RecDataModule
@@ -26,6 +27,8 @@ from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
+    StaleCheckpoint,
+    applied_to,
     check_key,
     check_lineage,
     forget_an_unused_key,
@@ -170,7 +173,7 @@ class UnlearningCallback(pl.Callback):
         self.method, self.when, self.missing, self.evaluate, self.branch = method, when, missing, evaluate, bool(branch)
         self._seed = seed
         self.requests_file = requests_file
-        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.dirpath = Path(dirpath).expanduser() if dirpath is not None else None  # as ModelCheckpoint takes it
         self._queue: list[DeletionRequest] = _list_of_requests(requests)
         self._restored: list[dict[str, Any]] = []  # pending requests of a loaded state, as indices (need the data)
         self._applied: list[str] = []
@@ -179,7 +182,6 @@ class UnlearningCallback(pl.Callback):
         self._key_unknown = False  # restored fingerprints from a state that did not record their key
         self._named_record: str | None = None  # the record a restored state names (a refit's: not beside its checkpoint)
         self._ignoring: set[bytes] = set()  # contents of restored requests that were queued with missing="ignore"
-        self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
         self._made_key = False  # this run made (or its branch copied) the folder's key, not checked yet: on_exception removes it
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
@@ -302,7 +304,7 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is not None and (self._queue or self.journal.path.exists()):
             self.journal.refuse_a_lost_key()  # before the lineage: without its key the record is a dead end
             recover(self.dirpath)
-            check_lineage(self.journal, self._lineage, self.branch, self._named_record)
+            self._check_lineage(self.journal, datamodule)
         if self.dirpath is not None:  # also with nothing queued yet: before on_fit_start makes a branch's key
             check_key(self.journal, self._key_id, len(self._applied))
         elsewhere = {"validation": datamodule.val, "test": datamodule.test}
@@ -311,6 +313,25 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is None:
             return [r.summary() for r in resolved]
         return [{**r.summary(), "digest": self.journal.keyed(r.digest)} for r in resolved]
+
+    def _check_lineage(self, journal: Journal, datamodule: RecDataModule) -> None:
+        """:func:`check_lineage` of the model, and of its data: the datamodule must hold the removals of the state the model embodies.
+
+        A callback that applied requests (or restored their state) knows it embodies them, but a
+        datamodule built afresh (or restored from another checkpoint) still holds their rows.
+        """
+        check_lineage(journal, self._lineage, self.branch, self._named_record)
+        lineage = self._lineage or {}
+        if lineage.get("data") is None or lineage.get("journal") != journal.id or lineage["data"] == _data_state(datamodule, journal):
+            return
+        latest = journal.checkpoint(journal.latest())
+        raise StaleCheckpoint(
+            f"The datamodule does not hold the deletions the model embodies (request entry {lineage.get('seq')} of the journal "
+            f"in {Path(journal.folder).resolve()}): it was built afresh, or restored from another state than the model. Training "
+            f"or unlearning on it would bring deleted rows back. Restore the model and its data together from the latest state: "
+            f"`state = restore_checkpoint('{latest}', model, datamodule)` (lightning_unlearn.unlearning.record), then "
+            f"`callback.load_state_dict(state['unlearning'])`; on the command line `--ckpt_path` does this. Nothing was changed."
+        )
 
     @property
     def journal(self) -> Journal:
@@ -349,13 +370,54 @@ class UnlearningCallback(pl.Callback):
         its data still holds their rows) or an invalid request stops the run before an epoch is
         spent, not at ``on_train_end``.
         """
-        self._train_ended = False
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
             self._made_key = False  # checked: checkpoints saved from now on may name the key
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
+
+    def check_checkpoint(self, trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint given to ``trainer`` (``ckpt_path``) that is an older state of this callback's record.
+
+        :class:`~lightning_unlearn.models.base.Recommender` calls it before the checkpoint's
+        weights are loaded, so a refusal leaves the model (and this callback's state) as they
+        were. ``fit`` refuses what :meth:`on_fit_start` would: a model that does not embody the
+        record's latest state (a checkpoint without this callback's state counts as one no
+        deletion was applied to; one without it, as what this callback holds). ``validate``,
+        ``test`` and ``predict`` refuse a checkpoint this record's fits saved before its latest
+        request (e.g. ``ckpt_path="best"``, saved before a request applied at the train end): its
+        model still holds deleted rows. A checkpoint of another record, or of a fit without this
+        callback, is theirs to evaluate.
+
+        Args:
+            trainer: the Trainer loading ``checkpoint``.
+            checkpoint: the loaded checkpoint.
+
+        Raises:
+            StaleCheckpoint: ``checkpoint`` is an older state of this record.
+        """
+        if self.dirpath is None or not self.journal.path.exists():
+            return
+        journal, state = self.journal, (checkpoint.get("callbacks") or {}).get(self.state_key)
+        if trainer.state.fn == TrainerFn.FITTING:  # Lightning restores this callback's state from it, if it has one
+            lineage, record = (state.get("lineage"), state.get("record")) if isinstance(state, dict) else (self._lineage, self._named_record)
+            check_lineage(journal, lineage, self.branch, record)
+            return
+        if not isinstance(state, dict):
+            return
+        lineage, record = state.get("lineage"), state.get("record")
+        if not (lineage.get("journal") == journal.id if lineage else record == str(Path(self.dirpath).resolve())):
+            return
+        try:
+            check_lineage(journal, lineage, record=record)
+        except StaleCheckpoint as err:
+            fn = trainer.state.fn.value
+            raise StaleCheckpoint(
+                f"Trainer.{fn}(ckpt_path=...) was refused: {err} To {fn} the model as it is now, give no ckpt_path (the model "
+                f"in memory), or restore the latest state with `restore_checkpoint(path, model, datamodule)` "
+                f"(lightning_unlearn.unlearning.record)."
+            ) from None
 
     def key_made_here(self) -> None:
         """This run copied the folder's key (a branch, ``adopt_key``): a fit stopped before ``on_fit_start``'s checks pass removes it again."""
@@ -372,7 +434,6 @@ class UnlearningCallback(pl.Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_ended = True
         if self.when == "train_end":
             self.run(trainer, pl_module)
 
@@ -389,12 +450,12 @@ class UnlearningCallback(pl.Callback):
         or ``max_steps`` (the natural way to apply new requests to a finished model), and of a
         fit given ``limit_train_batches=0`` or ``max_steps=0`` (a refit, by ``Retrain`` or the
         retrain policy, is refused then: its recipe, taken from this trainer, trains nothing).
-        With ``when="epoch_end"``, also a request queued after the last epoch's end. The trainer
-        has moved the model to the CPU by now: it goes back to the trainer's device for the
-        requests, and to the CPU after them.
+        Also a request queued after this callback's train end or last epoch end (by a callback
+        after this one, or the user's code). The trainer has moved the model to the CPU by now: it
+        goes back to the trainer's device for the requests, and to the CPU after them.
         """
-        if (self._train_ended and self.when == "train_end") or (trainer.world_size == 1 and not self.pending):
-            return  # applied at the train end, queues compared there; several ranks otherwise compare theirs in run()
+        if trainer.world_size == 1 and not self.pending:
+            return  # several ranks compare their queues in run(), all of them alike
         pl_module.to(trainer.strategy.root_device)
         try:
             self.run(trainer, pl_module)
@@ -402,14 +463,24 @@ class UnlearningCallback(pl.Callback):
             pl_module.cpu()
 
     def run(self, trainer: pl.Trainer, model: Recommender) -> list[UnlearningReport]:
-        """Apply every queued request now (what the hooks call)."""
+        """Apply every queued request now (what the hooks call).
+
+        Once a request is applied, the trainer's optimizers start afresh: their state (Adam's
+        moments, SGD's momentum) was accumulated from the deleted rows' gradients too, and the
+        epochs after an ``epoch_end`` request (or a later fit, or a checkpoint's
+        ``optimizer_states``) would carry it back into the model.
+        """
         if trainer.world_size > 1:
             self._refuse_queues_that_differ(trainer)
-        return self.apply_pending(
+        reports = self.apply_pending(
             model, trainer.datamodule, loggers=trainer.loggers, device=trainer.strategy.root_device,
             recipe=FitRecipe.from_trainer(trainer), seed=self.seed, is_global_zero=trainer.is_global_zero,
             strategy=trainer.strategy,
         )
+        if reports:
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()  # every torch optimizer makes its state anew on its next step
+        return reports
 
     def _refuse_queues_that_differ(self, trainer: pl.Trainer) -> None:
         """Every rank must apply the same requests: a request queued on one rank alone would leave the others
@@ -487,7 +558,7 @@ class UnlearningCallback(pl.Callback):
                 held.enter_context(journal.lock())  # one writer per folder, for the whole run
                 journal.refuse_a_lost_key()
                 recover(self.dirpath)  # a previous process may have died mid-request
-                check_lineage(journal, self._lineage, self.branch, self._named_record)
+                self._check_lineage(journal, datamodule)
                 check_key(journal, self._key_id, len(self._applied))
                 define_request_axis(loggers)  # W&B plots unlearn/* against the request index: drift over a stream
             except BaseException:  # the other ranks wait at the first request's vote
@@ -539,8 +610,10 @@ class UnlearningCallback(pl.Callback):
             method = self.method if policy is None else self._retrain
             summary = {**resolved.summary(), "method": method.name, "request": index, **({"policy": policy.value} if policy else {})}
             # "model": which parameters the request is applied to, so that a copy of them is known for an older state
-            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=model_digest(model), **summary) \
-                if journal else None
+            parameters = model_digest(model) if journal else None
+            if journal:
+                _refuse_older_parameters(journal, parameters)
+            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary) if journal else None
         except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
             self._policy.load_state_dict(drift_before)
             _vote_failed(context)
@@ -581,7 +654,8 @@ class UnlearningCallback(pl.Callback):
                 self._queue.pop(0)
                 self._applied.append(fingerprint)
                 if pending is not None:
-                    self._lineage = {"journal": journal.id, "seq": pending["seq"], "entry": pending["hash"]}
+                    self._lineage = {"journal": journal.id, "seq": pending["seq"], "entry": pending["hash"],
+                                     "data": _data_state(datamodule, journal)}
                 if checkpoint is not None:  # it holds the callback's state *after* this request
                     written = None if checkpoint.exists() else checkpoint  # a file there from now on is this attempt's (one there now is refused)
                     save_checkpoint(checkpoint, model, datamodule, self)
@@ -610,8 +684,9 @@ class UnlearningCallback(pl.Callback):
             raise
         self.reports.append(report)
         if journal:
+            # "model": the parameters it left, the latest state's (an earlier request's "model" is an older state)
             journal.append(digest, "applied", seconds=report.seconds, checkpoint=str(checkpoint), pending_seq=pending["seq"],
-                           total_seconds=time.perf_counter() - start, drift=self.drift, **summary)
+                           total_seconds=time.perf_counter() - start, drift=self.drift, model=model_digest(model), **summary)
             metrics = {"unlearn/request": index, "unlearn/seconds": report.seconds, "unlearn/rows_removed": report.rows_removed,
                        "unlearn/drift": self.drift, "unlearn/retrained": int(policy is not None),
                        **{f"unlearn/{k}": v for k, v in utility.items()}, **_scalars(report.diagnostics, "unlearn/diag/")}
@@ -734,6 +809,33 @@ def _list_of_requests(requests: Any) -> list[DeletionRequest]:
         given = f"a {type(requests).__name__} of {', '.join(sorted({type(r).__name__ for r in requests}))}"
     raise TypeError(f"UnlearningCallback(requests=...) takes a list of DeletionRequest, got {given}; a requests file goes "
                     f"to requests_file=...")
+
+
+def _data_state(datamodule: RecDataModule, journal: Journal) -> str:
+    """A keyed digest of what ``datamodule`` has removed (training rows, whole users and items): the data a lineage embodies."""
+    removed = [datamodule.state_dict()[name] for name in ("train_keys", "users", "items")]
+    return journal.keyed(repr([len(t) for t in removed]).encode() + b"".join(t.cpu().numpy().tobytes() for t in removed))
+
+
+def _refuse_older_parameters(journal: Journal, parameters: str) -> None:
+    """Refuse a model whose parameters are those an earlier request of ``journal`` was applied to, not its latest state's.
+
+    The callback's lineage says which state it embodies, not which weights the model holds:
+    weights from before a deletion loaded by hand (``model.load_state_dict``) would carry the
+    deleted rows on. A model trained on since its latest request is not recognised (its
+    parameters are new); the latest state's are journaled with each ``applied`` entry.
+    """
+    latest = journal.latest()
+    now = latest.get("model") if latest else None  # None: a journal of before this field
+    older = applied_to(journal, parameters) if now is not None and parameters != now else None
+    if older is not None:
+        raise StaleCheckpoint(
+            f"The model's parameters are those request entry {older['seq']} of the journal in {Path(journal.folder).resolve()} "
+            f"was applied to: an older state of this record (e.g. weights saved before that request and loaded by hand), not "
+            f"its latest state, {journal.checkpoint(latest)}. Applying requests on top of it would undo the deletions after "
+            f"it. Restore the latest state: `restore_checkpoint('{journal.checkpoint(latest)}', model, datamodule)` "
+            f"(lightning_unlearn.unlearning.record). Nothing was applied."
+        )
 
 
 def _refuse_broken_model(model: Recommender) -> None:

@@ -69,7 +69,7 @@ class FineTune(Unlearner):
         sampler = EpochBatchSampler(retained, self.batch_size, seed=context.seed)
         losses: list[float] = []
         first: torch.Tensor | None = None  # the first batch's loss, before any step: where we started
-        for epoch in range(self.epochs):
+        for epoch in range(self.epochs if len(retained) else 0):  # no row left: nothing to train on, every touched row is reset
             sampler.set_epoch(epoch)
             total = torch.zeros((), device=context.device)
             batches = tqdm(sampler, desc=f"FineTune epoch {epoch}", leave=False, disable=not context.progress, dynamic_ncols=True)
