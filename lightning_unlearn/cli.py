@@ -44,6 +44,7 @@ from lightning_unlearn.record_checks import (
     one_line_at_a_time,
     records_beside,
     records_of,
+    refuse_a_gone_record,
     refuse_a_second_line,
     refuse_fewer_deletions,
     refuse_training_on,
@@ -746,6 +747,8 @@ class LightningUnlearnCLI(LightningCLI):
         carried = {k: v for k, v in state["unlearning"].items() if k != "drift" or not fitted}
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
         named = state["unlearning"].get("record")
+        if not any(c.branch for c in callbacks):  # training on would learn again what the record deleted since
+            refuse_a_gone_record(path, state["unlearning"], self.subcommand)
         if named and journal_of(named).path.is_file() and not any(c.branch for c in callbacks):
             # an older state of its record: training it would learn the deletions after it again (a branch is checked by its callback)
             check_lineage(journal_of(named), state["unlearning"].get("lineage"), record=named)
@@ -757,21 +760,29 @@ class LightningUnlearnCLI(LightningCLI):
             self.trainer.callbacks.append(_CarriedUnlearningState(carried))
 
     def _refuse_a_stale_trained_checkpoint(self, path: Path, checkpoint: dict[str, Any]) -> None:
-        """``fit --ckpt_path`` a checkpoint without callback state (``checkpoint``, loaded): refused as ``predict`` refuses
-        it (:func:`~lightning_unlearn.record_checks.refuse_training_on`). Checked on copies of the model and the data."""
+        """``fit``, ``validate`` or ``test`` of ``--ckpt_path`` (``checkpoint``, loaded): refused as ``predict`` refuses it
+        (:func:`~lightning_unlearn.record_checks.refuse_fewer_deletions`) when a record of it deleted what its data still
+        holds: a fit would learn those rows again, an evaluation would score the users deleted since, from a model trained
+        on their rows. ``fit`` checks a checkpoint without callback state here
+        (:func:`~lightning_unlearn.record_checks.refuse_training_on`; its lineage otherwise). Checked on copies of the model
+        and the data."""
         model = copy.deepcopy(self.model)
         try:
             model.load_state_dict(checkpoint["state_dict"])
         except (KeyError, RuntimeError) as err:  # Lightning's restore would fail on it with a traceback
             what = str(err).strip().splitlines()[0] if isinstance(err, RuntimeError) else "it holds no state_dict"
-            raise OptionRefused(f"fit --ckpt_path {path} is not a checkpoint of this recipe's model ({what}): give a "
-                                f"checkpoint fitted with the same model and sizes.") from err
-        folders = records_of(path, model, {}, None, command="fit")
+            raise OptionRefused(f"{self.subcommand} --ckpt_path {path} is not a checkpoint of this recipe's model ({what}): give "
+                                f"a checkpoint fitted with the same model and sizes.") from err
+        folders = records_of(path, model, unlearning_state(checkpoint) or {}, None, command=self.subcommand)
         if not any(journal_of(folder).path.is_file() for folder in folders):
             return
         datamodule = copy.deepcopy(self.datamodule)
         restore_checkpoint(path, model, datamodule)  # its removals (refused when it has no data state to check)
-        refuse_training_on(path, model, datamodule, folders)
+        if self.subcommand == "fit":
+            refuse_training_on(path, model, datamodule, folders)
+            return
+        for folder in sorted(folders):
+            refuse_fewer_deletions(path, datamodule, journal_of(folder), command=self.subcommand)
 
     def _note_deletions_beside_the_checkpoints(self) -> None:
         """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""
@@ -810,6 +821,9 @@ class LightningUnlearnCLI(LightningCLI):
         """``validate``/``test``: the checkpoint checked (an unlearned one restored), then the command's config logged."""
         self._note_unused_optimizer()
         self._require_checkpoint_file()
+        path = self._checkpoint_file(self.config_init[self.subcommand].get("ckpt_path"))
+        if path is not None:  # an older state of a record, or a checkpoint whose data still holds what a record deleted
+            self._refuse_a_stale_trained_checkpoint(path, load_checkpoint(path, mmap=True))
         self._restore_unlearned_checkpoint(what_next)
         log_config(self.trainer.loggers, self.trainer._command_config)
 

@@ -40,7 +40,7 @@ from lightning_unlearn.unlearning.record import (
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
-           "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
+           "records_of_its_run", "refuse_a_gone_record", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
 def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
@@ -109,7 +109,7 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
         StaleCheckpoint: ``record`` is another record than the one named, or the named record is gone.
         JournalCorrupted: the named record lost its key.
     """
-    besides = records_beside(ckpt_path)
+    besides = records_of_its_run(ckpt_path)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
     lines = lines_from(ckpt_path, digest, command, refuse_gone=record is None)
@@ -126,12 +126,27 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
         journal_of(named).refuse_a_lost_key()
     if named and _holds_key(Path(named), named_key):
         folders.add(Path(named))
-    elif named and record is None and not (named_key is not None and any(_holds_key(b, named_key) for b in besides)):
-        raise StaleCheckpoint(
-            f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
-            f"{command} cannot check that the checkpoint holds the deletions recorded there since. If it was moved, give its "
-            f"place with --record FOLDER.")
+    elif record is None:
+        refuse_a_gone_record(ckpt_path, unlearning, command)
     return folders
+
+
+def refuse_a_gone_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], command: str) -> None:
+    """Refuse a checkpoint whose callback state (``unlearning``) names a deletion record that is gone (moved, deleted, re-created
+    empty), unless the record beside it is that one (a record moved with its checkpoints): what was deleted there since
+    cannot be checked.
+
+    Raises:
+        StaleCheckpoint: the named record is gone.
+    """
+    named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
+    if not named or _holds_key(Path(named), named_key) or (named_key is not None and any(
+            _holds_key(b, named_key) for b in records_beside(ckpt_path))):
+        return
+    moved = "give its place with --record FOLDER" if command == "predict" else "move it back"
+    raise StaleCheckpoint(
+        f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
+        f"{command} cannot check that the checkpoint holds the deletions recorded there since. If it was moved, {moved}.")
 
 
 def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
@@ -142,6 +157,19 @@ def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
         ['/srv/runs/ml100k_mf/unlearning']
     """
     return {default_unlearning_folder(ckpt_path), unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
+
+
+def records_of_its_run(ckpt_path: str | os.PathLike) -> set[Path]:
+    """The record beside a checkpoint and the lines of deletions (`unlearn --out`) noted there, from whichever checkpoint of its run.
+
+    The data of every checkpoint of a run holds what each of them deleted, unless it was fitted from one of their states:
+    an older checkpoint of the run (``epoch=0.ckpt`` beside the ``epoch=1.ckpt`` a line was started from) is checked
+    against those lines by its data, as against the record beside it. A line whose journal is gone is
+    :func:`lines_from`'s to name.
+    """
+    besides = records_beside(ckpt_path)
+    return besides | {Path(line["record"]) for folder in besides for line in lines_of(folder)
+                      if (Path(line["record"]) / JOURNAL_FILE).is_file()}
 
 
 @contextlib.contextmanager
@@ -254,7 +282,7 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
             delete again, or of one with a request whose process stopped.
         JournalCorrupted: one of those records' journals does not read.
     """
-    named, besides = unlearning.get("record"), records_beside(ckpt_path)
+    named, besides = unlearning.get("record"), records_of_its_run(ckpt_path)
     lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, redone=dirpath)  # started from it elsewhere
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
@@ -329,7 +357,9 @@ def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[De
 
 
 _WOULD = {"predict": "its recommendations would name users deleted since, and rank from their rows",
-          "fit": "training on from it would learn their rows again, and its checkpoints would name no deletion record"}
+          "fit": "training on from it would learn their rows again, and its checkpoints would name no deletion record",
+          "validate": "its metrics would score users deleted since, from a model trained on their rows",
+          "test": "its metrics would score users deleted since, from a model trained on their rows"}
 
 
 def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModule, journal: Journal, command: str = "predict") -> None:

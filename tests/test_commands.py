@@ -233,6 +233,9 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv", *where])
         assert exit_info.value.code == 2 and said in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+    with pytest.raises(SystemExit) as exit_info:  # nor trained on: the deletions recorded there since would be learned again
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--trainer.max_epochs=3"])
+    assert exit_info.value.code == 2 and f"{gone}: fit cannot check" in capsys.readouterr().err
     (tmp_path / "unl").mkdir()  # re-created empty: not the record
     with pytest.raises(SystemExit):
         main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
@@ -454,7 +457,8 @@ def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted
             raise FloatingPointError("diverged")
         return real_update(self, *args, **kwargs)
 
-    (tmp_path / "user10.csv").write_text("user\n10\n")
+    # user 8 again: the line `first`, noted beside this run folder, deleted it from the data that fit loaded
+    (tmp_path / "user10.csv").write_text("user\n10\n8\n")
     capsys.readouterr()
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
         patch.setattr(FineTune, "update", fails_second)
@@ -517,6 +521,29 @@ def test_a_model_fitted_again_beside_a_record_must_delete_again_what_the_record_
     assert "do not delete again all they deleted" in err and not (tmp_path / "second").exists()
     main([*unlearn, "--ckpt_path", str(best), "--requests", "both.csv", "--out", "again"])  # as the fit's note advises
     assert journal_of(tmp_path / "again").applied_count() == 1
+
+
+def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_against_it_by_its_data(trained, tmp_path, capsys):
+    """`unlearn --out` from epoch=1.ckpt deletes user 8; epoch=0.ckpt of the same run, on the same data, still holds them:
+    predicting, training or starting a line from it without user 8 is refused as from a checkpoint beside the record."""
+    for name, ids in (("user8", "8"), ("user9", "9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    newer = shutil.copy(trained.best, tmp_path / "run" / "checkpoints" / "epoch=1.ckpt")
+    older = torch.load(trained.best, weights_only=False)
+    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
+    torch.save(older, tmp_path / "run" / "checkpoints" / "epoch=0.ckpt")
+    older = tmp_path / "run" / "checkpoints" / "epoch=0.ckpt"
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(newer), "--requests", "user8.csv",
+          "--out", "line"])
+    capsys.readouterr()
+    for command in (["predict", "--out", "recs.csv"], ["fit", *BRIEF],
+                    ["unlearn", "--method", "FineTune", "--requests", "user9.csv", "--out", "second"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(older), *command[1:]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and str(tmp_path / "line") in err, command
+    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
 def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(trained, tmp_path, capsys):
@@ -725,6 +752,12 @@ def test_predict_refuses_a_checkpoint_older_than_its_deletion_record(trained, tm
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "records 1 deletion applied" in err and f"--ckpt_path {latest}" in err
     assert not (tmp_path / "stale.csv").exists()
+    for command in ("validate", "test"):  # nor scored: user 8's held-out rows, from a model trained on theirs
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "-c", str(trained.recipe), "--ckpt_path", str(best)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "its metrics would score users deleted since" in err and f"--ckpt_path {latest}" in err
+    main(["test", "-c", str(trained.recipe), "--ckpt_path", str(latest)])  # the latest state is tested
     with pytest.raises(SystemExit) as exit_info:  # nor trained on: its checkpoints would learn user 8's rows again, and name no record
         main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(best), *BRIEF])
     err = capsys.readouterr().err
