@@ -172,7 +172,11 @@ class UnlearningTrainer(pl.Trainer):
             with one_line_at_a_time(digest):  # checked and noted while no other process starts a line from it
                 if not branch:  # before check(), which starts the folder
                     refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
-                summaries = callback.check(datamodule)
+                try:
+                    summaries = callback.check(datamodule)
+                except BaseException:  # its recovery may have closed a request as applied: clean what predict wrote before it
+                    _scrub_from_the_latest_state(dirpath, datamodule)
+                    raise
                 ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
                 are, were = ("is", "was") if ignored == 1 else ("are", "were")
                 if missing == "ignore":
@@ -477,6 +481,26 @@ def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool =
         scrubbed = scrub_recommendations(datamodule, command)
     for path in scrubbed:
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
+
+
+def _scrub_from_the_latest_state(folder: Path, datamodule: RecDataModule) -> None:
+    """A refused ``unlearn`` into ``folder``: the recommendation files lose what its latest state deleted.
+
+    A process killed after its request was applied, before its cleaning, left the deleted ids in the files ``predict``
+    wrote; the next ``unlearn`` recovers the request as applied, and is then refused when given the checkpoint it started
+    from. Cleaned with ``datamodule`` as the latest state holds it (a copy); nothing when that state is of other data or
+    cannot be read (the refusal says what is wrong).
+    """
+    try:
+        journal = journal_of(folder)
+        latest = journal.last_checkpoint() if journal.path.is_file() else None
+        if latest is None:
+            return
+        latest_data = copy.deepcopy(datamodule)
+        latest_data.load_state_dict(load_checkpoint(latest, mmap=True).get("datamodule_state") or {})
+    except Exception:  # the refusal being raised says what is wrong with the record
+        return
+    _scrub_recommendations(latest_data, "unlearn")
 
 
 def _refused_optimizer(optimizer: Any, scheduler: Any) -> str | None:

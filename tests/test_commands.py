@@ -546,6 +546,27 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
+def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_the_recommendations(trained, tmp_path, capsys,
+                                                                                                     monkeypatch):
+    """A process killed after its request was applied, before its cleaning, left user 8 in predict's file; the same
+    command run again recovers the request and is refused (its checkpoint is now older than the record): it cleans."""
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv",
+               "--out", "first"]
+    with monkeypatch.context() as patch:  # stopped before its cleaning
+        patch.setattr("lightning_unlearn.cli._scrub_recommendations", lambda *args, **kwargs: None)
+        main(unlearn)
+    assert any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(unlearn)
+    assert exit_info.value.code == 2 and "already holds 1 applied request" in capsys.readouterr().err
+    assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
+
+
 def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(trained, tmp_path, capsys):
     """Two unlearn processes from one trained model, started together, each found no other line and left out what the
     other deleted: the second is refused while the first checks, applies and notes its line (the machine's lock)."""
