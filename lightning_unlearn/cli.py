@@ -483,6 +483,57 @@ def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool =
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 
+def _refused_trainer_options(subcommand: str, trainer: Any, data: Any) -> str | None:
+    """What ``subcommand`` cannot honour among the ``--trainer`` (and ``--data``) options it was given, as a message."""
+    overfit = trainer.get("overfit_batches") if trainer is not None else None
+    if overfit:
+        return (f"--trainer.overfit_batches={overfit!r} cannot work with this datamodule: Lightning replaces its batch sampler "
+                f"(training rows with their fixed negatives) with one of its own, whose batches the models do not take. To fit "
+                f"on a few batches, give --trainer.limit_train_batches N (and --trainer.limit_val_batches N).")
+    if subcommand == "compare" and trainer is not None and trainer.get("fast_dev_run"):
+        return ("compare --trainer.fast_dev_run: Lightning's quick check runs one batch without checkpoints or logging, which "
+                "no refit (Retrain) can be compared with. To try a comparison quickly, give --trainer.max_epochs 1 "
+                "--trainer.limit_train_batches N.")
+    if subcommand != "predict":
+        return None
+    precision = trainer.get("precision") if trainer is not None else None
+    if precision not in (None, 32, "32", "32-true"):
+        return (f"predict ranks with the model's own weights, outside Lightning's precision plugin: --trainer.precision="
+                f"{precision!r} is not used. Remove it.")
+    if data is not None and data.get("eval_candidates") is not None:
+        return ("predict ranks every item for each user: --data.eval_candidates (the sampled candidates of evaluation) is not "
+                "used. Remove it.")
+    return None
+
+
+def _refuse_early_stopping_without_validation(trainer: pl.Trainer, datamodule: RecDataModule) -> None:
+    """An ``EarlyStopping`` that watches a validation metric, in a fit that validates nothing: Lightning would stop with an
+    error once training ends (``--trainer.limit_val_batches 0``, ``--data.val_fraction 0``, or a ``--trainer.max_steps``
+    that ends the fit before its first validation)."""
+    watching = [c.monitor for c in trainer.early_stopping_callbacks if str(c.monitor).startswith("val")]
+    if not watching:
+        return
+    datamodule.setup()
+    why = None
+    if trainer.limit_val_batches == 0:
+        why = "--trainer.limit_val_batches=0"
+    elif not len(datamodule.val.users):
+        why = "the data has no validation split (--data.val_fraction=0)"
+    elif trainer.max_steps > 0 and isinstance(trainer.val_check_interval, float) and trainer.val_check_interval == 1.0:
+        limit = trainer.limit_train_batches
+        batches = -(-len(datamodule.train) // datamodule.hparams.batch_size)
+        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+        first = batches * (trainer.check_val_every_n_epoch or 1)
+        if trainer.max_steps < first:
+            why = (f"--trainer.max_steps={trainer.max_steps} ends the fit before its first validation (after {first} steps: "
+                   f"{batches} batches an epoch, validated every {trainer.check_val_every_n_epoch or 1} epoch(s))")
+    if why:
+        raise OptionRefused(
+            f"The trainer's EarlyStopping watches {watching[0]}, a validation metric, and {why}: Lightning would "
+            f"stop with an error once training ends. Keep a validation that runs, or give trainer.callbacks without that "
+            f"EarlyStopping.")
+
+
 def _scrub_from_the_latest_state(folder: Path, datamodule: RecDataModule) -> None:
     """A refused ``unlearn`` into ``folder``: the recommendation files lose what its latest state deleted.
 
@@ -670,6 +721,9 @@ class LightningUnlearnCLI(LightningCLI):
         limit = trainer.get(unused[0]) if trainer is not None and unused else None
         if limit is not None and not (isinstance(limit, float) and limit == 1.0):  # int 1: one batch
             self.parser.error(f"{unused[1]}: --trainer.{unused[0]} is not used. Remove it.")
+        refused = _refused_trainer_options(self.subcommand, trainer, config.get("data"))
+        if refused:
+            self.parser.error(refused)
         if self.subcommand == "compare" and _trainer_entries(config, "callbacks", UnlearningCallback):
             self.parser.error(
                 "compare makes its own deletion (--deletion.*) from the original: remove the UnlearningCallback from "
@@ -739,6 +793,7 @@ class LightningUnlearnCLI(LightningCLI):
         if self.subcommand in ("unlearn", "validate", "test", "predict"):  # logged once their checks pass:
             self.trainer._command_config = config  # a refusal starts no logger's run
         else:
+            _refuse_early_stopping_without_validation(self.trainer, self.datamodule)
             if self.subcommand == "compare":  # its options are checked before a logger starts a run
                 given = self.config_init[self.subcommand]
                 self.trainer.check_compare(self.datamodule, given.get("methods"), given.get("deletion"), given.get("out"),
@@ -970,11 +1025,17 @@ def _is_class(class_path: Any, cls: type) -> bool:
 
 
 def _recipe_name(config: Any) -> str | None:
-    """``<folder>/<stem>`` of the last recipe file given with ``-c`` (``None`` without one)."""
+    """``<folder>/<stem>`` of the recipe: the first file given with ``-c`` (those after it override some of its values;
+    ``None`` without one).
+
+    Example:
+        >>> _recipe_name({"config": ["recipes/ml100k/mf.yaml", "tiny.yaml"]})
+        'ml100k/mf'
+    """
     files = config.get("config") or []
     if not files:
         return None
-    path = Path(str(files[-1]))
+    path = Path(str(files[0]))
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 

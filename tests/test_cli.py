@@ -73,6 +73,9 @@ def test_recipes_use_offline_wandb_checkpoint_and_early_stopping():
         assert callbacks["ModelCheckpoint"]["monitor"] == callbacks["EarlyStopping"]["monitor"] == "val/ndcg@20"
 
 
+_STOPPING = "{class_path: pytorch_lightning.callbacks.EarlyStopping, init_args: {monitor: val/ndcg@20, mode: max}}"
+
+
 def write_synthetic_recipe(path: Path, extra: str = "") -> Path:
     path.write_text(
         "trainer: {max_epochs: 2, logger: false, enable_checkpointing: false, enable_progress_bar: false}\n"
@@ -147,6 +150,16 @@ def test_an_optimizer_for_matrices_only_is_not_refused(tmp_path, capsys):
     ("predict", ["--trainer.devices=2"], "runs on one device"),
     ("compare", ["--trainer.devices=[0, 1]"], "runs on one device"),
     ("unlearn", ["--trainer.devices=-1", "--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune"], "runs on one device"),
+    ("fit", ["--trainer.overfit_batches=2"], "--trainer.overfit_batches=2 cannot work with this datamodule"),
+    ("compare", ["--trainer.fast_dev_run=true"], "compare --trainer.fast_dev_run: Lightning's quick check runs one batch"),
+    ("predict", ["--trainer.precision=bf16-mixed"], "--trainer.precision='bf16-mixed' is not used"),
+    ("predict", ["--data.eval_candidates=10"], "predict ranks every item for each user: --data.eval_candidates"),
+    *((command, [*limit, f"--trainer.callbacks+={_STOPPING}"], said) for command in ("fit", "compare") for limit, said in (
+        (["--trainer.limit_val_batches=0", "--data.val_fraction=0.2"],
+         "EarlyStopping watches val/ndcg@20, a validation metric, and --trainer.limit_val_batches=0"),
+        (["--data.val_fraction=0"], "and the data has no validation split"),
+        (["--trainer.max_steps=3", "--data.val_fraction=0.2", "--data.batch_size=8"],
+         "--trainer.max_steps=3 ends the fit before its first validation (after 8 steps"))),
 ])
 def test_options_a_command_would_not_use_are_refused(command, options, named, tmp_path, capsys):
     recipe = write_synthetic_recipe(tmp_path / "r.yaml")
