@@ -186,6 +186,7 @@ class UnlearningTrainer(pl.Trainer):
                     print(f"[unlearn] {counted(ignored, 'pair')} of the requests queued in {ckpt_path} {are} not in the training split "
                           f"and {were} ignored, as their request was queued with missing='ignore'")
                 self._note_optimizer_use(method, callback.max_deleted_fraction)
+                self._note_trainer_use(method, callback.max_deleted_fraction)
                 log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                           "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
                 if summaries and not (state.get("unlearning") or {}).get("applied"):
@@ -216,6 +217,21 @@ class UnlearningTrainer(pl.Trainer):
             print(f"[unlearn] W&B artifacts: {', '.join(names)}")
         _finalize_loggers(self.loggers)
         return [r.as_dict() for r in reports]
+
+    def _note_trainer_use(self, method: Unlearner, max_deleted_fraction: float | None) -> None:
+        """``unlearn``: the trainer's training settings serve ``Retrain``'s refits only; say so of those given, and what a
+        refit does not carry (:meth:`~lightning_unlearn.unlearning.recipe.FitRecipe.left_out`)."""
+        refits = isinstance(method, Retrain) or max_deleted_fraction is not None
+        if refits and FitRecipe.left_out(self):
+            print(f"[unlearn] Retrain's refits fit as the trainer does, without {', '.join(FitRecipe.left_out(self))}")
+        if isinstance(method, Retrain):
+            return
+        recipe, plain = FitRecipe.from_trainer(self), FitRecipe()
+        given = [f"--trainer.{name}" for name in _TRAINING_SETTINGS if getattr(recipe, name) != getattr(plain, name)]
+        if given:
+            print(f"[unlearn] {method.name} does not train with the trainer: {', '.join(given)} "
+                  + ("are not used" if max_deleted_fraction is None else "are used only if the retrain policy refits the model "
+                     f"(once more than {100 * max_deleted_fraction:g}% of its rows are deleted since its fit)"))
 
     def _note_optimizer_use(self, method: Unlearner, max_deleted_fraction: float | None) -> None:
         """``unlearn --optimizer``: say when the method does not train with it (only ``Retrain``, and a refit, do)."""
@@ -273,6 +289,9 @@ class UnlearningTrainer(pl.Trainer):
         fit_seconds = float("nan")
         recipe = FitRecipe.from_trainer(self)
         self.check_compare(datamodule, methods, deletion, out, k, repeats)
+        if FitRecipe.left_out(self):
+            print(f"[compare] Retrain's refits fit as the trainer does, without {', '.join(FitRecipe.left_out(self))}: what "
+                  f"they change shapes the original, not the reference the gaps are read against")
         if ckpt_path:
             trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
             self._check_deletion(datamodule, deletion)  # on the data without what the checkpoint removed
@@ -481,6 +500,11 @@ def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool =
         scrubbed = scrub_recommendations(datamodule, command)
     for path in scrubbed:
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
+
+
+# FitRecipe settings of how a fit trains (max_epochs left out: every recipe gives it), which only Retrain's refits use in unlearn
+_TRAINING_SETTINGS = ("max_steps", "min_epochs", "min_steps", "limit_train_batches", "limit_val_batches", "val_check_interval",
+                      "accumulate_grad_batches", "gradient_clip_val", "precision")
 
 
 def _refused_trainer_options(subcommand: str, trainer: Any, data: Any) -> str | None:

@@ -102,6 +102,15 @@ def test_a_file_with_a_section_per_subcommand_still_goes_before_it(tmp_path):
     _refuse_a_recipe_before_the_subcommand(["fit", "-c", str(tmp_path / "all.yaml")])  # after it: any file is a recipe
 
 
+def test_compare_says_what_retrains_refits_leave_out_of_the_original_fit(tmp_path, capsys, monkeypatch):
+    """A callback of the user's (stochastic weight averaging, say) shapes the original fit, not Retrain's refits."""
+    monkeypatch.chdir(tmp_path)
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    main(["compare", "-c", str(recipe), "--methods", "FineTune", "--out", "out", "--trainer.min_steps=3",
+          "--trainer.callbacks+=pytorch_lightning.callbacks.LambdaCallback"])
+    assert "[compare] Retrain's refits fit as the trainer does, without the callback LambdaCallback" in capsys.readouterr().out
+
+
 def test_compare_methods_given_one_name_is_a_list_of_it():
     assert _methods_as_lists(["compare", "--methods", "IFRU"]) == ["compare", "--methods", "[IFRU]"]
     assert _methods_as_lists(["compare", "--methods=AltEraser", "-c", "x.yaml"]) == ["compare", "--methods=[AltEraser]", "-c", "x.yaml"]

@@ -1005,8 +1005,15 @@ def test_unlearn_says_when_its_method_does_not_train_with_the_optimizer(trained,
                          ("FineTune", "FineTune(epochs=1) fine-tunes with its own optimizer (adamw, lr=0.001: --method.optimizer, "
                                       "--method.lr), not with --optimizer")):
         main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
-              "--method", method, "--out", method, *SGD])
-        assert f"[unlearn] {said}" in capsys.readouterr().out
+              "--method", method, "--out", method, *SGD, "--trainer.accumulate_grad_batches=4", "--trainer.gradient_clip_val=1.0",
+              "--trainer.callbacks+=pytorch_lightning.callbacks.LambdaCallback"])
+        out = capsys.readouterr().out
+        assert f"[unlearn] {said}" in out
+        # nor with the trainer's training settings, which serve Retrain's refits; and those refits leave the callback out
+        refits = method == "IFRU"  # its retrain policy; FineTune's has no bound by default
+        use = "are used only if the retrain policy refits the model (once more than" if refits else "are not used"
+        assert f"does not train with the trainer: --trainer.accumulate_grad_batches, --trainer.gradient_clip_val {use}" in out
+        assert ("[unlearn] Retrain's refits fit as the trainer does, without the callback LambdaCallback" in out) == refits
 
 
 def test_retrain_in_unlearn_refits_with_the_configured_optimizer(trained, tmp_path):
@@ -1322,12 +1329,12 @@ def test_a_refit_validates_as_often_as_the_original_fit():
 
 def test_a_refit_takes_the_original_fits_step_cap_clipping_accumulation_and_precision():
     """Trainer options that change what a fit converges to reach ``Retrain``'s refit, not only the epoch cap."""
-    options = dict(max_steps=3, min_epochs=1, max_time={"seconds": 600}, val_check_interval=0.5, accumulate_grad_batches=2,
-                   gradient_clip_val=0.01, gradient_clip_algorithm="value", precision="bf16-mixed")
+    options = dict(max_steps=3, min_epochs=1, min_steps=2, max_time={"seconds": 600}, val_check_interval=0.5,
+                   accumulate_grad_batches=2, gradient_clip_val=0.01, gradient_clip_algorithm="value", precision="bf16-mixed")
     recipe = FitRecipe.from_trainer(pl.Trainer(logger=False, enable_progress_bar=False, **options))
-    assert (recipe.max_steps, recipe.min_epochs, recipe.max_time, recipe.val_check_interval, recipe.accumulate_grad_batches,
-            recipe.gradient_clip_val, recipe.gradient_clip_algorithm, recipe.precision) == (3, 1, 600.0, 0.5, 2, 0.01, "value",
-                                                                                             "bf16-mixed")
+    assert (recipe.max_steps, recipe.min_epochs, recipe.min_steps, recipe.max_time, recipe.val_check_interval,
+            recipe.accumulate_grad_batches, recipe.gradient_clip_val, recipe.gradient_clip_algorithm,
+            recipe.precision) == (3, 1, 2, 600.0, 0.5, 2, 0.01, "value", "bf16-mixed")
     dm = RecDataModule(Synthetic(num_users=30, num_items=20, density=0.5, seed=0), val_fraction=0.3, batch_size=8)
     model, steps = MF(dm.num_users, dm.num_items, embedding_dim=4), []
     model.on_train_batch_end = lambda *args: steps.append(model.trainer.global_step)

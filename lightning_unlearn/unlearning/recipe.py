@@ -12,15 +12,15 @@ from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, Timer
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, ModelSummary, ProgressBar, Timer
 
 from lightning_unlearn.models.base import Recommender
 
 __all__ = ["FitRecipe", "trains_nothing"]
 
 # FitRecipe fields handed to the refit's Trainer only when they differ from their defaults (Lightning's own)
-_PASSED_WHEN_SET = ("limit_train_batches", "limit_val_batches", "max_steps", "min_epochs", "max_time", "val_check_interval",
-                    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision")
+_PASSED_WHEN_SET = ("limit_train_batches", "limit_val_batches", "max_steps", "min_epochs", "min_steps", "max_time",
+                    "val_check_interval", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "precision")
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class FitRecipe:
             epoch; early stopping's patience counts validations).
         max_steps: Lightning's ``max_steps`` (``-1``: no cap).
         min_epochs: Lightning's ``min_epochs``.
+        min_steps: Lightning's ``min_steps``.
         max_time: Lightning's ``max_time``, in seconds (``None``: no cap).
         val_check_interval: Lightning's ``val_check_interval``.
         accumulate_grad_batches: Lightning's ``accumulate_grad_batches``.
@@ -88,6 +89,7 @@ class FitRecipe:
     check_val_every_n_epoch: int = 1
     max_steps: int = -1
     min_epochs: int | None = None
+    min_steps: int | None = None
     max_time: float | None = None
     val_check_interval: int | float | None = None
     accumulate_grad_batches: int = 1
@@ -129,6 +131,7 @@ class FitRecipe:
             check_val_every_n_epoch=trainer.check_val_every_n_epoch or 1,
             max_steps=trainer.max_steps,
             min_epochs=trainer.min_epochs,
+            min_steps=trainer.min_steps,
             max_time=timer._duration if timer is not None else None,
             val_check_interval=trainer.val_check_interval if trainer.val_check_interval != 1.0 else None,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
@@ -139,6 +142,30 @@ class FitRecipe:
             lr_scheduler=getattr(trainer, "lr_scheduler_init", None),
             progress=trainer.progress_bar_callback is not None,
         )
+
+    @staticmethod
+    def left_out(trainer: pl.Trainer) -> list[str]:
+        """What of ``trainer``'s fit :meth:`from_trainer` does not carry into a refit, described (empty: nothing).
+
+        The refit has no callbacks but its early stopping and best-epoch choice, both on the
+        ``ModelCheckpoint``'s metric: another callback (one of the user's, stochastic weight
+        averaging) and an ``EarlyStopping`` on another metric or with thresholds shape the original
+        and not the refit.
+
+        Example:
+            >>> from pytorch_lightning.callbacks import StochasticWeightAveraging
+            >>> FitRecipe.left_out(pl.Trainer(logger=False, callbacks=[StochasticWeightAveraging(swa_lrs=0.01)]))
+            ['the callback StochasticWeightAveraging']
+        """
+        carried = (EarlyStopping, ModelCheckpoint, Timer, ProgressBar, ModelSummary)
+        out = [f"the callback {type(c).__name__}" for c in trainer.callbacks
+               if not isinstance(c, carried) and not type(c).__module__.startswith("lightning_unlearn")]
+        best = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
+        for stop in (c for c in trainer.callbacks if isinstance(c, EarlyStopping)):
+            if best is not None and best.monitor and stop.monitor != best.monitor:
+                out.append(f"EarlyStopping's metric {stop.monitor} (the refit stops on ModelCheckpoint's, {best.monitor})")
+            out += [f"EarlyStopping's {name}" for name in ("stopping_threshold", "divergence_threshold") if getattr(stop, name) is not None]
+        return out
 
     def __call__(self, model: Recommender, datamodule: pl.LightningDataModule) -> None:
         """Fit ``model`` on ``datamodule`` in place (ending with the best monitored epoch)."""
