@@ -40,11 +40,11 @@ from lightning_unlearn.record_checks import (
     default_unlearning_folder,
     folder_of_key,
     lines_from,
+    named_record,
     note_the_line,
     one_line_at_a_time,
     records_beside,
     records_of,
-    refuse_a_gone_record,
     refuse_a_second_line,
     refuse_fewer_deletions,
     refuse_training_on,
@@ -547,10 +547,11 @@ def _refuse_early_stopping_without_validation(trainer: pl.Trainer, datamodule: R
         limit = trainer.limit_train_batches
         batches = -(-len(datamodule.train) // datamodule.hparams.batch_size)
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+        batches = -(-batches // trainer.accumulate_grad_batches)  # optimizer steps: what max_steps counts
         first = batches * (trainer.check_val_every_n_epoch or 1)
         if trainer.max_steps < first:
             why = (f"--trainer.max_steps={trainer.max_steps} ends the fit before its first validation (after {first} steps: "
-                   f"{batches} batches an epoch, validated every {trainer.check_val_every_n_epoch or 1} epoch(s))")
+                   f"{batches} steps an epoch, validated every {trainer.check_val_every_n_epoch or 1} epoch(s))")
     if why:
         raise OptionRefused(
             f"The trainer's EarlyStopping watches {watching[0]}, a validation metric, and {why}: Lightning would "
@@ -849,12 +850,11 @@ class LightningUnlearnCLI(LightningCLI):
         fitted = trains_nothing(self.trainer) is None
         carried = {k: v for k, v in state["unlearning"].items() if k != "drift" or not fitted}
         callbacks = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback)]
-        named = state["unlearning"].get("record")
-        if not any(c.branch for c in callbacks):  # training on would learn again what the record deleted since
-            refuse_a_gone_record(path, state["unlearning"], self.subcommand)
-        if named and journal_of(named).path.is_file() and not any(c.branch for c in callbacks):
+        # where the record it names is now (refused when gone: training on would learn again what was deleted there since)
+        named = None if any(c.branch for c in callbacks) else named_record(path, state["unlearning"], self.subcommand)
+        if named and journal_of(named).path.is_file():
             # an older state of its record: training it would learn the deletions after it again (a branch is checked by its callback)
-            check_lineage(journal_of(named), state["unlearning"].get("lineage"), record=named)
+            check_lineage(journal_of(named), state["unlearning"].get("lineage"), record=str(named))
         for callback in callbacks:  # the requests the checkpoint holds stay applied, once
             if callback.branch and adopt_key(folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning"):
                 callback.key_made_here()  # a new folder, with the key of the checkpoint's, which recognises them: removed if refused

@@ -40,7 +40,7 @@ from lightning_unlearn.unlearning.record import (
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
-           "records_of_its_run", "refuse_a_gone_record", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
+           "named_record", "records_of_its_run", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
 def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
@@ -124,29 +124,37 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
         folders.add(Path(record))
     if named:
         journal_of(named).refuse_a_lost_key()
-    if named and _holds_key(Path(named), named_key):
-        folders.add(Path(named))
-    elif record is None:
-        refuse_a_gone_record(ckpt_path, unlearning, command)
+    found = named_record(ckpt_path, unlearning, command) if record is None else None
+    if found is not None:
+        folders.add(found)
     return folders
 
 
-def refuse_a_gone_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], command: str) -> None:
-    """Refuse a checkpoint whose callback state (``unlearning``) names a deletion record that is gone (moved, deleted, re-created
-    empty), unless the record beside it is that one (a record moved with its checkpoints): what was deleted there since
-    cannot be checked.
+def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], command: str) -> Path | None:
+    """Where the deletion record that a checkpoint's callback state (``unlearning``) names is now.
+
+    At the folder named; or, moved with its project, at the same place relative to one of the checkpoint's folders
+    (the project's root moved, the checkpoint and the record with it), recognised by its key; ``None`` when the state
+    names none, or the record beside the checkpoint is that one (a record moved with its checkpoints).
 
     Raises:
-        StaleCheckpoint: the named record is gone.
+        StaleCheckpoint: the named record is gone (moved elsewhere, deleted, re-created empty): what was deleted there
+            since cannot be checked.
     """
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
-    if not named or _holds_key(Path(named), named_key) or (named_key is not None and any(
-            _holds_key(b, named_key) for b in records_beside(ckpt_path))):
-        return
-    moved = "give its place with --record FOLDER" if command == "predict" else "move it back"
+    if not named or _holds_key(Path(named), named_key):
+        return Path(named) if named else None
+    if named_key is not None and any(_holds_key(b, named_key) for b in records_beside(ckpt_path)):
+        return None
+    parts = Path(named).parts
+    moved = (root.joinpath(*parts[i:]) for root in Path(os.path.abspath(ckpt_path)).parents for i in range(1, len(parts)))
+    found = next((folder for folder in moved if named_key is not None and _holds_key(folder, named_key)), None)
+    if found is not None:
+        return found
+    advice = "give its place with --record FOLDER" if command == "predict" else "move it back"
     raise StaleCheckpoint(
         f"{ckpt_path} names the deletion record {named} (its UnlearningCallback's folder), and that record is gone: "
-        f"{command} cannot check that the checkpoint holds the deletions recorded there since. If it was moved, {moved}.")
+        f"{command} cannot check that the checkpoint holds the deletions recorded there since. If it was moved, {advice}.")
 
 
 def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:

@@ -599,12 +599,14 @@ def test_a_datamodule_without_the_removals_the_model_embodies_is_refused_until_r
     assert not (fresh.train.users == 5).any() and not (fresh.train.users == 6).any()
 
 
+@pytest.mark.parametrize("weights_only", [False, True])
 @pytest.mark.parametrize("command", ["test", "validate", "fit"])
-def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_weights_are_loaded(command, tmp_path):
-    """ckpt_path="best" after a fit whose request was applied at its train end: the file predates the deletion."""
+def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_weights_are_loaded(command, weights_only, tmp_path):
+    """ckpt_path="best" after a fit whose request was applied at its train end: the file predates the deletion (with the
+    callback's state, or only the weights, which are those the request was applied to)."""
     callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
                                   evaluate=False)
-    saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1)
+    saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1, save_weights_only=weights_only)
     pl.seed_everything(0, verbose=False)
     dm = datamodule()
     model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
@@ -616,7 +618,7 @@ def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_wei
     before, lineage = {k: v.clone() for k, v in model.state_dict().items()}, callback.state_dict()["lineage"]
     if command == "fit":
         trainer.fit_loop.max_epochs = 2
-    with pytest.raises(StaleCheckpoint, match=r"already holds 1 applied request"):
+    with pytest.raises(StaleCheckpoint, match=r"are those request entry 0" if weights_only else r"already holds 1 applied request"):
         getattr(trainer, command)(model, dm, ckpt_path=older)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # refused before the weights were loaded
     assert callback.state_dict()["lineage"] == lineage
@@ -636,6 +638,33 @@ def test_weights_from_before_a_deletion_loaded_by_hand_are_refused_not_unlearned
     with pytest.raises(StaleCheckpoint, match=r"are those request entry 0 .* an older state.*restore_checkpoint"):
         callback.apply_pending(model, dm)
     assert len(journal(tmp_path)) == 2 and callback.pending == 1 and (dm.train.users == 6).any()
+    fit = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[callback])
+    with pytest.raises(StaleCheckpoint, match="are those request entry 0"):  # nor trained on: refused before the first step
+        fit.fit(model, dm)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in old.items())
     model.load_state_dict(after)  # the latest state: applied
     callback.apply_pending(model, dm)
     assert [e["status"] for e in journal(tmp_path)] == ["pending", "applied"] * 2
+
+
+def test_a_branch_needs_its_parents_removals_and_goes_on_request_after_request(tmp_path):
+    """A branch from the first folder's state, its key adopted: a datamodule without the parent's removals is refused
+    (it would train on user 6 again), and once its first request is applied the branch is an ordinary folder."""
+    model, dm, _ = trained()
+    UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[6])], dirpath=tmp_path / "first",
+                       evaluate=False).apply_pending(model, dm)
+    checkpoint = tmp_path / "first" / journal(tmp_path / "first")[-1]["checkpoint"]
+    assert adopt_key(tmp_path / "first", tmp_path / "branch")
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[7])], dirpath=tmp_path / "branch",
+                                  branch=True, evaluate=False)
+    callback.load_state_dict(torch.load(checkpoint, weights_only=True)["unlearning"])
+    fresh_model, fresh_dm = MF.load_from_checkpoint(checkpoint), datamodule()
+    with pytest.raises(StaleCheckpoint, match="does not hold the deletions the model embodies"):
+        callback.apply_pending(fresh_model, fresh_dm)
+    restore_checkpoint(checkpoint, fresh_model, fresh_dm)
+    callback.apply_pending(fresh_model, fresh_dm)
+    callback.request(DeletionRequest(users=[8]))
+    callback.apply_pending(fresh_model, fresh_dm)  # its second request: the branch was started by the first
+    assert [e["status"] for e in journal(tmp_path / "branch")] == ["pending", "applied"] * 2
+    assert not any((fresh_dm.train.users == user).any() for user in (6, 7, 8))

@@ -523,6 +523,31 @@ def test_a_model_fitted_again_beside_a_record_must_delete_again_what_the_record_
     assert journal_of(tmp_path / "again").applied_count() == 1
 
 
+def test_a_project_moved_whole_keeps_the_records_its_checkpoints_name(trained, tmp_path, capsys, monkeypatch):
+    """A refit from an unlearned state names its record by an absolute path; the project moved whole (checkpoints and
+    record together), the record is found at the same place relative to the checkpoint, by its key, and still checked."""
+    project = tmp_path / "project"
+    (project / "run" / "checkpoints").mkdir(parents=True)
+    best = shutil.copy(trained.best, project / "run" / "checkpoints")
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    (tmp_path / "user9.csv").write_text("user\n9\n")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
+    latest = journal_of(project / "run" / "unlearning").last_checkpoint()
+    monkeypatch.chdir(project)  # the refit's checkpoints go to project/ckpt
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(latest), *BRIEF])
+    project.rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    refit, record = tmp_path / "moved" / "ckpt" / "best.ckpt", tmp_path / "moved" / "run" / "unlearning"
+    main(["test", "-c", str(trained.recipe), "--ckpt_path", str(refit)])
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(refit), "--trainer.max_epochs=2", "--trainer.limit_train_batches=2"])
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(journal_of(record).last_checkpoint()),
+          "--requests", str(tmp_path / "user9.csv")])  # the record goes on where it is now
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # so the refit, whose data still holds user 9, is stale: found and checked
+        main(["test", "-c", str(trained.recipe), "--ckpt_path", str(refit)])
+    assert exit_info.value.code == 2 and f"{record} records 2 deletions applied" in capsys.readouterr().err
+
+
 def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_against_it_by_its_data(trained, tmp_path, capsys):
     """`unlearn --out` from epoch=1.ckpt deletes user 8; epoch=0.ckpt of the same run, on the same data, still holds them:
     predicting, training or starting a line from it without user 8 is refused as from a checkpoint beside the record."""

@@ -102,22 +102,32 @@ def fingerprint(model: nn.Module, *extra: Tensor) -> Tensor:
     return result
 
 
-def model_digest(model: nn.Module) -> str:
+def model_digest(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> str | None:
     """The SHA-256 (hex) of ``model``'s parameters, exactly: each one's name, dtype, shape and bytes, in order.
 
     A name of their values that a record keeps to know which model a request was applied to (the
     values only: never an id). Unlike :func:`fingerprint`, whose float64 sums depend on how they
     are taken, it is the same on any device and thread count.
 
+    Args:
+        model: the model.
+        state_dict: take the parameters' values from it (a checkpoint's, by the parameters' names)
+            instead of the model: the digest ``model`` would have with them loaded (``None`` when
+            it lacks one of them).
+
     Example:
         >>> layer = nn.Linear(2, 1)
         >>> model_digest(layer) == model_digest(layer), len(model_digest(layer))
         (True, 64)
+        >>> model_digest(nn.Linear(2, 1), layer.state_dict()) == model_digest(layer)
+        True
     """
+    if state_dict is not None and any(name not in state_dict for name, _ in model.named_parameters()):
+        return None
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, tensor in model.named_parameters():
-            values = tensor.detach().cpu().contiguous()
+            values = (tensor if state_dict is None else state_dict[name]).detach().cpu().contiguous()
             digest.update(f"{name}:{values.dtype}:{tuple(values.shape)};".encode())
             digest.update(values.view(-1).view(torch.uint8).numpy())  # read in place, not copied
     return digest.hexdigest()

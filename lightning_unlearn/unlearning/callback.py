@@ -320,11 +320,14 @@ class UnlearningCallback(pl.Callback):
         A callback that applied requests (or restored their state) knows it embodies them, but a
         datamodule built afresh (or restored from another checkpoint) still holds their rows.
         """
-        check_lineage(journal, self._lineage, self.branch, self._named_record)
+        check_lineage(journal, self._lineage, self._branching(journal, self._lineage), self._named_record)
         lineage = self._lineage or {}
-        if lineage.get("data") is None or lineage.get("journal") != journal.id or lineage["data"] == _data_state(datamodule, journal):
+        # a branch's first request: the lineage is its parent's, digested with the key the branch adopted
+        same_key = lineage.get("journal") == journal.id or (self._key_id is not None and self._key_id == key_id(journal))
+        if lineage.get("data") is None or not same_key or lineage["data"] == _data_state(datamodule, journal):
             return
-        latest = journal.checkpoint(journal.latest())
+        source = journal if journal.latest() is not None else journal_of(self._named_record) if self._named_record else None
+        latest = source.checkpoint(source.latest()) if source is not None and source.latest() is not None else "<its checkpoint>"
         raise StaleCheckpoint(
             f"The datamodule does not hold the deletions the model embodies (request entry {lineage.get('seq')} of the journal "
             f"in {Path(journal.folder).resolve()}): it was built afresh, or restored from another state than the model. Training "
@@ -373,6 +376,8 @@ class UnlearningCallback(pl.Callback):
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
+            if self.dirpath is not None and self.journal.path.exists():  # weights of an older state loaded by hand
+                _refuse_older_parameters(self.journal, model_digest(pl_module))
             self._made_key = False  # checked: checkpoints saved from now on may name the key
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
@@ -383,12 +388,14 @@ class UnlearningCallback(pl.Callback):
         :class:`~lightning_unlearn.models.base.Recommender` calls it before the checkpoint's
         weights are loaded, so a refusal leaves the model (and this callback's state) as they
         were. ``fit`` refuses what :meth:`on_fit_start` would: a model that does not embody the
-        record's latest state (a checkpoint without this callback's state counts as one no
-        deletion was applied to; one without it, as what this callback holds). ``validate``,
+        record's latest state (by the lineage of this callback's state in the checkpoint; a
+        checkpoint without one leaves this callback's state as it is, and is checked by it). ``validate``,
         ``test`` and ``predict`` refuse a checkpoint this record's fits saved before its latest
         request (e.g. ``ckpt_path="best"``, saved before a request applied at the train end): its
-        model still holds deleted rows. A checkpoint of another record, or of a fit without this
-        callback, is theirs to evaluate.
+        model still holds deleted rows. A checkpoint without this callback's state
+        (``save_weights_only``, a fit without the callback) is known by its parameters: those an
+        earlier request of the record was applied to are refused. A checkpoint of another record
+        is theirs to evaluate.
 
         Args:
             trainer: the Trainer loading ``checkpoint``.
@@ -400,24 +407,31 @@ class UnlearningCallback(pl.Callback):
         if self.dirpath is None or not self.journal.path.exists():
             return
         journal, state = self.journal, (checkpoint.get("callbacks") or {}).get(self.state_key)
-        if trainer.state.fn == TrainerFn.FITTING:  # Lightning restores this callback's state from it, if it has one
-            lineage, record = (state.get("lineage"), state.get("record")) if isinstance(state, dict) else (self._lineage, self._named_record)
-            check_lineage(journal, lineage, self.branch, record)
-            return
-        if not isinstance(state, dict):
-            return
-        lineage, record = state.get("lineage"), state.get("record")
-        if not (lineage.get("journal") == journal.id if lineage else record == str(Path(self.dirpath).resolve())):
-            return
         try:
-            check_lineage(journal, lineage, record=record)
+            if not isinstance(state, dict):  # weights only (save_weights_only, a fit without this callback): known by them
+                _refuse_older_parameters(journal, model_digest(trainer.lightning_module, checkpoint.get("state_dict") or {}))
+            if trainer.state.fn == TrainerFn.FITTING:  # Lightning restores this callback's state from it, if it has one
+                lineage, record = (state.get("lineage"), state.get("record")) if isinstance(state, dict) else (self._lineage, self._named_record)
+                check_lineage(journal, lineage, self._branching(journal, lineage), record)
+                return
+            if not isinstance(state, dict):
+                return
+            lineage, record = state.get("lineage"), state.get("record")
+            if lineage.get("journal") == journal.id if lineage else record == str(Path(self.dirpath).resolve()):
+                check_lineage(journal, lineage, record=record)
         except StaleCheckpoint as err:
+            if trainer.state.fn == TrainerFn.FITTING:
+                raise
             fn = trainer.state.fn.value
             raise StaleCheckpoint(
                 f"Trainer.{fn}(ckpt_path=...) was refused: {err} To {fn} the model as it is now, give no ckpt_path (the model "
                 f"in memory), or restore the latest state with `restore_checkpoint(path, model, datamodule)` "
                 f"(lightning_unlearn.unlearning.record)."
             ) from None
+
+    def _branching(self, journal: Journal, lineage: dict[str, Any] | None) -> bool:
+        """Whether ``lineage`` starts this callback's branch: ``branch=True`` until the branch's first request is applied here."""
+        return self.branch and not (lineage is not None and journal.id is not None and lineage.get("journal") == journal.id)
 
     def key_made_here(self) -> None:
         """This run copied the folder's key (a branch, ``adopt_key``): a fit stopped before ``on_fit_start``'s checks pass removes it again."""
@@ -817,7 +831,7 @@ def _data_state(datamodule: RecDataModule, journal: Journal) -> str:
     return journal.keyed(repr([len(t) for t in removed]).encode() + b"".join(t.cpu().numpy().tobytes() for t in removed))
 
 
-def _refuse_older_parameters(journal: Journal, parameters: str) -> None:
+def _refuse_older_parameters(journal: Journal, parameters: str | None) -> None:
     """Refuse a model whose parameters are those an earlier request of ``journal`` was applied to, not its latest state's.
 
     The callback's lineage says which state it embodies, not which weights the model holds:
@@ -827,7 +841,7 @@ def _refuse_older_parameters(journal: Journal, parameters: str) -> None:
     """
     latest = journal.latest()
     now = latest.get("model") if latest else None  # None: a journal of before this field
-    older = applied_to(journal, parameters) if now is not None and parameters != now else None
+    older = applied_to(journal, parameters) if parameters is not None and now is not None and parameters != now else None
     if older is not None:
         raise StaleCheckpoint(
             f"The model's parameters are those request entry {older['seq']} of the journal in {Path(journal.folder).resolve()} "

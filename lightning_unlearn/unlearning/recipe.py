@@ -158,8 +158,8 @@ class FitRecipe:
             ['the callback StochasticWeightAveraging']
         """
         carried = (EarlyStopping, ModelCheckpoint, Timer, ProgressBar, ModelSummary)
-        out = [f"the callback {type(c).__name__}" for c in trainer.callbacks
-               if not isinstance(c, carried) and not type(c).__module__.startswith("lightning_unlearn")]
+        out = [f"the callback {type(c).__name__}" for c in trainer.callbacks  # LightningCLI's (saving its config) trains nothing
+               if not isinstance(c, carried) and not type(c).__module__.startswith(("lightning_unlearn", "pytorch_lightning.cli"))]
         best = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
         for stop in (c for c in trainer.callbacks if isinstance(c, EarlyStopping)):
             if best is not None and best.monitor and stop.monitor != best.monitor:
