@@ -530,10 +530,11 @@ def _refused_trainer_options(subcommand: str, trainer: Any, data: Any) -> str | 
     return None
 
 
-def _refuse_early_stopping_without_validation(trainer: pl.Trainer, datamodule: RecDataModule) -> None:
+def _refuse_early_stopping_without_validation(trainer: pl.Trainer, datamodule: RecDataModule, resumed: bool) -> None:
     """An ``EarlyStopping`` that watches a validation metric, in a fit that validates nothing: Lightning would stop with an
     error once training ends (``--trainer.limit_val_batches 0``, ``--data.val_fraction 0``, or a ``--trainer.max_steps``
-    that ends the fit before its first validation)."""
+    that ends the fit before its first validation; not counted for a fit ``resumed`` from a checkpoint, whose removals,
+    applied later, leave fewer rows, and whose steps go on from its own)."""
     watching = [c.monitor for c in trainer.early_stopping_callbacks if str(c.monitor).startswith("val")]
     if not watching:
         return
@@ -543,7 +544,7 @@ def _refuse_early_stopping_without_validation(trainer: pl.Trainer, datamodule: R
         why = "--trainer.limit_val_batches=0"
     elif not len(datamodule.val.users):
         why = "the data has no validation split (--data.val_fraction=0)"
-    elif trainer.max_steps > 0 and isinstance(trainer.val_check_interval, float) and trainer.val_check_interval == 1.0:
+    elif not resumed and trainer.max_steps > 0 and isinstance(trainer.val_check_interval, float) and trainer.val_check_interval == 1.0:
         limit = trainer.limit_train_batches
         batches = -(-len(datamodule.train) // datamodule.hparams.batch_size)
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
@@ -818,7 +819,8 @@ class LightningUnlearnCLI(LightningCLI):
         if self.subcommand in ("unlearn", "validate", "test", "predict"):  # logged once their checks pass:
             self.trainer._command_config = config  # a refusal starts no logger's run
         else:
-            _refuse_early_stopping_without_validation(self.trainer, self.datamodule)
+            _refuse_early_stopping_without_validation(self.trainer, self.datamodule,
+                                                      resumed=bool(self.config_init[self.subcommand].get("ckpt_path")))
             if self.subcommand == "compare":  # its options are checked before a logger starts a run
                 given = self.config_init[self.subcommand]
                 self.trainer.check_compare(self.datamodule, given.get("methods"), given.get("deletion"), given.get("out"),

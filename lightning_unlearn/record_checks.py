@@ -134,8 +134,9 @@ def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], comma
     """Where the deletion record that a checkpoint's callback state (``unlearning``) names is now.
 
     At the folder named; or, moved with its project, at the same place relative to one of the checkpoint's folders
-    (the project's root moved, the checkpoint and the record with it), recognised by its key; ``None`` when the state
-    names none, or the record beside the checkpoint is that one (a record moved with its checkpoints).
+    (the project's root moved, the checkpoint and the record with it, and its old place is gone), recognised by its key;
+    ``None`` when the state names none, or the record beside the checkpoint is that one (a record moved with its
+    checkpoints).
 
     Raises:
         StaleCheckpoint: the named record is gone (moved elsewhere, deleted, re-created empty): what was deleted there
@@ -146,8 +147,11 @@ def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], comma
         return Path(named) if named else None
     if named_key is not None and any(_holds_key(b, named_key) for b in records_beside(ckpt_path)):
         return None
+    # the project's root moved from parts[:i] (gone: a moved project, not a copy or a backup beside it) to a folder above
+    # the checkpoint, with the record at the same place below it
     parts = Path(named).parts
-    moved = (root.joinpath(*parts[i:]) for root in Path(os.path.abspath(ckpt_path)).parents for i in range(1, len(parts)))
+    moved = (root.joinpath(*parts[i:]) for i in range(1, len(parts)) if not Path(*parts[:i]).exists()
+             for root in Path(os.path.abspath(ckpt_path)).parents)
     found = next((folder for folder in moved if named_key is not None and _holds_key(folder, named_key)), None)
     if found is not None:
         return found

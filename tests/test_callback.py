@@ -14,7 +14,7 @@ from lightning_unlearn.unlearning.callback import UnlearningCallback
 from lightning_unlearn.unlearning.journal import JournalCorrupted
 from lightning_unlearn.unlearning.methods import FineTune, Retrain, Unlearner, UnlearningError
 from lightning_unlearn.unlearning.recipe import FitRecipe
-from lightning_unlearn.unlearning.record import StaleCheckpoint, adopt_key, journal_of, key_id, restore_checkpoint
+from lightning_unlearn.unlearning.record import StaleCheckpoint, adopt_key, journal_of, key_id, recover, restore_checkpoint
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 EPOCHS = 3
@@ -599,26 +599,31 @@ def test_a_datamodule_without_the_removals_the_model_embodies_is_refused_until_r
     assert not (fresh.train.users == 5).any() and not (fresh.train.users == 6).any()
 
 
+@pytest.mark.parametrize("saved_at", ["last epoch", "first epoch"])
 @pytest.mark.parametrize("weights_only", [False, True])
 @pytest.mark.parametrize("command", ["test", "validate", "fit"])
-def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_weights_are_loaded(command, weights_only, tmp_path):
-    """ckpt_path="best" after a fit whose request was applied at its train end: the file predates the deletion (with the
-    callback's state, or only the weights, which are those the request was applied to)."""
+def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_weights_are_loaded(command, weights_only, saved_at,
+                                                                                                 tmp_path):
+    """ckpt_path="best" after a fit whose request was applied at its train end: the file predates the deletion. With
+    the callback's state, its lineage says so; with the weights only, they are those the request was applied to (the last
+    epoch's) or its data state (saved with the weights) still holds the deleted rows."""
     callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
                                   evaluate=False)
     saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1, save_weights_only=weights_only)
     pl.seed_everything(0, verbose=False)
     dm = datamodule()
     model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[callback, saved])
     trainer.fit(model, dm)
-    older = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    older = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1 if saved_at == "last epoch" else 0]
     assert len(callback.reports) == 1
     before, lineage = {k: v.clone() for k, v in model.state_dict().items()}, callback.state_dict()["lineage"]
     if command == "fit":
-        trainer.fit_loop.max_epochs = 2
-    with pytest.raises(StaleCheckpoint, match=r"are those request entry 0" if weights_only else r"already holds 1 applied request"):
+        trainer.fit_loop.max_epochs = 3
+    said = "already holds 1 applied request" if not weights_only else \
+        "are those request entry 0" if saved_at == "last epoch" else "the checkpoint's data still holds some of what they deleted"
+    with pytest.raises(StaleCheckpoint, match=said):
         getattr(trainer, command)(model, dm, ckpt_path=older)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # refused before the weights were loaded
     assert callback.state_dict()["lineage"] == lineage
@@ -668,3 +673,30 @@ def test_a_branch_needs_its_parents_removals_and_goes_on_request_after_request(t
     callback.apply_pending(fresh_model, fresh_dm)  # its second request: the branch was started by the first
     assert [e["status"] for e in journal(tmp_path / "branch")] == ["pending", "applied"] * 2
     assert not any((fresh_dm.train.users == user).any() for user in (6, 7, 8))
+
+
+def test_weights_from_before_a_request_recovered_after_a_crash_are_refused_too(tmp_path):
+    """A process killed after the checkpoint was written, before `applied`: recovery closes the request as applied, and
+    the parameters it was applied to are still an older state (the recovered entry names the checkpoint's, not those)."""
+    model, dm, _ = trained()
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False)
+    callback.apply_pending(model, dm)
+    lines = (tmp_path / "journal.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "journal.jsonl").write_text("".join(lines[:-1]))  # killed before its `applied` line
+    recover(tmp_path)
+    assert journal(tmp_path)[-1]["status"] == "applied" and journal(tmp_path)[-1]["recovered"]
+    model.load_state_dict(old)
+    callback.request(DeletionRequest(users=[6]))
+    with pytest.raises(StaleCheckpoint, match="are those request entry 0"):
+        callback.apply_pending(model, dm)
+
+
+def test_evaluating_with_the_callback_attached_makes_no_key_in_its_folder(tmp_path):
+    """A key made by `test` in a folder a record was moved from would stand for a record there (empty)."""
+    model, dm, _ = trained()
+    callback = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "unlearning")
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.validate(model, dm)
+    trainer.test(model, dm)
+    assert not (tmp_path / "unlearning").exists()

@@ -396,3 +396,20 @@ def test_an_unknown_method_is_named_with_the_known_ones(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "-c", str(recipe), "--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "IFRUU"])
     assert exit_info.value.code == 2 and "Methods by name: Retrain, FineTune, IFRU, AltEraser, SCIF" in capsys.readouterr().err
+
+
+def test_the_step_cap_of_a_resumed_fit_is_not_counted_against_its_first_validation():
+    """A fit resumed from a checkpoint goes on from its steps, on fewer rows once its removals are applied (after this
+    check): its max_steps cannot be compared with the batches of the data as loaded, so it is not refused for them."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from lightning_unlearn.cli import _refuse_early_stopping_without_validation
+    from lightning_unlearn.console import OptionRefused
+    from lightning_unlearn.data import RecDataModule, Synthetic
+
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20), batch_size=8, val_fraction=0.2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, callbacks=[EarlyStopping("val/ndcg@20", mode="max")])
+    _refuse_early_stopping_without_validation(trainer, dm, resumed=True)
+    with pytest.raises(OptionRefused, match="--trainer.max_steps=2 ends the fit before its first validation"):
+        _refuse_early_stopping_without_validation(trainer, dm, resumed=False)

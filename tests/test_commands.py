@@ -236,6 +236,13 @@ def test_fit_with_the_callback_tests_the_unlearned_model_not_the_best_checkpoint
     with pytest.raises(SystemExit) as exit_info:  # nor trained on: the deletions recorded there since would be learned again
         main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--trainer.max_epochs=3"])
     assert exit_info.value.code == 2 and f"{gone}: fit cannot check" in capsys.readouterr().err
+    backup = shutil.copytree(tmp_path / "moved", tmp_path.parent / "unl")  # a copy of the record above the project, not it
+    try:
+        with pytest.raises(SystemExit):
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])
+        assert gone in capsys.readouterr().err
+    finally:
+        shutil.rmtree(backup)
     (tmp_path / "unl").mkdir()  # re-created empty: not the record
     with pytest.raises(SystemExit):
         main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(tmp_path / "ckpt" / "best.ckpt"), "--out", "p.csv"])

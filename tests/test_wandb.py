@@ -420,7 +420,7 @@ _REFUSED_IN = {  # where a W&B run that records the console is live when a reque
                  "trainer.fit(model, dm)\n",
     # apply_pending outside a Trainer, given the logger
     "apply_pending": "pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(model, dm)\n"
-                     "callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(users=[900999])], dirpath='forget')\n"
+                     "callback = UnlearningCallback(FineTune(), requests=[DeletionRequest(users=[918273645501])], dirpath='forget')\n"
                      "callback.apply_pending(model, dm, loggers=[WandbLogger(save_dir='.', offline=True)])\n",
     # compare in Python, given the logger
     "compare": "from lightning_unlearn.unlearning import DeletionSpec, FitRecipe\n"
@@ -445,15 +445,15 @@ def _files_holding(folder: Path, needle: bytes, but: tuple[str, ...] = ()) -> li
 def test_a_refusal_while_a_wandb_run_records_the_console_names_no_id(tmp_path, where):
     """In Python (not the command, which turns console capture off), the refusal is raised without the ids; its
     traceback would otherwise be recorded by the run."""
-    (tmp_path / "requests.csv").write_text("user\n900999\n")
+    (tmp_path / "requests.csv").write_text("user\n918273645501\n")
     script = tmp_path / "script.py"
     script.write_text(_SYNTHETIC + _REFUSED_IN[where])
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_wandb_defaults(), capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode != 0 and "A deletion request was refused" in done.stderr and "900999" not in done.stderr
+    assert done.returncode != 0 and "A deletion request was refused" in done.stderr and "918273645501" not in done.stderr
     settled(tmp_path, until=lambda: any(tmp_path.rglob("output.log")))  # W&B's service writes on after the script exits
     assert list(tmp_path.rglob("output.log"))  # the run recorded the console
-    assert not _files_holding(tmp_path, b"900999", but=("requests.csv", "script.py"))
+    assert not _files_holding(tmp_path, b"918273645501", but=("requests.csv", "script.py"))
 
 
 @pytest.mark.parametrize("reinit", ["default", "create_new"])
@@ -471,8 +471,9 @@ def test_a_command_told_to_record_the_console_ends_the_run_before_it_prints_a_re
         "model: {class_path: lightning_unlearn.models.MF, init_args: {embedding_dim: 4}}\n"
         "data: {source: {class_path: lightning_unlearn.data.Synthetic, init_args: {num_users: 20, num_items: 16}}, batch_size: 64}\n"
     )
-    (tmp_path / "requests.csv").write_text("user\n900999\n")
-    (tmp_path / "headless.csv").write_text("900998,900997\n")  # no header: the error quotes the first line
+    # ids of twelve digits: a short one is found in W&B's log timestamps (nanoseconds), not leaked
+    (tmp_path / "requests.csv").write_text("user\n918273645501\n")
+    (tmp_path / "headless.csv").write_text("918273645502,918273645503\n")  # no header: the error quotes the first line
     cli = [sys.executable, "-m", "lightning_unlearn.cli"]
     env = {**_wandb_defaults(), "WANDB_CONSOLE": "wrap"}
 
@@ -488,13 +489,13 @@ def test_a_command_told_to_record_the_console_ends_the_run_before_it_prints_a_re
     callback = json.dumps({"class_path": "lightning_unlearn.unlearning.UnlearningCallback", "init_args": {
         "method": {"class_path": "lightning_unlearn.unlearning.FineTune"}, "requests_file": "requests.csv", "dirpath": "in_fit"}})
     in_fit = command("fit", "-c", str(recipe), f"--trainer.callbacks+={callback}")
-    assert unlearn.returncode == 2 and "unknown user id: '900999'" in unlearn.stderr
-    assert compare.returncode == 2 and "'900998'" in compare.stderr
-    assert in_fit.returncode == 2 and "unknown user id: '900999'" in in_fit.stderr  # redacted in the run, whole after it
+    assert unlearn.returncode == 2 and "unknown user id: '918273645501'" in unlearn.stderr
+    assert compare.returncode == 2 and "'918273645502'" in compare.stderr
+    assert in_fit.returncode == 2 and "unknown user id: '918273645501'" in in_fit.stderr  # redacted in the run, whole after it
     runs = lambda: list(tmp_path.glob("runs/wandb/offline-run-*/run-*.wandb"))  # noqa: E731
     settled(tmp_path, until=lambda: len(runs()) == 4)
     assert len(runs()) == 4  # fit's, unlearn's, compare's and the refused fit's
-    for needle in (b"900999", b"900998"):
+    for needle in (b"918273645501", b"918273645502"):
         assert not _files_holding(tmp_path, needle, but=("requests.csv", "headless.csv"))
 
 

@@ -27,6 +27,7 @@ from lightning_unlearn.unlearning.methods.retrain import Retrain
 from lightning_unlearn.unlearning.policy import RetrainPolicy
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import (
+    CheckpointUnreadable,
     StaleCheckpoint,
     applied_to,
     check_key,
@@ -34,6 +35,7 @@ from lightning_unlearn.unlearning.record import (
     forget_an_unused_key,
     journal_of,
     key_id,
+    load_checkpoint,
     recover,
     save_checkpoint,
 )
@@ -351,7 +353,8 @@ class UnlearningCallback(pl.Callback):
             self.dirpath = Path(trainer.default_root_dir) / "unlearning"
         self._datamodule = trainer.datamodule
         keep_checkpoints_private(trainer)  # its state holds pending requests as indices
-        if trainer.is_global_zero and not self.branch:  # a branch's is made in on_fit_start, after a resumed state is checked
+        # a branch's is made in on_fit_start, after a resumed state is checked; validate and test apply nothing: no key
+        if trainer.is_global_zero and not self.branch and stage == "fit":
             self._made_key = not self.journal.key_exists()  # removed again if the fit stops before on_fit_start's checks pass
             _ = self.journal.key  # made once, before the other ranks read it
         trainer.strategy.barrier("unlearning-key")
@@ -377,7 +380,7 @@ class UnlearningCallback(pl.Callback):
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
             if self.dirpath is not None and self.journal.path.exists():  # weights of an older state loaded by hand
-                _refuse_older_parameters(self.journal, model_digest(pl_module))
+                _refuse_older_parameters(self.journal, pl_module, model_digest(pl_module))
             self._made_key = False  # checked: checkpoints saved from now on may name the key
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
@@ -409,7 +412,9 @@ class UnlearningCallback(pl.Callback):
         journal, state = self.journal, (checkpoint.get("callbacks") or {}).get(self.state_key)
         try:
             if not isinstance(state, dict):  # weights only (save_weights_only, a fit without this callback): known by them
-                _refuse_older_parameters(journal, model_digest(trainer.lightning_module, checkpoint.get("state_dict") or {}))
+                _refuse_older_parameters(journal, trainer.lightning_module,
+                                         model_digest(trainer.lightning_module, checkpoint.get("state_dict") or {}))
+                _refuse_older_data(journal, checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule else None)
             if trainer.state.fn == TrainerFn.FITTING:  # Lightning restores this callback's state from it, if it has one
                 lineage, record = (state.get("lineage"), state.get("record")) if isinstance(state, dict) else (self._lineage, self._named_record)
                 check_lineage(journal, lineage, self._branching(journal, lineage), record)
@@ -626,7 +631,7 @@ class UnlearningCallback(pl.Callback):
             # "model": which parameters the request is applied to, so that a copy of them is known for an older state
             parameters = model_digest(model) if journal else None
             if journal:
-                _refuse_older_parameters(journal, parameters)
+                _refuse_older_parameters(journal, model, parameters)
             pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary) if journal else None
         except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
             self._policy.load_state_dict(drift_before)
@@ -831,17 +836,26 @@ def _data_state(datamodule: RecDataModule, journal: Journal) -> str:
     return journal.keyed(repr([len(t) for t in removed]).encode() + b"".join(t.cpu().numpy().tobytes() for t in removed))
 
 
-def _refuse_older_parameters(journal: Journal, parameters: str | None) -> None:
-    """Refuse a model whose parameters are those an earlier request of ``journal`` was applied to, not its latest state's.
+def _refuse_older_parameters(journal: Journal, model: Recommender, parameters: str | None) -> None:
+    """Refuse a ``model`` whose parameters (their digest, ``parameters``) are those an earlier request of ``journal`` was
+    applied to, not its latest state's.
 
     The callback's lineage says which state it embodies, not which weights the model holds:
     weights from before a deletion loaded by hand (``model.load_state_dict``) would carry the
     deleted rows on. A model trained on since its latest request is not recognised (its
-    parameters are new); the latest state's are journaled with each ``applied`` entry.
+    parameters are new). The latest state's are journaled with each ``applied`` entry; one
+    recovered after a crash (or journaled before that field) is read from its checkpoint.
     """
     latest = journal.latest()
-    now = latest.get("model") if latest else None  # None: a journal of before this field
-    older = applied_to(journal, parameters) if parameters is not None and now is not None and parameters != now else None
+    if latest is None or parameters is None:
+        return
+    now, path = latest.get("model"), journal.checkpoint(latest)
+    if now is None and path is not None:
+        try:
+            now = model_digest(model, load_checkpoint(path, mmap=True).get("state_dict") or {})
+        except (OSError, CheckpointUnreadable):  # the latest state is gone: the lineage's check says so
+            return
+    older = applied_to(journal, parameters) if parameters != now else None
     if older is not None:
         raise StaleCheckpoint(
             f"The model's parameters are those request entry {older['seq']} of the journal in {Path(journal.folder).resolve()} "
@@ -849,6 +863,24 @@ def _refuse_older_parameters(journal: Journal, parameters: str | None) -> None:
             f"its latest state, {journal.checkpoint(latest)}. Applying requests on top of it would undo the deletions after "
             f"it. Restore the latest state: `restore_checkpoint('{journal.checkpoint(latest)}', model, datamodule)` "
             f"(lightning_unlearn.unlearning.record). Nothing was applied."
+        )
+
+
+def _refuse_older_data(journal: Journal, data: dict[str, Any] | None) -> None:
+    """Refuse a checkpoint whose datamodule state (``data``: Lightning saves it with the weights, ``save_weights_only``
+    too) is on the data of ``journal``'s latest state and lacks some of its removals: it was saved before a request."""
+    latest = journal.last_checkpoint() if isinstance(data, dict) and journal.latest() is not None else None
+    if latest is None:
+        return
+    removed = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}
+    names = ("train_keys", "users", "items")
+    if removed.get("fingerprint") != data.get("fingerprint") or not all(isinstance(data.get(k), torch.Tensor) for k in names):
+        return  # other data, or no removals recorded: its parameters tell (_refuse_older_parameters)
+    if not all(bool(torch.isin(removed[k], data[k]).all()) for k in names):
+        raise StaleCheckpoint(
+            f"{journal.folder} holds {journal.applied_count()} applied request(s), and the checkpoint's data still holds "
+            f"some of what they deleted: it was saved before one of them (a weights-only checkpoint, or one of a fit without "
+            f"the UnlearningCallback), and its model was trained on their rows. The latest state is {latest}."
         )
 
 

@@ -118,7 +118,8 @@ def recover(dirpath: str | os.PathLike) -> Path | None:
         for partial in [*Path(dirpath).glob(".unlearned-*.tmp"), *Path(dirpath).glob(".journal.key.*.tmp")]:
             partial.unlink(missing_ok=True)
         for entry in journal.interrupted():
-            fields = {k: v for k, v in entry.items() if k not in ("seq", "prev", "time", "digest", "status", "reason")}
+            # not "model": the parameters the request was applied to, not those it left (the checkpoint's)
+            fields = {k: v for k, v in entry.items() if k not in ("seq", "prev", "time", "digest", "status", "reason", "model")}
             fields.update(recovered=True, pending_seq=entry["seq"])
             checkpoint = journal.checkpoint(entry)
             if checkpoint is not None and _embodies(checkpoint, entry):
@@ -194,7 +195,8 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
     if branch:
         raise StaleCheckpoint(
             f"A new branch goes into a new, empty folder, but {journal.folder} already holds "
-            f"{journal.applied_count()} applied request(s). Choose another `--out`."
+            f"{journal.applied_count()} applied request(s). Choose another `--out` (in a fit, the UnlearningCallback's "
+            f"`dirpath`), or go on in this folder from its latest state, {journal.checkpoint(latest)}."
         )
     entries = journal.entries()
     seq = lineage.get("seq") if lineage is not None else None
