@@ -473,8 +473,10 @@ class FullRankingMetrics(Metric):
         else:
             keep = torch.ones(len(scores), dtype=torch.bool, device=scores.device)
         stacked = torch.stack([values[name] for name in self.names], dim=1)[keep]
-        self.sums += stacked.sum(0).double()
-        self.users += keep.sum()
+        # out of place: a state reset inside inference mode (Trainer.validate) is an inference tensor, which a later
+        # fit's validation, outside that mode, may not update in place
+        self.sums = self.sums + stacked.sum(0).double()
+        self.users = self.users + keep.sum()
 
     def compute(self) -> dict[str, Tensor]:
         mean = self.sums / self.users.clamp_min(1)

@@ -700,3 +700,43 @@ def test_evaluating_with_the_callback_attached_makes_no_key_in_its_folder(tmp_pa
     trainer.validate(model, dm)
     trainer.test(model, dm)
     assert not (tmp_path / "unlearning").exists()
+
+
+def test_only_a_data_state_with_fewer_of_the_records_removals_and_none_other_is_older(tmp_path):
+    """A checkpoint's data state that lacks some of the record's removals, and removed nothing else, was saved before a
+    request; one that removed something the record did not is another line of deletions, theirs to evaluate."""
+    from lightning_unlearn.unlearning.callback import _refuse_older_data
+
+    model, dm, _ = trained()
+    UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False).apply_pending(model, dm)
+    record = journal_of(tmp_path)
+
+    def state(*users):
+        other = datamodule_after_setup()
+        index = [list(other.train.user_ids).index(user) for user in users]
+        if index:
+            other.remove(torch.zeros(0, dtype=torch.long), users=torch.tensor(index))
+        return other.state_dict()
+
+    with pytest.raises(StaleCheckpoint, match="still holds some of what they deleted"):
+        _refuse_older_data(record, state())  # trained before the request
+    for later_or_other in (state(5), state(5, 6), state(6)):
+        _refuse_older_data(record, later_or_other)
+
+
+def test_a_checkpoint_naming_its_record_by_an_old_path_is_still_known_by_its_data(tmp_path):
+    """After the project moved, a checkpoint's callback state names the record where it was: its data state still tells
+    that it was saved before the request."""
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
+                                  evaluate=False)
+    saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1)
+    pl.seed_everything(0, verbose=False)
+    dm = datamodule()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, saved])
+    trainer.fit(model, dm)
+    checkpoint = torch.load(sorted((tmp_path / "checkpoints").glob("*.ckpt"))[0], weights_only=False)
+    checkpoint["callbacks"][callback.state_key]["record"] = str(tmp_path / "where-it-was" / "unlearning")
+    torch.save(checkpoint, tmp_path / "moved.ckpt")
+    with pytest.raises(StaleCheckpoint, match="still holds some of what they deleted"):
+        trainer.test(model, dm, ckpt_path=tmp_path / "moved.ckpt")

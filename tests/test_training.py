@@ -40,3 +40,15 @@ def test_fit_learns_planted_structure(cls, kwargs):
     # ranking by the planted affinity itself gives recall@10 0.79 and AUC 0.86.
     assert trained["test/auc"] > 0.7
     assert trained["test/recall@10"] > 0.45
+
+
+def test_a_validation_before_the_fit_leaves_the_metrics_usable_by_the_fit(tmp_path):
+    """Trainer.validate resets the metrics' states inside inference mode: the fit's own validation, outside it, used to
+    fail updating them in place ("Inplace update to inference tensor outside InferenceMode")."""
+    dm = RecDataModule(Synthetic(num_users=30, num_items=20, seed=0), batch_size=64, val_fraction=0.2)
+    model = MF(dm.num_users, dm.num_items, embedding_dim=4)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    before = trainer.validate(model, dm, verbose=False)[0]
+    trainer.fit(model, dm)
+    assert set(trainer.callback_metrics) >= set(before)

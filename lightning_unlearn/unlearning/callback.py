@@ -414,16 +414,15 @@ class UnlearningCallback(pl.Callback):
             if not isinstance(state, dict):  # weights only (save_weights_only, a fit without this callback): known by them
                 _refuse_older_parameters(journal, trainer.lightning_module,
                                          model_digest(trainer.lightning_module, checkpoint.get("state_dict") or {}))
-                _refuse_older_data(journal, checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule else None)
             if trainer.state.fn == TrainerFn.FITTING:  # Lightning restores this callback's state from it, if it has one
                 lineage, record = (state.get("lineage"), state.get("record")) if isinstance(state, dict) else (self._lineage, self._named_record)
                 check_lineage(journal, lineage, self._branching(journal, lineage), record)
-                return
-            if not isinstance(state, dict):
-                return
-            lineage, record = state.get("lineage"), state.get("record")
-            if lineage.get("journal") == journal.id if lineage else record == str(Path(self.dirpath).resolve()):
-                check_lineage(journal, lineage, record=record)
+            elif isinstance(state, dict):
+                lineage, record = state.get("lineage"), state.get("record")
+                if lineage.get("journal") == journal.id if lineage else record == str(Path(self.dirpath).resolve()):
+                    check_lineage(journal, lineage, record=record)
+            # and by the data state Lightning saves with the weights (also where its state names the record by an old path)
+            _refuse_older_data(journal, checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule else None)
         except StaleCheckpoint as err:
             if trainer.state.fn == TrainerFn.FITTING:
                 raise
@@ -868,19 +867,23 @@ def _refuse_older_parameters(journal: Journal, model: Recommender, parameters: s
 
 def _refuse_older_data(journal: Journal, data: dict[str, Any] | None) -> None:
     """Refuse a checkpoint whose datamodule state (``data``: Lightning saves it with the weights, ``save_weights_only``
-    too) is on the data of ``journal``'s latest state and lacks some of its removals: it was saved before a request."""
-    latest = journal.last_checkpoint() if isinstance(data, dict) and journal.latest() is not None else None
-    if latest is None:
+    too) is on the data of ``journal``'s latest state and holds fewer of its removals, and none other: it was saved before
+    a request. One that removed something the latest state did not is of another line of deletions."""
+    try:
+        latest = journal.last_checkpoint() if isinstance(data, dict) and journal.latest() is not None else None
+        removed = load_checkpoint(latest, mmap=True).get("datamodule_state") or {} if latest is not None else {}
+    except (OSError, CheckpointUnreadable):  # the latest state is gone or unreadable: the lineage's check says so
         return
-    removed = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}
     names = ("train_keys", "users", "items")
-    if removed.get("fingerprint") != data.get("fingerprint") or not all(isinstance(data.get(k), torch.Tensor) for k in names):
+    if not removed or removed.get("fingerprint") != data.get("fingerprint") or not all(
+            isinstance(data.get(k), torch.Tensor) for k in names):
         return  # other data, or no removals recorded: its parameters tell (_refuse_older_parameters)
-    if not all(bool(torch.isin(removed[k], data[k]).all()) for k in names):
+    if all(bool(torch.isin(data[k], removed[k]).all()) for k in names) and not all(
+            bool(torch.isin(removed[k], data[k]).all()) for k in names):
         raise StaleCheckpoint(
             f"{journal.folder} holds {journal.applied_count()} applied request(s), and the checkpoint's data still holds "
-            f"some of what they deleted: it was saved before one of them (a weights-only checkpoint, or one of a fit without "
-            f"the UnlearningCallback), and its model was trained on their rows. The latest state is {latest}."
+            f"some of what they deleted: it was saved before one of them, and its model was trained on their rows. The "
+            f"latest state is {latest}."
         )
 
 
