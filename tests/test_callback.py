@@ -740,3 +740,36 @@ def test_a_checkpoint_naming_its_record_by_an_old_path_is_still_known_by_its_dat
     torch.save(checkpoint, tmp_path / "moved.ckpt")
     with pytest.raises(StaleCheckpoint, match="still holds some of what they deleted"):
         trainer.test(model, dm, ckpt_path=tmp_path / "moved.ckpt")
+
+
+def test_a_checkpoint_of_another_record_is_theirs_and_one_a_record_cannot_check_is_refused(tmp_path):
+    """Record B's checkpoint, after its own request, evaluated with A's callback attached: not an older state of A. And
+    with A's latest state gone, a weights-only checkpoint cannot be checked: refused, not let through."""
+    def fit(folder, users):
+        callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=users)], dirpath=tmp_path / folder / "unl",
+                                      evaluate=False)
+        saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder / "ck", save_top_k=-1, save_weights_only=folder == "A")
+        pl.seed_everything(0, verbose=False)
+        dm = datamodule()
+        model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback, saved])
+        trainer.fit(model, dm)
+        return trainer, model, dm
+
+    fit("B", [5])
+    b_after = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "B" / "unl")],
+                         default_root_dir=tmp_path / "B")
+    trainer, model, dm = fit("A", [5, 6])
+    b_model, b_dm = MF(dm.num_users, dm.num_items, embedding_dim=8), datamodule()
+    state = restore_checkpoint(tmp_path / "B" / "unl" / journal(tmp_path / "B" / "unl")[-1]["checkpoint"], b_model, b_dm)
+    b_after.callbacks[0].load_state_dict(state["unlearning"])
+    b_after.fit(b_model, b_dm)  # B goes on training: its last.ckpt names B's lineage, its data B's removals
+    theirs = b_after.checkpoint_callback.best_model_path or next((tmp_path / "B").rglob("*.ckpt"))
+    assert trainer.test(model, dm, ckpt_path=theirs)
+    older = sorted((tmp_path / "A" / "ck").glob("*.ckpt"))[0]
+    latest = tmp_path / "A" / "unl" / journal(tmp_path / "A" / "unl")[-1]["checkpoint"]
+    latest.rename(tmp_path / "away.ckpt")
+    with pytest.raises(StaleCheckpoint, match="its latest state does not read"):
+        trainer.test(model, dm, ckpt_path=older)

@@ -396,9 +396,11 @@ class UnlearningCallback(pl.Callback):
         ``test`` and ``predict`` refuse a checkpoint this record's fits saved before its latest
         request (e.g. ``ckpt_path="best"``, saved before a request applied at the train end): its
         model still holds deleted rows. A checkpoint without this callback's state
-        (``save_weights_only``, a fit without the callback) is known by its parameters: those an
-        earlier request of the record was applied to are refused. A checkpoint of another record
-        is theirs to evaluate.
+        (``save_weights_only``, a fit without the callback) is known by its parameters (those an
+        earlier request of the record was applied to are refused) and, as any checkpoint not of
+        another record, by the datamodule state Lightning saves with it (one with fewer of the
+        record's removals, and none other, is refused). A checkpoint whose lineage is of another
+        record is theirs to evaluate.
 
         Args:
             trainer: the Trainer loading ``checkpoint``.
@@ -421,8 +423,11 @@ class UnlearningCallback(pl.Callback):
                 lineage, record = state.get("lineage"), state.get("record")
                 if lineage.get("journal") == journal.id if lineage else record == str(Path(self.dirpath).resolve()):
                     check_lineage(journal, lineage, record=record)
-            # and by the data state Lightning saves with the weights (also where its state names the record by an old path)
-            _refuse_older_data(journal, checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule else None)
+            # and by the data state Lightning saves with the weights (also where its state names the record by an old path),
+            # unless its lineage is of another record: theirs to evaluate
+            lineage = state.get("lineage") if isinstance(state, dict) else None
+            if not lineage or lineage.get("journal") == journal.id:
+                _refuse_older_data(journal, checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule else None)
         except StaleCheckpoint as err:
             if trainer.state.fn == TrainerFn.FITTING:
                 raise
@@ -872,8 +877,11 @@ def _refuse_older_data(journal: Journal, data: dict[str, Any] | None) -> None:
     try:
         latest = journal.last_checkpoint() if isinstance(data, dict) and journal.latest() is not None else None
         removed = load_checkpoint(latest, mmap=True).get("datamodule_state") or {} if latest is not None else {}
-    except (OSError, CheckpointUnreadable):  # the latest state is gone or unreadable: the lineage's check says so
-        return
+    except (OSError, CheckpointUnreadable) as err:
+        raise StaleCheckpoint(
+            f"{journal.folder} holds {journal.applied_count()} applied request(s), and its latest state does not read ({err}): "
+            f"whether the checkpoint holds what they deleted cannot be checked. Restore that file (from a backup)."
+        ) from None
     names = ("train_keys", "users", "items")
     if not removed or removed.get("fingerprint") != data.get("fingerprint") or not all(
             isinstance(data.get(k), torch.Tensor) for k in names):
