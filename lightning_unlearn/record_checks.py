@@ -138,6 +138,11 @@ def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], comma
     ``None`` when the state names none, or the record beside the checkpoint is that one (a record moved with its
     checkpoints).
 
+    Args:
+        ckpt_path: the checkpoint.
+        unlearning: its callback state (``{}`` when it has none).
+        command: the subcommand that asks, named in the refusal.
+
     Raises:
         StaleCheckpoint: the named record is gone (moved elsewhere, deleted, re-created empty): what was deleted there
             since cannot be checked.

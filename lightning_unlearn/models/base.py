@@ -198,6 +198,7 @@ class Recommender(pl.LightningModule):
         Raises:
             ValueError: ``checkpoint`` is an unlearned one (``datamodule_state`` and ``unlearning``,
                 no loop state) and the model is attached to a Trainer.
+            StaleCheckpoint: a callback's ``check_checkpoint`` refused it (an older state of its record).
         """
         if self._trainer is None:
             return
