@@ -184,6 +184,7 @@ class UnlearningCallback(pl.Callback):
         self._key_unknown = False  # restored fingerprints from a state that did not record their key
         self._named_record: str | None = None  # the record a restored state names (a refit's: not beside its checkpoint)
         self._ignoring: set[bytes] = set()  # contents of restored requests that were queued with missing="ignore"
+        self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
         self._made_key = False  # this run made (or its branch copied) the folder's key, not checked yet: on_exception removes it
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
@@ -376,6 +377,7 @@ class UnlearningCallback(pl.Callback):
         its data still holds their rows) or an invalid request stops the run before an epoch is
         spent, not at ``on_train_end``.
         """
+        self._train_ended = False
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
@@ -457,6 +459,7 @@ class UnlearningCallback(pl.Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_ended = True
         if self.when == "train_end":
             self.run(trainer, pl_module)
 
@@ -476,7 +479,22 @@ class UnlearningCallback(pl.Callback):
         Also a request queued after this callback's train end or last epoch end (by a callback
         after this one, or the user's code). The trainer has moved the model to the CPU by now: it
         goes back to the trainer's device for the requests, and to the CPU after them.
+
+        On several processes, requests were applied at the train end (``when="train_end"``), and
+        the ranks are not brought together again once the strategy is torn down: a request queued
+        after it is refused on the ranks that hold it, not left queued unsaid.
+
+        Raises:
+            RuntimeError: on several processes, a request queued after the train end.
         """
+        if trainer.world_size > 1 and self._train_ended and self.when == "train_end":
+            if self.pending:  # this rank's own queue: no collective after the strategy's teardown
+                raise RuntimeError(
+                    f"UnlearningCallback: {self.pending} request(s) were queued after the end of training on this rank, and "
+                    f"on several processes requests are applied only at the train end, where the ranks meet: they were not "
+                    f"applied. Queue requests before training ends, or apply them with another fit resumed from its last "
+                    f"checkpoint.")
+            return
         if trainer.world_size == 1 and not self.pending:
             return  # several ranks compare their queues in run(), all of them alike
         pl_module.to(trainer.strategy.root_device)
