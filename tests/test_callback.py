@@ -599,6 +599,20 @@ def test_a_datamodule_without_the_removals_the_model_embodies_is_refused_until_r
     assert not (fresh.train.users == 5).any() and not (fresh.train.users == 6).any()
 
 
+def fit_saving_checkpoints(folder, users, weights_only=False):
+    """A two-epoch fit whose callback (in ``folder/unlearning``) deletes ``users`` at its train end, saving every epoch's
+    checkpoint in ``folder/checkpoints``: ``(trainer, model, datamodule, callback)``."""
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=users)], dirpath=folder / "unlearning",
+                                  evaluate=False)
+    saved = pl.callbacks.ModelCheckpoint(dirpath=folder / "checkpoints", save_top_k=-1, save_weights_only=weights_only)
+    pl.seed_everything(0, verbose=False)
+    dm = datamodule()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, saved])
+    trainer.fit(model, dm)
+    return trainer, model, dm, callback
+
+
 @pytest.mark.parametrize("saved_at", ["last epoch", "first epoch"])
 @pytest.mark.parametrize("weights_only", [False, True])
 @pytest.mark.parametrize("command", ["test", "validate", "fit"])
@@ -607,15 +621,7 @@ def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_wei
     """ckpt_path="best" after a fit whose request was applied at its train end: the file predates the deletion. With
     the callback's state, its lineage says so; with the weights only, they are those the request was applied to (the last
     epoch's) or its data state (saved with the weights) still holds the deleted rows."""
-    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
-                                  evaluate=False)
-    saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1, save_weights_only=weights_only)
-    pl.seed_everything(0, verbose=False)
-    dm = datamodule()
-    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback, saved])
-    trainer.fit(model, dm)
+    trainer, model, dm, callback = fit_saving_checkpoints(tmp_path, [5], weights_only)
     older = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1 if saved_at == "last epoch" else 0]
     assert len(callback.reports) == 1
     before, lineage = {k: v.clone() for k, v in model.state_dict().items()}, callback.state_dict()["lineage"]
@@ -727,14 +733,7 @@ def test_only_a_data_state_with_fewer_of_the_records_removals_and_none_other_is_
 def test_a_checkpoint_naming_its_record_by_an_old_path_is_still_known_by_its_data(tmp_path):
     """After the project moved, a checkpoint's callback state names the record where it was: its data state still tells
     that it was saved before the request."""
-    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
-                                  evaluate=False)
-    saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1)
-    pl.seed_everything(0, verbose=False)
-    dm = datamodule()
-    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, saved])
-    trainer.fit(model, dm)
+    trainer, model, dm, callback = fit_saving_checkpoints(tmp_path, [5])
     checkpoint = torch.load(sorted((tmp_path / "checkpoints").glob("*.ckpt"))[0], weights_only=False)
     checkpoint["callbacks"][callback.state_key]["record"] = str(tmp_path / "where-it-was" / "unlearning")
     torch.save(checkpoint, tmp_path / "moved.ckpt")
@@ -745,31 +744,19 @@ def test_a_checkpoint_naming_its_record_by_an_old_path_is_still_known_by_its_dat
 def test_a_checkpoint_of_another_record_is_theirs_and_one_a_record_cannot_check_is_refused(tmp_path):
     """Record B's checkpoint, after its own request, evaluated with A's callback attached: not an older state of A. And
     with A's latest state gone, a weights-only checkpoint cannot be checked: refused, not let through."""
-    def fit(folder, users):
-        callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=users)], dirpath=tmp_path / folder / "unl",
-                                      evaluate=False)
-        saved = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder / "ck", save_top_k=-1, save_weights_only=folder == "A")
-        pl.seed_everything(0, verbose=False)
-        dm = datamodule()
-        model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
-        trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[callback, saved])
-        trainer.fit(model, dm)
-        return trainer, model, dm
-
-    fit("B", [5])
+    fit_saving_checkpoints(tmp_path / "B", [5])
     b_after = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "B" / "unl")],
+                         callbacks=[UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "B" / "unlearning")],
                          default_root_dir=tmp_path / "B")
-    trainer, model, dm = fit("A", [5, 6])
+    trainer, model, dm, _ = fit_saving_checkpoints(tmp_path / "A", [5, 6], weights_only=True)
     b_model, b_dm = MF(dm.num_users, dm.num_items, embedding_dim=8), datamodule()
-    state = restore_checkpoint(tmp_path / "B" / "unl" / journal(tmp_path / "B" / "unl")[-1]["checkpoint"], b_model, b_dm)
+    state = restore_checkpoint(tmp_path / "B" / "unlearning" / journal(tmp_path / "B" / "unlearning")[-1]["checkpoint"], b_model, b_dm)
     b_after.callbacks[0].load_state_dict(state["unlearning"])
     b_after.fit(b_model, b_dm)  # B goes on training: its last.ckpt names B's lineage, its data B's removals
     theirs = b_after.checkpoint_callback.best_model_path or next((tmp_path / "B").rglob("*.ckpt"))
     assert trainer.test(model, dm, ckpt_path=theirs)
-    older = sorted((tmp_path / "A" / "ck").glob("*.ckpt"))[0]
-    latest = tmp_path / "A" / "unl" / journal(tmp_path / "A" / "unl")[-1]["checkpoint"]
+    older = sorted((tmp_path / "A" / "checkpoints").glob("*.ckpt"))[0]
+    latest = tmp_path / "A" / "unlearning" / journal(tmp_path / "A" / "unlearning")[-1]["checkpoint"]
     latest.rename(tmp_path / "away.ckpt")
     with pytest.raises(StaleCheckpoint, match="its latest state does not read"):
         trainer.test(model, dm, ckpt_path=older)
