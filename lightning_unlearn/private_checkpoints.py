@@ -76,7 +76,7 @@ class PrivateCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-_REMOVALS = ("train_keys", "users", "items")  # a RecDataModule's state: what was removed, beside its data "fingerprint"
+REMOVALS = ("train_keys", "users", "items")  # a RecDataModule's state: what was removed, beside its data "fingerprint"
 
 
 def holds_deleted_rows(checkpoint: dict[str, Any]) -> bool:
@@ -97,7 +97,7 @@ def holds_deleted_rows(checkpoint: dict[str, Any]) -> bool:
         False
     """
     tensors = [state[name] for state in checkpoint.values()
-               if isinstance(state, dict) and "fingerprint" in state and all(name in state for name in _REMOVALS) for name in _REMOVALS]
+               if isinstance(state, dict) and "fingerprint" in state and all(name in state for name in REMOVALS) for name in REMOVALS]
     callbacks = checkpoint.get("callbacks")
     queues = [state["pending"] for state in (callbacks.values() if isinstance(callbacks, dict) else ())
               if isinstance(state, dict) and "applied" in state and isinstance(state.get("pending"), list)]

@@ -17,9 +17,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lightning_unlearn.console import OptionRefused, counted
-from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.data.datamodule import RecDataModule, removed_within
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
+from lightning_unlearn.private_checkpoints import REMOVALS
 from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted
 from lightning_unlearn.unlearning.record import (
     JOURNAL_FILE,
@@ -361,7 +362,7 @@ def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[De
     line = datamodule.state_dict()
     if deleted.get("fingerprint") != line.get("fingerprint"):  # other data (another seed or split): nothing to compare
         return False, False
-    train, removed = datamodule.train, {key: [line[key]] for key in ("train_keys", "users", "items")}
+    train, removed = datamodule.train, {key: [line[key]] for key in REMOVALS}
     for request in requests:
         try:
             resolved = request.resolve(train, missing="ignore", removed=datamodule.removed_keys)
@@ -370,7 +371,7 @@ def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[De
         removed["train_keys"].append(train.users[resolved.rows] * train.num_items + train.items[resolved.rows])
         removed["users"].append(resolved.users)
         removed["items"].append(resolved.items)
-    return True, all(bool(torch.isin(deleted[key], torch.cat(parts)).all()) for key, parts in removed.items())
+    return True, removed_within(deleted, {key: torch.cat(parts) for key, parts in removed.items()})
 
 
 _WOULD = {"predict": "its recommendations would name users deleted since, and rank from their rows",

@@ -23,9 +23,9 @@ from lightning_unlearn.data.negatives import sample_negatives
 from lightning_unlearn.data.sources import DataSource
 from lightning_unlearn.data.splits import k_core as k_core_filter
 from lightning_unlearn.data.splits import leave_last_out, random_holdout
-from lightning_unlearn.private_checkpoints import keep_checkpoints_private
+from lightning_unlearn.private_checkpoints import REMOVALS, keep_checkpoints_private
 
-__all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint"]
+__all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint", "removed_within"]
 
 _SPLITS = ("random", "leave_last_out", "given")
 _VAL_FRACTION = 0.1  # what val_fraction=None carves when the source gives no validation split
@@ -478,3 +478,16 @@ class _Removed:
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {"train_keys": self.train_keys, "users": self.users, "items": self.items}
+
+
+def removed_within(inner: dict[str, torch.Tensor], outer: dict[str, torch.Tensor]) -> bool:
+    """Whether every removal of the state ``inner`` (training rows, whole users and items, as
+    :meth:`RecDataModule.state_dict` gives them) is one of ``outer``'s.
+
+    Example:
+        >>> removed = lambda *users: {"train_keys": torch.tensor([], dtype=torch.long), "users": torch.tensor(users),
+        ...                           "items": torch.tensor([], dtype=torch.long)}
+        >>> removed_within(removed(5), removed(5, 6)), removed_within(removed(5, 6), removed(5))
+        (True, False)
+    """
+    return all(bool(torch.isin(inner[name], outer[name]).all()) for name in REMOVALS)

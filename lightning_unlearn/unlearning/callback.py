@@ -16,11 +16,11 @@ from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy, Strate
 from pytorch_lightning.trainer.states import TrainerFn
 from typing_extensions import override
 
-from lightning_unlearn.data.datamodule import RecDataModule
+from lightning_unlearn.data.datamodule import RecDataModule, removed_within
 from lightning_unlearn.files import fsync_directory
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest, non_finite
-from lightning_unlearn.private_checkpoints import keep_checkpoints_private
+from lightning_unlearn.private_checkpoints import REMOVALS, keep_checkpoints_private
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.retrain import Retrain
@@ -854,7 +854,8 @@ def _list_of_requests(requests: Any) -> list[DeletionRequest]:
 
 def _data_state(datamodule: RecDataModule, journal: Journal) -> str:
     """A keyed digest of what ``datamodule`` has removed (training rows, whole users and items): the data a lineage embodies."""
-    removed = [datamodule.state_dict()[name] for name in ("train_keys", "users", "items")]
+    state = datamodule.state_dict()
+    removed = [state[name] for name in REMOVALS]
     return journal.keyed(repr([len(t) for t in removed]).encode() + b"".join(t.cpu().numpy().tobytes() for t in removed))
 
 
@@ -900,12 +901,10 @@ def _refuse_older_data(journal: Journal, data: dict[str, Any] | None) -> None:
             f"{journal.folder} holds {journal.applied_count()} applied request(s), and its latest state does not read ({err}): "
             f"whether the checkpoint holds what they deleted cannot be checked. Restore that file (from a backup)."
         ) from None
-    names = ("train_keys", "users", "items")
     if not removed or removed.get("fingerprint") != data.get("fingerprint") or not all(
-            isinstance(data.get(k), torch.Tensor) for k in names):
+            isinstance(data.get(k), torch.Tensor) for k in REMOVALS):
         return  # other data, or no removals recorded: its parameters tell (_refuse_older_parameters)
-    if all(bool(torch.isin(data[k], removed[k]).all()) for k in names) and not all(
-            bool(torch.isin(removed[k], data[k]).all()) for k in names):
+    if removed_within(data, removed) and not removed_within(removed, data):
         raise StaleCheckpoint(
             f"{journal.folder} holds {journal.applied_count()} applied request(s), and the checkpoint's data still holds "
             f"some of what they deleted: it was saved before one of them, and its model was trained on their rows. The "
