@@ -1,6 +1,6 @@
 """Run by ``tests/test_multi_device.py``: UnlearningCallback inside ``Trainer(strategy="ddp")`` on CPU.
 
-    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR [rank0-only[-skipped]|twice|rank0-full-disk|rank0-full-journal]
+    python tests/ddp_unlearn.py DEVICES METHOD MODEL STATE_FILE OUT_DIR [rank0-only[-skipped]|twice|rank0-full-disk|rank0-full-journal|late]
 
 Loads the weights in STATE_FILE, "trains" one batch of SGD with ``lr=1e-30`` (below the
 weights' resolution, so the weights reaching ``on_train_end`` are exactly those, whatever the
@@ -56,12 +56,18 @@ def main(devices: int, method_name: str, model_name: str, state_file: str, out: 
     queued = [request, request] if mode == "twice" else [request]  # twice: the repeat is dropped on every rank alike
     if mode.startswith("rank0-only") and os.environ.get("LOCAL_RANK", "0") != "0":  # the request reaches one process alone
         queued = []
-    callback = UnlearningCallback(method(method_name), requests=queued, dirpath=f"{out}/unlearned-{devices}", seed=0)
+    callback = UnlearningCallback(method(method_name), requests=[] if mode == "late" else queued, dirpath=f"{out}/unlearned-{devices}",
+                                  seed=0)
+
+    class Late(pl.Callback):  # late: a callback after the UnlearningCallback queues the request in its own train end
+        def on_train_end(self, trainer, pl_module):
+            callback.request(request)
+
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=1,
         limit_train_batches=0 if mode.endswith("-skipped") else 1,  # skipped: the loop too, and the queue applied at fit end
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[callback], deterministic=True,
+        callbacks=[callback, Late()] if mode == "late" else [callback], deterministic=True,
     )
     if mode.startswith("rank0-full-") and os.environ.get("LOCAL_RANK", "0") == "0":  # rank 0 alone fails on a full disk
         import errno

@@ -153,3 +153,17 @@ def test_a_failure_on_rank_zero_alone_rolls_the_request_back_on_every_rank(tmp_p
     for rank in (0, 1):
         after = torch.load(tmp_path / f"ifru-block-mf-devices2-rank{rank}-failed.pt", weights_only=True)
         assert all(torch.equal(after[name], before[name]) for name in after), f"rank {rank} kept the update"
+
+
+def test_a_request_queued_after_the_train_end_is_refused_on_every_rank_that_holds_it_and_nothing_is_applied(tmp_path):
+    """Under DDP the ranks meet at the train end only: a request queued after it (by a later callback) is refused where it
+    is held, with a message, and the ranks exit without a collective after the strategy's teardown (no abort, no hang)."""
+    done, state = two_ranks(tmp_path, "late")
+    assert done.returncode != 0 and "terminate called" not in done.stderr
+    before = torch.load(state, weights_only=True)  # lr=1e-30: the weights training leaves are these
+    for rank in (0, 1):
+        assert f"rank {rank}: RuntimeError: UnlearningCallback: 1 request(s) were queued after the end of training" in done.stderr
+        after = torch.load(tmp_path / f"ifru-block-mf-devices2-rank{rank}-failed.pt", weights_only=True)
+        assert all(torch.equal(after[name], before[name]) for name in after), f"rank {rank} applied the refused request"
+    journal = tmp_path / "unlearned-2" / "journal.jsonl"
+    assert not journal.exists() or '"pending"' not in journal.read_text()
