@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,21 @@ def _hold_a_request(folder: str, started, release) -> None:
         Path(folder, ".unlearned-0000-dddd.ckpt.x.tmp").write_bytes(b"half")
         started.set()
         release.wait(30)
+
+
+def test_the_refusal_names_the_holders_pid_written_a_moment_after_it_took_the_lock(tmp_path):
+    """The holder truncates the lock file, then writes its pid: a process refused between the two reads it a moment later."""
+    fcntl = pytest.importorskip("fcntl")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    fd = os.open(folder / "journal.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # taken, the file still empty
+        threading.Timer(0.05, os.pwrite, (fd, b"4242\n", 0)).start()
+        with pytest.raises(FolderLocked, match="locked by process 4242,"):
+            recover(folder)
+    finally:
+        os.close(fd)
 
 
 def test_a_second_process_is_refused_while_the_first_applies_and_touches_nothing(tmp_path):

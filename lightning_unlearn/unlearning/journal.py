@@ -449,6 +449,14 @@ def exclusive(path: str | os.PathLike, busy: str, wait: bool = False) -> Iterato
         os.close(fd)
 
 
+def _holder(fd: int, patience: float = 0.2) -> str:
+    """The pid the lock's holder wrote in the file: it truncates, then writes it, so an empty file is read again a moment later."""
+    deadline = time.monotonic() + patience
+    while not (holder := os.pread(fd, 64, 0).decode("ascii", errors="replace").strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return holder or "unknown"
+
+
 def _take_lock(path: Path, busy: str | None = None, wait: bool = False) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -463,7 +471,7 @@ def _take_lock(path: Path, busy: str | None = None, wait: bool = False) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode("ascii", errors="replace").strip() or "unknown"
+        holder = _holder(fd)
         if not wait:
             os.close(fd)
             if busy is not None:
