@@ -503,7 +503,7 @@ def test_refuses_sharded_strategies():
     from lightning_unlearn.unlearning.callback import check_environment
 
     dm = datamodule()
-    fake_trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy), callbacks=[])
     with pytest.raises(RuntimeError, match="FSDPStrategy.*single device or DDP"):
         check_environment(fake_trainer, MF(dm.num_users, dm.num_items), dm)
 
@@ -760,3 +760,42 @@ def test_a_checkpoint_of_another_record_is_theirs_and_one_a_record_cannot_check_
     latest.rename(tmp_path / "away.ckpt")
     with pytest.raises(StaleCheckpoint, match="its latest state does not read"):
         trainer.test(model, dm, ckpt_path=older)
+
+
+def test_weights_of_a_checkpoint_saved_before_a_request_loaded_by_hand_are_refused(tmp_path):
+    """Not only the weights the request was applied to (the last epoch's): every checkpoint the fit saved before it is an
+    older state, and the pending entry names their parameters (digests, never ids)."""
+    _, model, dm, callback = fit_saving_checkpoints(tmp_path, [5])
+    first = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[0]
+    pending = journal(tmp_path / "unlearning")[0]
+    assert pending["status"] == "pending" and len(pending["saved"]) == 1 and pending["model"] not in pending["saved"]
+    model.load_state_dict(torch.load(first, weights_only=False)["state_dict"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    with pytest.raises(StaleCheckpoint, match="are those request entry 0 .* an older state"):
+        trainer.fit(model, dm)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("averaging", [c for c in ("StochasticWeightAveraging", "EMAWeightAveraging") if hasattr(pl.callbacks, c)])
+def test_a_callback_that_writes_averaged_weights_into_the_model_is_refused_before_training(averaging, tmp_path):
+    """At its train end it writes into the model an average of weights taken before the deletion: the deleted rows are back."""
+    kwargs = {"swa_lrs": 0.05} if averaging == "StochasticWeightAveraging" else {}
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False)
+    with pytest.raises(RuntimeError, match=f"cannot run beside {averaging}: .* brings the deleted rows back"):
+        trained(callbacks=[callback, getattr(pl.callbacks, averaging)(**kwargs)])
+    assert not (tmp_path / "journal.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_evaluating_the_model_in_memory_on_a_datamodule_without_its_removals_is_refused(command, tmp_path):
+    """A datamodule built afresh beside the callback that applied a request: the deleted user's held-out rows would be scored."""
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False)
+    model, dm, _ = trained(callbacks=[callback])
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback])
+    with pytest.raises(StaleCheckpoint, match="does not hold the deletions the model embodies"):
+        getattr(trainer, command)(model, datamodule(), verbose=False)
+    assert getattr(trainer, command)(model, dm, verbose=False)  # the data the request was applied to
+

@@ -47,6 +47,8 @@ __all__ = ["UnlearningCallback", "recover", "save_checkpoint"]
 
 _WHEN = ("train_end", "epoch_end")
 _MISSING = ("error", "ignore")
+# callbacks that write into the model weights averaged over the fit (WeightAveraging: Lightning >= 2.5)
+_WEIGHT_AVERAGING = tuple(getattr(pl.callbacks, name) for name in ("StochasticWeightAveraging", "WeightAveraging") if hasattr(pl.callbacks, name))
 MAX_DELETED_FRACTION = 0.03  # the safe_deleted_fraction measured for IFRU and AltEraser (kept for tests/benchmarks/bench_drift.py)
 
 
@@ -186,6 +188,7 @@ class UnlearningCallback(pl.Callback):
         self._ignoring: set[bytes] = set()  # contents of restored requests that were queued with missing="ignore"
         self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
         self._made_key = False  # this run made (or its branch copied) the folder's key, not checked yet: on_exception removes it
+        self._saved: set[str] = set()  # the parameters of the checkpoints the trainer saved since the last request (digests)
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -324,6 +327,10 @@ class UnlearningCallback(pl.Callback):
         datamodule built afresh (or restored from another checkpoint) still holds their rows.
         """
         check_lineage(journal, self._lineage, self._branching(journal, self._lineage), self._named_record)
+        self._check_data(journal, datamodule)
+
+    def _check_data(self, journal: Journal, datamodule: RecDataModule) -> None:
+        """Refuse a ``datamodule`` without the removals of the state the model embodies (this callback's lineage)."""
         lineage = self._lineage or {}
         # a branch's first request: the lineage is its parent's, digested with the key the branch adopted
         same_key = lineage.get("journal") == journal.id or (self._key_id is not None and self._key_id == key_id(journal))
@@ -334,7 +341,8 @@ class UnlearningCallback(pl.Callback):
         raise StaleCheckpoint(
             f"The datamodule does not hold the deletions the model embodies (request entry {lineage.get('seq')} of the journal "
             f"in {Path(journal.folder).resolve()}): it was built afresh, or restored from another state than the model. Training "
-            f"or unlearning on it would bring deleted rows back. Restore the model and its data together from the latest state: "
+            f"or unlearning on it would bring deleted rows back, and evaluating or predicting on it would score the users deleted "
+            f"since. Restore the model and its data together from the latest state: "
             f"`state = restore_checkpoint('{latest}', model, datamodule)` (lightning_unlearn.unlearning.record), then "
             f"`callback.load_state_dict(state['unlearning'])`; on the command line `--ckpt_path` does this. Nothing was changed."
         )
@@ -456,6 +464,30 @@ class UnlearningCallback(pl.Callback):
         if self._made_key and trainer.is_global_zero and self.dirpath is not None:
             forget_an_unused_key(self.dirpath)
         self._made_key = False
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # a fit's validation runs on the data the fit checked
+            self._refuse_data_without_its_removals(trainer)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refuse_data_without_its_removals(trainer)
+
+    def _refuse_data_without_its_removals(self, trainer: pl.Trainer) -> None:
+        """``validate``/``test`` of the model in memory (no ``ckpt_path``: :meth:`check_checkpoint` checks a checkpoint and
+        the data restored with it) on a datamodule without the removals the callback's model embodies (built afresh): it
+        would score the users deleted since, and test on rows a deleted item's."""
+        if trainer.ckpt_path is None and self.dirpath is not None and self.journal.path.exists() and trainer.datamodule is not None:
+            self._check_data(self.journal, trainer.datamodule)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Note the parameters of each checkpoint the trainer saves (``epoch=0.ckpt``, ...): the next request journals them,
+        so that weights loaded from one by hand after it are known for an older state (as the weights it was applied to)."""
+        digest = model_digest(pl_module, checkpoint.get("state_dict") or {})
+        if digest is not None:
+            self._saved.add(digest)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -654,7 +686,10 @@ class UnlearningCallback(pl.Callback):
             parameters = model_digest(model) if journal else None
             if journal:
                 _refuse_older_parameters(journal, model, parameters)
-            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary) if journal else None
+            # "saved": the checkpoints the trainer saved before it (epoch=0.ckpt, ...): weights loaded from them by hand are older too
+            saved = sorted(self._saved - {parameters})
+            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary,
+                                     **({"saved": saved} if saved else {})) if journal else None
         except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
             self._policy.load_state_dict(drift_before)
             _vote_failed(context)
@@ -724,6 +759,7 @@ class UnlearningCallback(pl.Callback):
                                pending_seq=pending["seq"], **summary)
             raise
         self.reports.append(report)
+        self._saved.clear()
         if journal:
             # "model": the parameters it left, the latest state's (an earlier request's "model" is an older state)
             journal.append(digest, "applied", seconds=report.seconds, checkpoint=str(checkpoint), pending_seq=pending["seq"],
@@ -938,13 +974,22 @@ def check_environment(trainer: pl.Trainer | None, model: Any, datamodule: Any) -
 
     Raises:
         TypeError: the model is not a ``Recommender`` or the datamodule not a ``RecDataModule``.
-        RuntimeError: the strategy shards parameters (FSDP, DeepSpeed).
+        RuntimeError: the strategy shards parameters (FSDP, DeepSpeed), or a callback averages the weights over the
+            fit (``StochasticWeightAveraging``, ``WeightAveraging``).
     """
     if not isinstance(model, Recommender):
         raise TypeError(f"UnlearningCallback needs a lightning_unlearn Recommender model, got {type(model).__name__}.")
     if not isinstance(datamodule, RecDataModule):
         raise TypeError(
             f"UnlearningCallback needs a RecDataModule (fit with `datamodule=`), got {type(datamodule).__name__}."
+        )
+    averaging = [type(c).__name__ for c in (trainer.callbacks if trainer is not None else ()) if isinstance(c, _WEIGHT_AVERAGING)]
+    if averaging:
+        raise RuntimeError(
+            f"UnlearningCallback cannot run beside {averaging[0]}: it writes into the model an average of weights taken before a "
+            f"deletion (at the train end, after the request was applied), which brings the deleted rows back. Average the "
+            f"weights in a fit without the UnlearningCallback, then apply the requests to the averaged model "
+            f"(`lightning-unlearn unlearn --ckpt_path ...`, or a fit resumed from its checkpoint with the callback)."
         )
     if trainer is not None and isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
         raise RuntimeError(

@@ -49,7 +49,7 @@ GENESIS = "0" * 64
 """``prev`` of the first entry."""
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "seq": int, "prev": str, "hash": str, "time": str, "digest": str, "status": str, "checkpoint": str, "request": int,
-    "pending_seq": int, "reason": str, "recovered": bool, "method": str, "journal": str, "model": str,
+    "pending_seq": int, "reason": str, "recovered": bool, "method": str, "journal": str, "model": str, "saved": list,
 }
 _HELD: dict[str, list] = {}  # folder -> [fd, depth, pid]: the locks this process holds
 

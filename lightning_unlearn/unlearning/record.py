@@ -254,8 +254,9 @@ def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
     parameters whose :func:`~lightning_unlearn.models.functional.model_digest` is ``digest`` (``None``: none).
 
     Such a model is an older state of the record (the trained model its first request was
-    applied to, or an unlearned state a later request went on from), whatever file it was
-    loaded from. Entries written before the digest was journaled match nothing.
+    applied to, or an unlearned state a later request went on from, or a checkpoint its
+    callback's trainer saved before the request: ``saved``), whatever file it was loaded
+    from. Entries written before the digest was journaled match nothing.
 
     Args:
         journal: the record's journal.
@@ -263,7 +264,8 @@ def applied_to(journal: Journal, digest: str) -> dict[str, Any] | None:
     """
     entries = journal.entries()
     applied = {e.get("pending_seq") for e in entries if e["status"] == "applied"} | {e["seq"] for e in journal.interrupted()}
-    return next((e for e in entries if e["status"] == "pending" and e["seq"] in applied and e.get("model") == digest), None)
+    return next((e for e in entries if e["status"] == "pending" and e["seq"] in applied
+                 and (e.get("model") == digest or digest in (e.get("saved") or ()))), None)
 
 
 @contextmanager
