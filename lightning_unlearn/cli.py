@@ -16,9 +16,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterator, Literal
 
+import fsspec.core
 import pytorch_lightning as pl
 import torch
 import yaml
+from fsspec.implementations.local import LocalFileSystem
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import Logger, WandbLogger
@@ -45,6 +47,7 @@ from lightning_unlearn.record_checks import (
     one_line_at_a_time,
     records_beside,
     records_of,
+    records_of_its_run,
     refuse_a_second_line,
     refuse_fewer_deletions,
     refuse_training_on,
@@ -170,12 +173,14 @@ class UnlearningTrainer(pl.Trainer):
             callback.read_requests_file()
             digest = model_digest(model)  # the parameters the requests are applied to
             with one_line_at_a_time(digest):  # checked and noted while no other process starts a line from it
-                if not branch:  # before check(), which starts the folder
-                    refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath, callback.queued(datamodule))
                 try:
+                    if not branch:  # before check(), which starts the folder
+                        refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath,
+                                             callback.queued(datamodule))
                     summaries = callback.check(datamodule)
-                except BaseException:  # its recovery may have closed a request as applied: clean what predict wrote before it
-                    _scrub_from_the_latest_state(dirpath, datamodule)
+                except BaseException:  # a process killed before its cleaning (check()'s recovery may close its request as applied)
+                    for folder in sorted({dirpath} | records_of_its_run(ckpt_path) | _named(state)):
+                        _scrub_from_the_latest_state(folder, datamodule)  # left what predict wrote before it
                     raise
                 ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
                 are, were = ("is", "was") if ignored == 1 else ("are", "were")
@@ -560,13 +565,19 @@ def _refuse_early_stopping_without_validation(trainer: pl.Trainer, datamodule: R
             f"EarlyStopping.")
 
 
+def _named(state: dict[str, Any]) -> set[Path]:
+    """The record a restored checkpoint's callback state names (none: an empty set)."""
+    named = (state.get("unlearning") or {}).get("record")
+    return {Path(named)} if named else set()
+
+
 def _scrub_from_the_latest_state(folder: Path, datamodule: RecDataModule) -> None:
-    """A refused ``unlearn`` into ``folder``: the recommendation files lose what its latest state deleted.
+    """A refused ``unlearn``: the recommendation files lose what the latest state of ``folder`` (a record it checked) deleted.
 
     A process killed after its request was applied, before its cleaning, left the deleted ids in the files ``predict``
-    wrote; the next ``unlearn`` recovers the request as applied, and is then refused when given the checkpoint it started
-    from. Cleaned with ``datamodule`` as the latest state holds it (a copy); nothing when that state is of other data or
-    cannot be read (the refusal says what is wrong).
+    wrote; a later ``unlearn`` (the same one, whose recovery closes the request as applied, or another line from the
+    same run, refused by that record) is refused. Cleaned with ``datamodule`` as the latest state holds it (a copy);
+    nothing when that state is of other data or cannot be read (the refusal says what is wrong).
     """
     try:
         journal = journal_of(folder)
@@ -834,6 +845,7 @@ class LightningUnlearnCLI(LightningCLI):
                 module._log_hyperparams = False
 
     def before_fit(self) -> None:
+        self._local_checkpoint()
         if any(isinstance(c, UnlearningCallback) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(_CleanRecommendationsOnException())
         path = self._checkpoint_file(self.config_init[self.subcommand].get("ckpt_path"))  # `last` too, as Lightning finds it
@@ -857,6 +869,8 @@ class LightningUnlearnCLI(LightningCLI):
         if named and journal_of(named).path.is_file():
             # an older state of its record: training it would learn the deletions after it again (a branch is checked by its callback)
             check_lineage(journal_of(named), state["unlearning"].get("lineage"), record=str(named))
+        if checkpoint is not None and not any(c.branch for c in callbacks):  # the records of its run, the lines started from it
+            self._refuse_a_stale_trained_checkpoint(path, checkpoint)
         for callback in callbacks:  # the requests the checkpoint holds stay applied, once
             if callback.branch and adopt_key(folder_of_key(path, state), callback.dirpath or Path(self.trainer.default_root_dir) / "unlearning"):
                 callback.key_made_here()  # a new folder, with the key of the checkpoint's, which recognises them: removed if refused
@@ -868,9 +882,8 @@ class LightningUnlearnCLI(LightningCLI):
         """``fit``, ``validate`` or ``test`` of ``--ckpt_path`` (``checkpoint``, loaded): refused as ``predict`` refuses it
         (:func:`~lightning_unlearn.record_checks.refuse_fewer_deletions`) when a record of it deleted what its data still
         holds: a fit would learn those rows again, an evaluation would score the users deleted since, from a model trained
-        on their rows. ``fit`` checks a checkpoint without callback state here
-        (:func:`~lightning_unlearn.record_checks.refuse_training_on`; its lineage otherwise). Checked on copies of the model
-        and the data."""
+        on their rows. ``fit`` checks it with :func:`~lightning_unlearn.record_checks.refuse_training_on` (and the lineage
+        of its callback state, if any, against the record it names). Checked on copies of the model and the data."""
         model = copy.deepcopy(self.model)
         try:
             model.load_state_dict(checkpoint["state_dict"])
@@ -910,6 +923,7 @@ class LightningUnlearnCLI(LightningCLI):
     def before_predict(self) -> None:
         """``predict`` recommends from a checkpoint: without one, the model is the untrained one the recipe builds."""
         self._note_unused_optimizer()
+        self._local_checkpoint()
         if not self.config_init[self.subcommand].get("ckpt_path"):
             raise OptionRefused(
                 "predict needs --ckpt_path: without it the recommendations would come from the untrained model the recipe "
@@ -925,6 +939,7 @@ class LightningUnlearnCLI(LightningCLI):
     def _before_evaluating(self, what_next: str) -> None:
         """``validate``/``test``: the checkpoint checked (an unlearned one restored), then the command's config logged."""
         self._note_unused_optimizer()
+        self._local_checkpoint()
         self._require_checkpoint_file()
         path = self._checkpoint_file(self.config_init[self.subcommand].get("ckpt_path"))
         if path is not None:  # an older state of a record, or a checkpoint whose data still holds what a record deleted
@@ -932,11 +947,33 @@ class LightningUnlearnCLI(LightningCLI):
         self._restore_unlearned_checkpoint(what_next)
         log_config(self.trainer.loggers, self.trainer._command_config)
 
+    def _local_checkpoint(self) -> None:
+        """``--ckpt_path`` as a URL: a local one (``file:///...``) is the file it names, checked as a path is; another is
+        refused, as its records (beside it, and on this machine) cannot be checked.
+
+        Raises:
+            OptionRefused: ``--ckpt_path`` is the URL of a file elsewhere (``s3://``, ``https://``, ...).
+        """
+        config = self.config_init[self.subcommand]
+        url = str(config.get("ckpt_path") or "")
+        if "://" not in url:
+            return
+        try:
+            filesystem, local = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError):  # a protocol fsspec does not have here
+            filesystem = local = None
+        if not isinstance(filesystem, LocalFileSystem):
+            raise OptionRefused(
+                f"{self.subcommand} --ckpt_path {url}: a checkpoint elsewhere cannot be checked against the deletion records "
+                f"beside it and on this machine, so it could bring deleted rows back. Copy it here (beside its run's "
+                f"`unlearning/` folder, if it has one) and give its path.")
+        config["ckpt_path"] = local  # Lightning loads the same file; the checks below see it
+
     def _checkpoint_file(self, path: str | None) -> Path | None:
         """The checkpoint file ``--ckpt_path`` names here: a path, or ``last`` as Lightning finds it (the newest
         ``last*.ckpt`` of every ModelCheckpoint's folder, a folder not given resolved as Lightning resolves it);
-        ``None`` for none (or a remote one)."""
-        if not path or "://" in str(path):
+        ``None`` for none (a URL was made a path, or refused, by :meth:`_local_checkpoint`)."""
+        if not path:
             return None
         if path == "last":
             found = {Path(p) for saver in self.trainer.checkpoint_callbacks if isinstance(saver, ModelCheckpoint)
@@ -957,7 +994,7 @@ class LightningUnlearnCLI(LightningCLI):
                 f"{self.subcommand} needs --ckpt_path: without it the metrics would be those of the untrained model the recipe "
                 f"builds. Give a checkpoint of `fit` (e.g. runs/<name>/checkpoints/best.ckpt) or an unlearned checkpoint."
             )
-        if "://" in str(path) or self._checkpoint_file(path):
+        if self._checkpoint_file(path):
             return
         raise FileNotFoundError(
             f"--ckpt_path {path}: {self.subcommand} needs a checkpoint file, and there is none at that name here "

@@ -243,32 +243,38 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
 
     A line that is gone (moved, deleted: its journal is not there) can no longer be checked. One noted beside the checkpoint
-    went while the checkpoint stayed (a record moved or removed inside the project): with
-    ``refuse_gone`` that is refused, saying how to go on. One noted only on the machine is named on
+    (started from it, or from another checkpoint of its run, whose data the checkpoint's shares) went while the
+    checkpoint stayed (a record moved or removed inside the project): with ``refuse_gone`` that is refused, saying how to
+    go on. One noted only on the machine is named on
     the console (an old experiment's folder, removed with its run).
 
     Args:
         ckpt_path: the checkpoint.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
         command: the subcommand that asks, named in the console line.
-        refuse_gone: refuse a gone line noted beside the checkpoint.
+        refuse_gone: refuse a gone line noted beside the checkpoint, from any checkpoint of its run.
         redone: a folder the command writes a line into, whose line is not refused as gone (it is being made again).
 
     Raises:
-        StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint is gone.
+        StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint (from any checkpoint of its run) is gone.
     """
-    beside = {Path(line["record"]) for folder in records_beside(ckpt_path) for line in lines_of(folder, digest)}
+    noted = [(folder, line) for folder in records_beside(ckpt_path) for line in lines_of(folder)]  # from any checkpoint of its run
+    beside = {Path(line["record"]) for _, line in noted if line.get("model") == digest}
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
     kept = {line for line in lines if (line / JOURNAL_FILE).is_file()}
     gone = sorted(line for line in lines - kept if not (redone and line.resolve() == redone.resolve()))
-    if refuse_gone and any(line in beside for line in gone):
-        first = next(line for line in gone if line in beside)
+    # a line started from another checkpoint of its run also holds what its data must not (records_of_its_run): gone, it cannot be checked
+    gone_beside = sorted((Path(line["record"]) not in beside, Path(line["record"]), folder) for folder, line in noted
+                         if not (Path(line["record"]) / JOURNAL_FILE).is_file()
+                         and not (redone and Path(line["record"]).resolve() == redone.resolve()))
+    if refuse_gone and gone_beside:
+        other, first, folder = gone_beside[0]  # one started from this checkpoint first
         where = "give its place with --record FOLDER" if command == "predict" else "move it back"
         raise StaleCheckpoint(
-            f"{first}, noted beside {ckpt_path} as a line of deletions started from it, is gone: {command} cannot check that "
-            f"what it deleted stays deleted. If it was moved, {where}; if it was removed on purpose, what it deleted is "
-            f"recorded nowhere now: apply those requests again, and remove its line from "
-            f"{unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent) / LINES_FILE} to go on.")
+            f"{first}, noted beside {ckpt_path} as a line of deletions started from {'another checkpoint of its run' if other else 'it'}, "
+            f"is gone: {command} cannot check that what it deleted stays deleted. If it was moved, {where}; if it was removed on "
+            f"purpose, what it deleted is recorded nowhere now: apply those requests again, and remove its line from "
+            f"{folder / LINES_FILE} to go on.")
     for line in gone:
         print(f"[{command}] {line}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
               f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
@@ -435,7 +441,7 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
 
 
 def refuse_training_on(ckpt_path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, folders: set[Path]) -> None:
-    """``fit --ckpt_path`` a checkpoint without callback state: refuse it as :func:`refuse_fewer_deletions` refuses it for
+    """``fit --ckpt_path`` a checkpoint: refuse it as :func:`refuse_fewer_deletions` refuses it for
     ``predict``, for each of its records (:func:`records_of`). Training on would learn the deleted rows again, in
     checkpoints that name no record. A record only beside it whose latest state is on other data is another experiment
     in its run folder, as ``unlearn`` takes it (:func:`refuse_a_second_line`).

@@ -555,9 +555,9 @@ def test_a_project_moved_whole_keeps_the_records_its_checkpoints_name(trained, t
     assert exit_info.value.code == 2 and f"{record} records 2 deletions applied" in capsys.readouterr().err
 
 
-def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_against_it_by_its_data(trained, tmp_path, capsys):
-    """`unlearn --out` from epoch=1.ckpt deletes user 8; epoch=0.ckpt of the same run, on the same data, still holds them:
-    predicting, training or starting a line from it without user 8 is refused as from a checkpoint beside the record."""
+def a_line_from_the_last_epoch(trained, tmp_path: Path) -> Path:
+    """`unlearn --out line` from epoch=1.ckpt of a run deletes user 8: its epoch=0.ckpt (returned), on the same data, still
+    holds user 8's rows."""
     for name, ids in (("user8", "8"), ("user9", "9")):
         (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
@@ -565,23 +565,74 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     older = torch.load(trained.best, weights_only=False)
     older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
     torch.save(older, tmp_path / "run" / "checkpoints" / "epoch=0.ckpt")
-    older = tmp_path / "run" / "checkpoints" / "epoch=0.ckpt"
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(newer), "--requests", "user8.csv",
           "--out", "line"])
+    return tmp_path / "run" / "checkpoints" / "epoch=0.ckpt"
+
+
+COMMANDS_FROM_A_CHECKPOINT = (["predict", "--out", "recs.csv"], ["fit", *BRIEF], ["test"], ["validate"],
+                              ["unlearn", "--method", "FineTune", "--requests", "user9.csv", "--out", "second"])
+
+
+@pytest.mark.parametrize("spelt", ["a path", "a file:// URL"])
+def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_against_it_by_its_data(spelt, trained, tmp_path, capsys):
+    """epoch=0.ckpt still holds user 8, whom the line from epoch=1.ckpt deleted: predicting, training, evaluating or starting
+    a line from it without user 8 is refused as from a checkpoint beside the record, however the checkpoint is spelt."""
+    older = a_line_from_the_last_epoch(trained, tmp_path)
     capsys.readouterr()
-    for command in (["predict", "--out", "recs.csv"], ["fit", *BRIEF],
-                    ["unlearn", "--method", "FineTune", "--requests", "user9.csv", "--out", "second"]):
+    for command in COMMANDS_FROM_A_CHECKPOINT[:-1 if spelt != "a path" else None]:  # unlearn takes a path only
         with pytest.raises(SystemExit) as exit_info:
-            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(older), *command[1:]])
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(older) if spelt == "a path" else f"file://{older}",
+                  *command[1:]])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and str(tmp_path / "line") in err, command
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
-def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_the_recommendations(trained, tmp_path, capsys,
+def test_a_checkpoint_elsewhere_is_refused_as_it_cannot_be_checked(trained, tmp_path, capsys):
+    for command in COMMANDS_FROM_A_CHECKPOINT[:-1]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", "s3://bucket/run/epoch=0.ckpt", *command[1:]])
+        assert exit_info.value.code == 2, command
+        assert "--ckpt_path s3://bucket/run/epoch=0.ckpt: a checkpoint elsewhere cannot be checked" in capsys.readouterr().err
+
+
+def test_a_line_of_the_run_moved_away_is_refused_as_gone_for_its_other_checkpoints_too(trained, tmp_path, capsys):
+    """The line from epoch=1.ckpt moved: epoch=0.ckpt cannot be checked against what it deleted any more."""
+    older = a_line_from_the_last_epoch(trained, tmp_path)
+    (tmp_path / "archive").mkdir()
+    shutil.move(tmp_path / "line", tmp_path / "archive" / "line")
+    capsys.readouterr()
+    for command in COMMANDS_FROM_A_CHECKPOINT:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(older), *command[1:]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, command
+        assert f"{tmp_path / 'line'}, noted beside {older} as a line of deletions started from another checkpoint of its run, is gone" in err
+    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+
+
+def test_fit_from_a_checkpoint_with_callback_state_is_checked_against_the_lines_started_from_it(trained, tmp_path, capsys):
+    """The recipe's UnlearningCallback saved its (empty) state in the checkpoint a line was then started from: fitting it
+    again would train on the user the line deleted."""
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    callback = (f"--trainer.callbacks+={{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, dirpath: {tmp_path / 'own'}, evaluate: false}}}}")
+    main(["fit", "-c", str(trained.recipe), *BRIEF, callback])
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", "ckpt/best.ckpt", "--requests", "user8.csv",
+          "--out", "line"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", "ckpt/best.ckpt", "--trainer.max_epochs=2", callback])
+    assert exit_info.value.code == 2 and str(tmp_path / "line") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("again", ["the same command", "another line"])
+def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_the_recommendations(again, trained, tmp_path, capsys,
                                                                                                      monkeypatch):
     """A process killed after its request was applied, before its cleaning, left user 8 in predict's file; the same
-    command run again recovers the request and is refused (its checkpoint is now older than the record): it cleans."""
+    command run again recovers the request and is refused (its checkpoint is now older than the record), as is another
+    line from the checkpoint without user 8: either cleans."""
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
@@ -593,9 +644,11 @@ def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_t
         main(unlearn)
     assert any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
     capsys.readouterr()
+    (tmp_path / "user9.csv").write_text("user\n9\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(unlearn)
-    assert exit_info.value.code == 2 and "already holds 1 applied request" in capsys.readouterr().err
+        main(unlearn if again == "the same command" else [*unlearn[:-3], "user9.csv", "--out", "second"])
+    said = "already holds 1 applied request" if again == "the same command" else "would start a second line of deletions"
+    assert exit_info.value.code == 2 and said in capsys.readouterr().err
     assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
 
 
