@@ -32,10 +32,11 @@ from lightning_unlearn.data.download import DataNotFoundError
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest
 from lightning_unlearn.recommendations import (
+    clean_from_the_latest_state,
+    clean_recommendations,
     note_recommendations,
     recommendations_file_lock,
     recommendations_lock,
-    scrub_recommendations,
     write_recommendations,
 )
 from lightning_unlearn.record_checks import (
@@ -180,7 +181,7 @@ class UnlearningTrainer(pl.Trainer):
                     summaries = callback.check(datamodule)
                 except BaseException:  # a process killed before its cleaning (check()'s recovery may close its request as applied)
                     for folder in sorted({dirpath} | records_of_its_run(ckpt_path) | _named(state)):
-                        _scrub_from_the_latest_state(folder, datamodule)  # left what predict wrote before it
+                        clean_from_the_latest_state(folder, datamodule, "unlearn")  # left what predict wrote before it
                     raise
                 ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
                 are, were = ("is", "was") if ignored == 1 else ("are", "were")
@@ -200,15 +201,9 @@ class UnlearningTrainer(pl.Trainer):
                     note_the_line(ckpt_path, dirpath, digest)
                 device = self.strategy.root_device
                 model.to(device)
-                try:
-                    reports = callback.apply_pending(
-                        model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
-                    )
-                except BaseException:
-                    if callback.reports:  # a later request failed: those applied before it stay applied
-                        _scrub_recommendations(datamodule, "unlearn")
-                    raise
-        _scrub_recommendations(datamodule, "unlearn")
+                reports = callback.apply_pending(  # it cleans predict's files of what is deleted, also when a request fails
+                    model, datamodule, loggers=self.loggers, device=device, recipe=FitRecipe.from_trainer(self), seed=callback.seed
+                )
         for report in reports:
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
         if not reports:  # given again: recognised (the checkpoint records it), never applied twice
@@ -448,7 +443,7 @@ class UnlearningTrainer(pl.Trainer):
                 noted = note_recommendations(path, datamodule, writing=True)  # a write killed midway leaves a temporary file
                 counts = write_recommendations(model, datamodule, path, k, device=self.strategy.root_device,
                                                before_rename=(lambda written: note_recommendations(path, datamodule, written=written)) if noted else None)
-            _scrub_recommendations(datamodule, "predict", held=True)  # what an unlearn stopped before its cleaning left
+            clean_recommendations(datamodule, "predict", held=True)  # what an unlearn stopped before its cleaning left
             print(f"[predict] wrote the top-{k} recommendations of {counted(counts['users'], 'user')} to {path} "
                   f"({counted(counts['deleted_users'], 'deleted user')} left out; {counted(counts['deleted_items'], 'deleted item')}, "
                   f"and each user's training and validation items, never recommended)")
@@ -496,15 +491,6 @@ def _refused_here(err: BaseException | None) -> ValueError | None:
 def _raised_by_a_statement(frame: TracebackType) -> bool:
     """Whether the innermost traceback ``frame`` stopped at a ``raise`` statement (not at a call that raised)."""
     return any(op.offset == frame.tb_lasti and op.opname == "RAISE_VARARGS" for op in dis.get_instructions(frame.tb_frame.f_code))
-
-
-def _scrub_recommendations(datamodule: RecDataModule, command: str, held: bool = False) -> None:
-    """After deletions: the recommendation files ``predict`` wrote from this data lose the rows of deleted users and items
-    (under their lock, unless the caller ``held`` it)."""
-    with contextlib.nullcontext() if held else recommendations_lock(datamodule):
-        scrubbed = scrub_recommendations(datamodule, command)
-    for path in scrubbed:
-        print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 
 # FitRecipe settings of how a fit trains (max_epochs left out: every recipe gives it), which only Retrain's refits use in unlearn
@@ -569,26 +555,6 @@ def _named(state: dict[str, Any]) -> set[Path]:
     """The record a restored checkpoint's callback state names (none: an empty set)."""
     named = (state.get("unlearning") or {}).get("record")
     return {Path(named)} if named else set()
-
-
-def _scrub_from_the_latest_state(folder: Path, datamodule: RecDataModule) -> None:
-    """A refused ``unlearn``: the recommendation files lose what the latest state of ``folder`` (a record it checked) deleted.
-
-    A process killed after its request was applied, before its cleaning, left the deleted ids in the files ``predict``
-    wrote; a later ``unlearn`` (the same one, whose recovery closes the request as applied, or another line from the
-    same run, refused by that record) is refused. Cleaned with ``datamodule`` as the latest state holds it (a copy);
-    nothing when that state is of other data or cannot be read (the refusal says what is wrong).
-    """
-    try:
-        journal = journal_of(folder)
-        latest = journal.last_checkpoint() if journal.path.is_file() else None
-        if latest is None:
-            return
-        latest_data = copy.deepcopy(datamodule)
-        latest_data.load_state_dict(load_checkpoint(latest, mmap=True).get("datamodule_state") or {})
-    except Exception:  # the refusal being raised says what is wrong with the record
-        return
-    _scrub_recommendations(latest_data, "unlearn")
 
 
 def _refused_optimizer(optimizer: Any, scheduler: Any) -> str | None:
@@ -846,8 +812,6 @@ class LightningUnlearnCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._local_checkpoint()
-        if any(isinstance(c, UnlearningCallback) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(_CleanRecommendationsOnException())
         path = self._checkpoint_file(self.config_init[self.subcommand].get("ckpt_path"))  # `last` too, as Lightning finds it
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
@@ -1027,12 +991,11 @@ class LightningUnlearnCLI(LightningCLI):
         return state
 
     def after_fit(self) -> None:
-        if not self.trainer.interrupted:  # an interrupted fit cleaned the recommendation files on its exception
+        if not self.trainer.interrupted:  # an interrupted fit's callback cleaned the recommendation files of what it applied
             checkpoint = self.trainer.checkpoint_callback
             best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
             applied = [c for c in self.trainer.callbacks if isinstance(c, UnlearningCallback) and c.reports]
-            if applied:
-                _scrub_recommendations(self.datamodule, "fit")
+            clean_recommendations(self.datamodule, "fit")  # a fit from an unlearned state too: what a killed run left
             if best and applied:  # the best checkpoint predates the deletions: its weights still hold the deleted rows
                 at_end = all(c.when == "train_end" for c in applied)
                 print(f"[fit] {counted(sum(len(c.reports) for c in applied), 'deletion request')} applied "
@@ -1112,15 +1075,6 @@ class _CarriedUnlearningState(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["unlearning"] = dict(self.state)
-
-
-class _CleanRecommendationsOnException(pl.Callback):
-    """A fit whose ``UnlearningCallback`` applied requests and then stopped (Ctrl-C, an error): the recommendation files
-    ``predict`` wrote lose the deleted users' and items' rows all the same (Lightning exits before ``after_fit``)."""
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.datamodule is not None and any(isinstance(c, UnlearningCallback) and c.reports for c in trainer.callbacks):
-            _scrub_recommendations(trainer.datamodule, "fit")
 
 
 def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:

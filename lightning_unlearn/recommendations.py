@@ -2,14 +2,15 @@
 
 A recommendations CSV names users and items by their raw ids. ``predict`` notes each file it
 writes (its path and the data's fingerprint, no id) in ``recommendations.jsonl`` of
-:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`; once ``unlearn`` (or a fit's
-callback) has deleted users or items of that data, :func:`scrub_recommendations` removes their
+:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`; once an ``UnlearningCallback`` (``unlearn``'s, a
+fit's, a script's) has deleted users or items of that data, :func:`scrub_recommendations` removes their
 rows from every noted file, so that no raw id of a deletion stays at rest in them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import glob
 import hashlib
@@ -24,10 +25,10 @@ import torch
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.files import append_note, notes, write_whole, written_whole
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.record import machine_lines_folder, machine_lock
+from lightning_unlearn.unlearning.record import journal_of, load_checkpoint, machine_lines_folder, machine_lock
 
-__all__ = ["NOTE_FILE", "note_recommendations", "recommendations_file_lock", "recommendations_lock", "scrub_recommendations",
-           "write_recommendations"]
+__all__ = ["NOTE_FILE", "clean_from_the_latest_state", "clean_recommendations", "note_recommendations", "recommendations_file_lock",
+           "recommendations_lock", "scrub_recommendations", "write_recommendations"]
 
 NOTE_FILE = "recommendations.jsonl"
 """In :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`: the recommendation files ``predict`` wrote."""
@@ -230,6 +231,49 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
                 if _clean(Path(name), lines, datamodule, fingerprint, command, gone_users, gone_items):
                     scrubbed.append(Path(name))
     return scrubbed
+
+
+def clean_recommendations(datamodule: RecDataModule, command: str, held: bool = False) -> None:
+    """:func:`scrub_recommendations` under :func:`recommendations_lock` (unless the caller ``held`` it), saying each file
+    cleaned on the console; nothing, and no lock, when ``datamodule`` has removed no user or item.
+
+    Args:
+        datamodule: the data, set up, with the removals of the latest state.
+        command: the command (or ``UnlearningCallback``) that deleted them, named on the console.
+        held: the caller holds :func:`recommendations_lock` already.
+    """
+    state = datamodule.state_dict()
+    if not len(state.get("users", ())) and not len(state.get("items", ())):
+        return
+    with contextlib.nullcontext() if held else recommendations_lock(datamodule):
+        scrubbed = scrub_recommendations(datamodule, command)
+    for path in scrubbed:
+        print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
+
+
+def clean_from_the_latest_state(folder: str | os.PathLike, datamodule: RecDataModule, command: str) -> None:
+    """A refusal by the deletion record ``folder``: the recommendation files lose what its latest state deleted.
+
+    A process killed after its request was applied, before its cleaning, left the deleted ids in the files ``predict``
+    wrote; a later run (the same one, whose recovery closes the request as applied, or another line from the same run)
+    is refused by the record. Cleaned with ``datamodule`` as the latest state holds it (a copy); nothing when that state
+    is of other data or cannot be read (the refusal says what is wrong).
+
+    Args:
+        folder: the record.
+        datamodule: the data, set up (not changed).
+        command: named on the console.
+    """
+    try:
+        journal = journal_of(folder)
+        latest = journal.last_checkpoint() if journal.path.is_file() else None
+        if latest is None:
+            return
+        latest_data = copy.deepcopy(datamodule)
+        latest_data.load_state_dict(load_checkpoint(latest, mmap=True).get("datamodule_state") or {})
+    except Exception:  # the refusal being raised says what is wrong with the record
+        return
+    clean_recommendations(latest_data, command)
 
 
 def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, fingerprint: str, command: str, gone_users: set[str],

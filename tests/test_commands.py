@@ -26,9 +26,12 @@ import pytorch_lightning as pl
 import torch
 
 import lightning_unlearn
+import lightning_unlearn.cli as cli_module
+import lightning_unlearn.unlearning.callback as callback_module
 from lightning_unlearn import MF, RecDataModule
 from lightning_unlearn.cli import UnlearningTrainer, main
 from lightning_unlearn.data import CSVSource, Synthetic
+from lightning_unlearn.unlearning import DeletionRequest, FineTune, UnlearningCallback
 from lightning_unlearn.unlearning.recipe import FitRecipe
 from lightning_unlearn.unlearning.record import journal_of, restore_checkpoint
 from tests.conftest import REPO, joined, shared_data
@@ -352,7 +355,6 @@ def test_a_line_that_cannot_be_noted_or_is_gone_is_said_not_fatal(trained, tmp_p
 
 def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_items(trained, tmp_path, capsys, monkeypatch):
     """predict's CSV names users and items by raw id: once they are deleted, no file predict wrote keeps them."""
-    import lightning_unlearn.cli as cli_module
 
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
@@ -389,7 +391,7 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
     edited = (tmp_path / "edited.csv").read_bytes()
     (tmp_path / "user9.csv").write_text("user\n9\n")
     with monkeypatch.context() as patch:
-        patch.setattr(cli_module, "_scrub_recommendations", lambda *args, **kwargs: None)  # stopped before it cleaned
+        patch.setattr(callback_module, "clean_recommendations", lambda *args, **kwargs: None)  # stopped before it cleaned
         main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(latest), "--requests", "user9.csv", "--method", "FineTune"])
     assert any(row[0] == "9" for row in csv.reader((tmp_path / "stopped.csv").open()))
     capsys.readouterr()
@@ -408,8 +410,6 @@ def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted
     process stopped after a request was applied, or a later request that fails, leaves neither a second line free to
     bring that request's deletion back nor its ids in a recommendations file. A failing method is a message, not a
     traceback."""
-    from lightning_unlearn.unlearning import FineTune, UnlearningCallback
-
     (tmp_path / "checkpoints").mkdir()  # a copy: the record beside the shared one may hold the fixture's deletion
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
@@ -640,7 +640,7 @@ def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_t
     unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv",
                "--out", "first"]
     with monkeypatch.context() as patch:  # stopped before its cleaning
-        patch.setattr("lightning_unlearn.cli._scrub_recommendations", lambda *args, **kwargs: None)
+        patch.setattr(callback_module, "clean_recommendations", lambda *args, **kwargs: None)
         main(unlearn)
     assert any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
     capsys.readouterr()
@@ -649,6 +649,45 @@ def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_t
         main(unlearn if again == "the same command" else [*unlearn[:-3], "user9.csv", "--out", "second"])
     said = "already holds 1 applied request" if again == "the same command" else "would start a second line of deletions"
     assert exit_info.value.code == 2 and said in capsys.readouterr().err
+    assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
+
+
+def test_a_callback_in_a_script_cleans_predicts_files_of_what_it_deletes(trained, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
+    model, dm = restored(trained, best)
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[8])], dirpath=tmp_path / "own", evaluate=False)
+    callback.apply_pending(model, dm)
+    rows = list(csv.reader((tmp_path / "top.csv").open()))
+    assert len(rows) > 1 and not any(row[0] == "8" for row in rows)
+
+
+@pytest.mark.parametrize("then", ["the same fit again", "a fit resumed from its latest state"])
+def test_a_fit_whose_callback_stopped_before_its_cleaning_is_cleaned_after_by_the_next_fit(then, trained, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """The same fit run again is refused by the record (its checkpoint is older than it now): it cleans, as the fit it
+    advises (from the record's latest state) does."""
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    callback = (f"--trainer.callbacks+={{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {tmp_path / 'user8.csv'}, "
+                f"dirpath: {tmp_path / 'own'}, evaluate: false}}}}")
+    fit = ["fit", "-c", str(trained.recipe), "--trainer.max_epochs=3", "--trainer.limit_train_batches=2", callback]
+    with monkeypatch.context() as patch:  # stopped before its cleaning
+        patch.setattr(callback_module, "clean_recommendations", lambda *args, **kwargs: None)
+        patch.setattr(cli_module, "clean_recommendations", lambda *args, **kwargs: None)
+        main([*fit, "--ckpt_path", str(best)])
+    assert journal_of(tmp_path / "own").applied_count() == 1
+    assert any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
+    if then == "the same fit again":
+        with pytest.raises(SystemExit) as exit_info:
+            main([*fit, "--ckpt_path", str(best)])
+        assert exit_info.value.code == 2 and "already holds 1 applied request" in capsys.readouterr().err
+    else:
+        main([*fit, "--ckpt_path", str(journal_of(tmp_path / "own").last_checkpoint()), "--trainer.max_epochs=1"])
     assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
 
 

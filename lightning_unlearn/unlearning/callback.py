@@ -21,6 +21,7 @@ from lightning_unlearn.files import fsync_directory
 from lightning_unlearn.models.base import Recommender
 from lightning_unlearn.models.functional import model_digest, non_finite
 from lightning_unlearn.private_checkpoints import REMOVALS, keep_checkpoints_private
+from lightning_unlearn.recommendations import clean_from_the_latest_state, clean_recommendations
 from lightning_unlearn.unlearning.journal import Journal
 from lightning_unlearn.unlearning.methods.base import Unlearner, UnlearningContext, UnlearningError, UnlearningReport
 from lightning_unlearn.unlearning.methods.retrain import Retrain
@@ -309,8 +310,12 @@ class UnlearningCallback(pl.Callback):
         self._merge_restored(datamodule)
         if self.dirpath is not None and (self._queue or self.journal.path.exists()):
             self.journal.refuse_a_lost_key()  # before the lineage: without its key the record is a dead end
-            recover(self.dirpath)
-            self._check_lineage(self.journal, datamodule)
+            try:
+                recover(self.dirpath)
+                self._check_lineage(self.journal, datamodule)
+            except StaleCheckpoint:  # a run killed after its request was applied, before its cleaning, left it in predict's files
+                clean_from_the_latest_state(self.dirpath, datamodule, "UnlearningCallback")
+                raise
         if self.dirpath is not None:  # also with nothing queued yet: before on_fit_start makes a branch's key
             check_key(self.journal, self._key_id, len(self._applied))
         elsewhere = {"validation": datamodule.val, "test": datamodule.test}
@@ -391,6 +396,7 @@ class UnlearningCallback(pl.Callback):
                 self.check(trainer.datamodule)
             if self.dirpath is not None and self.journal.path.exists():  # weights of an older state loaded by hand
                 _refuse_older_parameters(self.journal, pl_module, model_digest(pl_module))
+            clean_recommendations(trainer.datamodule, "UnlearningCallback")  # what a run killed before its cleaning left
             self._made_key = False  # checked: checkpoints saved from now on may name the key
             _ = self.journal.key
         trainer.strategy.barrier("unlearning-fit-start")
@@ -439,6 +445,8 @@ class UnlearningCallback(pl.Callback):
             if not lineage or lineage.get("journal") == journal.id:
                 _refuse_older_data(journal, checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule else None)
         except StaleCheckpoint as err:
+            if trainer.is_global_zero and trainer.datamodule is not None:  # what a run killed before its cleaning left
+                clean_from_the_latest_state(self.dirpath, trainer.datamodule, "UnlearningCallback")
             if trainer.state.fn == TrainerFn.FITTING:
                 raise
             fn = trainer.state.fn.value
@@ -607,8 +615,13 @@ class UnlearningCallback(pl.Callback):
                 exception's ``detail`` only.
             UnlearningError: a method failed (model and data were restored; journal says failed).
         """
-        with ids_kept_out_of(loggers):
-            return self._apply_pending(model, datamodule, loggers, device, recipe, seed, is_global_zero, strategy)
+        queued = bool(self._queue or self._restored)
+        try:
+            with ids_kept_out_of(loggers):
+                return self._apply_pending(model, datamodule, loggers, device, recipe, seed, is_global_zero, strategy)
+        finally:
+            if queued and is_global_zero:  # what is deleted, also before a request that failed, leaves predict's files
+                clean_recommendations(datamodule, "UnlearningCallback")
 
     def _apply_pending(self, model, datamodule, loggers, device, recipe, seed, is_global_zero, strategy) -> list[UnlearningReport]:
         check_environment(None, model, datamodule)
