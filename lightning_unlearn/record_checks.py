@@ -258,15 +258,16 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     Raises:
         StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint (from any checkpoint of its run) is gone.
     """
-    noted = [(folder, line) for folder in records_beside(ckpt_path) for line in lines_of(folder)]  # from any checkpoint of its run
-    beside = {Path(line["record"]) for _, line in noted if line.get("model") == digest}
+    def is_gone(line: Path) -> bool:
+        return not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve())
+
+    noted = [(folder, Path(line["record"]), line.get("model") == digest) for folder in records_beside(ckpt_path)
+             for line in lines_of(folder)]  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
+    beside = {line for _, line, from_it in noted if from_it}
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
     kept = {line for line in lines if (line / JOURNAL_FILE).is_file()}
-    gone = sorted(line for line in lines - kept if not (redone and line.resolve() == redone.resolve()))
-    # a line started from another checkpoint of its run also holds what its data must not (records_of_its_run): gone, it cannot be checked
-    gone_beside = sorted((Path(line["record"]) not in beside, Path(line["record"]), folder) for folder, line in noted
-                         if not (Path(line["record"]) / JOURNAL_FILE).is_file()
-                         and not (redone and Path(line["record"]).resolve() == redone.resolve()))
+    gone = sorted(line for line in lines - kept if is_gone(line))
+    gone_beside = sorted((not from_it, line, folder) for folder, line, from_it in noted if is_gone(line))
     if refuse_gone and gone_beside:
         other, first, folder = gone_beside[0]  # one started from this checkpoint first
         where = "give its place with --record FOLDER" if command == "predict" else "move it back"
