@@ -272,6 +272,57 @@ def test_the_line_search_backtracks_each_users_own_loss(users_only, monkeypatch)
     assert report.diagnostics["objective"][1] > report.diagnostics["objective"][0]
 
 
+def test_the_graph_line_search_backtracks_until_the_whole_objective_decreases(monkeypatch):
+    """LightGCN: base-row blocks that understate the curvature 100-fold overshoot; each side's one step length is
+    halved until the whole retained objective decreases enough, so the round decreases it (without the search it rises)."""
+    torch.manual_seed(0)
+    dm = tiny(num_users=12, num_items=10, density=0.35, seed=3)
+    model = LightGCN(dm.num_users, dm.num_items, embedding_dim=3, num_layers=2, l2=0.3, init_std=0.5).double()
+    model.set_graph(dm.train)
+    lbfgs(list(model.parameters()), lambda: mean_objective(model, dm.train_rows()))
+    deleted = dm.remove(torch.tensor([0, 7, 15]))
+    model.set_graph(dm.train)
+    retained = dm.train_rows()
+    base_row_blocks = alteraser.base_row_blocks
+    monkeypatch.setattr(alteraser, "base_row_blocks", lambda *args: base_row_blocks(*args) / 100)
+    searched, blind = copy.deepcopy(model), copy.deepcopy(model)
+    report = AltEraser(objective="retained", blocks="fresh", damping=1e-14).unlearn(searched, retained, deleted)
+    diagnostics, history = report.diagnostics, report.diagnostics["objective"]
+    assert diagnostics["backtracked_blocks"] == diagnostics["kept_users"] + diagnostics["kept_items"] > 0  # one length per side
+    assert diagnostics["rejected_blocks"] == 0 and history[1] < history[0]
+    assert history[1] == pytest.approx(mean_objective(searched, retained).item(), rel=1e-12)
+    report = AltEraser(objective="retained", blocks="fresh", damping=1e-14, line_search=False).unlearn(blind, retained, deleted)
+    assert report.diagnostics["objective"][1] > 10 * report.diagnostics["objective"][0]
+
+
+def test_the_dense_line_search_backtracks_until_the_objective_decreases(monkeypatch):
+    """NeuMF: dense curvature products that understate the curvature 100-fold overshoot; the dense step is halved
+    until the retained objective decreases enough, so the round decreases it (without the search it rises)."""
+
+    def weakened(make):
+        def make_weak(*args, **kwargs):
+            product = make(*args, **kwargs)
+            return lambda v: product(v) / 100
+        return make_weak
+
+    torch.manual_seed(0)
+    dm = tiny(num_users=20, num_items=15, density=0.3, seed=1)
+    model = NeuMF(dm.num_users, dm.num_items, gmf_dim=4, mlp_dim=4, mlp_layers=(8,), l2=0.05).double()
+    lbfgs(list(model.parameters()), lambda: mean_objective(model, dm.train_rows()))
+    deleted = dm.remove(torch.tensor([0, 4, 8]))
+    retained = dm.train_rows()
+    for name in ("gauss_newton_matvec", "hessian_matvec"):  # the dense step's data and penalty products
+        monkeypatch.setattr(alteraser, name, weakened(getattr(alteraser, name)))
+    searched, blind = copy.deepcopy(model), copy.deepcopy(model)
+    report = AltEraser(objective="retained", blocks="fresh").unlearn(searched, retained, deleted)
+    history = report.diagnostics["objective"]
+    assert report.diagnostics["rejected_blocks"] == 0 and history[1] < history[0]
+    assert not torch.equal(searched.predict.weight, model.predict.weight)  # the dense step was taken, shortened
+    assert history[1] == pytest.approx(mean_objective(searched, retained).item(), rel=1e-12)
+    report = AltEraser(objective="retained", blocks="fresh", line_search=False).unlearn(blind, retained, deleted)
+    assert report.diagnostics["objective"][1] > 2 * report.diagnostics["objective"][0]
+
+
 def test_users_left_without_rows_are_reset_to_their_initialisation():
     torch.manual_seed(0)
     dm = tiny(num_users=10, num_items=12, density=0.3, seed=1, negatives=1)

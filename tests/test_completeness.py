@@ -210,6 +210,18 @@ def test_report_keys_noise_and_whole_users():
         assert figures["gap_closed_score"] == pytest.approx(1.0)
 
 
+def test_report_distances_are_the_methods_distance_to_the_reference_over_the_originals():
+    """A method a quarter of the way from the original to the reference is at 0.25 of the original's distance, in
+    parameters and in scores (0.75 would be its distance to the original: the reference and the original swapped)."""
+    models, deleted, retained, nonmembers = scenario()
+    original, reference = models["original"], models["reference"]
+    quarter = mf(torch.ones(30), (3 * reference.item_embedding.weight + original.item_embedding.weight).detach() / 4)
+    figures = completeness_report(original, quarter, reference, deleted, retained, nonmembers, k=5)["completeness"]
+    assert figures["param_distance_rel"] == pytest.approx(0.25, rel=1e-6)  # float32 tables
+    assert figures["param_distance_rel"] == param_distance_rel(quarter, reference, original)
+    assert figures["score_distance_rel"] == pytest.approx(0.25, rel=1e-6)
+
+
 def test_affected_overlap_looks_only_at_the_deleted_rows_users():
     models, deleted, retained, nonmembers = scenario()
     method = copy.deepcopy(models["reference"])

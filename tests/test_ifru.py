@@ -12,7 +12,7 @@ from lightning_unlearn.data.batches import TrainRows
 from lightning_unlearn.linalg import factor_blocks
 from lightning_unlearn.models import MF, LightGCN, NeuMF
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.methods import IFRU, AltEraser, FineTune, UnlearningContext, UnlearningError
+from lightning_unlearn.unlearning.methods import IFRU, SCIF, AltEraser, FineTune, UnlearningContext, UnlearningError
 from lightning_unlearn.unlearning.methods import curvature as curvature_module
 from lightning_unlearn.unlearning.methods.curvature import CurvatureCache, FreshCurvature, cache_bytes, curvature_blocks
 from lightning_unlearn.unlearning.methods.restricted import RestrictedParameters
@@ -79,6 +79,52 @@ def test_lands_on_the_retrained_optimum(convex, options):
     assert torch.equal(unlearned.user_embedding.weight[untouched], model.user_embedding.weight[untouched])
 
 
+def test_retained_gradient_step_on_neumf_is_the_newton_step_of_the_objective_with_its_dense_penalty():
+    """gradient="retained" with the dense weights: -(H + damping I)^-1 g, g and H the gradient and Hessian from torch.func
+    of the mean retained loss plus the dense weights' own penalty (dense_l2 > 0), both terms in the gradient and in H."""
+    from lightning_unlearn.models.functional import call_with
+
+    torch.manual_seed(0)
+    dm = RecDataModule(Synthetic(num_users=12, num_items=10, density=0.6, seed=2), val_fraction=0.0, num_negatives=2)
+    dm.setup()
+    model = NeuMF(dm.num_users, dm.num_items, gmf_dim=2, mlp_dim=2, mlp_layers=(4,), l2=0.2, dense_l2=0.05, init_std=0.5).double()
+    rows, params = dm.train_rows(), list(model.parameters())
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=1000, tolerance_grad=1e-14, tolerance_change=1e-16, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = model.loss(rows[:]) + model.dense_penalty()
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    deleted = dm.remove(torch.tensor([0, 5]))
+    retained = dm.train_rows()
+    names, shapes = [name for name, _ in model.named_parameters()], [p.shape for p in params]
+    theta = torch.cat([p.detach().flatten() for p in params])
+
+    def at(flat, function):  # function() with the model's parameters taken from the flat vector
+        return call_with(model, {name: t.view(shape) for name, t, shape in zip(names, flat.split([s.numel() for s in shapes]), shapes)},
+                         function)
+
+    def objective(flat):
+        return at(flat, lambda: model.loss(retained[:], "sum") / len(retained) + model.dense_penalty())
+
+    damping = 1e-4
+    gradient, hessian = torch.func.grad(objective)(theta), torch.func.hessian(objective)(theta)
+    expected = torch.linalg.solve(hessian + damping * torch.eye(len(theta), dtype=theta.dtype), -gradient)
+    unlearned = copy.deepcopy(model)
+    report = IFRU(damping=damping, solver="direct", curvature="hessian", gradient="retained", k_hop=2).unlearn(unlearned, retained, deleted)
+    assert report.diagnostics["coordinates"] == len(theta)  # two hops reach every user and item: the step is on every weight
+    step = torch.cat([p.detach().flatten() for p in unlearned.parameters()]) - theta
+    torch.testing.assert_close(step, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))  # rounding of two direct solves
+    penalty = torch.func.grad(lambda flat: at(flat, model.dense_penalty))(theta)
+    assert float(penalty.norm()) > float(gradient.norm())  # the dense weights' penalty is a large part of the gradient ...
+    assert float(torch.func.grad(objective)(theta + step).norm()) < 0.2 * float(gradient.norm())  # ... which a Newton step cuts
+
+
 def test_cg_reports_non_convergence(convex):
     model, retained, deleted, _ = convex
     coupled = copy.deepcopy(model)
@@ -103,7 +149,7 @@ def test_nan_gradient_raises_and_leaves_the_model_unchanged(convex, monkeypatch)
     assert torch.equal(broken.user_embedding.weight, before)
 
 
-@pytest.mark.parametrize("method", [IFRU(), AltEraser(), FineTune(epochs=1, lr=0.1)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("method", [IFRU(), SCIF(), AltEraser(), FineTune(epochs=1, lr=0.1)], ids=lambda m: type(m).__name__)
 def test_users_left_without_rows_are_reset_to_their_initialisation(method):
     """A deleted user's row holds what it learned: every method resets it (FineTune's steps never reach it)."""
     torch.manual_seed(0)
@@ -118,6 +164,22 @@ def test_users_left_without_rows_are_reset_to_their_initialisation(method):
     report = method.unlearn(model, dm.train_rows(), deleted, UnlearningContext(seed=5))
     assert report.diagnostics["reset_users"] == 1
     torch.testing.assert_close(model.user_embedding.weight[4], init)
+
+
+def test_finetune_trains_on_the_retained_rows_only(convex):
+    """One full-batch SGD epoch is one gradient step on the retained rows' loss; from the optimum of every row, a FineTune
+    that also trained on the deleted rows would take (almost) no step and keep what they taught."""
+    model, retained, deleted, _ = convex
+    lr, everything = 0.5, retained.concat(deleted)
+    tuned = copy.deepcopy(model)
+    report = FineTune(epochs=1, lr=lr, optimizer="sgd", batch_size=len(everything)).unlearn(tuned, retained, deleted)
+    assert report.diagnostics["steps"] == 1 and report.diagnostics["reset_users"] == 0
+    users = model.user_embedding.weight
+    step = -lr * torch.autograd.grad(model.loss(retained[:]) + model.dense_penalty(), users)[0]
+    assert float(step.norm()) > 1e-2  # a real step: the deleted rows held the trained users where they were ...
+    assert float(torch.autograd.grad(model.loss(everything[:]), users)[0].norm()) < 1e-7  # ... at the optimum of every row
+    torch.testing.assert_close(tuned.user_embedding.weight - users, step, rtol=1e-9, atol=1e-12)
+    assert torch.equal(tuned.item_embedding.weight, model.item_embedding.weight)  # frozen
 
 
 def test_a_reset_draws_the_initialisation_of_its_own_seed_and_model():

@@ -594,6 +594,28 @@ def test_pcg_blocks_shift_solves_the_damped_blocks_without_touching_them():
     torch.testing.assert_close(x, torch.linalg.solve(blocks + 0.3 * eye, rhs), rtol=1e-8, atol=1e-12)
 
 
+def test_pcg_blocks_tolerance_is_relative_to_a_small_right_hand_side():
+    """Right-hand sides of norm ~1e-4 (a few deleted rows' gradients / n) and a stale diagonal preconditioner: each block
+    reported converged has reached the relative residual of the default tol, not an absolute residual of tol."""
+    g = gen(29)
+    n, d = 50, 16  # blocks large enough that CG stops on its tolerance, before it is exact (after d iterations)
+    a = torch.randn(n, d, d, generator=g, dtype=F64)
+    old = a @ a.mT + 0.1 * torch.eye(d, dtype=F64)
+    u = torch.randn(n, d, 1, generator=g, dtype=F64)
+    new = old - 0.5 * (u @ u.mT) / (u.mT @ torch.linalg.solve(old, u))  # a rank-one downdate, still positive definite
+    rhs = 1e-4 * torch.randn(n, d, generator=g, dtype=F64)
+    stale = torch.diag_embed(1.0 / torch.diagonal(old, dim1=1, dim2=2))  # steers the iteration poorly: several iterations
+    x, converged, iterations = pcg_blocks(new, stale, rhs, max_iter=100)
+    tol = math.sqrt(torch.finfo(F64).eps)
+    assert bool(converged.all()) and iterations > 3
+    residual = torch.linalg.vector_norm(rhs - (new @ x.unsqueeze(2)).squeeze(2), dim=1) / torch.linalg.vector_norm(rhs, dim=1)
+    assert float(residual.max()) <= 1.01 * tol  # the iteration's own residual reached tol; the true one, up to rounding
+    exact = torch.linalg.solve(new, rhs)
+    condition = torch.linalg.cond(new)  # relative error <= condition number x relative residual
+    error = torch.linalg.vector_norm(x - exact, dim=1) / torch.linalg.vector_norm(exact, dim=1)
+    assert bool((error <= condition * 1.01 * tol).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_symmetric_matvec_is_each_matrix_times_its_vector(dtype):
     torch.manual_seed(2)
