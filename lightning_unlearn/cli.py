@@ -24,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lightning_unlearn.console import USER_ERRORS, OptionRefused, PlainHelpParser, counted, quiet_third_party_noise, user_error_message
@@ -812,6 +813,7 @@ class LightningUnlearnCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._local_checkpoint()
+        self._require_checkpoint_file(required=False)
         path = self._checkpoint_file(self.config_init[self.subcommand].get("ckpt_path"))  # `last` too, as Lightning finds it
         state = self._restore_unlearned_checkpoint(
             "training continues from its weights on the retained data, with a fresh optimizer from epoch 0 (an unlearned "
@@ -912,26 +914,36 @@ class LightningUnlearnCLI(LightningCLI):
         log_config(self.trainer.loggers, self.trainer._command_config)
 
     def _local_checkpoint(self) -> None:
-        """``--ckpt_path`` as a URL: a local one (``file:///...``) is the file it names, checked as a path is; another is
-        refused, as its records (beside it, and on this machine) cannot be checked.
+        """``--ckpt_path`` made the file Lightning will load, so that the checks see that file: a local URL
+        (``file:///...``) or a path with ``~`` is that file; ``hpc`` (also no ``--ckpt_path`` on SLURM, where Lightning
+        resumes by itself) the newest ``hpc_ckpt_*.ckpt`` of the trainer's folder. Another URL is refused, as its records
+        (beside it, and on this machine) cannot be checked.
 
         Raises:
-            OptionRefused: ``--ckpt_path`` is the URL of a file elsewhere (``s3://``, ``https://``, ...).
+            OptionRefused: ``--ckpt_path`` is the URL of a file elsewhere (``s3://``, ``https://``, ...), or ``hpc``
+                with no HPC checkpoint.
         """
         config = self.config_init[self.subcommand]
-        url = str(config.get("ckpt_path") or "")
-        if "://" not in url:
+        path = config.get("ckpt_path")
+        hpc = self.trainer._checkpoint_connector._hpc_resume_path
+        if path == "hpc" or (path is None and hpc is not None and SLURMEnvironment.detect()):
+            if hpc is None:
+                raise OptionRefused(f"{self.subcommand} --ckpt_path hpc: there is no hpc_ckpt_*.ckpt in {self.trainer.default_root_dir}.")
+            config["ckpt_path"] = hpc
+            return
+        if path is None or path == "last":
             return
         try:
-            filesystem, local = fsspec.core.url_to_fs(url)
+            filesystem, local = fsspec.core.url_to_fs(str(path))  # as Lightning opens it: `~` expanded, a local URL a path
         except (ImportError, ValueError):  # a protocol fsspec does not have here
             filesystem = local = None
         if not isinstance(filesystem, LocalFileSystem):
             raise OptionRefused(
-                f"{self.subcommand} --ckpt_path {url}: a checkpoint elsewhere cannot be checked against the deletion records "
+                f"{self.subcommand} --ckpt_path {path}: a checkpoint elsewhere cannot be checked against the deletion records "
                 f"beside it and on this machine, so it could bring deleted rows back. Copy it here (beside its run's "
                 f"`unlearning/` folder, if it has one) and give its path.")
-        config["ckpt_path"] = local  # Lightning loads the same file; the checks below see it
+        if "://" in str(path) or str(path).startswith("~"):
+            config["ckpt_path"] = local  # Lightning loads the same file; the checks below see it
 
     def _checkpoint_file(self, path: str | None) -> Path | None:
         """The checkpoint file ``--ckpt_path`` names here: a path, or ``last`` as Lightning finds it (the newest
@@ -946,13 +958,16 @@ class LightningUnlearnCLI(LightningCLI):
             return max(found, key=lambda p: p.stat().st_mtime) if found else None
         return Path(path) if Path(path).is_file() else None
 
-    def _require_checkpoint_file(self) -> None:
-        """``validate``/``test``: refuse no ``--ckpt_path`` (the untrained model), or one that names no checkpoint file here.
+    def _require_checkpoint_file(self, required: bool = True) -> None:
+        """``validate``/``test``: refuse no ``--ckpt_path`` (the untrained model), or one that names no checkpoint file here;
+        ``fit`` (not ``required``) a ``--ckpt_path`` other than ``last`` that names no checkpoint file here.
 
         Lightning resolves ``best`` only after a fit in the same process (else a raw error), and a
-        ``last`` it does not find only warns, then evaluates the untrained model.
+        ``last`` it does not find only warns, then evaluates the untrained model (a fit starts afresh).
         """
         path = self.config_init[self.subcommand].get("ckpt_path")
+        if not required and (not path or path == "last"):
+            return
         if not path:
             raise OptionRefused(
                 f"{self.subcommand} needs --ckpt_path: without it the metrics would be those of the untrained model the recipe "

@@ -574,16 +574,22 @@ COMMANDS_FROM_A_CHECKPOINT = (["predict", "--out", "recs.csv"], ["fit", *BRIEF],
                               ["unlearn", "--method", "FineTune", "--requests", "user9.csv", "--out", "second"])
 
 
-@pytest.mark.parametrize("spelt", ["a path", "a file:// URL"])
-def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_against_it_by_its_data(spelt, trained, tmp_path, capsys):
+@pytest.mark.parametrize("spelt", ["a path", "a file:// URL", "a path under ~", "hpc"])
+def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_against_it_by_its_data(spelt, trained, tmp_path, capsys,
+                                                                                                    monkeypatch):
     """epoch=0.ckpt still holds user 8, whom the line from epoch=1.ckpt deleted: predicting, training, evaluating or starting
-    a line from it without user 8 is refused as from a checkpoint beside the record, however the checkpoint is spelt."""
+    a line from it without user 8 is refused as from a checkpoint beside the record, however the checkpoint is spelt (as
+    Lightning opens it: `~` expanded; `hpc`, the newest hpc_ckpt_*.ckpt of the trainer's folder)."""
     older = a_line_from_the_last_epoch(trained, tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(older, older.parent / "hpc_ckpt_1.ckpt")  # a SLURM job's checkpoint, in the trainer's folder
+    root = ["--trainer.default_root_dir", str(older.parent)] if spelt == "hpc" else []
+    given = {"a path": str(older), "a file:// URL": f"file://{older}", "a path under ~": "~/run/checkpoints/epoch=0.ckpt",
+             "hpc": "hpc"}[spelt]
     capsys.readouterr()
     for command in COMMANDS_FROM_A_CHECKPOINT[:-1 if spelt != "a path" else None]:  # unlearn takes a path only
         with pytest.raises(SystemExit) as exit_info:
-            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(older) if spelt == "a path" else f"file://{older}",
-                  *command[1:]])
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", given, *command[1:], *root])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and str(tmp_path / "line") in err, command
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
@@ -595,6 +601,14 @@ def test_a_checkpoint_elsewhere_is_refused_as_it_cannot_be_checked(trained, tmp_
             main([command[0], "-c", str(trained.recipe), "--ckpt_path", "s3://bucket/run/epoch=0.ckpt", *command[1:]])
         assert exit_info.value.code == 2, command
         assert "--ckpt_path s3://bucket/run/epoch=0.ckpt: a checkpoint elsewhere cannot be checked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given", ["best", "a folder"])
+def test_fit_refuses_a_ckpt_path_that_names_no_checkpoint_file_here(given, trained, tmp_path, capsys):
+    """`best` names the best checkpoint of a fit run in the same process, a folder no file: a message, not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", "best" if given == "best" else str(tmp_path), *BRIEF])
+    assert exit_info.value.code == 2 and "fit needs a checkpoint file, and there is none at that name here" in capsys.readouterr().err
 
 
 def test_a_line_of_the_run_moved_away_is_refused_as_gone_for_its_other_checkpoints_too(trained, tmp_path, capsys):
