@@ -620,15 +620,14 @@ def test_a_checkpoint_saved_before_the_latest_deletion_is_refused_before_its_wei
                                                                                                  tmp_path):
     """ckpt_path="best" after a fit whose request was applied at its train end: the file predates the deletion. With
     the callback's state, its lineage says so; with the weights only, they are those the request was applied to (the last
-    epoch's) or its data state (saved with the weights) still holds the deleted rows."""
+    epoch's, or those of an earlier checkpoint of the fit, journaled with the request)."""
     trainer, model, dm, callback = fit_saving_checkpoints(tmp_path, [5], weights_only)
     older = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[-1 if saved_at == "last epoch" else 0]
     assert len(callback.reports) == 1
     before, lineage = {k: v.clone() for k, v in model.state_dict().items()}, callback.state_dict()["lineage"]
     if command == "fit":
         trainer.fit_loop.max_epochs = 3
-    said = "already holds 1 applied request" if not weights_only else \
-        "are those request entry 0" if saved_at == "last epoch" else "the checkpoint's data still holds some of what they deleted"
+    said = "already holds 1 applied request" if not weights_only else "are those request entry 0"  # applied to, or saved before it
     with pytest.raises(StaleCheckpoint, match=said):
         getattr(trainer, command)(model, dm, ckpt_path=older)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # refused before the weights were loaded
@@ -755,17 +754,22 @@ def test_a_checkpoint_of_another_record_is_theirs_and_one_a_record_cannot_check_
     b_after.fit(b_model, b_dm)  # B goes on training: its last.ckpt names B's lineage, its data B's removals
     theirs = b_after.checkpoint_callback.best_model_path or next((tmp_path / "B").rglob("*.ckpt"))
     assert trainer.test(model, dm, ckpt_path=theirs)
-    older = sorted((tmp_path / "A" / "checkpoints").glob("*.ckpt"))[0]
+    older = torch.load(sorted((tmp_path / "A" / "checkpoints").glob("*.ckpt"))[0], weights_only=False)
+    older["state_dict"]["user_embedding.weight"] += 0.01  # parameters no request knows: only its data can tell
+    torch.save(older, tmp_path / "older.ckpt")
+    older = tmp_path / "older.ckpt"
     latest = tmp_path / "A" / "unlearning" / journal(tmp_path / "A" / "unlearning")[-1]["checkpoint"]
     latest.rename(tmp_path / "away.ckpt")
     with pytest.raises(StaleCheckpoint, match="its latest state does not read"):
         trainer.test(model, dm, ckpt_path=older)
 
 
-def test_weights_of_a_checkpoint_saved_before_a_request_loaded_by_hand_are_refused(tmp_path):
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_weights_of_a_checkpoint_saved_before_a_request_loaded_by_hand_are_refused(weights_only, tmp_path):
     """Not only the weights the request was applied to (the last epoch's): every checkpoint the fit saved before it is an
-    older state, and the pending entry names their parameters (digests, never ids)."""
-    _, model, dm, callback = fit_saving_checkpoints(tmp_path, [5])
+    older state (weights-only ones too: Lightning calls only the model's hook for them), and the pending entry names
+    their parameters (digests, never ids)."""
+    _, model, dm, callback = fit_saving_checkpoints(tmp_path, [5], weights_only)
     first = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[0]
     pending = journal(tmp_path / "unlearning")[0]
     assert pending["status"] == "pending" and len(pending["saved"]) == 1 and pending["model"] not in pending["saved"]
@@ -798,4 +802,34 @@ def test_evaluating_the_model_in_memory_on_a_datamodule_without_its_removals_is_
     with pytest.raises(StaleCheckpoint, match="does not hold the deletions the model embodies"):
         getattr(trainer, command)(model, datamodule(), verbose=False)
     assert getattr(trainer, command)(model, dm, verbose=False)  # the data the request was applied to
+    beside = UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path, evaluate=False)  # a new one (a new process): no lineage
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[beside])
+    with pytest.raises(StaleCheckpoint, match="the data of the datamodule still holds some of what they deleted"):
+        getattr(trainer, command)(model, datamodule(), verbose=False)
+    assert getattr(trainer, command)(model, dm, verbose=False)
+
+
+def test_checkpoints_saved_by_an_earlier_fit_with_the_callback_are_known_to_the_fit_resumed_from_them(tmp_path):
+    """A first fit with the callback and no request saves epoch=0.ckpt and last.ckpt; a fit resumed from last.ckpt (a new
+    process: a new callback, its state restored) applies a request: epoch=0.ckpt is an older state of the record too."""
+    def fit(callback, epochs, ckpt_path=None):
+        saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1, save_last=True)
+        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[callback, saver])
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+
+    pl.seed_everything(0, verbose=False)
+    dm = datamodule()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    fit(UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "unlearning", evaluate=False), 2)
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
+                                  evaluate=False)
+    fit(callback, 3, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert len(callback.reports) == 1
+    first = next((tmp_path / "checkpoints").glob("epoch=0*.ckpt"))
+    model.load_state_dict(torch.load(first, weights_only=False)["state_dict"])
+    callback.request(DeletionRequest(users=[6]))
+    with pytest.raises(StaleCheckpoint, match="are those request entry 0 .* an older state"):
+        callback.apply_pending(model, dm)
 

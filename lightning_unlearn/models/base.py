@@ -211,6 +211,16 @@ class Recommender(pl.LightningModule):
                 connector._loaded_checkpoint = {}
             raise
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Each of the Trainer's callbacks that has a ``note_saved_checkpoint(model, checkpoint)`` (an
+        :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback`) notes the checkpoint: Lightning calls the
+        callbacks' own hook only for full checkpoints, this one for ``save_weights_only`` too. A subclass that overrides
+        it calls ``super().on_save_checkpoint(checkpoint)``."""
+        for callback in self._trainer.callbacks if self._trainer is not None else ():
+            note = getattr(callback, "note_saved_checkpoint", None)
+            if callable(note):
+                note(self, checkpoint)
+
     def _refuse_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "datamodule_state" in checkpoint and "unlearning" in checkpoint and "loops" not in checkpoint:
             raise ValueError(

@@ -487,13 +487,17 @@ class UnlearningCallback(pl.Callback):
         the data restored with it) on a datamodule without the removals the callback's model embodies (built afresh): it
         would score the users deleted since, and test on rows a deleted item's."""
         if trainer.ckpt_path is None and self.dirpath is not None and self.journal.path.exists() and trainer.datamodule is not None:
-            self._check_data(self.journal, trainer.datamodule)
+            if self._lineage is None:  # a callback that applied nothing here: the record's latest state tells which removals
+                _refuse_older_data(self.journal, trainer.datamodule.state_dict(), "the datamodule")
+            else:
+                self._check_data(self.journal, trainer.datamodule)
 
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Note the parameters of each checkpoint the trainer saves (``epoch=0.ckpt``, ...): the next request journals them,
-        so that weights loaded from one by hand after it are known for an older state (as the weights it was applied to)."""
-        digest = model_digest(pl_module, checkpoint.get("state_dict") or {})
+    def note_saved_checkpoint(self, model: Recommender, checkpoint: dict[str, Any]) -> None:
+        """Note the parameters of a checkpoint the trainer saves (``epoch=0.ckpt``, ``save_weights_only`` too: the
+        model's ``on_save_checkpoint`` calls this): the next request journals them, so that weights loaded from one by
+        hand after it are known for an older state (as the weights it was applied to). Kept in this callback's state, so
+        a fit resumed from a checkpoint knows the ones saved before it."""
+        digest = model_digest(model, checkpoint.get("state_dict") or {})
         if digest is not None:
             self._saved.add(digest)
 
@@ -817,6 +821,7 @@ class UnlearningCallback(pl.Callback):
             "key_id": self._applied_key_id() if self._applied else None,
             "record": str(Path(self.dirpath).resolve()) if self.dirpath is not None else None,  # where its journal is
             "record_key_id": key_id(self.journal) if self.dirpath is not None else None,  # which record that is (predict)
+            "saved": sorted(self._saved),  # the checkpoints saved since the last request (parameter digests)
         }
 
     def _applied_key_id(self) -> str | None:
@@ -839,6 +844,7 @@ class UnlearningCallback(pl.Callback):
             self._policy.load_state_dict(state_dict["drift"])
         self._lineage, self._key_id = state_dict.get("lineage"), state_dict.get("key_id")
         self._named_record = state_dict.get("record")
+        self._saved = set(state_dict.get("saved") or ())
         self._key_unknown = bool(self._applied) and self._key_id is None  # a state written before key_id: never checked
         pending = state_dict.get("pending", [])
         if any(not isinstance(spec.get("users", ()), torch.Tensor) for spec in pending):
@@ -938,10 +944,11 @@ def _refuse_older_parameters(journal: Journal, model: Recommender, parameters: s
         )
 
 
-def _refuse_older_data(journal: Journal, data: dict[str, Any] | None) -> None:
+def _refuse_older_data(journal: Journal, data: dict[str, Any] | None, holder: str = "the checkpoint") -> None:
     """Refuse a checkpoint whose datamodule state (``data``: Lightning saves it with the weights, ``save_weights_only``
     too) is on the data of ``journal``'s latest state and holds fewer of its removals, and none other: it was saved before
-    a request. One that removed something the latest state did not is of another line of deletions."""
+    a request. One that removed something the latest state did not is of another line of deletions. (``holder``: what
+    ``data`` is of, in the message: a datamodule built afresh is refused alike.)"""
     try:
         latest = journal.last_checkpoint() if isinstance(data, dict) and journal.latest() is not None else None
         removed = load_checkpoint(latest, mmap=True).get("datamodule_state") or {} if latest is not None else {}
@@ -955,9 +962,9 @@ def _refuse_older_data(journal: Journal, data: dict[str, Any] | None) -> None:
         return  # other data, or no removals recorded: its parameters tell (_refuse_older_parameters)
     if removed_within(data, removed) and not removed_within(removed, data):
         raise StaleCheckpoint(
-            f"{journal.folder} holds {journal.applied_count()} applied request(s), and the checkpoint's data still holds "
-            f"some of what they deleted: it was saved before one of them, and its model was trained on their rows. The "
-            f"latest state is {latest}."
+            f"{journal.folder} holds {journal.applied_count()} applied request(s), and the data of {holder} still holds "
+            f"some of what they deleted: it is of a state before one of them (a datamodule built afresh holds them all). The "
+            f"latest state, to restore with its data (`restore_checkpoint`), is {latest}."
         )
 
 
