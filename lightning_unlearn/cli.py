@@ -175,15 +175,12 @@ class UnlearningTrainer(pl.Trainer):
             callback.read_requests_file()
             digest = model_digest(model)  # the parameters the requests are applied to
             with one_line_at_a_time(digest):  # checked and noted while no other process starts a line from it
-                try:
+                # refused: a process killed before its cleaning left what predict wrote (check()'s recovery may close its request)
+                with _cleaning_when_refused({dirpath} | records_of_its_run(ckpt_path) | _named(state), datamodule, "unlearn"):
                     if not branch:  # before check(), which starts the folder
                         refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath,
                                              callback.queued(datamodule))
                     summaries = callback.check(datamodule)
-                except BaseException:  # a process killed before its cleaning (check()'s recovery may close its request as applied)
-                    for folder in sorted({dirpath} | records_of_its_run(ckpt_path) | _named(state)):
-                        clean_from_the_latest_state(folder, datamodule, "unlearn")  # left what predict wrote before it
-                    raise
                 ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
                 are, were = ("is", "was") if ignored == 1 else ("are", "were")
                 if missing == "ignore":
@@ -436,8 +433,10 @@ class UnlearningTrainer(pl.Trainer):
         with recommendations_lock(datamodule):  # a deletion applied meanwhile is cleaned from the file once it is noted
             if ckpt_path:
                 state = restore_checkpoint(ckpt_path, model, datamodule)
-                for folder in sorted(records_of(ckpt_path, model, state.get("unlearning") or {}, record)):
-                    refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
+                folders = sorted(records_of(ckpt_path, model, state.get("unlearning") or {}, record))
+                with _cleaning_when_refused(folders, datamodule, "predict", held=True):
+                    for folder in folders:
+                        refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
             if hasattr(self, "_command_config"):  # the command's, once its checks passed
                 log_config(self.loggers, self._command_config)
             with recommendations_file_lock(path):  # a cleaning of the file this one replaces waits (it may be of other data)
@@ -550,6 +549,18 @@ def _refuse_early_stopping_without_validation(trainer: pl.Trainer, datamodule: R
             f"The trainer's EarlyStopping watches {watching[0]}, a validation metric, and {why}: Lightning would "
             f"stop with an error once training ends. Keep a validation that runs, or give trainer.callbacks without that "
             f"EarlyStopping.")
+
+
+@contextlib.contextmanager
+def _cleaning_when_refused(folders: Any, datamodule: RecDataModule, command: str, held: bool = False) -> Iterator[None]:
+    """A refusal (by one of the records ``folders``, say): predict's files lose what their latest states deleted (what a
+    process killed after applying a request, before its cleaning, left), then the refusal is raised."""
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(folders):
+            clean_from_the_latest_state(folder, datamodule, command, held)
+        raise
 
 
 def _named(state: dict[str, Any]) -> set[Path]:
@@ -862,11 +873,12 @@ class LightningUnlearnCLI(LightningCLI):
             return
         datamodule = copy.deepcopy(self.datamodule)
         restore_checkpoint(path, model, datamodule)  # its removals (refused when it has no data state to check)
-        if self.subcommand == "fit":
-            refuse_training_on(path, model, datamodule, folders)
-            return
-        for folder in sorted(folders):
-            refuse_fewer_deletions(path, datamodule, journal_of(folder), command=self.subcommand)
+        with _cleaning_when_refused(folders, datamodule, self.subcommand):
+            if self.subcommand == "fit":
+                refuse_training_on(path, model, datamodule, folders)
+                return
+            for folder in sorted(folders):
+                refuse_fewer_deletions(path, datamodule, journal_of(folder), command=self.subcommand)
 
     def _note_deletions_beside_the_checkpoints(self) -> None:
         """A fit of a model with no deletion whose checkpoint folder has a deletion record beside it: say what that means."""

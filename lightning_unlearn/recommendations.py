@@ -251,7 +251,7 @@ def clean_recommendations(datamodule: RecDataModule, command: str, held: bool = 
         print(f"[{command}] {path} (recommendations written by predict) no longer names the users and items deleted since")
 
 
-def clean_from_the_latest_state(folder: str | os.PathLike, datamodule: RecDataModule, command: str) -> None:
+def clean_from_the_latest_state(folder: str | os.PathLike, datamodule: RecDataModule, command: str, held: bool = False) -> None:
     """A refusal by the deletion record ``folder``: the recommendation files lose what its latest state deleted.
 
     A process killed after its request was applied, before its cleaning, left the deleted ids in the files ``predict``
@@ -263,6 +263,7 @@ def clean_from_the_latest_state(folder: str | os.PathLike, datamodule: RecDataMo
         folder: the record.
         datamodule: the data, set up (not changed).
         command: named on the console.
+        held: the caller holds :func:`recommendations_lock` already.
     """
     try:
         journal = journal_of(folder)
@@ -273,7 +274,7 @@ def clean_from_the_latest_state(folder: str | os.PathLike, datamodule: RecDataMo
         latest_data.load_state_dict(load_checkpoint(latest, mmap=True).get("datamodule_state") or {})
     except Exception:  # the refusal being raised says what is wrong with the record
         return
-    clean_recommendations(latest_data, command)
+    clean_recommendations(latest_data, command, held)
 
 
 def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, fingerprint: str, command: str, gone_users: set[str],

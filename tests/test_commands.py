@@ -641,12 +641,12 @@ def test_fit_from_a_checkpoint_with_callback_state_is_checked_against_the_lines_
     assert exit_info.value.code == 2 and str(tmp_path / "line") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("again", ["the same command", "another line"])
+@pytest.mark.parametrize("again", ["the same command", "another line", "predict", "test", "fit"])
 def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_the_recommendations(again, trained, tmp_path, capsys,
                                                                                                      monkeypatch):
     """A process killed after its request was applied, before its cleaning, left user 8 in predict's file; the same
-    command run again recovers the request and is refused (its checkpoint is now older than the record), as is another
-    line from the checkpoint without user 8: either cleans."""
+    command run again recovers the request and is refused (its checkpoint is now older than the record), as are another
+    line, a predict, a test or a fit from the checkpoint without user 8: each cleans."""
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
@@ -659,10 +659,14 @@ def test_an_unlearn_refused_after_a_process_stopped_before_its_cleaning_cleans_t
     assert any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
     capsys.readouterr()
     (tmp_path / "user9.csv").write_text("user\n9\n")
+    command = {"the same command": unlearn, "another line": [*unlearn[:-3], "user9.csv", "--out", "second"],
+               "predict": ["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "again.csv"],
+               "test": ["test", "-c", str(trained.recipe), "--ckpt_path", str(best)],
+               "fit": ["fit", "-c", str(trained.recipe), "--ckpt_path", str(best), *BRIEF]}[again]
     with pytest.raises(SystemExit) as exit_info:
-        main(unlearn if again == "the same command" else [*unlearn[:-3], "user9.csv", "--out", "second"])
-    said = "already holds 1 applied request" if again == "the same command" else "would start a second line of deletions"
-    assert exit_info.value.code == 2 and said in capsys.readouterr().err
+        main(command)
+    said = {"the same command": "already holds 1 applied request", "another line": "would start a second line of deletions"}
+    assert exit_info.value.code == 2 and said.get(again, str(tmp_path / "first")) in capsys.readouterr().err
     assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
 
 
