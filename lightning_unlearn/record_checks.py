@@ -113,19 +113,21 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
     besides = records_of_its_run(ckpt_path)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
-    lines = lines_from(ckpt_path, digest, command, refuse_gone=record is None)
+    if record is not None and not _holds_key(Path(record), None):
+        raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
+                            f"of the record's journal.jsonl and {KEY_FILE}.")
+    lines = lines_from(ckpt_path, digest, command, refuse_gone=True, moved_to=Path(record) if record is not None else None)
     folders = besides | {line for line in lines if applied_to(journal_of(line), digest)}
+    moved_line = record is not None and Path(record) in lines  # a line noted beside the checkpoint, moved there
     if record is not None:
-        if not _holds_key(Path(record), None):
-            raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
-                                f"of the record's journal.jsonl and {KEY_FILE}.")
-        if named and not _holds_key(Path(record), named_key):
+        if named and not moved_line and not _holds_key(Path(record), named_key):
             raise StaleCheckpoint(f"predict --record {record} is another deletion record than the one {ckpt_path} names "
-                                  f"({named}): its key differs. Give the folder that record was moved to.")
+                                  f"({named}) or a line of deletions noted beside it: its key differs. Give the folder that "
+                                  f"record was moved to.")
         folders.add(Path(record))
     if named:
         journal_of(named).refuse_a_lost_key()
-    found = named_record(ckpt_path, unlearning, command) if record is None else None
+    found = named_record(ckpt_path, unlearning, command) if record is None or moved_line else None
     if found is not None:
         folders.add(found)
     return folders
@@ -239,7 +241,7 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> N
 
 
 def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False,
-               redone: Path | None = None) -> set[Path]:
+               redone: Path | None = None, moved_to: Path | None = None) -> set[Path]:
     """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
 
     A line that is gone (moved, deleted: its journal is not there) can no longer be checked. One noted beside the checkpoint
@@ -254,6 +256,8 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         command: the subcommand that asks, named in the console line.
         refuse_gone: refuse a gone line noted beside the checkpoint, from any checkpoint of its run.
         redone: a folder the command writes a line into, whose line is not refused as gone (it is being made again).
+        moved_to: where a gone line noted beside the checkpoint now is (``predict --record``): it is that line if it holds
+            the key the line was noted with, and is then returned in its place.
 
     Raises:
         StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint (from any checkpoint of its run) is gone.
@@ -261,9 +265,15 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     def is_gone(line: Path) -> bool:
         return not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve())
 
-    noted = [(folder, Path(line["record"]), line.get("model") == digest) for folder in records_beside(ckpt_path)
-             for line in lines_of(folder)]  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
-    beside = {line for _, line, from_it in noted if from_it}
+    moved_key = key_id(journal_of(moved_to)) if moved_to is not None and _holds_key(moved_to, None) else None
+    noted, moved = [], set()
+    for folder in records_beside(ckpt_path):  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
+        for line in lines_of(folder):
+            if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
+                moved.add(moved_to)  # the line, moved: checked where it is now
+            else:
+                noted.append((folder, Path(line["record"]), line.get("model") == digest))
+    beside = {line for _, line, from_it in noted if from_it} | moved
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
     kept = {line for line in lines if (line / JOURNAL_FILE).is_file()}
     gone = sorted(line for line in lines - kept if is_gone(line))

@@ -624,6 +624,12 @@ def test_a_line_of_the_run_moved_away_is_refused_as_gone_for_its_other_checkpoin
         assert exit_info.value.code == 2, command
         assert f"{tmp_path / 'line'}, noted beside {older} as a line of deletions started from another checkpoint of its run, is gone" in err
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    _ = journal_of(tmp_path / "another").key  # a record that is not the line: --record of it checks nothing in the line's place
+    for record, said in (("another", "is gone"), (str(tmp_path / "archive" / "line"), f"{tmp_path / 'archive' / 'line'} records 1 deletion")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(older), "--out", "recs.csv", "--record", record])
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err, record
+    assert not (tmp_path / "recs.csv").exists()
 
 
 def test_fit_from_a_checkpoint_with_callback_state_is_checked_against_the_lines_started_from_it(trained, tmp_path, capsys):
@@ -795,7 +801,7 @@ def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_origina
     assert exit_info.value.code == 2 and f"{record} records 1 deletion applied" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
     noted = [json.loads(line) for line in (tmp_path / "machine" / "lines.jsonl").read_text().splitlines()]
-    assert [sorted(line) for line in noted] == [["model", "record"]] and noted[0]["record"] == str(record.resolve())  # no id
+    assert [sorted(line) for line in noted] == [["key_id", "model", "record"]] and noted[0]["record"] == str(record.resolve())  # no id
     main([*unlearn, "--ckpt_path", str(copy), "--requests", "user9.csv", "--out", "branch", "--branch", "true"])  # on purpose
     assert journal_of(tmp_path / "branch").applied_count() == 1
 

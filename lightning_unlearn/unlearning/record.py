@@ -295,7 +295,8 @@ def machine_lock(name: str, busy: str, wait: bool = False) -> Iterator[OSError |
 def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False) -> None:
     """Note in ``folder`` (the record beside a trained checkpoint) that ``record`` is a line of deletions started from the
     parameters whose :func:`~lightning_unlearn.models.functional.model_digest` is ``digest``: a later command from that
-    checkpoint finds the line there, wherever ``record`` is. Paths and digests only, never an id.
+    checkpoint finds the line there, wherever ``record`` is, and its key's :func:`key_id` (which record it is, if it is
+    moved). Paths and digests only, never an id.
 
     One line appended with a single write (``O_APPEND``), so notes of processes writing at once are all kept; a torn
     last line is skipped when read.
@@ -307,7 +308,8 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     """
     record = Path(record).resolve()
     noted = os.path.relpath(record, Path(folder).resolve()) if relative else str(record)
-    append_note(Path(folder) / LINES_FILE, {"record": noted, "model": digest})
+    key = key_id(journal_of(record))  # which record it is, wherever it is moved (``predict --record``)
+    append_note(Path(folder) / LINES_FILE, {"record": noted, "model": digest, **({"key_id": key} if key else {})})
 
 
 def lines_of(folder: str | os.PathLike, digest: str | None = None) -> list[dict[str, str]]:
