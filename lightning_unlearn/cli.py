@@ -227,8 +227,9 @@ class UnlearningTrainer(pl.Trainer):
         recipe, plain = FitRecipe.from_trainer(self), FitRecipe()
         given = [f"--trainer.{name}" for name in _TRAINING_SETTINGS if getattr(recipe, name) != getattr(plain, name)]
         if given:
+            are = "are" if len(given) > 1 else "is"
             print(f"[unlearn] {method.name} does not train with the trainer: {', '.join(given)} "
-                  + ("are not used" if max_deleted_fraction is None else "are used only if the retrain policy refits the model "
+                  + (f"{are} not used" if max_deleted_fraction is None else f"{are} used only if the retrain policy refits the model "
                      f"(once more than {100 * max_deleted_fraction:g}% of its rows are deleted since its fit)"))
 
     def _note_optimizer_use(self, method: Unlearner, max_deleted_fraction: float | None) -> None:
@@ -494,8 +495,8 @@ def _raised_by_a_statement(frame: TracebackType) -> bool:
 
 
 # FitRecipe settings of how a fit trains (max_epochs left out: every recipe gives it), which only Retrain's refits use in unlearn
-_TRAINING_SETTINGS = ("max_steps", "min_epochs", "min_steps", "limit_train_batches", "limit_val_batches", "val_check_interval",
-                      "accumulate_grad_batches", "gradient_clip_val", "precision")
+_TRAINING_SETTINGS = ("max_steps", "max_time", "min_epochs", "min_steps", "limit_train_batches", "limit_val_batches",
+                      "val_check_interval", "accumulate_grad_batches", "gradient_clip_val", "precision")
 
 
 def _refused_trainer_options(subcommand: str, trainer: Any, data: Any) -> str | None:
@@ -561,6 +562,22 @@ def _cleaning_when_refused(folders: Any, datamodule: RecDataModule, command: str
         for folder in sorted(folders):
             clean_from_the_latest_state(folder, datamodule, command, held)
         raise
+
+
+# options of one file or folder, whose repeats the parser would drop silently (the last one wins)
+_ONCE = ("--requests", "--deletion.requests_file", "--ckpt_path", "--out", "--record")
+
+
+def _refuse_options_given_twice(args: list[str]) -> None:
+    """Refuse ``--requests a.csv --requests b.csv`` (and the other options of :data:`_ONCE`): the parser keeps the last
+    one, so the first file's deletion would not be applied, and nothing would say so."""
+    for option in _ONCE:
+        given = [arg for arg in args if arg == option or arg.startswith(f"{option}=")]
+        if len(given) > 1:
+            more = " To apply the requests of several files, put them in one file, or run the command once per file." \
+                if "requests" in option else ""
+            raise OptionRefused(f"{option} was given {len(given)} times, and a command takes one (only the last would be "
+                                f"used).{more}")
 
 
 def _named(state: dict[str, Any]) -> set[Path]:
@@ -1223,6 +1240,7 @@ def main(args: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     try:
         _refuse_a_recipe_before_the_subcommand(args)
+        _refuse_options_given_twice(args)
         with quiet_third_party_noise():
             LightningUnlearnCLI(
                 Recommender,

@@ -1377,7 +1377,7 @@ def test_a_stale_or_unreadable_checkpoint_is_a_cli_error(trained, tmp_path, caps
         main(["test", "-c", str(trained.recipe), "--ckpt_path", "cut.ckpt"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("lightning-unlearn test: error: cut.ckpt (2000 bytes) is not a complete checkpoint")
+    assert err.startswith("lightning-unlearn test: error: cut.ckpt (2000 bytes) is not a complete PyTorch checkpoint")
 
 
 # ---------------------------------------------------------------------- --version, help, noise, progress

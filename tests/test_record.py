@@ -600,7 +600,7 @@ def test_a_checkpoint_without_datamodule_state_is_refused(trained, tmp_path):
 def test_a_truncated_checkpoint_gets_a_clear_error(trained, tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(trained.read_bytes()[:300])
     dm = datamodule()
-    with pytest.raises(CheckpointUnreadable, match="not a complete checkpoint: it may be truncated"):
+    with pytest.raises(CheckpointUnreadable, match="not a complete PyTorch checkpoint: another kind of file, or one that is truncated"):
         restore_checkpoint(tmp_path / "cut.ckpt", new_model(dm), dm)
 
 

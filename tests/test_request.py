@@ -468,3 +468,10 @@ def test_summaries_are_plain_and_hold_no_ids():
     assert json.loads(json.dumps(done.summary())) == done.summary()
     assert_no_ids(json.dumps(request.summary()))
     assert_no_ids(json.dumps(done.summary()))
+
+
+def test_a_requests_file_that_is_a_folder_is_said_with_its_path_not_raised_as_a_traceback(tmp_path):
+    folder = tmp_path / "deletions.csv"
+    folder.mkdir()
+    with pytest.raises(InvalidDeletionRequest, match=rf"{folder}: cannot be read \(Is a directory\)"):
+        DeletionRequest.from_file(folder)

@@ -489,15 +489,18 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         CheckpointUnreadable: the file is truncated or not a PyTorch checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a folder: give a checkpoint file in it (a .ckpt file).")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError, IndexError) as err:
+        # KeyError, IndexError: the unpickler reading a file that is no pickle at all (a CSV given for the checkpoint)
         raise CheckpointUnreadable(
-            f"{path} ({path.stat().st_size} bytes) is not a complete checkpoint: it may be truncated (a copy or a write "
-            f"that stopped, e.g. on a full disk). Use another checkpoint, or restore this one from a backup. "
-            f"({type(err).__name__}: {str(err)[:200]})"
+            f"{path} ({path.stat().st_size} bytes) is not a complete PyTorch checkpoint: another kind of file, or one that "
+            f"is truncated (a copy or a write that stopped, e.g. on a full disk). Use another checkpoint, or restore this "
+            f"one from a backup. ({type(err).__name__}: {str(err)[:200]})"
         ) from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointUnreadable(f"{path} is not a model checkpoint (it has no `state_dict`).")

@@ -112,6 +112,8 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise _file_error(path, None, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (IsADirectoryError, PermissionError) as err:  # a missing file is FileNotFoundError, said as it is
+        raise _file_error(path, None, f"cannot be read ({err.strerror})") from None
 
 
 def _csv_header(path: Path, line: int | str, fields: list[str]) -> list[str]:
