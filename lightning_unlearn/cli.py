@@ -359,7 +359,9 @@ class UnlearningTrainer(pl.Trainer):
 
     def _check_deletion(self, datamodule: RecDataModule, deletion: DeletionSpec) -> None:
         unused = deletion.unused()
-        if unused:  # a recipe's kind (say) under a requests file given on the command line
+        said = self.__dict__.setdefault("_said", set())  # checked before the command and again in it: said once
+        if unused and deletion.requests_file not in said:  # a recipe's kind (say) under a requests file given on the command line
+            said.add(deletion.requests_file)
             print(f"[compare] --deletion.requests_file {deletion.requests_file} is the deletion: "
                   f"{', '.join(f'{k}={v!r}' for k, v in unused.items())} (which draw one) {'is' if len(unused) == 1 else 'are'} not used")
         datamodule.setup("fit")
@@ -1268,15 +1270,23 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(1) from err
     except BaseException as err:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a message, not a traceback
-            print(f"lightning-unlearn: {err.strerror}. What finished is kept: `compare --resume true` runs only the methods "
-                  f"not measured, and an unlearning folder's journal names the state to resume from.", file=sys.stderr)
+            print(f"lightning-unlearn: {err.strerror}.{_what_is_kept(_subcommand_of(args))}", file=sys.stderr)
             raise SystemExit(2) from err
         stopped = _stopped_by(err)
         if stopped is None:
             raise
-        print(f"lightning-unlearn: stopped by {stopped[0]}. What finished is kept: `compare --resume true` runs only the "
-              f"methods not measured, and an unlearning folder's journal names the state to resume from.", file=sys.stderr)
+        print(f"lightning-unlearn: stopped by {stopped[0]}.{_what_is_kept(_subcommand_of(args))}", file=sys.stderr)
         raise SystemExit(stopped[1]) from err
+
+
+def _what_is_kept(command: str | None) -> str:
+    """What a command stopped midway keeps, and how to go on (said after why it stopped)."""
+    if command == "compare":
+        return " What finished is kept: `compare --resume true` runs only the methods not measured."
+    if command in ("unlearn", "fit"):
+        return (" What finished is kept: the requests applied before it stay applied, and the unlearning folder's journal names "
+                "the state to resume from (a request it was applying is recovered when the command runs again).")
+    return ""
 
 
 _COMMAND_LOGGERS: list[Logger] = []  # the running command's trainer's loggers (set when they are built)

@@ -106,10 +106,13 @@ def test_compare_says_what_retrains_refits_leave_out_of_the_original_fit(tmp_pat
     """A callback of the user's (stochastic weight averaging, say) shapes the original fit, not Retrain's refits."""
     monkeypatch.chdir(tmp_path)
     recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    (tmp_path / "user3.csv").write_text("user\n3\n")
     main(["compare", "-c", str(recipe), "--methods", "FineTune", "--out", "out", "--trainer.min_steps=3",
-          "--trainer.callbacks+=pytorch_lightning.callbacks.LambdaCallback"])
+          "--trainer.callbacks+=pytorch_lightning.callbacks.LambdaCallback", "--deletion.requests_file", "user3.csv",
+          "--deletion.fraction", "0.5"])
     out = capsys.readouterr().out
     assert "[compare] Retrain's refits fit as the trainer does, without the callback LambdaCallback:" in out
+    assert out.count("[compare] --deletion.requests_file user3.csv is the deletion: fraction=0.5 (which draw one) is not used") == 1
     assert "SaveConfigCallback" not in out  # LightningCLI's own, in every run: it trains nothing
 
 
@@ -388,10 +391,13 @@ def test_a_stopped_command_exits_non_zero_and_says_how_to_go_on(stop, status, na
         raise stop
 
     monkeypatch.setattr(cli_module.LightningUnlearnCLI, "__init__", stopped)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == status and named in err and "`compare --resume true`" in err
+    for command, kept in (("compare", "`compare --resume true` runs only the methods not measured"),
+                          ("fit", "the unlearning folder's journal names the state to resume from"), ("predict", None)):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == status and named in err, command
+        assert (kept in err if kept else "What finished is kept" not in err) and ("compare" in err) == (command == "compare")
 
 
 def test_an_unknown_method_is_named_with_the_known_ones(tmp_path, capsys):
