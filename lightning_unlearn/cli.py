@@ -570,11 +570,11 @@ def _cleaning_when_refused(folders: Any, datamodule: RecDataModule, command: str
 _ONCE = ("--requests", "--deletion.requests_file", "--ckpt_path", "--out", "--record")
 
 
-def _refuse_options_given_twice(args: list[str]) -> None:
+def _refuse_options_given_twice(args: list[str] | None) -> None:
     """Refuse ``--requests a.csv --requests b.csv`` (and the other options of :data:`_ONCE`): the parser keeps the last
     one, so the first file's deletion would not be applied, and nothing would say so."""
     for option in _ONCE:
-        given = [arg for arg in args if arg == option or arg.startswith(f"{option}=")]
+        given = [arg for arg in (sys.argv[1:] if args is None else args) if arg == option or arg.startswith(f"{option}=")]
         if len(given) > 1:
             more = " To apply the requests of several files, put them in one file, or run the command once per file." \
                 if "requests" in option else ""
