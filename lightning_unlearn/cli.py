@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from fsspec.implementations.local import LocalFileSystem
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, ReduceLROnPlateau
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -947,7 +947,8 @@ class LightningUnlearnCLI(LightningCLI):
     def _local_checkpoint(self) -> None:
         """``--ckpt_path`` made the file Lightning will load, so that the checks see that file: a local URL
         (``file:///...``) or a path with ``~`` is that file; ``hpc`` (also no ``--ckpt_path`` on SLURM, where Lightning
-        resumes by itself) the newest ``hpc_ckpt_*.ckpt`` of the trainer's folder. Another URL is refused, as its records
+        resumes by itself) the newest ``hpc_ckpt_*.ckpt`` of the trainer's folder; ``last`` (also no ``--ckpt_path`` for
+        a fit with an ``OnExceptionCheckpoint``) the newest last or on-exception checkpoint. Another URL is refused, as its records
         (beside it, and on this machine) cannot be checked.
 
         Raises:
@@ -962,7 +963,14 @@ class LightningUnlearnCLI(LightningCLI):
                 raise OptionRefused(f"{self.subcommand} --ckpt_path hpc: there is no hpc_ckpt_*.ckpt in {self.trainer.default_root_dir}.")
             config["ckpt_path"] = hpc
             return
-        if path is None or path == "last":
+        if path is None and self.subcommand == "fit" and any(isinstance(c, OnExceptionCheckpoint) for c in self.trainer.callbacks):
+            path = "last"  # as Lightning takes it: a fit resumes from the newest last or on-exception checkpoint
+        if path == "last":
+            found = self._checkpoint_file("last")  # the file Lightning would pick (none: a fit starts afresh, as there)
+            if found is not None:
+                config["ckpt_path"] = str(found)
+            return
+        if path is None:
             return
         try:
             filesystem, local = fsspec.core.url_to_fs(str(path))  # as Lightning opens it: `~` expanded, a local URL a path
@@ -978,13 +986,15 @@ class LightningUnlearnCLI(LightningCLI):
 
     def _checkpoint_file(self, path: str | None) -> Path | None:
         """The checkpoint file ``--ckpt_path`` names here: a path, or ``last`` as Lightning finds it (the newest
-        ``last*.ckpt`` of every ModelCheckpoint's folder, a folder not given resolved as Lightning resolves it);
+        ``last*.ckpt`` of every ModelCheckpoint's folder, a folder not given resolved as Lightning resolves it, and
+        every OnExceptionCheckpoint's file);
         ``None`` for none (a URL was made a path, or refused, by :meth:`_local_checkpoint`)."""
         if not path:
             return None
         if path == "last":
             found = {Path(p) for saver in self.trainer.checkpoint_callbacks if isinstance(saver, ModelCheckpoint)
                      for p in saver._find_last_checkpoints(self.trainer)}
+            found |= {Path(c.ckpt_path) for c in self.trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
             found = [p for p in found if p.is_file()]
             return max(found, key=lambda p: p.stat().st_mtime) if found else None
         return Path(path) if Path(path).is_file() else None

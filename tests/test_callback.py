@@ -764,6 +764,12 @@ def test_a_checkpoint_of_another_record_is_theirs_and_one_a_record_cannot_check_
         trainer.test(model, dm, ckpt_path=older)
 
 
+def test_a_full_checkpoint_is_noted_also_for_a_model_whose_on_save_checkpoint_does_not_call_recommenders(tmp_path, monkeypatch):
+    monkeypatch.setattr(MF, "on_save_checkpoint", lambda self, checkpoint: None)  # a user's override without super()
+    fit_saving_checkpoints(tmp_path, [5])
+    assert len(journal(tmp_path / "unlearning")[0]["saved"]) == 1  # epoch 0's; epoch 1's is the weights it was applied to
+
+
 @pytest.mark.parametrize("weights_only", [False, True])
 def test_weights_of_a_checkpoint_saved_before_a_request_loaded_by_hand_are_refused(weights_only, tmp_path):
     """Not only the weights the request was applied to (the last epoch's): every checkpoint the fit saved before it is an

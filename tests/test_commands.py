@@ -595,6 +595,20 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
+@pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]])
+def test_a_fit_resumed_from_an_on_exception_checkpoint_is_checked_as_the_file_lightning_picks(given, trained, tmp_path, capsys):
+    """With an OnExceptionCheckpoint, a fit given no ckpt_path (or `last`) resumes from its file, here one of epoch 0,
+    which still holds user 8: refused as that file is."""
+    older = a_line_from_the_last_epoch(trained, tmp_path)
+    shutil.copy(older, older.parent / "on_exception.ckpt")
+    saver = (f"--trainer.callbacks+={{class_path: pytorch_lightning.callbacks.OnExceptionCheckpoint, init_args: "
+             f"{{dirpath: {older.parent}, filename: on_exception}}}}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(trained.recipe), *BRIEF, saver, *given])
+    assert exit_info.value.code == 2 and str(tmp_path / "line") in capsys.readouterr().err
+
+
 def test_a_checkpoint_elsewhere_is_refused_as_it_cannot_be_checked(trained, tmp_path, capsys):
     for command in COMMANDS_FROM_A_CHECKPOINT[:-1]:
         with pytest.raises(SystemExit) as exit_info:

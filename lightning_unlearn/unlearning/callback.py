@@ -492,6 +492,12 @@ class UnlearningCallback(pl.Callback):
             else:
                 self._check_data(self.journal, trainer.datamodule)
 
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook of full checkpoints: noted here too, for a model whose ``on_save_checkpoint`` does not call
+        ``Recommender``'s (weights-only checkpoints are noted only by that one)."""
+        self.note_saved_checkpoint(pl_module, checkpoint)
+
     def note_saved_checkpoint(self, model: Recommender, checkpoint: dict[str, Any]) -> None:
         """Note the parameters of a checkpoint the trainer saves (``epoch=0.ckpt``, ``save_weights_only`` too: the
         model's ``on_save_checkpoint`` calls this): the next request journals them, so that weights loaded from one by
