@@ -485,7 +485,7 @@ class UnlearningCallback(pl.Callback):
     def _refuse_data_without_its_removals(self, trainer: pl.Trainer) -> None:
         """``validate``/``test`` of the model in memory (no ``ckpt_path``: :meth:`check_checkpoint` checks a checkpoint and
         the data restored with it) on a datamodule without the removals the callback's model embodies (built afresh): it
-        would score the users deleted since, and test on rows a deleted item's."""
+        would score the users and items deleted since."""
         if trainer.ckpt_path is None and self.dirpath is not None and self.journal.path.exists() and trainer.datamodule is not None:
             if self._lineage is None:  # a callback that applied nothing here: the record's latest state tells which removals
                 _refuse_older_data(self.journal, trainer.datamodule.state_dict(), "the datamodule")
@@ -808,7 +808,8 @@ class UnlearningCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors, never a raw id: the applied requests' keyed fingerprints (and
         :func:`~lightning_unlearn.unlearning.record.key_id` of their key), the pending requests as
-        indices into the data's id maps, the drift counter, the lineage, and its record folder and that folder's key id.
+        indices into the data's id maps, the drift counter, the lineage, its record folder and that folder's key id, and
+        the parameters' digests of the checkpoints saved since the last request.
 
         A pending request can be stored only once the data is known (after ``setup`` or
         :meth:`apply_pending`) and if its ids are in the data's maps; one that is not is left out
