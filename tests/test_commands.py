@@ -595,7 +595,7 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
-@pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]])
+@pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]], ids=["none given", "last"])
 def test_a_fit_resumed_from_an_on_exception_checkpoint_is_checked_as_the_file_lightning_picks(given, trained, tmp_path, capsys):
     """With an OnExceptionCheckpoint, a fit given no ckpt_path (or `last`) resumes from its file, here one of epoch 0,
     which still holds user 8: refused as that file is."""
