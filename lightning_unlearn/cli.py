@@ -570,11 +570,11 @@ def _cleaning_when_refused(folders: Any, datamodule: RecDataModule, command: str
 _ONCE = ("--requests", "--deletion.requests_file", "--ckpt_path", "--out", "--record")
 
 
-def _refuse_options_given_twice(args: list[str] | None) -> None:
+def _refuse_options_given_twice(args: list[str]) -> None:
     """Refuse ``--requests a.csv --requests b.csv`` (and the other options of :data:`_ONCE`): the parser keeps the last
     one, so the first file's deletion would not be applied, and nothing would say so."""
     for option in _ONCE:
-        given = [arg for arg in (sys.argv[1:] if args is None else args) if arg == option or arg.startswith(f"{option}=")]
+        given = [arg for arg in args if arg == option or arg.startswith(f"{option}=")]
         if len(given) > 1:
             more = " To apply the requests of several files, put them in one file, or run the command once per file." \
                 if "requests" in option else ""
@@ -1177,11 +1177,10 @@ def _subcommand_of(args: list[str] | None) -> str | None:
     return next((a for a in given if a in LightningUnlearnCLI.subcommands()), None)
 
 
-def _refuse_a_recipe_before_the_subcommand(args: list[str] | None) -> None:
+def _refuse_a_recipe_before_the_subcommand(given: list[str]) -> None:
     """``-c FILE`` before the subcommand takes a file with a section per subcommand (LightningCLI's); a recipe, which
     configures one command, is refused there with the command line that runs it, instead of jsonargparse's
     "Option 'trainer...' is not accepted before subcommand" about its first key."""
-    given = sys.argv[1:] if args is None else args
     subcommands = LightningUnlearnCLI.subcommands()
     before = given[:next((i for i, a in enumerate(given) if a in subcommands), len(given))]
     files = [before[i + 1] for i, a in enumerate(before[:-1]) if a in ("-c", "--config")]
@@ -1251,8 +1250,9 @@ def main(args: list[str] | None = None) -> None:
     args = _methods_as_lists(console_args(args))  # `recipes list|copy` ends here; `-c ml100k/mf` becomes the shipped recipe's path
     torch.set_flush_denormal(True)
     try:
-        _refuse_a_recipe_before_the_subcommand(args)
-        _refuse_options_given_twice(args)
+        given = sys.argv[1:] if args is None else args  # console_args rewrote sys.argv when it was given no arguments
+        _refuse_a_recipe_before_the_subcommand(given)
+        _refuse_options_given_twice(given)
         with quiet_third_party_noise():
             LightningUnlearnCLI(
                 Recommender,

@@ -213,10 +213,12 @@ class Recommender(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Each of the Trainer's callbacks that has a ``note_saved_checkpoint(model, checkpoint)`` (an
-        :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback`) notes the checkpoint: Lightning calls the
-        callbacks' own hook only for full checkpoints, this one for ``save_weights_only`` too. A subclass that overrides
-        it calls ``super().on_save_checkpoint(checkpoint)``."""
-        for callback in self._trainer.callbacks if self._trainer is not None else ():
+        :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback`) notes a ``save_weights_only`` checkpoint:
+        Lightning calls the callbacks' own ``on_save_checkpoint`` only for full checkpoints (those with callback state),
+        where they note it themselves. A subclass that overrides it calls ``super().on_save_checkpoint(checkpoint)``."""
+        if self._trainer is None or "callbacks" in checkpoint:  # a full checkpoint: noted by the callbacks' own hook
+            return
+        for callback in self._trainer.callbacks:
             note = getattr(callback, "note_saved_checkpoint", None)
             if callable(note):
                 note(self, checkpoint)

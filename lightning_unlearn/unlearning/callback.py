@@ -494,12 +494,11 @@ class UnlearningCallback(pl.Callback):
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Lightning's hook of full checkpoints: noted here too, for a model whose ``on_save_checkpoint`` does not call
-        ``Recommender``'s (weights-only checkpoints are noted only by that one)."""
+        """Lightning's hook of full checkpoints: noted here (weights-only ones by ``Recommender.on_save_checkpoint``)."""
         self.note_saved_checkpoint(pl_module, checkpoint)
 
     def note_saved_checkpoint(self, model: Recommender, checkpoint: dict[str, Any]) -> None:
-        """Note the parameters of a checkpoint the trainer saves (``epoch=0.ckpt``, ``save_weights_only`` too: the
+        """Note the parameters of a checkpoint the trainer saves (``epoch=0.ckpt``; ``save_weights_only`` ones: the
         model's ``on_save_checkpoint`` calls this): the next request journals them, so that weights loaded from one by
         hand after it are known for an older state (as the weights it was applied to). Kept in this callback's state, so
         a fit resumed from a checkpoint knows the ones saved before it."""
