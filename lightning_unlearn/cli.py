@@ -1039,6 +1039,7 @@ class LightningUnlearnCLI(LightningCLI):
             return None
         state = restore_checkpoint(path, self.model, self.datamodule)
         config["ckpt_path"] = None  # the weights are in the model already: Lightning runs from them as they are
+        _no_checkpoint_of_its_own(self.trainer)
         removed = self.datamodule.state_dict()
         counts = ", ".join(counted(len(removed.get(key, ())), noun)
                            for key, noun in (("train_keys", "training row"), ("users", "user"), ("items", "item")))
@@ -1131,6 +1132,19 @@ class _CarriedUnlearningState(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["unlearning"] = dict(self.state)
+
+
+def _no_checkpoint_of_its_own(trainer: pl.Trainer) -> None:
+    """The trainer's next commands given no ``ckpt_path`` run from the model as it is.
+
+    Lightning otherwise picks a checkpoint by itself: a fit with an ``OnExceptionCheckpoint`` resumes
+    from the newest last or on-exception file, and any command on SLURM from its ``hpc_ckpt_*.ckpt``.
+    After an unlearned checkpoint's weights and removals were restored into the model and the data,
+    that file (e.g. the trained run's ``last.ckpt``) would replace both: the deleted rows trained on again.
+    """
+    connector = trainer._checkpoint_connector
+    parse = connector._parse_ckpt_path
+    connector._parse_ckpt_path = lambda fn, ckpt_path, *args, **kwargs: None if ckpt_path is None else parse(fn, ckpt_path, *args, **kwargs)
 
 
 def _is_unlearned_checkpoint(path: str | os.PathLike) -> bool:

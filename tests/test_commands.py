@@ -124,8 +124,17 @@ def test_evaluating_an_unlearned_checkpoint_applies_its_removals(command, split,
     assert measured[f"{split}/hit@20"] != pytest.approx(stale[f"{split}/hit@20"], abs=1e-6)
 
 
-def test_fit_continues_from_an_unlearned_checkpoint_on_the_retained_data(trained, tmp_path, capsys):
-    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF])
+@pytest.mark.parametrize("beside", ["nothing", "an on-exception checkpoint"])
+def test_fit_continues_from_an_unlearned_checkpoint_on_the_retained_data(beside, trained, tmp_path, capsys):
+    """Lightning resumes a fit given no checkpoint from an OnExceptionCheckpoint's file by itself: here the trained model,
+    which would replace the unlearned weights and removals (the deleted user trained on again)."""
+    saver = []
+    if beside != "nothing":
+        (tmp_path / "oe").mkdir()
+        shutil.copy(trained.best, tmp_path / "oe" / "on_exception.ckpt")
+        saver = [f"--trainer.callbacks+={{class_path: pytorch_lightning.callbacks.OnExceptionCheckpoint, init_args: "
+                 f"{{dirpath: {tmp_path / 'oe'}, filename: on_exception}}}}"]
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), *BRIEF, *saver])
     out = capsys.readouterr().out
     assert "is an unlearned checkpoint" in out and "fresh optimizer" in out and "test/recall@20" in out
     saved = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)
