@@ -494,7 +494,8 @@ def test_no_raw_id_rests_in_any_checkpoint_or_the_journal_and_digests_are_keyed(
                       hashlib.sha256(json.dumps({"pairs": [], "users": [candidate], "items": []}, sort_keys=True).encode()).hexdigest()):
             assert guess not in applied and guess not in journal_text
     assert key not in journal_text and all(key.encode() not in p.read_bytes() for p in written if p.name != "journal.key")
-    assert oct((tmp_path / "unlearning" / "journal.key").stat().st_mode & 0o777) == "0o600"
+    for own in ("journal.key", "journal.jsonl"):  # the journal too: another account could otherwise garble or rewrite it
+        assert oct((tmp_path / "unlearning" / own).stat().st_mode & 0o777) == "0o600", own
     # Lightning's own checkpoints hold the pending requests (epoch 0) or the removals (epoch 1) as indices: private too.
     lightning_checkpoints = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(lightning_checkpoints) == 2

@@ -129,7 +129,7 @@ class Journal:
             entry["hash"] = _content_hash(entry)
             line = (json.dumps(entry, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
             created = not self.path.exists()
-            with open(self.path, "r+b" if not created else "wb") as fh:
+            with os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as fh:  # its owner's, as the key is
                 fh.truncate(end)  # a torn last line (a crash mid-write) was never acknowledged
                 if end:
                     fh.seek(end - 1)
@@ -154,8 +154,7 @@ class Journal:
             (b'', [])
         """
         if not self.path.exists():
-            with open(self.path, "ab"):  # appending: a journal made meanwhile by another process is kept as it is
-                pass
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))  # one made meanwhile is kept as it is
             fsync_directory(self.folder)
 
     def _relative(self, path: str | os.PathLike) -> str:
