@@ -124,12 +124,18 @@ def test_evaluating_an_unlearned_checkpoint_applies_its_removals(command, split,
     assert measured[f"{split}/hit@20"] != pytest.approx(stale[f"{split}/hit@20"], abs=1e-6)
 
 
-@pytest.mark.parametrize("beside", ["nothing", "an on-exception checkpoint"])
-def test_fit_continues_from_an_unlearned_checkpoint_on_the_retained_data(beside, trained, tmp_path, capsys):
-    """Lightning resumes a fit given no checkpoint from an OnExceptionCheckpoint's file by itself: here the trained model,
-    which would replace the unlearned weights and removals (the deleted user trained on again)."""
+@pytest.mark.parametrize("beside", ["nothing", "an on-exception checkpoint", "a SLURM job's checkpoint"])
+def test_fit_continues_from_an_unlearned_checkpoint_on_the_retained_data(beside, trained, tmp_path, capsys, monkeypatch):
+    """Lightning resumes a command given no checkpoint by itself, a fit from an OnExceptionCheckpoint's file and any command
+    in a SLURM job from its hpc_ckpt_*.ckpt: here the trained model, which would replace the unlearned weights (the deleted
+    user trained on again)."""
     saver = []
-    if beside != "nothing":
+    if beside == "a SLURM job's checkpoint":
+        monkeypatch.setenv("SLURM_NTASKS", "1")
+        monkeypatch.setenv("SLURM_JOB_NAME", "refit")
+        shutil.copy(trained.best, tmp_path / "hpc_ckpt_1.ckpt")
+        saver = ["--trainer.default_root_dir", str(tmp_path)]
+    elif beside != "nothing":
         (tmp_path / "oe").mkdir()
         shutil.copy(trained.best, tmp_path / "oe" / "on_exception.ckpt")
         saver = [f"--trainer.callbacks+={{class_path: pytorch_lightning.callbacks.OnExceptionCheckpoint, init_args: "
