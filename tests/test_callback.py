@@ -767,7 +767,7 @@ def test_a_checkpoint_of_another_record_is_theirs_and_one_a_record_cannot_check_
 def test_a_full_checkpoint_is_noted_also_for_a_model_whose_on_save_checkpoint_does_not_call_recommenders(tmp_path, monkeypatch):
     monkeypatch.setattr(MF, "on_save_checkpoint", lambda self, checkpoint: None)  # a user's override without super()
     fit_saving_checkpoints(tmp_path, [5])
-    assert len(journal(tmp_path / "unlearning")[0]["saved"]) == 1  # epoch 0's; epoch 1's is the weights it was applied to
+    assert len(journal(tmp_path / "unlearning")[0]["saved"]) == 2  # the weights it started from and epoch 0's; epoch 1's is the weights it was applied to
 
 
 @pytest.mark.parametrize("weights_only", [False, True])
@@ -778,7 +778,7 @@ def test_weights_of_a_checkpoint_saved_before_a_request_loaded_by_hand_are_refus
     _, model, dm, callback = fit_saving_checkpoints(tmp_path, [5], weights_only)
     first = sorted((tmp_path / "checkpoints").glob("*.ckpt"))[0]
     pending = journal(tmp_path / "unlearning")[0]
-    assert pending["status"] == "pending" and len(pending["saved"]) == 1 and pending["model"] not in pending["saved"]
+    assert pending["status"] == "pending" and len(pending["saved"]) == 2 and pending["model"] not in pending["saved"]
     model.load_state_dict(torch.load(first, weights_only=False)["state_dict"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -816,26 +816,30 @@ def test_evaluating_the_model_in_memory_on_a_datamodule_without_its_removals_is_
     assert getattr(trainer, command)(model, dm, verbose=False)
 
 
-def test_checkpoints_saved_by_an_earlier_fit_with_the_callback_are_known_to_the_fit_resumed_from_them(tmp_path):
-    """A first fit with the callback and no request saves epoch=0.ckpt and last.ckpt; a fit resumed from last.ckpt (a new
-    process: a new callback, its state restored) applies a request: epoch=0.ckpt is an older state of the record too."""
+@pytest.mark.parametrize("first, resumed_from", [("with the callback", "last"), ("with the callback", "epoch=1"),
+                                                  ("without the callback", "epoch=1")])
+def test_checkpoints_saved_by_an_earlier_fit_with_the_callback_are_known_to_the_fit_resumed_from_them(first, resumed_from, tmp_path):
+    """A first fit saves epoch=0, epoch=1 and last.ckpt; a fit resumed from one of them (a new process: a new callback, its
+    state restored if it has one) applies a request: the checkpoints the first fit's callback saw, and the one the resumed
+    fit started from (whose own state was taken before the callback noted it), are older states of the record too."""
     def fit(callback, epochs, ckpt_path=None):
-        saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_top_k=-1, save_last=True)
+        saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="{epoch}", save_top_k=-1, save_last=True)
         trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[callback, saver])
+                             callbacks=[*callback, saver])
         trainer.fit(model, dm, ckpt_path=ckpt_path)
 
     pl.seed_everything(0, verbose=False)
     dm = datamodule()
     model = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
-    fit(UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "unlearning", evaluate=False), 2)
+    fit([UnlearningCallback(FineTune(epochs=1), dirpath=tmp_path / "unlearning", evaluate=False)] if first == "with the callback" else [], 2)
     callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "unlearning",
                                   evaluate=False)
-    fit(callback, 3, ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    fit([callback], 3, ckpt_path=tmp_path / "checkpoints" / f"{resumed_from}.ckpt")
     assert len(callback.reports) == 1
-    first = next((tmp_path / "checkpoints").glob("epoch=0*.ckpt"))
-    model.load_state_dict(torch.load(first, weights_only=False)["state_dict"])
-    callback.request(DeletionRequest(users=[6]))
-    with pytest.raises(StaleCheckpoint, match="are those request entry 0 .* an older state"):
-        callback.apply_pending(model, dm)
+    for older in ("epoch=0", "epoch=1") if first == "with the callback" else ("epoch=1",):
+        model.load_state_dict(torch.load(tmp_path / "checkpoints" / f"{older}.ckpt", weights_only=False)["state_dict"])
+        callback.request(DeletionRequest(users=[6]))
+        with pytest.raises(StaleCheckpoint, match="are those request entry 0 .* an older state"):
+            callback.apply_pending(model, dm)
+        callback._queue.clear()
 

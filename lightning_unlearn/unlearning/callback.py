@@ -391,6 +391,8 @@ class UnlearningCallback(pl.Callback):
         spent, not at ``on_train_end``.
         """
         self._train_ended = False
+        # the parameters it starts from (restored from ckpt_path, whose own state was taken before this callback noted it)
+        self._saved.add(model_digest(pl_module))
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
