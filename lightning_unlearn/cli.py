@@ -206,6 +206,7 @@ class UnlearningTrainer(pl.Trainer):
             print(f"[unlearn] {report.method}: {report.rows_removed} rows removed in {report.seconds:.3f} s")
         if not reports:  # given again: recognised (the checkpoint records it), never applied twice
             print(f"[unlearn] the request of {requests} is already applied in {dirpath}: nothing applied again")
+            clean_recommendations(datamodule, "unlearn")  # the run it resumes may have stopped before its cleaning
         print(f"[unlearn] journal: {callback.journal.path}")
         if log_artifacts and reports:
             journal = callback.journal
@@ -1040,6 +1041,7 @@ class LightningUnlearnCLI(LightningCLI):
         state = restore_checkpoint(path, self.model, self.datamodule)
         config["ckpt_path"] = None  # the weights are in the model already: Lightning runs from them as they are
         _no_checkpoint_of_its_own(self.trainer)
+        clean_recommendations(self.datamodule, self.subcommand)  # what a run stopped before its cleaning left
         removed = self.datamodule.state_dict()
         counts = ", ".join(counted(len(removed.get(key, ())), noun)
                            for key, noun in (("train_keys", "training row"), ("users", "user"), ("items", "item")))

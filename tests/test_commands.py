@@ -744,6 +744,29 @@ def test_a_fit_whose_callback_stopped_before_its_cleaning_is_cleaned_after_by_th
     assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
 
 
+@pytest.mark.parametrize("then", ["unlearn of the same request from its latest state", "test", "validate"])
+def test_an_unlearn_stopped_before_its_cleaning_is_cleaned_after_by_what_resumes_from_its_latest_state(then, trained, tmp_path, capsys,
+                                                                                                     monkeypatch):
+    """unlearn's stop message advises running it again from the record's latest state: the request is recognised as applied
+    (nothing queued then), and the deleted user must still leave predict's files; so must an evaluation of that state."""
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--requests", "user8.csv", "--method", "FineTune", "--out", "line"]
+    with monkeypatch.context() as patch:  # stopped before its cleaning
+        patch.setattr(callback_module, "clean_recommendations", lambda *args, **kwargs: None)
+        main([*unlearn, "--ckpt_path", str(best)])
+    assert any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
+    latest = str(journal_of(tmp_path / "line").last_checkpoint())
+    if then == "unlearn of the same request from its latest state":
+        main([*unlearn, "--ckpt_path", latest])
+        assert "already applied" in capsys.readouterr().out and journal_of(tmp_path / "line").applied_count() == 1
+    else:
+        main([then, "-c", str(trained.recipe), "--ckpt_path", latest])
+    assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
+
+
 def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(trained, tmp_path, capsys):
     """Two unlearn processes from one trained model, started together, each found no other line and left out what the
     other deleted: the second is refused while the first checks, applies and notes its line (the machine's lock)."""
