@@ -918,6 +918,13 @@ class LightningUnlearnCLI(LightningCLI):
         if getattr(self.trainer, "optimizer_init", None) is not None:
             print(f"[{self.subcommand}] --optimizer is not used: {self.subcommand} trains nothing")
 
+    def before_unlearn(self) -> None:
+        self._local_checkpoint()
+
+    def before_compare(self) -> None:
+        if self.config_init[self.subcommand].get("ckpt_path"):  # none: compare trains the original itself
+            self._local_checkpoint()
+
     def before_predict(self) -> None:
         """``predict`` recommends from a checkpoint: without one, the model is the untrained one the recipe builds."""
         self._note_unused_optimizer()
@@ -982,8 +989,8 @@ class LightningUnlearnCLI(LightningCLI):
                 f"{self.subcommand} --ckpt_path {path}: a checkpoint elsewhere cannot be checked against the deletion records "
                 f"beside it and on this machine, so it could bring deleted rows back. Copy it here (beside its run's "
                 f"`unlearning/` folder, if it has one) and give its path.")
-        if "://" in str(path) or str(path).startswith("~"):
-            config["ckpt_path"] = local  # Lightning loads the same file; the checks below see it
+        if os.path.normpath(local) != os.path.abspath(str(path)):  # `file:`, `local:`, `~`: Lightning loads the same file
+            config["ckpt_path"] = local  # and the checks below see it
 
     def _checkpoint_file(self, path: str | None) -> Path | None:
         """The checkpoint file ``--ckpt_path`` names here: a path, or ``last`` as Lightning finds it (the newest

@@ -589,7 +589,7 @@ COMMANDS_FROM_A_CHECKPOINT = (["predict", "--out", "recs.csv"], ["fit", *BRIEF],
                               ["unlearn", "--method", "FineTune", "--requests", "user9.csv", "--out", "second"])
 
 
-@pytest.mark.parametrize("spelt", ["a path", "a file:// URL", "a path under ~", "hpc"])
+@pytest.mark.parametrize("spelt", ["a path", "a file:// URL", "a file: URL", "a local: URL", "a path under ~", "hpc"])
 def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_against_it_by_its_data(spelt, trained, tmp_path, capsys,
                                                                                                     monkeypatch):
     """epoch=0.ckpt still holds user 8, whom the line from epoch=1.ckpt deleted: predicting, training, evaluating or starting
@@ -599,10 +599,10 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copy(older, older.parent / "hpc_ckpt_1.ckpt")  # a SLURM job's checkpoint, in the trainer's folder
     root = ["--trainer.default_root_dir", str(older.parent)] if spelt == "hpc" else []
-    given = {"a path": str(older), "a file:// URL": f"file://{older}", "a path under ~": "~/run/checkpoints/epoch=0.ckpt",
-             "hpc": "hpc"}[spelt]
+    given = {"a path": str(older), "a file:// URL": f"file://{older}", "a file: URL": f"file:{older}", "a local: URL": f"local:{older}",
+             "a path under ~": "~/run/checkpoints/epoch=0.ckpt", "hpc": "hpc"}[spelt]
     capsys.readouterr()
-    for command in COMMANDS_FROM_A_CHECKPOINT[:-1 if spelt != "a path" else None]:  # unlearn takes a path only
+    for command in COMMANDS_FROM_A_CHECKPOINT:
         with pytest.raises(SystemExit) as exit_info:
             main([command[0], "-c", str(trained.recipe), "--ckpt_path", given, *command[1:], *root])
         err = capsys.readouterr().err
