@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dis
 import errno
@@ -41,6 +42,7 @@ from lightning_unlearn.recommendations import (
     write_recommendations,
 )
 from lightning_unlearn.record_checks import (
+    check_against_the_run,
     default_unlearning_folder,
     folder_of_key,
     lines_from,
@@ -817,6 +819,9 @@ class LightningUnlearnCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.subcommand is None:
             return
+        # a checkpoint given (also a copy of one elsewhere) is checked against the record of the run the recipe writes too
+        check_against_the_run([saver.dirpath for saver in self.trainer.callbacks
+                               if isinstance(saver, ModelCheckpoint | OnExceptionCheckpoint) and saver.dirpath])
         try:
             dumped = self.parser.dump(self.config, skip_unset=False, skip_link_targets=False)
         except TypeError:  # jsonargparse < 4.49 calls it skip_none
@@ -1277,7 +1282,8 @@ def main(args: list[str] | None = None) -> None:
         _refuse_a_recipe_before_the_subcommand(given)
         _refuse_options_given_twice(given)
         with quiet_third_party_noise():
-            LightningUnlearnCLI(
+            contextvars.copy_context().run(  # the run its checkpoints are checked against is this command's (check_against_the_run)
+                LightningUnlearnCLI,
                 Recommender,
                 RecDataModule,
                 trainer_class=UnlearningTrainer,

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -40,7 +41,7 @@ from lightning_unlearn.unlearning.record import (
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
-__all__ = ["default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
+__all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
            "named_record", "records_of_its_run", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
@@ -169,14 +170,38 @@ def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], comma
         f"{command} cannot check that the checkpoint holds the deletions recorded there since. If it was moved, {advice}.")
 
 
+_RUN_CHECKPOINTS: ContextVar[tuple[Path, ...]] = ContextVar("run_checkpoints", default=())
+
+
+def check_against_the_run(folders: Iterable[str | os.PathLike]) -> None:
+    """From now on (in the current context), every checkpoint is checked against the record of the run whose checkpoint folders are
+    ``folders`` too, as if it were beside them.
+
+    The command line gives its recipe's ``ModelCheckpoint`` and ``OnExceptionCheckpoint`` folders: a copy of one of the
+    run's checkpoints elsewhere (copied out to serve, a SLURM job's ``hpc_ckpt_*.ckpt`` in the working directory) is
+    then checked against what the run's record and the lines started from it deleted.
+
+    Example:
+        >>> import contextvars
+        >>> def beside():
+        ...     check_against_the_run(["/srv/runs/ml100k_mf/checkpoints"])
+        ...     return sorted(p.as_posix() for p in records_beside("/tmp/copied/best.ckpt"))
+        >>> contextvars.copy_context().run(beside)
+        ['/srv/runs/ml100k_mf/unlearning', '/tmp/unlearning']
+    """
+    _RUN_CHECKPOINTS.set(tuple(Path(os.path.abspath(folder)) for folder in folders))
+
+
 def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
-    """The record beside a checkpoint: beside the file it resolves to, and beside a link itself (git-annex, DVC).
+    """The record beside a checkpoint: beside the file it resolves to, and beside a link itself (git-annex, DVC); and that of
+    the run :func:`check_against_the_run` names.
 
     Example:
         >>> sorted(p.as_posix() for p in records_beside("/srv/runs/ml100k_mf/checkpoints/best.ckpt"))
         ['/srv/runs/ml100k_mf/unlearning']
     """
-    return {default_unlearning_folder(ckpt_path), unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
+    return ({default_unlearning_folder(ckpt_path), unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
+            | {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()})
 
 
 def records_of_its_run(ckpt_path: str | os.PathLike) -> set[Path]:

@@ -284,9 +284,12 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
     main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}"])  # ckpt/best.ckpt holds the request queued
-    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    # the copy's own run (its recipe's checkpoint folder): with the first recipe it would be a checkpoint of that one's run
+    own = tmp_path / "run2.yaml"
+    own.write_text(trained.recipe.read_text().replace("dirpath: ckpt", f"dirpath: {tmp_path / 'run2' / 'checkpoints'}"))
     for record, checkpoint in ((tmp_path / "run" / "unlearning", best), (tmp_path / "unl", tmp_path / "ckpt" / "best.ckpt"),
                                (tmp_path / "quick", elsewhere)):  # the quick start's --out: a line noted beside the checkpoint
+        unlearn = ["unlearn", "-c", str(trained.recipe if checkpoint != elsewhere else own), "--method", "FineTune"]
         if record == tmp_path / "quick":  # on another machine: the copy finds the lines of the first only beside itself
             monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "another machine"))
         main([*unlearn, "--ckpt_path", str(journal_of(record).last_checkpoint() or checkpoint), "--requests", "user8.csv",
@@ -302,6 +305,7 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
         assert (note.read_bytes() if note.exists() else None) == noted and (record != tmp_path / "quick" or noted)  # nor noted
         main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "both.csv", "--out", f"{record.name}-again"])  # deletes it all
         main([*unlearn, "--ckpt_path", str(checkpoint), "--requests", "user9.csv", "--out", f"{record.name}-branch", "--branch", "true"])
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
     body = "methods: [{class_path: lightning_unlearn.unlearning.FineTune}]\ndeletion: {kind: interactions, count: 5, seed: 0}\nout: cmp\n"
     main(["compare", "-c", str(recipe(tmp_path / "compare.yaml", trained.data_file, body)), "--ckpt_path", str(best), *BRIEF])
     assert f"[compare] {tmp_path / 'run' / 'unlearning'} records 1 deletion applied" in capsys.readouterr().out  # said, not silent
@@ -610,6 +614,32 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
+@pytest.mark.parametrize("copy", ["copied out", "a SLURM job's checkpoint in the working directory"])
+def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_the_runs_record(copy, trained, tmp_path, capsys):
+    """unlearn deleted user 8 from the run's epoch=1.ckpt (in the recipe's checkpoint folder, ckpt/); a copy of its epoch=0.ckpt
+    elsewhere has no record beside it, nor a line started from its parameters, but with this recipe it is a checkpoint of that
+    run: every command refuses it by its data, which still holds user 8."""
+    (tmp_path / "ckpt").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "ckpt" / "epoch=1.ckpt")
+    older = torch.load(trained.best, weights_only=False)
+    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
+    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
+    for name, ids in (("user8", "8"), ("user9", "9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
+    (tmp_path / "serving" / "models").mkdir(parents=True)  # not beside the run's folders: its own record would be serving/unlearning
+    given = shutil.copy(tmp_path / "ckpt" / "epoch=0.ckpt", tmp_path / "serving" / "models" / "best.ckpt") if copy == "copied out" else "hpc"
+    if copy != "copied out":
+        shutil.copy(tmp_path / "ckpt" / "epoch=0.ckpt", tmp_path / "hpc_ckpt_1.ckpt")
+    capsys.readouterr()
+    for command in COMMANDS_FROM_A_CHECKPOINT:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(given), *command[1:]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and str(tmp_path / "unlearning") in err, (command, err)
+    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+
+
 @pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]], ids=["none given", "last"])
 def test_a_fit_resumed_from_an_on_exception_checkpoint_is_checked_as_the_file_lightning_picks(given, trained, tmp_path, capsys):
     """With an OnExceptionCheckpoint, a fit given no ckpt_path (or `last`) resumes from its file, here one of epoch 0,
@@ -737,8 +767,8 @@ def test_a_fit_whose_callback_stopped_before_its_cleaning_is_cleaned_after_by_th
     assert any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
     if then == "the same fit again":
         with pytest.raises(SystemExit) as exit_info:
-            main([*fit, "--ckpt_path", str(best)])
-        assert exit_info.value.code == 2 and "already holds 1 applied request" in capsys.readouterr().err
+            main([*fit, "--ckpt_path", str(best)])  # the weights the first fit started from: an older state of the record
+        assert exit_info.value.code == 2 and "are those request entry 0 of the journal" in capsys.readouterr().err
     else:
         main([*fit, "--ckpt_path", str(journal_of(tmp_path / "own").last_checkpoint()), "--trainer.max_epochs=1"])
     assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
