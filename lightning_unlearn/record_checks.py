@@ -207,14 +207,15 @@ def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
 def records_of_its_run(ckpt_path: str | os.PathLike) -> set[Path]:
     """The record beside a checkpoint and the lines of deletions (`unlearn --out`) noted there, from whichever checkpoint of its run.
 
-    The data of every checkpoint of a run holds what each of them deleted, unless it was fitted from one of their states:
+    The data of every checkpoint of a run holds what each of them deleted, unless it was fitted from one of their states
+    (a branch, a line started apart on purpose, binds only the checkpoint it was started from: :func:`lines_from`):
     an older checkpoint of the run (``epoch=0.ckpt`` beside the ``epoch=1.ckpt`` a line was started from) is checked
     against those lines by its data, as against the record beside it. A line whose journal is gone is
     :func:`lines_from`'s to name.
     """
     besides = records_beside(ckpt_path)
     return besides | {Path(line["record"]) for folder in besides for line in lines_of(folder)
-                      if (Path(line["record"]) / JOURNAL_FILE).is_file()}
+                      if not line.get("branch") and (Path(line["record"]) / JOURNAL_FILE).is_file()}
 
 
 @contextlib.contextmanager
@@ -240,7 +241,7 @@ def one_line_at_a_time(digest: str) -> Iterator[None]:
         yield
 
 
-def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> None:
+def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, branch: bool = False) -> None:
     """Before ``unlearn`` applies requests into ``dirpath`` from a checkpoint no request was applied to yet: note the line
     on this machine
     (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
@@ -252,6 +253,7 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> N
         ckpt_path: the checkpoint the requests are applied from.
         dirpath: the record they go into (made by ``UnlearningCallback.check``); its journal is started here, empty.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they are applied to.
+        branch: a line started apart on purpose (``--branch``): it binds the checkpoint, not the other ones of its run.
     """
     journal_of(dirpath).start()  # there from the note on, even empty: a noted line without it is gone
     folders = [(machine_lines_folder(), False)]
@@ -259,7 +261,7 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str) -> N
         folders.append((unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent), True))
     for folder, relative in folders:
         try:
-            note_a_line(folder, dirpath, digest, relative=relative)
+            note_a_line(folder, dirpath, digest, relative=relative, branch=branch)
         except OSError as err:
             print(f"[unlearn] {folder} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not "
                   f"noted there, so `unlearn` and `predict` from {ckpt_path} (or a copy of it) may not find it.", file=sys.stderr)
@@ -296,7 +298,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         for line in lines_of(folder):
             if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
                 moved.add(moved_to)  # the line, moved: checked where it is now
-            else:
+            elif line.get("model") == digest or not line.get("branch"):  # a branch binds only the checkpoint it started from
                 noted.append((folder, Path(line["record"]), line.get("model") == digest))
     beside = {line for _, line, from_it in noted if from_it} | moved
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}

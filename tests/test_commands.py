@@ -640,6 +640,28 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
+def test_a_branch_started_from_another_checkpoint_of_the_run_does_not_hold_back_the_runs_own_record(trained, tmp_path, capsys):
+    """The run's record deleted user 8 from epoch=1.ckpt; a branch (--branch true, a separate line on purpose) deleted user 9
+    from epoch=0.ckpt. The run's record goes on from its latest state, whether the branch is there or was removed."""
+    older = a_line_from_the_last_epoch(trained, tmp_path)  # writes the run's epoch=0 and epoch=1.ckpt, users' request files
+    shutil.rmtree(tmp_path / "line")
+    (older.parent.parent / "unlearning" / "lines.jsonl").unlink()
+    (tmp_path / "user7.csv").write_text("user\n7\n")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(older.parent / "epoch=1.ckpt"),
+          "--requests", "user8.csv"])  # into the run's own record, run/unlearning, where lines from its checkpoints are noted
+    record = tmp_path / "run" / "unlearning"
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(older), "--requests", "user9.csv",
+          "--out", "exp", "--branch", "true"])
+    for removed in (False, True):
+        if removed:
+            shutil.rmtree(tmp_path / "exp")  # a finished experiment
+        latest = str(journal_of(record).last_checkpoint())
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", latest, "--out", "recs.csv"])
+        main(["test", "-c", str(trained.recipe), "--ckpt_path", latest])
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", latest, "--requests", "user7.csv"])
+    assert journal_of(record).applied_count() == 2
+
+
 @pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]], ids=["none given", "last"])
 def test_a_fit_resumed_from_an_on_exception_checkpoint_is_checked_as_the_file_lightning_picks(given, trained, tmp_path, capsys):
     """With an OnExceptionCheckpoint, a fit given no ckpt_path (or `last`) resumes from its file, here one of epoch 0,

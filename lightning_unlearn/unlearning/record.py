@@ -292,7 +292,7 @@ def machine_lock(name: str, busy: str, wait: bool = False) -> Iterator[OSError |
         yield error
 
 
-def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False) -> None:
+def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False, branch: bool = False) -> None:
     """Note in ``folder`` (the record beside a trained checkpoint) that ``record`` is a line of deletions started from the
     parameters whose :func:`~lightning_unlearn.models.functional.model_digest` is ``digest``: a later command from that
     checkpoint finds the line there, wherever ``record`` is, and its key's :func:`key_id` (which record it is, if it is
@@ -302,6 +302,8 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     last line is skipped when read.
 
     With ``relative``, ``record`` is noted relative to ``folder`` (beside a checkpoint: the project's folder can move whole).
+    With ``branch``, the line was started on purpose apart from the others (``--branch``): it binds only the checkpoint
+    it was started from, not the other checkpoints of its run.
 
     Raises:
         OSError: ``folder`` cannot be written (a read-only model folder, say): the caller decides what that costs.
@@ -309,7 +311,8 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     record = Path(record).resolve()
     noted = os.path.relpath(record, Path(folder).resolve()) if relative else str(record)
     key = key_id(journal_of(record))  # which record it is, wherever it is moved (``predict --record``)
-    append_note(Path(folder) / LINES_FILE, {"record": noted, "model": digest, **({"key_id": key} if key else {})})
+    append_note(Path(folder) / LINES_FILE, {"record": noted, "model": digest, **({"key_id": key} if key else {}),
+                                            **({"branch": True} if branch else {})})
 
 
 def lines_of(folder: str | os.PathLike, digest: str | None = None) -> list[dict[str, str]]:
