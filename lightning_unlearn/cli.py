@@ -583,6 +583,31 @@ def _refuse_options_given_twice(args: list[str]) -> None:
                 if "requests" in option else ""
             raise OptionRefused(f"{option} was given {len(given)} times, and a command takes one (only the last would be "
                                 f"used).{more}")
+    sources = _request_files_given(args)
+    if len(sources) > 1:
+        raise OptionRefused(f"request files were given {len(sources)} times ({', '.join(sources)}), and a command takes one: "
+                            f"the last replaces the others, whose deletions would not be applied. Put the requests in one file, "
+                            f"or run the command once per file.")
+
+
+def _request_files_given(args: list[str]) -> list[str]:
+    """Where the command line gives a request file: each ``--requests`` / ``--deletion.requests_file``, and each ``-c``
+    file that sets one (``requests:``, ``deletion: {requests_file: ...}``; in a file before the subcommand, in its section)."""
+    options = ("--requests", "--deletion.requests_file")
+    found = [arg.split("=", 1)[0] for arg in args if any(arg == o or arg.startswith(f"{o}=") for o in options)]
+    command = _subcommand_of(args)
+    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")] + [a.split("=", 1)[1] for a in args
+                                                                                      if a.startswith("--config=")]
+    for name in files:
+        try:
+            config = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # LightningCLI says what is wrong with it
+        section = config.get(command, config) if isinstance(config, dict) else None
+        deletion = section.get("deletion") if isinstance(section, dict) else None
+        if isinstance(section, dict) and (section.get("requests") or isinstance(deletion, dict) and deletion.get("requests_file")):
+            found.append(f"-c {name}")
+    return found
 
 
 def _named(state: dict[str, Any]) -> set[Path]:
