@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -428,3 +429,13 @@ def test_table_cells_keep_a_space_between_columns_for_any_number():
         cell = _cell(value)
         assert len(cell) == 12 and cell[0] == " ", (value, cell)
     assert float(_cell(-6.00003268376666e9)) == pytest.approx(-6.0e9) and _cell(0.5).strip() == "0.5000"
+
+
+def test_whole_users_add_the_item_rank_gap_to_the_table_and_the_csv(small_compare, tmp_path):
+    """For whole users the figure to read is gap_item: printed, and written to compare.csv alike."""
+    result = small_compare([Retrain(), FineTune(epochs=1, lr=1e-3)], tmp_path, deletion=DeletionSpec(kind="users", count=2))
+    assert "gap_item" in format_table(result).splitlines()[0]
+    write_outputs(result, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
+    assert [float(row["gap_item"]) for row in rows] == \
+        pytest.approx([m["completeness"]["gap_closed_item_rank"] for m in result["methods"]], rel=1e-6)

@@ -497,14 +497,18 @@ def _hardware(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- output
-def columns(k: int = 20) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
+def columns(k: int = 20, kind: str | None = None) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
     """The table's and ``compare.csv``'s columns, ``(name, figure of a method's entry)``; the top-``k`` ones at ``compare``'s ``k``.
+
+    For whole users (``kind="users"``) ``gap_item`` comes after the utility: the figure to read for them (DESIGN.md).
 
     Example:
         >>> [name for name, _ in columns(10)][7:11]
         ['gap_top10', 'gap_mia', 'overlap@10', 'overlap_aff']
+        >>> [name for name, _ in columns(20, "users")][4:7]
+        ['ndcg@20', 'gap_item', 'gap_rank']
     """
-    return [
+    shown = [
         ("method", lambda m: m["name"]),
         ("seconds", lambda m: m["seconds"]),
         ("speedup", lambda m: m["speedup_vs_retrain"]),
@@ -520,13 +524,14 @@ def columns(k: int = 20) -> list[tuple[str, Callable[[dict[str, Any]], Any]]]:
         ("param_dist", lambda m: m["completeness"]["param_distance_rel"]),
         ("peak_MB", lambda m: None if m.get("peak_mb") is None else round(m["peak_mb"])),
     ]
+    if kind == "users":
+        shown.insert(5, ("gap_item", lambda m: m["completeness"].get("gap_closed_item_rank")))
+    return shown
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The comparison as a fixed-width text table (one row per method, plus the original)."""
-    shown = columns(result.get("k", 20))
-    if result["deletion"]["kind"] == "users":  # the figure to read for whole users (DESIGN.md)
-        shown = [*shown[:5], ("gap_item", lambda m: m["completeness"].get("gap_closed_item_rank")), *shown[5:]]
+    shown = columns(result.get("k", 20), result["deletion"]["kind"])
     width = max([18, *(len(m["name"]) + 2 for m in result["methods"])])
     header = "".join(f"{name:>12}" if i else f"{name:<{width}}" for i, (name, _) in enumerate(shown))
     lines = [header]
@@ -575,7 +580,7 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     write_whole(json_path, json.dumps(result, indent=2, default=_plain))
     rows = io.StringIO(newline="")
     writer = csv.writer(rows)
-    written = columns(result.get("k", 20))
+    written = columns(result.get("k", 20), result["deletion"]["kind"])
     writer.writerow([name for name, _ in written])
     for method in result["methods"]:
         writer.writerow([fn(method) for _, fn in written] if is_measured(method)
