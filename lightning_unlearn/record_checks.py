@@ -150,10 +150,12 @@ def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], comma
     Raises:
         StaleCheckpoint: the named record is gone (moved elsewhere, deleted, re-created empty): what was deleted there
             since cannot be checked.
+        JournalCorrupted: the named record is there but lost its key.
     """
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     if not named or _holds_key(Path(named), named_key):
         return Path(named) if named else None
+    journal_of(named).refuse_a_lost_key()  # its journal is there, its key not: said so, not "gone"
     if named_key is not None and any(_holds_key(b, named_key) for b in records_beside(ckpt_path)):
         return None
     # the project's root moved from parts[:i] (gone: a moved project, not a copy or a backup beside it) to a folder above
