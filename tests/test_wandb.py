@@ -579,14 +579,18 @@ def test_other_loggers_get_the_per_method_figures_at_the_method_position(tmp_pat
     assert "compare/IFRU(k_hop=0)/overlap@20" not in values  # non-finite figures are left out, not logged as NaN
 
 
-def test_wandb_gets_per_method_figures_in_the_summary_and_charts_with_their_specs(tmp_path):
-    """log_comparison alone, on an offline run (no CLI, no data): what the W&B workspace is built from."""
+@pytest.mark.parametrize("fit_seconds", [3.0, None], ids=["fitted", "loaded from a checkpoint"])
+def test_wandb_gets_per_method_figures_in_the_summary_and_charts_with_their_specs(fit_seconds, tmp_path):
+    """log_comparison alone, on an offline run (no CLI, no data): what the W&B workspace is built from. An original loaded
+    from --ckpt_path has no fit seconds: no key, not a null."""
     import wandb
     from pytorch_lightning.loggers import WandbLogger
 
     wandb.finish()  # a run an earlier test left open would be reused by WandbLogger
     logger = WandbLogger(project="lightning-unlearn-tests", offline=True, save_dir=str(tmp_path))
-    log_comparison([logger], fake_result())
+    result = fake_result()
+    result["original"]["fit_seconds"] = fit_seconds
+    log_comparison([logger], result)
     folder = Path(logger.experiment.dir).parent
     logger.experiment.finish()
     records = finished_records(next(folder.glob("run-*.wandb")))
@@ -596,6 +600,7 @@ def test_wandb_gets_per_method_figures_in_the_summary_and_charts_with_their_spec
     assert summary["compare/IFRU(k_hop=0)/gap_closed_rank"] == 0.98 and summary["compare/IFRU(k_hop=0)/speedup_vs_retrain"] == 20.0
     assert "compare/IFRU(k_hop=0)/overlap@20" not in summary  # non-finite: left out
     assert summary["compare/headline_completeness"] == "gap_closed_rank" and summary["compare/original/recall@20"] == 0.3
+    assert summary.get("compare/original/fit_seconds", "absent") == (fit_seconds or "absent")
     assert len(history) == 1 and not method_keys(history[0])  # one row: the table and the charts' tables
     assert {"compare/table", "compare/chart/recall_vs_seconds_table"} <= set(history[0])
     check_comparison_charts(comparison_panels(run_config(records)), folder / "files", records)

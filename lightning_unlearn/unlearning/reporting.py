@@ -387,12 +387,13 @@ def log_comparison(loggers: Iterable[Logger], result: Mapping[str, Any]) -> None
         if not getattr(run, "disabled", False):
             _save_chart_specs(run)
         original = result["original"]
-        run.summary.update({
+        summary = {
             "compare/headline_completeness": headline_completeness(result),
             "compare/original/recall@20": _finite(original["utility"].get("recall@20")),
             "compare/original/grad_norm": _finite(original["grad_norm"]),
-            "compare/original/fit_seconds": _finite(original["fit_seconds"]),
-        })
+            "compare/original/fit_seconds": _finite(original["fit_seconds"]),  # none for an original loaded from --ckpt_path
+        }
+        run.summary.update({key: value for key, value in summary.items() if value is not None})  # as in the table: no figure, no key
 
 
 def plot_comparison(result: Mapping[str, Any], path: str | os.PathLike | None = None) -> Any:
