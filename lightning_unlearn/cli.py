@@ -176,7 +176,7 @@ class UnlearningTrainer(pl.Trainer):
                           f"UnlearningCallback of its fit): applied first, then the request of {requests}")
             callback.read_requests_file()
             digest = model_digest(model)  # the parameters the requests are applied to
-            with one_line_at_a_time(digest):  # checked and noted while no other process starts a line from it
+            with one_line_at_a_time(digest, ckpt_path):  # checked and noted while no other process starts a line from it
                 # refused: a process killed before its cleaning left what predict wrote (check()'s recovery may close its request)
                 with _cleaning_when_refused({dirpath} | records_of_its_run(ckpt_path) | _named(state), datamodule, "unlearn"):
                     if not branch:  # before check(), which starts the folder

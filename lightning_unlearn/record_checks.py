@@ -221,26 +221,51 @@ def records_of_its_run(ckpt_path: str | os.PathLike) -> set[Path]:
 
 
 @contextlib.contextmanager
-def one_line_at_a_time(digest: str) -> Iterator[None]:
-    """``unlearn`` from the parameters whose digest is ``digest``, one process at a time on this machine.
+def one_line_at_a_time(digest: str, ckpt_path: str | os.PathLike | None = None) -> Iterator[None]:
+    """``unlearn`` from the parameters whose digest is ``digest`` (the file ``ckpt_path``), one process at a time.
 
     Two processes that start lines of deletions from one trained model at once would each find no
     other line, and each leave out what the other deletes. The block holds a lock of the machine's
     (in :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`) from the check of the
-    other lines until its own is applied and noted. A machine folder that cannot be written
-    costs the lock, not the command: it says so.
+    other lines until its own is applied and noted, and one on the checkpoint file itself, which
+    processes with other machine folders (``$LIGHTNING_UNLEARN_HOME``) share. A machine folder that
+    cannot be written costs its lock, not the command: it says so.
 
     Args:
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters.
+        ckpt_path: the checkpoint they were read from.
 
     Raises:
-        FolderLocked: another process is applying requests from the same parameters.
+        FolderLocked: another process is applying requests from the same parameters (or the same checkpoint file).
     """
-    with machine_lock(digest[:32], "applying deletion requests from the same model's parameters") as error:
+    with machine_lock(digest[:32], "applying deletion requests from the same model's parameters") as error, \
+            _checkpoint_held(ckpt_path):
         if error is not None:
             print(f"[unlearn] {machine_lines_folder()} cannot be written ({error.strerror}): another process may start a line "
                   f"of deletions from the same model at the same time unnoticed.", file=sys.stderr)
         yield
+
+
+@contextlib.contextmanager
+def _checkpoint_held(path: str | os.PathLike | None) -> Iterator[None]:
+    """An advisory lock on the checkpoint file itself while the block runs (opened read-only: nothing is written beside it)."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here (Windows): the machine's lock alone
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderLocked(f"another process is applying deletion requests from {path}: wait for it to finish, then run "
+                               f"this command again (it is checked against the line that one started).") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, branch: bool = False) -> None:

@@ -7,6 +7,7 @@ those checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import importlib.util
@@ -836,9 +837,13 @@ def test_a_record_that_lost_its_key_is_said_so_by_every_command_from_its_latest_
         assert exit_info.value.code == 2 and "line/journal.key is gone" in err, (command, err)
 
 
-def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(trained, tmp_path, capsys):
+@pytest.mark.parametrize("first", ["this machine's folder", "another machine folder"])
+def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(first, trained, tmp_path, capsys):
     """Two unlearn processes from one trained model, started together, each found no other line and left out what the
-    other deleted: the second is refused while the first checks, applies and notes its line (the machine's lock)."""
+    other deleted: the second is refused while the first checks, applies and notes its line (the machine's lock, and
+    one on the checkpoint file, which a first process with another $LIGHTNING_UNLEARN_HOME holds too)."""
+    import fcntl
+
     from lightning_unlearn.models.functional import model_digest
     from lightning_unlearn.unlearning.journal import exclusive
 
@@ -847,11 +852,17 @@ def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(train
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     digest = model_digest(restored(trained, best, removals=False)[0])
     unlearn = ["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"]
-    with exclusive(tmp_path / "machine" / "locks" / f"{digest[:32]}.lock", "the first"):  # as the first process holds it
+    with contextlib.ExitStack() as held:  # as the first process holds them
+        held.enter_context(exclusive(tmp_path / ("machine" if first == "this machine's folder" else "other") / "locks" /
+                                     f"{digest[:32]}.lock", "the first"))
+        handle = held.enter_context(open(best, "rb"))
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit) as exit_info:
             main([*unlearn, "--out", "second"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and f"process {os.getpid()} is applying deletion requests from the same model's parameters" in err
+    said = (f"process {os.getpid()} is applying deletion requests from the same model's parameters" if first == "this machine's folder"
+            else f"another process is applying deletion requests from {best}")
+    assert exit_info.value.code == 2 and said in err
     assert not (tmp_path / "second").exists()  # nothing written
     main([*unlearn, "--out", "second"])  # once it is done
     assert journal_of(tmp_path / "second").applied_count() == 1
