@@ -44,12 +44,12 @@ from lightning_unlearn.recommendations import (
 from lightning_unlearn.record_checks import (
     check_against_the_run,
     default_unlearning_folder,
+    deletes_again,
     folder_of_key,
     lines_from,
     named_record,
     note_the_line,
     one_line_at_a_time,
-    records_beside,
     records_of,
     records_of_its_run,
     refuse_a_second_line,
@@ -298,12 +298,16 @@ class UnlearningTrainer(pl.Trainer):
             trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
             self._check_deletion(datamodule, deletion)  # on the data without what the checkpoint removed
             digest = model_digest(model)
-            for folder in sorted(records_beside(ckpt_path) | lines_from(ckpt_path, digest, "compare")):
+            for folder in sorted(records_of_its_run(ckpt_path) | lines_from(ckpt_path, digest, "compare")):
                 record = journal_of(folder)
-                if record.path.is_file() and applied_to(record, digest):  # this model is an older state of that record
+                latest = record.last_checkpoint() if record.path.is_file() else None
+                if latest is None:
+                    continue
+                same_data, covered = deletes_again(latest, datamodule)
+                if applied_to(record, digest) or (same_data and not covered):  # an older state of that record, or its run's
                     print(f"[compare] {folder} records {counted(record.applied_count(), 'deletion')} applied to this "
-                          f"checkpoint's model: this comparison runs on that model and its data, which still hold their rows. "
-                          f"Compare from that record's latest state ({record.last_checkpoint()}) to leave them out.")
+                          f"checkpoint's model or its run: this comparison runs on a model and data that still hold their "
+                          f"rows. Compare from that record's latest state ({latest}) to leave them out.")
             if isinstance(trained_epochs, int) and recipe.max_epochs is not None and 0 <= recipe.max_epochs <= trained_epochs:
                 print(f"[compare] the original's checkpoint was saved after epoch {trained_epochs + 1}, and Retrain refits with "
                       f"at most {recipe.max_epochs} (--trainer.max_epochs): the reference every gap is read against is then "

@@ -677,6 +677,15 @@ def test_a_fit_resumed_from_an_on_exception_checkpoint_is_checked_as_the_file_li
     assert exit_info.value.code == 2 and str(tmp_path / "line") in capsys.readouterr().err
 
 
+def test_compare_from_an_older_checkpoint_of_a_run_says_what_its_lines_deleted(trained, tmp_path, capsys):
+    """Not only from the checkpoint a line was started from: epoch=0.ckpt's data holds what the line from epoch=1 deleted."""
+    older = a_line_from_the_last_epoch(trained, tmp_path)
+    body = "methods: [{class_path: lightning_unlearn.unlearning.FineTune}]\ndeletion: {kind: interactions, count: 5, seed: 0}\nout: cmp\n"
+    capsys.readouterr()
+    main(["compare", "-c", str(recipe(tmp_path / "compare.yaml", trained.data_file, body)), "--ckpt_path", str(older), *BRIEF])
+    assert f"[compare] {tmp_path / 'line'} records 1 deletion applied to this checkpoint's model or its run" in capsys.readouterr().out
+
+
 def test_a_checkpoint_elsewhere_is_refused_as_it_cannot_be_checked(trained, tmp_path, capsys):
     for command in COMMANDS_FROM_A_CHECKPOINT[:-1]:
         with pytest.raises(SystemExit) as exit_info:
