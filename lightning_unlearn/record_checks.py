@@ -37,6 +37,7 @@ from lightning_unlearn.unlearning.record import (
     machine_lines_folder,
     machine_lock,
     note_a_line,
+    refuse_a_stopped_request,
     refuse_unnamed_checkpoints,
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
@@ -482,16 +483,7 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
         raise StaleCheckpoint(f"{command} checks that {ckpt_path} holds the deletions recorded in {journal.folder}, and "
                               f"the latest state there is missing: {err}") from None
     if interrupted:
-        try:
-            with journal.lock():
-                pass
-        except FolderLocked:
-            raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; {command} from the folder's "
-                                  f"latest state once it is done.") from None
-        raise StaleCheckpoint(
-            f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
-            f"folder again (it recovers the request, then applies what is queued), then {command} from its latest state."
-        )
+        refuse_a_stopped_request(journal, command)
     if latest is None:
         return
     same_data, holds_them = deletes_again(latest, datamodule)

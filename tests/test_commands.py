@@ -846,6 +846,27 @@ def test_a_record_that_lost_its_key_is_said_so_by_every_command_from_its_latest_
         assert exit_info.value.code == 2 and "line/journal.key is gone" in err, (command, err)
 
 
+def test_a_torn_applied_line_is_said_to_need_unlearn_again_by_every_command(trained, tmp_path, capsys):
+    """A crash while the `applied` line was written: its request is recovered by unlearn on the folder, which every
+    command says (fit said the journal was replaced and to restore a backup)."""
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--requests", "user8.csv", "--method", "FineTune", "--out", "line"]
+    main([*unlearn, "--ckpt_path", str(best)])
+    latest = str(next((tmp_path / "line").glob("unlearned-0000-*.ckpt")))
+    journal = tmp_path / "line" / "journal.jsonl"
+    journal.write_bytes(journal.read_bytes()[:-40])  # the applied line torn
+    capsys.readouterr()
+    for command in (["fit", *BRIEF], ["test"], ["predict", "--out", "recs.csv"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", latest, *command[1:]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "holds a deletion request whose process stopped while applying it" in err, (command, err)
+    main([*unlearn, "--ckpt_path", latest])  # recovers it, as said: applied once
+    assert [e["status"] for e in journal_of(tmp_path / "line")] == ["pending", "applied"]
+
+
 @pytest.mark.parametrize("first", ["this machine's folder", "another machine folder"])
 def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(first, trained, tmp_path, capsys):
     """Two unlearn processes from one trained model, started together, each found no other line and left out what the

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
     "forget_an_unused_key", "key_made_undone_on_failure",
-    "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_a_stopped_request", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
 
@@ -156,6 +156,29 @@ def _embodies(checkpoint: Path, pending: dict[str, Any]) -> bool:
     return lineage.get("seq") == pending["seq"] and lineage.get("entry", pending["hash"]) == pending["hash"]
 
 
+def refuse_a_stopped_request(journal: Journal, command: str) -> None:
+    """Refuse to go on from ``journal``'s folder while it holds a request whose ``pending`` entry is not closed.
+
+    What the folder deleted is known once that request is recovered (:func:`recover`): another process is applying it
+    now (it holds the folder's lock), or its process stopped (its ``applied`` line may be torn).
+
+    Raises:
+        StaleCheckpoint: there is such a request, saying which of the two, and what to run.
+    """
+    if not journal.interrupted():
+        return
+    try:
+        with journal.lock():
+            pass
+    except FolderLocked:
+        raise StaleCheckpoint(f"{journal.folder}: a deletion request is being applied now; {command} from the folder's "
+                              f"latest state once it is done.") from None
+    raise StaleCheckpoint(
+        f"{journal.folder} holds a deletion request whose process stopped while applying it: run `unlearn` on that "
+        f"folder again (it recovers the request, then applies what is queued), then {command} from its latest state."
+    )
+
+
 def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool = False, record: str | None = None) -> None:
     """Refuse to apply requests into ``journal``'s folder on top of a model that is not its latest state.
 
@@ -180,7 +203,8 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
     if latest is None:
         if lineage is None or (branch and not ours):
             return
-        if ours:
+        if ours:  # a torn `applied` line, or a replaced journal
+            refuse_a_stopped_request(journal, "go on")
             raise StaleCheckpoint(
                 f"The model embodies request entry {lineage.get('seq')} of the journal in {journal.folder}, but that "
                 f"journal records no applied request: it was replaced. Restore {journal.path} from a backup."
