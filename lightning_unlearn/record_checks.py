@@ -37,6 +37,7 @@ from lightning_unlearn.unlearning.record import (
     machine_lines_folder,
     machine_lock,
     note_a_line,
+    refuse_a_replaced_key,
     refuse_a_stopped_request,
     refuse_unnamed_checkpoints,
 )
@@ -151,12 +152,14 @@ def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], comma
     Raises:
         StaleCheckpoint: the named record is gone (moved elsewhere, deleted, re-created empty): what was deleted there
             since cannot be checked.
-        JournalCorrupted: the named record is there but lost its key.
+        JournalCorrupted: the named record is there but lost its key, or holds another one.
     """
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     if not named or _holds_key(Path(named), named_key):
         return Path(named) if named else None
-    journal_of(named).refuse_a_lost_key()  # its journal is there, its key not: said so, not "gone"
+    journal = journal_of(named)
+    journal.refuse_a_lost_key()  # its journal is there, its key not (or another one): said so, not "gone"
+    refuse_a_replaced_key(journal, unlearning.get("lineage"), named_key, str(ckpt_path))
     if named_key is not None and any(_holds_key(b, named_key) for b in records_beside(ckpt_path)):
         return None
     # the project's root moved from parts[:i] (gone: a moved project, not a copy or a backup beside it) to a folder above

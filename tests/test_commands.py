@@ -829,21 +829,28 @@ def test_an_unlearn_stopped_before_its_cleaning_is_cleaned_after_by_what_resumes
     assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
 
 
-def test_a_record_that_lost_its_key_is_said_so_by_every_command_from_its_latest_state(trained, tmp_path, capsys):
-    """Not "the record is gone: move it back" (fit said so): the journal is there, the key that recognises its requests not."""
+@pytest.mark.parametrize("key", ["lost", "replaced"])
+def test_a_record_that_lost_its_key_is_said_so_by_every_command_from_its_latest_state(key, trained, tmp_path, capsys):
+    """Not "the record is gone: move it back": the journal is there, the key that recognises its requests not (fit said
+    so when it was lost, every command when another record's was copied over it)."""
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     (tmp_path / "user8.csv").write_text("user\n8\n")
     main(["unlearn", "-c", str(trained.recipe), "--requests", "user8.csv", "--method", "FineTune", "--ckpt_path", str(best), "--out", "line"])
     latest = str(journal_of(tmp_path / "line").last_checkpoint())
     (tmp_path / "line" / "journal.key").unlink()
+    if key == "replaced":
+        main(["unlearn", "-c", str(trained.recipe), "--requests", "user8.csv", "--method", "FineTune", "--ckpt_path", str(best),
+              "--out", "other", "--branch", "true"])  # another record, whose key is copied over the line's
+        shutil.copy(tmp_path / "other" / "journal.key", tmp_path / "line" / "journal.key")
     capsys.readouterr()
     for command in (["fit", *BRIEF], ["test"], ["validate"], ["predict", "--out", "recs.csv"],
                     ["unlearn", "--method", "FineTune", "--requests", "user8.csv", "--out", "line"]):
         with pytest.raises(SystemExit) as exit_info:
             main([command[0], "-c", str(trained.recipe), "--ckpt_path", latest, *command[1:]])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "line/journal.key is gone" in err, (command, err)
+        said = "line/journal.key is gone" if key == "lost" else "line/journal.key is not the key"
+        assert exit_info.value.code == 2 and said in err, (command, err)
 
 
 def test_a_torn_applied_line_is_said_to_need_unlearn_again_by_every_command(trained, tmp_path, capsys):

@@ -38,6 +38,7 @@ from lightning_unlearn.unlearning.record import (
     key_id,
     load_checkpoint,
     recover,
+    refuse_a_replaced_key,
     save_checkpoint,
 )
 from lightning_unlearn.unlearning.reporting import define_request_axis, ids_kept_out_of
@@ -310,6 +311,7 @@ class UnlearningCallback(pl.Callback):
         self._merge_restored(datamodule)
         if self.dirpath is not None and (self._queue or self.journal.path.exists()):
             self.journal.refuse_a_lost_key()  # before the lineage: without its key the record is a dead end
+            refuse_a_replaced_key(self.journal, self._lineage, self._key_id, "the model's checkpoint")  # so is another key
             try:
                 recover(self.dirpath)
                 self._check_lineage(self.journal, datamodule)

@@ -26,7 +26,7 @@ import torch
 from lightning_unlearn.data.datamodule import RecDataModule
 from lightning_unlearn.files import append_note, notes, write_whole
 from lightning_unlearn.models.base import Recommender
-from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, exclusive
+from lightning_unlearn.unlearning.journal import KEY_FILE, FolderLocked, Journal, JournalCorrupted, exclusive
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearning.callback import UnlearningCallback
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
     "forget_an_unused_key", "key_made_undone_on_failure",
-    "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_a_stopped_request", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_a_replaced_key", "refuse_a_stopped_request", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
 
@@ -399,6 +399,27 @@ def check_key(journal: Journal, recorded: str | None, applied: int) -> None:
         f"{journal.folder})` before the run (`unlearn --branch true`, and `fit` from an unlearned checkpoint with a "
         f"branch callback, do it), into a folder that has no key yet."
     )
+
+
+def refuse_a_replaced_key(journal: Journal, lineage: dict[str, Any] | None, recorded: str | None, what: str) -> None:
+    """Refuse a record whose key is not the one a state of it (``lineage`` names this journal) was recognised with.
+
+    Args:
+        journal: the record's journal.
+        lineage: the state's lineage (``{"journal": id, "seq": n}``), or ``None``.
+        recorded: the :func:`key_id` the state's fingerprints were keyed with.
+        what: the state, named in the message (a checkpoint's path).
+
+    Raises:
+        JournalCorrupted: the journal is the state's and holds a key, but another one: it was replaced.
+    """
+    ours = key_id(journal)
+    if not (lineage and recorded and ours and ours != recorded and lineage.get("journal") == journal.id):
+        return
+    raise JournalCorrupted(
+        f"{journal.folder / KEY_FILE} is not the key {what}'s requests were recognised with, and {journal.path} records "
+        f"them: the key was replaced (by another record's?). A request given again would not be recognised and would be "
+        f"applied a second time. Restore the folder's own {KEY_FILE} from a backup. Nothing was changed.")
 
 
 def adopt_key(source: str | os.PathLike, target: str | os.PathLike) -> bool:
