@@ -600,9 +600,7 @@ def _request_files_given(args: list[str]) -> list[str]:
     options = ("--requests", "--deletion.requests_file")
     found = [arg.split("=", 1)[0] for arg in args if any(arg == o or arg.startswith(f"{o}=") for o in options)]
     command = _subcommand_of(args)
-    files = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")] + [a.split("=", 1)[1] for a in args
-                                                                                      if a.startswith("--config=")]
-    for name in files:
+    for name in _config_files(args):
         try:
             config = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -1240,9 +1238,7 @@ def _refuse_a_recipe_before_the_subcommand(given: list[str]) -> None:
     "Option 'trainer...' is not accepted before subcommand" about its first key."""
     subcommands = LightningUnlearnCLI.subcommands()
     before = given[:next((i for i, a in enumerate(given) if a in subcommands), len(given))]
-    files = [before[i + 1] for i, a in enumerate(before[:-1]) if a in ("-c", "--config")]
-    files += [a.split("=", 1)[1] for a in before if a.startswith("--config=")]
-    for name in files:
+    for name in _config_files(before):
         try:
             config = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -1251,6 +1247,12 @@ def _refuse_a_recipe_before_the_subcommand(given: list[str]) -> None:
             command = _subcommand_of(given) or "fit"
             raise OptionRefused(f"-c {name} before the subcommand takes a file with a section per subcommand ({', '.join(s + ':' for s in subcommands)}); "
                                 f"this one configures a single command. Give it after the subcommand: lightning-unlearn {command} -c {name}")
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The files ``args`` give with ``-c`` / ``--config`` (``--config=FILE`` too), in order."""
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")] + [a.split("=", 1)[1] for a in args
+                                                                                       if a.startswith("--config=")]
 
 
 def _methods_as_lists(args: list[str] | None) -> list[str] | None:
