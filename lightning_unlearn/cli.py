@@ -52,6 +52,7 @@ from lightning_unlearn.record_checks import (
     one_line_at_a_time,
     records_of,
     records_of_its_run,
+    records_of_the_run,
     refuse_a_second_line,
     refuse_fewer_deletions,
     refuse_training_on,
@@ -178,7 +179,8 @@ class UnlearningTrainer(pl.Trainer):
             digest = model_digest(model)  # the parameters the requests are applied to
             with one_line_at_a_time(digest, ckpt_path):  # checked and noted while no other process starts a line from it
                 # refused: a process killed before its cleaning left what predict wrote (check()'s recovery may close its request)
-                with _cleaning_when_refused({dirpath} | records_of_its_run(ckpt_path) | _named(state), datamodule, "unlearn"):
+                run = records_of_its_run(ckpt_path, state.get("unlearning")) | records_of_the_run(ckpt_path, state.get("unlearning"))
+                with _cleaning_when_refused({dirpath} | run | _named(state), datamodule, "unlearn"):
                     if not branch:  # before check(), which starts the folder
                         refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath,
                                              callback.queued(datamodule))
@@ -295,10 +297,12 @@ class UnlearningTrainer(pl.Trainer):
             print(f"[compare] Retrain's refits fit as the trainer does, without {', '.join(FitRecipe.left_out(self))}: what "
                   f"they change shapes the original, not the reference the gaps are read against")
         if ckpt_path:
-            trained_epochs = restore_checkpoint(ckpt_path, model, datamodule).get("epoch")
+            state = restore_checkpoint(ckpt_path, model, datamodule)
+            trained_epochs, unlearning = state.get("epoch"), state.get("unlearning") or {}
             self._check_deletion(datamodule, deletion)  # on the data without what the checkpoint removed
             digest = model_digest(model)
-            for folder in sorted(records_of_its_run(ckpt_path) | lines_from(ckpt_path, digest, "compare")):
+            for folder in sorted(records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
+                                 | lines_from(ckpt_path, digest, "compare")):
                 record = journal_of(folder)
                 latest = record.last_checkpoint() if record.path.is_file() else None
                 if latest is None:

@@ -113,13 +113,14 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
         StaleCheckpoint: ``record`` is another record than the one named, or the named record is gone.
         JournalCorrupted: the named record lost its key.
     """
-    besides = records_of_its_run(ckpt_path)
+    besides = records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
     if record is not None and not _holds_key(Path(record), None):
         raise OptionRefused(f"predict --record {record} is not a deletion record: it holds no {KEY_FILE}. Give the folder "
                             f"of the record's journal.jsonl and {KEY_FILE}.")
-    lines = lines_from(ckpt_path, digest, command, refuse_gone=True, moved_to=Path(record) if record is not None else None)
+    lines = lines_from(ckpt_path, digest, command, refuse_gone=True, moved_to=Path(record) if record is not None else None,
+                       unlearning=unlearning)
     folders = besides | {line for line in lines if applied_to(journal_of(line), digest)}
     moved_line = record is not None and Path(record) in lines  # a line noted beside the checkpoint, moved there
     if record is not None:
@@ -180,48 +181,60 @@ _RUN_CHECKPOINTS: ContextVar[tuple[Path, ...]] = ContextVar("run_checkpoints", d
 
 
 def check_against_the_run(folders: Iterable[str | os.PathLike]) -> None:
-    """From now on (in the current context), every checkpoint is checked against the record of the run whose checkpoint folders are
-    ``folders`` too, as if it were beside them.
+    """From now on (in the current context), checkpoints are checked against the record of the run whose checkpoint folders
+    are ``folders`` too (:func:`records_of_the_run`).
 
-    The command line gives its recipe's ``ModelCheckpoint`` and ``OnExceptionCheckpoint`` folders: a copy of one of the
-    run's checkpoints elsewhere (copied out to serve, a SLURM job's ``hpc_ckpt_*.ckpt`` in the working directory) is
-    then checked against what the run's record and the lines started from it deleted.
+    The command line gives its recipe's ``ModelCheckpoint`` and ``OnExceptionCheckpoint`` folders.
 
     Example:
         >>> import contextvars
-        >>> def beside():
+        >>> def run():
         ...     check_against_the_run(["/srv/runs/ml100k_mf/checkpoints"])
-        ...     return sorted(p.as_posix() for p in records_beside("/tmp/copied/best.ckpt"))
-        >>> contextvars.copy_context().run(beside)
-        ['/srv/runs/ml100k_mf/unlearning', '/tmp/unlearning']
+        ...     return sorted(p.as_posix() for p in records_of_the_run("/tmp/copied/best.ckpt", {}))
+        >>> contextvars.copy_context().run(run)
+        ['/srv/runs/ml100k_mf/unlearning']
     """
     _RUN_CHECKPOINTS.set(tuple(Path(os.path.abspath(folder)) for folder in folders))
 
 
+def records_of_the_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] | None) -> set[Path]:
+    """The record of the run :func:`check_against_the_run` names, and the lines noted there, that are not beside the checkpoint.
+
+    A copy elsewhere of one of the run's trained checkpoints (copied out to serve, a SLURM job's ``hpc_ckpt_*.ckpt`` in the
+    working directory) is checked against them as if it were in the run folder; on the run's data only
+    (:func:`refuse_fewer_deletions` passes a checkpoint of other data: another experiment run with the same recipe). A
+    state of a record (``unlearning`` holds applied requests: an unlearned checkpoint, a refit from one, a branch) is that
+    record's to check, not the run's.
+    """
+    if (unlearning or {}).get("applied"):
+        return set()
+    run = {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()}
+    lines = {Path(line["record"]) for folder in run for line in lines_of(folder) if (Path(line["record"]) / JOURNAL_FILE).is_file()}
+    return (run | lines) - records_of_its_run(ckpt_path)
+
+
 def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
-    """The record beside a checkpoint: beside the file it resolves to, and beside a link itself (git-annex, DVC); and that of
-    the run :func:`check_against_the_run` names.
+    """The record beside a checkpoint: beside the file it resolves to, and beside a link itself (git-annex, DVC).
 
     Example:
         >>> sorted(p.as_posix() for p in records_beside("/srv/runs/ml100k_mf/checkpoints/best.ckpt"))
         ['/srv/runs/ml100k_mf/unlearning']
     """
-    return ({default_unlearning_folder(ckpt_path), unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
-            | {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()})
+    return {default_unlearning_folder(ckpt_path), unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent)}
 
 
-def records_of_its_run(ckpt_path: str | os.PathLike) -> set[Path]:
+def records_of_its_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] | None = None) -> set[Path]:
     """The record beside a checkpoint and the lines of deletions (`unlearn --out`) noted there, from whichever checkpoint of its run.
 
-    The data of every checkpoint of a run holds what each of them deleted, unless it was fitted from one of their states
-    (a branch, a line started apart on purpose, binds only the checkpoint it was started from: :func:`lines_from`):
+    The data of every checkpoint of a run holds what each of them deleted, unless it was fitted from one of their states:
     an older checkpoint of the run (``epoch=0.ckpt`` beside the ``epoch=1.ckpt`` a line was started from) is checked
-    against those lines by its data, as against the record beside it. A line whose journal is gone is
-    :func:`lines_from`'s to name.
+    against those lines by its data, as against the record beside it. A state of a record (``unlearning``, its callback
+    state, holds applied requests) is not held back by a branch (a line started apart on purpose, ``--branch``) noted
+    there. A line whose journal is gone is :func:`lines_from`'s to name.
     """
-    besides = records_beside(ckpt_path)
+    besides, state = records_beside(ckpt_path), bool((unlearning or {}).get("applied"))
     return besides | {Path(line["record"]) for folder in besides for line in lines_of(folder)
-                      if not line.get("branch") and (Path(line["record"]) / JOURNAL_FILE).is_file()}
+                      if not (state and line.get("branch")) and (Path(line["record"]) / JOURNAL_FILE).is_file()}
 
 
 @contextlib.contextmanager
@@ -284,7 +297,7 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, bran
         ckpt_path: the checkpoint the requests are applied from.
         dirpath: the record they go into (made by ``UnlearningCallback.check``); its journal is started here, empty.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they are applied to.
-        branch: a line started apart on purpose (``--branch``): it binds the checkpoint, not the other ones of its run.
+        branch: a line started apart on purpose (``--branch``): it does not hold back the states of the records beside it.
     """
     journal_of(dirpath).start()  # there from the note on, even empty: a noted line without it is gone
     folders = [(machine_lines_folder(), False)]
@@ -299,7 +312,7 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, bran
 
 
 def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False,
-               redone: Path | None = None, moved_to: Path | None = None) -> set[Path]:
+               redone: Path | None = None, moved_to: Path | None = None, unlearning: dict[str, Any] | None = None) -> set[Path]:
     """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
 
     A line that is gone (moved, deleted: its journal is not there) can no longer be checked. One noted beside the checkpoint
@@ -316,6 +329,8 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         redone: a folder the command writes a line into, whose line is not refused as gone (it is being made again).
         moved_to: where a gone line noted beside the checkpoint now is (``predict --record``): it is that line if it holds
             the key the line was noted with, and is then returned in its place.
+        unlearning: the checkpoint's callback state: a state of a record is not held back by a branch from another
+            checkpoint (:func:`records_of_its_run`).
 
     Raises:
         StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint (from any checkpoint of its run) is gone.
@@ -324,12 +339,13 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         return not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve())
 
     moved_key = key_id(journal_of(moved_to)) if moved_to is not None and _holds_key(moved_to, None) else None
+    state = bool((unlearning or {}).get("applied"))
     noted, moved = [], set()
     for folder in records_beside(ckpt_path):  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
         for line in lines_of(folder):
             if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
                 moved.add(moved_to)  # the line, moved: checked where it is now
-            elif line.get("model") == digest or not line.get("branch"):  # a branch binds only the checkpoint it started from
+            elif line.get("model") == digest or not (state and line.get("branch")):  # a branch binds no state of a record
                 noted.append((folder, Path(line["record"]), line.get("model") == digest))
     beside = {line for _, line, from_it in noted if from_it} | moved
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
@@ -375,8 +391,8 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
             delete again, or of one with a request whose process stopped.
         JournalCorrupted: one of those records' journals does not read.
     """
-    named, besides = unlearning.get("record"), records_of_its_run(ckpt_path)
-    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, redone=dirpath)  # started from it elsewhere
+    named, besides = unlearning.get("record"), records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
+    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, redone=dirpath, unlearning=unlearning)  # started from it elsewhere
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
         if folder.resolve() == dirpath.resolve() or not journal.path.is_file():
@@ -490,6 +506,8 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
     if latest is None:
         return
     same_data, holds_them = deletes_again(latest, datamodule)
+    if not same_data and Path(journal.folder) in records_of_the_run(ckpt_path, None):
+        return  # a checkpoint of another experiment run with the same recipe: not a copy of one of its run's
     if not holds_them:
         held = ("still holds some of what they deleted" if same_data else
                 "is not the data they were applied to (another seed or split), so it may hold what they deleted")

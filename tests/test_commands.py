@@ -643,24 +643,60 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_
 
 def test_a_branch_started_from_another_checkpoint_of_the_run_does_not_hold_back_the_runs_own_record(trained, tmp_path, capsys):
     """The run's record deleted user 8 from epoch=1.ckpt; a branch (--branch true, a separate line on purpose) deleted user 9
-    from epoch=0.ckpt. The run's record goes on from its latest state, whether the branch is there or was removed."""
+    from epoch=0.ckpt. The run's record goes on from its latest state, whether the branch is there or was removed, and so
+    does the branch in its own folder, with the run's recipe (whose checkpoint folder is the run's)."""
     older = a_line_from_the_last_epoch(trained, tmp_path)  # writes the run's epoch=0 and epoch=1.ckpt, users' request files
     shutil.rmtree(tmp_path / "line")
     (older.parent.parent / "unlearning" / "lines.jsonl").unlink()
     (tmp_path / "user7.csv").write_text("user\n7\n")
-    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(older.parent / "epoch=1.ckpt"),
-          "--requests", "user8.csv"])  # into the run's own record, run/unlearning, where lines from its checkpoints are noted
+    run = tmp_path / "run.yaml"
+    run.write_text(trained.recipe.read_text().replace("dirpath: ckpt", f"dirpath: {older.parent}"))
+    unlearn = ["unlearn", "-c", str(run), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(older.parent / "epoch=1.ckpt"), "--requests", "user8.csv"])  # into run/unlearning
     record = tmp_path / "run" / "unlearning"
-    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(older), "--requests", "user9.csv",
-          "--out", "exp", "--branch", "true"])
+    main([*unlearn, "--ckpt_path", str(older), "--requests", "user9.csv", "--out", "exp", "--branch", "true"])
+    branch = str(journal_of(tmp_path / "exp").last_checkpoint())
+    main(["predict", "-c", str(run), "--ckpt_path", branch, "--out", "recs.csv"])
+    main(["test", "-c", str(run), "--ckpt_path", branch])
+    main([*unlearn, "--ckpt_path", branch, "--requests", "user7.csv", "--out", "exp"])
     for removed in (False, True):
         if removed:
             shutil.rmtree(tmp_path / "exp")  # a finished experiment
         latest = str(journal_of(record).last_checkpoint())
-        main(["predict", "-c", str(trained.recipe), "--ckpt_path", latest, "--out", "recs.csv"])
-        main(["test", "-c", str(trained.recipe), "--ckpt_path", latest])
-    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", latest, "--requests", "user7.csv"])
+        main(["predict", "-c", str(run), "--ckpt_path", latest, "--out", "recs.csv"])
+        main(["test", "-c", str(run), "--ckpt_path", latest])
+    main([*unlearn, "--ckpt_path", latest, "--requests", "user7.csv"])
     assert journal_of(record).applied_count() == 2
+
+
+def test_a_branch_as_the_first_line_of_a_run_binds_its_other_trained_checkpoints(trained, tmp_path, capsys):
+    """--branch true from epoch=1.ckpt with no record yet: epoch=0.ckpt's data still holds what that line deleted."""
+    older = a_line_from_the_last_epoch(trained, tmp_path)
+    shutil.rmtree(tmp_path / "line")
+    (older.parent.parent / "unlearning" / "lines.jsonl").unlink()
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(older.parent / "epoch=1.ckpt"),
+          "--requests", "user8.csv", "--out", "br", "--branch", "true"])
+    capsys.readouterr()
+    for command in COMMANDS_FROM_A_CHECKPOINT[:-1]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(older), *command[1:]])
+        assert exit_info.value.code == 2 and str(tmp_path / "br") in capsys.readouterr().err, command
+
+
+def test_a_checkpoint_of_another_experiment_on_other_data_is_not_held_back_by_the_recipes_run(trained, tmp_path, capsys, monkeypatch):
+    """The recipe's run (ckpt/) deleted user 8; a model fitted with --data.seed 1 elsewhere is another experiment, not a copy
+    of one of that run's checkpoints: predict and test of it with the recipe and the same override pass."""
+    (tmp_path / "ckpt").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
+    (tmp_path / "exp2").mkdir()
+    monkeypatch.chdir(tmp_path / "exp2")  # its checkpoints go to exp2/ckpt
+    main(["fit", "-c", str(trained.recipe), "--data.seed", "1", *BRIEF])
+    monkeypatch.chdir(tmp_path)
+    other = str(tmp_path / "exp2" / "ckpt" / "best.ckpt")
+    main(["predict", "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, "--out", "recs.csv"])
+    main(["test", "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other])
 
 
 @pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]], ids=["none given", "last"])

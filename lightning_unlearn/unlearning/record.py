@@ -326,8 +326,8 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     last line is skipped when read.
 
     With ``relative``, ``record`` is noted relative to ``folder`` (beside a checkpoint: the project's folder can move whole).
-    With ``branch``, the line was started on purpose apart from the others (``--branch``): it binds only the checkpoint
-    it was started from, not the other checkpoints of its run.
+    With ``branch``, the line was started on purpose apart from the others (``--branch``): it binds the trained
+    checkpoints of its run, not the states of the records beside it (which go on from their latest state).
 
     Raises:
         OSError: ``folder`` cannot be written (a read-only model folder, say): the caller decides what that costs.
