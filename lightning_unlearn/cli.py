@@ -604,11 +604,7 @@ def _request_files_given(args: list[str]) -> list[str]:
     options = ("--requests", "--deletion.requests_file")
     found = [arg.split("=", 1)[0] for arg in args if any(arg == o or arg.startswith(f"{o}=") for o in options)]
     command = _subcommand_of(args)
-    for name in _config_files(args):
-        try:
-            config = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # LightningCLI says what is wrong with it
+    for name, config in _config_files(args):
         section = config.get(command, config) if isinstance(config, dict) else None
         deletion = section.get("deletion") if isinstance(section, dict) else None
         if isinstance(section, dict) and (section.get("requests") or isinstance(deletion, dict) and deletion.get("requests_file")):
@@ -1242,21 +1238,40 @@ def _refuse_a_recipe_before_the_subcommand(given: list[str]) -> None:
     "Option 'trainer...' is not accepted before subcommand" about its first key."""
     subcommands = LightningUnlearnCLI.subcommands()
     before = given[:next((i for i, a in enumerate(given) if a in subcommands), len(given))]
-    for name in _config_files(before):
-        try:
-            config = yaml.safe_load(Path(name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            continue  # LightningCLI says what is wrong with it
+    for name, config in _config_files(before):
         if isinstance(config, dict) and config and not set(config) & set(subcommands):
             command = _subcommand_of(given) or "fit"
             raise OptionRefused(f"-c {name} before the subcommand takes a file with a section per subcommand ({', '.join(s + ':' for s in subcommands)}); "
                                 f"this one configures a single command. Give it after the subcommand: lightning-unlearn {command} -c {name}")
 
 
-def _config_files(args: list[str]) -> list[str]:
-    """The files ``args`` give with ``-c`` / ``--config`` (``--config=FILE`` too), in order."""
-    return [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("-c", "--config")] + [a.split("=", 1)[1] for a in args
-                                                                                       if a.startswith("--config=")]
+def _config_files(args: list[str]) -> list[tuple[str, Any]]:
+    """The files ``args`` give with ``-c`` / ``--config`` (``-cFILE`` and ``--config=FILE`` too), in order, each with its
+    YAML content (``None`` where it does not read as YAML: LightningCLI says why)."""
+    names = []
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            names.append(args[i + 1])
+        elif arg.startswith("--config="):
+            names.append(arg.split("=", 1)[1])
+        elif arg.startswith("-c") and not arg.startswith("--") and len(arg) > 2:
+            names.append(arg[2:].removeprefix("="))
+    read = []
+    for name in names:
+        try:
+            read.append((name, yaml.safe_load(Path(name).read_text(encoding="utf-8"))))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            read.append((name, None))
+    return read
+
+
+def _refuse_config_files_that_are_not_mappings(given: list[str]) -> None:
+    """A ``-c`` file that is not a mapping of options (a requests CSV given by mistake, say) is refused naming the file only:
+    jsonargparse's "Unexpected config" would print its content, the raw ids of a request."""
+    for name, content in _config_files(given):
+        if content is not None and not isinstance(content, dict):
+            raise OptionRefused(f"-c {name} is not a configuration: a YAML mapping of options (a recipe, or a file of overrides) "
+                                f"is expected. A requests file goes with --requests (unlearn) or --deletion.requests_file (compare).")
 
 
 def _methods_as_lists(args: list[str] | None) -> list[str] | None:
@@ -1314,6 +1329,7 @@ def main(args: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
     try:
         given = sys.argv[1:] if args is None else args  # console_args rewrote sys.argv when it was given no arguments
+        _refuse_config_files_that_are_not_mappings(given)
         _refuse_a_recipe_before_the_subcommand(given)
         _refuse_options_given_twice(given)
         with quiet_third_party_noise():

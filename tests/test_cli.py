@@ -192,7 +192,8 @@ def test_options_a_command_would_not_use_are_refused(command, options, named, tm
 
 @pytest.mark.parametrize(("command", "given"), [
     ("unlearn", ["-c", "a.yaml", "--requests", "b.csv"]), ("unlearn", ["-c", "a.yaml", "-c", "b.yaml"]),
-    ("unlearn", ["--config=a.yaml", "--requests=b.csv"]), ("compare", ["-c", "a.yaml", "--deletion.requests_file", "b.csv"]),
+    ("unlearn", ["--config=a.yaml", "--requests=b.csv"]), ("unlearn", ["-ca.yaml", "--requests", "b.csv"]),
+    ("compare", ["-c", "a.yaml", "--deletion.requests_file", "b.csv"]),
 ])
 def test_request_files_given_by_a_config_and_again_are_refused(command, given, tmp_path, capsys, monkeypatch):
     """jsonargparse keeps the last request file of the configs and the command line: the others' deletions would not be applied."""
@@ -205,6 +206,18 @@ def test_request_files_given_by_a_config_and_again_are_refused(command, given, t
         main([command, "-c", str(recipe), *given, *options])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "request files were given 2 times" in err and "a.yaml" in err
+
+
+def test_a_requests_file_given_as_a_config_is_refused_without_its_ids(tmp_path, capsys, monkeypatch):
+    """jsonargparse's own error printed the file's content ("Unexpected config: user\\n987654"): a raw id on stderr."""
+    monkeypatch.chdir(tmp_path)
+    recipe = write_synthetic_recipe(tmp_path / "r.yaml")
+    (tmp_path / "one.csv").write_text("user\n987654\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "-c", str(recipe), "-c", "one.csv", "--ckpt_path", "x.ckpt", "--method", "FineTune"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "-c one.csv is not a configuration" in captured.err
+    assert "987654" not in captured.err + captured.out
 
 
 @pytest.mark.parametrize(("options", "named"), [
