@@ -422,6 +422,12 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
         older = (f"{ckpt_path} was trained beside the deletion record {folder}" if by_data
                  else f"{ckpt_path} is an older state of the deletion record {folder} ({behind})")
         if stopped:
+            try:
+                with journal.lock():
+                    pass
+            except FolderLocked:
+                raise StaleCheckpoint(f"{older}, where a deletion request is being applied now: what that record deletes is "
+                                      f"known once it is done. Run this command again then.") from None
             raise StaleCheckpoint(
                 f"{older}, which holds a request whose process stopped while applying it: what that record deleted is known "
                 f"once `unlearn` on it recovers the request. Run it there first (`--out {folder}`, from its latest state), "
