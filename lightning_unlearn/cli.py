@@ -847,8 +847,7 @@ class LightningUnlearnCLI(LightningCLI):
         if self.subcommand is None:
             return
         # a checkpoint given (also a copy of one elsewhere) is checked against the record of the run the recipe writes too
-        check_against_the_run([saver.dirpath for saver in self.trainer.callbacks
-                               if isinstance(saver, ModelCheckpoint | OnExceptionCheckpoint) and saver.dirpath])
+        check_against_the_run(self._checkpoint_folders())
         try:
             dumped = self.parser.dump(self.config, skip_unset=False, skip_link_targets=False)
         except TypeError:  # jsonargparse < 4.49 calls it skip_none
@@ -949,6 +948,21 @@ class LightningUnlearnCLI(LightningCLI):
         """``validate``/``test``/``predict`` train nothing: say that ``--optimizer`` (``--lr_scheduler``) is not used."""
         if getattr(self.trainer, "optimizer_init", None) is not None:
             print(f"[{self.subcommand}] --optimizer is not used: {self.subcommand} trains nothing")
+
+    def _checkpoint_folders(self) -> list[Path]:
+        """Where the recipe's run keeps its checkpoints: each ``ModelCheckpoint``'s and ``OnExceptionCheckpoint``'s
+        ``dirpath``; for a ``ModelCheckpoint`` without one, where Lightning puts them (``<default_root_dir>/checkpoints``
+        without a logger, else each version folder of the first logger's, ``<save_dir>/<name>/version_*/checkpoints``)."""
+        trainer, folders = self.trainer, []
+        for saver in trainer.callbacks:
+            if isinstance(saver, ModelCheckpoint | OnExceptionCheckpoint) and saver.dirpath:
+                folders.append(Path(saver.dirpath))
+            elif isinstance(saver, ModelCheckpoint) and not trainer.loggers:
+                folders.append(Path(trainer.default_root_dir) / "checkpoints")
+            elif isinstance(saver, ModelCheckpoint):
+                logger = trainer.loggers[0]
+                folders += sorted((Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")).glob("*/checkpoints"))
+        return folders
 
     def before_unlearn(self) -> None:
         self._local_checkpoint()

@@ -619,27 +619,34 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
+@pytest.mark.parametrize("folder", ["given", "Lightning's"], ids=["the recipe's dirpath", "no dirpath"])
 @pytest.mark.parametrize("copy", ["copied out", "a SLURM job's checkpoint in the working directory"])
-def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_the_runs_record(copy, trained, tmp_path, capsys):
-    """unlearn deleted user 8 from the run's epoch=1.ckpt (in the recipe's checkpoint folder, ckpt/); a copy of its epoch=0.ckpt
-    elsewhere has no record beside it, nor a line started from its parameters, but with this recipe it is a checkpoint of that
-    run: every command refuses it by its data, which still holds user 8."""
-    (tmp_path / "ckpt").mkdir()
-    best = shutil.copy(trained.best, tmp_path / "ckpt" / "epoch=1.ckpt")
+def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_the_runs_record(copy, folder, trained, tmp_path, capsys):
+    """unlearn deleted user 8 from the run's epoch=1.ckpt (in the recipe's checkpoint folder: its dirpath, ckpt/, or without
+    one where Lightning puts them, checkpoints/); a copy of its epoch=0.ckpt elsewhere has no record beside it, nor a line
+    started from its parameters, but with this recipe it is a checkpoint of that run: every command refuses it by its data,
+    which still holds user 8."""
+    recipe = trained.recipe
+    if folder != "given":
+        recipe = tmp_path / "no_dirpath.yaml"
+        recipe.write_text(trained.recipe.read_text().replace("dirpath: ckpt, ", ""))
+    run = tmp_path / ("ckpt" if folder == "given" else "checkpoints")
+    run.mkdir()
+    best = shutil.copy(trained.best, run / "epoch=1.ckpt")
     older = torch.load(trained.best, weights_only=False)
     older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
-    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
+    torch.save(older, run / "epoch=0.ckpt")
     for name, ids in (("user8", "8"), ("user9", "9")):
         (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
-    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
+    main(["unlearn", "-c", str(recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
     (tmp_path / "serving" / "models").mkdir(parents=True)  # not beside the run's folders: its own record would be serving/unlearning
-    given = shutil.copy(tmp_path / "ckpt" / "epoch=0.ckpt", tmp_path / "serving" / "models" / "best.ckpt") if copy == "copied out" else "hpc"
+    given = shutil.copy(run / "epoch=0.ckpt", tmp_path / "serving" / "models" / "best.ckpt") if copy == "copied out" else "hpc"
     if copy != "copied out":
-        shutil.copy(tmp_path / "ckpt" / "epoch=0.ckpt", tmp_path / "hpc_ckpt_1.ckpt")
+        shutil.copy(run / "epoch=0.ckpt", tmp_path / "hpc_ckpt_1.ckpt")
     capsys.readouterr()
     for command in COMMANDS_FROM_A_CHECKPOINT:
         with pytest.raises(SystemExit) as exit_info:
-            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(given), *command[1:]])
+            main([command[0], "-c", str(recipe), "--ckpt_path", str(given), *command[1:]])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and str(tmp_path / "unlearning") in err, (command, err)
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
