@@ -421,17 +421,11 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
         by_data = behind == "by its data"
         older = (f"{ckpt_path} was trained beside the deletion record {folder}" if by_data
                  else f"{ckpt_path} is an older state of the deletion record {folder} ({behind})")
-        if stopped:
+        if stopped:  # what that record deleted is known once its request is done, or recovered
             try:
-                with journal.lock():
-                    pass
-            except FolderLocked:
-                raise StaleCheckpoint(f"{older}, where a deletion request is being applied now: what that record deletes is "
-                                      f"known once it is done. Run this command again then.") from None
-            raise StaleCheckpoint(
-                f"{older}, which holds a request whose process stopped while applying it: what that record deleted is known "
-                f"once `unlearn` on it recovers the request. Run it there first (`--out {folder}`, from its latest state), "
-                f"then come back.")
+                refuse_a_stopped_request(journal, "unlearn")
+            except StaleCheckpoint as err:
+                raise StaleCheckpoint(f"{older}. {err}") from None
         same_data, again = deletes_again(journal.last_checkpoint(), datamodule, requests)
         if by_data and not same_data:  # a model of other data (another seed or split) beside it: another experiment
             continue
