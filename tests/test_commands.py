@@ -330,7 +330,7 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     assert exit_info.value.code == 2 and "a deletion request is being applied now" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main([*unlearn, "--ckpt_path", str(best), "--requests", "both.csv", "--out", "after-a-stop"])
-    assert exit_info.value.code == 2 and "holds a request whose process stopped" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "whose process stopped while applying it" in capsys.readouterr().err
     # A journal removed beside its unlearned checkpoints: predict refuses, as unlearn does (on a machine with no other line).
     monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "a third machine"))
     (tmp_path / "run" / "unlearning" / "journal.jsonl").unlink()
