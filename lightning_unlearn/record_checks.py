@@ -280,6 +280,9 @@ def _checkpoint_held(path: str | os.PathLike | None) -> Iterator[None]:
         except BlockingIOError:
             raise FolderLocked(f"another process is applying deletion requests from {path}: wait for it to finish, then run "
                                f"this command again (it is checked against the line that one started).") from None
+        except OSError as err:  # a file system without advisory locks (some network mounts): the machine's lock alone
+            print(f"[unlearn] {path} cannot be locked ({err.strerror}): a process with another $LIGHTNING_UNLEARN_HOME may start "
+                  f"a line of deletions from it at the same time unnoticed.", file=sys.stderr)
         yield
     finally:
         os.close(fd)

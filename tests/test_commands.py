@@ -952,6 +952,26 @@ def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(first
     assert journal_of(tmp_path / "second").applied_count() == 1
 
 
+def test_a_checkpoint_on_a_file_system_without_locks_is_unlearned_with_the_machines_lock_alone(trained, tmp_path, capsys, monkeypatch):
+    """Some network mounts refuse advisory locks (ENOLCK): said, not a traceback."""
+    import errno
+    import fcntl
+
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    flock = fcntl.flock
+
+    def no_locks_there(fd, operation):
+        if os.readlink(f"/proc/self/fd/{fd}") == str(Path(best).resolve()):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks_there)
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune", "--out", "line"])
+    assert journal_of(tmp_path / "line").applied_count() == 1 and f"{best} cannot be locked" in capsys.readouterr().err
+
+
 def test_a_line_made_again_in_its_folder_or_moved_with_its_project_is_not_gone(trained, tmp_path, capsys):
     """The quick start's line removed and made again by the same command, and a project folder moved whole (the note
     beside the checkpoint holds its lines relative to it), are not refused as gone lines."""
