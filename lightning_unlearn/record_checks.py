@@ -44,7 +44,7 @@ from lightning_unlearn.unlearning.record import (
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
 __all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
-           "named_record", "records_of_its_run", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
+           "named_record", "records_of_its_run", "records_of_the_run", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
 def default_unlearning_folder(ckpt_path: str | os.PathLike) -> Path:
