@@ -604,12 +604,24 @@ def _request_files_given(args: list[str]) -> list[str]:
     options = ("--requests", "--deletion.requests_file")
     found = [arg.split("=", 1)[0] for arg in args if any(arg == o or arg.startswith(f"{o}=") for o in options)]
     command = _subcommand_of(args)
+    keys = {f"{prefix}{key}" for prefix in ("", f"{command}.") for key in ("requests", "deletion.requests_file")}
     for name, config in _config_files(args):
-        section = config.get(command, config) if isinstance(config, dict) else None
-        deletion = section.get("deletion") if isinstance(section, dict) else None
-        if isinstance(section, dict) and (section.get("requests") or isinstance(deletion, dict) and deletion.get("requests_file")):
+        if isinstance(config, dict) and any(value for key, value in _flat(config).items() if key in keys):
             found.append(f"-c {name}")
     return found
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's values by dotted key, as jsonargparse reads them (``deletion: {requests_file: a}`` and ``deletion.requests_file: a`` alike).
+
+    Example:
+        >>> _flat({"deletion": {"requests_file": "a.csv"}, "unlearn.requests": "b.csv"})
+        {'deletion.requests_file': 'a.csv', 'unlearn.requests': 'b.csv'}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def _named(state: dict[str, Any]) -> set[Path]:

@@ -344,8 +344,13 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     moved_key = key_id(journal_of(moved_to)) if moved_to is not None and _holds_key(moved_to, None) else None
     state = bool((unlearning or {}).get("applied"))
     noted, moved = [], set()
-    for folder in records_beside(ckpt_path):  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
+    # the recipe's run too, for a trained checkpoint, with the lines started from these parameters (a copy of the checkpoint
+    # they started from): its other lines are checked by their data (records_of_the_run), which a gone one cannot be
+    run = set() if state else {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()} - records_beside(ckpt_path)
+    for folder in records_beside(ckpt_path) | run:  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
         for line in lines_of(folder):
+            if folder in run and line.get("model") != digest:
+                continue
             if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
                 moved.add(moved_to)  # the line, moved: checked where it is now
             elif line.get("model") == digest or not (state and line.get("branch")):  # a branch binds no state of a record
@@ -509,15 +514,17 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
     if latest is None:
         return
     same_data, holds_them = deletes_again(latest, datamodule)
-    if not same_data and Path(journal.folder) in records_of_the_run(ckpt_path, None):
-        return  # a checkpoint of another experiment run with the same recipe: not a copy of one of its run's
     if not holds_them:
+        # another split or seed of the same data still holds the users deleted there: refused as beside the record
         held = ("still holds some of what they deleted" if same_data else
                 "is not the data they were applied to (another seed or split), so it may hold what they deleted")
+        run = (f" ({journal.folder} is the record of the run this recipe writes its checkpoints into: a checkpoint of another "
+               f"run is checked against its own run with that run's recipe)"
+               if Path(journal.folder) in records_of_the_run(ckpt_path, None) else "")
         raise StaleCheckpoint(
             f"{journal.folder} records {counted(journal.applied_count(), 'deletion')} applied to this model's run, and the "
             f"data of {ckpt_path} {held}: {_WOULD.get(command, _WOULD['predict'])}. "
-            f"{command.capitalize()} from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it."
+            f"{command.capitalize()} from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it.{run}"
         )
 
 

@@ -652,6 +652,26 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
+def test_a_copy_elsewhere_of_the_checkpoint_a_gone_line_of_the_run_started_from_is_refused(trained, tmp_path, capsys):
+    """A line from the run's best.ckpt moved away: the checkpoint in the run folder is refused until it is back, and so is a
+    copy of it served from elsewhere (the line is noted in the run's folder, started from those parameters)."""
+    (tmp_path / "ckpt").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv",
+          "--out", "line"])
+    (tmp_path / "serving" / "models").mkdir(parents=True)  # its own record would be serving/unlearning
+    served = shutil.copy(best, tmp_path / "serving" / "models" / "best.ckpt")
+    shutil.move(tmp_path / "line", tmp_path / "moved")
+    capsys.readouterr()
+    for checkpoint in (best, served):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), "--out", "recs.csv"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"{tmp_path / 'line'}, noted beside" in err and "is gone" in err, (checkpoint, err)
+    assert not (tmp_path / "recs.csv").exists()
+
+
 def test_a_branch_started_from_another_checkpoint_of_the_run_does_not_hold_back_the_runs_own_record(trained, tmp_path, capsys):
     """The run's record deleted user 8 from epoch=1.ckpt; a branch (--branch true, a separate line on purpose) deleted user 9
     from epoch=0.ckpt. The run's record goes on from its latest state, whether the branch is there or was removed, and so
@@ -694,9 +714,11 @@ def test_a_branch_as_the_first_line_of_a_run_binds_its_other_trained_checkpoints
         assert exit_info.value.code == 2 and str(tmp_path / "br") in capsys.readouterr().err, command
 
 
-def test_a_checkpoint_of_another_experiment_on_other_data_is_not_held_back_by_the_recipes_run(trained, tmp_path, capsys, monkeypatch):
-    """The recipe's run (ckpt/) deleted user 8; a model fitted with --data.seed 1 elsewhere is another experiment, not a copy
-    of one of that run's checkpoints: predict and test of it with the recipe and the same override pass."""
+def test_a_model_of_another_split_of_the_data_given_with_the_recipe_of_a_run_with_deletions_is_refused(trained, tmp_path, capsys,
+                                                                                                        monkeypatch):
+    """The recipe's run (ckpt/) deleted user 8; a model fitted with --data.seed 1 elsewhere was trained on user 8's rows too
+    (another split of the same data): given with that recipe it is refused, as it would be in the run folder, saying whose
+    record it is; with its own run's recipe (its checkpoint folder) it is that run's to check."""
     (tmp_path / "ckpt").mkdir()
     best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
     (tmp_path / "user8.csv").write_text("user\n8\n")
@@ -704,10 +726,15 @@ def test_a_checkpoint_of_another_experiment_on_other_data_is_not_held_back_by_th
     (tmp_path / "exp2").mkdir()
     monkeypatch.chdir(tmp_path / "exp2")  # its checkpoints go to exp2/ckpt
     main(["fit", "-c", str(trained.recipe), "--data.seed", "1", *BRIEF])
-    monkeypatch.chdir(tmp_path)
     other = str(tmp_path / "exp2" / "ckpt" / "best.ckpt")
-    main(["predict", "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, "--out", "recs.csv"])
-    main(["test", "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other])
+    main(["predict", "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, "--out", "recs.csv"])  # its own run
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    for command in (["predict", "--out", "recs.csv"], ["test"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, *command[1:]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "is the record of the run this recipe writes its checkpoints into" in err, err
 
 
 @pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]], ids=["none given", "last"])
