@@ -344,13 +344,10 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     moved_key = key_id(journal_of(moved_to)) if moved_to is not None and _holds_key(moved_to, None) else None
     state = bool((unlearning or {}).get("applied"))
     noted, moved = [], set()
-    # the recipe's run too, for a trained checkpoint, with the lines started from these parameters (a copy of the checkpoint
-    # they started from): its other lines are checked by their data (records_of_the_run), which a gone one cannot be
+    # the recipe's run too, for a trained checkpoint: a copy of one of its checkpoints is checked as if it were in the run folder
     run = set() if state else {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()} - records_beside(ckpt_path)
     for folder in records_beside(ckpt_path) | run:  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
         for line in lines_of(folder):
-            if folder in run and line.get("model") != digest:
-                continue
             if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
                 moved.add(moved_to)  # the line, moved: checked where it is now
             elif line.get("model") == digest or not (state and line.get("branch")):  # a branch binds no state of a record

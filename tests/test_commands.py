@@ -652,19 +652,23 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
-def test_a_copy_elsewhere_of_the_checkpoint_a_gone_line_of_the_run_started_from_is_refused(trained, tmp_path, capsys):
-    """A line from the run's best.ckpt moved away: the checkpoint in the run folder is refused until it is back, and so is a
-    copy of it served from elsewhere (the line is noted in the run's folder, started from those parameters)."""
+@pytest.mark.parametrize("copied", ["best", "epoch=0"])
+def test_a_copy_elsewhere_of_a_checkpoint_of_a_run_with_a_gone_line_is_refused(copied, trained, tmp_path, capsys):
+    """A line from the run's best.ckpt moved away: the checkpoints in the run folder are refused until it is back, and so is a
+    copy of one served from elsewhere, the one the line started from or another (the line is noted in the run's folder)."""
     (tmp_path / "ckpt").mkdir()
     best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
+    older = torch.load(trained.best, weights_only=False)
+    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
+    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
     (tmp_path / "user8.csv").write_text("user\n8\n")
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv",
           "--out", "line"])
     (tmp_path / "serving" / "models").mkdir(parents=True)  # its own record would be serving/unlearning
-    served = shutil.copy(best, tmp_path / "serving" / "models" / "best.ckpt")
+    served = shutil.copy(tmp_path / "ckpt" / f"{copied}.ckpt", tmp_path / "serving" / "models" / "best.ckpt")
     shutil.move(tmp_path / "line", tmp_path / "moved")
     capsys.readouterr()
-    for checkpoint in (best, served):
+    for checkpoint in (tmp_path / "ckpt" / f"{copied}.ckpt", served):
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), "--out", "recs.csv"])
         err = capsys.readouterr().err
