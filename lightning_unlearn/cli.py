@@ -308,7 +308,7 @@ class UnlearningTrainer(pl.Trainer):
                 if latest is None:
                     continue
                 same_data, covered = deletes_again(latest, datamodule)
-                if applied_to(record, digest) or (same_data and not covered):  # an older state of that record, or its run's
+                if applied_to(record, digest) or (same_data is not None and not covered):  # an older state of it, or its run's
                     print(f"[compare] {folder} records {counted(record.applied_count(), 'deletion')} applied to this "
                           f"checkpoint's model or its run: this comparison runs on a model and data that still hold their "
                           f"rows. Compare from that record's latest state ({latest}) to leave them out.")

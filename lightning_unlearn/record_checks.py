@@ -201,8 +201,8 @@ def records_of_the_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] 
     """The record of the run :func:`check_against_the_run` names, and the lines noted there, that are not beside the checkpoint.
 
     A copy elsewhere of one of the run's trained checkpoints (copied out to serve, a SLURM job's ``hpc_ckpt_*.ckpt`` in the
-    working directory) is checked against them as if it were in the run folder; on the run's data only
-    (:func:`refuse_fewer_deletions` passes a checkpoint of other data: another experiment run with the same recipe). A
+    working directory) is checked against them as if it were in the run folder, and so is a model of another split of
+    the run's data (:func:`refuse_fewer_deletions` passes one of other data altogether: another file). A
     state of a record (``unlearning`` holds applied requests: an unlearned checkpoint, a refit from one, a branch) is that
     record's to check, not the run's.
     """
@@ -432,7 +432,7 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
             except StaleCheckpoint as err:
                 raise StaleCheckpoint(f"{older}. {err}") from None
         same_data, again = deletes_again(journal.last_checkpoint(), datamodule, requests)
-        if by_data and not same_data:  # a model of other data (another seed or split) beside it: another experiment
+        if same_data is None:  # a model of other data beside it (another file): another experiment; another split holds them
             continue
         if not again:
             why = ("the requests of this command do not delete again all they deleted" if same_data else
@@ -445,9 +445,14 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
                 f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
 
 
-def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[DeletionRequest] = ()) -> tuple[bool, bool]:
+def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[DeletionRequest] = ()) -> tuple[bool | None, bool]:
     """``(same data, covered)``: whether a record's ``latest`` checkpoint is on ``datamodule``'s data, and whether
     ``datamodule``'s removals, and ``requests`` if given, together remove all that checkpoint removed.
+
+    ``same data`` is ``False`` for another split or seed of the same data (it holds the users the record deleted, so it
+    is not covered), and ``None`` for other data altogether (another file, or the same file without some users: the
+    record is not its to check), known by the states' source fingerprints (a state written before they were saved is
+    taken as another split).
 
     Args:
         latest: a record's latest checkpoint (only its data state is read).
@@ -456,8 +461,9 @@ def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[De
     """
     deleted = load_checkpoint(latest, mmap=True).get("datamodule_state") or {}  # its removals, not its weights
     line = datamodule.state_dict()
-    if deleted.get("fingerprint") != line.get("fingerprint"):  # other data (another seed or split): nothing to compare
-        return False, False
+    if deleted.get("fingerprint") != line.get("fingerprint"):  # nothing to compare row by row
+        other = deleted.get("source") is not None and line.get("source") is not None and deleted["source"] != line["source"]
+        return (None if other else False), False
     train, removed = datamodule.train, {key: [line[key]] for key in REMOVALS}
     for request in requests:
         try:
@@ -511,6 +517,8 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
     if latest is None:
         return
     same_data, holds_them = deletes_again(latest, datamodule)
+    if same_data is None:  # other data altogether: not what this record deleted from
+        return
     if not holds_them:
         # another split or seed of the same data still holds the users deleted there: refused as beside the record
         held = ("still holds some of what they deleted" if same_data else
@@ -549,10 +557,10 @@ def refuse_training_on(ckpt_path: str | os.PathLike, model: Recommender, datamod
 
 
 def _on_other_data(journal: Journal, datamodule: RecDataModule) -> bool:
-    """Whether the latest state of the record ``journal`` is on other data than ``datamodule`` (``False`` when it cannot be
-    read: :func:`refuse_fewer_deletions` says why)."""
+    """Whether the latest state of the record ``journal`` is on other data than ``datamodule``, not another split of it
+    (``False`` when it cannot be read: :func:`refuse_fewer_deletions` says why)."""
     try:
         latest = journal.last_checkpoint() if journal.path.is_file() else None
-        return latest is not None and not deletes_again(latest, datamodule)[0]
+        return latest is not None and deletes_again(latest, datamodule)[0] is None
     except (OSError, JournalCorrupted, CheckpointUnreadable):
         return False

@@ -739,6 +739,31 @@ def test_a_model_of_another_split_of_the_data_given_with_the_recipe_of_a_run_wit
             main([command[0], "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, *command[1:]])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "is the record of the run this recipe writes its checkpoints into" in err, err
+    (tmp_path / "user9.csv").write_text("user\n9\n")  # nor is a line started from it that leaves user 8 in
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, "--requests", "user9.csv",
+              "--method", "FineTune", "--out", "line"])
+    assert exit_info.value.code == 2 and "its latest state is on other data (another seed or split)" in capsys.readouterr().err
+    assert not (tmp_path / "line").exists()
+
+
+def test_a_model_of_a_data_file_without_the_deleted_users_is_not_held_back_by_the_recipes_run(trained, tmp_path, capsys, monkeypatch):
+    """The recipe's run deleted user 8; a model fitted afresh on the data file without user 8 is of other data (its source
+    differs, not only its split): the run's record is not its to check, so predict and test pass with that recipe."""
+    (tmp_path / "ckpt").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
+    rows = [line for line in trained.data_file.read_text().splitlines() if line.split("\t")[0] != "8"]
+    (tmp_path / "without8.tsv").write_text("\n".join(rows) + "\n")
+    clean = ["--data.source.init_args.path", str(tmp_path / "without8.tsv")]
+    (tmp_path / "clean").mkdir()
+    monkeypatch.chdir(tmp_path / "clean")  # its checkpoints go to clean/ckpt
+    main(["fit", "-c", str(trained.recipe), *clean, *BRIEF])
+    monkeypatch.chdir(tmp_path)
+    refit = str(tmp_path / "clean" / "ckpt" / "best.ckpt")
+    main(["predict", "-c", str(trained.recipe), *clean, "--ckpt_path", refit, "--out", "recs.csv"])
+    main(["test", "-c", str(trained.recipe), *clean, "--ckpt_path", refit])
 
 
 @pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]], ids=["none given", "last"])

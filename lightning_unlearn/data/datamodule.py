@@ -25,11 +25,12 @@ from lightning_unlearn.data.splits import k_core as k_core_filter
 from lightning_unlearn.data.splits import leave_last_out, random_holdout
 from lightning_unlearn.private_checkpoints import REMOVALS, keep_checkpoints_private
 
-__all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint", "removed_within"]
+__all__ = ["DataFingerprintMismatch", "RecDataModule", "data_fingerprint", "removed_within", "source_fingerprint"]
 
 _SPLITS = ("random", "leave_last_out", "given")
 _VAL_FRACTION = 0.1  # what val_fraction=None carves when the source gives no validation split
 _FINGERPRINT_TAG = b"lightning_unlearn/data/v1\x00"
+_SOURCE_TAG = b"lightning_unlearn/data-source/v1\x00"
 _STREAMS = {"val": 0, "test": 1}  # each split draws its own sampled candidates
 
 
@@ -132,6 +133,7 @@ class RecDataModule(pl.LightningDataModule):
         self._removed = _Removed.empty()
         self._restored: dict | None = None
         self._fingerprint: str | None = None
+        self._source: str | None = None  # of the data before its split: another split or seed of it has the same
 
     # ------------------------------------------------------------------ loading
     def prepare_data(self) -> None:
@@ -179,7 +181,7 @@ class RecDataModule(pl.LightningDataModule):
         else:
             val = train.select(torch.zeros(len(train), dtype=torch.bool))
         negatives = sample_negatives(train.users, train.items, train, hp.num_negatives, hp.seed)
-        fingerprint = data_fingerprint(train, val, test, negatives)
+        fingerprint, self._source = data_fingerprint(train, val, test, negatives), source_fingerprint(train, val, test)
         if self._restored is not None:  # state loaded before the data: check it before taking anything
             self._check_fingerprint(self._restored, fingerprint)
         self.train, self.val, self.test, self.train_negatives = train, val, test, negatives
@@ -284,7 +286,7 @@ class RecDataModule(pl.LightningDataModule):
         if self.train is None:
             return self._restored or {}
         sampled = {} if self.hparams.eval_candidates is None else {"eval_candidates": int(self.hparams.eval_candidates)}
-        return {"fingerprint": self._fingerprint, **self._removed.as_dict(), **sampled}
+        return {"fingerprint": self._fingerprint, "source": self._source, **self._removed.as_dict(), **sampled}
 
     def load_state_dict(self, state: dict) -> None:
         """Re-apply the removals recorded by :meth:`state_dict` to freshly loaded data.
@@ -428,16 +430,40 @@ def data_fingerprint(train: Interactions, val: Interactions, test: Interactions,
         >>> len(data_fingerprint(t, t.select(torch.tensor([], dtype=torch.long)), t, torch.zeros(2, 1, dtype=torch.long)))
         64
     """
-    h = hashlib.sha256(_FINGERPRINT_TAG)
-    for ids in (train.user_ids, train.item_ids):
+    h = _id_maps_hashed(_FINGERPRINT_TAG, train)
+    for section in (train.keys, val.keys, test.keys, negatives.reshape(-1)):
+        h.update(struct.pack("<q", section.numel()) + section.cpu().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def source_fingerprint(train: Interactions, val: Interactions, test: Interactions) -> str:
+    """SHA-256 of the data before it was split: the id maps and the sorted keys of every row, whatever split holds them.
+
+    Another split or seed of the same data has the same one (it holds the same users, and the same users a record deleted);
+    another file, or the same file without some users, has another.
+
+    Example:
+        >>> t = Interactions.from_raw([1, 2, 2], [5, 5, 6])
+        >>> a, b = t.select(torch.tensor([0, 1])), t.select(torch.tensor([2]))
+        >>> source_fingerprint(a, b, b.select(torch.tensor([], dtype=torch.long))) == source_fingerprint(b, a, a.select(torch.tensor([], dtype=torch.long)))
+        True
+    """
+    h = _id_maps_hashed(_SOURCE_TAG, train)
+    keys = torch.sort(torch.cat([train.keys, val.keys, test.keys])).values
+    h.update(struct.pack("<q", keys.numel()) + keys.cpu().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def _id_maps_hashed(tag: bytes, data: Interactions) -> Any:
+    """A SHA-256 started with ``tag`` and ``data``'s user and item id maps (their kind, length and values)."""
+    h = hashlib.sha256(tag)
+    for ids in (data.user_ids, data.item_ids):
         if ids.dtype.kind in "iu":
             h.update(b"i" + struct.pack("<q", len(ids)) + np.asarray(ids).astype("<i8").tobytes())
         else:
             text = json.dumps([str(v) for v in ids.tolist()], ensure_ascii=False).encode("utf-8", "surrogatepass")
             h.update(b"s" + struct.pack("<qq", len(ids), len(text)) + text)
-    for section in (train.keys, val.keys, test.keys, negatives.reshape(-1)):
-        h.update(struct.pack("<q", section.numel()) + section.cpu().numpy().astype("<i8").tobytes())
-    return h.hexdigest()
+    return h
 
 
 def _indices(values: Any, size: int, what: str) -> torch.Tensor:
