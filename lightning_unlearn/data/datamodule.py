@@ -276,6 +276,8 @@ class RecDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         """What was removed (as index keys, never raw ids) and the data's fingerprint, so a restored
         run removes it again from the same data; plain values and tensors (``weights_only`` loads it).
+        ``source`` fingerprints the data before its split (:func:`source_fingerprint`): the deletion
+        records tell another split of the same data, which holds what they deleted, from other data.
 
         With sampled evaluation it also holds ``eval_candidates``, so that a run restored with
         another number of candidates is warned that its metrics (under the same names) are not
