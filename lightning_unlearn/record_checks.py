@@ -208,9 +208,14 @@ def records_of_the_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] 
     """
     if (unlearning or {}).get("applied"):
         return set()
-    run = {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()}
+    run = _run_records()
     lines = {Path(line["record"]) for folder in run for line in lines_of(folder) if (Path(line["record"]) / JOURNAL_FILE).is_file()}
     return (run | lines) - records_of_its_run(ckpt_path)
+
+
+def _run_records() -> set[Path]:
+    """The records beside the checkpoint folders :func:`check_against_the_run` named (none outside such a context)."""
+    return {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()}
 
 
 def records_beside(ckpt_path: str | os.PathLike) -> set[Path]:
@@ -345,7 +350,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     state = bool((unlearning or {}).get("applied"))
     noted, moved = [], set()
     # the recipe's run too, for a trained checkpoint: a copy of one of its checkpoints is checked as if it were in the run folder
-    run = set() if state else {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()} - records_beside(ckpt_path)
+    run = set() if state else _run_records() - records_beside(ckpt_path)
     for folder in records_beside(ckpt_path) | run:  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
         for line in lines_of(folder):
             if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
