@@ -200,7 +200,7 @@ class UnlearningTrainer(pl.Trainer):
                 if summaries and not (state.get("unlearning") or {}).get("applied"):
                     # a line from a model no request was applied to yet (a state of a record goes on in its record, or branches);
                     # noted before its first request is journaled, so that one killed or failing after another is applied stays noted
-                    note_the_line(ckpt_path, dirpath, digest, branch=bool(branch))
+                    note_the_line(ckpt_path, dirpath, digest, datamodule, branch=bool(branch))
                 device = self.strategy.root_device
                 model.to(device)
                 reports = callback.apply_pending(  # it cleans predict's files of what is deleted, also when a request fails

@@ -293,30 +293,53 @@ def _checkpoint_held(path: str | os.PathLike | None) -> Iterator[None]:
         os.close(fd)
 
 
-def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, branch: bool = False) -> None:
+def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, datamodule: RecDataModule, branch: bool = False) -> None:
     """Before ``unlearn`` applies requests into ``dirpath`` from a checkpoint no request was applied to yet: note the line
     on this machine
     (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
-    a copy of it find it, and beside the checkpoint (beside a link itself, not in the store it points into) when
-    ``dirpath`` is another folder than the record there. A folder that cannot be written costs the note, not the
-    command: it says so.
+    a copy of it find it, beside the checkpoint (beside a link itself, not in the store it points into) when
+    ``dirpath`` is another folder than the record there, and in the record of the recipe's run (:func:`check_against_the_run`)
+    when the checkpoint is a copy elsewhere of one of its checkpoints (:func:`_runs_of_the_data`): the run's own checkpoints,
+    on a machine with another machine folder too, are then checked against the line. A folder that cannot be written
+    costs the note, not the command: it says so.
 
     Args:
         ckpt_path: the checkpoint the requests are applied from.
         dirpath: the record they go into (made by ``UnlearningCallback.check``); its journal is started here, empty.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they are applied to.
+        datamodule: the checkpoint's data (a run whose checkpoints are on the same data is the checkpoint's run).
         branch: a line started apart on purpose (``--branch``): it does not hold back the states of the records beside it.
     """
     journal_of(dirpath).start()  # there from the note on, even empty: a noted line without it is gone
     folders = [(machine_lines_folder(), False)]
     if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
         folders.append((unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent), True))
+    folders += [(folder, True) for folder in sorted(_runs_of_the_data(ckpt_path, datamodule))]
     for folder, relative in folders:
         try:
             note_a_line(folder, dirpath, digest, relative=relative, branch=branch)
         except OSError as err:
             print(f"[unlearn] {folder} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not "
-                  f"noted there, so `unlearn` and `predict` from {ckpt_path} (or a copy of it) may not find it.", file=sys.stderr)
+                  f"noted there, so commands from the checkpoints it is the record of may not find it.", file=sys.stderr)
+
+
+def _runs_of_the_data(ckpt_path: str | os.PathLike, datamodule: RecDataModule) -> set[Path]:
+    """The records of the recipe's run (:func:`check_against_the_run`), not beside ``ckpt_path``, whose checkpoint folder
+    holds a checkpoint of ``datamodule``'s data (its source, or, for a state saved before sources were kept, its split):
+    ``ckpt_path`` is a copy of one of that run's checkpoints, or a model of the same data, whose lines bind the run's."""
+    data, besides = datamodule.state_dict(), records_beside(ckpt_path)
+
+    def same_data(path: Path) -> bool:
+        try:
+            state = load_checkpoint(path, mmap=True)
+        except (OSError, CheckpointUnreadable):
+            return False
+        saved = state.get("datamodule_state") or state.get(type(datamodule).__qualname__) or {}  # unlearned, or Lightning's
+        key = "source" if saved.get("source") is not None else "fingerprint"
+        return saved.get(key) == data.get(key)
+
+    return {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()
+            if unlearning_folder_of(folder) not in besides and any(same_data(path) for path in sorted(folder.glob("*.ckpt")))}
 
 
 def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False,

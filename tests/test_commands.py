@@ -285,12 +285,14 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {trained.requests}, dirpath: {tmp_path / 'unl'}}}}}")
     main(["fit", "-c", str(trained.recipe), *BRIEF, f"--trainer.callbacks+={callback}"])  # ckpt/best.ckpt holds the request queued
-    # the copy's own run (its recipe's checkpoint folder): with the first recipe it would be a checkpoint of that one's run
-    own = tmp_path / "run2.yaml"
-    own.write_text(trained.recipe.read_text().replace("dirpath: ckpt", f"dirpath: {tmp_path / 'run2' / 'checkpoints'}"))
+    # each copy's own run (its recipe's checkpoint folder): with the first recipe it would be a checkpoint of that one's run
+    own = {}
+    for run, checkpoint in (("run", best), ("run2", elsewhere)):
+        own[checkpoint] = tmp_path / f"{run}.yaml"
+        own[checkpoint].write_text(trained.recipe.read_text().replace("dirpath: ckpt", f"dirpath: {tmp_path / run / 'checkpoints'}"))
     for record, checkpoint in ((tmp_path / "run" / "unlearning", best), (tmp_path / "unl", tmp_path / "ckpt" / "best.ckpt"),
                                (tmp_path / "quick", elsewhere)):  # the quick start's --out: a line noted beside the checkpoint
-        unlearn = ["unlearn", "-c", str(trained.recipe if checkpoint != elsewhere else own), "--method", "FineTune"]
+        unlearn = ["unlearn", "-c", str(own.get(checkpoint, trained.recipe)), "--method", "FineTune"]
         if record == tmp_path / "quick":  # on another machine: the copy finds the lines of the first only beside itself
             monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "another machine"))
         main([*unlearn, "--ckpt_path", str(journal_of(record).last_checkpoint() or checkpoint), "--requests", "user8.csv",
@@ -650,6 +652,49 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and str(tmp_path / "unlearning") in err, (command, err)
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["a line", "a branch"])
+def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds_the_runs_checkpoints(branch, trained, tmp_path,
+                                                                                                          capsys, monkeypatch):
+    """A serving machine (its own $LIGHTNING_UNLEARN_HOME) deleted user 8 from a copy of the run's best.ckpt, with the run's
+    recipe: the line is noted in the run's record too, so that on the run's machine its best.ckpt and epoch=0.ckpt (whose
+    data still holds user 8) are refused by every command. A model of other data (another file) with the same recipe is
+    not the run's: its line is not noted there."""
+    (tmp_path / "ckpt").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
+    older = torch.load(trained.best, weights_only=False)
+    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
+    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
+    for name, ids in (("user8", "8"), ("user9", "9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    (tmp_path / "serving" / "models").mkdir(parents=True)
+    served = shutil.copy(best, tmp_path / "serving" / "models" / "best.ckpt")
+    run_machine = os.environ["LIGHTNING_UNLEARN_HOME"]
+    monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "serving machine"))
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(served), "--requests", "user8.csv",
+          "--out", str(tmp_path / "serving" / "line"), *(["--branch", "true"] if branch else [])])
+    monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", run_machine)
+    capsys.readouterr()
+    for checkpoint in (best, tmp_path / "ckpt" / "epoch=0.ckpt"):
+        for command in COMMANDS_FROM_A_CHECKPOINT:
+            with pytest.raises(SystemExit) as exit_info:
+                main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), *command[1:]])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and str(tmp_path / "serving" / "line") in err, (checkpoint, command, err)
+    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    # other data, with the run's recipe: a model fitted on the file without user 9, served from elsewhere
+    rows = [line for line in trained.data_file.read_text().splitlines() if line.split("\t")[0] != "9"]
+    (tmp_path / "without9.tsv").write_text("\n".join(rows) + "\n")
+    other = ["--data.source.init_args.path", str(tmp_path / "without9.tsv")]
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")  # its checkpoints go to other/ckpt
+    main(["fit", "-c", str(trained.recipe), *other, *BRIEF])
+    monkeypatch.chdir(tmp_path)
+    noted = (tmp_path / "unlearning" / "lines.jsonl").read_bytes()
+    main(["unlearn", "-c", str(trained.recipe), *other, "--method", "FineTune", "--ckpt_path", str(tmp_path / "other" / "ckpt" / "best.ckpt"),
+          "--requests", "user8.csv", "--out", str(tmp_path / "other" / "line")])
+    assert (tmp_path / "unlearning" / "lines.jsonl").read_bytes() == noted
 
 
 @pytest.mark.parametrize("copied", ["best", "epoch=0"])
