@@ -249,33 +249,38 @@ def one_line_at_a_time(digest: str, ckpt_path: str | os.PathLike | None = None) 
     Two processes that start lines of deletions from one trained model at once would each find no
     other line, and each leave out what the other deletes. The block holds a lock of the machine's
     (in :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`) from the check of the
-    other lines until its own is applied and noted, and one on the checkpoint file itself, which
-    processes with other machine folders (``$LIGHTNING_UNLEARN_HOME``) share. A machine folder that
-    cannot be written costs its lock, not the command: it says so.
+    other lines until its own is applied and noted, and, shared with processes with other machine
+    folders (``$LIGHTNING_UNLEARN_HOME``), one on the checkpoint file itself, on its folder, and on
+    the checkpoint folder of the recipe's run (:func:`check_against_the_run`): a line from a copy of
+    one of the run's checkpoints and one from the run's own are not started at once either. A machine
+    folder that cannot be written costs its lock, not the command: it says so.
 
     Args:
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters.
         ckpt_path: the checkpoint they were read from.
 
     Raises:
-        FolderLocked: another process is applying requests from the same parameters (or the same checkpoint file).
+        FolderLocked: another process is applying requests from the same parameters (or the same checkpoint file, or
+            a checkpoint of the same folder or run).
     """
+    held = [] if ckpt_path is None else [Path(ckpt_path), Path(os.path.abspath(ckpt_path)).parent, Path(ckpt_path).resolve().parent]
+    held += [folder for folder in _RUN_CHECKPOINTS.get() if folder.is_dir()]
     with machine_lock(digest[:32], "applying deletion requests from the same model's parameters") as error, \
-            _checkpoint_held(ckpt_path):
+            contextlib.ExitStack() as stack:
         if error is not None:
             print(f"[unlearn] {machine_lines_folder()} cannot be written ({error.strerror}): another process may start a line "
                   f"of deletions from the same model at the same time unnoticed.", file=sys.stderr)
+        for path in dict.fromkeys(path.resolve() for path in held):  # each once (a file, then folders)
+            stack.enter_context(_held(path))
         yield
 
 
 @contextlib.contextmanager
-def _checkpoint_held(path: str | os.PathLike | None) -> Iterator[None]:
-    """An advisory lock on the checkpoint file itself while the block runs (opened read-only: nothing is written beside it)."""
+def _held(path: Path) -> Iterator[None]:
+    """An advisory lock on a checkpoint file or folder while the block runs (opened read-only: nothing is written there)."""
     try:
         import fcntl
     except ImportError:  # no advisory locks here (Windows): the machine's lock alone
-        fcntl = None
-    if path is None or fcntl is None:
         yield
         return
     fd = os.open(path, os.O_RDONLY)
@@ -283,7 +288,8 @@ def _checkpoint_held(path: str | os.PathLike | None) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FolderLocked(f"another process is applying deletion requests from {path}: wait for it to finish, then run "
+            what = path if path.is_file() else f"a checkpoint of {path}"
+            raise FolderLocked(f"another process is applying deletion requests from {what}: wait for it to finish, then run "
                                f"this command again (it is checked against the line that one started).") from None
         except OSError as err:  # a file system without advisory locks (some network mounts): the machine's lock alone
             print(f"[unlearn] {path} cannot be locked ({err.strerror}): a process with another $LIGHTNING_UNLEARN_HOME may start "
@@ -299,7 +305,8 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
     (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
     a copy of it find it, beside the checkpoint (beside a link itself, not in the store it points into) when
     ``dirpath`` is another folder than the record there, and in the record of the recipe's run (:func:`check_against_the_run`)
-    when the checkpoint is a copy elsewhere of one of its checkpoints (:func:`_runs_of_the_data`): the run's own checkpoints,
+    when the checkpoint is a copy elsewhere of one of its checkpoints (the run's checkpoint folder holds one of the same data), or
+    a link to one: the run's own checkpoints,
     on a machine with another machine folder too, are then checked against the line. A folder that cannot be written
     costs the note, not the command: it says so.
 
@@ -314,7 +321,16 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
     folders = [(machine_lines_folder(), False)]
     if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
         folders.append((unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent), True))
-    folders += [(folder, True) for folder in sorted(_runs_of_the_data(ckpt_path, datamodule))]
+    # the run's record: also beside the file a link resolves to (a record there gets no note beside the link)
+    noted = {dirpath.resolve(), *(folder.resolve() for folder, _ in folders[1:])}
+    runs = [folder for folder in sorted(_run_records()) if folder.resolve() not in noted]
+    bound = [folder for folder in runs if _holds_a_checkpoint_of(folder, datamodule)]
+    folders += [(folder, True) for folder in bound]
+    if runs and not bound and len(runs) == len(_run_records()):  # the recipe's run is not this checkpoint's: say so
+        print(f"[unlearn] the checkpoint folder of this recipe's run ({', '.join(str(f) for f in _RUN_CHECKPOINTS.get())}) holds no "
+              f"checkpoint of {ckpt_path}'s data: if it is a copy of a checkpoint of a run, that run's own checkpoints are not "
+              f"bound by this line. Give the run's recipe, from the folder its fit ran in (a relative dirpath is taken from "
+              f"the working folder), to bind them.", file=sys.stderr)
     for folder, relative in folders:
         try:
             note_a_line(folder, dirpath, digest, relative=relative, branch=branch)
@@ -323,11 +339,10 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
                   f"noted there, so commands from the checkpoints it is the record of may not find it.", file=sys.stderr)
 
 
-def _runs_of_the_data(ckpt_path: str | os.PathLike, datamodule: RecDataModule) -> set[Path]:
-    """The records of the recipe's run (:func:`check_against_the_run`), not beside ``ckpt_path``, whose checkpoint folder
-    holds a checkpoint of ``datamodule``'s data (its source, or, for a state saved before sources were kept, its split):
-    ``ckpt_path`` is a copy of one of that run's checkpoints, or a model of the same data, whose lines bind the run's."""
-    data, besides = datamodule.state_dict(), records_beside(ckpt_path)
+def _holds_a_checkpoint_of(record: Path, datamodule: RecDataModule) -> bool:
+    """Whether the checkpoint folder of the run whose record is ``record`` (:func:`check_against_the_run`) holds a
+    checkpoint of ``datamodule``'s data (its source, or, for a state saved before sources were kept, its split)."""
+    data = datamodule.state_dict()
 
     def same_data(path: Path) -> bool:
         try:
@@ -338,8 +353,8 @@ def _runs_of_the_data(ckpt_path: str | os.PathLike, datamodule: RecDataModule) -
         key = "source" if saved.get("source") is not None else "fingerprint"
         return saved.get(key) == data.get(key)
 
-    return {unlearning_folder_of(folder) for folder in _RUN_CHECKPOINTS.get()
-            if unlearning_folder_of(folder) not in besides and any(same_data(path) for path in sorted(folder.glob("*.ckpt")))}
+    return any(same_data(path) for folder in _RUN_CHECKPOINTS.get() if unlearning_folder_of(folder) == record
+               for path in sorted(folder.glob("*.ckpt")))
 
 
 def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False,
@@ -389,7 +404,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         other, first, folder = gone_beside[0]  # one started from this checkpoint first
         where = "give its place with --record FOLDER" if command == "predict" else "move it back"
         raise StaleCheckpoint(
-            f"{first}, noted beside {ckpt_path} as a line of deletions started from {'another checkpoint of its run' if other else 'it'}, "
+            f"{first}, noted beside {ckpt_path} as a line of deletions started from {'another checkpoint of its run (or a copy of one)' if other else 'it'}, "
             f"is gone: {command} cannot check that what it deleted stays deleted. If it was moved, {where}; if it was removed on "
             f"purpose, what it deleted is recorded nowhere now: apply those requests again, and remove its line from "
             f"{folder / LINES_FILE} to go on.")

@@ -654,13 +654,13 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
-@pytest.mark.parametrize("branch", [False, True], ids=["a line", "a branch"])
-def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds_the_runs_checkpoints(branch, trained, tmp_path,
+@pytest.mark.parametrize(("branch", "copy"), [(False, "a copy"), (True, "a copy"), (False, "a link")], ids=["a line", "a branch", "a link"])
+def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds_the_runs_checkpoints(branch, copy, trained, tmp_path,
                                                                                                           capsys, monkeypatch):
-    """A serving machine (its own $LIGHTNING_UNLEARN_HOME) deleted user 8 from a copy of the run's best.ckpt, with the run's
-    recipe: the line is noted in the run's record too, so that on the run's machine its best.ckpt and epoch=0.ckpt (whose
-    data still holds user 8) are refused by every command. A model of other data (another file) with the same recipe is
-    not the run's: its line is not noted there."""
+    """A serving machine (its own $LIGHTNING_UNLEARN_HOME) deleted user 8 from a copy of the run's best.ckpt (or a link to
+    it), with the run's recipe: the line is noted in the run's record too, so that on the run's machine its best.ckpt and
+    epoch=0.ckpt (whose data still holds user 8) are refused by every command. A model of other data (another file) with
+    the same recipe is not the run's: its line is not noted there, and unlearn says so."""
     (tmp_path / "ckpt").mkdir()
     best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
     older = torch.load(trained.best, weights_only=False)
@@ -669,7 +669,8 @@ def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds
     for name, ids in (("user8", "8"), ("user9", "9")):
         (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
     (tmp_path / "serving" / "models").mkdir(parents=True)
-    served = shutil.copy(best, tmp_path / "serving" / "models" / "best.ckpt")
+    served = tmp_path / "serving" / "models" / "best.ckpt"
+    served.symlink_to(best) if copy == "a link" else shutil.copy(best, served)
     run_machine = os.environ["LIGHTNING_UNLEARN_HOME"]
     monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(tmp_path / "serving machine"))
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(served), "--requests", "user8.csv",
@@ -695,6 +696,32 @@ def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds
     main(["unlearn", "-c", str(trained.recipe), *other, "--method", "FineTune", "--ckpt_path", str(tmp_path / "other" / "ckpt" / "best.ckpt"),
           "--requests", "user8.csv", "--out", str(tmp_path / "other" / "line")])
     assert (tmp_path / "unlearning" / "lines.jsonl").read_bytes() == noted
+    assert f"holds no checkpoint of {tmp_path / 'other' / 'ckpt' / 'best.ckpt'}'s data" in capsys.readouterr().err
+
+
+def test_a_fit_with_the_callback_from_a_trained_checkpoint_notes_its_line(trained, tmp_path, capsys):
+    """fit --ckpt_path the run's trained checkpoint, with an UnlearningCallback writing into its own folder, deleted user 8:
+    its line is noted as unlearn notes one, so that checkpoint and an older epoch of the run (whose data still holds
+    user 8) are refused by every command."""
+    (tmp_path / "ckpt").mkdir()
+    trained_one = shutil.copy(trained.best, tmp_path / "ckpt" / "epoch=1.ckpt")
+    older = torch.load(trained.best, weights_only=False)
+    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
+    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
+    for name, ids in (("user8", "8"), ("user9", "9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    callback = (f"--trainer.callbacks+={{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: user8.csv, dirpath: {tmp_path / 'forget'}}}}}")
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained_one), *BRIEF, callback])  # finished: applied at its end
+    assert journal_of(tmp_path / "forget").applied_count() == 1
+    capsys.readouterr()
+    for checkpoint in (trained_one, tmp_path / "ckpt" / "epoch=0.ckpt"):
+        for command in COMMANDS_FROM_A_CHECKPOINT:
+            with pytest.raises(SystemExit) as exit_info:
+                main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), *command[1:]])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and str(tmp_path / "forget") in err, (checkpoint, command, err)
+    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
 
 
 @pytest.mark.parametrize("copied", ["best", "epoch=0"])
@@ -861,7 +888,7 @@ def test_a_line_of_the_run_moved_away_is_refused_as_gone_for_its_other_checkpoin
             main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(older), *command[1:]])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2, command
-        assert f"{tmp_path / 'line'}, noted beside {older} as a line of deletions started from another checkpoint of its run, is gone" in err
+        assert f"{tmp_path / 'line'}, noted beside {older} as a line of deletions started from another checkpoint of its run (or a copy of one), is gone" in err
     assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
     _ = journal_of(tmp_path / "another").key  # a record that is not the line: --record of it checks nothing in the line's place
     for record, said in (("another", "is gone"), (str(tmp_path / "archive" / "line"), f"{tmp_path / 'archive' / 'line'} records 1 deletion")):
@@ -929,8 +956,8 @@ def test_a_callback_in_a_script_cleans_predicts_files_of_what_it_deletes(trained
 @pytest.mark.parametrize("then", ["the same fit again", "a fit resumed from its latest state"])
 def test_a_fit_whose_callback_stopped_before_its_cleaning_is_cleaned_after_by_the_next_fit(then, trained, tmp_path, capsys,
                                                                                            monkeypatch):
-    """The same fit run again is refused by the record (its checkpoint is older than it now): it cleans, as the fit it
-    advises (from the record's latest state) does."""
+    """The same fit run again is refused by the record (its checkpoint is older than it now: the callback's line from it is
+    noted beside it): it cleans, as the fit it advises (from the record's latest state) does."""
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "top.csv", "--k", "5"])
@@ -948,7 +975,7 @@ def test_a_fit_whose_callback_stopped_before_its_cleaning_is_cleaned_after_by_th
     if then == "the same fit again":
         with pytest.raises(SystemExit) as exit_info:
             main([*fit, "--ckpt_path", str(best)])  # the weights the first fit started from: an older state of the record
-        assert exit_info.value.code == 2 and "are those request entry 0 of the journal" in capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"{tmp_path / 'own'} records 1 deletion" in capsys.readouterr().err  # its line, noted
     else:
         main([*fit, "--ckpt_path", str(journal_of(tmp_path / "own").last_checkpoint()), "--trainer.max_epochs=1"])
     assert not any(row[0] == "8" for row in csv.reader((tmp_path / "top.csv").open()))
@@ -1022,11 +1049,13 @@ def test_a_torn_applied_line_is_said_to_need_unlearn_again_by_every_command(trai
     assert [e["status"] for e in journal_of(tmp_path / "line")] == ["pending", "applied"]
 
 
-@pytest.mark.parametrize("first", ["this machine's folder", "another machine folder"])
+@pytest.mark.parametrize("first", ["this machine's folder", "another machine folder", "the run's folder"])
 def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(first, trained, tmp_path, capsys):
     """Two unlearn processes from one trained model, started together, each found no other line and left out what the
     other deleted: the second is refused while the first checks, applies and notes its line (the machine's lock, and
-    one on the checkpoint file, which a first process with another $LIGHTNING_UNLEARN_HOME holds too)."""
+    one on the checkpoint file, which a first process with another $LIGHTNING_UNLEARN_HOME holds too). The run's: a first
+    process from one of the run's checkpoints holds its folder, and a second from a copy elsewhere, with the run's recipe
+    and another $LIGHTNING_UNLEARN_HOME, is refused too."""
     import fcntl
 
     from lightning_unlearn.models.functional import model_digest
@@ -1036,17 +1065,22 @@ def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(first
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     digest = model_digest(restored(trained, best, removals=False)[0])
+    if first == "the run's folder":  # the first unlearns from the run's own checkpoint (ckpt/, the recipe's), the second from a copy
+        (tmp_path / "ckpt").mkdir()
+        shutil.copy(best, tmp_path / "ckpt" / "best.ckpt")
     unlearn = ["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"]
     with contextlib.ExitStack() as held:  # as the first process holds them
         held.enter_context(exclusive(tmp_path / ("machine" if first == "this machine's folder" else "other") / "locks" /
                                      f"{digest[:32]}.lock", "the first"))
-        handle = held.enter_context(open(best, "rb"))
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        handle = os.open(tmp_path / "ckpt" if first == "the run's folder" else best, os.O_RDONLY)
+        held.callback(os.close, handle)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit) as exit_info:
             main([*unlearn, "--out", "second"])
     err = capsys.readouterr().err
-    said = (f"process {os.getpid()} is applying deletion requests from the same model's parameters" if first == "this machine's folder"
-            else f"another process is applying deletion requests from {best}")
+    said = {"this machine's folder": f"process {os.getpid()} is applying deletion requests from the same model's parameters",
+            "another machine folder": f"another process is applying deletion requests from {best}",
+            "the run's folder": f"another process is applying deletion requests from a checkpoint of {tmp_path / 'ckpt'}"}[first]
     assert exit_info.value.code == 2 and said in err
     assert not (tmp_path / "second").exists()  # nothing written
     main([*unlearn, "--out", "second"])  # once it is done
