@@ -191,6 +191,7 @@ class UnlearningCallback(pl.Callback):
         self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
         self._made_key = False  # this run made (or its branch copied) the folder's key, not checked yet: on_exception removes it
         self._saved: set[str] = set()  # the parameters of the checkpoints the trainer saved since the last request (digests)
+        self._resumed_from: tuple[str, str] | None = None  # a trained checkpoint this fit started from, and its parameters' digest
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -395,6 +396,8 @@ class UnlearningCallback(pl.Callback):
         self._train_ended = False
         # the parameters it starts from (restored from ckpt_path, whose own state was taken before this callback noted it)
         self._saved.add(model_digest(pl_module))
+        # a trained checkpoint (no request applied to it): the line its first request starts is noted as unlearn notes it
+        self._resumed_from = (trainer.ckpt_path, model_digest(pl_module)) if trainer.ckpt_path and not self._applied else None
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
@@ -714,6 +717,11 @@ class UnlearningCallback(pl.Callback):
                 _refuse_older_parameters(journal, model, parameters)
             # "saved": the checkpoints the trainer saved before it (epoch=0.ckpt, ...): weights loaded from them by hand are older too
             saved = sorted(self._saved - {parameters})
+            if journal and self._resumed_from is not None and not self._applied:  # found from the checkpoint, its copies, its run
+                from lightning_unlearn.record_checks import note_the_line  # (the command line's checks import this module)
+
+                note_the_line(self._resumed_from[0], self.dirpath, self._resumed_from[1], datamodule, branch=self.branch)
+                self._resumed_from = None
             pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary,
                                      **({"saved": saved} if saved else {})) if journal else None
         except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
