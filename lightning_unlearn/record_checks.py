@@ -30,6 +30,7 @@ from lightning_unlearn.unlearning.record import (
     StaleCheckpoint,
     applied_to,
     check_lineage,
+    file_stamp,
     journal_of,
     key_id,
     lines_of,
@@ -332,8 +333,8 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
               f"bound by this line. Give the run's recipe, from the folder its fit ran in (a relative dirpath is taken from "
               f"the working folder), to bind them.", file=sys.stderr)
     for folder, relative in folders:
-        try:
-            note_a_line(folder, dirpath, digest, relative=relative, branch=branch)
+        try:  # on the machine, with the checkpoint's file: a record beside it moved away while it stayed is found gone
+            note_a_line(folder, dirpath, digest, relative=relative, branch=branch, checkpoint=None if relative else ckpt_path)
         except OSError as err:
             print(f"[unlearn] {folder} cannot be written ({err.strerror}): the line of deletions started in {dirpath} is not "
                   f"noted there, so commands from the checkpoints it is the record of may not find it.", file=sys.stderr)
@@ -358,21 +359,21 @@ def _holds_a_checkpoint_of(record: Path, datamodule: RecDataModule) -> bool:
 
 
 def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_gone: bool = False,
-               redone: Path | None = None, moved_to: Path | None = None, unlearning: dict[str, Any] | None = None) -> set[Path]:
+               moved_to: Path | None = None, unlearning: dict[str, Any] | None = None) -> set[Path]:
     """The lines of deletions noted beside a checkpoint, or on this machine, as started from its parameters (``digest``).
 
     A line that is gone (moved, deleted: its journal is not there) can no longer be checked. One noted beside the checkpoint
-    (started from it, or from another checkpoint of its run, whose data the checkpoint's shares) went while the
+    (started from it, or from another checkpoint of its run, whose data the checkpoint's shares), or noted on the machine
+    as the record beside it (``unlearn`` without ``--out``, whose line is noted there only), went while the
     checkpoint stayed (a record moved or removed inside the project): with ``refuse_gone`` that is refused, saying how to
-    go on. One noted only on the machine is named on
-    the console (an old experiment's folder, removed with its run).
+    go on, also to an ``unlearn`` that would make a new line in its place (without what it deleted). One noted only on
+    the machine otherwise is named on the console (an old experiment's folder, removed with its run).
 
     Args:
         ckpt_path: the checkpoint.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
         command: the subcommand that asks, named in the console line.
         refuse_gone: refuse a gone line noted beside the checkpoint, from any checkpoint of its run.
-        redone: a folder the command writes a line into, whose line is not refused as gone (it is being made again).
         moved_to: where a gone line noted beside the checkpoint now is (``predict --record``): it is that line if it holds
             the key the line was noted with, and is then returned in its place.
         unlearning: the checkpoint's callback state: a state of a record is not held back by a branch from another
@@ -382,19 +383,25 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         StaleCheckpoint: with ``refuse_gone``, a line noted beside the checkpoint (from any checkpoint of its run) is gone.
     """
     def is_gone(line: Path) -> bool:
-        return not (line / JOURNAL_FILE).is_file() and not (redone and line.resolve() == redone.resolve())
+        return not (line / JOURNAL_FILE).is_file()
 
     moved_key = key_id(journal_of(moved_to)) if moved_to is not None and _holds_key(moved_to, None) else None
     state = bool((unlearning or {}).get("applied"))
     noted, moved = [], set()
     # the recipe's run too, for a trained checkpoint: a copy of one of its checkpoints is checked as if it were in the run folder
     run = set() if state else _run_records() - records_beside(ckpt_path)
-    for folder in records_beside(ckpt_path) | run:  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
-        for line in lines_of(folder):
-            if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
-                moved.add(moved_to)  # the line, moved: checked where it is now
-            elif line.get("model") == digest or not (state and line.get("branch")):  # a branch binds no state of a record
-                noted.append((folder, Path(line["record"]), line.get("model") == digest))
+    here = records_beside(ckpt_path) | run  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
+    sources = [(folder, line) for folder in here for line in lines_of(folder)]
+    # those records themselves, noted on the machine only (moved away with the notes they hold beside the checkpoint), while
+    # the file their line started from is there as it was (not a run removed whole and fitted again in its folder)
+    sources += [(machine_lines_folder(), line) for line in lines_of(machine_lines_folder())
+                if Path(line["record"]).resolve() in {folder.resolve() for folder in here}
+                and line.get("stamp") is not None and file_stamp(line.get("checkpoint", "")) == line["stamp"]]
+    for folder, line in sources:
+        if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
+            moved.add(moved_to)  # the line, moved: checked where it is now
+        elif line.get("model") == digest or not (state and line.get("branch")):  # a branch binds no state of a record
+            noted.append((folder, Path(line["record"]), line.get("model") == digest))
     beside = {line for _, line, from_it in noted if from_it} | moved
     lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
     kept = {line for line in lines if (line / JOURNAL_FILE).is_file()}
@@ -403,8 +410,10 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     if refuse_gone and gone_beside:
         other, first, folder = gone_beside[0]  # one started from this checkpoint first
         where = "give its place with --record FOLDER" if command == "predict" else "move it back"
+        noted_as = (f"noted on this machine as the deletion record beside {ckpt_path} (or its run's)" if folder == machine_lines_folder() else
+                    f"noted beside {ckpt_path} as a line of deletions started from {'another checkpoint of its run (or a copy of one)' if other else 'it'}")
         raise StaleCheckpoint(
-            f"{first}, noted beside {ckpt_path} as a line of deletions started from {'another checkpoint of its run (or a copy of one)' if other else 'it'}, "
+            f"{first}, {noted_as}, "
             f"is gone: {command} cannot check that what it deleted stays deleted. If it was moved, {where}; if it was removed on "
             f"purpose, what it deleted is recorded nowhere now: apply those requests again, and remove its line from "
             f"{folder / LINES_FILE} to go on.")
@@ -440,7 +449,7 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
         JournalCorrupted: one of those records' journals does not read.
     """
     named, besides = unlearning.get("record"), records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
-    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, redone=dirpath, unlearning=unlearning)  # started from it elsewhere
+    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, unlearning=unlearning)  # started from it elsewhere
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
         if folder.resolve() == dirpath.resolve() or not journal.path.is_file():

@@ -63,6 +63,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
         (folder / "requests.jsonl").write_text(f'{{"user": {DELETED_USER}}}\n{{"item": {DELETED_ITEM}}}\n')
         main(["unlearn", "-c", str(fit_recipe), "--ckpt_path", "ckpt/best.ckpt", "--requests", "requests.jsonl",
               "--method", "FineTune", "--out", "unlearned"])
+        (folder / "unlearning" / "lines.jsonl").unlink()  # each test's lines are its own (lines_of_each_test_apart), the first's too
     return SimpleNamespace(folder=folder, data_file=data_file, recipe=fit_recipe, best=folder / "ckpt" / "best.ckpt",
                            unlearned=next((folder / "unlearned").glob("unlearned-*.ckpt")), requests=folder / "requests.jsonl")
 
@@ -168,12 +169,14 @@ def test_fit_from_an_unlearned_checkpoint_keeps_its_callback_state(trained, tmp_
 def test_a_fit_that_trains_nothing_keeps_the_drift_of_the_unlearned_checkpoint_it_starts_from(trained, tmp_path, capsys):
     """limit_train_batches=0: the model is not fitted again, so the retrain policy counts the earlier deletions too."""
     folder = tmp_path / "record"
-    shutil.copytree(trained.unlearned.parent, folder)
+    (tmp_path / "checkpoints").mkdir()
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", shutil.copy(trained.best, tmp_path / "checkpoints"), "--requests",
+          str(trained.requests), "--method", "FineTune", "--out", str(folder)])  # a record of its own (a copy would not go on)
     (tmp_path / "user9.csv").write_text("user\n9\n")
     callback = (f"{{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: {tmp_path / 'user9.csv'}, "
                 f"dirpath: {folder}, evaluate: false}}}}")
-    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(folder / trained.unlearned.name), "--trainer.max_epochs=1",
+    main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(folder).last_checkpoint()), "--trainer.max_epochs=1",
           "--trainer.limit_train_batches=0", f"--trainer.callbacks+={callback}"])
     before, after = [e for e in journal_of(folder).entries() if e["status"] == "applied"][-2:]
     fitted_rows = len(restored(trained, trained.best, removals=False)[1].train)
@@ -504,9 +507,10 @@ def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted
     assert not any(row[0] == "9" for row in csv.reader((tmp_path / "top.csv").open()))
 
 
-def test_a_copy_of_a_record_going_on_does_not_stop_the_record_going_on(trained, tmp_path, capsys):
-    """A state of a record (requests applied to it) goes on in its record or branches: a copy of the record going on
-    elsewhere is not noted as a line from that state, so the record itself goes on, and predicts, from its latest state."""
+def test_a_branch_from_a_copy_of_a_record_does_not_stop_the_record_going_on(trained, tmp_path, capsys):
+    """A state of a record (requests applied to it) goes on in its record or branches: a copy of the record does not go on
+    by itself (test_a_copy_of_a_record_does_not_go_on_while_the_record_is_there), a branch from its state is not noted as
+    a line from that state, so the record itself goes on, and predicts, from its latest state."""
     (tmp_path / "checkpoints").mkdir()
     best = shutil.copy(trained.best, tmp_path / "checkpoints")
     for name in ("8", "9", "10"):
@@ -514,9 +518,10 @@ def test_a_copy_of_a_record_going_on_does_not_stop_the_record_going_on(trained, 
     unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
     main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv", "--out", "record"])
     shutil.copytree(tmp_path / "record", tmp_path / "copy")
-    main([*unlearn, "--ckpt_path", str(journal_of(tmp_path / "copy").last_checkpoint()), "--requests", "user9.csv"])
+    main([*unlearn, "--ckpt_path", str(journal_of(tmp_path / "copy").last_checkpoint()), "--requests", "user9.csv", "--out", "branch",
+          "--branch", "true"])
     main([*unlearn, "--ckpt_path", str(journal_of(tmp_path / "record").last_checkpoint()), "--requests", "user10.csv"])
-    assert journal_of(tmp_path / "record").applied_count() == journal_of(tmp_path / "copy").applied_count() == 2
+    assert journal_of(tmp_path / "record").applied_count() == 2 and journal_of(tmp_path / "branch").applied_count() == 1
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "record").last_checkpoint()), "--out", "p.csv"])
 
 
@@ -746,6 +751,72 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_a_run_with_a_gone_line_is_refused(c
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"{tmp_path / 'line'}, noted beside" in err and "is gone" in err, (checkpoint, err)
     assert not (tmp_path / "recs.csv").exists()
+
+
+@pytest.mark.parametrize("then", ["moved away", "removed"])
+def test_the_record_beside_the_run_moved_away_refuses_the_runs_checkpoints(then, trained, tmp_path, capsys):
+    """unlearn without --out deleted user 8 into the record beside the run's checkpoints (noted on the machine only); that
+    record moved away (or removed) while the run stayed: its best.ckpt and older epoch still hold user 8, and are refused
+    by every command until it is back or given (--record), or its line is removed from the machine's note on purpose.
+    A run removed whole and fitted again in its folder is not held back by it."""
+    (tmp_path / "ckpt").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
+    older = torch.load(trained.best, weights_only=False)
+    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
+    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
+    for name, ids in (("user8", "8"), ("user9", "9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
+    record = tmp_path / "unlearning"
+    if then == "moved away":
+        shutil.move(record, tmp_path / "elsewhere")
+    else:
+        shutil.rmtree(record)
+    capsys.readouterr()
+    for checkpoint in (best, tmp_path / "ckpt" / "epoch=0.ckpt"):
+        for command in COMMANDS_FROM_A_CHECKPOINT:
+            with pytest.raises(SystemExit) as exit_info:
+                main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), *command[1:]])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and f"{record}, noted on this machine as the deletion record beside {checkpoint}" in err, \
+                (checkpoint, command, err)
+    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    # the same request again into its place is refused too: a second line without what the moved one deleted
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user9.csv"])
+    assert exit_info.value.code == 2 and "is gone" in capsys.readouterr().err and not record.exists()
+    if then == "moved away":  # given where it is, it checks the checkpoint: the trained model holds user 8
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "recs.csv", "--record", str(tmp_path / "elsewhere")])
+        assert exit_info.value.code == 2 and f"{tmp_path / 'elsewhere'} records 1 deletion" in capsys.readouterr().err
+    # the run removed whole and fitted again in its folder: another file, not held back by the old run's record
+    os.unlink(best)
+    shutil.copy(trained.best, best)
+    os.utime(best, ns=(os.stat(best).st_atime_ns, os.stat(best).st_mtime_ns + 10**9))
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "recs.csv"])
+
+
+def test_a_copy_of_a_record_does_not_go_on_while_the_record_is_there(trained, tmp_path, capsys):
+    """A backup copy of a record (cp -a) given its latest state would go on in the copy (an unlearned checkpoint's record
+    is its folder): a line of deletions the record never learns of, whose states keep what it deletes. Refused while the
+    record is there; a record moved (the original gone) goes on where it is."""
+    (tmp_path / "ckpt").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
+    for name, ids in (("user8", "8"), ("user9", "9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv", "--out", "line"])
+    shutil.copytree(tmp_path / "line", tmp_path / "backup")
+    copied_state = tmp_path / "backup" / journal_of(tmp_path / "line").last_checkpoint().name
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*unlearn, "--ckpt_path", str(copied_state), "--requests", "user9.csv"])  # into its own folder, the copy
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{tmp_path / 'backup'} is a copy of the deletion record {tmp_path / 'line'}" in err
+    assert journal_of(tmp_path / "backup").applied_count() == 1
+    shutil.rmtree(tmp_path / "line")  # moved: the record now lives in the copy only, and goes on there
+    main([*unlearn, "--ckpt_path", str(copied_state), "--requests", "user9.csv"])
+    assert journal_of(tmp_path / "backup").applied_count() == 2
 
 
 def test_a_branch_started_from_another_checkpoint_of_the_run_does_not_hold_back_the_runs_own_record(trained, tmp_path, capsys):
@@ -1107,9 +1178,10 @@ def test_a_checkpoint_on_a_file_system_without_locks_is_unlearned_with_the_machi
     assert journal_of(tmp_path / "line").applied_count() == 1 and f"{best} cannot be locked" in capsys.readouterr().err
 
 
-def test_a_line_made_again_in_its_folder_or_moved_with_its_project_is_not_gone(trained, tmp_path, capsys):
-    """The quick start's line removed and made again by the same command, and a project folder moved whole (the note
-    beside the checkpoint holds its lines relative to it), are not refused as gone lines."""
+def test_a_line_removed_and_made_again_in_its_folder_or_moved_with_its_project(trained, tmp_path, capsys):
+    """The quick start's line removed is refused as gone also to the same command making it again in its place (it cannot
+    tell a line moved away from one removed on purpose) until its line is removed from the note on purpose; a project
+    folder moved whole (the note beside the checkpoint holds its lines relative to it) is not gone."""
     (tmp_path / "user8.csv").write_text("user\n8\n")
     project = tmp_path / "project"
     (project / "checkpoints").mkdir(parents=True)
@@ -1117,6 +1189,13 @@ def test_a_line_made_again_in_its_folder_or_moved_with_its_project_is_not_gone(t
     unlearn = ["unlearn", "-c", str(trained.recipe), "--requests", str(tmp_path / "user8.csv"), "--method", "FineTune"]
     main([*unlearn, "--ckpt_path", str(best), "--out", str(project / "unlearned")])
     shutil.rmtree(project / "unlearned")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*unlearn, "--ckpt_path", str(best), "--out", str(project / "unlearned")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{project / 'unlearned'}, noted beside {best} as a line of deletions started from it, is gone" in err
+    assert f"remove its line from {project / 'unlearning' / 'lines.jsonl'}" in err
+    (project / "unlearning" / "lines.jsonl").unlink()  # removed on purpose: its requests are applied again
     main([*unlearn, "--ckpt_path", str(best), "--out", str(project / "unlearned")])
     assert journal_of(project / "unlearned").applied_count() == 1
     moved = tmp_path / "moved"
@@ -1172,7 +1251,8 @@ def test_a_copy_of_a_trained_checkpoint_finds_the_lines_started_from_the_origina
     assert exit_info.value.code == 2 and f"{record} records 1 deletion applied" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
     noted = [json.loads(line) for line in (tmp_path / "machine" / "lines.jsonl").read_text().splitlines()]
-    assert [sorted(line) for line in noted] == [["key_id", "model", "record"]] and noted[0]["record"] == str(record.resolve())  # no id
+    assert [sorted(line) for line in noted] == [["checkpoint", "key_id", "model", "record", "stamp"]]  # paths, digests, file stats: no id
+    assert noted[0]["record"] == str(record.resolve()) and noted[0]["checkpoint"] == str(Path(original).resolve())
     main([*unlearn, "--ckpt_path", str(copy), "--requests", "user9.csv", "--out", "branch", "--branch", "true"])  # on purpose
     assert journal_of(tmp_path / "branch").applied_count() == 1
 
@@ -1691,6 +1771,9 @@ def test_pairs_outside_the_training_split_are_a_one_paragraph_cli_error(trained,
     out = capsys.readouterr().out
     assert "[unlearn] --missing ignore: 2 pairs of the request are not in the training split and were ignored" in out
     assert "1 rows removed" in out
+    main([*args[:4], str(journal_of(tmp_path / "refused").last_checkpoint()), *args[5:], "--missing", "ignore"])  # given again
+    out = capsys.readouterr().out
+    assert "is already applied" in out and "--missing ignore:" not in out  # no count of a request not applied now
 
 
 def test_unlearn_without_out_keeps_one_record_per_checkpoint(trained, tmp_path, capsys):

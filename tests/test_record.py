@@ -185,12 +185,18 @@ def test_an_older_state_of_the_same_folder_is_refused(trained, tmp_path):
 
 
 def test_a_checkpoint_of_a_copy_of_the_folder_is_refused(trained, tmp_path):
-    """A copy (or a restored backup) shares the journal's id and entry numbers; the entry's hash tells them apart."""
+    """A copy (or a restored backup) shares the journal's id and entry numbers; the entry's hash tells them apart. The copy
+    does not go on while the record it copies is there (its requests would never reach it); it went on while the record
+    was away."""
     out, copy = tmp_path / "out", tmp_path / "copy"
     apply(trained, out, A)
     shutil.copytree(out, copy)
     apply(journal_of(out).last_checkpoint(), out, B)
+    with pytest.raises(StaleCheckpoint, match=f"{copy} is a copy of the deletion record {out}"):
+        apply(journal_of(copy).last_checkpoint(), copy, C)
+    out.rename(tmp_path / "away")
     apply(journal_of(copy).last_checkpoint(), copy, C)
+    (tmp_path / "away").rename(out)
     before = files(out)
     with pytest.raises(StaleCheckpoint, match="a copy of this folder that went on separately"):
         apply(journal_of(copy).last_checkpoint(), out, DeletionRequest(users=[9]))
@@ -872,6 +878,12 @@ def test_pairs_outside_the_training_split_name_the_split(trained, tmp_path):
     user, item = int(dm.test.users[0]), int(dm.test.items[0])
     model, dm, callback = session(trained, tmp_path / "out", DeletionRequest(pairs=[(user, item)]))
     with pytest.raises(InvalidDeletionRequest, match=r"not a row of this table \(the training split\).*only in the test split"):
+        callback.apply_pending(model, dm)
+    # and a pair in no split beside it: not said to be only in the test split
+    keys = set(torch.cat([dm.train.keys, dm.val.keys, dm.test.keys]).tolist())
+    nowhere = next(i for i in range(dm.num_items) if user * dm.num_items + i not in keys)
+    model, dm, callback = session(trained, tmp_path / "out2", DeletionRequest(pairs=[(user, item), (user, nowhere)]))
+    with pytest.raises(InvalidDeletionRequest, match=r"\(1 of them only in the test split, the others in no split\)"):
         callback.apply_pending(model, dm)
 
 

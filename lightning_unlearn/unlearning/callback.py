@@ -38,6 +38,7 @@ from lightning_unlearn.unlearning.record import (
     key_id,
     load_checkpoint,
     recover,
+    refuse_a_copy_going_on,
     refuse_a_replaced_key,
     save_checkpoint,
 )
@@ -335,6 +336,8 @@ class UnlearningCallback(pl.Callback):
         datamodule built afresh (or restored from another checkpoint) still holds their rows.
         """
         check_lineage(journal, self._lineage, self._branching(journal, self._lineage), self._named_record)
+        if self._queue:  # requests journaled into a copy of the record its state names would never reach that record
+            refuse_a_copy_going_on(journal, self._lineage, self._named_record)
         self._check_data(journal, datamodule)
 
     def _check_data(self, journal: Journal, datamodule: RecDataModule) -> None:

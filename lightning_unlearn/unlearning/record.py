@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
     "forget_an_unused_key", "key_made_undone_on_failure",
-    "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_a_replaced_key", "refuse_a_stopped_request", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "file_stamp", "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_a_copy_going_on", "refuse_a_replaced_key", "refuse_a_stopped_request", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
 
@@ -251,6 +251,29 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
     )
 
 
+def refuse_a_copy_going_on(journal: Journal, lineage: dict[str, Any] | None, record: str | None) -> None:
+    """Refuse to go on in ``journal``'s folder when it is a copy (a backup) of the record the model's state names, and that
+    record is still there: a line of deletions applied in the copy would never reach the record, whose states would
+    keep serving what it deleted. A record moved (the named folder gone, or holding another journal) goes on where it is.
+
+    Args:
+        journal: the folder's journal.
+        lineage: what the model embodies (its callback state's ``lineage``).
+        record: the folder its state names (its ``record``), if known.
+
+    Raises:
+        StaleCheckpoint: the folder is a copy of the named record, which still holds the same journal.
+    """
+    if not lineage or record is None or lineage.get("journal") != journal.id or Path(record).resolve() == Path(journal.folder).resolve():
+        return
+    if journal_of(record).id == journal.id:
+        raise StaleCheckpoint(
+            f"{journal.folder} is a copy of the deletion record {record} (its journal has the same id), which is still there: "
+            f"requests applied in the copy would never reach that record, whose states would keep what they delete. Go on in "
+            f"{record} (`--out {record}`; in a fit, the UnlearningCallback's `dirpath`), or start a new branch from this model in "
+            f"another, empty folder (`unlearn --out <new folder> --branch true`).")
+
+
 def refuse_unnamed_checkpoints(journal: Journal) -> None:
     """Refuse a folder holding unlearned checkpoints that no ``applied`` entry (or open ``pending`` one) of its journal names.
 
@@ -316,7 +339,8 @@ def machine_lock(name: str, busy: str, wait: bool = False) -> Iterator[OSError |
         yield error
 
 
-def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False, branch: bool = False) -> None:
+def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: str, relative: bool = False, branch: bool = False,
+                checkpoint: str | os.PathLike | None = None) -> None:
     """Note in ``folder`` (the record beside a trained checkpoint) that ``record`` is a line of deletions started from the
     parameters whose :func:`~lightning_unlearn.models.functional.model_digest` is ``digest``: a later command from that
     checkpoint finds the line there, wherever ``record`` is, and its key's :func:`key_id` (which record it is, if it is
@@ -328,6 +352,8 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     With ``relative``, ``record`` is noted relative to ``folder`` (beside a checkpoint: the project's folder can move whole).
     With ``branch``, the line was started on purpose apart from the others (``--branch``): it binds the trained
     checkpoints of its run, not the states of the records beside it (which go on from their latest state).
+    With ``checkpoint``, the file the line was started from is noted with its :func:`file_stamp`: while that very file is
+    there, a record beside it that is gone was moved or removed from under it (not with its run).
 
     Raises:
         OSError: ``folder`` cannot be written (a read-only model folder, say): the caller decides what that costs.
@@ -335,8 +361,19 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
     record = Path(record).resolve()
     noted = os.path.relpath(record, Path(folder).resolve()) if relative else str(record)
     key = key_id(journal_of(record))  # which record it is, wherever it is moved (``predict --record``)
+    started = {"checkpoint": str(Path(checkpoint).resolve()), "stamp": file_stamp(checkpoint)} if checkpoint is not None else {}
     append_note(Path(folder) / LINES_FILE, {"record": noted, "model": digest, **({"key_id": key} if key else {}),
-                                            **({"branch": True} if branch else {})})
+                                            **({"branch": True} if branch else {}), **started})
+
+
+def file_stamp(path: str | os.PathLike) -> list[int] | None:
+    """``[inode, size, modification time in ns]`` of the file ``path`` (``None`` when there is none): a file written again
+    (a run fitted again in the same folder) has another."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
 
 
 def lines_of(folder: str | os.PathLike, digest: str | None = None) -> list[dict[str, str]]:
