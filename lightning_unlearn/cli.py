@@ -187,7 +187,7 @@ class UnlearningTrainer(pl.Trainer):
                     summaries = callback.check(datamodule)
                 ignored = sum(summary.get("num_ignored", 0) for summary in summaries)
                 are, were = ("is", "was") if ignored == 1 else ("are", "were")
-                if missing == "ignore":
+                if missing == "ignore" and summaries:  # none: the request is applied already (said below)
                     print(f"[unlearn] --missing ignore: {counted(ignored, 'pair')} of the request {are} not in the training split and "
                           f"{were} ignored")
                 elif ignored:  # a request the checkpoint holds queued, queued with missing="ignore"

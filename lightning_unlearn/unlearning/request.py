@@ -200,9 +200,17 @@ def _digest(num_users: int, num_items: int, row_keys: Tensor, users: Tensor, ite
 
 
 def _splits_holding(elsewhere: Mapping[str, Interactions], values: Callable[[Interactions], Tensor], wanted: Tensor) -> str:
-    """`` (they are in the test split)``: which other splits hold any of ``wanted``, for messages."""
-    names = [name for name, table in elsewhere.items() if len(wanted) and torch.isin(values(table), wanted).any()]
-    return f" (only in the {' and '.join(names)} split{'s' if len(names) > 1 else ''})" if names else ""
+    """`` (only in the test split)``: which other splits hold ``wanted`` (and how many of them none does), for messages."""
+    held, names = torch.zeros(len(wanted), dtype=torch.bool), []
+    for name, table in elsewhere.items():
+        here = torch.isin(wanted, values(table))
+        if bool(here.any()):
+            held |= here
+            names.append(name)
+    if not names:
+        return ""
+    splits = f"the {' and '.join(names)} split{'s' if len(names) > 1 else ''}"
+    return f" (only in {splits})" if bool(held.all()) else f" ({int(held.sum())} of them only in {splits}, the others in no split)"
 
 
 def _kind(pairs: int, users: int, items: int) -> str:
