@@ -586,23 +586,55 @@ def test_a_project_moved_whole_keeps_the_records_its_checkpoints_name(trained, t
     assert exit_info.value.code == 2 and f"{record} records 2 deletions applied" in capsys.readouterr().err
 
 
+def two_epochs(trained, tmp_path: Path, folder: Path, last: str = "best.ckpt") -> tuple[Path, Path]:
+    """``folder`` (made) holding the trained checkpoint as ``last`` and an earlier epoch of the same fit, ``epoch=0.ckpt``
+    (other parameters, the same data), and the request files user8.csv and user9.csv in ``tmp_path``: ``(last, epoch=0)``."""
+    for name, ids in (("user8", "8"), ("user9", "9")):
+        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    folder.mkdir(parents=True)
+    older = torch.load(trained.best, weights_only=False)
+    older["state_dict"]["user_embedding.weight"] -= 0.01
+    torch.save(older, folder / "epoch=0.ckpt")
+    return Path(shutil.copy(trained.best, folder / last)), folder / "epoch=0.ckpt"
+
+
+def a_model_of_other_data(trained, tmp_path: Path, monkeypatch, without: str) -> tuple[list[str], Path]:
+    """A model fitted with the recipe on the data file without user ``without`` (other data, not another split of it), in
+    ``tmp_path/without<user>/ckpt``: the data options that load that file, and its best.ckpt."""
+    rows = [line for line in trained.data_file.read_text().splitlines() if line.split("\t")[0] != without]
+    (tmp_path / f"without{without}.tsv").write_text("\n".join(rows) + "\n")
+    options = ["--data.source.init_args.path", str(tmp_path / f"without{without}.tsv")]
+    (tmp_path / f"without{without}").mkdir()
+    monkeypatch.chdir(tmp_path / f"without{without}")  # its checkpoints go to its own ckpt/
+    main(["fit", "-c", str(trained.recipe), *options, *BRIEF])
+    monkeypatch.chdir(tmp_path)
+    return options, tmp_path / f"without{without}" / "ckpt" / "best.ckpt"
+
+
 def a_line_from_the_last_epoch(trained, tmp_path: Path) -> Path:
     """`unlearn --out line` from epoch=1.ckpt of a run deletes user 8: its epoch=0.ckpt (returned), on the same data, still
     holds user 8's rows."""
-    for name, ids in (("user8", "8"), ("user9", "9")):
-        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    newer = shutil.copy(trained.best, tmp_path / "run" / "checkpoints" / "epoch=1.ckpt")
-    older = torch.load(trained.best, weights_only=False)
-    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
-    torch.save(older, tmp_path / "run" / "checkpoints" / "epoch=0.ckpt")
+    newer, older = two_epochs(trained, tmp_path, tmp_path / "run" / "checkpoints", "epoch=1.ckpt")
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(newer), "--requests", "user8.csv",
           "--out", "line"])
-    return tmp_path / "run" / "checkpoints" / "epoch=0.ckpt"
+    return older
 
 
 COMMANDS_FROM_A_CHECKPOINT = (["predict", "--out", "recs.csv"], ["fit", *BRIEF], ["test"], ["validate"],
                               ["unlearn", "--method", "FineTune", "--requests", "user9.csv", "--out", "second"])
+
+
+def refused_by_every_command(recipe: Path, checkpoints, said, capsys, *extra: str) -> None:
+    """Each command of ``COMMANDS_FROM_A_CHECKPOINT`` from each of ``checkpoints`` exits with status 2, its message naming
+    ``said`` (or ``said(checkpoint)``), and writes nothing (no recommendations, no second line)."""
+    capsys.readouterr()
+    for checkpoint in checkpoints:
+        for command in COMMANDS_FROM_A_CHECKPOINT:
+            with pytest.raises(SystemExit) as exit_info:
+                main([command[0], "-c", str(recipe), "--ckpt_path", str(checkpoint), *command[1:], *extra])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and (said(checkpoint) if callable(said) else said) in err, (checkpoint, command, err)
+    assert not any(Path(name).exists() for name in ("recs.csv", "second"))
 
 
 @pytest.mark.parametrize("spelt", ["a path", "a file:// URL", "a file: URL", "a local: URL", "a path under ~", "hpc"])
@@ -617,13 +649,7 @@ def test_an_older_checkpoint_of_the_run_a_line_was_started_from_is_checked_again
     root = ["--trainer.default_root_dir", str(older.parent)] if spelt == "hpc" else []
     given = {"a path": str(older), "a file:// URL": f"file://{older}", "a file: URL": f"file:{older}", "a local: URL": f"local:{older}",
              "a path under ~": "~/run/checkpoints/epoch=0.ckpt", "hpc": "hpc"}[spelt]
-    capsys.readouterr()
-    for command in COMMANDS_FROM_A_CHECKPOINT:
-        with pytest.raises(SystemExit) as exit_info:
-            main([command[0], "-c", str(trained.recipe), "--ckpt_path", given, *command[1:], *root])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and str(tmp_path / "line") in err, command
-    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    refused_by_every_command(trained.recipe, [given], str(tmp_path / "line"), capsys, *root)
 
 
 @pytest.mark.parametrize("folder", ["given", "Lightning's"], ids=["the recipe's dirpath", "no dirpath"])
@@ -638,25 +664,13 @@ def test_a_copy_elsewhere_of_a_checkpoint_of_the_recipes_run_is_checked_against_
         recipe = tmp_path / "no_dirpath.yaml"
         recipe.write_text(trained.recipe.read_text().replace("dirpath: ckpt, ", ""))
     run = tmp_path / ("ckpt" if folder == "given" else "checkpoints")
-    run.mkdir()
-    best = shutil.copy(trained.best, run / "epoch=1.ckpt")
-    older = torch.load(trained.best, weights_only=False)
-    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
-    torch.save(older, run / "epoch=0.ckpt")
-    for name, ids in (("user8", "8"), ("user9", "9")):
-        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    best, _ = two_epochs(trained, tmp_path, run, "epoch=1.ckpt")
     main(["unlearn", "-c", str(recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
     (tmp_path / "serving" / "models").mkdir(parents=True)  # not beside the run's folders: its own record would be serving/unlearning
     given = shutil.copy(run / "epoch=0.ckpt", tmp_path / "serving" / "models" / "best.ckpt") if copy == "copied out" else "hpc"
     if copy != "copied out":
         shutil.copy(run / "epoch=0.ckpt", tmp_path / "hpc_ckpt_1.ckpt")
-    capsys.readouterr()
-    for command in COMMANDS_FROM_A_CHECKPOINT:
-        with pytest.raises(SystemExit) as exit_info:
-            main([command[0], "-c", str(recipe), "--ckpt_path", str(given), *command[1:]])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and str(tmp_path / "unlearning") in err, (command, err)
-    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    refused_by_every_command(recipe, [given], str(tmp_path / "unlearning"), capsys)
 
 
 @pytest.mark.parametrize(("branch", "copy"), [(False, "a copy"), (True, "a copy"), (False, "a link")], ids=["a line", "a branch", "a link"])
@@ -666,13 +680,7 @@ def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds
     it), with the run's recipe: the line is noted in the run's record too, so that on the run's machine its best.ckpt and
     epoch=0.ckpt (whose data still holds user 8) are refused by every command. A model of other data (another file) with
     the same recipe is not the run's: its line is not noted there, and unlearn says so."""
-    (tmp_path / "ckpt").mkdir()
-    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
-    older = torch.load(trained.best, weights_only=False)
-    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
-    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
-    for name, ids in (("user8", "8"), ("user9", "9")):
-        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
     (tmp_path / "serving" / "models").mkdir(parents=True)
     served = tmp_path / "serving" / "models" / "best.ckpt"
     served.symlink_to(best) if copy == "a link" else shutil.copy(best, served)
@@ -681,64 +689,33 @@ def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(served), "--requests", "user8.csv",
           "--out", str(tmp_path / "serving" / "line"), *(["--branch", "true"] if branch else [])])
     monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", run_machine)
-    capsys.readouterr()
-    for checkpoint in (best, tmp_path / "ckpt" / "epoch=0.ckpt"):
-        for command in COMMANDS_FROM_A_CHECKPOINT:
-            with pytest.raises(SystemExit) as exit_info:
-                main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), *command[1:]])
-            err = capsys.readouterr().err
-            assert exit_info.value.code == 2 and str(tmp_path / "serving" / "line") in err, (checkpoint, command, err)
-    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    refused_by_every_command(trained.recipe, [best, tmp_path / "ckpt" / "epoch=0.ckpt"], str(tmp_path / "serving" / "line"), capsys)
     # other data, with the run's recipe: a model fitted on the file without user 9, served from elsewhere
-    rows = [line for line in trained.data_file.read_text().splitlines() if line.split("\t")[0] != "9"]
-    (tmp_path / "without9.tsv").write_text("\n".join(rows) + "\n")
-    other = ["--data.source.init_args.path", str(tmp_path / "without9.tsv")]
-    (tmp_path / "other").mkdir()
-    monkeypatch.chdir(tmp_path / "other")  # its checkpoints go to other/ckpt
-    main(["fit", "-c", str(trained.recipe), *other, *BRIEF])
-    monkeypatch.chdir(tmp_path)
+    other, model = a_model_of_other_data(trained, tmp_path, monkeypatch, "9")
     noted = (tmp_path / "unlearning" / "lines.jsonl").read_bytes()
-    main(["unlearn", "-c", str(trained.recipe), *other, "--method", "FineTune", "--ckpt_path", str(tmp_path / "other" / "ckpt" / "best.ckpt"),
-          "--requests", "user8.csv", "--out", str(tmp_path / "other" / "line")])
+    main(["unlearn", "-c", str(trained.recipe), *other, "--method", "FineTune", "--ckpt_path", str(model), "--requests", "user8.csv",
+          "--out", str(tmp_path / "other_line")])
     assert (tmp_path / "unlearning" / "lines.jsonl").read_bytes() == noted
-    assert f"holds no checkpoint of {tmp_path / 'other' / 'ckpt' / 'best.ckpt'}'s data" in capsys.readouterr().err
+    assert f"holds no checkpoint of {model}'s data" in capsys.readouterr().err
 
 
 def test_a_fit_with_the_callback_from_a_trained_checkpoint_notes_its_line(trained, tmp_path, capsys):
     """fit --ckpt_path the run's trained checkpoint, with an UnlearningCallback writing into its own folder, deleted user 8:
     its line is noted as unlearn notes one, so that checkpoint and an older epoch of the run (whose data still holds
     user 8) are refused by every command."""
-    (tmp_path / "ckpt").mkdir()
-    trained_one = shutil.copy(trained.best, tmp_path / "ckpt" / "epoch=1.ckpt")
-    older = torch.load(trained.best, weights_only=False)
-    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
-    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
-    for name, ids in (("user8", "8"), ("user9", "9")):
-        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    trained_one, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt", "epoch=1.ckpt")
     callback = (f"--trainer.callbacks+={{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: user8.csv, dirpath: {tmp_path / 'forget'}}}}}")
     main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained_one), *BRIEF, callback])  # finished: applied at its end
     assert journal_of(tmp_path / "forget").applied_count() == 1
-    capsys.readouterr()
-    for checkpoint in (trained_one, tmp_path / "ckpt" / "epoch=0.ckpt"):
-        for command in COMMANDS_FROM_A_CHECKPOINT:
-            with pytest.raises(SystemExit) as exit_info:
-                main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), *command[1:]])
-            err = capsys.readouterr().err
-            assert exit_info.value.code == 2 and str(tmp_path / "forget") in err, (checkpoint, command, err)
-    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    refused_by_every_command(trained.recipe, [trained_one, tmp_path / "ckpt" / "epoch=0.ckpt"], str(tmp_path / "forget"), capsys)
 
 
 @pytest.mark.parametrize("copied", ["best", "epoch=0"])
 def test_a_copy_elsewhere_of_a_checkpoint_of_a_run_with_a_gone_line_is_refused(copied, trained, tmp_path, capsys):
     """A line from the run's best.ckpt moved away: the checkpoints in the run folder are refused until it is back, and so is a
     copy of one served from elsewhere, the one the line started from or another (the line is noted in the run's folder)."""
-    (tmp_path / "ckpt").mkdir()
-    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
-    older = torch.load(trained.best, weights_only=False)
-    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
-    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
-    (tmp_path / "user8.csv").write_text("user\n8\n")
+    best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv",
           "--out", "line"])
     (tmp_path / "serving" / "models").mkdir(parents=True)  # its own record would be serving/unlearning
@@ -759,28 +736,15 @@ def test_the_record_beside_the_run_moved_away_refuses_the_runs_checkpoints(then,
     record moved away (or removed) while the run stayed: its best.ckpt and older epoch still hold user 8, and are refused
     by every command until it is back or given (--record), or its line is removed from the machine's note on purpose.
     A run removed whole and fitted again in its folder is not held back by it."""
-    (tmp_path / "ckpt").mkdir()
-    best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
-    older = torch.load(trained.best, weights_only=False)
-    older["state_dict"]["user_embedding.weight"] -= 0.01  # an earlier epoch of the same fit: other parameters, the same data
-    torch.save(older, tmp_path / "ckpt" / "epoch=0.ckpt")
-    for name, ids in (("user8", "8"), ("user9", "9")):
-        (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
+    best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
     record = tmp_path / "unlearning"
     if then == "moved away":
         shutil.move(record, tmp_path / "elsewhere")
     else:
         shutil.rmtree(record)
-    capsys.readouterr()
-    for checkpoint in (best, tmp_path / "ckpt" / "epoch=0.ckpt"):
-        for command in COMMANDS_FROM_A_CHECKPOINT:
-            with pytest.raises(SystemExit) as exit_info:
-                main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(checkpoint), *command[1:]])
-            err = capsys.readouterr().err
-            assert exit_info.value.code == 2 and f"{record}, noted on this machine as the deletion record beside {checkpoint}" in err, \
-                (checkpoint, command, err)
-    assert not any((tmp_path / name).exists() for name in ("recs.csv", "second"))
+    refused_by_every_command(trained.recipe, [best, tmp_path / "ckpt" / "epoch=0.ckpt"],
+                             lambda checkpoint: f"{record}, noted on this machine as the deletion record beside {checkpoint}", capsys)
     # the same request again into its place is refused too: a second line without what the moved one deleted
     with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user9.csv"])
@@ -897,16 +861,9 @@ def test_a_model_of_a_data_file_without_the_deleted_users_is_not_held_back_by_th
     best = shutil.copy(trained.best, tmp_path / "ckpt" / "best.ckpt")
     (tmp_path / "user8.csv").write_text("user\n8\n")
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
-    rows = [line for line in trained.data_file.read_text().splitlines() if line.split("\t")[0] != "8"]
-    (tmp_path / "without8.tsv").write_text("\n".join(rows) + "\n")
-    clean = ["--data.source.init_args.path", str(tmp_path / "without8.tsv")]
-    (tmp_path / "clean").mkdir()
-    monkeypatch.chdir(tmp_path / "clean")  # its checkpoints go to clean/ckpt
-    main(["fit", "-c", str(trained.recipe), *clean, *BRIEF])
-    monkeypatch.chdir(tmp_path)
-    refit = str(tmp_path / "clean" / "ckpt" / "best.ckpt")
-    main(["predict", "-c", str(trained.recipe), *clean, "--ckpt_path", refit, "--out", "recs.csv"])
-    main(["test", "-c", str(trained.recipe), *clean, "--ckpt_path", refit])
+    clean, refit = a_model_of_other_data(trained, tmp_path, monkeypatch, "8")
+    main(["predict", "-c", str(trained.recipe), *clean, "--ckpt_path", str(refit), "--out", "recs.csv"])
+    main(["test", "-c", str(trained.recipe), *clean, "--ckpt_path", str(refit)])
 
 
 @pytest.mark.parametrize("given", [[], ["--ckpt_path", "last"]], ids=["none given", "last"])
