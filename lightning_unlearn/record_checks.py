@@ -306,10 +306,9 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
     (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
     a copy of it find it, beside the checkpoint (beside a link itself, not in the store it points into) when
     ``dirpath`` is another folder than the record there, and in the record of the recipe's run (:func:`check_against_the_run`)
-    when the checkpoint is a copy elsewhere of one of its checkpoints (the run's checkpoint folder holds one of the same data), or
-    a link to one: the run's own checkpoints,
-    on a machine with another machine folder too, are then checked against the line. A folder that cannot be written
-    costs the note, not the command: it says so.
+    when the checkpoint is a copy of (or a link to) one of its checkpoints, whose folder holds one of the same data: the
+    run's own checkpoints are then checked against the line, also on a machine with another machine folder. A folder that
+    cannot be written costs the note, not the command: it says so.
 
     Args:
         ckpt_path: the checkpoint the requests are applied from.
