@@ -177,7 +177,8 @@ class UnlearningTrainer(pl.Trainer):
                           f"UnlearningCallback of its fit): applied first, then the request of {requests}")
             callback.read_requests_file()
             digest = model_digest(model)  # the parameters the requests are applied to
-            with one_line_at_a_time(digest, ckpt_path):  # checked and noted while no other process starts a line from it
+            starts_a_line = not (state.get("unlearning") or {}).get("applied")
+            with one_line_at_a_time(digest, ckpt_path, starts_a_line):  # checked and noted while no other process starts a line from it
                 # refused: a process killed before its cleaning left what predict wrote (check()'s recovery may close its request)
                 run = records_of_its_run(ckpt_path, state.get("unlearning")) | records_of_the_run(ckpt_path, state.get("unlearning"))
                 with _cleaning_when_refused({dirpath} | run | _named(state), datamodule, "unlearn"):
@@ -197,7 +198,7 @@ class UnlearningTrainer(pl.Trainer):
                 self._note_trainer_use(method, callback.max_deleted_fraction)
                 log_config(self.loggers, {**getattr(self, "_command_config", {}),
                                           "deletion_applied": summaries[-1] if summaries else {"num_rows": 0}})
-                if summaries and not (state.get("unlearning") or {}).get("applied"):
+                if summaries and starts_a_line:
                     # a line from a model no request was applied to yet (a state of a record goes on in its record, or branches);
                     # noted before its first request is journaled, so that one killed or failing after another is applied stays noted
                     note_the_line(ckpt_path, dirpath, digest, datamodule, branch=bool(branch))

@@ -244,34 +244,37 @@ def records_of_its_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] 
 
 
 @contextlib.contextmanager
-def one_line_at_a_time(digest: str, ckpt_path: str | os.PathLike | None = None) -> Iterator[None]:
+def one_line_at_a_time(digest: str, ckpt_path: str | os.PathLike | None = None, starts_a_line: bool = False) -> Iterator[None]:
     """``unlearn`` from the parameters whose digest is ``digest`` (the file ``ckpt_path``), one process at a time.
 
     Two processes that start lines of deletions from one trained model at once would each find no
     other line, and each leave out what the other deletes. The block holds a lock of the machine's
     (in :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`) from the check of the
     other lines until its own is applied and noted, and, shared with processes with other machine
-    folders (``$LIGHTNING_UNLEARN_HOME``), one on the checkpoint file itself, on its folder, and on
-    the checkpoint folder of the recipe's run (:func:`check_against_the_run`): a line from a copy of
-    one of the run's checkpoints and one from the run's own are not started at once either. A machine
-    folder that cannot be written costs its lock, not the command: it says so.
+    folders (``$LIGHTNING_UNLEARN_HOME``), one on the checkpoint file itself; one that ``starts_a_line``
+    (from a model no request was applied to) also holds the checkpoint folder of the recipe's run
+    (:func:`check_against_the_run`), so that a line from a copy of one of the run's checkpoints and
+    one from the run's own (or another epoch of it), which bind each other by their data, are not
+    started at once either. A machine folder that cannot be written costs its lock, not the command:
+    it says so.
 
     Args:
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters.
         ckpt_path: the checkpoint they were read from.
+        starts_a_line: the parameters are a trained model's (no request applied to them), not a state of a record.
 
     Raises:
-        FolderLocked: another process is applying requests from the same parameters (or the same checkpoint file, or
-            a checkpoint of the same folder or run).
+        FolderLocked: another process is applying requests from the same parameters (or the same checkpoint file, or,
+            starting a line, from a checkpoint of the same run).
     """
-    held = [] if ckpt_path is None else [Path(ckpt_path), Path(os.path.abspath(ckpt_path)).parent, Path(ckpt_path).resolve().parent]
-    held += [folder for folder in _RUN_CHECKPOINTS.get() if folder.is_dir()]
+    held = [] if ckpt_path is None else [Path(ckpt_path)]
+    held += [folder for folder in _RUN_CHECKPOINTS.get() if starts_a_line and folder.is_dir()]
     with machine_lock(digest[:32], "applying deletion requests from the same model's parameters") as error, \
             contextlib.ExitStack() as stack:
         if error is not None:
             print(f"[unlearn] {machine_lines_folder()} cannot be written ({error.strerror}): another process may start a line "
                   f"of deletions from the same model at the same time unnoticed.", file=sys.stderr)
-        for path in dict.fromkeys(path.resolve() for path in held):  # each once (a file, then folders)
+        for path in dict.fromkeys(path.resolve() for path in held):  # each once (the file, then the run's folders)
             stack.enter_context(_held(path))
         yield
 
@@ -391,11 +394,9 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     run = set() if state else _run_records() - records_beside(ckpt_path)
     here = records_beside(ckpt_path) | run  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
     sources = [(folder, line) for folder in here for line in lines_of(folder)]
-    # those records themselves, noted on the machine only (moved away with the notes they hold beside the checkpoint), while
-    # the file their line started from is there as it was (not a run removed whole and fitted again in its folder)
-    sources += [(machine_lines_folder(), line) for line in lines_of(machine_lines_folder())
-                if Path(line["record"]).resolve() in {folder.resolve() for folder in here}
-                and line.get("stamp") is not None and file_stamp(line.get("checkpoint", "")) == line["stamp"]]
+    # those records themselves, noted on the machine only (moved away with the notes they hold beside the checkpoint)
+    sources += [(machine_lines_folder(), line) for line in _records_beside_their_start(ckpt_path, run)
+                if Path(line["record"]).resolve() in {folder.resolve() for folder in here}]
     for folder, line in sources:
         if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
             moved.add(moved_to)  # the line, moved: checked where it is now
@@ -420,6 +421,22 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         print(f"[{command}] {line}, noted as a line of deletions started from {ckpt_path}'s parameters, is gone: the deletions "
               f"it held are not checked. If it was moved, its new place is not known here.", file=sys.stderr)
     return kept
+
+
+def _records_beside_their_start(ckpt_path: str | os.PathLike, run: set[Path]) -> list[dict[str, Any]]:
+    """The lines noted on the machine whose starting checkpoint file (known by its :func:`file_stamp`, which a folder moved
+    or renamed keeps, and a run fitted again in its folder does not) is beside ``ckpt_path`` or in the checkpoint folder of
+    the run whose records are ``run``; each with its record where it is now, as placed beside that file."""
+    folders = {Path(os.path.abspath(ckpt_path)).parent, Path(ckpt_path).resolve().parent}
+    folders |= {folder for folder in _RUN_CHECKPOINTS.get() if unlearning_folder_of(folder) in run}
+    starts = {tuple(stamp): path for folder in folders for path in sorted(folder.glob("*.ckpt")) if (stamp := file_stamp(path))}
+    found = []
+    for line in lines_of(machine_lines_folder()):
+        start = starts.get(tuple(line.get("stamp") or ()))
+        if start is not None and isinstance(line.get("checkpoint"), str):
+            record = os.path.normpath(start.parent / os.path.relpath(line["record"], Path(line["checkpoint"]).parent))
+            found.append({**line, "record": record})
+    return found
 
 
 def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],

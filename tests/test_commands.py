@@ -589,9 +589,9 @@ def test_a_project_moved_whole_keeps_the_records_its_checkpoints_name(trained, t
 def two_epochs(trained, tmp_path: Path, folder: Path, last: str = "best.ckpt") -> tuple[Path, Path]:
     """``folder`` (made) holding the trained checkpoint as ``last`` and an earlier epoch of the same fit, ``epoch=0.ckpt``
     (other parameters, the same data), and the request files user8.csv and user9.csv in ``tmp_path``: ``(last, epoch=0)``."""
+    folder.mkdir(parents=True)
     for name, ids in (("user8", "8"), ("user9", "9")):
         (tmp_path / f"{name}.csv").write_text(f"user\n{ids}\n")
-    folder.mkdir(parents=True)
     older = torch.load(trained.best, weights_only=False)
     older["state_dict"]["user_embedding.weight"] -= 0.01
     torch.save(older, folder / "epoch=0.ckpt")
@@ -699,6 +699,41 @@ def test_a_line_started_on_another_machine_from_a_copy_of_a_run_checkpoint_binds
     assert f"holds no checkpoint of {model}'s data" in capsys.readouterr().err
 
 
+class PutBackAtTrainStart(pl.Callback):
+    """Moves files into place once training starts, after the fit's own checks: here, the notes of a line of deletions that
+    another process started from the same checkpoint while the fit ran."""
+
+    def __init__(self, moves: list[list[str]]):
+        self.moves = moves
+
+    def on_train_start(self, trainer, pl_module):
+        for source, target in self.moves:
+            shutil.move(source, target)
+
+
+def test_a_fit_with_the_callback_from_a_trained_checkpoint_checks_the_lines_started_from_it_meanwhile(trained, tmp_path, capsys):
+    """While a fit resumed from epoch=1.ckpt trained, with an UnlearningCallback deleting user 9, another process started a
+    line from epoch=1.ckpt deleting user 8: the callback's first request is checked as unlearn's is (here refused: its
+    queue does not delete user 8 again), not journaled as a second line that brings user 8 back."""
+    trained_one, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt", "epoch=1.ckpt")
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(trained_one), "--requests", "user8.csv",
+          "--out", "other"])
+    notes = [tmp_path / "unlearning" / "lines.jsonl", Path(os.environ["LIGHTNING_UNLEARN_HOME"]) / "lines.jsonl"]
+    moves = [[str(tmp_path / f"hidden{i}.jsonl"), str(note)] for i, note in enumerate(notes)]
+    for hidden, note in moves:  # not there when the fit starts
+        shutil.move(note, hidden)
+    callbacks = [f"--trainer.callbacks+={{class_path: lightning_unlearn.unlearning.UnlearningCallback, init_args: {{method: "
+                 f"{{class_path: lightning_unlearn.unlearning.FineTune}}, requests_file: user9.csv, dirpath: {tmp_path / 'forget'}}}}}",
+                 f"--trainer.callbacks+={{class_path: tests.test_commands.PutBackAtTrainStart, init_args: {{moves: {json.dumps(moves)}}}}}"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(trained.recipe), "--ckpt_path", str(trained_one), "--trainer.max_epochs=3", "--trainer.limit_train_batches=2",
+              *callbacks])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"is an older state of the deletion record {tmp_path / 'other'}" in err, err
+    assert journal_of(tmp_path / "forget").applied_count() == 0
+
+
 def test_a_fit_with_the_callback_from_a_trained_checkpoint_notes_its_line(trained, tmp_path, capsys):
     """fit --ckpt_path the run's trained checkpoint, with an UnlearningCallback writing into its own folder, deleted user 8:
     its line is noted as unlearn notes one, so that checkpoint and an older epoch of the run (whose data still holds
@@ -758,6 +793,23 @@ def test_the_record_beside_the_run_moved_away_refuses_the_runs_checkpoints(then,
     shutil.copy(trained.best, best)
     os.utime(best, ns=(os.stat(best).st_atime_ns, os.stat(best).st_mtime_ns + 10**9))
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "recs.csv"])
+
+
+def test_the_record_beside_the_run_moved_away_after_the_project_was_renamed_refuses_the_runs_checkpoints(trained, tmp_path, capsys,
+                                                                                                          monkeypatch):
+    """As above, in a project folder renamed first: the machine's note finds the checkpoint the line started from by its
+    file (a rename keeps it), and the record by its place beside that file."""
+    project, renamed = tmp_path / "project", tmp_path / "renamed"
+    best, _ = two_epochs(trained, project, project / "ckpt")
+    monkeypatch.chdir(project)
+    main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
+    monkeypatch.chdir(tmp_path)
+    project.rename(renamed)
+    shutil.move(renamed / "unlearning", tmp_path / "elsewhere")
+    monkeypatch.chdir(renamed)
+    refused_by_every_command(trained.recipe, [renamed / "ckpt" / "best.ckpt", renamed / "ckpt" / "epoch=0.ckpt"],
+                             lambda checkpoint: f"{renamed / 'unlearning'}, noted on this machine as the deletion record beside {checkpoint}",
+                             capsys)
 
 
 def test_a_copy_of_a_record_does_not_go_on_while_the_record_is_there(trained, tmp_path, capsys):
@@ -1113,6 +1165,23 @@ def test_two_lines_from_one_model_at_once_are_refused_while_the_first_runs(first
     assert not (tmp_path / "second").exists()  # nothing written
     main([*unlearn, "--out", "second"])  # once it is done
     assert journal_of(tmp_path / "second").applied_count() == 1
+
+
+def test_a_record_going_on_does_not_wait_for_a_line_being_started_in_its_run(trained, tmp_path):
+    """Only an unlearn that starts a line (from a trained checkpoint) holds the run's checkpoint folder: a record going on from
+    its latest state meanwhile, which starts none, is not refused."""
+    import fcntl
+
+    best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--out", "line"]
+    main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv"])
+    handle = os.open(tmp_path / "ckpt", os.O_RDONLY)  # as another unlearn starting a line from the run's epoch=0.ckpt holds it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        main([*unlearn, "--ckpt_path", str(journal_of(tmp_path / "line").last_checkpoint()), "--requests", "user9.csv"])
+    finally:
+        os.close(handle)
+    assert journal_of(tmp_path / "line").applied_count() == 2
 
 
 def test_a_checkpoint_on_a_file_system_without_locks_is_unlearned_with_the_machines_lock_alone(trained, tmp_path, capsys, monkeypatch):

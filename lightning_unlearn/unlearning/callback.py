@@ -679,6 +679,25 @@ class UnlearningCallback(pl.Callback):
                 done.append(report)
         return done
 
+    @contextlib.contextmanager
+    def _starting_a_line(self, journal: Journal | None, datamodule: RecDataModule):
+        """Around the first request's ``pending`` entry of a fit resumed from a trained checkpoint: what ``unlearn`` does
+        when it starts a line from one, one process at a time (another line from it since the fit started, unless this
+        is a branch, must be deleted again by the queue), and the line noted, so that the checkpoint, its copies and its
+        run's other checkpoints are found to be older than it."""
+        if journal is None or self._resumed_from is None or self._applied:
+            yield
+            return
+        from lightning_unlearn.record_checks import note_the_line, one_line_at_a_time, refuse_a_second_line  # (they import this module)
+
+        path, start = self._resumed_from
+        with one_line_at_a_time(start, path, starts_a_line=True):
+            if not self.branch:
+                refuse_a_second_line(path, start, datamodule, {}, Path(self.dirpath), list(self._queue))
+            note_the_line(path, Path(self.dirpath), start, datamodule, branch=self.branch)
+            yield
+        self._resumed_from = None
+
     def _fingerprint(self, request: DeletionRequest, datamodule: RecDataModule) -> str:
         return request_fingerprint(request, datamodule.train, self.journal)
 
@@ -720,13 +739,9 @@ class UnlearningCallback(pl.Callback):
                 _refuse_older_parameters(journal, model, parameters)
             # "saved": the checkpoints the trainer saved before it (epoch=0.ckpt, ...): weights loaded from them by hand are older too
             saved = sorted(self._saved - {parameters})
-            if journal and self._resumed_from is not None and not self._applied:  # found from the checkpoint, its copies, its run
-                from lightning_unlearn.record_checks import note_the_line  # (the command line's checks import this module)
-
-                note_the_line(self._resumed_from[0], self.dirpath, self._resumed_from[1], datamodule, branch=self.branch)
-                self._resumed_from = None
-            pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary,
-                                     **({"saved": saved} if saved else {})) if journal else None
+            with self._starting_a_line(journal, datamodule):
+                pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary,
+                                         **({"saved": saved} if saved else {})) if journal else None
         except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
             self._policy.load_state_dict(drift_before)
             _vote_failed(context)
