@@ -46,6 +46,7 @@ from lightning_unlearn.record_checks import (
     default_unlearning_folder,
     deletes_again,
     folder_of_key,
+    in_checking_order,
     lines_from,
     named_record,
     note_the_line,
@@ -448,7 +449,7 @@ class UnlearningTrainer(pl.Trainer):
         with recommendations_lock(datamodule):  # a deletion applied meanwhile is cleaned from the file once it is noted
             if ckpt_path:
                 state = restore_checkpoint(ckpt_path, model, datamodule)
-                folders = sorted(records_of(ckpt_path, model, state.get("unlearning") or {}, record))
+                folders = in_checking_order(records_of(ckpt_path, model, state.get("unlearning") or {}, record), ckpt_path)
                 with _cleaning_when_refused(folders, datamodule, "predict", held=True):
                     for folder in folders:
                         refuse_fewer_deletions(ckpt_path, datamodule, journal_of(folder))
@@ -941,7 +942,7 @@ class LightningUnlearnCLI(LightningCLI):
             if self.subcommand == "fit":
                 refuse_training_on(path, model, datamodule, folders)
                 return
-            for folder in sorted(folders):
+            for folder in in_checking_order(folders, path):
                 refuse_fewer_deletions(path, datamodule, journal_of(folder), command=self.subcommand)
 
     def _note_deletions_beside_the_checkpoints(self) -> None:

@@ -44,7 +44,7 @@ from lightning_unlearn.unlearning.record import (
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
-__all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
+__all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "in_checking_order", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
            "named_record", "records_of_its_run", "records_of_the_run", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
@@ -203,15 +203,39 @@ def records_of_the_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] 
 
     A copy elsewhere of one of the run's trained checkpoints (copied out to serve, a SLURM job's ``hpc_ckpt_*.ckpt`` in the
     working directory) is checked against them as if it were in the run folder, and so is a model of another split of
-    the run's data (:func:`refuse_fewer_deletions` passes one of other data altogether: another file). A
-    state of a record (``unlearning`` holds applied requests: an unlearned checkpoint, a refit from one, a branch) is that
-    record's to check, not the run's.
+    the run's data (:func:`refuse_fewer_deletions` passes one of other data altogether: another file). A state of a
+    record (``unlearning`` holds applied requests: an unlearned checkpoint, a refit from one) is checked against the
+    others, branches left out, unless it is a branch's (a line started apart on purpose): a line of the run that deleted
+    more than the state's own (all it deleted, given again, and more) makes the state an older one, which would serve
+    what that line deleted.
     """
-    if (unlearning or {}).get("applied"):
-        return set()
     run = _run_records()
-    lines = {Path(line["record"]) for folder in run for line in lines_of(folder) if (Path(line["record"]) / JOURNAL_FILE).is_file()}
-    return (run | lines) - records_of_its_run(ckpt_path)
+    lines = {Path(line["record"]): bool(line.get("branch")) for folder in run for line in lines_of(folder)
+             if (Path(line["record"]) / JOURNAL_FILE).is_file()}
+    if not (unlearning or {}).get("applied"):
+        return (run | set(lines)) - records_of_its_run(ckpt_path)
+    own = {folder.resolve() for folder in records_beside(ckpt_path) | ({Path(unlearning["record"])} if unlearning.get("record") else set())}
+    if any(branch and line.resolve() in own for line, branch in lines.items()):
+        return set()
+    others = run | {line for line, branch in lines.items() if not branch}
+    return {folder for folder in others if folder.resolve() not in own} - records_of_its_run(ckpt_path, unlearning)
+
+
+def in_checking_order(folders: Iterable[Path], ckpt_path: str | os.PathLike) -> list[Path]:
+    """``folders`` in the order a command checks a checkpoint against them: a refusal names the latest state of the first
+    that refuses it as the one to go on from, so the record beside the checkpoint comes first, then those that deleted
+    the most rows, and branches (apart on purpose: they hold none of the others' deletions) last."""
+    beside = {folder.resolve() for folder in records_beside(ckpt_path)}
+    branches = {Path(line["record"]).resolve() for folder in records_beside(ckpt_path) | _run_records() for line in lines_of(folder)
+                if line.get("branch")}
+
+    def deleted_rows(folder: Path) -> int:
+        try:
+            return sum(e.get("num_rows", 0) for e in journal_of(folder) if e["status"] == "applied") if journal_of(folder).path.is_file() else 0
+        except JournalCorrupted:  # said by the check itself
+            return 0
+
+    return sorted(folders, key=lambda folder: (folder.resolve() in branches, folder.resolve() not in beside, -deleted_rows(folder), str(folder)))
 
 
 def _run_records() -> set[Path]:
@@ -617,7 +641,7 @@ def refuse_training_on(ckpt_path: str | os.PathLike, model: Recommender, datamod
         StaleCheckpoint, JournalCorrupted: as :func:`refuse_fewer_deletions`.
     """
     digest = model_digest(model)
-    for folder in sorted(folders):
+    for folder in in_checking_order(folders, ckpt_path):
         journal = journal_of(folder)
         if not applied_to(journal, digest) and _on_other_data(journal, datamodule):
             continue

@@ -316,7 +316,7 @@ def test_unlearn_refuses_a_second_line_that_leaves_out_the_deletions_of_the_reco
     main(["compare", "-c", str(recipe(tmp_path / "compare.yaml", trained.data_file, body)), "--ckpt_path", str(best), *BRIEF])
     assert f"[compare] {tmp_path / 'run' / 'unlearning'} records 1 deletion applied" in capsys.readouterr().out  # said, not silent
     with pytest.raises(SystemExit) as exit_info:  # predict from a trained checkpoint finds the line started from it elsewhere
-        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(elsewhere), "--out", "p.csv"])
+        main(["predict", "-c", str(own[elsewhere]), "--ckpt_path", str(elsewhere), "--out", "p.csv"])  # with its own run's recipe
     err = capsys.readouterr().err  # one of the lines started from it: quick, quick-again or quick-branch
     assert exit_info.value.code == 2 and re.search(rf"error: {re.escape(str(tmp_path / 'quick'))}(-again|-branch)? records \d deletion", err)
     # A fit from an older state of a record, unlearned or the fit's own Lightning checkpoint resumed without its
@@ -810,6 +810,33 @@ def test_the_record_beside_the_run_moved_away_after_the_project_was_renamed_refu
     refused_by_every_command(trained.recipe, [renamed / "ckpt" / "best.ckpt", renamed / "ckpt" / "epoch=0.ckpt"],
                              lambda checkpoint: f"{renamed / 'unlearning'}, noted on this machine as the deletion record beside {checkpoint}",
                              capsys)
+
+
+def test_a_line_that_deleted_more_makes_the_states_of_another_line_of_the_run_older(trained, tmp_path, capsys):
+    """Two lines from the run's trained checkpoint: `first` deleted user 8, then `second` deleted user 8 again and user 9
+    (allowed: it deletes again all the first deleted). The first's latest state still serves user 9: predict, test and
+    unlearn from it are refused, naming the second; the second's latest state and a branch's pass; the trained
+    checkpoint's refusal names the second's latest state, which holds every deletion, as the one to go on from."""
+    best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
+    (tmp_path / "both.csv").write_text("user\n8\n9\n")
+    (tmp_path / "user10.csv").write_text("user\n10\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best)]
+    main([*unlearn, "--requests", "user8.csv", "--out", "first"])
+    main([*unlearn, "--requests", "both.csv", "--out", "second"])
+    main([*unlearn, "--requests", "user10.csv", "--out", "branch", "--branch", "true"])
+    first, second, branch = (journal_of(tmp_path / name).last_checkpoint() for name in ("first", "second", "branch"))
+    capsys.readouterr()
+    for command in (["predict", "--out", "recs.csv"], ["test"], ["unlearn", "--method", "FineTune", "--requests", "user10.csv"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(first), *command[1:]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and str(tmp_path / "second") in err, (command, err)
+    assert journal_of(tmp_path / "first").applied_count() == 1
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(second), "--out", "recs.csv"])
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(branch), "--out", "branch.csv"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
+    assert exit_info.value.code == 2 and f"(`--ckpt_path {second}`)" in capsys.readouterr().err
 
 
 def test_a_copy_of_a_record_does_not_go_on_while_the_record_is_there(trained, tmp_path, capsys):
@@ -1784,15 +1811,19 @@ def test_pairs_outside_the_training_split_are_a_one_paragraph_cli_error(trained,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lightning-unlearn unlearn: error: Deletion request has 2 pairs that are not in the training split")
-    assert "`--missing ignore`" in err and "missing='ignore'" not in err and "Traceback" not in err
+    assert "Nothing of it is a row here" in err and "--missing" not in err and "Traceback" not in err  # ignoring them leaves nothing
     assert len(err.splitlines()) == 1
     journal = tmp_path / "refused" / "journal.jsonl"
     assert not journal.exists() or not journal.read_text()  # refused before anything was journaled
 
-    # With --missing ignore the command says how many it dropped, and applies the rest (here: one training row).
+    # With a training row too, --missing ignore is the way: the command says how many it dropped, and applies the rest.
     _, dm = restored(trained, trained.best)
     row = (int(dm.train.user_ids[dm.train.users[0]]), int(dm.train.item_ids[dm.train.items[0]]))
     (tmp_path / "pairs.csv").write_text("user,item\n" + "".join(f"{u},{i}\n" for u, i in [*pairs, row]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "`--missing ignore`" in err and "missing='ignore'" not in err
     main([*args, "--missing", "ignore"])
     out = capsys.readouterr().out
     assert "[unlearn] --missing ignore: 2 pairs of the request are not in the training split and were ignored" in out

@@ -596,6 +596,8 @@ class DeletionRequest:
         gone = torch.isin(wanted, removed) & ~found if removed is not None else torch.zeros_like(found)
         found |= gone  # deleted by an earlier request: satisfied, nothing left to remove
         num_missing = int((~found).sum())
+        nothing_here = ("nothing of it is a row here, so there is nothing to remove or unlearn: take the request away (or "
+                        "give it with the data that holds these pairs).")
         if num_missing and missing == "error":
             absent = set(wanted[~found].tolist())
             named: dict[int, tuple[RawId, RawId]] = {}
@@ -607,13 +609,14 @@ class DeletionRequest:
             raise InvalidDeletionRequest(
                 f"Deletion request has {_plural(num_missing, 'pair')} that {_is_not(num_missing, 'a row')} "
                 f"of this table{' (the training split)' if elsewhere else ''}: {_show(shown)}{where}. "
-                f"Pass missing='ignore' to drop such pairs. {_ACCEPTED}"
+                + (nothing_here[0].upper() + nothing_here[1:] if num_missing == len(wanted) and not (len(users) or len(items))
+                   else "Pass missing='ignore' to drop such pairs.") + f" {_ACCEPTED}"
             )
         num_pairs = len(wanted) - num_missing
         if not (num_pairs or len(users) or len(items)):
             raise InvalidDeletionRequest(
                 f"Deletion request is empty after dropping {_plural(num_missing, 'pair')} that "
-                f"{_is_not(num_missing, 'a row')} of this table (missing='ignore'). {_ACCEPTED}"
+                f"{_is_not(num_missing, 'a row')} of this table (missing='ignore'): {nothing_here} {_ACCEPTED}"
             )
 
         user_rows = _segments(data.by_user, users)[1]
