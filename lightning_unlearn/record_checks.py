@@ -9,6 +9,7 @@ checkpoint that would bring back what one of them deleted, naming the state to s
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from contextvars import ContextVar
@@ -210,32 +211,45 @@ def records_of_the_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] 
     what that line deleted.
     """
     run = _run_records()
-    lines = {Path(line["record"]): bool(line.get("branch")) for folder in run for line in lines_of(folder)
-             if (Path(line["record"]) / JOURNAL_FILE).is_file()}
+    noted = [line for folder in run for line in lines_of(folder)]
     if not (unlearning or {}).get("applied"):
-        return (run | set(lines)) - records_of_its_run(ckpt_path)
+        return (run | {Path(line["record"]) for line in noted if (Path(line["record"]) / JOURNAL_FILE).is_file()}) - records_of_its_run(ckpt_path)
     own = {folder.resolve() for folder in records_beside(ckpt_path) | ({Path(unlearning["record"])} if unlearning.get("record") else set())}
-    if any(branch and line.resolve() in own for line, branch in lines.items()):
+    # and the lines this machine noted from the trained models its record's requests were applied to (a copy's, elsewhere)
+    models = {entry.get("model") for folder in own if journal_of(folder).path.is_file() for entry in _entries(journal_of(folder))}
+    noted += [line for line in lines_of(machine_lines_folder()) if line.get("model") in models - {None}]
+    if unlearning.get("branch_line") or any(line.get("branch") and Path(line["record"]).resolve() in own for line in noted):
         return set()
-    others = run | {line for line, branch in lines.items() if not branch}
+    others = run | {Path(line["record"]) for line in noted if not line.get("branch") and (Path(line["record"]) / JOURNAL_FILE).is_file()}
     return {folder for folder in others if folder.resolve() not in own} - records_of_its_run(ckpt_path, unlearning)
+
+
+def _entries(journal: Journal) -> list[dict[str, Any]]:
+    """``journal``'s entries, none when it does not read (the check of that record says why)."""
+    try:
+        return journal.entries()
+    except JournalCorrupted:
+        return []
 
 
 def in_checking_order(folders: Iterable[Path], ckpt_path: str | os.PathLike) -> list[Path]:
     """``folders`` in the order a command checks a checkpoint against them: a refusal names the latest state of the first
-    that refuses it as the one to go on from, so the record beside the checkpoint comes first, then those that deleted
-    the most rows, and branches (apart on purpose: they hold none of the others' deletions) last."""
+    that refuses it as the one to go on from, so those that deleted the most rows come first (a record that does not read
+    before all: its refusal says what to restore; the record beside the checkpoint first among equals), and branches
+    (apart on purpose: they hold none of the others' deletions) last."""
     beside = {folder.resolve() for folder in records_beside(ckpt_path)}
     branches = {Path(line["record"]).resolve() for folder in records_beside(ckpt_path) | _run_records() for line in lines_of(folder)
                 if line.get("branch")}
 
-    def deleted_rows(folder: Path) -> int:
+    def deleted_rows(folder: Path) -> float:
         try:
-            return sum(e.get("num_rows", 0) for e in journal_of(folder) if e["status"] == "applied") if journal_of(folder).path.is_file() else 0
-        except JournalCorrupted:  # said by the check itself
-            return 0
+            if not journal_of(folder).path.is_file():  # unlearned checkpoints without their journal: its refusal says to restore it
+                return math.inf if any(folder.glob("unlearned-*.ckpt")) else 0
+            return sum(e.get("num_rows", 0) for e in journal_of(folder) if e["status"] == "applied")
+        except JournalCorrupted:  # a journal that does not read: so does its refusal
+            return math.inf
 
-    return sorted(folders, key=lambda folder: (folder.resolve() in branches, folder.resolve() not in beside, -deleted_rows(folder), str(folder)))
+    return sorted(folders, key=lambda folder: (folder.resolve() in branches, -deleted_rows(folder), folder.resolve() not in beside, str(folder)))
 
 
 def _run_records() -> set[Path]:
@@ -615,8 +629,8 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
         # another split or seed of the same data still holds the users deleted there: refused as beside the record
         held = ("still holds some of what they deleted" if same_data else
                 "is not the data they were applied to (another seed or split), so it may hold what they deleted")
-        run = (f" ({journal.folder} is the record of the run this recipe writes its checkpoints into: a checkpoint of another "
-               f"run is checked against its own run with that run's recipe)"
+        run = (f" ({journal.folder} is a record of the run this recipe writes its checkpoints into, or a line noted there: a "
+               f"checkpoint of another run is checked against its own run with that run's recipe)"
                if Path(journal.folder) in records_of_the_run(ckpt_path, None) else "")
         raise StaleCheckpoint(
             f"{journal.folder} records {counted(journal.applied_count(), 'deletion')} applied to this model's run, and the "

@@ -813,30 +813,66 @@ def test_the_record_beside_the_run_moved_away_after_the_project_was_renamed_refu
 
 
 def test_a_line_that_deleted_more_makes_the_states_of_another_line_of_the_run_older(trained, tmp_path, capsys):
-    """Two lines from the run's trained checkpoint: `first` deleted user 8, then `second` deleted user 8 again and user 9
-    (allowed: it deletes again all the first deleted). The first's latest state still serves user 9: predict, test and
-    unlearn from it are refused, naming the second; the second's latest state and a branch's pass; the trained
-    checkpoint's refusal names the second's latest state, which holds every deletion, as the one to go on from."""
+    """Two lines from the run's trained checkpoint: the record beside it deleted user 8, then `second` deleted user 8 again
+    and user 9 (allowed: it deletes again all the first deleted). The first's latest state still serves user 9: predict,
+    test and unlearn from it are refused, naming the second; the second's latest state and a branch's pass; the trained
+    checkpoint's refusal names the second's latest state, which holds every deletion, as the one to go on from (not the
+    record beside it)."""
     best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
     (tmp_path / "both.csv").write_text("user\n8\n9\n")
     (tmp_path / "user10.csv").write_text("user\n10\n")
     unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best)]
-    main([*unlearn, "--requests", "user8.csv", "--out", "first"])
+    main([*unlearn, "--requests", "user8.csv"])  # the first: the record beside the run's checkpoints
     main([*unlearn, "--requests", "both.csv", "--out", "second"])
     main([*unlearn, "--requests", "user10.csv", "--out", "branch", "--branch", "true"])
-    first, second, branch = (journal_of(tmp_path / name).last_checkpoint() for name in ("first", "second", "branch"))
+    first, second, branch = (journal_of(tmp_path / name).last_checkpoint() for name in ("unlearning", "second", "branch"))
     capsys.readouterr()
     for command in (["predict", "--out", "recs.csv"], ["test"], ["unlearn", "--method", "FineTune", "--requests", "user10.csv"]):
         with pytest.raises(SystemExit) as exit_info:
             main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(first), *command[1:]])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and str(tmp_path / "second") in err, (command, err)
-    assert journal_of(tmp_path / "first").applied_count() == 1
+    assert journal_of(tmp_path / "unlearning").applied_count() == 1
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(second), "--out", "recs.csv"])
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(branch), "--out", "branch.csv"])
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "p.csv"])
     assert exit_info.value.code == 2 and f"(`--ckpt_path {second}`)" in capsys.readouterr().err
+
+
+def test_a_line_noted_only_on_the_machine_holds_back_the_states_of_the_runs_record(trained, tmp_path, capsys, monkeypatch):
+    """The record beside the run deleted user 8; a copy of the trained checkpoint, unlearned from another folder (where the
+    recipe's relative dirpath is not the run's), deleted users 8 and 9: that line is noted on the machine (and beside the
+    copy) only, and it holds back the record's states, which serve user 9, found by the trained model its journal names."""
+    best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
+    (tmp_path / "both.csv").write_text("user\n8\n9\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv"])
+    (tmp_path / "deploy" / "models").mkdir(parents=True)
+    copy = shutil.copy(best, tmp_path / "deploy" / "models" / "model.ckpt")
+    monkeypatch.chdir(tmp_path / "deploy")
+    main([*unlearn, "--ckpt_path", str(copy), "--requests", str(tmp_path / "both.csv"), "--out", "line"])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "unlearning").last_checkpoint()), "--out", "recs.csv"])
+    assert exit_info.value.code == 2 and f"{tmp_path / 'deploy' / 'line'} records 1 deletion" in capsys.readouterr().err
+
+
+def test_a_branch_from_a_state_is_not_held_back_by_its_record_going_on(trained, tmp_path, capsys):
+    """A branch started from a state of the record beside the run (--branch true from its latest state, deleting user 9) is
+    apart on purpose, like one from the trained checkpoint: the record going on (user 10) does not hold back its states."""
+    best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
+    (tmp_path / "user10.csv").write_text("user\n10\n")
+    unlearn = ["unlearn", "-c", str(trained.recipe), "--method", "FineTune"]
+    main([*unlearn, "--ckpt_path", str(best), "--requests", "user8.csv"])
+    state = journal_of(tmp_path / "unlearning").last_checkpoint()
+    main([*unlearn, "--ckpt_path", str(state), "--requests", "user9.csv", "--out", "branch", "--branch", "true"])
+    main([*unlearn, "--ckpt_path", str(state), "--requests", "user10.csv"])
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "branch").last_checkpoint()), "--out", "recs.csv"])
+    main([*unlearn, "--ckpt_path", str(journal_of(tmp_path / "branch").last_checkpoint()), "--requests", "user10.csv"])
+    main(["test", "-c", str(trained.recipe), "--ckpt_path", str(journal_of(tmp_path / "branch").last_checkpoint())])
+    assert journal_of(tmp_path / "branch").applied_count() == 2
 
 
 def test_a_copy_of_a_record_does_not_go_on_while_the_record_is_there(trained, tmp_path, capsys):
@@ -924,7 +960,7 @@ def test_a_model_of_another_split_of_the_data_given_with_the_recipe_of_a_run_wit
         with pytest.raises(SystemExit) as exit_info:
             main([command[0], "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, *command[1:]])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "is the record of the run this recipe writes its checkpoints into" in err, err
+        assert exit_info.value.code == 2 and "is a record of the run this recipe writes its checkpoints into" in err, err
     (tmp_path / "user9.csv").write_text("user\n9\n")  # nor is a line started from it that leaves user 8 in
     with pytest.raises(SystemExit) as exit_info:
         main(["unlearn", "-c", str(trained.recipe), "--data.seed", "1", "--ckpt_path", other, "--requests", "user9.csv",

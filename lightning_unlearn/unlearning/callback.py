@@ -193,6 +193,7 @@ class UnlearningCallback(pl.Callback):
         self._made_key = False  # this run made (or its branch copied) the folder's key, not checked yet: on_exception removes it
         self._saved: set[str] = set()  # the parameters of the checkpoints the trainer saved since the last request (digests)
         self._resumed_from: tuple[str, str] | None = None  # a trained checkpoint this fit started from, and its parameters' digest
+        self._branch_line = False  # the record is a branch's (started apart on purpose), as the restored state says
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
 
@@ -858,6 +859,8 @@ class UnlearningCallback(pl.Callback):
             "record": str(Path(self.dirpath).resolve()) if self.dirpath is not None else None,  # where its journal is
             "record_key_id": key_id(self.journal) if self.dirpath is not None else None,  # which record that is (predict)
             "saved": sorted(self._saved),  # the checkpoints saved since the last request (parameter digests)
+            # a state of a line started apart on purpose (a branch, also from a state): not held back by the run's other lines
+            "branch_line": self._branch_line or (self.branch and bool(self._applied)),
         }
 
     def _applied_key_id(self) -> str | None:
@@ -881,6 +884,7 @@ class UnlearningCallback(pl.Callback):
         self._lineage, self._key_id = state_dict.get("lineage"), state_dict.get("key_id")
         self._named_record = state_dict.get("record")
         self._saved = set(state_dict.get("saved") or ())
+        self._branch_line = bool(state_dict.get("branch_line"))
         self._key_unknown = bool(self._applied) and self._key_id is None  # a state written before key_id: never checked
         pending = state_dict.get("pending", [])
         if any(not isinstance(spec.get("users", ()), torch.Tensor) for spec in pending):
