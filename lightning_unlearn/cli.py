@@ -585,7 +585,8 @@ _ONCE = ("--requests", "--deletion.requests_file", "--ckpt_path", "--out", "--re
 
 def _refuse_options_given_twice(args: list[str]) -> None:
     """Refuse ``--requests a.csv --requests b.csv`` (and the other options of :data:`_ONCE`): the parser keeps the last
-    one, so the first file's deletion would not be applied, and nothing would say so."""
+    one, so the first file's deletion would not be applied, and nothing would say so. So are a method's options given
+    before another ``--method``, which would drop them."""
     for option in _ONCE:
         given = [arg for arg in args if arg == option or arg.startswith(f"{option}=")]
         if len(given) > 1:
@@ -593,6 +594,12 @@ def _refuse_options_given_twice(args: list[str]) -> None:
                 if "requests" in option else ""
             raise OptionRefused(f"{option} was given {len(given)} times, and a command takes one (only the last would be "
                                 f"used).{more}")
+    options = [(i, arg) for i, arg in enumerate(args) if arg.startswith("--method.") and not arg.startswith("--method.help")]
+    later = [i for i, arg in enumerate(args) if arg == "--method" or arg.startswith("--method=")]
+    if options and later and later[-1] > options[0][0]:  # jsonargparse starts the new class afresh: the options would be dropped
+        option = options[0][1].split("=", 1)[0]
+        raise OptionRefused(f"{option} was given before another --method, which replaces the method it configured (the option "
+                            f"would not be used): give --method first, then its options (--method <Method> --method.<option> ...).")
     sources = _request_files_given(args)
     if len(sources) > 1:
         raise OptionRefused(f"request files were given {len(sources)} times ({', '.join(sources)}), and a command takes one: "

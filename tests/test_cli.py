@@ -171,6 +171,8 @@ def test_an_optimizer_for_matrices_only_is_not_refused(tmp_path, capsys):
     ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "a.csv", "--requests=b.csv", "--method", "FineTune"],
      "--requests was given 2 times, and a command takes one (only the last would be used)"),
     ("compare", ["--deletion.requests_file", "a.csv", "--deletion.requests_file", "b.csv"], "--deletion.requests_file was given 2 times"),
+    ("unlearn", ["--ckpt_path", "x.ckpt", "--requests", "r.csv", "--method", "FineTune", "--method.epochs", "2", "--method", "IFRU"],
+     "--method.epochs was given before another --method, which replaces the method it configured"),
     ("unlearn", ["--ckpt_path", "r.yaml", "--requests", "r.yaml", "--method", "FineTune"], "is not a complete PyTorch checkpoint"),
     ("test", ["--ckpt_path", "r.yaml"], "is not a complete PyTorch checkpoint"),
     ("unlearn", ["--ckpt_path", ".", "--requests", "r.yaml", "--method", "FineTune"], "is a folder: give a checkpoint file in it"),
