@@ -51,9 +51,8 @@ from lightning_unlearn.record_checks import (
     named_record,
     note_the_line,
     one_line_at_a_time,
+    records_bound_to,
     records_of,
-    records_of_its_run,
-    records_of_the_run,
     refuse_a_second_line,
     refuse_fewer_deletions,
     refuse_training_on,
@@ -181,7 +180,7 @@ class UnlearningTrainer(pl.Trainer):
             starts_a_line = not (state.get("unlearning") or {}).get("applied")
             with one_line_at_a_time(digest, ckpt_path, starts_a_line):  # checked and noted while no other process starts a line from it
                 # refused: a process killed before its cleaning left what predict wrote (check()'s recovery may close its request)
-                run = records_of_its_run(ckpt_path, state.get("unlearning")) | records_of_the_run(ckpt_path, state.get("unlearning"))
+                run = records_bound_to(ckpt_path, state.get("unlearning"))
                 with _cleaning_when_refused({dirpath} | run | _named(state), datamodule, "unlearn"):
                     if not branch:  # before check(), which starts the folder
                         refuse_a_second_line(ckpt_path, digest, datamodule, state.get("unlearning") or {}, dirpath,
@@ -303,7 +302,7 @@ class UnlearningTrainer(pl.Trainer):
             trained_epochs, unlearning = state.get("epoch"), state.get("unlearning") or {}
             self._check_deletion(datamodule, deletion)  # on the data without what the checkpoint removed
             digest = model_digest(model)
-            for folder in sorted(records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
+            for folder in sorted(records_bound_to(ckpt_path, unlearning)
                                  | lines_from(ckpt_path, digest, "compare")):
                 record = journal_of(folder)
                 latest = record.last_checkpoint() if record.path.is_file() else None

@@ -31,6 +31,7 @@ from lightning_unlearn.unlearning.record import (
     StaleCheckpoint,
     applied_to,
     check_lineage,
+    data_state,
     file_stamp,
     journal_of,
     key_id,
@@ -45,7 +46,7 @@ from lightning_unlearn.unlearning.record import (
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
-__all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "in_checking_order", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_of",
+__all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "in_checking_order", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_bound_to", "records_of",
            "named_record", "records_of_its_run", "records_of_the_run", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
@@ -115,7 +116,7 @@ def records_of(ckpt_path: str | os.PathLike, model: Recommender, unlearning: dic
         StaleCheckpoint: ``record`` is another record than the one named, or the named record is gone.
         JournalCorrupted: the named record lost its key.
     """
-    besides = records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
+    besides = records_bound_to(ckpt_path, unlearning)
     named, named_key = unlearning.get("record"), unlearning.get("record_key_id") or unlearning.get("key_id")
     digest = model_digest(model)  # the lines started from this model elsewhere (`unlearn --out`), noted beside it
     if record is not None and not _holds_key(Path(record), None):
@@ -224,6 +225,11 @@ def records_of_the_run(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] 
     return {folder for folder in others if folder.resolve() not in own} - records_of_its_run(ckpt_path, unlearning)
 
 
+def records_bound_to(ckpt_path: str | os.PathLike, unlearning: dict[str, Any] | None) -> set[Path]:
+    """The records a checkpoint is checked against by its data: :func:`records_of_its_run` and :func:`records_of_the_run`."""
+    return records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
+
+
 def _entries(journal: Journal) -> list[dict[str, Any]]:
     """``journal``'s entries, none when it does not read (the check of that record says why)."""
     try:
@@ -237,9 +243,9 @@ def in_checking_order(folders: Iterable[Path], ckpt_path: str | os.PathLike) -> 
     that refuses it as the one to go on from, so those that deleted the most rows come first (a record that does not read
     before all: its refusal says what to restore; the record beside the checkpoint first among equals), and branches
     (apart on purpose: they hold none of the others' deletions) last."""
-    beside = {folder.resolve() for folder in records_beside(ckpt_path)}
-    branches = {Path(line["record"]).resolve() for folder in records_beside(ckpt_path) | _run_records() for line in lines_of(folder)
-                if line.get("branch")}
+    besides = records_beside(ckpt_path)
+    beside = {folder.resolve() for folder in besides}
+    branches = {Path(line["record"]).resolve() for folder in besides | _run_records() for line in lines_of(folder) if line.get("branch")}
 
     def deleted_rows(folder: Path) -> float:
         try:
@@ -390,7 +396,7 @@ def _holds_a_checkpoint_of(record: Path, datamodule: RecDataModule) -> bool:
             state = load_checkpoint(path, mmap=True)
         except (OSError, CheckpointUnreadable):
             return False
-        saved = state.get("datamodule_state") or state.get(type(datamodule).__qualname__) or {}  # unlearned, or Lightning's
+        saved = data_state(state, datamodule)
         key = "source" if saved.get("source") is not None else "fingerprint"
         return saved.get(key) == data.get(key)
 
@@ -502,7 +508,7 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
             delete again, or of one with a request whose process stopped.
         JournalCorrupted: one of those records' journals does not read.
     """
-    named, besides = unlearning.get("record"), records_of_its_run(ckpt_path, unlearning) | records_of_the_run(ckpt_path, unlearning)
+    named, besides = unlearning.get("record"), records_bound_to(ckpt_path, unlearning)
     lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, unlearning=unlearning)  # started from it elsewhere
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)

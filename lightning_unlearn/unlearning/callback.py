@@ -399,14 +399,15 @@ class UnlearningCallback(pl.Callback):
         """
         self._train_ended = False
         # the parameters it starts from (restored from ckpt_path, whose own state was taken before this callback noted it)
-        self._saved.add(model_digest(pl_module))
+        start = model_digest(pl_module)
+        self._saved.add(start)
         # a trained checkpoint (no request applied to it): the line its first request starts is noted as unlearn notes it
-        self._resumed_from = (trainer.ckpt_path, model_digest(pl_module)) if trainer.ckpt_path and not self._applied else None
+        self._resumed_from = (trainer.ckpt_path, start) if trainer.ckpt_path and not self._applied else None
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
             if self.dirpath is not None and self.journal.path.exists():  # weights of an older state loaded by hand
-                _refuse_older_parameters(self.journal, pl_module, model_digest(pl_module))
+                _refuse_older_parameters(self.journal, pl_module, start)
             clean_recommendations(trainer.datamodule, "UnlearningCallback")  # what a run killed before its cleaning left
             self._made_key = False  # checked: checkpoints saved from now on may name the key
             _ = self.journal.key

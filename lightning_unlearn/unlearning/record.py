@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointUnreadable", "MissingDataState", "StaleCheckpoint", "adopt_key", "applied_to", "check_key", "check_lineage", "key_id",
     "forget_an_unused_key", "key_made_undone_on_failure",
-    "file_stamp", "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_a_copy_going_on", "refuse_a_replaced_key", "refuse_a_stopped_request", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
+    "data_state", "file_stamp", "lines_of", "load_checkpoint", "machine_lines_folder", "machine_lock", "note_a_line", "recover", "refuse_a_copy_going_on", "refuse_a_replaced_key", "refuse_a_stopped_request", "refuse_unnamed_checkpoints", "restore_checkpoint", "save_checkpoint",
     "unlearning_state",
 ]
 
@@ -366,6 +366,12 @@ def note_a_line(folder: str | os.PathLike, record: str | os.PathLike, digest: st
                                             **({"branch": True} if branch else {}), **started})
 
 
+def data_state(checkpoint: dict[str, Any], datamodule: RecDataModule) -> dict[str, Any]:
+    """The datamodule state a loaded checkpoint holds: an unlearned one's ``datamodule_state``, or the one Lightning saves
+    under the datamodule's class name (``{}`` when it has neither)."""
+    return checkpoint.get("datamodule_state") or checkpoint.get(type(datamodule).__qualname__) or {}
+
+
 def file_stamp(path: str | os.PathLike) -> list[int] | None:
     """``[inode, size, modification time in ns]`` of the file ``path`` (``None`` when there is none): a file written again
     (a run fitted again in the same folder) has another."""
@@ -613,7 +619,7 @@ def restore_checkpoint(path: str | os.PathLike, model: Recommender, datamodule: 
         DataFingerprintMismatch: it was recorded on other data than ``datamodule`` loads.
     """
     state = load_checkpoint(path)
-    removals = state.get("datamodule_state") or state.get(type(datamodule).__qualname__)
+    removals = data_state(state, datamodule)
     if not removals:
         raise MissingDataState(
             f"{path} holds no {type(datamodule).__name__} state (no data fingerprint, no record of removals): it "
