@@ -694,6 +694,29 @@ def test_an_interactions_request_brings_the_items_gradient_up_to_date_from_the_m
     assert not torch.equal(results[0].gmf_item.weight, model.gmf_item.weight)
 
 
+@pytest.mark.parametrize("path", ["one matmul", "gathered pairs"])
+def test_engine_gradients_of_mf_for_some_ids_are_the_rows_of_the_whole_gradient(path, monkeypatch):
+    """Engine.gradients on MF sums the gradients of the ids asked for only (no table-sized cotangent): they are the rows
+    of the whole tables' autograd gradient at those ids, in their order, repeated ids too; a frozen table's are zero."""
+    from lightning_unlearn.unlearning.methods import subproblems
+
+    torch.manual_seed(0)
+    dm = tiny(num_users=9, num_items=12)
+    rows = dm.train_rows()
+    model = MF(dm.num_users, dm.num_items, embedding_dim=3, l2=0.1).double()
+    if path == "gathered pairs":
+        monkeypatch.setattr(subproblems, "_MATMUL_ADVANTAGE", 0)
+    engine = Engine(model, rows, len(rows), UnlearningContext(), chunk_size=7, graph=False)
+    sides, ids = [Side(model, "user_embedding"), Side(model, "item_embedding")], [torch.tensor([5, 0, 5, 8]), torch.tensor([11, 3, 3, 0, 7])]
+    grads, _ = engine.gradients(sides, ids, rows)
+    whole = torch.autograd.grad(model.loss(rows[:], "sum"), [model.user_embedding.weight, model.item_embedding.weight])
+    for grad, expected, chosen in zip(grads, whole, ids):
+        torch.testing.assert_close(grad, expected[chosen], rtol=1e-10, atol=1e-12)
+    model.item_embedding.weight.requires_grad_(False)
+    frozen, _ = engine.gradients(sides[1:], ids[1:], rows)
+    torch.testing.assert_close(frozen[0], model.l2 * engine.counts(sides[1], ids[1], rows).unsqueeze(1) * sides[1].gather(ids[1]))
+
+
 @pytest.mark.parametrize("Model", [MF, LightGCN, NeuMF])
 def test_engine_penalty_from_occurrences_equals_the_rows_penalty(Model):
     """Engine.penalty: from each id's occurrences and squared norms when the rows' slots outnumber the ids, else row by row."""

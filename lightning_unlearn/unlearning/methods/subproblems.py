@@ -62,6 +62,13 @@ class Side:
         """Mask of the rows whose loss involves one of ``ids`` (this side)."""
         return (rows_of_users if self.name == "user_embedding" else rows_of_items)(rows, ids, self.size)
 
+def _index_of(ids: Tensor, size: int) -> Tensor:
+    """``(size,)``: the position of each id in ``ids``, ``-1`` for the others."""
+    where = torch.full((size,), -1, dtype=torch.long, device=ids.device)
+    where[ids] = torch.arange(len(ids), device=ids.device)
+    return where
+
+
 class Engine:
     """Losses, gradients and per-block loss changes of the retained objective on row subsets (chunked).
 
@@ -184,7 +191,23 @@ class Engine:
             # the representations the sides' tables reach: their own, or both through a graph
             needed = [i for i in (0, 1) if (self.graph or i in {s.index for s in sides}) and representations[i].requires_grad]
             user_vectors, item_vectors = (v.detach() for v in representations)
-            cotangents = [torch.zeros_like(user_vectors), torch.zeros_like(item_vectors)]
+            # MF's vectors are its tables: their gradients are summed for the ids asked for only, never over a whole table
+            own = not self.graph and all(len(s.tables) == 1 and representations[s.index] is s.tables[0] for s in sides)
+            wanted: list[Tensor | None] = [None, None]  # per representation, when own: the distinct ids asked for
+            if own:
+                for side, chosen in zip(sides, ids):
+                    wanted[side.index] = torch.unique(chosen)
+            cotangents = [torch.zeros_like(t) if w is None else t.new_zeros(len(w), t.shape[1])
+                          for t, w in zip((user_vectors, item_vectors), wanted)]
+            positions = [None if w is None else _index_of(w, len(t)) for t, w in zip((user_vectors, item_vectors), wanted)]
+
+            def add(i: int, index: Tensor, values: Tensor) -> None:
+                if positions[i] is not None:
+                    at = positions[i][index]
+                    keep = at >= 0
+                    index, values = at[keep], values[keep]
+                cotangents[i].index_add_(0, index, values)
+
             scores = []
             for _, batch in self.chunks(rows):
                 # leaves of this chunk only: the vectors its rows gather (a dense gradient of the whole
@@ -197,21 +220,29 @@ class Engine:
                 if needed:
                     data_loss(z, model.loss_name).sum().backward()
                     if u.grad is not None:
-                        cotangents[0].index_add_(0, users, u.grad)
+                        add(0, users, u.grad)
                     if v.grad is not None:
-                        if layout.flat is not None:
-                            cotangents[1] += v.grad
+                        if layout.flat is None:
+                            add(1, slots.reshape(-1), v.grad.reshape(-1, v.shape[-1]))
                         else:
-                            cotangents[1].index_add_(0, slots.reshape(-1), v.grad.reshape(-1, v.shape[-1]))
+                            cotangents[1] += v.grad if wanted[1] is None else v.grad[wanted[1]]
                 scores.append(z.detach())
-            cotangents = [cotangents[i] for i in needed]
             tables = [t for side in sides for t in side.tables]
-            grads = torch.autograd.grad([representations[i] for i in needed], tables, cotangents, allow_unused=True) if needed else [None] * len(tables)
+            if own:
+                grads = [cotangents[s.index] if s.index in needed else None for s in sides]
+            elif needed:
+                grads = torch.autograd.grad([representations[i] for i in needed], tables, [cotangents[i] for i in needed], allow_unused=True)
+            else:
+                grads = [None] * len(tables)
         out, offset = [], 0
         for side, chosen in zip(sides, ids):
             mine = grads[offset:offset + len(side.tables)]
             offset += len(side.tables)
-            data = torch.cat([(torch.zeros_like(t) if g is None else g)[chosen] for g, t in zip(mine, side.tables)], dim=1).double()
+            if own:  # one table, its gradient by the distinct ids asked for
+                data = torch.zeros(len(chosen), side.widths[0], dtype=torch.float64, device=chosen.device) if mine[0] is None \
+                    else mine[0][torch.searchsorted(wanted[side.index], chosen)].double()
+            else:
+                data = torch.cat([(torch.zeros_like(t) if g is None else g)[chosen] for g, t in zip(mine, side.tables)], dim=1).double()
             # counts() is already summed over processes: only the data term is reduced here
             out.append(self.context.reduce(data) + model.l2 * self.counts(side, chosen, rows).unsqueeze(1) * side.gather(chosen))
         z = torch.cat(scores) if scores else torch.zeros(0, 1 + rows.negatives.shape[1], device=rows.users.device)
