@@ -726,6 +726,10 @@ class LightningUnlearnCLI(LightningCLI):
     def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] | None = None, **kwargs: Any):
         super().__init__(*args, parser_class=parser_class or PlainHelpParser, **kwargs)
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.usage = USAGE  # set once the subcommands are added: their own usage lines start from the default one
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # predict: a recommender's top-K list (UnlearningTrainer.predict); Lightning's own arguments of it stay out
@@ -1451,6 +1455,9 @@ DESCRIPTION = (
     "the subcommands unlearn and compare, and predict for top-K recommendations. `lightning-unlearn recipes list` "
     "names the recipes that ship with the package."
 )
+# argparse's own line would read `[-c CONFIG] {fit,...}`: a recipe goes after the subcommand, and `recipes` is a command too
+USAGE = ("lightning-unlearn [-h] [--version] {fit,validate,test,predict,unlearn,compare} [-c RECIPE] [options]\n"
+         "       lightning-unlearn recipes {list,copy} ...")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -353,9 +353,12 @@ def test_the_command_flushes_denormals(monkeypatch):
 
 
 def test_console_script_help():
+    """The usage line names every command, ``recipes`` too, with the recipe after the subcommand (before it is refused)."""
     result = subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", "--help"], capture_output=True, text=True, check=True)
-    for sub in ("fit", "validate", "test"):
-        assert sub in result.stdout
+    usage = result.stdout.split("\n\n")[0]
+    assert "{fit,validate,test,predict,unlearn,compare} [-c RECIPE]" in usage and "lightning-unlearn recipes {list,copy}" in usage
+    fit = subprocess.run([sys.executable, "-m", "lightning_unlearn.cli", "fit", "--help"], capture_output=True, text=True, check=True)
+    assert fit.stdout.startswith("usage: lightning-unlearn [options] fit ")  # a subcommand's own line, not the main one
 
 
 def test_demo_recipes_differ_only_in_the_deletion_and_the_run_folder():
