@@ -438,3 +438,31 @@ def test_lightning_checkpoints_carry_the_fingerprint_and_refuse_other_data_on_re
     other = datamodule(seed=7)
     with pytest.raises(DataFingerprintMismatch, match=dm.data_fingerprint):
         pl.Trainer(max_epochs=2, **kwargs).fit(new_model(other), other, ckpt_path=path, weights_only=True)
+
+
+def test_a_writer_whose_lock_file_was_removed_writes_nothing_more_and_no_request_is_closed_twice(tmp_path):
+    """The lock file of a running process removed by hand (as a stale lock): another process locks a new one, recovers the
+    first one's live request as interrupted and goes on; the first one must then not journal its request as applied on
+    top (its state would become the latest without what the other deleted) (review 35a #2)."""
+    from lightning_unlearn.unlearning.journal import LOCK_FILE, FolderLocked, JournalCorrupted
+
+    first = Journal(tmp_path / "journal.jsonl")
+    with first.lock():
+        pending = first.append("ab12", "pending")
+        os.remove(tmp_path / LOCK_FILE)
+        second = multiprocessing.get_context("spawn").Process(target=_close_as_interrupted, args=(str(tmp_path),))
+        second.start()
+        second.join(60)
+        assert second.exitcode == 0
+        with pytest.raises(FolderLocked, match="was removed or replaced while this process held it"):
+            first.append("ab12", "applied", pending_seq=pending["seq"])
+    assert [e["status"] for e in first.entries()] == ["pending", "failed"]
+    with pytest.raises(JournalCorrupted, match="request entry 0 was closed already"):  # the lock held again: still refused
+        first.append("ab12", "applied", pending_seq=pending["seq"])
+    assert [e["status"] for e in first.entries()] == ["pending", "failed"]
+
+
+def _close_as_interrupted(folder: str) -> None:
+    """Another process: it takes the (new) lock and closes the live request, as its recovery does."""
+    journal = Journal(Path(folder) / "journal.jsonl")
+    journal.append("ab12", "failed", pending_seq=0, reason="interrupted")

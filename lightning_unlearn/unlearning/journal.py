@@ -113,14 +113,21 @@ class Journal:
             TypeError: if a field is not JSON-serialisable or a known field has the wrong type
                 (nothing is written).
             JournalCorrupted: the journal does not read as a chain (nothing is written).
-            FolderLocked: another process holds the folder.
+            FolderLocked: another process holds the folder, or the lock file was removed or replaced while this process
+                held it (another process may have written the journal since).
+            JournalCorrupted: the ``pending`` entry it closes (``pending_seq``) was closed already.
         """
         if status not in STATUSES:
             raise ValueError(f"journal status must be one of {STATUSES}, got {status!r}.")
         if fields.get("checkpoint") is not None:
             fields["checkpoint"] = self._relative(fields["checkpoint"])
         with self.lock():
+            self._refuse_a_lost_lock()
             entries, last_hash, end = self._read()
+            closes = fields.get("pending_seq")
+            if closes is not None and any(e.get("pending_seq") == closes for e in entries):
+                raise JournalCorrupted(f"{self.path}: request entry {closes} was closed already (by another process that "
+                                       f"wrote this journal meanwhile?); this {status} entry is not written.")
             entry = {"seq": len(entries), "prev": last_hash, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "digest": digest, "status": status, **fields}
             problem = _type_problem(entry)
@@ -142,6 +149,23 @@ class Journal:
             if created:
                 fsync_directory(self.folder)
         return entry
+
+    def _refuse_a_lost_lock(self) -> None:
+        """Refuse to write when the lock file this process locked is no longer the one in the folder (removed by hand as a
+        stale lock, say): another process may have locked a new one and written the journal since."""
+        held = _HELD.get(str(self.folder.resolve()))
+        if held is None:  # no advisory locks here (Windows)
+            return
+        mine = os.fstat(held[0])
+        try:
+            there = os.stat(self.folder / LOCK_FILE)
+        except FileNotFoundError:
+            there = None
+        if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+            raise FolderLocked(
+                f"{self.folder / LOCK_FILE} was removed or replaced while this process held it, so another process may "
+                f"have written {self.path} since: nothing more is written by this one. Check the journal, and never remove "
+                f"the lock file of a running process (it is released when the process exits, also if it dies).")
 
     def start(self) -> None:
         """Create the journal empty, durably, unless it exists (a line of deletions noted before its first entry has one).
