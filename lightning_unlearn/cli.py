@@ -1397,14 +1397,19 @@ def main(args: list[str] | None = None) -> None:
         print(f"lightning-unlearn {command or ''}: error: {' '.join(str(err).split())}{after}", file=sys.stderr)
         raise SystemExit(1) from err
     except BaseException as err:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a message, not a traceback
-            print(f"lightning-unlearn: {err.strerror}.{_what_is_kept(_subcommand_of(args))}", file=sys.stderr)
+        if isinstance(err, OSError) and err.errno in _FILE_SYSTEM_REFUSALS:  # a message, not a traceback
+            where = f" ({err.filename})" if err.filename else ""  # a path: never an id
+            print(f"lightning-unlearn: {err.strerror}{where}.{_what_is_kept(_subcommand_of(args))}", file=sys.stderr)
             raise SystemExit(2) from err
         stopped = _stopped_by(err)
         if stopped is None:
             raise
         print(f"lightning-unlearn: stopped by {stopped[0]}.{_what_is_kept(_subcommand_of(args))}", file=sys.stderr)
         raise SystemExit(stopped[1]) from err
+
+
+# a full disk or quota, a file over the size limit, a read-only file, folder or file system: said in one paragraph
+_FILE_SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPERM, errno.EACCES, errno.EROFS)
 
 
 def _what_is_kept(command: str | None) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -434,6 +436,21 @@ def test_a_stopped_command_exits_non_zero_and_says_how_to_go_on(stop, status, na
         err = capsys.readouterr().err
         assert exit_info.value.code == status and named in err, command
         assert (kept in err if kept else "What finished is kept" not in err) and ("compare" in err) == (command == "compare")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EPERM, errno.EACCES, errno.EROFS])
+def test_a_file_system_refusal_is_one_paragraph_that_says_what_is_kept(code, monkeypatch, capsys):
+    """A full disk, a file over the size limit (RLIMIT_FSIZE), a read-only file or file system: a message naming the file,
+    not a traceback (review 35a #6)."""
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "/srv/runs/unlearning/journal.jsonl")
+
+    monkeypatch.setattr(cli_module.LightningUnlearnCLI, "__init__", refused)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith(f"lightning-unlearn: {os.strerror(code)} (/srv/runs/unlearning/journal.jsonl). What finished is kept")
 
 
 def test_an_unknown_method_is_named_with_the_known_ones(tmp_path, capsys):
