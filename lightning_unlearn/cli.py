@@ -742,7 +742,15 @@ class LightningUnlearnCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and Path(path).is_file():
             # a truncated or foreign file: CheckpointUnreadable (a message), not torch's traceback
-            self._refuse_overridden_hparams(load_checkpoint(path).get("hyper_parameters") or {}, self.config[subcommand], path)
+            hparams = {k: v for k, v in (load_checkpoint(path).get("hyper_parameters") or {}).items() if k != "_instantiator"}
+            self._refuse_overridden_hparams(hparams, self.config[subcommand], path)
+            model = self.config[subcommand].get("model")
+            if hparams and "_class_path" not in hparams and hasattr(model, "get") and model.get("class_path"):
+                # a model built in Python (UnlearningCallback.apply_pending's checkpoints) names no class: the recipe's
+                # (checked above), with the checkpoint's options, where LightningCLI would refuse the options without one
+                given = {subcommand: {"model": {"class_path": model.get("class_path"), "dict_kwargs": hparams}}}
+                self.config = self.parser.parse_object(given, self.config)
+                return
         super()._parse_ckpt_path()
 
     def _refuse_overridden_hparams(self, hparams: dict[str, Any], config: Any, path: str) -> None:

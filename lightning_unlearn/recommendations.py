@@ -1,10 +1,10 @@
 """``predict``'s recommendation files: written with raw ids, noted on the machine, and kept free of what is deleted later.
 
 A recommendations CSV names users and items by their raw ids. ``predict`` notes each file it
-writes (its path and the data's fingerprint, no id) in ``recommendations.jsonl`` of
+writes (its path and the data's fingerprints, no id) in ``recommendations.jsonl`` of
 :func:`~lightning_unlearn.unlearning.record.machine_lines_folder`; once an ``UnlearningCallback`` (``unlearn``'s, a
-fit's, a script's) has deleted users or items of that data, :func:`scrub_recommendations` removes their
-rows from every noted file, so that no raw id of a deletion stays at rest in them.
+fit's, a script's) has deleted users or items of that data (or of another split or seed of it: the same raw ids),
+:func:`scrub_recommendations` removes their rows from every noted file, so that no raw id of a deletion stays at rest in them.
 """
 
 from __future__ import annotations
@@ -122,9 +122,16 @@ def recommendations_lock(datamodule: RecDataModule) -> Iterator[None]:
     Args:
         datamodule: the data, set up.
     """
-    fingerprint = str(datamodule.state_dict().get("fingerprint"))
-    with machine_lock(f"data-{fingerprint[:32]}", "writing or cleaning recommendation files of the same data", wait=True):
+    state = datamodule.state_dict()  # the data before its split: a predict from another split of it is cleaned by the same deletions
+    with machine_lock(f"data-{str(state.get('source') or state.get('fingerprint'))[:32]}",
+                      "writing or cleaning recommendation files of the same data", wait=True):
         yield
+
+
+def _of_the_data(note: dict, state: dict) -> bool:
+    """Whether a file's ``note`` is of the data of a datamodule's ``state``: the same split, or another split or seed of the
+    same data (the same raw ids; a note from before the data's source was noted has its split only)."""
+    return note.get("data") == state.get("fingerprint") or (state.get("source") is not None and note.get("source") == state.get("source"))
 
 
 @contextlib.contextmanager
@@ -157,10 +164,10 @@ def _file(path: str | os.PathLike) -> Path:
 
 
 def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, command: str = "predict",
-                         written: Path | None = None, writing: bool = False) -> bool:
+                         written: Path | None = None, writing: bool = False, like: dict | None = None) -> bool:
     """Note that ``path`` holds recommendations of ``datamodule``'s data (no id).
 
-    A note holds the file's path, the data's fingerprint, and the file's size and modification
+    A note holds the file's path, the data's fingerprints (of its split, and of the data before it), and the file's size and modification
     time: :func:`scrub_recommendations` cleans a file only as one of its notes has it. Written
     whole (:func:`~lightning_unlearn.files.write_whole`), a file is noted from its temporary file
     just before the rename (``written``), which keeps both: a process killed between the two
@@ -174,13 +181,14 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, com
         command: named on the console when the machine's folder cannot be written (that costs the note, not the command).
         written: the temporary file about to be renamed over ``path``, whose size and time are noted.
         writing: note the path alone, before its write.
+        like: an earlier note of the file, whose data it keeps (a cleaning by a deletion in another split of that data).
 
     Returns:
         Whether it is noted.
     """
-    path = _file(path)
-    line = {"path": str(path), "data": datamodule.state_dict().get("fingerprint"),
-            **({"writing": True} if writing else _identity(written or path))}
+    path, state = _file(path), datamodule.state_dict()
+    data = {"data": like.get("data"), "source": like.get("source")} if like else {"data": state.get("fingerprint"), "source": state.get("source")}
+    line = {"path": str(path), **data, **({"writing": True} if writing else _identity(written or path))}
     try:
         append_note(machine_lines_folder() / NOTE_FILE, line, once=False)
     except OSError as err:
@@ -193,6 +201,9 @@ def note_recommendations(path: str | os.PathLike, datamodule: RecDataModule, com
 
 def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -> list[Path]:
     """Remove the rows of the users and items ``datamodule`` has removed from every recommendation file noted for its data.
+
+    Its data is that of every split or seed of the data it was split from (:func:`~lightning_unlearn.data.source_fingerprint`):
+    a model of another split was trained on the same users, and its files name them by the same raw ids.
 
     A row goes when its user or its item was deleted as a whole; the other rows keep their ranks.
     A file is cleaned only as one of its notes has it (the latest such note says whose data it
@@ -217,7 +228,6 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
         []
     """
     state = datamodule.state_dict()
-    fingerprint = state.get("fingerprint")
     users, items = (torch.as_tensor(state.get(key, []), dtype=torch.long) for key in ("users", "items"))
     if not len(users) and not len(items):
         return []
@@ -226,9 +236,9 @@ def scrub_recommendations(datamodule: RecDataModule, command: str = "unlearn") -
     gone_items = {str(raw) for raw in train.item_ids[items.numpy()].tolist()}
     scrubbed = []
     for name, lines in sorted(_noted().items()):
-        if any(line.get("data") == fingerprint for line in lines):
+        if any(_of_the_data(line, state) for line in lines):
             with recommendations_file_lock(name):  # a predict writing it (from any data) finishes first
-                if _clean(Path(name), lines, datamodule, fingerprint, command, gone_users, gone_items):
+                if _clean(Path(name), lines, datamodule, state, command, gone_users, gone_items):
                     scrubbed.append(Path(name))
     return scrubbed
 
@@ -277,7 +287,7 @@ def clean_from_the_latest_state(folder: str | os.PathLike, datamodule: RecDataMo
     clean_recommendations(latest_data, command, held)
 
 
-def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, fingerprint: str, command: str, gone_users: set[str],
+def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, state: dict, command: str, gone_users: set[str],
            gone_items: set[str]) -> bool:
     """:func:`scrub_recommendations` of one noted file (its lock held): whether it held rows of deleted users or items."""
     for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # of a write killed midway (written_whole's)
@@ -295,7 +305,7 @@ def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, fingerprint
               f"cleaned of the users and items deleted since, and may name them. Predict into it again, or remove it, "
               f"to end this message.", file=sys.stderr)
         return False
-    if noted.get("data") != fingerprint:  # predicted into again from other data: that data's file
+    if not _of_the_data(noted, state):  # predicted into again from other data: that data's file
         return False
     try:
         with open(path, newline="", encoding="utf-8") as fh:
@@ -312,7 +322,7 @@ def _clean(path: Path, lines: list[dict], datamodule: RecDataModule, fingerprint
     csv.writer(text).writerows(kept)
     try:
         write_whole(path, text.getvalue(), mode=path.stat().st_mode & 0o777,
-                    before_rename=lambda written: note_recommendations(path, datamodule, command, written=written))
+                    before_rename=lambda written: note_recommendations(path, datamodule, command, written=written, like=noted))
     except OSError as err:
         print(f"[{command}] {path} (recommendations written by predict) names users or items deleted since, and cannot be "
               f"rewritten without them ({err.strerror}): remove it, or predict again into it.", file=sys.stderr)

@@ -46,7 +46,7 @@ from lightning_unlearn.unlearning.record import (
 )
 from lightning_unlearn.unlearning.request import DeletionRequest, InvalidDeletionRequest
 
-__all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "in_checking_order", "lines_from", "note_the_line", "one_line_at_a_time", "records_beside", "records_bound_to", "records_of",
+__all__ = ["check_against_the_run", "default_unlearning_folder", "deletes_again", "folder_of_key", "in_checking_order", "lines_from", "lines_started_here", "note_the_line", "one_line_at_a_time", "records_beside", "records_bound_to", "records_of",
            "named_record", "records_of_its_run", "records_of_the_run", "refuse_a_second_line", "refuse_fewer_deletions", "refuse_training_on", "unlearning_folder_of"]
 
 
@@ -181,6 +181,13 @@ def named_record(ckpt_path: str | os.PathLike, unlearning: dict[str, Any], comma
 
 
 _RUN_CHECKPOINTS: ContextVar[tuple[Path, ...]] = ContextVar("run_checkpoints", default=())
+_STARTING: ContextVar[frozenset[str]] = ContextVar("starting", default=frozenset())  # digests one_line_at_a_time holds here
+
+
+def lines_started_here() -> frozenset[str]:
+    """The digests of the parameters whose line :func:`one_line_at_a_time` holds in this process now (``unlearn``'s, around
+    its requests): it checked and noted the line, which its callback need not do again (nor could: the lock is taken)."""
+    return _STARTING.get()
 
 
 def check_against_the_run(folders: Iterable[str | os.PathLike]) -> None:
@@ -320,7 +327,11 @@ def one_line_at_a_time(digest: str, ckpt_path: str | os.PathLike | None = None, 
                   f"of deletions from the same model at the same time unnoticed.", file=sys.stderr)
         for path in dict.fromkeys(path.resolve() for path in held):  # each once (the file, then the run's folders)
             stack.enter_context(_held(path))
-        yield
+        token = _STARTING.set(_STARTING.get() | {digest})
+        try:
+            yield
+        finally:
+            _STARTING.reset(token)
 
 
 @contextlib.contextmanager
@@ -347,7 +358,7 @@ def _held(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, datamodule: RecDataModule, branch: bool = False) -> None:
+def note_the_line(ckpt_path: str | os.PathLike | None, dirpath: Path, digest: str, datamodule: RecDataModule, branch: bool = False) -> None:
     """Before ``unlearn`` applies requests into ``dirpath`` from a checkpoint no request was applied to yet: note the line
     on this machine
     (:func:`~lightning_unlearn.unlearning.record.machine_lines_folder`), so that later commands from the checkpoint or from
@@ -358,7 +369,7 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
     cannot be written costs the note, not the command: it says so.
 
     Args:
-        ckpt_path: the checkpoint the requests are applied from.
+        ckpt_path: the checkpoint the requests are applied from (``None``: weights given in Python, noted on the machine only).
         dirpath: the record they go into (made by ``UnlearningCallback.check``); its journal is started here, empty.
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of the parameters they are applied to.
         datamodule: the checkpoint's data (a run whose checkpoints are on the same data is the checkpoint's run).
@@ -366,6 +377,9 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
     """
     journal_of(dirpath).start()  # there from the note on, even empty: a noted line without it is gone
     folders = [(machine_lines_folder(), False)]
+    if ckpt_path is None:
+        _note_in(folders, dirpath, digest, None, branch)
+        return
     if not any(dirpath.resolve() == folder.resolve() for folder in records_beside(ckpt_path)):
         folders.append((unlearning_folder_of(Path(os.path.abspath(ckpt_path)).parent), True))
     # the run's record: also beside the file a link resolves to (a record there gets no note beside the link)
@@ -378,6 +392,11 @@ def note_the_line(ckpt_path: str | os.PathLike, dirpath: Path, digest: str, data
               f"checkpoint of {ckpt_path}'s data: if it is a copy of a checkpoint of a run, that run's own checkpoints are not "
               f"bound by this line. Give the run's recipe, from the folder its fit ran in (a relative dirpath is taken from "
               f"the working folder), to bind them.", file=sys.stderr)
+    _note_in(folders, dirpath, digest, ckpt_path, branch)
+
+
+def _note_in(folders: list[tuple[Path, bool]], dirpath: Path, digest: str, ckpt_path: str | os.PathLike | None, branch: bool) -> None:
+    """:func:`note_a_line` in each of ``folders`` (``(folder, relative)``); one that cannot be written costs its note, said."""
     for folder, relative in folders:
         try:  # on the machine, with the checkpoint's file: a record beside it moved away while it stayed is found gone
             note_a_line(folder, dirpath, digest, relative=relative, branch=branch, checkpoint=None if relative else ckpt_path)
@@ -439,7 +458,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     here = records_beside(ckpt_path) | run  # from any checkpoint of its run, whose data this one's shares (records_of_its_run)
     sources = [(folder, line) for folder in here for line in lines_of(folder)]
     # those records themselves, noted on the machine only (moved away with the notes they hold beside the checkpoint)
-    sources += [(machine_lines_folder(), line) for line in _records_beside_their_start(ckpt_path, run)
+    sources += [(machine_lines_folder(), line) for line in _records_beside_their_start(ckpt_path, run, digest)
                 if Path(line["record"]).resolve() in {folder.resolve() for folder in here}]
     for folder, line in sources:
         if moved_key is not None and line.get("key_id") == moved_key and is_gone(Path(line["record"])):
@@ -447,7 +466,7 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
         elif line.get("model") == digest or not (state and line.get("branch")):  # a branch binds no state of a record
             noted.append((folder, Path(line["record"]), line.get("model") == digest))
     beside = {line for _, line, from_it in noted if from_it} | moved
-    lines = beside | {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
+    lines = beside | _noted_on_the_machine(digest)
     kept = {line for line in lines if (line / JOURNAL_FILE).is_file()}
     gone = sorted(line for line in lines - kept if is_gone(line))
     gone_beside = sorted((not from_it, line, folder) for folder, line, from_it in noted if is_gone(line))
@@ -467,23 +486,28 @@ def lines_from(ckpt_path: str | os.PathLike, digest: str, command: str, refuse_g
     return kept
 
 
-def _records_beside_their_start(ckpt_path: str | os.PathLike, run: set[Path]) -> list[dict[str, Any]]:
+def _records_beside_their_start(ckpt_path: str | os.PathLike, run: set[Path], digest: str) -> list[dict[str, Any]]:
     """The lines noted on the machine whose starting checkpoint file (known by its :func:`file_stamp`, which a folder moved
     or renamed keeps, and a run fitted again in its folder does not) is beside ``ckpt_path`` or in the checkpoint folder of
-    the run whose records are ``run``; each with its record where it is now, as placed beside that file."""
+    the run whose records are ``run``; each with its record where it is now, as placed beside that file. ``ckpt_path``
+    itself is also the start of a line noted from its path and its parameters (``digest``): a copy restored over it, or
+    the file touched, has another stamp but is the same model."""
     folders = {Path(os.path.abspath(ckpt_path)).parent, Path(ckpt_path).resolve().parent}
     folders |= {folder for folder in _RUN_CHECKPOINTS.get() if unlearning_folder_of(folder) in run}
     starts = {tuple(stamp): path for folder in folders for path in sorted(folder.glob("*.ckpt")) if (stamp := file_stamp(path))}
+    here = str(Path(ckpt_path).resolve())
     found = []
     for line in lines_of(machine_lines_folder()):
         start = starts.get(tuple(line.get("stamp") or ()))
+        if start is None and line.get("checkpoint") == here and line.get("model") == digest:
+            start = Path(here)
         if start is not None and isinstance(line.get("checkpoint"), str):
             record = os.path.normpath(start.parent / os.path.relpath(line["record"], Path(line["checkpoint"]).parent))
             found.append({**line, "record": record})
     return found
 
 
-def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],
+def refuse_a_second_line(ckpt_path: str | os.PathLike | None, digest: str, datamodule: RecDataModule, unlearning: dict[str, Any],
                          dirpath: Path, requests: list[DeletionRequest]) -> None:
     """``unlearn`` into ``dirpath`` without ``--branch``: refuse a checkpoint that is an older state of another record -- the
     one beside it, or the one its callback state names -- unless ``requests`` (those it holds queued and those given)
@@ -495,8 +519,11 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
     trained one); for the record beside it, also its data: a model fitted again in that run folder on the data as
     loaded still holds what the record deleted, whatever its parameters. A record with a request whose process stopped is refused until ``unlearn`` on it recovers that request.
 
+    Without ``ckpt_path`` (weights given to an ``UnlearningCallback`` in Python, loaded by hand) the lines this machine
+    noted as started from the parameters are checked, and the advice is Python's.
+
     Args:
-        ckpt_path: the checkpoint ``unlearn`` was given.
+        ckpt_path: the checkpoint ``unlearn`` was given (``None``: the parameters of a model in Python).
         digest: :func:`~lightning_unlearn.models.functional.model_digest` of its parameters.
         datamodule: its data, with the removals it holds.
         unlearning: its callback state (``{}`` when it has none).
@@ -508,8 +535,13 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
             delete again, or of one with a request whose process stopped.
         JournalCorrupted: one of those records' journals does not read.
     """
-    named, besides = unlearning.get("record"), records_bound_to(ckpt_path, unlearning)
-    lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, unlearning=unlearning)  # started from it elsewhere
+    named = unlearning.get("record")
+    if ckpt_path is None:
+        besides, lines = set(), {line for line in _noted_on_the_machine(digest) if (line / JOURNAL_FILE).is_file()}
+    else:
+        besides = records_bound_to(ckpt_path, unlearning)
+        lines = lines_from(ckpt_path, digest, "unlearn", refuse_gone=True, unlearning=unlearning)  # started from it elsewhere
+    given = ckpt_path if ckpt_path is not None else "the model given"
     for folder in sorted(besides | lines | ({Path(named)} if named else set())):
         journal = journal_of(folder)
         if folder.resolve() == dirpath.resolve() or not journal.path.is_file():
@@ -517,8 +549,8 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
         try:
             stopped = journal.interrupted()
         except JournalCorrupted as err:
-            noted = f" (noted beside {ckpt_path} as a line of deletions started from it)" if folder in lines else ""
-            raise JournalCorrupted(f"unlearn checks that {ckpt_path} is not an older state of {folder}{noted}, and its "
+            noted = f" (noted as a line of deletions started from {given})" if folder in lines else ""
+            raise JournalCorrupted(f"unlearn checks that {given} is not an older state of {folder}{noted}, and its "
                                    f"journal does not read: {err}") from None
         if not (journal.applied_count() or stopped):
             continue
@@ -536,8 +568,8 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
         if behind is None:
             continue
         by_data = behind == "by its data"
-        older = (f"{ckpt_path} was trained beside the deletion record {folder}" if by_data
-                 else f"{ckpt_path} is an older state of the deletion record {folder} ({behind})")
+        older = (f"{given} was trained beside the deletion record {folder}" if by_data
+                 else f"{given} is an older state of the deletion record {folder} ({behind})")
         if stopped:  # what that record deleted is known once its request is done, or recovered
             try:
                 refuse_a_stopped_request(journal, "unlearn")
@@ -550,11 +582,21 @@ def refuse_a_second_line(ckpt_path: str | os.PathLike, digest: str, datamodule: 
             why = ("the requests of this command do not delete again all they deleted" if same_data else
                    "its latest state is on other data (another seed or split), so whether these requests delete again all "
                    "they deleted cannot be checked")
+            latest = journal.last_checkpoint()
+            resume, start, branch = ((f"`--ckpt_path {latest} --out {folder}`", "this checkpoint", "`--branch true`") if ckpt_path is not None else
+                                     (f"`state = restore_checkpoint('{latest}', model, datamodule)`, then an UnlearningCallback with "
+                                      f"dirpath='{folder}' and `callback.load_state_dict(state['unlearning'])`", "these parameters",
+                                      "`branch=True`"))
             raise StaleCheckpoint(
                 f"{older}, which holds {counted(journal.applied_count(), 'deletion')}, and {why}: applying them into {dirpath} would start a "
-                f"second line of deletions that brings the rest back. Resume from that record's latest state (`--ckpt_path "
-                f"{journal.last_checkpoint()} --out {folder}`), {'give all of its requests again in one requests file, ' if same_data else ''}"
-                f"or start a new line from this checkpoint on purpose, in a new, empty folder (`--branch true`).")
+                f"second line of deletions that brings the rest back{'' if ckpt_path is not None else ', and training on from it would learn their rows again'}. "
+                f"Resume from that record's latest state ({resume}), {'give all of its requests again in one requests file, ' if same_data else ''}"
+                f"or start a new line from {start} on purpose, in a new, empty folder ({branch}).")
+
+
+def _noted_on_the_machine(digest: str) -> set[Path]:
+    """The records this machine noted as lines of deletions started from the parameters whose digest is ``digest``."""
+    return {Path(line["record"]) for line in lines_of(machine_lines_folder(), digest)}
 
 
 def deletes_again(latest: Path, datamodule: RecDataModule, requests: Sequence[DeletionRequest] = ()) -> tuple[bool | None, bool]:
@@ -628,6 +670,7 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
         refuse_a_stopped_request(journal, command)
     if latest is None:
         return
+    _refuse_a_replaced_latest(journal, latest, command)
     same_data, holds_them = deletes_again(latest, datamodule)
     if same_data is None:  # other data altogether: not what this record deleted from
         return
@@ -643,6 +686,22 @@ def refuse_fewer_deletions(ckpt_path: str | os.PathLike, datamodule: RecDataModu
             f"data of {ckpt_path} {held}: {_WOULD.get(command, _WOULD['predict'])}. "
             f"{command.capitalize()} from the latest state (`--ckpt_path {latest}`), or from a checkpoint fitted from it.{run}"
         )
+
+
+def _refuse_a_replaced_latest(journal: Journal, latest: Path, command: str) -> None:
+    """Refuse a record whose latest state's file (the one its last ``applied`` entry names) holds another state: an older one
+    copied over it (a backup restored under the newest name) would be checked against itself, and pass, as the latest."""
+    try:
+        lineage = (load_checkpoint(latest, mmap=True).get("unlearning") or {}).get("lineage")
+    except (OSError, CheckpointUnreadable):  # read again by deletes_again, whose error says what is wrong
+        return
+    try:
+        check_lineage(journal, lineage)
+    except StaleCheckpoint:
+        raise StaleCheckpoint(
+            f"{command} checks against the latest state of the deletion record {journal.folder}, {latest}, and that file holds "
+            f"another state than the journal's last applied request: it was replaced, e.g. by an older copy restored under "
+            f"its name, which would undo the deletions after it. Put that file back as it was written.") from None
 
 
 def refuse_training_on(ckpt_path: str | os.PathLike, model: Recommender, datamodule: RecDataModule, folders: set[Path]) -> None:

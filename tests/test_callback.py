@@ -843,3 +843,68 @@ def test_checkpoints_saved_by_an_earlier_fit_with_the_callback_are_known_to_the_
             callback.apply_pending(model, dm)
         callback._queue.clear()
 
+
+
+def test_a_second_line_from_one_trained_model_given_in_python_is_refused_as_unlearn_refuses_it(tmp_path):
+    """Two lines of deletions from the same trained weights, each given in Python (``apply_pending``, or a fit of the
+    weights loaded by hand): the second must delete again all the first deleted, as ``unlearn`` asks of a second line from
+    one checkpoint, or be a branch; otherwise it is refused before anything changes, the fit before its first step."""
+    from lightning_unlearn.unlearning.record import lines_of, machine_lines_folder
+
+    def noted_from(folder: str) -> set[str]:
+        return {line["model"] for line in lines_of(machine_lines_folder()) if line["record"] == str((tmp_path / folder).resolve())}
+
+    model, dm, _ = trained()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "first",
+                       evaluate=False).apply_pending(model, dm)
+
+    def loaded(users, folder, **options):
+        again, again_dm = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05), datamodule()
+        again.load_state_dict(weights)  # by hand: no checkpoint names the weights, their digest does
+        return again, again_dm, UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=users)],
+                                                   dirpath=tmp_path / folder, evaluate=False, **options)
+
+    again, again_dm, second = loaded([6], "second")
+    with pytest.raises(StaleCheckpoint, match=r"the model given is an older state of the deletion record .*first.*"
+                                              r"restore_checkpoint\('.*unlearned-0000"):
+        second.apply_pending(again, again_dm)
+    assert torch.equal(again.user_embedding.weight, weights["user_embedding.weight"]) and (again_dm.train.users == 5).any()
+    fit = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[second])
+    with pytest.raises(StaleCheckpoint, match="training on from it would learn their rows again"):
+        fit.fit(again, again_dm)
+    assert torch.equal(again.user_embedding.weight, weights["user_embedding.weight"]) and not (tmp_path / "second" / "journal.jsonl").exists()
+    again, again_dm, third = loaded([5, 6], "third")  # all the first deleted, and more: the fit trains on, then applies
+    pl.Trainer(max_epochs=EPOCHS + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[third]).fit(again, again_dm)
+    given, applied_to = journal(tmp_path / "first")[0]["model"], journal(tmp_path / "third")[0]["model"]
+    assert given != applied_to  # trained on before its request
+    # noted from the weights it was given and from those the request was applied to: a copy of either finds it
+    assert noted_from("third") == {given, applied_to}
+    again, again_dm, branch = loaded([7], "branch", branch=True)  # a new line on purpose
+    branch.apply_pending(again, again_dm)
+    assert (again_dm.train.users == 5).any() and not (again_dm.train.users == 7).any()
+    # weights a fit initialised itself are no trained model's: its line is noted from those its request was applied to only
+    pl.seed_everything(1, verbose=False)  # (seed 0 would train the very weights the lines above started from)
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               callbacks=[UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[8])], dirpath=tmp_path / "fresh",
+                                             evaluate=False)]).fit(MF(dm.num_users, dm.num_items, embedding_dim=8), datamodule())
+    assert noted_from("fresh") == {journal(tmp_path / "fresh")[0]["model"]}
+
+
+def test_the_latest_state_restored_without_its_callback_state_is_refused_naming_what_to_restore(tmp_path):
+    """The model and data restored from the latest state, the callback's state not: refused (the callback cannot tell it
+    from the trained model), and the message says to restore the callback's state as well (review 35b D4)."""
+    model, dm, _ = trained()
+    UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path, evaluate=False).apply_pending(model, dm)
+    latest = journal_of(tmp_path).last_checkpoint()
+    again, again_dm = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05), datamodule()
+    restore_checkpoint(latest, again, again_dm)
+    callback = UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[6])], dirpath=tmp_path, evaluate=False)
+    with pytest.raises(StaleCheckpoint, match=rf"restore_checkpoint\('{latest}', model, datamodule\)`, then `callback.load_state_dict"):
+        callback.apply_pending(again, again_dm)
+    callback.load_state_dict(torch.load(latest, weights_only=True)["unlearning"])
+    callback.request(DeletionRequest(users=[6]))
+    callback.apply_pending(again, again_dm)
+    assert [e["status"] for e in journal(tmp_path)] == ["pending", "applied"] * 2

@@ -433,6 +433,53 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
     assert (tmp_path / "edited.csv").read_bytes() == edited
 
 
+def test_a_checkpoint_of_a_model_built_in_python_is_read_with_the_recipes_model_class(trained, tmp_path):
+    """A model built in Python (``UnlearningCallback.apply_pending`` writes its checkpoints) saves its options without the
+    class LightningCLI adds: the command reads them with the recipe's class, not a parser error (review 35b D3)."""
+    state = torch.load(trained.unlearned, weights_only=False)
+    del state["hyper_parameters"]["_class_path"]
+    written = tmp_path / trained.unlearned.name
+    torch.save(state, written)
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(written), "--out", "top.csv", "--k", "5"])
+    rows = list(csv.reader((tmp_path / "top.csv").open()))
+    assert len(rows) > 1 and not any(row[0] == str(DELETED_USER) for row in rows)
+
+
+def test_an_older_state_copied_over_the_latest_states_file_is_refused(trained, tmp_path, capsys):
+    """A backup of the first state restored under the second's name: checked against itself it would pass as the latest
+    and serve the user the second deleted (review 35a #1)."""
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    for user in (8, 9):
+        (tmp_path / f"user{user}.csv").write_text(f"user\n{user}\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"])
+    first = journal_of(tmp_path / "unlearning").last_checkpoint()
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(first), "--requests", "user9.csv", "--method", "FineTune"])
+    latest = journal_of(tmp_path / "unlearning").last_checkpoint()
+    shutil.copy2(first, latest)
+    capsys.readouterr()
+    for command in (["predict", "--out", "top.csv"], ["test"], ["validate"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command[0], "-c", str(trained.recipe), "--ckpt_path", str(latest), *command[1:]])
+        assert exit_info.value.code == 2 and f"{latest}, and that file holds another state" in capsys.readouterr().err
+    assert not (tmp_path / "top.csv").exists()
+
+
+def test_recommendations_of_another_split_of_the_data_lose_the_users_deleted_from_one(trained, tmp_path):
+    """A model of another seed of the same data was trained on the same users, and its predict's file names them by the same
+    raw ids: a deletion from the run's model cleans that file too (review 35b D2)."""
+    main(["fit", "-c", str(trained.recipe), "--data.seed=1", *BRIEF])
+    other = next((tmp_path / "ckpt").glob("best*.ckpt"))
+    main(["predict", "-c", str(trained.recipe), "--data.seed=1", "--ckpt_path", str(other), "--out", "other_seed.csv", "--k", "5"])
+    assert any(row[0] == "8" for row in csv.reader((tmp_path / "other_seed.csv").open()))
+    (tmp_path / "checkpoints").mkdir()
+    best = shutil.copy(trained.best, tmp_path / "checkpoints")
+    (tmp_path / "user8.csv").write_text("user\n8\n")
+    main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(best), "--requests", "user8.csv", "--method", "FineTune"])
+    rows = list(csv.reader((tmp_path / "other_seed.csv").open()))
+    assert len(rows) > 1 and not any(row[0] == "8" for row in rows)
+
+
 def test_a_request_stopped_or_failing_after_one_was_applied_keeps_its_line_noted_and_the_recommendations_clean(
         trained, tmp_path, capsys, monkeypatch):
     """unlearn notes its line before its first request is journaled, and cleans predict's files once one is applied: a
@@ -770,7 +817,8 @@ def test_the_record_beside_the_run_moved_away_refuses_the_runs_checkpoints(then,
     """unlearn without --out deleted user 8 into the record beside the run's checkpoints (noted on the machine only); that
     record moved away (or removed) while the run stayed: its best.ckpt and older epoch still hold user 8, and are refused
     by every command until it is back or given (--record), or its line is removed from the machine's note on purpose.
-    A run removed whole and fitted again in its folder is not held back by it."""
+    The very file restored over itself, or touched, is still refused; a run removed whole and fitted again in its folder to
+    other parameters is not held back by it."""
     best, _ = two_epochs(trained, tmp_path, tmp_path / "ckpt")
     main(["unlearn", "-c", str(trained.recipe), "--method", "FineTune", "--ckpt_path", str(best), "--requests", "user8.csv"])
     record = tmp_path / "unlearning"
@@ -788,10 +836,19 @@ def test_the_record_beside_the_run_moved_away_refuses_the_runs_checkpoints(then,
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "recs.csv", "--record", str(tmp_path / "elsewhere")])
         assert exit_info.value.code == 2 and f"{tmp_path / 'elsewhere'} records 1 deletion" in capsys.readouterr().err
-    # the run removed whole and fitted again in its folder: another file, not held back by the old run's record
+    # the very file put back from a copy (another inode), or touched: the same model, in its place, still refused (35a #5)
+    shutil.copy2(best, tmp_path / "saved.ckpt")
     os.unlink(best)
-    shutil.copy(trained.best, best)
-    os.utime(best, ns=(os.stat(best).st_atime_ns, os.stat(best).st_mtime_ns + 10**9))
+    shutil.copy2(tmp_path / "saved.ckpt", best)
+    os.utime(best)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "recs.csv"])
+    assert exit_info.value.code == 2 and f"{record}, noted on this machine as the deletion record beside" in capsys.readouterr().err
+    # the run removed whole and fitted again in its folder: another model, not held back by the old run's record
+    os.unlink(best)
+    refit = torch.load(trained.best, weights_only=False)
+    refit["state_dict"]["user_embedding.weight"] += 0.01
+    torch.save(refit, best)
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(best), "--out", "recs.csv"])
 
 

@@ -166,7 +166,9 @@ def test_a_stale_checkpoint_is_refused_naming_the_latest_state(trained, tmp_path
     # The documented ways on: resume from the latest state, or branch into a new folder.
     apply(latest, out, B)
     assert removed_users(journal_of(out).last_checkpoint()) == [3, 6]
-    _, dm, _ = apply(trained, tmp_path / "new", B)  # a new folder from the trained model is a fresh start, not a branch
+    with pytest.raises(StaleCheckpoint, match=r"older state of the deletion record .*out .*`branch=True`"):  # a second line
+        apply(trained, tmp_path / "new", B)  # from the trained model, without what the first deleted (review 35b D1)
+    _, dm, _ = apply(trained, tmp_path / "new", B, branch=True)  # started on purpose
     assert removed_users(journal_of(tmp_path / "new").last_checkpoint()) == [6]
     with pytest.raises(StaleCheckpoint, match="another unlearning folder"):
         apply(latest, tmp_path / "other", C)
@@ -947,6 +949,7 @@ def test_any_sequence_of_applies_kills_moves_and_corruption_embodies_exactly_the
     restores the journal from a backup): the final model and data embody exactly the accepted requests."""
     requests = pool()
     base = tmp_path_factory.mktemp("sequence")
+    monkeypatch.setenv("LIGHTNING_UNLEARN_HOME", str(base / "machine"))  # each example's lines are its own (one trained model)
     homes = [base / "a", base / "b"]
     for home in homes:
         home.mkdir()

@@ -145,6 +145,7 @@ class Recommender(pl.LightningModule):
         self.test_metrics = FullRankingMetrics(self.top_k, auc=eval_auc)
         self._eval_repr: tuple[Tensor, Tensor] | None = None
         self._eval_candidates: dict[str, int | None] = {}  # per stage: candidates per user (None: full ranking)
+        self.weights_loaded = False  # load_state_dict sets it: the weights are not the ones initialised here
 
     # ------------------------------------------------------------------ the contract
     @abstractmethod
@@ -183,6 +184,19 @@ class Recommender(pl.LightningModule):
 
     def set_graph(self, interactions: Interactions) -> None:
         """Give a graph model the training graph; a no-op for models without one."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, remembering that the weights came from elsewhere (``weights_loaded``).
+
+        Every way of loading weights goes through it (``load_from_checkpoint``, a Trainer's ``ckpt_path``,
+        :func:`~lightning_unlearn.unlearning.record.restore_checkpoint`, by hand). An
+        :class:`~lightning_unlearn.unlearning.callback.UnlearningCallback` that starts a line of deletions in a fit of such
+        a model notes the line as started from those weights too, as it would from a checkpoint given as ``ckpt_path``:
+        weights it initialised itself are no trained model's.
+        """
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.weights_loaded = True
+        return result
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint given to a Trainer as ``ckpt_path`` that must not be loaded, before its weights are.

@@ -108,7 +108,10 @@ class LightGCN(MF):
 
     def representations(self) -> tuple[Tensor, Tensor]:
         if self.adjacency is None:
-            raise RuntimeError("LightGCN has no graph: call set_graph(train_interactions), or fit with a RecDataModule.")
+            raise RuntimeError("LightGCN has no graph: call set_graph(train_interactions), or fit with a RecDataModule. The graph "
+                               "of an unlearned model is of the retained rows only: `restore_checkpoint(path, model, datamodule)` "
+                               "(lightning_unlearn.unlearning.record) applies the checkpoint's removals and sets it; a graph of "
+                               "the data as loaded would hold the deleted rows again.")
         layer = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
         total = layer
         for _ in range(self.num_layers):

@@ -401,11 +401,15 @@ class UnlearningCallback(pl.Callback):
         # the parameters it starts from (restored from ckpt_path, whose own state was taken before this callback noted it)
         start = model_digest(pl_module)
         self._saved.add(start)
-        # a trained checkpoint (no request applied to it): the line its first request starts is noted as unlearn notes it
-        self._resumed_from = (trainer.ckpt_path, start) if trainer.ckpt_path and not self._applied else None
+        # a trained checkpoint (no request applied to it): the line its first request starts is noted as unlearn notes it;
+        # weights loaded by hand (no state of a record) too, by their digest
+        by_hand = not trainer.ckpt_path and self._lineage is None and getattr(pl_module, "weights_loaded", False)
+        self._resumed_from = (trainer.ckpt_path or None, start) if (trainer.ckpt_path or by_hand) and not self._applied else None
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
+                if by_hand and not self.branch and self._resumed_from is not None:  # before an epoch trains on what they deleted
+                    _refuse_a_second_line(None, start, trainer.datamodule, Path(self.dirpath), self._queue)
             if self.dirpath is not None and self.journal.path.exists():  # weights of an older state loaded by hand
                 _refuse_older_parameters(self.journal, pl_module, start)
             clean_recommendations(trainer.datamodule, "UnlearningCallback")  # what a run killed before its cleaning left
@@ -682,21 +686,27 @@ class UnlearningCallback(pl.Callback):
         return done
 
     @contextlib.contextmanager
-    def _starting_a_line(self, journal: Journal | None, datamodule: RecDataModule):
-        """Around the first request's ``pending`` entry of a fit resumed from a trained checkpoint: what ``unlearn`` does
-        when it starts a line from one, one process at a time (another line from it since the fit started, unless this
-        is a branch, must be deleted again by the queue), and the line noted, so that the checkpoint, its copies and its
-        run's other checkpoints are found to be older than it."""
-        if journal is None or self._resumed_from is None or self._applied:
+    def _starting_a_line(self, journal: Journal | None, datamodule: RecDataModule, parameters: str | None):
+        """Around the first request's ``pending`` entry of a new line: what ``unlearn`` does when it starts a line from a
+        trained checkpoint, one process at a time (another line from it, unless this is a branch, must be deleted again by
+        the queue), and the line noted, so that the checkpoint, its copies and its run's other checkpoints are found to be
+        older than it. In Python the model's weights (``parameters``, their digest; and, in a fit of weights loaded by
+        hand, those it started from) stand for the checkpoint, checked and noted on this machine by their digest."""
+        if journal is None or self._applied or self._resumed_from is None and (self._lineage is not None or journal.applied_count()):
+            yield  # a record going on (its own checks), or no journal on this rank
+            return
+        from lightning_unlearn.record_checks import lines_started_here, note_the_line, one_line_at_a_time  # (it imports this module)
+
+        path, start = self._resumed_from or (None, parameters)
+        starts = {start: path, **({parameters: None} if path is None else {})}  # digest -> checkpoint file (None: in Python)
+        if lines_started_here() & starts.keys():  # unlearn, around this, checked and noted it
             yield
             return
-        from lightning_unlearn.record_checks import note_the_line, one_line_at_a_time, refuse_a_second_line  # (they import this module)
-
-        path, start = self._resumed_from
-        with one_line_at_a_time(start, path, starts_a_line=True):
-            if not self.branch:
-                refuse_a_second_line(path, start, datamodule, {}, Path(self.dirpath), list(self._queue))
-            note_the_line(path, Path(self.dirpath), start, datamodule, branch=self.branch)
+        with one_line_at_a_time(start, path, starts_a_line=path is not None):
+            for digest, checkpoint in starts.items():
+                if not self.branch:
+                    _refuse_a_second_line(checkpoint, digest, datamodule, Path(self.dirpath), self._queue)
+                note_the_line(checkpoint, Path(self.dirpath), digest, datamodule, branch=self.branch)
             yield
         self._resumed_from = None
 
@@ -741,7 +751,7 @@ class UnlearningCallback(pl.Callback):
                 _refuse_older_parameters(journal, model, parameters)
             # "saved": the checkpoints the trainer saved before it (epoch=0.ckpt, ...): weights loaded from them by hand are older too
             saved = sorted(self._saved - {parameters})
-            with self._starting_a_line(journal, datamodule):
+            with self._starting_a_line(journal, datamodule, parameters):
                 pending = journal.append(digest, "pending", checkpoint=str(checkpoint), model=parameters, **summary,
                                          **({"saved": saved} if saved else {})) if journal else None
         except BaseException:  # e.g. rank zero's journal on a full disk: the other ranks, at their first vote, hear of it
@@ -953,6 +963,14 @@ def _data_state(datamodule: RecDataModule, journal: Journal) -> str:
     state = datamodule.state_dict()
     removed = [state[name] for name in REMOVALS]
     return journal.keyed(repr([len(t) for t in removed]).encode() + b"".join(t.cpu().numpy().tobytes() for t in removed))
+
+
+def _refuse_a_second_line(ckpt_path: str | None, digest: str, datamodule: RecDataModule, dirpath: Path,
+                          queue: list[DeletionRequest]) -> None:
+    """:func:`~lightning_unlearn.record_checks.refuse_a_second_line` from a trained model (no callback state)."""
+    from lightning_unlearn.record_checks import refuse_a_second_line  # (it imports this module)
+
+    refuse_a_second_line(ckpt_path, digest, datamodule, {}, dirpath, list(queue))
 
 
 def _refuse_older_parameters(journal: Journal, model: Recommender, parameters: str | None) -> None:

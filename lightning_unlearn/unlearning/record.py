@@ -229,7 +229,7 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
     if ours and not copied and seq == latest.get("pending_seq"):
         return
     if lineage is None:
-        what = "a model no deletion was applied to (e.g. the trained checkpoint)"
+        what = "a model no deletion was applied to (e.g. the trained checkpoint), as far as the callback's state says"
     elif copied:
         what = (f"a checkpoint of a copy of this folder that went on separately (its request entry {seq} is not "
                 f"this journal's)")
@@ -244,7 +244,10 @@ def check_lineage(journal: Journal, lineage: dict[str, Any] | None, branch: bool
         f"(`--ckpt_path {journal.checkpoint(latest)}`), or start a new branch from this model in another, empty "
         f"folder (`unlearn --out <new folder> --branch true`; in a fit, the UnlearningCallback's `dirpath` and "
         f"`branch=True`)."
-        + (" If it is another model than the one this record is of (checkpoints of several models in one folder share "
+        + (f" In Python, a model restored from the latest state goes on with its callback's state restored too: `state = "
+           f"restore_checkpoint('{journal.checkpoint(latest)}', model, datamodule)`, then `callback.load_state_dict("
+           f"state['unlearning'])` (without it, the callback takes the model for one no deletion was applied to)."
+           " If it is another model than the one this record is of (checkpoints of several models in one folder share "
            "the record `unlearn` keeps without `--out`), give it a record of its own: `unlearn --out <new folder>`, with "
            "requests that also delete again what this record deleted (its data still holds them)."
            if lineage is None else "")
