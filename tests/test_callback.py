@@ -875,6 +875,14 @@ def test_a_second_line_from_one_trained_model_given_in_python_is_refused_as_unle
     with pytest.raises(StaleCheckpoint, match="training on from it would learn their rows again"):
         fit.fit(again, again_dm)
     assert torch.equal(again.user_embedding.weight, weights["user_embedding.weight"]) and not (tmp_path / "second" / "journal.jsonl").exists()
+    copied = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
+    with torch.no_grad():  # not through load_state_dict: checked by their digest all the same
+        for name, parameter in copied.named_parameters():
+            parameter.copy_(weights[name])
+    fit = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[loaded([6], "copied")[2]])
+    with pytest.raises(StaleCheckpoint, match="training on from it would learn their rows again"):
+        fit.fit(copied, datamodule())
     again, again_dm, third = loaded([5, 6], "third")  # all the first deleted, and more: the fit trains on, then applies
     pl.Trainer(max_epochs=EPOCHS + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                callbacks=[third]).fit(again, again_dm)
