@@ -854,15 +854,17 @@ def test_a_second_line_from_one_trained_model_given_in_python_is_refused_as_unle
     def noted_from(folder: str) -> set[str]:
         return {line["model"] for line in lines_of(machine_lines_folder()) if line["record"] == str((tmp_path / folder).resolve())}
 
-    model, dm, _ = trained()
+    model, dm, trainer = trained()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
+    trained_checkpoint = tmp_path / "trained.ckpt"  # what a ModelCheckpoint of that fit would have written
+    trainer.save_checkpoint(trained_checkpoint)
     UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[5])], dirpath=tmp_path / "first",
                        evaluate=False).apply_pending(model, dm)
 
     def loaded(users, folder, **options):
         again, again_dm = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05), datamodule()
         again.load_state_dict(weights)  # by hand: no checkpoint names the weights, their digest does
-        return again, again_dm, UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=users)],
+        return again, again_dm, UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=users)] if users else [],
                                                    dirpath=tmp_path / folder, evaluate=False, **options)
 
     again, again_dm, second = loaded([6], "second")
@@ -875,14 +877,10 @@ def test_a_second_line_from_one_trained_model_given_in_python_is_refused_as_unle
     with pytest.raises(StaleCheckpoint, match="training on from it would learn their rows again"):
         fit.fit(again, again_dm)
     assert torch.equal(again.user_embedding.weight, weights["user_embedding.weight"]) and not (tmp_path / "second" / "journal.jsonl").exists()
-    copied = MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05)
-    with torch.no_grad():  # not through load_state_dict: checked by their digest all the same
-        for name, parameter in copied.named_parameters():
-            parameter.copy_(weights[name])
-    fit = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=[loaded([6], "copied")[2]])
-    with pytest.raises(StaleCheckpoint, match="training on from it would learn their rows again"):
-        fit.fit(copied, datamodule())
+    with pytest.raises(StaleCheckpoint, match="an older state of the deletion record .*first"):  # a Trainer given the checkpoint
+        pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[loaded([], "idle")[2]]).fit(MF(dm.num_users, dm.num_items, embedding_dim=8, lr=0.05), datamodule(),
+                                                           ckpt_path=trained_checkpoint)
     again, again_dm, third = loaded([5, 6], "third")  # all the first deleted, and more: the fit trains on, then applies
     pl.Trainer(max_epochs=EPOCHS + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                callbacks=[third]).fit(again, again_dm)
@@ -893,11 +891,19 @@ def test_a_second_line_from_one_trained_model_given_in_python_is_refused_as_unle
     again, again_dm, branch = loaded([7], "branch", branch=True)  # a new line on purpose
     branch.apply_pending(again, again_dm)
     assert (again_dm.train.users == 5).any() and not (again_dm.train.users == 7).any()
-    # weights a fit initialised itself are no trained model's: its line is noted from those its request was applied to only
-    pl.seed_everything(1, verbose=False)  # (seed 0 would train the very weights the lines above started from)
-    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-               callbacks=[UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=[8])], dirpath=tmp_path / "fresh",
-                                             evaluate=False)]).fit(MF(dm.num_users, dm.num_items, embedding_dim=8), datamodule())
+    # weights a fit initialised itself are no trained model's: its line is noted from those its request was applied to only,
+    # and a line from the same initialisation loaded by hand (a saved one, for a fair comparison) does not hold it back
+    def from_seed_1(users, folder, load=False, epochs=1):
+        pl.seed_everything(1, verbose=False)  # (seed 0 would train the very weights the lines above started from)
+        fresh = MF(dm.num_users, dm.num_items, embedding_dim=8)
+        if load:
+            fresh.load_state_dict({k: v.clone() for k, v in fresh.state_dict().items()})
+        pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[UnlearningCallback(FineTune(epochs=1), requests=[DeletionRequest(users=users)], dirpath=tmp_path / folder,
+                                                 evaluate=False)]).fit(fresh, datamodule())
+
+    from_seed_1([9], "init_loaded", load=True)
+    from_seed_1([8], "fresh", epochs=2)  # (one epoch would train the very weights the line above was applied to)
     assert noted_from("fresh") == {journal(tmp_path / "fresh")[0]["model"]}
 
 

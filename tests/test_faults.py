@@ -466,3 +466,30 @@ def _close_as_interrupted(folder: str) -> None:
     """Another process: it takes the (new) lock and closes the live request, as its recovery does."""
     journal = Journal(Path(folder) / "journal.jsonl")
     journal.append("ab12", "failed", pending_seq=0, reason="interrupted")
+
+
+def test_a_second_thread_of_the_process_is_refused_the_folder_lock_as_another_process_is(tmp_path):
+    """The lock is re-entrant for the thread that holds it only: a service applying requests in two threads would let the
+    second recover the first's live request as interrupted (review 36a D7)."""
+    import threading
+
+    from lightning_unlearn.unlearning.journal import FolderLocked
+
+    journal, outcome = Journal(tmp_path / "journal.jsonl"), []
+
+    def other_thread():
+        try:
+            with journal.lock():
+                outcome.append("locked")
+        except FolderLocked as err:
+            outcome.append(str(err))
+
+    with journal.lock():
+        with journal.lock():  # the same thread: re-entrant
+            journal.append("ab12", "pending")
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(30)
+    assert len(outcome) == 1 and "is locked by process" in outcome[0]
+    other_thread()  # released: taken
+    assert outcome[-1] == "locked"

@@ -192,8 +192,7 @@ class UnlearningCallback(pl.Callback):
         self._train_ended = False  # this fit's train end came (Lightning skips the loop, and it, for a finished model)
         self._made_key = False  # this run made (or its branch copied) the folder's key, not checked yet: on_exception removes it
         self._saved: set[str] = set()  # the parameters of the checkpoints the trainer saved since the last request (digests)
-        self._resumed_from: tuple[str | None, str] | None = None  # the checkpoint this fit started from (None: weights in Python), their digest
-        self._start_loaded = False  # this fit's weights were loaded (a checkpoint, load_state_dict), not initialised by it
+        self._resumed_from: tuple[str | None, str] | None = None  # the checkpoint this fit started from (None: loaded in Python), their digest
         self._branch_line = False  # the record is a branch's (started apart on purpose), as the restored state says
         self._datamodule: RecDataModule | None = None
         self.reports: list[UnlearningReport] = []
@@ -403,15 +402,15 @@ class UnlearningCallback(pl.Callback):
         start = model_digest(pl_module)
         self._saved.add(start)
         # a trained checkpoint (no request applied to it): the line its first request starts is noted as unlearn notes it;
-        # weights given in Python (no state of a record) are checked by their digest, and noted if they were loaded
-        in_python = not trainer.ckpt_path and self._lineage is None
-        self._resumed_from = (trainer.ckpt_path or None, start) if (trainer.ckpt_path or in_python) and not self._applied else None
-        self._start_loaded = bool(trainer.ckpt_path) or getattr(pl_module, "weights_loaded", False)
+        # weights loaded by hand (load_state_dict, no state of a record) too, by their digest. Weights the fit initialised
+        # itself are no trained model's: another fit from the same seed is no second line from them.
+        by_hand = not trainer.ckpt_path and self._lineage is None and getattr(pl_module, "weights_loaded", False)
+        self._resumed_from = (trainer.ckpt_path or None, start) if (trainer.ckpt_path or by_hand) and not self._applied else None
         if trainer.is_global_zero:
             with ids_kept_out_of(trainer.loggers):
                 self.check(trainer.datamodule)
-                if in_python and not self.branch and self._resumed_from is not None:  # before an epoch trains on what they deleted
-                    _refuse_a_second_line(None, start, trainer.datamodule, Path(self.dirpath), self._queue)
+                if self._resumed_from is not None and self._lineage is None and not self.branch:  # before an epoch trains on them
+                    _refuse_a_second_line(trainer.ckpt_path or None, start, trainer.datamodule, Path(self.dirpath), self._queue)
             if self.dirpath is not None and self.journal.path.exists():  # weights of an older state loaded by hand
                 _refuse_older_parameters(self.journal, pl_module, start)
             clean_recommendations(trainer.datamodule, "UnlearningCallback")  # what a run killed before its cleaning left
@@ -704,14 +703,11 @@ class UnlearningCallback(pl.Callback):
         if lines_started_here() & starts.keys():  # unlearn, around this, checked and noted it
             yield
             return
-        # weights a fit initialised itself are no trained model's: checked, not noted
-        noted = [digest for digest in starts if digest == parameters or path is not None or self._start_loaded]
         with one_line_at_a_time(start, path, starts_a_line=path is not None):
             for digest, checkpoint in starts.items():
                 if not self.branch:
                     _refuse_a_second_line(checkpoint, digest, datamodule, Path(self.dirpath), self._queue)
-                if digest in noted:
-                    note_the_line(checkpoint, Path(self.dirpath), digest, datamodule, branch=self.branch)
+                note_the_line(checkpoint, Path(self.dirpath), digest, datamodule, branch=self.branch)
             yield
         self._resumed_from = None
 

@@ -34,6 +34,7 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,7 +52,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "seq": int, "prev": str, "hash": str, "time": str, "digest": str, "status": str, "checkpoint": str, "request": int,
     "pending_seq": int, "reason": str, "recovered": bool, "method": str, "journal": str, "model": str, "saved": list,
 }
-_HELD: dict[str, list] = {}  # folder -> [fd, depth, pid]: the locks this process holds
+_HELD: dict[str, list] = {}  # folder -> [fd, depth, (pid, thread)]: the locks this process holds, and which thread
 
 
 class JournalCorrupted(RuntimeError):
@@ -164,8 +165,10 @@ class Journal:
         if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
             raise FolderLocked(
                 f"{self.folder / LOCK_FILE} was removed or replaced while this process held it, so another process may "
-                f"have written {self.path} since: nothing more is written by this one. Check the journal, and never remove "
-                f"the lock file of a running process (it is released when the process exits, also if it dies).")
+                f"have written {self.path} since: nothing more is written by this one. A request it was applying stays as the "
+                f"journal has it: the next run (or recover(folder)) closes a pending one as applied if its checkpoint was "
+                f"written, as failed otherwise. Never remove the lock file of a running process (it is released when the "
+                f"process exits, also if it dies).")
 
     def start(self) -> None:
         """Create the journal empty, durably, unless it exists (a line of deletions noted before its first entry has one).
@@ -410,7 +413,7 @@ class Journal:
             raise _cannot_write(self.folder, f"it cannot be created ({err.strerror})") from None
         name = str(self.folder.resolve())
         held = _HELD.get(name)
-        if held is not None and held[2] == os.getpid():
+        if held is not None and held[2] == _holder_here():  # another thread takes the lock as another process would
             held[1] += 1
             try:
                 yield
@@ -418,7 +421,7 @@ class Journal:
                 held[1] -= 1
             return
         fd = _take_lock(self.folder / LOCK_FILE)
-        _HELD[name] = [fd, 1, os.getpid()]
+        _HELD[name] = [fd, 1, _holder_here()]
         try:
             yield
         finally:
@@ -478,6 +481,11 @@ def _holder(fd: int, patience: float = 0.2) -> str:
     while not (holder := os.pread(fd, 64, 0).decode("ascii", errors="replace").strip()) and time.monotonic() < deadline:
         time.sleep(0.01)
     return holder or "unknown"
+
+
+def _holder_here() -> tuple[int, int]:
+    """Which process and thread hold a lock: re-entrant for the same thread only (a service's two threads are two writers)."""
+    return os.getpid(), threading.get_ident()
 
 
 def _take_lock(path: Path, busy: str | None = None, wait: bool = False) -> int:
