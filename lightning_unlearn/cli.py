@@ -694,6 +694,19 @@ def _refuse_a_record_file(option: str, path: Path, ckpt_path: str | os.PathLike 
         raise OptionRefused(f"{option} {path} would overwrite a checkpoint or a file of a deletion record (or of the machine's "
                             f"notes, in {machine}) with the recommendations: give a CSV file of its own elsewhere, e.g. "
                             f"{path.parent / 'recommendations.csv'}.")
+    if path.exists() and not path.is_file():  # a pipe, a device, a link to one: replaced by a file of raw ids
+        raise OptionRefused(f"{option} {path} is not a regular file (a pipe or a device, or a link to one): predict writes the "
+                            f"recommendations whole into a file of its own, noted so that later deletions are removed from it, "
+                            f"and would replace it. Give a file path.")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as fh:
+            first = fh.read(len(_HEADER))
+        if first != _HEADER:  # the data, a requests file: replaced whole by the recommendations
+            raise OptionRefused(f"{option} {path} exists and is not a recommendations file (it does not start with "
+                                f"`user,rank,item,score`): predict would replace it whole. Give a new file, or remove it first.")
+
+
+_HEADER = b"user,rank,item,score"  # the first line of every recommendations file predict writes
 
 
 class LightningUnlearnCLI(LightningCLI):
@@ -739,15 +752,23 @@ class LightningUnlearnCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        given = self.config[subcommand].get("ckpt_path") if subcommand else None
+        path = _local_path(given) if given else None  # a local URL (`file://`, `~`) is checked, and read, as the file it names
         if path and Path(path).is_file():
+            self.config[subcommand]["ckpt_path"] = path
             # a truncated or foreign file: CheckpointUnreadable (a message), not torch's traceback
             hparams = {k: v for k, v in (load_checkpoint(path).get("hyper_parameters") or {}).items() if k != "_instantiator"}
             self._refuse_overridden_hparams(hparams, self.config[subcommand], path)
             model = self.config[subcommand].get("model")
             if hparams and "_class_path" not in hparams and hasattr(model, "get") and model.get("class_path"):
-                # a model built in Python (UnlearningCallback.apply_pending's checkpoints) names no class: the recipe's
-                # (checked above), with the checkpoint's options, where LightningCLI would refuse the options without one
+                # a model built in Python (a Trainer's own checkpoints of it) names no class: the recipe's, when its options
+                # are that class's, where LightningCLI would refuse the options for want of one
+                options = _init_options(pydoc.locate(str(model.get("class_path"))))
+                if options is not None and set(hparams) != options:
+                    self.parser.error(
+                        f"{path} names no model class (it was saved outside the command line), and its options "
+                        f"({', '.join(sorted(hparams))}) are not those of the recipe's {model.get('class_path')}: its weights "
+                        f"would be read as another model. Use the recipe of the model it holds.")
                 given = {subcommand: {"model": {"class_path": model.get("class_path"), "dict_kwargs": hparams}}}
                 self.config = self.parser.parse_object(given, self.config)
                 return
@@ -771,11 +792,7 @@ class LightningUnlearnCLI(LightningCLI):
             )
         if not isinstance(cls, type) or init_args is None:
             return
-        defaults: dict[str, Any] = {}  # a subclass's **kwargs reach its bases' __init__ (as jsonargparse resolves them)
-        for klass in reversed(cls.__mro__):
-            if "__init__" in vars(klass):
-                defaults.update((name, p.default) for name, p in inspect.signature(klass.__init__).parameters.items()
-                                if p.kind is not p.VAR_KEYWORD)
+        defaults = _init_defaults(cls)
         overridden = [f"--model.init_args.{name}={value!r} (the checkpoint's: {hparams[name]!r})"
                       for name, value in init_args.items()
                       if name in hparams and name not in ("num_users", "num_items") and value != defaults.get(name, value)
@@ -1058,11 +1075,8 @@ class LightningUnlearnCLI(LightningCLI):
             return
         if path is None:
             return
-        try:
-            filesystem, local = fsspec.core.url_to_fs(str(path))  # as Lightning opens it: `~` expanded, a local URL a path
-        except (ImportError, ValueError):  # a protocol fsspec does not have here
-            filesystem = local = None
-        if not isinstance(filesystem, LocalFileSystem):
+        local = _local_path(path)
+        if local is None:
             raise OptionRefused(
                 f"{self.subcommand} --ckpt_path {path}: a checkpoint elsewhere cannot be checked against the deletion records "
                 f"beside it and on this machine, so it could bring deleted rows back. Copy it here (beside its run's "
@@ -1418,6 +1432,32 @@ def main(args: list[str] | None = None) -> None:
 
 # a full disk or quota, a file over the size limit, a read-only file, folder or file system: said in one paragraph
 _FILE_SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPERM, errno.EACCES, errno.EROFS)
+
+
+def _local_path(path: str | os.PathLike) -> str | None:
+    """The local file ``--ckpt_path`` names, as Lightning opens it (``~`` expanded, a ``file://`` URL made a path); ``None``
+    for a URL elsewhere (``s3://``, ``https://``, a protocol fsspec does not have here)."""
+    try:
+        filesystem, local = fsspec.core.url_to_fs(str(path))
+    except (ImportError, ValueError):
+        return None
+    return local if isinstance(filesystem, LocalFileSystem) else None
+
+
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """A model class's ``__init__`` options and their defaults, its bases' too (a subclass's ``**kwargs`` reach them, as
+    jsonargparse resolves them); ``self`` left out."""
+    defaults: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass is not object:
+            defaults.update((name, p.default) for name, p in inspect.signature(klass.__init__).parameters.items()
+                            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self")
+    return defaults
+
+
+def _init_options(cls: Any) -> set[str] | None:
+    """The options ``save_hyperparameters`` keeps for a :class:`Recommender` class (``None`` for anything else)."""
+    return set(_init_defaults(cls)) if isinstance(cls, type) and issubclass(cls, Recommender) else None
 
 
 def _what_is_kept(command: str | None) -> str:

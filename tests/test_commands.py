@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -433,7 +434,7 @@ def test_recommendations_written_before_a_deletion_lose_the_deleted_users_and_it
     assert (tmp_path / "edited.csv").read_bytes() == edited
 
 
-def test_a_checkpoint_of_a_model_built_in_python_is_read_with_the_recipes_model_class(trained, tmp_path):
+def test_a_checkpoint_of_a_model_built_in_python_is_read_with_the_recipes_model_class(trained, tmp_path, capsys):
     """A model built in Python (``UnlearningCallback.apply_pending`` writes its checkpoints) saves its options without the
     class LightningCLI adds: the command reads them with the recipe's class, not a parser error (review 35b D3)."""
     state = torch.load(trained.unlearned, weights_only=False)
@@ -443,6 +444,25 @@ def test_a_checkpoint_of_a_model_built_in_python_is_read_with_the_recipes_model_
     main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(written), "--out", "top.csv", "--k", "5"])
     rows = list(csv.reader((tmp_path / "top.csv").open()))
     assert len(rows) > 1 and not any(row[0] == str(DELETED_USER) for row in rows)
+    state["hyper_parameters"]["num_layers"] = 2  # a LightGCN's options: not read as the recipe's MF (review 36b D1)
+    torch.save(state, written)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(written), "--out", "other.csv"])
+    assert exit_info.value.code == 2 and "names no model class" in capsys.readouterr().err and not (tmp_path / "other.csv").exists()
+
+
+def test_predict_does_not_replace_what_is_not_a_recommendations_file(trained, tmp_path, capsys):
+    """--out naming the data file, a requests file or a pipe would replace it with a file of raw ids (review 36b D5, D7)."""
+    os.mkfifo(tmp_path / "pipe")
+    for out, named in ((trained.data_file, "is not a recommendations file"), (trained.requests, "is not a recommendations file"),
+                       (tmp_path / "pipe", "is not a regular file")):
+        before = None if named == "is not a regular file" else out.read_bytes()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", str(out)])
+        assert exit_info.value.code == 2 and named in capsys.readouterr().err
+        assert before is None and stat.S_ISFIFO(os.stat(out).st_mode) or out.read_bytes() == before
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", "top.csv", "--k", "2"])
+    main(["predict", "-c", str(trained.recipe), "--ckpt_path", str(trained.unlearned), "--out", "top.csv", "--k", "3"])  # its own: again
 
 
 def test_an_older_state_copied_over_the_latest_states_file_is_refused(trained, tmp_path, capsys):
@@ -2094,10 +2114,13 @@ def test_a_refit_takes_the_original_fits_step_cap_clipping_accumulation_and_prec
     assert steps[-1] == 3 and len(steps) == 6  # three optimiser steps of two batches each, then the cap
 
 
-def test_a_model_option_the_checkpoint_would_override_is_refused(trained, capsys):
-    """LightningCLI loads a checkpoint's hyperparameters over the config: an option that differs would have no effect."""
+@pytest.mark.parametrize("spelt", ["a path", "a file:// URL"])
+def test_a_model_option_the_checkpoint_would_override_is_refused(spelt, trained, capsys):
+    """LightningCLI loads a checkpoint's hyperparameters over the config: an option that differs would have no effect. A
+    local URL is checked as the file it names (review 36b D4)."""
+    given = str(trained.best) if spelt == "a path" else f"file://{trained.best}"
     with pytest.raises(SystemExit) as exit_info:
-        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", str(trained.best), "--requests", str(trained.requests),
+        main(["unlearn", "-c", str(trained.recipe), "--ckpt_path", given, "--requests", str(trained.requests),
               "--method", "FineTune", "--out", "refused", "--model.init_args.l2=0.9"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--model.init_args.l2=0.9 (the checkpoint's: 0.05)" in err
