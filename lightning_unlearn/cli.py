@@ -1430,8 +1430,10 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(stopped[1]) from err
 
 
-# a full disk or quota, a file over the size limit, a read-only file, folder or file system: said in one paragraph
-_FILE_SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPERM, errno.EACCES, errno.EROFS)
+# a full disk or quota, a file over the size limit, a read-only file, folder or file system, a path that cannot be a file
+# (too long, through a file, a folder, a loop of links): said in one paragraph
+_FILE_SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EPERM, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG,
+                         errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
 
 
 def _local_path(path: str | os.PathLike) -> str | None:

@@ -438,7 +438,7 @@ def test_a_stopped_command_exits_non_zero_and_says_how_to_go_on(stop, status, na
         assert (kept in err if kept else "What finished is kept" not in err) and ("compare" in err) == (command == "compare")
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EPERM, errno.EACCES, errno.EROFS])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EPERM, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG])
 def test_a_file_system_refusal_is_one_paragraph_that_says_what_is_kept(code, monkeypatch, capsys):
     """A full disk, a file over the size limit (RLIMIT_FSIZE), a read-only file or file system: a message naming the file,
     not a traceback (review 35a #6)."""
