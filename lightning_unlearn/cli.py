@@ -754,6 +754,8 @@ class LightningUnlearnCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         given = self.config[subcommand].get("ckpt_path") if subcommand else None
         path = _local_path(given) if given else None  # a local URL (`file://`, `~`) is checked, and read, as the file it names
+        if path is not None and os.path.normpath(path) == os.path.abspath(str(given)):
+            path = given  # a path: named as given
         if path and Path(path).is_file():
             self.config[subcommand]["ckpt_path"] = path
             # a truncated or foreign file: CheckpointUnreadable (a message), not torch's traceback
