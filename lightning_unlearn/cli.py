@@ -771,8 +771,8 @@ class LightningUnlearnCLI(LightningCLI):
                         f"{path} names no model class (it was saved outside the command line), and its options "
                         f"({', '.join(sorted(hparams))}) are not those of the recipe's {model.get('class_path')}: its weights "
                         f"would be read as another model. Use the recipe of the model it holds.")
-                given = {subcommand: {"model": {"class_path": model.get("class_path"), "dict_kwargs": hparams}}}
-                self.config = self.parser.parse_object(given, self.config)
+                read = {subcommand: {"model": {"class_path": model.get("class_path"), "dict_kwargs": hparams}}}
+                self.config = self.parser.parse_object(read, self.config)
                 return
         super()._parse_ckpt_path()
 
@@ -1422,7 +1422,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(1) from err
     except BaseException as err:
         if isinstance(err, OSError) and err.errno in _FILE_SYSTEM_REFUSALS:  # a message, not a traceback
-            where = f" ({err.filename})" if err.filename else ""  # a path: never an id
+            _end_console_recording()  # it names a path the operator chose (a requests file's, say): not into a run's files
+            where = f" ({err.filename})" if err.filename else ""
             print(f"lightning-unlearn: {err.strerror}{where}.{_what_is_kept(_subcommand_of(args))}", file=sys.stderr)
             raise SystemExit(2) from err
         stopped = _stopped_by(err)
